@@ -1,0 +1,54 @@
+"""Patch masking and (un)patchify: pure functions shared by the model, the losses and the tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def num_masked(num_patches: int, mask_ratio: float) -> int:
+    """Exactly `round(L * mask_ratio)` patches are hidden in every example."""
+    return int(round(num_patches * mask_ratio))
+
+
+def sample_mask(rng: jax.Array, batch_size: int, num_patches: int, mask_ratio: float) -> jax.Array:
+    """Per-example random mask (B, L) bool, True = hidden, with an exact masked count per row."""
+    noise = jax.random.uniform(rng, (batch_size, num_patches))
+    ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    return ranks < num_masked(num_patches, mask_ratio)
+
+
+def mask_to_pixels(mask: jax.Array, patch_size: int) -> jax.Array:
+    """(B, L) patch mask on a square grid -> (B, H, W, 1) pixel mask."""
+    batch, length = mask.shape
+    grid = int(round(length**0.5))
+    pixels = mask.reshape(batch, grid, 1, grid, 1)
+    pixels = jnp.broadcast_to(pixels, (batch, grid, patch_size, grid, patch_size))
+    return pixels.reshape(batch, grid * patch_size, grid * patch_size, 1)
+
+
+def hide_masked_pixels(images: jax.Array, mask: jax.Array, patch_size: int) -> jax.Array:
+    """Zero (= the dataset mean after normalisation) every pixel of a masked patch.
+
+    With overlapping patch windows a visible token's receptive field reaches into its neighbours;
+    zeroing their pixels keeps the encoder blind to what it must reconstruct.
+    """
+    return jnp.where(mask_to_pixels(mask, patch_size), jnp.zeros((), images.dtype), images)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """(B, H, W, C) -> (B, L, p*p*C); pixel order within a patch: row, column, channel."""
+    batch, height, width, channels = images.shape
+    h, w = height // patch_size, width // patch_size
+    x = images.reshape(batch, h, patch_size, w, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, h * w, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, channels: int = 3) -> jax.Array:
+    """Inverse of `patchify` for a square grid."""
+    batch, length, _ = patches.shape
+    grid = int(round(length**0.5))
+    x = patches.reshape(batch, grid, grid, patch_size, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, grid * patch_size, grid * patch_size, channels)

@@ -1,0 +1,252 @@
+"""GMST building blocks in Flax linen, mirroring the PyTorch original layer by layer.
+
+Layouts are NHWC images and (B, N, C) tokens. Names of submodules follow the PyTorch `state_dict`
+keys so that `gmae_jax.torch_mirror.convert` is a mechanical rename + transpose. Numerics follow
+PyTorch: exact GELU, LayerNorm eps 1e-5 with two-pass variance, BatchNorm momentum 0.1 (Flax 0.9).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Initialisers of the original (see gmst_reference.md, "Initialisation").
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+xavier_uniform = nn.initializers.xavier_uniform()
+# PyTorch's default Conv/Linear init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+trunc_normal_002 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init for Conv/Linear: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def layer_scale_init(key, shape, dtype=jnp.float32):
+    """Layer-scale gammas start at N(1, 0.02) as in the original."""
+    return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm with PyTorch's eps and variance computation."""
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def tokens_to_image(x: jax.Array, height: int, width: int) -> jax.Array:
+    """(B, H*W, C) row-major tokens -> (B, H, W, C)."""
+    return x.reshape(x.shape[0], height, width, x.shape[-1])
+
+
+def image_to_tokens(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, H*W, C) in row-major order."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def patch_embed_geometry(patch_size: int, overlap: bool) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of the patch projection.
+
+    Overlapping windows use kernel 2p, stride p and padding p/2: each token sees p/2 pixels into its
+    neighbours while the token grid stays the p x p patch grid the reconstruction target uses. (The
+    original's stride-p/2 grid cannot pretrain; see README.)
+    """
+    if overlap:
+        return 2 * patch_size, patch_size, patch_size // 2
+    return patch_size, patch_size, 0
+
+
+class ConvBNGELU(nn.Module):
+    """Conv -> BatchNorm -> GELU, the original's `nn.Sequential(conv, bn, gelu)` (keys `.0`, `.1`)."""
+
+    features: int
+    kernel_size: int = 3
+    dilation: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        pad = self.dilation * (self.kernel_size // 2)
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            kernel_dilation=self.dilation,
+            padding=((pad, pad), (pad, pad)),
+            kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
+        )(x)
+        return gelu(x)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Patch projection (conv) -> row-major tokens -> LayerNorm. Returns tokens and the grid."""
+
+    embed_dim: int
+    patch_size: int
+    overlap: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, int, int]:
+        kernel, stride, pad = patch_embed_geometry(self.patch_size, self.overlap)
+        fan_in = images.shape[-1] * kernel * kernel
+        x = nn.Conv(
+            self.embed_dim,
+            (kernel, kernel),
+            strides=stride,
+            padding=((pad, pad), (pad, pad)),
+            kernel_init=torch_default_kernel,
+            bias_init=torch_default_bias(fan_in),
+            dtype=self.dtype,
+            name="proj",
+        )(images)
+        _, height, width, _ = x.shape
+        x = layer_norm("norm", self.dtype)(image_to_tokens(x))
+        return x, height, width
+
+
+class MSDC(nn.Module):
+    """Multi-scale dilated convolution with spatial and channel (squeeze-excite) attention.
+
+    Four branches (1x1 and 3x3 with dilations 1, 2, 3) -> 1x1 fusion -> spatial attention from the
+    channel mean/max -> channel attention; the residual `+ x` is inside, as in the original.
+    """
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        branch = self.dim // 4
+        branches = [
+            ConvBNGELU(branch, 1, 1, self.dtype, name="conv1x1")(x, train),
+            ConvBNGELU(branch, 3, 1, self.dtype, name="dconv1")(x, train),
+            ConvBNGELU(branch, 3, 2, self.dtype, name="dconv2")(x, train),
+            ConvBNGELU(branch, 3, 3, self.dtype, name="dconv3")(x, train),
+        ]
+        m = ConvBNGELU(self.dim, 1, 1, self.dtype, name="fusion")(
+            jnp.concatenate(branches, axis=-1), train
+        )
+
+        pooled = jnp.stack([m.mean(axis=-1), m.max(axis=-1)], axis=-1)
+        spatial = nn.Conv(
+            1, (7, 7), padding=((3, 3), (3, 3)), kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype, name="sa_conv",
+        )(pooled)
+        s = m * nn.sigmoid(spatial)
+
+        e = s.mean(axis=(1, 2))
+        e = gelu(nn.Dense(self.dim // 16, kernel_init=xavier_uniform, dtype=self.dtype, name="se_fc1")(e))
+        e = nn.sigmoid(nn.Dense(self.dim, kernel_init=xavier_uniform, dtype=self.dtype, name="se_fc2")(e))
+        return s * e[:, None, None, :] + x
+
+
+class MHSA(nn.Module):
+    """Multi-head self-attention laid out like `torch.nn.MultiheadAttention` (packed q, k, v).
+
+    Uses `jax.nn.dot_product_attention` (cuDNN/flash where available); attention-probability
+    dropout, which that kernel lacks, goes through Flax's reference attention in training only.
+    """
+
+    dim: int
+    num_heads: int
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        batch, length, _ = x.shape
+        head_dim = self.dim // self.num_heads
+        qkv = nn.Dense(3 * self.dim, kernel_init=xavier_uniform, dtype=self.dtype, name="in_proj")(x)
+        q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
+        if train and self.dropout_rate > 0.0:
+            out = nn.dot_product_attention(
+                q, k, v,
+                dropout_rng=self.make_rng("dropout"),
+                dropout_rate=self.dropout_rate,
+                broadcast_dropout=False,
+                deterministic=False,
+                dtype=self.dtype,
+            )
+        else:
+            out = jax.nn.dot_product_attention(q, k, v)
+        out = out.reshape(batch, length, self.dim)
+        return nn.Dense(self.dim, kernel_init=xavier_uniform, dtype=self.dtype, name="out_proj")(out)
+
+
+def ffn_hidden_dim(dim: int, mlp_ratio: float) -> int:
+    """`int(dim * mlp_ratio)` rounded up to a multiple of 3 (three dilated branches)."""
+    hidden = int(dim * mlp_ratio)
+    return hidden + (-hidden) % 3
+
+
+class MSCFFN(nn.Module):
+    """Multi-scale convolutional feed-forward: 3 dilated branches -> fusion -> fc1 -> GELU -> fc2."""
+
+    hidden: int
+    out: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        branch = self.hidden // 3
+        branches = [
+            ConvBNGELU(branch, 3, dilation, self.dtype, name=f"dconv{dilation}")(x, train)
+            for dilation in (1, 2, 3)
+        ]
+        h = ConvBNGELU(self.hidden, 1, 1, self.dtype, name="fusion")(
+            jnp.concatenate(branches, axis=-1), train
+        )
+        h = image_to_tokens(h)
+        h = gelu(nn.Dense(4 * self.hidden, kernel_init=xavier_uniform, dtype=self.dtype, name="fc1")(h))
+        return nn.Dense(self.out, kernel_init=xavier_uniform, dtype=self.dtype, name="fc2")(h)
+
+
+class GMSTBlock(nn.Module):
+    """MSDC -> self-attention -> MSC-FFN with layer scales; post-norm (`norm3`) on the output."""
+
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    attention_dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, height: int, width: int, train: bool) -> jax.Array:
+        gamma1 = self.param("gamma1", layer_scale_init, (self.dim,))
+        gamma2 = self.param("gamma2", layer_scale_init, (self.dim,))
+        gamma3 = self.param("gamma3", layer_scale_init, (self.dim,))
+
+        msdc = MSDC(self.dim, self.dtype, name="msdc")(tokens_to_image(x, height, width), train)
+        x = x + gamma1 * image_to_tokens(msdc)
+
+        h = layer_norm("norm1", self.dtype)(x)
+        x = x + gamma2 * MHSA(self.dim, self.num_heads, self.attention_dropout, self.dtype, name="attn")(
+            h, train
+        )
+        # The original defines norm2 and never uses it; its weights are part of the state_dict.
+        if self.is_initializing():
+            layer_norm("norm2", self.dtype)(x)
+
+        ffn = MSCFFN(self.ffn_dim, self.dim, self.dtype, name="mscffn")(
+            tokens_to_image(x, height, width), train
+        )
+        return layer_norm("norm3", self.dtype)(x + gamma3 * ffn)
