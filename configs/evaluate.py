@@ -1,0 +1,23 @@
+"""Evaluates the latest checkpoint of a pretrain or finetune workdir on its validation split.
+
+  python -m gmae_jax.main --config=configs/evaluate.py --workdir=/tmp/eval \
+      --config.checkpoint_dir=/tmp/finetune
+
+The model and data settings are read from CHECKPOINT_DIR/config.json; override the data with
+--config.data_root / --config.split. Writes eval_metrics.json, and a confusion matrix (classifier)
+or reconstructions (pretraining) as PNG.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.stage = "evaluate"
+    config.checkpoint_dir = ""  # workdir of a pretrain or finetune run
+    config.data_root = ""  # '' = the run's own config.data.root
+    config.split = ""  # '' = the run's own eval split
+    config.batch_size = 64
+    config.num_workers = 2
+    return config

@@ -1,0 +1,115 @@
+"""Helpers for the ml-collections configs in `configs/`: variant parsing, model presets, and the
+validation that turns a bad value into a one-line error before anything compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+
+from gmae_jax.models.presets import MASK_MODES, PRESETS, GMSTConfig
+
+STAGES = ("pretrain", "finetune", "evaluate", "demo")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to change."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses the text after ':' in `--config=file.py:model=small,runlocal` into typed values.
+
+    A bare name sets a boolean default to True; values take the type of their default.
+    """
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if key not in defaults:
+            raise ConfigError(f"unknown config variant '{key}'; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            values[key] = True
+        elif isinstance(default, bool):
+            values[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            values[key] = type(default)(raw)
+    return ml_collections.ConfigDict(values)
+
+
+def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """All architecture fields of `preset` (see `gmae_jax.models.presets`), so each is overridable."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset '{preset}'; choose one of {sorted(PRESETS)}")
+    fields = dataclasses.asdict(GMSTConfig())
+    fields.update(PRESETS[preset])
+    fields.update(overrides)
+    return ml_collections.ConfigDict({"preset": preset, **fields})
+
+
+def load_sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of another file in the same configs folder (how demo.py reuses the stages)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"gmae_jax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+    _check(model.img_size % model.patch_size == 0,
+           f"config.model.img_size={model.img_size} is not divisible by config.model.patch_size="
+           f"{model.patch_size}; choose an image size that is a multiple of the patch size")
+    for prefix in ("", "decoder_"):
+        dim, heads = model[f"{prefix}embed_dim"], model[f"{prefix}num_heads"]
+        _check(dim % heads == 0,
+               f"config.model.{prefix}num_heads={heads} does not divide config.model.{prefix}embed_dim="
+               f"{dim}; pick a head count that divides the width")
+        _check(dim % 16 == 0,
+               f"config.model.{prefix}embed_dim={dim} must be a multiple of 16 (MSDC's four branches "
+               "and its squeeze-excite reduction of 16)")
+    _check(not model.overlap_patches or model.patch_size % 2 == 0,
+           f"config.model.overlap_patches needs an even patch size, got {model.patch_size}")
+    _check(model.mask_mode in MASK_MODES,
+           f"config.model.mask_mode='{model.mask_mode}' is not one of {MASK_MODES}")
+    _check(model.dtype in ("float32", "bfloat16", "float16"),
+           f"config.model.dtype='{model.dtype}' must be float32, bfloat16 or float16")
+
+
+def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
+    """Raises ConfigError on the first value that cannot work. Data-dependent checks (class count)
+    happen when the data is scanned; the demo's data does not exist until it writes it."""
+    _check(config.stage in STAGES, f"config.stage='{config.stage}' must be one of {STAGES}")
+    if config.stage == "demo":
+        validate(config.pretrain, check_data=False)
+        validate(config.finetune, check_data=False)
+        return
+    if config.stage == "evaluate":
+        _check(bool(config.checkpoint_dir),
+               "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a pretrain or "
+               "finetune run")
+        return
+    validate_model(config.model)
+    if config.stage == "pretrain":
+        _check(0.0 < config.mask_ratio < 1.0,
+               f"config.mask_ratio={config.mask_ratio} must be in (0, 1), e.g. --config.mask_ratio=0.6")
+    else:
+        _check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2")
+        _check(0.0 <= config.label_smoothing < 1.0,
+               f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    _check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    _check(config.total_steps > 0 or config.num_epochs > 0,
+           "set config.total_steps or config.num_epochs to a positive number")
+    _check(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be positive")
+    _check(0.0 < config.optim.layer_decay <= 1.0,
+           f"config.optim.layer_decay={config.optim.layer_decay} must be in (0, 1] (1 = off)")
+    _check(not check_data or os.path.isdir(config.data.root) or "://" in config.data.root,
+           f"config.data.root='{config.data.root}' does not exist; point --config.data.root at a folder "
+           "laid out as <root>/{train,val}/<class>/*.jpg")

@@ -1,0 +1,74 @@
+"""Progress lines (step, loss, lr, img/s, ETA) and the `metrics.jsonl` file of a workdir."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; only process 0 writes, so multi-host runs keep one file."""
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+        self.path = os.path.join(workdir, filename)
+        self.enabled = jax.process_index() == 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class Progress:
+    """Measures throughput between log points; the first interval includes compilation."""
+
+    def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.last_step = start_step
+        self.last_time = time.perf_counter()
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        seconds_per_step = (now - self.last_time) / steps
+        self.last_step, self.last_time = step, now
+        return {
+            "img_per_sec": self.global_batch_size / max(seconds_per_step, 1e-9),
+            "eta_sec": seconds_per_step * (self.total_steps - step),
+        }
+
+    def log_line(self, stage: str, step: int, metrics: dict[str, float]) -> str:
+        parts = [f"[{stage}] step {step}/{self.total_steps}"]
+        for key in ("loss", "accuracy", "lr", "grad_norm"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.4g}")
+        parts.append(f"{metrics['img_per_sec']:.1f} img/s")
+        parts.append(f"ETA {format_duration(metrics['eta_sec'])}")
+        line = " | ".join(parts)
+        logging.info(line)
+        return line
+
+
+def check_finite(metrics: dict[str, float], step: int, checkpoint_dir: str, last_saved: int | None) -> None:
+    """Stops a diverged run before it can overwrite a good checkpoint with NaNs."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        where = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir} (a restart resumes "
+                 "from it)") if last_saved is not None else "no checkpoint was saved yet"
+        raise FloatingPointError(
+            f"{', '.join(bad)} became non-finite at step {step}; {where}. Lower --config.optim.lr, "
+            "keep --config.optim.grad_clip > 0, or use --config.model.dtype=float32."
+        )

@@ -1,0 +1,158 @@
+"""The training loop shared by pretraining and fine-tuning, read top to bottom: mesh, input pipeline,
+state, checkpoint, loop. What differs between the stages comes in as a `Task`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from gmae_jax import config_lib
+from gmae_jax.data import pipeline
+from gmae_jax.train import checkpoint, sharding, steps
+from gmae_jax.train.optim import make_optimizer
+from gmae_jax.train.progress import MetricsWriter, Progress, check_finite
+from gmae_jax.train.tasks import Task, load_pretrained_encoder
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str]) -> None:
+    """The resolved config and the class order, so evaluation and export can rebuild the run."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(workdir, "classes.json"), "w") as f:
+        json.dump(class_names, f, indent=1)
+
+
+def create_state(
+    model: nn.Module, init_inputs: tuple[Any, ...], config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh, steps_total: int,
+) -> tuple[steps.TrainState, optax.Schedule]:
+    """Initialises parameters and optimiser state directly with their shardings (no host copy)."""
+    tx, schedule = make_optimizer(config.optim, steps_total, config.model.depth)
+
+    def init(rng: jax.Array) -> steps.TrainState:
+        variables = model.init({"params": rng, "dropout": rng}, *init_inputs, train=False)
+        return steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                       batch_stats=variables.get("batch_stats", {}))
+
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    return jax.jit(init, out_shardings=state_sharding)(rng), schedule
+
+
+def evaluate(task: Task, eval_step, state, examples, config, mesh) -> tuple[dict[str, float], dict, dict]:
+    """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch)."""
+    dataset = pipeline.make_eval_dataset(
+        examples, image_size=config.model.img_size, global_batch_size=config.batch_size,
+        num_workers=config.data.num_workers, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    sums: dict[str, float] = {}
+    outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": []}
+    first = None
+    for host_batch in dataset:
+        first = host_batch if first is None else first
+        batch = sharding.global_batch(host_batch, mesh)
+        results = jax.device_get(eval_step(state, batch))
+        for key, value in results.items():
+            if np.ndim(value) == 0:
+                sums[key] = sums.get(key, 0.0) + float(value)
+            else:
+                outputs.setdefault(key, []).append(np.asarray(value))
+        outputs["label"].append(np.asarray(jax.device_get(batch["label"])))
+        outputs["valid"].append(np.asarray(jax.device_get(batch["valid"])))
+    stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
+    keep = stacked.pop("valid") > 0
+    stacked = {k: v[keep] for k, v in stacked.items()}
+    return task.summarize(sums, stacked), stacked, first
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
+    """Trains `task` to `config.total_steps` (resuming from `workdir` if it holds checkpoints) and
+    returns the final evaluation metrics."""
+    # --- Mesh -----------------------------------------------------------------------------------
+    mesh = sharding.make_mesh()
+    if config.batch_size % mesh.size:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices; "
+            f"use a multiple of {mesh.size}")
+    logging.info("mesh: %d devices (%s), %d process(es)", mesh.size, jax.devices()[0].platform,
+                 jax.process_count())
+
+    # --- Input pipeline -------------------------------------------------------------------------
+    write_run_files(config, workdir, task.class_names)
+    steps_total = total_steps(config, len(task.train_examples))
+    train_data = pipeline.make_train_dataset(
+        task.train_examples, image_size=config.model.img_size, global_batch_size=config.batch_size,
+        seed=config.seed, aug=config.data.aug, num_workers=config.data.num_workers,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(train_data)
+
+    # --- Model, optimiser and checkpoint --------------------------------------------------------
+    state, schedule = create_state(task.model, task.init_inputs, config, mesh, steps_total)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("%s: %.2f M parameters, %d steps of %d images", task.name, num_params / 1e6,
+                 steps_total, config.batch_size)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    manager = checkpoint.make_manager(checkpoint_dir, config.keep_checkpoints)
+    last_saved = manager.latest_step()
+    if last_saved is not None:
+        state = checkpoint.restore(manager, state, train_iter)
+        logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
+    elif config.get("init_from"):
+        state = load_pretrained_encoder(state, config.init_from)
+
+    train_step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=task.loss_fn), mesh, state)
+    eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)
+    rng = jax.random.key(config.seed + 1)
+
+    # --- Train loop -----------------------------------------------------------------------------
+    writer = MetricsWriter(workdir)
+    start = int(jax.device_get(state.step))
+    progress = Progress(steps_total, start, config.batch_size)
+    eval_metrics: dict[str, float] = {}
+    for step in range(start + 1, steps_total + 1):
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch, rng)
+        is_last = step == steps_total
+        must_save = is_last or step % config.checkpoint_every == 0
+        if is_last or must_save or step % config.log_every == 0:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            check_finite(metrics, step, checkpoint_dir, last_saved)
+            metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
+            progress.log_line(task.name, step, metrics)
+            writer.write({"step": step, "split": "train", **metrics})
+        if is_last or (config.eval_every and step % config.eval_every == 0):
+            eval_metrics, outputs, first = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
+            logging.info("[%s] step %d eval: %s", task.name, step,
+                         ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
+            writer.write({"step": step, "split": config.data.eval_split, **eval_metrics})
+            if is_last and jax.process_index() == 0:
+                for path in task.draw(state, first, outputs, workdir):
+                    logging.info("wrote %s", path)
+        if must_save:
+            checkpoint.save(manager, step, state, train_iter)
+            last_saved = step
+    manager.wait_until_finished()
+    manager.close()
+    if not eval_metrics:  # the workdir already held a finished run
+        eval_metrics, _, _ = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
+    return eval_metrics

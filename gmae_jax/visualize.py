@@ -1,0 +1,83 @@
+"""Pictures a person would rather look at than numbers: reconstructions and a confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from gmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from gmae_jax.models.masking import patchify, unpatchify
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """ImageNet-normalised float images -> uint8 RGB."""
+    pixels = images * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
+    return np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def reconstruction_rows(
+    images: np.ndarray, mask: np.ndarray, pred: np.ndarray, patch_size: int, norm_pix_loss: bool
+) -> np.ndarray:
+    """(N, 3, H, W, 3) float images: original | masked input | reconstruction with visible patches
+    pasted back. Per-patch normalised predictions are mapped back with the original patch stats."""
+    target = np.asarray(patchify(images, patch_size))
+    pred = np.asarray(pred)
+    if norm_pix_loss:
+        mean = target.mean(-1, keepdims=True)
+        std = np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+        pred = pred * std + mean
+    masked_patches = mask[..., None]
+    masked_input = np.asarray(unpatchify(np.where(masked_patches, 0.0, target), patch_size))
+    pasted = np.asarray(unpatchify(np.where(masked_patches, pred, target), patch_size))
+    return np.stack([images, masked_input, pasted], axis=1)
+
+
+def save_reconstructions(rows: np.ndarray, path: str, scale: int = 4) -> None:
+    """Writes a grid with one example per row: original, masked input, reconstruction."""
+    n, cols, h, w, _ = rows.shape
+    tiles = to_uint8(rows)
+    pad = 2
+    canvas = np.full((n * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        for j in range(cols):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y:y + h, x:x + w] = tiles[i, j]
+    image = Image.fromarray(canvas)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (true class, predicted class)."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str, cell: int = 36) -> None:
+    """Row-normalised heat map with counts; rows are true classes, columns predictions."""
+    font = ImageFont.load_default()
+    n = len(class_names)
+    margin = 8 + 7 * max(len(name) for name in class_names)
+    width, height = margin + n * cell + 8, margin + n * cell + 24
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    for i in range(n):
+        draw.text((4, margin + i * cell + cell // 3), class_names[i], fill="black", font=font)
+        for j in range(n):
+            shade = int(255 * (1.0 - rows[i, j]))
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline="grey")
+            colour = "white" if rows[i, j] > 0.5 else "black"
+            draw.text((x + 4, y + cell // 3), str(matrix[i, j]), fill=colour, font=font)
+    for j, name in enumerate(class_names):
+        column = Image.new("RGB", (margin - 4, 12), "white")
+        ImageDraw.Draw(column).text((0, 0), name, fill="black", font=font)
+        column = column.rotate(90, expand=True)
+        image.paste(column, (margin + j * cell + cell // 3, 2))
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    draw.text((4, height - 18), f"rows: true class, columns: predicted; accuracy {accuracy:.3f}",
+              fill="black", font=font)
+    image.save(path)

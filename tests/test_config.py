@@ -1,0 +1,79 @@
+"""Configs: variants, overrides, and one clear error per bad value."""
+
+import os
+
+import pytest
+
+from gmae_jax import config_lib
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def load(name: str, arg: str | None = None):
+    return config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), name, arg)
+
+
+def test_pretrain_defaults_follow_the_original_recipe():
+    config = load("pretrain")
+    assert (config.mask_ratio, config.batch_size, config.model.img_size, config.model.patch_size) == (0.6, 64, 224, 16)
+    assert config.optim.weight_decay == 0.05
+    assert load("finetune").optim.weight_decay == 0.01
+
+
+def test_variant_selects_model_preset_and_runlocal():
+    config = load("pretrain", "model=tiny")
+    assert (config.model.preset, config.model.embed_dim, config.model.depth) == ("tiny", 128, 4)
+    local = load("pretrain", "runlocal")
+    assert local.model.preset == "micro" and local.total_steps == 20
+
+
+def test_unknown_variant_and_preset_are_errors():
+    with pytest.raises(config_lib.ConfigError, match="unknown config variant 'modle'"):
+        load("pretrain", "modle=tiny")
+    with pytest.raises(config_lib.ConfigError, match="unknown model preset 'huge'"):
+        load("pretrain", "model=huge")
+
+
+@pytest.fixture
+def pretrain_config(tmp_path):
+    config = load("pretrain", "runlocal")
+    config.data.root = str(tmp_path)
+    return config
+
+
+def test_valid_config_passes(pretrain_config):
+    config_lib.validate(pretrain_config)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mask_ratio", 1.0, r"config.mask_ratio=1.0 must be in \(0, 1\)"),
+    ("mask_ratio", 0.0, r"config.mask_ratio=0.0 must be in \(0, 1\)"),
+    ("model.img_size", 30, "img_size=30 is not divisible by config.model.patch_size=4"),
+    ("model.num_heads", 3, "num_heads=3 does not divide config.model.embed_dim=32"),
+    ("model.decoder_num_heads", 5, "decoder_num_heads=5 does not divide"),
+    ("model.embed_dim", 40, "embed_dim=40 must be a multiple of 16"),
+    ("model.mask_mode", "leaky", "mask_mode='leaky' is not one of"),
+    ("data.root", "/no/such/folder", "data.root='/no/such/folder' does not exist"),
+    ("optim.lr", 0.0, "optim.lr=0.0 must be positive"),
+    ("batch_size", 0, "batch_size=0 must be positive"),
+])
+def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
+    section, _, name = field.rpartition(".")
+    (pretrain_config[section] if section else pretrain_config)[name] = value
+    with pytest.raises(config_lib.ConfigError, match=message) as error:
+        config_lib.validate(pretrain_config)
+    assert "\n" not in str(error.value)
+
+
+def test_finetune_class_count_is_validated(tmp_path):
+    config = load("finetune", "runlocal")
+    config.data.root = str(tmp_path)
+    config.num_classes = 1
+    with pytest.raises(config_lib.ConfigError, match="num_classes=1 must be at least 2"):
+        config_lib.validate(config)
+
+
+def test_demo_config_validates_without_its_data():
+    config = load("demo")
+    config_lib.validate(config)
+    assert config.finetune.num_classes == 8

@@ -1,0 +1,144 @@
+"""The Flax GMST model: shapes, masking, and that the encoder never sees masked content."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmae_jax.models import masking, modules
+from gmae_jax.models.gmae import GMAE, GMAEClassifier
+from gmae_jax.models.presets import PRESETS, GMSTConfig
+
+MICRO = GMSTConfig(**PRESETS["micro"])
+
+
+def small_config(**overrides) -> GMSTConfig:
+    return dataclasses.replace(MICRO, **overrides)
+
+
+@pytest.mark.parametrize("size,patch,overlap", [(32, 4, False), (32, 8, True), (48, 8, False), (16, 4, True)])
+def test_patch_embed_grid_is_patch_grid(size, patch, overlap):
+    embed = modules.OverlapPatchEmbed(32, patch, overlap)
+    x = jnp.ones((2, size, size, 3))
+    (tokens, h, w), _ = embed.init_with_output(jax.random.key(0), x)
+    assert (h, w) == (size // patch, size // patch)
+    assert tokens.shape == (2, (size // patch) ** 2, 32)
+
+
+@pytest.mark.parametrize("dim,grid", [(32, 4), (64, 8), (48, 3)])
+def test_msdc_keeps_shape(dim, grid):
+    x = jax.random.normal(jax.random.key(0), (2, grid, grid, dim))
+    out, variables = modules.MSDC(dim).init_with_output(jax.random.key(1), x, train=False)
+    assert out.shape == x.shape
+    assert variables["params"]["se_fc1"]["kernel"].shape == (dim, dim // 16)
+
+
+@pytest.mark.parametrize("dim,mlp_ratio,hidden", [(768, 4.0, 3072), (512, 4.0, 2049), (32, 1.0, 33)])
+def test_ffn_hidden_rounds_up_to_multiple_of_three(dim, mlp_ratio, hidden):
+    assert modules.ffn_hidden_dim(dim, mlp_ratio) == hidden
+
+
+@pytest.mark.parametrize("dim,heads,grid", [(32, 2, 4), (48, 3, 6)])
+def test_mhsa_and_block_keep_token_shape(dim, heads, grid):
+    x = jax.random.normal(jax.random.key(0), (2, grid * grid, dim))
+    attn_out, _ = modules.MHSA(dim, heads).init_with_output(jax.random.key(1), x, train=False)
+    assert attn_out.shape == x.shape
+    block = modules.GMSTBlock(dim, heads, modules.ffn_hidden_dim(dim, 2.0))
+    out, variables = block.init_with_output(jax.random.key(1), x, grid, grid, train=False)
+    assert out.shape == x.shape
+    assert "norm2" in variables["params"]  # defined-but-unused in the original; kept for export
+
+
+def test_mhsa_dropout_only_in_training():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    attn = modules.MHSA(32, 2, dropout_rate=0.5)
+    variables = attn.init(jax.random.key(1), x, train=False)
+    eval_a = attn.apply(variables, x, train=False)
+    eval_b = attn.apply(variables, x, train=False)
+    train_out = attn.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_out, eval_a)
+
+
+@pytest.mark.parametrize("config", [small_config(), small_config(img_size=48, patch_size=8, overlap_patches=True)])
+def test_gmae_and_classifier_output_shapes(config):
+    images = jnp.zeros((3, config.img_size, config.img_size, 3))
+    mask = masking.sample_mask(jax.random.key(0), 3, config.num_patches, 0.6)
+    pred, _ = GMAE(config).init_with_output(jax.random.key(1), images, mask, train=False)
+    assert pred.shape == (3, config.num_patches, config.patch_size**2 * 3)
+    logits, _ = GMAEClassifier(config, 5).init_with_output(jax.random.key(1), images, train=False)
+    assert logits.shape == (3, 5)
+
+
+@pytest.mark.parametrize("num_patches,ratio", [(64, 0.6), (196, 0.75), (49, 0.5), (10, 0.25)])
+def test_sample_mask_hides_exact_count_per_example(num_patches, ratio):
+    mask = masking.sample_mask(jax.random.key(3), 16, num_patches, ratio)
+    np.testing.assert_array_equal(mask.sum(axis=1), round(num_patches * ratio))
+    assert len({tuple(row) for row in np.asarray(mask)}) > 1  # masks differ between examples
+
+
+def test_sample_mask_is_deterministic_for_a_key():
+    a = masking.sample_mask(jax.random.key(7), 4, 64, 0.6)
+    b = masking.sample_mask(jax.random.key(7), 4, 64, 0.6)
+    c = masking.sample_mask(jax.random.key(8), 4, 64, 0.6)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_patchify_round_trip_and_pixel_order():
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    patches = masking.patchify(images, 4)
+    assert patches.shape == (2, 4, 48)
+    # Patch 1 is the top-right 4x4 block; within it pixels go row, column, channel.
+    np.testing.assert_array_equal(patches[0, 1, :3], images[0, 0, 4])
+    np.testing.assert_array_equal(patches[0, 1, 12:15], images[0, 1, 4])
+    np.testing.assert_array_equal(masking.unpatchify(patches, 4), images)
+
+
+def _encode(config, images, mask, train=False):
+    model = GMAE(config)
+    variables = model.init(jax.random.key(0), images, mask, train=False)
+    return model.apply(variables, images, mask, train=train, method=GMAE.encode)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_encoder_never_sees_masked_pixels(overlap):
+    config = small_config(overlap_patches=overlap)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    mask = masking.sample_mask(jax.random.key(1), 2, config.num_patches, 0.6)
+    noise = 10.0 * jax.random.normal(jax.random.key(2), images.shape)
+    altered = jnp.where(masking.mask_to_pixels(mask, config.patch_size), noise, images)
+    assert not np.allclose(altered, images)
+    np.testing.assert_array_equal(_encode(config, images, mask), _encode(config, altered, mask))
+
+
+def test_original_mask_mode_leaks_masked_pixels():
+    """The comparison mode reproduces the original's flaw, so the invariance test above is meaningful."""
+    config = small_config(mask_mode="original")
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    mask = masking.sample_mask(jax.random.key(1), 2, config.num_patches, 0.6)
+    altered = jnp.where(masking.mask_to_pixels(mask, config.patch_size), 5.0, images)
+    visible = ~np.asarray(mask)
+    a, b = _encode(config, images, mask), _encode(config, altered, mask)
+    assert not np.allclose(np.asarray(a)[visible], np.asarray(b)[visible])
+
+
+def test_visible_pixels_do_change_encoder_output():
+    config = small_config(overlap_patches=True)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    mask = masking.sample_mask(jax.random.key(1), 2, config.num_patches, 0.6)
+    altered = jnp.where(masking.mask_to_pixels(mask, config.patch_size), images, images + 1.0)
+    assert not np.allclose(_encode(config, images, mask), _encode(config, altered, mask))
+
+
+def test_reference_preset_has_the_original_parameter_count():
+    config = GMSTConfig(**PRESETS["reference"])
+    images = jnp.zeros((1, 224, 224, 3))
+    mask = jnp.zeros((1, config.num_patches), bool)
+    shapes = jax.eval_shape(lambda: GMAE(dataclasses.replace(config, mask_mode="original")).init(
+        jax.random.key(0), images, mask, train=False))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    assert 1.30e9 < count(shapes["params"]) < 1.35e9
+    assert 1.00e9 < count(shapes["params"]["encoder"]) < 1.04e9
