@@ -3,6 +3,7 @@ continues with exactly the batches it would have seen."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grain
@@ -16,12 +17,24 @@ def make_manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(epath.Path(directory), options=options)
 
 
+class _IteratorSnapshot:
+    """The iterator's state frozen at save time. Orbax may run grain's handler on a background
+    thread, by which time the train loop has drawn more batches; grain writes `get_state()` bytes
+    verbatim, and restores them into the live iterator as JSON."""
+
+    def __init__(self, iterator: Any):
+        self._state = json.dumps(iterator.get_state(), indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None) -> None:
     """Asynchronous save; orbax writes to a temporary folder and renames, so a kill mid-save never
     leaves a checkpoint that looks complete."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
     manager.save(step, args=ocp.args.Composite(**items))
 
 

@@ -1,0 +1,124 @@
+"""The original G-MAE class-folder layout: `<root>/<split>/<class>/*.{jpg,jpeg,png}`.
+
+Knows files and labels only; decoding and batching live in `transforms` and `pipeline`.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+
+from absl import logging
+from etils import epath
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+_EXPECTED_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One image file and its integer label (the index of its class)."""
+
+    path: str
+    label: int
+
+
+class DataLayoutError(ValueError):
+    """The folders on disk do not match the class-folder layout."""
+
+
+def _is_hidden(path: epath.Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _split_dir(root: str, split: str) -> epath.Path:
+    root_path = epath.Path(root)
+    if not root_path.is_dir():
+        raise DataLayoutError(
+            f"Dataset root {root_path} does not exist or is not a folder; "
+            f"expected the layout {_EXPECTED_LAYOUT}."
+        )
+    split_path = root_path / split
+    if not split_path.is_dir():
+        raise DataLayoutError(
+            f"Split folder {split_path} is missing; expected the layout "
+            f"{_EXPECTED_LAYOUT}. Create it or point the root at the right folder."
+        )
+    return split_path
+
+
+def list_classes(root: str, split: str) -> list[str]:
+    """Sorted class-folder names of a split; hidden entries and stray files are ignored."""
+    split_path = _split_dir(root, split)
+    names = []
+    for entry in split_path.iterdir():
+        if _is_hidden(entry):
+            continue
+        if entry.is_dir():
+            names.append(entry.name)
+        else:
+            logging.warning("Ignoring %s: not a class folder.", entry)
+    return sorted(names)
+
+
+def _check_class_names(
+    split_path: epath.Path, found: Sequence[str], expected: Sequence[str]
+) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        raise DataLayoutError(
+            f"Class folders in {split_path} do not match the expected classes: "
+            f"missing {missing}, unexpected {extra}. Every split needs the same "
+            "class folders so that labels mean the same thing."
+        )
+
+
+def scan_split(
+    root: str, split: str, class_names: Sequence[str] | None = None
+) -> list[Example]:
+    """All images of a split with labels, sorted by (label, file name) for reproducible runs.
+
+    Labels index `class_names` when given (pass the train classes when scanning val so both
+    agree), else the sorted class folders. Hidden and non-image entries are skipped and counted.
+    """
+    split_path = _split_dir(root, split)
+    found = list_classes(root, split)
+    if class_names is None:
+        class_names = found
+    else:
+        _check_class_names(split_path, found, class_names)
+    if not class_names:
+        raise DataLayoutError(
+            f"Split folder {split_path} has no class folders; expected the layout "
+            f"{_EXPECTED_LAYOUT}."
+        )
+
+    examples = []
+    num_hidden = num_not_image = 0
+    for label, name in enumerate(class_names):
+        class_path = split_path / name
+        num_images = 0
+        for entry in sorted(class_path.iterdir()):
+            if _is_hidden(entry):
+                num_hidden += 1
+            elif entry.suffix.lower() not in IMAGE_SUFFIXES or entry.is_dir():
+                num_not_image += 1
+            else:
+                examples.append(Example(path=str(entry), label=label))
+                num_images += 1
+        if not num_images:
+            raise DataLayoutError(
+                f"Class folder {class_path} holds no images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the "
+                "folder from every split."
+            )
+    if num_hidden or num_not_image:
+        logging.warning(
+            "Skipped %d hidden and %d non-image entries in %s.",
+            num_hidden,
+            num_not_image,
+            split_path,
+        )
+    logging.info(
+        "Found %d images in %d classes in %s.", len(examples), len(class_names), split_path
+    )
+    return examples

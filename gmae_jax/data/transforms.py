@@ -1,0 +1,148 @@
+"""Image decoding and augmentation on PIL images; randomness only through the given Generator.
+
+Pure functions so that a grain `random_map` seeded per element gives the same pixels in any
+worker, which is what makes batches independent of the worker count.
+"""
+
+import io
+import math
+
+from etils import epath
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+_BILINEAR = Image.Resampling.BILINEAR
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageDecodeError(ValueError):
+    """An image file could not be decoded; the message names the file."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        # Composite on black: transparent pixels carry no colour the model should see.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode_rgb(
+    path_or_bytes: str | epath.PathLike | bytes, draft_size: int | None = None
+) -> Image.Image:
+    """Decodes a file (any epath, e.g. gs://) or bytes to an upright RGB image.
+
+    `draft_size` lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale while both sides
+    stay >= draft_size, which is most of the decode cost for full-HD photos.
+    """
+    is_bytes = isinstance(path_or_bytes, bytes)
+    name = "<bytes>" if is_bytes else str(path_or_bytes)
+    try:
+        data = path_or_bytes if is_bytes else epath.Path(path_or_bytes).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            if draft_size is not None:
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"Cannot decode image {name}: {e}") from e
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """Crop of random area fraction and aspect ratio resized to size x size (torchvision rules).
+
+    After 10 rejected draws it falls back to the largest centre crop within `ratio`.
+    """
+    width, height = img.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            break
+    else:
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w, h = width, round(width / min(ratio))
+        elif in_ratio > max(ratio):
+            w, h = round(height * max(ratio)), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return img.resize((size, size), _BILINEAR, box=(left, top, left + w, top + h))
+
+
+def horizontal_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
+    """Mirrors the image with probability p."""
+    if rng.random() < p:
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(shift * 255)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def color_jitter(
+    img: Image.Image,
+    rng: np.random.Generator,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+) -> Image.Image:
+    """Random brightness, contrast, saturation (factors in [1-x, 1+x]) and hue shift in [-hue, hue].
+
+    Applied in that fixed order; a strength of 0 leaves that property untouched.
+    """
+    enhancers = (
+        (brightness, ImageEnhance.Brightness),
+        (contrast, ImageEnhance.Contrast),
+        (saturation, ImageEnhance.Color),
+    )
+    for strength, enhancer in enhancers:
+        if strength > 0:
+            img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+    if hue > 0:
+        img = _shift_hue(img, rng.uniform(-hue, hue))
+    return img
+
+
+def resize_center_crop(
+    img: Image.Image, size: int, crop_fraction: float = 0.875
+) -> Image.Image:
+    """Evaluation view: the central crop_fraction of the shorter side, resized to size x size.
+
+    One resize of the crop box equals resizing the shorter side to size / crop_fraction and
+    then centre-cropping, without resampling the discarded border.
+    """
+    width, height = img.size
+    side = min(width, height) * crop_fraction
+    left, top = (width - side) / 2, (height - side) / 2
+    return img.resize((size, size), _BILINEAR, box=(left, top, left + side, top + side))
+
+
+def normalize(img: Image.Image) -> np.ndarray:
+    """float32 HWC array standardised with the ImageNet statistics."""
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
+    return (pixels - IMAGENET_MEAN) / IMAGENET_STD

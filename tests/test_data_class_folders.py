@@ -1,0 +1,103 @@
+"""Specification of the class-folder layout reader."""
+
+import logging
+
+import pytest
+
+from gmae_jax.data.class_folders import DataLayoutError, Example, list_classes, scan_split
+
+
+def _make_tree(root, files):
+    """Creates empty files at the given relative paths (scanning never decodes them)."""
+    for rel in files:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def test_labels_index_sorted_class_folders(tmp_path):
+    _make_tree(tmp_path, ["train/palm/a.jpg", "train/fist/b.jpg", "train/one/c.png"])
+
+    examples = scan_split(str(tmp_path), "train")
+
+    assert examples == [
+        Example(str(tmp_path / "train/fist/b.jpg"), 0),
+        Example(str(tmp_path / "train/one/c.png"), 1),
+        Example(str(tmp_path / "train/palm/a.jpg"), 2),
+    ]
+
+
+def test_labels_follow_given_class_names_order(tmp_path):
+    _make_tree(tmp_path, ["val/fist/a.jpg", "val/palm/b.jpg"])
+
+    examples = scan_split(str(tmp_path), "val", class_names=["palm", "fist"])
+
+    assert [(e.path.split("/")[-2], e.label) for e in examples] == [("palm", 0), ("fist", 1)]
+
+
+def test_files_within_a_class_are_sorted(tmp_path):
+    _make_tree(tmp_path, ["train/one/c.jpg", "train/one/a.jpg", "train/one/b.jpeg"])
+
+    examples = scan_split(str(tmp_path), "train")
+
+    assert [e.path.rsplit("/", 1)[-1] for e in examples] == ["a.jpg", "b.jpeg", "c.jpg"]
+
+
+def test_upper_case_suffixes_are_images(tmp_path):
+    _make_tree(tmp_path, ["train/one/a.JPG", "train/one/b.PNG", "train/one/c.Jpeg"])
+
+    assert len(scan_split(str(tmp_path), "train")) == 3
+
+
+def test_list_classes_ignores_hidden_entries_and_files(tmp_path):
+    _make_tree(
+        tmp_path, ["train/one/a.jpg", "train/.cache/a.jpg", "train/.DS_Store", "train/notes.txt"]
+    )
+
+    assert list_classes(str(tmp_path), "train") == ["one"]
+
+
+def test_hidden_and_non_image_files_are_skipped_and_counted(tmp_path, caplog):
+    _make_tree(
+        tmp_path,
+        ["train/one/a.jpg", "train/one/.DS_Store", "train/one/labels.csv", "train/one/x.txt"],
+    )
+
+    with caplog.at_level(logging.WARNING):
+        examples = scan_split(str(tmp_path), "train")
+
+    assert [e.path.rsplit("/", 1)[-1] for e in examples] == ["a.jpg"]
+    assert "Skipped 1 hidden and 2 non-image entries" in caplog.text
+
+
+def test_missing_root_error_gives_expected_layout(tmp_path):
+    with pytest.raises(DataLayoutError, match=r"nowhere.*<root>/\{train,val\}/<class>/\*\.jpg"):
+        scan_split(str(tmp_path / "nowhere"), "train")
+
+
+def test_missing_split_error_names_split_folder(tmp_path):
+    _make_tree(tmp_path, ["train/one/a.jpg"])
+
+    with pytest.raises(DataLayoutError, match=r"val.*<root>/\{train,val\}/<class>/\*\.jpg"):
+        scan_split(str(tmp_path), "val")
+
+
+def test_class_folder_without_images_is_an_error_naming_it(tmp_path):
+    _make_tree(tmp_path, ["train/one/a.jpg", "train/palm/readme.txt"])
+
+    with pytest.raises(DataLayoutError, match="palm holds no images"):
+        scan_split(str(tmp_path), "train")
+
+
+def test_split_without_class_folders_is_an_error(tmp_path):
+    (tmp_path / "train").mkdir()
+
+    with pytest.raises(DataLayoutError, match="no class folders"):
+        scan_split(str(tmp_path), "train")
+
+
+def test_class_mismatch_names_missing_and_extra_folders(tmp_path):
+    _make_tree(tmp_path, ["val/fist/a.jpg", "val/rock/b.jpg"])
+
+    with pytest.raises(DataLayoutError, match=r"missing \['palm'\], unexpected \['rock'\]"):
+        scan_split(str(tmp_path), "val", class_names=["fist", "palm"])

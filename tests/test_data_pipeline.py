@@ -1,0 +1,203 @@
+"""Specification of the grain train and eval pipelines.
+
+Every example gets its own label, so a batch's labels say exactly which files it holds.
+"""
+
+import itertools
+import shutil
+
+from absl import flags
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from gmae_jax.data import pipeline
+from gmae_jax.data.class_folders import Example
+from gmae_jax.data.transforms import ImageDecodeError
+
+# grain's worker processes read absl flags; outside absl.app.run nobody parses them.
+flags.FLAGS.mark_as_parsed()
+
+NUM_EXAMPLES = 12
+IMAGE_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    result = []
+    for i in range(NUM_EXAMPLES):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(path)
+        result.append(Example(str(path), label=i))
+    return result
+
+
+def _train(examples, num_workers=0, seed=0, global_batch_size=4, **kwargs):
+    return pipeline.make_train_dataset(
+        examples,
+        image_size=IMAGE_SIZE,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        aug=kwargs.pop("aug", pipeline.AugmentConfig()),
+        num_workers=num_workers,
+        **kwargs,
+    )
+
+
+def _eval(examples, global_batch_size=4, **kwargs):
+    return pipeline.make_eval_dataset(
+        examples,
+        image_size=IMAGE_SIZE,
+        global_batch_size=global_batch_size,
+        num_workers=0,
+        **kwargs,
+    )
+
+
+def _take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_train_batch_shapes_and_dtypes(examples):
+    batch = next(iter(_train(examples)))
+
+    assert batch["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+
+
+def test_train_batches_are_determined_by_the_seed(examples):
+    first = _take(iter(_train(examples, seed=5)), 2)
+
+    _assert_same_batches(first, _take(iter(_train(examples, seed=5)), 2))
+    assert not np.array_equal(first[0]["image"], next(iter(_train(examples, seed=6)))["image"])
+
+
+def test_train_sees_every_example_once_per_epoch_and_reshuffles(examples):
+    batches = _take(iter(_train(examples)), 6)  # Two epochs of 12.
+
+    epochs = [np.concatenate([b["label"] for b in batches[i : i + 3]]) for i in (0, 3)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(NUM_EXAMPLES))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_train_accepts_a_configdict_for_augmentation(examples):
+    aug = ml_collections.ConfigDict(
+        dict(crop_scale_min=0.5, hflip=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    )
+
+    assert next(iter(_train(examples, aug=aug)))["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_train_reads_only_a_few_batches_ahead(examples, monkeypatch, tmp_path):
+    # Count only this test's copies: iterators of earlier tests may still be reading ahead.
+    own = [Example(shutil.copy(e.path, tmp_path), e.label) for e in examples]
+    decoded = []
+    decode = pipeline.transforms.decode_rgb
+
+    def counting_decode(path, **kwargs):
+        if path.startswith(str(tmp_path)):
+            decoded.append(path)
+        return decode(path, **kwargs)
+
+    monkeypatch.setattr(pipeline.transforms, "decode_rgb", counting_decode)
+
+    next(iter(_train(own)))
+
+    assert len(decoded) <= 3 * 4  # The batch taken plus at most two read ahead.
+
+
+def test_train_batches_identical_for_0_and_2_workers(examples):
+    without_workers = _take(iter(_train(examples, num_workers=0)), 4)
+    with_workers = _take(iter(_train(examples, num_workers=2)), 4)
+
+    _assert_same_batches(without_workers, with_workers)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_resumes_exactly_from_state_mid_epoch(examples, num_workers):
+    iterator = iter(_train(examples, num_workers=num_workers))
+    _take(iterator, 2)  # Stop inside the first epoch (3 batches).
+    state = iterator.get_state()
+    expected = _take(iterator, 3)  # Runs across the epoch boundary.
+
+    resumed = iter(_train(examples, num_workers=num_workers))
+    resumed.set_state(state)
+
+    _assert_same_batches(_take(resumed, 3), expected)
+
+
+def test_processes_get_disjoint_shares_that_cover_an_epoch(examples):
+    shares = []
+    for process_index in range(2):
+        ds = _train(examples, global_batch_size=4, process_index=process_index, process_count=2)
+        batches = _take(iter(ds), 3)  # 3 batches of 2 = half an epoch.
+        assert all(b["label"].shape == (2,) for b in batches)
+        shares.append({int(l) for b in batches for l in b["label"]})
+
+    assert shares[0].isdisjoint(shares[1])
+    assert shares[0] | shares[1] == set(range(NUM_EXAMPLES))
+
+
+def test_global_batch_not_divisible_by_processes_raises(examples):
+    with pytest.raises(ValueError, match="divisible by process_count=2"):
+        _train(examples, global_batch_size=5, process_count=2)
+
+
+def test_train_decode_error_names_the_file(examples, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        next(iter(_train([Example(str(bad), 0)] * 4)))
+
+
+def test_num_eval_batches_rounds_up():
+    assert pipeline.num_eval_batches(8, 4) == 2
+    assert pipeline.num_eval_batches(9, 4) == 3
+
+
+def test_eval_is_one_pass_in_order_with_padded_last_batch(examples):
+    batches = list(_eval(examples[:10]))
+
+    assert len(batches) == pipeline.num_eval_batches(10, 4) == 3
+    assert all(b["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) for b in batches)
+    labels = np.concatenate([b["label"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert valid.dtype == np.float32
+    assert valid.tolist() == [1.0] * 10 + [0.0] * 2
+    assert labels[:10].tolist() == list(range(10))
+    assert (batches[-1]["image"][2:] == 0).all()
+
+
+def test_eval_is_deterministic(examples):
+    _assert_same_batches(list(_eval(examples)), list(_eval(examples)))
+
+
+def test_eval_processes_get_equal_batch_counts_covering_all_examples(examples):
+    per_process = [
+        list(_eval(examples[:9], global_batch_size=4, process_index=i, process_count=2))
+        for i in range(2)
+    ]
+
+    assert [len(b) for b in per_process] == [3, 3]  # ceil(9 / 4) batches each, in lockstep.
+    assert all(b["image"].shape[0] == 2 for batches in per_process for b in batches)
+    seen = [
+        int(label)
+        for batches in per_process
+        for b in batches
+        for label, valid in zip(b["label"], b["valid"])
+        if valid
+    ]
+    assert sorted(seen) == list(range(9))

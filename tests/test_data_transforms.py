@@ -1,0 +1,197 @@
+"""Specification of image decoding and augmentation."""
+
+import io
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from gmae_jax.data import transforms
+from gmae_jax.data.transforms import ImageDecodeError
+
+
+def _save(img, path, fmt, **kwargs):
+    img.save(path, fmt, **kwargs)
+    return str(path)
+
+
+def _gradient(width=40, height=30):
+    """An RGB image whose pixels differ, so crops and flips are visible."""
+    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.uint8)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], axis=-1), "RGB")
+
+
+def test_decode_reads_path_and_bytes_alike(tmp_path):
+    path = _save(_gradient(), tmp_path / "a.png", "PNG")
+
+    from_path = transforms.decode_rgb(path)
+    from_bytes = transforms.decode_rgb(open(path, "rb").read())
+
+    assert from_path.mode == "RGB" and from_path.size == (40, 30)
+    np.testing.assert_array_equal(np.asarray(from_path), np.asarray(from_bytes))
+
+
+def test_decode_converts_cmyk_jpeg_to_rgb(tmp_path):
+    path = _save(Image.new("CMYK", (8, 6), (0, 0, 0, 0)), tmp_path / "cmyk.jpg", "JPEG")
+
+    img = transforms.decode_rgb(path)
+
+    assert img.mode == "RGB" and img.size == (8, 6)
+    assert np.asarray(img).min() > 240  # No ink is white.
+
+
+def test_decode_converts_greyscale_to_rgb(tmp_path):
+    path = _save(Image.new("L", (8, 6), 77), tmp_path / "grey.png", "PNG")
+
+    pixels = np.asarray(transforms.decode_rgb(path))
+
+    assert pixels.shape == (6, 8, 3)
+    assert (pixels == 77).all()
+
+
+def test_decode_converts_palette_to_rgb(tmp_path):
+    palette_img = Image.new("P", (8, 6), 1)
+    palette_img.putpalette([0, 0, 0, 10, 200, 30])
+    path = _save(palette_img, tmp_path / "palette.png", "PNG")
+
+    pixels = np.asarray(transforms.decode_rgb(path))
+
+    assert pixels.shape == (6, 8, 3)
+    assert (pixels == [10, 200, 30]).all()
+
+
+def test_decode_composites_rgba_on_black(tmp_path):
+    rgba = Image.new("RGBA", (2, 1), (200, 100, 50, 255))
+    rgba.putpixel((1, 0), (200, 100, 50, 0))
+    path = _save(rgba, tmp_path / "rgba.png", "PNG")
+
+    pixels = np.asarray(transforms.decode_rgb(path))
+
+    assert pixels[0, 0].tolist() == [200, 100, 50]
+    assert pixels[0, 1].tolist() == [0, 0, 0]
+
+
+def test_decode_applies_exif_rotation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display.
+    path = _save(_gradient(40, 20), tmp_path / "rotated.jpg", "JPEG", exif=exif)
+
+    assert transforms.decode_rgb(path).size == (20, 40)
+
+
+def test_decode_of_truncated_jpeg_names_the_file(tmp_path):
+    buffer = io.BytesIO()
+    _gradient(64, 64).save(buffer, "JPEG")
+    path = tmp_path / "truncated.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+    with pytest.raises(ImageDecodeError, match="truncated.jpg"):
+        transforms.decode_rgb(str(path))
+
+
+def test_decode_of_non_image_names_the_file(tmp_path):
+    path = tmp_path / "corrupt.jpg"
+    path.write_bytes(b"this is not a jpeg")
+
+    with pytest.raises(ImageDecodeError, match="corrupt.jpg"):
+        transforms.decode_rgb(str(path))
+
+
+def test_decode_of_missing_file_names_the_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match="absent.jpg"):
+        transforms.decode_rgb(str(tmp_path / "absent.jpg"))
+
+
+def test_draft_decodes_large_jpeg_at_reduced_scale(tmp_path):
+    path = _save(_gradient(800, 600), tmp_path / "large.jpg", "JPEG")
+
+    img = transforms.decode_rgb(path, draft_size=100)
+
+    assert img.size == (200, 150)  # libjpeg's 1/4 scale: the smallest with both sides >= 100.
+
+
+def test_random_resized_crop_has_requested_size():
+    rng = np.random.default_rng(0)
+
+    assert transforms.random_resized_crop(_gradient(), 16, rng).size == (16, 16)
+
+
+def test_random_resized_crop_is_deterministic_for_a_seed():
+    def crop(seed):
+        rng = np.random.default_rng(seed)
+        return np.asarray(transforms.random_resized_crop(_gradient(), 16, rng))
+
+    np.testing.assert_array_equal(crop(1), crop(1))
+    assert not np.array_equal(crop(1), crop(2))
+
+
+def test_random_resized_crop_falls_back_to_centre_crop():
+    img = _gradient(100, 10)  # No box with area >= 90 % and aspect <= 4/3 fits.
+
+    out = transforms.random_resized_crop(img, 8, np.random.default_rng(0), scale=(0.9, 1.0))
+
+    # The widest 4/3 box, centred: x from 43 to 56. The gradient steps 2.6 per column, so
+    # an off-centre box would differ by more than the 1 that resampling at the box edge adds.
+    expected = img.crop((43, 0, 56, 10)).resize((8, 8), Image.Resampling.BILINEAR)
+    np.testing.assert_allclose(np.asarray(out, np.int16), np.asarray(expected, np.int16), atol=1)
+
+
+def test_horizontal_flip_mirrors_when_drawn():
+    img = _gradient()
+
+    flipped = transforms.horizontal_flip(img, np.random.default_rng(0), p=1.0)
+    kept = transforms.horizontal_flip(img, np.random.default_rng(0), p=0.0)
+
+    np.testing.assert_array_equal(np.asarray(flipped), np.asarray(img)[:, ::-1])
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(img))
+
+
+def test_color_jitter_of_zero_strength_is_identity():
+    img = _gradient()
+
+    out = transforms.color_jitter(img, np.random.default_rng(0), 0, 0, 0, 0)
+
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(img))
+
+
+def test_color_jitter_is_deterministic_for_a_seed_and_changes_pixels():
+    def jitter(seed):
+        out = transforms.color_jitter(_gradient(), np.random.default_rng(seed), 0.4, 0.4, 0.4, 0.1)
+        return np.asarray(out)
+
+    np.testing.assert_array_equal(jitter(3), jitter(3))
+    assert not np.array_equal(jitter(3), np.asarray(_gradient()))
+
+
+def test_hue_jitter_changes_colour_but_leaves_grey_alone():
+    rng = np.random.default_rng(0)
+    red = Image.new("RGB", (4, 4), (200, 30, 30))
+    grey = Image.new("RGB", (4, 4), (90, 90, 90))
+
+    red_out = np.asarray(transforms.color_jitter(red, rng, 0, 0, 0, hue=0.5))
+    grey_out = np.asarray(transforms.color_jitter(grey, rng, 0, 0, 0, hue=0.5))
+
+    assert not np.array_equal(red_out, np.asarray(red))
+    np.testing.assert_array_equal(grey_out, np.asarray(grey))
+
+
+def test_resize_center_crop_keeps_the_centre_only():
+    pixels = np.full((100, 200, 3), 128, np.uint8)
+    pixels[:, :50] = pixels[:, -50:] = 0  # Outside the central 87.5 % of the shorter side.
+    img = Image.fromarray(pixels)
+
+    out = np.asarray(transforms.resize_center_crop(img, 16))
+
+    assert out.shape == (16, 16, 3)
+    assert (out == 128).all()
+
+
+def test_normalize_gives_float32_hwc_standardised_with_imagenet_stats():
+    mean_pixel = np.round(transforms.IMAGENET_MEAN * 255).astype(np.uint8)
+    img = Image.new("RGB", (5, 3), tuple(int(v) for v in mean_pixel))
+
+    out = transforms.normalize(img)
+
+    assert out.shape == (3, 5, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, 0.0, atol=0.01)

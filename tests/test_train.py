@@ -1,0 +1,145 @@
+"""Training end to end on the demo data: loss goes down, fine-tuning starts from the pretrained
+encoder, a killed run resumes to exactly the straight run, divergence stops with a clear error."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from gmae_jax import config_lib, stages
+from gmae_jax.data import synthetic
+from gmae_jax.train import checkpoint, progress, sharding, tasks, trainer
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def stage_config(stage: str, root: str, **overrides):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), stage, "runlocal")
+    config.data.root = root
+    config.batch_size = 32
+    config.optim.update(lr=2e-3, warmup_steps=3)
+    for key, value in overrides.items():
+        section, _, name = key.rpartition("__")
+        (config[section] if section else config)[name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo"))
+    synthetic.write_demo_dataset(root, image_size=32, train_per_class=16, val_per_class=4,
+                                 classes=("fist", "one", "peace", "palm"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_root, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    config = stage_config("pretrain", demo_root, total_steps=30, log_every=3, eval_every=0, checkpoint_every=30)
+    metrics = stages.pretrain(config, workdir)
+    return workdir, config, metrics
+
+
+def read_metrics(workdir):
+    import json
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_pretraining_loss_decreases_on_demo_data(pretrained):
+    workdir, _, final = pretrained
+    train = [r for r in read_metrics(workdir) if r["split"] == "train"]
+    assert len(train) == 10
+    first, last = np.mean([r["loss"] for r in train[:2]]), np.mean([r["loss"] for r in train[-2:]])
+    assert last < 0.8 * first, (first, last)
+    assert all(r["img_per_sec"] > 0 and "eta_sec" in r and "lr" in r for r in train)
+    assert np.isfinite(final["loss"])
+    assert os.path.getsize(os.path.join(workdir, "reconstructions.png")) > 0
+
+
+def test_finetune_starts_from_pretrained_encoder(pretrained, demo_root):
+    workdir, _, _ = pretrained
+    config = stage_config("finetune", demo_root, num_classes=4, init_from=os.path.join(workdir, "checkpoints"))
+    task = tasks.finetune_task(config)
+    mesh = sharding.make_mesh()
+    state, _ = trainer.create_state(task.model, task.init_inputs, config, mesh, 10)
+    fresh_head = jax.device_get(state.params["head"])
+    loaded = tasks.load_pretrained_encoder(state, config.init_from)
+    saved = checkpoint.restore_params(config.init_from)
+    for got, want in zip(jax.tree.leaves(jax.device_get(loaded.params["encoder"])),
+                         jax.tree.leaves(saved["params"]["encoder"])):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(loaded.params["pos_embed"], saved["params"]["pos_embed"])
+    for got, want in zip(jax.tree.leaves(jax.device_get(loaded.batch_stats["encoder"])),
+                         jax.tree.leaves(saved["batch_stats"]["encoder"])):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(jax.device_get(state.params["pos_embed"]), saved["params"]["pos_embed"])
+    np.testing.assert_array_equal(jax.device_get(loaded.params["head"]["kernel"]), fresh_head["kernel"])
+
+
+def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
+    workdir, _, _ = pretrained
+    config = stage_config("finetune", demo_root, num_classes=4, init_from=os.path.join(workdir, "checkpoints"))
+    config.model.depth = 3
+    task = tasks.finetune_task(config)
+    state, _ = trainer.create_state(task.model, task.init_inputs, config, sharding.make_mesh(), 10)
+    with pytest.raises(config_lib.ConfigError, match="does not match config.model"):
+        tasks.load_pretrained_encoder(state, config.init_from)
+
+
+def test_finetune_rejects_wrong_num_classes(demo_root):
+    with pytest.raises(config_lib.ConfigError, match="num_classes=18 but .* has 4 class folders"):
+        tasks.finetune_task(stage_config("finetune", demo_root, num_classes=18))
+
+
+def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained, demo_root, tmp_path):
+    workdir, _, _ = pretrained
+    finetune_dir, eval_dir = str(tmp_path / "finetune"), str(tmp_path / "eval")
+    config = stage_config("finetune", demo_root, num_classes=4, total_steps=6, eval_every=0,
+                          checkpoint_every=6, init_from=os.path.join(workdir, "checkpoints"))
+    metrics = stages.finetune(config, finetune_dir)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and "accuracy/palm" in metrics
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.checkpoint_dir, evaluate.num_workers = finetune_dir, 0
+    result = stages.evaluate(evaluate, eval_dir)
+    assert result["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert result["checkpoint_step"] == 6
+    assert os.path.exists(os.path.join(eval_dir, "confusion_matrix.png"))
+    assert os.path.exists(os.path.join(eval_dir, "eval_metrics.json"))
+
+
+def test_killed_run_resumes_to_the_straight_run(demo_root, tmp_path, monkeypatch):
+    overrides = dict(total_steps=6, checkpoint_every=3, log_every=1, eval_every=0)
+    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    stages.pretrain(stage_config("pretrain", demo_root, **overrides), straight_dir)
+
+    real = sharding.global_batch
+    calls = []
+
+    def dies_on_fifth_batch(host_batch, mesh):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real(host_batch, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", dies_on_fifth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        stages.pretrain(stage_config("pretrain", demo_root, **overrides), resumed_dir)
+    monkeypatch.setattr(sharding, "global_batch", real)
+    stages.pretrain(stage_config("pretrain", demo_root, **overrides), resumed_dir)
+
+    a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
+    b = checkpoint.restore_params(os.path.join(resumed_dir, "checkpoints"))
+    assert a["step"] == b["step"] == 6
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(x, y)
+    straight = [r["loss"] for r in read_metrics(straight_dir) if r["split"] == "train"]
+    resumed = [r["loss"] for r in read_metrics(resumed_dir) if r["split"] == "train"]
+    assert resumed[-3:] == straight[-3:]
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint():
+    with pytest.raises(FloatingPointError, match="loss became non-finite at step 7; the last good checkpoint is step 5"):
+        progress.check_finite({"loss": float("nan"), "lr": 0.1}, 7, "/w/checkpoints", 5)
+    progress.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
