@@ -1,0 +1,111 @@
+"""Hand crops and letterboxed full frames: pure geometry on RGB PIL images.
+
+Padding uses the ImageNet mean colour: `transforms.normalize` maps it to ~0, so padded
+pixels look like "no signal" to the encoder instead of a black frame it must learn to ignore.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from gmae_jax.data.hagrid import NO_GESTURE, TWO_HANDED, Box, HagridRecord
+from gmae_jax.data.transforms import IMAGENET_MEAN
+
+FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+EVAL_CROP_SCALE = 1.0  # evaluation crops are exactly the (squared) box
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+def hand_crop_box(box: Box, image_w: int, image_h: int, scale: float) -> tuple[int, int, int]:
+    """(left, top, side) in pixels of the square of side max(w, h) * scale centred on the box.
+
+    Rounded outwards, so the square always contains the box; it may leave the image
+    (`crop_square` pads).
+    """
+    x, y, w, h = box[0] * image_w, box[1] * image_h, box[2] * image_w, box[3] * image_h
+    half = max(w, h) * scale / 2
+    cx, cy = x + w / 2, y + h / 2
+    left, top = int(np.floor(cx - half)), int(np.floor(cy - half))
+    side = max(int(np.ceil(cx + half)) - left, int(np.ceil(cy + half)) - top, 1)
+    return left, top, side
+
+
+def crop_square(
+    img: Image.Image, left: int, top: int, side: int, out_size: int, fill: tuple[int, ...] = FILL
+) -> Image.Image:
+    """The square (left, top, side) resized to out_size, padded with `fill` outside the image.
+
+    Only the part inside the image is resampled, straight to its place in the output, so a
+    crop twice the image size costs no more than one the image size.
+    """
+    canvas = Image.new("RGB", (out_size, out_size), fill)
+    width, height = img.size
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + side, width), min(top + side, height)
+    if x1 <= x0 or y1 <= y0:
+        return canvas
+    s = out_size / side
+    dx0, dy0 = round((x0 - left) * s), round((y0 - top) * s)
+    dx1, dy1 = round((x1 - left) * s), round((y1 - top) * s)
+    if dx1 > dx0 and dy1 > dy0:
+        part = img.resize((dx1 - dx0, dy1 - dy0), _BILINEAR, box=(x0, y0, x1, y1))
+        canvas.paste(part, (dx0, dy0))
+    return canvas
+
+
+def letterbox(img: Image.Image, out_size: int, fill: tuple[int, ...] = FILL) -> Image.Image:
+    """Full-frame view: longest side resized to out_size, centred on a square of `fill`."""
+    width, height = img.size
+    s = out_size / max(width, height)
+    new_w, new_h = max(1, round(width * s)), max(1, round(height * s))
+    canvas = Image.new("RGB", (out_size, out_size), fill)
+    offset = ((out_size - new_w) // 2, (out_size - new_h) // 2)
+    canvas.paste(img.resize((new_w, new_h), _BILINEAR), offset)
+    return canvas
+
+
+def sample_crop_scale(rng: np.random.Generator, low: float = 1.0, high: float = 2.0) -> float:
+    """Training scale jitter s ~ U(low, high): the hand with a varying amount of context."""
+    return float(rng.uniform(low, high))
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _gesture(record: HagridRecord) -> str | None:
+    return next((label for label in record.labels if label != NO_GESTURE), None)
+
+
+def gesture_box(record: HagridRecord) -> Box:
+    """The box to crop for the record's gesture.
+
+    Two-handed gestures use `united_box` (both hands), or the union of their hands' boxes
+    when it is absent; a record with only no_gesture hands gives its first hand.
+    """
+    gesture = _gesture(record)
+    if gesture is None:
+        return record.boxes[0]
+    if gesture in TWO_HANDED:
+        if record.united_box is not None:
+            return record.united_box
+        return _union([b for b, l in zip(record.boxes, record.labels) if l == gesture])
+    return record.boxes[record.labels.index(gesture)]
+
+
+def pick_crop_target(
+    record: HagridRecord, rng: np.random.Generator, no_gesture_prob: float
+) -> tuple[Box, str]:
+    """(box, label name) to crop: a free no_gesture hand with probability no_gesture_prob.
+
+    Records without a gesture always give a no_gesture hand; records without a free hand
+    always give the gesture. Pass no_gesture_prob=0 at evaluation.
+    """
+    free = [b for b, label in zip(record.boxes, record.labels) if label == NO_GESTURE]
+    gesture = _gesture(record)
+    if free and (gesture is None or rng.random() < no_gesture_prob):
+        return free[int(rng.integers(len(free)))], NO_GESTURE
+    return gesture_box(record), gesture
