@@ -12,7 +12,7 @@ import ml_collections
 
 from gmae_jax.models.presets import MASK_MODES, PRESETS, GMSTConfig
 
-STAGES = ("pretrain", "finetune", "evaluate", "demo")
+STAGES = ("pretrain", "finetune", "evaluate", "demo", "prepare")
 
 
 class ConfigError(ValueError):
@@ -95,6 +95,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _check(bool(config.checkpoint_dir),
                "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a pretrain or "
                "finetune run")
+        return
+    if config.stage == "prepare":  # no model; gmae_jax.data.prepare checks its own fields
         return
     validate_model(config.model)
     if config.stage == "pretrain":

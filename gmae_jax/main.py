@@ -9,18 +9,29 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import config_lib, demo, stages
+from gmae_jax import config_lib, demo, distributed, stages
+from gmae_jax.data import prepare
 from gmae_jax.data.class_folders import DataLayoutError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and pictures.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process JAX (see launch/README.md); without these flags one process uses all local devices.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0; with --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job, e.g. one per node.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Rank of this process in [0, num_processes).")
+_DISTRIBUTED_AUTO = flags.DEFINE_bool(
+    "distributed_auto", False, "Read the job layout from the environment (Cloud TPU pods, SLURM).")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None, "Split the CPU into this many devices (several CPU processes on one machine).")
 
 STAGE_FUNCTIONS = {
     "pretrain": stages.pretrain,
     "finetune": stages.finetune,
     "evaluate": stages.evaluate,
     "demo": demo.run,
+    "prepare": prepare.prepare,
 }
 
 
@@ -37,12 +48,15 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     try:
+        distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,
+                               num_cpu_devices=_NUM_CPU_DEVICES.value)
         config_lib.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
         STAGE_FUNCTIONS[config.stage](config, _WORKDIR.value)
-    except (config_lib.ConfigError, DataLayoutError) as error:
-        # A mistake in the config or the data folder: one line that says what to change, no trace.
+    except (config_lib.ConfigError, DataLayoutError, distributed.DistributedSetupError) as error:
+        # A mistake in the config, the data folder or the job flags: one line that says what to change.
         sys.exit(f"error: {error}")
 
 

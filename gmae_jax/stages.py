@@ -56,7 +56,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
-        for path in task.draw(state, first, outputs, workdir):
+        for path in task.draw(trainer.host_state(state), first, outputs, workdir):
             logging.info("wrote %s", path)
     logging.info("[evaluate] %s on %s/%s: %s", config.checkpoint_dir, run.data.root, run.data.eval_split,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))

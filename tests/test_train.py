@@ -47,6 +47,7 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_pretraining_loss_decreases_on_demo_data(pretrained):
     workdir, _, final = pretrained
     train = [r for r in read_metrics(workdir) if r["split"] == "train"]
@@ -93,6 +94,7 @@ def test_finetune_rejects_wrong_num_classes(demo_root):
         tasks.finetune_task(stage_config("finetune", demo_root, num_classes=18))
 
 
+@pytest.mark.slow
 def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained, demo_root, tmp_path):
     workdir, _, _ = pretrained
     finetune_dir, eval_dir = str(tmp_path / "finetune"), str(tmp_path / "eval")
@@ -109,6 +111,7 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     assert os.path.exists(os.path.join(eval_dir, "eval_metrics.json"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_straight_run(demo_root, tmp_path, monkeypatch):
     overrides = dict(total_steps=6, checkpoint_every=3, log_every=1, eval_every=0)
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")

@@ -1,21 +1,24 @@
-"""grain input pipelines from `Example`s to per-process host batches of numpy arrays.
+"""grain input pipelines from a `sources.Source` (or a list of `Example`s) to per-process host
+batches of numpy arrays.
 
 Everything random is keyed by (seed, global element index), so batches do not depend on the
-number of workers and an iterator restored from `get_state()` continues exactly.
+number of workers and an iterator restored from `get_state()` continues exactly. Elements are
+indices into the source, so an unreadable image can be replaced by the next one.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import math
+from typing import Any
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
 
-from gmae_jax.data import transforms
+from gmae_jax.data import sources, transforms, views
 from gmae_jax.data.class_folders import Example
 
-_EVAL_CROP_FRACTION = 0.875
 # grain's default reads 500 elements ahead per process; our elements are whole batches, so
 # that would hold hundreds of batches in memory in every worker. Two in flight keep the
 # consumer fed; workers (num_workers) are where the real parallelism comes from.
@@ -34,56 +37,77 @@ class AugmentConfig:
     hue: float = 0.1
 
 
-@dataclasses.dataclass(frozen=True)
-class _TrainLoad:
-    """Decode, augment, normalise one example; a picklable callable for grain workers."""
-
-    image_size: int
-    crop_scale_min: float
-    hflip: bool
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-
-    def __call__(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        # Decode at a reduced JPEG scale that still leaves the smallest crop at full resolution.
-        draft = math.ceil(self.image_size / math.sqrt(self.crop_scale_min))
-        img = transforms.decode_rgb(example.path, draft_size=draft)
-        img = transforms.random_resized_crop(
-            img, self.image_size, rng, scale=(self.crop_scale_min, 1.0)
-        )
-        if self.hflip:
-            img = transforms.horizontal_flip(img, rng)
-        img = transforms.color_jitter(
-            img, rng, self.brightness, self.contrast, self.saturation, self.hue
-        )
-        return {"image": transforms.normalize(img), "label": np.int32(example.label)}
+class BadImageBudgetError(transforms.ImageDecodeError):
+    """More unreadable images than config.data.max_bad_images; the message names the last one."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _EvalLoad:
-    """Centre view of example `index`, or a zero image with valid=0 past the end (padding)."""
+class _Loader:
+    """Applies a view to source[index], counting unreadable images against the source's budget.
 
-    examples: tuple[Example, ...]
-    image_size: int
+    The set of bad files is per process (each grain worker has its own copy): the budget
+    bounds what any one loader tolerates, and replacements stay deterministic.
+    """
+
+    def __init__(self, source: sources.Source, view: views.ViewConfig):
+        self.source, self.view = source, view
+        self._bad: set[str] = set()
+
+    def _count_bad(self, error: transforms.ImageDecodeError, element: views.Element) -> None:
+        name = views.element_name(element)
+        if name not in self._bad:
+            self._bad.add(name)
+            logging.warning("Unreadable image %s (%d so far, config.data.max_bad_images=%d): %s",
+                            name, len(self._bad), self.source.max_bad_images, error)
+        if len(self._bad) > self.source.max_bad_images:
+            raise BadImageBudgetError(
+                f"{len(self._bad)} unreadable images exceed config.data.max_bad_images="
+                f"{self.source.max_bad_images}; last: {error}. Run the prepare stage to find "
+                "and drop them, or raise the budget.") from error
+
+    def replacing(self, index: int, view_fn: Callable[[views.Element], Any]) -> Any:
+        """view_fn(source[index]), or of the next readable element if that one is unreadable."""
+        n = len(self.source)
+        for step in range(n):
+            element = self.source[(index + step) % n]
+            try:
+                return view_fn(element)
+            except transforms.ImageDecodeError as e:
+                self._count_bad(e, element)
+        raise BadImageBudgetError(f"None of the {n} images decodes; e.g. {self._bad and min(self._bad)}.")
+
+    def skipping(self, index: int, view_fn: Callable[[views.Element], Any]) -> Any | None:
+        """view_fn(source[index]), or None (counted) if it is unreadable."""
+        element = self.source[index]
+        try:
+            return view_fn(element)
+        except transforms.ImageDecodeError as e:
+            self._count_bad(e, element)
+            return None
+
+
+class _TrainLoad(_Loader):
+    """Augmented view of source[index]; a picklable random_map callable for grain workers."""
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image, label = self.replacing(index, lambda e: views.train_view(e, self.view, rng))
+        return {"image": image, "label": np.int32(label)}
+
+
+class _EvalLoad(_Loader):
+    """Evaluation view of source[index]; valid=0 with a zero image past the end (padding) or for
+    an unreadable image, so it is left out of the metrics instead of counted twice."""
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        if index >= len(self.examples):
+        result = None
+        if index < len(self.source):
+            result = self.skipping(index, lambda e: views.eval_view(e, self.view, index))
+        if result is None:
             return {
-                "image": np.zeros((self.image_size, self.image_size, 3), np.float32),
+                "image": np.zeros((self.view.image_size, self.view.image_size, 3), np.float32),
                 "label": np.int32(0),
                 "valid": np.float32(0),
             }
-        example = self.examples[index]
-        draft = math.ceil(self.image_size / _EVAL_CROP_FRACTION)
-        img = transforms.decode_rgb(example.path, draft_size=draft)
-        img = transforms.resize_center_crop(img, self.image_size, _EVAL_CROP_FRACTION)
-        return {
-            "image": transforms.normalize(img),
-            "label": np.int32(example.label),
-            "valid": np.float32(1),
-        }
+        return {"image": result[0], "label": np.int32(result[1]), "valid": np.float32(1)}
 
 
 def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -103,7 +127,7 @@ def _to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDatase
 
 
 def make_train_dataset(
-    examples: Sequence[Example],
+    examples: sources.Source | Sequence[Example],
     *,
     image_size: int,
     global_batch_size: int,
@@ -115,21 +139,19 @@ def make_train_dataset(
 ) -> grain.IterDataset:
     """Infinite, reshuffled-each-epoch augmented batches of this process's share.
 
-    `aug` is an `AugmentConfig` or anything with the same attributes (a ConfigDict).
+    `examples` is a Source (any layout) or a list of class-folder Examples; `aug` is an
+    `AugmentConfig` or anything with the same attributes (a ConfigDict).
     Yields {'image': float32 (B, H, W, 3), 'label': int32 (B,)} with
     B = global_batch_size // process_count.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_count)
-    load = _TrainLoad(
-        image_size=image_size,
-        crop_scale_min=aug.crop_scale_min,
-        hflip=aug.hflip,
-        brightness=aug.brightness,
-        contrast=aug.contrast,
-        saturation=aug.saturation,
-        hue=aug.hue,
-    )
-    ds = grain.MapDataset.source(list(examples)).shuffle(seed=seed).repeat()
+    source = sources.as_source(examples)
+    view = dataclasses.replace(
+        source.view, image_size=image_size, crop_scale_min=aug.crop_scale_min, hflip=aug.hflip,
+        brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
+    )  # fmt: skip
+    load = _TrainLoad(source, view)
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
     # Augment before slicing: the random stream is keyed by the global index, so an example
     # gets the same augmentation whatever the process count (the map is lazy either way).
     ds = ds.random_map(load, seed=seed)
@@ -144,7 +166,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 
 
 def make_eval_dataset(
-    examples: Sequence[Example],
+    examples: sources.Source | Sequence[Example],
     *,
     image_size: int,
     global_batch_size: int,
@@ -158,8 +180,9 @@ def make_eval_dataset(
     of {'image', 'label', 'valid'}, so multi-host evaluation stays in lockstep.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_count)
-    padded = num_eval_batches(len(examples), global_batch_size) * global_batch_size
+    source = sources.as_source(examples)
+    padded = num_eval_batches(len(source), global_batch_size) * global_batch_size
     ds = grain.MapDataset.range(padded)[process_index::process_count]
-    ds = ds.map(_EvalLoad(examples=tuple(examples), image_size=image_size))
+    ds = ds.map(_EvalLoad(source, dataclasses.replace(source.view, image_size=image_size)))
     ds = ds.batch(batch_size, drop_remainder=True)
     return _to_iter_dataset(ds, num_workers)

@@ -63,6 +63,10 @@ def restore_params(directory: str) -> dict[str, Any]:
             f"No checkpoint found in {directory}. Point config.init_from at the 'checkpoints' folder "
             "of a pretraining workdir (e.g. WORKDIR/checkpoints)."
         )
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # The saved shardings name the devices of the saving run; on another topology (a pod's
+    # checkpoint fine-tuned on one GPU) the arrays land on this process's first device instead.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=local)))
     state = restored["state"]
     return {"params": state["params"], "batch_stats": state["batch_stats"], "step": step}

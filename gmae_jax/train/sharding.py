@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -34,6 +35,12 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     """Assembles each process's slice of the batch into one global array sharded on `data`."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a batch-sharded array as numpy on every process (`device_get` refuses arrays
+    that span other processes' devices)."""
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, state: Any) -> Callable:

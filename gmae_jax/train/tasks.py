@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from gmae_jax import config_lib, visualize
-from gmae_jax.data import class_folders
+from gmae_jax.data import class_folders, sources
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.masking import sample_mask
 from gmae_jax.models.presets import model_config
@@ -41,14 +41,9 @@ class Task:
     class_names: list[str]
 
 
-def _scan(config: ml_collections.ConfigDict) -> tuple[list[str], list, list]:
-    root = config.data.root
-    class_names = class_folders.list_classes(root, config.data.train_split)
-    train = class_folders.scan_split(root, config.data.train_split)
-    evaluation = class_folders.scan_split(root, config.data.eval_split, class_names)
-    logging.info("data %s: %d classes, %d train / %d %s images", root, len(class_names), len(train),
-                 len(evaluation), config.data.eval_split)
-    return class_names, train, evaluation
+def _scan(config: ml_collections.ConfigDict) -> tuple[list[str], sources.Source, sources.Source]:
+    """Class names and the train / eval sources of `config.data` (class folders, HaGRID or shards)."""
+    return sources.open_sources(config.data)
 
 
 def _image_input(config: ml_collections.ConfigDict) -> jax.Array:

@@ -59,6 +59,12 @@ def create_state(
     return jax.jit(init, out_shardings=state_sharding)(rng), schedule
 
 
+def host_state(state: steps.TrainState) -> steps.TrainState:
+    """`state` with parameters and BatchNorm statistics copied to numpy, for work that process 0
+    does alone (pictures): a jit on arrays that span all hosts would wait for the other processes."""
+    return state.replace(params=jax.device_get(state.params), batch_stats=jax.device_get(state.batch_stats))
+
+
 def evaluate(task: Task, eval_step, state, examples, config, mesh) -> tuple[dict[str, float], dict, dict]:
     """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch)."""
     dataset = pipeline.make_eval_dataset(
@@ -77,8 +83,8 @@ def evaluate(task: Task, eval_step, state, examples, config, mesh) -> tuple[dict
                 sums[key] = sums.get(key, 0.0) + float(value)
             else:
                 outputs.setdefault(key, []).append(np.asarray(value))
-        outputs["label"].append(np.asarray(jax.device_get(batch["label"])))
-        outputs["valid"].append(np.asarray(jax.device_get(batch["valid"])))
+        outputs["label"].append(sharding.to_host(batch["label"]))
+        outputs["valid"].append(sharding.to_host(batch["valid"]))
     stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
     keep = stacked.pop("valid") > 0
     stacked = {k: v[keep] for k, v in stacked.items()}
@@ -146,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
                          ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
             writer.write({"step": step, "split": config.data.eval_split, **eval_metrics})
             if is_last and jax.process_index() == 0:
-                for path in task.draw(state, first, outputs, workdir):
+                for path in task.draw(host_state(state), first, outputs, workdir):
                     logging.info("wrote %s", path)
         if must_save:
             checkpoint.save(manager, step, state, train_iter)

@@ -1,0 +1,39 @@
+"""Corpus preparation: a raw HaGRID tree -> checked, de-duplicated, user-split ArrayRecord shards.
+
+  python -m gmae_jax.main --config=configs/prepare.py --workdir=data/hagrid_prepared \
+      --config.data.root=/data/hagrid
+
+Then train with --config.data.root=data/hagrid_prepared/pretrain (or .../finetune). Splits keep
+every person on one side: pretrain / fine-tune 70 / 30 as the original, then train / val in each.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg  # no variants
+    config = ml_collections.ConfigDict()
+    config.stage = "prepare"
+    config.seed = 0  # decides the user splits
+
+    config.data = ml_collections.ConfigDict()
+    config.data.root = "data/hagrid"  # a HaGRID v1 or v2 tree as distributed
+    config.data.layout = "auto"  # or force 'hagrid_v1' / 'hagrid_v2'
+
+    config.corpora = ml_collections.ConfigDict(dict(pretrain=0.7, finetune=0.3))  # by user
+    # Within each corpus, by user; add e.g. test=0.1 (and lower the others) for a test split.
+    config.splits = ml_collections.ConfigDict(dict(train=0.9, val=0.1))
+
+    # 'full_frame': frames with shorter side image_side (train with data.mode full_frame or
+    # hand_crop); 'hand_crop': crop_size squares around the gesture box at crop_scale_max, so
+    # every training crop (scale 1..crop_scale_max) fits inside (train with data.mode hand_crop).
+    config.view = "full_frame"
+    config.image_side = 256
+    config.crop_size = 320
+    config.crop_scale_max = 2.0  # keep equal to the training config.data.crop_scale_max
+    config.jpeg_quality = 90
+
+    config.records_per_shard = 1000  # ~30-60 MB shards at 256 px
+    config.num_workers = 0  # processes for decoding and writing; 0 = all cores
+    config.class_folders = False  # also write class_folders/{pretrain,finetune}_dataset/<split>/<class>/
+    return config

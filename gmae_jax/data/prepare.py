@@ -1,0 +1,251 @@
+"""The prepare stage: a raw HaGRID tree -> checked, de-duplicated, user-split ArrayRecord corpora.
+
+  python -m gmae_jax.main --config=configs/prepare.py --workdir=data/hagrid_prepared \
+      --config.data.root=/data/hagrid
+
+Writes `<workdir>/{pretrain,finetune}/<split>/*.array_record` with an `index.json` per corpus
+(what `config.data.layout='prepared'` reads), `<workdir>/manifest.json` (counts per class and
+split, the class list, every skipped file and why) and optionally the original's class folders.
+Every step that decodes runs on all cores; a killed run resumes without redoing finished
+shards (each is written under a temporary name and renamed when complete) or checked images.
+"""
+
+import collections
+from collections.abc import Iterable, Sequence
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+from typing import Any
+
+from absl import logging
+from array_record.python import array_record_module
+from etils import epath
+import ml_collections
+from PIL import Image
+import tqdm
+
+from gmae_jax.data import crops, hagrid, records, splits, transforms
+from gmae_jax.data.class_folders import DataLayoutError
+from gmae_jax.data.sources import INDEX_FILE
+
+VIEWS = ("full_frame", "hand_crop")
+_CHECKED = "checked.jsonl"  # one line per decode-checked image: resuming skips them
+_PLAN = "plan.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreView:
+    """What a shard stores per image: a frame with shorter side `image_side`, or a `crop_size`
+    square around the gesture box at `crop_scale_max` (every training crop fits inside)."""
+
+    view: str = "full_frame"
+    image_side: int = 256
+    crop_size: int = 320
+    crop_scale_max: float = 2.0
+    jpeg_quality: int = 90
+
+
+def _check(path: str) -> tuple[str, str | None, str | None]:
+    """(path, sha256 of the file, None) or (path, None, why it does not decode)."""
+    try:
+        data = epath.Path(path).read_bytes()
+        transforms.decode_rgb(data)  # a full decode: the only way to catch truncated JPEGs
+    except (OSError, transforms.ImageDecodeError) as e:
+        return path, None, str(e).replace("<bytes>", path)
+    return path, hashlib.sha256(data).hexdigest(), None
+
+
+def _relative_box(box: hagrid.Box, left: int, top: int, side: int, w: int, h: int) -> hagrid.Box | None:
+    x0, y0 = (box[0] * w - left) / side, (box[1] * h - top) / side
+    x1, y1 = x0 + box[2] * w / side, y0 + box[3] * h / side
+    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in (x0, y0, x1, y1))
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+
+
+def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.HagridRecord, bytes]:
+    """The record (boxes relative to the stored image) and the JPEG bytes a shard keeps for it."""
+    if store.view == "full_frame":
+        img = transforms.decode_rgb(record.path, draft_size=store.image_side)
+        scale = store.image_side / min(img.size)
+        if scale < 1:  # never upscale: a small source stays small
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BILINEAR)
+    else:
+        box = crops.gesture_box(record)
+        draft = math.ceil(store.crop_size / (max(box[2], box[3]) * store.crop_scale_max))
+        full = transforms.decode_rgb(record.path, draft_size=draft)
+        left, top, side = crops.hand_crop_box(box, *full.size, store.crop_scale_max)
+        img = crops.crop_square(full, left, top, side, store.crop_size)
+        moved = [(_relative_box(b, left, top, side, *full.size), l)
+                 for b, l in zip(record.boxes, record.labels)]
+        kept = [(b, l) for b, l in moved if b is not None]
+        united = record.united_box and _relative_box(record.united_box, left, top, side, *full.size)
+        boxes, labels = (tuple(c) for c in zip(*kept))  # the gesture box is inside: never empty
+        record = dataclasses.replace(record, boxes=boxes, labels=labels, united_box=united)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=store.jpeg_quality)
+    return record, out.getvalue()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardTask:
+    path: str  # final shard path; written to path + '.tmp' first
+    records: tuple[hagrid.HagridRecord, ...]
+    store: StoreView
+    folders_dir: str  # '' or <workdir>/class_folders/<corpus>_dataset/<split>
+
+
+def _write_shard(task: _ShardTask) -> str:
+    """Writes one shard (and its class-folder copies); the rename makes it count as done."""
+    tmp = task.path + ".tmp"
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for record in task.records:
+        stored, jpeg = store_image(record, task.store)
+        writer.write(records.encode(stored, jpeg))
+        if task.folders_dir:
+            folder = epath.Path(task.folders_dir) / hagrid.gesture_name(record)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{record.image_id}.jpg").write_bytes(jpeg)
+    writer.close()
+    os.replace(tmp, task.path)
+    return task.path
+
+
+def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
+    """fn over items on `num_workers` processes (1: inline), in completion order, with a bar."""
+    bar = dict(total=len(items), desc=desc, unit=" items", mininterval=2.0)
+    if num_workers == 1 or len(items) <= 1:
+        yield from tqdm.tqdm(map(fn, items), **bar)
+        return
+    # spawn, not fork: the parent may hold JAX's threads, which a fork would copy mid-flight.
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+        yield from tqdm.tqdm(pool.imap_unordered(fn, items, chunksize=1), **bar)
+
+
+def _read(
+    data: ml_collections.ConfigDict,
+) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
+    root = str(data.root)
+    layout = hagrid.detect_layout(root) if data.get("layout", "auto") == "auto" else data.layout
+    if layout == "hagrid_v2":
+        recs, report = hagrid.read_hagrid_v2(root)
+        return recs, list(hagrid.HAGRID_V2_CLASSES), report
+    if layout == "hagrid_v1":
+        recs, report = hagrid.read_hagrid_v1(root, "ann_train_val")
+        if (epath.Path(root) / "ann_test").is_dir():
+            test, test_report = hagrid.read_hagrid_v1(root, "ann_test")
+            recs += test
+            for reason, names in test_report.skipped.items():
+                report.skipped.setdefault(reason, []).extend(names)
+        return recs, list(hagrid.HAGRID_V1_CLASSES), report
+    raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
+                          "and needs HaGRID v1 or v2 annotations (user_id).")
+
+
+def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_workers: int) -> dict:
+    """path -> (sha256, error) for every image, reusing the results of an interrupted run."""
+    log = workdir / _CHECKED
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if line.strip():  # the last line of a killed run may be cut: json fails, redo it
+                try:
+                    path, digest, error = json.loads(line)
+                    done[path] = (digest, error)
+                except json.JSONDecodeError:
+                    pass
+    todo = sorted({r.path for r in records_} - done.keys())
+    with log.open("a") as f:
+        for path, digest, error in _parallel(_check, todo, num_workers, "decode-check"):
+            f.write(json.dumps([path, digest, error]) + "\n")
+            done[path] = (digest, error)
+    return done
+
+
+def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str], list]:
+    corpora = splits.split_by_user(recs, dict(config.corpora), config.seed, hagrid.gesture_name)
+    parts = {}
+    for i, (corpus, part) in enumerate(sorted(corpora.items())):
+        by_split = splits.split_by_user(
+            part, dict(config.splits), config.seed + 1 + i, hagrid.gesture_name)
+        parts |= {(corpus, s): [dataclasses.replace(r, split=s) for r in rs]
+                  for s, rs in by_split.items()}
+    splits.assert_user_disjoint({f"{c}/{s}": rs for (c, s), rs in parts.items()})
+    return parts
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs the stage; returns the manifest it writes (see the module docstring)."""
+    out = epath.Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.view not in VIEWS:
+        raise DataLayoutError(f"config.view={config.view!r} must be one of {VIEWS}.")
+    num_workers = config.num_workers or os.cpu_count() or 1
+    store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
+                      config.jpeg_quality)
+    recs, class_names, report = _read(config.data)
+    skipped = {k: list(v) for k, v in report.skipped.items()}
+    unlabelled = [r for r in recs if hagrid.gesture_label(r, class_names) is None]
+    skipped["no_gesture_label"] = [r.path for r in unlabelled]
+    recs = [r for r in recs if hagrid.gesture_label(r, class_names) is not None]
+
+    checked = _checked(recs, out, num_workers)
+    skipped["undecodable"] = [f"{r.path}: {checked[r.path][1]}" for r in recs if checked[r.path][1]]
+    first_of: dict[str, str] = {}
+    kept = []
+    for r in sorted((r for r in recs if not checked[r.path][1]), key=lambda r: r.path):
+        original = first_of.setdefault(checked[r.path][0], r.path)
+        if original == r.path:
+            kept.append(r)
+        else:
+            skipped.setdefault("duplicate", []).append(f"{r.path}: same bytes as {original}")
+
+    parts = _split(kept, config)
+    tasks = []
+    for (corpus, split), rs in sorted(parts.items()):
+        folder = out / corpus / split
+        folder.mkdir(parents=True, exist_ok=True)
+        count = math.ceil(len(rs) / config.records_per_shard)
+        folders = out / "class_folders" / f"{corpus}_dataset" / split
+        folders_dir = str(folders) if config.class_folders else ""
+        for i in range(count):
+            chunk = tuple(rs[i * config.records_per_shard : (i + 1) * config.records_per_shard])
+            path = folder / f"{split}-{i:05d}-of-{count:05d}{records.SHARD_SUFFIX}"
+            tasks.append(_ShardTask(str(path), chunk, store, folders_dir))
+
+    plan_items = [dataclasses.asdict(store)] + [[t.path, [r.path for r in t.records]] for t in tasks]
+    plan = hashlib.sha256(json.dumps(plan_items).encode()).hexdigest()
+    plan_file = out / _PLAN
+    if plan_file.exists() and json.loads(plan_file.read_text())["plan"] != plan:
+        raise DataLayoutError(f"{out} holds shards of a different preparation (other data or "
+                              "settings); use an empty --workdir or delete it.")
+    plan_file.write_text(json.dumps({"plan": plan}))
+    todo = [t for t in tasks if not epath.Path(t.path).exists()]
+    logging.info("%d of %d shards already written; writing %d",
+                 len(tasks) - len(todo), len(tasks), len(todo))
+    for _ in _parallel(_write_shard, todo, num_workers, "shards"):
+        pass
+
+    manifest = {"source": str(config.data.root), "view": dataclasses.asdict(store),
+                "class_names": class_names, "counts": {}, "shards": sorted(os.path.relpath(t.path, out) for t in tasks),
+                "skipped": {k: v for k, v in skipped.items() if v},
+                "repaired": {k: len(v) for k, v in report.repaired.items()}}
+    for corpus in sorted({c for c, _ in parts}):
+        index = {"class_names": class_names, "view": store.view, "splits": {}}
+        for (c, split), rs in sorted(parts.items()):
+            if c == corpus:
+                prefix = str(out / corpus / split) + os.sep
+                shards = [os.path.relpath(t.path, out / corpus) for t in tasks if t.path.startswith(prefix)]
+                index["splits"][split] = {"shards": shards, "count": len(rs)}
+                manifest["counts"][f"{corpus}/{split}"] = dict(sorted(collections.Counter(
+                    hagrid.gesture_name(r) for r in rs).items()))
+        (out / corpus / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    logging.info("prepared %s: %s; skipped %s", out,
+                 {k: sum(v.values()) for k, v in manifest["counts"].items()},
+                 {k: len(v) for k, v in manifest["skipped"].items()})
+    return manifest

@@ -1,0 +1,69 @@
+"""The prepared-corpus record: one HaGRID record's metadata and its pre-resized JPEG in one blob.
+
+Layout: b'GMR1', uint32 little-endian metadata length, metadata JSON (the HagridRecord fields,
+boxes relative to the stored image), JPEG bytes. One self-contained blob per ArrayRecord entry
+keeps random access a single read, and needs nothing beyond the standard library to parse.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import struct
+
+from etils import epath
+import grain
+
+from gmae_jax.data.hagrid import HagridRecord
+
+_MAGIC = b"GMR1"
+_HEADER = struct.Struct("<4sI")
+SHARD_SUFFIX = ".array_record"
+
+
+class RecordFormatError(ValueError):
+    """A blob is not a prepared record (wrong magic or truncated)."""
+
+
+def encode(record: HagridRecord, image: bytes) -> bytes:
+    """Serialises a record and its encoded image into one blob."""
+    meta = json.dumps(dataclasses.asdict(record), separators=(",", ":")).encode()
+    return _HEADER.pack(_MAGIC, len(meta)) + meta + image
+
+
+def _box(value) -> tuple[float, float, float, float] | None:
+    return None if value is None else tuple(float(v) for v in value)
+
+
+def decode(blob: bytes) -> tuple[HagridRecord, bytes]:
+    """(record, JPEG bytes) of a blob written by `encode`."""
+    if len(blob) < _HEADER.size:
+        raise RecordFormatError(f"record of {len(blob)} bytes is shorter than its header")
+    magic, size = _HEADER.unpack_from(blob)
+    if magic != _MAGIC or len(blob) < _HEADER.size + size:
+        raise RecordFormatError("not a gmae_jax prepared record (bad magic or truncated)")
+    meta = json.loads(blob[_HEADER.size : _HEADER.size + size])
+    meta["boxes"] = tuple(_box(b) for b in meta["boxes"])
+    meta["labels"] = tuple(meta["labels"])
+    meta["united_box"] = _box(meta["united_box"])
+    return HagridRecord(**meta), blob[_HEADER.size + size :]
+
+
+class ShardReader:
+    """Random access to the records of a list of ArrayRecord shards, decoded to (record, JPEG).
+
+    Wraps grain's ArrayRecordDataSource (which pickles to workers by its paths) so a pipeline
+    element looks the same whether it came from a file tree or from shards.
+    """
+
+    def __init__(self, paths: Sequence[epath.PathLike]):
+        self.paths = [str(p) for p in paths]
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> tuple[HagridRecord, bytes]:
+        return decode(self._source[index])
+
+    def __repr__(self) -> str:
+        return f"ShardReader({len(self.paths)} shards, first {self.paths[:1]})"

@@ -1,0 +1,148 @@
+"""Where training records come from: class folders, raw HaGRID v1 / v2, or prepared shards.
+
+`open_sources(config.data)` detects (or takes) the layout under `config.data.root` and returns
+the class list and a `Source` per split. A Source is a random-access sequence of pipeline
+elements plus how they become pixels, so the grain pipeline is the same for every layout.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+from typing import Any
+
+from absl import logging
+from etils import epath
+import ml_collections
+
+from gmae_jax.data import class_folders, hagrid, records, splits
+from gmae_jax.data.class_folders import DataLayoutError, Example
+from gmae_jax.data.views import Element, ViewConfig
+
+LAYOUTS = ("auto", "class_folders", "hagrid_v1", "hagrid_v2", "prepared")
+MODES = ("full_frame", "hand_crop")
+INDEX_FILE = "index.json"  # written by the prepare stage into each corpus folder
+DEFAULT_MAX_BAD_IMAGES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One split: its records, how they are viewed, and how many unreadable images to tolerate.
+
+    `records` holds Examples, HagridRecords (read from their files) or a ShardReader; the
+    pipeline fills in image size and augmentation on `view`.
+    """
+
+    records: Sequence[Any]
+    view: ViewConfig = ViewConfig()
+    max_bad_images: int = DEFAULT_MAX_BAD_IMAGES
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Element:
+        item = self.records[index]
+        return (item, None) if isinstance(item, hagrid.HagridRecord) else item
+
+
+def detect_layout(root: epath.PathLike) -> str:
+    """'prepared' when root holds a prepare-stage index, else what `hagrid.detect_layout` says."""
+    if (epath.Path(root) / INDEX_FILE).exists():
+        return "prepared"
+    return hagrid.detect_layout(root)
+
+
+def _labelled(recs: Sequence[hagrid.HagridRecord], class_names: Sequence[str], where: str) -> list:
+    """Records with a gesture label; the others (only no_gesture hands outside the no_gesture
+    folder: an unannotated gesture) are dropped and counted, never guessed."""
+    kept = [r for r in recs if hagrid.gesture_label(r, class_names) is not None]
+    if dropped := len(recs) - len(kept):
+        logging.warning("%s: dropped %d images without a gesture label, e.g. %s", where, dropped,
+                        next(r.path for r in recs if hagrid.gesture_label(r, class_names) is None))
+    return kept
+
+
+def _hagrid_v2(root: str, wanted: Sequence[str]) -> dict[str, list]:
+    recs, _ = hagrid.read_hagrid_v2(root, splits=sorted(set(wanted)))
+    return {s: [r for r in recs if r.split == s] for s in wanted}
+
+
+def _hagrid_v1(root: str, wanted: Sequence[str], data: ml_collections.ConfigDict) -> dict[str, list]:
+    """v1 'test' is ann_test; 'train' / 'val' re-split ann_train_val by user, as the authors do."""
+    result = {}
+    if "test" in wanted:
+        result["test"] = hagrid.read_hagrid_v1(root, "ann_test")[0]
+    if set(wanted) - {"test"}:
+        if not set(wanted) - {"test"} <= {"train", "val"}:
+            raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
+        train_val = hagrid.read_hagrid_v1(root, "ann_train_val")[0]
+        val = data.get("v1_val_fraction", 0.2)
+        result |= splits.split_by_user(train_val, {"train": 1 - val, "val": val},
+                                       seed=data.get("split_seed", 0), stratify_by=hagrid.gesture_name)
+    return result
+
+
+def _prepared(root: epath.Path, wanted: Sequence[str], mode: str) -> tuple[list[str], dict]:
+    index = json.loads((root / INDEX_FILE).read_text())
+    if index["view"] == "hand_crop" and mode != "hand_crop":
+        raise DataLayoutError(
+            f"{root} holds hand crops; set --config.data.mode=hand_crop to train on them "
+            "(or prepare full frames with --config.view=full_frame).")
+    result = {}
+    for split in wanted:
+        if split not in index["splits"]:
+            raise DataLayoutError(f"{root} has no split {split!r}; it has {sorted(index['splits'])}.")
+        shards = [root / name for name in index["splits"][split]["shards"]]
+        if not shards:
+            raise DataLayoutError(f"Split {split!r} of {root} holds no images.")
+        result[split] = records.ShardReader(shards)
+    return index["class_names"], result
+
+
+def open_sources(data: ml_collections.ConfigDict) -> tuple[list[str], Source, Source]:
+    """(class names, train source, eval source) of `data.root`, per `data.layout` and `data.mode`.
+
+    Class-folder labels index the sorted folders; HaGRID labels index the fixed v1 / v2 class
+    lists, so a label means the same class in every run and checkpoint.
+    """
+    root, mode = str(data.root), data.get("mode", "full_frame")
+    layout = data.get("layout", "auto")
+    if layout not in LAYOUTS or mode not in MODES:
+        raise DataLayoutError(f"config.data.layout={layout!r} must be one of {LAYOUTS} and "
+                              f"config.data.mode={mode!r} one of {MODES}.")
+    layout = detect_layout(root) if layout == "auto" else layout
+    wanted = (data.train_split, data.eval_split)
+    budget = data.get("max_bad_images", DEFAULT_MAX_BAD_IMAGES)
+    if layout == "class_folders":
+        if mode == "hand_crop":
+            raise DataLayoutError(f"{root} holds class folders without hand boxes; "
+                                  "config.data.mode=hand_crop needs a HaGRID layout.")
+        class_names = class_folders.list_classes(root, data.train_split)
+        parts: dict[str, Sequence] = {
+            s: class_folders.scan_split(root, s, None if s == wanted[0] else class_names) for s in wanted
+        }
+        view = ViewConfig()  # the original G-MAE views
+    else:
+        if layout == "prepared":
+            class_names, parts = _prepared(epath.Path(root), wanted, mode)
+        elif layout == "hagrid_v2":
+            class_names = list(hagrid.HAGRID_V2_CLASSES)
+            parts = {s: _labelled(r, class_names, f"{root}:{s}") for s, r in _hagrid_v2(root, wanted).items()}
+        else:
+            class_names = list(hagrid.HAGRID_V1_CLASSES)
+            parts = {s: _labelled(r, class_names, f"{root}:{s}")
+                     for s, r in _hagrid_v1(root, wanted, data).items()}
+        view = ViewConfig(mode=mode, class_names=tuple(class_names),
+                          crop_scale_max=data.get("crop_scale_max", 2.0),
+                          no_gesture_prob=data.get("no_gesture_prob", 0.0))
+    for split, part in parts.items():
+        if not len(part):
+            raise DataLayoutError(f"Split {split!r} of {root} ({layout}) holds no usable images.")
+    logging.info("data %s (%s, %s): %d classes, %d %s / %d %s images", root, layout, view.mode,
+                 len(class_names), len(parts[wanted[0]]), wanted[0], len(parts[wanted[1]]), wanted[1])
+    return (list(class_names), Source(parts[wanted[0]], view, budget),
+            Source(parts[wanted[1]], view, budget))
+
+
+def as_source(examples: Source | Sequence[Example]) -> Source:
+    """A Source as is; a plain list of class-folder Examples with the original views."""
+    return examples if isinstance(examples, Source) else Source(list(examples))

@@ -1,0 +1,117 @@
+"""How one record becomes model pixels and a label, for training and evaluation.
+
+Three views: 'original' (the G-MAE class folders: random resized crop / resize + centre
+crop), 'full_frame' (letterboxed HaGRID frame) and 'hand_crop' (square around the gesture
+box). Pure functions of (record, image bytes or path, rng), so grain workers agree on every
+pixel whatever their number.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+from gmae_jax.data import crops, transforms
+from gmae_jax.data.class_folders import Example
+from gmae_jax.data.hagrid import HagridRecord, gesture_label
+
+VIEWS = ("original", "full_frame", "hand_crop")
+EVAL_CROP_FRACTION = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """Everything a view needs besides the record; picklable for grain workers."""
+
+    mode: str = "original"
+    image_size: int = 224
+    class_names: tuple[str, ...] = ()
+    crop_scale_min: float = 0.35  # random resized crop (original, full_frame)
+    hflip: bool = True
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    crop_scale_max: float = 2.0  # hand_crop: training scale ~ U(1, crop_scale_max)
+    no_gesture_prob: float = 0.0  # hand_crop: chance of cropping a free no_gesture hand
+
+    def __post_init__(self):
+        if self.mode not in VIEWS:
+            raise ValueError(f"view mode {self.mode!r} is not one of {VIEWS}.")
+
+
+# An element as the pipeline fetches it: a class-folder Example, or a HaGRID record with its
+# image bytes (prepared shards) or None (read the file at record.path).
+Element = Example | tuple[HagridRecord, bytes | None]
+
+
+def element_name(element: Element) -> str:
+    """The file an element came from, for error messages."""
+    return element.path if isinstance(element, Example) else element[0].path
+
+
+def _decode(element: Element, draft_size: int) -> Image.Image:
+    source = element.path if isinstance(element, Example) else (element[1] or element[0].path)
+    try:
+        return transforms.decode_rgb(source, draft_size=draft_size)
+    except transforms.ImageDecodeError as e:
+        # Bytes from a shard decode as "<bytes>"; name the record's original file instead.
+        raise transforms.ImageDecodeError(f"Cannot decode image {element_name(element)}: {e}") from e
+
+
+def _hand_crop(
+    element: Element, view: ViewConfig, rng: np.random.Generator, train: bool
+) -> tuple[Image.Image, int]:
+    record = element[0]
+    box, name = crops.pick_crop_target(record, rng, view.no_gesture_prob if train else 0.0)
+    scale = crops.sample_crop_scale(rng, 1.0, view.crop_scale_max) if train else crops.EVAL_CROP_SCALE
+    # The crop's side is >= max(w, h) * scale * the shorter image side, so decoding at this
+    # draft size keeps the crop at full output resolution.
+    draft = math.ceil(view.image_size / max(max(box[2], box[3]) * scale, 1e-3))
+    img = _decode(element, draft)
+    left, top, side = crops.hand_crop_box(box, *img.size, scale)
+    return crops.crop_square(img, left, top, side, view.image_size), view.class_names.index(name)
+
+
+def _label(element: Element, view: ViewConfig) -> int:
+    if isinstance(element, Example):
+        return element.label
+    label = gesture_label(element[0], view.class_names)
+    if label is None:  # sources drop these when scanning; reaching here is a bug, not bad data
+        raise ValueError(f"{element_name(element)} has no gesture label in {view.class_names}.")
+    return label
+
+
+def train_view(element: Element, view: ViewConfig, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Augmented, normalised (H, W, 3) float32 pixels and the label of one element."""
+    if view.mode == "hand_crop":
+        img, label = _hand_crop(element, view, rng, train=True)
+    else:
+        # Decode at a reduced JPEG scale that still leaves the smallest crop at full resolution.
+        draft = math.ceil(view.image_size / math.sqrt(view.crop_scale_min))
+        img, label = _decode(element, draft), _label(element, view)
+        if view.mode == "full_frame":
+            img = crops.letterbox(img, draft)
+        img = transforms.random_resized_crop(
+            img, view.image_size, rng, scale=(view.crop_scale_min, 1.0)
+        )
+    if view.hflip:
+        img = transforms.horizontal_flip(img, rng)
+    img = transforms.color_jitter(img, rng, view.brightness, view.contrast, view.saturation, view.hue)
+    return transforms.normalize(img), label
+
+
+def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray, int]:
+    """Deterministic normalised pixels and label; `seed` only picks among equal free hands."""
+    if view.mode == "hand_crop":
+        img, label = _hand_crop(element, view, np.random.default_rng(seed), train=False)
+    elif view.mode == "full_frame":
+        img = crops.letterbox(_decode(element, view.image_size), view.image_size)
+        label = _label(element, view)
+    else:
+        img = _decode(element, math.ceil(view.image_size / EVAL_CROP_FRACTION))
+        img = transforms.resize_center_crop(img, view.image_size, EVAL_CROP_FRACTION)
+        label = _label(element, view)
+    return transforms.normalize(img), label
+

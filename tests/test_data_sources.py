@@ -1,0 +1,234 @@
+"""Specification of the data sources: raw HaGRID v1 / v2 through the grain pipeline.
+
+Labels are positions in the fixed HaGRID class lists, so a batch's labels say which classes it
+holds; user ids are in the file names (`<class>-<user>-<i>.jpg`).
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import hagrid_fixtures as fx
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from gmae_jax.data import crops, hagrid, pipeline, sources, splits, transforms
+from gmae_jax.data.class_folders import DataLayoutError
+
+flags.FLAGS.mark_as_parsed()
+
+SIZE = 16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V2 = hagrid.HAGRID_V2_CLASSES
+
+
+def data_config(root, **overrides):
+    config = ml_collections.ConfigDict(dict(
+        root=str(root), layout="auto", mode="full_frame", train_split="train", eval_split="val",
+        crop_scale_max=2.0, no_gesture_prob=0.0, v1_val_fraction=0.2, split_seed=0,
+        max_bad_images=100))  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def v2_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v2")
+    fx.make_tree(root, "v2", num_users=6, images_per_user=2)  # 2 users per split, 16 images each
+    return root
+
+
+def _train(source, num_workers=0, batch=4, **kwargs):
+    return pipeline.make_train_dataset(
+        source, image_size=SIZE, global_batch_size=batch, seed=0,
+        aug=pipeline.AugmentConfig(), num_workers=num_workers, **kwargs)  # fmt: skip
+
+
+def _take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_v2_splits_come_from_the_annotation_folders_and_labels_from_the_class_list(v2_root):
+    names, train, val = sources.open_sources(data_config(v2_root))
+
+    assert names == list(V2)
+    assert {r.user_id for r in train.records} == {"user000", "user003"}
+    assert {r.user_id for r in val.records} == {"user001", "user004"}
+    assert {r.class_folder for r in train.records} == {"call", "like", "hand_heart", "no_gesture"}
+
+
+def test_v2_batch_labels_name_the_folders_the_images_came_from(v2_root):
+    _, train, _ = sources.open_sources(data_config(v2_root))
+
+    batches = _take(iter(_train(train, batch=16)), 1)
+
+    assert sorted(batches[0]["label"]) == sorted(
+        V2.index(r.class_folder) for r in train.records)  # one epoch of 16
+
+
+def test_v1_train_val_is_a_user_split_of_train_val_and_test_is_ann_test(tmp_path):
+    fx.make_tree(tmp_path, "v1", classes=("call", "like"), num_users=20, images_per_user=1,
+                 splits=("ann_train_val",) * 4 + ("ann_test",))  # users 4, 9, 14, 19 are test
+    config = data_config(tmp_path, eval_split="test")
+    _, train, test = sources.open_sources(config)
+    _, _, val = sources.open_sources(data_config(tmp_path))
+
+    splits.assert_user_disjoint({"train": train.records, "val": val.records, "test": test.records})
+    assert {r.user_id for r in test.records} == {"user004", "user009", "user014", "user019"}
+    assert len({r.user_id for r in train.records} | {r.user_id for r in val.records}) == 16
+    assert len({r.user_id for r in val.records}) in (3, 4)  # 20 % of 16 users
+
+
+def test_forced_layout_that_does_not_match_names_the_folder(v2_root):
+    with pytest.raises(DataLayoutError, match=str(v2_root)):
+        sources.open_sources(data_config(v2_root, layout="hagrid_v1"))
+
+
+def test_hand_crop_needs_hagrid_boxes(tmp_path):
+    fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
+    fx.write_image(tmp_path / "val" / "palm" / "b.jpg")
+
+    with pytest.raises(DataLayoutError, match="hand_crop needs a HaGRID layout"):
+        sources.open_sources(data_config(tmp_path, mode="hand_crop"))
+
+
+def test_gesture_folder_image_with_only_no_gesture_is_dropped_not_guessed(tmp_path):
+    tree = fx.make_tree(tmp_path, "v2", num_users=3, images_per_user=1)
+    fx.inject_boxes(tree, "train", "like", "unlabelled", [[0.1, 0.1, 0.2, 0.2]], ["no_gesture"])
+
+    _, train, _ = sources.open_sources(data_config(tmp_path))
+
+    assert "unlabelled" not in {r.image_id for r in train.records}
+    assert len(train) == 4
+
+
+def test_full_frame_eval_is_letterboxed(v2_root):
+    _, _, val = sources.open_sources(data_config(v2_root))
+    wide = next(i for i, r in enumerate(val.records) if r.image_id.endswith("004-0"))  # 192x108
+
+    batch = next(iter(pipeline.make_eval_dataset(
+        sources.Source(val.records[wide : wide + 1], val.view), image_size=SIZE,
+        global_batch_size=1, num_workers=0)))  # fmt: skip
+
+    fill = transforms.normalize(Image.new("RGB", (1, 1), crops.FILL))[0, 0]
+    image = batch["image"][0]
+    np.testing.assert_allclose(image[0], np.broadcast_to(fill, (SIZE, 3)), atol=1e-6)  # top pad
+    assert not np.allclose(image[SIZE // 2], fill, atol=0.05)  # the frame in the middle
+
+
+def test_hand_crop_labels_follow_the_no_gesture_probability(v2_root):
+    config = data_config(v2_root, mode="hand_crop", no_gesture_prob=1.0)
+    _, train, _ = sources.open_sources(config)
+    with_free_hand = [r for r in train.records if "no_gesture" in r.labels]
+
+    labels = next(iter(_train(sources.Source(with_free_hand, train.view), batch=len(with_free_hand))))
+
+    assert set(labels["label"]) == {V2.index("no_gesture")}
+
+
+def test_hand_crop_eval_labels_are_the_gestures(v2_root):
+    _, _, val = sources.open_sources(data_config(v2_root, mode="hand_crop", no_gesture_prob=1.0))
+
+    batches = list(pipeline.make_eval_dataset(val, image_size=SIZE, global_batch_size=4,
+                                              num_workers=0))
+
+    labels = np.concatenate([b["label"] for b in batches])
+    assert sorted(labels) == sorted(V2.index(hagrid.gesture_name(r)) for r in val.records)
+
+
+@pytest.mark.parametrize("mode", ["full_frame", "hand_crop"])
+def test_raw_hagrid_batches_identical_for_0_and_2_workers(v2_root, mode):
+    _, train, _ = sources.open_sources(data_config(v2_root, mode=mode))
+
+    _assert_same(_take(iter(_train(train, 0)), 5), _take(iter(_train(train, 2)), 5))
+
+
+def test_raw_hagrid_resumes_exactly_mid_epoch(v2_root):
+    _, train, _ = sources.open_sources(data_config(v2_root, mode="hand_crop"))
+    iterator = iter(_train(train))
+    _take(iterator, 3)  # inside the first epoch of 4 batches
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+
+    resumed = iter(_train(train))
+    resumed.set_state(state)
+
+    _assert_same(_take(resumed, 3), expected)
+
+
+def test_two_processes_see_disjoint_slices_covering_an_epoch(v2_root):
+    _, train, _ = sources.open_sources(data_config(v2_root))
+    seen = []
+    for index in range(2):
+        batches = _take(iter(_train(train, batch=4, process_index=index, process_count=2)), 4)
+        seen.append([tuple(np.round(img[:2, :2].ravel(), 3)) for b in batches for img in b["image"]])
+
+    full = _take(iter(_train(train, batch=4)), 4)
+    everything = [tuple(np.round(img[:2, :2].ravel(), 3)) for b in full for img in b["image"]]
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(everything)
+
+
+def _with_bad_image(root):
+    tree = fx.make_tree(root, "v2", classes=("call", "like"), num_users=3, images_per_user=2)
+    return fx.inject_truncated_jpeg(tree, "train", "call")
+
+
+def test_unreadable_image_in_training_is_logged_and_replaced_by_the_next(tmp_path, caplog):
+    bad = _with_bad_image(tmp_path)
+    _, train, _ = sources.open_sources(data_config(tmp_path))
+
+    batch = next(iter(_train(train, batch=len(train))))
+
+    assert batch["image"].shape[0] == len(train) == 5
+    assert str(bad) in caplog.text and "Unreadable image" in caplog.text
+    bad_index = next(i for i, r in enumerate(train.records) if r.path == str(bad))
+    replacement = train.records[(bad_index + 1) % len(train)]
+    counts = np.bincount(batch["label"], minlength=len(V2))
+    assert counts[V2.index(replacement.class_folder)] == 1 + sum(
+        r.class_folder == replacement.class_folder for r in train.records if r.path != str(bad))
+
+
+def test_unreadable_images_beyond_the_budget_stop_training_naming_the_file(tmp_path):
+    bad = _with_bad_image(tmp_path)
+    _, train, _ = sources.open_sources(data_config(tmp_path, max_bad_images=0))
+
+    with pytest.raises(pipeline.BadImageBudgetError, match=f"max_bad_images=0.*{bad.name}"):
+        next(iter(_train(train, batch=len(train))))
+
+
+def test_unreadable_image_in_evaluation_is_left_out(tmp_path):
+    tree = fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=3, images_per_user=2)
+    fx.inject_truncated_jpeg(tree, "val", "like")
+    _, _, val = sources.open_sources(data_config(tmp_path))
+
+    batches = list(pipeline.make_eval_dataset(val, image_size=SIZE, global_batch_size=8,
+                                              num_workers=0))
+
+    assert np.concatenate([b["valid"] for b in batches]).sum() == len(val) - 1 == 4
+
+
+@pytest.mark.slow
+def test_pretraining_from_raw_hagrid_through_the_entry_point(v2_root, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gmae_jax.main", "--config=configs/pretrain.py:runlocal",
+         f"--workdir={tmp_path}", f"--config.data.root={v2_root}", "--config.total_steps=2",
+         "--config.model.img_size=32"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(hagrid_v2, full_frame): 34 classes, 16 train / 16 val" in result.stderr
+    assert "[pretrain] step 2/2" in result.stderr
+    assert json.loads((tmp_path / "classes.json").read_text()) == list(V2)

@@ -1,0 +1,268 @@
+"""Specification of the prepare stage and of training input read back from its ArrayRecord shards."""
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import hagrid_fixtures as fx
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from gmae_jax import config_lib
+from gmae_jax.data import class_folders, crops, hagrid, pipeline, prepare, records, sources, splits
+
+flags.FLAGS.mark_as_parsed()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+CLASSES = ("call", "like", "hand_heart", "no_gesture")
+NUM_USERS = 30
+SIZE = 16
+
+
+def prepare_config(root, **overrides):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "prepare")
+    config.data.root = str(root)
+    config.update(dict(image_side=48, crop_size=40, records_per_shard=8, num_workers=1))
+    config.update(overrides)
+    return config
+
+
+def data_config(root, **overrides):
+    config = ml_collections.ConfigDict(dict(
+        root=str(root), layout="auto", mode="full_frame", train_split="train", eval_split="val",
+        crop_scale_max=2.0, no_gesture_prob=0.0, max_bad_images=100))  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+def _tree(root):
+    """NUM_USERS people x every class, one image each, all in the v2 train annotations."""
+    return fx.make_tree(root, "v2", classes=CLASSES, num_users=NUM_USERS, images_per_user=1,
+                        splits=("train",))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A v2 tree with a truncated JPEG, a duplicate and a missing image, prepared on 2 processes."""
+    root = tmp_path_factory.mktemp("hagrid")
+    tree = _tree(root)
+    bad = fx.inject_truncated_jpeg(tree, "train", "like")
+    original = tree.image_path("call", "call-000-0")
+    copy = tree.add("train", "call", "zz-copy", fx.entry(["call"], user_id="user000"))
+    copy.write_bytes(original.read_bytes())
+    missing = fx.inject_missing_image(tree, "train", "like")
+    out = tmp_path_factory.mktemp("prepared")
+    manifest = prepare.prepare(prepare_config(root, num_workers=2, class_folders=True), str(out))
+    return out, manifest, {"bad": bad, "copy": copy, "missing": missing, "root": root}
+
+
+def _read_back(out):
+    """(corpus, split) -> records decoded from the shards."""
+    result = {}
+    for corpus in ("pretrain", "finetune"):
+        index = json.loads((out / corpus / sources.INDEX_FILE).read_text())
+        for split, entry in index["splits"].items():
+            reader = records.ShardReader([out / corpus / s for s in entry["shards"]])
+            result[(corpus, split)] = [reader[i][0] for i in range(len(reader))]
+    return result
+
+
+def test_prepared_corpora_are_user_disjoint_and_70_30(prepared):
+    out, manifest, _ = prepared
+    parts = _read_back(out)
+
+    splits.assert_user_disjoint({f"{c}/{s}": rs for (c, s), rs in parts.items()})
+    users = {c: {r.user_id for (cc, _), rs in parts.items() if cc == c for r in rs}
+             for c in ("pretrain", "finetune")}
+    assert len(users["pretrain"]) + len(users["finetune"]) == NUM_USERS
+    assert len(users["pretrain"]) / NUM_USERS == pytest.approx(0.7, abs=0.05)
+    for cls in CLASSES:  # stratified: each class near 70 / 30 too
+        n = {c: sum(manifest["counts"][f"{c}/{s}"].get(cls, 0) for s in ("train", "val"))
+             for c in ("pretrain", "finetune")}
+        assert n["pretrain"] / (n["pretrain"] + n["finetune"]) == pytest.approx(0.7, abs=0.1)
+
+
+def test_manifest_counts_match_the_shards_and_name_every_skip(prepared):
+    out, manifest, injected = prepared
+    parts = _read_back(out)
+
+    assert manifest["class_names"] == list(hagrid.HAGRID_V2_CLASSES)
+    for (corpus, split), rs in parts.items():
+        assert sum(manifest["counts"][f"{corpus}/{split}"].values()) == len(rs) > 0
+    assert sum(len(rs) for rs in parts.values()) == NUM_USERS * len(CLASSES)
+    assert str(injected["bad"]) in json.dumps(manifest["skipped"]["undecodable"])
+    assert str(injected["copy"]) in json.dumps(manifest["skipped"]["duplicate"])
+    assert str(injected["missing"]) in json.dumps(manifest["skipped"]["missing_image"])
+
+
+def test_stored_frames_have_the_shorter_side_and_the_original_boxes(prepared):
+    out, _, injected = prepared
+    index = json.loads((out / "finetune" / sources.INDEX_FILE).read_text())
+    reader = records.ShardReader([out / "finetune" / s for s in index["splits"]["train"]["shards"]])
+
+    record, jpeg = reader[0]
+    raw = {r.path: r for r in hagrid.read_hagrid_v2(injected["root"])[0]}
+
+    assert min(Image.open(io.BytesIO(jpeg)).size) == 48
+    assert record.boxes == raw[record.path].boxes and record.labels == raw[record.path].labels
+
+
+def test_original_class_folder_layout_is_written_and_scannable(prepared):
+    out, manifest, _ = prepared
+    root = out / "class_folders" / "finetune_dataset"
+
+    examples = class_folders.scan_split(str(root), "train")
+
+    assert len(examples) == sum(manifest["counts"]["finetune/train"].values())
+
+
+@pytest.fixture(scope="module")
+def shard_sources(prepared):
+    out, _, _ = prepared
+    return sources.open_sources(data_config(out / "pretrain"))
+
+
+def _train(source, num_workers=0, **kwargs):
+    return pipeline.make_train_dataset(
+        source, image_size=SIZE, global_batch_size=4, seed=0, aug=pipeline.AugmentConfig(),
+        num_workers=num_workers, **kwargs)  # fmt: skip
+
+
+def _take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_prepared_layout_is_detected_with_its_class_list(shard_sources, prepared):
+    names, train, val = shard_sources
+
+    assert names == list(hagrid.HAGRID_V2_CLASSES)
+    assert len(train) == sum(prepared[1]["counts"]["pretrain/train"].values())
+    assert len(val) == sum(prepared[1]["counts"]["pretrain/val"].values())
+
+
+def test_shard_batches_identical_for_0_and_2_workers(shard_sources):
+    _, train, _ = shard_sources
+
+    _assert_same(_take(iter(_train(train, 0)), 4), _take(iter(_train(train, 2)), 4))
+
+
+def test_shard_iterator_resumes_exactly_mid_epoch(shard_sources):
+    _, train, _ = shard_sources
+    iterator = iter(_train(train))
+    _take(iterator, 2)
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+
+    resumed = iter(_train(train))
+    resumed.set_state(state)
+
+    _assert_same(_take(resumed, 3), expected)
+
+
+def test_shard_eval_labels_match_the_manifest(shard_sources, prepared):
+    names, _, val = shard_sources
+
+    batches = list(pipeline.make_eval_dataset(val, image_size=SIZE, global_batch_size=4, num_workers=0))
+
+    labels = [names[l] for b in batches for l, v in zip(b["label"], b["valid"]) if v]
+    assert {c: labels.count(c) for c in set(labels)} == prepared[1]["counts"]["pretrain/val"]
+
+
+def test_hand_crop_shards_store_crops_and_need_hand_crop_mode(tmp_path):
+    _tree(tmp_path / "hagrid")
+    out = tmp_path / "crops"
+    prepare.prepare(prepare_config(tmp_path / "hagrid", view="hand_crop"), str(out))
+    index = json.loads((out / "pretrain" / sources.INDEX_FILE).read_text())
+    record, jpeg = records.ShardReader([out / "pretrain" / index["splits"]["train"]["shards"][0]])[0]
+
+    assert Image.open(io.BytesIO(jpeg)).size == (40, 40)
+    x, y, w, h = crops.gesture_box(record)
+    assert max(w, h) == pytest.approx(0.5, abs=0.06)  # the box is 1 / crop_scale_max of the crop
+    assert x + w / 2 == pytest.approx(0.5, abs=0.03) and y + h / 2 == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(class_folders.DataLayoutError, match="mode=hand_crop"):
+        sources.open_sources(data_config(out / "pretrain"))
+    _, train, _ = sources.open_sources(data_config(out / "pretrain", mode="hand_crop"))
+    assert next(iter(_train(train)))["image"].shape == (4, SIZE, SIZE, 3)
+
+
+def test_prepare_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, monkeypatch):
+    _tree(tmp_path / "hagrid")
+    out = tmp_path / "out"
+    config = prepare_config(tmp_path / "hagrid")
+    real_write, real_check = prepare._write_shard, prepare._check
+    written, checked = [], []
+
+    def dies_on_third_shard(task):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        written.append(task.path)
+        return real_write(task)
+
+    monkeypatch.setattr(prepare, "_write_shard", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(config, str(out))
+    first_mtimes = {p: os.stat(p).st_mtime_ns for p in written}
+
+    def counting_write(task):
+        written.append(task.path)
+        return real_write(task)
+
+    monkeypatch.setattr(prepare, "_write_shard", counting_write)
+    monkeypatch.setattr(prepare, "_check", lambda path: checked.append(path) or real_check(path))
+    manifest = prepare.prepare(config, str(out))
+
+    assert len(manifest["shards"]) == len(written) > 2
+    assert not set(first_mtimes) & set(written[2:])  # finished shards were not written again
+    assert {p: os.stat(p).st_mtime_ns for p in first_mtimes} == first_mtimes
+    assert checked == []  # every image was decode-checked before the kill
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
+    _tree(tmp_path / "hagrid")
+    prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
+
+    with pytest.raises(class_folders.DataLayoutError, match="different preparation"):
+        prepare.prepare(prepare_config(tmp_path / "hagrid", seed=7), str(tmp_path / "out"))
+
+
+def test_prepare_needs_user_ids(tmp_path):
+    fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
+
+    with pytest.raises(class_folders.DataLayoutError, match="splits by person"):
+        prepare.prepare(prepare_config(tmp_path), str(tmp_path / "out"))
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "gmae_jax.main", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_prepare_then_finetune_on_hand_crop_shards_through_the_entry_point(tmp_path):
+    _tree(tmp_path / "hagrid")
+    out = tmp_path / "prepared"
+    prepared = _main("--config=configs/prepare.py", f"--workdir={out}", "--config.view=hand_crop",
+                     f"--config.data.root={tmp_path / 'hagrid'}", "--config.num_workers=1")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+
+    result = _main("--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}",
+                   f"--config.data.root={out / 'finetune'}", "--config.data.mode=hand_crop",
+                   "--config.num_classes=34", "--config.total_steps=2", "--config.model.img_size=32")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(prepared, hand_crop): 34 classes" in result.stderr
+    assert "[finetune] step 2/2" in result.stderr and "accuracy" in result.stderr
