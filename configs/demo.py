@@ -17,13 +17,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Two disjoint sets, like the original's pretrain_dataset / finetune_dataset.
     config.dataset = ml_collections.ConfigDict(dict(
-        image_size=40, pretrain_train_per_class=160, pretrain_val_per_class=16,
-        finetune_train_per_class=120, finetune_val_per_class=40))
+        classes=("fist", "one", "peace", "palm"), image_size=36,
+        pretrain_train_per_class=400, pretrain_val_per_class=25,
+        finetune_train_per_class=300, finetune_val_per_class=50))
 
     pretrain = config_lib.load_sibling_config(__file__, "pretrain", "model=micro")
     pretrain.data.root = ""  # set by the demo to WORKDIR/data/pretrain_dataset
     pretrain.data.num_workers = 0
-    pretrain.data.aug.crop_scale_min = 0.5
+    pretrain.data.aug.update(crop_scale_min=0.7, hue=0.05)
     pretrain.batch_size = 64
     pretrain.total_steps = 300
     pretrain.mask_ratio = 0.6
@@ -36,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     finetune = config_lib.load_sibling_config(__file__, "finetune", "model=micro")
     finetune.data.root = ""  # set by the demo to WORKDIR/data/finetune_dataset
     finetune.data.num_workers = 0
-    finetune.data.aug.crop_scale_min = 0.5
-    finetune.num_classes = 8
+    finetune.data.aug.update(crop_scale_min=0.7, hue=0.05)
+    finetune.num_classes = len(config.dataset.classes)
     finetune.batch_size = 64
     finetune.total_steps = 300
     finetune.optim.update(lr=2e-3, warmup_steps=30, weight_decay=0.01, layer_decay=0.9)

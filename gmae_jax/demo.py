@@ -15,10 +15,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data_root = os.path.join(workdir, "data")
     pretrain_root = os.path.join(data_root, "pretrain_dataset")
     finetune_root = os.path.join(data_root, "finetune_dataset")
-    synthetic.ensure_demo_dataset(pretrain_root, image_size=ds.image_size, seed=0,
+    synthetic.ensure_demo_dataset(pretrain_root, image_size=ds.image_size, seed=0, classes=ds.classes,
                                   train_per_class=ds.pretrain_train_per_class,
                                   val_per_class=ds.pretrain_val_per_class)
-    synthetic.ensure_demo_dataset(finetune_root, image_size=ds.image_size, seed=1,
+    synthetic.ensure_demo_dataset(finetune_root, image_size=ds.image_size, seed=1, classes=ds.classes,
                                   train_per_class=ds.finetune_train_per_class,
                                   val_per_class=ds.finetune_val_per_class)
 

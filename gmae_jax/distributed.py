@@ -45,7 +45,8 @@ def initialize(
                "e.g. 10.0.0.1:1234")
         _check(num_processes >= 1, f"--num_processes={num_processes} must be at least 1")
         _check(0 <= process_id < num_processes,
-               f"--process_id={process_id} must be in [0, {num_processes}) for --num_processes={num_processes}")
+               f"--process_id={process_id} must be in [0, {num_processes}) for "
+               f"--num_processes={num_processes}")
     _check(num_cpu_devices is None or num_cpu_devices >= 1,
            f"--num_cpu_devices={num_cpu_devices} must be at least 1")
 

@@ -155,8 +155,10 @@ def make_train_dataset(
     # Augment before slicing: the random stream is keyed by the global index, so an example
     # gets the same augmentation whatever the process count (the map is lazy either way).
     ds = ds.random_map(load, seed=seed)
-    ds = ds[process_index::process_count]
-    ds = ds.batch(batch_size, drop_remainder=True)
+    # Slice whole per-process batches, so the global batch that
+    # `make_array_from_process_local_data` assembles (process 0's rows first) is row for row the
+    # single-process batch: per-row randomness (masks, dropout) then matches across topologies.
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
     return _to_iter_dataset(ds, num_workers)
 
 
@@ -182,7 +184,7 @@ def make_eval_dataset(
     batch_size = _per_process_batch_size(global_batch_size, process_count)
     source = sources.as_source(examples)
     padded = num_eval_batches(len(source), global_batch_size) * global_batch_size
-    ds = grain.MapDataset.range(padded)[process_index::process_count]
+    ds = grain.MapDataset.range(padded)
     ds = ds.map(_EvalLoad(source, dataclasses.replace(source.view, image_size=image_size)))
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
     return _to_iter_dataset(ds, num_workers)

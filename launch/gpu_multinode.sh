@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One process per GPU node; each drives all GPUs of its node. Run the same line on every node,
+# changing only NODE_RANK (0 on the node whose address is COORDINATOR):
+#
+#   NODE_RANK=0 NUM_NODES=2 COORDINATOR=10.0.0.1:1234 launch/gpu_multinode.sh \
+#       --config=configs/pretrain.py:model=base --workdir=/shared/gmae/pretrain \
+#       --config.data.root=/shared/gmae/data/pretrain_dataset
+#
+# Under SLURM the job already says who is who; leave NODE_RANK unset and JAX reads SLURM_*
+# itself (--distributed_auto):
+#
+#   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu_multinode.sh --config=... --workdir=...
+#
+# The workdir must be storage that every node sees: all processes write one orbax checkpoint.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python}"
+cd "$(dirname "$0")/.."
+
+if [[ -n "${NODE_RANK:-}" ]]; then
+  distributed=(
+    --coordinator_address="${COORDINATOR:?set COORDINATOR=HOST:PORT of node 0}"
+    --num_processes="${NUM_NODES:?set NUM_NODES}"
+    --process_id="$NODE_RANK"
+  )
+elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+  distributed=(--distributed_auto)
+else
+  echo "set NODE_RANK, NUM_NODES and COORDINATOR, or start this script with srun" >&2
+  exit 2
+fi
+
+exec "$PYTHON" -m gmae_jax.main "${distributed[@]}" "$@"

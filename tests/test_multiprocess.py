@@ -1,0 +1,210 @@
+"""Multi-process JAX: the flags that start it, the launch scripts, and two CPU processes on this
+machine standing in for two hosts, which must train exactly like one process with the same
+eight devices while only process 0 writes metrics."""
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gmae_jax import distributed
+from gmae_jax.data import class_folders, pipeline, synthetic
+from gmae_jax.train import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
+CLASSES = ("fist", "one", "peace", "palm")
+
+
+# --- The flags ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(num_processes=2, process_id=0),
+     "--num_processes, --process_id given without --coordinator_address"),
+    (dict(coordinator_address="10.0.0.1:1234"), "without --num_processes, --process_id"),
+    (dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0, auto=True),
+     "drop --coordinator_address, --num_processes, --process_id or drop --distributed_auto"),
+    (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), "must be HOST:PORT"),
+    (dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
+    (dict(num_cpu_devices=0), "--num_cpu_devices=0 must be at least 1"),
+])
+def test_inconsistent_flags_are_a_clear_error(flags, message, monkeypatch):
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not start"))
+    with pytest.raises(distributed.DistributedSetupError, match=message):
+        distributed.initialize(**flags)
+
+
+def test_explicit_flags_reach_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+    assert calls == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1))]
+
+
+def test_auto_leaves_the_layout_to_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    distributed.initialize(auto=True)
+    assert calls == [((), {})]
+
+
+def test_no_flags_stay_single_process(monkeypatch):
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not start"))
+    distributed.initialize()
+
+
+def test_flag_mistake_exits_with_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gmae_jax.main", "--config=configs/pretrain.py:runlocal",
+         f"--workdir={tmp_path}", "--num_processes=2", "--process_id=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --num_processes, --process_id given")
+    assert "Traceback" not in result.stderr
+
+
+# --- The launch scripts ------------------------------------------------------------------------
+
+def test_there_are_launch_scripts():
+    assert {os.path.basename(p) for p in LAUNCH_SCRIPTS} >= {
+        "tpu_pod.sh", "gpu_multinode.sh", "local_multiprocess.sh"}
+
+
+@pytest.mark.parametrize("script", LAUNCH_SCRIPTS, ids=os.path.basename)
+def test_launch_script_is_valid_bash(script):
+    result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.parametrize("script", LAUNCH_SCRIPTS, ids=os.path.basename)
+def test_launch_script_passes_shellcheck(script):
+    result = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# --- Two processes train like one --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("data"))
+    # 12 validation images: the one evaluation batch of 16 carries 4 rows of padding.
+    synthetic.write_demo_dataset(root, image_size=32, train_per_class=8, val_per_class=3, classes=CLASSES)
+    return root
+
+
+def test_process_slices_assemble_the_single_process_batch(data_root):
+    examples = class_folders.scan_split(data_root, "train")
+
+    def first_batch(process_index: int, process_count: int) -> dict[str, np.ndarray]:
+        dataset = pipeline.make_train_dataset(
+            examples, image_size=32, global_batch_size=16, seed=0, aug=pipeline.AugmentConfig(),
+            num_workers=0, process_index=process_index, process_count=process_count)
+        return next(iter(dataset))
+
+    single = first_batch(0, 1)
+    # make_array_from_process_local_data puts process 0's rows first: the mesh lists its devices first.
+    parts = [first_batch(p, 2) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), single["label"])
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), single["image"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(
+    workdir: str, data_root: str, log_path: str, num_cpu_devices: int, *extra: str
+) -> subprocess.Popen:
+    # Dropout masks are drawn per device layout, so they would differ between 1x8 and 2x4.
+    args = ["--config=configs/finetune.py:runlocal", f"--workdir={workdir}",
+            f"--config.data.root={data_root}", "--config.num_classes=4", "--config.total_steps=4",
+            "--config.model.attention_dropout=0.0", f"--num_cpu_devices={num_cpu_devices}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --num_cpu_devices decides
+    env["JAX_PLATFORMS"] = "cpu"
+    # Logs go to files: a full pipe would stall one process and, through the collectives, both.
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "gmae_jax.main", *args], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def runs(data_root, tmp_path_factory) -> dict[str, str]:
+    """One process with 8 CPU devices and two with 4 each, all at once (they mostly compile)."""
+    base = tmp_path_factory.mktemp("runs")
+    single, multi = str(base / "single"), str(base / "multi")
+    address = f"127.0.0.1:{_free_port()}"
+    logs = {name: str(base / f"{name}.log") for name in ("single", "process_0", "process_1")}
+    procs = {"single": _launch(single, data_root, logs["single"], 8)}
+    for rank in range(2):
+        procs[f"process_{rank}"] = _launch(multi, data_root, logs[f"process_{rank}"], 4,
+                                           f"--coordinator_address={address}", "--num_processes=2",
+                                           f"--process_id={rank}")
+    deadline = time.monotonic() + 600
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    failed = {name: proc.returncode for name, proc in procs.items() if proc.returncode != 0}
+    if failed:
+        tails = []
+        for name in failed:
+            with open(logs[name]) as f:
+                tails.append(f"--- {name} (exit {failed[name]}), last lines of its log:\n{f.read()[-3000:]}")
+        pytest.fail("\n".join(tails))
+    return {"single": single, "multi": multi}
+
+
+def _metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_process_0_alone_writes_metrics(runs):
+    assert [(r["step"], r["split"]) for r in _metrics(runs["multi"])] == [(4, "train"), (4, "val")]
+    assert os.path.exists(os.path.join(runs["multi"], "confusion_matrix.png"))
+
+
+@pytest.mark.slow
+def test_every_process_checkpoints_its_data_iterator(runs):
+    data = os.path.join(runs["multi"], "checkpoints", "4", "data")
+    assert sorted(os.listdir(data)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_single_process_metrics(runs):
+    single, multi = _metrics(runs["single"]), _metrics(runs["multi"])
+    for one, two in zip(single, multi):
+        for key in ("loss", "accuracy", "grad_norm"):
+            if key in one:
+                np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=f"{one['split']} {key}")
+    for name in ("confusion_matrix.json", "classes.json"):
+        with open(os.path.join(runs["single"], name)) as a, open(os.path.join(runs["multi"], name)) as b:
+            assert json.load(a) == json.load(b), name
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_single_process_parameters(runs):
+    single = checkpoint.restore_params(os.path.join(runs["single"], "checkpoints"))
+    multi = checkpoint.restore_params(os.path.join(runs["multi"], "checkpoints"))
+    assert multi["step"] == single["step"] == 4
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(r["params"])]) for r in (single, multi))
+    # Summation order differs, and Adam scales the rounding noise of gradients that are zero in
+    # exact arithmetic (conv biases before BatchNorm) up to the learning rate: a few elements
+    # differ by ~1e-5, everything else agrees to float32 precision.
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
+    assert np.mean(np.abs(a - b) <= 1e-6) > 0.99
