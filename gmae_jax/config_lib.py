@@ -49,6 +49,43 @@ def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"preset": preset, **fields})
 
 
+def data_config(root: str, crop_scale_min: float) -> ml_collections.ConfigDict:
+    """The `config.data` section shared by the training stages."""
+    data = ml_collections.ConfigDict()
+    data.root = root
+    # 'auto' detects from the folders under root; or force 'class_folders' (<root>/{train,val}/<class>),
+    # 'hagrid_v2', 'hagrid_v1' (train/val = ann_train_val re-split by user, test = ann_test) or
+    # 'prepared' (a corpus folder written by configs/prepare.py: <out>/pretrain or <out>/finetune).
+    data.layout = "auto"
+    # HaGRID only: 'full_frame' (letterboxed frame) or 'hand_crop' (square around the gesture box).
+    data.mode = "full_frame"
+    data.crop_scale_max = 2.0  # hand_crop: training crop side = box side x U(1, this); eval 1.0
+    data.no_gesture_prob = 0.0  # hand_crop: chance to crop a free no_gesture hand instead
+    data.v1_val_fraction = 0.2  # HaGRID v1: users of ann_train_val held out for 'val'
+    data.split_seed = 0  # HaGRID v1: seed of that user split
+    # Unreadable images met in training are logged and replaced by the next one (left out of
+    # evaluation); more than this many per loader process stops the run with an error.
+    data.max_bad_images = 100
+    data.train_split = "train"
+    data.eval_split = "val"
+    data.num_workers = 4  # grain worker processes; 0 = in the main process
+    data.aug = ml_collections.ConfigDict(dict(
+        crop_scale_min=crop_scale_min, hflip=True, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1))
+    return data
+
+
+def make_runlocal(config: ml_collections.ConfigDict) -> None:
+    """The `runlocal` variant: the micro model for a few steps in the main process (smoke tests)."""
+    config.model = model_config("micro")
+    config.data.num_workers = 0
+    config.batch_size = 16
+    config.total_steps = 20
+    config.optim.warmup_steps = 5
+    config.log_every = 5
+    config.eval_every = 10
+    config.checkpoint_every = 10
+
+
 def load_sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of another file in the same configs folder (how demo.py reuses the stages)."""
     path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")

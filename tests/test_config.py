@@ -76,4 +76,5 @@ def test_finetune_class_count_is_validated(tmp_path):
 def test_demo_config_validates_without_its_data():
     config = load("demo")
     config_lib.validate(config)
-    assert config.finetune.num_classes == 8
+    assert config.finetune.num_classes == len(config.dataset.classes) == 4
+    assert config.pretrain.model.preset == config.finetune.model.preset == "mini"

@@ -18,7 +18,7 @@ def small_config(**overrides) -> GMSTConfig:
     return dataclasses.replace(MICRO, **overrides)
 
 
-@pytest.mark.parametrize("size,patch,overlap", [(32, 4, False), (32, 8, True), (48, 8, False), (16, 4, True)])
+@pytest.mark.parametrize("size,patch,overlap", [(32, 4, False), (48, 8, True)])
 def test_patch_embed_grid_is_patch_grid(size, patch, overlap):
     embed = modules.OverlapPatchEmbed(32, patch, overlap)
     x = jnp.ones((2, size, size, 3))
@@ -27,7 +27,7 @@ def test_patch_embed_grid_is_patch_grid(size, patch, overlap):
     assert tokens.shape == (2, (size // patch) ** 2, 32)
 
 
-@pytest.mark.parametrize("dim,grid", [(32, 4), (64, 8), (48, 3)])
+@pytest.mark.parametrize("dim,grid", [(32, 4), (48, 3)])
 def test_msdc_keeps_shape(dim, grid):
     x = jax.random.normal(jax.random.key(0), (2, grid, grid, dim))
     out, variables = modules.MSDC(dim).init_with_output(jax.random.key(1), x, train=False)

@@ -90,7 +90,7 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
 
 
 def test_finetune_rejects_wrong_num_classes(demo_root):
-    with pytest.raises(config_lib.ConfigError, match="num_classes=18 but .* has 4 class folders"):
+    with pytest.raises(config_lib.ConfigError, match="num_classes=18 but the data in .* has 4 classes"):
         tasks.finetune_task(stage_config("finetune", demo_root, num_classes=18))
 
 

@@ -67,7 +67,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: Loss
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, {**metrics, "grad_norm": optax.global_norm(grads)}
+    return state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def pretrain_eval_step(

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from gmae_jax import config_lib, visualize
-from gmae_jax.data import class_folders, sources
+from gmae_jax.data import sources
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.masking import sample_mask
 from gmae_jax.models.presets import model_config
@@ -36,14 +36,9 @@ class Task:
     summarize: Callable[[dict[str, float], dict[str, np.ndarray]], dict[str, float]]
     # (state, first eval batch, per-example outputs, output folder) -> files written
     draw: Callable[[steps.TrainState, dict[str, np.ndarray], dict[str, np.ndarray], str], list[str]]
-    train_examples: list[class_folders.Example]
-    eval_examples: list[class_folders.Example]
+    train_examples: sources.Source
+    eval_examples: sources.Source
     class_names: list[str]
-
-
-def _scan(config: ml_collections.ConfigDict) -> tuple[list[str], sources.Source, sources.Source]:
-    """Class names and the train / eval sources of `config.data` (class folders, HaGRID or shards)."""
-    return sources.open_sources(config.data)
 
 
 def _image_input(config: ml_collections.ConfigDict) -> jax.Array:
@@ -55,7 +50,7 @@ def _image_input(config: ml_collections.ConfigDict) -> jax.Array:
 
 def pretrain_task(config: ml_collections.ConfigDict) -> Task:
     model = GMAE(model_config(config.model))
-    class_names, train, evaluation = _scan(config)
+    class_names, train, evaluation = sources.open_sources(config.data)
     mask_args = dict(mask_ratio=config.mask_ratio, norm_pix_loss=config.norm_pix_loss)
 
     def summarize(sums: dict[str, float], _: dict[str, np.ndarray]) -> dict[str, float]:
@@ -90,11 +85,11 @@ def pretrain_task(config: ml_collections.ConfigDict) -> Task:
 # --- Fine-tuning ---------------------------------------------------------------------------------
 
 def finetune_task(config: ml_collections.ConfigDict) -> Task:
-    class_names, train, evaluation = _scan(config)
+    class_names, train, evaluation = sources.open_sources(config.data)
     if len(class_names) != config.num_classes:
         raise config_lib.ConfigError(
-            f"config.num_classes={config.num_classes} but {config.data.root}/{config.data.train_split} "
-            f"has {len(class_names)} class folders ({', '.join(class_names)}); set "
+            f"config.num_classes={config.num_classes} but the data in {config.data.root} has "
+            f"{len(class_names)} classes ({', '.join(class_names)}); set "
             f"--config.num_classes={len(class_names)}")
     model = GMAEClassifier(model_config(config.model), config.num_classes)
 
