@@ -60,7 +60,10 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     font = ImageFont.load_default()
     n = len(class_names)
     margin = 8 + 7 * max(len(name) for name in class_names)
-    width, height = margin + n * cell + 8, margin + n * cell + 24
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    footer = f"rows: true class, columns: predicted; accuracy {accuracy:.3f}"
+    width = max(margin + n * cell + 8, 8 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(footer, font=font)))
+    height = margin + n * cell + 24
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -77,7 +80,5 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
         ImageDraw.Draw(column).text((0, 0), name, fill="black", font=font)
         column = column.rotate(90, expand=True)
         image.paste(column, (margin + j * cell + cell // 3, 2))
-    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    draw.text((4, height - 18), f"rows: true class, columns: predicted; accuracy {accuracy:.3f}",
-              fill="black", font=font)
+    draw.text((4, height - 18), footer, fill="black", font=font)
     image.save(path)

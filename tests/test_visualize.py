@@ -1,0 +1,29 @@
+"""Pictures: the confusion matrix counts and both images are written."""
+
+import numpy as np
+from PIL import Image
+
+from gmae_jax import visualize
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    matrix = visualize.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
+
+
+def test_confusion_matrix_picture_fits_its_caption(tmp_path):
+    path = tmp_path / "cm.png"
+    visualize.save_confusion_matrix(np.eye(2, dtype=int) * 5, ["a", "b"], str(path))
+    assert Image.open(path).width > 250  # the caption, not two 36 px cells, sets the width
+
+
+def test_reconstruction_rows_paste_visible_patches_back(tmp_path):
+    images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    mask = np.array([[True, False, False, True]] * 2)
+    pred = np.zeros((2, 4, 48), np.float32)
+    rows = visualize.reconstruction_rows(images, mask, pred, 4, norm_pix_loss=False)
+    assert rows.shape == (2, 3, 8, 8, 3)
+    np.testing.assert_array_equal(rows[:, 2, :4, 4:], images[:, :4, 4:])  # patch 1 is visible
+    np.testing.assert_array_equal(rows[:, 2, :4, :4], 0.0)  # patch 0 is masked: the prediction
+    visualize.save_reconstructions(rows, str(tmp_path / "r.png"))
+    assert Image.open(tmp_path / "r.png").size == ((3 * 10 + 2) * 4, (2 * 10 + 2) * 4)
