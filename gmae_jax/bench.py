@@ -26,6 +26,10 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Full-HD JPEGs to generate.
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.")
 _CROP_SCALE_MIN = flags.DEFINE_float("crop_scale_min", 0.35, "Smallest random-crop area (fine-tune default).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best one counts.")
+_TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
+_PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps after one compile step.")
 
 
 def write_full_hd_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
@@ -101,9 +105,15 @@ def run_pipeline_benchmark(num_images: int, image_size: int, crop_scale_min: flo
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not _PIPELINE.value:
-        raise app.UsageError("choose a benchmark: --pipeline")
-    run_pipeline_benchmark(_NUM_IMAGES.value, _IMAGE_SIZE.value, _CROP_SCALE_MIN.value, _REPEATS.value)
+    if not (_PIPELINE.value or _TRAIN_STEP.value):
+        raise app.UsageError("choose a benchmark: --pipeline and/or --train_step")
+    if _PIPELINE.value:
+        run_pipeline_benchmark(_NUM_IMAGES.value, _IMAGE_SIZE.value, _CROP_SCALE_MIN.value, _REPEATS.value)
+    if _TRAIN_STEP.value:
+        # Imported here: the pipeline benchmark needs no model code.
+        from gmae_jax.train.step_benchmark import run_step_benchmark
+
+        run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value)
 
 
 if __name__ == "__main__":
