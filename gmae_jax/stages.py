@@ -8,6 +8,7 @@ import os
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from gmae_jax import config_lib
 from gmae_jax.train import checkpoint, sharding, tasks, trainer
@@ -22,12 +23,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
 
 def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(run_dir) / "config.json"
+    if not path.exists():
         raise config_lib.ConfigError(
             f"{path} not found: config.checkpoint_dir must be the workdir of a pretrain or finetune run")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -53,9 +53,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     metrics["checkpoint_step"] = int(jax.device_get(state.step))
 
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         for path in task.draw(trainer.host_state(state), first, outputs, workdir):
             logging.info("wrote %s", path)
     logging.info("[evaluate] %s on %s/%s: %s", config.checkpoint_dir, run.data.root, run.data.eval_split,

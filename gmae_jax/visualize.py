@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 from gmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gmae_jax.models.masking import patchify, unpatchify
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+    """Through epath, so a gs:// workdir works on TPU VMs."""
+    with epath.Path(path).open("wb") as f:
+        image.save(f, format="PNG")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -45,7 +52,7 @@ def save_reconstructions(rows: np.ndarray, path: str, scale: int = 4) -> None:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = tiles[i, j]
     image = Image.fromarray(canvas)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    _save_png(image.resize((image.width * scale, image.height * scale), Image.NEAREST), path)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -81,4 +88,4 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
         column = column.rotate(90, expand=True)
         image.paste(column, (margin + j * cell + cell // 3, 2))
     draw.text((4, height - 18), footer, fill="black", font=font)
-    image.save(path)
+    _save_png(image, path)

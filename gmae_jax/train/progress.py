@@ -5,26 +5,32 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import time
 from typing import Any
 
 import jax
 from absl import logging
+from etils import epath
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; only process 0 writes, so multi-host runs keep one file."""
+    """One JSON object per line in `metrics.jsonl`; only process 0 writes, so multi-host runs keep one
+    file. The file is rewritten whole (cloud buckets cannot append), and a resumed run drops the
+    records after its checkpoint, which it is about to produce again."""
 
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
-        self.path = os.path.join(workdir, filename)
+    def __init__(self, workdir: str, start_step: int = 0, filename: str = "metrics.jsonl"):
+        self.path = epath.Path(workdir) / filename
         self.enabled = jax.process_index() == 0
+        self.lines: list[str] = []
+        if self.enabled and self.path.exists():
+            self.lines = [line for line in self.path.read_text().splitlines()
+                          if line and json.loads(line)["step"] <= start_step]
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.lines.append(json.dumps(record, sort_keys=True))
+        self.path.write_text("\n".join(self.lines) + "\n")
 
 
 def format_duration(seconds: float) -> str:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from gmae_jax import config_lib, visualize
 from gmae_jax.data import sources
@@ -107,8 +108,8 @@ def finetune_task(config: ml_collections.ConfigDict) -> Task:
         matrix = visualize.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
         path = os.path.join(outdir, "confusion_matrix.png")
         visualize.save_confusion_matrix(matrix, class_names, path)
-        with open(os.path.join(outdir, "confusion_matrix.json"), "w") as f:
-            json.dump({"classes": class_names, "matrix": matrix.tolist()}, f)
+        (epath.Path(outdir) / "confusion_matrix.json").write_text(
+            json.dumps({"classes": class_names, "matrix": matrix.tolist()}))
         return [path]
 
     return Task(

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from gmae_jax import config_lib
 from gmae_jax.data import pipeline
@@ -34,11 +35,10 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names
     """The resolved config and the class order, so evaluation and export can rebuild the run."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, "classes.json"), "w") as f:
-        json.dump(class_names, f, indent=1)
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (folder / "classes.json").write_text(json.dumps(class_names, indent=1))
 
 
 def create_state(
@@ -131,8 +131,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     rng = jax.random.key(config.seed + 1)
 
     # --- Train loop -----------------------------------------------------------------------------
-    writer = MetricsWriter(workdir)
     start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, start)
     progress = Progress(steps_total, start, config.batch_size)
     eval_metrics: dict[str, float] = {}
     for step in range(start + 1, steps_total + 1):

@@ -1,0 +1,35 @@
+"""metrics.jsonl and progress lines."""
+
+import json
+
+import pytest
+
+from gmae_jax.train import progress
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resumed_writer_drops_records_after_the_checkpoint(tmp_path):
+    first = progress.MetricsWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        first.write({"step": step, "loss": float(step)})
+    resumed = progress.MetricsWriter(str(tmp_path), start_step=1)
+    resumed.write({"step": 2, "loss": 20.0})
+    assert read(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 20.0}]
+
+
+def test_progress_line_reports_throughput_and_eta():
+    tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32)
+    rates = tracker.update(10)
+    line = tracker.log_line("pretrain", 10, {"loss": 0.5, "lr": 1e-3, **rates})
+    assert line.startswith("[pretrain] step 10/100 | loss 0.5 | lr 0.001 |")
+    assert "img/s" in line and "ETA" in line
+    assert rates["img_per_sec"] > 0
+    assert rates["eta_sec"] == pytest.approx(90 * 32 / rates["img_per_sec"], rel=1e-6)
+
+
+def test_non_finite_metric_names_the_step_and_last_checkpoint():
+    with pytest.raises(FloatingPointError, match="grad_norm became non-finite at step 9; no checkpoint"):
+        progress.check_finite({"grad_norm": float("inf")}, 9, "/w/checkpoints", None)
