@@ -12,6 +12,7 @@ from ml_collections import config_flags
 from gmae_jax import config_lib, demo, distributed, stages
 from gmae_jax.data import prepare
 from gmae_jax.data.class_folders import DataLayoutError
+from gmae_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and pictures.")
@@ -58,6 +59,8 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, DataLayoutError, distributed.DistributedSetupError) as error:
         # A mistake in the config, the data folder or the job flags: one line that says what to change.
         sys.exit(f"error: {error}")
+    except Preempted as stop:
+        sys.exit(str(stop))
 
 
 if __name__ == "__main__":

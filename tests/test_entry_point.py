@@ -1,10 +1,15 @@
 """The command line as a user runs it: `python -m gmae_jax.main --config=... --workdir=...`."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from gmae_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +50,31 @@ def test_demo_command_pretrains_finetunes_and_prints_accuracy(tmp_path):
     for path in ("pretrain/reconstructions.png", "finetune/confusion_matrix.png", "finetune/metrics.jsonl",
                  "pretrain/config.json", "finetune/classes.json", "data/finetune_dataset/.complete"):
         assert os.path.exists(tmp_path / path), path
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
+    data, workdir, log = tmp_path / "data", tmp_path / "run", tmp_path / "log.txt"
+    synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=8, val_per_class=2,
+                                 classes=("fist", "palm"))
+    args = ["--config=configs/pretrain.py:runlocal", f"--workdir={workdir}", f"--config.data.root={data}",
+            "--config.checkpoint_every=100000", "--config.log_every=1", "--config.eval_every=0"]
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "gmae_jax.main", *args, "--config.total_steps=100000"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    last = log.read_text().strip().splitlines()[-1]
+    match = re.fullmatch(r"preempted: saved step (\d+) in (.+); rerun the same command to resume from it", last)
+    assert proc.returncode == 1 and match, last
+    saved = int(match.group(1))
+    assert saved >= 2 and (workdir / "checkpoints" / str(saved)).is_dir()
+
+    rerun = run_main(*args, f"--config.total_steps={saved + 2}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {saved}" in rerun.stderr

@@ -21,6 +21,7 @@ from gmae_jax import config_lib
 from gmae_jax.data import pipeline
 from gmae_jax.train import checkpoint, sharding, steps
 from gmae_jax.train.optim import make_optimizer
+from gmae_jax.train.preemption import Preempted, PreemptionWatch
 from gmae_jax.train.progress import MetricsWriter, Progress, check_finite
 from gmae_jax.train.tasks import Task, load_pretrained_encoder
 
@@ -135,30 +136,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     writer = MetricsWriter(workdir, start)
     progress = Progress(steps_total, start, config.batch_size)
     eval_metrics: dict[str, float] = {}
-    for step in range(start + 1, steps_total + 1):
-        batch = sharding.global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch, rng)
-        is_last = step == steps_total
-        must_save = is_last or step % config.checkpoint_every == 0
-        if is_last or must_save or step % config.log_every == 0:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            check_finite(metrics, step, checkpoint_dir, last_saved)
-            metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
-            progress.log_line(task.name, step, metrics)
-            writer.write({"step": step, "split": "train", **metrics})
-        if is_last or (config.eval_every and step % config.eval_every == 0):
-            eval_metrics, outputs, first = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
-            logging.info("[%s] step %d eval: %s", task.name, step,
-                         ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
-            writer.write({"step": step, "split": config.data.eval_split, **eval_metrics})
-            if is_last and jax.process_index() == 0:
-                for path in task.draw(host_state(state), first, outputs, workdir):
-                    logging.info("wrote %s", path)
-        if must_save:
-            checkpoint.save(manager, step, state, train_iter)
-            last_saved = step
+    watch = PreemptionWatch(manager)
+    preempted = False
+    try:
+        for step in range(start + 1, steps_total + 1):
+            batch = sharding.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, batch, rng)
+            is_last = step == steps_total
+            preempted = watch.should_stop(step) and not is_last
+            must_save = is_last or preempted or step % config.checkpoint_every == 0
+            if is_last or must_save or step % config.log_every == 0:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(metrics, step, checkpoint_dir, last_saved)
+                metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
+                progress.log_line(task.name, step, metrics)
+                writer.write({"step": step, "split": "train", **metrics})
+            if is_last or (config.eval_every and step % config.eval_every == 0):
+                eval_metrics, outputs, first = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
+                logging.info("[%s] step %d eval: %s", task.name, step,
+                             ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
+                writer.write({"step": step, "split": config.data.eval_split, **eval_metrics})
+                if is_last and jax.process_index() == 0:
+                    for path in task.draw(host_state(state), first, outputs, workdir):
+                        logging.info("wrote %s", path)
+            if must_save:
+                checkpoint.save(manager, step, state, train_iter)
+                last_saved = step
+            if preempted:
+                break
+    finally:
+        watch.close()
     manager.wait_until_finished()
     manager.close()
+    if preempted:
+        raise Preempted(f"preempted: saved step {last_saved} in {checkpoint_dir}; rerun the same command "
+                        "to resume from it")
     if not eval_metrics:  # the workdir already held a finished run
         eval_metrics, _, _ = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
     return eval_metrics

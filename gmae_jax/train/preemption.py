@@ -1,0 +1,42 @@
+"""Checkpoint and stop when the scheduler sends SIGTERM (what preemptible TPU/GPU VMs, SLURM and
+Kubernetes send before killing a job), so a preempted run loses no steps."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is on disk; rerunning the command resumes from it."""
+
+
+class PreemptionWatch:
+    """One process: a SIGTERM handler sets a flag. Several processes: orbax's `reached_preemption`,
+    which agrees on the stopping step across hosts through JAX's preemption sync manager."""
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self.received = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+        self.received = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(step)
+        return self.received
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
