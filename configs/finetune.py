@@ -23,6 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = config_lib.data_config("data/finetune_dataset", crop_scale_min=0.35)
 
+    # Devices: a (data, fsdp) mesh over all devices of all processes; -1 fills. fsdp > 1 splits every
+    # large parameter and its optimiser state over that many devices (needed for `reference`).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.step_impl = "jit"  # or 'shard_map' (explicit collectives; same numbers)
+    config.grad_accum_steps = 1  # micro-batches per step: batch_size / this images in memory at once
+
     config.batch_size = 64
     config.num_epochs = 100.0
     config.total_steps = 0

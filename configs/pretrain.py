@@ -24,6 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = config_lib.data_config("data/pretrain_dataset", crop_scale_min=0.2)
 
+    # Devices: a (data, fsdp) mesh over all devices of all processes; -1 fills. fsdp > 1 splits every
+    # large parameter and its optimiser state over that many devices (needed for `reference`).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.step_impl = "jit"  # or 'shard_map' (explicit collectives; same numbers)
+    config.grad_accum_steps = 1  # micro-batches per step: batch_size / this images in memory at once
+
     config.batch_size = 64  # global, over all devices and hosts
     config.num_epochs = 200.0
     config.total_steps = 0  # > 0 overrides num_epochs

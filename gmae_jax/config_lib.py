@@ -10,9 +10,10 @@ from typing import Any
 
 import ml_collections
 
-from gmae_jax.models.presets import MASK_MODES, PRESETS, GMSTConfig
+from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig
 
 STAGES = ("pretrain", "finetune", "evaluate", "demo", "prepare")
+STEP_IMPLS = ("jit", "shard_map")  # see gmae_jax.train.sharding.make_train_step
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
            f"config.model.mask_mode='{model.mask_mode}' is not one of {MASK_MODES}")
     _check(model.dtype in ("float32", "bfloat16", "float16"),
            f"config.model.dtype='{model.dtype}' must be float32, bfloat16 or float16")
+    _check(model.remat in REMAT_MODES, f"config.model.remat='{model.remat}' is not one of {REMAT_MODES}")
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
@@ -144,6 +146,11 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         _check(0.0 <= config.label_smoothing < 1.0,
                f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     _check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    _check(config.step_impl in STEP_IMPLS,
+           f"config.step_impl='{config.step_impl}' must be one of {STEP_IMPLS}")
+    _check(config.grad_accum_steps >= 1 and config.batch_size % config.grad_accum_steps == 0,
+           f"config.grad_accum_steps={config.grad_accum_steps} must be a positive divisor of "
+           f"config.batch_size={config.batch_size}")
     _check(config.total_steps > 0 or config.num_epochs > 0,
            "set config.total_steps or config.num_epochs to a positive number")
     _check(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be positive")

@@ -1,48 +1,30 @@
-"""Data parallelism: the jit step on 8 simulated devices trains exactly like on one."""
+"""Parallelism: every mesh and step implementation trains to the same numbers as one device, large
+arrays really are split, and checkpoints move between meshes."""
 
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import model_config
-from gmae_jax.train import sharding, steps, trainer
+from gmae_jax.train import checkpoint, sharding, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+# Small enough that most of the micro model's kernels are split, so parity covers real FSDP.
+SMALL_FSDP_SIZE = 2**8
 
 
-def run_steps(model, init_inputs, loss_fn, config, devices, batches):
-    mesh = sharding.make_mesh(devices)
-    state, _ = trainer.create_state(model, init_inputs, config, mesh, steps_total=10)
-    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
-    losses = []
-    for batch in batches:
-        state, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
-    return jax.device_get(state.params), jax.device_get(state.batch_stats), losses
-
-
-def batches(n, size, num_classes=4):
-    rng = np.random.default_rng(0)
-    return [{"image": rng.normal(size=(16, size, size, 3)).astype(np.float32),
-             "label": rng.integers(0, num_classes, 16).astype(np.int32)} for _ in range(n)]
-
-
-def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
-
-
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_eight_devices_match_one_device(stage):
-    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+def stage_setup(stage: str, **model_overrides):
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), stage, "runlocal")
     config.model.attention_dropout = 0.0  # dropout masks are drawn per shard layout; keep it exact
+    config.model.depth = 1  # one block of each kind: every code path, half the compile time
+    config.model.update(model_overrides)
     gmst = model_config(config.model)
     image = jnp.zeros((1, gmst.img_size, gmst.img_size, 3))
     if stage == "pretrain":
@@ -53,10 +35,150 @@ def test_eight_devices_match_one_device(stage):
         model = GMAEClassifier(gmst, 4)
         init_inputs = (image,)
         loss_fn = functools.partial(steps.classification_loss, model=model, label_smoothing=0.1)
-    data = batches(3, gmst.img_size)
-    one = run_steps(model, init_inputs, loss_fn, config, jax.devices()[:1], data)
-    eight = run_steps(model, init_inputs, loss_fn, config, jax.devices(), data)
-    np.testing.assert_allclose(one[2], eight[2], rtol=1e-4)
-    assert one[2][0] != one[2][-1]  # it actually trained
-    assert_trees_close(one[0], eight[0])
-    assert_trees_close(one[1], eight[1])
+    return config, model, init_inputs, loss_fn
+
+
+def batches(n, size, num_classes=4, batch_size=16, repeat=False):
+    """n random batches, or one batch n times (`repeat`, where a falling loss is the check)."""
+    rng = np.random.default_rng(0)
+    made = [{"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+             "label": rng.integers(0, num_classes, batch_size).astype(np.int32)} for _ in range(1 if repeat else n)]
+    return made * n if repeat else made
+
+
+def run_steps(stage, mesh_shape=(1, 1), impl="jit", accum_steps=1, num_batches=3, loss_fn=None,
+              repeat=False, **model_overrides):
+    config, model, init_inputs, default_loss = stage_setup(stage, **model_overrides)
+    data, fsdp = mesh_shape
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)),
+                              jax.devices()[: data * fsdp])
+    state, _ = trainer.create_state(model, init_inputs, config, mesh, steps_total=10)
+    step = sharding.make_train_step(impl, loss_fn or default_loss, mesh, state, accum_steps)
+    losses = []
+    for batch in batches(num_batches, config.model.img_size, repeat=repeat):
+        state, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), jax.device_get(state.batch_stats), losses, state
+
+
+@functools.cache
+def one_device(stage):
+    return run_steps(stage)
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("stage, mesh_shape, impl", [
+    ("pretrain", (2, 4), "jit"), ("pretrain", (1, 8), "jit"), ("pretrain", (2, 4), "shard_map"),
+    ("finetune", (8, 1), "shard_map"),
+])
+def test_every_mesh_and_step_trains_like_one_device(stage, mesh_shape, impl, monkeypatch):
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
+    params, batch_stats, losses, _ = run_steps(stage, mesh_shape, impl)
+    want_params, want_stats, want_losses, _ = one_device(stage)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
+    assert want_losses[0] != want_losses[-1]  # it actually trained
+    assert_trees_close(params, want_params)
+    assert_trees_close(batch_stats, want_stats)
+
+
+def test_fsdp_splits_large_parameters_and_their_optimizer_state(monkeypatch):
+    monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
+    config, model, init_inputs, _ = stage_setup("finetune")
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
+    state, _ = trainer.create_state(model, init_inputs, config, mesh, steps_total=10)
+    fc1 = state.params["encoder"]["blocks_0"]["mscffn"]["fc1"]["kernel"]  # (33, 132)
+    assert fc1.shape == (33, 132)
+    assert {shard.data.shape for shard in fc1.addressable_shards} == {(33, 33)}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == fc1.shape]
+    assert len(moments) >= 2 and all(x.sharding == fc1.sharding for x in moments)  # AdamW mu, nu
+    small = state.params["encoder"]["blocks_0"]["gamma1"]
+    assert {shard.data.shape for shard in small.addressable_shards} == {small.shape}  # replicated
+    replicated_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert sharding.bytes_per_device(state.params) < 0.5 * replicated_bytes
+
+
+def test_fsdp_spec_picks_the_largest_divisible_dimension():
+    assert sharding.fsdp_spec((3, 3, 64, 96), 4) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((3, 3, 64, 90), 4) == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert sharding.fsdp_spec((65, 3, 3, 65), 4) == jax.sharding.PartitionSpec()  # nothing divides
+    assert sharding.fsdp_spec((8,), 4) == jax.sharding.PartitionSpec()  # too small to split
+    assert sharding.fsdp_spec((512, 512), 1) == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize("data, fsdp, message", [
+    (3, -1, "3 does not divide the 8 devices"),
+    (2, 2, "must equal the 8 devices"),
+    (-1, -1, "cannot both be -1"),
+])
+def test_mesh_shapes_that_do_not_fit_are_clear_errors(data, fsdp, message):
+    with pytest.raises(sharding.MeshError, match=message):
+        sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)))
+
+
+def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path, monkeypatch):
+    monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
+    *_, saved = run_steps("finetune", (8, 1), num_batches=1)
+    manager = checkpoint.make_manager(str(tmp_path), 2)
+    checkpoint.save(manager, 1, saved, None)
+    manager.wait_until_finished()
+
+    config, model, init_inputs, _ = stage_setup("finetune")
+    other = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
+    template, _ = trainer.create_state(model, init_inputs, config, other, steps_total=10)
+    restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 2), template, None)
+    for got, want, like in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(template)):
+        assert got.sharding == like.sharding
+        np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want))
+
+
+@pytest.mark.parametrize("remat", ["block", "fine"])
+def test_remat_gives_the_same_numbers(remat):
+    params, batch_stats, losses, _ = run_steps("pretrain", remat=remat)
+    want_params, want_stats, want_losses, _ = one_device("pretrain")
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    assert_trees_close(params, want_params)
+    assert_trees_close(batch_stats, want_stats)
+
+
+def test_bfloat16_compute_trains_with_float32_parameters():
+    params, batch_stats, losses, state = run_steps("pretrain", num_batches=3, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {np.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(batch_stats)} == {np.dtype("float32")}
+    _, _, float32_losses, _ = one_device("pretrain")
+    np.testing.assert_allclose(losses, float32_losses, rtol=0.05)  # the same steps, coarser numbers
+    assert losses[0] != losses[-1]
+
+
+def running_average_loss(params, batch_stats, batch, rng, *, model):
+    """Cross-entropy with BatchNorm on its running averages: the same statistics for any split."""
+    del rng
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+    loss = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=1))
+    return loss, ({"loss": loss}, batch_stats)
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(impl="jit"):
+    _, model, _, _ = stage_setup("finetune")
+    loss_fn = functools.partial(running_average_loss, model=model)
+    params, _, losses, _ = run_steps("finetune", (8, 1), impl, loss_fn=loss_fn, repeat=True)
+    accumulated, _, accumulated_losses, _ = run_steps("finetune", (2, 1), impl, accum_steps=4, loss_fn=loss_fn,
+                                                      repeat=True)
+    np.testing.assert_allclose(accumulated_losses, losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    assert_trees_close(accumulated, params, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_trains_the_pretraining_model():
+    _, _, losses, state = run_steps("pretrain", (2, 1), accum_steps=4, num_batches=4, repeat=True)
+    assert int(state.step) == 4 and losses[-1] < losses[0]
+
+
+def test_micro_batches_are_strided_so_every_device_keeps_rows():
+    batch = {"x": np.arange(8)}
+    np.testing.assert_array_equal(steps.micro_batches(batch, 2)["x"], [[0, 2, 4, 6], [1, 3, 5, 7]])

@@ -29,13 +29,14 @@ class GMSTEncoder(nn.Module):
     overlap: bool = False
     attention_dropout: float = 0.1
     dtype: modules.Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self) -> None:
         self.patch_embed = modules.OverlapPatchEmbed(
             self.embed_dim, self.patch_size, self.overlap, self.dtype
         )
         self.blocks = [
-            modules.GMSTBlock(
+            modules.gmst_block_class(self.remat)(
                 self.embed_dim, self.num_heads, self.ffn_dim, self.attention_dropout, self.dtype
             )
             for _ in range(self.depth)
@@ -65,6 +66,7 @@ def make_encoder(config: GMSTConfig) -> GMSTEncoder:
         overlap=config.overlap_patches,
         attention_dropout=config.attention_dropout,
         dtype=jnp.dtype(config.dtype),
+        remat=config.remat,
         name="encoder",
     )
 
@@ -93,7 +95,7 @@ class GMAE(nn.Module):
             "decoder_pos_embed", modules.trunc_normal_002, (1, c.num_patches, c.decoder_embed_dim)
         )
         self.decoder_blocks = [
-            modules.GMSTBlock(
+            modules.gmst_block_class(c.remat)(
                 c.decoder_embed_dim,
                 c.decoder_num_heads,
                 modules.ffn_hidden_dim(c.decoder_embed_dim, c.mlp_ratio),

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gmae_jax.models import batch_axes
+
 Dtype = Any
 
 # Initialisers of the original (see gmst_reference.md, "Initialisation").
@@ -91,7 +93,8 @@ class ConvBNGELU(nn.Module):
             name="conv",
         )(x)
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+            axis_name=batch_axes.batch_norm_axis(), name="bn",
         )(x)
         return gelu(x)
 
@@ -185,6 +188,7 @@ class MHSA(nn.Module):
                 broadcast_dropout=False,
                 deterministic=False,
                 dtype=self.dtype,
+                force_fp32_for_softmax=True,  # as jax.nn.dot_product_attention does
             )
         else:
             out = jax.nn.dot_product_attention(q, k, v)
@@ -250,3 +254,18 @@ class GMSTBlock(nn.Module):
             tokens_to_image(x, height, width), train
         )
         return layer_norm("norm3", self.dtype)(x + gamma3 * ffn)
+
+
+def _save_matmul_and_conv_outputs(primitive, *_, **__) -> bool:
+    """Remat policy 'fine': keep what is expensive to recompute, recompute norms and activations."""
+    return primitive.name in ("dot_general", "conv_general_dilated")
+
+
+def gmst_block_class(remat: str) -> type[GMSTBlock]:
+    """GMSTBlock, or GMSTBlock rematerialised in the backward pass ('block': keep only its input;
+    'fine': also keep its matmul and conv outputs). Parameter names are unchanged."""
+    if remat == "none":
+        return GMSTBlock
+    policy = _save_matmul_and_conv_outputs if remat == "fine" else None
+    # Arguments counted with the module as 0: height, width and train are Python values.
+    return nn.remat(GMSTBlock, static_argnums=(2, 3, 4), policy=policy)

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 MASK_MODES = ("encoder", "original")
+# Rematerialisation of each GMST block in the backward pass: none; the whole block (keep only its
+# input); or fine (keep matmul and conv outputs, recompute norms and activations).
+REMAT_MODES = ("none", "block", "fine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,8 @@ class GMSTConfig:
     attention_dropout: float = 0.1
     # 'encoder': the encoder never sees masked content (default). 'original': the original's leak.
     mask_mode: str = "encoder"
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; parameters and optimiser state stay float32
+    remat: str = "none"  # one of REMAT_MODES
 
     @property
     def num_patches(self) -> int:

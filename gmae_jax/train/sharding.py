@@ -1,38 +1,107 @@
-"""Device mesh and shardings: data parallel over a `data` axis, parameters replicated.
+"""Device mesh and shardings, declared here and nowhere else.
 
-Sharding is declared here and nowhere else; a later FSDP or shard_map variant replaces these
-functions without touching the pure steps.
+A 2-D `(data, fsdp)` mesh over all devices of all processes. The batch is split over both axes;
+every large array of the train state (parameters and their AdamW moments alike) is split along
+`fsdp` on its largest divisible dimension, small ones are replicated (the FSDP rule big_vision
+and MaxText use, inferred from shapes so that no module has to name its axes). With `fsdp=1` this
+is plain data parallelism. The pure steps in `gmae_jax.train.steps` know nothing of this; they
+run under `jax.jit` with these shardings (XLA inserts the all-gathers and reduce-scatters), or
+under `shard_map` with explicit collectives (`shard_map_train_step`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gmae_jax.models import batch_axes
+from gmae_jax.train import steps
+
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Arrays smaller than this stay replicated: splitting them saves little memory and costs a collective.
+MIN_FSDP_SIZE = 2**12
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over all devices of all processes (Auto axes, as jit-with-shardings expects)."""
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices; the message says what to set."""
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+    """Resolves one `-1` entry of (data, fsdp) so that data * fsdp == num_devices."""
+    if data == -1 and fsdp == -1:
+        raise MeshError("config.mesh.data and config.mesh.fsdp cannot both be -1; set one of them")
+    if data == -1 or fsdp == -1:
+        known = fsdp if data == -1 else data
+        if known < 1 or num_devices % known:
+            raise MeshError(f"config.mesh: {known} does not divide the {num_devices} devices; "
+                            f"use a divisor of {num_devices}")
+        return (num_devices // known, known) if data == -1 else (known, num_devices // known)
+    if data < 1 or fsdp < 1 or data * fsdp != num_devices:
+        raise MeshError(f"config.mesh.data={data} x config.mesh.fsdp={fsdp} must equal the {num_devices} "
+                        "devices; set one of them to -1 to fill the rest")
+    return data, fsdp
+
+
+def make_mesh(mesh: ml_collections.ConfigDict | None = None, devices: list[jax.Device] | None = None) -> Mesh:
+    """The `(data, fsdp)` mesh of `config.mesh` (default: all devices on `data`), Auto axes.
+
+    Devices are laid out by `mesh_utils`, so on TPU slices and GPU hosts the `fsdp` axis (the one
+    with the most traffic) runs over the fastest links; on CPU it is the process-major order.
+    """
     devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    data, fsdp = mesh_shape(mesh.data if mesh else -1, mesh.fsdp if mesh else 1, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+    except (AssertionError, NotImplementedError, ValueError):  # topologies mesh_utils cannot map
+        grid = np.asarray(devices).reshape(data, fsdp)
+    return Mesh(grid, BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """Split the largest dimension that `fsdp_size` divides; replicate small or indivisible arrays."""
+    if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            return P(*([None] * dim), FSDP_AXIS)
+    return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """Shardings for every array of a (possibly abstract) train state, by the FSDP rule."""
+    fsdp_size = mesh.shape[FSDP_AXIS]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), abstract_state)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes that the largest share of `tree`'s sharded arrays occupies on one device."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
 def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's slice of the batch into one global array sharded on `data`."""
+    """Assembles each process's slice of the batch into one global array split over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
 
@@ -43,9 +112,13 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def _shardings_of(state: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
 def jit_train_step(step_fn: Callable, mesh: Mesh, state: Any) -> Callable:
-    """`step_fn(state, batch, rng)` compiled with replicated state, sharded batch, donated state."""
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
+    """`step_fn(state, batch, rng)` compiled for the state's shardings, a split batch, donated state."""
+    state_sharding = _shardings_of(state)
     return jax.jit(
         step_fn,
         in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
@@ -54,11 +127,46 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state: Any) -> Callable:
     )
 
 
+def shard_map_train_step(loss_fn: steps.LossFn, mesh: Mesh, state: Any, accum_steps: int = 1) -> Callable:
+    """The same optimiser step with the gradient computed under `shard_map` with explicit collectives.
+
+    Each device differentiates the mean loss of its own rows; `pmean` over the batch axes turns
+    that into the global-batch gradient. BatchNorm averages its statistics over the same axes
+    (`batch_axes.batch_split_over`), so normalisation and running averages are global-batch ones,
+    as under jit. `check_vma=False` keeps the gradients of the replicated parameters local (with
+    it on, JAX would already sum them over devices and the pmean would count them twice). The
+    optimiser update runs outside, on the state's own shardings.
+    """
+
+    def local_gradients(params, batch_stats, batch, rng):
+        with batch_axes.batch_split_over(BATCH_AXES):
+            grads, metrics, batch_stats = steps.loss_gradients(
+                params, batch_stats, batch, rng, loss_fn=loss_fn, accum_steps=accum_steps)
+        return jax.lax.pmean((grads, metrics, batch_stats), BATCH_AXES)
+
+    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), P(), P(BATCH_AXES), P()),
+                              out_specs=P(), check_vma=False)
+
+    def step(state, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grads, metrics, batch_stats = gradients(state.params, state.batch_stats, batch, step_rng)
+        return steps.apply_gradients(state, grads, metrics, batch_stats)
+
+    return jit_train_step(step, mesh, state)
+
+
+def make_train_step(impl: str, loss_fn: steps.LossFn, mesh: Mesh, state: Any, accum_steps: int = 1) -> Callable:
+    """The compiled train step of `config.step_impl`: 'jit' (XLA partitions) or 'shard_map'."""
+    if impl == "shard_map":
+        return shard_map_train_step(loss_fn, mesh, state, accum_steps)
+    return jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn, accum_steps=accum_steps),
+                          mesh, state)
+
+
 def jit_eval_step(step_fn: Callable, mesh: Mesh, state: Any) -> Callable:
     """`step_fn(state, batch)` compiled with replicated outputs (host-readable on every process)."""
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
     return jax.jit(
         step_fn,
-        in_shardings=(state_sharding, batch_sharding(mesh)),
+        in_shardings=(_shardings_of(state), batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from gmae_jax.models import batch_axes
 from gmae_jax.models.masking import sample_mask
 from gmae_jax.train import losses
 
@@ -37,10 +38,11 @@ def pretrain_loss(
     """Masked-patch MSE of the G-MAE model on a freshly sampled mask."""
     mask_rng, dropout_rng = jax.random.split(rng)
     images = batch["image"]
-    mask = sample_mask(mask_rng, images.shape[0], model.config.num_patches, mask_ratio)
+    mask = batch_axes.global_rows(
+        lambda rows: sample_mask(mask_rng, rows, model.config.num_patches, mask_ratio), images.shape[0])
     pred, updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, images, mask, train=True,
-        rngs={"dropout": dropout_rng}, mutable=["batch_stats"],
+        rngs={"dropout": batch_axes.per_device_key(dropout_rng)}, mutable=["batch_stats"],
     )
     target = losses.reconstruction_targets(images, model.config.patch_size, norm_pix_loss)
     loss = losses.masked_mse(pred, target, mask)
@@ -54,18 +56,67 @@ def classification_loss(
     """Label-smoothed cross-entropy of the classifier, with training accuracy."""
     logits, updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"],
+        rngs={"dropout": batch_axes.per_device_key(rng)}, mutable=["batch_stats"],
     )
     loss = losses.classification_loss(logits, batch["label"], model.num_classes, label_smoothing)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, ({"loss": loss, "accuracy": accuracy}, updates["batch_stats"])
 
 
-def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: LossFn) -> tuple[TrainState, Metrics]:
+def micro_batches(batch: Batch, count: int) -> Batch:
+    """(B, ...) -> (count, B / count, ...), micro-batch j = rows j, j + count, j + 2 count, ...
+
+    Strided rather than contiguous: each device holds a contiguous block of the batch, so every
+    micro-batch keeps rows on every device and the accumulation loop needs no resharding.
+    """
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1),
+                        batch)
+
+
+def loss_gradients(
+    params: Any, batch_stats: Any, batch: Batch, rng: jax.Array, *, loss_fn: LossFn, accum_steps: int = 1,
+) -> tuple[Any, Metrics, Any]:
+    """Gradients of the mean loss over `batch`, in `accum_steps` sequential micro-batches.
+
+    Accumulating k micro-batches gives the gradient of one batch k times larger wherever the loss
+    is a mean over examples; BatchNorm (in training mode) normalises each micro-batch by its own
+    statistics and updates its running averages once per micro-batch, as PyTorch would. Peak
+    activation memory is that of one micro-batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (_, (metrics, batch_stats)), grads = grad_fn(params, batch_stats, batch, rng)
+        return grads, metrics, batch_stats
+
+    def accumulate(carry, indexed_micro_batch):
+        grad_sum, metric_sum, stats = carry
+        index, micro_batch = indexed_micro_batch
+        (_, (metrics, stats)), grads = grad_fn(params, stats, micro_batch, jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, metric_sum, metrics), stats), None
+
+    stacked = micro_batches(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], stacked)
+    metric_shapes = jax.eval_shape(lambda: grad_fn(params, batch_stats, first, rng)[0][1][0])
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes), batch_stats)
+    (grad_sum, metric_sum, batch_stats), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(accum_steps), stacked))
+    scale = lambda tree: jax.tree.map(lambda x: x / accum_steps, tree)  # noqa: E731
+    return scale(grad_sum), scale(metric_sum), batch_stats
+
+
+def train_step(
+    state: TrainState, batch: Batch, rng: jax.Array, *, loss_fn: LossFn, accum_steps: int = 1,
+) -> tuple[TrainState, Metrics]:
     """One optimiser step. The step's randomness is `fold_in(rng, step)`: a resumed run repeats it."""
     step_rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, step_rng)
+    grads, metrics, batch_stats = loss_gradients(
+        state.params, state.batch_stats, batch, step_rng, loss_fn=loss_fn, accum_steps=accum_steps)
+    return apply_gradients(state, grads, metrics, batch_stats)
+
+
+def apply_gradients(state: TrainState, grads: Any, metrics: Metrics, batch_stats: Any) -> tuple[TrainState, Metrics]:
+    """The optimiser update and the step's reported metrics (shared by the jit and shard_map steps)."""
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 

@@ -3,7 +3,6 @@ state, checkpoint, loop. What differs between the stages comes in as a `Task`.""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -55,9 +54,16 @@ def create_state(
                                        batch_stats=variables.get("batch_stats", {}))
 
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    state_sharding = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
     return jax.jit(init, out_shardings=state_sharding)(rng), schedule
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's `config.mesh` over all devices; a shape that does not fit is a config error."""
+    try:
+        return sharding.make_mesh(config.mesh)
+    except sharding.MeshError as error:
+        raise config_lib.ConfigError(str(error)) from None
 
 
 def host_state(state: steps.TrainState) -> steps.TrainState:
@@ -96,13 +102,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     """Trains `task` to `config.total_steps` (resuming from `workdir` if it holds checkpoints) and
     returns the final evaluation metrics."""
     # --- Mesh -----------------------------------------------------------------------------------
-    mesh = sharding.make_mesh()
-    if config.batch_size % mesh.size:
+    mesh = make_mesh(config)
+    per_step = mesh.size * config.grad_accum_steps
+    if config.batch_size % per_step:
         raise config_lib.ConfigError(
-            f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices; "
-            f"use a multiple of {mesh.size}")
-    logging.info("mesh: %d devices (%s), %d process(es)", mesh.size, jax.devices()[0].platform,
-                 jax.process_count())
+            f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices x "
+            f"config.grad_accum_steps={config.grad_accum_steps}; use a multiple of {per_step}")
+    logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].platform, jax.process_count(), config.step_impl)
 
     # --- Input pipeline -------------------------------------------------------------------------
     write_run_files(config, workdir, task.class_names)
@@ -116,8 +123,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     # --- Model, optimiser and checkpoint --------------------------------------------------------
     state, schedule = create_state(task.model, task.init_inputs, config, mesh, steps_total)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("%s: %.2f M parameters, %d steps of %d images", task.name, num_params / 1e6,
-                 steps_total, config.batch_size)
+    logging.info("%s: %.2f M parameters, %d steps of %d images; per device: %.1f MB of parameters + "
+                 "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, config.batch_size,
+                 sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     manager = checkpoint.make_manager(checkpoint_dir, config.keep_checkpoints)
     last_saved = manager.latest_step()
@@ -127,7 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     elif config.get("init_from"):
         state = load_pretrained_encoder(state, config.init_from)
 
-    train_step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=task.loss_fn), mesh, state)
+    train_step = sharding.make_train_step(config.step_impl, task.loss_fn, mesh, state, config.grad_accum_steps)
     eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)
     rng = jax.random.key(config.seed + 1)
 

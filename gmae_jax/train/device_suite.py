@@ -1,0 +1,219 @@
+"""The one-call accelerator benchmark: `python -m gmae_jax.bench --suite=device`.
+
+Built for a short loan of a GPU or TPU: the cheapest cases run first, every row is printed the
+moment it is measured (a cut-off run still leaves numbers), and cases that would start after the
+time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
+(forward, backward, AdamW), peak device memory, model FLOPs per image from the compiled step's own
+cost analysis, and MFU against the device's peak. A batch that does not fit is halved and retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gmae_jax import config_lib
+from gmae_jax.models.gmae import GMAE, GMAEClassifier
+from gmae_jax.models.presets import MASK_MODES, model_config
+from gmae_jax.train import sharding, steps, trainer
+
+NUM_CLASSES = 18
+# Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on NVIDIA by default).
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float32": 60e12},
+    "TPU v6": {"bfloat16": 918e12, "float32": 918e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5": {"bfloat16": 197e12, "float32": 197e12},  # v5e / v5 lite
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    preset: str
+    stage: str  # 'pretrain' or 'finetune'
+    dtype: str = "bfloat16"
+    mask_mode: str = "encoder"
+    remat: str = "none"
+    batch_size: int = 128
+    img_size: int = 224
+
+    @property
+    def name(self) -> str:
+        mask = f" {self.mask_mode}" if self.stage == "pretrain" else ""
+        remat = f" remat={self.remat}" if self.remat != "none" else ""
+        return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}"
+
+
+def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_size: int = 224,
+                  batch_sizes: Sequence[int] = (256, 128, 64)) -> list[Case]:
+    """Cheapest first: per preset f32 vs bf16, dense vs sparse masking (when available), remat."""
+    sparse = "sparse" in MASK_MODES
+    cases = []
+    for preset, batch in zip(presets, batch_sizes):
+        big = preset == "reference"
+        remat = "block" if big else "none"
+        common = dict(preset=preset, batch_size=batch, img_size=img_size)
+        cases.append(Case(stage="pretrain", dtype="bfloat16", remat=remat, **common))
+        cases.append(Case(stage="pretrain", dtype="float32", remat=remat, **common))
+        if sparse:
+            cases.append(Case(stage="pretrain", mask_mode="sparse", remat=remat, **common))
+        cases.append(Case(stage="pretrain", remat="fine" if big else "block", **common))
+        cases.append(Case(stage="finetune", remat=remat, **common))
+    return cases
+
+
+def peak_flops(device: jax.Device, dtype: str) -> float | None:
+    kind = device.device_kind
+    for name, peaks in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peaks[dtype]
+    return None
+
+
+def _setup(case: Case, mesh: jax.sharding.Mesh):
+    overrides = dict(img_size=case.img_size, dtype=case.dtype, mask_mode=case.mask_mode, remat=case.remat)
+    fields = config_lib.model_config(case.preset, **overrides)
+    gmst = model_config(fields)
+    optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05,
+                                           b1=0.9, b2=0.999, grad_clip=1.0, layer_decay=1.0))
+    run = ml_collections.ConfigDict(dict(optim=optim, model=fields, seed=0))
+    image = jnp.zeros((1, gmst.img_size, gmst.img_size, 3))
+    if case.stage == "pretrain":
+        model = GMAE(gmst)
+        init_inputs = (image, jnp.zeros((1, gmst.num_patches), bool))
+        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=0.75, norm_pix_loss=False)
+    else:
+        model = GMAEClassifier(gmst, NUM_CLASSES)
+        init_inputs = (image,)
+        loss_fn = functools.partial(steps.classification_loss, model=model, label_smoothing=0.1)
+    state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
+    return state, sharding.make_train_step("jit", loss_fn, mesh, state)
+
+
+def _random_batch(case: Case, batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """A batch made on the devices, so host transfers are not part of what is timed."""
+    shape = (batch_size, case.img_size, case.img_size, 3)
+    out = sharding.batch_sharding(mesh)
+    make = jax.jit(lambda key: {"image": jax.random.normal(key, shape),
+                                "label": jax.random.randint(key, (batch_size,), 0, NUM_CLASSES)},
+                   out_shardings=out)
+    return make(jax.random.key(0))
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, float]:
+    """Compile and time one case at its batch size; raises on out-of-memory."""
+    state, step = _setup(case, mesh)
+    batch = _random_batch(case, case.batch_size, mesh)
+    rng = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    state, metrics = compiled(state, batch, rng)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / num_steps
+    stats = jax.devices()[0].memory_stats() or {}
+    planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
+        - memory.alias_size_in_bytes if memory else 0
+    del state
+    return {
+        "batch": case.batch_size,
+        "compile_s": compile_s,
+        "img_per_s": case.batch_size / seconds,
+        "step_ms": seconds * 1e3,
+        "peak_gb": stats.get("peak_bytes_in_use", planned) / 1e9,
+        # Per device program; times devices and divided by the global batch = FLOPs per image.
+        "flops_per_img": float(cost.get("flops", 0.0)) * mesh.size / case.batch_size,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, float]:
+    """`measure` at the case's batch, halving it while the device runs out of memory."""
+    while True:
+        try:
+            return measure(case, mesh, num_steps)
+        except Exception as error:  # XLA reports OOM as a runtime error of its own type
+            if not _is_out_of_memory(error) or case.batch_size <= mesh.size:
+                raise
+            case = dataclasses.replace(case, batch_size=case.batch_size // 2)
+
+
+HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(case: Case, result: dict[str, float], model_flops_per_img: float, device: jax.Device,
+               num_devices: int) -> str:
+    peak = peak_flops(device, case.dtype)
+    mfu = (f"{100 * model_flops_per_img * result['img_per_s'] / (peak * num_devices):.1f} %"
+           if peak and model_flops_per_img else "n/a")
+    return (f"| {case.name} | {result['batch']} | {result['compile_s']:.1f} | {result['img_per_s']:.1f} | "
+            f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {model_flops_per_img / 1e9:.2f} | {mfu} |")
+
+
+def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10) -> Iterator[str]:
+    """Yields the table line by line (header first); stops starting cases after `budget_s`.
+
+    MFU counts model FLOPs: for a remat case, those of the same model without remat (the
+    recomputation is overhead, not useful work) when that case ran before it.
+    """
+    started = time.perf_counter()
+    mesh = sharding.make_mesh()
+    device = jax.devices()[0]
+    yield f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}"
+    yield HEADER
+    model_flops: dict[tuple, float] = {}
+    skipped = []
+    for case in cases:
+        if time.perf_counter() - started > budget_s:
+            skipped.append(case.name)
+            continue
+        try:
+            result = measure_fitting(case, mesh, num_steps)
+        except Exception as error:  # one broken case must not cost the rest of the loan
+            yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} |"
+            continue
+        key = (case.preset, case.stage, case.mask_mode, case.img_size)
+        if case.remat == "none":
+            model_flops[key] = result["flops_per_img"]
+        yield format_row(case, result, model_flops.get(key, result["flops_per_img"]), device, mesh.size)
+    if skipped:
+        yield f"skipped (over the {budget_s:.0f} s budget): {', '.join(skipped)}"
+    yield f"total {time.perf_counter() - started:.0f} s"
+
+
+def main_suite(presets: Sequence[str], img_size: int, batch_sizes: Sequence[int], budget_s: float,
+               num_steps: int) -> list[str]:
+    lines = []
+    for line in run_suite(default_cases(presets, img_size, batch_sizes), budget_s, num_steps):
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
+def batch_sizes_for(presets: Sequence[str], requested: Sequence[int]) -> list[int]:
+    """One batch size per preset; a single value applies to all."""
+    sizes = list(requested) or [128]
+    return sizes * len(presets) if len(sizes) == 1 else sizes

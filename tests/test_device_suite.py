@@ -1,0 +1,52 @@
+"""The accelerator benchmark suite runs end to end on CPU (its numbers go to BENCHMARKS.md)."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from gmae_jax.train import device_suite
+from gmae_jax.train.device_suite import Case
+
+
+def test_suite_prints_a_markdown_row_per_case():
+    cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32),
+             Case("micro", "finetune", remat="block", batch_size=8, img_size=32)]
+    lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
+    assert lines[1] == device_suite.HEADER
+    rows = [line for line in lines if line.startswith("| micro")]
+    assert len(rows) == 2, lines
+    cells = rows[0].strip("|").split("|")
+    assert cells[0].strip() == "micro pretrain float32 encoder" and int(cells[1]) == 8
+    assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
+    assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
+    assert lines[-1].startswith("total")
+
+
+def test_cases_after_the_budget_are_listed_as_skipped():
+    cases = [Case("micro", "pretrain", batch_size=8, img_size=32)] * 2
+    lines = list(device_suite.run_suite(cases, budget_s=-1, num_steps=1))
+    assert any(line.startswith("skipped") and line.count("micro pretrain") == 2 for line in lines)
+
+
+def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
+    tried = []
+
+    def fake_measure(case, mesh, num_steps):
+        tried.append(case.batch_size)
+        if case.batch_size > 32:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return {"batch": case.batch_size}
+
+    monkeypatch.setattr(device_suite, "measure", fake_measure)
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    assert device_suite.measure_fitting(Case("small", "pretrain", batch_size=128), mesh, 1) == {"batch": 32}
+    assert tried == [128, 64, 32]
+
+
+def test_cheapest_cases_come_first_and_mfu_uses_the_device_peak():
+    cases = device_suite.default_cases()
+    assert [c.preset for c in cases] == sorted([c.preset for c in cases], key=["small", "base", "reference"].index)
+    assert all(c.remat != "none" for c in cases if c.preset == "reference")
+    fake = dataclasses.make_dataclass("Device", ["device_kind"])("NVIDIA H100 80GB HBM3")
+    assert device_suite.peak_flops(fake, "bfloat16") == pytest.approx(989e12)
