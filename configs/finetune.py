@@ -20,6 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Checkpoints folder of a pretraining run; '' trains from scratch.
     config.init_from = ""
     config.label_smoothing = 0.1
+    # Linear probing: train only the head on a frozen encoder (the original froze it for good;
+    # here it is a choice, and the standard cheap measure of what pretraining learned).
+    config.freeze_encoder = False
 
     config.data = config_lib.data_config("data/finetune_dataset", crop_scale_min=0.35)
 

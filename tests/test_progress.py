@@ -33,3 +33,15 @@ def test_progress_line_reports_throughput_and_eta():
 def test_non_finite_metric_names_the_step_and_last_checkpoint():
     with pytest.raises(FloatingPointError, match="grad_norm became non-finite at step 9; no checkpoint"):
         progress.check_finite({"grad_norm": float("inf")}, 9, "/w/checkpoints", None)
+
+
+def test_a_cut_off_last_line_is_dropped_with_a_warning_naming_the_file(tmp_path, caplog):
+    first = progress.MetricsWriter(str(tmp_path))
+    for step in (1, 2):
+        first.write({"step": step, "loss": float(step)})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 3, "lo')  # killed in the middle of a write
+    resumed = progress.MetricsWriter(str(tmp_path), start_step=2)
+    resumed.write({"step": 3, "loss": 3.0})
+    assert read(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0}]
+    assert f"{path} line 3 is not a whole metrics record" in caplog.text

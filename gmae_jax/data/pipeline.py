@@ -8,7 +8,11 @@ indices into the source, so an unreadable image can be replaced by the next one.
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import functools
 import math
+import os
+import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -23,6 +27,7 @@ from gmae_jax.data.class_folders import Example
 # that would hold hundreds of batches in memory in every worker. Two in flight keep the
 # consumer fed; workers (num_workers) are where the real parallelism comes from.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+_PARENT_POLL_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +124,29 @@ def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """grain worker init: a watchdog thread ends this worker once process `parent` is gone.
+
+    A killed trainer (`kill -9`, the OOM killer) cannot stop its workers, which would live on
+    under PID 1 holding their memory. The parent's PID is taken in the parent, so a worker that
+    finishes starting after the trainer died exits at once. Polling works on every POSIX system,
+    unlike Linux's parent-death signal, which also fires when the thread that started it exits.
+    """
+    del worker_index, worker_count
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     ds = ds.to_iter_dataset(read_options=_READ_OPTIONS)
     if num_workers > 0:
-        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                              worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
     return ds
 
 

@@ -154,6 +154,9 @@ class GMAEClassifier(nn.Module):
         tokens, height, width = self.encoder.embed(images)
         return self.encoder.encode(tokens + self.pos_embed, height, width, train)
 
+    def classify(self, features: jax.Array) -> jax.Array:
+        """Logits (B, num_classes) from encoder features: mean over tokens -> LN -> Linear."""
+        return self.head(self.head_norm(features.mean(axis=1))).astype(jnp.float32)
+
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        pooled = self.features(images, train).mean(axis=1)
-        return self.head(self.head_norm(pooled)).astype(jnp.float32)
+        return self.classify(self.features(images, train))

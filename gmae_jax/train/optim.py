@@ -50,12 +50,14 @@ def layer_ids(params: PyTree, depth: int) -> PyTree:
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int, depth: int
+    optim: ml_collections.ConfigDict, total_steps: int, depth: int, frozen: tuple[str, ...] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns the optimiser and its (undecayed) learning-rate schedule for logging.
 
     Masks and layer labels are functions of the parameter tree, so the optimiser can be built
-    before the parameters exist (they are created already sharded).
+    before the parameters exist (they are created already sharded). Top-level parameter groups
+    named in `frozen` (linear probing: the encoder) are never updated, decayed or counted in the
+    clipping norm.
     """
     schedule = learning_rate_schedule(optim, total_steps)
 
@@ -77,4 +79,9 @@ def make_optimizer(
     else:
         update = adamw(1.0)
     chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    return optax.chain(*chain, update), schedule
+    trained = optax.chain(*chain, update)
+    if not frozen:
+        return trained, schedule
+    labels = lambda params: {name: jax.tree.map(lambda _: "frozen" if name in frozen else "trained", group)  # noqa: E731
+                             for name, group in params.items()}
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, labels), schedule

@@ -23,14 +23,39 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.lines: list[str] = []
         if self.enabled and self.path.exists():
-            self.lines = [line for line in self.path.read_text().splitlines()
-                          if line and json.loads(line)["step"] <= start_step]
+            self.lines = [line for line, record in _readable_records(self.path)
+                          if record["step"] <= start_step]
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.lines.append(json.dumps(record, sort_keys=True))
         self.path.write_text("\n".join(self.lines) + "\n")
+
+
+def _metrics_record(line: str) -> dict[str, Any] | None:
+    """The record on one line of metrics.jsonl, or None where the line is not a whole record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def _readable_records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every whole record; a line cut off by a kill mid-write (or any other
+    unreadable line) is dropped with a warning that names the file, never a JSONDecodeError."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _metrics_record(line)
+        if record is None:
+            logging.warning("%s line %d is not a whole metrics record (cut off by a kill?); dropped it",
+                            path, number)
+        else:
+            records.append((line, record))
+    return records
 
 
 def format_duration(seconds: float) -> str:

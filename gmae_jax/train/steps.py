@@ -51,16 +51,28 @@ def pretrain_loss(
 
 def classification_loss(
     params: Any, batch_stats: Any, batch: Batch, rng: jax.Array, *,
-    model: nn.Module, label_smoothing: float,
+    model: nn.Module, label_smoothing: float, freeze_encoder: bool = False,
 ) -> tuple[jax.Array, tuple[Metrics, Any]]:
-    """Label-smoothed cross-entropy of the classifier, with training accuracy."""
-    logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["image"], train=True,
-        rngs={"dropout": batch_axes.per_device_key(rng)}, mutable=["batch_stats"],
-    )
+    """Label-smoothed cross-entropy of the classifier, with training accuracy.
+
+    `freeze_encoder` is linear probing: the encoder runs as in evaluation (BatchNorm on its
+    running averages, no dropout) behind a stop_gradient, so only the head learns and XLA skips
+    the encoder's backward pass; the optimiser leaves the encoder's parameters untouched.
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+    if freeze_encoder:
+        features = model.apply(variables, batch["image"], train=False, method=model.features)
+        logits = model.apply(variables, jax.lax.stop_gradient(features), method=model.classify)
+        new_batch_stats = batch_stats
+    else:
+        logits, updates = model.apply(
+            variables, batch["image"], train=True,
+            rngs={"dropout": batch_axes.per_device_key(rng)}, mutable=["batch_stats"],
+        )
+        new_batch_stats = updates["batch_stats"]
     loss = losses.classification_loss(logits, batch["label"], model.num_classes, label_smoothing)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, ({"loss": loss, "accuracy": accuracy}, updates["batch_stats"])
+    return loss, ({"loss": loss, "accuracy": accuracy}, new_batch_stats)
 
 
 def micro_batches(batch: Batch, count: int) -> Batch:

@@ -25,6 +25,10 @@ from gmae_jax.train.progress import MetricsWriter, Progress, check_finite
 from gmae_jax.train.tasks import Task, load_pretrained_encoder
 
 
+# What linear probing (config.freeze_encoder) keeps fixed: everything but the classifier head.
+FROZEN_BY_LINEAR_PROBING = ("encoder", "pos_embed")
+
+
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -46,7 +50,8 @@ def create_state(
     mesh: jax.sharding.Mesh, steps_total: int,
 ) -> tuple[steps.TrainState, optax.Schedule]:
     """Initialises parameters and optimiser state directly with their shardings (no host copy)."""
-    tx, schedule = make_optimizer(config.optim, steps_total, config.model.depth)
+    frozen = FROZEN_BY_LINEAR_PROBING if config.get("freeze_encoder") else ()
+    tx, schedule = make_optimizer(config.optim, steps_total, config.model.depth, frozen)
 
     def init(rng: jax.Array) -> steps.TrainState:
         variables = model.init({"params": rng, "dropout": rng}, *init_inputs, train=False)
