@@ -47,8 +47,13 @@ def batches(n, size, num_classes=4, batch_size=16, repeat=False):
 
 
 def run_steps(stage, mesh_shape=(1, 1), impl="jit", accum_steps=1, num_batches=3, loss_fn=None,
-              repeat=False, **model_overrides):
+              repeat=False, lr=None, **model_overrides):
+    """Trains a few steps. The default small learning rate keeps parity exact: AdamW's first steps
+    move every parameter by ~lr whatever its gradient, so float noise in the zero gradients of conv
+    biases before a BatchNorm would flip signs at a large one. `lr` is for loss-falls checks."""
     config, model, init_inputs, default_loss = stage_setup(stage, **model_overrides)
+    if lr is not None:
+        config.optim.update(lr=lr, warmup_steps=0)
     data, fsdp = mesh_shape
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)),
                               jax.devices()[: data * fsdp])
@@ -166,17 +171,17 @@ def running_average_loss(params, batch_stats, batch, rng, *, model):
 def test_accumulated_micro_batches_equal_one_large_batch(impl="jit"):
     _, model, _, _ = stage_setup("finetune")
     loss_fn = functools.partial(running_average_loss, model=model)
-    params, _, losses, _ = run_steps("finetune", (8, 1), impl, loss_fn=loss_fn, repeat=True)
+    params, _, losses, _ = run_steps("finetune", (8, 1), impl, loss_fn=loss_fn, repeat=True, lr=1e-3)
     accumulated, _, accumulated_losses, _ = run_steps("finetune", (2, 1), impl, accum_steps=4, loss_fn=loss_fn,
-                                                      repeat=True)
+                                                      repeat=True, lr=1e-3)
     np.testing.assert_allclose(accumulated_losses, losses, rtol=1e-5)
     assert losses[-1] < losses[0]
-    assert_trees_close(accumulated, params, rtol=1e-4, atol=1e-6)
+    assert_trees_close(accumulated, params)
 
 
 def test_accumulation_trains_the_pretraining_model():
-    _, _, losses, state = run_steps("pretrain", (2, 1), accum_steps=4, num_batches=4, repeat=True)
-    assert int(state.step) == 4 and losses[-1] < losses[0]
+    _, _, losses, state = run_steps("pretrain", (2, 1), accum_steps=4, num_batches=6, repeat=True, lr=2e-3)
+    assert int(state.step) == 6 and losses[-1] < losses[0]
 
 
 def test_micro_batches_are_strided_so_every_device_keeps_rows():
