@@ -10,7 +10,7 @@ import pytest
 
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
-from gmae_jax.models.presets import model_config
+from gmae_jax.models.presets import gmst_config
 from gmae_jax.train import sharding, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -43,7 +43,7 @@ def test_eight_devices_match_one_device(stage):
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), stage, "runlocal")
     config.model.attention_dropout = 0.0  # dropout masks are drawn per shard layout; keep it exact
-    gmst = model_config(config.model)
+    gmst = gmst_config(config.model)
     image = jnp.zeros((1, gmst.img_size, gmst.img_size, 3))
     if stage == "pretrain":
         model = GMAE(gmst)
@@ -52,7 +52,7 @@ def test_eight_devices_match_one_device(stage):
     else:
         model = GMAEClassifier(gmst, 4)
         init_inputs = (image,)
-        loss_fn = functools.partial(steps.classification_loss, model=model, label_smoothing=0.1)
+        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
     data = batches(3, gmst.img_size)
     one = run_steps(model, init_inputs, loss_fn, config, jax.devices()[:1], data)
     eight = run_steps(model, init_inputs, loss_fn, config, jax.devices(), data)
