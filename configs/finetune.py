@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "finetune", arg.model,
         loop=schema.LoopConfig(num_epochs=100.0, best_metric="accuracy", best_mode="max"),
         optim=schema.OptimConfig(warmup_steps=500, weight_decay=0.01, layer_decay=0.75),
-        data=config_lib.data_section("data/finetune_dataset", crop_scale_min=0.35))
+        data=config_lib.data_section("data/finetune_dataset"))
     config.num_classes = 18  # HaGRID v1 gestures, as the original; must match the class folders
     # Workdir (or its checkpoints folder) of a pretraining run; '' trains from scratch.
     config.init_from = ""

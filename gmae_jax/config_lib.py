@@ -55,10 +55,10 @@ def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
 model_config = model_section
 
 
-def data_section(root: str, crop_scale_min: float) -> ml_collections.ConfigDict:
-    """The `config.data` section of the training stages (defaults: `schema.DataConfig`)."""
-    aug = schema.AugmentConfig(crop_scale_min=crop_scale_min)
-    return schema.to_config_dict(schema.DataConfig(root=root, aug=aug))
+def data_section(root: str, **aug: Any) -> ml_collections.ConfigDict:
+    """The `config.data` section of the training stages (defaults: `schema.DataConfig`), with the
+    augmentation fields in `aug` changed."""
+    return schema.to_config_dict(schema.DataConfig(root=root, aug=schema.AugmentConfig(**aug)))
 
 
 def training_config(stage: str, preset: str, loop: schema.LoopConfig, optim: schema.OptimConfig,

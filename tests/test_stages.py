@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -234,3 +235,13 @@ def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path):
     assert str(tree.images_root / "call" / "notes.txt") in reasons
     pixels = views.predict_view(items[0].path, "hand_crop", 32, items[0].box)
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+
+
+def test_readme_places_every_module_and_every_placed_file_exists():
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = text.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    mentioned = set(re.findall(r"([\w]+\.py)\b", block))
+    modules = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "gmae_jax", "**", "*.py"), recursive=True)}
+    assert modules - {"__init__.py"} <= mentioned, "modules missing from the README's 'Where things live'"
+    assert mentioned - {"__init__.py"} <= modules, "the README names files that do not exist"
+    assert set(re.findall(r"(?m)^configs/ .*: (.*)$", block)[0].split(", ")) == set(stages.STAGES)

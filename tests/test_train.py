@@ -154,3 +154,15 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint():
     with pytest.raises(FloatingPointError, match="loss became non-finite at step 7; the last good checkpoint is step 5"):
         progress.check_finite({"loss": float("nan"), "lr": 0.1}, 7, "/w/checkpoints", 5)
     progress.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
+
+
+@pytest.mark.slow
+def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstructions(pretrained, tmp_path, capsys):
+    workdir, _, final = pretrained
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.update(checkpoint_dir=workdir, checkpoint="best", num_workers=0, batch_size=32)
+    result = evaluate_stage.run(evaluate, str(tmp_path))
+    assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)  # the same fixed evaluation masks
+    assert result["checkpoint_step"] == 30
+    assert "masked-patch MSE" in capsys.readouterr().out
+    assert Image.open(tmp_path / "reconstructions.png").size == ((4 * 34 + 2) * 4, (8 * 34 + 2) * 4)
