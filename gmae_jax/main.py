@@ -27,13 +27,17 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many devices (several CPU processes on one machine).")
 
 class _QuietLibraries(pylogging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the progress output (warnings still pass, except
-    the one for each checkpoint saved between evaluations, which has no metric to rank by design)."""
+    """Keeps orbax's per-save INFO chatter out of the progress output. Warnings still pass, except
+    those about what is so by design: checkpoints saved between evaluations carry no metric, and
+    evaluate / predict open the checkpoints read-only."""
+
+    _EXPECTED = ("did not provide metrics", "read_only=True", "is read only")
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         if "/orbax/" not in record.pathname:
             return True
-        return record.levelno >= pylogging.WARNING and "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return record.levelno >= pylogging.WARNING and not any(text in message for text in self._EXPECTED)
 
 
 def main(argv: list[str]) -> None:
