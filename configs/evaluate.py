@@ -1,11 +1,11 @@
-"""Evaluates the latest checkpoint of a pretrain or finetune workdir on its validation split.
+"""Evaluates a checkpoint of a pretrain or finetune workdir on its validation split.
 
   python -m gmae_jax.main --config=configs/evaluate.py --workdir=/tmp/eval \
-      --config.checkpoint_dir=/tmp/finetune
+      --config.checkpoint_dir=/tmp/finetune [--config.checkpoint=best]
 
 The model and data settings are read from CHECKPOINT_DIR/config.json; override the data with
 --config.data_root / --config.split. Writes eval_metrics.json, and a confusion matrix (classifier)
-or reconstructions (pretraining) as PNG.
+or reconstructions (pretraining) as PNG. The training split is never opened.
 """
 
 import ml_collections
@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stage = "evaluate"
     config.checkpoint_dir = ""  # workdir of a pretrain or finetune run
+    config.checkpoint = "latest"  # 'latest', 'best' (by the run's config.best_metric) or a step
     config.data_root = ""  # '' = the run's own config.data.root
     config.split = ""  # '' = the run's own eval split
     config.batch_size = 64

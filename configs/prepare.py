@@ -9,6 +9,9 @@ every person on one side: pretrain / fine-tune 70 / 30 as the original, then tra
 
 import ml_collections
 
+from gmae_jax import schema
+from gmae_jax.data.prepare import StoreView
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg  # no variants
@@ -27,11 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'full_frame': frames with shorter side image_side (train with data.mode full_frame or
     # hand_crop); 'hand_crop': crop_size squares around the gesture box at crop_scale_max, so
     # every training crop (scale 1..crop_scale_max) fits inside (train with data.mode hand_crop).
-    config.view = "full_frame"
-    config.image_side = 256
-    config.crop_size = 320
-    config.crop_scale_max = 2.0  # keep equal to the training config.data.crop_scale_max
-    config.jpeg_quality = 90
+    # view, image_side, crop_size, crop_scale_max (keep equal to the training
+    # config.data.crop_scale_max), jpeg_quality: defaults in gmae_jax.data.prepare.StoreView.
+    config.update(schema.fields_of(StoreView()))
 
     config.records_per_shard = 1000  # ~30-60 MB shards at 256 px
     config.num_workers = 0  # processes for decoding and writing; 0 = all cores

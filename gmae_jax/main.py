@@ -9,8 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import config_lib, demo, distributed, stages
-from gmae_jax.data import prepare
+from gmae_jax import config_lib, distributed, stages
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.train.preemption import Preempted
 
@@ -27,20 +26,18 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool(
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many devices (several CPU processes on one machine).")
 
-STAGE_FUNCTIONS = {
-    "pretrain": stages.pretrain,
-    "finetune": stages.finetune,
-    "evaluate": stages.evaluate,
-    "demo": demo.run,
-    "prepare": prepare.prepare,
-}
-
-
 class _QuietLibraries(pylogging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the progress output (warnings still pass)."""
+    """Keeps orbax's per-save INFO chatter out of the progress output. Warnings still pass, except
+    those about what is so by design: checkpoints saved between evaluations carry no metric, and
+    evaluate / predict open the checkpoints read-only."""
+
+    _EXPECTED = ("did not provide metrics", "read_only=True", "is read only")
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        message = record.getMessage()
+        return record.levelno >= pylogging.WARNING and not any(text in message for text in self._EXPECTED)
 
 
 def main(argv: list[str]) -> None:
@@ -52,10 +49,10 @@ def main(argv: list[str]) -> None:
         distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,
                                num_cpu_devices=_NUM_CPU_DEVICES.value)
-        config_lib.validate(config)
+        stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
-        STAGE_FUNCTIONS[config.stage](config, _WORKDIR.value)
+        stages.run(config, _WORKDIR.value)
     except (config_lib.ConfigError, DataLayoutError, distributed.DistributedSetupError) as error:
         # A mistake in the config, the data folder or the job flags: one line that says what to change.
         sys.exit(f"error: {error}")

@@ -27,8 +27,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def reconstruction_rows(
     images: np.ndarray, mask: np.ndarray, pred: np.ndarray, patch_size: int, norm_pix_loss: bool
 ) -> np.ndarray:
-    """(N, 3, H, W, 3) float images: original | masked input | reconstruction with visible patches
-    pasted back. Per-patch normalised predictions are mapped back with the original patch stats."""
+    """(N, 4, H, W, 3) float images: original | masked input | reconstruction (every patch as
+    predicted) | reconstruction with the visible patches pasted back. Per-patch normalised
+    predictions are mapped back with the original patch stats."""
     target = np.asarray(patchify(images, patch_size))
     pred = np.asarray(pred)
     if norm_pix_loss:
@@ -37,12 +38,13 @@ def reconstruction_rows(
         pred = pred * std + mean
     masked_patches = mask[..., None]
     masked_input = np.asarray(unpatchify(np.where(masked_patches, 0.0, target), patch_size))
+    predicted = np.asarray(unpatchify(pred, patch_size))
     pasted = np.asarray(unpatchify(np.where(masked_patches, pred, target), patch_size))
-    return np.stack([images, masked_input, pasted], axis=1)
+    return np.stack([images, masked_input, predicted, pasted], axis=1)
 
 
 def save_reconstructions(rows: np.ndarray, path: str, scale: int = 4) -> None:
-    """Writes a grid with one example per row: original, masked input, reconstruction."""
+    """Writes a grid with one example per row and one column per picture of `reconstruction_rows`."""
     n, cols, h, w, _ = rows.shape
     tiles = to_uint8(rows)
     pad = 2

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, stages
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -42,7 +42,7 @@ def pretrain_config(tmp_path):
 
 
 def test_valid_config_passes(pretrain_config):
-    config_lib.validate(pretrain_config)
+    stages.validate(pretrain_config)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -61,7 +61,7 @@ def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message
     section, _, name = field.rpartition(".")
     (pretrain_config[section] if section else pretrain_config)[name] = value
     with pytest.raises(config_lib.ConfigError, match=message) as error:
-        config_lib.validate(pretrain_config)
+        stages.validate(pretrain_config)
     assert "\n" not in str(error.value)
 
 
@@ -70,11 +70,11 @@ def test_finetune_class_count_is_validated(tmp_path):
     config.data.root = str(tmp_path)
     config.num_classes = 1
     with pytest.raises(config_lib.ConfigError, match="num_classes=1 must be at least 2"):
-        config_lib.validate(config)
+        stages.validate(config)
 
 
 def test_demo_config_validates_without_its_data():
     config = load("demo")
-    config_lib.validate(config)
+    stages.validate(config)
     assert config.finetune.num_classes == len(config.dataset.classes) == 4
     assert config.pretrain.model.preset == config.finetune.model.preset == "mini"

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from gmae_jax import schema
 from gmae_jax.data import pipeline
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.transforms import ImageDecodeError
@@ -41,7 +42,7 @@ def _train(examples, num_workers=0, seed=0, global_batch_size=4, **kwargs):
         image_size=IMAGE_SIZE,
         global_batch_size=global_batch_size,
         seed=seed,
-        aug=kwargs.pop("aug", pipeline.AugmentConfig()),
+        aug=kwargs.pop("aug", schema.AugmentConfig()),
         num_workers=num_workers,
         **kwargs,
     )

@@ -12,11 +12,11 @@ import sys
 
 from absl import flags
 import hagrid_fixtures as fx
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from gmae_jax import schema
 from gmae_jax.data import crops, hagrid, pipeline, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 
@@ -28,12 +28,7 @@ V2 = hagrid.HAGRID_V2_CLASSES
 
 
 def data_config(root, **overrides):
-    config = ml_collections.ConfigDict(dict(
-        root=str(root), layout="auto", mode="full_frame", train_split="train", eval_split="val",
-        crop_scale_max=2.0, no_gesture_prob=0.0, v1_val_fraction=0.2, split_seed=0,
-        max_bad_images=100))  # fmt: skip
-    config.update(overrides)
-    return config
+    return schema.DataConfig(root=str(root), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def v2_root(tmp_path_factory):
 def _train(source, num_workers=0, batch=4, **kwargs):
     return pipeline.make_train_dataset(
         source, image_size=SIZE, global_batch_size=batch, seed=0,
-        aug=pipeline.AugmentConfig(), num_workers=num_workers, **kwargs)  # fmt: skip
+        aug=schema.AugmentConfig(), num_workers=num_workers, **kwargs)  # fmt: skip
 
 
 def _take(iterator, n):

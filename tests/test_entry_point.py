@@ -46,6 +46,8 @@ def test_demo_command_pretrains_finetunes_and_prints_accuracy(tmp_path):
         "--config.finetune.total_steps=4", "--config.pretrain.batch_size=16", "--config.finetune.batch_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fine-tuned accuracy on" in result.stdout and "(chance 0.250)" in result.stdout
+    assert "=== pretrain finished" in result.stdout and "best loss: " in result.stdout
+    assert re.search(r"best accuracy: [0-9.]+ at step 4\n", result.stdout), result.stdout
     assert "[pretrain] step 4/4" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
     for path in ("pretrain/reconstructions.png", "finetune/confusion_matrix.png", "finetune/metrics.jsonl",
                  "pretrain/config.json", "finetune/classes.json", "data/finetune_dataset/.complete"):

@@ -389,7 +389,7 @@ def test_hand_crop_is_a_square_containing_the_box(box, scale):
 
 def test_crop_scale_stays_in_its_range_and_varies():
     rng = np.random.default_rng(0)
-    scales = [crops.sample_crop_scale(rng) for _ in range(500)]
+    scales = [crops.sample_crop_scale(rng, 1.0, 2.0) for _ in range(500)]
     assert 1.0 <= min(scales) < 1.1 and 1.9 < max(scales) <= 2.0
     assert crops.EVAL_CROP_SCALE == 1.0
 

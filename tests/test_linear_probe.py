@@ -9,7 +9,7 @@ import numpy as np
 
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAEClassifier
-from gmae_jax.models.presets import model_config
+from gmae_jax.models.presets import gmst_config
 from gmae_jax.train import sharding, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -20,12 +20,13 @@ def test_frozen_encoder_keeps_its_parameters_and_statistics_while_the_head_learn
     config.model.depth = 1
     config.freeze_encoder = True
     config.optim.update(lr=1e-2, warmup_steps=0, weight_decay=0.1)
-    gmst = model_config(config.model)
+    gmst = gmst_config(config.model)
     model = GMAEClassifier(gmst, 4)
     mesh = sharding.make_mesh()
-    state, _ = trainer.create_state(model, (jnp.zeros((1, 32, 32, 3)),), config, mesh, steps_total=10)
+    state, _ = trainer.create_state(model, (jnp.zeros((1, 32, 32, 3)),), config, mesh, steps_total=10,
+                                    frozen=trainer.FROZEN_BY_LINEAR_PROBING)
     before = jax.device_get(state)
-    loss_fn = functools.partial(steps.classification_loss, model=model, label_smoothing=0.0, freeze_encoder=True)
+    loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.0, freeze_encoder=True)
     step = sharding.make_train_step("jit", loss_fn, mesh, state)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from gmae_jax import distributed
+from gmae_jax import distributed, schema
 from gmae_jax.data import class_folders, pipeline, synthetic
 from gmae_jax.train import checkpoint
 
@@ -108,7 +108,7 @@ def test_process_slices_assemble_the_single_process_batch(data_root):
 
     def first_batch(process_index: int, process_count: int) -> dict[str, np.ndarray]:
         dataset = pipeline.make_train_dataset(
-            examples, image_size=32, global_batch_size=16, seed=0, aug=pipeline.AugmentConfig(),
+            examples, image_size=32, global_batch_size=16, seed=0, aug=schema.AugmentConfig(),
             num_workers=0, process_index=process_index, process_count=process_count)
         return next(iter(dataset))
 

@@ -9,12 +9,11 @@ import sys
 
 from absl import flags
 import hagrid_fixtures as fx
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, schema
 from gmae_jax.data import class_folders, crops, hagrid, pipeline, prepare, records, sources, splits
 
 flags.FLAGS.mark_as_parsed()
@@ -35,11 +34,7 @@ def prepare_config(root, **overrides):
 
 
 def data_config(root, **overrides):
-    config = ml_collections.ConfigDict(dict(
-        root=str(root), layout="auto", mode="full_frame", train_split="train", eval_split="val",
-        crop_scale_max=2.0, no_gesture_prob=0.0, max_bad_images=100))  # fmt: skip
-    config.update(overrides)
-    return config
+    return schema.DataConfig(root=str(root), **overrides)
 
 
 def _tree(root):
@@ -131,7 +126,7 @@ def shard_sources(prepared):
 
 def _train(source, num_workers=0, **kwargs):
     return pipeline.make_train_dataset(
-        source, image_size=SIZE, global_batch_size=4, seed=0, aug=pipeline.AugmentConfig(),
+        source, image_size=SIZE, global_batch_size=4, seed=0, aug=schema.AugmentConfig(),
         num_workers=num_workers, **kwargs)  # fmt: skip
 
 

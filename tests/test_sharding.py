@@ -12,7 +12,7 @@ import pytest
 
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
-from gmae_jax.models.presets import model_config
+from gmae_jax.models.presets import gmst_config
 from gmae_jax.train import checkpoint, sharding, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -25,7 +25,7 @@ def stage_setup(stage: str, **model_overrides):
     config.model.attention_dropout = 0.0  # dropout masks are drawn per shard layout; keep it exact
     config.model.depth = 1  # one block of each kind: every code path, half the compile time
     config.model.update(model_overrides)
-    gmst = model_config(config.model)
+    gmst = gmst_config(config.model)
     image = jnp.zeros((1, gmst.img_size, gmst.img_size, 3))
     if stage == "pretrain":
         model = GMAE(gmst)
@@ -34,7 +34,7 @@ def stage_setup(stage: str, **model_overrides):
     else:
         model = GMAEClassifier(gmst, 4)
         init_inputs = (image,)
-        loss_fn = functools.partial(steps.classification_loss, model=model, label_smoothing=0.1)
+        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
     return config, model, init_inputs, loss_fn
 
 

@@ -10,6 +10,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from gmae_jax import schema
 from gmae_jax.data import hagrid, pipeline, splits  # noqa: E402
 from gmae_jax.data import tfds_hagrid  # noqa: E402
 
@@ -45,7 +46,7 @@ def test_data_source_feeds_the_grain_pipeline_identically_for_0_and_2_workers(bu
 
     def batches(workers):
         ds = pipeline.make_train_dataset(source, image_size=16, global_batch_size=16, seed=0,
-                                         aug=pipeline.AugmentConfig(), num_workers=workers)
+                                         aug=schema.AugmentConfig(), num_workers=workers)
         return list(itertools.islice(iter(ds), 2))
 
     zero, two = batches(0), batches(2)

@@ -6,10 +6,14 @@ import os
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from gmae_jax import config_lib, stages
+from gmae_jax import config_lib
 from gmae_jax.data import synthetic
-from gmae_jax.train import checkpoint, progress, sharding, tasks, trainer
+from gmae_jax.stages import evaluate as evaluate_stage
+from gmae_jax.stages import finetune as finetune_stage
+from gmae_jax.stages import pretrain as pretrain_stage
+from gmae_jax.train import checkpoint, init_from, progress, setup, sharding, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -37,7 +41,7 @@ def demo_root(tmp_path_factory):
 def pretrained(demo_root, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     config = stage_config("pretrain", demo_root, total_steps=30, log_every=3, eval_every=0, checkpoint_every=30)
-    metrics = stages.pretrain(config, workdir)
+    metrics = pretrain_stage.run(config, workdir)
     return workdir, config, metrics
 
 
@@ -56,17 +60,20 @@ def test_pretraining_loss_decreases_on_demo_data(pretrained):
     assert last < 0.8 * first, (first, last)
     assert all(r["img_per_sec"] > 0 and "eta_sec" in r and "lr" in r for r in train)
     assert np.isfinite(final["loss"])
-    assert os.path.getsize(os.path.join(workdir, "reconstructions.png")) > 0
+    # 8 rows of original | masked input | reconstruction | visible patches pasted back, 32 px + 2 px gaps, x4.
+    picture = Image.open(os.path.join(workdir, "reconstructions.png"))
+    assert picture.size == ((4 * 34 + 2) * 4, (8 * 34 + 2) * 4)
+    assert len(np.unique(np.asarray(picture.convert("L")))) > 16  # not blank
 
 
 def test_finetune_starts_from_pretrained_encoder(pretrained, demo_root):
     workdir, _, _ = pretrained
     config = stage_config("finetune", demo_root, num_classes=4, init_from=os.path.join(workdir, "checkpoints"))
-    task = tasks.finetune_task(config)
+    model, init_inputs = setup.build_model(config)
     mesh = sharding.make_mesh()
-    state, _ = trainer.create_state(task.model, task.init_inputs, config, mesh, 10)
+    state, _ = trainer.create_state(model, init_inputs, config, mesh, 10)
     fresh_head = jax.device_get(state.params["head"])
-    loaded = tasks.load_pretrained_encoder(state, config.init_from)
+    loaded = init_from.load_pretrained_encoder(state, config.init_from)
     saved = checkpoint.restore_params(config.init_from)
     for got, want in zip(jax.tree.leaves(jax.device_get(loaded.params["encoder"])),
                          jax.tree.leaves(saved["params"]["encoder"])):
@@ -83,15 +90,15 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
     workdir, _, _ = pretrained
     config = stage_config("finetune", demo_root, num_classes=4, init_from=os.path.join(workdir, "checkpoints"))
     config.model.depth = 3
-    task = tasks.finetune_task(config)
-    state, _ = trainer.create_state(task.model, task.init_inputs, config, sharding.make_mesh(), 10)
+    model, init_inputs = setup.build_model(config)
+    state, _ = trainer.create_state(model, init_inputs, config, sharding.make_mesh(), 10)
     with pytest.raises(config_lib.ConfigError, match="does not match config.model"):
-        tasks.load_pretrained_encoder(state, config.init_from)
+        init_from.load_pretrained_encoder(state, workdir)
 
 
 def test_finetune_rejects_wrong_num_classes(demo_root):
     with pytest.raises(config_lib.ConfigError, match="num_classes=18 but the data in .* has 4 classes"):
-        tasks.finetune_task(stage_config("finetune", demo_root, num_classes=18))
+        finetune_stage.open_data(stage_config("finetune", demo_root, num_classes=18))
 
 
 @pytest.mark.slow
@@ -100,11 +107,11 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     finetune_dir, eval_dir = str(tmp_path / "finetune"), str(tmp_path / "eval")
     config = stage_config("finetune", demo_root, num_classes=4, total_steps=6, eval_every=0,
                           checkpoint_every=6, init_from=os.path.join(workdir, "checkpoints"))
-    metrics = stages.finetune(config, finetune_dir)
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and "accuracy/palm" in metrics
+    metrics = finetune_stage.run(config, finetune_dir)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and "recall/palm" in metrics and "macro_f1" in metrics
     evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
     evaluate.checkpoint_dir, evaluate.num_workers = finetune_dir, 0
-    result = stages.evaluate(evaluate, eval_dir)
+    result = evaluate_stage.run(evaluate, eval_dir)
     assert result["accuracy"] == pytest.approx(metrics["accuracy"])
     assert result["checkpoint_step"] == 6
     assert os.path.exists(os.path.join(eval_dir, "confusion_matrix.png"))
@@ -115,7 +122,7 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
 def test_killed_run_resumes_to_the_straight_run(demo_root, tmp_path, monkeypatch):
     overrides = dict(total_steps=6, checkpoint_every=3, log_every=1, eval_every=0)
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    stages.pretrain(stage_config("pretrain", demo_root, **overrides), straight_dir)
+    pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), straight_dir)
 
     real = sharding.global_batch
     calls = []
@@ -128,9 +135,9 @@ def test_killed_run_resumes_to_the_straight_run(demo_root, tmp_path, monkeypatch
 
     monkeypatch.setattr(sharding, "global_batch", dies_on_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
-        stages.pretrain(stage_config("pretrain", demo_root, **overrides), resumed_dir)
+        pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
     monkeypatch.setattr(sharding, "global_batch", real)
-    stages.pretrain(stage_config("pretrain", demo_root, **overrides), resumed_dir)
+    pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
 
     a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
     b = checkpoint.restore_params(os.path.join(resumed_dir, "checkpoints"))
@@ -147,3 +154,15 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint():
     with pytest.raises(FloatingPointError, match="loss became non-finite at step 7; the last good checkpoint is step 5"):
         progress.check_finite({"loss": float("nan"), "lr": 0.1}, 7, "/w/checkpoints", 5)
     progress.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
+
+
+@pytest.mark.slow
+def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstructions(pretrained, tmp_path, capsys):
+    workdir, _, final = pretrained
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.update(checkpoint_dir=workdir, checkpoint="best", num_workers=0, batch_size=32)
+    result = evaluate_stage.run(evaluate, str(tmp_path))
+    assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)  # the same fixed evaluation masks
+    assert result["checkpoint_step"] == 30
+    assert "masked-patch MSE" in capsys.readouterr().out
+    assert Image.open(tmp_path / "reconstructions.png").size == ((4 * 34 + 2) * 4, (8 * 34 + 2) * 4)

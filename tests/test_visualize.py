@@ -22,8 +22,13 @@ def test_reconstruction_rows_paste_visible_patches_back(tmp_path):
     mask = np.array([[True, False, False, True]] * 2)
     pred = np.zeros((2, 4, 48), np.float32)
     rows = visualize.reconstruction_rows(images, mask, pred, 4, norm_pix_loss=False)
-    assert rows.shape == (2, 3, 8, 8, 3)
-    np.testing.assert_array_equal(rows[:, 2, :4, 4:], images[:, :4, 4:])  # patch 1 is visible
-    np.testing.assert_array_equal(rows[:, 2, :4, :4], 0.0)  # patch 0 is masked: the prediction
+    assert rows.shape == (2, 4, 8, 8, 3)
+    np.testing.assert_array_equal(rows[:, 0], images)
+    np.testing.assert_array_equal(rows[:, 1, :4, :4], 0.0)  # patch 0 is masked out of the input
+    np.testing.assert_array_equal(rows[:, 2], 0.0)  # every patch as predicted (zeros here)
+    np.testing.assert_array_equal(rows[:, 3, :4, 4:], images[:, :4, 4:])  # patch 1 is visible
+    np.testing.assert_array_equal(rows[:, 3, :4, :4], 0.0)  # patch 0 is masked: the prediction
     visualize.save_reconstructions(rows, str(tmp_path / "r.png"))
-    assert Image.open(tmp_path / "r.png").size == ((3 * 10 + 2) * 4, (2 * 10 + 2) * 4)
+    picture = Image.open(tmp_path / "r.png")
+    assert picture.size == ((4 * 10 + 2) * 4, (2 * 10 + 2) * 4)
+    assert len(np.unique(np.asarray(picture.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank

@@ -65,7 +65,7 @@ def letterbox(img: Image.Image, out_size: int, fill: tuple[int, ...] = FILL) -> 
     return canvas
 
 
-def sample_crop_scale(rng: np.random.Generator, low: float = 1.0, high: float = 2.0) -> float:
+def sample_crop_scale(rng: np.random.Generator, low: float, high: float) -> float:
     """Training scale jitter s ~ U(low, high): the hand with a varying amount of context."""
     return float(rng.uniform(low, high))
 

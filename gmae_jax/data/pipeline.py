@@ -17,29 +17,17 @@ from typing import Any
 
 from absl import logging
 import grain
-import ml_collections
 import numpy as np
 
 from gmae_jax.data import sources, transforms, views
 from gmae_jax.data.class_folders import Example
+from gmae_jax.schema import AugmentConfig
 
 # grain's default reads 500 elements ahead per process; our elements are whole batches, so
 # that would hold hundreds of batches in memory in every worker. Two in flight keep the
 # consumer fed; workers (num_workers) are where the real parallelism comes from.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _PARENT_POLL_SECONDS = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation; an ml_collections.ConfigDict with the same fields works too."""
-
-    crop_scale_min: float = 0.35
-    hflip: bool = True
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
 
 
 class BadImageBudgetError(transforms.ImageDecodeError):
@@ -156,15 +144,14 @@ def make_train_dataset(
     image_size: int,
     global_batch_size: int,
     seed: int,
-    aug: AugmentConfig | ml_collections.ConfigDict,
+    aug: AugmentConfig,
     num_workers: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
     """Infinite, reshuffled-each-epoch augmented batches of this process's share.
 
-    `examples` is a Source (any layout) or a list of class-folder Examples; `aug` is an
-    `AugmentConfig` or anything with the same attributes (a ConfigDict).
+    `examples` is a Source (any layout) or a list of class-folder Examples.
     Yields {'image': float32 (B, H, W, 3), 'label': int32 (B,)} with
     B = global_batch_size // process_count.
     """

@@ -31,6 +31,7 @@ import tqdm
 from gmae_jax.data import crops, hagrid, records, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.sources import INDEX_FILE
+from gmae_jax.schema import DataConfig
 
 VIEWS = ("full_frame", "hand_crop")
 _CHECKED = "checked.jsonl"  # one line per decode-checked image: resuming skips them
@@ -45,7 +46,7 @@ class StoreView:
     view: str = "full_frame"
     image_side: int = 256
     crop_size: int = 320
-    crop_scale_max: float = 2.0
+    crop_scale_max: float = DataConfig.crop_scale_max  # keep equal to training's config.data
     jpeg_quality: int = 90
 
 
@@ -126,11 +127,8 @@ def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
         yield from tqdm.tqdm(pool.imap_unordered(fn, items, chunksize=1), **bar)
 
 
-def _read(
-    data: ml_collections.ConfigDict,
-) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
-    root = str(data.root)
-    layout = hagrid.detect_layout(root) if data.get("layout", "auto") == "auto" else data.layout
+def _read(root: str, layout: str) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
+    layout = hagrid.detect_layout(root) if layout == "auto" else layout
     if layout == "hagrid_v2":
         recs, report = hagrid.read_hagrid_v2(root)
         return recs, list(hagrid.HAGRID_V2_CLASSES), report
@@ -182,12 +180,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the stage; returns the manifest it writes (see the module docstring)."""
     out = epath.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    if config.view not in VIEWS:
-        raise DataLayoutError(f"config.view={config.view!r} must be one of {VIEWS}.")
     num_workers = config.num_workers or os.cpu_count() or 1
     store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
                       config.jpeg_quality)
-    recs, class_names, report = _read(config.data)
+    recs, class_names, report = _read(str(config.data.root), config.data.layout)
     skipped = {k: list(v) for k, v in report.skipped.items()}
     unlabelled = [r for r in recs if hagrid.gesture_label(r, class_names) is None]
     skipped["no_gesture_label"] = [r.path for r in unlabelled]

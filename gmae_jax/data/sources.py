@@ -1,6 +1,6 @@
 """Where training records come from: class folders, raw HaGRID v1 / v2, or prepared shards.
 
-`open_sources(config.data)` detects (or takes) the layout under `config.data.root` and returns
+`open_sources(data)` (a `schema.DataConfig`) detects (or takes) the layout under `config.data.root` and returns
 the class list and a `Source` per split. A Source is a random-access sequence of pipeline
 elements plus how they become pixels, so the grain pipeline is the same for every layout.
 """
@@ -8,20 +8,19 @@ elements plus how they become pixels, so the grain pipeline is the same for ever
 from collections.abc import Sequence
 import dataclasses
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from etils import epath
-import ml_collections
 
 from gmae_jax.data import class_folders, hagrid, records, splits
 from gmae_jax.data.class_folders import DataLayoutError, Example
 from gmae_jax.data.views import Element, ViewConfig
+from gmae_jax.schema import DataConfig
 
 LAYOUTS = ("auto", "class_folders", "hagrid_v1", "hagrid_v2", "prepared")
 MODES = ("full_frame", "hand_crop")
 INDEX_FILE = "index.json"  # written by the prepare stage into each corpus folder
-DEFAULT_MAX_BAD_IMAGES = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Source:
 
     records: Sequence[Any]
     view: ViewConfig = ViewConfig()
-    max_bad_images: int = DEFAULT_MAX_BAD_IMAGES
+    max_bad_images: int = DataConfig.max_bad_images
 
     def __len__(self) -> int:
         return len(self.records)
@@ -44,11 +43,25 @@ class Source:
         return (item, None) if isinstance(item, hagrid.HagridRecord) else item
 
 
-def detect_layout(root: epath.PathLike) -> str:
-    """'prepared' when root holds a prepare-stage index, else what `hagrid.detect_layout` says."""
+class Splits(NamedTuple):
+    """What `open_sources` returns: the class order and the train and evaluation sources."""
+
+    class_names: list[str]
+    train: Source
+    eval: Source
+
+
+def detect_layout(root: epath.PathLike, split: str = "train") -> str:
+    """'prepared' when root holds a prepare-stage index, else what `hagrid.detect_layout` says; a
+    root with only the `split` class folder (evaluating without the training images) is class folders."""
     if (epath.Path(root) / INDEX_FILE).exists():
         return "prepared"
-    return hagrid.detect_layout(root)
+    try:
+        return hagrid.detect_layout(root)
+    except DataLayoutError:
+        if (epath.Path(root) / split).is_dir():
+            return "class_folders"
+        raise
 
 
 def _labelled(recs: Sequence[hagrid.HagridRecord], class_names: Sequence[str], where: str) -> list:
@@ -66,7 +79,7 @@ def _hagrid_v2(root: str, wanted: Sequence[str]) -> dict[str, list]:
     return {s: [r for r in recs if r.split == s] for s in wanted}
 
 
-def _hagrid_v1(root: str, wanted: Sequence[str], data: ml_collections.ConfigDict) -> dict[str, list]:
+def _hagrid_v1(root: str, wanted: Sequence[str], data: DataConfig) -> dict[str, list]:
     """v1 'test' is ann_test; 'train' / 'val' re-split ann_train_val by user, as the authors do."""
     result = {}
     if "test" in wanted:
@@ -75,9 +88,9 @@ def _hagrid_v1(root: str, wanted: Sequence[str], data: ml_collections.ConfigDict
         if not set(wanted) - {"test"} <= {"train", "val"}:
             raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
         train_val = hagrid.read_hagrid_v1(root, "ann_train_val")[0]
-        val = data.get("v1_val_fraction", 0.2)
+        val = data.v1_val_fraction
         result |= splits.split_by_user(train_val, {"train": 1 - val, "val": val},
-                                       seed=data.get("split_seed", 0), stratify_by=hagrid.gesture_name)
+                                       seed=data.split_seed, stratify_by=hagrid.gesture_name)
     return result
 
 
@@ -98,49 +111,58 @@ def _prepared(root: epath.Path, wanted: Sequence[str], mode: str) -> tuple[list[
     return index["class_names"], result
 
 
-def open_sources(data: ml_collections.ConfigDict) -> tuple[list[str], Source, Source]:
+def _open(
+    data: DataConfig, wanted: Sequence[str], class_names: Sequence[str] | None,
+) -> tuple[list[str], dict[str, Source]]:
+    """Class names and a Source per split in `wanted`; `class_names` (a run's classes.json) fixes
+    the class-folder order, else it is the sorted folders of the first wanted split."""
+    root, mode, layout = str(data.root), data.mode, data.layout
+    if layout not in LAYOUTS or mode not in MODES:
+        raise DataLayoutError(f"config.data.layout={layout!r} must be one of {LAYOUTS} and "
+                              f"config.data.mode={mode!r} one of {MODES}.")
+    layout = detect_layout(root, wanted[0]) if layout == "auto" else layout
+    if layout == "class_folders":
+        if mode == "hand_crop":
+            raise DataLayoutError(f"{root} holds class folders without hand boxes; "
+                                  "config.data.mode=hand_crop needs a HaGRID layout.")
+        names = list(class_names) if class_names else class_folders.list_classes(root, wanted[0])
+        parts: dict[str, Sequence] = {s: class_folders.scan_split(root, s, names) for s in wanted}
+        view = ViewConfig()  # the original G-MAE views
+    else:
+        if layout == "prepared":
+            names, parts = _prepared(epath.Path(root), wanted, mode)
+        elif layout == "hagrid_v2":
+            names = list(hagrid.HAGRID_V2_CLASSES)
+            parts = {s: _labelled(r, names, f"{root}:{s}") for s, r in _hagrid_v2(root, wanted).items()}
+        else:
+            names = list(hagrid.HAGRID_V1_CLASSES)
+            parts = {s: _labelled(r, names, f"{root}:{s}") for s, r in _hagrid_v1(root, wanted, data).items()}
+        if class_names and list(class_names) != list(names):
+            raise DataLayoutError(f"{root} ({layout}) has the classes {names}, not the run's {list(class_names)}.")
+        view = ViewConfig(mode=mode, class_names=tuple(names),
+                          crop_scale_max=data.crop_scale_max, no_gesture_prob=data.no_gesture_prob)
+    for split, part in parts.items():
+        if not len(part):
+            raise DataLayoutError(f"Split {split!r} of {root} ({layout}) holds no usable images.")
+    logging.info("data %s (%s, %s): %d classes, %s images", root, layout, view.mode, len(names),
+                 " / ".join(f"{len(parts[s])} {s}" for s in wanted))
+    return list(names), {s: Source(parts[s], view, data.max_bad_images) for s in wanted}
+
+
+def open_sources(data: DataConfig) -> Splits:
     """(class names, train source, eval source) of `data.root`, per `data.layout` and `data.mode`.
 
     Class-folder labels index the sorted folders; HaGRID labels index the fixed v1 / v2 class
     lists, so a label means the same class in every run and checkpoint.
     """
-    root, mode = str(data.root), data.get("mode", "full_frame")
-    layout = data.get("layout", "auto")
-    if layout not in LAYOUTS or mode not in MODES:
-        raise DataLayoutError(f"config.data.layout={layout!r} must be one of {LAYOUTS} and "
-                              f"config.data.mode={mode!r} one of {MODES}.")
-    layout = detect_layout(root) if layout == "auto" else layout
-    wanted = (data.train_split, data.eval_split)
-    budget = data.get("max_bad_images", DEFAULT_MAX_BAD_IMAGES)
-    if layout == "class_folders":
-        if mode == "hand_crop":
-            raise DataLayoutError(f"{root} holds class folders without hand boxes; "
-                                  "config.data.mode=hand_crop needs a HaGRID layout.")
-        class_names = class_folders.list_classes(root, data.train_split)
-        parts: dict[str, Sequence] = {
-            s: class_folders.scan_split(root, s, None if s == wanted[0] else class_names) for s in wanted
-        }
-        view = ViewConfig()  # the original G-MAE views
-    else:
-        if layout == "prepared":
-            class_names, parts = _prepared(epath.Path(root), wanted, mode)
-        elif layout == "hagrid_v2":
-            class_names = list(hagrid.HAGRID_V2_CLASSES)
-            parts = {s: _labelled(r, class_names, f"{root}:{s}") for s, r in _hagrid_v2(root, wanted).items()}
-        else:
-            class_names = list(hagrid.HAGRID_V1_CLASSES)
-            parts = {s: _labelled(r, class_names, f"{root}:{s}")
-                     for s, r in _hagrid_v1(root, wanted, data).items()}
-        view = ViewConfig(mode=mode, class_names=tuple(class_names),
-                          crop_scale_max=data.get("crop_scale_max", 2.0),
-                          no_gesture_prob=data.get("no_gesture_prob", 0.0))
-    for split, part in parts.items():
-        if not len(part):
-            raise DataLayoutError(f"Split {split!r} of {root} ({layout}) holds no usable images.")
-    logging.info("data %s (%s, %s): %d classes, %d %s / %d %s images", root, layout, view.mode,
-                 len(class_names), len(parts[wanted[0]]), wanted[0], len(parts[wanted[1]]), wanted[1])
-    return (list(class_names), Source(parts[wanted[0]], view, budget),
-            Source(parts[wanted[1]], view, budget))
+    names, parts = _open(data, (data.train_split, data.eval_split), None)
+    return Splits(names, parts[data.train_split], parts[data.eval_split])
+
+
+def open_split(data: DataConfig, split: str, class_names: Sequence[str]) -> Source:
+    """One split labelled by a trained run's `class_names`, without touching any other split (for
+    evaluating a checkpoint on data whose training images are elsewhere or gone)."""
+    return _open(data, (split,), class_names)[1][split]
 
 
 def as_source(examples: Source | Sequence[Example]) -> Source:

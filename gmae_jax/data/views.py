@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image
 
 from gmae_jax.data import crops, transforms
+from gmae_jax.schema import AugmentConfig, DataConfig
 from gmae_jax.data.class_folders import Example
-from gmae_jax.data.hagrid import HagridRecord, gesture_label
+from gmae_jax.data.hagrid import Box, HagridRecord, gesture_label
 
 VIEWS = ("original", "full_frame", "hand_crop")
 EVAL_CROP_FRACTION = 0.875
@@ -22,19 +23,20 @@ EVAL_CROP_FRACTION = 0.875
 
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
-    """Everything a view needs besides the record; picklable for grain workers."""
+    """Everything a view needs besides the record; picklable for grain workers. The augmentation
+    and hand-crop fields mean what they mean in `gmae_jax.schema` and default to its values."""
 
     mode: str = "original"
     image_size: int = 224
     class_names: tuple[str, ...] = ()
-    crop_scale_min: float = 0.35  # random resized crop (original, full_frame)
-    hflip: bool = True
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    crop_scale_max: float = 2.0  # hand_crop: training scale ~ U(1, crop_scale_max)
-    no_gesture_prob: float = 0.0  # hand_crop: chance of cropping a free no_gesture hand
+    crop_scale_min: float = AugmentConfig.crop_scale_min  # random resized crop (original, full_frame)
+    hflip: bool = AugmentConfig.hflip
+    brightness: float = AugmentConfig.brightness
+    contrast: float = AugmentConfig.contrast
+    saturation: float = AugmentConfig.saturation
+    hue: float = AugmentConfig.hue
+    crop_scale_max: float = DataConfig.crop_scale_max  # hand_crop: training scale ~ U(1, this)
+    no_gesture_prob: float = DataConfig.no_gesture_prob  # hand_crop: free no_gesture hand instead
 
     def __post_init__(self):
         if self.mode not in VIEWS:
@@ -115,3 +117,19 @@ def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray
         label = _label(element, view)
     return transforms.normalize(img), label
 
+
+
+def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) -> np.ndarray:
+    """Normalised pixels of one image file as evaluation sees it, without a label (for prediction):
+    'original' (centre crop), 'full_frame' (letterbox) or 'hand_crop' (the square around `box`)."""
+    if mode == "hand_crop":
+        draft = math.ceil(image_size / max(max(box[2], box[3]) * crops.EVAL_CROP_SCALE, 1e-3))
+        img = transforms.decode_rgb(path, draft_size=draft)
+        left, top, side = crops.hand_crop_box(box, *img.size, crops.EVAL_CROP_SCALE)
+        img = crops.crop_square(img, left, top, side, image_size)
+    elif mode == "full_frame":
+        img = crops.letterbox(transforms.decode_rgb(path, draft_size=image_size), image_size)
+    else:
+        img = transforms.decode_rgb(path, draft_size=math.ceil(image_size / EVAL_CROP_FRACTION))
+        img = transforms.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
+    return transforms.normalize(img)

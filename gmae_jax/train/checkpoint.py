@@ -1,20 +1,49 @@
 """Orbax checkpoints of the train state and the grain iterator, saved side by side so a resumed run
-continues with exactly the batches it would have seen."""
+continues with exactly the batches it would have seen. A manager keeps the latest K steps and, when
+given a metric, the step where that evaluation metric was best."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+BEST, LATEST = "best", "latest"
 
 
-def make_manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def make_manager(
+    directory: str, max_to_keep: int, best_metric: str = "", best_mode: str = "min", read_only: bool = False,
+) -> ocp.CheckpointManager:
+    """Keeps the latest `max_to_keep` steps, plus the best by `best_metric` ('' = none) of the
+    steps saved with metrics; `best_mode` 'min' or 'max'."""
+    policies: list[checkpoint_managers.PreservationPolicy] = [checkpoint_managers.LatestN(n=max_to_keep)]
+    best_fn = None
+    if best_metric:
+        def best_fn(metrics: Mapping[str, float]) -> float:
+            return metrics[best_metric]
+
+        policies.append(checkpoint_managers.BestN(
+            get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(epath.Path(directory), options=options)
+
+
+def pick_step(manager: ocp.CheckpointManager, which: str) -> int | None:
+    """The step of `which`: 'latest', 'best' (needs a manager made with best_metric) or a number."""
+    if which == LATEST:
+        return manager.latest_step()
+    if which == BEST:
+        return manager.best_step()
+    step = int(which)
+    return step if step in manager.all_steps() else None
 
 
 class _IteratorSnapshot:
@@ -29,13 +58,16 @@ class _IteratorSnapshot:
         return self._state
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None) -> None:
+def save(
+    manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
+    metrics: Mapping[str, float] | None = None,
+) -> None:
     """Asynchronous save; orbax writes to a temporary folder and renames, so a kill mid-save never
-    leaves a checkpoint that looks complete."""
+    leaves a checkpoint that looks complete. `metrics` (this step's evaluation) rank it for 'best'."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-    manager.save(step, args=ocp.args.Composite(**items))
+    manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
 
 
 def restore(
@@ -53,16 +85,21 @@ def restore(
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def restore_weights(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
+    """Restores only the leaves of `abstract` (e.g. step, params, batch_stats: no optimiser state,
+    no data iterator) from the saved train state, with the shardings `abstract` carries."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    item = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    return manager.restore(step, args=ocp.args.Composite(state=item))["state"]
+
+
 def restore_params(directory: str) -> dict[str, Any]:
     """Reads `params` and `batch_stats` of the latest checkpoint in `directory` without a template
-    (for initialising fine-tuning from pretraining, whose optimiser state is not wanted)."""
+    or a config, onto one device (for comparing checkpoints; stages use `setup.restore_run`)."""
     manager = ocp.CheckpointManager(epath.Path(directory))
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(
-            f"No checkpoint found in {directory}. Point config.init_from at the 'checkpoints' folder "
-            "of a pretraining workdir (e.g. WORKDIR/checkpoints)."
-        )
+        raise FileNotFoundError(f"No checkpoint found in {directory}.")
     # The saved shardings name the devices of the saving run; on another topology (a pod's
     # checkpoint fine-tuned on one GPU) the arrays land on this process's first device instead.
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -20,7 +20,7 @@ import ml_collections
 
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
-from gmae_jax.models.presets import MASK_MODES, model_config
+from gmae_jax.models.presets import MASK_MODES, gmst_config
 from gmae_jax.train import sharding, steps, trainer
 
 NUM_CLASSES = 18
@@ -82,8 +82,8 @@ def peak_flops(device: jax.Device, dtype: str) -> float | None:
 
 def _setup(case: Case, mesh: jax.sharding.Mesh):
     overrides = dict(img_size=case.img_size, dtype=case.dtype, mask_mode=case.mask_mode, remat=case.remat)
-    fields = config_lib.model_config(case.preset, **overrides)
-    gmst = model_config(fields)
+    fields = config_lib.model_section(case.preset, **overrides)
+    gmst = gmst_config(fields)
     optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05,
                                            b1=0.9, b2=0.999, grad_clip=1.0, layer_decay=1.0))
     run = ml_collections.ConfigDict(dict(optim=optim, model=fields, seed=0))
@@ -95,7 +95,7 @@ def _setup(case: Case, mesh: jax.sharding.Mesh):
     else:
         model = GMAEClassifier(gmst, NUM_CLASSES)
         init_inputs = (image,)
-        loss_fn = functools.partial(steps.classification_loss, model=model, label_smoothing=0.1)
+        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
     state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
     return state, sharding.make_train_step("jit", loss_fn, mesh, state)
 

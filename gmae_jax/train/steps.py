@@ -49,7 +49,7 @@ def pretrain_loss(
     return loss, ({"loss": loss}, updates["batch_stats"])
 
 
-def classification_loss(
+def classifier_loss(
     params: Any, batch_stats: Any, batch: Batch, rng: jax.Array, *,
     model: nn.Module, label_smoothing: float, freeze_encoder: bool = False,
 ) -> tuple[jax.Array, tuple[Metrics, Any]]:
@@ -147,14 +147,19 @@ def pretrain_eval_step(
 
 
 def classification_eval_step(state: TrainState, batch: Batch, *, model: nn.Module) -> Metrics:
-    """Per-batch sums for accuracy and loss, plus predictions for the confusion matrix."""
+    """Per-batch sums for accuracy, top-5 accuracy (more than 5 classes) and loss, plus predictions
+    for the confusion matrix."""
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-    valid = batch["valid"]
+    valid, labels = batch["valid"], batch["label"]
     predictions = jnp.argmax(logits, -1)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return {
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    sums = {
         "loss_sum": jnp.sum(nll * valid),
-        "correct": jnp.sum((predictions == batch["label"]) * valid),
+        "correct": jnp.sum((predictions == labels) * valid),
         "count": jnp.sum(valid),
         "predictions": predictions,
     }
+    if model.num_classes > 5:
+        top5 = jax.lax.top_k(logits, 5)[1]
+        sums["top5_correct"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * valid)
+    return sums

@@ -1,5 +1,5 @@
 """The training loop shared by pretraining and fine-tuning, read top to bottom: mesh, input pipeline,
-state, checkpoint, loop. What differs between the stages comes in as a `Task`."""
+state, checkpoint, loop. What differs between the stages comes from `tasks.make_task`."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import optax
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib
-from gmae_jax.data import pipeline
-from gmae_jax.train import checkpoint, sharding, steps
+from gmae_jax import config_lib, schema
+from gmae_jax.data import pipeline, sources
+from gmae_jax.train import checkpoint, setup, sharding, steps, tasks
+from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer
 from gmae_jax.train.preemption import Preempted, PreemptionWatch
 from gmae_jax.train.progress import MetricsWriter, Progress, check_finite
-from gmae_jax.train.tasks import Task, load_pretrained_encoder
+from gmae_jax.train.summaries import Summaries, run_summary
 
 
 # What linear probing (config.freeze_encoder) keeps fixed: everything but the classifier head.
@@ -36,21 +37,22 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str]) -> None:
-    """The resolved config and the class order, so evaluation and export can rebuild the run."""
+    """The resolved config and the class order, so `setup.restore_run` can rebuild the run."""
     if jax.process_index() != 0:
         return
     folder = epath.Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    (folder / "classes.json").write_text(json.dumps(class_names, indent=1))
+    (folder / setup.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (folder / setup.CLASSES_FILE).write_text(json.dumps(class_names, indent=1))
 
 
 def create_state(
     model: nn.Module, init_inputs: tuple[Any, ...], config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh, steps_total: int,
+    mesh: jax.sharding.Mesh, steps_total: int, frozen: tuple[str, ...] = (),
 ) -> tuple[steps.TrainState, optax.Schedule]:
-    """Initialises parameters and optimiser state directly with their shardings (no host copy)."""
-    frozen = FROZEN_BY_LINEAR_PROBING if config.get("freeze_encoder") else ()
+    """Initialises parameters and optimiser state directly with their shardings (no host copy).
+
+    `frozen` names top-level parameter groups the optimiser must never change (linear probing)."""
     tx, schedule = make_optimizer(config.optim, steps_total, config.model.depth, frozen)
 
     def init(rng: jax.Array) -> steps.TrainState:
@@ -77,12 +79,15 @@ def host_state(state: steps.TrainState) -> steps.TrainState:
     return state.replace(params=jax.device_get(state.params), batch_stats=jax.device_get(state.batch_stats))
 
 
-def evaluate(task: Task, eval_step, state, examples, config, mesh) -> tuple[dict[str, float], dict, dict]:
-    """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch)."""
+def evaluate(
+    task: tasks.Task, eval_step, state, examples: sources.Source, *, image_size: int, batch_size: int,
+    num_workers: int, mesh: jax.sharding.Mesh,
+) -> tuple[dict[str, float], dict, dict]:
+    """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch).
+    `state` is a TrainState or `setup.Weights`."""
     dataset = pipeline.make_eval_dataset(
-        examples, image_size=config.model.img_size, global_batch_size=config.batch_size,
-        num_workers=config.data.num_workers, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        examples, image_size=image_size, global_batch_size=batch_size, num_workers=num_workers,
+        process_index=jax.process_index(), process_count=jax.process_count())
     sums: dict[str, float] = {}
     outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": []}
     first = None
@@ -103,9 +108,15 @@ def evaluate(task: Task, eval_step, state, examples, config, mesh) -> tuple[dict
     return task.summarize(sums, stacked), stacked, first
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
-    """Trains `task` to `config.total_steps` (resuming from `workdir` if it holds checkpoints) and
-    returns the final evaluation metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits) -> dict[str, float]:
+    """Trains the model of `config.stage` on `data` to `config.total_steps` (resuming from `workdir`
+    if it holds checkpoints) and returns the final evaluation metrics."""
+    loop = schema.read_flat(schema.LoopConfig, config)
+    data_config = schema.read(schema.DataConfig, config.data, "config.data")
+    model, init_inputs = setup.build_model(config)
+    task = tasks.make_task(config, model, data.class_names)
+    eval_args = dict(image_size=model.config.img_size, batch_size=config.batch_size,
+                     num_workers=data_config.num_workers)
     # --- Mesh -----------------------------------------------------------------------------------
     mesh = make_mesh(config)
     per_step = mesh.size * config.grad_accum_steps
@@ -117,22 +128,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
                  jax.devices()[0].platform, jax.process_count(), config.step_impl)
 
     # --- Input pipeline -------------------------------------------------------------------------
-    write_run_files(config, workdir, task.class_names)
-    steps_total = total_steps(config, len(task.train_examples))
+    write_run_files(config, workdir, data.class_names)
+    steps_total = total_steps(config, len(data.train))
     train_data = pipeline.make_train_dataset(
-        task.train_examples, image_size=config.model.img_size, global_batch_size=config.batch_size,
-        seed=config.seed, aug=config.data.aug, num_workers=config.data.num_workers,
+        data.train, image_size=model.config.img_size, global_batch_size=config.batch_size,
+        seed=config.seed, aug=data_config.aug, num_workers=data_config.num_workers,
         process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(train_data)
 
     # --- Model, optimiser and checkpoint --------------------------------------------------------
-    state, schedule = create_state(task.model, task.init_inputs, config, mesh, steps_total)
+    frozen = FROZEN_BY_LINEAR_PROBING if config.stage == "finetune" and config.freeze_encoder else ()
+    state, schedule = create_state(model, init_inputs, config, mesh, steps_total, frozen)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("%s: %.2f M parameters, %d steps of %d images; per device: %.1f MB of parameters + "
                  "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, config.batch_size,
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    manager = checkpoint.make_manager(checkpoint_dir, config.keep_checkpoints)
+    checkpoint_dir = os.path.join(workdir, setup.CHECKPOINTS)
+    manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
     last_saved = manager.latest_step()
     if last_saved is not None:
         state = checkpoint.restore(manager, state, train_iter)
@@ -147,6 +159,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
     # --- Train loop -----------------------------------------------------------------------------
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, start)
+    summaries = Summaries(workdir, schema.read(schema.WandbConfig, config.get("wandb", {}), "config.wandb"),
+                          config.to_dict(), task.name)
+    eval_split = data_config.eval_split
+    pictures: list[str] = []
     progress = Progress(steps_total, start, config.batch_size)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
@@ -157,33 +173,42 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[s
             state, metrics = train_step(state, batch, rng)
             is_last = step == steps_total
             preempted = watch.should_stop(step) and not is_last
-            must_save = is_last or preempted or step % config.checkpoint_every == 0
+            evaluated = is_last or bool(config.eval_every and step % config.eval_every == 0)
+            # With a best_metric every evaluated step is saved: orbax then keeps it only if it is the best.
+            must_save = (is_last or preempted or step % config.checkpoint_every == 0
+                         or (evaluated and bool(loop.best_metric)))
             if is_last or must_save or step % config.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(metrics, step, checkpoint_dir, last_saved)
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
                 progress.log_line(task.name, step, metrics)
                 writer.write({"step": step, "split": "train", **metrics})
-            if is_last or (config.eval_every and step % config.eval_every == 0):
-                eval_metrics, outputs, first = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
+                summaries.scalars("train", step, metrics)
+            if evaluated:
+                eval_metrics, outputs, first = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
                 logging.info("[%s] step %d eval: %s", task.name, step,
                              ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
-                writer.write({"step": step, "split": config.data.eval_split, **eval_metrics})
+                writer.write({"step": step, "split": eval_split, **eval_metrics})
+                summaries.scalars(eval_split, step, eval_metrics)
                 if is_last and jax.process_index() == 0:
-                    for path in task.draw(host_state(state), first, outputs, workdir):
-                        logging.info("wrote %s", path)
+                    pictures = task.draw(host_state(state), first, outputs, workdir)
+                    summaries.pictures(eval_split, step, pictures)
             if must_save:
-                checkpoint.save(manager, step, state, train_iter)
+                checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
                 last_saved = step
             if preempted:
                 break
     finally:
         watch.close()
+        summaries.close()
     manager.wait_until_finished()
-    manager.close()
     if preempted:
+        manager.close()
         raise Preempted(f"preempted: saved step {last_saved} in {checkpoint_dir}; rerun the same command "
                         "to resume from it")
     if not eval_metrics:  # the workdir already held a finished run
-        eval_metrics, _, _ = evaluate(task, eval_step, state, task.eval_examples, config, mesh)
+        eval_metrics, _, _ = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+    if jax.process_index() == 0:
+        print(run_summary(task.name, workdir, manager, loop.best_metric, pictures), flush=True)
+    manager.close()
     return eval_metrics

@@ -1,4 +1,5 @@
-"""The demo stage: synthetic data -> pretrain -> fine-tune from the pretrained encoder -> evaluate."""
+"""The demo stage: synthetic data -> pretrain -> fine-tune from the pretrained encoder -> evaluate
+(configs/demo.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ import os
 
 import ml_collections
 
-from gmae_jax import stages
 from gmae_jax.data import synthetic
+from gmae_jax.stages import finetune as finetune_stage
+from gmae_jax.stages import pretrain as pretrain_stage
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """The two training configs; their data folders do not exist until the demo writes them."""
+    pretrain_stage.validate(config.pretrain, check_data=False)
+    finetune_stage.validate(config.finetune, check_data=False)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -25,13 +33,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     pretrain = config.pretrain.copy_and_resolve_references()
     pretrain.data.root = pretrain_root
     pretrain_dir = os.path.join(workdir, "pretrain")
-    stages.pretrain(pretrain, pretrain_dir)
+    pretrain_stage.run(pretrain, pretrain_dir)
 
     finetune = config.finetune.copy_and_resolve_references()
     finetune.data.root = finetune_root
-    finetune.init_from = os.path.join(pretrain_dir, "checkpoints")
+    finetune.init_from = pretrain_dir
     finetune_dir = os.path.join(workdir, "finetune")
-    metrics = stages.finetune(finetune, finetune_dir)
+    metrics = finetune_stage.run(finetune, finetune_dir)
 
     chance = 1.0 / finetune.num_classes
     summary = (

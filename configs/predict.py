@@ -1,0 +1,26 @@
+"""Top-k gesture predictions of a fine-tuned classifier for an image, a folder or a HaGRID tree.
+
+  python -m gmae_jax.main --config=configs/predict.py --workdir=/tmp/predict \
+      --config.checkpoint_dir=/tmp/finetune --config.inputs=photos/
+
+Writes predictions.csv, predictions.jsonl and skipped.csv (files that are not images or do not
+decode, with the reason). Classes come from CHECKPOINT_DIR/classes.json.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.stage = "predict"
+    config.checkpoint_dir = ""  # workdir of a finetune run
+    config.checkpoint = "latest"  # 'latest', 'best' (by the run's config.best_metric) or a step
+    config.inputs = ""  # an image file, a folder (searched recursively) or a HaGRID v1 / v2 tree
+    # 'auto': hand crops around the annotated gesture for a HaGRID tree, else 'original' (the
+    # centre crop class-folder runs evaluate on); or force 'full_frame' (letterbox) / 'hand_crop'.
+    config.view = "auto"
+    config.top_k = 5
+    config.batch_size = 64
+    config.num_workers = 4  # decoding threads
+    return config

@@ -1,0 +1,69 @@
+"""What the predict stage reads: one image, a folder of images (searched recursively), or a HaGRID
+v1 / v2 tree (one hand crop per annotated image). Every file under the input becomes either an
+`Input` or a (file, reason) skip, so a listing accounts for each file exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from etils import epath
+
+from gmae_jax.data import crops, hagrid
+from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    path: str
+    box: hagrid.Box | None = None  # HaGRID trees: the gesture box to crop around
+    annotation: str = ""  # HaGRID trees: the annotated gesture, for comparison
+
+
+def _is_hagrid(root: epath.Path) -> bool:
+    try:
+        return hagrid.detect_layout(root) in ("hagrid_v1", "hagrid_v2")
+    except DataLayoutError:
+        return False
+
+
+def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]]:
+    if hagrid.detect_layout(root) == "hagrid_v2":
+        found = [hagrid.read_hagrid_v2(root)]
+    else:
+        found = [hagrid.read_hagrid_v1(root, name) for name in hagrid.V1_ANNOTATION_SETS if (root / name).is_dir()]
+    items, seen, skipped = [], set(), []
+    for records, report in found:
+        for record in records:
+            if record.path not in seen:  # v1 sets may share images
+                seen.add(record.path)
+                items.append(Input(record.path, crops.gesture_box(record), hagrid.gesture_name(record) or ""))
+        for reason in (hagrid.UNANNOTATED, hagrid.STRAY_FILE):
+            skipped += [(name, reason) for name in report.skipped.get(reason, []) if name not in seen]
+    return sorted(items, key=lambda i: i.path), sorted(set(skipped))
+
+
+def _files(folder: epath.Path) -> list[epath.Path]:
+    """Every file under `folder` (epath has no recursive glob on every backend)."""
+    found = []
+    for entry in folder.iterdir():
+        found += _files(entry) if entry.is_dir() else [entry]
+    return found
+
+
+def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
+    """(inputs, skipped files with the reason), both sorted by file name."""
+    root = epath.Path(path)
+    if not root.exists():
+        raise DataLayoutError(f"config.inputs={path} does not exist; give an image, a folder or a HaGRID tree")
+    if root.is_dir() and _is_hagrid(root):
+        return _hagrid_inputs(root)
+    files = [root] if root.is_file() else sorted(_files(root))
+    items, skipped = [], []
+    for file in files:
+        if any(part.startswith(".") for part in file.relative_to(root).parts) and file != root:
+            skipped.append((str(file), "hidden file"))
+        elif file.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((str(file), f"not an image ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+        else:
+            items.append(Input(str(file)))
+    return items, skipped

@@ -1,0 +1,34 @@
+"""The stages of `python -m gmae_jax.main --config=configs/<stage>.py`: one module per stage, each
+with `run(config, workdir)` and `validate(config)` for its own config. A stage's name is its
+module's name; this registry is the only list of them (main and validation both use it)."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import ml_collections
+
+from gmae_jax.schema import ConfigError
+from gmae_jax.stages import demo, evaluate, finetune, predict, prepare, pretrain
+
+STAGES: dict[str, types.ModuleType] = {
+    module.__name__.rsplit(".", 1)[-1]: module for module in (pretrain, finetune, evaluate, predict, prepare, demo)
+}
+
+
+def get(name: str) -> types.ModuleType:
+    """The module of stage `name`."""
+    if name not in STAGES:
+        raise ConfigError(f"config.stage='{name}' must be one of {sorted(STAGES)}")
+    return STAGES[name]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first value of `config` that its stage cannot work with."""
+    get(config.stage).validate(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Runs the stage `config.stage` names, writing its outputs under `workdir`."""
+    return get(config.stage).run(config, workdir)

@@ -1,0 +1,65 @@
+"""The evaluate stage: scores a checkpoint of a pretrain or finetune run on one split
+(configs/evaluate.py). The run is rebuilt from its workdir (`setup.restore_run`); only the evaluated
+split is opened, never the training one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from gmae_jax import config_lib, metrics as metrics_lib, schema
+from gmae_jax.data import sources
+from gmae_jax.train import checkpoint, setup, sharding, tasks, trainer
+from gmae_jax.train.summaries import Summaries
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    config_lib.check(bool(config.checkpoint_dir),
+                     "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a pretrain or "
+                     "finetune run")
+    config_lib.check(config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit(),
+                     f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
+    config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+
+
+def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> schema.DataConfig:
+    """The run's data section with this stage's overrides (root, split, workers)."""
+    data = schema.read(schema.DataConfig, run.config.data, "config.data")
+    return dataclasses.replace(data, root=config.data_root or data.root, eval_split=config.split or data.eval_split,
+                               num_workers=config.num_workers)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Writes eval_metrics.json and the task's pictures to `workdir`; returns the metrics."""
+    restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
+    data = eval_data(config, restored)
+    examples = sources.open_split(data, data.eval_split, restored.class_names)
+    task = tasks.make_task(restored.config, restored.model, restored.class_names)
+    eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
+    metrics, outputs, first = trainer.evaluate(
+        task, eval_step, restored.weights, examples, image_size=restored.model.config.img_size,
+        batch_size=config.batch_size, num_workers=data.num_workers, mesh=restored.mesh)
+    metrics["checkpoint_step"] = restored.step
+
+    if jax.process_index() == 0:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        pictures = task.draw(jax.device_get(restored.weights), first, outputs, workdir)
+        summaries = Summaries(workdir)
+        summaries.scalars(data.eval_split, restored.step, metrics)
+        summaries.pictures(data.eval_split, restored.step, pictures)
+        summaries.close()
+        logging.info("wrote %s", ", ".join(pictures))
+    logging.info("[evaluate] %s (step %d) on %s/%s: %s", restored.workdir, restored.step, data.root,
+                 data.eval_split, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+    if jax.process_index() == 0:
+        if restored.config.stage == "finetune":
+            print(metrics_lib.per_class_table(metrics, restored.class_names), flush=True)
+        else:
+            print(f"masked-patch MSE {metrics['loss']:.5f} (mask ratio {restored.config.mask_ratio})", flush=True)
+    return metrics

@@ -1,0 +1,36 @@
+"""The finetune stage: the (pretrained) encoder trained as a gesture classifier (configs/finetune.py)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from gmae_jax import config_lib, schema
+from gmae_jax.data import sources
+from gmae_jax.train import trainer
+
+# Evaluation metrics of a classifier that config.best_metric may name.
+METRICS = ("loss", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
+
+
+def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
+    config_lib.validate_training(config, check_data)
+    config_lib.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2")
+    config_lib.check(0.0 <= config.label_smoothing < 1.0,
+                     f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    config_lib.check(config.best_metric in ("",) + METRICS,
+                     f"config.best_metric='{config.best_metric}' must be '' or one of {METRICS}")
+
+
+def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
+    """The class folders / HaGRID splits of `config.data`, checked against `config.num_classes`."""
+    data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
+    if len(data.class_names) != config.num_classes:
+        raise config_lib.ConfigError(
+            f"config.num_classes={config.num_classes} but the data in {config.data.root} has "
+            f"{len(data.class_names)} classes ({', '.join(data.class_names)}); set "
+            f"--config.num_classes={len(data.class_names)}")
+    return data
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    return trainer.train(config, workdir, open_data(config))

@@ -1,0 +1,118 @@
+"""The predict stage: a fine-tuned classifier's top-k classes for images (configs/predict.py).
+
+Writes `predictions.csv` and `predictions.jsonl` (one row per input: file, annotated gesture if the
+input is a HaGRID tree, top-k classes with probabilities) and `skipped.csv` (file, reason) for
+every file that is not an image or does not decode; none of these stops the run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import json
+import math
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from etils import epath
+
+from gmae_jax import config_lib
+from gmae_jax.data import inputs, transforms, views
+from gmae_jax.train import checkpoint, setup, sharding
+
+VIEWS = ("auto", "original", "full_frame", "hand_crop")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    config_lib.check(bool(config.checkpoint_dir),
+                     "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a finetune run")
+    config_lib.check(bool(config.inputs), "config.inputs is empty; set --config.inputs=an image, a folder or a "
+                     "HaGRID tree")
+    config_lib.check(config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit(),
+                     f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
+    config_lib.check(config.view in VIEWS, f"config.view='{config.view}' must be one of {VIEWS}")
+    config_lib.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
+    config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+
+
+def _view(config: ml_collections.ConfigDict, item: inputs.Input) -> str:
+    if config.view != "auto":
+        return config.view
+    return "hand_crop" if item.box is not None else "original"
+
+
+def _load(item: inputs.Input, view: str, image_size: int) -> np.ndarray | str:
+    """Pixels of one input, or why it cannot be read."""
+    if view == "hand_crop" and item.box is None:
+        return "config.view=hand_crop needs a HaGRID tree (a box per image)"
+    try:
+        return views.predict_view(item.path, view, image_size, item.box)
+    except transforms.ImageDecodeError as error:
+        return f"unreadable: {error}"
+
+
+def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    header = ["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
+    with (workdir / "predictions.csv").open("w") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in rows:
+            ranked = [value for entry in row["top_k"] for value in (entry["class"], f"{entry['prob']:.6f}")]
+            writer.writerow([row["file"], row["annotation"]] + ranked)
+    (workdir / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with (workdir / "skipped.csv").open("w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "reason"])
+        writer.writerows(skipped)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
+    """Predicts every input; returns counts of predicted and skipped files."""
+    stage = setup.load_run_config(setup.run_workdir(config.checkpoint_dir)).stage
+    if stage != "finetune":
+        raise config_lib.ConfigError(f"config.checkpoint_dir={config.checkpoint_dir} is a '{stage}' run; predict "
+                                     "needs a finetune run (a classifier)")
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("the predict stage runs in one process; drop the multi-process flags")
+    restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
+    items, skipped = inputs.list_inputs(config.inputs)
+    names, image_size, mesh = restored.class_names, restored.model.config.img_size, restored.mesh
+    top_k = min(config.top_k, len(names))
+    batch = math.ceil(config.batch_size / mesh.size) * mesh.size  # whole rows per device
+
+    @jax.jit
+    def probabilities(weights: setup.Weights, images: jax.Array) -> jax.Array:
+        logits = restored.model.apply({"params": weights.params, "batch_stats": weights.batch_stats}, images,
+                                      train=False)
+        return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    rows = []
+    def load(item: inputs.Input) -> np.ndarray | str:
+        return _load(item, _view(config, item), image_size)
+
+    with concurrent.futures.ThreadPoolExecutor(max(config.num_workers, 1)) as pool, \
+            tqdm.tqdm(total=len(items), desc="predict", unit=" images", mininterval=2.0) as bar:
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            loaded = list(pool.map(load, chunk))
+            good = [(item, pixels) for item, pixels in zip(chunk, loaded) if not isinstance(pixels, str)]
+            skipped += [(item.path, pixels) for item, pixels in zip(chunk, loaded) if isinstance(pixels, str)]
+            bar.update(len(chunk))
+            if not good:
+                continue
+            images = np.zeros((batch, image_size, image_size, 3), np.float32)
+            images[: len(good)] = np.stack([pixels for _, pixels in good])
+            probs = np.asarray(probabilities(restored.weights, sharding.global_batch({"image": images}, mesh)["image"]))
+            for (item, _), p in zip(good, probs):
+                order = np.argsort(-p, kind="stable")[:top_k]
+                rows.append({"file": item.path, "annotation": item.annotation,
+                             "top_k": [{"class": names[i], "prob": float(p[i])} for i in order]})
+    skipped.sort()
+    _write(epath.Path(workdir), rows, skipped, top_k)
+    logging.info("[predict] %d files predicted, %d skipped (see %s/skipped.csv) with %s step %d",
+                 len(rows), len(skipped), workdir, restored.workdir, restored.step)
+    return {"predicted": len(rows), "skipped": len(skipped)}

@@ -1,0 +1,26 @@
+"""The prepare stage: a raw HaGRID tree -> checked, de-duplicated, user-split ArrayRecord corpora
+(the work itself is in `gmae_jax.data.prepare`; configs/prepare.py)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from gmae_jax import config_lib
+from gmae_jax.data import prepare
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    config_lib.check(config.view in prepare.VIEWS, f"config.view='{config.view}' must be one of {prepare.VIEWS}")
+    for name in ("corpora", "splits"):
+        fractions = dict(config[name])
+        config_lib.check(all(f > 0 for f in fractions.values()) and math.isclose(sum(fractions.values()), 1.0),
+                         f"config.{name}={fractions} must be positive fractions that sum to 1")
+    config_lib.check(config.records_per_shard > 0,
+                     f"config.records_per_shard={config.records_per_shard} must be positive")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    return prepare.prepare(config, workdir)

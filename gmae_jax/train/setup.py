@@ -1,0 +1,141 @@
+"""Build the model of a config, and rebuild a finished (or running) run from its workdir.
+
+`restore_run(workdir)` is what every stage that uses trained weights starts from (evaluate,
+predict, export, a fine-tune's `init_from`): it reads the run's `config.json` and `classes.json`,
+rebuilds the model and the mesh, and restores only the step, parameters and BatchNorm statistics of
+a checkpoint, directly with their shardings. It never builds an optimiser and never opens data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+from gmae_jax.models.gmae import GMAE, GMAEClassifier
+from gmae_jax.models.presets import gmst_config
+from gmae_jax.schema import ConfigError, LoopConfig, MeshConfig, read, read_flat
+from gmae_jax.train import checkpoint, sharding
+
+CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"
+CHECKPOINTS = "checkpoints"
+TRAINING_STAGES = ("pretrain", "finetune")
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, tuple[jax.Array, ...]]:
+    """The model of a pretrain or finetune config, and example positional inputs for `init`."""
+    gmst = gmst_config(config.model)
+    image = jnp.zeros((1, gmst.img_size, gmst.img_size, gmst.in_channels), jnp.float32)
+    if config.stage == "pretrain":
+        return GMAE(gmst), (image, jnp.zeros((1, gmst.num_patches), bool))
+    return GMAEClassifier(gmst, config.num_classes), (image,)
+
+
+@flax.struct.dataclass
+class Weights:
+    """What inference needs of a train state. Its fields are named as TrainState's, so the eval
+    steps (which read `.params` and `.batch_stats`) take either."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """A run rebuilt from its workdir: its config, classes, model, mesh and restored weights."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    class_names: list[str]
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    weights: Weights
+    step: int  # the restored checkpoint's training step
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run wrote to its workdir."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    if config.get("stage") not in TRAINING_STAGES:
+        raise ConfigError(f"{path} is a '{config.get('stage')}' run; expected one of {TRAINING_STAGES}")
+    return config
+
+
+def load_class_names(workdir: str) -> list[str]:
+    path = epath.Path(workdir) / CLASSES_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
+    return list(json.loads(path.read_text()))
+
+
+def run_workdir(path: str) -> str:
+    """A run's workdir from either the workdir or its `checkpoints` folder (what init_from held)."""
+    path = str(path).rstrip("/")
+    if epath.Path(path).name == CHECKPOINTS and not (epath.Path(path) / CONFIG_FILE).exists():
+        return str(epath.Path(path).parent)
+    return path
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> Any:
+    """A read-only manager of the run's checkpoints that knows the run's best metric."""
+    loop = read_flat(LoopConfig, config)
+    return checkpoint.make_manager(str(epath.Path(workdir) / CHECKPOINTS), loop.keep_checkpoints,
+                                   loop.best_metric, loop.best_mode, read_only=True)
+
+
+def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's own `config.mesh` where it fits this job's devices, else all devices on `data`
+    (a checkpoint restores onto any mesh; FSDP only matters where the weights would not fit)."""
+    mesh = read(MeshConfig, config.mesh if "mesh" in config else {}, "config.mesh")
+    try:
+        return sharding.make_mesh(mesh)
+    except sharding.MeshError:
+        return sharding.make_mesh()
+
+
+def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh: jax.sharding.Mesh) -> Weights:
+    """Shapes, dtypes and shardings of a model's weights, without allocating them."""
+
+    def init() -> Weights:
+        variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, *init_inputs,
+                               train=False)
+        return Weights(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables.get("batch_stats", {}))
+
+    shapes = jax.eval_shape(init)
+    shardings = sharding.state_shardings(shapes, mesh)  # the training state's layout
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
+    """Rebuilds a pretrain or finetune run from `workdir` with the weights of checkpoint `which`
+    ('latest', 'best' or a step number)."""
+    workdir = run_workdir(workdir)
+    config = load_run_config(workdir)
+    class_names = load_class_names(workdir)
+    if which == checkpoint.BEST and not read_flat(LoopConfig, config).best_metric:
+        raise ConfigError(f"the run in {workdir} was trained without config.best_metric, so it has no 'best' "
+                          "checkpoint; use --config.checkpoint=latest")
+    model, init_inputs = build_model(config)
+    mesh = run_mesh(config)
+    manager = checkpoint_manager(workdir, config)
+    step = checkpoint.pick_step(manager, which)
+    if step is None:
+        raise ConfigError(f"no '{which}' checkpoint in {workdir}/{CHECKPOINTS} (steps there: "
+                          f"{sorted(manager.all_steps())})")
+    weights = checkpoint.restore_weights(manager, step, abstract_weights(model, init_inputs, mesh))
+    manager.close()
+    return RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,
+                       weights=weights, step=step)

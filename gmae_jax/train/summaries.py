@@ -1,0 +1,104 @@
+"""Scalars and pictures of a run for TensorBoard (event files under WORKDIR/tensorboard/<split>,
+written by tensorboardX: no TensorFlow) and, when `config.wandb.enabled`, Weights & Biases.
+Only process 0 writes. `metrics.jsonl` (progress.MetricsWriter) stays the plain-text record."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from gmae_jax.schema import ConfigError, WandbConfig
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _wandb_module() -> Any:
+    try:
+        import wandb  # optional: only when config.wandb.enabled
+    except ImportError as error:
+        raise ConfigError("config.wandb.enabled=True but the wandb package is not installed; pip install wandb "
+                          "or set --config.wandb.enabled=False") from error
+    return wandb
+
+
+class Summaries:
+    """One TensorBoard writer per split (train, val, ...), so TensorBoard overlays them as runs."""
+
+    def __init__(self, workdir: str, wandb: WandbConfig = WandbConfig(), run_config: dict | None = None,
+                 name: str = ""):
+        self.folder = os.path.join(workdir, TENSORBOARD_DIR)
+        self.enabled = jax.process_index() == 0
+        self._writers: dict[str, Any] = {}
+        self._wandb = None
+        if self.enabled and wandb.enabled:
+            self._wandb = _wandb_module().init(project=wandb.project, mode=wandb.mode, dir=workdir,
+                                               name=name or os.path.basename(os.path.normpath(workdir)),
+                                               config=run_config, resume="allow")
+
+    def _writer(self, split: str) -> Any:
+        if split not in self._writers:
+            from tensorboardX import SummaryWriter  # imported late: it loads protobuf
+
+            self._writers[split] = SummaryWriter(os.path.join(self.folder, split))
+        return self._writers[split]
+
+    def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:
+        """Every number of `metrics` as `<name>` in the `split` run (per-class keys keep their '/')."""
+        if not self.enabled:
+            return
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
+        writer = self._writer(split)
+        for key, value in numbers.items():
+            writer.add_scalar(key, value, step)
+        writer.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in numbers.items()}, step=step)
+
+    def pictures(self, split: str, step: int, paths: Iterable[str]) -> None:
+        """PNG files already written (reconstructions, confusion matrix) as images named by file."""
+        if not self.enabled:
+            return
+        writer = self._writer(split)
+        images = {}
+        for path in paths:
+            with Image.open(path) as picture:
+                pixels = np.asarray(picture.convert("RGB"))
+            tag = os.path.splitext(os.path.basename(path))[0]
+            writer.add_image(tag, pixels, step, dataformats="HWC")
+            images[f"{split}/{tag}"] = pixels
+        writer.flush()
+        if self._wandb is not None and images:
+            wandb = _wandb_module()
+            self._wandb.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        logging.info("TensorBoard: tensorboard --logdir %s", self.folder)
+
+
+def run_summary(name: str, workdir: str, manager: Any, best_metric: str, pictures: list[str]) -> str:
+    """What a person wants at the end of a run: the best evaluation and where everything is."""
+    lines = [f"=== {name} finished: {workdir} ==="]
+    best = manager.best_step() if best_metric else None
+    if best is not None:
+        value = (manager.metrics(best) or {}).get(best_metric)
+        lines.append(f"best {best_metric}: {value:.4f} at step {best}" if value is not None else
+                     f"best {best_metric}: step {best}")
+    lines.append(f"checkpoints: {manager.directory} (steps {sorted(manager.all_steps())}; "
+                 f"evaluate/export with checkpoint=latest{' or best' if best is not None else ''})")
+    if pictures:
+        lines.append(f"pictures: {', '.join(pictures)}")
+    lines.append(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
+                 f"TensorBoard: tensorboard --logdir {os.path.join(workdir, TENSORBOARD_DIR)}")
+    return "\n".join(lines)

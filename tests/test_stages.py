@@ -1,0 +1,247 @@
+"""The stage registry, restoring a run from its workdir, and the evaluate and predict stages on a
+run whose training images were deleted (they must never open the training split)."""
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import types
+
+import hagrid_fixtures as fx
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from gmae_jax import config_lib, schema, stages
+from gmae_jax.data import inputs, synthetic, views
+from gmae_jax.train import checkpoint, setup
+from gmae_jax.train.summaries import Summaries
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+CLASSES = ("fist", "one", "peace", "three", "four", "palm")  # > 5: top-5 accuracy is reported
+
+
+def load(name, arg=None):
+    return config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), name, arg)
+
+
+def test_every_config_file_is_a_registered_stage_named_like_its_file():
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
+    assert names == sorted(stages.STAGES)
+    for name in names:
+        assert load(name).stage == name
+        assert callable(stages.get(name).run) and callable(stages.get(name).validate)
+
+
+def test_unknown_stage_is_a_config_error():
+    with pytest.raises(config_lib.ConfigError, match=r"config.stage='train' must be one of \["):
+        stages.get("train")
+
+
+@pytest.mark.parametrize("stage,field,value,message", [
+    ("evaluate", "checkpoint", "newest", "config.checkpoint='newest' must be 'latest', 'best' or a step number"),
+    ("predict", "inputs", "", "config.inputs is empty"),
+    ("predict", "view", "square", "config.view='square' must be one of"),
+    ("finetune", "best_metric", "f2", "config.best_metric='f2' must be '' or one of"),
+    ("prepare", "splits", {"train": 0.9, "val": 0.2}, "config.splits=.* must be positive fractions that sum to 1"),
+])
+def test_each_stage_validates_its_own_fields(stage, field, value, message, tmp_path):
+    config = load(stage, "runlocal" if stage == "finetune" else None)
+    config.checkpoint_dir, config.inputs = str(tmp_path), str(tmp_path)
+    if stage == "finetune":
+        config.data.root = str(tmp_path)
+    config[field] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        stages.validate(config)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 4-step fine-tune whose training folder is then deleted."""
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_demo_dataset(str(root), image_size=32, train_per_class=4, val_per_class=2, classes=CLASSES)
+    workdir = str(tmp_path_factory.mktemp("finetune"))
+    config = load("finetune", "runlocal")
+    config.update(num_classes=len(CLASSES), total_steps=4, eval_every=2, checkpoint_every=2, keep_checkpoints=1)
+    config.data.root = str(root)
+    metrics = stages.run(config, workdir)
+    shutil.rmtree(root / "train")
+    return workdir, root, metrics
+
+
+@pytest.mark.slow
+def test_restore_run_rebuilds_weights_without_optimiser_state(run_dir):
+    workdir, _, _ = run_dir
+    restored = setup.restore_run(os.path.join(workdir, "checkpoints"))  # the folder init_from used to take
+    saved = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
+    assert restored.step == saved["step"] == 4 and restored.class_names == sorted(CLASSES)
+    assert set(vars(restored.weights)) == {"step", "params", "batch_stats"}
+    for got, want in zip(jax.tree.leaves(restored.weights.params), jax.tree.leaves(saved["params"])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_kept_beside_the_latest(run_dir):
+    workdir, _, _ = run_dir
+    manager = setup.checkpoint_manager(workdir, setup.load_run_config(workdir))
+    best, latest = manager.best_step(), manager.latest_step()
+    history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    accuracy = {r["step"]: r["accuracy"] for r in history if r["split"] == "val"}
+    assert latest == 4 and best == max(accuracy, key=lambda s: (accuracy[s], s))  # ties: the later step
+    assert sorted(manager.all_steps()) == sorted({best, latest})  # keep_checkpoints=1 plus the best
+
+
+@pytest.mark.slow
+def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir, tmp_path, capsys):
+    workdir, _, trained = run_dir
+    config = load("evaluate")
+    config.update(checkpoint_dir=workdir, num_workers=0, batch_size=16)
+    result = stages.run(config, str(tmp_path))
+    assert result["accuracy"] == pytest.approx(trained["accuracy"])
+    assert result["checkpoint_step"] == 4
+    saved = json.loads((tmp_path / "eval_metrics.json").read_text())
+    for key in ("accuracy", "top5_accuracy", "macro_f1", "weighted_f1", "precision/palm", "recall/fist", "f1/one"):
+        assert 0.0 <= saved[key] <= 1.0, key
+    assert saved["top5_accuracy"] >= saved["accuracy"]
+    table = capsys.readouterr().out
+    assert all(name in table for name in CLASSES) and "weighted avg" in table
+    picture = Image.open(tmp_path / "confusion_matrix.png")
+    # A label margin of 8 + 7 px per character of the longest name, 36 px cells, a 24 px caption.
+    assert picture.height == 8 + 7 * 5 + 6 * 36 + 24 and picture.width >= 8 + 7 * 5 + 6 * 36 + 8
+    assert len(np.unique(np.asarray(picture.convert("L")))) > 2  # not blank
+
+
+@pytest.mark.slow
+def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path):
+    workdir, root, _ = run_dir
+    inputs = tmp_path / "inputs"
+    shutil.copytree(root / "val", inputs)
+    (inputs / "notes.txt").write_text("not an image")
+    (inputs / "palm" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(inputs), top_k=len(CLASSES), batch_size=5)
+    out = tmp_path / "out"
+    counts = stages.run(config, str(out))
+
+    files = sorted(str(p) for p in inputs.rglob("*") if p.is_file())
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "skipped.csv") as f:
+        skipped = {r["file"]: r["reason"] for r in csv.DictReader(f)}
+    predicted = [r["file"] for r in rows]
+    assert sorted(predicted + list(skipped)) == files  # every file exactly once
+    assert counts == {"predicted": len(CLASSES) * 2, "skipped": 2}
+    assert skipped[str(inputs / "notes.txt")].startswith("not an image")
+    assert skipped[str(inputs / "palm" / "broken.jpg")].startswith("unreadable")
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [line["file"] for line in lines] == predicted
+    for line in lines:
+        assert sorted(entry["class"] for entry in line["top_k"]) == sorted(CLASSES)
+        probs = [entry["prob"] for entry in line["top_k"]]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
+
+
+def test_predict_refuses_a_pretraining_run(tmp_path):
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    (run / "config.json").write_text(load("pretrain", "runlocal").to_json())
+    (run / "classes.json").write_text("[]")
+    config = load("predict")
+    config.update(checkpoint_dir=str(run), inputs=str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match="is a 'pretrain' run; predict needs a finetune run"):
+        stages.run(config, str(tmp_path / "out"))
+
+
+def read_events(folder):
+    """{tag: [(step, value or decoded image)]} of the TensorBoard event files in `folder`: TFRecord
+    frames (length, crc, Event proto, crc) parsed with the Event message tensorboardX ships."""
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        data = open(path, "rb").read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    item = Image.open(io.BytesIO(value.image.encoded_image_string))
+                else:
+                    item = value.simple_value
+                found.setdefault(value.tag, []).append((event.step, item))
+    return found
+
+
+@pytest.mark.slow
+def test_tensorboard_files_hold_the_logged_scalars_and_pictures(run_dir):
+    workdir, _, trained = run_dir
+    history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = read_events(os.path.join(workdir, "tensorboard", "train"))
+    logged = [(r["step"], r["loss"]) for r in history if r["split"] == "train"]
+    assert [(s, pytest.approx(v)) for s, v in train["loss"]] == logged
+    val = read_events(os.path.join(workdir, "tensorboard", "val"))
+    assert val["accuracy"][-1] == (4, pytest.approx(trained["accuracy"]))
+    assert "recall/palm" in val and "macro_f1" in val
+    step, picture = val["confusion_matrix"][-1]
+    assert step == 4 and picture.size == Image.open(os.path.join(workdir, "confusion_matrix.png")).size
+
+
+def test_wandb_receives_scalars_when_enabled(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append(("log", dict(values), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(("init", kwargs)) or FakeRun(),
+                                 Image=lambda pixels: ("image", pixels.shape))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    summaries = Summaries(str(tmp_path), schema.WandbConfig(enabled=True, mode="offline"), {"seed": 1}, "run")
+    summaries.scalars("val", 7, {"accuracy": 0.5, "note": "text is not a scalar"})
+    summaries.close()
+    assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["config"] == {"seed": 1}
+    assert calls[1:] == [("log", {"val/accuracy": 0.5}, 7), ("finish",)]
+    assert read_events(str(tmp_path / "tensorboard" / "val"))["accuracy"] == [(7, 0.5)]
+
+
+def test_wandb_enabled_without_the_package_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(config_lib.ConfigError, match="config.wandb.enabled=True but the wandb package"):
+        Summaries(str(tmp_path), schema.WandbConfig(enabled=True))
+
+
+def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path):
+    tree = fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=3, images_per_user=1)
+    fx.write_image(tree.images_root / "like" / "unlisted.jpg")
+    (tree.images_root / "call" / "notes.txt").write_text("x")
+    items, skipped = inputs.list_inputs(str(tmp_path))
+    images = sorted(str(p) for p in tree.images_root.rglob("*.jpg"))
+    assert sorted([i.path for i in items] + [f for f, _ in skipped if f.endswith(".jpg")]) == images
+    assert len(items) == 6 and all(i.box is not None and i.annotation in ("call", "like") for i in items)
+    reasons = dict(skipped)
+    assert reasons[str(tree.images_root / "like" / "unlisted.jpg")] == "unannotated"
+    assert str(tree.images_root / "call" / "notes.txt") in reasons
+    pixels = views.predict_view(items[0].path, "hand_crop", 32, items[0].box)
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+
+
+def test_readme_places_every_module_and_every_placed_file_exists():
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = text.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    mentioned = set(re.findall(r"([\w]+\.py)\b", block))
+    modules = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "gmae_jax", "**", "*.py"), recursive=True)}
+    assert modules - {"__init__.py"} <= mentioned, "modules missing from the README's 'Where things live'"
+    assert mentioned - {"__init__.py"} <= modules, "the README names files that do not exist"
+    assert set(re.findall(r"(?m)^configs/ .*: (.*)$", block)[0].split(", ")) == set(stages.STAGES)
