@@ -1,4 +1,11 @@
-"""Input-pipeline benchmark on full-HD JPEGs: `python -m gmae_jax.bench --pipeline`.
+"""Benchmarks: the input pipeline (`--pipeline`) and the training step (`--train_step`).
+
+`--train_step` alone compares float32 and bfloat16 JAX pretraining steps; with `--vs_torch` it times
+the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
+`python -m gmae_jax.bench --train_step --vs_torch --preset=tiny --batch_size=32 \
+--model_override=img_size=64 --model_override=patch_size=8`.
+
+Input pipeline on full-HD JPEGs, `python -m gmae_jax.bench --pipeline`:
 
 Prints training images/s of one worker (one core) for three ways to get an augmented 224 px
 view, all with the same random resized crop, flip, colour jitter and normalisation:
@@ -7,6 +14,7 @@ view, all with the same random resized crop, flip, colour jitter and normalisati
   3. our ArrayRecord path: records from the prepare stage (frames pre-resized to 256 px).
 """
 
+import ast
 import os
 import tempfile
 import time
@@ -29,7 +37,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best 
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps after one compile step.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (per round with --vs_torch).")
+_VS_TORCH = flags.DEFINE_bool("vs_torch", False, "--train_step: JAX jit step vs the eager PyTorch mirror.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--vs_torch: alternating timing rounds; the median counts.")
+_TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch: steps to compare.")
+_MODEL_OVERRIDE = flags.DEFINE_multi_string(
+    "model_override", [], "--train_step: FIELD=VALUE on the preset's architecture, e.g. img_size=64.")
 
 
 def write_full_hd_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
@@ -103,6 +116,20 @@ def run_pipeline_benchmark(num_images: int, image_size: int, crop_scale_min: flo
     return results
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """['img_size=64', 'overlap_patches=True'] -> {'img_size': 64, 'overlap_patches': True}."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--model_override={item!r}: expected FIELD=VALUE, e.g. img_size=64")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text  # a string such as mask_mode=original
+    return overrides
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     if not (_PIPELINE.value or _TRAIN_STEP.value):
@@ -111,9 +138,13 @@ def main(argv: Sequence[str]) -> None:
         run_pipeline_benchmark(_NUM_IMAGES.value, _IMAGE_SIZE.value, _CROP_SCALE_MIN.value, _REPEATS.value)
     if _TRAIN_STEP.value:
         # Imported here: the pipeline benchmark needs no model code.
-        from gmae_jax.train.step_benchmark import run_step_benchmark
+        from gmae_jax.train import step_benchmark
 
-        run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value)
+        if _VS_TORCH.value:
+            step_benchmark.run_vs_torch(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value, _ROUNDS.value,
+                                        _TASKS.value, parse_overrides(_MODEL_OVERRIDE.value))
+        else:
+            step_benchmark.run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value)
 
 
 if __name__ == "__main__":
