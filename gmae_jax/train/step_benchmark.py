@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -140,6 +141,22 @@ def run_step_benchmark(preset: str, batch_size: int, num_steps: int) -> dict[str
     return results
 
 
+def compare(ours: Runner, theirs: Runner, task: str, batch_size: int, num_steps: int,
+            rounds: int) -> dict[str, Any]:
+    """One table row: both runners timed in alternating rounds."""
+    rates = images_per_second([ours, theirs], batch_size, num_steps, rounds)
+    return dict(task=task, jax=rates[ours.name], torch=rates[theirs.name],
+                ratio=rates[ours.name] / rates[theirs.name], jax_name=ours.name, torch_name=theirs.name)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of `compare` as a markdown table (img/s and the JAX / PyTorch ratio)."""
+    lines = [f"| step | {rows[0]['jax_name']} img/s | {rows[0]['torch_name']} img/s | JAX / PyTorch |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {r['task']} | {r['jax']:.1f} | {r['torch']:.1f} | **{r['ratio']:.2f}x** |" for r in rows]
+    return "\n".join(lines)
+
+
 def run_vs_torch(
     preset: str, batch_size: int, num_steps: int, rounds: int, tasks: Sequence[str] = TASKS,
     overrides: Mapping[str, Any] | None = None,
@@ -152,19 +169,13 @@ def run_vs_torch(
 
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     config = gmst_config(preset, dtype, overrides)
-    rows = []
-    for task in tasks:
-        ours, theirs = jax_runner(config, task, batch_size), torch_runner(config, task, batch_size)
-        rates = images_per_second([ours, theirs], batch_size, num_steps, rounds)
-        rows.append(dict(task=task, jax=rates[ours.name], torch=rates[theirs.name],
-                         ratio=rates[ours.name] / rates[theirs.name], jax_name=ours.name,
-                         torch_name=theirs.name))
+    load = os.getloadavg()[0]
+    rows = [compare(jax_runner(config, task, batch_size), torch_runner(config, task, batch_size), task,
+                    batch_size, num_steps, rounds) for task in tasks]
     shape = f"{config.img_size} px, patch {config.patch_size}, embed {config.embed_dim}"
     print(f"\n{preset} ({shape}), batch {batch_size}; JAX {jax.__version__} on {_device_line()}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; median of {rounds} "
-          f"alternating rounds of {num_steps} steps\n")
-    print(f"| step | {rows[0]['jax_name']} img/s | {rows[0]['torch_name']} img/s | JAX / PyTorch |")
-    print("|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['task']} | {row['jax']:.1f} | {row['torch']:.1f} | **{row['ratio']:.2f}x** |")
+          f"alternating rounds of {num_steps} steps; load average {load:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after\n")
+    print(markdown_table(rows))
     return rows
