@@ -51,8 +51,9 @@ def test_conv_matches_lax_conv_with_gradients(size, dilation):
         ours = jax.grad(loss, argnum + 1)(fast_conv.conv_general_dilated, x, kernel)
         reference = jax.grad(loss, argnum + 1)(lax.conv_general_dilated, x, kernel)
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_conv(fast_conv.conv_general_dilated, x, kernel, dilation, pad),
-                               _conv(lax.conv_general_dilated, x, kernel, dilation, pad), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _conv(fast_conv.conv_general_dilated, x, kernel, dilation, pad),
+        _conv(lax.conv_general_dilated, x, kernel, dilation, pad), rtol=1e-5, atol=1e-5)
 
 
 def test_pointwise_conv_becomes_a_dot_and_keeps_conv_parameters():

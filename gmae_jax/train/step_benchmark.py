@@ -65,7 +65,8 @@ def jax_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) ->
     if task == "pretrain":
         model = GMAE(config)
         init_inputs = (image, jnp.zeros((1, config.num_patches), bool))
-        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=MASK_RATIO, norm_pix_loss=False)
+        loss_fn = functools.partial(
+            steps.pretrain_loss, model=model, mask_ratio=MASK_RATIO, norm_pix_loss=False)
     else:
         model = GMAEClassifier(config, NUM_CLASSES)
         init_inputs = (image,)
