@@ -1,4 +1,11 @@
-"""Input-pipeline benchmark on full-HD JPEGs: `python -m gmae_jax.bench --pipeline`.
+"""Benchmarks: the input pipeline (`--pipeline`) and the training step (`--train_step`).
+
+`--train_step` alone compares float32 and bfloat16 JAX pretraining steps; with `--vs_torch` it times
+the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
+`python -m gmae_jax.bench --train_step --vs_torch --preset=tiny --batch_size=32 \
+--model_override=img_size=64 --model_override=patch_size=8`.
+
+Input pipeline on full-HD JPEGs, `python -m gmae_jax.bench --pipeline`:
 
 Prints training images/s of one worker (one core) for three ways to get an augmented 224 px
 view, all with the same random resized crop, flip, colour jitter and normalisation:
@@ -7,6 +14,8 @@ view, all with the same random resized crop, flip, colour jitter and normalisati
   3. our ArrayRecord path: records from the prepare stage (frames pre-resized to 256 px).
 """
 
+import ast
+import importlib.util
 import os
 import tempfile
 import time
@@ -17,6 +26,7 @@ from array_record.python import array_record_module
 import numpy as np
 from PIL import Image
 
+from gmae_jax import host_memory
 from gmae_jax.data import prepare, records, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import HagridRecord
@@ -29,7 +39,20 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best 
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps after one compile step.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (per round with --vs_torch).")
+_VS_TORCH = flags.DEFINE_bool("vs_torch", False, "--train_step: JAX jit step vs the eager PyTorch mirror.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--vs_torch: alternating timing rounds; the median counts.")
+_TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch: steps to compare.")
+_SUITE = flags.DEFINE_enum("suite", None, ["device"],
+                           "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), then "
+                           "the side-by-side with the PyTorch mirror if torch is installed.")
+_SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
+_SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"],
+                                       "--suite: starting batch per preset (halved until it fits).")
+_SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
+_SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0, "--suite: no new case starts after this.")
+_MODEL_OVERRIDE = flags.DEFINE_multi_string(
+    "model_override", [], "--train_step: FIELD=VALUE on the preset's architecture, e.g. img_size=64.")
 
 
 def write_full_hd_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
@@ -103,17 +126,59 @@ def run_pipeline_benchmark(num_images: int, image_size: int, crop_scale_min: flo
     return results
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """['img_size=64', 'overlap_patches=True'] -> {'img_size': 64, 'overlap_patches': True}."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--model_override={item!r}: expected FIELD=VALUE, e.g. img_size=64")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text  # a string such as mask_mode=original
+    return overrides
+
+
+def run_device_suite() -> None:
+    """The device table, then (time and torch permitting) JAX vs the eager PyTorch mirror."""
+    host_memory.keep_freed_memory()
+    from gmae_jax.train import device_suite, step_benchmark  # noqa: PLC0415 (model code only here)
+
+    started = time.perf_counter()
+    batch_sizes = device_suite.batch_sizes_for(_SUITE_PRESETS.value, [int(b) for b in _SUITE_BATCH_SIZES.value])
+    device_suite.main_suite(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes, _SUITE_BUDGET_S.value,
+                            num_steps=10)
+    if importlib.util.find_spec("torch") is None:
+        print("torch is not installed: no side-by-side with the PyTorch mirror (pip install -e '.[torch]')")
+    elif time.perf_counter() - started > _SUITE_BUDGET_S.value:
+        print("no time left in the budget for the side-by-side with the PyTorch mirror")
+    else:
+        step_benchmark.run_vs_torch(_SUITE_PRESETS.value[0], 64, num_steps=5, rounds=3,
+                                    overrides={"img_size": _SUITE_IMG_SIZE.value})
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not (_PIPELINE.value or _TRAIN_STEP.value):
-        raise app.UsageError("choose a benchmark: --pipeline and/or --train_step")
+    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value):
+        raise app.UsageError("choose a benchmark: --pipeline, --train_step or --suite=device")
+    if _SUITE.value == "device":
+        run_device_suite()
+        return
+    if _TRAIN_STEP.value:
+        # Before JAX starts its threads: XLA:CPU's per-step buffers then reuse memory (see module).
+        host_memory.keep_freed_memory()
     if _PIPELINE.value:
         run_pipeline_benchmark(_NUM_IMAGES.value, _IMAGE_SIZE.value, _CROP_SCALE_MIN.value, _REPEATS.value)
     if _TRAIN_STEP.value:
         # Imported here: the pipeline benchmark needs no model code.
-        from gmae_jax.train.step_benchmark import run_step_benchmark
+        from gmae_jax.train import step_benchmark
 
-        run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value)
+        if _VS_TORCH.value:
+            step_benchmark.run_vs_torch(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value, _ROUNDS.value,
+                                        _TASKS.value, parse_overrides(_MODEL_OVERRIDE.value))
+        else:
+            step_benchmark.run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value)
 
 
 if __name__ == "__main__":

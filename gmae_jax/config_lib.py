@@ -52,11 +52,6 @@ def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"preset": preset, **fields})
 
 
-# TODO(merge): gmae_jax/train/step_benchmark.py (another branch) still calls the old name; rename
-# its call to model_section and delete this alias.
-model_config = model_section
-
-
 def data_section(root: str, **aug: Any) -> ml_collections.ConfigDict:
     """The `config.data` section of the training stages (defaults: `schema.DataConfig`), with the
     augmentation fields in `aug` changed."""

@@ -9,7 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import config_lib, distributed, stages
+from gmae_jax import config_lib, distributed, host_memory, stages
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.train.preemption import Preempted
 
@@ -43,6 +43,7 @@ class _QuietLibraries(pylogging.Filter):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.keep_freed_memory()  # before JAX starts its threads (see gmae_jax/host_memory.py)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     try:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gmae_jax.models import batch_axes
+from gmae_jax.models import batch_axes, fast_conv
 
 Dtype = Any
 
@@ -41,8 +41,16 @@ def layer_scale_init(key, shape, dtype=jnp.float32):
     return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
+_SQRT_HALF = 0.7071067811865476
+
+
 def gelu(x: jax.Array) -> jax.Array:
-    return nn.gelu(x, approximate=False)
+    """Exact GELU, `x * Phi(x)`, written as PyTorch's CPU kernel writes it: `0.5 x (1 + erf(x / sqrt 2))`.
+
+    `jax.nn.gelu(approximate=False)` goes through `erfc`, which XLA:CPU expands into exp-based code
+    about 3x slower than its `erf` polynomial; the two agree to float32 rounding.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
 
 def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
@@ -90,6 +98,7 @@ class ConvBNGELU(nn.Module):
             padding=((pad, pad), (pad, pad)),
             kernel_init=kaiming_normal_fan_out,
             dtype=self.dtype,
+            conv_general_dilated=fast_conv.conv_general_dilated,  # 1x1 as a matmul
             name="conv",
         )(x)
         x = nn.BatchNorm(

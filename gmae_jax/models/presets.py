@@ -66,8 +66,3 @@ def gmst_config(fields: Mapping[str, Any]) -> GMSTConfig:
     if unknown:
         raise ValueError(f"config.model has unknown field(s) {unknown}; known: {sorted(known)}")
     return GMSTConfig(**fields)
-
-
-# TODO(merge): gmae_jax/train/step_benchmark.py (another branch) still imports the old name; rename
-# its import to gmst_config and delete this alias.
-model_config = gmst_config

@@ -1,10 +1,20 @@
-"""Pretraining-step throughput of a preset in float32 (the baseline) and bfloat16, in one process,
-so the printed ratio compares like with like on whatever devices are present."""
+"""Training-step throughput, measured side by side in one process so that ratios compare like with
+like on whatever machine runs them: float32 against bfloat16 JAX steps, or the JAX jit step against
+the eager PyTorch mirror (`gmae_jax.torch_mirror.train_step`) of the same model, batch and optimiser.
+
+Runners are timed in alternating rounds (order flipped every round) and the median round counts, so
+load from other jobs on a shared machine hits every side alike.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,43 +22,161 @@ import ml_collections
 import numpy as np
 
 from gmae_jax import config_lib
-from gmae_jax.models.gmae import GMAE
-from gmae_jax.models.presets import model_config
+from gmae_jax.models.gmae import GMAE, GMAEClassifier
+from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.train import sharding, steps, trainer
+
+TASKS = ("pretrain", "finetune")
+NUM_CLASSES = 10
+MASK_RATIO = 0.6
+
+
+@dataclasses.dataclass
+class Runner:
+    """One side of a comparison: `step()` runs one optimiser step and waits for it; `params()` is a
+    flat {name: numpy array} snapshot of the trainable weights (to check that steps change them)."""
+
+    name: str
+    step: Callable[[], None]
+    params: Callable[[], dict[str, np.ndarray]]
+
+
+def gmst_config(preset: str, dtype: str, overrides: Mapping[str, Any] | None = None) -> GMSTConfig:
+    """The architecture of `preset` with `overrides` (e.g. img_size, patch_size) applied."""
+    return gmst_config(config_lib.model_section(preset, dtype=dtype, **(overrides or {})))
+
+
+def jax_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) -> Runner:
+    """The project's jitted data-parallel train step (AdamW, clipping) on a fixed random batch.
+
+    Constant learning rate (no warm-up) so that the very first step already moves the weights.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
+        layer_decay=1.0))
+    run = ml_collections.ConfigDict(dict(optim=optim, model=dataclasses.asdict(config), seed=seed))
+    mesh = sharding.make_mesh()
+    size = config.img_size
+    rng = np.random.default_rng(seed)
+    host = {"image": rng.normal(size=(batch_size, size, size, config.in_channels)).astype(np.float32)}
+    image = jnp.zeros((1, size, size, config.in_channels))
+    if task == "pretrain":
+        model = GMAE(config)
+        init_inputs = (image, jnp.zeros((1, config.num_patches), bool))
+        loss_fn = functools.partial(
+            steps.pretrain_loss, model=model, mask_ratio=MASK_RATIO, norm_pix_loss=False)
+    else:
+        model = GMAEClassifier(config, NUM_CLASSES)
+        init_inputs = (image,)
+        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
+        host["label"] = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
+    state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
+    train_step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
+    batch = sharding.global_batch(host, mesh)
+    key = jax.random.key(seed)
+    holder = {"state": state}
+
+    def step() -> None:
+        holder["state"], metrics = train_step(holder["state"], batch, key)
+        jax.block_until_ready(metrics)
+
+    def params() -> dict[str, np.ndarray]:
+        flat = jax.tree_util.tree_leaves_with_path(holder["state"].params)
+        return {jax.tree_util.keystr(path): np.array(leaf) for path, leaf in flat}
+
+    return Runner(f"JAX jit ({config.dtype})", step, params)
+
+
+def torch_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) -> Runner:
+    """The eager PyTorch mirror's step (imports torch, an optional extra)."""
+    from gmae_jax.torch_mirror import train_step  # noqa: PLC0415 (torch only when asked for)
+
+    model, step = train_step.make_step(config, task, batch_size, num_classes=NUM_CLASSES,
+                                       mask_ratio=MASK_RATIO, seed=seed)
+    autocast = " + bf16 autocast" if next(model.parameters()).is_cuda else ""
+
+    def params() -> dict[str, np.ndarray]:
+        return {name: p.detach().float().cpu().numpy().copy() for name, p in model.named_parameters()}
+
+    return Runner(f"PyTorch eager (float32{autocast})", lambda: step(), params)
+
+
+def images_per_second(
+    runners: Sequence[Runner], batch_size: int, num_steps: int, rounds: int, warmup_steps: int = 2,
+) -> dict[str, float]:
+    """Median over `rounds` of each runner's images/s over `num_steps` steps; rounds alternate the
+    runners' order (ABBA...) after `warmup_steps` untimed steps each (compilation, allocator)."""
+    for runner in runners:
+        for _ in range(warmup_steps):
+            runner.step()
+    rates: dict[str, list[float]] = {r.name: [] for r in runners}
+    for i in range(rounds):
+        for runner in runners if i % 2 == 0 else runners[::-1]:
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                runner.step()
+            rates[runner.name].append(batch_size * num_steps / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def pretrain_images_per_second(preset: str, dtype: str, batch_size: int, num_steps: int) -> float:
-    """Images/s of the jitted, data-parallel pretraining step after one warm-up (compile) step."""
-    model_fields = config_lib.model_config(preset, dtype=dtype)
-    gmst = model_config(model_fields)
-    model = GMAE(gmst)
-    optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
-        layer_decay=1.0))
-    run = ml_collections.ConfigDict(dict(optim=optim, model=model_fields, seed=0))
-    mesh = sharding.make_mesh()
-    size = gmst.img_size
-    state, _ = trainer.create_state(
-        model, (jnp.zeros((1, size, size, 3)), jnp.zeros((1, gmst.num_patches), bool)), run, mesh, 1000)
-    loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=0.6, norm_pix_loss=False)
-    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
-    images = np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)
-    batch = sharding.global_batch({"image": images}, mesh)
-    rng = jax.random.key(0)
-    state, metrics = step(state, batch, rng)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        state, metrics = step(state, batch, rng)
-    jax.block_until_ready(metrics)
-    return batch_size * num_steps / (time.perf_counter() - start)
+    """Images/s of the JAX pretraining step alone after one warm-up (compile) step."""
+    runner = jax_runner(gmst_config(preset, dtype), "pretrain", batch_size)
+    return images_per_second([runner], batch_size, num_steps, rounds=1, warmup_steps=1)[runner.name]
+
+
+def _device_line() -> str:
+    device = jax.devices()[0]
+    return f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()})"
 
 
 def run_step_benchmark(preset: str, batch_size: int, num_steps: int) -> dict[str, float]:
+    """float32 vs bfloat16 JAX pretraining steps; prints the ratio."""
     results = {dtype: pretrain_images_per_second(preset, dtype, batch_size, num_steps)
                for dtype in ("float32", "bfloat16")}
-    device = jax.devices()[0]
-    print(f"pretraining step, preset {preset}, batch {batch_size}, {jax.device_count()} x {device.device_kind}")
+    print(f"pretraining step, preset {preset}, batch {batch_size}, {_device_line()}")
     for dtype, rate in results.items():
         print(f"  {dtype:9s} {rate:10.1f} img/s   x{rate / results['float32']:.2f} vs float32")
     return results
+
+
+def compare(ours: Runner, theirs: Runner, task: str, batch_size: int, num_steps: int,
+            rounds: int) -> dict[str, Any]:
+    """One table row: both runners timed in alternating rounds."""
+    rates = images_per_second([ours, theirs], batch_size, num_steps, rounds)
+    return dict(task=task, jax=rates[ours.name], torch=rates[theirs.name],
+                ratio=rates[ours.name] / rates[theirs.name], jax_name=ours.name, torch_name=theirs.name)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of `compare` as a markdown table (img/s and the JAX / PyTorch ratio)."""
+    lines = [f"| step | {rows[0]['jax_name']} img/s | {rows[0]['torch_name']} img/s | JAX / PyTorch |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {r['task']} | {r['jax']:.1f} | {r['torch']:.1f} | **{r['ratio']:.2f}x** |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_vs_torch(
+    preset: str, batch_size: int, num_steps: int, rounds: int, tasks: Sequence[str] = TASKS,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """JAX jit step vs the eager PyTorch mirror, per task; prints a markdown table, returns its rows.
+
+    float32 on CPU; on a GPU the JAX side computes in bfloat16 and PyTorch under bf16 autocast.
+    """
+    import torch  # noqa: PLC0415 (optional extra)
+
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    config = gmst_config(preset, dtype, overrides)
+    load = os.getloadavg()[0]
+    rows = [compare(jax_runner(config, task, batch_size), torch_runner(config, task, batch_size), task,
+                    batch_size, num_steps, rounds) for task in tasks]
+    shape = f"{config.img_size} px, patch {config.patch_size}, embed {config.embed_dim}"
+    print(f"\n{preset} ({shape}), batch {batch_size}; JAX {jax.__version__} on {_device_line()}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads; median of {rounds} "
+          f"alternating rounds of {num_steps} steps; load average {load:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after\n")
+    print(markdown_table(rows))
+    return rows
