@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-MASK_MODES = ("encoder", "original")
+MASK_MODES = ("encoder", "original", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class GMSTConfig:
     overlap_patches: bool = False
     attention_dropout: float = 0.1
     # 'encoder': the encoder never sees masked content (default). 'original': the original's leak.
+    # 'sparse': as 'encoder', but the encoder computes on the visible tokens only (cheaper).
     mask_mode: str = "encoder"
     dtype: str = "float32"
 

@@ -21,7 +21,7 @@ from etils import epath
 from gmae_jax import config_lib, visualize
 from gmae_jax.data import sources
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
-from gmae_jax.models.masking import sample_mask
+from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.models.presets import model_config
 from gmae_jax.train import checkpoint, steps
 
@@ -61,7 +61,9 @@ def pretrain_task(config: ml_collections.ConfigDict) -> Task:
         images = batch["image"][: config.num_reconstructions]
         mask = sample_mask(jax.random.key(steps.EVAL_MASK_SEED), images.shape[0],
                            model.config.num_patches, config.mask_ratio)
-        pred = jax.jit(functools.partial(model.apply, train=False))(
+        pred = jax.jit(functools.partial(
+            model.apply, train=False,
+            num_visible=num_visible(model.config.num_patches, config.mask_ratio)))(
             {"params": state.params, "batch_stats": state.batch_stats}, images, mask)
         rows = visualize.reconstruction_rows(
             images, np.asarray(mask), np.asarray(pred), model.config.patch_size, config.norm_pix_loss)

@@ -1,0 +1,124 @@
+"""Pretraining step of the sparse encoder (`mask_mode='sparse'`) against the dense one ('encoder'):
+images/s timed in one process, interleaved round by round, and XLA's FLOP count of each compiled step.
+
+    python -m gmae_jax.train.sparse_benchmark --preset=mini --batch_size=64 --mask_ratio=0.6
+    python -m gmae_jax.train.sparse_benchmark --preset=tiny --img_size=64 --patch_size=8 \
+        --batch_size=32 --mask_ratio=0.75
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from gmae_jax import config_lib
+from gmae_jax.models.gmae import GMAE
+from gmae_jax.models.masking import num_visible, sample_mask
+from gmae_jax.models.presets import model_config
+from gmae_jax.train import sharding, steps, trainer
+
+MODES = ("encoder", "sparse")
+
+
+def _flops(compiled: Any) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def build_step(
+    preset: str, mask_mode: str, batch_size: int, mask_ratio: float, **model_overrides: Any
+) -> tuple[Callable[[], Any], float, float]:
+    """(run one step, FLOPs of the compiled train step, FLOPs of the encoder's forward pass)."""
+    fields = config_lib.model_config(preset, mask_mode=mask_mode, **model_overrides)
+    config_lib.validate_model(fields)
+    gmst = model_config(fields)
+    model = GMAE(gmst)
+    optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
+        layer_decay=1.0))
+    run = ml_collections.ConfigDict(dict(optim=optim, model=fields, seed=0))
+    mesh = sharding.make_mesh()
+    size = gmst.img_size
+    state, _ = trainer.create_state(
+        model, (jnp.zeros((1, size, size, 3)), jnp.zeros((1, gmst.num_patches), bool)), run, mesh, 1000)
+    loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
+    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
+    images = np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)
+    batch = sharding.global_batch({"image": images}, mesh)
+    rng = jax.random.key(0)
+    step_flops = _flops(step.lower(state, batch, rng).compile())
+
+    mask = sample_mask(rng, batch_size, gmst.num_patches, mask_ratio)
+    encode = jax.jit(functools.partial(
+        model.apply, method=GMAE.encode, train=False,
+        num_visible=num_visible(gmst.num_patches, mask_ratio)))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    encoder_flops = _flops(encode.lower(variables, images, mask).compile())
+
+    holder = {"state": state}
+
+    def run_step() -> Any:
+        holder["state"], metrics = step(holder["state"], batch, rng)
+        return metrics
+
+    jax.block_until_ready(run_step())  # compile
+    return run_step, step_flops, encoder_flops
+
+
+def compare_mask_modes(
+    preset: str, batch_size: int, mask_ratio: float, num_steps: int, rounds: int,
+    modes: Sequence[str] = MODES, **model_overrides: Any,
+) -> dict[str, dict[str, float]]:
+    """Per mode: median images/s over `rounds` interleaved rounds of `num_steps` steps, and FLOPs."""
+    built = {mode: build_step(preset, mode, batch_size, mask_ratio, **model_overrides) for mode in modes}
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            run_step = built[mode][0]
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                metrics = run_step()
+            jax.block_until_ready(metrics)
+            rates[mode].append(batch_size * num_steps / (time.perf_counter() - start))
+    return {mode: {"img_per_sec": statistics.median(rates[mode]), "step_flops": built[mode][1],
+                   "encoder_flops": built[mode][2]} for mode in modes}
+
+
+_PRESET = flags.DEFINE_string("preset", "mini", "Model preset.")
+_IMG_SIZE = flags.DEFINE_integer("img_size", 0, "Override the preset's image size (0: keep).")
+_PATCH_SIZE = flags.DEFINE_integer("patch_size", 0, "Override the preset's patch size (0: keep).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+_MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "Fraction of patches hidden.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 5, "Timed steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds; the median counts.")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    overrides = {k: v for k, v in (("img_size", _IMG_SIZE.value), ("patch_size", _PATCH_SIZE.value)) if v}
+    results = compare_mask_modes(_PRESET.value, _BATCH_SIZE.value, _MASK_RATIO.value, _NUM_STEPS.value,
+                                 _ROUNDS.value, **overrides)
+    device = jax.devices()[0]
+    print(f"pretraining step, preset {_PRESET.value} {overrides or ''}, batch {_BATCH_SIZE.value}, "
+          f"mask {_MASK_RATIO.value}, {jax.device_count()} x {device.device_kind}")
+    base = results["encoder"]
+    for mode, r in results.items():
+        print(f"  {mode:8s} {r['img_per_sec']:8.1f} img/s (x{r['img_per_sec'] / base['img_per_sec']:.2f})"
+              f"   step {r['step_flops'] / 1e9:8.2f} GFLOP (x{r['step_flops'] / base['step_flops']:.2f})"
+              f"   encoder fwd {r['encoder_flops'] / 1e9:7.2f} GFLOP "
+              f"(x{r['encoder_flops'] / base['encoder_flops']:.2f})")
+
+
+if __name__ == "__main__":
+    app.run(main)
