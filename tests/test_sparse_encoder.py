@@ -16,6 +16,7 @@ from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.models.sparse import VisibleConv, VisibleGrid
 from gmae_jax.train import checkpoint, sharding, steps, tasks, trainer
+from gmae_jax.train.sparse_benchmark import encoder_flops
 
 # One encoder block keeps the jitted models quick to compile; blocks chain the same code path.
 MICRO = GMSTConfig(**{**PRESETS["micro"], "depth": 1})
@@ -190,3 +191,14 @@ def test_sparse_pretraining_learns_and_its_encoder_loads_into_the_classifier(tmp
     for got, want in zip(jax.tree.leaves(loaded.batch_stats["encoder"]),
                          jax.tree.leaves(state.batch_stats["encoder"])):
         np.testing.assert_array_equal(got, want)
+
+
+def test_sparse_encoder_costs_about_the_visible_fraction_of_the_dense_flops():
+    images = jnp.zeros((4, 32, 32, 3))
+    mask = jnp.zeros((1, MICRO.num_patches), bool)
+    flops = {}
+    for config in (MICRO, SPARSE):
+        model = GMAE(config)
+        flops[config.mask_mode] = encoder_flops(model, jit_init(model, images[:1], mask), images, 0.75)
+    # 16 of 64 tokens visible: a quarter of the work, plus the dense patch embedding and gathers.
+    assert flops["sparse"] < 0.4 * flops["encoder"], flops
