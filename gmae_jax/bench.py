@@ -43,6 +43,9 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (p
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False, "--train_step: JAX jit step vs the eager PyTorch mirror.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "--vs_torch: alternating timing rounds; the median counts.")
 _TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch: steps to compare.")
+_SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
+                                     "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
+_MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense: fraction of patches hidden.")
 _SUITE = flags.DEFINE_enum("suite", None, ["device"],
                            "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), then "
                            "the side-by-side with the PyTorch mirror if torch is installed.")
@@ -160,8 +163,15 @@ def run_device_suite() -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value):
-        raise app.UsageError("choose a benchmark: --pipeline, --train_step or --suite=device")
+    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value):
+        raise app.UsageError("choose a benchmark: --pipeline, --train_step, --sparse_vs_dense or --suite=device")
+    if _SPARSE_VS_DENSE.value:
+        host_memory.keep_freed_memory()
+        from gmae_jax.train import sparse_benchmark  # noqa: PLC0415 (model code only here)
+
+        sparse_benchmark.print_comparison(_PRESET.value, _BATCH_SIZE.value, _MASK_RATIO.value, _NUM_STEPS.value,
+                                          _ROUNDS.value, **parse_overrides(_MODEL_OVERRIDE.value))
+        return
     if _SUITE.value == "device":
         run_device_suite()
         return

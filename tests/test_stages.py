@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import types
 
@@ -160,24 +159,15 @@ def test_predict_refuses_a_pretraining_run(tmp_path):
 
 
 def read_events(folder):
-    """{tag: [(step, value or decoded image)]} of the TensorBoard event files in `folder`: TFRecord
-    frames (length, crc, Event proto, crc) parsed with the Event message tensorboardX ships."""
-    from tensorboardX.proto import event_pb2
+    """{tag: [(step, value or decoded image)]} of the event files in `folder`, read back with
+    TensorBoard's own reader (`EventAccumulator`, the `dev` extra)."""
+    from tensorboard.backend.event_processing import event_accumulator
 
-    found = {}
-    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
-        data = open(path, "rb").read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    item = Image.open(io.BytesIO(value.image.encoded_image_string))
-                else:
-                    item = value.simple_value
-                found.setdefault(value.tag, []).append((event.step, item))
+    reader = event_accumulator.EventAccumulator(folder, size_guidance={"scalars": 0, "images": 0})
+    reader.Reload()
+    found = {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+    for tag in reader.Tags()["images"]:
+        found[tag] = [(e.step, Image.open(io.BytesIO(e.encoded_image_string))) for e in reader.Images(tag)]
     return found
 
 

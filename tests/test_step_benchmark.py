@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gmae_jax.bench import parse_overrides
-from gmae_jax.train.step_benchmark import compare, gmst_config, jax_runner, markdown_table, torch_runner
+from gmae_jax.train.step_benchmark import compare, jax_runner, preset_architecture, markdown_table, torch_runner
 
 BATCH = 8  # one example per simulated device
 # Per side: a parameter that is not weight-decayed (it moves only if gradients reach it) and a kernel.
@@ -17,7 +17,7 @@ HEADS = {("jax", "pretrain"): "decoder_pred", ("jax", "finetune"): "head",
 
 
 def test_side_by_side_trains_both_models_and_tabulates_the_ratio():
-    config = gmst_config("micro", "float32")
+    config = preset_architecture("micro", "float32")
     rows = []
     for task in ("pretrain", "finetune"):
         runners = {"jax": jax_runner(config, task, BATCH), "torch": torch_runner(config, task, BATCH)}

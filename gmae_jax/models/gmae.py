@@ -4,6 +4,9 @@ Differences from the original (by design, see README "How this differs from the 
 - masking happens *before* the encoder: masked pixels are zeroed (so overlapping windows of visible
   tokens cannot see them) and masked tokens are replaced by a learned `encoder_mask_token`;
   `mask_mode='original'` keeps the original's leaky behaviour for comparison;
+- `mask_mode='sparse'` masks the same way but runs the encoder on the visible tokens only (as
+  SparK/ConvMAE do for conv + attention encoders; see `gmae_jax.models.sparse`), with the same
+  parameters as the dense encoder;
 - `pos_embed` is added before the blocks in both stages, so it transfers to fine-tuning.
 """
 
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 from gmae_jax.models import modules
 from gmae_jax.models.masking import hide_masked_pixels
 from gmae_jax.models.presets import GMSTConfig
+from gmae_jax.models.sparse import VisibleGrid
 
 
 class GMSTEncoder(nn.Module):
@@ -46,9 +50,12 @@ class GMSTEncoder(nn.Module):
     def embed(self, images: jax.Array) -> tuple[jax.Array, int, int]:
         return self.patch_embed(images)
 
-    def encode(self, tokens: jax.Array, height: int, width: int, train: bool) -> jax.Array:
+    def encode(
+        self, tokens: jax.Array, height: int, width: int, train: bool, visible: VisibleGrid | None = None
+    ) -> jax.Array:
+        """Blocks and final norm; with `visible`, `tokens` are the visible ones (B, L_vis, C)."""
         for block in self.blocks:
-            tokens = block(tokens, height, width, train)
+            tokens = block(tokens, height, width, train, visible)
         return self.norm(tokens)
 
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -75,7 +82,10 @@ class GMAE(nn.Module):
     """Masked-autoencoder pretraining model: predicts the pixels of every patch, (B, L, p*p*C).
 
     The mask (B, L) bool, True = hidden, is an input: sampling it is the train step's job
-    (`masking.sample_mask`), which keeps this module deterministic and testable.
+    (`masking.sample_mask`), which keeps this module deterministic and testable. With
+    `mask_mode='sparse'` the encoder's shapes depend on how many patches are visible, so callers
+    pass that static count as `num_visible` (`masking.num_visible(L, mask_ratio)`); every row of
+    the mask must leave exactly that many visible. Other modes ignore `num_visible`.
     """
 
     config: GMSTConfig
@@ -109,8 +119,14 @@ class GMAE(nn.Module):
             c.patch_size**2 * c.in_channels, kernel_init=modules.xavier_uniform, dtype=dtype
         )
 
-    def encode(self, images: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
-        """Encoder features (B, L, embed_dim) of the visible content only (in 'encoder' mode)."""
+    def encode(
+        self, images: jax.Array, mask: jax.Array, train: bool, num_visible: int | None = None
+    ) -> jax.Array:
+        """Encoder features (B, L, embed_dim) of the visible content only (in 'encoder' mode);
+        in 'sparse' mode those of the visible tokens only, (B, num_visible, embed_dim), in the
+        ascending grid order of `masking.visible_ids`."""
+        if self.config.mask_mode == "sparse":
+            return self._encode_visible(images, mask, self._visible_grid(mask, num_visible), train)
         hide = self.config.mask_mode == "encoder"
         if hide:
             images = hide_masked_pixels(images, mask, self.config.patch_size)
@@ -120,9 +136,37 @@ class GMAE(nn.Module):
         tokens = tokens + self.pos_embed
         return self.encoder.encode(tokens, height, width, train)
 
-    def __call__(self, images: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    def _visible_grid(self, mask: jax.Array, num_visible: int | None) -> VisibleGrid:
         grid = self.config.img_size // self.config.patch_size
-        x = self.decoder_embed(self.encode(images, mask, train))
+        if num_visible is None:
+            if not self.is_initializing():
+                raise ValueError(
+                    "mask_mode='sparse' needs the static number of visible patches per example: "
+                    "pass num_visible=masking.num_visible(num_patches, mask_ratio)")
+            num_visible = mask.shape[1]  # parameter shapes do not depend on the count
+        return VisibleGrid.from_mask(mask, num_visible, grid, grid)
+
+    def _encode_visible(
+        self, images: jax.Array, mask: jax.Array, visible: VisibleGrid, train: bool
+    ) -> jax.Array:
+        """The sparse encoder: zeroed masked pixels (overlapping windows reach into them), the
+        patch embedding, then blocks on the visible tokens with their position embeddings."""
+        images = hide_masked_pixels(images, mask, self.config.patch_size)
+        tokens, height, width = self.encoder.embed(images)
+        tokens = visible.gather(tokens + self.pos_embed)
+        return self.encoder.encode(tokens, height, width, train, visible)
+
+    def __call__(
+        self, images: jax.Array, mask: jax.Array, train: bool, num_visible: int | None = None
+    ) -> jax.Array:
+        grid = self.config.img_size // self.config.patch_size
+        if self.config.mask_mode == "sparse":
+            # The decoder runs dense: visible encoder outputs go back to their cells, mask_token
+            # fills the rest below.
+            visible = self._visible_grid(mask, num_visible)
+            x = visible.scatter(self.decoder_embed(self._encode_visible(images, mask, visible, train)))
+        else:
+            x = self.decoder_embed(self.encode(images, mask, train))
         x = jnp.where(mask[..., None], self.mask_token.astype(x.dtype), x)
         x = x + self.decoder_pos_embed
         for block in self.decoder_blocks:

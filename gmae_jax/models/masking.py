@@ -11,11 +11,32 @@ def num_masked(num_patches: int, mask_ratio: float) -> int:
     return int(round(num_patches * mask_ratio))
 
 
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Patches left visible by `sample_mask`: a static count, which fixes the sparse encoder's shapes."""
+    return num_patches - num_masked(num_patches, mask_ratio)
+
+
 def sample_mask(rng: jax.Array, batch_size: int, num_patches: int, mask_ratio: float) -> jax.Array:
     """Per-example random mask (B, L) bool, True = hidden, with an exact masked count per row."""
     noise = jax.random.uniform(rng, (batch_size, num_patches))
     ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
     return ranks < num_masked(num_patches, mask_ratio)
+
+
+def visible_ids(mask: jax.Array, count: int) -> jax.Array:
+    """(B, L) mask -> (B, count) grid positions of the visible patches, ascending (row-major).
+
+    Every row must have exactly `count` visible patches (as `sample_mask` guarantees); a stable sort
+    puts the visible positions first in their grid order, so a row with more visible patches would
+    lose its last ones and a row with fewer would pick up masked ones.
+    """
+    order = jnp.argsort(mask.astype(jnp.int8), axis=1, stable=True)
+    return order[:, :count].astype(jnp.int32)
+
+
+def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
+    """(B, L, ...) and (B, K) positions -> (B, K, ...): the rows of each example at its positions."""
+    return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def mask_to_pixels(mask: jax.Array, patch_size: int) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gmae_jax.models import batch_axes, fast_conv
+from gmae_jax.models.sparse import VisibleConv, VisibleGrid
 
 Dtype = Any
 
@@ -81,7 +82,12 @@ def patch_embed_geometry(patch_size: int, overlap: bool) -> tuple[int, int, int]
 
 
 class ConvBNGELU(nn.Module):
-    """Conv -> BatchNorm -> GELU, the original's `nn.Sequential(conv, bn, gelu)` (keys `.0`, `.1`)."""
+    """Conv -> BatchNorm -> GELU, the original's `nn.Sequential(conv, bn, gelu)` (keys `.0`, `.1`).
+
+    With `visible`, x and the output are the visible tokens (B, L_vis, C) of the sparse encoder:
+    the conv is evaluated at visible cells only (masked cells read zero) and BatchNorm's statistics
+    are those of the visible cells. Parameters are the same as the dense layer's.
+    """
 
     features: int
     kernel_size: int = 3
@@ -89,18 +95,24 @@ class ConvBNGELU(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        pad = self.dilation * (self.kernel_size // 2)
-        x = nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            kernel_dilation=self.dilation,
-            padding=((pad, pad), (pad, pad)),
-            kernel_init=kaiming_normal_fan_out,
-            dtype=self.dtype,
-            conv_general_dilated=fast_conv.conv_general_dilated,  # 1x1 as a matmul
-            name="conv",
-        )(x)
+    def __call__(self, x: jax.Array, train: bool, visible: VisibleGrid | None = None) -> jax.Array:
+        if visible is not None:
+            x = VisibleConv(
+                self.features, self.kernel_size, self.dilation, kaiming_normal_fan_out, self.dtype,
+                name="conv",
+            )(x, visible)
+        else:
+            pad = self.dilation * (self.kernel_size // 2)
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                kernel_dilation=self.dilation,
+                padding=((pad, pad), (pad, pad)),
+                kernel_init=kaiming_normal_fan_out,
+                dtype=self.dtype,
+                conv_general_dilated=fast_conv.conv_general_dilated,  # 1x1 as a matmul
+                name="conv",
+            )(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
             axis_name=batch_axes.batch_norm_axis(), name="bn",
@@ -140,35 +152,45 @@ class MSDC(nn.Module):
 
     Four branches (1x1 and 3x3 with dilations 1, 2, 3) -> 1x1 fusion -> spatial attention from the
     channel mean/max -> channel attention; the residual `+ x` is inside, as in the original.
+
+    With `visible` (the sparse encoder), x is the visible tokens (B, L_vis, C): masked cells are zero
+    for the convolutions (the 7x7 spatial attention included) and the squeeze-excite average is over
+    the visible cells.
     """
 
     dim: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, visible: VisibleGrid | None = None) -> jax.Array:
         branch = self.dim // 4
         branches = [
-            ConvBNGELU(branch, 1, 1, self.dtype, name="conv1x1")(x, train),
-            ConvBNGELU(branch, 3, 1, self.dtype, name="dconv1")(x, train),
-            ConvBNGELU(branch, 3, 2, self.dtype, name="dconv2")(x, train),
-            ConvBNGELU(branch, 3, 3, self.dtype, name="dconv3")(x, train),
+            ConvBNGELU(branch, 1, 1, self.dtype, name="conv1x1")(x, train, visible),
+            ConvBNGELU(branch, 3, 1, self.dtype, name="dconv1")(x, train, visible),
+            ConvBNGELU(branch, 3, 2, self.dtype, name="dconv2")(x, train, visible),
+            ConvBNGELU(branch, 3, 3, self.dtype, name="dconv3")(x, train, visible),
         ]
         m = ConvBNGELU(self.dim, 1, 1, self.dtype, name="fusion")(
-            jnp.concatenate(branches, axis=-1), train
+            jnp.concatenate(branches, axis=-1), train, visible
         )
 
         pooled = jnp.stack([m.mean(axis=-1), m.max(axis=-1)], axis=-1)
-        spatial = nn.Conv(
-            1, (7, 7), padding=((3, 3), (3, 3)), kernel_init=kaiming_normal_fan_out,
-            dtype=self.dtype, name="sa_conv",
-        )(pooled)
+        if visible is None:
+            spatial = nn.Conv(
+                1, (7, 7), padding=((3, 3), (3, 3)), kernel_init=kaiming_normal_fan_out,
+                dtype=self.dtype, name="sa_conv",
+            )(pooled)
+        else:
+            spatial = VisibleConv(1, 7, 1, kaiming_normal_fan_out, self.dtype, name="sa_conv")(
+                pooled, visible
+            )
         s = m * nn.sigmoid(spatial)
 
-        e = s.mean(axis=(1, 2))
+        spatial_axes = tuple(range(1, s.ndim - 1))  # (H, W) of a grid, L_vis of visible tokens
+        e = s.mean(axis=spatial_axes)
         e = gelu(nn.Dense(self.dim // 16, kernel_init=xavier_uniform, dtype=self.dtype, name="se_fc1")(e))
         e = nn.sigmoid(nn.Dense(self.dim, kernel_init=xavier_uniform, dtype=self.dtype, name="se_fc2")(e))
-        return s * e[:, None, None, :] + x
+        return s * jnp.expand_dims(e, spatial_axes) + x
 
 
 class MHSA(nn.Module):
@@ -212,29 +234,36 @@ def ffn_hidden_dim(dim: int, mlp_ratio: float) -> int:
 
 
 class MSCFFN(nn.Module):
-    """Multi-scale convolutional feed-forward: 3 dilated branches -> fusion -> fc1 -> GELU -> fc2."""
+    """Multi-scale convolutional feed-forward: 3 dilated branches -> fusion -> fc1 -> GELU -> fc2.
+
+    With `visible` (the sparse encoder), x is the visible tokens (B, L_vis, C) and so is the output.
+    """
 
     hidden: int
     out: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, visible: VisibleGrid | None = None) -> jax.Array:
         branch = self.hidden // 3
         branches = [
-            ConvBNGELU(branch, 3, dilation, self.dtype, name=f"dconv{dilation}")(x, train)
+            ConvBNGELU(branch, 3, dilation, self.dtype, name=f"dconv{dilation}")(x, train, visible)
             for dilation in (1, 2, 3)
         ]
         h = ConvBNGELU(self.hidden, 1, 1, self.dtype, name="fusion")(
-            jnp.concatenate(branches, axis=-1), train
+            jnp.concatenate(branches, axis=-1), train, visible
         )
-        h = image_to_tokens(h)
+        h = image_to_tokens(h)  # a no-op on visible tokens
         h = gelu(nn.Dense(4 * self.hidden, kernel_init=xavier_uniform, dtype=self.dtype, name="fc1")(h))
         return nn.Dense(self.out, kernel_init=xavier_uniform, dtype=self.dtype, name="fc2")(h)
 
 
 class GMSTBlock(nn.Module):
-    """MSDC -> self-attention -> MSC-FFN with layer scales; post-norm (`norm3`) on the output."""
+    """MSDC -> self-attention -> MSC-FFN with layer scales; post-norm (`norm3`) on the output.
+
+    With `visible` (the sparse encoder), x is the visible tokens (B, L_vis, C) of the H x W grid;
+    attention, norms and layer scales then see the visible tokens only.
+    """
 
     dim: int
     num_heads: int
@@ -243,12 +272,17 @@ class GMSTBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, height: int, width: int, train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, height: int, width: int, train: bool, visible: VisibleGrid | None = None
+    ) -> jax.Array:
+        def grid(tokens: jax.Array) -> jax.Array:  # the convolutional parts' input layout
+            return tokens if visible is not None else tokens_to_image(tokens, height, width)
+
         gamma1 = self.param("gamma1", layer_scale_init, (self.dim,))
         gamma2 = self.param("gamma2", layer_scale_init, (self.dim,))
         gamma3 = self.param("gamma3", layer_scale_init, (self.dim,))
 
-        msdc = MSDC(self.dim, self.dtype, name="msdc")(tokens_to_image(x, height, width), train)
+        msdc = MSDC(self.dim, self.dtype, name="msdc")(grid(x), train, visible)
         x = x + gamma1 * image_to_tokens(msdc)
 
         h = layer_norm("norm1", self.dtype)(x)
@@ -259,9 +293,7 @@ class GMSTBlock(nn.Module):
         if self.is_initializing():
             layer_norm("norm2", self.dtype)(x)
 
-        ffn = MSCFFN(self.ffn_dim, self.dim, self.dtype, name="mscffn")(
-            tokens_to_image(x, height, width), train
-        )
+        ffn = MSCFFN(self.ffn_dim, self.dim, self.dtype, name="mscffn")(grid(x), train, visible)
         return layer_norm("norm3", self.dtype)(x + gamma3 * ffn)
 
 

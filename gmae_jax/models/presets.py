@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-MASK_MODES = ("encoder", "original")
+MASK_MODES = ("encoder", "original", "sparse")
 # Rematerialisation of each GMST block in the backward pass: none; the whole block (keep only its
 # input); or fine (keep matmul and conv outputs, recompute norms and activations).
 REMAT_MODES = ("none", "block", "fine")
@@ -29,6 +29,7 @@ class GMSTConfig:
     overlap_patches: bool = False
     attention_dropout: float = 0.1
     # 'encoder': the encoder never sees masked content (default). 'original': the original's leak.
+    # 'sparse': as 'encoder', but the encoder computes on the visible tokens only (cheaper).
     mask_mode: str = "encoder"
     dtype: str = "float32"  # compute dtype; parameters and optimiser state stay float32
     remat: str = "none"  # one of REMAT_MODES

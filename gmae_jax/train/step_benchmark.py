@@ -41,7 +41,7 @@ class Runner:
     params: Callable[[], dict[str, np.ndarray]]
 
 
-def gmst_config(preset: str, dtype: str, overrides: Mapping[str, Any] | None = None) -> GMSTConfig:
+def preset_architecture(preset: str, dtype: str, overrides: Mapping[str, Any] | None = None) -> GMSTConfig:
     """The architecture of `preset` with `overrides` (e.g. img_size, patch_size) applied."""
     return gmst_config(config_lib.model_section(preset, dtype=dtype, **(overrides or {})))
 
@@ -123,7 +123,7 @@ def images_per_second(
 
 def pretrain_images_per_second(preset: str, dtype: str, batch_size: int, num_steps: int) -> float:
     """Images/s of the JAX pretraining step alone after one warm-up (compile) step."""
-    runner = jax_runner(gmst_config(preset, dtype), "pretrain", batch_size)
+    runner = jax_runner(preset_architecture(preset, dtype), "pretrain", batch_size)
     return images_per_second([runner], batch_size, num_steps, rounds=1, warmup_steps=1)[runner.name]
 
 
@@ -169,7 +169,7 @@ def run_vs_torch(
     import torch  # noqa: PLC0415 (optional extra)
 
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    config = gmst_config(preset, dtype, overrides)
+    config = preset_architecture(preset, dtype, overrides)
     load = os.getloadavg()[0]
     rows = [compare(jax_runner(config, task, batch_size), torch_runner(config, task, batch_size), task,
                     batch_size, num_steps, rounds) for task in tasks]

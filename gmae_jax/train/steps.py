@@ -13,7 +13,7 @@ import optax
 from flax.training import train_state
 
 from gmae_jax.models import batch_axes
-from gmae_jax.models.masking import sample_mask
+from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.train import losses
 
 Batch = dict[str, jax.Array]
@@ -42,6 +42,7 @@ def pretrain_loss(
         lambda rows: sample_mask(mask_rng, rows, model.config.num_patches, mask_ratio), images.shape[0])
     pred, updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, images, mask, train=True,
+        num_visible=num_visible(model.config.num_patches, mask_ratio),
         rngs={"dropout": batch_axes.per_device_key(dropout_rng)}, mutable=["batch_stats"],
     )
     target = losses.reconstruction_targets(images, model.config.patch_size, norm_pix_loss)
@@ -139,7 +140,8 @@ def pretrain_eval_step(
     """Sums over one evaluation batch (padding excluded by `batch['valid']`): squared error, count."""
     images = batch["image"]
     mask = sample_mask(jax.random.key(EVAL_MASK_SEED), images.shape[0], model.config.num_patches, mask_ratio)
-    pred = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, mask, train=False)
+    pred = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, mask, train=False,
+                       num_visible=num_visible(model.config.num_patches, mask_ratio))
     target = losses.reconstruction_targets(images, model.config.patch_size, norm_pix_loss)
     per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
     weights = mask * batch["valid"][:, None]

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 
 from gmae_jax import metrics, visualize
-from gmae_jax.models.masking import sample_mask
+from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.train import steps
 
 
@@ -51,7 +51,9 @@ def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
         images = batch["image"][: config.num_reconstructions]
         mask = sample_mask(jax.random.key(steps.EVAL_MASK_SEED), images.shape[0],
                            model.config.num_patches, config.mask_ratio)
-        pred = jax.jit(functools.partial(model.apply, train=False))(
+        pred = jax.jit(functools.partial(
+            model.apply, train=False,
+            num_visible=num_visible(model.config.num_patches, config.mask_ratio)))(
             {"params": state.params, "batch_stats": state.batch_stats}, images, mask)
         rows = visualize.reconstruction_rows(
             images, np.asarray(mask), np.asarray(pred), model.config.patch_size, config.norm_pix_loss)

@@ -1,0 +1,115 @@
+"""Pretraining step of the sparse encoder (`mask_mode='sparse'`) against the dense one ('encoder'):
+images/s timed in one process, interleaved round by round, and XLA's FLOP count of each compiled step.
+
+    python -m gmae_jax.bench --sparse_vs_dense --preset=mini --batch_size=64 --mask_ratio=0.6
+    python -m gmae_jax.bench --sparse_vs_dense --preset=tiny --model_override=img_size=64 \
+        --model_override=patch_size=8 --batch_size=32 --mask_ratio=0.75
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gmae_jax import config_lib
+from gmae_jax.models.gmae import GMAE
+from gmae_jax.models.masking import num_visible, sample_mask
+from gmae_jax.models.presets import gmst_config
+from gmae_jax.train import sharding, steps, trainer
+
+MODES = ("encoder", "sparse")
+
+
+def _flops(compiled: Any) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def encoder_flops(model: GMAE, variables: Any, images: Any, mask_ratio: float) -> float:
+    """XLA's FLOP count of the compiled encoder forward pass (`GMAE.encode`, inference mode)."""
+    num_patches = model.config.num_patches
+    mask = sample_mask(jax.random.key(0), images.shape[0], num_patches, mask_ratio)
+    encode = jax.jit(functools.partial(
+        model.apply, method=GMAE.encode, train=False, num_visible=num_visible(num_patches, mask_ratio)))
+    return _flops(encode.lower(variables, images, mask).compile())
+
+
+def build_step(
+    preset: str, mask_mode: str, batch_size: int, mask_ratio: float, **model_overrides: Any
+) -> tuple[Callable[[], Any], float, float]:
+    """(run one step, FLOPs of the compiled train step, FLOPs of the encoder's forward pass)."""
+    fields = config_lib.model_section(preset, mask_mode=mask_mode, **model_overrides)
+    config_lib.validate_model(fields)
+    gmst = gmst_config(fields)
+    model = GMAE(gmst)
+    optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
+        layer_decay=1.0))
+    run = ml_collections.ConfigDict(dict(optim=optim, model=fields, seed=0))
+    mesh = sharding.make_mesh()
+    size = gmst.img_size
+    state, _ = trainer.create_state(
+        model, (jnp.zeros((1, size, size, 3)), jnp.zeros((1, gmst.num_patches), bool)), run, mesh, 1000)
+    loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
+    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
+    images = np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)
+    batch = sharding.global_batch({"image": images}, mesh)
+    rng = jax.random.key(0)
+    step_flops = _flops(step.lower(state, batch, rng).compile())
+
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    forward_flops = encoder_flops(model, variables, images, mask_ratio)
+
+    holder = {"state": state}
+
+    def run_step() -> Any:
+        holder["state"], metrics = step(holder["state"], batch, rng)
+        return metrics
+
+    jax.block_until_ready(run_step())  # compile
+    return run_step, step_flops, forward_flops
+
+
+def compare_mask_modes(
+    preset: str, batch_size: int, mask_ratio: float, num_steps: int, rounds: int,
+    modes: Sequence[str] = MODES, **model_overrides: Any,
+) -> dict[str, dict[str, float]]:
+    """Per mode: median images/s over `rounds` interleaved rounds of `num_steps` steps, and FLOPs."""
+    built = {mode: build_step(preset, mode, batch_size, mask_ratio, **model_overrides) for mode in modes}
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            run_step = built[mode][0]
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                metrics = run_step()
+            jax.block_until_ready(metrics)
+            rates[mode].append(batch_size * num_steps / (time.perf_counter() - start))
+    return {mode: {"img_per_sec": statistics.median(rates[mode]), "step_flops": built[mode][1],
+                   "encoder_flops": built[mode][2]} for mode in modes}
+
+
+def print_comparison(preset: str, batch_size: int, mask_ratio: float, num_steps: int, rounds: int,
+                     **model_overrides: Any) -> dict[str, dict[str, float]]:
+    """`compare_mask_modes`, printed with ratios against the dense 'encoder' mode."""
+    results = compare_mask_modes(preset, batch_size, mask_ratio, num_steps, rounds, **model_overrides)
+    device = jax.devices()[0]
+    print(f"pretraining step, preset {preset} {model_overrides or ''}, batch {batch_size}, "
+          f"mask {mask_ratio}, {jax.device_count()} x {device.device_kind}")
+    base = results["encoder"]
+    for mode, r in results.items():
+        print(f"  {mode:8s} {r['img_per_sec']:8.1f} img/s (x{r['img_per_sec'] / base['img_per_sec']:.2f})"
+              f"   step {r['step_flops'] / 1e9:8.2f} GFLOP (x{r['step_flops'] / base['step_flops']:.2f})"
+              f"   encoder fwd {r['encoder_flops'] / 1e9:7.2f} GFLOP "
+              f"(x{r['encoder_flops'] / base['encoder_flops']:.2f})")
+    return results
