@@ -100,8 +100,9 @@ def _setup(case: Case, mesh: jax.sharding.Mesh):
     return state, sharding.make_train_step("jit", loss_fn, mesh, state)
 
 
-def _random_batch(case: Case, batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def _random_batch(case: Case, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """A batch made on the devices, so host transfers are not part of what is timed."""
+    batch_size = case.batch_size
     shape = (batch_size, case.img_size, case.img_size, 3)
     out = sharding.batch_sharding(mesh)
     make = jax.jit(lambda key: {"image": jax.random.normal(key, shape),
@@ -118,7 +119,7 @@ def _is_out_of_memory(error: Exception) -> bool:
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, float]:
     """Compile and time one case at its batch size; raises on out-of-memory."""
     state, step = _setup(case, mesh)
-    batch = _random_batch(case, case.batch_size, mesh)
+    batch = _random_batch(case, mesh)
     rng = jax.random.key(0)
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
