@@ -46,15 +46,21 @@ def read_pth(path: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
-                                     f"which never runs pickled code: {first}") from None
+                                     f"which never runs pickled code: {_reason(error)}") from None
     if isinstance(payload, dict) and "model_state_dict" in payload:
         return payload
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"model_state_dict": payload}  # a bare state_dict
     raise config_lib.ConfigError(f"config.path={path} holds neither a state_dict nor a dict with "
                                  "'model_state_dict' (the original's checkpoints and our model.pth have one)")
+
+
+def _reason(error: Exception) -> str:
+    """The line of torch's refusal that says what was refused (it opens and closes with boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(boilerplate)), lines[0] if lines else repr(error))
 
 
 def _sizes(model: GMSTConfig) -> str:
