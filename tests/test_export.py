@@ -289,10 +289,15 @@ def test_each_bad_file_gets_a_one_line_error(change, model, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_originals_classifier_needs_its_class_names(tmp_path):
+def test_an_originals_classifier_needs_its_class_names_and_a_new_folder(tmp_path):
     config = load("import", "model=micro")
     config.path = str(classifier_file(tmp_path))
     with pytest.raises(config_lib.ConfigError, match="classifier of 3 classes but 0 class names"):
+        stages.run(config, str(tmp_path / "out"))
+    config.class_names = "fist,one,palm"
+    stages.run(config, str(tmp_path / "out"))
+    assert setup.load_class_names(str(tmp_path / "out")) == ["fist", "one", "palm"]
+    with pytest.raises(config_lib.ConfigError, match="already holds a run; import into a new folder"):
         stages.run(config, str(tmp_path / "out"))
 
 

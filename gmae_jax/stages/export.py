@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
@@ -27,6 +27,7 @@ from gmae_jax.train import checkpoint, setup
 
 LAYOUTS = ("auto", export_format.ORIGINAL, export_format.MIRROR)
 CONVERTER_MODEL = {"finetune": "classifier", "pretrain": "pretrain"}
+Value = TypeVar("Value")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -72,9 +73,10 @@ def choose_layout(requested: str, model: GMSTConfig, run_dir: str) -> str:
 
 
 def split_state_dict(
-    state: dict[str, np.ndarray], model: GMSTConfig, stage: str, num_classes: int | None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(the tensors of the original's module tree, the extras gmae_jax adds)."""
+    state: dict[str, Value], model: GMSTConfig, stage: str, num_classes: int | None,
+) -> tuple[dict[str, Value], dict[str, Value]]:
+    """(the entries of the original's module tree, the extras gmae_jax adds); values are passed
+    through, so shapes split like arrays (the `reference` check needs no array)."""
     original = convert.expected_state_dict_shapes(
         export_format.original_layout(model), model=CONVERTER_MODEL[stage], num_classes=num_classes)
     return ({k: v for k, v in state.items() if k in original},
@@ -133,7 +135,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   "mirror layout: load it into gmae_jax.torch_mirror.modules' classes"
                   if not export_format.representable_in_original(model) else
                   "notice: exported in the mirror layout (config.layout=mirror)")
-        logging.warning(notice)
         print(notice, flush=True)
     num_classes = int(restored.config.num_classes) if stage == "finetune" else None
     state, extras = split_state_dict(torch_state_dict(restored), model, stage, num_classes)
@@ -142,6 +143,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
         preprocessing=preprocessing(model.img_size))
     write_export(epath.Path(workdir), state, extras, written)
-    logging.info("[export] %s step %d (%s layout) -> %s: %d tensors in model_state_dict, extras %s",
-                 restored.workdir, restored.step, layout, workdir, len(state), sorted(extras))
+    logging.info("[export] %d tensors in model_state_dict, extras %s", len(state), sorted(extras))
+    print(f"exported {restored.workdir} step {restored.step} ({stage}, {layout} layout) to {workdir}: "
+          f"{export_format.MODEL_PTH}, {export_format.SAFETENSORS}, {export_format.ENCODER_PTH}, "
+          f"{export_format.CONFIG_JSON}", flush=True)
     return written

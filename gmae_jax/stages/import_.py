@@ -127,6 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Writes the run folder into `workdir`; returns what was imported."""
     if jax.process_count() > 1:
         raise config_lib.ConfigError("the import stage runs in one process; drop the multi-process flags")
+    if (epath.Path(workdir) / setup.CONFIG_FILE).exists():
+        raise config_lib.ConfigError(f"--workdir={workdir} already holds a run; import into a new folder")
     payload = read_pth(config.path)
     tensors = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     state = {k: np.asarray(v) for k, v in tensors.items()}
