@@ -116,7 +116,8 @@ def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig,
                ) -> ml_collections.ConfigDict:
     """The training config the imported run is written as: the stage's own config with this model."""
     written = ml_collections.ConfigDict(config[stage].to_dict())
-    written.model = ml_collections.ConfigDict({"preset": config.model.preset, **dataclasses.asdict(model)})
+    # The sizes are the file's (an export's own, or config.model's checked against the file).
+    written.model = ml_collections.ConfigDict({"preset": "imported", **dataclasses.asdict(model)})
     written.best_metric = ""  # no evaluation ranked this checkpoint: only 'latest' exists
     if num_classes is not None:
         written.num_classes = num_classes
