@@ -2,6 +2,7 @@
 exactly, load with strict=True into the original-layout classes and compute what Flax computes; the
 PyTorch-only path runs without JAX; import -> export is exact; bad files get one-line errors."""
 
+import functools
 import json
 import os
 import subprocess
@@ -84,7 +85,7 @@ def finetune(data, tmp_path_factory):
     assert snapshot(run_dir) == before  # nothing written into the run it read
     restored = setup.restore_run(str(run_dir))
     variables = {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}
-    logits = np.asarray(restored.model.apply(variables, images, train=False))
+    logits = np.asarray(jax.jit(functools.partial(restored.model.apply, train=False))(variables, images))
     return run_dir, out, logits
 
 
@@ -144,7 +145,8 @@ def test_pretrain_export_loads_strict_into_the_original_gmae_and_matches_flax(pr
     variables = {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}
     images = data[2]
     no_mask = np.zeros((len(images), gmst.num_patches), bool)
-    flax_features = restored.model.apply(variables, images, no_mask, train=False, method=GMAE.encode)
+    encode = jax.jit(functools.partial(restored.model.apply, train=False, method=GMAE.encode))
+    flax_features = encode(variables, images, no_mask)
     with torch.no_grad():
         tokens, height, width = original.encoder.embed(torch.from_numpy(images.transpose(0, 3, 1, 2)))
         torch_features = original.encoder.encode(tokens + original.pos_embed, height, width).numpy()
