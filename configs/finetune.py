@@ -19,7 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         optim=schema.OptimConfig(warmup_steps=500, weight_decay=0.01, layer_decay=0.75),
         data=config_lib.data_section("data/finetune_dataset"))
     config.num_classes = 18  # HaGRID v1 gestures, as the original; must match the class folders
-    # Workdir (or its checkpoints folder) of a pretraining run; '' trains from scratch.
+    # Workdir (or its checkpoints folder) of a pretraining run (or a fine-tuned or imported one: its
+    # encoder and pos_embed); '' trains from scratch.
     config.init_from = ""
     config.label_smoothing = 0.1
     # Linear probing: train only the head on a frozen encoder (the original froze it for good;

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from gmae_jax.models import batch_axes, fast_conv
+# Plain arithmetic of the architecture, kept jax-free beside GMSTConfig for the PyTorch side.
+from gmae_jax.models.presets import ffn_hidden_dim, patch_embed_geometry  # noqa: F401
 from gmae_jax.models.sparse import VisibleConv, VisibleGrid
 
 Dtype = Any
@@ -67,18 +69,6 @@ def tokens_to_image(x: jax.Array, height: int, width: int) -> jax.Array:
 def image_to_tokens(x: jax.Array) -> jax.Array:
     """(B, H, W, C) -> (B, H*W, C) in row-major order."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def patch_embed_geometry(patch_size: int, overlap: bool) -> tuple[int, int, int]:
-    """(kernel, stride, padding) of the patch projection.
-
-    Overlapping windows use kernel 2p, stride p and padding p/2: each token sees p/2 pixels into its
-    neighbours while the token grid stays the p x p patch grid the reconstruction target uses. (The
-    original's stride-p/2 grid cannot pretrain; see README.)
-    """
-    if overlap:
-        return 2 * patch_size, patch_size, patch_size // 2
-    return patch_size, patch_size, 0
 
 
 class ConvBNGELU(nn.Module):
@@ -225,12 +215,6 @@ class MHSA(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v)
         out = out.reshape(batch, length, self.dim)
         return nn.Dense(self.dim, kernel_init=xavier_uniform, dtype=self.dtype, name="out_proj")(out)
-
-
-def ffn_hidden_dim(dim: int, mlp_ratio: float) -> int:
-    """`int(dim * mlp_ratio)` rounded up to a multiple of 3 (three dilated branches)."""
-    hidden = int(dim * mlp_ratio)
-    return hidden + (-hidden) % 3
 
 
 class MSCFFN(nn.Module):

@@ -1,4 +1,6 @@
-"""Model sizes. `reference` is exactly the original G-MAE; the others keep its architecture."""
+"""Model sizes. `reference` is exactly the original G-MAE; the others keep its architecture.
+
+Plain Python only (no jax): the PyTorch-only inference path builds its modules from these too."""
 
 from __future__ import annotations
 
@@ -67,3 +69,21 @@ def gmst_config(fields: Mapping[str, Any]) -> GMSTConfig:
     if unknown:
         raise ValueError(f"config.model has unknown field(s) {unknown}; known: {sorted(known)}")
     return GMSTConfig(**fields)
+
+
+def ffn_hidden_dim(dim: int, mlp_ratio: float) -> int:
+    """`int(dim * mlp_ratio)` rounded up to a multiple of 3 (three dilated branches)."""
+    hidden = int(dim * mlp_ratio)
+    return hidden + (-hidden) % 3
+
+
+def patch_embed_geometry(patch_size: int, overlap: bool) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of the patch projection.
+
+    Overlapping windows use kernel 2p, stride p and padding p/2: each token sees p/2 pixels into its
+    neighbours while the token grid stays the p x p patch grid the reconstruction target uses. (The
+    original's stride-p/2 grid cannot pretrain; see README.)
+    """
+    if overlap:
+        return 2 * patch_size, patch_size, patch_size // 2
+    return patch_size, patch_size, 0

@@ -1,6 +1,7 @@
 """The stages of `python -m gmae_jax.main --config=configs/<stage>.py`: one module per stage, each
 with `run(config, workdir)` and `validate(config)` for its own config. A stage's name is its
-module's name; this registry is the only list of them (main and validation both use it)."""
+module's name, or the module's `STAGE` where that name is a Python keyword (`import_` is 'import');
+this registry is the only list of them (main and validation both use it)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 import ml_collections
 
 from gmae_jax.schema import ConfigError
-from gmae_jax.stages import demo, evaluate, finetune, predict, prepare, pretrain
+from gmae_jax.stages import demo, evaluate, export, finetune, import_, predict, prepare, pretrain
 
 STAGES: dict[str, types.ModuleType] = {
-    module.__name__.rsplit(".", 1)[-1]: module for module in (pretrain, finetune, evaluate, predict, prepare, demo)
+    getattr(module, "STAGE", module.__name__.rsplit(".", 1)[-1]): module
+    for module in (pretrain, finetune, evaluate, predict, prepare, demo, export, import_)
 }
 
 

@@ -5,7 +5,8 @@ computes what the Flax model computes. Module tree, names and initialisation fol
 the project's notes on it); the forwards follow `gmae_jax.models.gmae`: masking happens before the
 encoder and `pos_embed` is added before the blocks. Layout is NCHW for images, (B, N, C) for tokens.
 
-This is the only module of the package that imports torch (the optional `[torch]` extra).
+This module and `exported.py` are the package's torch side (the optional `[torch]` extra); they
+import no JAX, so a deployment needs only torch, numpy and Pillow.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmae_jax.models.modules import ffn_hidden_dim, patch_embed_geometry
-from gmae_jax.models.presets import GMSTConfig
+from gmae_jax.models.presets import GMSTConfig, ffn_hidden_dim, patch_embed_geometry
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Starting a fine-tune from a pretraining run: its encoder, position embedding and BatchNorm
-statistics go into the classifier's freshly initialised state; the head stays fresh."""
+"""Starting a fine-tune from a pretraining run (or another fine-tune, e.g. one imported from
+PyTorch): its encoder, position embedding and BatchNorm statistics go into the classifier's freshly
+initialised state; the head stays fresh."""
 
 from __future__ import annotations
 
@@ -19,12 +20,10 @@ def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str) -> steps.TrainState:
-    """`state` with the encoder of the latest checkpoint of `pretrain_dir` (a pretraining workdir,
-    or its checkpoints folder). Shapes must match: the same `config.model` in both runs."""
+    """`state` with the encoder of the latest checkpoint of `pretrain_dir` (a pretrain or finetune
+    workdir, or its checkpoints folder). Shapes must match: the same `config.model` in both runs.
+    Both models add `pos_embed` before the blocks, so it transfers from either."""
     run = setup.restore_run(pretrain_dir)
-    if run.config.stage != "pretrain":
-        raise ConfigError(f"config.init_from={pretrain_dir} is a '{run.config.stage}' run; point it at "
-                          "the workdir of a pretraining run")
     pretrained = run.weights
     source = {"encoder": pretrained.params["encoder"], "pos_embed": pretrained.params["pos_embed"],
               "batch_stats": pretrained.batch_stats["encoder"]}

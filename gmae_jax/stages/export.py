@@ -1,0 +1,150 @@
+"""The export stage: a checkpoint of a pretrain or finetune run as files PyTorch users load without
+gmae_jax (configs/export.py; the format is described in gmae_jax/torch_mirror/export_format.py).
+
+The run is read through `setup.restore_run`, which never writes into it; the weights are converted
+by `torch_mirror.convert` (renames and transposes only, so the export is exact).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any, TypeVar
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from absl import logging
+from etils import epath
+
+from gmae_jax import config_lib
+from gmae_jax.data import transforms, views
+from gmae_jax.models.presets import GMSTConfig
+from gmae_jax.torch_mirror import convert, export_format
+from gmae_jax.train import checkpoint, setup
+
+LAYOUTS = ("auto", export_format.ORIGINAL, export_format.MIRROR)
+CONVERTER_MODEL = {"finetune": "classifier", "pretrain": "pretrain"}
+Value = TypeVar("Value")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    config_lib.check(bool(config.checkpoint_dir),
+                     "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a pretrain or "
+                     "finetune run")
+    config_lib.check(config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit(),
+                     f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
+    config_lib.check(config.layout in LAYOUTS, f"config.layout='{config.layout}' must be one of {LAYOUTS}")
+    config_lib.check(importlib.util.find_spec("torch") is not None,
+                     "the export stage writes model.pth with PyTorch, which is not installed; "
+                     "pip install -e '.[torch]'")
+
+
+def preprocessing(image_size: int) -> dict[str, Any]:
+    """What a PyTorch user applies to a photo: gmae_jax's evaluation view ('original')."""
+    return {
+        "image_size": image_size,
+        "resize": "crop the centred square of side crop_fraction x the shorter side, resize it to "
+                  "image_size x image_size (bilinear); = resize the shorter side to image_size / "
+                  "crop_fraction, then centre-crop image_size",
+        "crop_fraction": views.EVAL_CROP_FRACTION,
+        "interpolation": "bilinear",
+        "channel_order": "RGB",
+        "scale": "pixels / 255, then (x - mean) / std per channel",
+        "mean": transforms.IMAGENET_MEAN.tolist(),
+        "std": transforms.IMAGENET_STD.tolist(),
+        "tensor_layout": "NCHW float32",
+        "note": "runs trained on HaGRID hand crops expect a square crop around the hand as input",
+    }
+
+
+def choose_layout(requested: str, model: GMSTConfig, run_dir: str) -> str:
+    """The layout to write; 'original' for a model the original cannot hold is a config error."""
+    fits = export_format.representable_in_original(model)
+    if requested == export_format.ORIGINAL and not fits:
+        raise config_lib.ConfigError(
+            f"config.layout='original' but the run in {run_dir} has overlap_patches=True (a {2 * model.patch_size}"
+            f"x{2 * model.patch_size} patch kernel, stride {model.patch_size}), which the original's "
+            f"OverlapPatchEmbed ({model.patch_size}x{model.patch_size}, stride {model.patch_size // 2}) "
+            "cannot hold; use --config.layout=mirror")
+    return export_format.ORIGINAL if requested != export_format.MIRROR and fits else export_format.MIRROR
+
+
+def split_state_dict(
+    state: dict[str, Value], model: GMSTConfig, stage: str, num_classes: int | None,
+) -> tuple[dict[str, Value], dict[str, Value]]:
+    """(the entries of the original's module tree, the extras gmae_jax adds); values are passed
+    through, so shapes split like arrays (the `reference` check needs no array)."""
+    original = convert.expected_state_dict_shapes(
+        export_format.original_layout(model), model=CONVERTER_MODEL[stage], num_classes=num_classes)
+    return ({k: v for k, v in state.items() if k in original},
+            {k: v for k, v in state.items() if k not in original})
+
+
+def torch_state_dict(run: setup.RestoredRun) -> dict[str, np.ndarray]:
+    """The run's weights under the original's names; `num_batches_tracked` counts the training-mode
+    forward passes (steps x gradient-accumulation steps), as PyTorch's would."""
+    host = jax.device_get({"params": run.weights.params, "batch_stats": run.weights.batch_stats})
+    state = convert.flax_to_torch_state_dict(host, model=CONVERTER_MODEL[run.config.stage], config=run.model.config)
+    forwards = np.asarray(run.step * int(run.config.get("grad_accum_steps", 1)), np.int64)
+    return {k: forwards.copy() if k.endswith(".num_batches_tracked") else v for k, v in state.items()}
+
+
+def _check_outside_run(workdir: str, run_dir: str) -> None:
+    out, run = os.path.realpath(workdir), os.path.realpath(run_dir)
+    if out == run or out.startswith(run + os.sep):
+        raise config_lib.ConfigError(f"--workdir={workdir} is inside the run it exports ({run_dir}); the export "
+                                     "never writes into a run: choose another folder")
+
+
+def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[str, np.ndarray],
+                 config: dict[str, Any]) -> None:
+    """Writes model.pth, model.safetensors, encoder.pth and config.json into `folder`."""
+    import torch  # the [torch] extra; checked in validate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2)
+    (folder / export_format.CONFIG_JSON).write_text(text)
+    safetensors.numpy.save_file({**state, **extras}, str(folder / export_format.SAFETENSORS),
+                                metadata={"config": text})
+
+    def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+    torch.save({"model_state_dict": tensors(state), "extra_state_dict": tensors(extras), "config": config,
+                "class_names": config["class_names"], "stage": config["stage"], "step": config["step"]},
+               str(folder / export_format.MODEL_PTH))
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    torch.save({"encoder_state_dict": tensors(encoder), "pos_embed": torch.from_numpy(np.array(state["pos_embed"])),
+                "config": config}, str(folder / export_format.ENCODER_PTH))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Exports checkpoint `config.checkpoint` of `config.checkpoint_dir` into `workdir`; returns
+    the written config."""
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("the export stage runs in one process; drop the multi-process flags")
+    _check_outside_run(workdir, setup.run_workdir(config.checkpoint_dir))
+    restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
+    model, stage = restored.model.config, restored.config.stage
+    layout = choose_layout(config.layout, model, restored.workdir)
+    if layout == export_format.MIRROR:
+        notice = ("notice: overlap_patches=True has no equivalent in the original's modules; exported in the "
+                  "mirror layout: load it into gmae_jax.torch_mirror.modules' classes"
+                  if not export_format.representable_in_original(model) else
+                  "notice: exported in the mirror layout (config.layout=mirror)")
+        print(notice, flush=True)
+    num_classes = int(restored.config.num_classes) if stage == "finetune" else None
+    state, extras = split_state_dict(torch_state_dict(restored), model, stage, num_classes)
+    written = export_format.export_config(
+        model, stage=stage, step=restored.step, layout=layout, class_names=restored.class_names,
+        num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
+        preprocessing=preprocessing(model.img_size))
+    write_export(epath.Path(workdir), state, extras, written)
+    logging.info("[export] %d tensors in model_state_dict, extras %s", len(state), sorted(extras))
+    print(f"exported {restored.workdir} step {restored.step} ({stage}, {layout} layout) to {workdir}: "
+          f"{export_format.MODEL_PTH}, {export_format.SAFETENSORS}, {export_format.ENCODER_PTH}, "
+          f"{export_format.CONFIG_JSON}", flush=True)
+    return written

@@ -1,0 +1,156 @@
+"""The import stage: a PyTorch `.pth` (the original's checkpoint or our export) as a gmae_jax run
+folder, `config.json` + `classes.json` + an orbax checkpoint of the weights, which `restore_run`,
+the evaluate stage and a fine-tune's `init_from` read like any run (configs/import.py).
+
+The file is opened with `torch.load(weights_only=True)`, so it cannot execute code; a state dict
+that does not fit the model gets one line naming the first offending key and the expected sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pickle
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from gmae_jax import config_lib
+from gmae_jax.models.presets import GMSTConfig, gmst_config
+from gmae_jax.torch_mirror import convert, export_format
+from gmae_jax.train import checkpoint, setup, trainer
+
+STAGE = "import"  # `import` is a Python keyword, so the module is import_
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    config_lib.check(bool(config.path), "config.path is empty; set --config.path=a .pth file (the original's "
+                     "checkpoint or model.pth of an export)")
+    config_lib.check(importlib.util.find_spec("torch") is not None,
+                     "the import stage reads .pth files with PyTorch, which is not installed; "
+                     "pip install -e '.[torch]'")
+    config_lib.validate_model(config.model)
+
+
+def read_pth(path: str) -> dict[str, Any]:
+    """The file's top-level dict, tensors as numpy; never runs pickled code."""
+    import torch  # the [torch] extra; checked in validate
+
+    if not epath.Path(path).is_file():
+        raise config_lib.ConfigError(f"config.path={path} is not a file; give a .pth")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
+                                     f"which never runs pickled code: {_reason(error)}") from None
+    if isinstance(payload, dict) and "model_state_dict" in payload:
+        return payload
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return {"model_state_dict": payload}  # a bare state_dict
+    raise config_lib.ConfigError(f"config.path={path} holds neither a state_dict nor a dict with "
+                                 "'model_state_dict' (the original's checkpoints and our model.pth have one)")
+
+
+def _reason(error: Exception) -> str:
+    """The line of torch's refusal that says what was refused (it opens and closes with boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(boilerplate)), lines[0] if lines else repr(error))
+
+
+def _sizes(model: GMSTConfig) -> str:
+    names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+             "decoder_num_heads", "mlp_ratio", "overlap_patches", "mask_mode")
+    return ", ".join(f"{name}={getattr(model, name)}" for name in names)
+
+
+def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind: str, num_classes: int | None,
+                     path: str) -> None:
+    """One line naming the first missing, extra or mis-shaped key, and the sizes expected."""
+    expected = convert.expected_state_dict_shapes(model, model=kind, num_classes=num_classes)
+    problems = ([f"missing key '{k}'" for k in sorted(set(expected) - set(shapes))]
+                + [f"extra key '{k}'" for k in sorted(set(shapes) - set(expected))]
+                + [f"key '{k}' has shape {shapes[k]} where the model has {expected[k]}"
+                   for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]])
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise config_lib.ConfigError(
+            f"config.path={path}: {problems[0]}{more} for a {kind} with {_sizes(model)}; set "
+            "configs/import.py:model=PRESET and --config.model.* to the sizes the file was trained with")
+
+
+def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, state: dict[str, np.ndarray]
+                   ) -> GMSTConfig:
+    """Our exports carry their model; an original file takes config.model, with the mask mode its
+    keys imply (the original has no encoder mask token)."""
+    if isinstance(payload.get("config"), dict) and "gmae_jax_model" in payload["config"]:
+        return export_format.model_config(payload["config"])
+    mask_mode = "encoder" if "encoder_mask_token" in state else "original"
+    return dataclasses.replace(gmst_config(config.model), mask_mode=mask_mode)
+
+
+def _class_names(payload: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int | None,
+                 path: str) -> list[str]:
+    names = list(payload.get("class_names") or [n.strip() for n in config.class_names.split(",") if n.strip()])
+    if num_classes is not None and len(names) != num_classes:
+        raise config_lib.ConfigError(
+            f"config.path={path} is a classifier of {num_classes} classes but {len(names)} class names are known; "
+            f"set --config.class_names to its {num_classes} classes in output order, comma-separated")
+    return names
+
+
+def _step(payload: dict[str, Any], state: dict[str, np.ndarray]) -> int:
+    """Our export's step; for the original's files, the BatchNorm forward count (its best guess)."""
+    if isinstance(payload.get("step"), int):
+        return payload["step"]
+    counts = [int(v) for k, v in sorted(state.items()) if k.endswith(".num_batches_tracked")]
+    return counts[0] if counts else 0
+
+
+def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig, num_classes: int | None
+               ) -> ml_collections.ConfigDict:
+    """The training config the imported run is written as: the stage's own config with this model."""
+    written = ml_collections.ConfigDict(config[stage].to_dict())
+    # The sizes are the file's (an export's own, or config.model's checked against the file).
+    written.model = ml_collections.ConfigDict({"preset": "imported", **dataclasses.asdict(model)})
+    written.best_metric = ""  # no evaluation ranked this checkpoint: only 'latest' exists
+    if num_classes is not None:
+        written.num_classes = num_classes
+    return written
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Writes the run folder into `workdir`; returns what was imported."""
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("the import stage runs in one process; drop the multi-process flags")
+    if (epath.Path(workdir) / setup.CONFIG_FILE).exists():
+        raise config_lib.ConfigError(f"--workdir={workdir} already holds a run; import into a new folder")
+    payload = read_pth(config.path)
+    tensors = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
+    state = {k: np.asarray(v) for k, v in tensors.items()}
+    kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
+    stage = "finetune" if kind == "classifier" else "pretrain"
+    num_classes = int(state["classifier.1.weight"].shape[0]) if "classifier.1.weight" in state else None
+    model = imported_model(payload, config, state)
+    check_state_dict({k: tuple(v.shape) for k, v in state.items()}, model, kind, num_classes, config.path)
+    class_names = _class_names(payload, config, num_classes, config.path)
+    variables = convert.torch_to_flax_variables(state, model=kind, config=model)
+    step = _step(payload, state)
+    written = run_config(config, stage, model, num_classes)
+
+    trainer.write_run_files(written, workdir, class_names)
+    weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
+                            batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+    manager = checkpoint.make_manager(str(epath.Path(workdir) / setup.CHECKPOINTS), max_to_keep=1)
+    checkpoint.save(manager, step, weights, data_iterator=None)
+    manager.wait_until_finished()
+    manager.close()
+    logging.info("[import] %s (%s, %d tensors) -> %s, step %d", config.path, stage, len(state), workdir, step)
+    print(f"imported {config.path} as a {stage} run in {workdir} (step {step}); use it as "
+          f"--config.checkpoint_dir={workdir} or --config.init_from={workdir}", flush=True)
+    return {"stage": stage, "step": step, "num_tensors": len(state)}

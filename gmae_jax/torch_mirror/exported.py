@@ -1,0 +1,97 @@
+"""Loads a folder written by the export stage and classifies images with torch, numpy and Pillow
+only: no JAX, so a deployment installs nothing else.
+
+    from gmae_jax.torch_mirror import exported
+    model = exported.load("export_dir")
+    probs = model.classify(["hand.jpg"])          # (N, num_classes) probabilities
+    print(model.class_names[int(probs[0].argmax())])
+
+Preprocessing follows the folder's `config.json` and reproduces gmae_jax's evaluation view
+('original': the central crop of the shorter side, bilinear, ImageNet mean / std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from gmae_jax.torch_mirror import export_format, modules
+
+ImageLike = str | os.PathLike | bytes | Image.Image
+
+
+def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
+    """An upright RGB image; transparent pixels on black, as gmae_jax's decoder does."""
+    if not isinstance(image, Image.Image):
+        data = image if isinstance(image, bytes) else open(image, "rb").read()
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (draft_size, draft_size))  # JPEG only: decode at a reduced scale
+        image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """(3, S, S) float32: the central `crop_fraction` of the shorter side resized to S x S
+    (bilinear), scaled to [0, 1] and standardised with `mean` / `std`, channels RGB."""
+    size, fraction = preprocessing["image_size"], preprocessing["crop_fraction"]
+    img = _rgb(image, math.ceil(size / fraction))
+    width, height = img.size
+    side = min(width, height) * fraction
+    left, top = (width - side) / 2, (height - side) / 2
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+@dataclasses.dataclass
+class ExportedModel:
+    """An exported model in eval mode, with its classes and preprocessing."""
+
+    module: torch.nn.Module
+    config: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config["class_names"]
+
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """(N, 3, S, S) model inputs."""
+        return torch.stack([preprocess(image, self.config["preprocessing"]) for image in images])
+
+    @torch.no_grad()
+    def classify(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Class probabilities (N, num_classes), in the order of `class_names`."""
+        if not isinstance(self.module, modules.GMAEForClassification):
+            raise TypeError(f"this export is a {self.config['stage']} model; only a fine-tuned one classifies")
+        return torch.softmax(self.module(self.preprocess(images)), dim=-1)
+
+
+def load(folder: str | os.PathLike) -> ExportedModel:
+    """The model in `folder` (written by `configs/export.py`), weights loaded with `strict=True`."""
+    checkpoint = torch.load(os.path.join(folder, export_format.MODEL_PTH), map_location="cpu", weights_only=True)
+    config = checkpoint["config"]
+    gmst = export_format.model_config(config)
+    if config["stage"] == "finetune":
+        module: torch.nn.Module = modules.GMAEForClassification(gmst, config["num_classes"])
+    else:
+        module = modules.GMAE(gmst)
+    module.load_state_dict({**checkpoint["model_state_dict"], **checkpoint["extra_state_dict"]}, strict=True)
+    return ExportedModel(module=module.eval(), config=config)
+

@@ -1,0 +1,360 @@
+"""Export to PyTorch and import back (configs/export.py, configs/import.py): trained runs export
+exactly, load with strict=True into the original-layout classes and compute what Flax computes; the
+PyTorch-only path runs without JAX; import -> export is exact; bad files get one-line errors."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+from gmae_jax import config_lib, stages
+from gmae_jax.data import synthetic, views
+from gmae_jax.models.gmae import GMAE
+from gmae_jax.models.presets import PRESETS, GMSTConfig
+from gmae_jax.stages import export
+from gmae_jax.torch_mirror import convert, export_format, modules as mirror
+from gmae_jax.train import init_from, setup, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("fist", "one", "palm")
+TOLERANCE = 1e-4
+
+
+def load(name, arg=None):
+    return config_lib.load_sibling_config(os.path.join(REPO, "configs", "x.py"), name, arg)
+
+
+def relative_error(got, want):
+    return float(np.max(np.abs(np.asarray(got) - np.asarray(want))) / np.max(np.abs(want)))
+
+
+def snapshot(folder):
+    """Every file under `folder` with its size and modification time."""
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def load_pth(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_stage(name, workdir, **fields):
+    config = load(name)
+    config.update(fields)
+    stages.validate(config)
+    return stages.run(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_demo_dataset(str(root), image_size=48, train_per_class=4, val_per_class=2, classes=CLASSES)
+    paths = sorted(str(p) for p in (root / "val").rglob("*.jpg"))
+    # The evaluation view the Flax side sees: what a PyTorch user's preprocessing must reproduce.
+    images = np.stack([views.predict_view(p, "original", 32) for p in paths])
+    return root, paths, images
+
+
+@pytest.fixture(scope="module")
+def finetune(data, tmp_path_factory):
+    """A 1-step fine-tune on 8 simulated devices with FSDP (parameters sharded), exported through
+    the entry point in a subprocess that has one device. Returns (run dir, export dir, Flax logits
+    of the val images, computed on the 8 devices)."""
+    root, _, images = data
+    run_dir = tmp_path_factory.mktemp("finetune")
+    config = load("finetune", "runlocal")
+    config.update(num_classes=len(CLASSES), total_steps=1, eval_every=0, checkpoint_every=1)
+    config.data.root = str(root)
+    config.mesh.update(data=4, fsdp=2)
+    stages.run(config, str(run_dir))
+    before = snapshot(run_dir)
+    out = tmp_path_factory.mktemp("finetune_export")
+    result = subprocess.run(
+        [sys.executable, "-m", "gmae_jax.main", "--config=configs/export.py", f"--workdir={out}",
+         f"--config.checkpoint_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(run_dir) == before  # nothing written into the run it read
+    restored = setup.restore_run(str(run_dir))
+    variables = {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}
+    logits = np.asarray(jax.jit(functools.partial(restored.model.apply, train=False))(variables, images))
+    return run_dir, out, logits
+
+
+@pytest.fixture(scope="module")
+def pretrain(data, tmp_path_factory):
+    """A 1-step pretraining run exported in-process. Returns (run dir, export dir)."""
+    root, _, _ = data
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    config = load("pretrain", "runlocal")
+    config.update(total_steps=1, eval_every=0, checkpoint_every=1)
+    config.data.root = str(root)
+    stages.run(config, str(run_dir))
+    out = tmp_path_factory.mktemp("pretrain_export")
+    run_stage("export", out, checkpoint_dir=str(run_dir))
+    return run_dir, out
+
+
+@pytest.mark.slow
+def test_finetune_export_loads_strict_into_the_original_classifier_and_matches_flax(finetune, data):
+    run_dir, out, flax_logits = finetune
+    payload = load_pth(out / "model.pth")
+    assert set(payload) == {"model_state_dict", "extra_state_dict", "config", "class_names", "stage", "step"}
+    assert payload["class_names"] == list(CLASSES) and payload["stage"] == "finetune" and payload["step"] == 1
+    assert payload["extra_state_dict"] == {}
+    config = json.loads((out / "config.json").read_text())
+    assert config == payload["config"] and config["layout"] == "original"
+    assert config["model"]["embed_dim"] == PRESETS["micro"]["embed_dim"] and config["num_classes"] == 3
+    assert config["preprocessing"]["image_size"] == 32 and config["preprocessing"]["channel_order"] == "RGB"
+
+    gmst = export_format.original_layout(export_format.model_config(config))
+    model = mirror.GMAEForClassification(gmst, len(CLASSES)).eval()
+    model.load_state_dict(payload["model_state_dict"], strict=True)
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(data[2].transpose(0, 3, 1, 2))).numpy()
+    assert relative_error(torch_logits, flax_logits) < TOLERANCE
+
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    assert tensors.keys() == payload["model_state_dict"].keys()
+    for key, value in payload["model_state_dict"].items():
+        np.testing.assert_array_equal(tensors[key], value.numpy(), err_msg=key)
+    encoder = load_pth(out / "encoder.pth")
+    mirror.GMSTEncoder(gmst).load_state_dict(encoder["encoder_state_dict"], strict=True)
+    assert encoder["pos_embed"].shape == (1, gmst.num_patches, gmst.embed_dim)
+
+
+@pytest.mark.slow
+def test_pretrain_export_loads_strict_into_the_original_gmae_and_matches_flax(pretrain, data):
+    run_dir, out = pretrain
+    payload = load_pth(out / "model.pth")
+    gmst = export_format.model_config(payload["config"])
+    assert payload["stage"] == "pretrain" and gmst.mask_mode == "encoder"
+    assert set(payload["extra_state_dict"]) == {"encoder_mask_token"}  # the original has no such tensor
+    original = mirror.GMAE(export_format.original_layout(gmst)).eval()
+    original.load_state_dict(payload["model_state_dict"], strict=True)
+
+    restored = setup.restore_run(str(run_dir))
+    variables = {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}
+    images = data[2]
+    no_mask = np.zeros((len(images), gmst.num_patches), bool)
+    encode = jax.jit(functools.partial(restored.model.apply, train=False, method=GMAE.encode))
+    flax_features = encode(variables, images, no_mask)
+    with torch.no_grad():
+        tokens, height, width = original.encoder.embed(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+        torch_features = original.encoder.encode(tokens + original.pos_embed, height, width).numpy()
+    assert relative_error(torch_features, flax_features) < TOLERANCE
+
+    # With the extras, the mirror's encoder-masking GMAE holds the whole pretraining model.
+    mirror.GMAE(gmst).load_state_dict({**payload["model_state_dict"], **payload["extra_state_dict"]}, strict=True)
+
+
+PYTORCH_ONLY = textwrap.dedent("""
+    import json, sys
+    for name in ("jax", "jaxlib", "flax", "ml_collections", "absl", "grain", "orbax", "optax", "etils"):
+        sys.modules[name] = None  # importing any of them now raises ImportError
+    try:
+        import jax
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("jax imported")
+    from gmae_jax.torch_mirror import exported
+    model = exported.load(sys.argv[1])
+    probs = model.classify(sys.argv[2:])
+    print(json.dumps({"names": model.class_names, "probs": probs.tolist()}))
+""")
+
+
+@pytest.mark.slow
+def test_pytorch_only_inference_runs_without_jax(finetune, data):
+    _, out, flax_logits = finetune
+    result = subprocess.run([sys.executable, "-c", PYTORCH_ONLY, str(out), *data[1]], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["names"] == list(CLASSES)
+    flax_probs = jax.nn.softmax(flax_logits, axis=-1)
+    np.testing.assert_allclose(answer["probs"], flax_probs, rtol=TOLERANCE, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def imported(finetune, pretrain, tmp_path_factory):
+    """Both exports imported back into run folders."""
+    folders = {}
+    for stage, (_, out, *_) in (("finetune", finetune), ("pretrain", pretrain)):
+        folders[stage] = tmp_path_factory.mktemp(f"imported_{stage}")
+        run_stage("import", folders[stage], path=str(out / "model.pth"))
+    return folders
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_import_then_export_is_an_exact_round_trip(stage, finetune, pretrain, imported, tmp_path):
+    first = load_pth(({"finetune": finetune, "pretrain": pretrain}[stage])[1] / "model.pth")
+    run_stage("export", tmp_path, checkpoint_dir=str(imported[stage]))
+    second = load_pth(tmp_path / "model.pth")
+    for part in ("model_state_dict", "extra_state_dict"):
+        assert second[part].keys() == first[part].keys()
+        for key, value in first[part].items():
+            assert torch.equal(second[part][key], value), key
+    assert (second["class_names"], second["stage"], second["step"]) == (first["class_names"], stage, 1)
+
+
+@pytest.mark.slow
+def test_imported_runs_feed_evaluate_and_init_from(finetune, pretrain, imported, data, tmp_path):
+    # evaluate reads the imported classifier like any run, and scores what the trained run scores.
+    metrics = run_stage("evaluate", tmp_path / "eval", checkpoint_dir=str(imported["finetune"]),
+                        data_root=str(data[0]), num_workers=0, batch_size=8)
+    assert metrics["checkpoint_step"] == 1
+    trained = setup.restore_run(str(finetune[0]))
+    back = setup.restore_run(str(imported["finetune"]))
+    for got, want in zip(jax.tree.leaves(back.weights), jax.tree.leaves(trained.weights)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # A fine-tune with init_from = the imported pretraining run starts from the file's encoder.
+    config = load("finetune", "runlocal")
+    config.num_classes = len(CLASSES)
+    model, inputs = setup.build_model(config)
+    # What the trainer hands over, as shapes and shardings: load_pretrained_encoder reads no values of it.
+    template = setup.abstract_weights(model, inputs, trainer.make_mesh(config))
+    state = init_from.load_pretrained_encoder(template, str(imported["pretrain"]))
+    payload = load_pth(pretrain[1] / "model.pth")
+    from_file = convert.torch_to_flax_variables(
+        {**payload["model_state_dict"], **payload["extra_state_dict"]}, model="pretrain")
+    for got, want in ((state.params["encoder"], from_file["params"]["encoder"]),
+                      (state.params["pos_embed"], from_file["params"]["pos_embed"]),
+                      (state.batch_stats["encoder"], from_file["batch_stats"]["encoder"])):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def micro(**overrides) -> GMSTConfig:
+    return GMSTConfig(**{**PRESETS["micro"], **overrides})
+
+
+def test_import_of_the_originals_checkpoint_file(tmp_path):
+    """A checkpoint as the original's training script saves it (optimizer state and all)."""
+    torch.manual_seed(0)
+    original = mirror.GMAE(micro(mask_mode="original"))
+    state_dict = original.state_dict()
+    path = tmp_path / "best_model.pth"
+    optimizer = torch.optim.AdamW(original.parameters())
+    torch.save({"model_state_dict": state_dict, "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": {}, "epoch": 7, "loss": 0.25}, path)
+    run_stage("import", tmp_path / "run", path=str(path), model=config_lib.model_section("micro"))
+    restored = setup.restore_run(str(tmp_path / "run"))
+    assert restored.config.stage == "pretrain" and restored.config.model.mask_mode == "original"
+    want = convert.torch_to_flax_variables(state_dict, model="pretrain")
+    for got, expected in zip(jax.tree.leaves(restored.weights.params), jax.tree.leaves(want["params"])):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def classifier_file(tmp_path, change=None):
+    torch.manual_seed(0)
+    state_dict = mirror.GMAEForClassification(micro(), 3).state_dict()
+    if change:
+        change(state_dict)
+    path = tmp_path / "classifier.pth"
+    torch.save({"model_state_dict": state_dict}, path)
+    return path
+
+
+class Pickled:
+    def __reduce__(self):
+        return (os.system, ("echo pickled code ran",))
+
+
+@pytest.mark.parametrize("change,model,message", [
+    (lambda sd: sd.pop("encoder.blocks.1.norm3.bias"), "micro", r"missing key 'encoder\.blocks\.1\.norm3\.bias'"),
+    (lambda sd: sd.update(extra=torch.zeros(1)), "micro", r"extra key 'extra'"),
+    (lambda sd: sd.update({"pos_embed": torch.zeros(1, 4, 32)}), "micro",
+     r"key 'pos_embed' has shape \(1, 4, 32\) where the model has \(1, 64, 32\)"),
+    (None, "tiny", r"missing key 'encoder\.blocks\.2\.[^']+' \(and \d+ more\) for a classifier with "
+                   r"img_size=224, patch_size=16, embed_dim=128, depth=4"),
+    (lambda sd: sd.update(code=Pickled()), "micro",
+     r"does not load with torch.load\(weights_only=True\), which never runs pickled code: .*unsupported GLOBAL"),
+])
+def test_each_bad_file_gets_a_one_line_error(change, model, message, tmp_path):
+    path = classifier_file(tmp_path, change)
+    config = load("import", f"model={model}")
+    config.update(path=str(path), class_names="fist,one,palm")
+    with pytest.raises(config_lib.ConfigError, match=message) as error:
+        stages.run(config, str(tmp_path / "out"))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_originals_classifier_needs_its_class_names_and_a_new_folder(tmp_path):
+    config = load("import", "model=micro")
+    config.path = str(classifier_file(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match="classifier of 3 classes but 0 class names"):
+        stages.run(config, str(tmp_path / "out"))
+    config.class_names = "fist,one,palm"
+    stages.run(config, str(tmp_path / "out"))
+    assert setup.load_class_names(str(tmp_path / "out")) == ["fist", "one", "palm"]
+    with pytest.raises(config_lib.ConfigError, match="already holds a run; import into a new folder"):
+        stages.run(config, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("stage", ["pretrain"])  # the classifier has no extras: tests/test_torch_parity.py
+def test_reference_export_has_the_originals_keys_and_shapes(stage):
+    """On the meta device and through eval_shape: nothing of the 1.3 B parameters is allocated."""
+    reference = GMSTConfig(**PRESETS["reference"])
+    num_classes = 18 if stage == "finetune" else None
+    shapes = convert.expected_state_dict_shapes(reference, model=export.CONVERTER_MODEL[stage],
+                                                num_classes=num_classes)
+    state, extras = export.split_state_dict(shapes, reference, stage, num_classes)
+    with torch.device("meta"):
+        original_layout = export_format.original_layout(reference)
+        original = (mirror.GMAEForClassification(original_layout, 18) if stage == "finetune"
+                    else mirror.GMAE(original_layout))
+    assert state == {k: tuple(v.shape) for k, v in original.state_dict().items()}
+    assert extras == ({} if stage == "finetune" else {"encoder_mask_token": (1, 1, 768)})
+    # Facts of gmst_reference.md: FFN hidden 768 -> 3072, 512 -> 2049; ~1.3 B parameters in GMAE.
+    assert state["encoder.blocks.11.mscffn.fc1.weight"] == (4 * 3072, 3072)
+    assert state["encoder.blocks.0.attn.in_proj_weight"] == (3 * 768, 768)
+    assert state["encoder.patch_embed.proj.weight"] == (768, 3, 16, 16)
+    if stage == "pretrain":
+        assert state["decoder_blocks.7.mscffn.fc2.weight"] == (512, 4 * 2049)
+        assert 1.25e9 < sum(np.prod(s) for s in state.values()) < 1.4e9
+
+
+def test_overlapping_patches_export_to_the_mirror_layout_with_a_notice(tmp_path, capsys):
+    """The run comes in through the import stage: an overlapping model made in PyTorch."""
+    torch.manual_seed(0)
+    path = tmp_path / "overlap.pth"
+    torch.save({"model_state_dict": mirror.GMAEForClassification(micro(overlap_patches=True), 2).state_dict()}, path)
+    run_stage("import", tmp_path / "run", path=str(path), class_names="fist,palm",
+              model=config_lib.model_section("micro", overlap_patches=True))
+    with pytest.raises(config_lib.ConfigError, match=r"config.layout='original' but .* overlap_patches=True") as error:
+        run_stage("export", tmp_path / "strict", checkpoint_dir=str(tmp_path / "run"), layout="original")
+    assert "\n" not in str(error.value)
+    written = run_stage("export", tmp_path / "out", checkpoint_dir=str(tmp_path / "run"))
+    notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+    assert len(notice) == 1 and "mirror layout" in notice[0]
+    assert written["layout"] == "mirror"
+    payload = load_pth(tmp_path / "out" / "model.pth")
+    gmst = export_format.model_config(payload["config"])
+    model = mirror.GMAEForClassification(gmst, 2)
+    model.load_state_dict(payload["model_state_dict"], strict=True)
+    assert tuple(model.encoder.patch_embed.proj.weight.shape) == (32, 3, 8, 8)  # 2p: not the original's p
+
+
+def test_export_refuses_to_write_into_the_run_and_says_when_torch_is_missing(tmp_path, monkeypatch):
+    config = load("export")
+    config.checkpoint_dir = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match="never writes into a run"):
+        stages.run(config, str(tmp_path / "export"))
+    real = export.importlib.util.find_spec
+    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    with pytest.raises(config_lib.ConfigError, match=r"writes model.pth with PyTorch, which is not installed"):
+        stages.validate(config)
