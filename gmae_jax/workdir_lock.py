@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 from etils import epath
@@ -221,8 +222,6 @@ def hold(workdir: str, kind: str | None = None) -> Iterator[None]:
                 stack.enter_context(_lock(folder, kind))
             except ConfigError as refused:
                 error = refused
-        from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-process only)
-
         failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
         if error is not None:
             raise error

@@ -10,6 +10,7 @@ from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -135,8 +136,6 @@ def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
                 destination, suffix = target / f"{step}.{suffix}", suffix + 1
             (directory / str(step)).rename(destination)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-process only)
-
         multihost_utils.sync_global_devices("checkpoint.set_aside")
     manager.reload()
     return target

@@ -133,7 +133,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
 
     # --- Resume check: nothing in the workdir changes unless the run there is this one ------------
     changes = resume_check.check(config, workdir, data.class_names)
-    write_run_files(config, workdir, data.class_names, changes)
 
     # --- Input pipeline -------------------------------------------------------------------------
     steps_total = total_steps(config, len(data.train))
@@ -162,6 +161,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
     elif config.get("init_from"):
         state = load_pretrained_encoder(state, config.init_from)
+    # Only now, with the state restored, may config.json describe this run's settings.
+    write_run_files(config, workdir, data.class_names, changes)
 
     train_step = sharding.make_train_step(config.step_impl, task.loss_fn, mesh, state, config.grad_accum_steps)
     eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)
