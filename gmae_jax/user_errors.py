@@ -45,8 +45,8 @@ def os_error_line(error: OSError) -> str:
     if error.errno in _FULL:
         return (f"no space left on the device writing {where}; free space there (or use a --workdir on another "
                 "disk) and rerun the same command: it resumes from the last complete checkpoint")
-    return (f"cannot write {where} ({error.strerror}); make that folder writable by this user, or choose "
-            "another --workdir")
+    return (f"cannot access {where} ({error.strerror}); fix its permissions for this user, or choose another "
+            "folder (--workdir, --config.data.root)")
 
 
 def _from_text(text: str) -> str | None:

@@ -122,6 +122,7 @@ def test_a_busy_workdir_names_its_holder(tmp_path, data_root):
     assert f"PID {os.getpid()}, since {since})" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_exceeded_bad_image_budget_is_one_line(tmp_path, data_root):
     data = tmp_path / "data"
     synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=4, val_per_class=1, classes=("fist", "palm"))
@@ -140,7 +141,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr and "unknown model preset 'huge'" in result.stderr
 
 
-def test_a_full_disk_names_the_file_and_what_to_do(tmp_path, monkeypatch):
+def test_a_full_disk_or_a_forbidden_file_names_the_path_and_what_to_do(tmp_path, monkeypatch):
     def disk_full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
@@ -154,4 +155,7 @@ def test_a_full_disk_names_the_file_and_what_to_do(tmp_path, monkeypatch):
         "on another disk) and rerun the same command: it resumes from the last complete checkpoint")
     assert user_errors.one_line(ValueError("RESOURCE_EXHAUSTED: No space left on device")).startswith(
         "no space left on the device")
+    assert user_errors.one_line(PermissionError(errno.EACCES, "Permission denied", "/w/metrics.jsonl")) == (
+        "cannot access /w/metrics.jsonl (Permission denied); fix its permissions for this user, or choose another "
+        "folder (--workdir, --config.data.root)")
     assert user_errors.one_line(KeyError("a bug")) is None  # bugs keep their traceback
