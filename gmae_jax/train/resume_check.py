@@ -18,8 +18,8 @@ import ml_collections
 from etils import epath
 
 from gmae_jax.schema import ConfigError
+from gmae_jax.train.setup import CHECKPOINTS, CLASSES_FILE, CONFIG_FILE
 
-CONFIG_FILE, CLASSES_FILE, CHECKPOINTS = "config.json", "classes.json", "checkpoints"  # as train/setup.py
 HISTORY_FILE = "config.history.jsonl"
 # 'check': a binding change stops the run; 'allow_changes': it is recorded and the run resumes.
 RESUME_POLICIES = ("check", "allow_changes")
