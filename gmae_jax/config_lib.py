@@ -13,6 +13,7 @@ import ml_collections
 from gmae_jax import schema
 from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig
 from gmae_jax.schema import ConfigError
+from gmae_jax.train.resume_check import RESUME_POLICIES
 
 # ConfigError is defined with the defaults (gmae_jax.schema) so that every layer can raise it; it is
 # re-exported here, where the config files and stages look for it.
@@ -136,6 +137,8 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(loop.grad_accum_steps >= 1 and loop.batch_size % loop.grad_accum_steps == 0,
           f"config.grad_accum_steps={loop.grad_accum_steps} must be a positive divisor of "
           f"config.batch_size={loop.batch_size}")
+    check(loop.resume_policy in RESUME_POLICIES,
+          f"config.resume_policy='{loop.resume_policy}' must be one of {RESUME_POLICIES}")
     check(optim.lr > 0, f"config.optim.lr={optim.lr} must be positive")
     check(0.0 < optim.layer_decay <= 1.0,
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")

@@ -9,8 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import config_lib, distributed, host_memory, stages
-from gmae_jax.data.class_folders import DataLayoutError
+from gmae_jax import distributed, host_memory, stages, user_errors
 from gmae_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
@@ -23,6 +22,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Rank of this process in [0, num_processes).")
 _DISTRIBUTED_AUTO = flags.DEFINE_bool(
     "distributed_auto", False, "Read the job layout from the environment (Cloud TPU pods, SLURM).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors too (or set GMAE_DEBUG=1).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many devices (several CPU processes on one machine).")
 
@@ -54,12 +54,29 @@ def main(argv: list[str]) -> None:
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
         stages.run(config, _WORKDIR.value)
-    except (config_lib.ConfigError, DataLayoutError, distributed.DistributedSetupError) as error:
-        # A mistake in the config, the data folder or the job flags: one line that says what to change.
-        sys.exit(f"error: {error}")
     except Preempted as stop:
         sys.exit(str(stop))
+    except Exception as error:
+        # A mistake in the config, the data, the job flags or the workdir: one line that says what to
+        # change. Bugs, and everything under --debug, keep their traceback.
+        line = user_errors.one_line(error)
+        if line is None or _DEBUG.value or user_errors.debug_requested(sys.argv):
+            raise
+        sys.exit(f"error: {line}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its errors as one line. It runs the config file and applies each
+    `--config.x=y`, so a typo there (or an unknown preset) fails here, before `main`."""
+    try:
+        remaining = flags.FLAGS(argv)
+        _ = _CONFIG.value.stage  # config_flags defers a config file that fails to load until first use
+        return remaining
+    except Exception as error:
+        if user_errors.debug_requested(argv):
+            raise
+        sys.exit(f"error: {user_errors.flag_error_line(error, argv)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -103,6 +103,9 @@ class LoopConfig:
     best_mode: str = "min"
     step_impl: str = "jit"  # 'jit' or 'shard_map'
     grad_accum_steps: int = 1
+    # Rerunning a workdir that holds a run: 'check' refuses settings that change the run's shapes or
+    # meaning (see gmae_jax/train/resume_check.py); 'allow_changes' records them and resumes.
+    resume_policy: str = "check"
 
 
 Section = TypeVar("Section")

@@ -1,5 +1,6 @@
 """The command line as a user runs it: `python -m gmae_jax.main --config=... --workdir=...`."""
 
+import json
 import os
 import re
 import signal
@@ -77,6 +78,12 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
     saved = int(match.group(1))
     assert saved >= 2 and (workdir / "checkpoints" / str(saved)).is_dir()
 
-    rerun = run_main(*args, f"--config.total_steps={saved + 2}")
+    # A shorter run than the one started is another run: the resume check wants it said explicitly.
+    shorter = [*args, f"--config.total_steps={saved + 2}"]
+    refused = run_main(*shorter)
+    assert refused.returncode == 1 and "total_steps: 100000 -> " in refused.stderr.strip().splitlines()[-1]
+    rerun = run_main(*shorter, "--config.resume_policy=allow_changes")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from step {saved}" in rerun.stderr
+    history = [json.loads(line) for line in (workdir / "config.history.jsonl").read_text().splitlines()]
+    assert history[-1]["changes"]["total_steps"] == {"old": 100000, "new": saved + 2}

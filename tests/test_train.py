@@ -1,14 +1,18 @@
 """Training end to end on the demo data: loss goes down, fine-tuning starts from the pretrained
 encoder, a killed run resumes to exactly the straight run, divergence stops with a clear error."""
 
+import glob
+import logging
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, stages, workdir_lock
 from gmae_jax.data import synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
@@ -96,6 +100,33 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
         init_from.load_pretrained_encoder(state, workdir)
 
 
+def files_of(folder):
+    """Every file under `folder` with its bytes."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+def test_rerun_with_another_model_is_refused_before_anything_changes(pretrained, demo_root):
+    workdir, config, _ = pretrained
+    before = files_of(workdir)
+    changed = config.copy_and_resolve_references()
+    changed.model.embed_dim = 48
+    changed.total_steps = 40  # harmless on its own; not recorded, as the run does not go ahead
+    with pytest.raises(config_lib.ConfigError) as refused:
+        stages.run(changed, workdir)
+    assert str(refused.value) == (
+        f"{workdir} holds a run with other settings (model.embed_dim: 32 -> 48); nothing was changed. Start a "
+        "new run with another --workdir, or continue this one with the new values with "
+        "--config.resume_policy=allow_changes")
+    after = files_of(workdir)
+    assert after == before  # config.json, classes.json, every checkpoint file: byte-identical
+    assert any(name.startswith("checkpoints" + os.sep) for name in after)
+
+
 def test_finetune_rejects_wrong_num_classes(demo_root):
     with pytest.raises(config_lib.ConfigError, match="num_classes=18 but the data in .* has 4 classes"):
         finetune_stage.open_data(stage_config("finetune", demo_root, num_classes=18))
@@ -118,11 +149,81 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     assert os.path.exists(os.path.join(eval_dir, "eval_metrics.json"))
 
 
+RESUME_OVERRIDES = dict(total_steps=6, checkpoint_every=3, log_every=1, eval_every=0)
+
+
+@pytest.fixture(scope="module")
+def straight_run(demo_root, tmp_path_factory):
+    """A 6-step run saved at steps 3 and 6, started through the stage registry (which locks the
+    workdir). At its 4th batch a second run is started in the same workdir with another learning
+    rate: (workdir, the second run's error or None)."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    second: list[Exception] = []
+    real, calls = sharding.global_batch, []
+
+    def second_run_starts_meanwhile(host_batch, mesh):
+        calls.append(1)
+        if len(calls) == 4:
+            try:
+                stages.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES, optim__lr=5e-3), workdir)
+            except config_lib.ConfigError as error:
+                second.append(error)
+        return real(host_batch, mesh)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sharding, "global_batch", second_run_starts_meanwhile)
+        stages.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES), workdir)
+    return workdir, (second[0] if second else None)
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_straight_run(demo_root, tmp_path, monkeypatch):
-    overrides = dict(total_steps=6, checkpoint_every=3, log_every=1, eval_every=0)
-    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), straight_dir)
+def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes_intact(straight_run):
+    workdir, second = straight_run
+    assert isinstance(second, workdir_lock.WorkdirBusyError)
+    assert re.fullmatch(rf"workdir {re.escape(workdir)} is in use by a running job \(host \S+, PID {os.getpid()}, "
+                        r"since [0-9-]+ [0-9:]+ UTC\); wait for it to finish or stop it, or choose another --workdir",
+                        str(second)), str(second)
+    assert setup.load_run_config(workdir).optim.lr == 2e-3  # the first run's, not the second's
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 6]
+    assert max(r["lr"] for r in records if r["split"] == "train") <= 2e-3 * (1 + 1e-6)  # none of the 5e-3 run
+    assert checkpoint.restore_params(os.path.join(workdir, "checkpoints"))["step"] == 6
+    assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released at the end
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_straight_run(
+        straight_run, demo_root, tmp_path, caplog):
+    straight_dir, _ = straight_run
+    damaged_dir = str(tmp_path / "damaged")
+    shutil.copytree(straight_dir, damaged_dir)
+    rng = np.random.default_rng(0)
+    data_files = glob.glob(os.path.join(damaged_dir, "checkpoints", "6", "state", "**", "d", "*"), recursive=True)
+    assert data_files
+    for path in data_files:  # random bytes over the array data of the latest checkpoint
+        size = os.path.getsize(path)
+        with open(path, "wb") as f:
+            f.write(rng.bytes(size))
+
+    with caplog.at_level(logging.WARNING):
+        pretrain_stage.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES), damaged_dir)
+    assert "checkpoint step 6 in" in caplog.text and "could not be restored" in caplog.text
+    assert "resuming from step 3" in caplog.text
+    assert os.path.isdir(os.path.join(damaged_dir, checkpoint.DAMAGED, "6"))  # kept for a look, not deleted
+
+    a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
+    b = checkpoint.restore_params(os.path.join(damaged_dir, "checkpoints"))
+    assert a["step"] == b["step"] == 6
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(x, y)
+    straight = [r["loss"] for r in read_metrics(straight_dir) if r["split"] == "train"]
+    assert [r["loss"] for r in read_metrics(damaged_dir) if r["split"] == "train"] == straight
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_straight_run(straight_run, demo_root, tmp_path, monkeypatch):
+    overrides = RESUME_OVERRIDES
+    (straight_dir, _), resumed_dir = straight_run, str(tmp_path / "resumed")
 
     real = sharding.global_batch
     calls = []

@@ -10,6 +10,7 @@ from typing import Any
 
 import ml_collections
 
+from gmae_jax import workdir_lock
 from gmae_jax.schema import ConfigError
 from gmae_jax.stages import demo, evaluate, export, finetune, import_, predict, prepare, pretrain
 
@@ -32,5 +33,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    """Runs the stage `config.stage` names, writing its outputs under `workdir`."""
-    return get(config.stage).run(config, workdir)
+    """Runs the stage `config.stage` names, writing its outputs under `workdir`, which it holds
+    alone for the whole run (a second run there stops with one line naming this one)."""
+    stage = get(config.stage)
+    with workdir_lock.hold(workdir):
+        return stage.run(config, workdir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from etils import epath
 
 from gmae_jax import config_lib, schema
 from gmae_jax.data import sources
@@ -15,6 +16,9 @@ METRICS = ("loss", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     config_lib.validate_training(config, check_data)
     config_lib.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2")
+    config_lib.check(not check_data or not config.init_from or epath.Path(config.init_from).exists(),
+                     f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
+                     "pretraining run, or set --config.init_from='' to train from scratch")
     config_lib.check(0.0 <= config.label_smoothing < 1.0,
                      f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     config_lib.check(config.best_metric in ("",) + METRICS,

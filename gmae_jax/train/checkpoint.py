@@ -10,11 +10,20 @@ from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from gmae_jax.schema import ConfigError
+
 BEST, LATEST = "best", "latest"
+DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
+
+
+class CheckpointsUnreadableError(ConfigError):
+    """No checkpoint of a run restores; the message lists each step and why."""
 
 
 def make_manager(
@@ -83,6 +92,53 @@ def restore(
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an orbax / tensorstore error, short enough for a log line."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def restore_last_good(
+    manager: ocp.CheckpointManager, state_template: Any, data_iterator: Any | None,
+) -> tuple[Any, int | None, list[tuple[int, str]]]:
+    """Restores the newest step that restores, trying older ones after a failure (a checkpoint
+    damaged on disk). Returns (state, its step, [(newer step that failed, why)]); (template, None,
+    []) when there is no checkpoint. Raises CheckpointsUnreadableError when none restores."""
+    failures: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore(manager, state_template, data_iterator, step), step, failures
+        except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
+            failures.append((step, _reason(error)))
+            logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
+                            step, manager.directory, failures[-1][1])
+    if failures:
+        listed = "; ".join(f"step {step}: {why}" for step, why in failures)
+        raise CheckpointsUnreadableError(
+            f"none of the checkpoints in {manager.directory} can be restored ({listed}); move that folder "
+            "away to train from scratch, or use another --workdir")
+    return state_template, None, failures
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
+    """Moves damaged step folders to <workdir>/damaged_checkpoints/<step> (nothing is deleted), so
+    the resumed run can save those steps again; returns that folder."""
+    directory = epath.Path(manager.directory)
+    target = directory.parent / DAMAGED
+    if jax.process_index() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            destination = target / str(step)
+            suffix = 1
+            while destination.exists():
+                destination, suffix = target / f"{step}.{suffix}", suffix + 1
+            (directory / str(step)).rename(destination)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("checkpoint.set_aside")
+    manager.reload()
+    return target
 
 
 def restore_weights(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:

@@ -18,7 +18,7 @@ from etils import epath
 
 from gmae_jax import config_lib, schema
 from gmae_jax.data import pipeline, sources
-from gmae_jax.train import checkpoint, setup, sharding, steps, tasks
+from gmae_jax.train import checkpoint, resume_check, setup, sharding, steps, tasks
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer
 from gmae_jax.train.preemption import Preempted, PreemptionWatch
@@ -36,12 +36,16 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
     return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
-def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str]) -> None:
-    """The resolved config and the class order, so `setup.restore_run` can rebuild the run."""
+def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
+                    changes: list[resume_check.Change] = ()) -> None:
+    """The resolved config and the class order, so `setup.restore_run` can rebuild the run; `changes`
+    (from `resume_check.check`) go to config.history.jsonl."""
     if jax.process_index() != 0:
         return
     folder = epath.Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
+    if changes:
+        resume_check.record(workdir, list(changes), config.get("resume_policy", "check"))
     (folder / setup.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     (folder / setup.CLASSES_FILE).write_text(json.dumps(class_names, indent=1))
 
@@ -127,8 +131,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), config.step_impl)
 
+    # --- Resume check: nothing in the workdir changes unless the run there is this one ------------
+    changes = resume_check.check(config, workdir, data.class_names)
+
     # --- Input pipeline -------------------------------------------------------------------------
-    write_run_files(config, workdir, data.class_names)
     steps_total = total_steps(config, len(data.train))
     train_data = pipeline.make_train_dataset(
         data.train, image_size=model.config.img_size, global_batch_size=config.batch_size,
@@ -145,12 +151,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
     checkpoint_dir = os.path.join(workdir, setup.CHECKPOINTS)
     manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
-    last_saved = manager.latest_step()
+    state, last_saved, damaged = checkpoint.restore_last_good(manager, state, train_iter)
+    if damaged:
+        aside = checkpoint.set_aside(manager, [step for step, _ in damaged])
+        logging.warning("resuming from step %d: the %d newer checkpoint(s) did not restore (%s) and were moved "
+                        "to %s", last_saved, len(damaged), "; ".join(f"step {s}: {why}" for s, why in damaged),
+                        aside)
     if last_saved is not None:
-        state = checkpoint.restore(manager, state, train_iter)
         logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
     elif config.get("init_from"):
         state = load_pretrained_encoder(state, config.init_from)
+    # Only now, with the state restored, may config.json describe this run's settings.
+    write_run_files(config, workdir, data.class_names, changes)
 
     train_step = sharding.make_train_step(config.step_impl, task.loss_fn, mesh, state, config.grad_accum_steps)
     eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)

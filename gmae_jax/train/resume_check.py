@@ -1,0 +1,108 @@
+"""Before a training run touches a workdir that already holds a run: is it the same run?
+
+A rerun resumes from the workdir's checkpoints, so a config that changes the state's shapes or what
+the run means (a wider model, another data root, another seed) would either fail half-way after
+rewriting `config.json`, or silently mix two runs. Fields are classified here, once: the ones in
+HARMLESS change how the run is driven, not what it computes, and may change on resume; every other
+field binds the run. Allowed changes are recorded in `config.history.jsonl`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from gmae_jax.schema import ConfigError
+from gmae_jax.train.setup import CHECKPOINTS, CLASSES_FILE, CONFIG_FILE
+
+HISTORY_FILE = "config.history.jsonl"
+# 'check': a binding change stops the run; 'allow_changes': it is recorded and the run resumes.
+RESUME_POLICIES = ("check", "allow_changes")
+
+# Dotted field names (fnmatch patterns) that may change when a run resumes: logging, evaluation and
+# checkpoint cadence, worker counts, device layout and memory knobs (a checkpoint restores onto any
+# mesh), and the policy itself.
+HARMLESS = (
+    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume_policy",
+    "num_reconstructions", "step_impl", "grad_accum_steps", "data.num_workers", "data.max_bad_images",
+    "mesh.*", "wandb.*", "model.remat",
+)
+# Harmless only when they grow: a longer run continues the same one; a shorter one is another run.
+UPWARD_ONLY = ("total_steps", "num_epochs")
+
+Change = tuple[str, Any, Any]  # (dotted field, old value, new value)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'depth': 2}} -> {'model.depth': 2}."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_harmless(name: str, old: Any, new: Any) -> bool:
+    if name in UPWARD_ONLY:
+        return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new >= old
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in HARMLESS)
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], list[Change]]:
+    """(binding, harmless) differences between two flattened configs. A field only one side has is
+    not a difference: a run saved before that field existed reads back with its default."""
+    binding, harmless = [], []
+    for name in sorted(set(old) & set(new)):
+        if old[name] != new[name]:
+            (harmless if is_harmless(name, old[name], new[name]) else binding).append((name, old[name], new[name]))
+    return binding, harmless
+
+
+def _has_checkpoints(workdir: epath.Path) -> bool:
+    folder = workdir / CHECKPOINTS
+    return folder.exists() and any(child.name.isdigit() for child in folder.iterdir())
+
+
+def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str]) -> list[Change]:
+    """The differences between `config` and the run already in `workdir` (none for a new run).
+
+    Raises ConfigError, before anything is written, when a binding field differs and
+    `config.resume_policy` is 'check'."""
+    folder = epath.Path(workdir)
+    if not (folder / CONFIG_FILE).exists() or not _has_checkpoints(folder):
+        return []  # nothing to resume: a new run (metrics of a run that never saved are dropped)
+    old = flatten(json.loads((folder / CONFIG_FILE).read_text()))
+    new = flatten(json.loads(config.to_json_best_effort()))
+    binding, harmless = compare(old, new)
+    if (folder / CLASSES_FILE).exists():
+        old_classes = list(json.loads((folder / CLASSES_FILE).read_text()))
+        if old_classes != list(class_names):
+            binding.append((f"classes ({CLASSES_FILE})", old_classes, list(class_names)))
+    if binding and config.get("resume_policy", "check") == "check":
+        listed = "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in binding)
+        raise ConfigError(
+            f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
+            "with another --workdir, or continue this one with the new values with "
+            "--config.resume_policy=allow_changes")
+    return binding + harmless
+
+
+def record(workdir: str, changes: list[Change], policy: str) -> None:
+    """Appends one line with the changes to the run's config.history.jsonl (rewritten whole, as
+    object stores cannot append)."""
+    path = epath.Path(workdir) / HISTORY_FILE
+    line = json.dumps({
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "resume_policy": policy,
+        "changes": {name: {"old": old, "new": new} for name, old, new in changes},
+    }, sort_keys=True)
+    previous = path.read_text() if path.exists() else ""
+    path.write_text(previous + line + "\n")

@@ -1,0 +1,125 @@
+"""The mistakes a user can make (a config value, a typo in a flag, a data folder, a full disk or a
+folder without write permission) as the one line the entry point prints instead of a traceback.
+Anything else is a bug and keeps its traceback; `--debug` or GMAE_DEBUG=1 keeps it for all."""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+
+from gmae_jax import config_lib, distributed
+from gmae_jax.data.class_folders import DataLayoutError
+from gmae_jax.data.pipeline import BadImageBudgetError
+from gmae_jax.schema import ConfigError
+
+# Errors whose message is already the one line a user needs.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataLayoutError, distributed.DistributedSetupError, BadImageBudgetError)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = "No space left on device"
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """`--debug` on the command line or GMAE_DEBUG=1: show tracebacks (read before flags parse)."""
+    return "--debug" in argv or "--debug=true" in argv or os.environ.get("GMAE_DEBUG", "") not in ("", "0")
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from or while handling (libraries wrap ours)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def os_error_line(error: OSError) -> str:
+    """Which path, what went wrong, what to do."""
+    where = error.filename or "the workdir"
+    if error.errno in _FULL:
+        return (f"no space left on the device writing {where}; free space there (or use a --workdir on another "
+                "disk) and rerun the same command: it resumes from the last complete checkpoint")
+    return (f"cannot access {where} ({error.strerror}); fix its permissions for this user, or choose another "
+            "folder (--workdir, --config.data.root)")
+
+
+def _from_text(text: str) -> str | None:
+    """The message of a user error quoted in a formatted traceback (config_flags re-raises the
+    config file's error with its traceback as the message; grain workers send theirs as text)."""
+    for cls in USER_ERRORS:
+        match = re.search(rf"\b{cls.__name__}: (.+)", text)
+        if match:
+            return match.group(1).strip()
+    return None
+
+
+def one_line(error: BaseException) -> str | None:
+    """The message for an error a user caused (also when a library wrapped it or a worker process
+    sent it back as text), or None for anything else."""
+    for item in _chain(error):
+        if isinstance(item, USER_ERRORS):
+            return _from_text(str(item)) or str(item).strip().splitlines()[0]
+        if isinstance(item, OSError) and item.errno in _NOT_WRITABLE + _FULL:
+            return os_error_line(item)
+    text = "\n".join(str(item) for item in _chain(error))
+    found = _from_text(text)
+    if found:
+        return found
+    if _FULL_TEXT in text:  # tensorstore (orbax's writer) reports a full disk in its own words
+        return os_error_line(OSError(errno.ENOSPC, _FULL_TEXT))
+    return None
+
+
+def _config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+    """The config `--config=FILE[:ARG]` builds, or None when that fails too."""
+    for item in argv:
+        if item.startswith("--config="):
+            path, _, arg = item[len("--config="):].partition(":")
+            try:
+                name = os.path.splitext(os.path.basename(path))[0]
+                return config_lib.load_sibling_config(path, name, arg or None)
+            except Exception:  # noqa: BLE001 - the flag error itself is then the best we can say
+                return None
+    return None
+
+
+def unknown_field(argv: Sequence[str]) -> str | None:
+    """For the first `--config.a.b=v` that names no field: which part, and the closest field."""
+    config = _config_from_argv(argv)
+    if config is None:
+        return None
+    for item in argv:
+        if not item.startswith("--config."):
+            continue
+        path = item[len("--config."):].partition("=")[0]
+        node, walked = config, "config"
+        for part in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f"did you mean --config.{path.replace(part, close[0], 1)}?" if close else f"fields: {known}"
+                return f"--config.{path}: {walked} has no field '{part}'; {hint}"
+            node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
+    """One line for an error raised while parsing the command line (the config file runs then)."""
+    line = one_line(error)  # config_flags hands the config file's own error back as traceback text
+    if line is not None:
+        return line
+    field = unknown_field(argv)
+    if field is not None:
+        return field
+    text = "\n".join(str(item) for item in _chain(error))
+    missing = re.search(r"\[Errno \d+\] .+", text)  # a config file that does not load
+    if missing:
+        return f"cannot load the config file: {missing.group(0)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

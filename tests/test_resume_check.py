@@ -1,0 +1,91 @@
+"""Rerunning a workdir that holds a run: binding changes are refused before anything is written,
+harmless ones are allowed and recorded in config.history.jsonl. (The byte-identical workdir after a
+refused rerun of a real run is tested in test_train.py.)"""
+
+import json
+import os
+
+import pytest
+
+from gmae_jax import config_lib
+from gmae_jax.train import resume_check, trainer
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def pretrain_config():
+    return config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "pretrain", "runlocal")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A workdir as a training run leaves it: config.json, classes.json and a checkpoint step."""
+    trainer.write_run_files(pretrain_config(), str(tmp_path), ["fist", "palm"])
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    return tmp_path
+
+
+def test_fields_are_binding_unless_listed_as_harmless():
+    old = {"model.embed_dim": 32, "seed": 1, "data.root": "/a", "total_steps": 20, "log_every": 5,
+           "data.num_workers": 0, "mesh.data": -1, "num_epochs": 3.0}
+    new = {"model.embed_dim": 48, "seed": 2, "data.root": "/b", "total_steps": 30, "log_every": 1,
+           "data.num_workers": 4, "mesh.data": 4, "num_epochs": 2.0, "only_new": 1}
+    binding, harmless = resume_check.compare(old, new)
+    assert [name for name, _, _ in binding] == ["data.root", "model.embed_dim", "num_epochs", "seed"]
+    assert [name for name, _, _ in harmless] == ["data.num_workers", "log_every", "mesh.data", "total_steps"]
+    assert resume_check.compare({"total_steps": 30}, {"total_steps": 20})[0] == [("total_steps", 30, 20)]
+
+
+def test_binding_changes_are_refused_with_old_and_new_values_and_the_two_ways_out(run_dir):
+    config = pretrain_config()
+    config.model.depth, config.seed = 3, 7
+    before = {name: (run_dir / name).read_bytes() for name in ("config.json", "classes.json")}
+    with pytest.raises(config_lib.ConfigError) as refused:
+        resume_check.check(config, str(run_dir), ["fist", "palm"])
+    message = str(refused.value)
+    assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
+    assert "another --workdir" in message and "--config.resume_policy=allow_changes" in message
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not (run_dir / resume_check.HISTORY_FILE).exists()
+
+
+def test_other_classes_are_a_binding_change(run_dir):
+    with pytest.raises(config_lib.ConfigError, match=r"classes \(classes.json\): \['fist', 'palm'\] -> \['fist'"):
+        resume_check.check(pretrain_config(), str(run_dir), ["fist", "one", "palm"])
+
+
+def test_harmless_changes_are_recorded_in_the_history(run_dir):
+    config = pretrain_config()
+    config.total_steps, config.log_every = 40, 1
+    changes = resume_check.check(config, str(run_dir), ["fist", "palm"])
+    trainer.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
+    (line,) = (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()
+    record = json.loads(line)
+    assert record["changes"] == {"log_every": {"old": 5, "new": 1}, "total_steps": {"old": 20, "new": 40}}
+    assert record["resume_policy"] == "check"
+    assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 40
+
+
+def test_allow_changes_resumes_with_binding_changes_and_records_them(run_dir):
+    config = pretrain_config()
+    config.seed, config.resume_policy = 7, "allow_changes"
+    changes = resume_check.check(config, str(run_dir), ["fist", "palm"])
+    trainer.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
+    trainer.write_run_files(config, str(run_dir), ["fist", "palm"], [("log_every", 5, 2)])
+    records = [json.loads(line) for line in (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()]
+    assert records[0]["changes"]["seed"] == {"old": 42, "new": 7}  # resume_policy itself is harmless
+    assert records[0]["resume_policy"] == "allow_changes" and len(records) == 2  # appended
+
+
+def test_a_workdir_without_checkpoints_is_a_new_run(run_dir):
+    (run_dir / "checkpoints" / "10").rmdir()
+    config = pretrain_config()
+    config.model.depth = 3
+    assert resume_check.check(config, str(run_dir), ["fist", "palm"]) == []
+
+
+def test_an_unknown_resume_policy_is_a_config_error(tmp_path):
+    config = pretrain_config()
+    config.data.root, config.resume_policy = str(tmp_path), "force"
+    with pytest.raises(config_lib.ConfigError, match="config.resume_policy='force' must be one of"):
+        config_lib.validate_training(config)

@@ -1,0 +1,161 @@
+"""Every mistake a user can make ends the entry point with exit code 1 and one line `error: ...` that
+names the cause, without a traceback (unless --debug / GMAE_DEBUG=1), and without creating folders
+in a run it only reads."""
+
+import errno
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+from etils import epath
+
+from gmae_jax import user_errors, workdir_lock
+from gmae_jax.data import synthetic
+from gmae_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = "--config=configs/pretrain.py:runlocal"
+
+
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gmae_jax.main", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_demo_dataset(str(root), image_size=32, train_per_class=8, val_per_class=2, classes=("fist", "palm"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_without_checkpoints(tmp_path_factory):
+    """The workdir of a run that stopped before its first checkpoint: config.json, classes.json only."""
+    from gmae_jax import config_lib
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = config_lib.load_sibling_config(os.path.join(REPO, "configs", "x.py"), "pretrain", "runlocal")
+    trainer.write_run_files(config, str(workdir), ["fist", "palm"])
+    return workdir
+
+
+def unwritable_folder(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A folder this user cannot create anything in (root ignores permissions: then sysfs)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder / "run" if not os.access(folder, os.W_OK) else pathlib.Path("/sys/gmae_jax_test_run")
+
+
+def unknown_field(tmp_path, data_root):
+    return [PRETRAIN, f"--workdir={tmp_path / 'w'}", "--config.modle.embed_dim=3"], (
+        "--config.modle.embed_dim: config has no field 'modle'; did you mean --config.model.embed_dim?")
+
+
+def unknown_nested_field(tmp_path, data_root):
+    return [PRETRAIN, f"--workdir={tmp_path / 'w'}", "--config.model.embd_dim=3"], (
+        "--config.model.embd_dim: config.model has no field 'embd_dim'; did you mean --config.model.embed_dim?")
+
+
+def unknown_preset(tmp_path, data_root):
+    return ["--config=configs/pretrain.py:model=huge", f"--workdir={tmp_path / 'w'}"], (
+        "unknown model preset 'huge'; choose one of ['base', 'micro', 'mini', 'reference', 'small', 'tiny']")
+
+
+def missing_config_file(tmp_path, data_root):
+    return ["--config=configs/nope.py", f"--workdir={tmp_path / 'w'}"], (
+        "cannot load the config file: [Errno 2] No such file or directory: 'configs/nope.py'")
+
+
+def init_from_missing(tmp_path, data_root):
+    missing = tmp_path / "no_such_run"
+    return ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'w'}", f"--config.data.root={data_root}",
+            "--config.num_classes=2", f"--config.init_from={missing}"], (
+        f"config.init_from={missing} does not exist; point it at the workdir of a pretraining run, or set "
+        "--config.init_from='' to train from scratch")
+
+
+def read_only_workdir(tmp_path, data_root):
+    workdir = unwritable_folder(tmp_path)
+    return [PRETRAIN, f"--workdir={workdir}", f"--config.data.root={data_root}"], re.compile(
+        rf"cannot write in workdir {re.escape(str(workdir))} \((Permission denied|Operation not permitted)\); "
+        "choose a --workdir you can write to, or make that folder writable")
+
+
+CASES = [unknown_field, unknown_nested_field, unknown_preset, missing_config_file, init_from_missing,
+         read_only_workdir]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
+def test_user_mistake_is_one_line_without_traceback(case, tmp_path, data_root):
+    args, expected = case(tmp_path, data_root)
+    result = run_main(*args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    if isinstance(expected, str):
+        assert last == f"error: {expected}"
+    else:
+        assert expected.fullmatch(last.removeprefix("error: ")), last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "no_such_run").exists()  # nothing created where a run was to be read
+
+
+def test_evaluate_of_a_run_without_checkpoints_creates_nothing_in_it(run_without_checkpoints, tmp_path):
+    before = sorted(os.listdir(run_without_checkpoints))
+    result = run_main("--config=configs/evaluate.py", f"--workdir={tmp_path / 'eval'}",
+                      f"--config.checkpoint_dir={run_without_checkpoints}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no 'latest' checkpoint in {run_without_checkpoints}/checkpoints (steps there: [])")
+    assert sorted(os.listdir(run_without_checkpoints)) == before  # no checkpoints/ folder appeared
+
+
+def test_a_busy_workdir_names_its_holder(tmp_path, data_root):
+    with workdir_lock.hold(str(tmp_path / "w")):
+        since = workdir_lock.read_holder(str(tmp_path / "w"))["since"]
+        result = run_main(PRETRAIN, f"--workdir={tmp_path / 'w'}", f"--config.data.root={data_root}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"PID {os.getpid()}, since {since})" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_exceeded_bad_image_budget_is_one_line(tmp_path, data_root):
+    data = tmp_path / "data"
+    synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=4, val_per_class=1, classes=("fist", "palm"))
+    broken = sorted((data / "train" / "fist").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    result = run_main(PRETRAIN, f"--workdir={tmp_path / 'w'}", f"--config.data.root={data}",
+                      "--config.data.max_bad_images=0", "--config.batch_size=8", "--config.total_steps=2")
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 unreadable images exceed config.data.max_bad_images=0; last: ")
+    assert broken.name in last and "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_main("--config=configs/pretrain.py:model=huge", f"--workdir={tmp_path}", env={"GMAE_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr and "unknown model preset 'huge'" in result.stderr
+
+
+def test_a_full_disk_or_a_forbidden_file_names_the_path_and_what_to_do(tmp_path, monkeypatch):
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(epath.Path, "write_text", disk_full)
+    with pytest.raises(OSError) as raised:
+        trainer.write_run_files(trainer.ml_collections.ConfigDict({"stage": "pretrain"}), str(tmp_path), ["a"])
+    wrapped = RuntimeError("orbax: save failed")  # libraries wrap it; the chain is searched
+    wrapped.__cause__ = raised.value
+    assert user_errors.one_line(wrapped) == (
+        f"no space left on the device writing {tmp_path / 'config.json'}; free space there (or use a --workdir "
+        "on another disk) and rerun the same command: it resumes from the last complete checkpoint")
+    assert user_errors.one_line(ValueError("RESOURCE_EXHAUSTED: No space left on device")).startswith(
+        "no space left on the device")
+    assert user_errors.one_line(PermissionError(errno.EACCES, "Permission denied", "/w/metrics.jsonl")) == (
+        "cannot access /w/metrics.jsonl (Permission denied); fix its permissions for this user, or choose another "
+        "folder (--workdir, --config.data.root)")
+    assert user_errors.one_line(KeyError("a bug")) is None  # bugs keep their traceback
