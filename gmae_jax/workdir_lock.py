@@ -207,9 +207,27 @@ def lock_kind(workdir: str) -> str:
 @contextlib.contextmanager
 def hold(workdir: str, kind: str | None = None) -> Iterator[None]:
     """Holds the workdir for the duration of the block; raises WorkdirBusyError (another live run holds
-    it) or WorkdirNotWritableError before anything else is written. `kind` forces 'flock' or 'lease'."""
+    it) or WorkdirNotWritableError before anything else is written. `kind` forces 'flock' or 'lease'.
+    A folder the lock created is removed again if the block left it empty (a run that failed before
+    writing anything leaves no trace)."""
     folder = epath.Path(workdir)
-    kind = kind or lock_kind(workdir)
+    created = jax.process_index() == 0 and not folder.exists()
+    try:
+        with _held(folder, kind or lock_kind(workdir)):
+            yield
+    finally:
+        if created:
+            _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: epath.Path) -> None:
+    with contextlib.suppress(OSError):
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def _held(folder: epath.Path, kind: str) -> Iterator[None]:
     if jax.process_count() == 1:
         with _lock(folder, kind):
             yield
@@ -226,7 +244,7 @@ def hold(workdir: str, kind: str | None = None) -> Iterator[None]:
         if error is not None:
             raise error
         if int(failed):
-            raise WorkdirBusyError(f"process 0 could not lock workdir {workdir}; see its error")
+            raise WorkdirBusyError(f"process 0 could not lock workdir {folder}; see its error")
         yield
 
 

@@ -36,6 +36,20 @@ def test_the_lock_is_taken_before_the_workdir_exists(tmp_path):
         assert workdir.is_dir() and (workdir / LOCK).exists()
 
 
+@pytest.mark.parametrize("kind", ["flock", "lease"])
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_created(tmp_path, kind):
+    new, existing = tmp_path / "new", tmp_path / "existing"
+    existing.mkdir()
+    for workdir in (new, existing):
+        with pytest.raises(RuntimeError, match="failed"):
+            with workdir_lock.hold(str(workdir), kind):
+                raise RuntimeError("failed")
+    assert not new.exists() and existing.is_dir()
+    with workdir_lock.hold(str(new), kind):
+        (new / "metrics.jsonl").write_text("{}")
+    assert (new / "metrics.jsonl").exists()  # a folder with results stays
+
+
 def test_a_flock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
     (tmp_path / LOCK).write_text(json.dumps({"host": "gone", "pid": 1, "since": "yesterday", "refreshed": 0}))
     with caplog.at_level(logging.WARNING), workdir_lock.hold(str(tmp_path), "flock"):
