@@ -157,3 +157,9 @@ def test_the_entry_point_refuses_a_custom_tree_in_one_line(custom_root, tmp_path
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 12 of 24 images (50.0%)") and "--config.data.classes=present" in last
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_hand_crops_of_free_hands_need_no_gesture_among_the_classes(custom_root):
+    with pytest.raises(DataLayoutError, match="config.data.no_gesture_prob=0.3 crops free hands as 'no_gesture', "
+                       r"which is not among the classes \['wave', 'call'\]"):
+        sources.open_sources(_data(custom_root, classes="wave,call", mode="hand_crop", no_gesture_prob=0.3))

@@ -99,6 +99,10 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
     stops with the counts when more than config.data.max_dropped_fraction of the images would be lost."""
     root = str(data.root)
     names = list(class_names) if class_names else hagrid.resolve_classes(data.classes, layout, root)
+    if data.mode == "hand_crop" and data.no_gesture_prob > 0 and hagrid.NO_GESTURE not in names:
+        raise DataLayoutError(
+            f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as '{hagrid.NO_GESTURE}', which "
+            f"is not among the classes {names}; add it to config.data.classes or set no_gesture_prob=0.")
     read = _hagrid_v2 if layout == "hagrid_v2" else _hagrid_v1
     recs, report = read(root, wanted, names)
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
