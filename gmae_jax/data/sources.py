@@ -70,7 +70,7 @@ def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[
 
 
 def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
-    """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (re-split by `_v1_splits`)."""
+    """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (re-split by `_by_split`)."""
     recs, report = [], hagrid.ReadReport()
     if not set(wanted) <= {"train", "val", "test"}:
         raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
@@ -87,9 +87,10 @@ def _by_split(recs: list, layout: str, wanted: Sequence[str], data: DataConfig) 
     if layout == "hagrid_v2":
         return {s: [r for r in recs if r.split == s] for s in wanted}
     result = {"test": [r for r in recs if r.split == "test"]}
-    val = data.v1_val_fraction
-    result |= splits.split_by_user([r for r in recs if r.split != "test"], {"train": 1 - val, "val": val},
-                                   seed=data.split_seed, stratify_by=hagrid.gesture_name)
+    if set(wanted) - {"test"}:
+        val = data.v1_val_fraction
+        result |= splits.split_by_user([r for r in recs if r.split != "test"], {"train": 1 - val, "val": val},
+                                       seed=data.split_seed, stratify_by=hagrid.gesture_name)
     return {s: result[s] for s in wanted}
 
 
