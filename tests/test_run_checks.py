@@ -42,7 +42,7 @@ def test_one_class_gets_the_same_message_from_the_config_and_from_the_data(tmp_p
     config = load("finetune")
     config.data.root = str(tmp_path)
     config.num_classes = 1
-    with pytest.raises(config_lib.ConfigError, match=f"config.num_classes=1: {finetune.ONE_CLASS}") as from_config:
+    with pytest.raises(config_lib.ConfigError, match=f"config.num_classes=1 must be at least 2: {finetune.ONE_CLASS}") as from_config:
         stages.validate(config)
 
     synthetic.write_demo_dataset(str(tmp_path), image_size=32, train_per_class=2, val_per_class=1, classes=("fist",))

@@ -11,12 +11,12 @@ from gmae_jax.train import trainer
 # Evaluation metrics of a classifier that config.best_metric may name.
 METRICS = ("loss", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
 # The one answer to one-class data, whether it comes from the config or from the data folder.
-ONE_CLASS = "a classifier needs at least 2 classes; add the images of a second class"
+ONE_CLASS = "a classifier needs two classes or more; add the images of a second class"
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     config_lib.validate_training(config, check_data)
-    config_lib.check(config.num_classes >= 2, f"config.num_classes={config.num_classes}: {ONE_CLASS}")
+    config_lib.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2: {ONE_CLASS}")
     if config.data.classes not in (hagrid.OFFICIAL, hagrid.PRESENT):
         names = hagrid.parse_class_list(config.data.classes)
         config_lib.check(len(names) >= 2, f"config.data.classes={config.data.classes!r} names one class: {ONE_CLASS}")
