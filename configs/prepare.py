@@ -22,6 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.root = "data/hagrid"  # a HaGRID v1 or v2 tree as distributed
     config.data.layout = "auto"  # or force 'hagrid_v1' / 'hagrid_v2'
+    # 'hagrid' (official list), 'present' (class folders found) or 'name1,name2,...'; and the
+    # fraction of images that may be dropped before the stage stops: see gmae_jax/schema.py DataConfig.
+    config.data.classes = schema.DataConfig.classes
+    config.data.max_dropped_fraction = schema.DataConfig.max_dropped_fraction
 
     config.corpora = ml_collections.ConfigDict(dict(pretrain=0.7, finetune=0.3))  # by user
     # Within each corpus, by user; add e.g. test=0.1 (and lower the others) for a test split.

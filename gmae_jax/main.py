@@ -34,6 +34,8 @@ class _QuietLibraries(pylogging.Filter):
     _EXPECTED = ("did not provide metrics", "read_only=True", "is read only")
 
     def filter(self, record: pylogging.LogRecord) -> bool:
+        if "/fsspec/" in record.pathname or "/gcsfs/" in record.pathname:  # INFO per file opened on gs://
+            return record.levelno >= pylogging.WARNING
         if "/orbax/" not in record.pathname:
             return True
         message = record.getMessage()

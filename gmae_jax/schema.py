@@ -48,6 +48,13 @@ class DataConfig:
     # Unreadable images met in training are logged and replaced by the next one (left out of
     # evaluation); more than this many per loader process stops the run with an error.
     max_bad_images: int = 100
+    # HaGRID layouts: the classes that labels index. 'hagrid': the official v1 / v2 list (a label
+    # means the same class in every run); 'present': the class folders found, sorted (no_gesture
+    # last); or the names, comma-separated, in label order (e.g. 'wave,point,no_gesture').
+    classes: str = "hagrid"
+    # Images that reading would drop (unknown class, unannotated, no usable box, ...) beyond this
+    # fraction stop the run with the counts per reason and class, instead of training on the rest.
+    max_dropped_fraction: float = 0.05
     train_split: str = "train"
     eval_split: str = "val"
     num_workers: int = 4  # grain worker processes; 0 = in the main process

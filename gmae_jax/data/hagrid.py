@@ -4,6 +4,7 @@ Readers parse JSON and list folders only, so a million-image tree reads in minut
 `verify_images` decodes, for the prepare stage. Knows HaGRID and nothing about JAX.
 """
 
+import collections
 from collections.abc import Iterator, Sequence
 import concurrent.futures
 import dataclasses
@@ -48,6 +49,9 @@ _CLIP_TOLERANCE = 1e-6
 MISSING_IMAGE = "missing_image"  # listed in a JSON, no file on disk
 UNANNOTATED = "unannotated"  # on disk, in no annotation file
 UNKNOWN_CLASS = "unknown_class"  # image folder or JSON file whose class is not in the class list
+# A JSON file whose class has no image folder: that gesture was not downloaded (HaGRID ships the
+# annotations of every gesture in one archive, the images per gesture), so no image is lost.
+NO_IMAGE_FOLDER = "no_image_folder"
 STRAY_FILE = "stray_file"  # .DS_Store, non-images in image folders, non-JSON in annotation folders
 EMPTY_CLASS_FOLDER = "empty_class_folder"
 EMPTY_BBOXES = "empty_bboxes"  # no boxes, or none left after dropping zero-area ones
@@ -55,6 +59,9 @@ UNKNOWN_LABEL = "unknown_label"  # a box label outside the class list
 MALFORMED_ENTRY = "malformed_entry"  # missing keys, wrong types, boxes/labels length mismatch
 CLIPPED_BOX = "clipped_box"  # repair: box clipped to the image
 DROPPED_BOX = "dropped_box"  # repair: zero-area box (after clipping) dropped with its label
+NO_GESTURE_LABEL = "no_gesture_label"  # only no_gesture hands outside the no_gesture folder
+# config.data.classes: the official list of the layout's HaGRID version, or the class folders found.
+OFFICIAL, PRESENT = "hagrid", "present"
 
 Box = tuple[float, float, float, float]
 
@@ -80,26 +87,130 @@ class HagridRecord:
 
 @dataclasses.dataclass
 class ReadReport:
-    """What a reader kept, skipped and repaired: reason -> names of the files concerned."""
+    """What a reader kept, skipped and repaired: reason -> names of the files concerned.
+
+    `dropped` counts images (not files or folders): reason -> name -> (class, images), so that a
+    skipped folder of 180 images weighs 180 and reading the same tree twice counts it once.
+    """
 
     num_records: int = 0
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     repaired: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    dropped: dict[str, dict[str, tuple[str, int]]] = dataclasses.field(default_factory=dict)
 
     def skip(self, reason: str, name: str) -> None:
         self.skipped.setdefault(reason, []).append(name)
 
+    def drop(self, reason: str, name: str, class_name: str, images: int = 1) -> None:
+        """Skips `name`, which loses `images` images of `class_name`."""
+        self.skip(reason, name)
+        self.dropped.setdefault(reason, {})[name] = (class_name, images)
+
     def repair(self, reason: str, name: str) -> None:
         self.repaired.setdefault(reason, []).append(name)
 
+    def merge(self, other: "ReadReport") -> None:
+        """Adds another read of the same tree (v1 train_val and test); shared skips count once."""
+        self.num_records += other.num_records
+        for mine, theirs in ((self.skipped, other.skipped), (self.repaired, other.repaired)):
+            for reason, names in theirs.items():
+                seen = set(mine.get(reason, ()))
+                mine.setdefault(reason, []).extend(n for n in names if n not in seen)
+        for reason, names in other.dropped.items():
+            self.dropped.setdefault(reason, {}).update(names)
+
     def counts(self) -> dict[str, int]:
         return {r: len(n) for r, n in (self.skipped | self.repaired).items()}
+
+    def dropped_images(self) -> dict[str, collections.Counter]:
+        """reason -> class -> images lost, largest first."""
+        result = {}
+        for reason, names in self.dropped.items():
+            per_class = collections.Counter()
+            for class_name, images in names.values():
+                per_class[class_name] += images
+            if sum(per_class.values()):
+                result[reason] = per_class
+        return dict(sorted(result.items(), key=lambda item: -sum(item[1].values())))
+
+    def describe_dropped(self, max_classes: int = 5) -> str:
+        """'unknown_class 1251 (wave 180, ...), unannotated 3 (call 3)': images per reason and class."""
+        parts = []
+        for reason, per_class in self.dropped_images().items():
+            shown = ", ".join(f"{name} {n}" for name, n in per_class.most_common(max_classes))
+            more = f", +{len(per_class) - max_classes} more classes" if len(per_class) > max_classes else ""
+            parts.append(f"{reason} {sum(per_class.values())} ({shown}{more})")
+        return ", ".join(parts) or "none"
 
     def log(self, source: str) -> None:
         """One info line with the totals, one warning per reason with the first few names."""
         logging.info("Read %d records from %s; %s", self.num_records, source, self.counts())
         for reason, names in (self.skipped | self.repaired).items():
             logging.warning("%s: %d x %s, e.g. %s", source, len(names), reason, names[:3])
+        if self.dropped_images():
+            logging.warning("%s: images dropped per reason (class counts): %s", source, self.describe_dropped())
+
+    def check_dropped(self, max_fraction: float, source: str) -> None:
+        """Stops (DataLayoutError, one line) when more than `max_fraction` of the images would be lost."""
+        lost = sum(sum(c.values()) for c in self.dropped_images().values())
+        total = lost + self.num_records
+        if not total or lost <= max_fraction * total:
+            return
+        if UNKNOWN_CLASS in self.dropped_images():
+            way_out = ("set --config.data.classes=present to use the classes found in the tree "
+                       "(or list them: --config.data.classes=name1,name2,...)")
+        else:
+            way_out = "fix the data"
+        raise DataLayoutError(
+            f"{lost} of {total} images ({100 * lost / total:.1f}%) of {source} would be dropped, more than "
+            f"config.data.max_dropped_fraction={max_fraction}: {self.describe_dropped()}; {way_out}, or "
+            "raise --config.data.max_dropped_fraction to accept the loss.")
+
+
+def _image_folders(images_root: epath.Path, exclude: frozenset[str]) -> list[epath.Path]:
+    return [f for f in sorted(images_root.iterdir())
+            if f.is_dir() and f.name not in exclude and not f.name.startswith(".")]
+
+
+def _is_image(entry: epath.Path) -> bool:
+    return not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES
+
+
+def images_root_of(root: epath.PathLike, layout: str) -> tuple[epath.Path, frozenset[str]]:
+    """Where a layout keeps its class folders, and the folders there that are not classes."""
+    root = epath.Path(root)
+    if layout == "hagrid_v2":
+        return root / "hagrid_dataset", frozenset()
+    return root, frozenset(V1_ANNOTATION_SETS)
+
+
+def resolve_classes(classes: str | Sequence[str], layout: str, root: epath.PathLike) -> list[str]:
+    """The class list that `config.data.classes` means for a HaGRID tree (labels index it).
+
+    'hagrid': the official list of the layout's version (a label means the same in every run);
+    'present': the class folders that hold images, sorted, no_gesture last as in HaGRID's lists;
+    else the given names (a comma-separated string or a sequence), in their order.
+    """
+    if isinstance(classes, str) and classes == OFFICIAL:
+        return list(HAGRID_V2_CLASSES if layout == "hagrid_v2" else HAGRID_V1_CLASSES)
+    if isinstance(classes, str) and classes == PRESENT:
+        images_root, exclude = images_root_of(root, layout)
+        names = sorted(f.name for f in _image_folders(images_root, exclude) if any(map(_is_image, f.iterdir())))
+        if not names:
+            raise DataLayoutError(f"{images_root} holds no class folder with images; config.data.classes=present "
+                                  "found no classes.")
+        return sorted(names, key=lambda name: name == NO_GESTURE)
+    return parse_class_list(classes)
+
+
+def parse_class_list(classes: str | Sequence[str]) -> list[str]:
+    """An explicit `config.data.classes` as a list of unique names; a one-line error otherwise."""
+    names = [n.strip() for n in classes.split(",")] if isinstance(classes, str) else [str(n) for n in classes]
+    if not all(names) or len(set(names)) != len(names):
+        raise DataLayoutError(
+            f"config.data.classes={classes!r} must be 'hagrid', 'present' or a list of distinct class names "
+            "(e.g. --config.data.classes=call,like,palm).")
+    return names
 
 
 def detect_layout(root: epath.PathLike) -> str:
@@ -137,14 +248,16 @@ def _load_json(path: epath.Path) -> dict[str, Any]:
 
 
 def _annotation_files(
-    folder: epath.Path, class_names: Sequence[str], report: ReadReport
+    folder: epath.Path, class_names: Sequence[str], image_folders: set[str], report: ReadReport
 ) -> Iterator[tuple[str, epath.Path, dict[str, Any]]]:
     """(class, file, parsed JSON) for each `<class>.json` of a split folder."""
     for path in sorted(folder.iterdir()):
         if path.suffix != ".json" or path.name.startswith("."):
             report.skip(STRAY_FILE, str(path))
         elif path.stem not in class_names:
-            report.skip(UNKNOWN_CLASS, str(path))
+            report.skip(UNKNOWN_CLASS, str(path))  # its images are counted with their folder
+        elif path.stem not in image_folders:
+            report.skip(NO_IMAGE_FOLDER, str(path))
         else:
             yield path.stem, path, _load_json(path)
 
@@ -161,11 +274,11 @@ def _scan_images(
             report.skip(STRAY_FILE, str(folder))
             continue
         if folder.name not in class_names:
-            report.skip(UNKNOWN_CLASS, str(folder))
+            report.drop(UNKNOWN_CLASS, str(folder), folder.name, sum(map(_is_image, folder.iterdir())))
             continue
         num_images = 0
         for entry in sorted(folder.iterdir()):
-            if entry.name.startswith(".") or entry.suffix.lower() not in IMAGE_SUFFIXES:
+            if not _is_image(entry):
                 report.skip(STRAY_FILE, str(entry))
             else:
                 found[(folder.name, entry.stem)] = entry
@@ -207,6 +320,7 @@ def _make_record(
     class_names: Sequence[str], report: ReadReport,
 ) -> HagridRecord | None:  # fmt: skip
     name = str(path)
+    drop = lambda reason, what: report.drop(reason, what, class_folder)  # noqa: E731
     try:
         raw_boxes = [_parse_box(b) for b in entry["bboxes"]]
         labels = tuple(entry["labels"])
@@ -217,16 +331,17 @@ def _make_record(
         if len(raw_boxes) != len(labels) or not all(isinstance(v, str) for v in (*labels, user_id)):
             raise ValueError("labels must be strings, one per box, and user_id a string")
     except (KeyError, TypeError, ValueError) as e:
-        report.skip(MALFORMED_ENTRY, f"{name}: {e!r}")
+        drop(MALFORMED_ENTRY, f"{name}: {e!r}")
         return None
-    unknown = sorted({l for l in (*labels, united_label) if l is not None} - set(class_names))
+    # no_gesture marks a free hand in every HaGRID tree, whatever the gesture classes are.
+    unknown = sorted({l for l in (*labels, united_label) if l is not None} - {*class_names, NO_GESTURE})
     if unknown:
-        report.skip(UNKNOWN_LABEL, f"{name}: {unknown}")
+        drop(UNKNOWN_LABEL, f"{name}: {unknown}")
         return None
     clipped = [_clip(b, name, report) for b in raw_boxes]
     kept = [(b, l) for b, l in zip(clipped, labels) if b is not None]
     if not kept:
-        report.skip(EMPTY_BBOXES, name)
+        drop(EMPTY_BBOXES, name)
         return None
     boxes, labels = (tuple(column) for column in zip(*kept))
     if united_box is not None:
@@ -243,22 +358,23 @@ def _read(
     """Joins annotation folders (-> split, or None: ids only count as annotated) with images."""
     report = ReadReport()
     images = _scan_images(images_root, class_names, report, exclude)
+    image_folders = {class_folder for class_folder, _ in images}
     annotated, records = set(), []
     for folder, split in annotation_dirs.items():
-        for class_folder, _, data in _annotation_files(folder, class_names, report):
+        for class_folder, _, data in _annotation_files(folder, class_names, image_folders, report):
             for image_id, entry in data.items():
                 key = (class_folder, image_id)
                 annotated.add(key)
                 if split is None:
                     continue
                 if key not in images:
-                    report.skip(MISSING_IMAGE, str(images_root / class_folder / f"{image_id}.jpg"))
+                    report.drop(MISSING_IMAGE, str(images_root / class_folder / f"{image_id}.jpg"), class_folder)
                     continue
                 args = (image_id, images[key], class_folder, split, class_names, report)
                 if record := _make_record(entry, *args):
                     records.append(record)
     for key in sorted(images.keys() - annotated):
-        report.skip(UNANNOTATED, str(images[key]))
+        report.drop(UNANNOTATED, str(images[key]), key[0])
     report.num_records = len(records)
     return records, report
 
@@ -340,6 +456,21 @@ def gesture_label(record: HagridRecord, class_names: Sequence[str]) -> int | Non
     """Index of `gesture_name` in class_names; None (skip and count) when it has none there."""
     name = gesture_name(record)
     return class_names.index(name) if name in class_names else None
+
+
+def drop_unlabelled(
+    records: Sequence[HagridRecord], class_names: Sequence[str], report: ReadReport
+) -> list[HagridRecord]:
+    """Records with a gesture label in class_names; the others (only no_gesture hands outside the
+    no_gesture folder: an unannotated gesture) are dropped into the report, never guessed."""
+    kept = []
+    for record in records:
+        if gesture_label(record, class_names) is None:
+            report.drop(NO_GESTURE_LABEL, record.path, record.class_folder)
+        else:
+            kept.append(record)
+    report.num_records -= len(records) - len(kept)
+    return kept
 
 
 def _decode_problem(record: HagridRecord) -> str | None:

@@ -127,21 +127,22 @@ def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
         yield from tqdm.tqdm(pool.imap_unordered(fn, items, chunksize=1), **bar)
 
 
-def _read(root: str, layout: str) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
+def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
+    """The labelled records of the whole tree, the class list (per config.data.classes), the report."""
     layout = hagrid.detect_layout(root) if layout == "auto" else layout
+    if layout not in ("hagrid_v1", "hagrid_v2"):
+        raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
+                              "and needs HaGRID v1 or v2 annotations (user_id).")
+    class_names = hagrid.resolve_classes(classes, layout, root)
     if layout == "hagrid_v2":
-        recs, report = hagrid.read_hagrid_v2(root)
-        return recs, list(hagrid.HAGRID_V2_CLASSES), report
-    if layout == "hagrid_v1":
-        recs, report = hagrid.read_hagrid_v1(root, "ann_train_val")
+        recs, report = hagrid.read_hagrid_v2(root, class_names=class_names)
+    else:
+        recs, report = hagrid.read_hagrid_v1(root, "ann_train_val", class_names=class_names)
         if (epath.Path(root) / "ann_test").is_dir():
-            test, test_report = hagrid.read_hagrid_v1(root, "ann_test")
+            test, test_report = hagrid.read_hagrid_v1(root, "ann_test", class_names=class_names)
             recs += test
-            for reason, names in test_report.skipped.items():
-                report.skipped.setdefault(reason, []).extend(names)
-        return recs, list(hagrid.HAGRID_V1_CLASSES), report
-    raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
-                          "and needs HaGRID v1 or v2 annotations (user_id).")
+            report.merge(test_report)
+    return hagrid.drop_unlabelled(recs, class_names, report), class_names, report
 
 
 def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_workers: int) -> dict:
@@ -179,26 +180,29 @@ def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the stage; returns the manifest it writes (see the module docstring)."""
     out = epath.Path(workdir)
-    out.mkdir(parents=True, exist_ok=True)
     num_workers = config.num_workers or os.cpu_count() or 1
     store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
                       config.jpeg_quality)
-    recs, class_names, report = _read(str(config.data.root), config.data.layout)
-    skipped = {k: list(v) for k, v in report.skipped.items()}
-    unlabelled = [r for r in recs if hagrid.gesture_label(r, class_names) is None]
-    skipped["no_gesture_label"] = [r.path for r in unlabelled]
-    recs = [r for r in recs if hagrid.gesture_label(r, class_names) is not None]
+    root, max_dropped = str(config.data.root), config.data.max_dropped_fraction
+    recs, class_names, report = _read(root, config.data.layout, config.data.classes)
+    report.check_dropped(max_dropped, root)  # before hours of decoding, and before writing anything
+    out.mkdir(parents=True, exist_ok=True)
 
     checked = _checked(recs, out, num_workers)
-    skipped["undecodable"] = [f"{r.path}: {checked[r.path][1]}" for r in recs if checked[r.path][1]]
     first_of: dict[str, str] = {}
     kept = []
-    for r in sorted((r for r in recs if not checked[r.path][1]), key=lambda r: r.path):
+    for r in sorted(recs, key=lambda r: r.path):
+        if checked[r.path][1]:
+            report.drop("undecodable", f"{r.path}: {checked[r.path][1]}", r.class_folder)
+            continue
         original = first_of.setdefault(checked[r.path][0], r.path)
         if original == r.path:
             kept.append(r)
         else:
-            skipped.setdefault("duplicate", []).append(f"{r.path}: same bytes as {original}")
+            report.drop("duplicate", f"{r.path}: same bytes as {original}", r.class_folder)
+    report.num_records = len(kept)
+    report.check_dropped(max_dropped, root)
+    skipped = report.skipped
 
     parts = _split(kept, config)
     tasks = []
@@ -229,6 +233,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     manifest = {"source": str(config.data.root), "view": dataclasses.asdict(store),
                 "class_names": class_names, "counts": {}, "shards": sorted(os.path.relpath(t.path, out) for t in tasks),
                 "skipped": {k: v for k, v in skipped.items() if v},
+                "dropped_images": {k: dict(v) for k, v in report.dropped_images().items()},
                 "repaired": {k: len(v) for k, v in report.repaired.items()}}
     for corpus in sorted({c for c, _ in parts}):
         index = {"class_names": class_names, "view": store.view, "splits": {}}

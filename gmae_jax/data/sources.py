@@ -64,34 +64,52 @@ def detect_layout(root: epath.PathLike, split: str = "train") -> str:
         raise
 
 
-def _labelled(recs: Sequence[hagrid.HagridRecord], class_names: Sequence[str], where: str) -> list:
-    """Records with a gesture label; the others (only no_gesture hands outside the no_gesture
-    folder: an unannotated gesture) are dropped and counted, never guessed."""
-    kept = [r for r in recs if hagrid.gesture_label(r, class_names) is not None]
-    if dropped := len(recs) - len(kept):
-        logging.warning("%s: dropped %d images without a gesture label, e.g. %s", where, dropped,
-                        next(r.path for r in recs if hagrid.gesture_label(r, class_names) is None))
-    return kept
+def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
+    recs, report = hagrid.read_hagrid_v2(root, splits=sorted(set(wanted)), class_names=names)
+    return hagrid.drop_unlabelled(recs, names, report), report
 
 
-def _hagrid_v2(root: str, wanted: Sequence[str]) -> dict[str, list]:
-    recs, _ = hagrid.read_hagrid_v2(root, splits=sorted(set(wanted)))
-    return {s: [r for r in recs if r.split == s] for s in wanted}
+def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
+    """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (re-split by `_by_split`)."""
+    recs, report = [], hagrid.ReadReport()
+    if not set(wanted) <= {"train", "val", "test"}:
+        raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
+    for annotation_set, split in (("ann_test", "test"), ("ann_train_val", "")):
+        if split in wanted or (not split and set(wanted) - {"test"}):
+            part, part_report = hagrid.read_hagrid_v1(root, annotation_set, class_names=names)
+            recs += part
+            report.merge(part_report)
+    return hagrid.drop_unlabelled(recs, names, report), report
 
 
-def _hagrid_v1(root: str, wanted: Sequence[str], data: DataConfig) -> dict[str, list]:
-    """v1 'test' is ann_test; 'train' / 'val' re-split ann_train_val by user, as the authors do."""
-    result = {}
-    if "test" in wanted:
-        result["test"] = hagrid.read_hagrid_v1(root, "ann_test")[0]
+def _by_split(recs: list, layout: str, wanted: Sequence[str], data: DataConfig) -> dict[str, list]:
+    """v2 records carry their split; v1 train_val is re-split by user, as the authors do."""
+    if layout == "hagrid_v2":
+        return {s: [r for r in recs if r.split == s] for s in wanted}
+    result = {"test": [r for r in recs if r.split == "test"]}
     if set(wanted) - {"test"}:
-        if not set(wanted) - {"test"} <= {"train", "val"}:
-            raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
-        train_val = hagrid.read_hagrid_v1(root, "ann_train_val")[0]
         val = data.v1_val_fraction
-        result |= splits.split_by_user(train_val, {"train": 1 - val, "val": val},
+        result |= splits.split_by_user([r for r in recs if r.split != "test"], {"train": 1 - val, "val": val},
                                        seed=data.split_seed, stratify_by=hagrid.gesture_name)
-    return result
+    return {s: result[s] for s in wanted}
+
+
+def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
+            class_names: Sequence[str] | None) -> tuple[list[str], dict[str, list]]:
+    """Class names (a run's, else per config.data.classes) and the records of each wanted split;
+    stops with the counts when more than config.data.max_dropped_fraction of the images would be lost."""
+    root = str(data.root)
+    names = list(class_names) if class_names else hagrid.resolve_classes(data.classes, layout, root)
+    if data.mode == "hand_crop" and data.no_gesture_prob > 0 and hagrid.NO_GESTURE not in names:
+        raise DataLayoutError(
+            f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as '{hagrid.NO_GESTURE}', which "
+            f"is not among the classes {names}; add it to config.data.classes or set no_gesture_prob=0.")
+    read = _hagrid_v2 if layout == "hagrid_v2" else _hagrid_v1
+    recs, report = read(root, wanted, names)
+    logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
+                 report.describe_dropped())
+    report.check_dropped(data.max_dropped_fraction, root)
+    return names, _by_split(recs, layout, wanted, data)
 
 
 def _prepared(root: epath.Path, wanted: Sequence[str], mode: str) -> tuple[list[str], dict]:
@@ -131,12 +149,8 @@ def _open(
     else:
         if layout == "prepared":
             names, parts = _prepared(epath.Path(root), wanted, mode)
-        elif layout == "hagrid_v2":
-            names = list(hagrid.HAGRID_V2_CLASSES)
-            parts = {s: _labelled(r, names, f"{root}:{s}") for s, r in _hagrid_v2(root, wanted).items()}
         else:
-            names = list(hagrid.HAGRID_V1_CLASSES)
-            parts = {s: _labelled(r, names, f"{root}:{s}") for s, r in _hagrid_v1(root, wanted, data).items()}
+            names, parts = _hagrid(data, layout, wanted, class_names)
         if class_names and list(class_names) != list(names):
             raise DataLayoutError(f"{root} ({layout}) has the classes {names}, not the run's {list(class_names)}.")
         view = ViewConfig(mode=mode, class_names=tuple(names),

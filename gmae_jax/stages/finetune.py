@@ -6,19 +6,27 @@ import ml_collections
 from etils import epath
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data import sources
+from gmae_jax.data import hagrid, sources
 from gmae_jax.train import trainer
 
 # Evaluation metrics of a classifier that config.best_metric may name.
 METRICS = ("loss", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
+# The one answer to one-class data, whether it comes from the config or from the data folder.
+ONE_CLASS = "a classifier needs two classes or more; add the images of a second class"
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     config_lib.validate_training(config, check_data)
-    config_lib.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2")
+    config_lib.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2: {ONE_CLASS}")
     config_lib.check(not check_data or not config.init_from or epath.Path(config.init_from).exists(),
                      f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
                      "pretraining run, or set --config.init_from='' to train from scratch")
+    if config.data.classes not in (hagrid.OFFICIAL, hagrid.PRESENT):
+        names = hagrid.parse_class_list(config.data.classes)
+        config_lib.check(len(names) >= 2, f"config.data.classes={config.data.classes!r} names one class: {ONE_CLASS}")
+        config_lib.check(len(names) == config.num_classes,
+                         f"config.num_classes={config.num_classes} but config.data.classes names {len(names)}; "
+                         f"set --config.num_classes={len(names)}")
     config_lib.check(0.0 <= config.label_smoothing < 1.0,
                      f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     config_lib.check(config.best_metric in ("",) + METRICS,
@@ -28,6 +36,9 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
 def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
     """The class folders / HaGRID splits of `config.data`, checked against `config.num_classes`."""
     data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
+    if len(data.class_names) < 2:
+        raise config_lib.ConfigError(
+            f"the data in {config.data.root} has one class ({', '.join(data.class_names)}): {ONE_CLASS}")
     if len(data.class_names) != config.num_classes:
         raise config_lib.ConfigError(
             f"config.num_classes={config.num_classes} but the data in {config.data.root} has "

@@ -6,6 +6,7 @@ import ml_collections
 
 from gmae_jax import config_lib, schema
 from gmae_jax.data import sources
+from gmae_jax.models import masking
 from gmae_jax.train import trainer
 
 # Evaluation metrics of a pretraining run (what config.best_metric may name).
@@ -16,8 +17,21 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_lib.validate_training(config, check_data)
     config_lib.check(0.0 < config.mask_ratio < 1.0,
                      f"config.mask_ratio={config.mask_ratio} must be in (0, 1), e.g. --config.mask_ratio=0.6")
+    check_mask_ratio(config.mask_ratio, config.model.img_size, config.model.patch_size)
     config_lib.check(config.best_metric in ("",) + METRICS,
                      f"config.best_metric='{config.best_metric}' must be '' or one of {METRICS}")
+
+
+def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
+    """A ratio that hides no patch trains on a zero loss, one that hides every patch leaves the encoder
+    nothing to see: both are refused for the model's actual patch count."""
+    patches = (img_size // patch_size) ** 2
+    hidden = masking.num_masked(patches, mask_ratio)
+    config_lib.check(0 < hidden < patches,
+                     f"config.mask_ratio={mask_ratio} hides {hidden} of the model's {patches} patches "
+                     f"(config.model.img_size={img_size} / patch_size={patch_size}); choose a ratio in "
+                     f"[{1 / patches:.4g}, {(patches - 1) / patches:.4g}] so that at least one patch is hidden "
+                     "and one visible")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

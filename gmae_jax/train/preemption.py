@@ -3,6 +3,7 @@ Kubernetes send before killing a job), so a preempted run loses no steps."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -27,8 +28,16 @@ class PreemptionWatch:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+        del frame
+        if self.received:
+            # The step never ended (a stalled disk or bucket): a second SIGTERM stops now. Orbax renames a
+            # checkpoint only once it is complete, so the last one on disk stays good.
+            logging.warning("second SIGTERM: stopping now, without a checkpoint of this step")
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping "
+                        "(a second SIGTERM stops at once)")
         self.received = True
 
     def should_stop(self, step: int) -> bool:

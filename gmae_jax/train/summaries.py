@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from gmae_jax.schema import ConfigError, WandbConfig
@@ -67,7 +68,7 @@ class Summaries:
         writer = self._writer(split)
         images = {}
         for path in paths:
-            with Image.open(path) as picture:
+            with epath.Path(path).open("rb") as f, Image.open(f) as picture:  # also on gs://
                 pixels = np.asarray(picture.convert("RGB"))
             tag = os.path.splitext(os.path.basename(path))[0]
             writer.add_image(tag, pixels, step, dataformats="HWC")

