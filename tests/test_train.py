@@ -221,7 +221,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_straig
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_straight_run(straight_run, demo_root, tmp_path, monkeypatch):
+def test_killed_run_with_a_cut_off_metrics_line_resumes_to_the_straight_run(straight_run, demo_root, tmp_path, monkeypatch):
     overrides = RESUME_OVERRIDES
     (straight_dir, _), resumed_dir = straight_run, str(tmp_path / "resumed")
 
@@ -237,6 +237,8 @@ def test_killed_run_resumes_to_the_straight_run(straight_run, demo_root, tmp_pat
     monkeypatch.setattr(sharding, "global_batch", dies_on_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
         pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
+    with open(os.path.join(resumed_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "split": "tra')  # a kill in the middle of a metrics line
     monkeypatch.setattr(sharding, "global_batch", real)
     pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
 
