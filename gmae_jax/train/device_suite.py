@@ -10,20 +10,17 @@ cost analysis, and MFU against the device's peak. A batch that does not fit is h
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 
 from gmae_jax import config_lib
-from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import MASK_MODES, gmst_config
-from gmae_jax.train import sharding, steps, trainer
+from gmae_jax.train import sharding, step_benchmark
 
 NUM_CLASSES = 18
+MASK_RATIO = 0.75
 # Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on NVIDIA by default).
 PEAK_FLOPS = {
     "H200": {"bfloat16": 989e12, "float32": 494e12},
@@ -80,37 +77,6 @@ def peak_flops(device: jax.Device, dtype: str) -> float | None:
     return None
 
 
-def _setup(case: Case, mesh: jax.sharding.Mesh):
-    overrides = dict(img_size=case.img_size, dtype=case.dtype, mask_mode=case.mask_mode, remat=case.remat)
-    fields = config_lib.model_section(case.preset, **overrides)
-    gmst = gmst_config(fields)
-    optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05,
-                                           b1=0.9, b2=0.999, grad_clip=1.0, layer_decay=1.0))
-    run = ml_collections.ConfigDict(dict(optim=optim, model=fields, seed=0))
-    image = jnp.zeros((1, gmst.img_size, gmst.img_size, 3))
-    if case.stage == "pretrain":
-        model = GMAE(gmst)
-        init_inputs = (image, jnp.zeros((1, gmst.num_patches), bool))
-        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=0.75, norm_pix_loss=False)
-    else:
-        model = GMAEClassifier(gmst, NUM_CLASSES)
-        init_inputs = (image,)
-        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
-    state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
-    return state, sharding.make_train_step("jit", loss_fn, mesh, state)
-
-
-def _random_batch(case: Case, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """A batch made on the devices, so host transfers are not part of what is timed."""
-    batch_size = case.batch_size
-    shape = (batch_size, case.img_size, case.img_size, 3)
-    out = sharding.batch_sharding(mesh)
-    make = jax.jit(lambda key: {"image": jax.random.normal(key, shape),
-                                "label": jax.random.randint(key, (batch_size,), 0, NUM_CLASSES)},
-                   out_shardings=out)
-    return make(jax.random.key(0))
-
-
 def _is_out_of_memory(error: Exception) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
@@ -118,11 +84,13 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, float]:
     """Compile and time one case at its batch size; raises on out-of-memory."""
-    state, step = _setup(case, mesh)
-    batch = _random_batch(case, mesh)
-    rng = jax.random.key(0)
+    fields = config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
+                                      mask_mode=case.mask_mode, remat=case.remat)
+    bench = step_benchmark.build_train_step(gmst_config(fields), case.stage, case.batch_size,
+                                            mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
+    state, batch, rng = bench.state, bench.batch, bench.rng
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
+    compiled = bench.step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -137,7 +105,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, fl
     stats = jax.devices()[0].memory_stats() or {}
     planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes if memory else 0
-    del state
+    del state, bench
     return {
         "batch": case.batch_size,
         "compile_s": compile_s,

@@ -15,15 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.models.presets import gmst_config
-from gmae_jax.train import sharding, steps, trainer
+from gmae_jax.train import step_benchmark
 
 MODES = ("encoder", "sparse")
 
@@ -50,34 +47,12 @@ def build_step(
     """(run one step, FLOPs of the compiled train step, FLOPs of the encoder's forward pass)."""
     fields = config_lib.model_section(preset, mask_mode=mask_mode, **model_overrides)
     config_lib.validate_model(fields)
-    gmst = gmst_config(fields)
-    model = GMAE(gmst)
-    optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, min_lr=1e-6, warmup_steps=10, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
-        layer_decay=1.0))
-    run = ml_collections.ConfigDict(dict(optim=optim, model=fields, seed=0))
-    mesh = sharding.make_mesh()
-    size = gmst.img_size
-    state, _ = trainer.create_state(
-        model, (jnp.zeros((1, size, size, 3)), jnp.zeros((1, gmst.num_patches), bool)), run, mesh, 1000)
-    loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
-    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
-    images = np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)
-    batch = sharding.global_batch({"image": images}, mesh)
-    rng = jax.random.key(0)
-    step_flops = _flops(step.lower(state, batch, rng).compile())
-
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    forward_flops = encoder_flops(model, variables, images, mask_ratio)
-
-    holder = {"state": state}
-
-    def run_step() -> Any:
-        holder["state"], metrics = step(holder["state"], batch, rng)
-        return metrics
-
-    jax.block_until_ready(run_step())  # compile
-    return run_step, step_flops, forward_flops
+    bench = step_benchmark.build_train_step(gmst_config(fields), "pretrain", batch_size, mask_ratio=mask_ratio)
+    step_flops = _flops(bench.step.lower(bench.state, bench.batch, bench.rng).compile())
+    variables = {"params": bench.state.params, "batch_stats": bench.state.batch_stats}
+    forward_flops = encoder_flops(bench.model, variables, bench.batch["image"], mask_ratio)
+    jax.block_until_ready(bench.advance())  # compile
+    return bench.advance, step_flops, forward_flops
 
 
 def compare_mask_modes(

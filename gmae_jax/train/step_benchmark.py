@@ -16,15 +16,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from gmae_jax import config_lib
-from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import GMSTConfig, gmst_config
-from gmae_jax.train import sharding, steps, trainer
+from gmae_jax.train import setup, sharding, steps, trainer
 
 TASKS = ("pretrain", "finetune")
 NUM_CLASSES = 10
@@ -46,44 +45,65 @@ def preset_architecture(preset: str, dtype: str, overrides: Mapping[str, Any] | 
     return gmst_config(config_lib.model_section(preset, dtype=dtype, **(overrides or {})))
 
 
-def jax_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) -> Runner:
-    """The project's jitted data-parallel train step (AdamW, clipping) on a fixed random batch.
+@dataclasses.dataclass
+class BenchStep:
+    """A model's jitted train step with its state and a fixed batch, ready to time.
 
-    Constant learning rate (no warm-up) so that the very first step already moves the weights.
+    `advance()` runs one step and keeps the new state (the step donates the old one)."""
+
+    model: nn.Module
+    state: steps.TrainState
+    step: Callable  # jitted step(state, batch, rng) -> (state, metrics)
+    batch: dict[str, jax.Array]
+    rng: jax.Array
+
+    def advance(self) -> dict[str, jax.Array]:
+        self.state, metrics = self.step(self.state, self.batch, self.rng)
+        return metrics
+
+
+def build_train_step(
+    config: GMSTConfig, task: str, batch_size: int, *, mask_ratio: float = MASK_RATIO,
+    num_classes: int = NUM_CLASSES, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+) -> BenchStep:
+    """The project's jitted data-parallel train step (AdamW, clipping) of `task`'s model on a random
+    batch made on the devices (host transfers are not part of what is timed).
+
+    What every benchmark of the step starts from. Constant learning rate (no warm-up) so that the
+    very first step already moves the weights.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     optim = ml_collections.ConfigDict(dict(
         lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
         layer_decay=1.0))
-    run = ml_collections.ConfigDict(dict(optim=optim, model=dataclasses.asdict(config), seed=seed))
-    mesh = sharding.make_mesh()
-    size = config.img_size
-    rng = np.random.default_rng(seed)
-    host = {"image": rng.normal(size=(batch_size, size, size, config.in_channels)).astype(np.float32)}
-    image = jnp.zeros((1, size, size, config.in_channels))
+    run = ml_collections.ConfigDict(dict(stage=task, num_classes=num_classes, optim=optim,
+                                         model=dataclasses.asdict(config), seed=seed))
+    mesh = mesh or sharding.make_mesh()
+    model, init_inputs = setup.build_model(run)
     if task == "pretrain":
-        model = GMAE(config)
-        init_inputs = (image, jnp.zeros((1, config.num_patches), bool))
-        loss_fn = functools.partial(
-            steps.pretrain_loss, model=model, mask_ratio=MASK_RATIO, norm_pix_loss=False)
+        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
     else:
-        model = GMAEClassifier(config, NUM_CLASSES)
-        init_inputs = (image,)
         loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
-        host["label"] = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
     state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
     train_step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
-    batch = sharding.global_batch(host, mesh)
-    key = jax.random.key(seed)
-    holder = {"state": state}
+    shape = (batch_size, config.img_size, config.img_size, config.in_channels)
+    image_key, label_key = jax.random.split(jax.random.key(seed))
+    make_batch = jax.jit(lambda: {"image": jax.random.normal(image_key, shape),
+                                  "label": jax.random.randint(label_key, (batch_size,), 0, num_classes)},
+                         out_shardings=sharding.batch_sharding(mesh))
+    return BenchStep(model, state, train_step, make_batch(), jax.random.key(seed))
+
+
+def jax_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) -> Runner:
+    """`build_train_step` as one side of a comparison."""
+    bench = build_train_step(config, task, batch_size, seed=seed)
 
     def step() -> None:
-        holder["state"], metrics = train_step(holder["state"], batch, key)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready(bench.advance())
 
     def params() -> dict[str, np.ndarray]:
-        flat = jax.tree_util.tree_leaves_with_path(holder["state"].params)
+        flat = jax.tree_util.tree_leaves_with_path(bench.state.params)
         return {jax.tree_util.keystr(path): np.array(leaf) for path, leaf in flat}
 
     return Runner(f"JAX jit ({config.dtype})", step, params)
