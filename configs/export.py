@@ -4,8 +4,8 @@
       --config.checkpoint_dir=/tmp/finetune [--config.checkpoint=best|N]
 
 Writes model.pth (loads with strict=True into the original's GMAEForClassification or GMAE),
-model.safetensors, encoder.pth and config.json (architecture, classes, preprocessing) into WORKDIR;
-nothing is written into CHECKPOINT_DIR. Needs torch (the [torch] extra).
+model.safetensors, encoder.pth and config.json (architecture, classes, preprocessing) into WORKDIR
+(a local folder or gs://); nothing is written into CHECKPOINT_DIR. Needs torch (the [torch] extra).
 """
 
 import ml_collections

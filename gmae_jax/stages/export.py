@@ -107,18 +107,24 @@ def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2)
     (folder / export_format.CONFIG_JSON).write_text(text)
-    safetensors.numpy.save_file({**state, **extras}, str(folder / export_format.SAFETENSORS),
-                                metadata={"config": text})
+    # Bytes written through epath (not file names handed to torch / safetensors), so that a gs://
+    # --workdir works like a local one.
+    (folder / export_format.SAFETENSORS).write_bytes(
+        safetensors.numpy.save({**state, **extras}, metadata={"config": text}))
 
     def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
-    torch.save({"model_state_dict": tensors(state), "extra_state_dict": tensors(extras), "config": config,
-                "class_names": config["class_names"], "stage": config["stage"], "step": config["step"]},
-               str(folder / export_format.MODEL_PTH))
+    def save(payload: dict[str, Any], name: str) -> None:
+        with (folder / name).open("wb") as f:
+            torch.save(payload, f)
+
+    save({"model_state_dict": tensors(state), "extra_state_dict": tensors(extras), "config": config,
+          "class_names": config["class_names"], "stage": config["stage"], "step": config["step"]},
+         export_format.MODEL_PTH)
     encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    torch.save({"encoder_state_dict": tensors(encoder), "pos_embed": torch.from_numpy(np.array(state["pos_embed"])),
-                "config": config}, str(folder / export_format.ENCODER_PTH))
+    save({"encoder_state_dict": tensors(encoder), "pos_embed": torch.from_numpy(np.array(state["pos_embed"])),
+          "config": config}, export_format.ENCODER_PTH)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -22,5 +22,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"config.records_per_shard={config.records_per_shard} must be positive")
 
 
+def check_local_workdir(workdir: str) -> None:
+    """Shards are written by a local ArrayRecord writer and renamed into place, which object stores
+    cannot do: a gs:// workdir is refused before anything is written (the data may still be read there)."""
+    config_lib.check("://" not in workdir,
+                     f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
+                     "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
+                     "--config.data.root at gs://.../finetune (or .../pretrain)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    check_local_workdir(workdir)
     return prepare.prepare(config, workdir)
