@@ -10,10 +10,10 @@ from typing import Any
 import ml_collections
 
 from gmae_jax.schema import ConfigError
-from gmae_jax.stages import demo, evaluate, finetune, predict, prepare, pretrain
+from gmae_jax.stages import demo, evaluate, finetune, predict, prepare, pretrain, study
 
 STAGES: dict[str, types.ModuleType] = {
-    module.__name__.rsplit(".", 1)[-1]: module for module in (pretrain, finetune, evaluate, predict, prepare, demo)
+    module.__name__.rsplit(".", 1)[-1]: module for module in (pretrain, finetune, evaluate, predict, prepare, study, demo)
 }
 
 
