@@ -27,7 +27,8 @@ def _order(runs: Sequence[dict[str, Any]]) -> tuple[list, list]:
     return labels, inits
 
 
-def summarize(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = ("accuracy", "macro_f1")) -> list[dict[str, Any]]:
+def summarize(runs: Sequence[dict[str, Any]],
+              metrics: Sequence[str] = ("accuracy", "macro_f1")) -> list[dict[str, Any]]:
     """One row per (init, labels_per_class): the number of seeds and each metric's mean, min, max."""
     labels, inits = _order(runs)
     rows = []
@@ -92,26 +93,33 @@ def save_plot(summary: Sequence[dict[str, Any]], path: str, chance: float, title
         draw.line([(x, y_of(chance)), (x + 5, y_of(chance))], fill=(120, 120, 120))
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
 
+    # The min-max bands first, translucent, so the mean lines and points stay on top.
+    curves = []
     bands = Image.new("RGBA", image.size, (0, 0, 0, 0))
     band_draw = ImageDraw.Draw(bands)
-    for k, init in enumerate(inits):
+    for init in inits:
         colour = _COLOURS.get(init, (100, 100, 100))
         rows = {r["labels_per_class"]: r for r in summary if r["init"] == init}
         points = [(i, rows[p]) for i, p in enumerate(labels) if p in rows]
         upper = [(x_of(i), y_of(r["accuracy_max"])) for i, r in points]
         lower = [(x_of(i), y_of(r["accuracy_min"])) for i, r in reversed(points)]
-        band_draw.polygon(upper + lower if len(points) > 1 else [(x - 6, y) for x, y in upper + lower],
-                          fill=colour + (60,), outline=colour + (90,))
-        means = [(x_of(i), y_of(r["accuracy_mean"])) for i, r in points]
+        if len(points) > 1:
+            band_draw.polygon(upper + lower, fill=colour + (60,))
+        else:
+            band_draw.rectangle([upper[0][0] - 6, upper[0][1], lower[0][0] + 6, lower[0][1]], fill=colour + (60,))
+        curves.append((init, colour, [(x_of(i), y_of(r["accuracy_mean"])) for i, r in points]))
+    image = Image.alpha_composite(image.convert("RGBA"), bands).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    legend_x, legend_y = left + plot_w + 12, top + 10
+    for k, (init, colour, means) in enumerate(curves):
         if len(means) > 1:
             draw.line(means, fill=colour, width=3)
         for x, y in means:
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        draw.line([(left + plot_w + 12, top + 10 + 18 * k), (left + plot_w + 32, top + 10 + 18 * k)], fill=colour, width=3)
-        draw.text((left + plot_w + 38, top + 4 + 18 * k), init, fill="black", font=font)
-    draw.line([(left + plot_w + 12, top + 10 + 18 * len(inits)), (left + plot_w + 32, top + 10 + 18 * len(inits))],
-              fill=(120, 120, 120))
-    draw.text((left + plot_w + 38, top + 4 + 18 * len(inits)), f"chance {chance:.2f}", fill="black", font=font)
-    image = Image.alpha_composite(image.convert("RGBA"), bands).convert("RGB")
+        draw.line([(legend_x, legend_y + 18 * k), (legend_x + 20, legend_y + 18 * k)], fill=colour, width=3)
+        draw.text((legend_x + 26, legend_y - 6 + 18 * k), init, fill="black", font=font)
+    k = len(curves)
+    draw.line([(legend_x, legend_y + 18 * k), (legend_x + 20, legend_y + 18 * k)], fill=(120, 120, 120))
+    draw.text((legend_x + 26, legend_y - 6 + 18 * k), f"chance {chance:.2f}", fill="black", font=font)
     with epath.Path(path).open("wb") as f:
         image.save(f, format="PNG")

@@ -13,7 +13,8 @@ from gmae_jax.schema import ConfigError
 from gmae_jax.stages import demo, evaluate, finetune, predict, prepare, pretrain, study
 
 STAGES: dict[str, types.ModuleType] = {
-    module.__name__.rsplit(".", 1)[-1]: module for module in (pretrain, finetune, evaluate, predict, prepare, study, demo)
+    module.__name__.rsplit(".", 1)[-1]: module
+    for module in (pretrain, finetune, evaluate, predict, prepare, study, demo)
 }
 
 
