@@ -87,6 +87,7 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
     for section in (config.pretrain, config.finetune):  # one block: three small runs in all
         section.update(total_steps=3, eval_every=0, checkpoint_every=3, batch_size=8)
         section.model.depth = 1
+    config.lock()  # as the entry point hands it over
     workdir = str(tmp_path / "study")
     stages.validate(config)
     report = stages.run(config, workdir)
@@ -117,6 +118,7 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
 
 def test_each_study_run_gets_its_start_labels_and_seed_with_one_budget():
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study")
+    config.lock()  # as the entry point hands it over
     assert study.inits(config) == ("scratch", "pretrained", "linear_probe")
     runs = {init: study.finetune_config(config, init, 5, 3, num_classes=4, pretrain_dir="/p")
             for init in study.inits(config)}

@@ -28,7 +28,8 @@ def study_config(config: ml_collections.ConfigDict, pretrain_root: str,
     finetune = config.finetune.copy_and_resolve_references()
     data = finetune.data
     data.root = finetune_root
-    del finetune["data"]
+    with finetune.unlocked():  # the entry point locks configs; a study holds the data beside the recipe
+        del finetune["data"]
     return ml_collections.ConfigDict(dict(
         stage="study", pretrain_data=pretrain_root, init_from="", data=data,
         labels_per_class=(config.labels_per_class,), seeds=tuple(config.seeds), linear_probe=config.linear_probe,

@@ -63,7 +63,8 @@ def finetune_config(config: ml_collections.ConfigDict, init: str, per_class: int
                     num_classes: int, pretrain_dir: str = "") -> ml_collections.ConfigDict:
     """One fine-tune of the study: the shared recipe with this run's start, labels and seed."""
     run = config.finetune.copy_and_resolve_references()
-    run.data = config.data.copy_and_resolve_references()
+    with run.unlocked():  # the entry point locks configs; `data` is the study's, added here
+        run.data = config.data.copy_and_resolve_references()
     run.num_classes = num_classes
     run.init_from = pretrain_dir if init != "scratch" else ""
     run.freeze_encoder = init == "linear_probe"
