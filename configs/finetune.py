@@ -26,6 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Linear probing: train only the head on a frozen encoder (the original froze it for good;
     # here it is a choice, and the standard cheap measure of what pretraining learned).
     config.freeze_encoder = False
+    # Few-label fine-tuning: train on this many images per class of the training split, drawn with
+    # subset_seed (gmae_jax/data/subsets.py); 0 = all of it. The validation split is always whole.
+    config.labels_per_class = 0
+    config.subset_seed = 0
 
     if arg.runlocal:
         config_lib.make_runlocal(config)

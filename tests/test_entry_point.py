@@ -39,20 +39,25 @@ def test_wrong_folder_layout_names_the_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_command_pretrains_finetunes_and_prints_accuracy(tmp_path):
+def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_path):
     result = run_main(
         "--config=configs/demo.py", f"--workdir={tmp_path}",
         "--config.dataset.pretrain_train_per_class=8", "--config.dataset.finetune_train_per_class=8",
-        "--config.dataset.finetune_val_per_class=4", "--config.pretrain.total_steps=4",
+        "--config.dataset.finetune_val_per_class=4", "--config.labels_per_class=3", "--config.pretrain.total_steps=4",
         "--config.finetune.total_steps=4", "--config.pretrain.batch_size=16", "--config.finetune.batch_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fine-tuned accuracy on" in result.stdout and "(chance 0.250)" in result.stdout
+    assert "with 3 labelled images per class" in result.stdout
+    assert re.search(r"fine-tuned from the pretrained encoder +[0-9.]+\n", result.stdout), result.stdout
+    assert re.search(r"trained from scratch \(same steps\) +[0-9.]+\n", result.stdout), result.stdout
+    assert re.search(r"chance +0\.250\n", result.stdout), result.stdout
     assert "=== pretrain finished" in result.stdout and "best loss: " in result.stdout
-    assert re.search(r"best accuracy: [0-9.]+ at step 4\n", result.stdout), result.stdout
     assert "[pretrain] step 4/4" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
-    for path in ("pretrain/reconstructions.png", "finetune/confusion_matrix.png", "finetune/metrics.jsonl",
-                 "pretrain/config.json", "finetune/classes.json", "data/finetune_dataset/.complete"):
+    for path in ("pretrain/reconstructions.png", "runs/pretrained_3_s0/confusion_matrix.png",
+                 "runs/scratch_3_s0/metrics.jsonl", "pretrain/config.json", "runs/pretrained_3_s0/classes.json",
+                 "label_efficiency.json", "label_efficiency.png", "data/finetune_dataset/.complete"):
         assert os.path.exists(tmp_path / path), path
+    runs = json.loads((tmp_path / "label_efficiency.json").read_text())["runs"]
+    assert {r["init"]: r["steps"] for r in runs} == {"pretrained": 4, "scratch": 4}
 
 
 @pytest.mark.slow

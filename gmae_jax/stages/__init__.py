@@ -12,11 +12,11 @@ import ml_collections
 
 from gmae_jax import workdir_lock
 from gmae_jax.schema import ConfigError
-from gmae_jax.stages import demo, evaluate, export, finetune, import_, predict, prepare, pretrain
+from gmae_jax.stages import demo, evaluate, export, finetune, import_, predict, prepare, pretrain, study
 
 STAGES: dict[str, types.ModuleType] = {
     getattr(module, "STAGE", module.__name__.rsplit(".", 1)[-1]): module
-    for module in (pretrain, finetune, evaluate, predict, prepare, demo, export, import_)
+    for module in (pretrain, finetune, evaluate, predict, prepare, study, demo, export, import_)
 }
 
 

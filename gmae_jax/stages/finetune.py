@@ -6,7 +6,7 @@ import ml_collections
 from etils import epath
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data import hagrid, sources
+from gmae_jax.data import hagrid, sources, subsets
 from gmae_jax.train import trainer
 
 # Evaluation metrics of a classifier that config.best_metric may name.
@@ -31,10 +31,13 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                      f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     config_lib.check(config.best_metric in ("",) + METRICS,
                      f"config.best_metric='{config.best_metric}' must be '' or one of {METRICS}")
+    config_lib.check(config.get("labels_per_class", 0) >= 0,
+                     f"config.labels_per_class={config.get('labels_per_class')} must be >= 0 (0 = all labels)")
 
 
 def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
-    """The class folders / HaGRID splits of `config.data`, checked against `config.num_classes`."""
+    """The class folders / HaGRID splits of `config.data`, checked against `config.num_classes`;
+    the training split cut to `config.labels_per_class` images per class when that is set."""
     data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
     if len(data.class_names) < 2:
         raise config_lib.ConfigError(
@@ -44,7 +47,9 @@ def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
             f"config.num_classes={config.num_classes} but the data in {config.data.root} has "
             f"{len(data.class_names)} classes ({', '.join(data.class_names)}); set "
             f"--config.num_classes={len(data.class_names)}")
-    return data
+    train = subsets.class_balanced_subset(data.train, data.class_names, config.get("labels_per_class", 0),
+                                          config.get("subset_seed", 0))
+    return data._replace(train=train)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

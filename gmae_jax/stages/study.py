@@ -1,0 +1,125 @@
+"""The study stage: pretrain once, then fine-tune from scratch / the pretrained encoder / a frozen
+pretrained encoder on seeded class-balanced label subsets, and report accuracy vs labels
+(configs/study.py). Every run is an ordinary pretrain or finetune stage run in its own workdir:
+
+  W/pretrain/                         the pretraining run (unless config.init_from names one)
+  W/runs/<init>_<labels>_s<seed>/     one fine-tune each, with its result.json once finished
+  W/label_efficiency.json, .png       every run and the summary over seeds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from gmae_jax import config_lib, label_efficiency, schema
+from gmae_jax.data import sources
+from gmae_jax.stages import finetune as finetune_stage
+from gmae_jax.stages import pretrain as pretrain_stage
+
+RESULT = "result.json"  # written into a fine-tune's workdir when it has finished
+JSON, PNG = "label_efficiency.json", "label_efficiency.png"
+
+
+def inits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The starting points the study compares."""
+    return ("scratch", "pretrained") + (("linear_probe",) if config.linear_probe else ())
+
+
+def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
+    """The study's own fields and both recipes; `check_data=False` (the demo) skips the folders,
+    which do not exist yet."""
+    config_lib.check(bool(config.pretrain_data) != bool(config.init_from),
+                     "set exactly one of --config.pretrain_data=UNLABELLED_ROOT (pretrain here) and "
+                     f"--config.init_from=PRETRAIN_WORKDIR (got pretrain_data='{config.pretrain_data}', "
+                     f"init_from='{config.init_from}')")
+    config_lib.check(len(config.labels_per_class) > 0 and all(n >= 0 for n in config.labels_per_class),
+                     f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
+                     "(0 = all labels), e.g. '(5,10,25,0)'")
+    config_lib.check(len(config.seeds) > 0, "config.seeds is empty; give at least one, e.g. '(0,1,2)'")
+    config_lib.check(not config.finetune.get("init_from"),
+                     "config.finetune.init_from is set by the study; use --config.init_from")
+    if check_data:
+        config_lib.check(not config.init_from or os.path.isdir(config.init_from),
+                         f"config.init_from='{config.init_from}' does not exist; point it at a pretraining workdir")
+        config_lib.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),
+                         f"config.pretrain_data='{config.pretrain_data}' does not exist; point it at the "
+                         "unlabelled images")
+    pretrain_stage.validate(pretrain_config(config), check_data=False)
+    finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data)
+
+
+def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    pretrain = config.pretrain.copy_and_resolve_references()
+    pretrain.data.root = config.pretrain_data
+    return pretrain
+
+
+def finetune_config(config: ml_collections.ConfigDict, init: str, per_class: int, seed: int, *,
+                    num_classes: int, pretrain_dir: str = "") -> ml_collections.ConfigDict:
+    """One fine-tune of the study: the shared recipe with this run's start, labels and seed."""
+    run = config.finetune.copy_and_resolve_references()
+    with run.unlocked():  # the entry point locks configs; `data` is the study's, added here
+        run.data = config.data.copy_and_resolve_references()
+    run.num_classes = num_classes
+    run.init_from = pretrain_dir if init != "scratch" else ""
+    run.freeze_encoder = init == "linear_probe"
+    run.labels_per_class = per_class
+    run.subset_seed = seed
+    run.seed = seed
+    return run
+
+
+def run_name(init: str, per_class: int, seed: int) -> str:
+    return f"{init}_{label_efficiency.labels_name(per_class)}_s{seed}"
+
+
+def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """The result of one fine-tune, read back when an earlier invocation already finished it."""
+    result_path = epath.Path(workdir) / RESULT
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    metrics = finetune_stage.run(config, workdir)
+    result = {"init": "linear_probe" if config.freeze_encoder else ("pretrained" if config.init_from else "scratch"),
+              "labels_per_class": label_efficiency.labels_name(config.labels_per_class),
+              "seed": int(config.seed), "steps": int(config.total_steps),
+              "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
+              "workdir": workdir}
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
+    num_classes = len(data.class_names)
+    if config.init_from:
+        pretrain_dir = config.init_from
+    else:
+        pretrain_dir = os.path.join(workdir, "pretrain")
+        pretrain_stage.run(pretrain_config(config), pretrain_dir)
+
+    runs = []
+    for per_class in config.labels_per_class:
+        for seed in config.seeds:
+            for init in inits(config):
+                run_config = finetune_config(config, init, per_class, seed, num_classes=num_classes,
+                                             pretrain_dir=pretrain_dir)
+                runs.append(_fine_tune(run_config, os.path.join(workdir, "runs", run_name(init, per_class, seed))))
+
+    chance = 1.0 / num_classes
+    summary = label_efficiency.summarize(runs)
+    report = {"classes": data.class_names, "chance": chance, "val_images": len(data.eval),
+              "train_images": len(data.train), "pretrain": pretrain_dir,
+              "finetune_steps": int(config.finetune.total_steps), "runs": runs, "summary": summary}
+    epath.Path(workdir, JSON).write_text(json.dumps(report, indent=1))
+    label_efficiency.save_plot(summary, os.path.join(workdir, PNG), chance,
+                               f"val accuracy on {len(data.eval)} images, {num_classes} classes "
+                               f"(mean, min-max over {len(config.seeds)} seed(s))")
+    print(f"\n=== label-efficiency study: validation accuracy, mean (min-max) over seeds; "
+          f"chance {chance:.3f} ===\n{label_efficiency.table(summary)}\n"
+          f"{os.path.join(workdir, JSON)}, {os.path.join(workdir, PNG)}\n", flush=True)
+    return report

@@ -1,0 +1,137 @@
+"""Few-label fine-tuning: the class-balanced subset sampler, and the label-efficiency study on a
+tiny run (its JSON, table and plot)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gmae_jax import config_lib, label_efficiency, schema, stages
+from gmae_jax.data import sources, subsets, synthetic
+from gmae_jax.stages import study
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CLASSES = ("fist", "one", "peace")
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A labelled class-folder set: 3 classes x 6 train, x 2 val images at 32 px."""
+    root = str(tmp_path_factory.mktemp("labelled"))
+    synthetic.write_demo_dataset(root, image_size=32, train_per_class=6, val_per_class=2, classes=CLASSES, seed=3)
+    return root, sources.open_sources(schema.DataConfig(root=root))
+
+
+def _paths(source):
+    return [source[i].path for i in range(len(source))]
+
+
+def test_subset_is_class_balanced_seeded_and_drawn_from_train_only(labelled):
+    _, data = labelled
+    subset = subsets.class_balanced_subset(data.train, data.class_names, 2, seed=0)
+    assert np.bincount(subsets.labels_of(subset), minlength=3).tolist() == [2, 2, 2]
+    assert set(_paths(subset)) <= set(_paths(data.train))
+    assert not set(_paths(subset)) & set(_paths(data.eval))
+    assert _paths(subsets.class_balanced_subset(data.train, data.class_names, 2, seed=0)) == _paths(subset)
+    others = [_paths(subsets.class_balanced_subset(data.train, data.class_names, 2, seed=s)) for s in (1, 2, 3)]
+    assert any(paths != _paths(subset) for paths in others)
+    assert subsets.class_balanced_subset(data.train, data.class_names, 0, seed=0) is data.train  # 0 = all
+
+
+def test_subset_larger_than_a_class_is_a_config_error(labelled):
+    _, data = labelled
+    with pytest.raises(config_lib.ConfigError, match="config.labels_per_class=7 but class 'fist' has only 6"):
+        subsets.class_balanced_subset(data.train, data.class_names, 7, seed=0)
+
+
+def test_finetune_trains_on_the_subset_and_evaluates_on_the_whole_val_split(labelled):
+    root, data = labelled
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
+    config.update(num_classes=3, labels_per_class=1, subset_seed=5)
+    config.data.root = root
+    opened = stages.get("finetune").open_data(config)
+    assert len(opened.train) == 3 and len(opened.eval) == len(data.eval)
+
+
+def test_summary_table_and_plot_from_runs(tmp_path):
+    runs = [{"init": init, "labels_per_class": n, "seed": s, "accuracy": acc, "macro_f1": acc / 2}
+            for init, n, s, acc in [("scratch", 5, 0, 0.4), ("scratch", 5, 1, 0.6), ("pretrained", 5, 0, 0.7),
+                                    ("pretrained", 5, 1, 0.9), ("scratch", "all", 0, 0.8),
+                                    ("pretrained", "all", 0, 0.95)]]
+    summary = label_efficiency.summarize(runs)
+    by_key = {(r["init"], r["labels_per_class"]): r for r in summary}
+    assert by_key["scratch", 5]["accuracy_mean"] == pytest.approx(0.5)
+    assert (by_key["pretrained", 5]["accuracy_min"], by_key["pretrained", 5]["accuracy_max"]) == (0.7, 0.9)
+    assert by_key["pretrained", "all"]["seeds"] == 1
+    text = label_efficiency.table(summary)
+    assert text.splitlines()[0] == "| labels / class | scratch | pretrained |"
+    assert "| 5 | 0.500 (0.400-0.600, n=2) | 0.800 (0.700-0.900, n=2) |" in text
+    assert text.splitlines()[-1].startswith("| all |")
+    path = str(tmp_path / "plot.png")
+    label_efficiency.save_plot(summary, path, chance=1 / 3)
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    for colour in (label_efficiency._COLOURS["scratch"], label_efficiency._COLOURS["pretrained"]):
+        assert (pixels == colour).all(axis=1).sum() > 50  # each curve is drawn
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
+    root, data = labelled
+    pretrain_root = str(tmp_path / "unlabelled")
+    synthetic.write_demo_dataset(pretrain_root, image_size=32, train_per_class=4, val_per_class=1, classes=CLASSES)
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
+    config.update(pretrain_data=pretrain_root, labels_per_class=(2,), seeds=(7,), linear_probe=False)
+    config.data.root = root
+    for section in (config.pretrain, config.finetune):  # one block: three small runs in all
+        section.update(total_steps=3, eval_every=0, checkpoint_every=3, batch_size=8)
+        section.model.depth = 1
+    config.lock()  # as the entry point hands it over
+    workdir = str(tmp_path / "study")
+    stages.validate(config)
+    report = stages.run(config, workdir)
+
+    written = json.loads(open(os.path.join(workdir, "label_efficiency.json")).read())
+    assert written == json.loads(json.dumps(report))
+    runs = written["runs"]
+    assert {(r["init"], r["labels_per_class"], r["seed"]) for r in runs} == {
+        (i, 2, 7) for i in ("scratch", "pretrained")}
+    for r in runs:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0 and r["steps"] == 3
+        saved = json.loads(open(os.path.join(r["workdir"], "config.json")).read())
+        assert saved["labels_per_class"] == 2 and saved["subset_seed"] == saved["seed"] == 7
+        assert bool(saved["init_from"]) == (r["init"] != "scratch")
+        assert not saved["freeze_encoder"]
+    assert written["chance"] == pytest.approx(1 / 3) and written["val_images"] == len(data.eval)
+    assert len(written["summary"]) == 2
+    assert Image.open(os.path.join(workdir, "label_efficiency.png")).size == (640, 420)
+
+    # A second invocation reads every finished result and trains nothing: with its checkpoints
+    # moved away, a run that trained again would write new ones.
+    checkpoints = os.path.join(next(r["workdir"] for r in runs if r["init"] == "scratch"), "checkpoints")
+    for name in os.listdir(checkpoints):
+        os.rename(os.path.join(checkpoints, name), os.path.join(tmp_path, name))
+    assert stages.run(config, workdir)["runs"] == report["runs"]
+    assert os.listdir(checkpoints) == []
+
+
+def test_each_study_run_gets_its_start_labels_and_seed_with_one_budget():
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study")
+    config.lock()  # as the entry point hands it over
+    assert study.inits(config) == ("scratch", "pretrained", "linear_probe")
+    runs = {init: study.finetune_config(config, init, 5, 3, num_classes=4, pretrain_dir="/p")
+            for init in study.inits(config)}
+    assert {i: (r.init_from, r.freeze_encoder) for i, r in runs.items()} == {
+        "scratch": ("", False), "pretrained": ("/p", False), "linear_probe": ("/p", True)}
+    for r in runs.values():
+        assert (r.labels_per_class, r.subset_seed, r.seed, r.num_classes) == (5, 3, 3, 4)
+        assert r.total_steps == config.finetune.total_steps > 0 and r.data.root == config.data.root
+    assert study.run_name("linear_probe", 0, 2) == "linear_probe_all_s2"
+
+
+def test_study_needs_exactly_one_source_of_pretrained_weights(labelled):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
+    config.data.root = labelled[0]
+    with pytest.raises(config_lib.ConfigError, match="set exactly one of --config.pretrain_data"):
+        stages.validate(config)
