@@ -9,7 +9,6 @@ tensorstore (orbax) TENSORSTORE_GCS_HTTP_URL, google-cloud-cpp (array_record sha
 CLOUD_STORAGE_EMULATOR_ENDPOINT.
 """
 
-import contextlib
 import ctypes
 import io
 import logging
@@ -129,21 +128,6 @@ def _finetune_config(root: str):
     return config
 
 
-@contextlib.contextmanager
-def _compilation_cache(folder):
-    """JAX's persistent cache in `folder` for this process too, so the resumed run loads the steps the
-    killed run compiled (two compiles saved) instead of compiling them again."""
-    from jax._src import compilation_cache  # reset_cache: the cache is set up once per process otherwise
-
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    compilation_cache.reset_cache()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
-        compilation_cache.reset_cache()
-
-
 def _committed_steps(fs, workdir: str) -> list[int]:
     fs.invalidate_cache()
     return sorted(int(p.split("/")[-2]) for p in fs.glob(f"{workdir}/checkpoints/*/commit_success.txt"))
@@ -152,12 +136,11 @@ def _committed_steps(fs, workdir: str) -> list[int]:
 @pytest.mark.slow
 def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_data, tmp_path, caplog):
     workdir, data, log = f"{BUCKET}/run", f"gs://{BUCKET}/folders", tmp_path / "killed.log"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
     killed = subprocess.Popen(
         [sys.executable, "-m", "gmae_jax.main", "--config=configs/finetune.py:runlocal", f"--workdir=gs://{workdir}",
          f"--config.data.root={data}", f"--config.num_classes={len(CLASSES)}", "--config.total_steps=20",
          "--config.checkpoint_every=5", "--config.eval_every=0", "--config.log_every=10"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
     deadline = time.monotonic() + 240
     while not _committed_steps(bucket, workdir) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -167,7 +150,9 @@ def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_d
     first = _committed_steps(bucket, workdir)
     assert first and first[-1] < 20
 
-    with caplog.at_level(logging.INFO, logger="absl"), _compilation_cache(tmp_path / "jax_cache"):
+    # The resumed run loads the steps the killed run compiled from the session's compilation cache
+    # (tests/conftest.py), which its subprocess shared.
+    with caplog.at_level(logging.INFO, logger="absl"):
         metrics = stages.run(_finetune_config(data), f"gs://{workdir}")
     assert f"resumed from step {first[-1]} in gs://{workdir}/checkpoints" in caplog.text
     assert _committed_steps(bucket, workdir)[-1] == 20 and metrics["accuracy"] >= 0
