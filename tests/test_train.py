@@ -191,6 +191,17 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes_intact
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released at the end
 
 
+def assert_same_final_run(straight_dir: str, resumed_dir: str) -> None:
+    """Both runs end at step 6 with equal parameters, and logged the same training losses."""
+    a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
+    b = checkpoint.restore_params(os.path.join(resumed_dir, "checkpoints"))
+    assert a["step"] == b["step"] == 6
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+        np.testing.assert_array_equal(x, y)
+    straight = [r["loss"] for r in read_metrics(straight_dir) if r["split"] == "train"]
+    assert [r["loss"] for r in read_metrics(resumed_dir) if r["split"] == "train"] == straight
+
+
 @pytest.mark.slow
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_straight_run(
         straight_run, demo_root, tmp_path, caplog):
@@ -211,13 +222,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_straig
     assert "resuming from step 3" in caplog.text
     assert os.path.isdir(os.path.join(damaged_dir, checkpoint.DAMAGED, "6"))  # kept for a look, not deleted
 
-    a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
-    b = checkpoint.restore_params(os.path.join(damaged_dir, "checkpoints"))
-    assert a["step"] == b["step"] == 6
-    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
-        np.testing.assert_array_equal(x, y)
-    straight = [r["loss"] for r in read_metrics(straight_dir) if r["split"] == "train"]
-    assert [r["loss"] for r in read_metrics(damaged_dir) if r["split"] == "train"] == straight
+    assert_same_final_run(straight_dir, damaged_dir)
 
 
 @pytest.mark.slow
@@ -242,14 +247,7 @@ def test_killed_run_with_a_cut_off_metrics_line_resumes_to_the_straight_run(stra
     monkeypatch.setattr(sharding, "global_batch", real)
     pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
 
-    a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
-    b = checkpoint.restore_params(os.path.join(resumed_dir, "checkpoints"))
-    assert a["step"] == b["step"] == 6
-    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
-        np.testing.assert_array_equal(x, y)
-    straight = [r["loss"] for r in read_metrics(straight_dir) if r["split"] == "train"]
-    resumed = [r["loss"] for r in read_metrics(resumed_dir) if r["split"] == "train"]
-    assert resumed == straight  # the killed run's step-4 record was dropped and written again
+    assert_same_final_run(straight_dir, resumed_dir)  # the killed run's step-4 record was written again
     assert [r["step"] for r in read_metrics(resumed_dir)] == [1, 2, 3, 4, 5, 6, 6]
 
 

@@ -14,16 +14,12 @@ from etils import epath
 
 from gmae_jax import config_lib, metrics as metrics_lib, schema
 from gmae_jax.data import sources
-from gmae_jax.train import checkpoint, setup, sharding, tasks, trainer
+from gmae_jax.train import setup, sharding, tasks, trainer
 from gmae_jax.train.summaries import Summaries
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    config_lib.check(bool(config.checkpoint_dir),
-                     "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a pretrain or "
-                     "finetune run")
-    config_lib.check(config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit(),
-                     f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
+    setup.validate_run_reference(config)
     config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
 
 

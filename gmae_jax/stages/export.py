@@ -23,7 +23,7 @@ from gmae_jax import config_lib
 from gmae_jax.data import transforms, views
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.torch_mirror import convert, export_format
-from gmae_jax.train import checkpoint, setup
+from gmae_jax.train import setup
 
 LAYOUTS = ("auto", export_format.ORIGINAL, export_format.MIRROR)
 CONVERTER_MODEL = {"finetune": "classifier", "pretrain": "pretrain"}
@@ -31,11 +31,7 @@ Value = TypeVar("Value")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    config_lib.check(bool(config.checkpoint_dir),
-                     "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a pretrain or "
-                     "finetune run")
-    config_lib.check(config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit(),
-                     f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
+    setup.validate_run_reference(config)
     config_lib.check(config.layout in LAYOUTS, f"config.layout='{config.layout}' must be one of {LAYOUTS}")
     config_lib.check(importlib.util.find_spec("torch") is not None,
                      "the export stage writes model.pth with PyTorch, which is not installed; "

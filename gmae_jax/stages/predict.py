@@ -21,18 +21,15 @@ from etils import epath
 
 from gmae_jax import config_lib
 from gmae_jax.data import inputs, transforms, views
-from gmae_jax.train import checkpoint, setup, sharding
+from gmae_jax.train import setup, sharding
 
 VIEWS = ("auto", "original", "full_frame", "hand_crop")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    config_lib.check(bool(config.checkpoint_dir),
-                     "config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of a finetune run")
+    setup.validate_run_reference(config, runs="a finetune run")
     config_lib.check(bool(config.inputs), "config.inputs is empty; set --config.inputs=an image, a folder or a "
                      "HaGRID tree")
-    config_lib.check(config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit(),
-                     f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
     config_lib.check(config.view in VIEWS, f"config.view='{config.view}' must be one of {VIEWS}")
     config_lib.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
     config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")

@@ -62,6 +62,14 @@ class RestoredRun:
     step: int  # the restored checkpoint's training step
 
 
+def validate_run_reference(config: ml_collections.ConfigDict, runs: str = "a pretrain or finetune run") -> None:
+    """The checks of a stage that reads a run (`config.checkpoint_dir`, `config.checkpoint`)."""
+    if not config.checkpoint_dir:
+        raise ConfigError(f"config.checkpoint_dir is empty; set --config.checkpoint_dir=WORKDIR of {runs}")
+    if not (config.checkpoint in (checkpoint.LATEST, checkpoint.BEST) or str(config.checkpoint).isdigit()):
+        raise ConfigError(f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a training run wrote to its workdir."""
     path = epath.Path(workdir) / CONFIG_FILE
