@@ -18,8 +18,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Two disjoint sets, like the original's pretrain_dataset / finetune_dataset: unlabelled images
     # are free, labelled ones are not, so the labelled training split is cut to labels_per_class.
+    # framing: 'hand_crop' (the square around the hand, HaGRID v1's classification view) or 'scene'
+    # (the hand somewhere in a cluttered frame); gmae_jax/data/synthetic.py.
     config.dataset = ml_collections.ConfigDict(dict(
-        classes=("fist", "one", "peace", "palm"), image_size=36,
+        classes=("fist", "one", "peace", "palm"), image_size=36, framing="hand_crop",
         pretrain_train_per_class=2500, pretrain_val_per_class=25,
         finetune_train_per_class=100, finetune_val_per_class=50))
     config.labels_per_class = 100  # all of finetune_train_per_class; lower it for fewer labels

@@ -78,3 +78,10 @@ def test_demo_config_validates_without_its_data():
     stages.validate(config)
     assert config.finetune.num_classes == len(config.dataset.classes) == 4
     assert config.pretrain.model.preset == config.finetune.model.preset == "mini"
+
+
+def test_demo_refuses_an_unknown_framing_in_one_line():
+    config = load("demo")
+    config.dataset.framing = "closeup"
+    with pytest.raises(config_lib.ConfigError, match="framing='closeup'; choose from scene, hand_crop"):
+        stages.validate(config)

@@ -116,3 +116,29 @@ def test_ensure_rewrites_when_parameters_change(tmp_path):
 
     assert counts == {"train": 3, "val": 3}
     assert len(_files(tmp_path)) == 6  # No images left over from the larger dataset.
+
+
+@pytest.mark.parametrize("name", synthetic.DEMO_CLASSES)
+def test_the_hand_box_hugs_the_drawn_hand(name):
+    canvas = Image.new("RGB", (128, 128))
+    left, top, right, bottom = synthetic._draw_hand(canvas, name, np.random.default_rng(3))
+    painted = np.asarray(canvas).any(axis=-1)
+    box = painted[max(round(top), 0):round(bottom), max(round(left), 0):round(right)]
+
+    assert box.mean() > 0.3  # mostly hand, little empty frame
+    rows, cols = np.nonzero(box)
+    margin = 4  # pixels between an edge of the box and the nearest painted pixel
+    assert rows.min() <= margin and cols.min() <= margin
+    assert box.shape[0] - rows.max() <= margin + 1 and box.shape[1] - cols.max() <= margin + 1
+
+
+def test_hand_crop_framing_writes_another_view_and_unknown_framings_fail(tmp_path):
+    _write(tmp_path / "scene", seed=5)
+    _write(tmp_path / "crop", seed=5, framing="hand_crop")
+    image = "train/palm/00000.jpg"
+    scene, crop = (np.asarray(Image.open(tmp_path / f / image), np.float32) for f in ("scene", "crop"))
+
+    assert crop.shape == scene.shape == (32, 32, 3)
+    assert np.abs(scene - crop).mean() > 10  # another view, not the same picture
+    with pytest.raises(ValueError, match="framing='tight'"):
+        _write(tmp_path / "bad", framing="tight")

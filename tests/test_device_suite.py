@@ -1,6 +1,8 @@
 """The accelerator benchmark suite runs end to end on CPU (its numbers go to BENCHMARKS.md)."""
 
 import dataclasses
+import os
+import subprocess
 
 import jax
 import pytest
@@ -23,10 +25,26 @@ def test_suite_prints_a_markdown_row_per_case():
     assert lines[-1].startswith("total")
 
 
-def test_cases_after_the_budget_are_listed_as_skipped():
+def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
     cases = [Case("micro", "pretrain", batch_size=8, img_size=32)] * 2
     lines = list(device_suite.run_suite(cases, budget_s=-1, num_steps=1))
     assert any(line.startswith("skipped") and line.count("micro pretrain") == 2 for line in lines)
+    assert lines[0].endswith("XLA_FLAGS='--xla_gpu_autotune_level=0'")  # numbers say how they were made
+
+
+@pytest.mark.parametrize("autotune, flag_expected", [(None, True), ("1", False)])
+def test_the_launcher_turns_gpu_autotuning_off_unless_asked(tmp_path, autotune, flag_expected):
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\necho "flags:$XLA_FLAGS"\n')
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
+    env.pop("XLA_FLAGS", None)
+    if autotune is not None:
+        env["GPU_AUTOTUNE"] = autotune
+    launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
+    out = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True).stdout
+    assert ("--xla_gpu_autotune_level=0" in out) == flag_expected, out
 
 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 DEMO_CLASSES = ("fist", "one", "peace", "three", "four", "palm", "like", "rock")
 SPLITS = ("train", "val")
 MARKER = ".complete"
+FRAMINGS = ("scene", "hand_crop")
 _FORMAT_VERSION = 1  # Bump when the drawing changes, so ensure_demo_dataset redraws.
 
 # Extended fingers (thumb, index, middle, ring, pinky) and the spread of the extended ones
@@ -112,8 +113,9 @@ def _skin_tone(rng: np.random.Generator) -> np.ndarray:
     return np.clip(light + rng.uniform() * (dark - light) + rng.normal(0, 8, 3), 0, 255)
 
 
-def _draw_hand(img: Image.Image, name: str, rng: np.random.Generator) -> None:
-    """Draws the gesture with random skin tone, size, position, rotation and handedness."""
+def _draw_hand(img: Image.Image, name: str, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Draws the gesture with random skin tone, size, position, rotation and handedness; returns the
+    hand's box (left, top, right, bottom) in pixels, without the arm, as HaGRID's boxes are."""
     size = img.size[0]
     scale = rng.uniform(0.4, 0.8) * size / _HAND_EXTENT
     pose = math.radians(-90 if name in _SIDEWAYS else 0)
@@ -147,13 +149,29 @@ def _draw_hand(img: Image.Image, name: str, rng: np.random.Generator) -> None:
     draw.polygon(to_image(palm), fill=fill, outline=edge, width=round(border))
     for start, end, width in strokes:
         stroke(start, end, width, border)
+    outline = np.array(to_image(np.concatenate([palm, *[[start, end] for start, end, _ in strokes]])))
+    pad = _FINGER_WIDTH * scale / 2 + border
+    (left, top), (right, bottom) = outline.min(0) - pad, outline.max(0) + pad
+    return float(left), float(top), float(right), float(bottom)
 
 
-def _render(name: str, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Draws at twice the size and reduces, which anti-aliases the edges cheaply."""
-    canvas = _background(image_size * _SUPERSAMPLE, rng)
-    _draw_hand(canvas, name, rng)
-    img = canvas.reduce(_SUPERSAMPLE)
+def _hand_crop(canvas: Image.Image, box: tuple[float, float, float, float], image_size: int,
+               rng: np.random.Generator) -> Image.Image:
+    """A square of side max(w, h) x U(1.1, 1.5) around the hand, as HaGRID v1's hand-crop view;
+    black where it leaves the frame, as the HaGRID loader pads."""
+    left, top, right, bottom = box
+    side = max(right - left, bottom - top) * rng.uniform(1.1, 1.5)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    square = tuple(round(v) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    return canvas.crop(square).resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def _render(name: str, image_size: int, rng: np.random.Generator, framing: str = "scene") -> Image.Image:
+    """Draws at a larger size and reduces, which anti-aliases the edges cheaply."""
+    supersample = _SUPERSAMPLE if framing == "scene" else 2 * _SUPERSAMPLE  # crops keep the detail
+    canvas = _background(image_size * supersample, rng)
+    box = _draw_hand(canvas, name, rng)
+    img = canvas.reduce(supersample) if framing == "scene" else _hand_crop(canvas, box, image_size, rng)
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.8)))
     noise = rng.normal(0, rng.uniform(0, 6), size=(image_size, image_size, 3))
@@ -173,8 +191,14 @@ def write_demo_dataset(
     val_per_class: int,
     seed: int = 0,
     classes: Sequence[str] = DEMO_CLASSES,
+    framing: str = "scene",
 ) -> dict[str, int]:
-    """Writes `<root>/{train,val}/<class>/<index>.jpg`; returns the number of images per split."""
+    """Writes `<root>/{train,val}/<class>/<index>.jpg`; returns the number of images per split.
+
+    framing: 'scene' (a hand somewhere in a cluttered frame, as a full-frame photo) or 'hand_crop'
+    (the square around the hand, as HaGRID v1's classification view)."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing={framing!r}; choose from {FRAMINGS}")
     unknown = sorted(set(classes) - set(_GESTURES))
     if unknown:
         raise ValueError(f"No drawing for classes {unknown}; choose from {sorted(_GESTURES)}.")
@@ -185,7 +209,7 @@ def write_demo_dataset(
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(per_class):
                 rng = _image_rng(seed, split, name, index)
-                img = _render(name, image_size, rng)
+                img = _render(name, image_size, rng, framing)
                 with (folder / f"{index:05d}.jpg").open("wb") as f:
                     img.save(f, "JPEG", quality=int(rng.integers(75, 96)))
         counts[split] = per_class * len(classes)

@@ -9,6 +9,7 @@ from typing import Any
 
 import ml_collections
 
+from gmae_jax import config_lib
 from gmae_jax.data import synthetic
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
@@ -17,6 +18,9 @@ from gmae_jax.stages import study as study_stage
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """The two training configs; their data folders do not exist until the demo writes them."""
+    if config.dataset.framing not in synthetic.FRAMINGS:
+        raise config_lib.ConfigError(f"config.dataset.framing={config.dataset.framing!r}; choose from "
+                                     f"{', '.join(synthetic.FRAMINGS)}")
     pretrain_stage.validate(config.pretrain, check_data=False)
     finetune_stage.validate(config.finetune, check_data=False)
     study_stage.validate(study_config(config, "<pretrain_dataset>", "<finetune_dataset>"), check_data=False)
@@ -41,10 +45,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_root = os.path.join(workdir, "data")
     pretrain_root = os.path.join(data_root, "pretrain_dataset")
     finetune_root = os.path.join(data_root, "finetune_dataset")
-    synthetic.ensure_demo_dataset(pretrain_root, image_size=ds.image_size, seed=0, classes=ds.classes,
+    synthetic.ensure_demo_dataset(pretrain_root, image_size=ds.image_size, seed=0, classes=ds.classes, framing=ds.framing,
                                   train_per_class=ds.pretrain_train_per_class,
                                   val_per_class=ds.pretrain_val_per_class)
-    synthetic.ensure_demo_dataset(finetune_root, image_size=ds.image_size, seed=1, classes=ds.classes,
+    synthetic.ensure_demo_dataset(finetune_root, image_size=ds.image_size, seed=1, classes=ds.classes, framing=ds.framing,
                                   train_per_class=ds.finetune_train_per_class,
                                   val_per_class=ds.finetune_val_per_class)
 

@@ -10,6 +10,7 @@ cost analysis, and MFU against the device's peak. A batch that does not fit is h
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator, Sequence
 
@@ -151,7 +152,9 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
     started = time.perf_counter()
     mesh = sharding.make_mesh()
     device = jax.devices()[0]
-    yield f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}"
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    yield (f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}, "
+           f"XLA_FLAGS={flags!r}")
     yield HEADER
     model_flops: dict[tuple, float] = {}
     skipped = []
