@@ -69,7 +69,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
                                  classes=("fist", "palm"))
     args = ["--config=configs/pretrain.py:runlocal", f"--workdir={workdir}", f"--config.data.root={data}",
             "--config.checkpoint_every=100000", "--config.log_every=1", "--config.eval_every=0",
-            "--config.model.depth=1"]  # one encoder block: what is preempted does not matter, compiling does
+            "--config.model.depth=1"]  # one encoder block: preemption is the point; it halves the compile
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "gmae_jax.main", *args, "--config.total_steps=100000"],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
