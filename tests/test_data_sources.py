@@ -220,7 +220,7 @@ def test_pretraining_from_raw_hagrid_through_the_entry_point(v2_root, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "gmae_jax.main", "--config=configs/pretrain.py:runlocal",
          f"--workdir={tmp_path}", f"--config.data.root={v2_root}", "--config.total_steps=2",
-         "--config.model.img_size=32"],
+         "--config.model.img_size=32", "--config.model.depth=1"],
         cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
 
     assert result.returncode == 0, result.stderr[-3000:]

@@ -44,7 +44,9 @@ def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_
         "--config=configs/demo.py", f"--workdir={tmp_path}",
         "--config.dataset.pretrain_train_per_class=8", "--config.dataset.finetune_train_per_class=8",
         "--config.dataset.finetune_val_per_class=4", "--config.labels_per_class=3", "--config.pretrain.total_steps=4",
-        "--config.finetune.total_steps=4", "--config.pretrain.batch_size=16", "--config.finetune.batch_size=16")
+        "--config.finetune.total_steps=4", "--config.pretrain.batch_size=16", "--config.finetune.batch_size=16",
+        # One encoder block each (every code path of the demo, half the compile time).
+        "--config.pretrain.model.depth=1", "--config.finetune.model.depth=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "with 3 labelled images per class" in result.stdout
     assert re.search(r"fine-tuned from the pretrained encoder +[0-9.]+\n", result.stdout), result.stdout
@@ -66,7 +68,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
     synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=8, val_per_class=2,
                                  classes=("fist", "palm"))
     args = ["--config=configs/pretrain.py:runlocal", f"--workdir={workdir}", f"--config.data.root={data}",
-            "--config.checkpoint_every=100000", "--config.log_every=1", "--config.eval_every=0"]
+            "--config.checkpoint_every=100000", "--config.log_every=1", "--config.eval_every=0",
+            "--config.model.depth=1"]  # one encoder block: preemption is the point; it halves the compile
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "gmae_jax.main", *args, "--config.total_steps=100000"],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)

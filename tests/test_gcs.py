@@ -125,6 +125,7 @@ def _finetune_config(root: str):
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
     config.data.root = root
     config.update(num_classes=len(CLASSES), total_steps=20, checkpoint_every=5, eval_every=0, log_every=10)
+    config.model.depth = 1  # one block of each kind: the bucket is the point, not the model
     return config
 
 
@@ -139,7 +140,7 @@ def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_d
     killed = subprocess.Popen(
         [sys.executable, "-m", "gmae_jax.main", "--config=configs/finetune.py:runlocal", f"--workdir=gs://{workdir}",
          f"--config.data.root={data}", f"--config.num_classes={len(CLASSES)}", "--config.total_steps=20",
-         "--config.checkpoint_every=5", "--config.eval_every=0", "--config.log_every=10"],
+         "--config.checkpoint_every=5", "--config.eval_every=0", "--config.log_every=10", "--config.model.depth=1"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: a full pipe would block it
     deadline = time.monotonic() + 240
     while not _committed_steps(bucket, workdir) and killed.poll() is None and time.monotonic() < deadline:

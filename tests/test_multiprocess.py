@@ -125,14 +125,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def without_device_count(xla_flags: str) -> str:
+    """XLA_FLAGS less the simulated device count (tests/conftest.py's other flags stay)."""
+    return " ".join(f for f in xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def _launch(
     workdir: str, data_root: str, log_path: str, num_cpu_devices: int, *extra: str
 ) -> subprocess.Popen:
     # Dropout masks are drawn per device layout, so they would differ between 1x8 and 2x4.
     args = ["--config=configs/finetune.py:runlocal", f"--workdir={workdir}",
             f"--config.data.root={data_root}", "--config.num_classes=4", "--config.total_steps=4",
-            "--config.model.attention_dropout=0.0", f"--num_cpu_devices={num_cpu_devices}", *extra]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --num_cpu_devices decides
+            "--config.model.attention_dropout=0.0", "--config.model.depth=1",  # one block of each kind
+            f"--num_cpu_devices={num_cpu_devices}", *extra]
+    # --num_cpu_devices decides the device count.
+    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")))
     env["JAX_PLATFORMS"] = "cpu"
     # Logs go to files: a full pipe would stall one process and, through the collectives, both.
     with open(log_path, "w") as log:

@@ -256,7 +256,8 @@ def test_prepare_then_finetune_on_hand_crop_shards_through_the_entry_point(tmp_p
 
     result = _main("--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}",
                    f"--config.data.root={out / 'finetune'}", "--config.data.mode=hand_crop",
-                   "--config.num_classes=34", "--config.total_steps=2", "--config.model.img_size=32")
+                   "--config.num_classes=34", "--config.total_steps=2", "--config.model.img_size=32",
+                   "--config.model.depth=1")
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(prepared, hand_crop): 34 classes" in result.stderr
