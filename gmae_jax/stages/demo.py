@@ -45,12 +45,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_root = os.path.join(workdir, "data")
     pretrain_root = os.path.join(data_root, "pretrain_dataset")
     finetune_root = os.path.join(data_root, "finetune_dataset")
-    synthetic.ensure_demo_dataset(pretrain_root, image_size=ds.image_size, seed=0, classes=ds.classes, framing=ds.framing,
-                                  train_per_class=ds.pretrain_train_per_class,
-                                  val_per_class=ds.pretrain_val_per_class)
-    synthetic.ensure_demo_dataset(finetune_root, image_size=ds.image_size, seed=1, classes=ds.classes, framing=ds.framing,
-                                  train_per_class=ds.finetune_train_per_class,
-                                  val_per_class=ds.finetune_val_per_class)
+    drawing = dict(image_size=ds.image_size, classes=ds.classes, framing=ds.framing)
+    synthetic.ensure_demo_dataset(pretrain_root, seed=0, train_per_class=ds.pretrain_train_per_class,
+                                  val_per_class=ds.pretrain_val_per_class, **drawing)
+    synthetic.ensure_demo_dataset(finetune_root, seed=1, train_per_class=ds.finetune_train_per_class,
+                                  val_per_class=ds.finetune_val_per_class, **drawing)
 
     report = study_stage.run(study_config(config, pretrain_root, finetune_root), workdir)
     accuracy = {row["init"]: row["accuracy_mean"] for row in report["summary"]}
