@@ -1,5 +1,8 @@
 """Benchmarks: the input pipeline (`--pipeline`) and the training step (`--train_step`).
 
+`--profile_step` prints where the compiled step spends its time (`train.step_profile`): shares by kind
+of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`.
+
 `--train_step` alone compares float32 and bfloat16 JAX pretraining steps; with `--vs_torch` it times
 the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
 `python -m gmae_jax.bench --train_step --vs_torch --preset=tiny --batch_size=32 \
@@ -40,9 +43,12 @@ _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining 
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (per round with --vs_torch).")
+_PROFILE_STEP = flags.DEFINE_bool("profile_step", False,
+                                  "Where the train step's time goes: a jax.profiler trace joined with its HLO.")
+_PROFILE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--profile_step: compute dtype.")
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False, "--train_step: JAX jit step vs the eager PyTorch mirror.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "--vs_torch: alternating timing rounds; the median counts.")
-_TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch: steps to compare.")
+_TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch, --profile_step: steps to time.")
 _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
                                      "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
 _MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense: fraction of patches hidden.")
@@ -163,8 +169,16 @@ def run_device_suite() -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value):
-        raise app.UsageError("choose a benchmark: --pipeline, --train_step, --sparse_vs_dense or --suite=device")
+    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value or _PROFILE_STEP.value):
+        raise app.UsageError("choose a benchmark: --pipeline, --train_step, --profile_step, --sparse_vs_dense "
+                             "or --suite=device")
+    if _PROFILE_STEP.value:
+        host_memory.keep_freed_memory()
+        from gmae_jax.train import step_benchmark  # noqa: PLC0415 (model code only here)
+
+        step_benchmark.print_profile(_PRESET.value, _PROFILE_DTYPE.value, _TASKS.value, _BATCH_SIZE.value,
+                                     _NUM_STEPS.value, parse_overrides(_MODEL_OVERRIDE.value))
+        return
     if _SPARSE_VS_DENSE.value:
         host_memory.keep_freed_memory()
         from gmae_jax.train import sparse_benchmark  # noqa: PLC0415 (model code only here)

@@ -23,6 +23,14 @@ def test_suite_prints_a_markdown_row_per_case():
     assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
     assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
     assert lines[-1].startswith("total")
+    # After the table, where the first case's step spends its time, from a trace of it.
+    profile = "\n".join(lines[lines.index(rows[-1]) + 1:])
+    assert "where the time goes: micro pretrain float32 encoder, batch 8" in profile
+    kinds = {cells[1].strip(): float(cells[3].strip(" %")) for cells in
+             (line.split("|") for line in profile.splitlines()) if len(cells) == 5 and "%" in cells[3]
+             and cells[1].strip() in ("matmul", "convolution", "elementwise", "reduction")}
+    assert kinds["matmul"] > 0 and kinds["convolution"] > 0, profile
+    assert "| encoder/blocks/mscffn/fc1 |" in profile or "| encoder/blocks/attn |" in profile, profile
 
 
 def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
@@ -50,7 +58,7 @@ def test_the_launcher_turns_gpu_autotuning_off_unless_asked(tmp_path, autotune, 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
     tried = []
 
-    def fake_measure(case, mesh, num_steps):
+    def fake_measure(case, mesh, num_steps, profile_steps=0):
         tried.append(case.batch_size)
         if case.batch_size > 32:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")

@@ -5,6 +5,7 @@ moment it is measured (a cut-off run still leaves numbers), and cases that would
 time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
 (forward, backward, AdamW), peak device memory, model FLOPs per image from the compiled step's own
 cost analysis, and MFU against the device's peak. A batch that does not fit is halved and retried.
+After the table, where the first case's step spends its time (`step_profile`: a trace of 3 steps).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 
 from gmae_jax import config_lib
 from gmae_jax.models.presets import MASK_MODES, gmst_config
-from gmae_jax.train import sharding, step_benchmark
+from gmae_jax.train import sharding, step_benchmark, step_profile
 
 NUM_CLASSES = 18
 MASK_RATIO = 0.75
@@ -83,8 +85,9 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, float]:
-    """Compile and time one case at its batch size; raises on out-of-memory."""
+def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
+    """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
+    also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
     fields = config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
                                       mask_mode=case.mask_mode, remat=case.remat)
     bench = step_benchmark.build_train_step(gmst_config(fields), case.stage, case.batch_size,
@@ -103,6 +106,16 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, fl
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / num_steps
+    profile = None
+    if profile_steps:
+        holder = {"state": state}
+
+        def run_step() -> None:
+            holder["state"], step_metrics = compiled(holder["state"], batch, rng)
+            jax.block_until_ready(step_metrics)
+
+        profile = step_profile.profile(run_step, compiled.as_text(), profile_steps)
+        state = holder["state"]
     stats = jax.devices()[0].memory_stats() or {}
     planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes if memory else 0
@@ -116,14 +129,15 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, fl
         # Per device program; times devices and divided by the global batch = FLOPs per image.
         "flops_per_img": float(cost.get("flops", 0.0)) * mesh.size / case.batch_size,
         "loss": float(metrics["loss"]),
+        "profile": profile,
     }
 
 
-def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int) -> dict[str, float]:
+def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """`measure` at the case's batch, halving it while the device runs out of memory."""
     while True:
         try:
-            return measure(case, mesh, num_steps)
+            return measure(case, mesh, num_steps, profile_steps)
         except Exception as error:  # XLA reports OOM as a runtime error of its own type
             if not _is_out_of_memory(error) or case.batch_size <= mesh.size:
                 raise
@@ -143,8 +157,10 @@ def format_row(case: Case, result: dict[str, float], model_flops_per_img: float,
             f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {model_flops_per_img / 1e9:.2f} | {mfu} |")
 
 
-def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10) -> Iterator[str]:
-    """Yields the table line by line (header first); stops starting cases after `budget_s`.
+def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10,
+              profile_steps: int = 3) -> Iterator[str]:
+    """Yields the table line by line (header first); stops starting cases after `budget_s`; then
+    the profile of the first case that ran (`profile_steps` traced steps; 0: none).
 
     MFU counts model FLOPs: for a remat case, those of the same model without remat (the
     recomputation is overhead, not useful work) when that case ran before it.
@@ -158,12 +174,13 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
     yield HEADER
     model_flops: dict[tuple, float] = {}
     skipped = []
+    profiled: tuple[str, step_profile.StepProfile] | None = None
     for case in cases:
         if time.perf_counter() - started > budget_s:
             skipped.append(case.name)
             continue
         try:
-            result = measure_fitting(case, mesh, num_steps)
+            result = measure_fitting(case, mesh, num_steps, 0 if profiled else profile_steps)
         except Exception as error:  # one broken case must not cost the rest of the loan
             yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} |"
             continue
@@ -171,8 +188,13 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
         if case.remat == "none":
             model_flops[key] = result["flops_per_img"]
         yield format_row(case, result, model_flops.get(key, result["flops_per_img"]), device, mesh.size)
+        if result["profile"] is not None:
+            profiled = (f"{case.name}, batch {result['batch']}", result["profile"])
     if skipped:
         yield f"skipped (over the {budget_s:.0f} s budget): {', '.join(skipped)}"
+    if profiled:
+        yield f"\nwhere the time goes: {profiled[0]}, {profile_steps} traced steps\n"
+        yield step_profile.markdown(profiled[1])
     yield f"total {time.perf_counter() - started:.0f} s"
 
 

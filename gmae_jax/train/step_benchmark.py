@@ -23,7 +23,7 @@ import numpy as np
 
 from gmae_jax import config_lib
 from gmae_jax.models.presets import GMSTConfig, gmst_config
-from gmae_jax.train import setup, sharding, steps, trainer
+from gmae_jax.train import setup, sharding, step_profile, steps, trainer
 
 TASKS = ("pretrain", "finetune")
 NUM_CLASSES = 10
@@ -200,3 +200,19 @@ def run_vs_torch(
           f"{os.getloadavg()[0]:.1f} after\n")
     print(markdown_table(rows))
     return rows
+
+
+def print_profile(preset: str, dtype: str, tasks: Sequence[str], batch_size: int, num_steps: int,
+                  overrides: Mapping[str, Any] | None = None) -> dict[str, step_profile.StepProfile]:
+    """Where each task's compiled step spends its time (`step_profile`), printed as markdown."""
+    config = preset_architecture(preset, dtype, overrides)
+    results = {}
+    for task in tasks:
+        bench = build_train_step(config, task, batch_size)
+        results[task] = step_profile.profile_train_step(bench.step, bench.state, bench.batch, bench.rng,
+                                                        num_steps=num_steps)
+        print(f"\n{task} step, {preset} ({config.img_size} px, patch {config.patch_size}, embed "
+              f"{config.embed_dim}), {dtype}, batch {batch_size}; JAX {jax.__version__} on {_device_line()}; "
+              f"{num_steps} traced steps; load average {os.getloadavg()[0]:.1f}\n")
+        print(step_profile.markdown(results[task]))
+    return results

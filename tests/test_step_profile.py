@@ -1,0 +1,100 @@
+"""The step profile joins trace events with the optimised HLO they ran: kinds, phases, layers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gmae_jax.train import step_profile
+
+# The shapes of XLA's text: a fused conv without metadata (its user names it), a cuDNN custom call
+# with a tuple result, a dot, a reduce and an elementwise fusion.
+HLO = """HloModule jit_train_step, is_scheduled=true
+
+%fused_computation.1 (param_0: f32[8,4,4,3], param_1: f32[3,3,3,5]) -> f32[8,4,4,5] {
+  %param_0 = f32[8,4,4,3]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,3,5]{3,2,1,0} parameter(1)
+  ROOT %convolution.7 = f32[8,4,4,5]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3}, dim_labels=b01f_01io->b01f
+}
+
+%fused_computation.2 (param_0.1: f32[8,5]) -> f32[8,5] {
+  %param_0.1 = f32[8,5]{1,0} parameter(0)
+  ROOT %exponential.1 = f32[8,5]{1,0} exponential(%param_0.1), metadata={op_name="jit(train_step)/jvp(GMAE)/encoder.encode/blocks_3/mscffn/exp"}
+}
+
+ENTRY %main.9 (p0: f32[8,4,4,3], p1: f32[3,3,3,5], p2: f32[8,5], p3: f32[5,5]) -> f32[8,5] {
+  %p0 = f32[8,4,4,3]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,3,5]{3,2,1,0} parameter(1)
+  %p2 = f32[8,5]{1,0} parameter(2)
+  %p3 = f32[5,5]{1,0} parameter(3)
+  %ynn_fusion.3 = f32[8,4,4,5]{3,2,1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_computation.1
+  %copy_fusion.4 = f32[8,4,4,5]{3,2,1,0} copy(%ynn_fusion.3), metadata={op_name="jit(train_step)/transpose(jvp(GMAE))/GMAE.encode/encoder.encode/blocks_0/msdc/dconv2/conv/conv_general_dilated"}
+  %cudnn-conv.5 = (f32[8,4,4,5]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/jvp(GMAE)/decoder_blocks_1/msdc/dconv1/conv/conv_general_dilated"}
+  %dot.6 = f32[8,5]{1,0} dot(%p2, %p3), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/jvp(GMAE)/GMAE.encode/encoder.encode/blocks_11/mscffn/fc1/dot_general"}
+  %reduce.8 = f32[8]{0} reduce(%p2, %p2), dimensions={1}, to_apply=%fused_computation.2, metadata={op_name="jit(train_step)/jvp(GMAE)/encoder.encode/norm/reduce_sum"}
+  %loop_fusion.9 = f32[8,5]{1,0} fusion(%dot.6), kind=kLoop, calls=%fused_computation.2
+  ROOT %multiply.10 = f32[8,5]{1,0} multiply(%p2, %p2), metadata={op_name="jit(train_step)/mul"}
+}
+"""
+
+
+def test_hlo_ops_get_a_kind_a_phase_and_a_layer():
+    ops = step_profile.parse_hlo(HLO)
+    assert ops["ynn_fusion.3"] == step_profile.HloOp("convolution", "backward", "encoder/blocks/msdc/dconv2/conv")
+    assert ops["cudnn-conv.5"] == step_profile.HloOp("convolution", "forward", "decoder_blocks/msdc/dconv1/conv")
+    assert ops["dot.6"] == step_profile.HloOp("matmul", "forward", "encoder/blocks/mscffn/fc1")
+    assert ops["reduce.8"].kind == "reduction" and ops["reduce.8"].layer == "encoder/norm"
+    assert ops["loop_fusion.9"] == step_profile.HloOp("elementwise", "forward", "encoder/blocks/mscffn")
+    assert ops["copy_fusion.4"].kind == "data movement"
+    assert ops["multiply.10"] == step_profile.HloOp("elementwise", "optimiser and other", "")
+
+
+@pytest.mark.parametrize("op_name, layer", [
+    ("jit(train_step)/transpose(jvp(GMAE))/GMAE.encode/encoder.encode/blocks_0/mscffn/fc1/dot_general",
+     "encoder/blocks/mscffn/fc1"),
+    ("jit(train_step)/jvp(GMAE)/encoder.encode/blocks_1/attn/...qhd,...khd->...hqk/dot_general", "encoder/blocks/attn"),
+    ("jit(train_step)/jvp(GMAE)/blocks_1/attn/while/body/closed_call/add", "blocks/attn"),
+    ("jit(train_step)/sqrt", ""),
+    ("jit(train_step)/jvp(GMAE)/blocks_0/msdc/(dconv3/bn/reduce_sum:dconv1/bn/reduce_sum)", "blocks/msdc"),
+])
+def test_layer_names_drop_transforms_block_numbers_and_the_primitive(op_name, layer):
+    assert step_profile.layer_of(op_name) == layer
+
+
+def _event(pid, op, dur_us, module="jit_train_step"):
+    return {"ph": "X", "pid": pid, "name": op, "dur": dur_us, "args": {"hlo_op": op, "hlo_module": module}}
+
+
+def test_device_events_are_preferred_and_other_modules_ignored():
+    names = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    events = names + [_event(1, "dot.6", 9000), _event(2, "dot.6", 3000), _event(2, "dot.6", 1000),
+                      _event(2, "other.1", 5000, module="jit_make_batch"), {"ph": "X", "pid": 2, "name": "x", "dur": 7}]
+    assert step_profile.op_times_ms(events, "jit_train_step", num_steps=2) == {"dot.6": 2.0}
+    host_only = names[:1] + [_event(1, "dot.6", 9000)]
+    assert step_profile.op_times_ms(host_only, "jit_train_step", num_steps=3) == {"dot.6": 3.0}
+
+
+def test_a_real_step_is_profiled_by_layer():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(16, (3, 3), name="stem")(x)
+            return nn.Dense(256, name="head")(x.reshape(x.shape[0], -1)).sum()
+
+    x = jnp.ones((8, 16, 16, 3))
+    params = Net().init(jax.random.key(0), x)
+
+    @jax.jit
+    def step(params, x):
+        loss, grads = jax.value_and_grad(Net().apply)(params, x)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss
+
+    result = step_profile.profile_train_step(step, params, x, num_steps=2)
+    layers = dict(result.by("layer"))
+    assert layers["stem"] > 0 and layers["head"] > 0, layers
+    kinds = dict(result.by("kind"))
+    assert kinds["convolution"] > 0 and kinds["matmul"] > 0, kinds
+    assert {phase for phase, _ in result.by("phase")} >= {"forward", "backward"}
+    table = step_profile.markdown(result)
+    assert "| convolution |" in table and "| stem |" in table and result.step_ms > 0
