@@ -5,8 +5,8 @@ given a metric, the step where that evaluation metric was best."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -19,6 +19,7 @@ from orbax.checkpoint import checkpoint_managers
 from gmae_jax.schema import ConfigError
 
 BEST, LATEST = "best", "latest"
+T = TypeVar("T")
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
 
 
@@ -94,10 +95,36 @@ def restore(
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
-def _reason(error: Exception) -> str:
+def reason(error: Exception) -> str:
     """The first line of an orbax / tensorstore error, short enough for a log line."""
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:200]}"
+
+
+def newest_that_restores(
+    directory: str, steps: Iterable[int], restore_one: Callable[[int], T], advice: str,
+) -> tuple[T | None, int | None, list[tuple[int, str]]]:
+    """Calls `restore_one(step)` on `steps` newest first until one returns (the others are damaged
+    on disk), logging a warning for each failure. Returns (its result, its step, [(newer step that
+    failed, why)]); (None, None, []) when there are no steps. Raises CheckpointsUnreadableError,
+    ending with `advice` (what to do), when none restores. Reads only: moves nothing."""
+    failures: list[tuple[int, str]] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore_one(step), step, failures
+        except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
+            failures.append((step, reason(error)))
+            logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
+                            step, directory, failures[-1][1])
+    if failures:
+        raise CheckpointsUnreadableError(
+            f"none of the checkpoints in {directory} can be restored ({describe(failures)}); {advice}")
+    return None, None, failures
+
+
+def describe(failures: list[tuple[int, str]]) -> str:
+    """'step 6: why; step 3: why', for one-line messages."""
+    return "; ".join(f"step {step}: {why}" for step, why in failures)
 
 
 def restore_last_good(
@@ -106,20 +133,11 @@ def restore_last_good(
     """Restores the newest step that restores, trying older ones after a failure (a checkpoint
     damaged on disk). Returns (state, its step, [(newer step that failed, why)]); (template, None,
     []) when there is no checkpoint. Raises CheckpointsUnreadableError when none restores."""
-    failures: list[tuple[int, str]] = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return restore(manager, state_template, data_iterator, step), step, failures
-        except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
-            failures.append((step, _reason(error)))
-            logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
-                            step, manager.directory, failures[-1][1])
-    if failures:
-        listed = "; ".join(f"step {step}: {why}" for step, why in failures)
-        raise CheckpointsUnreadableError(
-            f"none of the checkpoints in {manager.directory} can be restored ({listed}); move that folder "
-            "away to train from scratch, or use another --workdir")
-    return state_template, None, failures
+    state, step, failures = newest_that_restores(
+        manager.directory, manager.all_steps(),
+        lambda step: restore(manager, state_template, data_iterator, step),
+        advice="move that folder away to train from scratch, or use another --workdir")
+    return (state_template if step is None else state), step, failures
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
