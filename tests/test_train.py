@@ -2,10 +2,13 @@
 encoder, a killed run resumes to exactly the straight run, divergence stops with a clear error."""
 
 import glob
+import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -267,16 +270,25 @@ def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(strai
     assert tree_of(workdir) == before  # nothing moved, deleted or written in the run
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gmae_jax.main", *args], cwd=os.path.dirname(CONFIGS),
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_a_damaged_step_asked_for_by_number_or_as_best_is_a_one_line_error(straight_run, tmp_path):
     workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "delete")
-    folder = re.escape(f"{workdir}/checkpoints")
-    for which, named in (("6", r"checkpoint step 6"), ("best", r"the 'best' checkpoint \(step 6\)")):
-        with pytest.raises(config_lib.ConfigError) as error:
-            setup.restore_run(workdir, which)
-        assert re.fullmatch(rf"{named} in {folder} cannot be restored \(\w+: .+\); use --config.checkpoint=latest "
-                            r"to take the newest step that restores \(steps there: \[3, 6\]\)", str(error.value)), \
-            str(error.value)
+    expected = (rf" in {re.escape(workdir)}/checkpoints cannot be restored \(\w+: .+\); use --config.checkpoint=latest "
+                r"to take the newest step that restores \(steps there: \[3, 6\]\)")
+    with pytest.raises(config_lib.ConfigError) as error:
+        setup.restore_run(workdir, "best")
+    assert re.fullmatch(r"the 'best' checkpoint \(step 6\)" + expected, str(error.value)), str(error.value)
+
+    result = run_main("--config=configs/evaluate.py", f"--workdir={tmp_path / 'eval'}",
+                      f"--config.checkpoint_dir={workdir}", "--config.checkpoint=6")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: checkpoint step 6" + expected, last), last
     assert setup.restore_run(workdir, "3").step == 3
 
 
@@ -291,17 +303,17 @@ def test_a_run_whose_every_step_is_damaged_lists_each_with_its_reason(straight_r
 
 
 @pytest.mark.slow
-def test_evaluate_of_a_run_with_a_damaged_newest_step_uses_the_previous_and_says_so(
-        straight_run, tmp_path, capsys):
+def test_evaluate_of_a_run_with_a_damaged_newest_step_uses_the_previous_and_says_so(straight_run, tmp_path):
     workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
     before = tree_of(workdir)
-    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
-    evaluate.update(checkpoint_dir=workdir, num_workers=0, batch_size=32)
-    result = stages.run(evaluate, str(tmp_path / "eval"))
-    assert result["checkpoint_step"] == 3 and np.isfinite(result["loss"])
-    printed = capsys.readouterr().out.splitlines()
-    assert [line for line in printed if line.startswith("notice: used checkpoint step 3 of ")] == [
-        setup.restore_run(workdir).skipped_notice()]
+    result = run_main("--config=configs/evaluate.py", f"--workdir={tmp_path / 'eval'}",
+                      f"--config.checkpoint_dir={workdir}", "--config.num_workers=0", "--config.batch_size=32")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    notices = [line for line in result.stdout.splitlines() if line.startswith("notice: used checkpoint")]
+    assert notices == [setup.restore_run(workdir).skipped_notice()]
+    assert notices[0].startswith(f"notice: used checkpoint step 3 of {workdir}/checkpoints: the newer step(s) [6] ")
+    saved = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert saved["checkpoint_step"] == 3 and np.isfinite(saved["loss"])
     assert tree_of(workdir) == before  # the stage only read the run
 
 

@@ -4,8 +4,10 @@ given a metric, the step where that evaluation metric was best."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grain
@@ -96,9 +98,32 @@ def restore(
 
 
 def reason(error: Exception) -> str:
-    """The first line of an orbax / tensorstore error, short enough for a log line."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:200]}"
+    """One line on why a step did not restore, short enough for a log line. Tensorstore nests its
+    causes ('CODE: Error opening "cast" driver: ... : the cause [tensorstore_spec=...]'): keep the
+    code and the innermost two (which file, what is wrong with it), drop the spec."""
+    first = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    parts = first.split(": ")
+    if len(first) > 200 and len(parts) > 3:
+        first = ": ".join([parts[0], "...", *parts[-2:]])
+    return f"{type(error).__name__}: {first[:400]}"
+
+
+@contextlib.contextmanager
+def quiet_abandoned_reads() -> Iterator[None]:
+    """Orbax runs a restore on a fresh event loop and closes it at the first array that fails; the
+    reads of the other arrays, still in flight in tensorstore, then complete onto the closed loop,
+    and Python prints a 'RuntimeError: Event loop is closed' traceback for each (hundreds for one
+    damaged step). The failure itself is reported by the caller; other unraisable errors pass.
+    After a failure the filter stays: those reads may complete after the caller has moved on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    yield  # an exception propagates from here, leaving `hook` in place
+    sys.unraisablehook = previous
 
 
 def newest_that_restores(
@@ -111,7 +136,8 @@ def newest_that_restores(
     failures: list[tuple[int, str]] = []
     for step in sorted(steps, reverse=True):
         try:
-            return restore_one(step), step, failures
+            with quiet_abandoned_reads():
+                return restore_one(step), step, failures
         except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
             failures.append((step, reason(error)))
             logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",

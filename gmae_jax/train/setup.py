@@ -176,7 +176,8 @@ def _restore_weights(
     if step is None:
         raise ConfigError(f"no '{which}' checkpoint in {folder} (steps there: {steps})")
     try:
-        return checkpoint.restore_weights(manager, step, abstract), step, []
+        with checkpoint.quiet_abandoned_reads():
+            return checkpoint.restore_weights(manager, step, abstract), step, []
     except Exception as error:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
         named = f"the 'best' checkpoint (step {step})" if which == checkpoint.BEST else f"checkpoint step {step}"
         raise ConfigError(
