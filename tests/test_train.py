@@ -252,13 +252,16 @@ def tree_of(folder: str) -> tuple[list[str], dict[str, bytes]]:
 @pytest.mark.slow
 def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(straight_run, tmp_path, caplog):
     workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
+    os.mkdir(os.path.join(workdir, "checkpoints", "9"))  # a kill mid-save that left an empty step folder
     before = tree_of(workdir)
     with caplog.at_level(logging.WARNING):
         latest = setup.restore_run(workdir)
-    assert latest.step == 3 and [step for step, _ in latest.skipped] == [6] and latest.skipped[0][1]
-    assert f"checkpoint step 6 in {workdir}/checkpoints could not be restored" in caplog.text
+    assert latest.step == 3 and [step for step, _ in latest.skipped] == [9, 6]
+    assert all(why for _, why in latest.skipped)
+    for step in (9, 6):
+        assert f"checkpoint step {step} in {workdir}/checkpoints could not be restored" in caplog.text
     notice = latest.skipped_notice()
-    assert notice.startswith(f"notice: used checkpoint step 3 of {workdir}/checkpoints: the newer step(s) [6] ")
+    assert notice.startswith(f"notice: used checkpoint step 3 of {workdir}/checkpoints: the newer step(s) [9, 6] ")
     assert "\n" not in notice
 
     explicit = setup.restore_run(workdir, "3")

@@ -21,8 +21,8 @@ from orbax.checkpoint import checkpoint_managers
 from gmae_jax.schema import ConfigError
 
 BEST, LATEST = "best", "latest"
-T = TypeVar("T")
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
+T = TypeVar("T")
 
 
 class CheckpointsUnreadableError(ConfigError):
@@ -126,6 +126,11 @@ def quiet_abandoned_reads() -> Iterator[None]:
     sys.unraisablehook = previous
 
 
+def describe(failures: list[tuple[int, str]]) -> str:
+    """'step 6: why; step 3: why', for one-line messages."""
+    return "; ".join(f"step {step}: {why}" for step, why in failures)
+
+
 def newest_that_restores(
     directory: str, steps: Iterable[int], restore_one: Callable[[int], T], advice: str,
 ) -> tuple[T | None, int | None, list[tuple[int, str]]]:
@@ -146,11 +151,6 @@ def newest_that_restores(
         raise CheckpointsUnreadableError(
             f"none of the checkpoints in {directory} can be restored ({describe(failures)}); {advice}")
     return None, None, failures
-
-
-def describe(failures: list[tuple[int, str]]) -> str:
-    """'step 6: why; step 3: why', for one-line messages."""
-    return "; ".join(f"step {step}: {why}" for step, why in failures)
 
 
 def restore_last_good(

@@ -69,8 +69,9 @@ class RestoredRun:
         """One line for the stage's output saying which damaged steps were passed over; '' if none."""
         if not self.skipped:
             return ""
+        steps = [step for step, _ in self.skipped]
         return (f"notice: used checkpoint step {self.step} of {self.workdir}/{CHECKPOINTS}: the newer step(s) "
-                f"{[step for step, _ in self.skipped]} could not be restored ({checkpoint.describe(list(self.skipped))})")
+                f"{steps} could not be restored ({checkpoint.describe(list(self.skipped))})")
 
 
 def validate_run_reference(config: ml_collections.ConfigDict, runs: str = "a pretrain or finetune run") -> None:
