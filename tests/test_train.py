@@ -2,10 +2,13 @@
 encoder, a killed run resumes to exactly the straight run, divergence stops with a clear error."""
 
 import glob
+import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -223,6 +226,98 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_straig
     assert os.path.isdir(os.path.join(damaged_dir, checkpoint.DAMAGED, "6"))  # kept for a look, not deleted
 
     assert_same_final_run(straight_dir, damaged_dir)
+
+
+def damaged_copy(straight_dir: str, folder: str, steps: tuple[int, ...], how: str) -> str:
+    """A copy of the straight run whose checkpoint `steps` have their array data files truncated to
+    half their size or deleted (`how`), as a full disk or a kill mid-copy leaves them."""
+    shutil.copytree(straight_dir, folder)
+    for step in steps:
+        data_files = glob.glob(os.path.join(folder, "checkpoints", str(step), "state", "**", "d", "*"), recursive=True)
+        assert data_files
+        for path in data_files:
+            if how == "delete":
+                os.remove(path)
+            else:
+                os.truncate(path, os.path.getsize(path) // 2)
+    return folder
+
+
+def tree_of(folder: str) -> tuple[list[str], dict[str, bytes]]:
+    """Every folder and every file with its bytes under `folder`: what a read-only stage must leave as it was."""
+    folders = sorted(os.path.relpath(d, folder) for d, _, _ in os.walk(folder))
+    return folders, files_of(folder)
+
+
+@pytest.mark.slow
+def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(straight_run, tmp_path, caplog):
+    workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
+    os.mkdir(os.path.join(workdir, "checkpoints", "9"))  # a kill mid-save that left an empty step folder
+    before = tree_of(workdir)
+    with caplog.at_level(logging.WARNING):
+        latest = setup.restore_run(workdir)
+    assert latest.step == 3 and [step for step, _ in latest.skipped] == [9, 6]
+    assert all(why for _, why in latest.skipped)
+    for step in (9, 6):
+        assert f"checkpoint step {step} in {workdir}/checkpoints could not be restored" in caplog.text
+    notice = latest.skipped_notice()
+    assert notice.startswith(f"notice: used checkpoint step 3 of {workdir}/checkpoints: the newer step(s) [9, 6] ")
+    assert "\n" not in notice
+
+    explicit = setup.restore_run(workdir, "3")
+    assert explicit.step == 3 and explicit.skipped == () and explicit.skipped_notice() == ""
+    assert int(latest.weights.step) == int(explicit.weights.step) == 3
+    for got, want in zip(jax.tree.leaves((latest.weights.params, latest.weights.batch_stats)),
+                         jax.tree.leaves((explicit.weights.params, explicit.weights.batch_stats))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert tree_of(workdir) == before  # nothing moved, deleted or written in the run
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gmae_jax.main", *args], cwd=os.path.dirname(CONFIGS),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_damaged_step_asked_for_by_number_or_as_best_is_a_one_line_error(straight_run, tmp_path):
+    workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "delete")
+    expected = (rf" in {re.escape(workdir)}/checkpoints cannot be restored \(\w+: .+\); use --config.checkpoint=latest "
+                r"to take the newest step that restores \(steps there: \[3, 6\]\)")
+    with pytest.raises(config_lib.ConfigError) as error:
+        setup.restore_run(workdir, "best")
+    assert re.fullmatch(r"the 'best' checkpoint \(step 6\)" + expected, str(error.value)), str(error.value)
+
+    result = run_main("--config=configs/evaluate.py", f"--workdir={tmp_path / 'eval'}",
+                      f"--config.checkpoint_dir={workdir}", "--config.checkpoint=6")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: checkpoint step 6" + expected, last), last
+    assert setup.restore_run(workdir, "3").step == 3
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_step_is_damaged_lists_each_with_its_reason(straight_run, tmp_path):
+    workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (3, 6), "delete")
+    with pytest.raises(checkpoint.CheckpointsUnreadableError) as error:
+        setup.restore_run(workdir)
+    assert re.fullmatch(rf"none of the checkpoints in {re.escape(workdir)}/checkpoints can be restored "
+                        r"\(step 6: \w+: [^;]+; step 3: \w+: [^;]+\); check that the run's disk is intact, or "
+                        r"point --config.checkpoint_dir at another run", str(error.value)), str(error.value)
+
+
+@pytest.mark.slow
+def test_evaluate_of_a_run_with_a_damaged_newest_step_uses_the_previous_and_says_so(straight_run, tmp_path):
+    workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
+    before = tree_of(workdir)
+    result = run_main("--config=configs/evaluate.py", f"--workdir={tmp_path / 'eval'}",
+                      f"--config.checkpoint_dir={workdir}", "--config.num_workers=0", "--config.batch_size=32")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    notices = [line for line in result.stdout.splitlines() if line.startswith("notice: used checkpoint")]
+    assert notices == [setup.restore_run(workdir).skipped_notice()]
+    assert notices[0].startswith(f"notice: used checkpoint step 3 of {workdir}/checkpoints: the newer step(s) [6] ")
+    saved = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert saved["checkpoint_step"] == 3 and np.isfinite(saved["loss"])
+    assert tree_of(workdir) == before  # the stage only read the run
 
 
 @pytest.mark.slow

@@ -4,9 +4,11 @@ given a metric, the step where that evaluation metric was best."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -20,6 +22,7 @@ from gmae_jax.schema import ConfigError
 
 BEST, LATEST = "best", "latest"
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
+T = TypeVar("T")
 
 
 class CheckpointsUnreadableError(ConfigError):
@@ -94,10 +97,60 @@ def restore(
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
-def _reason(error: Exception) -> str:
-    """The first line of an orbax / tensorstore error, short enough for a log line."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:200]}"
+def reason(error: Exception) -> str:
+    """One line on why a step did not restore, short enough for a log line. Tensorstore nests its
+    causes ('CODE: Error opening "cast" driver: ... : the cause [tensorstore_spec=...]'): keep the
+    code and the innermost two (which file, what is wrong with it), drop the spec."""
+    first = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    parts = first.split(": ")
+    if len(first) > 200 and len(parts) > 3:
+        first = ": ".join([parts[0], "...", *parts[-2:]])
+    return f"{type(error).__name__}: {first[:400]}"
+
+
+@contextlib.contextmanager
+def quiet_abandoned_reads() -> Iterator[None]:
+    """Orbax runs a restore on a fresh event loop and closes it at the first array that fails; the
+    reads of the other arrays, still in flight in tensorstore, then complete onto the closed loop,
+    and Python prints a 'RuntimeError: Event loop is closed' traceback for each (hundreds for one
+    damaged step). The failure itself is reported by the caller; other unraisable errors pass.
+    After a failure the filter stays: those reads may complete after the caller has moved on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    yield  # an exception propagates from here, leaving `hook` in place
+    sys.unraisablehook = previous
+
+
+def describe(failures: list[tuple[int, str]]) -> str:
+    """'step 6: why; step 3: why', for one-line messages."""
+    return "; ".join(f"step {step}: {why}" for step, why in failures)
+
+
+def newest_that_restores(
+    directory: str, steps: Iterable[int], restore_one: Callable[[int], T], advice: str,
+) -> tuple[T | None, int | None, list[tuple[int, str]]]:
+    """Calls `restore_one(step)` on `steps` newest first until one returns (the others are damaged
+    on disk), logging a warning for each failure. Returns (its result, its step, [(newer step that
+    failed, why)]); (None, None, []) when there are no steps. Raises CheckpointsUnreadableError,
+    ending with `advice` (what to do), when none restores. Reads only: moves nothing."""
+    failures: list[tuple[int, str]] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            with quiet_abandoned_reads():
+                return restore_one(step), step, failures
+        except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
+            failures.append((step, reason(error)))
+            logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
+                            step, directory, failures[-1][1])
+    if failures:
+        raise CheckpointsUnreadableError(
+            f"none of the checkpoints in {directory} can be restored ({describe(failures)}); {advice}")
+    return None, None, failures
 
 
 def restore_last_good(
@@ -106,20 +159,11 @@ def restore_last_good(
     """Restores the newest step that restores, trying older ones after a failure (a checkpoint
     damaged on disk). Returns (state, its step, [(newer step that failed, why)]); (template, None,
     []) when there is no checkpoint. Raises CheckpointsUnreadableError when none restores."""
-    failures: list[tuple[int, str]] = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            return restore(manager, state_template, data_iterator, step), step, failures
-        except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
-            failures.append((step, _reason(error)))
-            logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
-                            step, manager.directory, failures[-1][1])
-    if failures:
-        listed = "; ".join(f"step {step}: {why}" for step, why in failures)
-        raise CheckpointsUnreadableError(
-            f"none of the checkpoints in {manager.directory} can be restored ({listed}); move that folder "
-            "away to train from scratch, or use another --workdir")
-    return state_template, None, failures
+    state, step, failures = newest_that_restores(
+        manager.directory, manager.all_steps(),
+        lambda step: restore(manager, state_template, data_iterator, step),
+        advice="move that folder away to train from scratch, or use another --workdir")
+    return (state_template if step is None else state), step, failures
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:

@@ -4,6 +4,8 @@
 predict, export, a fine-tune's `init_from`): it reads the run's `config.json` and `classes.json`,
 rebuilds the model and the mesh, and restores only the step, parameters and BatchNorm statistics of
 a checkpoint, directly with their shardings. It never builds an optimiser and never opens data.
+A damaged newest checkpoint is skipped for the previous one (as a resumed training run does), but
+left where it is: these stages only read the run.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ class RestoredRun:
     mesh: jax.sharding.Mesh
     weights: Weights
     step: int  # the restored checkpoint's training step
+    # Newer steps that did not restore (damaged on disk), with the reason, when `which` was 'latest'.
+    skipped: tuple[tuple[int, str], ...] = ()
+
+    def skipped_notice(self) -> str:
+        """One line for the stage's output saying which damaged steps were passed over; '' if none."""
+        if not self.skipped:
+            return ""
+        steps = [step for step, _ in self.skipped]
+        return (f"notice: used checkpoint step {self.step} of {self.workdir}/{CHECKPOINTS}: the newer step(s) "
+                f"{steps} could not be restored ({checkpoint.describe(list(self.skipped))})")
 
 
 def validate_run_reference(config: ml_collections.ConfigDict, runs: str = "a pretrain or finetune run") -> None:
@@ -129,7 +141,8 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
 
 def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
     """Rebuilds a pretrain or finetune run from `workdir` with the weights of checkpoint `which`
-    ('latest', 'best' or a step number)."""
+    ('latest': the newest step that restores, see `RestoredRun.skipped`; 'best' or a step number:
+    that step, or a ConfigError saying why not). Reads the run folder only, whatever it finds."""
     workdir = run_workdir(workdir)
     config = load_run_config(workdir)
     class_names = load_class_names(workdir)
@@ -138,12 +151,36 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
                           "checkpoint; use --config.checkpoint=latest")
     model, init_inputs = build_model(config)
     mesh = run_mesh(config)
+    abstract = abstract_weights(model, init_inputs, mesh)
     manager = checkpoint_manager(workdir, config)
+    try:
+        weights, step, skipped = _restore_weights(manager, which, abstract, f"{workdir}/{CHECKPOINTS}")
+    finally:
+        manager.close()
+    return RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,
+                       weights=weights, step=step, skipped=tuple(skipped))
+
+
+def _restore_weights(
+    manager: Any, which: str, abstract: Weights, folder: str,
+) -> tuple[Weights, int, list[tuple[int, str]]]:
+    """The weights of checkpoint `which`: for 'latest' the newest step that restores (a damaged
+    newer one is skipped, and listed); a named step or 'best' must restore itself. Never writes."""
+    steps = sorted(manager.all_steps())
+    if which == checkpoint.LATEST:
+        weights, step, skipped = checkpoint.newest_that_restores(
+            folder, steps, lambda step: checkpoint.restore_weights(manager, step, abstract),
+            advice="check that the run's disk is intact, or point --config.checkpoint_dir at another run")
+        if step is not None:
+            return weights, step, skipped
     step = checkpoint.pick_step(manager, which)
     if step is None:
-        raise ConfigError(f"no '{which}' checkpoint in {workdir}/{CHECKPOINTS} (steps there: "
-                          f"{sorted(manager.all_steps())})")
-    weights = checkpoint.restore_weights(manager, step, abstract_weights(model, init_inputs, mesh))
-    manager.close()
-    return RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,
-                       weights=weights, step=step)
+        raise ConfigError(f"no '{which}' checkpoint in {folder} (steps there: {steps})")
+    try:
+        with checkpoint.quiet_abandoned_reads():
+            return checkpoint.restore_weights(manager, step, abstract), step, []
+    except Exception as error:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
+        named = f"the 'best' checkpoint (step {step})" if which == checkpoint.BEST else f"checkpoint step {step}"
+        raise ConfigError(
+            f"{named} in {folder} cannot be restored ({checkpoint.reason(error)}); use "
+            f"--config.checkpoint=latest to take the newest step that restores (steps there: {steps})") from error
