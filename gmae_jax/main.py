@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging as pylogging
+import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import distributed, host_memory, stages, user_errors
+from gmae_jax import compile_cache, distributed, host_memory, stages, user_errors
 from gmae_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
@@ -25,6 +26,11 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool(
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors too (or set GMAE_DEBUG=1).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many devices (several CPU processes on one machine).")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Where XLA keeps compiled programs, so that a resumed or repeated run skips its compiles (a local "
+    f"folder or gs://...); default $JAX_COMPILATION_CACHE_DIR, else {compile_cache.DEFAULT_DIR}; "
+    f"'{compile_cache.OFF}' turns it off.")
 
 class _QuietLibraries(pylogging.Filter):
     """Keeps orbax's per-save INFO chatter out of the progress output. Warnings still pass, except
@@ -48,6 +54,7 @@ def main(argv: list[str]) -> None:
     host_memory.keep_freed_memory()  # before JAX starts its threads (see gmae_jax/host_memory.py)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
+    cache = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE_DIR.value, os.environ))
     try:
         distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,
@@ -56,6 +63,7 @@ def main(argv: list[str]) -> None:
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
         stages.run(config, _WORKDIR.value)
+        logging.info("%s", cache.summary())
     except Preempted as stop:
         sys.exit(str(stop))
     except Exception as error:
