@@ -11,7 +11,7 @@ import hagrid_fixtures as fx
 import pytest
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data import hagrid, prepare, sources
+from gmae_jax.data import hagrid, hagrid_layout, prepare, sources
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.stages import finetune
 
@@ -89,7 +89,7 @@ def test_annotations_of_gestures_not_downloaded_lose_no_image(tmp_path):
 
     names, train, _ = sources.open_sources(_data(tmp_path))
 
-    assert names == list(hagrid.HAGRID_V2_CLASSES) and len(train) == 2
+    assert names == list(hagrid_layout.HAGRID_V2_CLASSES) and len(train) == 2
     _, report = hagrid.read_hagrid_v2(tmp_path)
     assert report.skipped == {hagrid.NO_IMAGE_FOLDER: [str(tree.json_path("train", "palm"))]}
     assert report.dropped_images() == {}

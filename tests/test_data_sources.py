@@ -17,14 +17,14 @@ from PIL import Image
 import pytest
 
 from gmae_jax import schema
-from gmae_jax.data import crops, hagrid, pipeline, sources, splits, transforms
+from gmae_jax.data import crops, hagrid_layout, pipeline, record_filters, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 
 flags.FLAGS.mark_as_parsed()
 
 SIZE = 16
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V2 = hagrid.HAGRID_V2_CLASSES
+V2 = hagrid_layout.HAGRID_V2_CLASSES
 
 
 def data_config(root, **overrides):
@@ -140,7 +140,7 @@ def test_hand_crop_eval_labels_are_the_gestures(v2_root):
                                               num_workers=0))
 
     labels = np.concatenate([b["label"] for b in batches])
-    assert sorted(labels) == sorted(V2.index(hagrid.gesture_name(r)) for r in val.records)
+    assert sorted(labels) == sorted(V2.index(record_filters.gesture_name(r)) for r in val.records)
 
 
 @pytest.mark.parametrize("mode", ["full_frame", "hand_crop"])

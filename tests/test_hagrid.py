@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from gmae_jax.data import crops, hagrid, splits, transforms
+from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.hagrid import HagridRecord
 
@@ -39,41 +39,41 @@ def _v1(tmp_path, **kwargs):
 
 def test_detect_layout_recognises_v2(tmp_path):
     _v2(tmp_path, num_users=1, images_per_user=1)
-    assert hagrid.detect_layout(tmp_path) == "hagrid_v2"
+    assert hagrid_layout.detect_layout(tmp_path) == "hagrid_v2"
 
 
 def test_detect_layout_recognises_v1(tmp_path):
     _v1(tmp_path, num_users=1, images_per_user=1)
-    assert hagrid.detect_layout(tmp_path) == "hagrid_v1"
+    assert hagrid_layout.detect_layout(tmp_path) == "hagrid_v1"
 
 
 def test_detect_layout_recognises_class_folders(tmp_path):
     fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
-    assert hagrid.detect_layout(tmp_path) == "class_folders"
+    assert hagrid_layout.detect_layout(tmp_path) == "class_folders"
 
 
 def test_detect_layout_error_names_all_expected_layouts(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(DataLayoutError, match=r"hagrid_annotations.*ann_train_val.*\{train,val\}"):
-        hagrid.detect_layout(tmp_path)
+        hagrid_layout.detect_layout(tmp_path)
 
 
 def test_detect_layout_half_a_v2_tree_is_an_error(tmp_path):
     (tmp_path / "hagrid_dataset").mkdir()
     with pytest.raises(DataLayoutError, match="part of the HaGRID v2 layout"):
-        hagrid.detect_layout(tmp_path)
+        hagrid_layout.detect_layout(tmp_path)
 
 
 # ---- Classes and readers ----
 
 
 def test_class_lists_follow_the_format_doc():
-    assert len(hagrid.HAGRID_V1_CLASSES) == 19 and len(hagrid.HAGRID_V2_CLASSES) == 34
-    assert hagrid.HAGRID_V2_CLASSES[:18] == hagrid.HAGRID_V1_CLASSES[:18]
-    assert hagrid.HAGRID_V1_CLASSES[-1] == hagrid.HAGRID_V2_CLASSES[-1] == "no_gesture"
-    assert hagrid.HAGRID_V2_CLASSES[18:33:14] == ("grabbing", "thumb_index2")
-    assert len(set(hagrid.HAGRID_V2_CLASSES)) == 34
-    assert hagrid.TWO_HANDED <= set(hagrid.HAGRID_V2_CLASSES) - set(hagrid.HAGRID_V1_CLASSES)
+    assert len(hagrid_layout.HAGRID_V1_CLASSES) == 19 and len(hagrid_layout.HAGRID_V2_CLASSES) == 34
+    assert hagrid_layout.HAGRID_V2_CLASSES[:18] == hagrid_layout.HAGRID_V1_CLASSES[:18]
+    assert hagrid_layout.HAGRID_V1_CLASSES[-1] == hagrid_layout.HAGRID_V2_CLASSES[-1] == "no_gesture"
+    assert hagrid_layout.HAGRID_V2_CLASSES[18:33:14] == ("grabbing", "thumb_index2")
+    assert len(set(hagrid_layout.HAGRID_V2_CLASSES)) == 34
+    assert hagrid_layout.TWO_HANDED <= set(hagrid_layout.HAGRID_V2_CLASSES) - set(hagrid_layout.HAGRID_V1_CLASSES)
 
 
 def test_read_v2_takes_the_split_from_the_annotation_folder(tmp_path):
@@ -160,29 +160,29 @@ def test_read_v1_unknown_annotation_set_is_an_error(tmp_path):
 
 def test_label_is_the_first_label_that_is_not_no_gesture():
     record = _record(["no_gesture", "peace"], folder="peace")
-    assert hagrid.gesture_label(record, hagrid.HAGRID_V1_CLASSES) == 9
+    assert record_filters.gesture_label(record, hagrid_layout.HAGRID_V1_CLASSES) == 9
 
 
 def test_only_no_gesture_in_the_no_gesture_folder_is_no_gesture():
     record = _record(["no_gesture", "no_gesture"], folder="no_gesture")
-    assert hagrid.gesture_label(record, hagrid.HAGRID_V2_CLASSES) == 33
+    assert record_filters.gesture_label(record, hagrid_layout.HAGRID_V2_CLASSES) == 33
 
 
 def test_only_no_gesture_in_a_gesture_folder_has_no_label():
     record = _record(["no_gesture"], folder="call")
-    assert hagrid.gesture_label(record, hagrid.HAGRID_V2_CLASSES) is None
+    assert record_filters.gesture_label(record, hagrid_layout.HAGRID_V2_CLASSES) is None
 
 
 def test_label_outside_the_class_list_has_no_label():
     record = _record(["hand_heart", "hand_heart"])
-    assert hagrid.gesture_label(record, hagrid.HAGRID_V1_CLASSES) is None
+    assert record_filters.gesture_label(record, hagrid_layout.HAGRID_V1_CLASSES) is None
 
 
 def test_labels_of_a_read_tree_match_their_folders(tmp_path):
     _v2(tmp_path)
     records, _ = hagrid.read_hagrid_v2(tmp_path)
-    classes = hagrid.HAGRID_V2_CLASSES
-    assert all(classes[hagrid.gesture_label(r, classes)] == r.class_folder for r in records)
+    classes = hagrid_layout.HAGRID_V2_CLASSES
+    assert all(classes[record_filters.gesture_label(r, classes)] == r.class_folder for r in records)
 
 
 # ---- Awkward cases: skipped and named, repaired and named, or a clear error ----
@@ -212,7 +212,7 @@ def test_truncated_jpeg_is_kept_by_the_reader_and_rejected_by_verify(tmp_path):
     path = fx.inject_truncated_jpeg(tree, "train", "like")
     records, _ = hagrid.read_hagrid_v2(tmp_path)
 
-    good, bad = hagrid.verify_images(records)
+    good, bad = record_filters.verify_images(records)
 
     assert [(r.path, str(path) in reason) for r, reason in bad] == [(str(path), True)]
     assert len(good) == len(records) - 1
@@ -224,7 +224,7 @@ def test_unusual_colour_modes_verify_and_decode_to_rgb(tmp_path, mode):
     path = fx.inject_image_mode(tree, "train", "call", mode)
     records, _ = hagrid.read_hagrid_v2(tmp_path)
 
-    good, bad = hagrid.verify_images(records)
+    good, bad = record_filters.verify_images(records)
 
     assert bad == [] and str(path) in {r.path for r in good}
     with Image.open(path) as raw:
@@ -237,7 +237,7 @@ def test_exif_rotated_photo_verifies_and_decodes_upright(tmp_path):
     path = fx.inject_exif_rotated(tree, "train", "call", size=(192, 108))
     records, _ = hagrid.read_hagrid_v2(tmp_path)
 
-    good, bad = hagrid.verify_images(records)
+    good, bad = record_filters.verify_images(records)
 
     assert bad == [] and len(good) == 2
     assert transforms.decode_rgb(path).size == (108, 192)
@@ -508,7 +508,7 @@ def test_split_by_user_is_user_disjoint_and_near_70_30():
     records = _population()
 
     parts = splits.split_by_user(
-        records, {"pretrain": 0.7, "finetune": 0.3}, seed=1, stratify_by=hagrid.gesture_name
+        records, {"pretrain": 0.7, "finetune": 0.3}, seed=1, stratify_by=record_filters.gesture_name
     )
 
     splits.assert_user_disjoint(parts)
@@ -558,7 +558,7 @@ def test_a_read_v1_tree_splits_by_user(tmp_path):
     records, _ = hagrid.read_hagrid_v1(tmp_path)
 
     parts = splits.split_by_user(
-        records, {"pretrain": 0.7, "finetune": 0.3}, seed=0, stratify_by=hagrid.gesture_name
+        records, {"pretrain": 0.7, "finetune": 0.3}, seed=0, stratify_by=record_filters.gesture_name
     )
 
     splits.assert_user_disjoint(parts)

@@ -14,7 +14,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data import class_folders, crops, hagrid, pipeline, prepare, records, sources, splits
+from gmae_jax.data import class_folders, crops, hagrid, hagrid_layout, pipeline, prepare, records, sources, splits
 
 flags.FLAGS.mark_as_parsed()
 
@@ -88,7 +88,7 @@ def test_manifest_counts_match_the_shards_and_name_every_skip(prepared):
     out, manifest, injected = prepared
     parts = _read_back(out)
 
-    assert manifest["class_names"] == list(hagrid.HAGRID_V2_CLASSES)
+    assert manifest["class_names"] == list(hagrid_layout.HAGRID_V2_CLASSES)
     for (corpus, split), rs in parts.items():
         assert sum(manifest["counts"][f"{corpus}/{split}"].values()) == len(rs) > 0
     assert sum(len(rs) for rs in parts.values()) == NUM_USERS * len(CLASSES)
@@ -143,7 +143,7 @@ def _assert_same(a, b):
 def test_prepared_layout_is_detected_with_its_class_list(shard_sources, prepared):
     names, train, val = shard_sources
 
-    assert names == list(hagrid.HAGRID_V2_CLASSES)
+    assert names == list(hagrid_layout.HAGRID_V2_CLASSES)
     assert len(train) == sum(prepared[1]["counts"]["pretrain/train"].values())
     assert len(val) == sum(prepared[1]["counts"]["pretrain/val"].values())
 

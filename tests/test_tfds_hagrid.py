@@ -11,7 +11,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from gmae_jax import schema
-from gmae_jax.data import hagrid, pipeline, splits  # noqa: E402
+from gmae_jax.data import hagrid_layout, pipeline, record_filters, splits  # noqa: E402
 from gmae_jax.data import tfds_hagrid  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
@@ -53,5 +53,6 @@ def test_data_source_feeds_the_grain_pipeline_identically_for_0_and_2_workers(bu
     for a, b in zip(zero, two, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
-    expected = sorted(hagrid.HAGRID_V2_CLASSES.index(hagrid.gesture_name(source[i][0])) for i in range(16))
+    names = [record_filters.gesture_name(source[i][0]) for i in range(16)]
+    expected = sorted(map(hagrid_layout.HAGRID_V2_CLASSES.index, names))
     assert sorted(zero[0]["label"]) == expected

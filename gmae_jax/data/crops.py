@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from gmae_jax.data.hagrid import NO_GESTURE, TWO_HANDED, Box, HagridRecord
+from gmae_jax.data.hagrid import Box, HagridRecord
+from gmae_jax.data.hagrid_layout import NO_GESTURE, TWO_HANDED
 from gmae_jax.data.transforms import IMAGENET_MEAN
 
 FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)

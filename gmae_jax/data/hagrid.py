@@ -1,12 +1,12 @@
-"""HaGRID v1 and v2 trees on disk -> annotated records, with a report naming every skip.
+"""HaGRID v1 and v2 annotations on disk -> annotated records, with a report naming every skip.
 
-Readers parse JSON and list folders only, so a million-image tree reads in minutes;
-`verify_images` decodes, for the prepare stage. Knows HaGRID and nothing about JAX.
+Readers parse JSON and list folders only, so a million-image tree reads in minutes. Class lists
+and layouts live in `hagrid_layout`, labels and record filters in `record_filters`. Knows HaGRID
+and nothing about JAX.
 """
 
 import collections
 from collections.abc import Iterator, Sequence
-import concurrent.futures
 import dataclasses
 import json
 import math
@@ -15,33 +15,10 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
-from gmae_jax.data.transforms import ImageDecodeError, decode_rgb
+from gmae_jax.data.class_folders import DataLayoutError
+from gmae_jax.data.hagrid_layout import (HAGRID_V1_CLASSES, HAGRID_V2_CLASSES, NO_GESTURE, V1_ANNOTATION_SETS,
+                                         V1_LAYOUT, V2_LAYOUT, V2_SPLITS, is_image)
 
-NO_GESTURE = "no_gesture"
-_V1_GESTURES = (
-    "call", "dislike", "fist", "four", "like", "mute", "ok", "one", "palm", "peace",
-    "peace_inverted", "rock", "stop", "stop_inverted", "three", "three2", "two_up",
-    "two_up_inverted",
-)  # fmt: skip
-_V2_ADDED = (
-    "grabbing", "grip", "holy", "point", "three3", "timeout", "xsign", "hand_heart",
-    "hand_heart2", "little_finger", "middle_finger", "take_picture", "three_gun",
-    "thumb_index", "thumb_index2",
-)  # fmt: skip
-# Label indices are positions in these tuples: never reorder, only append in a new constant.
-HAGRID_V1_CLASSES = _V1_GESTURES + (NO_GESTURE,)
-HAGRID_V2_CLASSES = _V1_GESTURES + _V2_ADDED + (NO_GESTURE,)
-TWO_HANDED = frozenset(
-    {"hand_heart", "hand_heart2", "thumb_index2", "timeout", "holy", "take_picture", "xsign"}
-)
-
-V2_SPLITS = ("train", "val", "test")
-# v1 annotation set -> the split it defines ('' where train and val are mixed).
-V1_ANNOTATION_SETS = {"ann_train_val": "", "ann_test": "test", "ann_subsample": ""}
-_V2_LAYOUT = "hagrid_dataset/<class>/<id>.jpg + hagrid_annotations/{train,val,test}/<class>.json"
-_V1_LAYOUT = "{ann_train_val,ann_test,ann_subsample}/<class>.json + <images_dir>/<class>/<id>.jpg"
-_CLASS_FOLDERS_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
 # Boxes may overshoot [0, 1] by float noise; only larger overshoots are reported as clipped.
 _CLIP_TOLERANCE = 1e-6
 
@@ -60,8 +37,6 @@ MALFORMED_ENTRY = "malformed_entry"  # missing keys, wrong types, boxes/labels l
 CLIPPED_BOX = "clipped_box"  # repair: box clipped to the image
 DROPPED_BOX = "dropped_box"  # repair: zero-area box (after clipping) dropped with its label
 NO_GESTURE_LABEL = "no_gesture_label"  # only no_gesture hands outside the no_gesture folder
-# config.data.classes: the official list of the layout's HaGRID version, or the class folders found.
-OFFICIAL, PRESENT = "hagrid", "present"
 
 Box = tuple[float, float, float, float]
 
@@ -167,72 +142,6 @@ class ReadReport:
             "raise --config.data.max_dropped_fraction to accept the loss.")
 
 
-def _image_folders(images_root: epath.Path, exclude: frozenset[str]) -> list[epath.Path]:
-    return [f for f in sorted(images_root.iterdir())
-            if f.is_dir() and f.name not in exclude and not f.name.startswith(".")]
-
-
-def _is_image(entry: epath.Path) -> bool:
-    return not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES
-
-
-def images_root_of(root: epath.PathLike, layout: str) -> tuple[epath.Path, frozenset[str]]:
-    """Where a layout keeps its class folders, and the folders there that are not classes."""
-    root = epath.Path(root)
-    if layout == "hagrid_v2":
-        return root / "hagrid_dataset", frozenset()
-    return root, frozenset(V1_ANNOTATION_SETS)
-
-
-def resolve_classes(classes: str | Sequence[str], layout: str, root: epath.PathLike) -> list[str]:
-    """The class list that `config.data.classes` means for a HaGRID tree (labels index it).
-
-    'hagrid': the official list of the layout's version (a label means the same in every run);
-    'present': the class folders that hold images, sorted, no_gesture last as in HaGRID's lists;
-    else the given names (a comma-separated string or a sequence), in their order.
-    """
-    if isinstance(classes, str) and classes == OFFICIAL:
-        return list(HAGRID_V2_CLASSES if layout == "hagrid_v2" else HAGRID_V1_CLASSES)
-    if isinstance(classes, str) and classes == PRESENT:
-        images_root, exclude = images_root_of(root, layout)
-        names = sorted(f.name for f in _image_folders(images_root, exclude) if any(map(_is_image, f.iterdir())))
-        if not names:
-            raise DataLayoutError(f"{images_root} holds no class folder with images; config.data.classes=present "
-                                  "found no classes.")
-        return sorted(names, key=lambda name: name == NO_GESTURE)
-    return parse_class_list(classes)
-
-
-def parse_class_list(classes: str | Sequence[str]) -> list[str]:
-    """An explicit `config.data.classes` as a list of unique names; a one-line error otherwise."""
-    names = [n.strip() for n in classes.split(",")] if isinstance(classes, str) else [str(n) for n in classes]
-    if not all(names) or len(set(names)) != len(names):
-        raise DataLayoutError(
-            f"config.data.classes={classes!r} must be 'hagrid', 'present' or a list of distinct class names "
-            "(e.g. --config.data.classes=call,like,palm).")
-    return names
-
-
-def detect_layout(root: epath.PathLike) -> str:
-    """'hagrid_v2', 'hagrid_v1' or 'class_folders', from the folders directly under root."""
-    root = epath.Path(root)
-    if not root.is_dir():
-        raise DataLayoutError(f"Dataset root {root} does not exist or is not a folder.")
-    v2_parts = [(root / name).is_dir() for name in ("hagrid_dataset", "hagrid_annotations")]
-    if all(v2_parts):
-        return "hagrid_v2"
-    if any(v2_parts):
-        raise DataLayoutError(f"{root} holds only part of the HaGRID v2 layout {_V2_LAYOUT}.")
-    if any((root / name).is_dir() for name in V1_ANNOTATION_SETS):
-        return "hagrid_v1"
-    if (root / "train").is_dir():
-        return "class_folders"
-    raise DataLayoutError(
-        f"Cannot tell the layout of {root}; expected one of: HaGRID v2 {_V2_LAYOUT}; "
-        f"HaGRID v1 {_V1_LAYOUT}; class folders {_CLASS_FOLDERS_LAYOUT}."
-    )
-
-
 def _load_json(path: epath.Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
@@ -274,11 +183,11 @@ def _scan_images(
             report.skip(STRAY_FILE, str(folder))
             continue
         if folder.name not in class_names:
-            report.drop(UNKNOWN_CLASS, str(folder), folder.name, sum(map(_is_image, folder.iterdir())))
+            report.drop(UNKNOWN_CLASS, str(folder), folder.name, sum(map(is_image, folder.iterdir())))
             continue
         num_images = 0
         for entry in sorted(folder.iterdir()):
-            if not _is_image(entry):
+            if not is_image(entry):
                 report.skip(STRAY_FILE, str(entry))
             else:
                 found[(folder.name, entry.stem)] = entry
@@ -394,7 +303,7 @@ def read_hagrid_v2(
     ann_root, images_root = root / "hagrid_annotations", root / "hagrid_dataset"
     for folder in (ann_root, images_root):
         if not folder.is_dir():
-            raise DataLayoutError(f"{folder} is missing; expected the v2 layout {_V2_LAYOUT}.")
+            raise DataLayoutError(f"{folder} is missing; expected the v2 layout {V2_LAYOUT}.")
     present = [s for s in V2_SPLITS if (ann_root / s).is_dir()]
     wanted = present if splits is None else list(splits)
     missing = [s for s in wanted if s not in present] if wanted else list(V2_SPLITS)
@@ -429,7 +338,7 @@ def read_hagrid_v1(
     images_root = root if images_dir is None else root / images_dir
     for folder in (root / annotation_set, images_root):
         if not folder.is_dir():
-            raise DataLayoutError(f"{folder} is missing; expected the v1 layout {_V1_LAYOUT}.")
+            raise DataLayoutError(f"{folder} is missing; expected the v1 layout {V1_LAYOUT}.")
     dirs = {
         root / name: (split if name == annotation_set else None)
         for name, split in V1_ANNOTATION_SETS.items()
@@ -438,60 +347,3 @@ def read_hagrid_v1(
     records, report = _read(dirs, images_root, class_names, frozenset(V1_ANNOTATION_SETS))
     report.log(str(root / annotation_set))
     return records, report
-
-
-def gesture_name(record: HagridRecord) -> str | None:
-    """Full-frame label: the first label that is not no_gesture.
-
-    An image with only no_gesture hands is no_gesture only in the no_gesture folder: in a
-    gesture folder it means the gesture went unannotated, so it gets no label (None).
-    """
-    for label in record.labels:
-        if label != NO_GESTURE:
-            return label
-    return NO_GESTURE if record.class_folder == NO_GESTURE else None
-
-
-def gesture_label(record: HagridRecord, class_names: Sequence[str]) -> int | None:
-    """Index of `gesture_name` in class_names; None (skip and count) when it has none there."""
-    name = gesture_name(record)
-    return class_names.index(name) if name in class_names else None
-
-
-def drop_unlabelled(
-    records: Sequence[HagridRecord], class_names: Sequence[str], report: ReadReport
-) -> list[HagridRecord]:
-    """Records with a gesture label in class_names; the others (only no_gesture hands outside the
-    no_gesture folder: an unannotated gesture) are dropped into the report, never guessed."""
-    kept = []
-    for record in records:
-        if gesture_label(record, class_names) is None:
-            report.drop(NO_GESTURE_LABEL, record.path, record.class_folder)
-        else:
-            kept.append(record)
-    report.num_records -= len(records) - len(kept)
-    return kept
-
-
-def _decode_problem(record: HagridRecord) -> str | None:
-    try:
-        decode_rgb(record.path)
-    except ImageDecodeError as e:
-        return str(e)
-    return None
-
-
-def verify_images(
-    records: Sequence[HagridRecord], num_threads: int = 8
-) -> tuple[list[HagridRecord], list[tuple[HagridRecord, str]]]:
-    """Decodes every image fully (PIL releases the GIL); returns the good and (bad, reason).
-
-    A full decode is what catches truncated files; the prepare stage runs it once.
-    """
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        problems = list(pool.map(_decode_problem, records))
-    good = [r for r, p in zip(records, problems) if p is None]
-    bad = [(r, p) for r, p in zip(records, problems) if p is not None]
-    if bad:
-        logging.warning("%d of %d images do not decode, e.g. %s", len(bad), len(records), bad[0][1])
-    return good, bad

@@ -8,7 +8,7 @@ import dataclasses
 
 from etils import epath
 
-from gmae_jax.data import crops, hagrid
+from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters
 from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
 
 
@@ -21,22 +21,24 @@ class Input:
 
 def _is_hagrid(root: epath.Path) -> bool:
     try:
-        return hagrid.detect_layout(root) in ("hagrid_v1", "hagrid_v2")
+        return hagrid_layout.detect_layout(root) in ("hagrid_v1", "hagrid_v2")
     except DataLayoutError:
         return False
 
 
 def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]]:
-    if hagrid.detect_layout(root) == "hagrid_v2":
+    if hagrid_layout.detect_layout(root) == "hagrid_v2":
         found = [hagrid.read_hagrid_v2(root)]
     else:
-        found = [hagrid.read_hagrid_v1(root, name) for name in hagrid.V1_ANNOTATION_SETS if (root / name).is_dir()]
+        sets = [name for name in hagrid_layout.V1_ANNOTATION_SETS if (root / name).is_dir()]
+        found = [hagrid.read_hagrid_v1(root, name) for name in sets]
     items, seen, skipped = [], set(), []
     for records, report in found:
         for record in records:
             if record.path not in seen:  # v1 sets may share images
                 seen.add(record.path)
-                items.append(Input(record.path, crops.gesture_box(record), hagrid.gesture_name(record) or ""))
+                label = record_filters.gesture_name(record) or ""
+                items.append(Input(record.path, crops.gesture_box(record), label))
         for reason in (hagrid.UNANNOTATED, hagrid.STRAY_FILE):
             skipped += [(name, reason) for name in report.skipped.get(reason, []) if name not in seen]
     return sorted(items, key=lambda i: i.path), sorted(set(skipped))

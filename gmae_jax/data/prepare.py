@@ -28,7 +28,7 @@ import ml_collections
 from PIL import Image
 import tqdm
 
-from gmae_jax.data import crops, hagrid, records, splits, transforms
+from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, records, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.sources import INDEX_FILE
 from gmae_jax.schema import DataConfig
@@ -108,7 +108,7 @@ def _write_shard(task: _ShardTask) -> str:
         stored, jpeg = store_image(record, task.store)
         writer.write(records.encode(stored, jpeg))
         if task.folders_dir:
-            folder = epath.Path(task.folders_dir) / hagrid.gesture_name(record)
+            folder = epath.Path(task.folders_dir) / record_filters.gesture_name(record)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{record.image_id}.jpg").write_bytes(jpeg)
     writer.close()
@@ -129,11 +129,11 @@ def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
 
 def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
     """The labelled records of the whole tree, the class list (per config.data.classes), the report."""
-    layout = hagrid.detect_layout(root) if layout == "auto" else layout
+    layout = hagrid_layout.detect_layout(root) if layout == "auto" else layout
     if layout not in ("hagrid_v1", "hagrid_v2"):
         raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
                               "and needs HaGRID v1 or v2 annotations (user_id).")
-    class_names = hagrid.resolve_classes(classes, layout, root)
+    class_names = hagrid_layout.resolve_classes(classes, layout, root)
     if layout == "hagrid_v2":
         recs, report = hagrid.read_hagrid_v2(root, class_names=class_names)
     else:
@@ -142,7 +142,7 @@ def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecor
             test, test_report = hagrid.read_hagrid_v1(root, "ann_test", class_names=class_names)
             recs += test
             report.merge(test_report)
-    return hagrid.drop_unlabelled(recs, class_names, report), class_names, report
+    return record_filters.drop_unlabelled(recs, class_names, report), class_names, report
 
 
 def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_workers: int) -> dict:
@@ -166,11 +166,11 @@ def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_worke
 
 
 def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str], list]:
-    corpora = splits.split_by_user(recs, dict(config.corpora), config.seed, hagrid.gesture_name)
+    corpora = splits.split_by_user(recs, dict(config.corpora), config.seed, record_filters.gesture_name)
     parts = {}
     for i, (corpus, part) in enumerate(sorted(corpora.items())):
         by_split = splits.split_by_user(
-            part, dict(config.splits), config.seed + 1 + i, hagrid.gesture_name)
+            part, dict(config.splits), config.seed + 1 + i, record_filters.gesture_name)
         parts |= {(corpus, s): [dataclasses.replace(r, split=s) for r in rs]
                   for s, rs in by_split.items()}
     splits.assert_user_disjoint({f"{c}/{s}": rs for (c, s), rs in parts.items()})
@@ -243,7 +243,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 shards = [os.path.relpath(t.path, out / corpus) for t in tasks if t.path.startswith(prefix)]
                 index["splits"][split] = {"shards": shards, "count": len(rs)}
                 manifest["counts"][f"{corpus}/{split}"] = dict(sorted(collections.Counter(
-                    hagrid.gesture_name(r) for r in rs).items()))
+                    record_filters.gesture_name(r) for r in rs).items()))
         (out / corpus / INDEX_FILE).write_text(json.dumps(index, indent=1))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     logging.info("prepared %s: %s; skipped %s", out,

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from absl import logging
 from etils import epath
 
-from gmae_jax.data import class_folders, hagrid, records, splits
+from gmae_jax.data import class_folders, hagrid, hagrid_layout, record_filters, records, splits
 from gmae_jax.data.class_folders import DataLayoutError, Example
 from gmae_jax.data.views import Element, ViewConfig
 from gmae_jax.schema import DataConfig
@@ -52,12 +52,12 @@ class Splits(NamedTuple):
 
 
 def detect_layout(root: epath.PathLike, split: str = "train") -> str:
-    """'prepared' when root holds a prepare-stage index, else what `hagrid.detect_layout` says; a
+    """'prepared' when root holds a prepare-stage index, else what `hagrid_layout.detect_layout` says; a
     root with only the `split` class folder (evaluating without the training images) is class folders."""
     if (epath.Path(root) / INDEX_FILE).exists():
         return "prepared"
     try:
-        return hagrid.detect_layout(root)
+        return hagrid_layout.detect_layout(root)
     except DataLayoutError:
         if (epath.Path(root) / split).is_dir():
             return "class_folders"
@@ -66,7 +66,7 @@ def detect_layout(root: epath.PathLike, split: str = "train") -> str:
 
 def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
     recs, report = hagrid.read_hagrid_v2(root, splits=sorted(set(wanted)), class_names=names)
-    return hagrid.drop_unlabelled(recs, names, report), report
+    return record_filters.drop_unlabelled(recs, names, report), report
 
 
 def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
@@ -79,7 +79,7 @@ def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[
             part, part_report = hagrid.read_hagrid_v1(root, annotation_set, class_names=names)
             recs += part
             report.merge(part_report)
-    return hagrid.drop_unlabelled(recs, names, report), report
+    return record_filters.drop_unlabelled(recs, names, report), report
 
 
 def _by_split(recs: list, layout: str, wanted: Sequence[str], data: DataConfig) -> dict[str, list]:
@@ -90,7 +90,7 @@ def _by_split(recs: list, layout: str, wanted: Sequence[str], data: DataConfig) 
     if set(wanted) - {"test"}:
         val = data.v1_val_fraction
         result |= splits.split_by_user([r for r in recs if r.split != "test"], {"train": 1 - val, "val": val},
-                                       seed=data.split_seed, stratify_by=hagrid.gesture_name)
+                                       seed=data.split_seed, stratify_by=record_filters.gesture_name)
     return {s: result[s] for s in wanted}
 
 
@@ -99,11 +99,12 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
     """Class names (a run's, else per config.data.classes) and the records of each wanted split;
     stops with the counts when more than config.data.max_dropped_fraction of the images would be lost."""
     root = str(data.root)
-    names = list(class_names) if class_names else hagrid.resolve_classes(data.classes, layout, root)
-    if data.mode == "hand_crop" and data.no_gesture_prob > 0 and hagrid.NO_GESTURE not in names:
+    names = list(class_names) if class_names else hagrid_layout.resolve_classes(data.classes, layout, root)
+    if data.mode == "hand_crop" and data.no_gesture_prob > 0 and hagrid_layout.NO_GESTURE not in names:
         raise DataLayoutError(
-            f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as '{hagrid.NO_GESTURE}', which "
-            f"is not among the classes {names}; add it to config.data.classes or set no_gesture_prob=0.")
+            f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as "
+            f"'{hagrid_layout.NO_GESTURE}', which is not among the classes {names}; add it to "
+            "config.data.classes or set no_gesture_prob=0.")
     read = _hagrid_v2 if layout == "hagrid_v2" else _hagrid_v1
     recs, report = read(root, wanted, names)
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),

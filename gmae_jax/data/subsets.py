@@ -14,7 +14,7 @@ import numpy as np
 
 from gmae_jax.data import views
 from gmae_jax.data.class_folders import Example
-from gmae_jax.data.hagrid import gesture_label
+from gmae_jax.data.record_filters import gesture_label
 from gmae_jax.data.sources import Source
 from gmae_jax.schema import ConfigError
 

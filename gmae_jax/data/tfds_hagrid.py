@@ -14,7 +14,7 @@ import json
 from etils import epath
 import tensorflow_datasets as tfds
 
-from gmae_jax.data import hagrid, prepare, splits, views
+from gmae_jax.data import hagrid, hagrid_layout, prepare, record_filters, splits, views
 from gmae_jax.data.sources import Source
 
 _STORE = prepare.StoreView(view="full_frame", image_side=256)
@@ -37,34 +37,34 @@ class HagridGmae(tfds.core.GeneratorBasedBuilder):
             builder=self,
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=list(hagrid.HAGRID_V2_CLASSES)),
+                "label": tfds.features.ClassLabel(names=list(hagrid_layout.HAGRID_V2_CLASSES)),
                 "record": tfds.features.Text(),  # HagridRecord fields as JSON
             }),
         )  # fmt: skip
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         root = epath.Path(dl_manager.manual_dir)
-        if hagrid.detect_layout(root) == "hagrid_v2":
+        if hagrid_layout.detect_layout(root) == "hagrid_v2":
             recs, _ = hagrid.read_hagrid_v2(root)
-            parts = {s: [r for r in recs if r.split == s] for s in hagrid.V2_SPLITS}
+            parts = {s: [r for r in recs if r.split == s] for s in hagrid_layout.V2_SPLITS}
         else:
             train_val, _ = hagrid.read_hagrid_v1(root, "ann_train_val")
             parts = splits.split_by_user(train_val, {"train": 0.8, "val": 0.2}, seed=0,
-                                         stratify_by=hagrid.gesture_name)
+                                         stratify_by=record_filters.gesture_name)
             if (root / "ann_test").is_dir():
                 parts["test"] = hagrid.read_hagrid_v1(root, "ann_test")[0]
-        classes = hagrid.HAGRID_V2_CLASSES
+        classes = hagrid_layout.HAGRID_V2_CLASSES
         return {s: self._generate_examples(rs) for s, rs in parts.items()
-                if any(hagrid.gesture_label(r, classes) is not None for r in rs)}
+                if any(record_filters.gesture_label(r, classes) is not None for r in rs)}
 
     def _generate_examples(self, recs: list[hagrid.HagridRecord]) -> Iterator[tuple[str, dict]]:
         for record in recs:
-            if hagrid.gesture_label(record, hagrid.HAGRID_V2_CLASSES) is None:
+            if record_filters.gesture_label(record, hagrid_layout.HAGRID_V2_CLASSES) is None:
                 continue  # an unannotated gesture: never guess a label
             stored, jpeg = prepare.store_image(record, _STORE)
             yield f"{record.class_folder}/{record.image_id}", {
                 "image": jpeg,
-                "label": hagrid.gesture_name(record),
+                "label": record_filters.gesture_name(record),
                 "record": json.dumps(dataclasses.asdict(stored)),
             }
 
@@ -91,5 +91,5 @@ class TfdsReader:
 
 def tfds_source(data_dir: str, split: str, mode: str = "full_frame") -> Source:
     """A built split as a pipeline Source (labels index the v2 class list)."""
-    view = views.ViewConfig(mode=mode, class_names=hagrid.HAGRID_V2_CLASSES)
+    view = views.ViewConfig(mode=mode, class_names=hagrid_layout.HAGRID_V2_CLASSES)
     return Source(TfdsReader(data_dir, split), view)

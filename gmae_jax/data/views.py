@@ -15,7 +15,8 @@ from PIL import Image
 from gmae_jax.data import crops, transforms
 from gmae_jax.schema import AugmentConfig, DataConfig
 from gmae_jax.data.class_folders import Example
-from gmae_jax.data.hagrid import Box, HagridRecord, gesture_label
+from gmae_jax.data.hagrid import Box, HagridRecord
+from gmae_jax.data.record_filters import gesture_label
 
 VIEWS = ("original", "full_frame", "hand_crop")
 EVAL_CROP_FRACTION = 0.875

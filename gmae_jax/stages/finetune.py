@@ -6,7 +6,7 @@ import ml_collections
 from etils import epath
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data import hagrid, sources, subsets
+from gmae_jax.data import hagrid_layout, sources, subsets
 from gmae_jax.train import trainer
 
 # Evaluation metrics of a classifier that config.best_metric may name.
@@ -21,8 +21,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_lib.check(not check_data or not config.init_from or epath.Path(config.init_from).exists(),
                      f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
                      "pretraining run, or set --config.init_from='' to train from scratch")
-    if config.data.classes not in (hagrid.OFFICIAL, hagrid.PRESENT):
-        names = hagrid.parse_class_list(config.data.classes)
+    if config.data.classes not in (hagrid_layout.OFFICIAL, hagrid_layout.PRESENT):
+        names = hagrid_layout.parse_class_list(config.data.classes)
         config_lib.check(len(names) >= 2, f"config.data.classes={config.data.classes!r} names one class: {ONE_CLASS}")
         config_lib.check(len(names) == config.num_classes,
                          f"config.num_classes={config.num_classes} but config.data.classes names {len(names)}; "

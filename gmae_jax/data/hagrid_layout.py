@@ -1,0 +1,105 @@
+"""What a HaGRID release looks like on disk: its class lists, splits and folder layouts.
+
+Lists folders only (no JSON, no decoding): which layout a root holds, where its class folders
+are, and which class list `config.data.classes` means for it. Knows HaGRID and nothing about JAX.
+"""
+
+from collections.abc import Sequence
+
+from etils import epath
+
+from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
+
+NO_GESTURE = "no_gesture"
+_V1_GESTURES = (
+    "call", "dislike", "fist", "four", "like", "mute", "ok", "one", "palm", "peace",
+    "peace_inverted", "rock", "stop", "stop_inverted", "three", "three2", "two_up",
+    "two_up_inverted",
+)  # fmt: skip
+_V2_ADDED = (
+    "grabbing", "grip", "holy", "point", "three3", "timeout", "xsign", "hand_heart",
+    "hand_heart2", "little_finger", "middle_finger", "take_picture", "three_gun",
+    "thumb_index", "thumb_index2",
+)  # fmt: skip
+# Label indices are positions in these tuples: never reorder, only append in a new constant.
+HAGRID_V1_CLASSES = _V1_GESTURES + (NO_GESTURE,)
+HAGRID_V2_CLASSES = _V1_GESTURES + _V2_ADDED + (NO_GESTURE,)
+TWO_HANDED = frozenset(
+    {"hand_heart", "hand_heart2", "thumb_index2", "timeout", "holy", "take_picture", "xsign"}
+)
+
+V2_SPLITS = ("train", "val", "test")
+# v1 annotation set -> the split it defines ('' where train and val are mixed).
+V1_ANNOTATION_SETS = {"ann_train_val": "", "ann_test": "test", "ann_subsample": ""}
+V2_LAYOUT = "hagrid_dataset/<class>/<id>.jpg + hagrid_annotations/{train,val,test}/<class>.json"
+V1_LAYOUT = "{ann_train_val,ann_test,ann_subsample}/<class>.json + <images_dir>/<class>/<id>.jpg"
+_CLASS_FOLDERS_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
+# config.data.classes: the official list of the layout's HaGRID version, or the class folders found.
+OFFICIAL, PRESENT = "hagrid", "present"
+
+
+def _image_folders(images_root: epath.Path, exclude: frozenset[str]) -> list[epath.Path]:
+    return [f for f in sorted(images_root.iterdir())
+            if f.is_dir() and f.name not in exclude and not f.name.startswith(".")]
+
+
+def is_image(entry: epath.Path) -> bool:
+    """A file with an image suffix that is not hidden (macOS leaves `._<id>.jpg` beside images)."""
+    return not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES
+
+
+def images_root_of(root: epath.PathLike, layout: str) -> tuple[epath.Path, frozenset[str]]:
+    """Where a layout keeps its class folders, and the folders there that are not classes."""
+    root = epath.Path(root)
+    if layout == "hagrid_v2":
+        return root / "hagrid_dataset", frozenset()
+    return root, frozenset(V1_ANNOTATION_SETS)
+
+
+def resolve_classes(classes: str | Sequence[str], layout: str, root: epath.PathLike) -> list[str]:
+    """The class list that `config.data.classes` means for a HaGRID tree (labels index it).
+
+    'hagrid': the official list of the layout's version (a label means the same in every run);
+    'present': the class folders that hold images, sorted, no_gesture last as in HaGRID's lists;
+    else the given names (a comma-separated string or a sequence), in their order.
+    """
+    if isinstance(classes, str) and classes == OFFICIAL:
+        return list(HAGRID_V2_CLASSES if layout == "hagrid_v2" else HAGRID_V1_CLASSES)
+    if isinstance(classes, str) and classes == PRESENT:
+        images_root, exclude = images_root_of(root, layout)
+        names = sorted(f.name for f in _image_folders(images_root, exclude) if any(map(is_image, f.iterdir())))
+        if not names:
+            raise DataLayoutError(f"{images_root} holds no class folder with images; config.data.classes=present "
+                                  "found no classes.")
+        return sorted(names, key=lambda name: name == NO_GESTURE)
+    return parse_class_list(classes)
+
+
+def parse_class_list(classes: str | Sequence[str]) -> list[str]:
+    """An explicit `config.data.classes` as a list of unique names; a one-line error otherwise."""
+    names = [n.strip() for n in classes.split(",")] if isinstance(classes, str) else [str(n) for n in classes]
+    if not all(names) or len(set(names)) != len(names):
+        raise DataLayoutError(
+            f"config.data.classes={classes!r} must be 'hagrid', 'present' or a list of distinct class names "
+            "(e.g. --config.data.classes=call,like,palm).")
+    return names
+
+
+def detect_layout(root: epath.PathLike) -> str:
+    """'hagrid_v2', 'hagrid_v1' or 'class_folders', from the folders directly under root."""
+    root = epath.Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"Dataset root {root} does not exist or is not a folder.")
+    v2_parts = [(root / name).is_dir() for name in ("hagrid_dataset", "hagrid_annotations")]
+    if all(v2_parts):
+        return "hagrid_v2"
+    if any(v2_parts):
+        raise DataLayoutError(f"{root} holds only part of the HaGRID v2 layout {V2_LAYOUT}.")
+    if any((root / name).is_dir() for name in V1_ANNOTATION_SETS):
+        return "hagrid_v1"
+    if (root / "train").is_dir():
+        return "class_folders"
+    raise DataLayoutError(
+        f"Cannot tell the layout of {root}; expected one of: HaGRID v2 {V2_LAYOUT}; "
+        f"HaGRID v1 {V1_LAYOUT}; class folders {_CLASS_FOLDERS_LAYOUT}."
+    )
