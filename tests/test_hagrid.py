@@ -1,6 +1,7 @@
 """Specification of the HaGRID readers, label rule, hand crops, letterboxing and user splits."""
 
 import collections
+import re
 
 import hagrid_fixtures as fx
 import numpy as np
@@ -207,39 +208,34 @@ def test_image_without_annotation_is_skipped_and_named(tmp_path):
     assert str(path) not in {r.path for r in records}
 
 
-def test_truncated_jpeg_is_kept_by_the_reader_and_rejected_by_verify(tmp_path):
+def test_truncated_jpeg_is_kept_by_the_reader_and_its_decode_names_the_file(tmp_path):
     tree = _v2(tmp_path, num_users=1, images_per_user=1)
     path = fx.inject_truncated_jpeg(tree, "train", "like")
     records, _ = hagrid.read_hagrid_v2(tmp_path)
 
-    good, bad = record_filters.verify_images(records)
-
-    assert [(r.path, str(path) in reason) for r, reason in bad] == [(str(path), True)]
-    assert len(good) == len(records) - 1
+    assert str(path) in {r.path for r in records}  # reading annotations never opens images
+    with pytest.raises(transforms.ImageDecodeError, match=re.escape(str(path))):
+        transforms.decode_rgb(str(path))  # the full decode the prepare stage and the loaders do
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA"])
-def test_unusual_colour_modes_verify_and_decode_to_rgb(tmp_path, mode):
+def test_unusual_colour_modes_are_read_and_decode_to_rgb(tmp_path, mode):
     tree = _v2(tmp_path, classes=("call",), num_users=1, images_per_user=1)
     path = fx.inject_image_mode(tree, "train", "call", mode)
     records, _ = hagrid.read_hagrid_v2(tmp_path)
 
-    good, bad = record_filters.verify_images(records)
-
-    assert bad == [] and str(path) in {r.path for r in good}
+    assert str(path) in {r.path for r in records}
     with Image.open(path) as raw:
         assert raw.mode == mode
     assert transforms.decode_rgb(path).mode == "RGB"
 
 
-def test_exif_rotated_photo_verifies_and_decodes_upright(tmp_path):
+def test_exif_rotated_photo_is_read_and_decodes_upright(tmp_path):
     tree = _v2(tmp_path, classes=("call",), num_users=1, images_per_user=1)
     path = fx.inject_exif_rotated(tree, "train", "call", size=(192, 108))
     records, _ = hagrid.read_hagrid_v2(tmp_path)
 
-    good, bad = record_filters.verify_images(records)
-
-    assert bad == [] and len(good) == 2
+    assert len(records) == 2 and str(path) in {r.path for r in records}
     assert transforms.decode_rgb(path).size == (108, 192)
 
 

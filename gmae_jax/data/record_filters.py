@@ -1,15 +1,13 @@
 """Which HaGRID records a run can use: each record's gesture label, and dropping the records that
-have none in the class list or whose image does not decode. Knows HaGRID and nothing about JAX.
+have none in the class list. Knows HaGRID and nothing about JAX. (Images that do not decode are
+found by the prepare stage's full decode and counted and skipped by the training pipeline's
+bad-image budget, not here.)
 """
 
 from collections.abc import Sequence
-import concurrent.futures
-
-from absl import logging
 
 from gmae_jax.data.hagrid import NO_GESTURE_LABEL, HagridRecord, ReadReport
 from gmae_jax.data.hagrid_layout import NO_GESTURE
-from gmae_jax.data.transforms import ImageDecodeError, decode_rgb
 
 
 def gesture_name(record: HagridRecord) -> str | None:
@@ -43,27 +41,3 @@ def drop_unlabelled(
             kept.append(record)
     report.num_records -= len(records) - len(kept)
     return kept
-
-
-def _decode_problem(record: HagridRecord) -> str | None:
-    try:
-        decode_rgb(record.path)
-    except ImageDecodeError as e:
-        return str(e)
-    return None
-
-
-def verify_images(
-    records: Sequence[HagridRecord], num_threads: int = 8
-) -> tuple[list[HagridRecord], list[tuple[HagridRecord, str]]]:
-    """Decodes every image fully (PIL releases the GIL); returns the good and (bad, reason).
-
-    A full decode is what catches truncated files; the prepare stage runs it once.
-    """
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        problems = list(pool.map(_decode_problem, records))
-    good = [r for r, p in zip(records, problems) if p is None]
-    bad = [(r, p) for r, p in zip(records, problems) if p is not None]
-    if bad:
-        logging.warning("%d of %d images do not decode, e.g. %s", len(bad), len(records), bad[0][1])
-    return good, bad
