@@ -98,3 +98,20 @@ def test_a_real_step_is_profiled_by_layer():
     assert {phase for phase, _ in result.by("phase")} >= {"forward", "backward"}
     table = step_profile.markdown(result)
     assert "| convolution |" in table and "| stem |" in table and result.step_ms > 0
+
+
+def test_the_profile_copy_keeps_the_cpu_executable_and_its_gpu_option_is_a_real_xla_option():
+    lowered = jax.jit(lambda x: (x @ x).sum()).lower(jnp.ones((8, 8)))
+    compiled = lowered.compile()
+    assert step_profile.compile_for_profile(lowered, compiled) is compiled  # CPU: nothing to change
+    # XLA rejects an unknown or mistyped option: this one parses (GPU options are shared by all backends).
+    lowered.compile(compiler_options=step_profile.PROFILE_COMPILER_OPTIONS["gpu"])
+    with pytest.raises(Exception, match="xla_gpu_enable_command_bufer"):
+        lowered.compile(compiler_options={"xla_gpu_enable_command_bufer": ""})
+
+
+def test_ops_the_hlo_does_not_name_are_reported():
+    result = step_profile.StepProfile({"dot.6": 2.0, "command_buffer.3": 5.0}, step_profile.parse_hlo(HLO), 8.0)
+    assert dict(result.by("kind")) == {"other": 5.0, "matmul": 2.0}
+    assert "5.0 ms in traced ops the HLO does not name (counted as 'other'), e.g. command_buffer.3" in \
+        step_profile.markdown(result)

@@ -102,7 +102,8 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
     state, batch, rng = bench.state, bench.batch, bench.rng
     start = time.perf_counter()
-    compiled = bench.step.lower(state, batch, rng).compile()
+    lowered = bench.step.lower(state, batch, rng)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -116,14 +117,8 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     seconds = (time.perf_counter() - start) / num_steps
     profile = None
     if profile_steps:
-        holder = {"state": state}
-
-        def run_step() -> None:
-            holder["state"], step_metrics = compiled(holder["state"], batch, rng)
-            jax.block_until_ready(step_metrics)
-
-        profile = step_profile.profile(run_step, compiled.as_text(), profile_steps)
-        state = holder["state"]
+        profile, state = step_profile.profile_compiled(step_profile.compile_for_profile(lowered, compiled), state,
+                                                       batch, rng, num_steps=profile_steps)
     stats = jax.devices()[0].memory_stats() or {}
     planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes if memory else 0

@@ -19,6 +19,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -187,10 +188,23 @@ def profile(run_step: Callable[[], object], hlo_text: str, num_steps: int = 3) -
     return StepProfile(op_times_ms(events, _module_name(hlo_text), num_steps), parse_hlo(hlo_text), step_ms)
 
 
-def profile_train_step(step: Callable, state, *args, num_steps: int = 3) -> StepProfile:
-    """Compiles a jitted `step(state, *args) -> (state, metrics)` (as the train steps are), runs it
-    twice untraced, then profiles `num_steps` steps. Returns the profile; the state is consumed."""
-    compiled = step.lower(state, *args).compile()
+# XLA:GPU replays a step's kernels as CUDA graphs ("command buffers"), whose kernels all carry the
+# command buffer's name instead of their HLO op's: the profile compiles its own copy without them.
+PROFILE_COMPILER_OPTIONS = {"gpu": {"xla_gpu_enable_command_buffer": ""}}
+
+
+def compile_for_profile(lowered: Any, compiled: Any | None = None) -> Any:
+    """An executable whose traced ops name their HLO ops: `compiled` (or `lowered` compiled) where
+    the backend needs nothing else, a copy compiled with PROFILE_COMPILER_OPTIONS where it does."""
+    options = PROFILE_COMPILER_OPTIONS.get(jax.default_backend())
+    if options:
+        return lowered.compile(compiler_options=options)
+    return compiled if compiled is not None else lowered.compile()
+
+
+def profile_compiled(compiled: Any, state: Any, *args: Any, num_steps: int = 3) -> tuple[StepProfile, Any]:
+    """Runs a compiled `step(state, *args) -> (state, metrics)` twice untraced, then profiles
+    `num_steps` steps. Returns the profile and the last state (the step donates its input)."""
     holder = {"state": state}
 
     def run_step() -> None:
@@ -199,14 +213,25 @@ def profile_train_step(step: Callable, state, *args, num_steps: int = 3) -> Step
 
     run_step()
     run_step()
-    return profile(run_step, compiled.as_text(), num_steps)
+    result = profile(run_step, compiled.as_text(), num_steps)
+    return result, holder["state"]
+
+
+def profile_train_step(step: Callable, state: Any, *args: Any, num_steps: int = 3) -> StepProfile:
+    """The profile of a jitted train step `step(state, *args) -> (state, metrics)`."""
+    return profile_compiled(compile_for_profile(step.lower(state, *args)), state, *args, num_steps=num_steps)[0]
 
 
 def markdown(result: StepProfile, top_layers: int = 12) -> str:
     """Three small tables: by kind of work, by phase, and the layers that take the most time."""
     total = result.total_ms() or 1.0
     lines = [f"traced ops: {result.total_ms():.1f} ms per step of a {result.step_ms:.1f} ms step "
-             "(ops that overlap count in full; ops over the step time = work run side by side)", ""]
+             "(ops that overlap count in full; ops over the step time = work run side by side)"]
+    unknown = sorted((ms, name) for name, ms in result.op_ms.items() if name not in result.ops)[::-1]
+    if unknown:
+        lines.append(f"{sum(ms for ms, _ in unknown):.1f} ms in traced ops the HLO does not name (counted as "
+                     f"'other'), e.g. {', '.join(name for _, name in unknown[:3])}")
+    lines.append("")
     for title, rows in (("kind of work", result.by("kind")), ("phase", result.by("phase")),
                         ("layer (block numbers merged)", result.by("layer")[:top_layers])):
         lines += [f"| {title} | ms per step | share |", "|---|---:|---:|"]
