@@ -33,6 +33,7 @@ ENTRY %main.9 (p0: f32[8,4,4,3], p1: f32[3,3,3,5], p2: f32[8,5], p3: f32[5,5]) -
   %dot.6 = f32[8,5]{1,0} dot(%p2, %p3), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/jvp(GMAE)/GMAE.encode/encoder.encode/blocks_11/mscffn/fc1/dot_general"}
   %reduce.8 = f32[8]{0} reduce(%p2, %p2), dimensions={1}, to_apply=%fused_computation.2, metadata={op_name="jit(train_step)/jvp(GMAE)/encoder.encode/norm/reduce_sum"}
   %loop_fusion.9 = f32[8,5]{1,0} fusion(%dot.6), kind=kLoop, calls=%fused_computation.2
+  %all-reduce.11 = (f32[8,5]{1,0}, f32[5,5]{1,0}) all-reduce(%p2, %p3), replica_groups={{0,1}}, to_apply=%fused_computation.2, metadata={op_name="jit(train_step)/transpose(jvp(GMAE))/(decoder_pred/dot_general:encoder/norm/mul)"}
   ROOT %multiply.10 = f32[8,5]{1,0} multiply(%p2, %p2), metadata={op_name="jit(train_step)/mul"}
 }
 """
@@ -47,6 +48,7 @@ def test_hlo_ops_get_a_kind_a_phase_and_a_layer():
     assert ops["loop_fusion.9"] == step_profile.HloOp("elementwise", "forward", "encoder/blocks/mscffn")
     assert ops["copy_fusion.4"].kind == "data movement"
     assert ops["multiply.10"] == step_profile.HloOp("elementwise", "optimiser and other", "")
+    assert ops["all-reduce.11"] == step_profile.HloOp("communication", "backward", "(several layers)")
 
 
 @pytest.mark.parametrize("op_name, layer", [
@@ -61,8 +63,8 @@ def test_layer_names_drop_transforms_block_numbers_and_the_primitive(op_name, la
     assert step_profile.layer_of(op_name) == layer
 
 
-def _event(pid, op, dur_us, module="jit_train_step"):
-    return {"ph": "X", "pid": pid, "name": op, "dur": dur_us, "args": {"hlo_op": op, "hlo_module": module}}
+def _event(pid, op, dur_us, module="jit_train_step", **args):
+    return {"ph": "X", "pid": pid, "name": op, "dur": dur_us, "args": {"hlo_op": op, "hlo_module": module, **args}}
 
 
 def test_device_events_are_preferred_and_other_modules_ignored():
@@ -73,6 +75,12 @@ def test_device_events_are_preferred_and_other_modules_ignored():
     assert step_profile.op_times_ms(events, "jit_train_step", num_steps=2) == {"dot.6": 2.0}
     host_only = names[:1] + [_event(1, "dot.6", 9000)]
     assert step_profile.op_times_ms(host_only, "jit_train_step", num_steps=3) == {"dot.6": 3.0}
+    # Several devices run every op: one device's time counts (the first GPU, or CPU device 0 of 8).
+    two_gpus = names + [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/device:GPU:1"}},
+                        _event(2, "dot.6", 3000), _event(3, "dot.6", 8000)]
+    assert step_profile.op_times_ms(two_gpus, "jit_train_step", num_steps=1) == {"dot.6": 3.0}
+    cpu_devices = names[:1] + [_event(1, "dot.6", 1000 * (i + 1), device_ordinal=str(i)) for i in range(10)]
+    assert step_profile.op_times_ms(cpu_devices, "jit_train_step", num_steps=1) == {"dot.6": 1.0}
 
 
 def test_a_real_step_is_profiled_by_layer():

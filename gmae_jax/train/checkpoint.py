@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as pylogging
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -108,22 +110,44 @@ def reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:400]}"
 
 
+_NEVER_AWAITED = r"coroutine .* was never awaited"
+
+
+class _AbandonedReadRecords(pylogging.Filter):
+    """asyncio's 'Task/Future exception was never retrieved' reports, with their tracebacks."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Task exception was never retrieved",
+                                               "Future exception was never retrieved"))
+
+
 @contextlib.contextmanager
 def quiet_abandoned_reads() -> Iterator[None]:
     """Orbax runs a restore on a fresh event loop and closes it at the first array that fails; the
-    reads of the other arrays, still in flight in tensorstore, then complete onto the closed loop,
-    and Python prints a 'RuntimeError: Event loop is closed' traceback for each (hundreds for one
-    damaged step). The failure itself is reported by the caller; other unraisable errors pass.
-    After a failure the filter stays: those reads may complete after the caller has moved on."""
+    reads of the other arrays, still in flight in tensorstore, then end on the closed loop or are
+    collected unfinished, and Python prints a traceback for each (hundreds for one damaged step):
+    'RuntimeError: Event loop is closed' (an unraisable error), asyncio's 'Task exception was never
+    retrieved' (its logger) and 'coroutine ... was never awaited' (a warning). The failure itself
+    is reported by the caller; everything else passes. After a failure the filters stay: those
+    reads may end after the caller has moved on (a one-line error, then exit)."""
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
+    records = _AbandonedReadRecords()
     sys.unraisablehook = hook
-    yield  # an exception propagates from here, leaving `hook` in place
+    pylogging.getLogger("asyncio").addFilter(records)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)
+            yield
+    except BaseException:
+        warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)  # for the reads still in flight
+        raise
     sys.unraisablehook = previous
+    pylogging.getLogger("asyncio").removeFilter(records)
 
 
 def describe(failures: list[tuple[int, str]]) -> str:

@@ -46,12 +46,14 @@ class Case:
     remat: str = "none"
     batch_size: int = 128
     img_size: int = 224
+    depth: int | None = None  # encoder blocks; None: the preset's (tests use fewer)
 
     @property
     def name(self) -> str:
         mask = f" {self.mask_mode}" if self.stage == "pretrain" else ""
         remat = f" remat={self.remat}" if self.remat != "none" else ""
-        return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}"
+        depth = f" depth={self.depth}" if self.depth is not None else ""
+        return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}{depth}"
 
 
 def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_size: int = 224,
@@ -96,8 +98,9 @@ def _is_out_of_memory(error: Exception) -> bool:
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
+    depth = {} if case.depth is None else {"depth": case.depth}
     fields = config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
-                                      mask_mode=case.mask_mode, remat=case.remat)
+                                      mask_mode=case.mask_mode, remat=case.remat, **depth)
     bench = step_benchmark.build_train_step(gmst_config(fields), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
     state, batch, rng = bench.state, bench.batch, bench.rng

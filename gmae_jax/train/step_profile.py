@@ -18,18 +18,19 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
-KINDS = ("matmul", "convolution", "reduction", "elementwise", "data movement", "other")
+KINDS = ("matmul", "convolution", "reduction", "elementwise", "data movement", "communication", "other")
 PHASES = ("forward", "backward", "optimiser and other")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _DATA_MOVEMENT = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice",
                   "pad", "gather", "scatter", "broadcast", "reshape", "bitcast", "copy-start", "copy-done"}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _CONTROL_FLOW = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "rematted_computation"}
 _ELEMENTWISE_HINT = {"add", "multiply", "subtract", "divide", "exponential", "erf", "tanh", "maximum",
                      "select", "compare", "convert", "rsqrt", "sqrt", "logistic", "negate", "power"}
@@ -88,6 +89,8 @@ def _op_name(line: str) -> str:
 def _kind(opcode: str, line: str, body: Sequence[str]) -> str:
     """What kind of work an instruction does: by its opcode, its custom-call target (cuDNN /
     cuBLAS), or the ops inside the computation it calls (a fusion's body)."""
+    if opcode.startswith(_COLLECTIVES):  # gradient / BatchNorm all-reduces, FSDP gathers
+        return "communication"
     target = re.search(r'custom_call_target="([^"]*)"', line)
     text = " ".join([opcode, target.group(1) if target else "", *body]).lower()
     if opcode == "convolution" or "convolution(" in text or "conv" in (target.group(1).lower() if target else ""):
@@ -109,8 +112,12 @@ def layer_of(op_name: str) -> str:
     primitive dropped: 'jit(train_step)/transpose(jvp(GMAE))/GMAE.encode/encoder.encode/blocks_0/
     mscffn/fc1/dot_general' -> 'encoder/blocks/mscffn/fc1'; a fusion named 'blocks_0/msdc/(dconv1/bn/
     reduce_sum:dconv2/bn/reduce_sum)' goes to 'blocks/msdc'."""
-    # A fusion of several ops names them 'common/path/(a/x:b/y)': it belongs to the common path.
+    # A fusion of several ops names them 'common/path/(a/x:b/y)': it belongs to the common path,
+    # or to several layers where there is none (e.g. one all-reduce of many layers' gradients).
+    merged = ":" in op_name
     op_name = re.sub(r"/\([^()]*\)$", "/fused", op_name)
+    if ":" in op_name:
+        return "(several layers)"
     parts = []
     for part in op_name.split("/")[:-1]:  # the last part is the primitive
         if "(" in part or part[:1].isupper():
@@ -118,7 +125,8 @@ def layer_of(op_name: str) -> str:
         part = part.split(".")[0]  # 'encoder.encode' -> 'encoder'; an einsum's '...qhd,...' -> ''
         if part and part not in _CONTROL_FLOW:
             parts.append(re.sub(r"_\d+$", "", part))
-    return "/".join(dict.fromkeys(parts))  # 'encoder/encoder/...' from nested method calls, once
+    layer = "/".join(dict.fromkeys(parts))  # 'encoder/encoder/...' from nested method calls, once
+    return layer or ("(several layers)" if merged else "")
 
 
 def parse_hlo(hlo_text: str) -> dict[str, HloOp]:
@@ -155,17 +163,25 @@ def _module_name(hlo_text: str) -> str:
     return match.group(1) if match else ""
 
 
-def op_times_ms(trace_events: Iterable[Mapping], module: str, num_steps: int) -> dict[str, float]:
-    """Milliseconds per step of each HLO op of `module` in a Chrome-format trace. Device events are
-    used where the trace has any (GPU / TPU kernels), else the host's (XLA:CPU thunks)."""
+def op_times_ms(trace_events: Sequence[Mapping], module: str, num_steps: int) -> dict[str, float]:
+    """Milliseconds per step of each HLO op of `module` on one device, from a Chrome-format trace.
+    Device events are used where the trace has any (GPU / TPU kernels), else the host's (XLA:CPU
+    thunks); of several devices, the first (with 8 devices every op runs 8 times, side by side)."""
     events = [e for e in trace_events
               if e.get("ph") == "X" and e.get("args", {}).get("hlo_op")
               and e["args"].get("hlo_module", module) == module]
-    device_pids = {e["pid"] for e in trace_events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
-    on_device = [e for e in events if e["pid"] in device_pids]
+    process_names = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in trace_events
+                     if e.get("ph") == "M" and e.get("name") == "process_name"}
+    on_device = [e for e in events if process_names.get(e["pid"], "").startswith("/device:")]
+    if on_device:
+        first = min({e["pid"] for e in on_device}, key=lambda pid: process_names[pid])
+        events = [e for e in on_device if e["pid"] == first]
+    else:  # host threads run every device's thunks: keep the first device's
+        ordinals = {str(e["args"].get("device_ordinal", "")) for e in events}
+        first_ordinal = min(ordinals, key=lambda o: (len(o), o)) if ordinals else ""
+        events = [e for e in events if str(e["args"].get("device_ordinal", "")) == first_ordinal]
     times: collections.Counter[str] = collections.Counter()
-    for event in on_device or events:
+    for event in events:
         times[event["args"]["hlo_op"]] += event["dur"] / 1e3 / num_steps
     return dict(times)
 
