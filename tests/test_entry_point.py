@@ -67,9 +67,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
     data, workdir, log = tmp_path / "data", tmp_path / "run", tmp_path / "log.txt"
     synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=8, val_per_class=2,
                                  classes=("fist", "palm"))
-    cache = tmp_path / "xla_cache"  # a fresh compilation cache: the rerun must find what this run compiled
-    args = [f"--compilation_cache_dir={cache}", "--config=configs/pretrain.py:runlocal", f"--workdir={workdir}",
-            f"--config.data.root={data}",
+    args = ["--config=configs/pretrain.py:runlocal", f"--workdir={workdir}", f"--config.data.root={data}",
             "--config.checkpoint_every=100000", "--config.log_every=1", "--config.eval_every=0",
             "--config.model.depth=1"]  # one encoder block: preemption is the point; it halves the compile
     with open(log, "w") as stderr:
@@ -95,7 +93,10 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
     rerun = run_main(*shorter, "--config.resume_policy=allow_changes")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from step {saved}" in rerun.stderr
-    read = re.search(rf"XLA compilation cache {re.escape(str(cache))}: (\d+) compiled program\(s\) read", rerun.stderr)
+    # The entry point's compilation cache (here the test session's, from $JAX_COMPILATION_CACHE_DIR)
+    # hands the rerun what the first run compiled.
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    read = re.search(rf"XLA compilation cache {re.escape(cache)}: (\d+) compiled program\(s\) read", rerun.stderr)
     assert read and int(read.group(1)) >= 1, rerun.stderr[-3000:]
     history = [json.loads(line) for line in (workdir / "config.history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"]["total_steps"] == {"old": 100000, "new": saved + 2}
