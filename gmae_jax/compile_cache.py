@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping
 
 import jax
+from absl import logging
 
 DEFAULT_DIR = "~/.cache/gmae_jax/xla"
 OFF = "none"
@@ -44,10 +46,30 @@ class CacheUse:
                 f"(~{self.seconds_saved:.0f} s of compiling saved)")
 
 
+def writable(directory: str) -> str | None:
+    """None if `directory` (local) can be created and written, else why not. Buckets are not
+    checked here: JAX warns and compiles as usual if a write there fails."""
+    if "://" in directory:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror or error}"
+    return None
+
+
 def enable(directory: str | None) -> CacheUse:
     """Points JAX's persistent cache at `directory` (None: off) before anything compiles, and
-    counts the programs read from it. JAX's own threshold stays: programs that compile in under
-    a second ($JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are not written."""
+    counts the programs read from it. A folder that cannot be written turns the cache off with one
+    warning (a run never fails for want of a cache). JAX's own threshold stays: programs that
+    compile in under a second ($JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) are not written."""
+    problem = writable(directory) if directory is not None else None
+    if problem:
+        logging.warning("XLA compilation cache off: cannot write %s (%s); choose another folder with "
+                        "--compilation_cache_dir=DIR, or --compilation_cache_dir=none", directory, problem)
+        directory = None
     jax.config.update("jax_compilation_cache_dir", directory)
     use = CacheUse(directory)
     if directory is None:

@@ -24,3 +24,12 @@ def test_the_summary_says_what_was_read():
     assert compile_cache.CacheUse(None).summary() == "XLA compilation cache off"
     use = compile_cache.CacheUse("/c", programs_read=3, seconds_saved=41.6)
     assert use.summary() == "XLA compilation cache /c: 3 compiled program(s) read (~42 s of compiling saved)"
+
+
+def test_a_folder_that_cannot_be_written_is_named_with_the_reason(tmp_path):
+    assert compile_cache.writable(str(tmp_path / "new" / "cache")) is None  # created on the way
+    assert (tmp_path / "new" / "cache").is_dir() and not any((tmp_path / "new" / "cache").iterdir())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert compile_cache.writable(str(blocker / "cache")) == "NotADirectoryError: Not a directory"
+    assert compile_cache.writable("gs://bucket/xla") is None  # JAX itself warns if a bucket write fails
