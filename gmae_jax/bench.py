@@ -1,7 +1,8 @@
 """Benchmarks: the input pipeline (`--pipeline`) and the training step (`--train_step`).
 
 `--profile_step` prints where the compiled step spends its time (`train.step_profile`): shares by kind
-of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`.
+of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`;
+with `--vs_torch` also the PyTorch mirror's step by the same kinds of work, side by side.
 
 `--train_step` alone compares float32 and bfloat16 JAX pretraining steps; with `--vs_torch` it times
 the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
@@ -46,7 +47,8 @@ _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (p
 _PROFILE_STEP = flags.DEFINE_bool("profile_step", False,
                                   "Where the train step's time goes: a jax.profiler trace joined with its HLO.")
 _PROFILE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--profile_step: compute dtype.")
-_VS_TORCH = flags.DEFINE_bool("vs_torch", False, "--train_step: JAX jit step vs the eager PyTorch mirror.")
+_VS_TORCH = flags.DEFINE_bool("vs_torch", False,
+                               "--train_step, --profile_step: JAX jit step vs the eager PyTorch mirror.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "--vs_torch: alternating timing rounds; the median counts.")
 _TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch, --profile_step: steps to time.")
 _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
@@ -177,7 +179,7 @@ def main(argv: Sequence[str]) -> None:
         from gmae_jax.train import step_benchmark  # noqa: PLC0415 (model code only here)
 
         step_benchmark.print_profile(_PRESET.value, _PROFILE_DTYPE.value, _TASKS.value, _BATCH_SIZE.value,
-                                     _NUM_STEPS.value, parse_overrides(_MODEL_OVERRIDE.value))
+                                     _NUM_STEPS.value, parse_overrides(_MODEL_OVERRIDE.value), _VS_TORCH.value)
         return
     if _SPARSE_VS_DENSE.value:
         host_memory.keep_freed_memory()

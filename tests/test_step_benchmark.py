@@ -46,3 +46,32 @@ def test_side_by_side_trains_both_models_and_tabulates_the_ratio():
 def test_model_overrides_parse_to_python_values():
     assert parse_overrides(["img_size=64", "overlap_patches=True", "mask_mode=original"]) == {
         "img_size": 64, "overlap_patches": True, "mask_mode": "original"}
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("aten::convolution_backward", "convolution"), ("aten::mkldnn_convolution", "convolution"),
+    ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
+    ("aten::native_batch_norm_backward", "reduction"), ("aten::sum.dim_IntList", "reduction"),
+    ("aten::_softmax", "reduction"), ("aten::copy_", "data movement"), ("aten::cat", "data movement"),
+    ("aten::gelu_backward", "elementwise"), ("aten::addcdiv_", "elementwise"),
+    ("autograd::engine::evaluate_function: MmBackward0", None), ("Optimizer.step#AdamW.step", None),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", None),  # a CUDA kernel: its aten op counts its time
+])
+def test_pytorch_ops_fall_into_the_jax_profiles_kinds(name, kind):
+    from gmae_jax.torch_mirror import step_profile as torch_profile
+
+    assert torch_profile.aten_kind(name) == kind
+
+
+def test_the_pytorch_steps_time_by_kind_sits_beside_the_jax_profile():
+    from gmae_jax.train import step_benchmark, step_profile
+
+    config = preset_architecture("micro", "float32", {"depth": 1})
+    theirs = step_benchmark.torch_kind_ms(config, "finetune", 4, num_steps=1)
+    assert theirs["convolution"] > 0 and theirs["matmul"] > 0 and theirs["reduction"] > 0, theirs
+    ours = step_profile.StepProfile({"conv.1": 3.0, "dot.2": 1.0}, {
+        "conv.1": step_profile.HloOp("convolution", "forward", "encoder"),
+        "dot.2": step_profile.HloOp("matmul", "forward", "encoder")}, 4.5)
+    table = step_benchmark.kinds_vs_torch_table(ours, {"convolution": 2.0, "matmul": 4.0, "elementwise": 1.0})
+    assert "| convolution | 3.0 | 2.0 | 1.50x |" in table and "| matmul | 1.0 | 4.0 | 0.25x |" in table
+    assert "| elementwise | 0.0 | 1.0 | 0.00x |" in table and table.endswith("| all | 4.0 | 7.0 | 0.57x |")

@@ -203,8 +203,10 @@ def run_vs_torch(
 
 
 def print_profile(preset: str, dtype: str, tasks: Sequence[str], batch_size: int, num_steps: int,
-                  overrides: Mapping[str, Any] | None = None) -> dict[str, step_profile.StepProfile]:
-    """Where each task's compiled step spends its time (`step_profile`), printed as markdown."""
+                  overrides: Mapping[str, Any] | None = None, vs_torch: bool = False,
+                  ) -> dict[str, step_profile.StepProfile]:
+    """Where each task's compiled step spends its time (`step_profile`), printed as markdown; with
+    `vs_torch`, also the eager PyTorch mirror's step by the same kinds of work, side by side."""
     config = preset_architecture(preset, dtype, overrides)
     results = {}
     for task in tasks:
@@ -215,4 +217,30 @@ def print_profile(preset: str, dtype: str, tasks: Sequence[str], batch_size: int
               f"{config.embed_dim}), {dtype}, batch {batch_size}; JAX {jax.__version__} on {_device_line()}; "
               f"{num_steps} traced steps; load average {os.getloadavg()[0]:.1f}\n")
         print(step_profile.markdown(results[task]))
+        if vs_torch:
+            print(f"\n{kinds_vs_torch_table(results[task], torch_kind_ms(config, task, batch_size, num_steps))}")
     return results
+
+
+def torch_kind_ms(config: GMSTConfig, task: str, batch_size: int, num_steps: int) -> dict[str, float]:
+    """The PyTorch mirror's step (same model, batch, optimiser) in ms per step by kind of work."""
+    from gmae_jax.torch_mirror import step_profile as torch_profile  # noqa: PLC0415 (torch only when asked for)
+
+    runner = torch_runner(config, task, batch_size)
+    for _ in range(2):
+        runner.step()
+    return torch_profile.kind_ms(runner.step, num_steps)
+
+
+def kinds_vs_torch_table(ours: step_profile.StepProfile, theirs: Mapping[str, float]) -> str:
+    """ms per step by kind of work, JAX beside PyTorch, with their ratio."""
+    jax_ms = dict(ours.by("kind"))
+    lines = ["| kind of work | JAX ms per step | PyTorch ms per step | JAX time / PyTorch time |", "|---|---:|---:|---:|"]
+    for kind in step_profile.KINDS:
+        a, b = jax_ms.get(kind, 0.0), theirs.get(kind, 0.0)
+        if a or b:
+            lines.append(f"| {kind} | {a:.1f} | {b:.1f} | {f'{a / b:.2f}x' if b else 'n/a'} |")
+    total_a, total_b = sum(jax_ms.values()), sum(theirs.values())
+    lines.append(f"| all | {total_a:.1f} | {total_b:.1f} | {total_a / total_b:.2f}x |" if total_b else
+                 f"| all | {total_a:.1f} | 0.0 | n/a |")
+    return "\n".join(lines)
