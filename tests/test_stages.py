@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import saved_weights
 from gmae_jax import config_lib, schema, stages
 from gmae_jax.data import inputs, synthetic, views
-from gmae_jax.train import checkpoint, setup
+from gmae_jax.train import setup
 from gmae_jax.train.summaries import Summaries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def run_dir(tmp_path_factory):
 def test_restore_run_rebuilds_weights_without_optimiser_state(run_dir):
     workdir, _, _ = run_dir
     restored = setup.restore_run(os.path.join(workdir, "checkpoints"))  # the folder init_from used to take
-    saved = checkpoint.restore_params(os.path.join(workdir, "checkpoints"))
+    saved = saved_weights.restore_params(os.path.join(workdir, "checkpoints"))
     assert restored.step == saved["step"] == 4 and restored.class_names == sorted(CLASSES)
     assert set(vars(restored.weights)) == {"step", "params", "batch_stats"}
     for got, want in zip(jax.tree.leaves(restored.weights.params), jax.tree.leaves(saved["params"])):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import saved_weights
 from gmae_jax import config_lib, stages, workdir_lock
 from gmae_jax.data import synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
@@ -81,7 +82,7 @@ def test_finetune_starts_from_pretrained_encoder(pretrained, demo_root):
     state, _ = trainer.create_state(model, init_inputs, config, mesh, 10)
     fresh_head = jax.device_get(state.params["head"])
     loaded = init_from.load_pretrained_encoder(state, config.init_from)
-    saved = checkpoint.restore_params(config.init_from)
+    saved = saved_weights.restore_params(config.init_from)
     for got, want in zip(jax.tree.leaves(jax.device_get(loaded.params["encoder"])),
                          jax.tree.leaves(saved["params"]["encoder"])):
         np.testing.assert_array_equal(got, want)
@@ -190,14 +191,14 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes_intact
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 6]
     assert max(r["lr"] for r in records if r["split"] == "train") <= 2e-3 * (1 + 1e-6)  # none of the 5e-3 run
-    assert checkpoint.restore_params(os.path.join(workdir, "checkpoints"))["step"] == 6
+    assert saved_weights.restore_params(os.path.join(workdir, "checkpoints"))["step"] == 6
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released at the end
 
 
 def assert_same_final_run(straight_dir: str, resumed_dir: str) -> None:
     """Both runs end at step 6 with equal parameters, and logged the same training losses."""
-    a = checkpoint.restore_params(os.path.join(straight_dir, "checkpoints"))
-    b = checkpoint.restore_params(os.path.join(resumed_dir, "checkpoints"))
+    a = saved_weights.restore_params(os.path.join(straight_dir, "checkpoints"))
+    b = saved_weights.restore_params(os.path.join(resumed_dir, "checkpoints"))
     assert a["step"] == b["step"] == 6
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
         np.testing.assert_array_equal(x, y)

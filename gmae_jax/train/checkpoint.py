@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging as pylogging
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,11 +38,9 @@ def make_manager(
     """Keeps the latest `max_to_keep` steps, plus the best by `best_metric` ('' = none) of the
     steps saved with metrics; `best_mode` 'min' or 'max'."""
     policies: list[checkpoint_managers.PreservationPolicy] = [checkpoint_managers.LatestN(n=max_to_keep)]
-    best_fn = None
+    best_fn: Callable[[Mapping[str, float]], float] | None = None
     if best_metric:
-        def best_fn(metrics: Mapping[str, float]) -> float:
-            return metrics[best_metric]
-
+        best_fn = operator.itemgetter(best_metric)
         policies.append(checkpoint_managers.BestN(
             get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
@@ -215,19 +214,3 @@ def restore_weights(manager: ocp.CheckpointManager, step: int, abstract: Any) ->
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     item = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
     return manager.restore(step, args=ocp.args.Composite(state=item))["state"]
-
-
-def restore_params(directory: str) -> dict[str, Any]:
-    """Reads `params` and `batch_stats` of the latest checkpoint in `directory` without a template
-    or a config, onto one device (for comparing checkpoints; stages use `setup.restore_run`)."""
-    manager = ocp.CheckpointManager(epath.Path(directory))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint found in {directory}.")
-    # The saved shardings name the devices of the saving run; on another topology (a pod's
-    # checkpoint fine-tuned on one GPU) the arrays land on this process's first device instead.
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=local)))
-    state = restored["state"]
-    return {"params": state["params"], "batch_stats": state["batch_stats"], "step": step}
