@@ -34,6 +34,7 @@ ENTRY %main.9 (p0: f32[8,4,4,3], p1: f32[3,3,3,5], p2: f32[8,5], p3: f32[5,5]) -
   %reduce.8 = f32[8]{0} reduce(%p2, %p2), dimensions={1}, to_apply=%fused_computation.2, metadata={op_name="jit(train_step)/jvp(GMAE)/encoder.encode/norm/reduce_sum"}
   %loop_fusion.9 = f32[8,5]{1,0} fusion(%dot.6), kind=kLoop, calls=%fused_computation.2
   %all-reduce.11 = (f32[8,5]{1,0}, f32[5,5]{1,0}) all-reduce(%p2, %p3), replica_groups={{0,1}}, to_apply=%fused_computation.2, metadata={op_name="jit(train_step)/transpose(jvp(GMAE))/(decoder_pred/dot_general:encoder/norm/mul)"}
+  %while.12 = (s32[], f32[8,5]{1,0}) while(%p2), condition=%fused_computation.2, body=%fused_computation.2, metadata={op_name="jit(train_step)/jvp(GMAE)/blocks_0/attn/while"}
   ROOT %multiply.10 = f32[8,5]{1,0} multiply(%p2, %p2), metadata={op_name="jit(train_step)/mul"}
 }
 """
@@ -49,6 +50,7 @@ def test_hlo_ops_get_a_kind_a_phase_and_a_layer():
     assert ops["copy_fusion.4"].kind == "data movement"
     assert ops["multiply.10"] == step_profile.HloOp("elementwise", "optimiser and other", "")
     assert ops["all-reduce.11"] == step_profile.HloOp("communication", "backward", "(several layers)")
+    assert ops["while.12"].kind == step_profile.CONTAINER  # its body's ops are traced on their own
 
 
 @pytest.mark.parametrize("op_name, layer", [
@@ -99,6 +101,7 @@ def test_a_real_step_is_profiled_by_layer():
         return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss
 
     result = step_profile.profile_train_step(step, params, x, num_steps=2)
+    assert all(result.ops[name].kind != step_profile.CONTAINER for name in result.op_ms)  # no double count
     layers = dict(result.by("layer"))
     assert layers["stem"] > 0 and layers["head"] > 0, layers
     kinds = dict(result.by("kind"))
@@ -106,6 +109,9 @@ def test_a_real_step_is_profiled_by_layer():
     assert {phase for phase, _ in result.by("phase")} >= {"forward", "backward"}
     table = step_profile.markdown(result)
     assert "| convolution |" in table and "| stem |" in table and result.step_ms > 0
+    biggest = max(result.op_ms, key=result.op_ms.get)  # the single op table starts with it
+    assert table.split("| HLO op | kind | phase | layer | ms per step | share |\n|---|---|---|---|---:|---:|\n")[1] \
+        .startswith(f"| {biggest} | {result.ops[biggest].kind} |")
 
 
 def test_the_profile_copy_keeps_the_cpu_executable_and_its_gpu_option_is_a_real_xla_option():

@@ -30,6 +30,9 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _DATA_MOVEMENT = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice",
                   "pad", "gather", "scatter", "broadcast", "reshape", "bitcast", "copy-start", "copy-done"}
+# A while loop's or call's traced time spans the ops in its body, which are traced themselves.
+_CONTAINERS = {"while", "conditional", "call"}
+CONTAINER = "control flow (its body's ops count)"
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _CONTROL_FLOW = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "rematted_computation"}
 _ELEMENTWISE_HINT = {"add", "multiply", "subtract", "divide", "exponential", "erf", "tanh", "maximum",
@@ -89,6 +92,8 @@ def _op_name(line: str) -> str:
 def _kind(opcode: str, line: str, body: Sequence[str]) -> str:
     """What kind of work an instruction does: by its opcode, its custom-call target (cuDNN /
     cuBLAS), or the ops inside the computation it calls (a fusion's body)."""
+    if opcode in _CONTAINERS:
+        return CONTAINER
     if opcode.startswith(_COLLECTIVES):  # gradient / BatchNorm all-reduces, FSDP gathers
         return "communication"
     target = re.search(r'custom_call_target="([^"]*)"', line)
@@ -201,7 +206,10 @@ def profile(run_step: Callable[[], object], hlo_text: str, num_steps: int = 3) -
             raise RuntimeError(f"jax.profiler wrote no trace.json.gz under {folder}")
         with gzip.open(paths[0]) as file:
             events = json.load(file)["traceEvents"]
-    return StepProfile(op_times_ms(events, _module_name(hlo_text), num_steps), parse_hlo(hlo_text), step_ms)
+    ops = parse_hlo(hlo_text)
+    times = {name: ms for name, ms in op_times_ms(events, _module_name(hlo_text), num_steps).items()
+             if name not in ops or ops[name].kind != CONTAINER}
+    return StepProfile(times, ops, step_ms)
 
 
 # XLA:GPU replays a step's kernels as CUDA graphs ("command buffers"), whose kernels all carry the
@@ -238,8 +246,9 @@ def profile_train_step(step: Callable, state: Any, *args: Any, num_steps: int = 
     return profile_compiled(compile_for_profile(step.lower(state, *args)), state, *args, num_steps=num_steps)[0]
 
 
-def markdown(result: StepProfile, top_layers: int = 12) -> str:
-    """Three small tables: by kind of work, by phase, and the layers that take the most time."""
+def markdown(result: StepProfile, top_layers: int = 12, top_ops: int = 8) -> str:
+    """Four small tables: by kind of work, by phase, the layers that take the most time, and the
+    single ops that do (one pathological kernel, e.g. a transpose, shows up there)."""
     total = result.total_ms() or 1.0
     lines = [f"traced ops: {result.total_ms():.1f} ms per step of a {result.step_ms:.1f} ms step "
              "(ops that overlap count in full; ops over the step time = work run side by side)"]
@@ -253,4 +262,8 @@ def markdown(result: StepProfile, top_layers: int = 12) -> str:
         lines += [f"| {title} | ms per step | share |", "|---|---:|---:|"]
         lines += [f"| {name} | {ms:.2f} | {100 * ms / total:.1f} % |" for name, ms in rows]
         lines.append("")
-    return "\n".join(lines).rstrip()
+    lines += ["| HLO op | kind | phase | layer | ms per step | share |", "|---|---|---|---|---:|---:|"]
+    for name, ms in sorted(result.op_ms.items(), key=lambda item: -item[1])[:top_ops]:
+        op = result.ops.get(name, HloOp("other", PHASES[2], ""))
+        lines.append(f"| {name} | {op.kind} | {op.phase} | {op.layer or '-'} | {ms:.2f} | {100 * ms / total:.1f} % |")
+    return "\n".join(lines)
