@@ -75,3 +75,12 @@ def test_the_pytorch_steps_time_by_kind_sits_beside_the_jax_profile():
     table = step_benchmark.kinds_vs_torch_table(ours, {"convolution": 2.0, "matmul": 4.0, "elementwise": 1.0})
     assert "| convolution | 3.0 | 2.0 | 1.50x |" in table and "| matmul | 1.0 | 4.0 | 0.25x |" in table
     assert "| elementwise | 0.0 | 1.0 | 0.00x |" in table and table.endswith("| all | 4.0 | 7.0 | 0.57x |")
+
+
+def test_a_cpu_ratio_measured_on_busy_cores_comes_with_a_warning():
+    from gmae_jax.train.step_benchmark import busy_machine_warning
+
+    assert busy_machine_warning(0.3, 0.9, cores=2, on_cpu=True) is None
+    warning = busy_machine_warning(0.4, 5.6, cores=2, on_cpu=True)
+    assert warning.startswith("warning: load average 5.6 on 2 cores") and "idle machine" in warning
+    assert busy_machine_warning(9.0, 9.0, cores=16, on_cpu=False) is None  # a GPU side-by-side: not CPU contention

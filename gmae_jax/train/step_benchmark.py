@@ -178,6 +178,17 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def busy_machine_warning(load_before: float, load_after: float, cores: int, on_cpu: bool) -> str | None:
+    """A warning when other work shared the CPU during a CPU side-by-side: PyTorch's OpenMP regions
+    wait at a barrier for every thread, so its step collapses on busy cores while XLA's degrades far
+    less (BENCHMARKS.md, "Load": 212 -> 8-19 img/s at load 8-9), and the ratio then favours JAX."""
+    busiest = max(load_before, load_after)
+    if not on_cpu or busiest <= cores / 2:
+        return None
+    return (f"warning: load average {busiest:.1f} on {cores} cores: other work shared the CPU, which slows "
+            "PyTorch's step far more than JAX's; rerun on an idle machine before quoting this ratio")
+
+
 def run_vs_torch(
     preset: str, batch_size: int, num_steps: int, rounds: int, tasks: Sequence[str] = TASKS,
     overrides: Mapping[str, Any] | None = None,
@@ -199,6 +210,9 @@ def run_vs_torch(
           f"alternating rounds of {num_steps} steps; load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
     print(markdown_table(rows))
+    warning = busy_machine_warning(load, os.getloadavg()[0], os.cpu_count() or 1, jax.default_backend() == "cpu")
+    if warning:
+        print(f"\n{warning}")
     return rows
 
 
