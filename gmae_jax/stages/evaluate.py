@@ -33,8 +33,6 @@ def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> sche
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Writes eval_metrics.json and the task's pictures to `workdir`; returns the metrics."""
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
-    if restored.skipped and jax.process_index() == 0:
-        print(restored.skipped_notice(), flush=True)
     data = eval_data(config, restored)
     examples = sources.open_split(data, data.eval_split, restored.class_names)
     task = tasks.make_task(restored.config, restored.model, restored.class_names)

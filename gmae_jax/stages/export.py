@@ -130,8 +130,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise config_lib.ConfigError("the export stage runs in one process; drop the multi-process flags")
     _check_outside_run(workdir, setup.run_workdir(config.checkpoint_dir))
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
-    if restored.skipped:
-        print(restored.skipped_notice(), flush=True)
     model, stage = restored.model.config, restored.config.stage
     layout = choose_layout(config.layout, model, restored.workdir)
     if layout == export_format.MIRROR:

@@ -76,8 +76,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     if jax.process_count() > 1:
         raise config_lib.ConfigError("the predict stage runs in one process; drop the multi-process flags")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
-    if restored.skipped:
-        print(restored.skipped_notice(), flush=True)
     items, skipped = inputs.list_inputs(config.inputs)
     names, image_size, mesh = restored.class_names, restored.model.config.img_size, restored.mesh
     top_k = min(config.top_k, len(names))

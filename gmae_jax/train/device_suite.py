@@ -62,24 +62,19 @@ def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_s
     (smallest first; compiles, not steps, eat a short loan, so `reference`'s MFU must not wait
     behind every variant of `small`), then per variant (sparse masking, fine-tuning, f32, remat) every
     preset again. `reference` always runs with remat."""
-    sparse = "sparse" in MASK_MODES
-
-    def remat(preset: str) -> str:
+    def usual_remat(preset: str) -> str:
         return "block" if preset == "reference" else "none"
 
-    variants = [dict(stage="pretrain"), dict(stage="pretrain", mask_mode="sparse") if sparse else None,
-                dict(stage="finetune"), dict(stage="pretrain", dtype="float32"),
-                dict(stage="pretrain", remat_variant=True)]
-    cases = []
-    for variant in filter(None, variants):
-        for preset, batch in zip(presets, batch_sizes):
-            fields = dict(variant)
-            if fields.pop("remat_variant", False):
-                fields["remat"] = "fine" if preset == "reference" else "block"
-            else:
-                fields["remat"] = remat(preset)
-            cases.append(Case(preset=preset, batch_size=batch, img_size=img_size, **fields))
-    return cases
+    def more_remat(preset: str) -> str:
+        return "fine" if preset == "reference" else "block"
+
+    variants = [(dict(stage="pretrain"), usual_remat)]
+    if "sparse" in MASK_MODES:
+        variants.append((dict(stage="pretrain", mask_mode="sparse"), usual_remat))
+    variants += [(dict(stage="finetune"), usual_remat), (dict(stage="pretrain", dtype="float32"), usual_remat),
+                 (dict(stage="pretrain"), more_remat)]
+    return [Case(preset=preset, batch_size=batch, img_size=img_size, remat=remat(preset), **fields)
+            for fields, remat in variants for preset, batch in zip(presets, batch_sizes)]
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:

@@ -24,8 +24,6 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str) -> steps
     workdir, or its checkpoints folder). Shapes must match: the same `config.model` in both runs.
     Both models add `pos_embed` before the blocks, so it transfers from either."""
     run = setup.restore_run(pretrain_dir)
-    if run.skipped:
-        logging.warning("%s", run.skipped_notice())
     pretrained = run.weights
     source = {"encoder": pretrained.params["encoder"], "pos_embed": pretrained.params["pos_embed"],
               "batch_stats": pretrained.batch_stats["encoder"]}

@@ -141,8 +141,9 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
 
 def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
     """Rebuilds a pretrain or finetune run from `workdir` with the weights of checkpoint `which`
-    ('latest': the newest step that restores, see `RestoredRun.skipped`; 'best' or a step number:
-    that step, or a ConfigError saying why not). Reads the run folder only, whatever it finds."""
+    ('latest': the newest step that restores, see `RestoredRun.skipped`, which process 0 also prints
+    as one notice line; 'best' or a step number: that step, or a ConfigError saying why not). Reads
+    the run folder only, whatever it finds."""
     workdir = run_workdir(workdir)
     config = load_run_config(workdir)
     class_names = load_class_names(workdir)
@@ -157,8 +158,11 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
         weights, step, skipped = _restore_weights(manager, which, abstract, f"{workdir}/{CHECKPOINTS}")
     finally:
         manager.close()
-    return RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,
-                       weights=weights, step=step, skipped=tuple(skipped))
+    restored = RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,
+                           weights=weights, step=step, skipped=tuple(skipped))
+    if restored.skipped and jax.process_index() == 0:
+        print(restored.skipped_notice(), flush=True)
+    return restored
 
 
 def _restore_weights(

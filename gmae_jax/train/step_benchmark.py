@@ -249,12 +249,9 @@ def torch_kind_ms(config: GMSTConfig, task: str, batch_size: int, num_steps: int
 def kinds_vs_torch_table(ours: step_profile.StepProfile, theirs: Mapping[str, float]) -> str:
     """ms per step by kind of work, JAX beside PyTorch, with their ratio."""
     jax_ms = dict(ours.by("kind"))
+    rows = [(kind, jax_ms.get(kind, 0.0), theirs.get(kind, 0.0)) for kind in step_profile.KINDS]
+    rows = [row for row in rows if row[1] or row[2]]
+    rows.append(("all", sum(jax_ms.values()), sum(theirs.values())))
     lines = ["| kind of work | JAX ms per step | PyTorch ms per step | JAX time / PyTorch time |", "|---|---:|---:|---:|"]
-    for kind in step_profile.KINDS:
-        a, b = jax_ms.get(kind, 0.0), theirs.get(kind, 0.0)
-        if a or b:
-            lines.append(f"| {kind} | {a:.1f} | {b:.1f} | {f'{a / b:.2f}x' if b else 'n/a'} |")
-    total_a, total_b = sum(jax_ms.values()), sum(theirs.values())
-    lines.append(f"| all | {total_a:.1f} | {total_b:.1f} | {total_a / total_b:.2f}x |" if total_b else
-                 f"| all | {total_a:.1f} | 0.0 | n/a |")
+    lines += [f"| {kind} | {a:.1f} | {b:.1f} | {f'{a / b:.2f}x' if b else 'n/a'} |" for kind, a, b in rows]
     return "\n".join(lines)

@@ -96,9 +96,10 @@ def _kind(opcode: str, line: str, body: Sequence[str]) -> str:
         return CONTAINER
     if opcode.startswith(_COLLECTIVES):  # gradient / BatchNorm all-reduces, FSDP gathers
         return "communication"
-    target = re.search(r'custom_call_target="([^"]*)"', line)
-    text = " ".join([opcode, target.group(1) if target else "", *body]).lower()
-    if opcode == "convolution" or "convolution(" in text or "conv" in (target.group(1).lower() if target else ""):
+    found = re.search(r'custom_call_target="([^"]*)"', line)
+    target = found.group(1).lower() if found else ""
+    text = " ".join([opcode, target, *body]).lower()
+    if opcode == "convolution" or "convolution(" in text or "conv" in target:
         return "convolution"
     if opcode == "dot" or " dot(" in text or re.search(r"gemm|matmul", text):
         return "matmul"
