@@ -217,3 +217,34 @@ def test_two_processes_reach_the_single_process_parameters(runs):
     # differ by ~1e-5, everything else agrees to float32 precision.
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
     assert np.mean(np.abs(a - b) <= 1e-6) > 0.99
+
+
+# --- Processes agree on the checkpoint they restore ----------------------------------------------
+
+def test_processes_agree_on_the_restored_step(tmp_path):
+    """Process 1 cannot read step 2; process 0 can. Both must resume from step 1, not each from its
+    own newest readable step (which would mix the weights of two steps in one model)."""
+    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
+    address = f"127.0.0.1:{_free_port()}"
+    worker = os.path.join(REPO, "tests", "multihost_restore_worker.py")
+    logs = [open(tmp_path / f"process_{rank}.log", "w+") for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, address, str(rank), str(tmp_path / "checkpoints")],
+                              cwd=REPO, env=env, stdout=logs[rank], stderr=subprocess.STDOUT) for rank in range(2)]
+    outputs = []
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert proc.returncode == 0, text[-3000:]
+        outputs.append(json.loads(text.strip().splitlines()[-1]))
+    assert [(o["step"], o["value"]) for o in outputs] == [(1, 1.0), (1, 1.0)]
+    (step_0, why_0), = outputs[0]["failures"]
+    (step_1, why_1), = outputs[1]["failures"]
+    assert (step_0, step_1) == (2, 2)
+    assert why_0 == "process 1 of 2 could not restore it"
+    assert why_1 == "OSError: simulated read failure on process 1"

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grain
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from absl import logging
@@ -154,22 +155,41 @@ def describe(failures: list[tuple[int, str]]) -> str:
     return "; ".join(f"step {step}: {why}" for step, why in failures)
 
 
+def why_not_everywhere(why: str) -> str:
+    """With several processes, a step counts as restored only where every process restored it:
+    one host's failed read (a flaky link to the bucket) must not leave it on an older step than
+    the others. Returns this process's reason ('' = restored), or, where this process did restore
+    the step, which process did not. Every process must call it for the same steps."""
+    if jax.process_count() == 1:
+        return why
+    failed = multihost_utils.process_allgather(np.int32(bool(why)))
+    if why or not failed.any():
+        return why
+    return f"process {int(np.argmax(failed))} of {jax.process_count()} could not restore it"
+
+
 def newest_that_restores(
     directory: str, steps: Iterable[int], restore_one: Callable[[int], T], advice: str,
 ) -> tuple[T | None, int | None, list[tuple[int, str]]]:
     """Calls `restore_one(step)` on `steps` newest first until one returns (the others are damaged
-    on disk), logging a warning for each failure. Returns (its result, its step, [(newer step that
-    failed, why)]); (None, None, []) when there are no steps. Raises CheckpointsUnreadableError,
+    on disk), logging a warning for each failure; with several processes, only a step that every
+    process restored counts. Returns (its result, its step, [(newer step that failed, why)]); (None,
+    None, []) when there are no steps. Raises CheckpointsUnreadableError,
     ending with `advice` (what to do), when none restores. Reads only: moves nothing."""
     failures: list[tuple[int, str]] = []
     for step in sorted(steps, reverse=True):
+        result, why = None, ""
         try:
             with quiet_abandoned_reads():
-                return restore_one(step), step, failures
+                result = restore_one(step)
         except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
-            failures.append((step, reason(error)))
-            logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
-                            step, directory, failures[-1][1])
+            why = reason(error)
+        why = why_not_everywhere(why)
+        if not why:
+            return result, step, failures
+        failures.append((step, why))
+        logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
+                        step, directory, why)
     if failures:
         raise CheckpointsUnreadableError(
             f"none of the checkpoints in {directory} can be restored ({describe(failures)}); {advice}")

@@ -180,11 +180,16 @@ def _restore_weights(
     step = checkpoint.pick_step(manager, which)
     if step is None:
         raise ConfigError(f"no '{which}' checkpoint in {folder} (steps there: {steps})")
+    weights, error = None, None
     try:
         with checkpoint.quiet_abandoned_reads():
-            return checkpoint.restore_weights(manager, step, abstract), step, []
-    except Exception as error:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
+            weights = checkpoint.restore_weights(manager, step, abstract)
+    except Exception as failure:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
+        error = failure
+    why = checkpoint.why_not_everywhere(checkpoint.reason(error) if error else "")
+    if why:
         named = f"the 'best' checkpoint (step {step})" if which == checkpoint.BEST else f"checkpoint step {step}"
         raise ConfigError(
-            f"{named} in {folder} cannot be restored ({checkpoint.reason(error)}); use "
-            f"--config.checkpoint=latest to take the newest step that restores (steps there: {steps})") from error
+            f"{named} in {folder} cannot be restored ({why}); use --config.checkpoint=latest to take the "
+            f"newest step that restores (steps there: {steps})") from error
+    return weights, step, []
