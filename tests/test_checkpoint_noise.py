@@ -53,3 +53,14 @@ def test_a_restore_that_succeeds_leaves_no_filter_behind():
               "assert sys.unraisablehook is hook and warnings.filters == filters\n"
               "assert logging.getLogger('asyncio').filters == []\n")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_filters_left_by_failed_restores_are_installed_once():
+    script = ("import logging, sys, warnings\nfrom gmae_jax.train import checkpoint\n"
+              "def fail():\n    try:\n        with checkpoint.quiet_abandoned_reads():\n"
+              "            raise OSError('damaged')\n    except OSError:\n        pass\n"
+              "fail()\nhook, filters = sys.unraisablehook, list(warnings.filters)\n"
+              "fail()\nwith checkpoint.quiet_abandoned_reads():\n    pass\n"
+              "assert sys.unraisablehook is hook and warnings.filters == filters\n"
+              "assert len(logging.getLogger('asyncio').filters) == 1\n")
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -121,6 +121,9 @@ class _AbandonedReadRecords(pylogging.Filter):
                                                "Future exception was never retrieved"))
 
 
+_quiet_for_good = False  # set after the first failed restore: its filters then stay for the process
+
+
 @contextlib.contextmanager
 def quiet_abandoned_reads() -> Iterator[None]:
     """Orbax runs a restore on a fresh event loop and closes it at the first array that fails; the
@@ -128,8 +131,13 @@ def quiet_abandoned_reads() -> Iterator[None]:
     collected unfinished, and Python prints a traceback for each (hundreds for one damaged step):
     'RuntimeError: Event loop is closed' (an unraisable error), asyncio's 'Task exception was never
     retrieved' (its logger) and 'coroutine ... was never awaited' (a warning). The failure itself
-    is reported by the caller; everything else passes. After a failure the filters stay: those
-    reads may end after the caller has moved on (a one-line error, then exit)."""
+    is reported by the caller; everything else passes. After a failure the filters stay, once, for
+    the rest of the process: those reads may end after the caller has moved on (to an older step,
+    or a one-line error and exit)."""
+    global _quiet_for_good
+    if _quiet_for_good:
+        yield
+        return
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
@@ -145,6 +153,7 @@ def quiet_abandoned_reads() -> Iterator[None]:
             yield
     except BaseException:
         warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)  # for the reads still in flight
+        _quiet_for_good = True
         raise
     sys.unraisablehook = previous
     pylogging.getLogger("asyncio").removeFilter(records)
