@@ -1,9 +1,9 @@
 """One of two processes of `test_multiprocess.test_processes_agree_on_the_restored_step`.
 
 Both save steps 1 and 2 of a small replicated array, then look for the newest step that restores
-while process 1 cannot read step 2 (a flaky link to the bucket, simulated after orbax's own
-restore so that its barriers still pair up). Prints, as JSON, the step it restored, its value and
-the reasons given for the steps passed over.
+through a read-only manager while process 1 cannot read step 2 (a flaky link to the bucket; the
+failure comes before orbax's read, so process 0 is still reading when process 1 gives up).
+Prints, as JSON, the step it restored, its value and the reasons given for the steps passed over.
 """
 
 import json
@@ -24,16 +24,17 @@ def main(address: str, rank: int, directory: str) -> None:
     for step in (1, 2):
         checkpoint.save(manager, step, {"w": jax.device_put(np.full(4, float(step)), replicated)}, None)
     manager.wait_until_finished()
+    manager.close()
     template = {"w": jax.device_put(np.zeros(4), replicated)}
+    reader = checkpoint.make_manager(directory, max_to_keep=1, read_only=True)
 
     def restore_one(step: int) -> dict:
-        restored = checkpoint.restore(manager, template, None, step)
         if rank == 1 and step == 2:
             raise OSError("simulated read failure on process 1")
-        return restored
+        return checkpoint.restore(reader, template, None, step)
 
-    restored, step, failures = checkpoint.newest_that_restores(directory, manager.all_steps(), restore_one, "")
-    manager.close()
+    restored, step, failures = checkpoint.newest_that_restores(directory, reader.all_steps(), restore_one, "")
+    reader.close()
     value = float(np.asarray(restored["w"].addressable_data(0))[0])
     print(json.dumps({"step": step, "value": value, "failures": failures}), flush=True)
 

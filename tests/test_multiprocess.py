@@ -154,12 +154,22 @@ def runs(data_root, tmp_path_factory) -> dict[str, str]:
     single, multi = str(base / "single"), str(base / "multi")
     address = f"127.0.0.1:{_free_port()}"
     logs = {name: str(base / f"{name}.log") for name in ("single", "process_0", "process_1")}
-    procs = {"single": _launch(single, data_root, logs["single"], 8)}
-    for rank in range(2):
-        procs[f"process_{rank}"] = _launch(multi, data_root, logs[f"process_{rank}"], 4,
-                                           f"--coordinator_address={address}", "--num_processes=2",
-                                           f"--process_id={rank}")
-    deadline = time.monotonic() + 600
+    procs = {"single": _launch(single, data_root, logs["single"], 8),
+             **_launch_two_processes(multi, data_root, logs, address)}
+    _wait_for_all(procs, logs)
+    return {"single": single, "multi": multi}
+
+
+def _launch_two_processes(workdir: str, data_root: str, logs: dict[str, str], address: str,
+                          *extra: str) -> dict[str, subprocess.Popen]:
+    return {f"process_{rank}": _launch(workdir, data_root, logs[f"process_{rank}"], 4,
+                                       f"--coordinator_address={address}", "--num_processes=2",
+                                       f"--process_id={rank}", *extra) for rank in range(2)}
+
+
+def _wait_for_all(procs: dict[str, subprocess.Popen], logs: dict[str, str], timeout_s: float = 600) -> None:
+    """Waits for every process; fails the test with the tail of each failed one's log."""
+    deadline = time.monotonic() + timeout_s
     try:
         for proc in procs.values():
             proc.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -174,7 +184,6 @@ def runs(data_root, tmp_path_factory) -> dict[str, str]:
             with open(logs[name]) as f:
                 tails.append(f"--- {name} (exit {failed[name]}), last lines of its log:\n{f.read()[-3000:]}")
         pytest.fail("\n".join(tails))
-    return {"single": single, "multi": multi}
 
 
 def _metrics(workdir: str) -> list[dict]:
@@ -217,6 +226,22 @@ def test_two_processes_reach_the_single_process_parameters(runs):
     # differ by ~1e-5, everything else agrees to float32 precision.
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
     assert np.mean(np.abs(a - b) <= 1e-6) > 0.99
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_run(runs, data_root, tmp_path):
+    """Each process restores the train state and its own data iterator through its own reader."""
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(runs["multi"], resumed)
+    logs = {f"process_{rank}": str(tmp_path / f"process_{rank}.log") for rank in range(2)}
+    _wait_for_all(_launch_two_processes(resumed, data_root, logs, f"127.0.0.1:{_free_port()}",
+                                        "--config.total_steps=6"), logs)
+    for log in logs.values():
+        with open(log) as f:
+            assert "resumed from step 4" in f.read()
+    rows = _metrics(resumed)
+    assert rows[:2] == _metrics(runs["multi"]) and rows[-1]["step"] == 6
+    assert saved_weights.restore_params(os.path.join(resumed, "checkpoints"))["step"] == 6
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gmae_jax import config_lib, label_efficiency, schema, stages
+from gmae_jax import config_lib, label_efficiency, schema, stages, workdir_lock
 from gmae_jax.data import sources, subsets, synthetic
 from gmae_jax.stages import study
 
@@ -114,6 +114,13 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
         os.rename(os.path.join(checkpoints, name), os.path.join(tmp_path, name))
     assert stages.run(config, workdir)["runs"] == report["runs"]
     assert os.listdir(checkpoints) == []
+
+    # Each sub-run is held like a run of its own: one in use by another job stops the study.
+    busy = next(r["workdir"] for r in runs if r["init"] == "pretrained")
+    os.remove(os.path.join(busy, study.RESULT))
+    with workdir_lock.hold(busy):
+        with pytest.raises(workdir_lock.WorkdirBusyError, match="in use by a running job"):
+            stages.run(config, workdir)
 
 
 def test_each_study_run_gets_its_start_labels_and_seed_with_one_budget():

@@ -186,8 +186,9 @@ class MSDC(nn.Module):
 class MHSA(nn.Module):
     """Multi-head self-attention laid out like `torch.nn.MultiheadAttention` (packed q, k, v).
 
-    Uses `jax.nn.dot_product_attention` (cuDNN/flash where available); attention-probability
-    dropout, which that kernel lacks, goes through Flax's reference attention in training only.
+    Uses `jax.nn.dot_product_attention` (its XLA implementation: JAX picks cuDNN's fused kernel
+    only when asked, and at 196 tokens the score matrix is small); attention-probability dropout,
+    which that function lacks, goes through Flax's reference attention in training only.
     """
 
     dim: int

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from gmae_jax import config_lib, label_efficiency, schema
+from gmae_jax import config_lib, label_efficiency, schema, workdir_lock
 from gmae_jax.data import sources
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
@@ -83,7 +83,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     result_path = epath.Path(workdir) / RESULT
     if result_path.exists():
         return json.loads(result_path.read_text())
-    metrics = finetune_stage.run(config, workdir)
+    with workdir_lock.hold(workdir):  # each sub-run is a run folder of its own, held like one
+        metrics = finetune_stage.run(config, workdir)
     result = {"init": "linear_probe" if config.freeze_encoder else ("pretrained" if config.init_from else "scratch"),
               "labels_per_class": label_efficiency.labels_name(config.labels_per_class),
               "seed": int(config.seed), "steps": int(config.total_steps),
@@ -100,7 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pretrain_dir = config.init_from
     else:
         pretrain_dir = os.path.join(workdir, "pretrain")
-        pretrain_stage.run(pretrain_config(config), pretrain_dir)
+        with workdir_lock.hold(pretrain_dir):
+            pretrain_stage.run(pretrain_config(config), pretrain_dir)
 
     runs = []
     for per_class in config.labels_per_class:

@@ -37,17 +37,48 @@ def make_manager(
     directory: str, max_to_keep: int, best_metric: str = "", best_mode: str = "min", read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """Keeps the latest `max_to_keep` steps, plus the best by `best_metric` ('' = none) of the
-    steps saved with metrics; `best_mode` 'min' or 'max'."""
+    steps saved with metrics; `best_mode` 'min' or 'max'.
+
+    A `read_only` manager restores on each process on its own, without orbax's barriers between
+    processes (a process whose read failed would otherwise leave the others waiting in a collective
+    it never joins); `newest_that_restores` makes the processes agree on the step instead."""
     policies: list[checkpoint_managers.PreservationPolicy] = [checkpoint_managers.LatestN(n=max_to_keep)]
     best_fn: Callable[[Mapping[str, float]], float] | None = None
     if best_metric:
         best_fn = operator.itemgetter(best_metric)
         policies.append(checkpoint_managers.BestN(
             get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+    this_process = jax.process_index()
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
+        best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only,
+        **(dict(save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=this_process, active_processes={this_process})) if read_only else {}))
+    with _without_log_record("Given directory is read only"):  # what we asked for, not a problem
+        return ocp.CheckpointManager(epath.Path(directory), options=options)
+
+
+class _DropRecords(pylogging.Filter):
+    """Log records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _without_log_record(prefix: str) -> Iterator[None]:
+    """absl's log records starting with `prefix` are dropped while the block runs."""
+    records = _DropRecords(prefix)
+    logger = pylogging.getLogger("absl")
+    logger.addFilter(records)
+    try:
+        yield
+    finally:
+        logger.removeFilter(records)
 
 
 def pick_step(manager: ocp.CheckpointManager, which: str) -> int | None:
@@ -113,14 +144,6 @@ def reason(error: Exception) -> str:
 _NEVER_AWAITED = r"coroutine .* was never awaited"
 
 
-class _AbandonedReadRecords(pylogging.Filter):
-    """asyncio's 'Task/Future exception was never retrieved' reports, with their tracebacks."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Task exception was never retrieved",
-                                               "Future exception was never retrieved"))
-
-
 _quiet_for_good = False  # set after the first failed restore: its filters then stay for the process
 
 
@@ -144,7 +167,8 @@ def quiet_abandoned_reads() -> Iterator[None]:
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
-    records = _AbandonedReadRecords()
+    # asyncio's reports of them, with their tracebacks.
+    records = _DropRecords("Task exception was never retrieved", "Future exception was never retrieved")
     sys.unraisablehook = hook
     pylogging.getLogger("asyncio").addFilter(records)
     try:
@@ -211,10 +235,14 @@ def restore_last_good(
     """Restores the newest step that restores, trying older ones after a failure (a checkpoint
     damaged on disk). Returns (state, its step, [(newer step that failed, why)]); (template, None,
     []) when there is no checkpoint. Raises CheckpointsUnreadableError when none restores."""
-    state, step, failures = newest_that_restores(
-        manager.directory, manager.all_steps(),
-        lambda step: restore(manager, state_template, data_iterator, step),
-        advice="move that folder away to train from scratch, or use another --workdir")
+    reader = make_manager(str(manager.directory), max_to_keep=1, read_only=True)
+    try:
+        state, step, failures = newest_that_restores(
+            manager.directory, reader.all_steps(),
+            lambda step: restore(reader, state_template, data_iterator, step),
+            advice="move that folder away to train from scratch, or use another --workdir")
+    finally:
+        reader.close()
     return (state_template if step is None else state), step, failures
 
 
