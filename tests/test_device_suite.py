@@ -7,7 +7,7 @@ import subprocess
 import jax
 import pytest
 
-from gmae_jax.train import device_suite
+from gmae_jax.train import device_suite, model_flops, step_benchmark
 from gmae_jax.train.device_suite import Case
 
 
@@ -22,6 +22,13 @@ def test_suite_prints_a_markdown_row_per_case():
     assert cells[0].strip() == "micro pretrain float32 encoder depth=1" and int(cells[1]) == 8
     assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
     assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
+    # Model FLOPs from the jaxpr; the remat case's count leaves its recomputation out.
+    for row, (stage, remat) in zip(rows, [("pretrain", "none"), ("finetune", "block")]):
+        model = device_suite.flops_per_image("micro", stage, "encoder", 32, 1)
+        config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1, remat=remat)
+        assert float(row.split("|")[7]) == pytest.approx(model / 1e9, abs=0.005)
+        assert model == model_flops.train_step_flops(config, stage, 4, mask_ratio=device_suite.MASK_RATIO,
+                                                     num_classes=device_suite.NUM_CLASSES) / 4
     assert lines[-1].startswith("total")
     # After the table, where the first case's step spends its time, from a trace of it.
     profile = "\n".join(lines[lines.index(rows[-1]) + 1:])

@@ -3,14 +3,16 @@
 Built for a short loan of a GPU or TPU: the headline cases run first (`default_cases`), every row
 is printed the moment it is measured (a cut-off run still leaves numbers), and cases that would start after the
 time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
-(forward, backward, AdamW), peak device memory, model FLOPs per image from the compiled step's own
-cost analysis, and MFU against the device's peak. A batch that does not fit is halved and retried.
+(forward, backward, AdamW), peak device memory, model FLOPs per image (matmuls and convolutions of
+the forward and backward pass, counted from the step's jaxpr by `model_flops`: XLA:GPU's cost
+analysis leaves cuDNN's convolutions out) and MFU against the device's peak. A batch that does not fit is halved and retried.
 After the table, where the first case's step spends its time (`step_profile`: a trace of 3 steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +22,7 @@ import jax
 
 from gmae_jax import config_lib
 from gmae_jax.models.presets import MASK_MODES, gmst_config
-from gmae_jax.train import sharding, step_benchmark, step_profile
+from gmae_jax.train import model_flops, sharding, step_benchmark, step_profile
 
 NUM_CLASSES = 18
 MASK_RATIO = 0.75
@@ -90,6 +92,16 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
+@functools.lru_cache(maxsize=None)
+def flops_per_image(preset: str, stage: str, mask_mode: str, img_size: int, depth: int | None) -> float:
+    """Model FLOPs per image of a case's step (`model_flops`): the same for either dtype and remat
+    mode and linear in the batch, so traced once per architecture (seconds for `reference`)."""
+    depth_field = {} if depth is None else {"depth": depth}
+    config = gmst_config(config_lib.model_section(preset, img_size=img_size, mask_mode=mask_mode, **depth_field))
+    batch = 2
+    return model_flops.train_step_flops(config, stage, batch, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES) / batch
+
+
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
@@ -103,8 +115,6 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     lowered = bench.step.lower(state, batch, rng)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     memory = compiled.memory_analysis()
     state, metrics = compiled(state, batch, rng)  # warm-up
     jax.block_until_ready(metrics)
@@ -127,8 +137,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         "img_per_s": case.batch_size / seconds,
         "step_ms": seconds * 1e3,
         "peak_gb": stats.get("peak_bytes_in_use", planned) / 1e9,
-        # Per device program; times devices and divided by the global batch = FLOPs per image.
-        "flops_per_img": float(cost.get("flops", 0.0)) * mesh.size / case.batch_size,
+        "flops_per_img": flops_per_image(case.preset, case.stage, case.mask_mode, case.img_size, case.depth),
         "loss": float(metrics["loss"]),
         "profile": profile,
     }
@@ -149,22 +158,18 @@ HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img |
           "|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def format_row(case: Case, result: dict[str, float], model_flops_per_img: float, device: jax.Device,
-               num_devices: int) -> str:
+def format_row(case: Case, result: dict[str, float], device: jax.Device, num_devices: int) -> str:
     peak = peak_flops(device, case.dtype)
-    mfu = (f"{100 * model_flops_per_img * result['img_per_s'] / (peak * num_devices):.1f} %"
-           if peak and model_flops_per_img else "n/a")
+    flops = result["flops_per_img"]
+    mfu = f"{100 * flops * result['img_per_s'] / (peak * num_devices):.1f} %" if peak and flops else "n/a"
     return (f"| {case.name} | {result['batch']} | {result['compile_s']:.1f} | {result['img_per_s']:.1f} | "
-            f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {model_flops_per_img / 1e9:.2f} | {mfu} |")
+            f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {flops / 1e9:.2f} | {mfu} |")
 
 
 def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10,
               profile_steps: int = 3) -> Iterator[str]:
     """Yields the table line by line (header first); stops starting cases after `budget_s`; then
     the profile of the first case that ran (`profile_steps` traced steps; 0: none).
-
-    MFU counts model FLOPs: for a remat case, those of the same model without remat (the
-    recomputation is overhead, not useful work) when that case ran before it.
     """
     started = time.perf_counter()
     mesh = sharding.make_mesh()
@@ -173,7 +178,6 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
     yield (f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}, "
            f"XLA_FLAGS={flags!r}")
     yield HEADER
-    model_flops: dict[tuple, float] = {}
     skipped = []
     profiled: tuple[str, step_profile.StepProfile] | None = None
     for case in cases:
@@ -185,10 +189,7 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
         except Exception as error:  # one broken case must not cost the rest of the loan
             yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} |"
             continue
-        key = (case.preset, case.stage, case.mask_mode, case.img_size)
-        if case.remat == "none":
-            model_flops[key] = result["flops_per_img"]
-        yield format_row(case, result, model_flops.get(key, result["flops_per_img"]), device, mesh.size)
+        yield format_row(case, result, device, mesh.size)
         if result["profile"] is not None:
             profiled = (f"{case.name}, batch {result['batch']}", result["profile"])
     if skipped:

@@ -62,6 +62,27 @@ class BenchStep:
         return metrics
 
 
+def model_and_loss(
+    config: GMSTConfig, task: str, *, mask_ratio: float = MASK_RATIO, num_classes: int = NUM_CLASSES,
+    seed: int = 0,
+) -> tuple[nn.Module, tuple[jax.Array, ...], Callable, ml_collections.ConfigDict]:
+    """`task`'s model, its example inputs for `init`, the loss the step differentiates, and the run
+    config they come from (AdamW at a constant learning rate, no warm-up, clipping at 1)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
+        layer_decay=1.0))
+    run = ml_collections.ConfigDict(dict(stage=task, num_classes=num_classes, optim=optim,
+                                         model=dataclasses.asdict(config), seed=seed))
+    model, init_inputs = setup.build_model(run)
+    if task == "pretrain":
+        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
+    else:
+        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
+    return model, init_inputs, loss_fn, run
+
+
 def build_train_step(
     config: GMSTConfig, task: str, batch_size: int, *, mask_ratio: float = MASK_RATIO,
     num_classes: int = NUM_CLASSES, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
@@ -72,19 +93,9 @@ def build_train_step(
     What every benchmark of the step starts from. Constant learning rate (no warm-up) so that the
     very first step already moves the weights.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
-        layer_decay=1.0))
-    run = ml_collections.ConfigDict(dict(stage=task, num_classes=num_classes, optim=optim,
-                                         model=dataclasses.asdict(config), seed=seed))
     mesh = mesh or sharding.make_mesh()
-    model, init_inputs = setup.build_model(run)
-    if task == "pretrain":
-        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
-    else:
-        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
+    model, init_inputs, loss_fn, run = model_and_loss(config, task, mask_ratio=mask_ratio,
+                                                      num_classes=num_classes, seed=seed)
     state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
     train_step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
     shape = (batch_size, config.img_size, config.img_size, config.in_channels)
