@@ -4,6 +4,9 @@
 of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`;
 with `--vs_torch` also the PyTorch mirror's step by the same kinds of work, side by side.
 
+`--model_flops` prints the training GFLOP per image of every preset (what MFU and cost estimates
+start from), counted from the step's jaxpr, e.g. `python -m gmae_jax.bench --model_flops --mask_ratio=0.75`.
+
 `--train_step` alone compares float32 and bfloat16 JAX pretraining steps; with `--vs_torch` it times
 the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
 `python -m gmae_jax.bench --train_step --vs_torch --preset=tiny --batch_size=32 \
@@ -62,6 +65,8 @@ _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"]
                                        "--suite: starting batch per preset (halved until it fits).")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
 _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0, "--suite: no new case starts after this.")
+_MODEL_FLOPS = flags.DEFINE_bool(
+    "model_flops", False, "Training GFLOP per image of every preset (matmuls and convolutions, from the jaxpr).")
 _MODEL_OVERRIDE = flags.DEFINE_multi_string(
     "model_override", [], "--train_step: FIELD=VALUE on the preset's architecture, e.g. img_size=64.")
 
@@ -171,9 +176,16 @@ def run_device_suite() -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value or _PROFILE_STEP.value):
-        raise app.UsageError("choose a benchmark: --pipeline, --train_step, --profile_step, --sparse_vs_dense "
-                             "or --suite=device")
+    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value or _PROFILE_STEP.value
+            or _MODEL_FLOPS.value):
+        raise app.UsageError("choose a benchmark: --pipeline, --train_step, --profile_step, --sparse_vs_dense, "
+                             "--model_flops or --suite=device")
+    if _MODEL_FLOPS.value:
+        from gmae_jax.models.presets import PRESETS  # noqa: PLC0415 (model code only here)
+        from gmae_jax.train import model_flops  # noqa: PLC0415
+
+        print(model_flops.preset_table(PRESETS, _MASK_RATIO.value))
+        return
     if _PROFILE_STEP.value:
         host_memory.keep_freed_memory()
         from gmae_jax.train import step_benchmark  # noqa: PLC0415 (model code only here)

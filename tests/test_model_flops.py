@@ -62,3 +62,16 @@ def test_a_models_count_agrees_with_xla_cpus_and_ignores_remat(task):
     assert 0.9 * counted < cost["flops"] < 1.05 * counted
     rematerialised = dataclasses.replace(config, remat="block")
     assert model_flops.train_step_flops(rematerialised, task, 8, mask_ratio=0.75, num_classes=4) == counted
+
+
+def test_the_preset_table_lists_each_count():
+    table = model_flops.preset_table(["micro"], mask_ratio=0.75).splitlines()
+    assert table[0].startswith("| preset | image px | pretraining, dense")
+    cells = [cell.strip() for cell in table[2].strip("|").split("|")]
+    config = step_benchmark.preset_architecture("micro", "float32")
+    dense = model_flops.train_step_flops(config, "pretrain", 2, mask_ratio=0.75, num_classes=18) / 2e9
+    sparse = model_flops.train_step_flops(dataclasses.replace(config, mask_mode="sparse"), "pretrain", 2,
+                                          mask_ratio=0.75, num_classes=18) / 2e9
+    assert cells[:2] == ["micro", "32"]
+    assert float(cells[2]) == pytest.approx(dense, rel=1e-2) and float(cells[3]) == pytest.approx(sparse, rel=1e-2)
+    assert sparse < 0.6 * dense  # the sparse encoder computes on a quarter of the tokens

@@ -83,3 +83,17 @@ def train_step_flops(config: GMSTConfig, task: str, batch_size: int, *, mask_rat
     jaxpr = jax.make_jaxpr(gradients)(variables["params"], variables.get("batch_stats", {}), batch,
                                       jax.random.key(0))
     return matmul_and_conv_flops(jaxpr.jaxpr)
+
+
+def preset_table(presets: Iterable[str], mask_ratio: float, num_classes: int = 18) -> str:
+    """Markdown: training GFLOP per image of each preset at its own image size, for dense and sparse
+    pretraining and for fine-tuning (`python -m gmae_jax.bench --model_flops`)."""
+    lines = [f"| preset | image px | pretraining, dense | pretraining, sparse at mask {mask_ratio:g} | fine-tuning |",
+             "|---|---:|---:|---:|---:|"]
+    for preset in presets:
+        config = step_benchmark.preset_architecture(preset, "float32")
+        counts = [train_step_flops(dataclasses.replace(config, mask_mode=mode), task, 2, mask_ratio=mask_ratio,
+                                   num_classes=num_classes) / 2e9
+                  for task, mode in (("pretrain", "encoder"), ("pretrain", "sparse"), ("finetune", "encoder"))]
+        lines.append(f"| {preset} | {config.img_size} | " + " | ".join(f"{count:,.0f}" if count >= 100 else f"{count:.3g}" for count in counts) + " |")
+    return "\n".join(lines)
