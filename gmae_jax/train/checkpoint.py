@@ -11,7 +11,7 @@ import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import grain
 import jax
@@ -201,6 +201,27 @@ def why_not_everywhere(why: str) -> str:
     return f"process {int(np.argmax(failed))} of {jax.process_count()} could not restore it"
 
 
+class Attempt(NamedTuple, Generic[T]):
+    """One step's restore on every process: its result, or why not ('' = restored) and this
+    process's exception, if it had one."""
+
+    result: T | None
+    why: str
+    error: Exception | None
+
+
+def try_everywhere(restore_one: Callable[[int], T], step: int) -> Attempt[T]:
+    """`restore_one(step)` with orbax's abandoned reads kept quiet, agreed between processes."""
+    result, error = None, None
+    try:
+        with quiet_abandoned_reads():
+            result = restore_one(step)
+    except Exception as failure:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
+        error = failure
+    why = why_not_everywhere(reason(error) if error else "")
+    return Attempt(None if why else result, why, error)
+
+
 def newest_that_restores(
     directory: str, steps: Iterable[int], restore_one: Callable[[int], T], advice: str,
 ) -> tuple[T | None, int | None, list[tuple[int, str]]]:
@@ -211,18 +232,12 @@ def newest_that_restores(
     ending with `advice` (what to do), when none restores. Reads only: moves nothing."""
     failures: list[tuple[int, str]] = []
     for step in sorted(steps, reverse=True):
-        result, why = None, ""
-        try:
-            with quiet_abandoned_reads():
-                result = restore_one(step)
-        except Exception as error:  # noqa: BLE001 - any failure to read a step sends us to the previous one
-            why = reason(error)
-        why = why_not_everywhere(why)
-        if not why:
-            return result, step, failures
-        failures.append((step, why))
+        attempt = try_everywhere(restore_one, step)
+        if not attempt.why:
+            return attempt.result, step, failures
+        failures.append((step, attempt.why))
         logging.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one",
-                        step, directory, why)
+                        step, directory, attempt.why)
     if failures:
         raise CheckpointsUnreadableError(
             f"none of the checkpoints in {directory} can be restored ({describe(failures)}); {advice}")

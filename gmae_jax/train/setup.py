@@ -180,16 +180,10 @@ def _restore_weights(
     step = checkpoint.pick_step(manager, which)
     if step is None:
         raise ConfigError(f"no '{which}' checkpoint in {folder} (steps there: {steps})")
-    weights, error = None, None
-    try:
-        with checkpoint.quiet_abandoned_reads():
-            weights = checkpoint.restore_weights(manager, step, abstract)
-    except Exception as failure:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
-        error = failure
-    why = checkpoint.why_not_everywhere(checkpoint.reason(error) if error else "")
-    if why:
+    attempt = checkpoint.try_everywhere(lambda step: checkpoint.restore_weights(manager, step, abstract), step)
+    if attempt.why:
         named = f"the 'best' checkpoint (step {step})" if which == checkpoint.BEST else f"checkpoint step {step}"
         raise ConfigError(
-            f"{named} in {folder} cannot be restored ({why}); use --config.checkpoint=latest to take the "
-            f"newest step that restores (steps there: {steps})") from error
-    return weights, step, []
+            f"{named} in {folder} cannot be restored ({attempt.why}); use --config.checkpoint=latest to take "
+            f"the newest step that restores (steps there: {steps})") from attempt.error
+    return attempt.result, step, []
