@@ -363,3 +363,11 @@ def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstru
     assert result["checkpoint_step"] == 30
     assert "masked-patch MSE" in capsys.readouterr().out
     assert Image.open(tmp_path / "reconstructions.png").size == ((4 * 34 + 2) * 4, (8 * 34 + 2) * 4)
+
+
+def test_gradient_accumulation_on_cpu_warns_that_it_is_slower():
+    message = trainer.accumulation_warning(4, "cpu")
+    assert message.startswith("config.grad_accum_steps=4 on CPU") and "~6x slower" in message
+    assert trainer.accumulation_warning(1, "cpu") is None
+    assert trainer.accumulation_warning(4, "gpu") is None
+    assert trainer.accumulation_warning(4, "tpu") is None

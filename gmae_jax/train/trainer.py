@@ -30,6 +30,17 @@ from gmae_jax.train.summaries import Summaries, run_summary
 FROZEN_BY_LINEAR_PROBING = ("encoder", "pos_embed")
 
 
+def accumulation_warning(grad_accum_steps: int, backend: str) -> str | None:
+    """Gradient accumulation is for memory, and on CPU it costs speed: XLA:CPU computes the backward
+    convolutions inside the micro-batch loop ~6x slower (BENCHMARKS.md, session 7; unrolling the
+    loop keeps the speed but, on CPU, not the memory saving)."""
+    if grad_accum_steps <= 1 or backend != "cpu":
+        return None
+    return (f"config.grad_accum_steps={grad_accum_steps} on CPU: the micro-batches run in a loop whose "
+            "backward convolutions XLA:CPU computes ~6x slower than outside one; accumulate only if the "
+            "full batch does not fit in memory")
+
+
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -130,6 +141,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             f"config.grad_accum_steps={config.grad_accum_steps}; use a multiple of {per_step}")
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), config.step_impl)
+    warning = accumulation_warning(config.grad_accum_steps, jax.default_backend())
+    if warning:
+        logging.warning(warning)
 
     # --- Resume check: nothing in the workdir changes unless the run there is this one ------------
     changes = resume_check.check(config, workdir, data.class_names)
