@@ -1,10 +1,10 @@
 """Model FLOPs of a training step, counted from its jaxpr: every matmul and convolution of the
 forward and backward pass (2 per multiply-add), as MFU is usually reckoned.
 
-Why not XLA's cost analysis of the compiled step: on GPU, convolutions become cuDNN custom calls,
-which XLA:GPU's cost analysis leaves out (an H200 reported 20 GFLOPs per image for `small`'s
-pretraining step, XLA:CPU 37 for the same step: the 3x3 convolutions are ~40 % of the encoder's
-work); and with remat it counts the recomputation, which is overhead, not model work. The jaxpr is
+Why not XLA's cost analysis of the compiled step: on an H200 it reported 20 GFLOPs per image for
+`small`'s pretraining step, where XLA:CPU counts 37.5 and this count 39.5; the gap matches the 3x3
+convolutions, which become cuDNN custom calls on GPU (likely left out; not checked on a GPU). And
+with remat it counts the recomputation, which is overhead, not model work. The jaxpr is
 the same on every backend and is traced without compiling or allocating anything.
 """
 
