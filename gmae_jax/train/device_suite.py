@@ -5,9 +5,8 @@ is printed the moment it is measured (a cut-off run still leaves numbers), and c
 time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
 (forward, backward, AdamW), peak device memory, model FLOPs per image (matmuls and convolutions of
 the forward and backward pass, counted from the step's jaxpr by `model_flops`: XLA:GPU's cost
-analysis counted about half of them on an H200) and MFU against the device's peak. A batch that does not
-fit is halved and retried.
-After the table, where the first case's step spends its time (`step_profile`: a trace of 3 steps).
+analysis counted about half of them on an H200) and MFU against the device's peak. A batch that
+does not fit is halved and retried. After the table, where the first case's step spends its time (`step_profile`: a trace of 3 steps).
 """
 
 from __future__ import annotations
