@@ -98,8 +98,7 @@ def flops_per_image(preset: str, stage: str, mask_mode: str, img_size: int, dept
     mode and linear in the batch, so traced once per architecture (seconds for `reference`)."""
     depth_field = {} if depth is None else {"depth": depth}
     config = gmst_config(config_lib.model_section(preset, img_size=img_size, mask_mode=mask_mode, **depth_field))
-    batch = 2
-    return model_flops.train_step_flops(config, stage, batch, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES) / batch
+    return model_flops.flops_per_image(config, stage, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES)
 
 
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
