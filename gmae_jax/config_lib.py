@@ -11,6 +11,7 @@ from typing import Any
 import ml_collections
 
 from gmae_jax import schema
+from gmae_jax.models.fast_conv import CONV_IMPLS
 from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig
 from gmae_jax.schema import ConfigError
 from gmae_jax.train.resume_check import RESUME_POLICIES
@@ -120,6 +121,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     check(model.dtype in ("float32", "bfloat16", "float16"),
           f"config.model.dtype='{model.dtype}' must be float32, bfloat16 or float16")
     check(model.remat in REMAT_MODES, f"config.model.remat='{model.remat}' is not one of {REMAT_MODES}")
+    check(model.conv_impl in CONV_IMPLS,
+          f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")
 
 
 def validate_training(config: ml_collections.ConfigDict, check_data: bool = True) -> None:

@@ -53,6 +53,7 @@ def test_valid_config_passes(pretrain_config):
     ("model.decoder_num_heads", 5, "decoder_num_heads=5 does not divide"),
     ("model.embed_dim", 40, "embed_dim=40 must be a multiple of 16"),
     ("model.mask_mode", "leaky", "mask_mode='leaky' is not one of"),
+    ("model.conv_impl", "cudnn", "conv_impl='cudnn' is not one of"),
     ("data.root", "/no/such/folder", "data.root='/no/such/folder' does not exist"),
     ("optim.lr", 0.0, "optim.lr=0.0 must be positive"),
     ("batch_size", 0, "batch_size=0 must be positive"),

@@ -13,13 +13,14 @@ from gmae_jax.train.device_suite import Case
 
 def test_suite_prints_a_markdown_row_per_case():
     cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1),
-             Case("micro", "finetune", remat="block", batch_size=8, img_size=32, depth=1)]
+             Case("micro", "finetune", remat="block", batch_size=8, img_size=32, depth=1, conv_impl="matmul")]
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
     assert lines[1] == device_suite.HEADER
     rows = [line for line in lines if line.startswith("| micro")]
     assert len(rows) == 2, lines
     cells = rows[0].strip("|").split("|")
     assert cells[0].strip() == "micro pretrain float32 encoder depth=1" and int(cells[1]) == 8
+    assert rows[1].startswith("| micro finetune bfloat16 remat=block depth=1 conv=matmul |")
     assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
     assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
     # Model FLOPs from the jaxpr; the remat case's count leaves its recomputation out.
@@ -30,8 +31,8 @@ def test_suite_prints_a_markdown_row_per_case():
         assert model == model_flops.train_step_flops(config, stage, 4, mask_ratio=device_suite.MASK_RATIO,
                                                      num_classes=device_suite.NUM_CLASSES) / 4
     assert lines[-1].startswith("total")
-    # After the table, where the first case's step spends its time, from a trace of it.
-    profile = "\n".join(lines[lines.index(rows[-1]) + 1:])
+    # Right after the first row (a loan cut short keeps it), where that step spends its time.
+    profile = "\n".join(lines[lines.index(rows[0]) + 1:lines.index(rows[1])])
     assert "where the time goes: micro pretrain float32 encoder depth=1, batch 8" in profile
     kinds = {cells[1].strip(): float(cells[3].strip(" %")) for cells in
              (line.split("|") for line in profile.splitlines()) if len(cells) == 5 and "%" in cells[3]
@@ -42,25 +43,28 @@ def test_suite_prints_a_markdown_row_per_case():
 
 
 def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
     cases = [Case("micro", "pretrain", batch_size=8, img_size=32)] * 2
     lines = list(device_suite.run_suite(cases, budget_s=-1, num_steps=1))
     assert any(line.startswith("skipped") and line.count("micro pretrain") == 2 for line in lines)
-    assert lines[0].endswith("XLA_FLAGS='--xla_gpu_autotune_level=0'")  # numbers say how they were made
+    # The numbers say how they were made.
+    assert "XLA_FLAGS='--xla_gpu_enable_triton_gemm=false'" in lines[0]
+    assert lines[0].endswith("conv_impl=auto: window convolutions as XLA's convolutions")  # on CPU
 
 
-@pytest.mark.parametrize("autotune, flag_expected", [(None, True), ("1", False)])
-def test_the_launcher_turns_gpu_autotuning_off_unless_asked(tmp_path, autotune, flag_expected):
+@pytest.mark.parametrize("xla_defaults, flag_expected", [(None, True), ("1", False)])
+def test_the_launcher_sends_gemms_to_cublas_unless_asked(tmp_path, xla_defaults, flag_expected):
     fake_python = tmp_path / "python"
     fake_python.write_text('#!/bin/sh\necho "flags:$XLA_FLAGS"\n')
     fake_python.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
     env.pop("XLA_FLAGS", None)
-    if autotune is not None:
-        env["GPU_AUTOTUNE"] = autotune
+    if xla_defaults is not None:
+        env["XLA_DEFAULTS"] = xla_defaults
     launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
     out = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True).stdout
-    assert ("--xla_gpu_autotune_level=0" in out) == flag_expected, out
+    assert ("--xla_gpu_enable_triton_gemm=false" in out) == flag_expected, out
+    assert "autotune_level" not in out  # autotuning off made session 8's H200 step 79x slower
 
 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from jax import lax
+from jax.ad_checkpoint import print_saved_residuals
 
 from gmae_jax.models import fast_conv, modules
 
@@ -31,39 +32,75 @@ def test_gelu_gradient_matches_jax_exact_gelu():
     np.testing.assert_allclose(ours, reference, atol=2e-6)
 
 
-def _conv(fn, x, kernel, dilation, padding):
+def _conv(fn, x, kernel, dilation, padding, stride=1):
     dims = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-    return fn(x, kernel, (1, 1), padding, lhs_dilation=(1, 1), rhs_dilation=(dilation, dilation),
+    return fn(x, kernel, (stride, stride), padding, lhs_dilation=(1, 1), rhs_dilation=(dilation, dilation),
               dimension_numbers=dims, feature_group_count=1)
 
 
-@pytest.mark.parametrize("size, dilation", [(1, 1), (3, 1), (3, 3)])
-def test_conv_matches_lax_conv_with_gradients(size, dilation):
-    rng = np.random.default_rng(size + dilation)
-    x = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(size, size, 5, 4)), jnp.float32)
-    pad = [(dilation * (size // 2),) * 2] * 2
+# (kernel, dilation, stride, padding, input channels): G-MAE's convolutions in small: 1x1, 3x3
+# dilated 1-3, the 7x7 2 -> 1 spatial attention, the overlapping and the non-overlapping patch embedding.
+CONVS = [(1, 1, 1, 0, 5), (3, 1, 1, 1, 5), (3, 3, 1, 3, 5), (7, 1, 1, 3, 2), (5, 1, 2, 2, 3), (4, 1, 4, 0, 3)]
+
+
+@pytest.mark.parametrize("impl", ["matmul", "xla"])
+@pytest.mark.parametrize("size, dilation, stride, pad, channels", CONVS)
+def test_conv_matches_lax_conv_with_gradients(impl, size, dilation, stride, pad, channels):
+    rng = np.random.default_rng(size + dilation + stride)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, channels)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(size, size, channels, 4)), jnp.float32)
+    padding = [(pad, pad)] * 2
+    ours_fn = fast_conv.for_impl(impl)
 
     def loss(fn, x, kernel):
-        return jnp.sum(jnp.sin(_conv(fn, x, kernel, dilation, pad)))
+        return jnp.sum(jnp.sin(_conv(fn, x, kernel, dilation, padding, stride)))
+
+    def close(actual, expected):  # summation order differs: tolerance relative to the magnitude
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
 
     for argnum in (0, 1):
-        ours = jax.grad(loss, argnum + 1)(fast_conv.conv_general_dilated, x, kernel)
-        reference = jax.grad(loss, argnum + 1)(lax.conv_general_dilated, x, kernel)
-        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        _conv(fast_conv.conv_general_dilated, x, kernel, dilation, pad),
-        _conv(lax.conv_general_dilated, x, kernel, dilation, pad), rtol=1e-5, atol=1e-5)
+        close(jax.grad(loss, argnum + 1)(ours_fn, x, kernel),
+              jax.grad(loss, argnum + 1)(lax.conv_general_dilated, x, kernel))
+    close(_conv(ours_fn, x, kernel, dilation, padding, stride),
+          _conv(lax.conv_general_dilated, x, kernel, dilation, padding, stride))
 
 
-def test_pointwise_conv_becomes_a_dot_and_keeps_conv_parameters():
-    layer = modules.ConvBNGELU(8, kernel_size=1)
-    x = jnp.ones((2, 4, 4, 6))
+def test_window_rows_are_rebuilt_in_the_backward_pass_not_stored(capsys):
+    x, kernel = jnp.ones((2, 6, 6, 5)), jnp.ones((3, 3, 5, 4))
+    fn = fast_conv.for_impl("matmul")
+    print_saved_residuals(lambda x, k: jnp.sum(jnp.sin(_conv(fn, x, k, 2, [(2, 2)] * 2))),
+                                            x, kernel)
+    saved = capsys.readouterr().out
+    assert "[2,6,6,5]" in saved and "[2,6,6,4]" in saved, saved  # the input; sin's cos
+    assert "45]" not in saved, saved  # never the 9 x 5 window rows
+
+
+@pytest.mark.parametrize("impl, size, convolutions_left", [
+    ("matmul", 3, False), ("xla", 3, True), ("auto", 3, True), ("xla", 1, False)])
+def test_conv_impl_decides_which_convolutions_become_dots(impl, size, convolutions_left):
+    layer = modules.ConvBNGELU(8, kernel_size=size, dilation=2, conv_impl=impl)
+    x = jnp.ones((2, 6, 6, 6))
     variables = layer.init(jax.random.key(0), x, train=False)
     hlo = jax.jit(lambda v: layer.apply(v, x, train=False)).lower(variables).as_text()
 
-    assert variables["params"]["conv"]["kernel"].shape == (1, 1, 6, 8)
-    assert "convolution" not in hlo and "dot_general" in hlo
+    assert variables["params"]["conv"]["kernel"].shape == (size, size, 6, 8)  # nn.Conv's parameters
+    if convolutions_left:
+        assert "convolution" in hlo
+    else:
+        assert "convolution" not in hlo and "dot_general" in hlo
+    assert jax.default_backend() == "cpu"  # 'auto' above: window convolutions stay XLA's off GPUs
+
+
+def test_every_conv_impl_gives_the_same_block_output():
+    from gmae_jax.models.modules import GMSTBlock
+    x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+    outputs = []
+    for impl in fast_conv.CONV_IMPLS:
+        block = GMSTBlock(32, 4, 66, conv_impl=impl)
+        variables = block.init(jax.random.key(0), x, 4, 4, train=False)
+        outputs.append(block.apply(variables, x, 4, 4, train=False))
+    for out in outputs[1:]:
+        np.testing.assert_allclose(out, outputs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_keep_freed_memory_applies_on_glibc():

@@ -27,12 +27,13 @@ def run_dir(tmp_path):
 
 def test_fields_are_binding_unless_listed_as_harmless():
     old = {"model.embed_dim": 32, "seed": 1, "data.root": "/a", "total_steps": 20, "log_every": 5,
-           "data.num_workers": 0, "mesh.data": -1, "num_epochs": 3.0}
+           "data.num_workers": 0, "mesh.data": -1, "num_epochs": 3.0, "model.conv_impl": "auto"}
     new = {"model.embed_dim": 48, "seed": 2, "data.root": "/b", "total_steps": 30, "log_every": 1,
-           "data.num_workers": 4, "mesh.data": 4, "num_epochs": 2.0, "only_new": 1}
+           "data.num_workers": 4, "mesh.data": 4, "num_epochs": 2.0, "only_new": 1, "model.conv_impl": "matmul"}
     binding, harmless = resume_check.compare(old, new)
     assert [name for name, _, _ in binding] == ["data.root", "model.embed_dim", "num_epochs", "seed"]
-    assert [name for name, _, _ in harmless] == ["data.num_workers", "log_every", "mesh.data", "total_steps"]
+    assert [name for name, _, _ in harmless] == ["data.num_workers", "log_every", "mesh.data", "model.conv_impl",
+                                                 "total_steps"]
     assert resume_check.compare({"total_steps": 30}, {"total_steps": 20})[0] == [("total_steps", 30, 20)]
 
 

@@ -1,52 +1,124 @@
-"""A drop-in `conv_general_dilated` for `nn.Conv` that computes 1x1 convolutions as matmuls.
+"""A drop-in `conv_general_dilated` for `nn.Conv` that computes every 2-D convolution as a matmul.
 
-A 1x1 convolution is a matmul over channels, but XLA:CPU runs it through its convolution path, whose
-kernel gradient (a convolution contracting over batch and space) is markedly slower than the same
-`dot`. Passing this function as `nn.Conv(conv_general_dilated=...)` keeps the module, its parameters
-and its numerics; every other convolution goes to `lax.conv_general_dilated` unchanged.
+Why: G-MAE's convolutions (3x3 with dilations 1-3 and few output features, the 7x7 2 -> 1 spatial
+attention, the patch embedding) are shapes that convolution libraries handle poorly unless tuned.
+On an H200, XLA:GPU spent ~290 s of a 368 s compile autotuning cuDNN algorithms for them, and with
+the autotuner off the step ran 79x slower (BENCHMARKS.md, sessions 4 and 8). As matmuls they need no
+convolution library at all: a 1x1 convolution is a `dot` over channels; a k x k one reads each
+output's window into one row (im2col: k*k shifted slices of the padded input, side by side in the
+kernel's HWIO order) and multiplies by the flattened kernel; a patch embedding whose stride equals
+its kernel is a reshape into patches. XLA:CPU's convolution path is also slower than its matmuls
+(the 1x1 kernel gradient above all).
+
+The window rows are k*k times the input; `jax.checkpoint` drops them after the forward pass and
+rebuilds them from the input in the backward one (slices only, no FLOPs), so memory stays that of
+a convolution. Parameters, shapes and numerics are nn.Conv's; grouped convolutions and input
+dilation go to `lax.conv_general_dilated` unchanged.
+
+Which convolutions become matmuls is `config.model.conv_impl` (`CONV_IMPLS`): 'matmul' all of them;
+'xla' only the 1x1 ones and the patch embedding, window convolutions staying XLA's (XLA:CPU's and
+TPU's convolution emitters beat im2col: 1.3-1.9x on this CPU for the 3x3 ones, fwd + bwd); 'auto'
+(default) is 'matmul' on GPUs and 'xla' elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
-def _is_pointwise(rhs: jax.Array, window_strides: Sequence[int], padding: Any, lhs_dilation: Any,
-                  rhs_dilation: Any, dimension_numbers: Any, feature_group_count: int) -> bool:
-    """A 1x1, stride-1, unpadded, undilated, ungrouped conv on channel-last input and HWIO kernel."""
-    ndim = rhs.ndim
-    channel_last = lax.ConvDimensionNumbers(
+def _channel_last(ndim: int) -> lax.ConvDimensionNumbers:
+    """nn.Conv's layout: (N, *spatial, C) input and output, (*spatial, in, out) kernel."""
+    return lax.ConvDimensionNumbers(
         lhs_spec=(0, ndim - 1, *range(1, ndim - 1)),
         rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
         out_spec=(0, ndim - 1, *range(1, ndim - 1)),
     )
-    ones = (1,) * (ndim - 2)
-    return (
-        rhs.shape[: ndim - 2] == ones
-        and tuple(window_strides) == ones
-        and (padding == "VALID" or all(tuple(p) == (0, 0) for p in padding))
-        and tuple(lhs_dilation or ones) == ones
-        and tuple(rhs_dilation or ones) == ones
-        and dimension_numbers == channel_last
-        and feature_group_count == 1
-    )
+
+
+def _explicit_padding(padding: Any) -> tuple[tuple[int, int], ...] | None:
+    if isinstance(padding, str):
+        return ((0, 0), (0, 0)) if padding == "VALID" else None
+    return tuple((int(low), int(high)) for low, high in padding)
+
+
+def _window_rows(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> jax.Array:
+    """(N, H, W, C) -> (N, Ho, Wo, kh*kw*C): every output position's input window, taps in
+    row-major kernel order, matching an HWIO kernel reshaped to (kh*kw*C, F)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
+    if (kh, kw) == (sh, sw) and padding == ((0, 0), (0, 0)) and (dh, dw) == (1, 1) \
+            and x.shape[1] % kh == 0 and x.shape[2] % kw == 0:
+        batch, height, width, channels = x.shape  # non-overlapping patches: a reshape
+        patches = x.reshape(batch, height // kh, kh, width // kw, kw, channels)
+        return patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // kh, width // kw, kh * kw * channels)
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    taps = [
+        lax.slice(x, (0, i * dh, j * dw, 0),
+                  (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, x.shape[3]),
+                  (1, sh, sw, 1))
+        for i in range(kh) for j in range(kw)
+    ]
+    return jnp.concatenate(taps, axis=-1)
+
+
+def _matmul_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], ...], dilation: tuple[int, int], precision: Any) -> jax.Array:
+    kh, kw, channels, features = kernel.shape
+    rows = x if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)) \
+        else _window_rows(x, (kh, kw), strides, padding, dilation)
+    return lax.dot_general(rows, kernel.reshape(kh * kw * channels, features),
+                           (((rows.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+# Nothing inside is saved for the backward pass: the inputs are, and the window rows are rebuilt.
+_matmul_conv_rebuilding_rows = jax.checkpoint(
+    _matmul_conv, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(2, 3, 4, 5))
+
+
+CONV_IMPLS = ("auto", "matmul", "xla")
 
 
 def conv_general_dilated(
     lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
     dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
+    *, windows_as_matmul: bool = True,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with the signature `nn.Conv` calls; 1x1 kernels become a `dot`."""
-    if _is_pointwise(rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                     feature_group_count):
-        kernel = rhs.reshape(rhs.shape[-2:])
-        return lax.dot_general(lhs, kernel, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision)
+    """`lax.conv_general_dilated` with the signature `nn.Conv` calls, as a matmul where it can be:
+    always for 1x1 kernels and non-overlapping patches, for other windows if `windows_as_matmul`."""
+    explicit = _explicit_padding(padding)
+    if (lhs.ndim == 4 and dimension_numbers == _channel_last(4) and feature_group_count == 1
+            and explicit is not None and tuple(lhs_dilation or (1, 1)) == (1, 1)):
+        strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
+        unpadded = explicit == ((0, 0), (0, 0))
+        if rhs.shape[:2] == (1, 1) and strides == (1, 1) and unpadded:
+            return _matmul_conv(lhs, rhs, strides, explicit, dilation, precision)  # nothing to rebuild
+        patchify = rhs.shape[:2] == strides and unpadded and dilation == (1, 1) \
+            and lhs.shape[1] % strides[0] == 0 and lhs.shape[2] % strides[1] == 0
+        if patchify or windows_as_matmul:
+            return _matmul_conv_rebuilding_rows(lhs, rhs, strides, explicit, dilation, precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision,
     )
+
+
+def windows_as_matmul(conv_impl: str) -> bool:
+    """Whether `config.model.conv_impl` computes k x k windows as matmuls on the backend being
+    traced for ('auto': on GPUs only)."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl='{conv_impl}' is not one of {CONV_IMPLS}")
+    return conv_impl == "matmul" or (conv_impl == "auto" and jax.default_backend() == "gpu")
+
+
+def for_impl(conv_impl: str) -> Callable[..., jax.Array]:
+    """The `conv_general_dilated` that `nn.Conv` should call under `config.model.conv_impl`."""
+    return functools.partial(conv_general_dilated, windows_as_matmul=windows_as_matmul(conv_impl))

@@ -34,14 +34,16 @@ class GMSTEncoder(nn.Module):
     attention_dropout: float = 0.1
     dtype: modules.Dtype = jnp.float32
     remat: str = "none"
+    conv_impl: str = "auto"
 
     def setup(self) -> None:
         self.patch_embed = modules.OverlapPatchEmbed(
-            self.embed_dim, self.patch_size, self.overlap, self.dtype
+            self.embed_dim, self.patch_size, self.overlap, self.dtype, self.conv_impl
         )
         self.blocks = [
             modules.gmst_block_class(self.remat)(
-                self.embed_dim, self.num_heads, self.ffn_dim, self.attention_dropout, self.dtype
+                self.embed_dim, self.num_heads, self.ffn_dim, self.attention_dropout, self.dtype,
+                self.conv_impl,
             )
             for _ in range(self.depth)
         ]
@@ -74,6 +76,7 @@ def make_encoder(config: GMSTConfig) -> GMSTEncoder:
         attention_dropout=config.attention_dropout,
         dtype=jnp.dtype(config.dtype),
         remat=config.remat,
+        conv_impl=config.conv_impl,
         name="encoder",
     )
 
@@ -111,6 +114,7 @@ class GMAE(nn.Module):
                 modules.ffn_hidden_dim(c.decoder_embed_dim, c.mlp_ratio),
                 c.attention_dropout,
                 dtype,
+                c.conv_impl,
             )
             for _ in range(c.decoder_depth)
         ]

@@ -83,6 +83,7 @@ class ConvBNGELU(nn.Module):
     kernel_size: int = 3
     dilation: int = 1
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, visible: VisibleGrid | None = None) -> jax.Array:
@@ -100,7 +101,7 @@ class ConvBNGELU(nn.Module):
                 padding=((pad, pad), (pad, pad)),
                 kernel_init=kaiming_normal_fan_out,
                 dtype=self.dtype,
-                conv_general_dilated=fast_conv.conv_general_dilated,  # 1x1 as a matmul
+                conv_general_dilated=fast_conv.for_impl(self.conv_impl),
                 name="conv",
             )(x)
         x = nn.BatchNorm(
@@ -117,6 +118,7 @@ class OverlapPatchEmbed(nn.Module):
     patch_size: int
     overlap: bool = False
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, int, int]:
@@ -130,6 +132,7 @@ class OverlapPatchEmbed(nn.Module):
             kernel_init=torch_default_kernel,
             bias_init=torch_default_bias(fan_in),
             dtype=self.dtype,
+            conv_general_dilated=fast_conv.for_impl(self.conv_impl),
             name="proj",
         )(images)
         _, height, width, _ = x.shape
@@ -150,17 +153,18 @@ class MSDC(nn.Module):
 
     dim: int
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, visible: VisibleGrid | None = None) -> jax.Array:
         branch = self.dim // 4
         branches = [
-            ConvBNGELU(branch, 1, 1, self.dtype, name="conv1x1")(x, train, visible),
-            ConvBNGELU(branch, 3, 1, self.dtype, name="dconv1")(x, train, visible),
-            ConvBNGELU(branch, 3, 2, self.dtype, name="dconv2")(x, train, visible),
-            ConvBNGELU(branch, 3, 3, self.dtype, name="dconv3")(x, train, visible),
+            ConvBNGELU(branch, 1, 1, self.dtype, self.conv_impl, name="conv1x1")(x, train, visible),
+            ConvBNGELU(branch, 3, 1, self.dtype, self.conv_impl, name="dconv1")(x, train, visible),
+            ConvBNGELU(branch, 3, 2, self.dtype, self.conv_impl, name="dconv2")(x, train, visible),
+            ConvBNGELU(branch, 3, 3, self.dtype, self.conv_impl, name="dconv3")(x, train, visible),
         ]
-        m = ConvBNGELU(self.dim, 1, 1, self.dtype, name="fusion")(
+        m = ConvBNGELU(self.dim, 1, 1, self.dtype, self.conv_impl, name="fusion")(
             jnp.concatenate(branches, axis=-1), train, visible
         )
 
@@ -168,7 +172,7 @@ class MSDC(nn.Module):
         if visible is None:
             spatial = nn.Conv(
                 1, (7, 7), padding=((3, 3), (3, 3)), kernel_init=kaiming_normal_fan_out,
-                dtype=self.dtype, name="sa_conv",
+                dtype=self.dtype, conv_general_dilated=fast_conv.for_impl(self.conv_impl), name="sa_conv",
             )(pooled)
         else:
             spatial = VisibleConv(1, 7, 1, kaiming_normal_fan_out, self.dtype, name="sa_conv")(
@@ -227,15 +231,16 @@ class MSCFFN(nn.Module):
     hidden: int
     out: int
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, visible: VisibleGrid | None = None) -> jax.Array:
         branch = self.hidden // 3
         branches = [
-            ConvBNGELU(branch, 3, dilation, self.dtype, name=f"dconv{dilation}")(x, train, visible)
+            ConvBNGELU(branch, 3, dilation, self.dtype, self.conv_impl, name=f"dconv{dilation}")(x, train, visible)
             for dilation in (1, 2, 3)
         ]
-        h = ConvBNGELU(self.hidden, 1, 1, self.dtype, name="fusion")(
+        h = ConvBNGELU(self.hidden, 1, 1, self.dtype, self.conv_impl, name="fusion")(
             jnp.concatenate(branches, axis=-1), train, visible
         )
         h = image_to_tokens(h)  # a no-op on visible tokens
@@ -255,6 +260,7 @@ class GMSTBlock(nn.Module):
     ffn_dim: int
     attention_dropout: float = 0.1
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
 
     @nn.compact
     def __call__(
@@ -267,7 +273,7 @@ class GMSTBlock(nn.Module):
         gamma2 = self.param("gamma2", layer_scale_init, (self.dim,))
         gamma3 = self.param("gamma3", layer_scale_init, (self.dim,))
 
-        msdc = MSDC(self.dim, self.dtype, name="msdc")(grid(x), train, visible)
+        msdc = MSDC(self.dim, self.dtype, self.conv_impl, name="msdc")(grid(x), train, visible)
         x = x + gamma1 * image_to_tokens(msdc)
 
         h = layer_norm("norm1", self.dtype)(x)
@@ -278,7 +284,7 @@ class GMSTBlock(nn.Module):
         if self.is_initializing():
             layer_norm("norm2", self.dtype)(x)
 
-        ffn = MSCFFN(self.ffn_dim, self.dim, self.dtype, name="mscffn")(grid(x), train, visible)
+        ffn = MSCFFN(self.ffn_dim, self.dim, self.dtype, self.conv_impl, name="mscffn")(grid(x), train, visible)
         return layer_norm("norm3", self.dtype)(x + gamma3 * ffn)
 
 

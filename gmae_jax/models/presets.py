@@ -35,6 +35,8 @@ class GMSTConfig:
     mask_mode: str = "encoder"
     dtype: str = "float32"  # compute dtype; parameters and optimiser state stay float32
     remat: str = "none"  # one of REMAT_MODES
+    # How convolutions are computed (same parameters and numbers): one of fast_conv.CONV_IMPLS.
+    conv_impl: str = "auto"
 
     @property
     def num_patches(self) -> int:

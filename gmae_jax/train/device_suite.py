@@ -6,7 +6,8 @@ time budget are listed as skipped. Per case: compile seconds, images/s of the fu
 (forward, backward, AdamW), peak device memory, model FLOPs per image (matmuls and convolutions of
 the forward and backward pass, counted from the step's jaxpr by `model_flops`: XLA:GPU's cost
 analysis counted about half of them on an H200) and MFU against the device's peak. A batch that
-does not fit is halved and retried. After the table, where the first case's step spends its time (`step_profile`: a trace of 3 steps).
+does not fit is halved and retried. Right after the first case's row, where its step spends its
+time (`step_profile`: a trace of 3 steps), so that a loan cut short still says what to change.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 
 from gmae_jax import config_lib
+from gmae_jax.models import fast_conv
 from gmae_jax.models.presets import MASK_MODES, gmst_config
 from gmae_jax.train import model_flops, sharding, step_benchmark, step_profile
 
@@ -49,13 +51,15 @@ class Case:
     batch_size: int = 128
     img_size: int = 224
     depth: int | None = None  # encoder blocks; None: the preset's (tests use fewer)
+    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
 
     @property
     def name(self) -> str:
         mask = f" {self.mask_mode}" if self.stage == "pretrain" else ""
         remat = f" remat={self.remat}" if self.remat != "none" else ""
         depth = f" depth={self.depth}" if self.depth is not None else ""
-        return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}{depth}"
+        conv = f" conv={self.conv_impl}" if self.conv_impl != "auto" else ""
+        return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}{depth}{conv}"
 
 
 def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_size: int = 224,
@@ -106,7 +110,8 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
     depth = {} if case.depth is None else {"depth": case.depth}
     fields = config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
-                                      mask_mode=case.mask_mode, remat=case.remat, **depth)
+                                      mask_mode=case.mask_mode, remat=case.remat, conv_impl=case.conv_impl,
+                                      **depth)
     bench = step_benchmark.build_train_step(gmst_config(fields), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
     state, batch, rng = bench.state, bench.batch, bench.rng
@@ -167,18 +172,19 @@ def format_row(case: Case, result: dict[str, float], device: jax.Device, num_dev
 
 def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10,
               profile_steps: int = 3) -> Iterator[str]:
-    """Yields the table line by line (header first); stops starting cases after `budget_s`; then
-    the profile of the first case that ran (`profile_steps` traced steps; 0: none).
+    """Yields the table line by line (header first), the first case that ran followed by its profile
+    (`profile_steps` traced steps; 0: none); stops starting cases after `budget_s`.
     """
     started = time.perf_counter()
     mesh = sharding.make_mesh()
     device = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "").strip()
+    windows = "matmuls" if fast_conv.windows_as_matmul("auto") else "XLA's convolutions"
     yield (f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}, "
-           f"XLA_FLAGS={flags!r}")
+           f"XLA_FLAGS={flags!r}, conv_impl=auto: window convolutions as {windows}")
     yield HEADER
     skipped = []
-    profiled: tuple[str, step_profile.StepProfile] | None = None
+    profiled = False
     for case in cases:
         if time.perf_counter() - started > budget_s:
             skipped.append(case.name)
@@ -190,12 +196,12 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
             continue
         yield format_row(case, result, device, mesh.size)
         if result["profile"] is not None:
-            profiled = (f"{case.name}, batch {result['batch']}", result["profile"])
+            profiled = True
+            yield f"\nwhere the time goes: {case.name}, batch {result['batch']}, {profile_steps} traced steps\n"
+            yield step_profile.markdown(result["profile"])
+            yield "\n" + HEADER
     if skipped:
         yield f"skipped (over the {budget_s:.0f} s budget): {', '.join(skipped)}"
-    if profiled:
-        yield f"\nwhere the time goes: {profiled[0]}, {profile_steps} traced steps\n"
-        yield step_profile.markdown(profiled[1])
     yield f"total {time.perf_counter() - started:.0f} s"
 
 

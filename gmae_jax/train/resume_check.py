@@ -25,12 +25,12 @@ HISTORY_FILE = "config.history.jsonl"
 RESUME_POLICIES = ("check", "allow_changes")
 
 # Dotted field names (fnmatch patterns) that may change when a run resumes: logging, evaluation and
-# checkpoint cadence, worker counts, device layout and memory knobs (a checkpoint restores onto any
-# mesh), and the policy itself.
+# checkpoint cadence, worker counts, device layout, memory knobs and how convolutions are computed (a
+# checkpoint restores onto any mesh and backend), and the policy itself.
 HARMLESS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume_policy",
     "num_reconstructions", "step_impl", "grad_accum_steps", "data.num_workers", "data.max_bad_images",
-    "mesh.*", "wandb.*", "model.remat",
+    "mesh.*", "wandb.*", "model.remat", "model.conv_impl",
 )
 # Harmless only when they grow: a longer run continues the same one; a shorter one is another run.
 UPWARD_ONLY = ("total_steps", "num_epochs")
