@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from gmae_jax.models import masking, modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
@@ -54,6 +55,27 @@ def test_visible_conv_is_the_dense_conv_of_the_zero_filled_grid(kernel, dilation
     grid = visible.scatter(tokens).reshape(3, height, width, 8)
     want = visible.gather(dense.apply(params, grid).reshape(3, height * width, 6))
     np.testing.assert_allclose(conv.apply(params, tokens, visible), want, rtol=1e-5, atol=1e-5)
+
+    def sparse_loss(params, tokens):
+        return jnp.sum(jnp.sin(conv.apply(params, tokens, visible)))
+
+    def dense_loss(params, tokens):
+        out = dense.apply(params, visible.scatter(tokens).reshape(3, height, width, 8))
+        return jnp.sum(jnp.sin(visible.gather(out.reshape(3, height * width, 6))))
+
+    for got, expected in zip(jax.tree.leaves(jax.grad(sparse_loss, (0, 1))(params, tokens)),
+                             jax.tree.leaves(jax.grad(dense_loss, (0, 1))(params, tokens))):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_visible_conv_keeps_no_windows_for_the_backward_pass(capsys):
+    _, visible, tokens = random_grid(4, 5, 0.6)  # 3 x 8 visible tokens of 8 channels
+    conv = VisibleConv(6, 3, 2)
+    params = conv.init(jax.random.key(2), tokens, visible)
+    print_saved_residuals(lambda p, t: jnp.sum(jnp.sin(conv.apply(p, t, visible))), params, tokens)
+    saved = capsys.readouterr().out
+    assert "f32[3,8,6]" in saved, saved  # sin's cos
+    assert "72]" not in saved and ",9," not in saved, saved  # never the 3 x 3 windows of 8 channels
 
 
 def test_conv_bn_gelu_statistics_and_output_are_those_of_the_visible_cells():

@@ -84,7 +84,8 @@ class VisibleConv(nn.Module):
 
     Parameters are nn.Conv's (`kernel` (k, k, C, F), `bias` (F,)), so a sparse-pretrained layer is a
     dense layer. Each token's window times the flattened kernel is one matmul; on CPU this is
-    about twice as fast as an nn.Conv over a batch of k x k windows.
+    about twice as fast as an nn.Conv over a batch of k x k windows. The windows (k*k times the
+    tokens) are gathered again in the backward pass rather than kept, as `fast_conv` does.
     """
 
     features: int
@@ -100,11 +101,15 @@ class VisibleConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         tokens, kernel, bias = nn.dtypes.promote_dtype(tokens, kernel, bias, dtype=self.dtype)
         if k == 1:
-            window = tokens
-        else:
-            window = visible.windows(tokens, k, self.dilation)
-            window = window.reshape(window.shape[:2] + (k * k * channels,))
-        return window @ kernel.reshape(k * k * channels, self.features) + bias
+            return tokens @ kernel.reshape(channels, self.features) + bias
+        return _windows_times_kernel(tokens, kernel, visible, self.dilation) + bias
+
+
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(3,))
+def _windows_times_kernel(tokens: jax.Array, kernel: jax.Array, visible: VisibleGrid, dilation: int) -> jax.Array:
+    k, _, channels, features = kernel.shape
+    window = visible.windows(tokens, k, dilation)
+    return window.reshape(window.shape[:2] + (k * k * channels,)) @ kernel.reshape(k * k * channels, features)
 
 
 def _with_zero_row(tokens: jax.Array) -> jax.Array:
