@@ -52,19 +52,32 @@ def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
     assert lines[0].endswith("conv_impl=auto: window convolutions as XLA's convolutions")  # on CPU
 
 
-@pytest.mark.parametrize("xla_defaults, flag_expected", [(None, True), ("1", False)])
-def test_the_launcher_sends_gemms_to_cublas_unless_asked(tmp_path, xla_defaults, flag_expected):
+# A fake python that prints the XLA_FLAGS the suite would run with; with `reject`, it fails like an
+# XLA that does not know the flag when the launcher tries it.
+FAKE_PYTHON = """#!/bin/sh
+if [ "$1" = "-c" ]; then
+  case "$XLA_FLAGS" in *triton_gemm*) [ -n "$REJECT" ] && exit 1 ;; esac
+  exit 0
+fi
+echo "flags:$XLA_FLAGS"
+"""
+
+
+@pytest.mark.parametrize("xla_defaults, reject, flag_expected", [(None, None, True), ("1", None, False),
+                                                                 (None, "1", False)])
+def test_the_launcher_sends_gemms_to_cublas_unless_asked_or_unknown(tmp_path, xla_defaults, reject, flag_expected):
     fake_python = tmp_path / "python"
-    fake_python.write_text('#!/bin/sh\necho "flags:$XLA_FLAGS"\n')
+    fake_python.write_text(FAKE_PYTHON)
     fake_python.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
     env.pop("XLA_FLAGS", None)
-    if xla_defaults is not None:
-        env["XLA_DEFAULTS"] = xla_defaults
+    env.update({name: value for name, value in (("XLA_DEFAULTS", xla_defaults), ("REJECT", reject)) if value})
     launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
-    out = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True).stdout
-    assert ("--xla_gpu_enable_triton_gemm=false" in out) == flag_expected, out
-    assert "autotune_level" not in out  # autotuning off made session 8's H200 step 79x slower
+    run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.startswith("flags:"), run.stdout  # the suite ran either way
+    assert ("--xla_gpu_enable_triton_gemm=false" in run.stdout) == flag_expected, run.stdout
+    assert ("does not take" in run.stderr) == bool(reject), run.stderr
+    assert "autotune_level" not in run.stdout  # autotuning off made session 8's H200 step 79x slower
 
 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
