@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from gmae_jax.models import fast_conv
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
 from gmae_jax.schema import ConfigError, LoopConfig, MeshConfig, read, read_flat
@@ -33,8 +34,11 @@ TRAINING_STAGES = ("pretrain", "finetune")
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, tuple[jax.Array, ...]]:
-    """The model of a pretrain or finetune config, and example positional inputs for `init`."""
+    """The model of a pretrain or finetune config, and example positional inputs for `init`;
+    `conv_impl='auto'` resolved for this backend and the config's gradient accumulation."""
     gmst = gmst_config(config.model)
+    accumulating = config.get("grad_accum_steps", 1) > 1
+    gmst = dataclasses.replace(gmst, conv_impl=fast_conv.resolve(gmst.conv_impl, jax.default_backend(), accumulating))
     image = jnp.zeros((1, gmst.img_size, gmst.img_size, gmst.in_channels), jnp.float32)
     if config.stage == "pretrain":
         return GMAE(gmst), (image, jnp.zeros((1, gmst.num_patches), bool))

@@ -18,6 +18,7 @@ from etils import epath
 
 from gmae_jax import config_lib, schema
 from gmae_jax.data import pipeline, sources
+from gmae_jax.models import fast_conv
 from gmae_jax.train import checkpoint, resume_check, setup, sharding, steps, tasks
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer
@@ -30,15 +31,15 @@ from gmae_jax.train.summaries import Summaries, run_summary
 FROZEN_BY_LINEAR_PROBING = ("encoder", "pos_embed")
 
 
-def accumulation_warning(grad_accum_steps: int, backend: str) -> str | None:
-    """Gradient accumulation is for memory, and on CPU it costs speed: XLA:CPU computes the backward
-    convolutions inside the micro-batch loop ~6x slower (BENCHMARKS.md, session 7; unrolling the
-    loop keeps the speed but, on CPU, not the memory saving)."""
-    if grad_accum_steps <= 1 or backend != "cpu":
+def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "auto") -> str | None:
+    """Gradient accumulation is for memory, and on CPU with XLA's convolutions it costs speed: XLA:CPU
+    computes convolutions inside the micro-batch loop ~6x slower (BENCHMARKS.md, sessions 7-8), which
+    `conv_impl='auto'` avoids by computing them as matmuls there; 'xla' chosen by hand does not."""
+    if backend != "cpu" or grad_accum_steps <= 1 or fast_conv.resolve(conv_impl, backend, accumulating=True) == "matmul":
         return None
-    return (f"config.grad_accum_steps={grad_accum_steps} on CPU: the micro-batches run in a loop whose "
-            "backward convolutions XLA:CPU computes ~6x slower than outside one; accumulate only if the "
-            "full batch does not fit in memory")
+    return (f"config.grad_accum_steps={grad_accum_steps} on CPU with config.model.conv_impl='{conv_impl}': "
+            "XLA:CPU computes convolutions inside the micro-batch loop ~6x slower than outside one; "
+            "set config.model.conv_impl=auto (convolutions as matmuls, as fast in the loop)")
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -141,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             f"config.grad_accum_steps={config.grad_accum_steps}; use a multiple of {per_step}")
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), config.step_impl)
-    warning = accumulation_warning(config.grad_accum_steps, jax.default_backend())
+    warning = accumulation_warning(config.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
     if warning:
         logging.warning(warning)
 
