@@ -2,7 +2,8 @@
 # The accelerator benchmark in one call (GPU or TPU host): pretraining and fine-tuning img/s of
 # small, base and reference at 224 px, f32 vs bf16, dense vs sparse masking, remat, compile time,
 # peak memory, FLOPs per image and MFU (bf16 pretraining of every preset first, then the variants),
-# as a markdown table for BENCHMARKS.md, with where the first case's step spends its time after its row.
+# as a markdown table for BENCHMARKS.md; right after the first case's row, the eager PyTorch mirror on
+# that case (JAX / PyTorch ratio) and where its step spends its time.
 # Finishes within ~8 minutes including compiles; the table also goes to $OUT_FILE.
 #
 #   launch/bench_device.sh                      # all presets

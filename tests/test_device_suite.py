@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 
 import jax
@@ -31,8 +32,13 @@ def test_suite_prints_a_markdown_row_per_case():
         assert model == model_flops.train_step_flops(config, stage, 4, mask_ratio=device_suite.MASK_RATIO,
                                                      num_classes=device_suite.NUM_CLASSES) / 4
     assert lines[-1].startswith("total")
-    # Right after the first row (a loan cut short keeps it), where that step spends its time.
-    profile = "\n".join(lines[lines.index(rows[0]) + 1:lines.index(rows[1])])
+    # Right after the first row (a loan cut short keeps them): the eager PyTorch mirror of that case
+    # with the ratio, then where that step spends its time.
+    torch_line = lines[lines.index(rows[0]) + 1]
+    assert torch_line.startswith("PyTorch mirror of that case (eager, torch "), torch_line
+    torch_rate, ratio = re.search(r"batch 8: ([\d.]+) img/s; JAX / PyTorch \*\*([\d.]+)x\*\*", torch_line).groups()
+    assert float(ratio) == pytest.approx(float(cells[3]) / float(torch_rate), rel=0.01)
+    profile = "\n".join(lines[lines.index(rows[0]) + 2:lines.index(rows[1])])
     assert "where the time goes: micro pretrain float32 encoder depth=1, batch 8" in profile
     kinds = {cells[1].strip(): float(cells[3].strip(" %")) for cells in
              (line.split("|") for line in profile.splitlines()) if len(cells) == 5 and "%" in cells[3]
@@ -109,3 +115,21 @@ def test_every_presets_headline_case_comes_first_and_mfu_uses_the_device_peak():
     assert all(c.remat != "none" for c in cases if c.preset == "reference")
     fake = dataclasses.make_dataclass("Device", ["device_kind"])("NVIDIA H100 80GB HBM3")
     assert device_suite.peak_flops(fake, "bfloat16") == pytest.approx(989e12)
+
+
+def test_the_pytorch_mirror_halves_a_batch_it_cannot_fit(monkeypatch):
+    import torch
+
+    from gmae_jax.torch_mirror import train_step
+
+    tried = []
+
+    def fake_make_step(config, task, batch_size, **_):
+        tried.append(batch_size)
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return None, lambda: 0.0
+
+    monkeypatch.setattr(train_step, "make_step", fake_make_step)
+    line = device_suite.pytorch_line(Case("micro", "pretrain", batch_size=8, img_size=32), 8, 100.0, num_steps=1)
+    assert tried == [8, 4, 2] and ", batch 2: " in line and "JAX / PyTorch **" in line

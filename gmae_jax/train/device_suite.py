@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ import jax
 
 from gmae_jax import config_lib
 from gmae_jax.models import fast_conv
-from gmae_jax.models.presets import MASK_MODES, gmst_config
+from gmae_jax.models.presets import MASK_MODES, GMSTConfig, gmst_config
 from gmae_jax.train import model_flops, sharding, step_benchmark, step_profile
 
 NUM_CLASSES = 18
@@ -108,14 +109,17 @@ def flops_per_image(preset: str, stage: str, mask_mode: str, img_size: int, dept
     return model_flops.flops_per_image(config, stage, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES)
 
 
+def _architecture(case: Case) -> GMSTConfig:
+    depth = {} if case.depth is None else {"depth": case.depth}
+    return gmst_config(config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
+                                                mask_mode=case.mask_mode, remat=case.remat,
+                                                conv_impl=case.conv_impl, **depth))
+
+
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
-    depth = {} if case.depth is None else {"depth": case.depth}
-    fields = config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
-                                      mask_mode=case.mask_mode, remat=case.remat, conv_impl=case.conv_impl,
-                                      **depth)
-    bench = step_benchmark.build_train_step(gmst_config(fields), case.stage, case.batch_size,
+    bench = step_benchmark.build_train_step(_architecture(case), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
     state, batch, rng = bench.state, bench.batch, bench.rng
     start = time.perf_counter()
@@ -161,6 +165,40 @@ def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile
             case = dataclasses.replace(case, batch_size=case.batch_size // 2)
 
 
+def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: int) -> str:
+    """The eager PyTorch mirror (`torch_mirror.train_step`: the original's layout, AdamW, bf16
+    autocast on a GPU) on the case's model and batch, and JAX's img/s over it: the issue's ratio,
+    measured right after the first row so that a short loan has it. A batch PyTorch cannot fit
+    (JAX holds most of the device's memory) is halved."""
+    if importlib.util.find_spec("torch") is None:
+        return "PyTorch mirror: torch is not installed (pip install -e '.[torch]')"
+    import torch  # noqa: PLC0415 (optional extra)
+
+    from gmae_jax.torch_mirror import train_step  # noqa: PLC0415
+
+    while True:
+        try:
+            _, step = train_step.make_step(_architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
+                                               mask_ratio=MASK_RATIO)
+            step()  # warm-up: cuDNN / cuBLAS choices, allocator
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                step()  # returns the loss as a float: waits for the device
+            rate = batch_size * num_steps / (time.perf_counter() - start)
+            break
+        except torch.OutOfMemoryError:
+            if batch_size <= 1:
+                return "PyTorch mirror: out of memory at batch 1"
+            batch_size //= 2
+        finally:
+            step = None  # frees the model and its optimiser state before a retry or the next case
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    autocast = ", bf16 autocast" if torch.cuda.is_available() and case.dtype == "bfloat16" else ""
+    return (f"PyTorch mirror of that case (eager{autocast}, torch {torch.__version__}), batch {batch_size}: "
+            f"{rate:.1f} img/s; JAX / PyTorch **{jax_img_per_s / rate:.2f}x**")
+
+
 HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|")
 
@@ -200,6 +238,7 @@ def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 1
         yield format_row(case, result, device, mesh.size)
         if result["profile"] is not None:
             profiled = True
+            yield pytorch_line(case, result["batch"], result["img_per_s"], num_steps)
             yield f"\nwhere the time goes: {case.name}, batch {result['batch']}, {profile_steps} traced steps\n"
             yield step_profile.markdown(result["profile"])
             yield "\n" + HEADER
