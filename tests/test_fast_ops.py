@@ -95,7 +95,7 @@ def test_every_conv_impl_gives_the_same_block_output():
     from gmae_jax.models.modules import GMSTBlock
     x = jax.random.normal(jax.random.key(1), (2, 16, 32))
     outputs = []
-    for impl in fast_conv.CONV_IMPLS:
+    for impl in ("xla", "matmul"):  # 'auto' is one of them
         block = GMSTBlock(32, 4, 66, conv_impl=impl)
         variables = block.init(jax.random.key(0), x, 4, 4, train=False)
         outputs.append(block.apply(variables, x, 4, 4, train=False))
