@@ -2,13 +2,13 @@
 
 Why: G-MAE's convolutions (3x3 with dilations 1-3 and few output features, the 7x7 2 -> 1 spatial
 attention, the patch embedding) are shapes that convolution libraries handle poorly unless tuned.
-On an H200, XLA:GPU spent ~290 s of a 368 s compile autotuning cuDNN algorithms for them, and with
-the autotuner off the step ran 79x slower (BENCHMARKS.md, sessions 4 and 8). As matmuls they need no
-convolution library at all: a 1x1 convolution is a `dot` over channels; a k x k one reads each
-output's window into one row (im2col: k*k shifted slices of the padded input, side by side in the
-kernel's HWIO order) and multiplies by the flattened kernel; a patch embedding whose stride equals
-its kernel is a reshape into patches. XLA:CPU's convolution path is also slower than its matmuls
-(the 1x1 kernel gradient above all).
+On an H200, XLA:GPU's autotuner (cuDNN algorithms for them, and GEMM fusions) took ~290 s of a 368 s
+compile, and with the autotuner off the step ran 79x slower (BENCHMARKS.md, sessions 4 and 8). As
+matmuls they need no convolution library at all: a 1x1 convolution is a `dot` over channels; a k x k
+one reads each output's window into one row (im2col: k*k shifted slices of the padded input, side by
+side in the kernel's HWIO order) and multiplies by the flattened kernel; a patch embedding whose
+stride equals its kernel is a reshape into patches. (On XLA:CPU a 1x1 convolution's kernel gradient
+is also much slower than the same `dot`.)
 
 The window rows are k*k times the input; `jax.checkpoint` drops them after the forward pass and
 rebuilds them from the input in the backward one (slices only, no FLOPs), so memory stays that of
@@ -16,8 +16,8 @@ a convolution. Parameters, shapes and numerics are nn.Conv's; grouped convolutio
 dilation go to `lax.conv_general_dilated` unchanged.
 
 Which convolutions become matmuls is `config.model.conv_impl` (`CONV_IMPLS`): 'matmul' all of them;
-'xla' only the 1x1 ones and the patch embedding, window convolutions staying XLA's (XLA:CPU's and
-TPU's convolution emitters beat im2col: 1.3-1.9x on this CPU for the 3x3 ones, fwd + bwd); 'auto'
+'xla' only the 1x1 ones and the patch embedding, window convolutions staying XLA's (XLA:CPU's beat
+im2col 1.3-1.9x on the 3x3 ones, forward + backward; TPUs run convolutions natively); 'auto'
 (default) is 'matmul' on GPUs and in CPU gradient accumulation, 'xla' elsewhere (`resolve`).
 """
 
