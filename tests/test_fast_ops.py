@@ -1,5 +1,7 @@
 """The faster formulations in the model compute what the plain ones compute."""
 
+import dataclasses
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ from jax import lax
 from jax.ad_checkpoint import print_saved_residuals
 
 from gmae_jax.models import fast_conv, modules
+from gmae_jax.models.gmae import GMAE
+from gmae_jax.models.presets import PRESETS, GMSTConfig
 
 
 def test_gelu_is_torch_exact_gelu():
@@ -58,9 +62,9 @@ def test_conv_matches_lax_conv_with_gradients(impl, size, dilation, stride, pad,
     def close(actual, expected):  # summation order differs: tolerance relative to the magnitude
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
 
-    for argnum in (0, 1):
-        close(jax.grad(loss, argnum + 1)(ours_fn, x, kernel),
-              jax.grad(loss, argnum + 1)(lax.conv_general_dilated, x, kernel))
+    gradients = jax.jit(jax.grad(loss, (1, 2)), static_argnums=0)  # compiled: k*k slices run eagerly are slow
+    for ours, reference in zip(gradients(ours_fn, x, kernel), gradients(lax.conv_general_dilated, x, kernel)):
+        close(ours, reference)
     close(_conv(ours_fn, x, kernel, dilation, padding, stride),
           _conv(lax.conv_general_dilated, x, kernel, dilation, padding, stride))
 
@@ -91,16 +95,15 @@ def test_conv_impl_decides_which_convolutions_become_dots(impl, size, convolutio
     assert jax.default_backend() == "cpu"  # 'auto' above: window convolutions stay XLA's off GPUs
 
 
-def test_every_conv_impl_gives_the_same_block_output():
-    from gmae_jax.models.modules import GMSTBlock
-    x = jax.random.normal(jax.random.key(1), (2, 16, 32))
-    outputs = []
-    for impl in ("xla", "matmul"):  # 'auto' is one of them
-        block = GMSTBlock(32, 4, 66, conv_impl=impl)
-        variables = block.init(jax.random.key(0), x, 4, 4, train=False)
-        outputs.append(block.apply(variables, x, 4, 4, train=False))
-    for out in outputs[1:]:
-        np.testing.assert_allclose(out, outputs[0], rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("impl, convolutions_left", [("matmul", False), ("xla", True)])
+def test_conv_impl_reaches_every_convolution_of_the_model(impl, convolutions_left):
+    # Lowered only (no compile): patch embedding, encoder and decoder blocks all follow the config.
+    config = dataclasses.replace(GMSTConfig(**PRESETS["micro"]), conv_impl=impl)
+    model = GMAE(config)
+    images, mask = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, config.num_patches), bool)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images, mask)
+    hlo = jax.jit(lambda v: model.apply(v, images, mask, train=False)).lower(variables).as_text()
+    assert ("convolution" in hlo) == convolutions_left
 
 
 def test_keep_freed_memory_applies_on_glibc():
