@@ -41,10 +41,26 @@ def _channel_last(ndim: int) -> lax.ConvDimensionNumbers:
     )
 
 
+_UNPADDED = ((0, 0), (0, 0))
+
+
 def _explicit_padding(padding: Any) -> tuple[tuple[int, int], ...] | None:
     if isinstance(padding, str):
-        return ((0, 0), (0, 0)) if padding == "VALID" else None
+        return _UNPADDED if padding == "VALID" else None
     return tuple((int(low), int(high)) for low, high in padding)
+
+
+def _is_pointwise(kernel_hw: tuple[int, int], strides: tuple[int, int],
+                  padding: tuple[tuple[int, int], ...]) -> bool:
+    """Each output reads one input position: the input itself is the rows."""
+    return kernel_hw == (1, 1) and strides == (1, 1) and padding == _UNPADDED
+
+
+def _is_patchify(x_shape: tuple[int, ...], kernel_hw: tuple[int, int], strides: tuple[int, int],
+                 padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> bool:
+    """Non-overlapping patches tiling the input: the rows are a reshape of it."""
+    return kernel_hw == strides and padding == _UNPADDED and dilation == (1, 1) \
+        and x_shape[1] % kernel_hw[0] == 0 and x_shape[2] % kernel_hw[1] == 0
 
 
 def _window_rows(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
@@ -52,9 +68,10 @@ def _window_rows(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, i
     """(N, H, W, C) -> (N, Ho, Wo, kh*kw*C): every output position's input window, taps in
     row-major kernel order, matching an HWIO kernel reshaped to (kh*kw*C, F)."""
     (kh, kw), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
-    if (kh, kw) == (sh, sw) and padding == ((0, 0), (0, 0)) and (dh, dw) == (1, 1) \
-            and x.shape[1] % kh == 0 and x.shape[2] % kw == 0:
-        batch, height, width, channels = x.shape  # non-overlapping patches: a reshape
+    if _is_pointwise(kernel_hw, strides, padding):
+        return x
+    if _is_patchify(x.shape, kernel_hw, strides, padding, dilation):
+        batch, height, width, channels = x.shape
         patches = x.reshape(batch, height // kh, kh, width // kw, kw, channels)
         return patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // kh, width // kw, kh * kw * channels)
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
@@ -72,8 +89,7 @@ def _window_rows(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, i
 def _matmul_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                  padding: tuple[tuple[int, int], ...], dilation: tuple[int, int], precision: Any) -> jax.Array:
     kh, kw, channels, features = kernel.shape
-    rows = x if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)) \
-        else _window_rows(x, (kh, kw), strides, padding, dilation)
+    rows = _window_rows(x, (kh, kw), strides, padding, dilation)
     return lax.dot_general(rows, kernel.reshape(kh * kw * channels, features),
                            (((rows.ndim - 1,), (0,)), ((), ())), precision=precision)
 
@@ -97,13 +113,10 @@ def conv_general_dilated(
     explicit = _explicit_padding(padding)
     if (lhs.ndim == 4 and dimension_numbers == _channel_last(4) and feature_group_count == 1
             and explicit is not None and tuple(lhs_dilation or (1, 1)) == (1, 1)):
-        strides, dilation = tuple(window_strides), tuple(rhs_dilation or (1, 1))
-        unpadded = explicit == ((0, 0), (0, 0))
-        if rhs.shape[:2] == (1, 1) and strides == (1, 1) and unpadded:
+        kernel_hw, strides, dilation = rhs.shape[:2], tuple(window_strides), tuple(rhs_dilation or (1, 1))
+        if _is_pointwise(kernel_hw, strides, explicit):
             return _matmul_conv(lhs, rhs, strides, explicit, dilation, precision)  # nothing to rebuild
-        patchify = rhs.shape[:2] == strides and unpadded and dilation == (1, 1) \
-            and lhs.shape[1] % strides[0] == 0 and lhs.shape[2] % strides[1] == 0
-        if patchify or windows_as_matmul:
+        if windows_as_matmul or _is_patchify(lhs.shape, kernel_hw, strides, explicit, dilation):
             return _matmul_conv_rebuilding_rows(lhs, rhs, strides, explicit, dilation, precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
