@@ -25,8 +25,8 @@ def test_suite_prints_a_markdown_row_per_case():
     assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
     assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
     # Model FLOPs from the jaxpr; the remat case's count leaves its recomputation out.
-    for row, (stage, remat) in zip(rows, [("pretrain", "none"), ("finetune", "block")]):
-        model = device_suite.flops_per_image("micro", stage, "encoder", 32, 1)
+    for row, case, (stage, remat) in zip(rows, cases, [("pretrain", "none"), ("finetune", "block")]):
+        model = device_suite.flops_per_image(case)
         config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1, remat=remat)
         assert float(row.split("|")[7]) == pytest.approx(model / 1e9, abs=0.005)
         assert model == model_flops.train_step_flops(config, stage, 4, mask_ratio=device_suite.MASK_RATIO,

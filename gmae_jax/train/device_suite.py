@@ -100,20 +100,23 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-@functools.lru_cache(maxsize=None)
-def flops_per_image(preset: str, stage: str, mask_mode: str, img_size: int, depth: int | None) -> float:
-    """Model FLOPs per image of a case's step (`model_flops`): the same for either dtype and remat
-    mode and linear in the batch, so traced once per architecture (seconds for `reference`)."""
-    depth_field = {} if depth is None else {"depth": depth}
-    config = gmst_config(config_lib.model_section(preset, img_size=img_size, mask_mode=mask_mode, **depth_field))
-    return model_flops.flops_per_image(config, stage, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES)
-
-
 def _architecture(case: Case) -> GMSTConfig:
     depth = {} if case.depth is None else {"depth": case.depth}
     return gmst_config(config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
                                                 mask_mode=case.mask_mode, remat=case.remat,
                                                 conv_impl=case.conv_impl, **depth))
+
+
+def flops_per_image(case: Case) -> float:
+    """Model FLOPs per image of a case's step (`model_flops`): the same for any dtype, remat mode and
+    conv_impl and linear in the batch, so traced once per architecture (seconds for `reference`)."""
+    counted = dataclasses.replace(_architecture(case), dtype="float32", remat="none", conv_impl="auto")
+    return _flops_per_image(counted, case.stage)
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_per_image(architecture: GMSTConfig, stage: str) -> float:
+    return model_flops.flops_per_image(architecture, stage, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES)
 
 
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
@@ -148,7 +151,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         "img_per_s": case.batch_size / seconds,
         "step_ms": seconds * 1e3,
         "peak_gb": stats.get("peak_bytes_in_use", planned) / 1e9,
-        "flops_per_img": flops_per_image(case.preset, case.stage, case.mask_mode, case.img_size, case.depth),
+        "flops_per_img": flops_per_image(case),
         "loss": float(metrics["loss"]),
         "profile": profile,
     }
