@@ -12,7 +12,11 @@ from gmae_jax.train import device_suite, model_flops, step_benchmark
 from gmae_jax.train.device_suite import Case
 
 
-def test_suite_prints_a_markdown_row_per_case():
+def test_suite_prints_a_markdown_row_per_case(monkeypatch):
+    compiles = []
+    compile_lowered = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, *args, **kwargs: compiles.append(1) or compile_lowered(self, *args, **kwargs))
     cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1),
              Case("micro", "finetune", remat="block", batch_size=8, img_size=32, depth=1, conv_impl="matmul")]
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
@@ -46,6 +50,7 @@ def test_suite_prints_a_markdown_row_per_case():
     assert kinds["matmul"] > 0 and kinds["convolution"] > 0, profile
     assert "| encoder/blocks/" in profile, profile  # layers by name
     assert "| communication |" in profile  # 8 simulated devices: gradient and BatchNorm all-reduces
+    assert len(compiles) == len(cases)  # the profile traces the executable that was timed
 
 
 def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):

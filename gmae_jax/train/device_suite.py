@@ -126,8 +126,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
     state, batch, rng = bench.state, bench.batch, bench.rng
     start = time.perf_counter()
-    lowered = bench.step.lower(state, batch, rng)
-    compiled = lowered.compile()
+    compiled = bench.step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     state, metrics = compiled(state, batch, rng)  # warm-up
@@ -139,8 +138,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     seconds = (time.perf_counter() - start) / num_steps
     profile = None
     if profile_steps:
-        profile, state = step_profile.profile_compiled(step_profile.compile_for_profile(lowered, compiled), state,
-                                                       batch, rng, num_steps=profile_steps)
+        profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
     stats = jax.devices()[0].memory_stats() or {}
     planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes if memory else 0

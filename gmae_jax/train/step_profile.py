@@ -213,23 +213,14 @@ def profile(run_step: Callable[[], object], hlo_text: str, num_steps: int = 3) -
     return StepProfile(times, ops, step_ms)
 
 
-# XLA:GPU replays a step's kernels as CUDA graphs ("command buffers"), whose kernels all carry the
-# command buffer's name instead of their HLO op's: the profile compiles its own copy without them.
-PROFILE_COMPILER_OPTIONS = {"gpu": {"xla_gpu_enable_command_buffer": ""}}
-
-
-def compile_for_profile(lowered: Any, compiled: Any | None = None) -> Any:
-    """An executable whose traced ops name their HLO ops: `compiled` (or `lowered` compiled) where
-    the backend needs nothing else, a copy compiled with PROFILE_COMPILER_OPTIONS where it does."""
-    options = PROFILE_COMPILER_OPTIONS.get(jax.default_backend())
-    if options:
-        return lowered.compile(compiler_options=options)
-    return compiled if compiled is not None else lowered.compile()
-
-
 def profile_compiled(compiled: Any, state: Any, *args: Any, num_steps: int = 3) -> tuple[StepProfile, Any]:
     """Runs a compiled `step(state, *args) -> (state, metrics)` twice untraced, then profiles
-    `num_steps` steps. Returns the profile and the last state (the step donates its input)."""
+    `num_steps` steps. Returns the profile and the last state (the step donates its input).
+
+    The executable that was timed is the one traced: XLA:GPU replays a step's kernels as CUDA graphs
+    ("command buffers"), whose kernels would carry the graph's name instead of their HLO op's, but
+    while a profiler session is active it runs them op by op (XLA's
+    `--xla_enable_command_buffers_during_profiling`, false by default), so no second compile is needed."""
     holder = {"state": state}
 
     def run_step() -> None:
@@ -244,7 +235,7 @@ def profile_compiled(compiled: Any, state: Any, *args: Any, num_steps: int = 3) 
 
 def profile_train_step(step: Callable, state: Any, *args: Any, num_steps: int = 3) -> StepProfile:
     """The profile of a jitted train step `step(state, *args) -> (state, metrics)`."""
-    return profile_compiled(compile_for_profile(step.lower(state, *args)), state, *args, num_steps=num_steps)[0]
+    return profile_compiled(step.lower(state, *args).compile(), state, *args, num_steps=num_steps)[0]
 
 
 def markdown(result: StepProfile, top_layers: int = 12, top_ops: int = 8) -> str:
