@@ -12,7 +12,7 @@ from gmae_jax.train import device_suite, model_flops, step_benchmark
 from gmae_jax.train.device_suite import Case
 
 
-def test_suite_prints_a_markdown_row_per_case(monkeypatch):
+def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     compiles = []
     compile_lowered = jax.stages.Lowered.compile
     monkeypatch.setattr(jax.stages.Lowered, "compile",
@@ -51,6 +51,11 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch):
     assert "| encoder/blocks/" in profile, profile  # layers by name
     assert "| communication |" in profile  # 8 simulated devices: gradient and BatchNorm all-reduces
     assert len(compiles) == len(cases)  # the profile traces the executable that was timed
+    # Progress on stderr says where a call that ran out of time stopped, compile split from lowering.
+    progress = capsys.readouterr().err
+    assert re.search(r"\] micro pretrain float32 encoder depth=1, batch 8: traced and lowered in [\d.]+ s; compiling\n"
+                     r"\[[\d:]+\] micro pretrain float32 encoder depth=1, batch 8: XLA compiled in [\d.]+ s; timing",
+                     progress), progress
 
 
 def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):

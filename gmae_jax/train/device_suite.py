@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -119,15 +120,26 @@ def _flops_per_image(architecture: GMSTConfig, stage: str) -> float:
     return model_flops.flops_per_image(architecture, stage, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES)
 
 
+def _progress(message: str) -> None:
+    """A timestamped line on stderr: where a call cut off by its time limit stopped (a compile that
+    never ends looks like silence in the table)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
+    _progress(f"{case.name}, batch {case.batch_size}: initialising")
     bench = step_benchmark.build_train_step(_architecture(case), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
     state, batch, rng = bench.state, bench.batch, bench.rng
     start = time.perf_counter()
-    compiled = bench.step.lower(state, batch, rng).compile()
+    lowered = bench.step.lower(state, batch, rng)
+    lower_s = time.perf_counter() - start
+    _progress(f"{case.name}, batch {case.batch_size}: traced and lowered in {lower_s:.1f} s; compiling")
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    _progress(f"{case.name}, batch {case.batch_size}: XLA compiled in {compile_s - lower_s:.1f} s; timing")
     memory = compiled.memory_analysis()
     state, metrics = compiled(state, batch, rng)  # warm-up
     jax.block_until_ready(metrics)
@@ -138,6 +150,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     seconds = (time.perf_counter() - start) / num_steps
     profile = None
     if profile_steps:
+        _progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
         profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
     stats = jax.devices()[0].memory_stats() or {}
     planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
@@ -178,6 +191,7 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
     from gmae_jax.torch_mirror import train_step  # noqa: PLC0415
 
     while True:
+        _progress(f"PyTorch mirror of {case.name}, batch {batch_size}: timing")
         try:
             _, step = train_step.make_step(_architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
                                                mask_ratio=MASK_RATIO)
