@@ -15,13 +15,17 @@ the JAX jit step against the eager PyTorch mirror of the same model (see `train.
 Input pipeline on full-HD JPEGs, `python -m gmae_jax.bench --pipeline`:
 
 Prints training images/s of one worker (one core) for three ways to get an augmented 224 px
-view, all with the same random resized crop, flip, colour jitter and normalisation:
-  1. the original G-MAE: full-resolution decode, then the PIL transforms;
-  2. our file path: JPEG draft-mode decode at the smallest size the crop needs;
+view, all with the same random resized crop, flip and colour jitter:
+  1. the original G-MAE: full-resolution decode, then the PIL transforms and normalisation;
+  2. our file path: JPEG draft-mode decode at the smallest size the crop needs, uint8 out
+     (standardised on the device, in the step);
   3. our ArrayRecord path: records from the prepare stage (frames pre-resized to 256 px).
+Then the batches' way from `--num_workers` grain worker processes to the trainer, ready-made views
+of both dtypes (float32: standardised on the host, as before; uint8: what the workers hand on now).
 """
 
 import ast
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -30,11 +34,12 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 from array_record.python import array_record_module
+import grain
 import numpy as np
 from PIL import Image
 
 from gmae_jax import host_memory
-from gmae_jax.data import prepare, records, transforms, views
+from gmae_jax.data import pipeline, prepare, records, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import HagridRecord
 
@@ -43,6 +48,7 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Full-HD JPEGs to generate.
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.")
 _CROP_SCALE_MIN = flags.DEFINE_float("crop_scale_min", 0.35, "Smallest random-crop area (fine-tune default).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best one counts.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker processes for the batch transport.")
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size.")
@@ -142,6 +148,40 @@ def run_pipeline_benchmark(num_images: int, image_size: int, crop_scale_min: flo
     return results
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadyView(grain.transforms.Map):
+    """A finished view of one dtype: the transport's share of the pipeline without the work before it."""
+
+    image_size: int
+    dtype: str
+
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": np.full((self.image_size, self.image_size, 3), index % 251, self.dtype),
+                "label": np.int32(index)}
+
+
+def run_transport_benchmark(image_size: int, batch_size: int, num_workers: int, num_batches: int = 100,
+                            repeats: int = 2) -> dict[str, float]:
+    """images/s of batches reaching the trainer from grain's worker processes, float32 vs uint8 pixels
+    (alternating, best of `repeats`); also printed. Workers start in each pass: run it under a
+    `__main__` guard."""
+    rates: dict[str, float] = {"float32": 0.0, "uint8": 0.0}
+    for _ in range(repeats):
+        for dtype in rates:
+            ds = grain.MapDataset.range(num_batches * batch_size).map(_ReadyView(image_size, dtype))
+            batches = iter(pipeline.to_iter_dataset(ds.batch(batch_size, drop_remainder=True), num_workers))
+            next(batches)  # workers started and running
+            start, count = time.perf_counter(), 0
+            for batch in batches:
+                count += len(batch["label"])
+            rates[dtype] = max(rates[dtype], count / (time.perf_counter() - start))
+    print(f"batches of {batch_size} x {image_size} px from {num_workers} grain worker(s) to the trainer")
+    print(f"{'pixels':40s} {'images/s':>16s} {'x float32':>11s}")
+    for dtype, rate in rates.items():
+        print(f"{dtype:40s} {rate:16.1f} {rate / rates['float32']:11.2f}")
+    return rates
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     """['img_size=64', 'overlap_patches=True'] -> {'img_size': 64, 'overlap_patches': True}."""
     overrides: dict[str, object] = {}
@@ -208,6 +248,7 @@ def main(argv: Sequence[str]) -> None:
         host_memory.keep_freed_memory()
     if _PIPELINE.value:
         run_pipeline_benchmark(_NUM_IMAGES.value, _IMAGE_SIZE.value, _CROP_SCALE_MIN.value, _REPEATS.value)
+        run_transport_benchmark(_IMAGE_SIZE.value, _BATCH_SIZE.value, _NUM_WORKERS.value)
     if _TRAIN_STEP.value:
         # Imported here: the pipeline benchmark needs no model code.
         from gmae_jax.train import step_benchmark

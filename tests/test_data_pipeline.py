@@ -4,6 +4,7 @@ Every example gets its own label, so a batch's labels say exactly which files it
 """
 
 import itertools
+import re
 import shutil
 
 from absl import flags
@@ -74,7 +75,7 @@ def test_train_batch_shapes_and_dtypes(examples):
     batch = next(iter(_train(examples)))
 
     assert batch["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert batch["image"].dtype == np.float32
+    assert batch["image"].dtype == np.uint8  # standardised on the device, in the step
     assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
 
 
@@ -202,3 +203,14 @@ def test_eval_processes_get_equal_batch_counts_covering_all_examples(examples):
         if valid
     ]
     assert sorted(seen) == list(range(9))
+
+
+def test_transport_benchmark_moves_batches_of_both_dtypes_through_a_worker(capsys):
+    from gmae_jax import bench  # noqa: PLC0415 (the benchmark module, only here)
+
+    rates = bench.run_transport_benchmark(image_size=16, batch_size=4, num_workers=1, num_batches=4, repeats=1)
+
+    assert set(rates) == {"float32", "uint8"} and min(rates.values()) > 0
+    table = capsys.readouterr().out
+    assert "batches of 4 x 16 px from 1 grain worker(s) to the trainer" in table
+    assert re.search(r"^float32 +[\d.]+ +1\.00$", table, re.M) and re.search(r"^uint8 +[\d.]+ +[\d.]+$", table, re.M)

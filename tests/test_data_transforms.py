@@ -8,6 +8,7 @@ import pytest
 
 from gmae_jax.data import transforms
 from gmae_jax.data.transforms import ImageDecodeError
+from gmae_jax.train import steps
 
 
 def _save(img, path, fmt, **kwargs):
@@ -195,3 +196,16 @@ def test_normalize_gives_float32_hwc_standardised_with_imagenet_stats():
 
     assert out.shape == (3, 5, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, 0.0, atol=0.01)
+
+
+def test_the_pipeline_hands_on_uint8_pixels_that_the_step_standardises_like_the_host_would():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (3, 5, 3), dtype=np.uint8))
+    pixels = transforms.pixels(img)
+    assert pixels.shape == (3, 5, 3) and pixels.dtype == np.uint8
+
+    on_device = steps.standardize(pixels[None])
+
+    assert on_device.dtype == np.float32
+    np.testing.assert_allclose(on_device[0], transforms.normalize(img), rtol=1e-6, atol=1e-6)
+    standardised = transforms.normalize(img)[None]
+    assert steps.standardize(standardised) is standardised  # float batches are taken as standardised

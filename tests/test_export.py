@@ -21,7 +21,7 @@ from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.stages import export
 from gmae_jax.torch_mirror import convert, export_format, modules as mirror
-from gmae_jax.train import init_from, setup, trainer
+from gmae_jax.train import init_from, setup, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("fist", "one", "palm")
@@ -59,7 +59,7 @@ def data(tmp_path_factory):
     synthetic.write_demo_dataset(str(root), image_size=48, train_per_class=4, val_per_class=2, classes=CLASSES)
     paths = sorted(str(p) for p in (root / "val").rglob("*.jpg"))
     # The evaluation view the Flax side sees: what a PyTorch user's preprocessing must reproduce.
-    images = np.stack([views.predict_view(p, "original", 32) for p in paths])
+    images = np.asarray(steps.standardize(np.stack([views.predict_view(p, "original", 32) for p in paths])))
     return root, paths, images
 
 

@@ -96,7 +96,7 @@ class _EvalLoad(_Loader):
             result = self.skipping(index, lambda e: views.eval_view(e, self.view, index))
         if result is None:
             return {
-                "image": np.zeros((self.view.image_size, self.view.image_size, 3), np.float32),
+                "image": np.zeros((self.view.image_size, self.view.image_size, 3), np.uint8),
                 "label": np.int32(0),
                 "valid": np.float32(0),
             }
@@ -130,7 +130,8 @@ def exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """`ds` read in order by `num_workers` grain worker processes (0: in this process), each ending with its parent."""
     ds = ds.to_iter_dataset(read_options=_READ_OPTIONS)
     if num_workers > 0:
         return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
@@ -152,7 +153,7 @@ def make_train_dataset(
     """Infinite, reshuffled-each-epoch augmented batches of this process's share.
 
     `examples` is a Source (any layout) or a list of class-folder Examples.
-    Yields {'image': float32 (B, H, W, 3), 'label': int32 (B,)} with
+    Yields {'image': uint8 (B, H, W, 3), 'label': int32 (B,)} with
     B = global_batch_size // process_count.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_count)
@@ -170,7 +171,7 @@ def make_train_dataset(
     # `make_array_from_process_local_data` assembles (process 0's rows first) is row for row the
     # single-process batch: per-row randomness (masks, dropout) then matches across topologies.
     ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
-    return _to_iter_dataset(ds, num_workers)
+    return to_iter_dataset(ds, num_workers)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -198,4 +199,4 @@ def make_eval_dataset(
     ds = grain.MapDataset.range(padded)
     ds = ds.map(_EvalLoad(source, dataclasses.replace(source.view, image_size=image_size)))
     ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
-    return _to_iter_dataset(ds, num_workers)
+    return to_iter_dataset(ds, num_workers)

@@ -87,7 +87,7 @@ def _label(element: Element, view: ViewConfig) -> int:
 
 
 def train_view(element: Element, view: ViewConfig, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Augmented, normalised (H, W, 3) float32 pixels and the label of one element."""
+    """Augmented (H, W, 3) uint8 pixels and the label of one element."""
     if view.mode == "hand_crop":
         img, label = _hand_crop(element, view, rng, train=True)
     else:
@@ -102,11 +102,11 @@ def train_view(element: Element, view: ViewConfig, rng: np.random.Generator) -> 
     if view.hflip:
         img = transforms.horizontal_flip(img, rng)
     img = transforms.color_jitter(img, rng, view.brightness, view.contrast, view.saturation, view.hue)
-    return transforms.normalize(img), label
+    return transforms.pixels(img), label
 
 
 def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray, int]:
-    """Deterministic normalised pixels and label; `seed` only picks among equal free hands."""
+    """Deterministic uint8 pixels and label; `seed` only picks among equal free hands."""
     if view.mode == "hand_crop":
         img, label = _hand_crop(element, view, np.random.default_rng(seed), train=False)
     elif view.mode == "full_frame":
@@ -116,12 +116,12 @@ def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray
         img = _decode(element, math.ceil(view.image_size / EVAL_CROP_FRACTION))
         img = transforms.resize_center_crop(img, view.image_size, EVAL_CROP_FRACTION)
         label = _label(element, view)
-    return transforms.normalize(img), label
+    return transforms.pixels(img), label
 
 
 
 def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) -> np.ndarray:
-    """Normalised pixels of one image file as evaluation sees it, without a label (for prediction):
+    """uint8 pixels of one image file as evaluation sees it, without a label (for prediction):
     'original' (centre crop), 'full_frame' (letterbox) or 'hand_crop' (the square around `box`)."""
     if mode == "hand_crop":
         draft = math.ceil(image_size / max(max(box[2], box[3]) * crops.EVAL_CROP_SCALE, 1e-3))
@@ -133,4 +133,4 @@ def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) 
     else:
         img = transforms.decode_rgb(path, draft_size=math.ceil(image_size / EVAL_CROP_FRACTION))
         img = transforms.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
-    return transforms.normalize(img)
+    return transforms.pixels(img)

@@ -21,7 +21,7 @@ from etils import epath
 
 from gmae_jax import config_lib
 from gmae_jax.data import inputs, transforms, views
-from gmae_jax.train import setup, sharding
+from gmae_jax.train import setup, sharding, steps
 
 VIEWS = ("auto", "original", "full_frame", "hand_crop")
 
@@ -83,8 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
 
     @jax.jit
     def probabilities(weights: setup.Weights, images: jax.Array) -> jax.Array:
-        logits = restored.model.apply({"params": weights.params, "batch_stats": weights.batch_stats}, images,
-                                      train=False)
+        logits = restored.model.apply({"params": weights.params, "batch_stats": weights.batch_stats},
+                                      steps.standardize(images), train=False)
         return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
     rows = []
@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
             bar.update(len(chunk))
             if not good:
                 continue
-            images = np.zeros((batch, image_size, image_size, 3), np.float32)
+            images = np.zeros((batch, image_size, image_size, 3), np.uint8)
             images[: len(good)] = np.stack([pixels for _, pixels in good])
             probs = np.asarray(probabilities(restored.weights, sharding.global_batch({"image": images}, mesh)["image"]))
             for (item, _), p in zip(good, probs):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from gmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gmae_jax.models import batch_axes
 from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.train import losses
@@ -23,6 +24,15 @@ LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, tuple[Metrics, 
 
 # Evaluation masks come from this fixed stream, so every evaluation scores the same masks.
 EVAL_MASK_SEED = 1234
+
+
+def standardize(images: jax.Array) -> jax.Array:
+    """The model's input: uint8 pixels (what the input pipeline yields) standardised with the
+    ImageNet statistics, in float32 on the device; float images are taken as standardised already
+    (synthetic benchmark batches, tests)."""
+    if images.dtype != jnp.uint8:
+        return images
+    return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
 class TrainState(train_state.TrainState):
@@ -37,7 +47,7 @@ def pretrain_loss(
 ) -> tuple[jax.Array, tuple[Metrics, Any]]:
     """Masked-patch MSE of the G-MAE model on a freshly sampled mask."""
     mask_rng, dropout_rng = jax.random.split(rng)
-    images = batch["image"]
+    images = standardize(batch["image"])
     mask = batch_axes.global_rows(
         lambda rows: sample_mask(mask_rng, rows, model.config.num_patches, mask_ratio), images.shape[0])
     pred, updates = model.apply(
@@ -60,14 +70,14 @@ def classifier_loss(
     running averages, no dropout) behind a stop_gradient, so only the head learns and XLA skips
     the encoder's backward pass; the optimiser leaves the encoder's parameters untouched.
     """
-    variables = {"params": params, "batch_stats": batch_stats}
+    variables, images = {"params": params, "batch_stats": batch_stats}, standardize(batch["image"])
     if freeze_encoder:
-        features = model.apply(variables, batch["image"], train=False, method=model.features)
+        features = model.apply(variables, images, train=False, method=model.features)
         logits = model.apply(variables, jax.lax.stop_gradient(features), method=model.classify)
         new_batch_stats = batch_stats
     else:
         logits, updates = model.apply(
-            variables, batch["image"], train=True,
+            variables, images, train=True,
             rngs={"dropout": batch_axes.per_device_key(rng)}, mutable=["batch_stats"],
         )
         new_batch_stats = updates["batch_stats"]
@@ -138,7 +148,7 @@ def pretrain_eval_step(
     state: TrainState, batch: Batch, *, model: nn.Module, mask_ratio: float, norm_pix_loss: bool,
 ) -> Metrics:
     """Sums over one evaluation batch (padding excluded by `batch['valid']`): squared error, count."""
-    images = batch["image"]
+    images = standardize(batch["image"])
     mask = sample_mask(jax.random.key(EVAL_MASK_SEED), images.shape[0], model.config.num_patches, mask_ratio)
     pred = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, mask, train=False,
                        num_visible=num_visible(model.config.num_patches, mask_ratio))
@@ -151,7 +161,8 @@ def pretrain_eval_step(
 def classification_eval_step(state: TrainState, batch: Batch, *, model: nn.Module) -> Metrics:
     """Per-batch sums for accuracy, top-5 accuracy (more than 5 classes) and loss, plus predictions
     for the confusion matrix."""
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, standardize(batch["image"]),
+                         train=False)
     valid, labels = batch["valid"], batch["label"]
     predictions = jnp.argmax(logits, -1)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

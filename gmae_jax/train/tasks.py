@@ -48,7 +48,7 @@ def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
         return {"loss": sums["loss_sum"] / max(sums["count"], 1.0)}
 
     def draw(state, batch, _, outdir) -> list[str]:
-        images = batch["image"][: config.num_reconstructions]
+        images = np.asarray(steps.standardize(batch["image"][: config.num_reconstructions]))
         mask = sample_mask(jax.random.key(steps.EVAL_MASK_SEED), images.shape[0],
                            model.config.num_patches, config.mask_ratio)
         pred = jax.jit(functools.partial(
