@@ -1,6 +1,7 @@
 """metrics.jsonl and progress lines."""
 
 import json
+import time
 
 import pytest
 
@@ -28,6 +29,18 @@ def test_progress_line_reports_throughput_and_eta():
     assert "img/s" in line and "ETA" in line
     assert rates["img_per_sec"] > 0
     assert rates["eta_sec"] == pytest.approx(90 * 32 / rates["img_per_sec"], rel=1e-6)
+
+
+def test_progress_reports_the_share_of_time_spent_waiting_for_input():
+    tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32)
+    with tracker.waiting_for_input():
+        time.sleep(0.2)  # a slow loader
+    time.sleep(0.2)  # the step
+    rates = tracker.update(1)
+    assert rates["input_wait"] == pytest.approx(0.5, abs=0.15)
+    assert "| input wait " in tracker.log_line("pretrain", 1, {"loss": 0.5, **rates})
+    time.sleep(0.1)
+    assert tracker.update(2)["input_wait"] < 0.1  # counted per interval: nothing waited since
 
 
 def test_non_finite_metric_names_the_step_and_last_checkpoint():

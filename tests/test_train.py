@@ -66,7 +66,7 @@ def test_pretraining_loss_decreases_on_demo_data(pretrained):
     assert len(train) == 10
     first, last = np.mean([r["loss"] for r in train[:2]]), np.mean([r["loss"] for r in train[-2:]])
     assert last < 0.8 * first, (first, last)
-    assert all(r["img_per_sec"] > 0 and "eta_sec" in r and "lr" in r for r in train)
+    assert all(r["img_per_sec"] > 0 and "eta_sec" in r and "lr" in r and 0 <= r["input_wait"] <= 1 for r in train)
     assert np.isfinite(final["loss"])
     # 8 rows of original | masked input | reconstruction | visible patches pasted back, 32 px + 2 px gaps, x4.
     picture = Image.open(os.path.join(workdir, "reconstructions.png"))

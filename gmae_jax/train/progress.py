@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -63,22 +65,40 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Measures throughput between log points; the first interval includes compilation."""
+    """Measures throughput between log points; the first interval includes compilation.
+
+    Also the share of the interval the loop spent waiting for the input pipeline (`input_wait`):
+    steps are dispatched asynchronously, so a loop that keeps the device busy waits on the device's
+    results, not on the next batch; a high share means more loader workers (or prepared shards) would
+    make training faster."""
 
     def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.last_step = start_step
         self.last_time = time.perf_counter()
+        self.input_seconds = 0.0
+
+    @contextlib.contextmanager
+    def waiting_for_input(self) -> Iterator[None]:
+        """Wrap the loop's fetch of its next batch."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.input_seconds += time.perf_counter() - start
 
     def update(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
         steps = max(step - self.last_step, 1)
-        seconds_per_step = (now - self.last_time) / steps
-        self.last_step, self.last_time = step, now
+        interval = now - self.last_time
+        seconds_per_step = interval / steps
+        input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
+        self.last_step, self.last_time, self.input_seconds = step, now, 0.0
         return {
             "img_per_sec": self.global_batch_size / max(seconds_per_step, 1e-9),
             "eta_sec": seconds_per_step * (self.total_steps - step),
+            "input_wait": input_wait,
         }
 
     def log_line(self, stage: str, step: int, metrics: dict[str, float]) -> str:
@@ -87,6 +107,8 @@ class Progress:
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.4g}")
         parts.append(f"{metrics['img_per_sec']:.1f} img/s")
+        if "input_wait" in metrics:
+            parts.append(f"input wait {100 * metrics['input_wait']:.0f} %")
         parts.append(f"ETA {format_duration(metrics['eta_sec'])}")
         line = " | ".join(parts)
         logging.info(line)

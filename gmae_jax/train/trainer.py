@@ -196,8 +196,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     preempted = False
     try:
         for step in range(start + 1, steps_total + 1):
-            batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch, rng)
+            with progress.waiting_for_input():
+                host_batch = next(train_iter)
+            state, metrics = train_step(state, sharding.global_batch(host_batch, mesh), rng)
             is_last = step == steps_total
             preempted = watch.should_stop(step) and not is_last
             evaluated = is_last or bool(config.eval_every and step % config.eval_every == 0)
