@@ -43,6 +43,22 @@ def test_progress_reports_the_share_of_time_spent_waiting_for_input():
     assert tracker.update(2)["input_wait"] < 0.1  # counted per interval: nothing waited since
 
 
+def test_an_input_bound_run_says_once_what_to_change(caplog, monkeypatch):
+    monkeypatch.setattr(progress.os, "cpu_count", lambda: 16)
+    tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32, num_workers=4)
+    for step in (1, 2, 3):
+        with tracker.waiting_for_input():
+            time.sleep(0.1)
+        tracker.update(step)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # not for the first interval (workers starting), then once
+    assert warnings[0].startswith("the input pipeline sets the pace: the loop waited for its next batch ")
+    assert "Raise --config.data.num_workers (now 4; this host has 16 cores)" in warnings[0]
+    # A worker on every core already: more workers would not help.
+    assert "with a worker on every core (2 workers, 2 cores)" in progress.input_bound_advice(0.9, 2, 2)
+    assert progress.input_bound_advice(0.2, 4, 16) is None
+
+
 def test_non_finite_metric_names_the_step_and_last_checkpoint():
     with pytest.raises(FloatingPointError, match="grad_norm became non-finite at step 9; no checkpoint"):
         progress.check_finite({"grad_norm": float("inf")}, 9, "/w/checkpoints", None)

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -64,20 +65,42 @@ def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
+# Above this share of a log interval spent waiting for batches, the run says what to change (once).
+INPUT_BOUND_SHARE = 0.3
+
+
+def input_bound_advice(input_wait: float, num_workers: int, cpu_count: int | None) -> str | None:
+    """What to change when the loop waited for its input more than INPUT_BOUND_SHARE of an interval."""
+    if input_wait <= INPUT_BOUND_SHARE:
+        return None
+    said = (f"the input pipeline sets the pace: the loop waited for its next batch {100 * input_wait:.0f} % "
+            f"of the last interval")
+    if cpu_count and num_workers < cpu_count - 1:
+        return (f"{said}. Raise --config.data.num_workers (now {num_workers}; this host has {cpu_count} cores), "
+                "or train from prepared shards (configs/prepare.py), which decode 4-5x faster than full-HD JPEGs.")
+    return (f"{said}, with a worker on every core ({num_workers} workers, {cpu_count or '?'} cores). Train from "
+            "prepared shards (configs/prepare.py), which decode 4-5x faster than full-HD JPEGs, or on a host with "
+            "more cores per accelerator.")
+
+
 class Progress:
     """Measures throughput between log points; the first interval includes compilation.
 
     Also the share of the interval the loop spent waiting for the input pipeline (`input_wait`):
     steps are dispatched asynchronously, so a loop that keeps the device busy waits on the device's
     results, not on the next batch; a high share means more loader workers (or prepared shards) would
-    make training faster."""
+    make training faster, and from the second interval on (the first includes the workers' start)
+    the run says so once (`input_bound_advice`)."""
 
-    def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+    def __init__(self, total_steps: int, start_step: int, global_batch_size: int, num_workers: int = 0):
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
+        self.num_workers = num_workers
         self.last_step = start_step
         self.last_time = time.perf_counter()
         self.input_seconds = 0.0
+        self.intervals = 0
+        self.advised = False
 
     @contextlib.contextmanager
     def waiting_for_input(self) -> Iterator[None]:
@@ -95,6 +118,11 @@ class Progress:
         seconds_per_step = interval / steps
         input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
         self.last_step, self.last_time, self.input_seconds = step, now, 0.0
+        self.intervals += 1
+        advice = input_bound_advice(input_wait, self.num_workers, os.cpu_count()) if self.intervals > 1 else None
+        if advice and not self.advised:
+            logging.warning(advice)
+            self.advised = True
         return {
             "img_per_sec": self.global_batch_size / max(seconds_per_step, 1e-9),
             "eta_sec": seconds_per_step * (self.total_steps - step),

@@ -190,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                           config.to_dict(), task.name)
     eval_split = data_config.eval_split
     pictures: list[str] = []
-    progress = Progress(steps_total, start, config.batch_size)
+    progress = Progress(steps_total, start, config.batch_size, data_config.num_workers)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
     preempted = False
