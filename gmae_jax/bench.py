@@ -51,7 +51,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best 
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker processes for the batch transport.")
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size; --pipeline: transport batch.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (per round with --vs_torch).")
 _PROFILE_STEP = flags.DEFINE_bool("profile_step", False,
                                   "Where the train step's time goes: a jax.profiler trace joined with its HLO.")

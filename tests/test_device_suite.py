@@ -8,7 +8,7 @@ import subprocess
 import jax
 import pytest
 
-from gmae_jax.train import device_suite, model_flops, step_benchmark
+from gmae_jax.train import device_suite, init_compile, model_flops, step_benchmark
 from gmae_jax.train.device_suite import Case
 
 
@@ -17,6 +17,7 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     compile_lowered = jax.stages.Lowered.compile
     monkeypatch.setattr(jax.stages.Lowered, "compile",
                         lambda self, *args, **kwargs: compiles.append(1) or compile_lowered(self, *args, **kwargs))
+    monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())  # no initialiser from other tests
     cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1),
              Case("micro", "finetune", remat="block", batch_size=8, img_size=32, depth=1, conv_impl="matmul")]
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
@@ -50,7 +51,8 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     assert kinds["matmul"] > 0 and kinds["convolution"] > 0, profile
     assert "| encoder/blocks/" in profile, profile  # layers by name
     assert "| communication |" in profile  # 8 simulated devices: gradient and BatchNorm all-reduces
-    assert len(compiles) == len(cases)  # the profile traces the executable that was timed
+    # Per case its initialiser (two models here) and its step: the profile traces the step that was timed.
+    assert len(compiles) == 2 * len(cases)
     # Progress on stderr says where a call that ran out of time stopped, compile split from lowering.
     progress = capsys.readouterr().err
     assert re.search(r"\] micro pretrain float32 encoder depth=1, batch 8: traced and lowered in [\d.]+ s; compiling\n"

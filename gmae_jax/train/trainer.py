@@ -19,7 +19,7 @@ from etils import epath
 from gmae_jax import config_lib, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
-from gmae_jax.train import checkpoint, resume_check, setup, sharding, steps, tasks
+from gmae_jax.train import checkpoint, init_compile, resume_check, setup, sharding, steps, tasks
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer
 from gmae_jax.train.preemption import Preempted, PreemptionWatch
@@ -78,7 +78,7 @@ def create_state(
 
     rng = jax.random.key(config.seed)
     state_sharding = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
-    return jax.jit(init, out_shardings=state_sharding)(rng), schedule
+    return init_compile.compiled_initialiser(init, rng, state_sharding, mesh)(rng), schedule
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

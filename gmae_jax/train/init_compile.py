@@ -1,0 +1,57 @@
+"""The parameter initialiser's compile, made cheap: compiled once per program in a process, and with
+its random bits lowered as one GPU kernel per call.
+
+Why: initialising draws every parameter's key and bits with threefry, whose 20 rounds XLA inlines
+at each of the hundreds of call sites (the forward pass itself is pruned before XLA sees it). On
+this project's 2-core CPU the initialiser alone compiles in 7.6 s for `micro`, ~20 s for `small`
+and 44 s for `reference` at 224 px, ~40 % of it threefry (BENCHMARKS.md, session 9). Variants of
+one model (dtype, remat, conv_impl: the device suite's cases; a study's fine-tunes) initialise the
+same parameters, so the program is the same and its executable can be reused. On GPUs, JAX can
+lower threefry to a kernel call instead ("makes compile times faster", its flag's help says); the
+bits are the same threefry bits, other backends ignore the flag, and an initialiser runs once, so
+its run-time cost does not matter.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+_THREEFRY_KERNEL_FLAG = "jax_threefry_gpu_kernel_lowering"
+_CACHE_SIZE = 4  # a few models per process; each entry holds one executable
+_compiled: collections.OrderedDict[tuple[str, tuple[int, ...]], Any] = collections.OrderedDict()
+
+
+@contextlib.contextmanager
+def threefry_as_gpu_kernel() -> Iterator[None]:
+    """While tracing, threefry lowers to one GPU kernel per call (where this JAX has the flag)."""
+    previous = getattr(jax.config, _THREEFRY_KERNEL_FLAG, None)
+    if previous is None:
+        yield
+        return
+    jax.config.update(_THREEFRY_KERNEL_FLAG, True)
+    try:
+        yield
+    finally:
+        jax.config.update(_THREEFRY_KERNEL_FLAG, previous)
+
+
+def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_shardings: Any,
+                         mesh: jax.sharding.Mesh) -> Any:
+    """`jax.jit(init, out_shardings=...)` compiled for `rng`, reusing the executable of an identical
+    program (same lowered text, same devices) compiled earlier in this process."""
+    with threefry_as_gpu_kernel():
+        lowered = jax.jit(init, out_shardings=out_shardings).lower(rng)
+    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), tuple(int(d.id) for d in mesh.devices.flat))
+    if key in _compiled:
+        _compiled.move_to_end(key)
+    else:
+        _compiled[key] = lowered.compile()
+        while len(_compiled) > _CACHE_SIZE:
+            _compiled.popitem(last=False)
+    return _compiled[key]

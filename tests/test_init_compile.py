@@ -1,0 +1,48 @@
+"""The initialiser compiles once per program in a process, and lowers threefry as a GPU kernel."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from gmae_jax.train import init_compile, sharding, step_benchmark, trainer
+
+
+def create(task="pretrain", **fields):
+    config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1, **fields)
+    model, init_inputs, _, run = step_benchmark.model_and_loss(config, task)
+    return trainer.create_state(model, init_inputs, run, sharding.make_mesh(), 10)[0]
+
+
+def test_variants_of_one_model_reuse_its_compiled_initialiser(monkeypatch):
+    compiles = []
+    compile_lowered = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, *args, **kwargs: compiles.append(1) or compile_lowered(self, *args, **kwargs))
+    monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())  # start empty
+
+    first = create()
+    again = create(dtype="bfloat16", remat="block", conv_impl="matmul")  # the same parameters
+    assert len(compiles) == 1
+    for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert again.params is not first.params  # new buffers: a step may donate either state
+
+    create(task="finetune")  # another model: its own program
+    assert len(compiles) == 2
+
+
+def test_initialiser_random_bits_lower_to_a_gpu_kernel():
+    """Checked on the CUDA program this machine can lower without a GPU: threefry is a kernel call
+    inside the context, unrolled rounds outside it."""
+    def init(rng):
+        return jax.random.normal(jax.random.fold_in(rng, 3), (4, 4))
+
+    def cuda_text():
+        return jax.jit(init).trace(jax.random.key(0)).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert "custom_call" not in cuda_text()  # threefry's rounds as plain ops
+    with init_compile.threefry_as_gpu_kernel():
+        inside = cuda_text()
+    assert inside.count("stablehlo.custom_call @cu_threefry2x32") >= 2, inside[:2000]  # key and bits
+    assert not jax.config.jax_threefry_gpu_kernel_lowering  # restored
