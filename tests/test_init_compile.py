@@ -46,3 +46,20 @@ def test_initialiser_random_bits_lower_to_a_gpu_kernel():
         inside = cuda_text()
     assert inside.count("stablehlo.custom_call @cu_threefry2x32") >= 2, inside[:2000]  # key and bits
     assert not jax.config.jax_threefry_gpu_kernel_lowering  # restored
+
+
+def test_an_initialiser_that_does_not_compile_with_the_kernel_compiles_without_it(monkeypatch, caplog):
+    """A GPU plugin without the threefry kernel must not cost a run (or a loan) its initialisation."""
+    compile_lowered, failures = jax.stages.Lowered.compile, []
+
+    def fail_once(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("UNIMPLEMENTED: no registered implementation for custom call cu_threefry2x32_ffi")
+        return compile_lowered(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", fail_once)
+    monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())
+    state = create()
+    assert failures and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    assert "did not compile with threefry as a GPU kernel (RuntimeError: UNIMPLEMENTED" in caplog.text

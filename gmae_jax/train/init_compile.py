@@ -9,7 +9,8 @@ one model (dtype, remat, conv_impl: the device suite's cases; a study's fine-tun
 same parameters, so the program is the same and its executable can be reused. On GPUs, JAX can
 lower threefry to a kernel call instead ("makes compile times faster", its flag's help says); the
 bits are the same threefry bits, other backends ignore the flag, and an initialiser runs once, so
-its run-time cost does not matter.
+its run-time cost does not matter; where the kernel call does not compile, XLA's threefry is used
+(with a warning).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from absl import logging
 
 _THREEFRY_KERNEL_FLAG = "jax_threefry_gpu_kernel_lowering"
 _CACHE_SIZE = 4  # a few models per process; each entry holds one executable
@@ -45,13 +47,20 @@ def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_s
                          mesh: jax.sharding.Mesh) -> Any:
     """`jax.jit(init, out_shardings=...)` compiled for `rng`, reusing the executable of an identical
     program (same lowered text, same devices) compiled earlier in this process."""
+    jitted = jax.jit(init, out_shardings=out_shardings)
     with threefry_as_gpu_kernel():
-        lowered = jax.jit(init, out_shardings=out_shardings).lower(rng)
+        lowered = jitted.lower(rng)
     key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), tuple(int(d.id) for d in mesh.devices.flat))
     if key in _compiled:
         _compiled.move_to_end(key)
-    else:
-        _compiled[key] = lowered.compile()
-        while len(_compiled) > _CACHE_SIZE:
-            _compiled.popitem(last=False)
-    return _compiled[key]
+        return _compiled[key]
+    try:
+        executable = lowered.compile()
+    except Exception as error:  # e.g. a GPU plugin without the threefry kernel: XLA's own threefry then
+        logging.warning("the parameter initialiser did not compile with threefry as a GPU kernel (%s: %s); "
+                        "compiling it with XLA's threefry", type(error).__name__, str(error).splitlines()[0][:200])
+        executable = jitted.lower(rng).compile()
+    _compiled[key] = executable
+    while len(_compiled) > _CACHE_SIZE:
+        _compiled.popitem(last=False)
+    return executable
