@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from gmae_jax.train import init_compile, sharding, step_benchmark, trainer
 
@@ -60,6 +61,24 @@ def test_an_initialiser_that_does_not_compile_with_the_kernel_compiles_without_i
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", fail_once)
     monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())
+    monkeypatch.setattr(init_compile, "calls_threefry_kernel", lambda text: True)  # as a CUDA program would
     state = create()
     assert failures and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
     assert "did not compile with threefry as a GPU kernel (RuntimeError: UNIMPLEMENTED" in caplog.text
+
+    # A program without the kernel call has nothing to fall back to: its error is the error.
+    failures.clear()
+    monkeypatch.setattr(init_compile, "calls_threefry_kernel", lambda text: False)
+    monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())
+    with pytest.raises(RuntimeError, match="UNIMPLEMENTED"):
+        create()
+
+
+def test_the_kernel_call_is_recognised_in_a_cuda_program():
+    def init(rng):
+        return jax.random.normal(rng, (4,))
+
+    with init_compile.threefry_as_gpu_kernel():
+        cuda = jax.jit(init).trace(jax.random.key(0)).lower(lowering_platforms=("cuda",)).as_text()
+    assert init_compile.calls_threefry_kernel(cuda)
+    assert not init_compile.calls_threefry_kernel(jax.jit(init).lower(jax.random.key(0)).as_text())

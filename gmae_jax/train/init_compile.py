@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +44,11 @@ def threefry_as_gpu_kernel() -> Iterator[None]:
         jax.config.update(_THREEFRY_KERNEL_FLAG, previous)
 
 
+def calls_threefry_kernel(program_text: str) -> bool:
+    """Whether a lowered program calls the GPU threefry kernel (CUDA or ROCm)."""
+    return re.search(r"custom_call @\w*threefry", program_text) is not None
+
+
 def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_shardings: Any,
                          mesh: jax.sharding.Mesh) -> Any:
     """`jax.jit(init, out_shardings=...)` compiled for `rng`, reusing the executable of an identical
@@ -50,13 +56,17 @@ def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_s
     jitted = jax.jit(init, out_shardings=out_shardings)
     with threefry_as_gpu_kernel():
         lowered = jitted.lower(rng)
-    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), tuple(int(d.id) for d in mesh.devices.flat))
+    text = lowered.as_text()
+    key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in mesh.devices.flat))
     if key in _compiled:
         _compiled.move_to_end(key)
         return _compiled[key]
     try:
         executable = lowered.compile()
-    except Exception as error:  # e.g. a GPU plugin without the threefry kernel: XLA's own threefry then
+    except Exception as error:
+        if not calls_threefry_kernel(text):
+            raise
+        # e.g. a GPU plugin without the kernel: XLA's own threefry then
         logging.warning("the parameter initialiser did not compile with threefry as a GPU kernel (%s: %s); "
                         "compiling it with XLA's threefry", type(error).__name__, str(error).splitlines()[0][:200])
         executable = jitted.lower(rng).compile()
