@@ -26,7 +26,6 @@ of both dtypes (float32: standardised on the host, as before; uint8: what the wo
 
 import ast
 import dataclasses
-import importlib.util
 import os
 import tempfile
 import time
@@ -64,8 +63,8 @@ _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
                                      "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
 _MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense: fraction of patches hidden.")
 _SUITE = flags.DEFINE_enum("suite", None, ["device"],
-                           "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), then "
-                           "the side-by-side with the PyTorch mirror if torch is installed.")
+                           "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), with the "
+                           "eager PyTorch mirror on its first case if torch is installed.")
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
 _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"],
                                        "--suite: starting batch per preset (halved until it fits).")
@@ -197,21 +196,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
 
 
 def run_device_suite() -> None:
-    """The device table, then (time and torch permitting) JAX vs the eager PyTorch mirror."""
+    """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.pytorch_line`)."""
     host_memory.keep_freed_memory()
-    from gmae_jax.train import device_suite, step_benchmark  # noqa: PLC0415 (model code only here)
+    from gmae_jax.train import device_suite  # noqa: PLC0415 (model code only here)
 
-    started = time.perf_counter()
     batch_sizes = device_suite.batch_sizes_for(_SUITE_PRESETS.value, [int(b) for b in _SUITE_BATCH_SIZES.value])
     device_suite.main_suite(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes, _SUITE_BUDGET_S.value,
                             num_steps=10)
-    if importlib.util.find_spec("torch") is None:
-        print("torch is not installed: no side-by-side with the PyTorch mirror (pip install -e '.[torch]')")
-    elif time.perf_counter() - started > _SUITE_BUDGET_S.value:
-        print("no time left in the budget for the side-by-side with the PyTorch mirror")
-    else:
-        step_benchmark.run_vs_torch(_SUITE_PRESETS.value[0], 64, num_steps=5, rounds=3,
-                                    overrides={"img_size": _SUITE_IMG_SIZE.value})
 
 
 def main(argv: Sequence[str]) -> None:
