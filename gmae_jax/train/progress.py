@@ -119,10 +119,11 @@ class Progress:
         input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
         self.last_step, self.last_time, self.input_seconds = step, now, 0.0
         self.intervals += 1
-        advice = input_bound_advice(input_wait, self.num_workers, os.cpu_count()) if self.intervals > 1 else None
-        if advice and not self.advised:
-            logging.warning(advice)
-            self.advised = True
+        if self.intervals > 1 and not self.advised:
+            advice = input_bound_advice(input_wait, self.num_workers, os.cpu_count())
+            if advice:
+                logging.warning(advice)
+                self.advised = True
         return {
             "img_per_sec": self.global_batch_size / max(seconds_per_step, 1e-9),
             "eta_sec": seconds_per_step * (self.total_steps - step),
