@@ -14,7 +14,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax import schema
-from gmae_jax.data import pipeline
+from gmae_jax.data import pipeline, transforms
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.transforms import ImageDecodeError
 
@@ -77,6 +77,9 @@ def test_train_batch_shapes_and_dtypes(examples):
     assert batch["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert batch["image"].dtype == np.uint8  # standardised on the device, in the step
     assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+    # Drawn by the workers, applied in the step: (brightness, contrast, saturation, hue shift).
+    assert batch["color_jitter"].shape == (4, 4) and batch["color_jitter"].dtype == np.float32
+    assert len(np.unique(batch["color_jitter"][:, 0])) == 4
 
 
 def test_train_batches_are_determined_by_the_seed(examples):
@@ -99,7 +102,10 @@ def test_train_accepts_a_configdict_for_augmentation(examples):
         dict(crop_scale_min=0.5, hflip=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     )
 
-    assert next(iter(_train(examples, aug=aug)))["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    batch = next(iter(_train(examples, aug=aug)))
+
+    assert batch["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+    np.testing.assert_array_equal(batch["color_jitter"], np.tile(transforms.IDENTITY_JITTER, (4, 1)))
 
 
 def test_train_reads_only_a_few_batches_ahead(examples, monkeypatch, tmp_path):
@@ -214,3 +220,14 @@ def test_transport_benchmark_moves_batches_of_both_dtypes_through_a_worker(capsy
     table = capsys.readouterr().out
     assert "batches of 4 x 16 px from 1 grain worker(s) to the trainer" in table
     assert re.search(r"^float32 +[\d.]+ +1\.00$", table, re.M) and re.search(r"^uint8 +[\d.]+ +[\d.]+$", table, re.M)
+
+
+def test_view_benchmark_counts_the_colour_jitter_the_step_now_does(capsys):
+    from gmae_jax import bench  # noqa: PLC0415 (the benchmark module, only here)
+
+    rates = bench.run_view_benchmark(num_images=2, image_size=32, crop_scale_min=0.35, repeats=1)
+
+    records, with_jitter = rates["gmae_jax ArrayRecord: 256 px records"], rates["  + its colour jitter in XLA:CPU"]
+    assert 0 < with_jitter < records
+    table = capsys.readouterr().out
+    assert re.search(r"leave colour jitter to the train step \([\d.]+ ms per image in XLA:CPU here\)", table)

@@ -163,13 +163,14 @@ def test_raw_hagrid_resumes_exactly_mid_epoch(v2_root):
 
 def test_two_processes_see_disjoint_slices_covering_an_epoch(v2_root):
     _, train, _ = sources.open_sources(data_config(v2_root))
-    seen = []
-    for index in range(2):
-        batches = _take(iter(_train(train, batch=4, process_index=index, process_count=2)), 4)
-        seen.append([tuple(np.round(img[:2, :2].ravel(), 3)) for b in batches for img in b["image"]])
 
-    full = _take(iter(_train(train, batch=4)), 4)
-    everything = [tuple(np.round(img[:2, :2].ravel(), 3)) for b in full for img in b["image"]]
+    def views(batches):  # an example's view: its corner pixels and its colour jitter (drawn per example)
+        return [(tuple(img[:2, :2].ravel()), tuple(jitter)) for b in batches
+                for img, jitter in zip(b["image"], b["color_jitter"])]
+
+    seen = [views(_take(iter(_train(train, batch=4, process_index=index, process_count=2)), 4)) for index in range(2)]
+
+    everything = views(_take(iter(_train(train, batch=4)), 4))
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(everything)
 

@@ -148,30 +148,38 @@ def test_horizontal_flip_mirrors_when_drawn():
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(img))
 
 
-def test_color_jitter_of_zero_strength_is_identity():
-    img = _gradient()
+def test_color_jitter_of_zero_strength_draws_nothing_and_is_identity():
+    rng = np.random.default_rng(0)
 
-    out = transforms.color_jitter(img, np.random.default_rng(0), 0, 0, 0, 0)
+    jitter = transforms.sample_color_jitter(rng, 0, 0, 0, 0)
+    out = transforms.apply_color_jitter(_gradient(), jitter)
 
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(img))
+    np.testing.assert_array_equal(jitter, transforms.IDENTITY_JITTER)
+    assert rng.random() == np.random.default_rng(0).random()  # the stream is where it was
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(_gradient()))
 
 
-def test_color_jitter_is_deterministic_for_a_seed_and_changes_pixels():
+def test_color_jitter_is_deterministic_for_a_seed_within_its_ranges_and_changes_pixels():
     def jitter(seed):
-        out = transforms.color_jitter(_gradient(), np.random.default_rng(seed), 0.4, 0.4, 0.4, 0.1)
-        return np.asarray(out)
+        return transforms.sample_color_jitter(np.random.default_rng(seed), 0.4, 0.4, 0.4, 0.1)
+
+    draws = np.stack([jitter(seed) for seed in range(200)])
 
     np.testing.assert_array_equal(jitter(3), jitter(3))
-    assert not np.array_equal(jitter(3), np.asarray(_gradient()))
+    assert draws.dtype == np.float32
+    assert ((draws[:, :3] >= 0.6) & (draws[:, :3] <= 1.4)).all()
+    assert set(np.unique(draws[:, 3])) <= set(range(-25, 26)) and len(np.unique(draws[:, 3])) > 20
+    out = transforms.apply_color_jitter(_gradient(), jitter(3))
+    assert not np.array_equal(np.asarray(out), np.asarray(_gradient()))
 
 
 def test_hue_jitter_changes_colour_but_leaves_grey_alone():
-    rng = np.random.default_rng(0)
     red = Image.new("RGB", (4, 4), (200, 30, 30))
     grey = Image.new("RGB", (4, 4), (90, 90, 90))
+    half_turn = np.array([1, 1, 1, 128], np.float32)
 
-    red_out = np.asarray(transforms.color_jitter(red, rng, 0, 0, 0, hue=0.5))
-    grey_out = np.asarray(transforms.color_jitter(grey, rng, 0, 0, 0, hue=0.5))
+    red_out = np.asarray(transforms.apply_color_jitter(red, half_turn))
+    grey_out = np.asarray(transforms.apply_color_jitter(grey, half_turn))
 
     assert not np.array_equal(red_out, np.asarray(red))
     np.testing.assert_array_equal(grey_out, np.asarray(grey))

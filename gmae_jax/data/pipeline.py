@@ -82,8 +82,8 @@ class _TrainLoad(_Loader):
     """Augmented view of source[index]; a picklable random_map callable for grain workers."""
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image, label = self.replacing(index, lambda e: views.train_view(e, self.view, rng))
-        return {"image": image, "label": np.int32(label)}
+        image, label, jitter = self.replacing(index, lambda e: views.train_view(e, self.view, rng))
+        return {"image": image, "label": np.int32(label), "color_jitter": jitter}
 
 
 class _EvalLoad(_Loader):
@@ -153,8 +153,8 @@ def make_train_dataset(
     """Infinite, reshuffled-each-epoch augmented batches of this process's share.
 
     `examples` is a Source (any layout) or a list of class-folder Examples.
-    Yields {'image': uint8 (B, H, W, 3), 'label': int32 (B,)} with
-    B = global_batch_size // process_count.
+    Yields {'image': uint8 (B, H, W, 3), 'label': int32 (B,), 'color_jitter': float32 (B, 4)} with
+    B = global_batch_size // process_count; the train step applies the jitter on the device.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_count)
     source = sources.as_source(examples)

@@ -97,34 +97,35 @@ def horizontal_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) 
     return img
 
 
-def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
-    hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(shift * 255)) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
 
 
-def color_jitter(
-    img: Image.Image,
-    rng: np.random.Generator,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-) -> Image.Image:
-    """Random brightness, contrast, saturation (factors in [1-x, 1+x]) and hue shift in [-hue, hue].
-
-    Applied in that fixed order; a strength of 0 leaves that property untouched.
-    """
-    enhancers = (
-        (brightness, ImageEnhance.Brightness),
-        (contrast, ImageEnhance.Contrast),
-        (saturation, ImageEnhance.Color),
-    )
-    for strength, enhancer in enhancers:
+def sample_color_jitter(
+    rng: np.random.Generator, brightness: float, contrast: float, saturation: float, hue: float
+) -> np.ndarray:
+    """One view's colour jitter as float32 (brightness, contrast, saturation factors in [1-x, 1+x],
+    hue shift in levels of 256 from [-hue, hue] turns); a strength of 0 draws nothing and leaves
+    that property alone. The train step applies it on the device (`device_jitter.color_jitter`)."""
+    jitter = IDENTITY_JITTER.copy()
+    for j, strength in enumerate((brightness, contrast, saturation)):
         if strength > 0:
-            img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+            jitter[j] = rng.uniform(max(0.0, 1 - strength), 1 + strength)
     if hue > 0:
-        img = _shift_hue(img, rng.uniform(-hue, hue))
+        jitter[3] = round(rng.uniform(-hue, hue) * 255)
+    return jitter
+
+
+def apply_color_jitter(img: Image.Image, jitter: np.ndarray) -> Image.Image:
+    """`sample_color_jitter`'s jitter applied with PIL, as torchvision's ColorJitter does to a PIL
+    image: brightness, contrast, saturation, then the hue rotated in PIL's 8-bit HSV."""
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for factor, enhancer in zip(jitter[:3], enhancers):
+        if factor != 1:
+            img = enhancer(img).enhance(float(factor))
+    if jitter[3] != 0:
+        hsv = np.array(img.convert("HSV"))
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(jitter[3])) % 256
+        img = Image.fromarray(hsv, "HSV").convert("RGB")
     return img
 
 

@@ -86,8 +86,11 @@ def _label(element: Element, view: ViewConfig) -> int:
     return label
 
 
-def train_view(element: Element, view: ViewConfig, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Augmented (H, W, 3) uint8 pixels and the label of one element."""
+def train_view(
+    element: Element, view: ViewConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Augmented (H, W, 3) uint8 pixels, the label and the colour jitter of one element: the jitter
+    is drawn here and applied by the train step on the device (`device_jitter`)."""
     if view.mode == "hand_crop":
         img, label = _hand_crop(element, view, rng, train=True)
     else:
@@ -101,8 +104,8 @@ def train_view(element: Element, view: ViewConfig, rng: np.random.Generator) -> 
         )
     if view.hflip:
         img = transforms.horizontal_flip(img, rng)
-    img = transforms.color_jitter(img, rng, view.brightness, view.contrast, view.saturation, view.hue)
-    return transforms.pixels(img), label
+    jitter = transforms.sample_color_jitter(rng, view.brightness, view.contrast, view.saturation, view.hue)
+    return transforms.pixels(img), label, jitter
 
 
 def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray, int]:

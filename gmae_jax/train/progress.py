@@ -69,6 +69,10 @@ def format_duration(seconds: float) -> str:
 INPUT_BOUND_SHARE = 0.3
 
 
+# BENCHMARKS.md, "Colour jitter on the device": 224 px views per core from prepared shards vs full-HD files.
+_SHARDS_GAIN = "a worker makes ~9x the views per second from them that it makes from full-HD JPEGs"
+
+
 def input_bound_advice(input_wait: float, num_workers: int, cpu_count: int | None) -> str | None:
     """What to change when the loop waited for its input more than INPUT_BOUND_SHARE of an interval."""
     if input_wait <= INPUT_BOUND_SHARE:
@@ -77,10 +81,9 @@ def input_bound_advice(input_wait: float, num_workers: int, cpu_count: int | Non
             f"of the last interval")
     if cpu_count and num_workers < cpu_count - 1:
         return (f"{said}. Raise --config.data.num_workers (now {num_workers}; this host has {cpu_count} cores), "
-                "or train from prepared shards (configs/prepare.py), which decode 4-5x faster than full-HD JPEGs.")
+                f"or train from prepared shards (configs/prepare.py): {_SHARDS_GAIN}.")
     return (f"{said}, with a worker on every core ({num_workers} workers, {cpu_count or '?'} cores). Train from "
-            "prepared shards (configs/prepare.py), which decode 4-5x faster than full-HD JPEGs, or on a host with "
-            "more cores per accelerator.")
+            f"prepared shards (configs/prepare.py): {_SHARDS_GAIN}; or on a host with more cores per accelerator.")
 
 
 class Progress:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from gmae_jax.data import device_jitter
 from gmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gmae_jax.models import batch_axes
 from gmae_jax.models.masking import num_visible, sample_mask
@@ -35,6 +36,15 @@ def standardize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def train_images(batch: Batch) -> jax.Array:
+    """A training batch's model input: the colour jitter the input workers drew, applied here on the
+    device (`device_jitter`; batches without one, e.g. synthetic, are left alone), then standardised."""
+    images = batch["image"]
+    if "color_jitter" in batch:
+        images = device_jitter.color_jitter(images, batch["color_jitter"])
+    return standardize(images)
+
+
 class TrainState(train_state.TrainState):
     """Flax TrainState plus BatchNorm running statistics; orbax saves it whole."""
 
@@ -47,7 +57,7 @@ def pretrain_loss(
 ) -> tuple[jax.Array, tuple[Metrics, Any]]:
     """Masked-patch MSE of the G-MAE model on a freshly sampled mask."""
     mask_rng, dropout_rng = jax.random.split(rng)
-    images = standardize(batch["image"])
+    images = train_images(batch)
     mask = batch_axes.global_rows(
         lambda rows: sample_mask(mask_rng, rows, model.config.num_patches, mask_ratio), images.shape[0])
     pred, updates = model.apply(
@@ -70,7 +80,7 @@ def classifier_loss(
     running averages, no dropout) behind a stop_gradient, so only the head learns and XLA skips
     the encoder's backward pass; the optimiser leaves the encoder's parameters untouched.
     """
-    variables, images = {"params": params, "batch_stats": batch_stats}, standardize(batch["image"])
+    variables, images = {"params": params, "batch_stats": batch_stats}, train_images(batch)
     if freeze_encoder:
         features = model.apply(variables, images, train=False, method=model.features)
         logits = model.apply(variables, jax.lax.stop_gradient(features), method=model.classify)
