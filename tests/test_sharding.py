@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gmae_jax import config_lib
+from gmae_jax.data import transforms
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
 from gmae_jax.train import checkpoint, sharding, steps, trainer
@@ -39,10 +40,14 @@ def stage_setup(stage: str, **model_overrides):
 
 
 def batches(n, size, num_classes=4, batch_size=16, repeat=False):
-    """n random batches, or one batch n times (`repeat`, where a falling loss is the check)."""
+    """n random batches as the input pipeline yields them (uint8 pixels, each row's colour jitter for
+    the step to apply), or one batch n times (`repeat`, where a falling loss is the check)."""
     rng = np.random.default_rng(0)
-    made = [{"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
-             "label": rng.integers(0, num_classes, batch_size).astype(np.int32)} for _ in range(1 if repeat else n)]
+    made = [{"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+             "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+             "color_jitter": np.stack([transforms.sample_color_jitter(rng, 0.4, 0.4, 0.4, 0.1)
+                                       for _ in range(batch_size)])}
+            for _ in range(1 if repeat else n)]
     return made * n if repeat else made
 
 
@@ -163,7 +168,7 @@ def test_bfloat16_compute_trains_with_float32_parameters():
 def running_average_loss(params, batch_stats, batch, rng, *, model):
     """Cross-entropy with BatchNorm on its running averages: the same statistics for any split."""
     del rng
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, steps.train_images(batch), train=False)
     loss = jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=1))
     return loss, ({"loss": loss}, batch_stats)
 
