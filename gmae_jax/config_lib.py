@@ -125,6 +125,20 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")
 
 
+def validate_augment(aug: schema.AugmentConfig) -> None:
+    """The ranges torchvision's RandomResizedCrop and ColorJitter accept, checked before any worker
+    starts (a worker would otherwise fail on its first image, or train on inverted colours)."""
+    check(0.0 < aug.crop_scale_min <= 1.0,
+          f"config.data.aug.crop_scale_min={aug.crop_scale_min} must be in (0, 1]: the smallest crop's share "
+          "of the image area (1 = no random crop)")
+    for name in ("brightness", "contrast", "saturation"):
+        strength = getattr(aug, name)
+        check(strength >= 0.0,
+              f"config.data.aug.{name}={strength} must be >= 0: factors are drawn from [1 - x, 1 + x] (0 = off)")
+    check(0.0 <= aug.hue <= 0.5,
+          f"config.data.aug.hue={aug.hue} must be in [0, 0.5]: the hue shift in turns either way (0 = off)")
+
+
 def validate_training(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """The fields pretrain and finetune share. `check_data=False` skips the data folder, which the
     demo writes only when it runs."""
@@ -145,6 +159,7 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(optim.lr > 0, f"config.optim.lr={optim.lr} must be positive")
     check(0.0 < optim.layer_decay <= 1.0,
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")
+    validate_augment(data.aug)
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
           f"config.data.root='{data.root}' does not exist; point --config.data.root at a folder "
           "laid out as <root>/{train,val}/<class>/*.jpg")

@@ -57,10 +57,16 @@ def test_valid_config_passes(pretrain_config):
     ("data.root", "/no/such/folder", "data.root='/no/such/folder' does not exist"),
     ("optim.lr", 0.0, "optim.lr=0.0 must be positive"),
     ("batch_size", 0, "batch_size=0 must be positive"),
+    ("data.aug.crop_scale_min", 0.0, r"aug.crop_scale_min=0.0 must be in \(0, 1\]"),
+    ("data.aug.saturation", -0.2, r"aug.saturation=-0.2 must be >= 0"),
+    ("data.aug.hue", 0.6, r"aug.hue=0.6 must be in \[0, 0.5\]"),
 ])
 def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
-    section, _, name = field.rpartition(".")
-    (pretrain_config[section] if section else pretrain_config)[name] = value
+    *sections, name = field.split(".")
+    section = pretrain_config
+    for part in sections:
+        section = section[part]
+    section[name] = value
     with pytest.raises(config_lib.ConfigError, match=message) as error:
         stages.validate(pretrain_config)
     assert "\n" not in str(error.value)
