@@ -160,6 +160,9 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(0.0 < optim.layer_decay <= 1.0,
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")
     validate_augment(data.aug)
+    check(data.num_workers >= -1,
+          f"config.data.num_workers={data.num_workers} must be >= 0 (0 = in the trainer's process) or -1 (a worker "
+          "per core)")
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
           f"config.data.root='{data.root}' does not exist; point --config.data.root at a folder "
           "laid out as <root>/{train,val}/<class>/*.jpg")

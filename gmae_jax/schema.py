@@ -57,7 +57,9 @@ class DataConfig:
     max_dropped_fraction: float = 0.05
     train_split: str = "train"
     eval_split: str = "val"
-    num_workers: int = 4  # grain worker processes; 0 = in the main process
+    # grain worker processes; 0 = in the main process; -1 = a worker per core this process may use,
+    # less one for the trainer, at most 32 (with several training processes on one host, set it).
+    num_workers: int = -1
     aug: AugmentConfig = AugmentConfig()
 
 

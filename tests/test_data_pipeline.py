@@ -4,6 +4,7 @@ Every example gets its own label, so a batch's labels say exactly which files it
 """
 
 import itertools
+import json
 import re
 import shutil
 
@@ -146,6 +147,32 @@ def test_train_resumes_exactly_from_state_mid_epoch(examples, num_workers):
     _assert_same_batches(_take(resumed, 3), expected)
 
 
+def test_a_state_resumes_with_another_worker_count(examples):
+    """A resumed run may have another config.data.num_workers, or 'auto' on a host with other cores."""
+    iterator = iter(_train(examples, num_workers=2))
+    _take(iterator, 2)
+    state = json.loads(json.dumps(iterator.get_state()))  # as a checkpoint stores it
+    expected = _take(iterator, 3)
+
+    for num_workers in (0, 1):
+        resumed = iter(_train(examples, num_workers=num_workers))
+        resumed.set_state(state)
+        _assert_same_batches(_take(resumed, 3), expected)
+
+
+def test_states_of_grains_own_iterators_from_older_checkpoints_still_resume(examples):
+    batches = _train(examples).batches
+    expected = _take(iter(_train(examples)), 5)[4:]
+    for num_workers in (0, 2):  # grain's state: one position, or one per worker
+        old_iterator = iter(pipeline.to_iter_dataset(batches, num_workers))
+        _take(old_iterator, 4)
+        resumed = iter(_train(examples))
+        resumed.set_state(json.dumps(old_iterator.get_state()).encode())  # bytes, as grain's handler passes them
+        _assert_same_batches(_take(resumed, 1), expected)
+    with pytest.raises(ValueError, match="not a state of the train batches' iterator"):
+        pipeline.batches_taken({"position": 4})
+
+
 def test_processes_get_disjoint_shares_that_cover_an_epoch(examples):
     shares = []
     for process_index in range(2):
@@ -231,3 +258,11 @@ def test_view_benchmark_counts_the_colour_jitter_the_step_now_does(capsys):
     assert 0 < with_jitter < records
     table = capsys.readouterr().out
     assert re.search(r"leave colour jitter to the train step \([\d.]+ ms per image in XLA:CPU here\)", table)
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (16, 15), (208, pipeline.MAX_AUTO_WORKERS)])
+def test_automatic_worker_count_leaves_a_core_to_the_trainer(monkeypatch, cores, expected):
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(cores)))
+
+    assert pipeline.worker_count(pipeline.AUTO_WORKERS) == expected
+    assert pipeline.worker_count(0) == 0 and pipeline.worker_count(3) == 3  # as configured

@@ -9,6 +9,7 @@ indices into the source, so an unreadable image can be replaced by the next one.
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
+import json
 import math
 import os
 import threading
@@ -28,6 +29,8 @@ from gmae_jax.schema import AugmentConfig
 # consumer fed; workers (num_workers) are where the real parallelism comes from.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _PARENT_POLL_SECONDS = 1.0
+AUTO_WORKERS = -1  # config.data.num_workers: one per core (see worker_count)
+MAX_AUTO_WORKERS = 32  # ~870 views/s each from prepared shards at 224 px (BENCHMARKS.md): ~28,000/s
 
 
 class BadImageBudgetError(transforms.ImageDecodeError):
@@ -130,8 +133,20 @@ def exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def worker_count(num_workers: int) -> int:
+    """`config.data.num_workers` with AUTO_WORKERS resolved: a worker per core this process may use,
+    one core left to the trainer, at most MAX_AUTO_WORKERS (never 0: workers keep decoding off the
+    trainer's thread). Batches are the same whatever the count, so 'auto' never changes a run's numbers."""
+    if num_workers != AUTO_WORKERS:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores - 1, MAX_AUTO_WORKERS))
+
+
 def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
-    """`ds` read in order by `num_workers` grain worker processes (0: in this process), each ending with its parent."""
+    """`ds` read in order by `num_workers` grain worker processes (0: in this process; AUTO_WORKERS:
+    `worker_count`), each ending with its parent."""
+    num_workers = worker_count(num_workers)
     ds = ds.to_iter_dataset(read_options=_READ_OPTIONS)
     if num_workers > 0:
         return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
@@ -149,7 +164,7 @@ def make_train_dataset(
     num_workers: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.IterDataset:
+) -> "TrainDataset":
     """Infinite, reshuffled-each-epoch augmented batches of this process's share.
 
     `examples` is a Source (any layout) or a list of class-folder Examples.
@@ -171,7 +186,70 @@ def make_train_dataset(
     # `make_array_from_process_local_data` assembles (process 0's rows first) is row for row the
     # single-process batch: per-row randomness (masks, dropout) then matches across topologies.
     ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
-    return to_iter_dataset(ds, num_workers)
+    return TrainDataset(ds, num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDataset:
+    """The train batches; each `iter()` starts at the first batch."""
+
+    batches: grain.MapDataset
+    num_workers: int
+
+    def __iter__(self) -> "TrainBatches":
+        return TrainBatches(self.batches, self.num_workers)
+
+
+class TrainBatches:
+    """An iterator over the train batches whose checkpointed state is the number of batches taken.
+
+    grain's own state of a multi-worker iterator is one entry per worker, so it restores only into
+    as many workers; batch i is the same whatever the worker count, so a count restores into any (a
+    resumed run may run on another host, or with another config.data.num_workers). Reading starts
+    at the first `next()` (or `start_prefetch()`, which grain's checkpoint restore calls).
+    """
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int):
+        self._batches, self._num_workers = batches, num_workers
+        self._taken = 0
+        self._iterator: Any = None
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.start_prefetch()
+        batch = next(self._iterator)
+        self._taken += 1
+        return batch
+
+    def start_prefetch(self) -> None:
+        if self._iterator is None:
+            self._iterator = iter(to_iter_dataset(self._batches[self._taken:], self._num_workers))
+            self._iterator.start_prefetch()
+
+    def get_state(self) -> dict[str, int]:
+        return {"batches_taken": self._taken}
+
+    def set_state(self, state: dict[str, Any] | bytes | str) -> None:
+        """Continue after the batches a state counts (grain's checkpoint handler passes bytes)."""
+        taken = batches_taken(json.loads(state) if isinstance(state, (bytes, str)) else state)
+        if self._iterator is not None and taken != self._taken:
+            self._iterator.close()
+            self._iterator = None
+        self._taken = taken
+
+
+def batches_taken(state: dict[str, Any]) -> int:
+    """The batches an iterator state has taken: `TrainBatches`' own, or grain's (checkpoints written
+    before it, in the main process or by workers, which take turns, one batch each)."""
+    if "batches_taken" in state:
+        return int(state["batches_taken"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    if "iterators_in_use_states" in state:
+        return sum(int(worker["next_index"]) for worker in state["iterators_in_use_states"])
+    raise ValueError(f"not a state of the train batches' iterator (keys {sorted(state)})")
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -199,4 +277,67 @@ def make_eval_dataset(
     ds = grain.MapDataset.range(padded)
     ds = ds.map(_EvalLoad(source, dataclasses.replace(source.view, image_size=image_size)))
     ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
-    return to_iter_dataset(ds, num_workers)
+    return TrainDataset(ds, num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDataset:
+    """The train batches; each `iter()` starts at the first batch."""
+
+    batches: grain.MapDataset
+    num_workers: int
+
+    def __iter__(self) -> "TrainBatches":
+        return TrainBatches(self.batches, self.num_workers)
+
+
+class TrainBatches:
+    """An iterator over the train batches whose checkpointed state is the number of batches taken.
+
+    grain's own state of a multi-worker iterator is one entry per worker, so it restores only into
+    as many workers; batch i is the same whatever the worker count, so a count restores into any (a
+    resumed run may run on another host, or with another config.data.num_workers). Reading starts
+    at the first `next()` (or `start_prefetch()`, which grain's checkpoint restore calls).
+    """
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int):
+        self._batches, self._num_workers = batches, num_workers
+        self._taken = 0
+        self._iterator: Any = None
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.start_prefetch()
+        batch = next(self._iterator)
+        self._taken += 1
+        return batch
+
+    def start_prefetch(self) -> None:
+        if self._iterator is None:
+            self._iterator = iter(to_iter_dataset(self._batches[self._taken:], self._num_workers))
+            self._iterator.start_prefetch()
+
+    def get_state(self) -> dict[str, int]:
+        return {"batches_taken": self._taken}
+
+    def set_state(self, state: dict[str, Any] | bytes | str) -> None:
+        """Continue after the batches a state counts (grain's checkpoint handler passes bytes)."""
+        taken = batches_taken(json.loads(state) if isinstance(state, (bytes, str)) else state)
+        if self._iterator is not None and taken != self._taken:
+            self._iterator.close()
+            self._iterator = None
+        self._taken = taken
+
+
+def batches_taken(state: dict[str, Any]) -> int:
+    """The batches an iterator state has taken: `TrainBatches`' own, or grain's (checkpoints written
+    before it, in the main process or by workers, which take turns, one batch each)."""
+    if "batches_taken" in state:
+        return int(state["batches_taken"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    if "iterators_in_use_states" in state:
+        return sum(int(worker["next_index"]) for worker in state["iterators_in_use_states"])
+    raise ValueError(f"not a state of the train batches' iterator (keys {sorted(state)})")

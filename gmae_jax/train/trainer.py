@@ -131,8 +131,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     data_config = schema.read(schema.DataConfig, config.data, "config.data")
     model, init_inputs = setup.build_model(config)
     task = tasks.make_task(config, model, data.class_names)
-    eval_args = dict(image_size=model.config.img_size, batch_size=config.batch_size,
-                     num_workers=data_config.num_workers)
+    num_workers = pipeline.worker_count(data_config.num_workers)
+    eval_args = dict(image_size=model.config.img_size, batch_size=config.batch_size, num_workers=num_workers)
     # --- Mesh -----------------------------------------------------------------------------------
     mesh = make_mesh(config)
     per_step = mesh.size * config.grad_accum_steps
@@ -153,9 +153,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     steps_total = total_steps(config, len(data.train))
     train_data = pipeline.make_train_dataset(
         data.train, image_size=model.config.img_size, global_batch_size=config.batch_size,
-        seed=config.seed, aug=data_config.aug, num_workers=data_config.num_workers,
+        seed=config.seed, aug=data_config.aug, num_workers=num_workers,
         process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(train_data)
+    logging.info("input: %s", "in the trainer's process" if not num_workers else f"{num_workers} grain worker(s)"
+                 + (" (config.data.num_workers=-1: a core each, one left to the trainer)"
+                    if data_config.num_workers == pipeline.AUTO_WORKERS else ""))
 
     # --- Model, optimiser and checkpoint --------------------------------------------------------
     frozen = FROZEN_BY_LINEAR_PROBING if config.stage == "finetune" and config.freeze_encoder else ()
@@ -190,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                           config.to_dict(), task.name)
     eval_split = data_config.eval_split
     pictures: list[str] = []
-    progress = Progress(steps_total, start, config.batch_size, data_config.num_workers)
+    progress = Progress(steps_total, start, config.batch_size, num_workers)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
     preempted = False
