@@ -4,6 +4,7 @@ arrays really are split, and checkpoints move between meshes."""
 import functools
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from gmae_jax import config_lib
-from gmae_jax.data import transforms
+from gmae_jax.data import pipeline, transforms
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
 from gmae_jax.train import checkpoint, sharding, steps, trainer
@@ -134,16 +135,27 @@ def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path, monkeypatc
     monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
     *_, saved = run_steps("finetune", (8, 1), num_batches=1)
     manager = checkpoint.make_manager(str(tmp_path), 2)
-    checkpoint.save(manager, 1, saved, None)
+    batches = grain.MapDataset.range(40).batch(4)
+    iterator = pipeline.TrainBatches(batches, num_workers=0)
+    next(iterator), next(iterator)
+    checkpoint.save(manager, 1, saved, iterator)
     manager.wait_until_finished()
+    # As if two processes had saved it: the iterator's files name the process count.
+    data = tmp_path / "1" / checkpoint.DATA_ITEM
+    state = (data / "process_0-of-1.json").read_bytes()
+    (data / "process_0-of-1.json").unlink()
+    for index in range(2):
+        (data / f"process_{index}-of-2.json").write_bytes(state)
 
     config, model, init_inputs, _ = stage_setup("finetune")
     other = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
     template, _ = trainer.create_state(model, init_inputs, config, other, steps_total=10)
-    restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 2), template, None)
+    resumed = pipeline.TrainBatches(batches, num_workers=0)
+    restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 2), template, resumed)
     for got, want, like in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(template)):
         assert got.sharding == like.sharding
         np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want))
+    np.testing.assert_array_equal(next(resumed), batches[2])  # the input continues where it stopped
 
 
 @pytest.mark.parametrize("remat", ["block", "fine"])

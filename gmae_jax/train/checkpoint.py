@@ -26,6 +26,7 @@ from gmae_jax.schema import ConfigError
 
 BEST, LATEST = "best", "latest"
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
+DATA_ITEM = "data"  # a step's folder for the train iterator's state, one JSON file per process
 T = TypeVar("T")
 
 
@@ -111,7 +112,7 @@ def save(
     leaves a checkpoint that looks complete. `metrics` (this step's evaluation) rank it for 'best'."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
     manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
 
 
@@ -124,10 +125,25 @@ def restore(
     """
     step = manager.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-    items = {"state": ocp.args.StandardRestore(abstract)}
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        data_iterator.set_state(iterator_state(epath.Path(manager.directory) / str(step)))
+    return state
+
+
+def iterator_state(step_folder: epath.Path) -> bytes:
+    """This process's saved iterator state (what grain's handler wrote for it). After a change of
+    process count that file does not exist; the position is the same in every process's file (the
+    train iterator counts batches, one per step in every process, and global batch i holds the same
+    examples for any process count), so the saving run's process 0's is taken."""
+    folder = step_folder / DATA_ITEM
+    own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+        return own.read_bytes()
+    other_counts = sorted(folder.glob("process_0-of-*.json"))
+    if not other_counts:
+        raise FileNotFoundError(f"{own} does not exist")
+    return other_counts[0].read_bytes()
 
 
 def reason(error: Exception) -> str:
