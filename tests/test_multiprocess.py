@@ -229,19 +229,27 @@ def test_two_processes_reach_the_single_process_parameters(runs):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_a_run(runs, data_root, tmp_path):
-    """Each process restores the train state and its own data iterator through its own reader."""
-    resumed = str(tmp_path / "resumed")
+def test_two_processes_resume_a_run_and_so_does_one(runs, data_root, tmp_path):
+    """Each process restores the train state and its own data iterator through its own reader; one
+    process with all 8 devices continues the same two-process run to the same numbers (the
+    iterator's position does not depend on the process count)."""
+    resumed, alone = str(tmp_path / "resumed"), str(tmp_path / "alone")
     shutil.copytree(runs["multi"], resumed)
-    logs = {f"process_{rank}": str(tmp_path / f"process_{rank}.log") for rank in range(2)}
-    _wait_for_all(_launch_two_processes(resumed, data_root, logs, f"127.0.0.1:{_free_port()}",
-                                        "--config.total_steps=6"), logs)
+    shutil.copytree(runs["multi"], alone)
+    logs = {name: str(tmp_path / f"{name}.log") for name in ("process_0", "process_1", "alone")}
+    procs = _launch_two_processes(resumed, data_root, logs, f"127.0.0.1:{_free_port()}", "--config.total_steps=6")
+    procs["alone"] = _launch(alone, data_root, logs["alone"], 8, "--config.total_steps=6")
+    _wait_for_all(procs, logs)
     for log in logs.values():
         with open(log) as f:
             assert "resumed from step 4" in f.read()
     rows = _metrics(resumed)
     assert rows[:2] == _metrics(runs["multi"]) and rows[-1]["step"] == 6
     assert saved_weights.restore_params(os.path.join(resumed, "checkpoints"))["step"] == 6
+    for two, one in zip(rows[2:], _metrics(alone)[2:], strict=True):
+        assert (two["step"], two["split"]) == (one["step"], one["split"])
+        for key in ("loss", "accuracy"):
+            np.testing.assert_allclose(one[key], two[key], rtol=1e-5, err_msg=f"step {one['step']} {key}")
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------
