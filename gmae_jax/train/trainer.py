@@ -106,18 +106,28 @@ def evaluate(
         process_index=jax.process_index(), process_count=jax.process_count())
     sums: dict[str, float] = {}
     outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": []}
-    first = None
-    for host_batch in dataset:
-        first = host_batch if first is None else first
-        batch = sharding.global_batch(host_batch, mesh)
-        results = jax.device_get(eval_step(state, batch))
-        for key, value in results.items():
+
+    def collect(results: dict[str, jax.Array], batch: dict[str, jax.Array]) -> None:
+        for key, value in jax.device_get(results).items():
             if np.ndim(value) == 0:
                 sums[key] = sums.get(key, 0.0) + float(value)
             else:
                 outputs.setdefault(key, []).append(np.asarray(value))
         outputs["label"].append(sharding.to_host(batch["label"]))
         outputs["valid"].append(sharding.to_host(batch["valid"]))
+
+    first, pending = None, None
+    for host_batch in dataset:
+        first = host_batch if first is None else first
+        batch = sharding.global_batch(host_batch, mesh)
+        # Dispatched before the previous batch's results are read: the device computes while the
+        # host waits for them and loads the next batch.
+        dispatched = (eval_step(state, batch), batch)
+        if pending is not None:
+            collect(*pending)
+        pending = dispatched
+    if pending is not None:
+        collect(*pending)
     stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
     keep = stacked.pop("valid") > 0
     stacked = {k: v[keep] for k, v in stacked.items()}
