@@ -205,8 +205,8 @@ class TrainBatches:
 
     grain's own state of a multi-worker iterator is one entry per worker, so it restores only into
     as many workers; batch i is the same whatever the worker count, so a count restores into any (a
-    resumed run may run on another host, or with another config.data.num_workers). Reading starts
-    at the first `next()` (or `start_prefetch()`, which grain's checkpoint restore calls).
+    resumed run may run on another host, or with another config.data.num_workers). Reading (and the
+    workers) starts at the first `next()` or `start_prefetch()`, so a state set before it costs nothing.
     """
 
     def __init__(self, batches: grain.MapDataset, num_workers: int):

@@ -95,7 +95,7 @@ def pick_step(manager: ocp.CheckpointManager, which: str) -> int | None:
 class _IteratorSnapshot:
     """The iterator's state frozen at save time. Orbax may run grain's handler on a background
     thread, by which time the train loop has drawn more batches; grain writes `get_state()` bytes
-    verbatim, and restores them into the live iterator as JSON."""
+    verbatim (one file per process), and `restore` hands them back to the live iterator."""
 
     def __init__(self, iterator: Any):
         self._state = json.dumps(iterator.get_state(), indent=1).encode()
