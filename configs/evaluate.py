@@ -20,5 +20,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data_root = ""  # '' = the run's own config.data.root
     config.split = ""  # '' = the run's own eval split
     config.batch_size = 64
-    config.num_workers = 2
+    config.num_workers = -1  # grain workers: -1 = one per core, less one (as config.data.num_workers)
     return config

@@ -47,6 +47,7 @@ def test_unknown_stage_is_a_config_error():
 
 @pytest.mark.parametrize("stage,field,value,message", [
     ("evaluate", "checkpoint", "newest", "config.checkpoint='newest' must be 'latest', 'best' or a step number"),
+    ("evaluate", "num_workers", -3, r"config.num_workers=-3 must be >= 0 \(0 = in this process\) or -1"),
     ("predict", "inputs", "", "config.inputs is empty"),
     ("predict", "view", "square", "config.view='square' must be one of"),
     ("finetune", "best_metric", "f2", "config.best_metric='f2' must be '' or one of"),
