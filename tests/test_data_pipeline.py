@@ -160,6 +160,16 @@ def test_a_state_resumes_with_another_worker_count(examples):
         _assert_same_batches(_take(resumed, 3), expected)
 
 
+def test_a_closed_iterator_frees_its_workers_and_continues_where_it_stopped(examples):
+    """The trainer closes it when training ends: the workers stop and the batches they had ready in
+    shared memory are freed then, not left to the resource tracker at exit."""
+    iterator = iter(_train(examples, num_workers=1))
+    first = _take(iterator, 2)
+    iterator.close()
+
+    _assert_same_batches(first + _take(iterator, 2), _take(iter(_train(examples)), 4))
+
+
 def test_states_of_grains_own_iterators_from_older_checkpoints_still_resume(examples):
     batches = _train(examples).batches
     expected = _take(iter(_train(examples)), 5)[4:]

@@ -231,12 +231,17 @@ class TrainBatches:
     def get_state(self) -> dict[str, int]:
         return {"batches_taken": self._taken}
 
+    def close(self) -> None:
+        """Stops the workers and frees the batches they had ready in shared memory."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
     def set_state(self, state: dict[str, Any] | bytes | str) -> None:
         """Continue after the batches a state counts (grain's checkpoint handler passes bytes)."""
         taken = batches_taken(json.loads(state) if isinstance(state, (bytes, str)) else state)
-        if self._iterator is not None and taken != self._taken:
-            self._iterator.close()
-            self._iterator = None
+        if taken != self._taken:
+            self.close()
         self._taken = taken
 
 

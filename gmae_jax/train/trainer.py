@@ -240,6 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             if preempted:
                 break
     finally:
+        train_iter.close()
         watch.close()
         summaries.close()
     manager.wait_until_finished()
