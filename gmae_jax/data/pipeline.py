@@ -206,7 +206,7 @@ class TrainBatches:
     grain's own state of a multi-worker iterator is one entry per worker, so it restores only into
     as many workers; batch i is the same whatever the worker count, so a count restores into any (a
     resumed run may run on another host, or with another config.data.num_workers). Reading (and the
-    workers) starts at the first `next()` or `start_prefetch()`, so a state set before it costs nothing.
+    workers) starts at the first `next()`, so a state set before it costs nothing.
     """
 
     def __init__(self, batches: grain.MapDataset, num_workers: int):
@@ -218,15 +218,11 @@ class TrainBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        self.start_prefetch()
+        if self._iterator is None:
+            self._iterator = iter(to_iter_dataset(self._batches[self._taken:], self._num_workers))
         batch = next(self._iterator)
         self._taken += 1
         return batch
-
-    def start_prefetch(self) -> None:
-        if self._iterator is None:
-            self._iterator = iter(to_iter_dataset(self._batches[self._taken:], self._num_workers))
-            self._iterator.start_prefetch()
 
     def get_state(self) -> dict[str, int]:
         return {"batches_taken": self._taken}
@@ -238,7 +234,7 @@ class TrainBatches:
             self._iterator = None
 
     def set_state(self, state: dict[str, Any] | bytes | str) -> None:
-        """Continue after the batches a state counts (grain's checkpoint handler passes bytes)."""
+        """Continue after the batches a state counts (`checkpoint.restore` passes the saved bytes)."""
         taken = batches_taken(json.loads(state) if isinstance(state, (bytes, str)) else state)
         if taken != self._taken:
             self.close()
