@@ -125,6 +125,11 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")
 
 
+def check_num_workers(value: int, field: str) -> None:
+    """A grain worker count as the input pipeline takes it (`pipeline.worker_count`)."""
+    check(value >= -1, f"config.{field}={value} must be >= 0 (0 = in this process) or -1 (a worker per core)")
+
+
 def validate_augment(aug: schema.AugmentConfig) -> None:
     """The ranges torchvision's RandomResizedCrop and ColorJitter accept, checked before any worker
     starts (a worker would otherwise fail on its first image, or train on inverted colours)."""
@@ -160,9 +165,7 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(0.0 < optim.layer_decay <= 1.0,
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")
     validate_augment(data.aug)
-    check(data.num_workers >= -1,
-          f"config.data.num_workers={data.num_workers} must be >= 0 (0 = in the trainer's process) or -1 (a worker "
-          "per core)")
+    check_num_workers(data.num_workers, "data.num_workers")
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
           f"config.data.root='{data.root}' does not exist; point --config.data.root at a folder "
           "laid out as <root>/{train,val}/<class>/*.jpg")

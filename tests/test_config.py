@@ -60,7 +60,7 @@ def test_valid_config_passes(pretrain_config):
     ("data.aug.crop_scale_min", 0.0, r"aug.crop_scale_min=0.0 must be in \(0, 1\]"),
     ("data.aug.saturation", -0.2, r"aug.saturation=-0.2 must be >= 0"),
     ("data.aug.hue", 0.6, r"aug.hue=0.6 must be in \[0, 0.5\]"),
-    ("data.num_workers", -2, r"num_workers=-2 must be >= 0 \(0 = in the trainer's process\) or -1"),
+    ("data.num_workers", -2, r"data.num_workers=-2 must be >= 0 \(0 = in this process\) or -1"),
 ])
 def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
     *sections, name = field.split(".")

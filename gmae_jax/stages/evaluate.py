@@ -21,8 +21,7 @@ from gmae_jax.train.summaries import Summaries
 def validate(config: ml_collections.ConfigDict) -> None:
     setup.validate_run_reference(config)
     config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
-    config_lib.check(config.num_workers >= -1, f"config.num_workers={config.num_workers} must be >= 0 (0 = in "
-                     "this process) or -1 (a worker per core)")
+    config_lib.check_num_workers(config.num_workers, "num_workers")
 
 
 def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> schema.DataConfig:
