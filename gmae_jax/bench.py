@@ -131,13 +131,8 @@ def device_jitter_seconds_per_image(image_size: int, repeats: int, batch_size: i
     jitters = jax.device_put(np.stack([transforms.sample_color_jitter(rng, 0.4, 0.4, 0.4, 0.1)
                                        for _ in range(batch_size)]))
     jitter = jax.jit(device_jitter.color_jitter)
-    jitter(images, jitters).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jitter(images, jitters).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best / batch_size
+    batches_per_second = _images_per_second(lambda _: jitter(images, jitters).block_until_ready(), 1, repeats)
+    return 1 / (batches_per_second * batch_size)
 
 
 def run_view_benchmark(num_images: int, image_size: int, crop_scale_min: float, repeats: int) -> dict:
@@ -157,13 +152,13 @@ def run_view_benchmark(num_images: int, image_size: int, crop_scale_min: float, 
             "gmae_jax ArrayRecord: 256 px records": _images_per_second(
                 lambda i: views.train_view(shard[i], view, rng(i)), num_images, repeats),
         }  # fmt: skip
-    jitter_s = device_jitter_seconds_per_image(image_size, repeats)
+    jitter_s, backend = device_jitter_seconds_per_image(image_size, repeats), jax.default_backend().upper()
     records_rate = results["gmae_jax ArrayRecord: 256 px records"]
-    results[f"  + its colour jitter in XLA:{jax.default_backend().upper()}"] = 1 / (1 / records_rate + jitter_s)
+    results[f"  + its colour jitter in XLA:{backend}"] = 1 / (1 / records_rate + jitter_s)
     base = next(iter(results.values()))
     print(f"{num_images} full-HD JPEGs ({mean_kb:.0f} KB each) -> {image_size} px training views, "
           f"crop_scale_min={crop_scale_min}; gmae_jax's views leave colour jitter to the train step "
-          f"({jitter_s * 1e3:.2f} ms per image in XLA:{jax.default_backend().upper()} here)")
+          f"({jitter_s * 1e3:.2f} ms per image in XLA:{backend} here)")
     print(f"{'path':40s} {'images/s/worker':>16s} {'x original':>11s}")
     for name, rate in results.items():
         print(f"{name:40s} {rate:16.1f} {rate / base:11.2f}")
