@@ -44,7 +44,7 @@ def test_progress_reports_the_share_of_time_spent_waiting_for_input():
 
 
 def test_an_input_bound_run_says_once_what_to_change(caplog, monkeypatch):
-    monkeypatch.setattr(progress.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(progress.pipeline, "usable_cores", lambda: 16)
     tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32, num_workers=4)
     for step in (1, 2, 3):
         with tracker.waiting_for_input():

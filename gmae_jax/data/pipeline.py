@@ -139,8 +139,12 @@ def worker_count(num_workers: int) -> int:
     trainer's thread). Batches are the same whatever the count, so 'auto' never changes a run's numbers."""
     if num_workers != AUTO_WORKERS:
         return num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores - 1, MAX_AUTO_WORKERS))
+    return max(1, min(usable_cores() - 1, MAX_AUTO_WORKERS))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one; all cores otherwise)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def to_iter_dataset(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:

@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 import jax
 from absl import logging
 from etils import epath
+
+from gmae_jax.data import pipeline
 
 
 class MetricsWriter:
@@ -123,7 +124,7 @@ class Progress:
         self.last_step, self.last_time, self.input_seconds = step, now, 0.0
         self.intervals += 1
         if self.intervals > 1 and not self.advised:
-            advice = input_bound_advice(input_wait, self.num_workers, os.cpu_count())
+            advice = input_bound_advice(input_wait, self.num_workers, pipeline.usable_cores())
             if advice:
                 logging.warning(advice)
                 self.advised = True
