@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import jax
+import numpy as np
 import pytest
 
 from gmae_jax.train import device_suite, init_compile, model_flops, step_benchmark
@@ -18,6 +19,10 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     monkeypatch.setattr(jax.stages.Lowered, "compile",
                         lambda self, *args, **kwargs: compiles.append(1) or compile_lowered(self, *args, **kwargs))
     monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())  # no initialiser from other tests
+    timed_batches = []
+    build = step_benchmark.build_train_step
+    monkeypatch.setattr(step_benchmark, "build_train_step",
+                        lambda *args, **kwargs: timed_batches.append((bench := build(*args, **kwargs)).batch) or bench)
     cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1),
              Case("micro", "finetune", remat="block", batch_size=8, img_size=32, depth=1, conv_impl="matmul")]
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
@@ -37,6 +42,9 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
         assert model == model_flops.train_step_flops(config, stage, 4, mask_ratio=device_suite.MASK_RATIO,
                                                      num_classes=device_suite.NUM_CLASSES) / 4
     assert lines[-1].startswith("total")
+    # Every case times the step a training run runs: on uint8 batches with the workers' colour jitter.
+    assert [(batch["image"].dtype, batch["color_jitter"].shape) for batch in timed_batches] == \
+        [(np.uint8, (8, 4))] * len(cases)
     # Right after the first row (a loan cut short keeps them): the eager PyTorch mirror of that case
     # with the ratio, then where that step spends its time.
     torch_line = lines[lines.index(rows[0]) + 1]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gmae_jax.bench import parse_overrides
+from gmae_jax.train import step_benchmark
 from gmae_jax.train.step_benchmark import compare, jax_runner, preset_architecture, markdown_table, torch_runner
 
 BATCH = 8  # one example per simulated device
@@ -41,6 +42,17 @@ def test_side_by_side_trains_both_models_and_tabulates_the_ratio():
         assert row["jax"] > 0 and row["torch"] > 0
         assert row["ratio"] == pytest.approx(row["jax"] / row["torch"])
         assert f"| {row['task']} | {row['jax']:.1f} | {row['torch']:.1f} | **{row['ratio']:.2f}x** |" in table
+
+
+def test_a_pipeline_batch_is_what_the_input_workers_yield():
+    batch = step_benchmark.pipeline_batch(64, 16, 10, seed=0)
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (64, 16, 16, 3)
+    assert batch["label"].dtype == np.int32 and 0 <= batch["label"].min() and batch["label"].max() < 10
+    jitter = batch["color_jitter"]
+    assert jitter.dtype == np.float32 and jitter.shape == (64, 4)
+    factors, hue = jitter[:, :3], jitter[:, 3]  # the default strengths: 0.4 and 0.1 turns
+    assert factors.min() >= 0.6 and factors.max() <= 1.4 and np.unique(factors).size > 100
+    assert np.all(hue == np.round(hue)) and np.abs(hue).max() <= 26 and np.unique(hue).size > 5
 
 
 def test_model_overrides_parse_to_python_values():

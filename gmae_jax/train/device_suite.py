@@ -3,7 +3,8 @@
 Built for a short loan of a GPU or TPU: the headline cases run first (`default_cases`), every row
 is printed the moment it is measured (a cut-off run still leaves numbers), and cases that would start after the
 time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
-(forward, backward, AdamW), peak device memory, model FLOPs per image (matmuls and convolutions of
+(forward, backward, AdamW) on batches as the input pipeline yields them (uint8, with the colour
+jitter the step applies on the device), peak device memory, model FLOPs per image (matmuls and convolutions of
 the forward and backward pass, counted from the step's jaxpr by `model_flops`: XLA:GPU's cost
 analysis counted about half of them on an H200) and MFU against the device's peak. A batch that
 does not fit is halved and retried. Right after the first case's row, where its step spends its
@@ -131,7 +132,8 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
     _progress(f"{case.name}, batch {case.batch_size}: initialising")
     bench = step_benchmark.build_train_step(_architecture(case), case.stage, case.batch_size,
-                                            mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh)
+                                            mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh,
+                                            pipeline_inputs=True)
     state, batch, rng = bench.state, bench.batch, bench.rng
     start = time.perf_counter()
     lowered = bench.step.lower(state, batch, rng)
@@ -181,7 +183,9 @@ def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile
 
 def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: int) -> str:
     """The eager PyTorch mirror (`torch_mirror.train_step`: the original's layout, AdamW, bf16
-    autocast on a GPU) on the case's model and batch, and JAX's img/s over it: the issue's ratio,
+    autocast on a GPU) on the case's model and batch of float images (the original jitters and
+    standardises in its workers; the JAX step does both on the device, so the ratio is if anything
+    unfair to JAX), and JAX's img/s over it: the issue's ratio,
     measured right after the first row so that a short loan has it. A batch PyTorch cannot fit
     (JAX holds most of the device's memory) is halved."""
     if importlib.util.find_spec("torch") is None:

@@ -21,7 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, schema
+from gmae_jax.data import transforms
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.train import setup, sharding, step_profile, steps, trainer
 
@@ -83,12 +84,28 @@ def model_and_loss(
     return model, init_inputs, loss_fn, run
 
 
+def pipeline_batch(batch_size: int, img_size: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random batch as the input pipeline yields it: uint8 pixels, labels and each view's colour
+    jitter drawn at the default strengths, which the train step applies and standardises on the
+    device (`steps.train_images`) as in a training run."""
+    rng = np.random.default_rng(seed)
+    aug = schema.AugmentConfig()
+    jitter = [transforms.sample_color_jitter(rng, aug.brightness, aug.contrast, aug.saturation, aug.hue)
+              for _ in range(batch_size)]
+    return {"image": rng.integers(0, 256, (batch_size, img_size, img_size, 3), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
+            "color_jitter": np.stack(jitter)}
+
+
 def build_train_step(
     config: GMSTConfig, task: str, batch_size: int, *, mask_ratio: float = MASK_RATIO,
     num_classes: int = NUM_CLASSES, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+    pipeline_inputs: bool = False,
 ) -> BenchStep:
     """The project's jitted data-parallel train step (AdamW, clipping) of `task`'s model on a random
-    batch made on the devices (host transfers are not part of what is timed).
+    batch already on the devices (host transfers are not part of what is timed): standardised float
+    images, or with `pipeline_inputs` a `pipeline_batch` (uint8 plus colour jitter, what a training
+    run's step is given; the PyTorch comparisons use float images, as the original's step does).
 
     What every benchmark of the step starts from. Constant learning rate (no warm-up) so that the
     very first step already moves the weights.
@@ -98,12 +115,17 @@ def build_train_step(
                                                       num_classes=num_classes, seed=seed)
     state, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
     train_step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
-    shape = (batch_size, config.img_size, config.img_size, config.in_channels)
-    image_key, label_key = jax.random.split(jax.random.key(seed))
-    make_batch = jax.jit(lambda: {"image": jax.random.normal(image_key, shape),
-                                  "label": jax.random.randint(label_key, (batch_size,), 0, num_classes)},
-                         out_shardings=sharding.batch_sharding(mesh))
-    return BenchStep(model, state, train_step, make_batch(), jax.random.key(seed))
+    if pipeline_inputs:
+        batch = jax.device_put(pipeline_batch(batch_size, config.img_size, num_classes, seed),
+                               sharding.batch_sharding(mesh))
+    else:
+        shape = (batch_size, config.img_size, config.img_size, config.in_channels)
+        image_key, label_key = jax.random.split(jax.random.key(seed))
+        make_batch = jax.jit(lambda: {"image": jax.random.normal(image_key, shape),
+                                      "label": jax.random.randint(label_key, (batch_size,), 0, num_classes)},
+                             out_shardings=sharding.batch_sharding(mesh))
+        batch = make_batch()
+    return BenchStep(model, state, train_step, batch, jax.random.key(seed))
 
 
 def jax_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) -> Runner:
