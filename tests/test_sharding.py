@@ -138,8 +138,14 @@ def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path, monkeypatc
     batches = grain.MapDataset.range(40).batch(4)
     iterator = pipeline.TrainBatches(batches, num_workers=0)
     next(iterator), next(iterator)
+    sliced = []
+    slice_in_dim = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *args, **kw: sliced.append(1) or slice_in_dim(*args, **kw))
     checkpoint.save(manager, 1, saved, iterator)
     manager.wait_until_finished()
+    # One process writes every byte: its replicated arrays are written whole, not first cut into a
+    # slice per device (orbax's replica-parallel saving, a compiled slice per shape and device).
+    assert not sliced
     # As if two processes had saved it: the iterator's files name the process count.
     data = tmp_path / "1" / checkpoint.DATA_ITEM
     state = (data / "process_0-of-1.json").read_bytes()

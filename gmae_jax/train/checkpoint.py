@@ -5,6 +5,8 @@ given a metric, the step where that evaluation metric was best."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import logging as pylogging
 import operator
@@ -49,6 +51,8 @@ def make_manager(
         best_fn = operator.itemgetter(best_metric)
         policies.append(checkpoint_managers.BestN(
             get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False))
+    if not read_only:
+        _write_replicated_arrays_whole_in_a_single_process()
     this_process = jax.process_index()
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -57,6 +61,26 @@ def make_manager(
             primary_host=this_process, active_processes={this_process})) if read_only else {}))
     with _without_log_record("Given directory is read only"):  # what we asked for, not a problem
         return ocp.CheckpointManager(epath.Path(directory), options=options)
+
+
+@functools.cache
+def _write_replicated_arrays_whole_in_a_single_process() -> None:
+    """Turns off orbax's replica-parallel saving where one process writes every byte anyway.
+
+    With it, each device holding a copy of a replicated array writes one slice of it: what spreads
+    the writing over the hosts of a multi-process run. In a single process it writes the same bytes
+    but slices every array on its devices first, a compiled slice per array shape and device:
+    measured on 8 CPU devices, the first save of `small`'s train state took 21.5 s instead of 5.5 s
+    (280 compiles) and later saves 8-9 s instead of 3-4 s. orbax leaves it on except where
+    JAX_PLATFORMS names a GPU, which a single-host multi-GPU run rarely sets. Files are the same.
+    """
+    if jax.process_count() > 1:
+        return
+    handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
+    if not hasattr(handler, "_use_replica_parallel"):  # another orbax: leave its handler alone
+        return
+    handler._use_replica_parallel = False
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 class _DropRecords(pylogging.Filter):
