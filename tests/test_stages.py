@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
+import textwrap
 import types
 
 import hagrid_fixtures as fx
@@ -206,6 +208,24 @@ def test_wandb_receives_scalars_when_enabled(tmp_path, monkeypatch):
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["config"] == {"seed": 1}
     assert calls[1:] == [("log", {"val/accuracy": 0.5}, 7), ("finish",)]
     assert read_events(str(tmp_path / "tensorboard" / "val"))["accuracy"] == [(7, 0.5)]
+
+
+def test_tensorboard_summaries_leave_torch_unloaded_and_importable(tmp_path):
+    """tensorboardX would import torch (seconds of every run's start) to accept tensors we never pass."""
+    script = textwrap.dedent(f"""
+        import sys
+        from gmae_jax import schema
+        from gmae_jax.train.summaries import Summaries
+        summaries = Summaries({str(tmp_path)!r}, schema.WandbConfig(), {{}}, "run")
+        summaries.scalars("val", 3, {{"accuracy": 0.25}})
+        summaries.close()
+        print("torch loaded:", "torch" in sys.modules)
+        import torch
+        print("torch importable:", torch.ones(2).sum().item() == 2)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["torch loaded: False", "torch importable: True"], done.stderr[-3000:]
+    assert read_events(str(tmp_path / "tensorboard" / "val"))["accuracy"] == [(3, 0.25)]
 
 
 def test_wandb_enabled_without_the_package_is_a_config_error(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Only process 0 writes. `metrics.jsonl` (progress.MetricsWriter) stays the plain-
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,24 @@ from PIL import Image
 from gmae_jax.schema import ConfigError, WandbConfig
 
 TENSORBOARD_DIR = "tensorboard"
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported late (it loads protobuf) and without torch.
+
+    tensorboardX imports torch, where installed (the [torch] extra), only to accept torch tensors,
+    which this module never hands it: 1.3-1.8 s of every run's start-up here. Unless something
+    already imported torch, the import is refused while tensorboardX loads (it then takes numpy).
+    """
+    torch_absent = "torch" not in sys.modules
+    if torch_absent:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if torch_absent:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _wandb_module() -> Any:
@@ -44,9 +63,7 @@ class Summaries:
 
     def _writer(self, split: str) -> Any:
         if split not in self._writers:
-            from tensorboardX import SummaryWriter  # imported late: it loads protobuf
-
-            self._writers[split] = SummaryWriter(os.path.join(self.folder, split))
+            self._writers[split] = _summary_writer_class()(os.path.join(self.folder, split))
         return self._writers[split]
 
     def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:
