@@ -80,7 +80,8 @@ def _write_replicated_arrays_whole_in_a_single_process() -> None:
     if not hasattr(handler, "_use_replica_parallel"):  # another orbax: leave its handler alone
         return
     handler._use_replica_parallel = False
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    with _without_log_record("Type handler registry type"):  # orbax warns of any override
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 class _DropRecords(pylogging.Filter):
