@@ -54,6 +54,7 @@ def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_
     assert re.search(r"chance +0\.250\n", result.stdout), result.stdout
     assert "=== pretrain finished" in result.stdout and "best loss: " in result.stdout
     assert "[pretrain] step 4/4" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
+    assert re.search(r"\[pretrain\] step 1 \(compiling the step included\) took [\d.]+ s", result.stderr)
     for path in ("pretrain/reconstructions.png", "runs/pretrained_3_s0/confusion_matrix.png",
                  "runs/scratch_3_s0/metrics.jsonl", "pretrain/config.json", "runs/pretrained_3_s0/classes.json",
                  "label_efficiency.json", "label_efficiency.png", "data/finetune_dataset/.complete"):

@@ -31,6 +31,19 @@ def test_progress_line_reports_throughput_and_eta():
     assert rates["eta_sec"] == pytest.approx(90 * 32 / rates["img_per_sec"], rel=1e-6)
 
 
+def test_the_first_steps_compile_is_left_out_of_throughput_and_eta():
+    tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32)
+    time.sleep(0.4)  # the first step: compiling
+    first = tracker.first_step_done(1)
+    assert first >= 0.4
+    at_first = tracker.update(1)  # a log point at the first step reports that step alone
+    assert at_first["img_per_sec"] == pytest.approx(32 / first)
+    time.sleep(0.1)  # steps 2 and 3
+    rates = tracker.update(3)
+    assert 32 / 0.05 / 2 < rates["img_per_sec"] <= 32 / 0.05  # ~0.05 s a step, not (0.4 + 0.1) / 3
+    assert rates["eta_sec"] == pytest.approx(97 * 32 / rates["img_per_sec"], rel=1e-6)
+
+
 def test_progress_reports_the_share_of_time_spent_waiting_for_input():
     tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32)
     with tracker.waiting_for_input():

@@ -88,7 +88,9 @@ def input_bound_advice(input_wait: float, num_workers: int, cpu_count: int | Non
 
 
 class Progress:
-    """Measures throughput between log points; the first interval includes compilation.
+    """Measures throughput between log points. The run's first step (compilation, the workers' start)
+    is timed apart (`first_step_done`) so that img/s and ETA describe the steady state from the first
+    progress line on.
 
     Also the share of the interval the loop spent waiting for the input pipeline (`input_wait`):
     steps are dispatched asynchronously, so a loop that keeps the device busy waits on the device's
@@ -105,6 +107,7 @@ class Progress:
         self.input_seconds = 0.0
         self.intervals = 0
         self.advised = False
+        self.first_step_seconds: float | None = None
 
     @contextlib.contextmanager
     def waiting_for_input(self) -> Iterator[None]:
@@ -115,12 +118,23 @@ class Progress:
         finally:
             self.input_seconds += time.perf_counter() - start
 
+    def first_step_done(self, step: int) -> float:
+        """Call when the run's first step has finished (the caller waited for it): returns its
+        seconds, compilation included, and starts the first interval after it."""
+        now = time.perf_counter()
+        self.first_step_seconds = now - self.last_time
+        self.last_step, self.last_time, self.input_seconds = step, now, 0.0
+        return self.first_step_seconds
+
     def update(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
-        steps = max(step - self.last_step, 1)
-        interval = now - self.last_time
+        if step == self.last_step and self.first_step_seconds is not None:  # a log point at the first step
+            interval, steps, input_wait = self.first_step_seconds, 1, 0.0
+        else:
+            steps = max(step - self.last_step, 1)
+            interval = now - self.last_time
+            input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
         seconds_per_step = interval / steps
-        input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
         self.last_step, self.last_time, self.input_seconds = step, now, 0.0
         self.intervals += 1
         if self.intervals > 1 and not self.advised:

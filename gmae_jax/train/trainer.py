@@ -212,6 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             with progress.waiting_for_input():
                 host_batch = next(train_iter)
             state, metrics = train_step(state, sharding.global_batch(host_batch, mesh), rng)
+            if step == start + 1:  # compiling it is most of its time: timed apart from the steady state
+                jax.block_until_ready(metrics)
+                logging.info("[%s] step %d (compiling the step included) took %.1f s", task.name, step,
+                             progress.first_step_done(step))
             is_last = step == steps_total
             preempted = watch.should_stop(step) and not is_last
             evaluated = is_last or bool(config.eval_every and step % config.eval_every == 0)
