@@ -4,6 +4,10 @@
 of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`;
 with `--vs_torch` also the PyTorch mirror's step by the same kinds of work, side by side.
 
+`--checkpoint_save` times saving `--preset`'s train state on all local devices, whole arrays against
+orbax's replica-parallel slices (`train.checkpoint_benchmark`), e.g. on 8 simulated CPU devices:
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gmae_jax.bench --checkpoint_save --preset=small`.
+
 `--model_flops` prints the training GFLOP per image of every preset (what MFU and cost estimates
 start from), counted from the step's jaxpr, e.g. `python -m gmae_jax.bench --model_flops --mask_ratio=0.75`.
 
@@ -71,6 +75,8 @@ _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"]
                                        "--suite: starting batch per preset (halved until it fits).")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
 _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0, "--suite: no new case starts after this.")
+_CHECKPOINT_SAVE = flags.DEFINE_bool(
+    "checkpoint_save", False, "Checkpoint save time of --preset's train state: whole arrays vs replica-parallel.")
 _MODEL_FLOPS = flags.DEFINE_bool(
     "model_flops", False, "Training GFLOP per image of every preset (matmuls and convolutions, from the jaxpr).")
 _MODEL_OVERRIDE = flags.DEFINE_multi_string(
@@ -226,9 +232,15 @@ def run_device_suite() -> None:
 def main(argv: Sequence[str]) -> None:
     del argv
     if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value or _PROFILE_STEP.value
-            or _MODEL_FLOPS.value):
+            or _MODEL_FLOPS.value or _CHECKPOINT_SAVE.value):
         raise app.UsageError("choose a benchmark: --pipeline, --train_step, --profile_step, --sparse_vs_dense, "
-                             "--model_flops or --suite=device")
+                             "--model_flops, --checkpoint_save or --suite=device")
+    if _CHECKPOINT_SAVE.value:
+        from gmae_jax.train import checkpoint_benchmark  # noqa: PLC0415 (model code only here)
+
+        results = checkpoint_benchmark.save_seconds(_PRESET.value)
+        print(checkpoint_benchmark.markdown_table(_PRESET.value, results))
+        return
     if _MODEL_FLOPS.value:
         from gmae_jax.models.presets import PRESETS  # noqa: PLC0415 (model code only here)
         from gmae_jax.train import model_flops  # noqa: PLC0415

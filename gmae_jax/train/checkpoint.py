@@ -65,21 +65,24 @@ def make_manager(
 
 @functools.cache
 def _write_replicated_arrays_whole_in_a_single_process() -> None:
-    """Turns off orbax's replica-parallel saving where one process writes every byte anyway.
-
-    With it, each device holding a copy of a replicated array writes one slice of it: what spreads
-    the writing over the hosts of a multi-process run. In a single process it writes the same bytes
-    but slices every array on its devices first, a compiled slice per array shape and device:
+    """Where one process writes every byte anyway, orbax's replica-parallel saving only costs time:
     measured on 8 CPU devices, the first save of `small`'s train state took 21.5 s instead of 5.5 s
-    (280 compiles) and later saves 8-9 s instead of 3-4 s. orbax leaves it on except where
-    JAX_PLATFORMS names a GPU, which a single-host multi-GPU run rarely sets. Files are the same.
-    """
-    if jax.process_count() > 1:
-        return
+    (280 compiles) and later saves 8-9 s instead of 3-4 s (`python -m gmae_jax.bench
+    --checkpoint_save`). orbax leaves it on except where JAX_PLATFORMS names a GPU, which a
+    single-host multi-GPU run rarely sets. Multi-process runs keep it: it spreads their writing."""
+    if jax.process_count() == 1:
+        use_replica_parallel_saving(False)
+
+
+def use_replica_parallel_saving(enabled: bool) -> None:
+    """orbax's replica-parallel saving on or off for this process's saves: with it, each device
+    holding a copy of a replicated array writes one slice of it (what spreads the writing over the
+    hosts of a multi-process run), after slicing it on the device, a compiled slice per array shape
+    and device. The files are the same either way."""
     handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
     if not hasattr(handler, "_use_replica_parallel"):  # another orbax: leave its handler alone
         return
-    handler._use_replica_parallel = False
+    handler._use_replica_parallel = enabled
     with _without_log_record("Type handler registry type"):  # orbax warns of any override
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
