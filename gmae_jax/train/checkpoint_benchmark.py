@@ -42,7 +42,9 @@ def save_seconds(preset: str, saves: int = 3, depth: int | None = None) -> dict[
                              "compiles": len(compiles) - compiled_before}
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
-        checkpoint.use_replica_parallel_saving(jax.process_count() > 1)  # the process's usual setting
+        # Back to make_manager's setting: off in one process; with several, orbax's default (on,
+        # unless JAX_PLATFORMS names a GPU: that case is left on here).
+        checkpoint.use_replica_parallel_saving(jax.process_count() > 1)
     return results
 
 
