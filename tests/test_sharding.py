@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from gmae_jax import config_lib
-from gmae_jax.data import pipeline, transforms
+from gmae_jax.data import pipeline
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
-from gmae_jax.train import checkpoint, sharding, steps, trainer
+from gmae_jax.train import checkpoint, sharding, step_benchmark, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 # Small enough that most of the micro model's kernels are split, so parity covers real FSDP.
@@ -43,12 +43,8 @@ def stage_setup(stage: str, **model_overrides):
 def batches(n, size, num_classes=4, batch_size=16, repeat=False):
     """n random batches as the input pipeline yields them (uint8 pixels, each row's colour jitter for
     the step to apply), or one batch n times (`repeat`, where a falling loss is the check)."""
-    rng = np.random.default_rng(0)
-    made = [{"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-             "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
-             "color_jitter": np.stack([transforms.sample_color_jitter(rng, 0.4, 0.4, 0.4, 0.1)
-                                       for _ in range(batch_size)])}
-            for _ in range(1 if repeat else n)]
+    made = [step_benchmark.pipeline_batch(batch_size, size, num_classes, seed=seed)
+            for seed in range(1 if repeat else n)]
     return made * n if repeat else made
 
 
