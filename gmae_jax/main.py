@@ -35,13 +35,17 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
 class _QuietLibraries(pylogging.Filter):
     """Keeps orbax's per-save INFO chatter out of the progress output. Warnings still pass, except
     those about what is so by design: checkpoints saved between evaluations carry no metric, and
-    evaluate / predict open the checkpoints read-only."""
+    evaluate / predict open the checkpoints read-only. JAX's INFO line about each platform it probed
+    and did not find ("Unable to initialize backend 'tpu'" on every GPU or CPU machine) goes too:
+    the next line says which platform the run uses."""
 
     _EXPECTED = ("did not provide metrics", "read_only=True", "is read only")
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         if "/fsspec/" in record.pathname or "/gcsfs/" in record.pathname:  # INFO per file opened on gs://
             return record.levelno >= pylogging.WARNING
+        if record.pathname.endswith("xla_bridge.py") and record.levelno < pylogging.WARNING:
+            return not record.getMessage().startswith("Unable to initialize backend")
         if "/orbax/" not in record.pathname:
             return True
         message = record.getMessage()

@@ -55,6 +55,7 @@ def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_
     assert "=== pretrain finished" in result.stdout and "best loss: " in result.stdout
     assert "[pretrain] step 4/4" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
     assert re.search(r"\[pretrain\] step 1 \(compiling the step included\) took [\d.]+ s", result.stderr)
+    assert re.search(r"JAX \S+ on cpu", result.stderr) and "Unable to initialize backend" not in result.stderr
     for path in ("pretrain/reconstructions.png", "runs/pretrained_3_s0/confusion_matrix.png",
                  "runs/scratch_3_s0/metrics.jsonl", "pretrain/config.json", "runs/pretrained_3_s0/classes.json",
                  "label_efficiency.json", "label_efficiency.png", "data/finetune_dataset/.complete"):
