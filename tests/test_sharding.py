@@ -187,7 +187,8 @@ def running_average_loss(params, batch_stats, batch, rng, *, model):
     return loss, ({"loss": loss}, batch_stats)
 
 
-def test_accumulated_micro_batches_equal_one_large_batch(impl="jit"):
+@pytest.mark.parametrize("impl", ["jit", "shard_map"])
+def test_accumulated_micro_batches_equal_one_large_batch(impl):
     _, model, _, _ = stage_setup("finetune")
     loss_fn = functools.partial(running_average_loss, model=model)
     # The default small learning rate (see run_steps): at 1e-3 the float noise of a near-zero gradient
