@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from gmae_jax.models import masking, modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig
+from gmae_jax.train import model_flops, step_benchmark
 
 MICRO = GMSTConfig(**PRESETS["micro"])
 
@@ -142,3 +144,32 @@ def test_reference_preset_has_the_original_parameter_count():
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     assert 1.30e9 < count(shapes["params"]) < 1.35e9
     assert 1.00e9 < count(shapes["params"]["encoder"]) < 1.04e9
+
+
+@pytest.mark.parametrize("task, mask_mode, conv_impl", [
+    ("pretrain", "encoder", "matmul"), ("pretrain", "sparse", "xla"), ("finetune", "encoder", "xla"),
+])
+def test_bfloat16_compute_runs_every_matmul_and_convolution_in_bfloat16(task, mask_mode, conv_impl):
+    """Forward and backward, attention dropout included: a float32 operand anywhere would run that
+    matmul at float32 speed on tensor cores (as Flax's attention did with its float32 probabilities)."""
+    config = dataclasses.replace(step_benchmark.preset_architecture("micro", "bfloat16"), depth=1,
+                                 mask_mode=mask_mode, conv_impl=conv_impl)
+    assert config.attention_dropout > 0
+    jaxpr = model_flops.gradients_jaxpr(config, task, 2, mask_ratio=0.6, num_classes=4)
+    operands = [(eqn.primitive.name, *(str(v.aval.dtype) for v in eqn.invars)) for eqn in model_flops.matmuls(jaxpr)]
+    assert len(operands) > 50
+    assert all(types[1:] == ("bfloat16", "bfloat16") for types in operands), sorted(set(operands))
+
+
+def test_attention_with_dropout_is_flaxs_in_float32_and_keeps_bfloat16_probabilities():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 17, 4, 8)), jnp.float32) for _ in range(3))
+    key = jax.random.key(3)
+    ours = modules.attention_with_dropout(q, k, v, key, 0.1)
+    flax = nn.dot_product_attention(q, k, v, dropout_rng=key, dropout_rate=0.1, broadcast_dropout=False,
+                                    deterministic=False, force_fp32_for_softmax=True)
+    np.testing.assert_array_equal(ours, flax)  # the same numbers and dropout mask
+    assert not np.array_equal(ours, modules.attention_with_dropout(q, k, v, jax.random.key(4), 0.1))
+    low = modules.attention_with_dropout(*(x.astype(jnp.bfloat16) for x in (q, k, v)), key, 0.1)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), ours, rtol=0.05, atol=0.05)

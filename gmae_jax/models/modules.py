@@ -187,12 +187,30 @@ class MSDC(nn.Module):
         return s * jnp.expand_dims(e, spatial_axes) + x
 
 
+def attention_with_dropout(query: jax.Array, key: jax.Array, value: jax.Array, dropout_rng: jax.Array,
+                           rate: float) -> jax.Array:
+    """Attention with dropout on the probabilities, (B, L, heads, head_dim) in and out.
+
+    Flax's `nn.dot_product_attention` with a float32 softmax, except that the probabilities go back
+    to the compute dtype after it (Flax keeps them float32, which in a bfloat16 step made the
+    probabilities-times-values matmul and both its gradients float32 matmuls). The softmax stays
+    float32; in float32 the numbers and the dropout mask are Flax's.
+    """
+    dtype = query.dtype
+    query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
+    logits = jnp.einsum("...qhd,...khd->...hqk", query, key)
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, probs.shape)
+    probs = probs * (keep.astype(jnp.float32) / (1.0 - rate))
+    return jnp.einsum("...hqk,...khd->...qhd", probs.astype(dtype), value)
+
+
 class MHSA(nn.Module):
     """Multi-head self-attention laid out like `torch.nn.MultiheadAttention` (packed q, k, v).
 
     Uses `jax.nn.dot_product_attention` (its XLA implementation: JAX picks cuDNN's fused kernel
     only when asked, and at 196 tokens the score matrix is small); attention-probability dropout,
-    which that function lacks, goes through Flax's reference attention in training only.
+    which that function lacks, goes through `attention_with_dropout` in training only.
     """
 
     dim: int
@@ -207,15 +225,7 @@ class MHSA(nn.Module):
         qkv = nn.Dense(3 * self.dim, kernel_init=xavier_uniform, dtype=self.dtype, name="in_proj")(x)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
         if train and self.dropout_rate > 0.0:
-            out = nn.dot_product_attention(
-                q, k, v,
-                dropout_rng=self.make_rng("dropout"),
-                dropout_rate=self.dropout_rate,
-                broadcast_dropout=False,
-                deterministic=False,
-                dtype=self.dtype,
-                force_fp32_for_softmax=True,  # as jax.nn.dot_product_attention does
-            )
+            out = attention_with_dropout(q, k, v, self.make_rng("dropout"), self.dropout_rate)
         else:
             out = jax.nn.dot_product_attention(q, k, v)
         out = out.reshape(batch, length, self.dim)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -68,21 +68,40 @@ def matmul_and_conv_flops(jaxpr: core.Jaxpr) -> float:
     return total
 
 
+def matmuls(jaxpr: core.Jaxpr) -> Iterator[core.JaxprEqn]:
+    """Every `dot_general` and `conv_general_dilated` equation of `jaxpr`, nested ones included
+    (each once, whatever the loop around it): what a precision policy must cover."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            yield eqn
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                yield from matmuls(sub)
+
+
 def train_step_flops(config: GMSTConfig, task: str, batch_size: int, *, mask_ratio: float,
                      num_classes: int) -> float:
     """Model FLOPs of one forward + backward pass of `task`'s model on `batch_size` images (the
     optimiser update has no matmul); `config.remat` is ignored: recomputation is not model work."""
+    jaxpr = gradients_jaxpr(dataclasses.replace(config, remat="none"), task, batch_size, mask_ratio=mask_ratio,
+                            num_classes=num_classes)
+    return matmul_and_conv_flops(jaxpr)
+
+
+def gradients_jaxpr(config: GMSTConfig, task: str, batch_size: int, *, mask_ratio: float,
+                    num_classes: int) -> core.Jaxpr:
+    """The jaxpr of the train step's forward and backward pass on `batch_size` images, traced from
+    shapes (nothing is initialised or compiled)."""
     model, init_inputs, loss_fn, _ = step_benchmark.model_and_loss(
-        dataclasses.replace(config, remat="none"), task, mask_ratio=mask_ratio, num_classes=num_classes)
+        config, task, mask_ratio=mask_ratio, num_classes=num_classes)
     variables = jax.eval_shape(functools.partial(model.init, train=False),
                                {"params": jax.random.key(0), "dropout": jax.random.key(0)}, *init_inputs)
     shape = (batch_size, config.img_size, config.img_size, config.in_channels)
     batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     gradients = functools.partial(steps.loss_gradients, loss_fn=loss_fn)
-    jaxpr = jax.make_jaxpr(gradients)(variables["params"], variables.get("batch_stats", {}), batch,
-                                      jax.random.key(0))
-    return matmul_and_conv_flops(jaxpr.jaxpr)
+    return jax.make_jaxpr(gradients)(variables["params"], variables.get("batch_stats", {}), batch,
+                                     jax.random.key(0)).jaxpr
 
 
 def flops_per_image(config: GMSTConfig, task: str, *, mask_ratio: float, num_classes: int) -> float:
