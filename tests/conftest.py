@@ -7,7 +7,8 @@ import os
 # but take ~30 % of each compile; tests compile far more than they run (a few steps per program),
 # and the same programs compute the same numbers to float32 rounding. At that level XLA:CPU's older
 # elementwise emitters (fusion emitters off) compile faster still: the suite 845 -> 634 s on an
-# idle 2-core VM (at the default level they compile and run slower, so only tests use them).
+# idle 2-core VM, ~10 s of it from one device-suite case fewer (at the default level they compile
+# and run slower, so only tests use them).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                       "--xla_cpu_use_fusion_emitters=false")
 

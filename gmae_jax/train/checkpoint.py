@@ -67,8 +67,9 @@ def make_manager(
 def _write_replicated_arrays_whole_in_a_single_process() -> None:
     """Where one process writes every byte anyway, orbax's replica-parallel saving only costs time:
     on 8 CPU devices the first save of `small`'s train state took 17.3 s instead of 5.9 s (280
-    compiles) and later saves 7.2 s instead of 3.1 s (`python -m gmae_jax.bench --checkpoint_save`). orbax leaves it on except where JAX_PLATFORMS names a GPU, which a
-    single-host multi-GPU run rarely sets. Multi-process runs keep it: it spreads their writing."""
+    compiles) and later saves 7.2 s instead of 3.1 s (`python -m gmae_jax.bench --checkpoint_save`).
+    orbax leaves it on except where JAX_PLATFORMS names a GPU, which a single-host multi-GPU run
+    rarely sets. Multi-process runs keep it: it spreads their writing."""
     if jax.process_count() == 1:
         use_replica_parallel_saving(False)
 

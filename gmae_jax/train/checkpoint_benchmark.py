@@ -61,6 +61,7 @@ def _timed_saves(state: object, saves: int, replica_parallel: bool) -> Iterator[
 
 
 def markdown_table(preset: str, results: dict[str, dict[str, float]]) -> str:
+    """`save_seconds`' results as the table BENCHMARKS.md quotes, with the two modes' time ratios."""
     whole, sliced = results["whole arrays"], results["replica-parallel"]
     lines = [f"`{preset}` train state on {jax.device_count()} x {jax.devices()[0].device_kind}, "
              f"{jax.process_count()} process(es), JAX {jax.__version__}",
