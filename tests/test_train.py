@@ -100,8 +100,27 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
     config.model.depth = 3
     model, init_inputs = setup.build_model(config)
     state, _ = trainer.create_state(model, init_inputs, config, sharding.make_mesh(), 10)
-    with pytest.raises(config_lib.ConfigError, match="does not match config.model"):
+    with pytest.raises(config_lib.ConfigError, match=r"does not match config.model \(model.depth: 2 there, 3 here\); "
+                       rf"use the same --config.model.\* as that run \(its config.json is in {workdir}\)"):
+        init_from.load_pretrained_encoder(state, workdir, model.config)
+    # Without this run's config, the first parameters that differ.
+    with pytest.raises(config_lib.ConfigError, match=r"\['blocks_2'\]\S*: absent there, \(\d+,?\d*\) here; "):
         init_from.load_pretrained_encoder(state, workdir)
+
+
+def test_runs_and_checkpoints_named_by_relative_paths(pretrained, demo_root, monkeypatch):
+    """The README's commands name workdirs relative to where they run; orbax wants absolute paths."""
+    workdir, _, _ = pretrained
+    monkeypatch.chdir(os.path.dirname(workdir))
+    run = setup.restore_run(os.path.basename(workdir))
+    assert run.step == 30
+    manager = checkpoint.make_manager(os.path.join("relative", "checkpoints"), max_to_keep=1)
+    checkpoint.save(manager, 7, {"w": np.arange(3.0)}, None)
+    manager.wait_until_finished()
+    restored = checkpoint.restore(manager, {"w": np.zeros(3)}, None)
+    manager.close()
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+    assert os.path.isdir(os.path.join("relative", "checkpoints", "7"))
 
 
 def files_of(folder):

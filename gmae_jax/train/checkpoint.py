@@ -10,6 +10,7 @@ import functools
 import json
 import logging as pylogging
 import operator
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -60,7 +61,12 @@ def make_manager(
         **(dict(save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=this_process, active_processes={this_process})) if read_only else {}))
     with _without_log_record("Given directory is read only"):  # what we asked for, not a problem
-        return ocp.CheckpointManager(epath.Path(directory), options=options)
+        return ocp.CheckpointManager(_absolute(directory), options=options)
+
+
+def _absolute(directory: str) -> epath.Path:
+    """Orbax refuses relative paths; a `--workdir=runs/x` is relative to where the command runs."""
+    return epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.schema import ConfigError
 from gmae_jax.train import setup, steps
 
@@ -19,11 +20,30 @@ def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str) -> steps.TrainState:
+# The architecture fields that decide the encoder's parameter shapes, named in a mismatch.
+_ENCODER_SHAPE_FIELDS = ("img_size", "in_channels", "patch_size", "overlap_patches", "embed_dim", "depth",
+                         "num_heads", "mlp_ratio")
+
+
+def _mismatch(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], there: GMSTConfig,
+              here: GMSTConfig | None) -> str:
+    """What differs, in config fields where they say it, else as the first differing parameters."""
+    fields = [f"model.{name}: {getattr(there, name)} there, {getattr(here, name)} here"
+              for name in _ENCODER_SHAPE_FIELDS if here is not None and getattr(there, name) != getattr(here, name)]
+    if fields:
+        return "; ".join(fields)
+    keys = [key for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
+    shown = [f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} here" for key in keys[:3]]
+    return "; ".join(shown) + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
+                            model_config: GMSTConfig | None = None) -> steps.TrainState:
     """`state` with the encoder of the latest checkpoint of `pretrain_dir` (a pretrain or finetune
-    workdir, or its checkpoints folder). Shapes must match: the same `config.model` in both runs.
-    Both models add `pos_embed` before the blocks, so it transfers from either."""
-    run = setup.restore_run(pretrain_dir)
+    workdir, or its checkpoints folder). Shapes must match: the same `config.model` in both runs
+    (`model_config`, this run's, names the fields that differ). Both models add `pos_embed` before
+    the blocks, so it transfers from either."""
+    run = setup.restore_run(pretrain_dir, flag="--config.init_from")
     pretrained = run.weights
     source = {"encoder": pretrained.params["encoder"], "pos_embed": pretrained.params["pos_embed"],
               "batch_stats": pretrained.batch_stats["encoder"]}
@@ -31,11 +51,10 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str) -> steps
               "batch_stats": state.batch_stats["encoder"]}
     have, want = _tree_shapes(source), _tree_shapes(target)
     if have != want:
-        diff = sorted(set(have.items()) ^ set(want.items()))[:6]
         raise ConfigError(
-            f"the pretrained encoder in {pretrain_dir} does not match config.model (first "
-            f"differences: {diff}); use the same --config.model.* as the pretraining run (its "
-            "config.json is in its workdir)")
+            f"the pretrained encoder in {pretrain_dir} does not match config.model "
+            f"({_mismatch(have, want, run.model.config, model_config)}); use the same --config.model.* as "
+            f"that run (its config.json is in {run.workdir})")
     # The pretraining run's mesh may not be this one's: re-place each array as the target is.
     placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), source, target)
     logging.info("loaded the pretrained encoder from %s (step %d)", run.workdir, run.step)

@@ -143,11 +143,11 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
+def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--config.checkpoint_dir") -> RestoredRun:
     """Rebuilds a pretrain or finetune run from `workdir` with the weights of checkpoint `which`
     ('latest': the newest step that restores, see `RestoredRun.skipped`, which process 0 also prints
     as one notice line; 'best' or a step number: that step, or a ConfigError saying why not). Reads
-    the run folder only, whatever it finds."""
+    the run folder only, whatever it finds. `flag` is the one that named the run, for the errors."""
     workdir = run_workdir(workdir)
     config = load_run_config(workdir)
     class_names = load_class_names(workdir)
@@ -159,7 +159,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
     abstract = abstract_weights(model, init_inputs, mesh)
     manager = checkpoint_manager(workdir, config)
     try:
-        weights, step, skipped = _restore_weights(manager, which, abstract, f"{workdir}/{CHECKPOINTS}")
+        weights, step, skipped = _restore_weights(manager, which, abstract, f"{workdir}/{CHECKPOINTS}", flag)
     finally:
         manager.close()
     restored = RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,
@@ -170,7 +170,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST) -> RestoredRun:
 
 
 def _restore_weights(
-    manager: Any, which: str, abstract: Weights, folder: str,
+    manager: Any, which: str, abstract: Weights, folder: str, flag: str,
 ) -> tuple[Weights, int, list[tuple[int, str]]]:
     """The weights of checkpoint `which`: for 'latest' the newest step that restores (a damaged
     newer one is skipped, and listed); a named step or 'best' must restore itself. Never writes."""
@@ -178,7 +178,7 @@ def _restore_weights(
     if which == checkpoint.LATEST:
         weights, step, skipped = checkpoint.newest_that_restores(
             folder, steps, lambda step: checkpoint.restore_weights(manager, step, abstract),
-            advice="check that the run's disk is intact, or point --config.checkpoint_dir at another run")
+            advice=f"check that the run's disk is intact, or point {flag} at another run")
         if step is not None:
             return weights, step, skipped
     step = checkpoint.pick_step(manager, which)

@@ -188,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     if last_saved is not None:
         logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
     elif config.get("init_from"):
-        state = load_pretrained_encoder(state, config.init_from)
+        state = load_pretrained_encoder(state, config.init_from, model.config)
     # Only now, with the state restored, may config.json describe this run's settings.
     write_run_files(config, workdir, data.class_names, changes)
 
