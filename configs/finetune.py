@@ -12,9 +12,9 @@ from gmae_jax import config_lib, schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, model="small", runlocal=False)
+    arg = config_lib.parse_arg(arg, model="", runlocal=False)
     config = config_lib.training_config(
-        "finetune", arg.model,
+        "finetune", config_lib.training_preset(arg),
         loop=schema.LoopConfig(num_epochs=100.0, best_metric="accuracy", best_mode="max"),
         optim=schema.OptimConfig(warmup_steps=500, weight_decay=0.01, layer_decay=0.75),
         data=config_lib.data_section("data/finetune_dataset"))

@@ -3,7 +3,8 @@
   python -m gmae_jax.main --config=configs/pretrain.py:model=small --workdir=/tmp/pretrain \
       --config.data.root=data/pretrain_dataset
 
-Variants after ':': model=<preset> (reference, base, small, tiny, micro), runlocal (a few steps).
+Variants after ':': model=<preset> (reference, base, small, tiny, micro; default small), runlocal (a few
+steps; the micro model unless model= is given).
 Defaults follow the original recipe where it is sane: AdamW, wd 0.05, batch 64, 224 px, patch 16.
 Fields and defaults not set here: gmae_jax/schema.py.
 """
@@ -14,9 +15,9 @@ from gmae_jax import config_lib, schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, model="small", runlocal=False)
+    arg = config_lib.parse_arg(arg, model="", runlocal=False)
     config = config_lib.training_config(
-        "pretrain", arg.model,
+        "pretrain", config_lib.training_preset(arg),
         loop=schema.LoopConfig(num_epochs=200.0, eval_every=2000, checkpoint_every=2000,
                                best_metric="loss", best_mode="min"),
         optim=schema.OptimConfig(warmup_steps=1000, weight_decay=0.05),

@@ -9,7 +9,7 @@ a frozen pretrained encoder with the same budget, on a seeded class-balanced sub
 labelled training split, and scores every run on the whole validation split. Writes
 label_efficiency.json / .png and prints a table. Re-running skips the runs that finished.
 
-Variants after ':': model=<preset>, runlocal (the micro model, a few steps per run).
+Variants after ':': model=<preset>, runlocal (a few steps per run; the micro model unless model= is given).
 The recipes are configs/pretrain.py and configs/finetune.py, under `config.pretrain` and
 `config.finetune` (e.g. --config.pretrain.mask_ratio=0.75 --config.finetune.total_steps=500).
 """
@@ -20,8 +20,8 @@ from gmae_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, model="small", runlocal=False)
-    variant = f"model={arg.model}" + (",runlocal" if arg.runlocal else "")
+    arg = config_lib.parse_arg(arg, model="", runlocal=False)
+    variant = f"model={config_lib.training_preset(arg)}" + (",runlocal" if arg.runlocal else "")
     config = ml_collections.ConfigDict()
     config.stage = "study"
     # Unlabelled images for pretraining (any layout the pretrain stage reads; labels are not used).

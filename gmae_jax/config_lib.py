@@ -21,7 +21,7 @@ from gmae_jax.train.resume_check import RESUME_POLICIES
 STEP_IMPLS = ("jit", "shard_map")  # see gmae_jax.train.sharding.make_train_step
 
 __all__ = ["ConfigError", "check", "data_section", "load_sibling_config", "make_runlocal", "model_section",
-           "parse_arg", "training_config", "validate_model", "validate_training"]
+           "parse_arg", "training_config", "training_preset", "validate_model", "validate_training"]
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -75,9 +75,15 @@ def training_config(stage: str, preset: str, loop: schema.LoopConfig, optim: sch
     return config
 
 
+def training_preset(arg: ml_collections.ConfigDict) -> str:
+    """The model preset of a training config's variants: `model=` where given, else `micro` under
+    `runlocal` (a smoke run) and `small` otherwise."""
+    return arg.model or ("micro" if arg.runlocal else "small")
+
+
 def make_runlocal(config: ml_collections.ConfigDict) -> None:
-    """The `runlocal` variant: the micro model for a few steps in the main process (smoke tests)."""
-    config.model = model_section("micro")
+    """The `runlocal` variant: a few steps in the main process (smoke tests); its model comes from
+    `training_preset`."""
     config.data.num_workers = 0
     config.batch_size = 16
     config.total_steps = 20

@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
         stages.run(config, _WORKDIR.value)
         logging.info("%s", cache.summary())
     except Preempted as stop:
-        sys.exit(str(stop))
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(Preempted.EXIT_STATUS)
     except Exception as error:
         # A mistake in the config, the data, the job flags or the workdir: one line that says what to
         # change. Bugs, and everything under --debug, keep their traceback.

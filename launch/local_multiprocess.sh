@@ -38,9 +38,11 @@ done
 status=0
 run_process 0 "$@" || status=$?
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    status=1
-    echo "process $((i + 1)) failed; see $LOG_DIR/process_$((i + 1)).log" >&2
+  code=0
+  wait "${pids[$i]}" || code=$?
+  if ((code != 0)); then
+    ((status != 0)) || status=$code  # 75: preempted after a checkpoint (rerun to resume); else failed
+    ((code == 75)) || echo "process $((i + 1)) failed; see $LOG_DIR/process_$((i + 1)).log" >&2
   fi
 done
 exit "$status"

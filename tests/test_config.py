@@ -25,6 +25,22 @@ def test_variant_selects_model_preset_and_runlocal():
     assert (config.model.preset, config.model.embed_dim, config.model.depth) == ("tiny", 128, 4)
     local = load("pretrain", "runlocal")
     assert local.model.preset == "micro" and local.total_steps == 20
+    assert load("finetune").model.preset == "small"
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("variant", ["model=mini,runlocal", "runlocal,model=mini"])
+def test_runlocal_keeps_the_model_the_variant_names(stage, variant):
+    config = load(stage, variant)
+    assert (config.model.preset, config.model.embed_dim, config.total_steps) == ("mini", 64, 20)
+
+
+def test_the_study_hands_its_model_and_runlocal_to_both_recipes():
+    config = load("study", "model=mini,runlocal")
+    for recipe in (config.pretrain, config.finetune):
+        assert (recipe.model.preset, recipe.total_steps) == ("mini", 20)
+    assert load("study", "runlocal").pretrain.model.preset == "micro"
+    assert load("study").finetune.model.preset == "small"
 
 
 def test_unknown_variant_and_preset_are_errors():

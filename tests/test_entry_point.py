@@ -84,7 +84,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
         proc.wait(timeout=120)
     last = log.read_text().strip().splitlines()[-1]
     match = re.fullmatch(r"preempted: saved step (\d+) in (.+); rerun the same command to resume from it", last)
-    assert proc.returncode == 1 and match, last
+    assert proc.returncode == 75 and match, last  # EX_TEMPFAIL: a scheduler may requeue it
     saved = int(match.group(1))
     assert saved >= 2 and (workdir / "checkpoints" / str(saved)).is_dir()
 

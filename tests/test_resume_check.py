@@ -39,15 +39,43 @@ def test_fields_are_binding_unless_listed_as_harmless():
 
 def test_binding_changes_are_refused_with_old_and_new_values_and_the_two_ways_out(run_dir):
     config = pretrain_config()
-    config.model.depth, config.seed = 3, 7
+    config.data.root, config.seed = "/other", 7
     before = {name: (run_dir / name).read_bytes() for name in ("config.json", "classes.json")}
     with pytest.raises(config_lib.ConfigError) as refused:
         resume_check.check(config, str(run_dir), ["fist", "palm"])
     message = str(refused.value)
-    assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
+    assert "data.root: 'data/pretrain_dataset' -> '/other'; seed: 42 -> 7" in message
     assert "another --workdir" in message and "--config.resume_policy=allow_changes" in message
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     assert not (run_dir / resume_check.HISTORY_FILE).exists()
+
+
+@pytest.mark.parametrize("policy", resume_check.RESUME_POLICIES)
+def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offering_allow_changes(run_dir, policy):
+    config = pretrain_config()
+    config.model.depth, config.seed, config.resume_policy = 3, 7, policy
+    with pytest.raises(config_lib.ConfigError) as refused:
+        resume_check.check(config, str(run_dir), ["fist", "palm"])
+    message = str(refused.value)
+    assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
+    assert "model.depth set the shapes of its saved weights" in message and "another --workdir" in message
+    assert "allow_changes" not in message
+    assert not (run_dir / resume_check.HISTORY_FILE).exists()
+
+
+@pytest.mark.parametrize("damage, state", [("", "is empty"), ('{"stage": "pre', "is not valid JSON")])
+def test_a_damaged_config_json_is_a_one_line_error_naming_it(run_dir, damage, state):
+    (run_dir / "config.json").write_text(damage)
+    with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'config.json'} {state}"):
+        resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"])
+
+
+def test_run_files_are_replaced_whole_and_leave_no_temporary_file(run_dir):
+    config = pretrain_config()
+    config.total_steps = 40
+    trainer.write_run_files(config, str(run_dir), ["fist", "palm"])
+    assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 40
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "classes.json", "config.json"]
 
 
 def test_other_classes_are_a_binding_change(run_dir):

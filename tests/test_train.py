@@ -142,9 +142,9 @@ def test_rerun_with_another_model_is_refused_before_anything_changes(pretrained,
     with pytest.raises(config_lib.ConfigError) as refused:
         stages.run(changed, workdir)
     assert str(refused.value) == (
-        f"{workdir} holds a run with other settings (model.embed_dim: 32 -> 48); nothing was changed. Start a "
-        "new run with another --workdir, or continue this one with the new values with "
-        "--config.resume_policy=allow_changes")
+        f"{workdir} holds a run with other settings (model.embed_dim: 32 -> 48); nothing was changed. "
+        "model.embed_dim set the shapes of its saved weights, so no resume can continue it with the new values: "
+        "start a new run with another --workdir")
     after = files_of(workdir)
     assert after == before  # config.json, classes.json, every checkpoint file: byte-identical
     assert any(name.startswith("checkpoints" + os.sep) for name in after)

@@ -15,6 +15,10 @@ from absl import logging
 class Preempted(Exception):
     """Raised after the preemption checkpoint is on disk; rerunning the command resumes from it."""
 
+    # The entry point's exit status then: sysexits' EX_TEMPFAIL ("try again later"), so a scheduler
+    # or wrapper script can requeue a preempted run and treat status 1 (an error) as final.
+    EXIT_STATUS = 75
+
 
 class PreemptionWatch:
     """One process: a SIGTERM handler sets a flag. Several processes: orbax's `reached_preemption`,

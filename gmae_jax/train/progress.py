@@ -14,6 +14,7 @@ import jax
 from absl import logging
 from etils import epath
 
+from gmae_jax import run_files
 from gmae_jax.data import pipeline
 
 
@@ -34,7 +35,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.lines.append(json.dumps(record, sort_keys=True))
-        self.path.write_text("\n".join(self.lines) + "\n")
+        run_files.write_text(self.path, "\n".join(self.lines) + "\n")
 
 
 def _metrics_record(line: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from gmae_jax import run_files
 from gmae_jax.schema import ConfigError
 from gmae_jax.train.setup import CHECKPOINTS, CLASSES_FILE, CONFIG_FILE
 
@@ -31,6 +32,11 @@ HARMLESS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume_policy",
     "num_reconstructions", "step_impl", "grad_accum_steps", "data.num_workers", "data.max_bad_images",
     "mesh.*", "wandb.*", "model.remat", "model.conv_impl",
+)
+# Fields that set the shapes of the saved weights: no resume policy can continue a run across them.
+SHAPE_FIELDS = (
+    "stage", "num_classes", "model.img_size", "model.in_channels", "model.patch_size", "model.overlap_patches",
+    "model.embed_dim", "model.depth", "model.decoder_embed_dim", "model.decoder_depth", "model.mlp_ratio",
 )
 # Harmless only when they grow: a longer run continues the same one; a shorter one is another run.
 UPWARD_ONLY = ("total_steps", "num_epochs")
@@ -79,15 +85,21 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
     folder = epath.Path(workdir)
     if not (folder / CONFIG_FILE).exists() or not _has_checkpoints(folder):
         return []  # nothing to resume: a new run (metrics of a run that never saved are dropped)
-    old = flatten(json.loads((folder / CONFIG_FILE).read_text()))
+    old = flatten(run_files.read_json(folder / CONFIG_FILE))
     new = flatten(json.loads(config.to_json_best_effort()))
     binding, harmless = compare(old, new)
     if (folder / CLASSES_FILE).exists():
-        old_classes = list(json.loads((folder / CLASSES_FILE).read_text()))
+        old_classes = list(run_files.read_json(folder / CLASSES_FILE))
         if old_classes != list(class_names):
             binding.append((f"classes ({CLASSES_FILE})", old_classes, list(class_names)))
+    listed = "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in binding)
+    reshaping = [name for name, _, _ in binding if name in SHAPE_FIELDS]
+    if reshaping:
+        raise ConfigError(
+            f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(reshaping)} "
+            "set the shapes of its saved weights, so no resume can continue it with the new values: start a new "
+            "run with another --workdir")
     if binding and config.get("resume_policy", "check") == "check":
-        listed = "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in binding)
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
             "with another --workdir, or continue this one with the new values with "
@@ -105,4 +117,4 @@ def record(workdir: str, changes: list[Change], policy: str) -> None:
         "changes": {name: {"old": old, "new": new} for name, old, new in changes},
     }, sort_keys=True)
     previous = path.read_text() if path.exists() else ""
-    path.write_text(previous + line + "\n")
+    run_files.write_text(path, previous + line + "\n")

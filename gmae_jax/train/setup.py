@@ -11,7 +11,6 @@ left where it is: these stages only read the run.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from gmae_jax import run_files
 from gmae_jax.models import fast_conv
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
@@ -91,7 +91,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(run_files.read_json(path))
     if config.get("stage") not in TRAINING_STAGES:
         raise ConfigError(f"{path} is a '{config.get('stage')}' run; expected one of {TRAINING_STAGES}")
     return config
@@ -101,7 +101,7 @@ def load_class_names(workdir: str) -> list[str]:
     path = epath.Path(workdir) / CLASSES_FILE
     if not path.exists():
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
-    return list(json.loads(path.read_text()))
+    return list(run_files.read_json(path))
 
 
 def run_workdir(path: str) -> str:

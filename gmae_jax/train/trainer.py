@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, schema
+from gmae_jax import config_lib, run_files, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import checkpoint, init_compile, resume_check, setup, sharding, steps, tasks
@@ -58,8 +58,8 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names
     folder.mkdir(parents=True, exist_ok=True)
     if changes:
         resume_check.record(workdir, list(changes), config.get("resume_policy", "check"))
-    (folder / setup.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    (folder / setup.CLASSES_FILE).write_text(json.dumps(class_names, indent=1))
+    run_files.write_text(folder / setup.CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
+    run_files.write_text(folder / setup.CLASSES_FILE, json.dumps(class_names, indent=1))
 
 
 def create_state(

@@ -1,0 +1,35 @@
+"""Writing a run folder's small text files (config.json, metrics.jsonl, ...) so that a kill never
+leaves one empty or cut off: the text goes to a temporary file beside it, which then replaces it.
+They are rewritten whole rather than appended to because object stores (gs://) cannot append."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+from gmae_jax.schema import ConfigError
+
+
+def write_text(path: epath.Path | str, text: str) -> None:
+    """`path.write_text(text)`, except that readers (and a rerun after a kill) see the old text or the
+    new one, never a partial file. The temporary name is per process: processes never share one."""
+    path = epath.Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def read_json(path: epath.Path | str) -> Any:
+    """The JSON in one of a run's files; a damaged one (emptied or cut off by a kill before these
+    writes were atomic, or edited by hand) is a one-line error naming it, not a JSONDecodeError."""
+    path = epath.Path(path)
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        state = "is empty" if not text.strip() else f"is not valid JSON ({error})"
+        raise ConfigError(f"{path} {state}: restore it from a copy, or move the run folder aside and start "
+                          "a new run") from None
