@@ -172,6 +172,32 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     assert os.path.exists(os.path.join(eval_dir, "eval_metrics.json"))
 
 
+@pytest.mark.parametrize("inside", ["", "eval", os.path.join("checkpoints", "..", "eval")])
+@pytest.mark.parametrize("named_as", ["", "checkpoints"])
+def test_evaluate_refuses_to_write_into_the_run_it_reads(pretrained, inside, named_as):
+    workdir, _, _ = pretrained
+    before = files_of(workdir)
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.checkpoint_dir = os.path.join(workdir, named_as)
+    with pytest.raises(config_lib.ConfigError, match=r"is inside the run it reads .*; evaluate never writes into"):
+        evaluate_stage.run(evaluate, os.path.join(workdir, inside))
+    assert files_of(workdir) == before
+
+
+def test_evaluate_of_a_run_whose_data_root_is_elsewhere_asks_for_data_root(pretrained, tmp_path):
+    workdir, _, _ = pretrained
+    moved = tmp_path / "from_another_machine"
+    shutil.copytree(workdir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["root"] = "/data/on/the/training/host"
+    (moved / "config.json").write_text(json.dumps(config))
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.checkpoint_dir = str(moved)
+    with pytest.raises(config_lib.ConfigError, match=r"the run's data root /data/on/the/training/host \(its "
+                       r"config.data.root\) is not a folder here; pass --config.data_root=FOLDER"):
+        evaluate_stage.run(evaluate, str(tmp_path / "eval"))
+
+
 RESUME_OVERRIDES = dict(total_steps=6, checkpoint_every=3, log_every=1, eval_every=0)
 
 

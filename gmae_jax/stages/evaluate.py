@@ -27,12 +27,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> schema.DataConfig:
     """The run's data section with this stage's overrides (root, split, workers)."""
     data = schema.read(schema.DataConfig, run.config.data, "config.data")
+    if not config.data_root and not epath.Path(data.root).is_dir():
+        # Typical of a run trained on another machine, or imported from PyTorch.
+        raise config_lib.ConfigError(
+            f"the run's data root {data.root} (its config.data.root) is not a folder here; pass "
+            "--config.data_root=FOLDER with the images to evaluate on (and --config.split=NAME if not its eval split)")
     return dataclasses.replace(data, root=config.data_root or data.root, eval_split=config.split or data.eval_split,
                                num_workers=config.num_workers)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Writes eval_metrics.json and the task's pictures to `workdir`; returns the metrics."""
+    setup.check_outside_run(workdir, config.checkpoint_dir, "evaluate")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     data = eval_data(config, restored)
     examples = sources.open_split(data, data.eval_split, restored.class_names)
@@ -53,7 +59,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         summaries.close()
         logging.info("wrote %s", ", ".join(pictures))
     logging.info("[evaluate] %s (step %d) on %s/%s: %s", restored.workdir, restored.step, data.root,
-                 data.eval_split, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+                 data.eval_split, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in metrics.items() if "/" not in k))
     if jax.process_index() == 0:
         if restored.config.stage == "finetune":
             print(metrics_lib.per_class_table(metrics, restored.class_names), flush=True)

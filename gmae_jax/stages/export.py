@@ -7,9 +7,9 @@ by `torch_mirror.convert` (renames and transposes only, so the export is exact).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
-import os
 from typing import Any, TypeVar
 
 import jax
@@ -88,13 +88,6 @@ def torch_state_dict(run: setup.RestoredRun) -> dict[str, np.ndarray]:
     return {k: forwards.copy() if k.endswith(".num_batches_tracked") else v for k, v in state.items()}
 
 
-def _check_outside_run(workdir: str, run_dir: str) -> None:
-    out, run = os.path.realpath(workdir), os.path.realpath(run_dir)
-    if out == run or out.startswith(run + os.sep):
-        raise config_lib.ConfigError(f"--workdir={workdir} is inside the run it exports ({run_dir}); the export "
-                                     "never writes into a run: choose another folder")
-
-
 def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[str, np.ndarray],
                  config: dict[str, Any]) -> None:
     """Writes model.pth, model.safetensors, encoder.pth and config.json into `folder`."""
@@ -128,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     the written config."""
     if jax.process_count() > 1:
         raise config_lib.ConfigError("the export stage runs in one process; drop the multi-process flags")
-    _check_outside_run(workdir, setup.run_workdir(config.checkpoint_dir))
+    setup.check_outside_run(workdir, config.checkpoint_dir, "the export")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     model, stage = restored.model.config, restored.config.stage
     layout = choose_layout(config.layout, model, restored.workdir)
@@ -140,8 +133,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(notice, flush=True)
     num_classes = int(restored.config.num_classes) if stage == "finetune" else None
     state, extras = split_state_dict(torch_state_dict(restored), model, stage, num_classes)
+    # The run's conv_impl as configured ('auto'), not as resolved for the backend that exports it: an
+    # import on a GPU should compute convolutions the GPU's way.
+    configured = dataclasses.replace(model, conv_impl=restored.config.model.get("conv_impl", "auto"))
     written = export_format.export_config(
-        model, stage=stage, step=restored.step, layout=layout, class_names=restored.class_names,
+        configured, stage=stage, step=restored.step, layout=layout, class_names=restored.class_names,
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
         preprocessing=preprocessing(model.img_size))
     write_export(epath.Path(workdir), state, extras, written)

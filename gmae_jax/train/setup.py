@@ -11,6 +11,7 @@ left where it is: these stages only read the run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -110,6 +111,16 @@ def run_workdir(path: str) -> str:
     if epath.Path(path).name == CHECKPOINTS and not (epath.Path(path) / CONFIG_FILE).exists():
         return str(epath.Path(path).parent)
     return path
+
+
+def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
+    """Stages that read a run (evaluate, predict, export) write their outputs elsewhere: in the run
+    they would mix with its own files (its TensorBoard, its confusion matrix)."""
+    run = run_workdir(run_path)
+    out, inside = os.path.realpath(workdir), os.path.realpath(run)
+    if out == inside or out.startswith(inside + os.sep):
+        raise ConfigError(f"--workdir={workdir} is inside the run it reads ({run}); {stage} never writes into a "
+                          "run: choose another folder")
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> Any:
