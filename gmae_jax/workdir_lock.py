@@ -106,6 +106,8 @@ def _not_writable(workdir: epath.Path, error: OSError) -> WorkdirNotWritableErro
 
 
 def _make_folder(workdir: epath.Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirNotWritableError(f"--workdir {workdir} is a file, not a folder; choose another --workdir")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

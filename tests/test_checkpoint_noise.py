@@ -64,3 +64,12 @@ def test_filters_left_by_failed_restores_are_installed_once():
               "assert sys.unraisablehook is hook and warnings.filters == filters\n"
               "assert len(logging.getLogger('asyncio').filters) == 1\n")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_a_failed_array_reads_reason_leaves_out_the_method_repr_orbax_appends():
+    from gmae_jax.train import checkpoint
+
+    error = Exception("Encountered error while reading array index: (slice(0, 132, 1), slice(0, 32, 1)). See full "
+                      "TensorStore details: <bound method PyCapsule.spec of TensorStore({'driver': 'zarr3'})>")
+    assert checkpoint.reason(error) == ("Exception: Encountered error while reading array index: (slice(0, 132, 1), "
+                                        "slice(0, 32, 1)).")

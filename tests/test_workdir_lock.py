@@ -37,6 +37,16 @@ def test_the_lock_is_taken_before_the_workdir_exists(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["flock", "lease"])
+def test_a_workdir_that_is_a_file_is_refused_saying_so(tmp_path, kind):
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("mine")
+    with pytest.raises(workdir_lock.WorkdirNotWritableError, match=r"notes.txt is a file, not a folder; choose"):
+        with workdir_lock.hold(str(workdir), kind):
+            pass
+    assert workdir.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["flock", "lease"])
 def test_a_run_that_fails_before_writing_leaves_no_folder_it_created(tmp_path, kind):
     new, existing = tmp_path / "new", tmp_path / "existing"
     existing.mkdir()

@@ -183,8 +183,10 @@ def iterator_state(step_folder: epath.Path) -> bytes:
 def reason(error: Exception) -> str:
     """One line on why a step did not restore, short enough for a log line. Tensorstore nests its
     causes ('CODE: Error opening "cast" driver: ... : the cause [tensorstore_spec=...]'): keep the
-    code and the innermost two (which file, what is wrong with it), drop the spec."""
+    code and the innermost two (which file, what is wrong with it), drop the spec (and the repr of a
+    method that orbax appends to errors reading an array)."""
     first = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    first = first.split(" See full TensorStore details")[0]  # a repr of a bound method follows
     parts = first.split(": ")
     if len(first) > 200 and len(parts) > 3:
         first = ": ".join([parts[0], "...", *parts[-2:]])
