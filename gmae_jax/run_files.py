@@ -18,7 +18,12 @@ def write_text(path: epath.Path | str, text: str) -> None:
     new one, never a partial file. The temporary name is per process: processes never share one."""
     path = epath.Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
+    try:
+        temporary.write_text(text)
+    except OSError as error:  # e.g. a full disk: the file it was for is the one to name
+        if temporary.exists():
+            temporary.unlink()
+        raise OSError(error.errno, error.strerror, str(path)) from error
     temporary.replace(path)
 
 
