@@ -51,6 +51,17 @@ def test_decode_converts_greyscale_to_rgb(tmp_path):
     assert (pixels == 77).all()
 
 
+def test_decode_reduces_16_bit_greyscale_to_its_top_8_bits(tmp_path):
+    eight_bit = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    path = _save(Image.fromarray(eight_bit.astype(np.uint16) * 257), tmp_path / "grey16.png", "PNG")
+    assert Image.open(path).mode in ("I;16", "I")  # what a 16-bit greyscale PNG opens as
+
+    pixels = np.asarray(transforms.decode_rgb(path))
+
+    assert pixels.shape == (6, 8, 3)
+    np.testing.assert_array_equal(pixels, np.repeat(eight_bit[..., None], 3, axis=-1))
+
+
 def test_decode_converts_palette_to_rgb(tmp_path):
     palette_img = Image.new("P", (8, 6), 1)
     palette_img.putpalette([0, 0, 0, 10, 200, 30])

@@ -358,3 +358,16 @@ def test_export_refuses_to_write_into_the_run_and_says_when_torch_is_missing(tmp
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
     with pytest.raises(config_lib.ConfigError, match=r"writes model.pth with PyTorch, which is not installed"):
         stages.validate(config)
+
+
+def test_pytorch_only_preprocessing_reads_16_bit_greyscale_as_its_8_bit_original(tmp_path):
+    from PIL import Image
+
+    from gmae_jax.torch_mirror import exported
+
+    eight_bit = (np.arange(64 * 48) % 251).astype(np.uint8).reshape(48, 64)
+    Image.fromarray(eight_bit).save(tmp_path / "grey8.png")
+    Image.fromarray(eight_bit.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    preprocessing = export.preprocessing(32)
+    torch.testing.assert_close(exported.preprocess(str(tmp_path / "grey16.png"), preprocessing),
+                               exported.preprocess(str(tmp_path / "grey8.png"), preprocessing))

@@ -38,6 +38,9 @@ def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale: its top 8 bits
+        gray = np.clip(np.asarray(image, np.int64), 0, 65535) >> 8
+        return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (0, 0, 0))
@@ -78,6 +81,8 @@ class ExportedModel:
     @torch.no_grad()
     def classify(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Class probabilities (N, num_classes), in the order of `class_names`."""
+        if not len(images):
+            raise ValueError("classify() needs at least one image")
         if not isinstance(self.module, modules.GMAEForClassification):
             raise TypeError(f"this export is a {self.config['stage']} model; only a fine-tuned one classifies")
         return torch.softmax(self.module(self.preprocess(images)), dim=-1)

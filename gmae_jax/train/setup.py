@@ -163,8 +163,9 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
     config = load_run_config(workdir)
     class_names = load_class_names(workdir)
     if which == checkpoint.BEST and not read_flat(LoopConfig, config).best_metric:
-        raise ConfigError(f"the run in {workdir} was trained without config.best_metric, so it has no 'best' "
-                          "checkpoint; use --config.checkpoint=latest")
+        how = ("was imported (one checkpoint, ranked by no evaluation)" if config.get("model", {}).get("preset") ==
+               "imported" else "was trained without config.best_metric")
+        raise ConfigError(f"the run in {workdir} {how}, so it has no 'best' checkpoint; use --config.checkpoint=latest")
     model, init_inputs = build_model(config)
     mesh = run_mesh(config)
     abstract = abstract_weights(model, init_inputs, mesh)
