@@ -234,6 +234,35 @@ def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
         prepare.prepare(prepare_config(tmp_path / "hagrid", seed=7), str(tmp_path / "out"))
 
 
+def test_images_repaired_after_a_refused_prepare_are_checked_again(tmp_path):
+    tree = _tree(tmp_path / "hagrid")
+    bad = fx.inject_truncated_jpeg(tree, "train", "like")
+    out, config = tmp_path / "out", prepare_config(tree.root)
+    config.data.max_dropped_fraction = 0.0
+    with pytest.raises(class_folders.DataLayoutError, match="undecodable 1"):
+        prepare.prepare(config, str(out))
+
+    fx.write_image(bad)  # what the error asks for: fix the data, rerun the same command
+    manifest = prepare.prepare(config, str(out))
+
+    assert "undecodable" not in manifest["skipped"]
+    assert sum(sum(counts.values()) for counts in manifest["counts"].values()) == NUM_USERS * len(CLASSES) + 1
+
+
+def test_a_rerun_that_asks_for_class_folders_writes_them_beside_the_same_shards(tmp_path):
+    tree = _tree(tmp_path / "hagrid")
+    out = tmp_path / "out"
+    first = prepare.prepare(prepare_config(tree.root), str(out))
+    shards = {name: (out / name).read_bytes() for name in first["shards"]}
+    assert not (out / "class_folders").exists()
+
+    second = prepare.prepare(prepare_config(tree.root, class_folders=True), str(out))
+
+    assert {name: (out / name).read_bytes() for name in second["shards"]} == shards
+    copies = list((out / "class_folders").rglob("*.jpg"))
+    assert len(copies) == NUM_USERS * len(CLASSES)
+
+
 def test_prepare_needs_user_ids(tmp_path):
     fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
 

@@ -116,6 +116,16 @@ def _write_shard(task: _ShardTask) -> str:
     return task.path
 
 
+def _written(task: _ShardTask) -> bool:
+    """The shard is there, and so are its class-folder copies if asked for (a rerun that adds
+    config.class_folders=True rewrites the shards, the same bytes, with their copies)."""
+    if not epath.Path(task.path).exists():
+        return False
+    return not task.folders_dir or all(
+        (epath.Path(task.folders_dir) / record_filters.gesture_name(r) / f"{r.image_id}.jpg").exists()
+        for r in task.records)
+
+
 def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
     """fn over items on `num_workers` processes (1: inline), in completion order, with a bar."""
     bar = dict(total=len(items), desc=desc, unit=" items", mininterval=2.0)
@@ -146,7 +156,8 @@ def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecor
 
 
 def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_workers: int) -> dict:
-    """path -> (sha256, error) for every image, reusing the results of an interrupted run."""
+    """path -> (sha256, error) for every image, reusing the results of an earlier run. Images that
+    failed are checked again: the stage's error tells the user to fix them and rerun."""
     log = workdir / _CHECKED
     done = {}
     if log.exists():
@@ -154,9 +165,10 @@ def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_worke
             if line.strip():  # the last line of a killed run may be cut: json fails, redo it
                 try:
                     path, digest, error = json.loads(line)
-                    done[path] = (digest, error)
+                    done[path] = (digest, error)  # a later line (a re-check) wins
                 except json.JSONDecodeError:
                     pass
+        done = {path: result for path, result in done.items() if result[1] is None}
     todo = sorted({r.path for r in records_} - done.keys())
     with log.open("a") as f:
         for path, digest, error in _parallel(_check, todo, num_workers, "decode-check"):
@@ -224,7 +236,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise DataLayoutError(f"{out} holds shards of a different preparation (other data or "
                               "settings); use an empty --workdir or delete it.")
     plan_file.write_text(json.dumps({"plan": plan}))
-    todo = [t for t in tasks if not epath.Path(t.path).exists()]
+    todo = [t for t in tasks if not _written(t)]
     logging.info("%d of %d shards already written; writing %d",
                  len(tasks) - len(todo), len(tasks), len(todo))
     for _ in _parallel(_write_shard, todo, num_workers, "shards"):
