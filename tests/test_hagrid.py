@@ -348,6 +348,44 @@ def test_empty_class_folder_is_skipped_and_named(tmp_path):
     assert report.skipped == {hagrid.EMPTY_CLASS_FOLDER: [str(folder)]}
 
 
+def test_annotated_images_of_an_emptied_class_folder_count_as_missing(tmp_path):
+    tree = _v2(tmp_path, classes=("call", "like"))
+    for image in (tree.images_root / "like").iterdir():
+        image.unlink()  # the folder stays, its annotation files still list 6 images
+
+    records, report = hagrid.read_hagrid_v2(tmp_path)
+
+    assert len(records) == 6 and report.dropped_images()[hagrid.MISSING_IMAGE] == {"like": 6}
+    with pytest.raises(DataLayoutError, match=r"6 of 12 images .* missing_image 6"):
+        report.check_dropped(0.05, str(tmp_path))
+
+
+def test_an_image_annotated_in_two_splits_is_kept_in_the_first_only(tmp_path):
+    tree = _v2(tmp_path, classes=("call", "like"))
+    tree.annotations[("val", "call")]["call-000-0"] = tree.annotations[("train", "call")]["call-000-0"]
+    val_json = tree.write_json("val", "call")
+
+    records, report = hagrid.read_hagrid_v2(tmp_path)
+    val, val_report = hagrid.read_hagrid_v2(tmp_path, splits=["val"])
+
+    assert [r.split for r in records if r.image_id == "call-000-0"] == ["train"]
+    assert report.skipped[hagrid.IN_TWO_SPLITS] == [
+        f"call-000-0 in {val_json} (kept in {tree.json_path('train', 'call')})"]
+    assert "call-000-0" not in {r.image_id for r in val} and hagrid.IN_TWO_SPLITS in val_report.skipped
+    assert len(records) == 12
+
+
+def test_v1s_subsample_repeating_train_val_ids_is_not_a_conflict(tmp_path):
+    tree = _v1(tmp_path)
+    tree.annotations[("ann_subsample", "call")] = dict(list(tree.annotations[("ann_train_val", "call")].items())[:2])
+    tree.write_json("ann_subsample", "call")
+
+    train_val, report = hagrid.read_hagrid_v1(tmp_path)
+    subsample, _ = hagrid.read_hagrid_v1(tmp_path, annotation_set="ann_subsample")
+
+    assert len(train_val) == 12 and report.skipped == {} and len(subsample) == 2
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_invalid_json_is_an_error_naming_the_file(tmp_path, version):
     tree = fx.make_tree(tmp_path, version, classes=("call", "like"), num_users=1)

@@ -30,7 +30,11 @@ UNKNOWN_CLASS = "unknown_class"  # image folder or JSON file whose class is not 
 # annotations of every gesture in one archive, the images per gesture), so no image is lost.
 NO_IMAGE_FOLDER = "no_image_folder"
 STRAY_FILE = "stray_file"  # .DS_Store, non-images in image folders, non-JSON in annotation folders
+# A class folder without images (an extraction that failed?): its annotated images count as missing.
 EMPTY_CLASS_FOLDER = "empty_class_folder"
+# An image annotated in two splits: kept in the first (train, val, test order), dropped from the
+# other, so no image is trained on and evaluated on.
+IN_TWO_SPLITS = "in_two_splits"
 EMPTY_BBOXES = "empty_bboxes"  # no boxes, or none left after dropping zero-area ones
 UNKNOWN_LABEL = "unknown_label"  # a box label outside the class list
 MALFORMED_ENTRY = "malformed_entry"  # missing keys, wrong types, boxes/labels length mismatch
@@ -262,18 +266,24 @@ def _make_record(
 
 def _read(
     annotation_dirs: dict[epath.Path, str | None], images_root: epath.Path,
-    class_names: Sequence[str], exclude: frozenset[str] = frozenset(),
+    class_names: Sequence[str], exclude: frozenset[str] = frozenset(), disjoint: frozenset[str] = frozenset(),
 ) -> tuple[list[HagridRecord], ReadReport]:  # fmt: skip
-    """Joins annotation folders (-> split, or None: ids only count as annotated) with images."""
+    """Joins annotation folders (-> split, or None: ids only count as annotated) with images. An id
+    in two of the `disjoint` folders (splits) is kept in the first only (IN_TWO_SPLITS)."""
     report = ReadReport()
     images = _scan_images(images_root, class_names, report, exclude)
-    image_folders = {class_folder for class_folder, _ in images}
-    annotated, records = set(), []
+    image_folders = {folder.name for folder in images_root.iterdir()
+                     if folder.name in class_names and folder.name not in exclude and folder.is_dir()}
+    annotated: dict[tuple[str, str], epath.Path] = {}  # -> the annotation file that claimed it first
+    records = []
     for folder, split in annotation_dirs.items():
-        for class_folder, _, data in _annotation_files(folder, class_names, image_folders, report):
+        for class_folder, path, data in _annotation_files(folder, class_names, image_folders, report):
             for image_id, entry in data.items():
                 key = (class_folder, image_id)
-                annotated.add(key)
+                first = annotated.setdefault(key, path)
+                if first.parent != folder and {first.parent.name, folder.name} <= disjoint:
+                    report.drop(IN_TWO_SPLITS, f"{image_id} in {path} (kept in {first})", class_folder)
+                    continue
                 if split is None:
                     continue
                 if key not in images:
@@ -313,7 +323,7 @@ def read_hagrid_v2(
             "Pass splits= to read only those present."
         )
     dirs = {ann_root / s: (s if s in wanted else None) for s in present}
-    records, report = _read(dirs, images_root, class_names)
+    records, report = _read(dirs, images_root, class_names, disjoint=frozenset(V2_SPLITS))
     report.log(str(root))
     return records, report
 
@@ -344,6 +354,8 @@ def read_hagrid_v1(
         for name, split in V1_ANNOTATION_SETS.items()
         if (root / name).is_dir()
     }
-    records, report = _read(dirs, images_root, class_names, frozenset(V1_ANNOTATION_SETS))
+    # ann_subsample repeats ids of the other two sets by design; train_val and test must not share any.
+    records, report = _read(dirs, images_root, class_names, frozenset(V1_ANNOTATION_SETS),
+                            disjoint=frozenset({"ann_train_val", "ann_test"}))
     report.log(str(root / annotation_set))
     return records, report
