@@ -151,6 +151,53 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path):
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
 
 
+@pytest.mark.slow
+def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_dir, tmp_path):
+    workdir, root, _ = run_dir
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = next((root / "val" / "palm").iterdir())
+    shutil.copy(image, inputs / "a.jpg")
+    Image.open(image).save(inputs / "scan.bmp")
+    os.symlink(".", inputs / "self")  # a loop: the folder inside itself
+    (inputs / "empty.jpg").write_bytes(b"")
+    (inputs / "junk.jpg").write_text("not an image")
+    with open(os.path.join(os.fsencode(inputs), b"bad\xffname.jpg"), "wb") as f:  # not UTF-8
+        f.write(image.read_bytes())
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(inputs))
+    out = tmp_path / "out"
+    assert stages.run(config, str(out)) == {"predicted": 3, "skipped": 3}
+
+    with open(out / "predictions.csv") as f:
+        predicted = [row["file"] for row in csv.DictReader(f)]
+    assert predicted == [str(inputs / name) for name in ("a.jpg", "bad\\xffname.jpg", "scan.bmp")]
+    assert [json.loads(line)["file"] for line in (out / "predictions.jsonl").read_text().splitlines()] == predicted
+    with open(out / "skipped.csv") as f:
+        skipped = {row["file"]: row["reason"] for row in csv.DictReader(f)}
+    assert skipped == {
+        str(inputs / "empty.jpg"): f"unreadable: Cannot decode image {inputs / 'empty.jpg'}: the file is empty",
+        str(inputs / "junk.jpg"): f"unreadable: Cannot decode image {inputs / 'junk.jpg'}: not an image PIL can read",
+        str(inputs / "self"): "a link to a folder that is listed already",
+    }
+
+
+def test_predict_refuses_inputs_it_cannot_use_before_reading_the_run(run_dir, tmp_path):
+    workdir, root, _ = run_dir
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(config_lib.ConfigError, match="holds no image to predict"):
+        stages.run(config, str(tmp_path / "out"))
+    config.update(inputs=str(root / "val"), view="hand_crop")
+    with pytest.raises(config_lib.ConfigError, match="config.view=hand_crop needs a HaGRID tree"):
+        stages.run(config, str(tmp_path / "out"))
+    config.update(view="auto")
+    with pytest.raises(config_lib.ConfigError, match="is inside the run it reads .*; predict never writes into"):
+        stages.run(config, os.path.join(workdir, "predictions"))
+    assert not (tmp_path / "out").exists() and not os.path.exists(os.path.join(workdir, "predictions"))
+
+
 def test_predict_refuses_a_pretraining_run(tmp_path):
     run = tmp_path / "pretrain"
     run.mkdir()

@@ -5,11 +5,16 @@ v1 / v2 tree (one hand crop per annotated image). Every file under the input bec
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from etils import epath
 
 from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters
 from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
+
+# What a user may point predict at beyond the training formats: whatever PIL decodes that cameras,
+# browsers and scanners commonly write (a GIF's first frame).
+PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +49,24 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
     return sorted(items, key=lambda i: i.path), sorted(set(skipped))
 
 
-def _files(folder: epath.Path) -> list[epath.Path]:
-    """Every file under `folder` (epath has no recursive glob on every backend)."""
-    found = []
+def _walk(folder: epath.Path, visited: set[str]) -> tuple[list[epath.Path], list[tuple[str, str]]]:
+    """(every file under `folder`, links to folders already listed); each folder is entered once,
+    so a link to a folder above it (a loop) lists nothing twice. (epath has no recursive glob on
+    every backend; object stores have no links.)"""
+    files, links = [], []
     for entry in folder.iterdir():
-        found += _files(entry) if entry.is_dir() else [entry]
-    return found
+        if not entry.is_dir():
+            files.append(entry)
+            continue
+        real = os.path.realpath(entry) if "://" not in str(entry) else str(entry)
+        if real in visited:
+            links.append((str(entry), "a link to a folder that is listed already"))
+            continue
+        visited.add(real)
+        more_files, more_links = _walk(entry, visited)
+        files += more_files
+        links += more_links
+    return files, links
 
 
 def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
@@ -59,13 +76,16 @@ def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
         raise DataLayoutError(f"config.inputs={path} does not exist; give an image, a folder or a HaGRID tree")
     if root.is_dir() and _is_hagrid(root):
         return _hagrid_inputs(root)
-    files = [root] if root.is_file() else sorted(_files(root))
-    items, skipped = [], []
-    for file in files:
+    if root.is_file():
+        files, skipped = [root], []
+    else:
+        files, skipped = _walk(root, {os.path.realpath(root) if "://" not in path else path})
+    items = []
+    for file in sorted(files):
         if any(part.startswith(".") for part in file.relative_to(root).parts) and file != root:
             skipped.append((str(file), "hidden file"))
-        elif file.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append((str(file), f"not an image ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+        elif file.suffix.lower() not in PREDICT_SUFFIXES:
+            skipped.append((str(file), f"not an image file ({', '.join(sorted(PREDICT_SUFFIXES))})"))
         else:
             items.append(Input(str(file)))
-    return items, skipped
+    return items, sorted(skipped)

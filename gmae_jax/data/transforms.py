@@ -55,11 +55,18 @@ def decode_rgb(
     name = "<bytes>" if is_bytes else str(path_or_bytes)
     try:
         data = path_or_bytes if is_bytes else epath.Path(path_or_bytes).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"Cannot decode image {name}: {e}") from e
+    if not data:
+        raise ImageDecodeError(f"Cannot decode image {name}: the file is empty")
+    try:
         with Image.open(io.BytesIO(data)) as img:
             if draft_size is not None:
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))
+    except Image.UnidentifiedImageError as e:  # PIL's message ends in the repr of our BytesIO
+        raise ImageDecodeError(f"Cannot decode image {name}: not an image PIL can read") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"Cannot decode image {name}: {e}") from e
 

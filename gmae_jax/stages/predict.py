@@ -43,16 +43,21 @@ def _view(config: ml_collections.ConfigDict, item: inputs.Input) -> str:
 
 def _load(item: inputs.Input, view: str, image_size: int) -> np.ndarray | str:
     """Pixels of one input, or why it cannot be read."""
-    if view == "hand_crop" and item.box is None:
-        return "config.view=hand_crop needs a HaGRID tree (a box per image)"
     try:
         return views.predict_view(item.path, view, image_size, item.box)
     except transforms.ImageDecodeError as error:
         return f"unreadable: {error}"
 
 
+def _printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (Python keeps them as surrogates) as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
+    rows = [{**row, "file": _printable(row["file"])} for row in rows]
+    skipped = [(_printable(name), reason) for name, reason in skipped]
     header = ["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
     with (workdir / "predictions.csv").open("w") as f:
         writer = csv.writer(f)
@@ -75,8 +80,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                                      "needs a finetune run (a classifier)")
     if jax.process_count() > 1:
         raise config_lib.ConfigError("the predict stage runs in one process; drop the multi-process flags")
-    restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
+    setup.check_outside_run(workdir, config.checkpoint_dir, "predict")
     items, skipped = inputs.list_inputs(config.inputs)
+    if not items:
+        raise config_lib.ConfigError(f"config.inputs={config.inputs} holds no image to predict ({len(skipped)} other "
+                                     f"file(s)); give an image, a folder of images or a HaGRID tree")
+    if config.view == "hand_crop" and any(item.box is None for item in items):
+        raise config_lib.ConfigError(f"config.view=hand_crop needs a HaGRID tree (a gesture box per image) and "
+                                     f"{config.inputs} is not one; use --config.view=auto or original")
+    restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     names, image_size, mesh = restored.class_names, restored.model.config.img_size, restored.mesh
     top_k = min(config.top_k, len(names))
     batch = math.ceil(config.batch_size / mesh.size) * mesh.size  # whole rows per device
