@@ -95,7 +95,7 @@ def pretrain(data, tmp_path_factory):
     root, _, _ = data
     run_dir = tmp_path_factory.mktemp("pretrain")
     config = load("pretrain", "runlocal")
-    config.update(total_steps=1, eval_every=0, checkpoint_every=1)
+    config.update(total_steps=1, eval_every=0, checkpoint_every=1, mask_ratio=0.75, norm_pix_loss=True)
     config.data.root = str(root)
     stages.run(config, str(run_dir))
     out = tmp_path_factory.mktemp("pretrain_export")
@@ -137,6 +137,7 @@ def test_pretrain_export_loads_strict_into_the_original_gmae_and_matches_flax(pr
     payload = load_pth(out / "model.pth")
     gmst = export_format.model_config(payload["config"])
     assert payload["stage"] == "pretrain" and gmst.mask_mode == "encoder"
+    assert payload["config"]["pretraining"] == {"mask_ratio": 0.75, "norm_pix_loss": True}
     assert set(payload["extra_state_dict"]) == {"encoder_mask_token"}  # the original has no such tensor
     original = mirror.GMAE(export_format.original_layout(gmst)).eval()
     original.load_state_dict(payload["model_state_dict"], strict=True)
@@ -206,6 +207,26 @@ def test_import_then_export_is_an_exact_round_trip(stage, finetune, pretrain, im
         for key, value in first[part].items():
             assert torch.equal(second[part][key], value), key
     assert (second["class_names"], second["stage"], second["step"]) == (first["class_names"], stage, 1)
+    assert second["config"] == first["config"]  # the pretraining loss's settings and conv_impl included
+    assert first["config"]["gmae_jax_model"]["conv_impl"] == "auto"  # as configured, not as resolved here
+    if stage == "pretrain":  # evaluated as it was trained
+        run = setup.load_run_config(str(imported[stage]))
+        assert (run.mask_ratio, run.norm_pix_loss) == (0.75, True)
+    with pytest.raises(config_lib.ConfigError, match=r"was imported \(one checkpoint, ranked by no evaluation\), so "
+                       "it has no 'best' checkpoint; use --config.checkpoint=latest"):
+        setup.restore_run(str(imported[stage]), "best")
+
+
+@pytest.mark.slow
+def test_import_of_our_safetensors_file_reads_its_config_and_classes(finetune, tmp_path):
+    run_dir, out, _ = finetune
+    run_stage("import", tmp_path / "run", path=str(out / "model.safetensors"))
+    back, trained = setup.restore_run(str(tmp_path / "run")), setup.restore_run(str(run_dir))
+    assert back.class_names == list(CLASSES) and back.step == 1
+    for got, want in zip(jax.tree.leaves(back.weights.params), jax.tree.leaves(trained.weights.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(config_lib.ConfigError, match="carries its class names .*; drop --config.class_names"):
+        run_stage("import", tmp_path / "other", path=str(out / "model.pth"), class_names="a,b,c")
 
 
 @pytest.mark.slow
@@ -290,6 +311,27 @@ def test_each_bad_file_gets_a_one_line_error(change, model, message, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=message) as error:
         stages.run(config, str(tmp_path / "out"))
     assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"this is a text file\n", np.random.default_rng(0).bytes(5000)])
+@pytest.mark.parametrize("name", ["model.pth", "model.safetensors"])
+def test_files_that_are_no_checkpoint_get_a_one_line_error(content, name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    config = load("import", "model=micro")
+    config.path = str(path)
+    with pytest.raises(config_lib.ConfigError, match=rf"config.path={path} (does not load with torch.load|is not a "
+                       r"readable .safetensors file)") as error:
+        stages.run(config, str(tmp_path / "out"))
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_repeated_class_names_are_refused(tmp_path):
+    config = load("import", "model=micro")
+    config.update(path=str(classifier_file(tmp_path)), class_names="fist,fist,palm")
+    with pytest.raises(config_lib.ConfigError, match="class names must differ; fist is given more than once"):
+        stages.run(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

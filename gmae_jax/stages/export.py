@@ -139,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     written = export_format.export_config(
         configured, stage=stage, step=restored.step, layout=layout, class_names=restored.class_names,
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
+        norm_pix_loss=bool(restored.config.get("norm_pix_loss", False)) if stage == "pretrain" else None,
         preprocessing=preprocessing(model.img_size))
     write_export(epath.Path(workdir), state, extras, written)
     logging.info("[export] %d tensors in model_state_dict, extras %s", len(state), sorted(extras))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import pickle
+import json
 from typing import Any
 
 import jax
@@ -43,9 +43,11 @@ def read_pth(path: str) -> dict[str, Any]:
 
     if not epath.Path(path).is_file():
         raise config_lib.ConfigError(f"config.path={path} is not a file; give a .pth")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # bytes that are no checkpoint fail with any error type
         raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
                                      f"which never runs pickled code: {_reason(error)}") from None
     if isinstance(payload, dict) and "model_state_dict" in payload:
@@ -54,6 +56,25 @@ def read_pth(path: str) -> dict[str, Any]:
         return {"model_state_dict": payload}  # a bare state_dict
     raise config_lib.ConfigError(f"config.path={path} holds neither a state_dict nor a dict with "
                                  "'model_state_dict' (the original's checkpoints and our model.pth have one)")
+
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+    """Our export's model.safetensors as the payload of its model.pth: the tensors, and the config
+    its metadata carries (a safetensors file without it is read as a bare state_dict)."""
+    import safetensors.numpy
+
+    data = epath.Path(path).read_bytes()
+    try:
+        tensors = safetensors.numpy.load(data)
+        # The format: an 8-byte little-endian header length, then the JSON header with the metadata.
+        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    except Exception as error:  # any damage to the header or the data
+        raise config_lib.ConfigError(f"config.path={path} is not a readable .safetensors file: {error}") from None
+    if "config" not in metadata:
+        return {"model_state_dict": tensors}
+    config = json.loads(metadata["config"])
+    return {"model_state_dict": tensors, "config": config, "class_names": config.get("class_names"),
+            "step": config.get("step")}
 
 
 def _reason(error: Exception) -> str:
@@ -96,12 +117,33 @@ def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, s
 
 def _class_names(payload: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int | None,
                  path: str) -> list[str]:
-    names = list(payload.get("class_names") or [n.strip() for n in config.class_names.split(",") if n.strip()])
+    given = [n.strip() for n in config.class_names.split(",") if n.strip()]
+    carried = list(payload.get("class_names") or [])
+    if carried and given and given != carried:
+        raise config_lib.ConfigError(f"config.path={path} carries its class names ({','.join(carried)}); drop "
+                                     "--config.class_names, which would contradict them")
+    names = carried or given
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise config_lib.ConfigError(f"class names must differ; {', '.join(repeated)} is given more than once "
+                                     "(--config.class_names)")
     if num_classes is not None and len(names) != num_classes:
         raise config_lib.ConfigError(
             f"config.path={path} is a classifier of {num_classes} classes but {len(names)} class names are known; "
             f"set --config.class_names to its {num_classes} classes in output order, comma-separated")
     return names
+
+
+def _pretraining(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """An export's pretraining settings; exports from before they were written carry the mask ratio
+    only (the norm_pix_loss default, False, is the original's)."""
+    exported = payload.get("config")
+    if not isinstance(exported, dict):
+        return None
+    if exported.get("pretraining"):
+        return exported["pretraining"]
+    mask_ratio = (exported.get("model") or {}).get("mask_ratio")
+    return None if mask_ratio is None else {"mask_ratio": mask_ratio, "norm_pix_loss": False}
 
 
 def _step(payload: dict[str, Any], state: dict[str, np.ndarray]) -> int:
@@ -112,10 +154,14 @@ def _step(payload: dict[str, Any], state: dict[str, np.ndarray]) -> int:
     return counts[0] if counts else 0
 
 
-def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig, num_classes: int | None
-               ) -> ml_collections.ConfigDict:
-    """The training config the imported run is written as: the stage's own config with this model."""
+def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig, num_classes: int | None,
+               pretraining: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The training config the imported run is written as: the stage's own config with this model
+    (and, for a pretraining model, the loss settings `pretraining` its export carries)."""
     written = ml_collections.ConfigDict(config[stage].to_dict())
+    if stage == "pretrain" and pretraining:
+        written.mask_ratio = float(pretraining["mask_ratio"])
+        written.norm_pix_loss = bool(pretraining["norm_pix_loss"])
     # The sizes are the file's (an export's own, or config.model's checked against the file).
     written.model = ml_collections.ConfigDict({"preset": "imported", **dataclasses.asdict(model)})
     written.best_metric = ""  # no evaluation ranked this checkpoint: only 'latest' exists
@@ -141,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     class_names = _class_names(payload, config, num_classes, config.path)
     variables = convert.torch_to_flax_variables(state, model=kind, config=model)
     step = _step(payload, state)
-    written = run_config(config, stage, model, num_classes)
+    written = run_config(config, stage, model, num_classes, _pretraining(payload))
 
     trainer.write_run_files(written, workdir, class_names)
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),

@@ -52,8 +52,10 @@ def representable_in_original(config: GMSTConfig) -> bool:
 def export_config(
     model: GMSTConfig, *, stage: str, step: int, layout: str, class_names: Sequence[str],
     num_classes: int | None, mask_ratio: float | None, preprocessing: dict[str, Any],
+    norm_pix_loss: bool | None = None,
 ) -> dict[str, Any]:
-    """The content of `config.json` (and of `model.pth['config']`): JSON types only."""
+    """The content of `config.json` (and of `model.pth['config']`): JSON types only. A pretraining
+    model also carries its loss's settings (`pretraining`), so that an import evaluates it as trained."""
     original = {name: getattr(model, name) for name in ORIGINAL_FIELDS}
     original.update(ORIGINAL_UNUSED, num_classes=num_classes)
     if mask_ratio is not None:
@@ -67,6 +69,7 @@ def export_config(
         "model_class": MODEL_CLASSES[stage],
         "layout": layout,
         "step": step,
+        "pretraining": None if mask_ratio is None else {"mask_ratio": mask_ratio, "norm_pix_loss": bool(norm_pix_loss)},
         # What gmae_jax (and its PyTorch mirror) rebuilds the model from.
         "gmae_jax_model": dataclasses.asdict(model),
     }
