@@ -21,7 +21,7 @@ from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.stages import export
 from gmae_jax.torch_mirror import convert, export_format, modules as mirror
-from gmae_jax.train import init_from, setup, steps, trainer
+from gmae_jax.train import checkpoint, init_from, setup, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("fist", "one", "palm")
@@ -325,6 +325,22 @@ def test_files_that_are_no_checkpoint_get_a_one_line_error(content, name, tmp_pa
                        r"readable .safetensors file)") as error:
         stages.run(config, str(tmp_path / "out"))
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_an_import_whose_checkpoint_fails_leaves_no_run_and_can_be_rerun(tmp_path, monkeypatch):
+    config = load("import", "model=micro")
+    config.update(path=str(classifier_file(tmp_path)), class_names="fist,one,palm")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        stages.run(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "config.json").exists()
+    monkeypatch.undo()
+    stages.run(config, str(tmp_path / "out"))  # the same command, once there is space
+    assert setup.restore_run(str(tmp_path / "out")).class_names == ["fist", "one", "palm"]
 
 
 def test_repeated_class_names_are_refused(tmp_path):

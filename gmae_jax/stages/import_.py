@@ -189,13 +189,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step = _step(payload, state)
     written = run_config(config, stage, model, num_classes, _pretraining(payload))
 
-    trainer.write_run_files(written, workdir, class_names)
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
                             batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    manager = checkpoint.make_manager(str(epath.Path(workdir) / setup.CHECKPOINTS), max_to_keep=1)
-    checkpoint.save(manager, step, weights, data_iterator=None)
-    manager.wait_until_finished()
-    manager.close()
+    trainer.write_run_files(written, workdir, class_names)
+    try:
+        manager = checkpoint.make_manager(str(epath.Path(workdir) / setup.CHECKPOINTS), max_to_keep=1)
+        checkpoint.save(manager, step, weights, data_iterator=None)
+        manager.wait_until_finished()
+        manager.close()
+    except BaseException:
+        # Without its checkpoint the folder is no run: a rerun of the same command must not find one.
+        for name in (setup.CONFIG_FILE, setup.CLASSES_FILE):
+            (epath.Path(workdir) / name).unlink(missing_ok=True)
+        raise
     logging.info("[import] %s (%s, %d tensors) -> %s, step %d", config.path, stage, len(state), workdir, step)
     print(f"imported {config.path} as a {stage} run in {workdir} (step {step}); use it as "
           f"--config.checkpoint_dir={workdir} or --config.init_from={workdir}", flush=True)
