@@ -90,6 +90,30 @@ def test_forced_layout_that_does_not_match_names_the_folder(v2_root):
         sources.open_sources(data_config(v2_root, layout="hagrid_v1"))
 
 
+@pytest.mark.parametrize("inside", ["hagrid_dataset", "hagrid_annotations"])
+def test_a_root_inside_a_v2_tree_points_at_the_tree(v2_root, inside):
+    with pytest.raises(DataLayoutError, match=rf"{v2_root / inside} is a part of the HaGRID v2 tree in {v2_root}; "
+                       rf"point the root at {v2_root}"):
+        sources.open_sources(data_config(v2_root / inside))
+
+
+def test_a_root_one_level_off_gets_a_did_you_mean(tmp_path):
+    v1 = tmp_path / "v1"
+    fx.make_tree(v1, "v1", classes=("call", "like"), num_users=2, images_per_user=1)
+    with pytest.raises(DataLayoutError, match=rf"Did you mean --config.data.root={v1}\?"):
+        sources.open_sources(data_config(v1 / "ann_train_val"))
+    prepared = tmp_path / "prepared"  # a prepare workdir: its corpora are the roots
+    for corpus in ("finetune", "pretrain"):
+        (prepared / corpus).mkdir(parents=True)
+        (prepared / corpus / sources.INDEX_FILE).write_text("{}")
+    with pytest.raises(DataLayoutError, match=r"Or shards of the prepare stage .* Did you mean "
+                       rf"--config.data.root={prepared / 'finetune'}\?"):
+        sources.open_sources(data_config(prepared))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataLayoutError, match=r"Cannot tell the layout .*index.json\)\.$"):
+        sources.open_sources(data_config(tmp_path / "nothing"))
+
+
 def test_hand_crop_needs_hagrid_boxes(tmp_path):
     fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
     fx.write_image(tmp_path / "val" / "palm" / "b.jpg")

@@ -319,8 +319,8 @@ def read_hagrid_v2(
     missing = [s for s in wanted if s not in present] if wanted else list(V2_SPLITS)
     if missing:
         raise DataLayoutError(
-            f"Split folders {missing} are missing from {ann_root}; found {present}. "
-            "Pass splits= to read only those present."
+            f"Split folders {missing} are missing from {ann_root}; found {present}. Add the missing annotation "
+            f"folders, or evaluate on a split that is there (--config.data.eval_split=one of {present})."
         )
     dirs = {ann_root / s: (s if s in wanted else None) for s in present}
     records, report = _read(dirs, images_root, class_names, disjoint=frozenset(V2_SPLITS))

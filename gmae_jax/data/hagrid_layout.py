@@ -85,6 +85,12 @@ def parse_class_list(classes: str | Sequence[str]) -> list[str]:
     return names
 
 
+def is_part_of_a_v2_tree(root: epath.Path) -> bool:
+    """`root` is the hagrid_dataset/ or hagrid_annotations/ folder of a v2 tree."""
+    return root.name in ("hagrid_dataset", "hagrid_annotations") and all(
+        (root.parent / name).is_dir() for name in ("hagrid_dataset", "hagrid_annotations"))
+
+
 def detect_layout(root: epath.PathLike) -> str:
     """'hagrid_v2', 'hagrid_v1' or 'class_folders', from the folders directly under root."""
     root = epath.Path(root)
@@ -97,6 +103,10 @@ def detect_layout(root: epath.PathLike) -> str:
         raise DataLayoutError(f"{root} holds only part of the HaGRID v2 layout {V2_LAYOUT}.")
     if any((root / name).is_dir() for name in V1_ANNOTATION_SETS):
         return "hagrid_v1"
+    if is_part_of_a_v2_tree(root):
+        # hagrid_annotations/ has a train/ folder too: not class folders, the v2 tree one level up.
+        raise DataLayoutError(f"{root} is a part of the HaGRID v2 tree in {root.parent}; point the root at "
+                              f"{root.parent}.")
     if (root / "train").is_dir():
         return "class_folders"
     raise DataLayoutError(

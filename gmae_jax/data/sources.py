@@ -58,10 +58,33 @@ def detect_layout(root: epath.PathLike, split: str = "train") -> str:
         return "prepared"
     try:
         return hagrid_layout.detect_layout(root)
-    except DataLayoutError:
-        if (epath.Path(root) / split).is_dir():
+    except DataLayoutError as error:
+        if (epath.Path(root) / split).is_dir() and not hagrid_layout.is_part_of_a_v2_tree(epath.Path(root)):
             return "class_folders"
-        raise
+        if not epath.Path(root).is_dir():
+            raise
+        raise DataLayoutError(f"{error} Or shards of the prepare stage (<root>/{INDEX_FILE}).{_nearby(epath.Path(root))}"
+                              ) from None
+
+
+def _nearby(root: epath.Path, max_folders: int = 64) -> str:
+    """' Did you mean ...?' when the folder above `root`, or one inside it, has a layout: a root one
+    level off (hagrid_dataset/ itself, a prepare workdir instead of its pretrain/ corpus)."""
+    inside = []
+    for child in root.iterdir():
+        if len(inside) == max_folders:
+            break
+        if child.is_dir():
+            inside.append(child)
+    for folder in [root.parent, *sorted(inside)]:
+        if (folder / INDEX_FILE).exists():
+            return f" Did you mean --config.data.root={folder}?"
+        try:
+            if hagrid_layout.detect_layout(folder) != "class_folders":
+                return f" Did you mean --config.data.root={folder}?"
+        except DataLayoutError:
+            continue
+    return ""
 
 
 def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
