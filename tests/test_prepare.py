@@ -230,8 +230,12 @@ def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
     _tree(tmp_path / "hagrid")
     prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
 
-    with pytest.raises(class_folders.DataLayoutError, match="different preparation"):
+    with pytest.raises(class_folders.DataLayoutError, match=r"different preparation \(seed: 0 -> 7\); rerun with"):
         prepare.prepare(prepare_config(tmp_path / "hagrid", seed=7), str(tmp_path / "out"))
+    fx.write_image(tmp_path / "hagrid" / "hagrid_dataset" / "call" / "call-000-0.jpg", seed=3)
+    (tmp_path / "hagrid" / "hagrid_dataset" / "call" / "call-001-0.jpg").unlink()  # one image fewer
+    with pytest.raises(class_folders.DataLayoutError, match=r"\(the same settings, but the images or annotations"):
+        prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
 
 
 def test_images_repaired_after_a_refused_prepare_are_checked_again(tmp_path):

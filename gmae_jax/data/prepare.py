@@ -177,6 +177,32 @@ def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_worke
     return done
 
 
+def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that decide what the shards hold (not how many workers write them)."""
+    flat = {"seed": config.seed, "records_per_shard": config.records_per_shard,
+            **{f"data.{k}": v for k, v in config.data.to_dict().items()},
+            **{f"corpora.{k}": v for k, v in config.corpora.to_dict().items()},
+            **{f"splits.{k}": v for k, v in config.splits.to_dict().items()},
+            **{name: config[name] for name in StoreView.__dataclass_fields__}}
+    return json.loads(json.dumps(flat))  # as plan.json reads back (tuples as lists)
+
+
+def _check_same_plan(saved: dict[str, Any], plan: str, settings: dict[str, Any], out: epath.Path) -> None:
+    """A workdir's shards are one preparation's: a rerun with other settings or data is refused, naming
+    what differs."""
+    if saved["plan"] == plan:
+        return
+    old = saved.get("settings")
+    if old is None:  # written before plan.json kept the settings
+        what = "other data or settings"
+    else:
+        changed = [f"{name}: {old.get(name)!r} -> {settings.get(name)!r}"
+                   for name in sorted(set(old) | set(settings)) if old.get(name) != settings.get(name)]
+        what = "; ".join(changed) if changed else "the same settings, but the images or annotations changed"
+    raise DataLayoutError(f"{out} holds shards of a different preparation ({what}); rerun with its settings, or "
+                          "use an empty --workdir (the decode checks in checked.jsonl can be copied there)")
+
+
 def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str], list]:
     corpora = splits.split_by_user(recs, dict(config.corpora), config.seed, record_filters.gesture_name)
     parts = {}
@@ -231,11 +257,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     plan_items = [dataclasses.asdict(store)] + [[t.path, [r.path for r in t.records]] for t in tasks]
     plan = hashlib.sha256(json.dumps(plan_items).encode()).hexdigest()
+    settings = _settings(config)
     plan_file = out / _PLAN
-    if plan_file.exists() and json.loads(plan_file.read_text())["plan"] != plan:
-        raise DataLayoutError(f"{out} holds shards of a different preparation (other data or "
-                              "settings); use an empty --workdir or delete it.")
-    plan_file.write_text(json.dumps({"plan": plan}))
+    if plan_file.exists():
+        _check_same_plan(json.loads(plan_file.read_text()), plan, settings, out)
+    plan_file.write_text(json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
     todo = [t for t in tasks if not _written(t)]
     logging.info("%d of %d shards already written; writing %d",
                  len(tasks) - len(todo), len(tasks), len(todo))
