@@ -85,6 +85,14 @@ def test_v1_train_val_is_a_user_split_of_train_val_and_test_is_ann_test(tmp_path
     assert len({r.user_id for r in val.records}) in (3, 4)  # 20 % of 16 users
 
 
+def test_a_v1_tree_of_the_subsample_alone_trains_on_it(tmp_path):
+    fx.make_tree(tmp_path, "v1", classes=("call", "like"), num_users=10, images_per_user=1,
+                 splits=("ann_subsample",))
+    _, train, val = sources.open_sources(data_config(tmp_path))
+    assert len(train.records) + len(val.records) == 20
+    splits.assert_user_disjoint({"train": train.records, "val": val.records})
+
+
 def test_forced_layout_that_does_not_match_names_the_folder(v2_root):
     with pytest.raises(DataLayoutError, match=str(v2_root)):
         sources.open_sources(data_config(v2_root, layout="hagrid_v1"))

@@ -6,6 +6,7 @@ are, and which class list `config.data.classes` means for it. Knows HaGRID and n
 
 from collections.abc import Sequence
 
+from absl import logging
 from etils import epath
 
 from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
@@ -83,6 +84,16 @@ def parse_class_list(classes: str | Sequence[str]) -> list[str]:
             f"config.data.classes={classes!r} must be 'hagrid', 'present' or a list of distinct class names "
             "(e.g. --config.data.classes=call,like,palm).")
     return names
+
+
+def v1_train_val_set(root: epath.PathLike) -> str:
+    """The v1 annotation set that training reads: ann_train_val, or where only HaGRID's
+    100-images-per-class sample was downloaded, ann_subsample (logged)."""
+    root = epath.Path(root)
+    if not (root / "ann_train_val").is_dir() and (root / "ann_subsample").is_dir():
+        logging.warning("%s has ann_subsample but no ann_train_val: training on the subsample", root)
+        return "ann_subsample"
+    return "ann_train_val"
 
 
 def is_part_of_a_v2_tree(root: epath.Path) -> bool:

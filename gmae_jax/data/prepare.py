@@ -147,7 +147,7 @@ def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecor
     if layout == "hagrid_v2":
         recs, report = hagrid.read_hagrid_v2(root, class_names=class_names)
     else:
-        recs, report = hagrid.read_hagrid_v1(root, "ann_train_val", class_names=class_names)
+        recs, report = hagrid.read_hagrid_v1(root, hagrid_layout.v1_train_val_set(root), class_names=class_names)
         if (epath.Path(root) / "ann_test").is_dir():
             test, test_report = hagrid.read_hagrid_v1(root, "ann_test", class_names=class_names)
             recs += test

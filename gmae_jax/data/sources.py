@@ -93,11 +93,12 @@ def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[
 
 
 def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
-    """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (re-split by `_by_split`)."""
+    """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (or ann_subsample alone), re-split by
+    `_by_split`."""
     recs, report = [], hagrid.ReadReport()
     if not set(wanted) <= {"train", "val", "test"}:
         raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
-    for annotation_set, split in (("ann_test", "test"), ("ann_train_val", "")):
+    for annotation_set, split in (("ann_test", "test"), (hagrid_layout.v1_train_val_set(root), "")):
         if split in wanted or (not split and set(wanted) - {"test"}):
             part, part_report = hagrid.read_hagrid_v1(root, annotation_set, class_names=names)
             recs += part
