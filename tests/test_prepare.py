@@ -226,6 +226,33 @@ def test_prepare_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, 
     assert not list(out.rglob("*.tmp"))
 
 
+def test_sigterm_stops_prepare_with_the_resume_hint_and_a_rerun_finishes(tmp_path, monkeypatch):
+    import signal
+
+    from gmae_jax import stages
+    from gmae_jax.train.preemption import Preempted
+
+    _tree(tmp_path / "hagrid")
+    out, config = tmp_path / "out", prepare_config(tmp_path / "hagrid")
+    real_write, written = prepare._write_shard, []
+
+    def terminated_during_the_second_shard(task):
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        written.append(task.path)
+        return real_write(task)
+
+    monkeypatch.setattr(prepare, "_write_shard", terminated_during_the_second_shard)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="rerun the same command to go on"):
+        stages.run(config, str(out))
+    assert signal.getsignal(signal.SIGTERM) == before  # the stage's handler is gone again
+    assert os.path.exists(written[0])
+    monkeypatch.setattr(prepare, "_write_shard", real_write)
+    manifest = stages.run(config, str(out))
+    assert all((out / name).exists() for name in manifest["shards"])
+
+
 def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
     _tree(tmp_path / "hagrid")
     prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))

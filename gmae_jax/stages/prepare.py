@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from typing import Any
 
 import ml_collections
 
 from gmae_jax import config_lib
 from gmae_jax.data import prepare
+from gmae_jax.train.preemption import Preempted
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -31,6 +34,19 @@ def check_local_workdir(workdir: str) -> None:
                      "--config.data.root at gs://.../finetune (or .../pretrain)")
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise Preempted("prepare stopped by SIGTERM; every finished shard and decode check is kept: rerun the same "
+                    "command to go on")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_local_workdir(workdir)
-    return prepare.prepare(config, workdir)
+    # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block
+    # then terminates its workers, which would otherwise go on writing into a closed pipe.
+    handles = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if handles else None
+    try:
+        return prepare.prepare(config, workdir)
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, previous)
