@@ -15,6 +15,16 @@ async def failing_read():
 async def unstarted_read():
     pass
 
+class Pending:
+    def __await__(self):
+        yield
+
+async def read_failing_when_collected():  # what orbax's _read_array_index_and_device_put does
+    try:
+        await Pending()
+    finally:
+        raise Exception("Encountered error while reading array index: (slice(0, 8, 1),). See full TensorStore")
+
 try:
     with checkpoint.quiet_abandoned_reads():
         raise OSError("step 6 is damaged")
@@ -27,6 +37,9 @@ loop.close()
 del task
 pending = unstarted_read()  # never awaited
 del pending
+started = read_failing_when_collected()
+started.send(None)  # suspended in its read
+del started  # collected: its close() raises in the coroutine, an "Exception ignored in"
 gc.collect()
 {after}
 """

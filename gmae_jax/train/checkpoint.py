@@ -204,7 +204,8 @@ def quiet_abandoned_reads() -> Iterator[None]:
     """Orbax runs a restore on a fresh event loop and closes it at the first array that fails; the
     reads of the other arrays, still in flight in tensorstore, then end on the closed loop or are
     collected unfinished, and Python prints a traceback for each (hundreds for one damaged step):
-    'RuntimeError: Event loop is closed' (an unraisable error), asyncio's 'Task exception was never
+    'RuntimeError: Event loop is closed' or orbax's 'Encountered error while reading array index' (an
+    unraisable error, as a coroutine is collected), asyncio's 'Task exception was never
     retrieved' (its logger) and 'coroutine ... was never awaited' (a warning). The failure itself
     is reported by the caller; everything else passes. After a failure the filters stay, once, for
     the rest of the process: those reads may end after the caller has moved on (to an older step,
@@ -216,7 +217,11 @@ def quiet_abandoned_reads() -> Iterator[None]:
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        # A read of another array that failed too, raised when its abandoned coroutine is collected.
+        failed_read = str(error).startswith("Encountered error while reading array index")
+        if not (closed_loop or failed_read):
             previous(unraisable)
 
     # asyncio's reports of them, with their tracebacks.
