@@ -62,6 +62,16 @@ def test_decode_reduces_16_bit_greyscale_to_its_top_8_bits(tmp_path):
     np.testing.assert_array_equal(pixels, np.repeat(eight_bit[..., None], 3, axis=-1))
 
 
+def test_decode_reads_a_float_greyscale_tiff_of_0_to_1_as_0_to_255(tmp_path):
+    eight_bit = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    path = _save(Image.fromarray(eight_bit.astype(np.float32) / 255), tmp_path / "float.tif", "TIFF")
+    assert Image.open(path).mode == "F"
+
+    pixels = np.asarray(transforms.decode_rgb(path))
+
+    np.testing.assert_array_equal(pixels, np.repeat(eight_bit[..., None], 3, axis=-1))
+
+
 def test_decode_converts_palette_to_rgb(tmp_path):
     palette_img = Image.new("P", (8, 6), 1)
     palette_img.putpalette([0, 0, 0, 10, 200, 30])
@@ -228,3 +238,18 @@ def test_the_pipeline_hands_on_uint8_pixels_that_the_step_standardises_like_the_
     np.testing.assert_allclose(on_device[0], transforms.normalize(img), rtol=1e-6, atol=1e-6)
     standardised = transforms.normalize(img)[None]
     assert steps.standardize(standardised) is standardised  # float batches are taken as standardised
+
+
+@pytest.mark.parametrize("wide, suffix", [
+    (lambda eight_bit: Image.fromarray(eight_bit.astype(np.uint16) * 257), "png"),
+    (lambda eight_bit: Image.fromarray(eight_bit.astype(np.float32) / 255), "tif"),
+])
+def test_the_pytorch_only_decoder_reads_wide_greyscale_as_decode_rgb_does(wide, suffix, tmp_path):
+    from gmae_jax.torch_mirror import exported  # the deployment path, which must not import etils
+
+    eight_bit = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    path = str(tmp_path / f"grey.{suffix}")
+    wide(eight_bit).save(path)
+
+    np.testing.assert_array_equal(np.asarray(exported._rgb(path, 8)), np.asarray(transforms.decode_rgb(path)))
+    np.testing.assert_array_equal(np.asarray(transforms.decode_rgb(path))[..., 0], eight_bit)

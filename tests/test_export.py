@@ -351,6 +351,65 @@ def test_repeated_class_names_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_repeated_class_names_are_refused_before_the_file_is_read(tmp_path):
+    config = load("import", "model=micro")
+    config.update(path=str(tmp_path / "not_read.pth"), class_names="fist,palm,fist,peace,palm")
+    with pytest.raises(config_lib.ConfigError, match=r"fist, palm is given more than once \(--config.class_names\)"):
+        stages.validate(config)
+
+
+def test_repeated_class_names_carried_by_the_file_name_the_file(tmp_path):
+    path = tmp_path / "classifier.pth"
+    state_dict = mirror.GMAEForClassification(micro(), 3).state_dict()
+    torch.save({"model_state_dict": state_dict, "class_names": ["fist", "fist", "palm"]}, path)
+    config = load("import", "model=micro")
+    config.path = str(path)
+    with pytest.raises(config_lib.ConfigError, match=rf"fist is given more than once \(in config.path={path}\)"):
+        stages.run(config, str(tmp_path / "out"))
+
+
+def test_a_text_file_is_refused_as_no_torch_save_file(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are notes\n")  # torch.load fails with a bare IndexError or KeyError
+    config = load("import", "model=micro")
+    config.path = str(path)
+    with pytest.raises(config_lib.ConfigError, match=r"it is no file torch.save wrote, or a damaged one \(\w+Error: "):
+        stages.run(config, str(tmp_path / "out"))
+
+
+def test_an_empty_file_is_refused_as_empty(tmp_path):
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"")
+    config = load("import", "model=micro")
+    config.path = str(path)
+    with pytest.raises(config_lib.ConfigError, match=rf"config.path={path} is empty \(0 bytes\)"):
+        stages.run(config, str(tmp_path / "out"))
+
+
+def test_a_model_state_dict_of_other_values_is_refused(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"model_state_dict": {"pos_embed": [0.0, 1.0]}}, path)
+    config = load("import", "model=micro")
+    config.path = str(path)
+    with pytest.raises(config_lib.ConfigError, match=r"its 'model_state_dict' is not a state_dict \(names to tens"):
+        stages.run(config, str(tmp_path / "out"))
+
+
+def test_a_bfloat16_checkpoint_imports_widened_to_float32(tmp_path):
+    torch.manual_seed(0)
+    state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                  for k, v in mirror.GMAEForClassification(micro(), 3).state_dict().items()}
+    path = tmp_path / "bf16.pth"
+    torch.save({"model_state_dict": state_dict}, path)
+    run_stage("import", tmp_path / "run", path=str(path), class_names="fist,one,palm",
+              model=config_lib.model_section("micro"))
+    restored = setup.restore_run(str(tmp_path / "run"))
+    want = convert.torch_to_flax_variables({k: v.float() for k, v in state_dict.items()}, model="classifier")
+    for got, expected in zip(jax.tree.leaves(restored.weights.params), jax.tree.leaves(want["params"])):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
 def test_an_originals_classifier_needs_its_class_names_and_a_new_folder(tmp_path):
     config = load("import", "model=micro")
     config.path = str(classifier_file(tmp_path))
@@ -429,3 +488,12 @@ def test_pytorch_only_preprocessing_reads_16_bit_greyscale_as_its_8_bit_original
     preprocessing = export.preprocessing(32)
     torch.testing.assert_close(exported.preprocess(str(tmp_path / "grey16.png"), preprocessing),
                                exported.preprocess(str(tmp_path / "grey8.png"), preprocessing))
+
+
+def test_pytorch_only_classify_of_no_images_is_a_value_error():
+    from gmae_jax.torch_mirror import exported
+
+    model = exported.ExportedModel(module=mirror.GMAEForClassification(micro(), 3).eval(),
+                                   config={"stage": "finetune", "preprocessing": export.preprocessing(32)})
+    with pytest.raises(ValueError, match=r"classify\(\) needs at least one image"):
+        model.classify([])

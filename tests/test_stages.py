@@ -178,8 +178,35 @@ def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_di
     assert skipped == {
         str(inputs / "empty.jpg"): f"unreadable: Cannot decode image {inputs / 'empty.jpg'}: the file is empty",
         str(inputs / "junk.jpg"): f"unreadable: Cannot decode image {inputs / 'junk.jpg'}: not an image PIL can read",
-        str(inputs / "self"): "a link to a folder that is listed already",
+        str(inputs / "self"): f"the same folder as {inputs}, listed there",
     }
+
+
+@pytest.mark.slow
+def test_predict_writes_the_reason_of_a_skipped_file_whose_name_is_not_utf8(run_dir, tmp_path):
+    workdir, root, _ = run_dir
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(next((root / "val" / "palm").iterdir()), inputs / "a.jpg")
+    open(os.path.join(os.fsencode(inputs), b"bad\xffname.jpg"), "wb").close()  # its reason quotes the name
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(inputs))
+    out = tmp_path / "out"
+    assert stages.run(config, str(out)) == {"predicted": 1, "skipped": 1}
+
+    with open(out / "skipped.csv") as f:
+        skipped = list(csv.DictReader(f))
+    name = str(inputs / "bad\\xffname.jpg")
+    assert skipped == [{"file": name, "reason": f"unreadable: Cannot decode image {name}: the file is empty"}]
+
+
+def test_a_link_beside_a_folder_lists_its_files_under_the_folders_own_name(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "hand.jpg").write_bytes(b"")
+    os.symlink("real", tmp_path / "a_link")  # first in name order
+    items, skipped = inputs.list_inputs(str(tmp_path))
+    assert [item.path for item in items] == [str(tmp_path / "real" / "hand.jpg")]
+    assert skipped == [(str(tmp_path / "a_link"), f"the same folder as {tmp_path / 'real'}, listed there")]
 
 
 def test_predict_refuses_inputs_it_cannot_use_before_reading_the_run(run_dir, tmp_path):

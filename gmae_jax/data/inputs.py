@@ -49,24 +49,29 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
     return sorted(items, key=lambda i: i.path), sorted(set(skipped))
 
 
-def _walk(folder: epath.Path, visited: set[str]) -> tuple[list[epath.Path], list[tuple[str, str]]]:
-    """(every file under `folder`, links to folders already listed); each folder is entered once,
-    so a link to a folder above it (a loop) lists nothing twice. (epath has no recursive glob on
-    every backend; object stores have no links.)"""
-    files, links = [], []
-    for entry in folder.iterdir():
-        if not entry.is_dir():
-            files.append(entry)
+def _real(folder: epath.Path) -> str:
+    """Which folder a name is: its real path on a local disk (object stores have no links)."""
+    return str(folder) if "://" in str(folder) else os.path.realpath(folder)
+
+
+def _walk(folder: epath.Path, listed: dict[str, str]) -> tuple[list[epath.Path], list[tuple[str, str]]]:
+    """(every file under `folder`, folders skipped as listed already). `listed` maps the real path of
+    each folder entered to the name it was entered by: each folder is entered once, so a link to a
+    folder above it (a loop) or beside it lists nothing twice; real folders go before links, so a
+    folder's files keep its own name where it can. (epath has no recursive glob on every backend.)"""
+    entries = sorted(folder.iterdir())
+    files = [entry for entry in entries if not entry.is_dir()]
+    repeats = []
+    for entry in sorted((e for e in entries if e.is_dir()), key=lambda e: (os.path.islink(e), e.name)):
+        real = _real(entry)
+        if real in listed:
+            repeats.append((str(entry), f"the same folder as {listed[real]}, listed there"))
             continue
-        real = os.path.realpath(entry) if "://" not in str(entry) else str(entry)
-        if real in visited:
-            links.append((str(entry), "a link to a folder that is listed already"))
-            continue
-        visited.add(real)
-        more_files, more_links = _walk(entry, visited)
+        listed[real] = str(entry)
+        more_files, more_repeats = _walk(entry, listed)
         files += more_files
-        links += more_links
-    return files, links
+        repeats += more_repeats
+    return files, repeats
 
 
 def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
@@ -79,7 +84,7 @@ def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
     if root.is_file():
         files, skipped = [root], []
     else:
-        files, skipped = _walk(root, {os.path.realpath(root) if "://" not in path else path})
+        files, skipped = _walk(root, {_real(root): str(root)})
     items = []
     for file in sorted(files):
         if any(part.startswith(".") for part in file.relative_to(root).parts) and file != root:

@@ -11,6 +11,8 @@ from etils import epath
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from gmae_jax.data import wide_gray
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -22,18 +24,11 @@ class ImageDecodeError(ValueError):
     """An image file could not be decoded; the message names the file."""
 
 
-# Single-channel modes of more than 8 bits (16-bit PNG / TIFF greyscale opens as one of these).
-_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in _WIDE_GRAY_MODES:
-        # PIL's convert clips these at 255 (a 16-bit picture comes out nearly white): keep the top 8
-        # of the 16 bits instead, as 16-bit RGB images are already reduced.
-        gray = np.clip(np.asarray(img, np.int64), 0, 65535) >> 8
-        return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
+    if img.mode in wide_gray.MODES:
+        return wide_gray.to_rgb(img)
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         # Composite on black: transparent pixels carry no colour the model should see.
         rgba = img.convert("RGBA")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import pickle
 from typing import Any
 
 import jax
@@ -35,37 +36,60 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "the import stage reads .pth files with PyTorch, which is not installed; "
                      "pip install -e '.[torch]'")
     config_lib.validate_model(config.model)
+    # Before the file is read: a checkpoint may take minutes to load.
+    _check_distinct(_given_class_names(config), "--config.class_names")
+
+
+def _given_class_names(config: ml_collections.ConfigDict) -> list[str]:
+    return [n.strip() for n in config.class_names.split(",") if n.strip()]
+
+
+def _check_distinct(names: list[str], source: str) -> None:
+    """Refuses repeated names: the run's classes.json would give two outputs one name."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise config_lib.ConfigError(f"class names must differ; {', '.join(repeated)} is given more than once "
+                                     f"({source})")
 
 
 def read_pth(path: str) -> dict[str, Any]:
-    """The file's top-level dict, tensors as numpy; never runs pickled code."""
+    """The file's top-level dict, tensors as numpy (floating point as float32); never runs pickled code."""
     import torch  # the [torch] extra; checked in validate
 
     if not epath.Path(path).is_file():
         raise config_lib.ConfigError(f"config.path={path} is not a file; give a .pth")
+    if epath.Path(path).stat().length == 0:
+        raise config_lib.ConfigError(f"config.path={path} is empty (0 bytes); give a .pth that was saved in full")
     if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # bytes that are no checkpoint fail with any error type
-        raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
-                                     f"which never runs pickled code: {_reason(error)}") from None
-    if isinstance(payload, dict) and "model_state_dict" in payload:
-        return payload
+        payload = _read_safetensors(path)
+    else:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # bytes that are no checkpoint fail with any error type
+            raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
+                                         f"which never runs pickled code: {_reason(error)}") from None
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return {"model_state_dict": payload}  # a bare state_dict
-    raise config_lib.ConfigError(f"config.path={path} holds neither a state_dict nor a dict with "
-                                 "'model_state_dict' (the original's checkpoints and our model.pth have one)")
+        payload = {"model_state_dict": payload}  # a bare state_dict
+    if not (isinstance(payload, dict) and "model_state_dict" in payload):
+        raise config_lib.ConfigError(f"config.path={path} holds neither a state_dict nor a dict with "
+                                     "'model_state_dict' (the original's checkpoints and our model.pth have one)")
+    for key in ("model_state_dict", "extra_state_dict"):
+        tensors = payload.get(key, {})
+        if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
+            raise config_lib.ConfigError(f"config.path={path}: its '{key}' is not a state_dict (names to tensors)")
+        # numpy has no bfloat16, and the model computes in float32: half-precision saves widen exactly.
+        payload[key] = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in tensors.items()}
+    return payload
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
     """Our export's model.safetensors as the payload of its model.pth: the tensors, and the config
     its metadata carries (a safetensors file without it is read as a bare state_dict)."""
-    import safetensors.numpy
+    import safetensors.torch
 
     data = epath.Path(path).read_bytes()
     try:
-        tensors = safetensors.numpy.load(data)
+        tensors = safetensors.torch.load(data)  # not .numpy: numpy has no bfloat16
         # The format: an 8-byte little-endian header length, then the JSON header with the metadata.
         metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     except Exception as error:  # any damage to the header or the data
@@ -78,10 +102,14 @@ def _read_safetensors(path: str) -> dict[str, Any]:
 
 
 def _reason(error: Exception) -> str:
-    """The line of torch's refusal that says what was refused (it opens and closes with boilerplate)."""
+    """The line of torch's refusal that says what was refused (it opens and closes with boilerplate).
+    Errors of other types (KeyError: 101 for a text file) come from unpickling bytes that are no
+    checkpoint, which their bare message does not say."""
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if not line.startswith(boilerplate)), lines[0] if lines else repr(error))
+    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and lines:
+        return next((line for line in lines if not line.startswith(boilerplate)), lines[0])
+    return f"it is no file torch.save wrote, or a damaged one ({': '.join([type(error).__name__] + lines[:1])})"
 
 
 def _sizes(model: GMSTConfig) -> str:
@@ -117,16 +145,13 @@ def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, s
 
 def _class_names(payload: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int | None,
                  path: str) -> list[str]:
-    given = [n.strip() for n in config.class_names.split(",") if n.strip()]
+    given = _given_class_names(config)
     carried = list(payload.get("class_names") or [])
     if carried and given and given != carried:
         raise config_lib.ConfigError(f"config.path={path} carries its class names ({','.join(carried)}); drop "
                                      "--config.class_names, which would contradict them")
     names = carried or given
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise config_lib.ConfigError(f"class names must differ; {', '.join(repeated)} is given more than once "
-                                     "(--config.class_names)")
+    _check_distinct(names, f"in config.path={path}" if carried else "--config.class_names")
     if num_classes is not None and len(names) != num_classes:
         raise config_lib.ConfigError(
             f"config.path={path} is a classifier of {num_classes} classes but {len(names)} class names are known; "
@@ -177,8 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if (epath.Path(workdir) / setup.CONFIG_FILE).exists():
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run; import into a new folder")
     payload = read_pth(config.path)
-    tensors = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
-    state = {k: np.asarray(v) for k, v in tensors.items()}
+    state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
     stage = "finetune" if kind == "classifier" else "pretrain"
     num_classes = int(state["classifier.1.weight"].shape[0]) if "classifier.1.weight" in state else None

@@ -49,15 +49,16 @@ def _load(item: inputs.Input, view: str, image_size: int) -> np.ndarray | str:
         return f"unreadable: {error}"
 
 
-def _printable(name: str) -> str:
-    """A file name as text: bytes that are not UTF-8 (Python keeps them as surrogates) as \\xNN."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def _printable(text: str) -> str:
+    """A file name, or a reason that quotes one, as text: bytes that are not UTF-8 (Python keeps them
+    as surrogates, which no UTF-8 file or JSON takes) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     rows = [{**row, "file": _printable(row["file"])} for row in rows]
-    skipped = [(_printable(name), reason) for name, reason in skipped]
+    skipped = [(_printable(name), _printable(reason)) for name, reason in skipped]
     header = ["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
     with (workdir / "predictions.csv").open("w") as f:
         writer = csv.writer(f)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from gmae_jax.data import wide_gray
 from gmae_jax.torch_mirror import export_format, modules
 
 ImageLike = str | os.PathLike | bytes | Image.Image
@@ -38,9 +39,8 @@ def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale: its top 8 bits
-        gray = np.clip(np.asarray(image, np.int64), 0, 65535) >> 8
-        return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
+    if image.mode in wide_gray.MODES:  # which PIL's convert clips at 255
+        return wide_gray.to_rgb(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (0, 0, 0))
