@@ -7,6 +7,7 @@ holds; user ids are in the file names (`<class>-<user>-<i>.jpg`).
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -100,9 +101,14 @@ def test_forced_layout_that_does_not_match_names_the_folder(v2_root):
 
 @pytest.mark.parametrize("inside", ["hagrid_dataset", "hagrid_annotations"])
 def test_a_root_inside_a_v2_tree_points_at_the_tree(v2_root, inside):
-    with pytest.raises(DataLayoutError, match=rf"{v2_root / inside} is a part of the HaGRID v2 tree in {v2_root}; "
-                       rf"point the root at {v2_root}"):
+    with pytest.raises(DataLayoutError, match=rf"^{v2_root / inside} is a part of the HaGRID v2 tree in {v2_root}; "
+                       rf"point the root at {v2_root}\.$"):
         sources.open_sources(data_config(v2_root / inside))
+
+
+def test_a_class_folder_of_a_v2_tree_as_root_points_at_the_tree(v2_root):
+    with pytest.raises(DataLayoutError, match=rf"Did you mean --config.data.root={v2_root}\?$"):
+        sources.open_sources(data_config(v2_root / "hagrid_dataset" / "call"))
 
 
 def test_a_root_one_level_off_gets_a_did_you_mean(tmp_path):
@@ -110,16 +116,33 @@ def test_a_root_one_level_off_gets_a_did_you_mean(tmp_path):
     fx.make_tree(v1, "v1", classes=("call", "like"), num_users=2, images_per_user=1)
     with pytest.raises(DataLayoutError, match=rf"Did you mean --config.data.root={v1}\?"):
         sources.open_sources(data_config(v1 / "ann_train_val"))
-    prepared = tmp_path / "prepared"  # a prepare workdir: its corpora are the roots
-    for corpus in ("finetune", "pretrain"):
-        (prepared / corpus).mkdir(parents=True)
-        (prepared / corpus / sources.INDEX_FILE).write_text("{}")
-    with pytest.raises(DataLayoutError, match=r"Or shards of the prepare stage .* Did you mean "
-                       rf"--config.data.root={prepared / 'finetune'}\?"):
-        sources.open_sources(data_config(prepared))
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataLayoutError, match=r"Cannot tell the layout .*index.json\)\.$"):
         sources.open_sources(data_config(tmp_path / "nothing"))
+
+
+def test_a_prepare_workdir_as_root_names_each_of_its_corpora(tmp_path):
+    for corpus in ("finetune", "pretrain"):
+        (tmp_path / corpus).mkdir()
+        (tmp_path / corpus / sources.INDEX_FILE).write_text("{}")
+    (tmp_path / "class_folders").mkdir()
+
+    with pytest.raises(DataLayoutError, match=r"Or shards of the prepare stage .* Did you mean "
+                       rf"--config.data.root={tmp_path / 'finetune'} or {tmp_path / 'pretrain'}\?$"):
+        sources.open_sources(data_config(tmp_path))
+
+
+@pytest.mark.parametrize("missing, field", [("train", "train_split"), ("val", "eval_split")])
+def test_a_missing_v2_split_folder_names_the_flag_that_asked_for_it(tmp_path, missing, field):
+    fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=3, images_per_user=1)
+    for path in (tmp_path / "hagrid_annotations" / missing).iterdir():
+        path.unlink()
+    (tmp_path / "hagrid_annotations" / missing).rmdir()
+    found = sorted({"train", "val", "test"} - {missing})
+
+    with pytest.raises(DataLayoutError, match=rf"has no {missing}/ annotation folder; add it, or set "
+                       rf"--config.data.{field} .*to one of {re.escape(str(found))}\.$"):
+        sources.open_sources(data_config(tmp_path))
 
 
 def test_hand_crop_needs_hagrid_boxes(tmp_path):

@@ -360,6 +360,18 @@ def test_annotated_images_of_an_emptied_class_folder_count_as_missing(tmp_path):
         report.check_dropped(0.05, str(tmp_path))
 
 
+def test_classes_present_keeps_an_emptied_class_folder_that_is_annotated(tmp_path):
+    tree = _v2(tmp_path, classes=("call", "like"))
+    for image in (tree.images_root / "like").iterdir():
+        image.unlink()  # annotated, so its images count as missing rather than vanish with the class
+    fx.inject_empty_class_folder(tree, "palm")  # in no annotation file: not a class
+
+    names = hagrid_layout.resolve_classes("present", "hagrid_v2", tmp_path)
+    _, report = hagrid.read_hagrid_v2(tmp_path, class_names=names)
+
+    assert names == ["call", "like"] and report.dropped_images()[hagrid.MISSING_IMAGE] == {"like": 6}
+
+
 def test_an_image_annotated_in_two_splits_is_kept_in_the_first_only(tmp_path):
     tree = _v2(tmp_path, classes=("call", "like"))
     tree.annotations[("val", "call")]["call-000-0"] = tree.annotations[("train", "call")]["call-000-0"]

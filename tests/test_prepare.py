@@ -148,6 +148,14 @@ def test_prepared_layout_is_detected_with_its_class_list(shard_sources, prepared
     assert len(val) == sum(prepared[1]["counts"]["pretrain/val"].values())
 
 
+def test_a_split_the_corpus_lacks_names_the_flag_and_the_splits_there(prepared):
+    out, _, _ = prepared
+
+    with pytest.raises(class_folders.DataLayoutError, match=r"has no split 'test'; set --config.data.eval_split "
+                       r".*to one of \['train', 'val'\]\.$"):
+        sources.open_sources(data_config(out / "pretrain", eval_split="test"))
+
+
 def test_shard_batches_identical_for_0_and_2_workers(shard_sources):
     _, train, _ = shard_sources
 
@@ -280,6 +288,22 @@ def test_images_repaired_after_a_refused_prepare_are_checked_again(tmp_path):
     assert sum(sum(counts.values()) for counts in manifest["counts"].values()) == NUM_USERS * len(CLASSES) + 1
 
 
+def test_an_image_replaced_since_its_decode_check_is_checked_again(tmp_path):
+    tree = _tree(tmp_path / "hagrid")
+    bad = fx.inject_truncated_jpeg(tree, "train", "like")
+    out, config = tmp_path / "out", prepare_config(tree.root)
+    config.data.max_dropped_fraction = 0.0
+    with pytest.raises(class_folders.DataLayoutError, match=r"undecodable 1 \(like 1\)"):
+        prepare.prepare(config, str(out))
+
+    fx.write_image(bad)  # the user extracts the class again: that image is whole now,
+    cut = tree.image_path("call", "call-000-0")
+    cut.write_bytes(cut.read_bytes()[:500])  # but one that passed its check came out cut short
+
+    with pytest.raises(class_folders.DataLayoutError, match=r"undecodable 1 \(call 1\)"):
+        prepare.prepare(config, str(out))
+
+
 def test_a_rerun_that_asks_for_class_folders_writes_them_beside_the_same_shards(tmp_path):
     tree = _tree(tmp_path / "hagrid")
     out = tmp_path / "out"
@@ -292,6 +316,16 @@ def test_a_rerun_that_asks_for_class_folders_writes_them_beside_the_same_shards(
     assert {name: (out / name).read_bytes() for name in second["shards"]} == shards
     copies = list((out / "class_folders").rglob("*.jpg"))
     assert len(copies) == NUM_USERS * len(CLASSES)
+
+
+@pytest.mark.parametrize("given", ["workdir", "corpus"])
+def test_prepare_refuses_its_own_output_naming_the_raw_tree(prepared, given):
+    out, _, injected = prepared
+    root = out if given == "workdir" else out / "pretrain"
+
+    with pytest.raises(class_folders.DataLayoutError, match=rf"^{root} holds shards the prepare stage wrote; point "
+                       rf"--config.data.root at the raw HaGRID tree they were prepared from \({injected['root']}, per"):
+        prepare.prepare(prepare_config(root), str(out.parent / "again"))
 
 
 def test_prepare_needs_user_ids(tmp_path):

@@ -320,7 +320,7 @@ def read_hagrid_v2(
     if missing:
         raise DataLayoutError(
             f"Split folders {missing} are missing from {ann_root}; found {present}. Add the missing annotation "
-            f"folders, or evaluate on a split that is there (--config.data.eval_split=one of {present})."
+            f"folders (the v2 layout is {V2_LAYOUT})."
         )
     dirs = {ann_root / s: (s if s in wanted else None) for s in present}
     records, report = _read(dirs, images_root, class_names, disjoint=frozenset(V2_SPLITS))

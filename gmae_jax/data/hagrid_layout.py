@@ -39,6 +39,10 @@ _CLASS_FOLDERS_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
 OFFICIAL, PRESENT = "hagrid", "present"
 
 
+class UnknownLayoutError(DataLayoutError):
+    """A root in none of the known layouts (callers may add where a known one is nearby)."""
+
+
 def _image_folders(images_root: epath.Path, exclude: frozenset[str]) -> list[epath.Path]:
     return [f for f in sorted(images_root.iterdir())
             if f.is_dir() and f.name not in exclude and not f.name.startswith(".")]
@@ -57,22 +61,36 @@ def images_root_of(root: epath.PathLike, layout: str) -> tuple[epath.Path, froze
     return root, frozenset(V1_ANNOTATION_SETS)
 
 
+def _annotation_dirs(root: epath.PathLike, layout: str) -> list[epath.Path]:
+    """The folders of a layout's `<class>.json` annotation files (present or not)."""
+    root = epath.Path(root)
+    if layout == "hagrid_v2":
+        return [root / "hagrid_annotations" / split for split in V2_SPLITS]
+    return [root / name for name in V1_ANNOTATION_SETS]
+
+
 def resolve_classes(classes: str | Sequence[str], layout: str, root: epath.PathLike) -> list[str]:
     """The class list that `config.data.classes` means for a HaGRID tree (labels index it).
 
     'hagrid': the official list of the layout's version (a label means the same in every run);
-    'present': the class folders that hold images, sorted, no_gesture last as in HaGRID's lists;
-    else the given names (a comma-separated string or a sequence), in their order.
+    'present': the class folders that hold images, and the emptied ones that annotation files still
+    list images for (so those count as missing, not as an unknown class), sorted, no_gesture last
+    as in HaGRID's lists; else the given names (a comma-separated string or a sequence), in their order.
     """
     if isinstance(classes, str) and classes == OFFICIAL:
         return list(HAGRID_V2_CLASSES if layout == "hagrid_v2" else HAGRID_V1_CLASSES)
     if isinstance(classes, str) and classes == PRESENT:
         images_root, exclude = images_root_of(root, layout)
-        names = sorted(f.name for f in _image_folders(images_root, exclude) if any(map(is_image, f.iterdir())))
+        folders = _image_folders(images_root, exclude)
+        names = {f.name for f in folders if any(map(is_image, f.iterdir()))}
         if not names:
             raise DataLayoutError(f"{images_root} holds no class folder with images; config.data.classes=present "
                                   "found no classes.")
-        return sorted(names, key=lambda name: name == NO_GESTURE)
+        # An emptied folder (a failed extraction?) whose class is annotated stays a class: the
+        # dropped-fraction guard then sees its images as missing.
+        annotation_dirs = _annotation_dirs(root, layout)
+        names |= {f.name for f in folders if any((d / f"{f.name}.json").is_file() for d in annotation_dirs)}
+        return sorted(sorted(names), key=lambda name: name == NO_GESTURE)
     return parse_class_list(classes)
 
 
@@ -120,7 +138,7 @@ def detect_layout(root: epath.PathLike) -> str:
                               f"{root.parent}.")
     if (root / "train").is_dir():
         return "class_folders"
-    raise DataLayoutError(
+    raise UnknownLayoutError(
         f"Cannot tell the layout of {root}; expected one of: HaGRID v2 {V2_LAYOUT}; "
         f"HaGRID v1 {V1_LAYOUT}; class folders {_CLASS_FOLDERS_LAYOUT}."
     )

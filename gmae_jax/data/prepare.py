@@ -7,10 +7,12 @@ Writes `<workdir>/{pretrain,finetune}/<split>/*.array_record` with an `index.jso
 (what `config.data.layout='prepared'` reads), `<workdir>/manifest.json` (counts per class and
 split, the class list, every skipped file and why) and optionally the original's class folders.
 Every step that decodes runs on all cores; a killed run resumes without redoing finished
-shards (each is written under a temporary name and renamed when complete) or checked images.
+shards (each is written under a temporary name and renamed when complete) or the checks of
+images unchanged since (same size and modification time).
 """
 
 import collections
+import concurrent.futures
 from collections.abc import Iterable, Sequence
 import dataclasses
 import hashlib
@@ -28,14 +30,15 @@ import ml_collections
 from PIL import Image
 import tqdm
 
-from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, records, splits, transforms
+from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
-from gmae_jax.data.sources import INDEX_FILE
 from gmae_jax.schema import DataConfig
 
 VIEWS = ("full_frame", "hand_crop")
 _CHECKED = "checked.jsonl"  # one line per decode-checked image: resuming skips them
 _PLAN = "plan.json"
+_MANIFEST = "manifest.json"
+_STAT_THREADS = 32  # stat calls in flight when comparing images with their cached checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +140,24 @@ def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
         yield from tqdm.tqdm(pool.imap_unordered(fn, items, chunksize=1), **bar)
 
 
+def _refuse_own_output(root: epath.Path) -> None:
+    """The stage's output (a workdir, or one of its corpora) given as its input is refused, naming the
+    raw tree it was prepared from where the manifest says."""
+    if (root / _PLAN).exists():
+        manifest = root / _MANIFEST
+    elif (root / sources.INDEX_FILE).exists():
+        manifest = root.parent / _MANIFEST
+    else:
+        return
+    source = f" ({json.loads(manifest.read_text())['source']}, per {manifest})" if manifest.exists() else ""
+    raise DataLayoutError(f"{root} holds shards the prepare stage wrote; point --config.data.root at the raw "
+                          f"HaGRID tree they were prepared from{source}.")
+
+
 def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
     """The labelled records of the whole tree, the class list (per config.data.classes), the report."""
-    layout = hagrid_layout.detect_layout(root) if layout == "auto" else layout
+    _refuse_own_output(epath.Path(root))
+    layout = sources.detect_layout(root) if layout == "auto" else layout  # hints at a root one level off
     if layout not in ("hagrid_v1", "hagrid_v2"):
         raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
                               "and needs HaGRID v1 or v2 annotations (user_id).")
@@ -155,24 +173,43 @@ def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecor
     return record_filters.drop_unlabelled(recs, class_names, report), class_names, report
 
 
+def _stamp(path: str) -> list[int] | None:
+    """[size, mtime] of an image (None if it cannot be read): its decode check is reused only while
+    both stay the same, so a file replaced after a run (repaired, re-extracted, cut short) is checked
+    again."""
+    try:
+        if "://" in path:  # an object store: etils reports whole seconds
+            stat = epath.Path(path).stat()
+            return [stat.length, stat.mtime]
+        stat = os.stat(path)
+    except OSError:
+        return None  # never reused: the check itself reports why the file cannot be read
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_workers: int) -> dict:
-    """path -> (sha256, error) for every image, reusing the results of an earlier run. Images that
-    failed are checked again: the stage's error tells the user to fix them and rerun."""
+    """path -> (sha256, error) for every image, reusing the results of an earlier run for files
+    unchanged since. Images that failed are checked again: the stage's error tells the user to fix
+    them and rerun."""
     log = workdir / _CHECKED
+    paths = sorted({r.path for r in records_})
+    with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:  # I/O bound: threads suffice
+        stamps = dict(zip(paths, pool.map(_stamp, paths)))
     done = {}
     if log.exists():
-        for line in log.read_text().splitlines():
-            if line.strip():  # the last line of a killed run may be cut: json fails, redo it
-                try:
-                    path, digest, error = json.loads(line)
-                    done[path] = (digest, error)  # a later line (a re-check) wins
-                except json.JSONDecodeError:
-                    pass
-        done = {path: result for path, result in done.items() if result[1] is None}
-    todo = sorted({r.path for r in records_} - done.keys())
+        for line in log.read_text().splitlines():  # in order: a later line (a re-check) wins
+            try:
+                path, stamp, digest, error = json.loads(line)
+            except ValueError:  # the cut last line of a killed run, or an older format: check again
+                continue
+            if error is None and stamp is not None and stamps.get(path) == stamp:
+                done[path] = (digest, error)
+            else:
+                done.pop(path, None)
+    todo = [path for path in paths if path not in done]
     with log.open("a") as f:
         for path, digest, error in _parallel(_check, todo, num_workers, "decode-check"):
-            f.write(json.dumps([path, digest, error]) + "\n")
+            f.write(json.dumps([path, stamps[path], digest, error]) + "\n")
             done[path] = (digest, error)
     return done
 
@@ -282,8 +319,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 index["splits"][split] = {"shards": shards, "count": len(rs)}
                 manifest["counts"][f"{corpus}/{split}"] = dict(sorted(collections.Counter(
                     record_filters.gesture_name(r) for r in rs).items()))
-        (out / corpus / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (out / corpus / sources.INDEX_FILE).write_text(json.dumps(index, indent=1))
+    (out / _MANIFEST).write_text(json.dumps(manifest, indent=1))
     logging.info("prepared %s: %s; skipped %s", out,
                  {k: sum(v.values()) for k, v in manifest["counts"].items()},
                  {k: len(v) for k, v in manifest["skipped"].items()})

@@ -7,6 +7,7 @@ elements plus how they become pixels, so the grain pipeline is the same for ever
 
 from collections.abc import Sequence
 import dataclasses
+import itertools
 import json
 from typing import Any, NamedTuple
 
@@ -58,33 +59,55 @@ def detect_layout(root: epath.PathLike, split: str = "train") -> str:
         return "prepared"
     try:
         return hagrid_layout.detect_layout(root)
-    except DataLayoutError as error:
-        if (epath.Path(root) / split).is_dir() and not hagrid_layout.is_part_of_a_v2_tree(epath.Path(root)):
+    except hagrid_layout.UnknownLayoutError as error:
+        if (epath.Path(root) / split).is_dir():
             return "class_folders"
-        if not epath.Path(root).is_dir():
-            raise
-        raise DataLayoutError(f"{error} Or shards of the prepare stage (<root>/{INDEX_FILE}).{_nearby(epath.Path(root))}"
-                              ) from None
+        raise hagrid_layout.UnknownLayoutError(
+            f"{error} Or shards of the prepare stage (<root>/{INDEX_FILE}).{_nearby(epath.Path(root))}") from None
 
 
-def _nearby(root: epath.Path, max_folders: int = 64) -> str:
-    """' Did you mean ...?' when the folder above `root`, or one inside it, has a layout: a root one
-    level off (hagrid_dataset/ itself, a prepare workdir instead of its pretrain/ corpus)."""
-    inside = []
-    for child in root.iterdir():
-        if len(inside) == max_folders:
-            break
-        if child.is_dir():
-            inside.append(child)
-    for folder in [root.parent, *sorted(inside)]:
-        if (folder / INDEX_FILE).exists():
-            return f" Did you mean --config.data.root={folder}?"
-        try:
-            if hagrid_layout.detect_layout(folder) != "class_folders":
-                return f" Did you mean --config.data.root={folder}?"
-        except DataLayoutError:
-            continue
-    return ""
+def _nearby(root: epath.Path, max_folders: int = 64, max_shown: int = 3) -> str:
+    """' Did you mean ...?' naming the folders one level off `root` that have a layout: the one
+    above it, its grandparent when that is a v2 tree (root: a class folder of hagrid_dataset/), or
+    ones inside it (root: a prepare workdir instead of its corpora, a folder of datasets)."""
+    inside = sorted(child for child in itertools.islice(root.iterdir(), max_folders)
+                    if child.is_dir() and not child.name.startswith("."))
+    found = []
+    for folder in [root.parent, *inside]:
+        if hagrid_layout.is_part_of_a_v2_tree(folder):
+            folder = folder.parent
+        elif not (folder / INDEX_FILE).exists():
+            try:
+                hagrid_layout.detect_layout(folder)
+            except DataLayoutError:
+                continue
+        if folder != root and folder not in found:
+            found.append(folder)
+    if not found:
+        return ""
+    shown = [str(folder) for folder in found[:max_shown]]
+    choices = " or ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
+    more = f" (or {len(found) - max_shown} more)" if len(found) > max_shown else ""
+    return f" Did you mean --config.data.root={choices}{more}?"
+
+
+def _pick_another_split(data: DataConfig, split: str, found: Sequence[str]) -> str:
+    """How to ask for a split that is there, naming the flag that asked for `split`."""
+    if split == data.train_split and split != data.eval_split:
+        flag = "--config.data.train_split"
+    else:  # the evaluate stage's --config.split sets data.eval_split
+        flag = "--config.data.eval_split (--config.split when evaluating a checkpoint)"
+    return f"set {flag} to one of {sorted(found)}"
+
+
+def _check_v2_splits(root: str, wanted: Sequence[str], data: DataConfig) -> None:
+    """A wanted split without its v2 annotation folder is refused in one line naming the flag."""
+    ann_root = epath.Path(root) / "hagrid_annotations"
+    found = [s for s in hagrid_layout.V2_SPLITS if (ann_root / s).is_dir()]
+    for split in wanted:
+        if split not in found:
+            raise DataLayoutError(f"{ann_root} has no {split}/ annotation folder; add it, or "
+                                  f"{_pick_another_split(data, split, found)}.")
 
 
 def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
@@ -129,6 +152,8 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
             f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as "
             f"'{hagrid_layout.NO_GESTURE}', which is not among the classes {names}; add it to "
             "config.data.classes or set no_gesture_prob=0.")
+    if layout == "hagrid_v2":
+        _check_v2_splits(root, wanted, data)
     read = _hagrid_v2 if layout == "hagrid_v2" else _hagrid_v1
     recs, report = read(root, wanted, names)
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
@@ -137,16 +162,17 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
     return names, _by_split(recs, layout, wanted, data)
 
 
-def _prepared(root: epath.Path, wanted: Sequence[str], mode: str) -> tuple[list[str], dict]:
+def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tuple[list[str], dict]:
     index = json.loads((root / INDEX_FILE).read_text())
-    if index["view"] == "hand_crop" and mode != "hand_crop":
+    if index["view"] == "hand_crop" and data.mode != "hand_crop":
         raise DataLayoutError(
             f"{root} holds hand crops; set --config.data.mode=hand_crop to train on them "
             "(or prepare full frames with --config.view=full_frame).")
     result = {}
     for split in wanted:
         if split not in index["splits"]:
-            raise DataLayoutError(f"{root} has no split {split!r}; it has {sorted(index['splits'])}.")
+            raise DataLayoutError(f"{root} has no split {split!r}; "
+                                  f"{_pick_another_split(data, split, index['splits'])}.")
         shards = [root / name for name in index["splits"][split]["shards"]]
         if not shards:
             raise DataLayoutError(f"Split {split!r} of {root} holds no images.")
@@ -173,7 +199,7 @@ def _open(
         view = ViewConfig()  # the original G-MAE views
     else:
         if layout == "prepared":
-            names, parts = _prepared(epath.Path(root), wanted, mode)
+            names, parts = _prepared(epath.Path(root), wanted, data)
         else:
             names, parts = _hagrid(data, layout, wanted, class_names)
         if class_names and list(class_names) != list(names):
