@@ -160,6 +160,10 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(loop.batch_size > 0, f"config.batch_size={loop.batch_size} must be positive")
     check(loop.total_steps > 0 or loop.num_epochs > 0,
           "set config.total_steps or config.num_epochs to a positive number")
+    for name in ("log_every", "checkpoint_every"):
+        check(getattr(loop, name) >= 1, f"config.{name}={getattr(loop, name)} must be at least 1 (the run logs and "
+              "saves at its last step anyway: a value above total_steps means only there)")
+    check(loop.eval_every >= 0, f"config.eval_every={loop.eval_every} must be 0 (only at the end) or more")
     check(loop.best_mode in ("min", "max"), f"config.best_mode='{loop.best_mode}' must be 'min' or 'max'")
     check(loop.step_impl in STEP_IMPLS, f"config.step_impl='{loop.step_impl}' must be one of {STEP_IMPLS}")
     check(loop.grad_accum_steps >= 1 and loop.batch_size % loop.grad_accum_steps == 0,

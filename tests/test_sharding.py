@@ -118,7 +118,8 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
 
 
 @pytest.mark.parametrize("data, fsdp, message", [
-    (3, -1, "3 does not divide the 8 devices"),
+    (3, -1, "config.mesh.data=3 does not divide the 8 devices of this job"),
+    (-1, 3, "config.mesh.fsdp=3 does not divide the 8 devices of this job"),
     (2, 2, "must equal the 8 devices"),
     (-1, -1, "cannot both be -1"),
 ])

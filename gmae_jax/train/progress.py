@@ -128,13 +128,14 @@ class Progress:
         return self.first_step_seconds
 
     def update(self, step: int) -> dict[str, float]:
+        """img/s, ETA and input wait of the interval since the last call; nothing at a log point at
+        the run's first step, whose time is mostly compiling (it is logged apart)."""
         now = time.perf_counter()
-        if step == self.last_step and self.first_step_seconds is not None:  # a log point at the first step
-            interval, steps, input_wait = self.first_step_seconds, 1, 0.0
-        else:
-            steps = max(step - self.last_step, 1)
-            interval = now - self.last_time
-            input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
+        if step == self.last_step and self.first_step_seconds is not None:
+            return {}
+        steps = max(step - self.last_step, 1)
+        interval = now - self.last_time
+        input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
         seconds_per_step = interval / steps
         self.last_step, self.last_time, self.input_seconds = step, now, 0.0
         self.intervals += 1
@@ -154,10 +155,12 @@ class Progress:
         for key in ("loss", "accuracy", "lr", "grad_norm"):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.4g}")
-        parts.append(f"{metrics['img_per_sec']:.1f} img/s")
+        if "img_per_sec" in metrics:
+            parts.append(f"{metrics['img_per_sec']:.1f} img/s")
         if "input_wait" in metrics:
             parts.append(f"input wait {100 * metrics['input_wait']:.0f} %")
-        parts.append(f"ETA {format_duration(metrics['eta_sec'])}")
+        if "eta_sec" in metrics:
+            parts.append(f"ETA {format_duration(metrics['eta_sec'])}")
         line = " | ".join(parts)
         logging.info(line)
         return line

@@ -41,9 +41,10 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     if data == -1 and fsdp == -1:
         raise MeshError("config.mesh.data and config.mesh.fsdp cannot both be -1; set one of them")
     if data == -1 or fsdp == -1:
-        known = fsdp if data == -1 else data
+        name, known = ("fsdp", fsdp) if data == -1 else ("data", data)
         if known < 1 or num_devices % known:
-            raise MeshError(f"config.mesh: {known} does not divide the {num_devices} devices; "
+            devices = f"{num_devices} device" + ("s" if num_devices != 1 else "")
+            raise MeshError(f"config.mesh.{name}={known} does not divide the {devices} of this job; "
                             f"use a divisor of {num_devices}")
         return (num_devices // known, known) if data == -1 else (known, num_devices // known)
     if data < 1 or fsdp < 1 or data * fsdp != num_devices:
