@@ -4,6 +4,7 @@ tiny run (its JSON, table and plot)."""
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -115,6 +116,16 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
     assert stages.run(config, workdir)["runs"] == report["runs"]
     assert os.listdir(checkpoints) == []
 
+    # Another recipe in the same workdir is refused before anything is trained or rewritten.
+    results = {r["workdir"]: open(os.path.join(r["workdir"], study.RESULT)).read() for r in runs}
+    longer = config.copy_and_resolve_references()
+    longer.finetune.total_steps = 4
+    with pytest.raises(config_lib.ConfigError, match=r"holds a finished fine-tune of another study setting "
+                       r"\(total_steps: 3 -> 4\); nothing was changed"):
+        stages.run(longer, workdir)
+    assert {w: open(os.path.join(w, study.RESULT)).read() for w in results} == results
+    assert os.listdir(checkpoints) == []
+
     # Each sub-run is held like a run of its own: one in use by another job stops the study.
     busy = next(r["workdir"] for r in runs if r["init"] == "pretrained")
     os.remove(os.path.join(busy, study.RESULT))
@@ -142,3 +153,12 @@ def test_study_needs_exactly_one_source_of_pretrained_weights(labelled):
     config.data.root = labelled[0]
     with pytest.raises(config_lib.ConfigError, match="set exactly one of --config.pretrain_data"):
         stages.validate(config)
+
+
+def test_a_finished_fine_tune_from_an_older_pretraining_step_is_not_reused(tmp_path):
+    pretrain = tmp_path / "pretrain"
+    (pretrain / "checkpoints" / "5").mkdir(parents=True)  # the pretraining went on since: 3 -> 5
+    finished = {"init": "pretrained", "init_step": 3}
+    config = ml_collections.ConfigDict({"init_from": str(pretrain)})
+    assert study._changes_since(finished, config, str(tmp_path / "run")) == ["pretraining step: 3 -> 5"]
+    assert study._changes_since({**finished, "init_step": 5}, config, str(tmp_path / "run")) == []

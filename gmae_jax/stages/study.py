@@ -16,10 +16,11 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from gmae_jax import config_lib, label_efficiency, schema, workdir_lock
+from gmae_jax import config_lib, label_efficiency, run_files, schema, workdir_lock
 from gmae_jax.data import sources
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
+from gmae_jax.train import resume_check, setup
 
 RESULT = "result.json"  # written into a fine-tune's workdir when it has finished
 JSON, PNG = "label_efficiency.json", "label_efficiency.png"
@@ -78,19 +79,49 @@ def run_name(init: str, per_class: int, seed: int) -> str:
     return f"{init}_{label_efficiency.labels_name(per_class)}_s{seed}"
 
 
+def _latest_step(run_dir: str) -> int | None:
+    """The newest checkpoint step of a run folder (what a fine-tune's init_from starts from)."""
+    folder = epath.Path(setup.run_workdir(run_dir)) / setup.CHECKPOINTS
+    steps = [int(child.name) for child in folder.iterdir() if child.name.isdigit()] if folder.is_dir() else []
+    return max(steps, default=None)
+
+
+def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """How the finished fine-tune in `workdir` differs from the one `config` asks for: its recipe
+    (any field but logging and worker counts; more steps too) or the pretraining step it started from."""
+    stored = epath.Path(workdir) / setup.CONFIG_FILE
+    changes = []
+    if stored.exists():
+        old = resume_check.flatten(run_files.read_json(stored))
+        binding, harmless = resume_check.compare(old, resume_check.flatten(json.loads(config.to_json_best_effort())))
+        changes = [f"{name}: {before!r} -> {after!r}" for name, before, after in binding + harmless
+                   if name in resume_check.UPWARD_ONLY or (name, before, after) in binding]
+    if config.init_from and result.get("init_step") != _latest_step(config.init_from):
+        changes.append(f"pretraining step: {result.get('init_step')} -> {_latest_step(config.init_from)}")
+    return changes
+
+
 def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """The result of one fine-tune, read back when an earlier invocation already finished it."""
+    """The result of one fine-tune, read back when an earlier invocation finished the same one; one
+    finished with another recipe or from another pretraining step is refused, not reused."""
     result_path = epath.Path(workdir) / RESULT
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        changes = _changes_since(result, config, workdir)
+        if changes:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a finished fine-tune of another study setting ({'; '.join(changes)}); nothing was "
+                "changed. Run the new study in another --workdir (or move this study's runs/ folder away)")
+        return result
     with workdir_lock.hold(workdir):  # each sub-run is a run folder of its own, held like one
         metrics = finetune_stage.run(config, workdir)
     result = {"init": "linear_probe" if config.freeze_encoder else ("pretrained" if config.init_from else "scratch"),
               "labels_per_class": label_efficiency.labels_name(config.labels_per_class),
               "seed": int(config.seed), "steps": int(config.total_steps),
               "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
-              "workdir": workdir}
-    result_path.write_text(json.dumps(result, indent=1))
+              "workdir": workdir,
+              "init_step": _latest_step(config.init_from) if config.init_from else None}
+    run_files.write_text(result_path, json.dumps(result, indent=1))
     return result
 
 
