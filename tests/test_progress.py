@@ -45,6 +45,19 @@ def test_the_first_steps_compile_is_left_out_of_throughput_and_eta():
     assert rates["eta_sec"] == pytest.approx(97 * 32 / rates["img_per_sec"], rel=1e-6)
 
 
+def test_evaluations_and_saves_between_log_points_are_left_out_of_throughput():
+    tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32)
+    tracker.first_step_done(1)
+    time.sleep(0.1)  # steps 2 to 5
+    with tracker.not_training():
+        time.sleep(0.5)  # an evaluation and a checkpoint save
+    rates = tracker.update(5)
+    assert rates["img_per_sec"] > 32 * 4 / 0.3  # ~0.1 s of steps, not 0.6 s
+    assert rates["input_wait"] == 0.0
+    time.sleep(0.1)
+    assert tracker.update(9)["img_per_sec"] < 32 * 4 / 0.08  # the next interval starts afresh
+
+
 def test_progress_reports_the_share_of_time_spent_waiting_for_input():
     tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32)
     with tracker.waiting_for_input():

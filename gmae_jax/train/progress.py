@@ -106,6 +106,7 @@ class Progress:
         self.last_step = start_step
         self.last_time = time.perf_counter()
         self.input_seconds = 0.0
+        self.other_seconds = 0.0  # evaluations and checkpoint saves: not training throughput
         self.intervals = 0
         self.advised = False
         self.first_step_seconds: float | None = None
@@ -119,12 +120,22 @@ class Progress:
         finally:
             self.input_seconds += time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def not_training(self) -> Iterator[None]:
+        """Wrap work between steps (an evaluation, a checkpoint save): its time is left out of the
+        interval's img/s and ETA, which otherwise collapse on the line after each."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.other_seconds += time.perf_counter() - start
+
     def first_step_done(self, step: int) -> float:
         """Call when the run's first step has finished (the caller waited for it): returns its
         seconds, compilation included, and starts the first interval after it."""
         now = time.perf_counter()
         self.first_step_seconds = now - self.last_time
-        self.last_step, self.last_time, self.input_seconds = step, now, 0.0
+        self.last_step, self.last_time, self.input_seconds, self.other_seconds = step, now, 0.0, 0.0
         return self.first_step_seconds
 
     def update(self, step: int) -> dict[str, float]:
@@ -134,10 +145,10 @@ class Progress:
         if step == self.last_step and self.first_step_seconds is not None:
             return {}
         steps = max(step - self.last_step, 1)
-        interval = now - self.last_time
-        input_wait = min(self.input_seconds / max(interval, 1e-9), 1.0)
+        interval = max(now - self.last_time - self.other_seconds, 1e-9)
+        input_wait = min(self.input_seconds / interval, 1.0)
         seconds_per_step = interval / steps
-        self.last_step, self.last_time, self.input_seconds = step, now, 0.0
+        self.last_step, self.last_time, self.input_seconds, self.other_seconds = step, now, 0.0, 0.0
         self.intervals += 1
         if self.intervals > 1 and not self.advised:
             advice = input_bound_advice(input_wait, self.num_workers, pipeline.usable_cores())

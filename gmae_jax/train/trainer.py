@@ -230,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 writer.write({"step": step, "split": "train", **metrics})
                 summaries.scalars("train", step, metrics)
             if evaluated:
-                eval_metrics, outputs, first = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+                with progress.not_training():
+                    eval_metrics, outputs, first = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
                 logging.info("[%s] step %d eval: %s", task.name, step,
                              ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
                 writer.write({"step": step, "split": eval_split, **eval_metrics})
@@ -239,7 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     pictures = task.draw(host_state(state), first, outputs, workdir)
                     summaries.pictures(eval_split, step, pictures)
             if must_save:
-                checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
+                with progress.not_training():
+                    checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
                 last_saved = step
             if preempted:
                 break
