@@ -20,29 +20,36 @@ mkdir -p "$LOG_DIR"
 unset XLA_FLAGS  # a leftover --xla_force_host_platform_device_count would fight --num_cpu_devices
 export JAX_PLATFORMS=cpu
 
-run_process() {  # run_process RANK FLAGS...
+run_process() {  # run_process RANK FLAGS..., in a background subshell that becomes the process
   local rank="$1"
   shift
-  "$PYTHON" -m gmae_jax.main "$@" --num_cpu_devices="$DEVICES_PER_PROCESS" \
+  exec "$PYTHON" -m gmae_jax.main "$@" --num_cpu_devices="$DEVICES_PER_PROCESS" \
     --coordinator_address="127.0.0.1:$PORT" --num_processes="$NUM_PROCESSES" --process_id="$rank"
 }
 
 pids=()
-# A process that dies leaves the others waiting in a collective: take them down with this script.
+# A process that dies leaves the others waiting in a collective (JAX aborts them only after ~75 s):
+# the first failure takes the rest down, and so does this script's own exit.
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-for ((rank = 1; rank < NUM_PROCESSES; rank++)); do
-  run_process "$rank" "$@" >"$LOG_DIR/process_$rank.log" 2>&1 &
+for ((rank = 0; rank < NUM_PROCESSES; rank++)); do
+  if ((rank == 0)); then
+    run_process 0 "$@" &
+  else
+    run_process "$rank" "$@" >"$LOG_DIR/process_$rank.log" 2>&1 &
+  fi
   pids+=("$!")
 done
 
 status=0
-run_process 0 "$@" || status=$?
-for i in "${!pids[@]}"; do
+for ((left = NUM_PROCESSES; left > 0; left--)); do
   code=0
-  wait "${pids[$i]}" || code=$?
-  if ((code != 0)); then
-    ((status != 0)) || status=$code  # 75: preempted after a checkpoint (rerun to resume); else failed
-    ((code == 75)) || echo "process $((i + 1)) failed; see $LOG_DIR/process_$((i + 1)).log" >&2
+  wait -n || code=$?
+  if ((code == 75)); then
+    status=75  # preempted after a checkpoint: the others are saving the same step; rerun to resume
+  elif ((code != 0)); then
+    echo "a process failed (status $code); stopping the others. Logs: $LOG_DIR/process_<rank>.log" >&2
+    status=$code
+    break
   fi
 done
 exit "$status"

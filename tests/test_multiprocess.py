@@ -93,6 +93,29 @@ def test_launch_script_passes_shellcheck(script):
     assert result.returncode == 0, result.stdout
 
 
+FAKE_PROCESS = """#!/usr/bin/env bash
+# Stands in for python -m gmae_jax.main: rank 1 exits with $RANK1_STATUS at once, rank 0 runs long.
+case " $* " in
+  *" --process_id=1 "*) exit "$RANK1_STATUS" ;;
+  *) exec sleep 60 ;;
+esac
+"""
+
+
+def test_local_launcher_stops_the_other_ranks_when_one_fails(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PROCESS)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), "RANK1_STATUS": "3"}
+    started = time.monotonic()
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3 and time.monotonic() - started < 20  # not rank 0's 60 s
+    assert "a process failed (status 3); stopping the others" in result.stderr
+    survivors = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True).stdout.split()
+    assert not survivors, "rank 0 was left running"
+
+
 # --- Two processes train like one --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
