@@ -162,3 +162,12 @@ def test_a_finished_fine_tune_from_an_older_pretraining_step_is_not_reused(tmp_p
     config = ml_collections.ConfigDict({"init_from": str(pretrain)})
     assert study._changes_since(finished, config, str(tmp_path / "run")) == ["pretraining step: 3 -> 5"]
     assert study._changes_since({**finished, "init_step": 5}, config, str(tmp_path / "run")) == []
+
+
+def test_too_many_labels_per_class_stops_the_study_before_it_pretrains(labelled, tmp_path):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
+    config.update(pretrain_data=labelled[0], labels_per_class=(2, 7), seeds=(0,))
+    config.data.root = labelled[0]
+    with pytest.raises(config_lib.ConfigError, match="config.labels_per_class=7 but class 'fist' has only 6"):
+        stages.run(config, str(tmp_path / "study"))
+    assert not (tmp_path / "study" / "pretrain").exists()

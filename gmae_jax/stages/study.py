@@ -17,7 +17,7 @@ import ml_collections
 from etils import epath
 
 from gmae_jax import config_lib, label_efficiency, run_files, schema, workdir_lock
-from gmae_jax.data import sources
+from gmae_jax.data import sources, subsets
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
 from gmae_jax.train import resume_check, setup
@@ -128,6 +128,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
     num_classes = len(data.class_names)
+    for per_class in config.labels_per_class:  # before the pretraining, which may take hours
+        subsets.class_balanced_subset(data.train, data.class_names, per_class, seed=0)
     if config.init_from:
         pretrain_dir = config.init_from
     else:
