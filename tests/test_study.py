@@ -162,6 +162,7 @@ def test_a_finished_fine_tune_from_an_older_pretraining_step_is_not_reused(tmp_p
     config = ml_collections.ConfigDict({"init_from": str(pretrain)})
     assert study._changes_since(finished, config, str(tmp_path / "run")) == ["pretraining step: 3 -> 5"]
     assert study._changes_since({**finished, "init_step": 5}, config, str(tmp_path / "run")) == []
+    assert study._changes_since({"init": "pretrained"}, config, str(tmp_path / "run")) == []  # an older result
 
 
 def test_too_many_labels_per_class_stops_the_study_before_it_pretrains(labelled, tmp_path):

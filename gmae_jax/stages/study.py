@@ -96,8 +96,9 @@ def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, wo
         binding, harmless = resume_check.compare(old, resume_check.flatten(json.loads(config.to_json_best_effort())))
         changes = [f"{name}: {before!r} -> {after!r}" for name, before, after in binding + harmless
                    if name in resume_check.UPWARD_ONLY or (name, before, after) in binding]
-    if config.init_from and result.get("init_step") != _latest_step(config.init_from):
-        changes.append(f"pretraining step: {result.get('init_step')} -> {_latest_step(config.init_from)}")
+    # (Results written before init_step was recorded are taken as they are.)
+    if config.init_from and "init_step" in result and result["init_step"] != _latest_step(config.init_from):
+        changes.append(f"pretraining step: {result['init_step']} -> {_latest_step(config.init_from)}")
     return changes
 
 
