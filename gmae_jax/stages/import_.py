@@ -188,7 +188,7 @@ def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig,
         written.mask_ratio = float(pretraining["mask_ratio"])
         written.norm_pix_loss = bool(pretraining["norm_pix_loss"])
     # The sizes are the file's (an export's own, or config.model's checked against the file).
-    written.model = ml_collections.ConfigDict({"preset": "imported", **dataclasses.asdict(model)})
+    written.model = ml_collections.ConfigDict({"preset": setup.IMPORTED_PRESET, **dataclasses.asdict(model)})
     written.best_metric = ""  # no evaluation ranked this checkpoint: only 'latest' exists
     if num_classes is not None:
         written.num_classes = num_classes

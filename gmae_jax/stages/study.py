@@ -81,9 +81,7 @@ def run_name(init: str, per_class: int, seed: int) -> str:
 
 def _latest_step(run_dir: str) -> int | None:
     """The newest checkpoint step of a run folder (what a fine-tune's init_from starts from)."""
-    folder = epath.Path(setup.run_workdir(run_dir)) / setup.CHECKPOINTS
-    steps = [int(child.name) for child in folder.iterdir() if child.name.isdigit()] if folder.is_dir() else []
-    return max(steps, default=None)
+    return max(setup.checkpoint_steps(setup.run_workdir(run_dir)), default=None)
 
 
 def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> list[str]:

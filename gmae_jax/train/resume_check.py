@@ -19,7 +19,7 @@ from etils import epath
 
 from gmae_jax import run_files
 from gmae_jax.schema import ConfigError
-from gmae_jax.train.setup import CHECKPOINTS, CLASSES_FILE, CONFIG_FILE
+from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps
 
 HISTORY_FILE = "config.history.jsonl"
 # 'check': a binding change stops the run; 'allow_changes': it is recorded and the run resumes.
@@ -72,18 +72,13 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], lis
     return binding, harmless
 
 
-def _has_checkpoints(workdir: epath.Path) -> bool:
-    folder = workdir / CHECKPOINTS
-    return folder.exists() and any(child.name.isdigit() for child in folder.iterdir())
-
-
 def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str]) -> list[Change]:
     """The differences between `config` and the run already in `workdir` (none for a new run).
 
     Raises ConfigError, before anything is written, when a binding field differs and
     `config.resume_policy` is 'check'."""
     folder = epath.Path(workdir)
-    if not (folder / CONFIG_FILE).exists() or not _has_checkpoints(folder):
+    if not (folder / CONFIG_FILE).exists() or not checkpoint_steps(folder):
         return []  # nothing to resume: a new run (metrics of a run that never saved are dropped)
     old = flatten(run_files.read_json(folder / CONFIG_FILE))
     new = flatten(json.loads(config.to_json_best_effort()))

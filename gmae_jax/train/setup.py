@@ -31,6 +31,7 @@ from gmae_jax.train import checkpoint, sharding
 CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.json"
 CHECKPOINTS = "checkpoints"
+IMPORTED_PRESET = "imported"  # config.model.preset of a run the import stage wrote
 TRAINING_STAGES = ("pretrain", "finetune")
 
 
@@ -113,6 +114,12 @@ def run_workdir(path: str) -> str:
     return path
 
 
+def checkpoint_steps(workdir: str | epath.Path) -> list[int]:
+    """The step folders in a run's checkpoints/ (a listing only: nothing is restored)."""
+    folder = epath.Path(workdir) / CHECKPOINTS
+    return sorted(int(child.name) for child in folder.iterdir() if child.name.isdigit()) if folder.is_dir() else []
+
+
 def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
     """Stages that read a run (evaluate, predict, export) write their outputs elsewhere: in the run
     they would mix with its own files (its TensorBoard, its confusion matrix)."""
@@ -164,7 +171,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
     class_names = load_class_names(workdir)
     if which == checkpoint.BEST and not read_flat(LoopConfig, config).best_metric:
         how = ("was imported (one checkpoint, ranked by no evaluation)" if config.get("model", {}).get("preset") ==
-               "imported" else "was trained without config.best_metric")
+               IMPORTED_PRESET else "was trained without config.best_metric")
         raise ConfigError(f"the run in {workdir} {how}, so it has no 'best' checkpoint; use --config.checkpoint=latest")
     model, init_inputs = build_model(config)
     mesh = run_mesh(config)
