@@ -36,6 +36,27 @@ def test_variants_of_one_model_reuse_its_compiled_initialiser(monkeypatch):
     assert len(compiles) == 2
 
 
+def test_a_reused_initialiser_hands_each_run_its_own_optimiser(monkeypatch):
+    """Two runs of one model in a process (a study, a notebook, the test suite) share the
+    initialiser's executable, but not the first run's optimiser: the second run used to get the
+    first one's learning-rate schedule and trained at the wrong rate without a word."""
+    compiles = []
+    compile_lowered = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, *args, **kwargs: compiles.append(1) or compile_lowered(self, *args, **kwargs))
+    monkeypatch.setattr(init_compile, "_compiled", type(init_compile._compiled)())
+    config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1)
+    model, init_inputs, _, run = step_benchmark.model_and_loss(config, "pretrain")
+    faster = run.copy_and_resolve_references()
+    faster.optim.update(lr=10 * run.optim.lr, min_lr=10 * run.optim.min_lr)
+
+    states = [trainer.create_state(model, init_inputs, r, sharding.make_mesh(), 10)[0] for r in (run, faster)]
+    assert len(compiles) == 1  # the second run reused the executable
+    grads = jax.tree.map(np.ones_like, states[0].params)
+    first, second = (jax.tree.leaves(s.tx.update(grads, s.opt_state, s.params)[0]) for s in states)
+    for slow, fast in zip(first, second, strict=True):
+        np.testing.assert_allclose(fast, 10 * slow, rtol=1e-5)
+
 def test_initialiser_random_bits_lower_to_a_gpu_kernel():
     """Checked on the CUDA program this machine can lower without a GPU: threefry is a kernel call
     inside the context, unrolled rounds outside it."""

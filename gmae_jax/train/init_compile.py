@@ -59,7 +59,13 @@ def compile_options(platform: str) -> dict[str, Any]:
 def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_shardings: Any,
                          mesh: jax.sharding.Mesh) -> Any:
     """`jax.jit(init, out_shardings=...)` compiled for `rng`, reusing the executable of an identical
-    program (same lowered text, same devices) compiled earlier in this process."""
+    program (same lowered text, same devices) compiled earlier in this process.
+
+    The arrays come from the cached executable, the pytree around them from this call's `init`: an
+    executable returns the output structure it was traced with, static fields included (a
+    TrainState's `tx` and `apply_fn`), and the program's text does not show them (an optimiser's
+    learning-rate schedule leaves AdamW's initial state unchanged). Returning the first caller's
+    structure gave a second run in one process the first run's optimiser."""
     jitted = jax.jit(init, out_shardings=out_shardings)
     with threefry_as_gpu_kernel():
         lowered = jitted.lower(rng)
@@ -67,7 +73,7 @@ def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_s
     key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in mesh.devices.flat))
     if key in _compiled:
         _compiled.move_to_end(key)
-        return _compiled[key]
+        return _with_structure(_compiled[key], lowered.out_tree)
     options = compile_options(mesh.devices.flat[0].platform)
     try:
         executable = lowered.compile(compiler_options=options)
@@ -81,4 +87,9 @@ def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_s
     _compiled[key] = executable
     while len(_compiled) > _CACHE_SIZE:
         _compiled.popitem(last=False)
-    return executable
+    return _with_structure(executable, lowered.out_tree)
+
+
+def _with_structure(executable: Any, out_tree: Any) -> Callable[..., Any]:
+    """`executable` whose outputs are put in `out_tree` (the same leaves in the same order)."""
+    return lambda *args: jax.tree.unflatten(out_tree, jax.tree.leaves(executable(*args)))
