@@ -18,6 +18,7 @@ from gmae_jax import schema
 from gmae_jax.data import pipeline, transforms
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.transforms import ImageDecodeError
+from gmae_jax.train import trainer
 
 # grain's worker processes read absl flags; outside absl.app.run nobody parses them.
 flags.FLAGS.mark_as_parsed()
@@ -276,3 +277,14 @@ def test_automatic_worker_count_leaves_a_core_to_the_trainer(monkeypatch, cores,
 
     assert pipeline.worker_count(pipeline.AUTO_WORKERS) == expected
     assert pipeline.worker_count(0) == 0 and pipeline.worker_count(3) == 3  # as configured
+
+
+def test_a_batch_larger_than_the_training_set_repeats_images_and_the_trainer_says_so(examples):
+    batch = next(iter(_train(examples, global_batch_size=16)))
+    labels = list(batch["label"])
+    assert len(labels) == 16 and sorted(set(labels)) == list(range(NUM_EXAMPLES))  # 4 images twice
+    message = trainer.small_dataset_warning(16, NUM_EXAMPLES)
+    assert message == ("config.batch_size=16 is larger than the 12 training images: each batch holds some "
+                       "images twice or more (BatchNorm and the loss count them so); use a batch of at most 12, "
+                       "or more data")
+    assert trainer.small_dataset_warning(12, NUM_EXAMPLES) is None

@@ -42,6 +42,16 @@ def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "
             "set config.model.conv_impl=auto (convolutions as matmuls, as fast in the loop)")
 
 
+def small_dataset_warning(batch_size: int, num_train_examples: int) -> str | None:
+    """A batch larger than the training set is legal (epochs run back to back) but rarely meant: each
+    batch then repeats images, and BatchNorm's statistics and the loss count them as often."""
+    if batch_size <= num_train_examples:
+        return None
+    return (f"config.batch_size={batch_size} is larger than the {num_train_examples} training images: each "
+            "batch holds some images twice or more (BatchNorm and the loss count them so); use a batch of "
+            f"at most {num_train_examples}, or more data")
+
+
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -161,6 +171,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
 
     # --- Input pipeline -------------------------------------------------------------------------
     steps_total = total_steps(config, len(data.train))
+    warning = small_dataset_warning(config.batch_size, len(data.train))
+    if warning:
+        logging.warning(warning)
     train_data = pipeline.make_train_dataset(
         data.train, image_size=model.config.img_size, global_batch_size=config.batch_size,
         seed=config.seed, aug=data_config.aug, num_workers=num_workers,
