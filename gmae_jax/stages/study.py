@@ -95,8 +95,10 @@ def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, wo
         changes = [f"{name}: {before!r} -> {after!r}" for name, before, after in binding + harmless
                    if name in resume_check.UPWARD_ONLY or (name, before, after) in binding]
     # (Results written before init_step was recorded are taken as they are.)
-    if config.init_from and "init_step" in result and result["init_step"] != _latest_step(config.init_from):
-        changes.append(f"pretraining step: {result['init_step']} -> {_latest_step(config.init_from)}")
+    if config.init_from and "init_step" in result:
+        latest = _latest_step(config.init_from)
+        if result["init_step"] != latest:
+            changes.append(f"pretraining step: {result['init_step']} -> {latest}")
     return changes
 
 
@@ -105,7 +107,7 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     finished with another recipe or from another pretraining step is refused, not reused."""
     result_path = epath.Path(workdir) / RESULT
     if result_path.exists():
-        result = json.loads(result_path.read_text())
+        result = run_files.read_json(result_path)
         changes = _changes_since(result, config, workdir)
         if changes:
             raise config_lib.ConfigError(
