@@ -117,8 +117,12 @@ def test_read_v2_selected_splits_do_not_report_other_splits_as_unannotated(tmp_p
 
 def test_read_v2_missing_split_folder_is_an_error(tmp_path):
     _v2(tmp_path, splits=("train", "val"))
-    with pytest.raises(DataLayoutError, match=r"\['test'\] are missing"):
+    with pytest.raises(hagrid.MissingSplitsError, match=r"\['test'\] are missing") as raised:
         hagrid.read_hagrid_v2(tmp_path, splits=["train", "test"])
+
+    # What a caller needs to name the flag that asked for the split (sources does).
+    assert isinstance(raised.value, DataLayoutError)
+    assert (raised.value.missing, raised.value.present) == (["test"], ["train", "val"])
 
 
 def test_read_v2_ignores_unknown_json_keys(tmp_path):

@@ -49,6 +49,18 @@ class AnnotationError(DataLayoutError):
     """An annotation file cannot be parsed; the message names the file."""
 
 
+class MissingSplitsError(DataLayoutError):
+    """Wanted v2 splits without their annotation folder; callers that know which flag asked for a
+    split (sources) name it from `missing` and `present`."""
+
+    def __init__(self, ann_root: epath.Path, missing: Sequence[str], present: Sequence[str]):
+        self.ann_root, self.missing, self.present = ann_root, list(missing), list(present)
+        super().__init__(
+            f"Split folders {self.missing} are missing from {ann_root}; found {self.present}. Add the missing "
+            f"annotation folders (the v2 layout is {V2_LAYOUT})."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class HagridRecord:
     """One annotated image. Boxes are normalised (x_topleft, y_topleft, w, h) within [0, 1]."""
@@ -318,10 +330,7 @@ def read_hagrid_v2(
     wanted = present if splits is None else list(splits)
     missing = [s for s in wanted if s not in present] if wanted else list(V2_SPLITS)
     if missing:
-        raise DataLayoutError(
-            f"Split folders {missing} are missing from {ann_root}; found {present}. Add the missing annotation "
-            f"folders (the v2 layout is {V2_LAYOUT})."
-        )
+        raise MissingSplitsError(ann_root, missing, present)
     dirs = {ann_root / s: (s if s in wanted else None) for s in present}
     records, report = _read(dirs, images_root, class_names, disjoint=frozenset(V2_SPLITS))
     report.log(str(root))

@@ -100,16 +100,6 @@ def _pick_another_split(data: DataConfig, split: str, found: Sequence[str]) -> s
     return f"set {flag} to one of {sorted(found)}"
 
 
-def _check_v2_splits(root: str, wanted: Sequence[str], data: DataConfig) -> None:
-    """A wanted split without its v2 annotation folder is refused in one line naming the flag."""
-    ann_root = epath.Path(root) / "hagrid_annotations"
-    found = [s for s in hagrid_layout.V2_SPLITS if (ann_root / s).is_dir()]
-    for split in wanted:
-        if split not in found:
-            raise DataLayoutError(f"{ann_root} has no {split}/ annotation folder; add it, or "
-                                  f"{_pick_another_split(data, split, found)}.")
-
-
 def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
     recs, report = hagrid.read_hagrid_v2(root, splits=sorted(set(wanted)), class_names=names)
     return record_filters.drop_unlabelled(recs, names, report), report
@@ -152,10 +142,13 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
             f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as "
             f"'{hagrid_layout.NO_GESTURE}', which is not among the classes {names}; add it to "
             "config.data.classes or set no_gesture_prob=0.")
-    if layout == "hagrid_v2":
-        _check_v2_splits(root, wanted, data)
     read = _hagrid_v2 if layout == "hagrid_v2" else _hagrid_v1
-    recs, report = read(root, wanted, names)
+    try:
+        recs, report = read(root, wanted, names)
+    except hagrid.MissingSplitsError as error:  # one line naming the flag that asked for the split
+        split = next(s for s in wanted if s in error.missing)
+        raise DataLayoutError(f"{error.ann_root} has no {split}/ annotation folder; add it, or "
+                              f"{_pick_another_split(data, split, error.present)}.") from None
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
                  report.describe_dropped())
     report.check_dropped(data.max_dropped_fraction, root)
