@@ -146,6 +146,8 @@ def test_prepared_layout_is_detected_with_its_class_list(shard_sources, prepared
     assert names == list(hagrid_layout.HAGRID_V2_CLASSES)
     assert len(train) == sum(prepared[1]["counts"]["pretrain/train"].values())
     assert len(val) == sum(prepared[1]["counts"]["pretrain/val"].values())
+    assert train.prepared and val.prepared  # so an input-bound run is not told to prepare its data
+    assert not sources.Source(list(range(3))).prepared
 
 
 def test_a_split_the_corpus_lacks_names_the_flag_and_the_splits_there(prepared):

@@ -81,9 +81,20 @@ def test_an_input_bound_run_says_once_what_to_change(caplog, monkeypatch):
     assert len(warnings) == 1, warnings  # not for the first interval (workers starting), then once
     assert warnings[0].startswith("the input pipeline sets the pace: the loop waited for its next batch ")
     assert "Raise --config.data.num_workers (now 4; this host has 16 cores)" in warnings[0]
+    assert "or train from prepared shards (configs/prepare.py)" in warnings[0]
     # A worker on every core already: more workers would not help.
     assert "with a worker on every core (2 workers, 2 cores)" in progress.input_bound_advice(0.9, 2, 2)
     assert progress.input_bound_advice(0.2, 4, 16) is None
+
+
+def test_a_run_reading_prepared_shards_is_not_told_to_prepare_them():
+    free_cores = progress.input_bound_advice(0.9, 4, 16, from_shards=True)
+    assert "Raise --config.data.num_workers (now 4; this host has 16 cores)." in free_cores
+    every_core = progress.input_bound_advice(0.9, 2, 2, from_shards=True)
+    assert "reading prepared shards already" in every_core
+    for advice in (free_cores, every_core):
+        assert "configs/prepare.py" not in advice
+    assert "configs/prepare.py" in progress.input_bound_advice(0.9, 2, 2, from_shards=False)
 
 
 def test_non_finite_metric_names_the_step_and_last_checkpoint():

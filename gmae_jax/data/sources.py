@@ -39,6 +39,11 @@ class Source:
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def prepared(self) -> bool:
+        """Whether the records are the prepare stage's shards (decoded and resized once already)."""
+        return isinstance(self.records, records.ShardReader)
+
     def __getitem__(self, index: int) -> Element:
         item = self.records[index]
         return (item, None) if isinstance(item, hagrid.HagridRecord) else item

@@ -71,21 +71,28 @@ def format_duration(seconds: float) -> str:
 INPUT_BOUND_SHARE = 0.3
 
 
-# BENCHMARKS.md, "Colour jitter on the device": 224 px views per core from prepared shards vs full-HD files.
-_SHARDS_GAIN = "a worker makes ~9x the views per second from them that it makes from full-HD JPEGs"
+# BENCHMARKS.md, "Colour jitter on the device": 224 px views per core from prepared shards vs HaGRID's files.
+_SHARDS_GAIN = ("they hold the images decoded and resized once (at 224 px a worker makes ~9x the views per second "
+                "from them that it makes from HaGRID's full-HD JPEGs)")
 
 
-def input_bound_advice(input_wait: float, num_workers: int, cpu_count: int | None) -> str | None:
-    """What to change when the loop waited for its input more than INPUT_BOUND_SHARE of an interval."""
+def input_bound_advice(input_wait: float, num_workers: int, cpu_count: int | None,
+                       from_shards: bool = False) -> str | None:
+    """What to change when the loop waited for its input more than INPUT_BOUND_SHARE of an interval;
+    prepared shards are suggested only to a run that does not read them already."""
     if input_wait <= INPUT_BOUND_SHARE:
         return None
     said = (f"the input pipeline sets the pace: the loop waited for its next batch {100 * input_wait:.0f} % "
             f"of the last interval")
+    shards = "" if from_shards else f"train from prepared shards (configs/prepare.py): {_SHARDS_GAIN}"
     if cpu_count and num_workers < cpu_count - 1:
-        return (f"{said}. Raise --config.data.num_workers (now {num_workers}; this host has {cpu_count} cores), "
-                f"or train from prepared shards (configs/prepare.py): {_SHARDS_GAIN}.")
-    return (f"{said}, with a worker on every core ({num_workers} workers, {cpu_count or '?'} cores). Train from "
-            f"prepared shards (configs/prepare.py): {_SHARDS_GAIN}; or on a host with more cores per accelerator.")
+        return (f"{said}. Raise --config.data.num_workers (now {num_workers}; this host has {cpu_count} cores)"
+                + (f", or {shards}." if shards else "."))
+    on_every_core = f"{said}, with a worker on every core ({num_workers} workers, {cpu_count or '?'} cores)"
+    if shards:
+        return f"{on_every_core}. Prepare the data: {shards}; or train on a host with more cores per accelerator."
+    return (f"{on_every_core}, reading prepared shards already: train on a host with more cores per "
+            "accelerator, or spend more of each step on the accelerator (a larger model or batch).")
 
 
 class Progress:
@@ -99,10 +106,12 @@ class Progress:
     make training faster, and from the second interval on (the first includes the workers' start)
     the run says so once (`input_bound_advice`)."""
 
-    def __init__(self, total_steps: int, start_step: int, global_batch_size: int, num_workers: int = 0):
+    def __init__(self, total_steps: int, start_step: int, global_batch_size: int, num_workers: int = 0,
+                 from_shards: bool = False):
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.num_workers = num_workers
+        self.from_shards = from_shards  # the input: prepared shards (the advice then leaves them out)
         self.last_step = start_step
         self.last_time = time.perf_counter()
         self.input_seconds = 0.0
@@ -151,7 +160,7 @@ class Progress:
         self.last_step, self.last_time, self.input_seconds, self.other_seconds = step, now, 0.0, 0.0
         self.intervals += 1
         if self.intervals > 1 and not self.advised:
-            advice = input_bound_advice(input_wait, self.num_workers, pipeline.usable_cores())
+            advice = input_bound_advice(input_wait, self.num_workers, pipeline.usable_cores(), self.from_shards)
             if advice:
                 logging.warning(advice)
                 self.advised = True

@@ -216,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                           config.to_dict(), task.name)
     eval_split = data_config.eval_split
     pictures: list[str] = []
-    progress = Progress(steps_total, start, config.batch_size, num_workers)
+    progress = Progress(steps_total, start, config.batch_size, num_workers, from_shards=data.train.prepared)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
     preempted = False
