@@ -11,7 +11,8 @@ orbax's replica-parallel slices (`train.checkpoint_benchmark`), e.g. on 8 simula
 `--model_flops` prints the training GFLOP per image of every preset (what MFU and cost estimates
 start from), counted from the step's jaxpr, e.g. `python -m gmae_jax.bench --model_flops --mask_ratio=0.75`.
 
-`--train_step` alone compares float32 and bfloat16 JAX pretraining steps; with `--vs_torch` it times
+`--train_step` alone compares float32 and bfloat16 JAX pretraining steps (alternating rounds, one
+process; `--model_override` as below); with `--vs_torch` it times
 the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
 `python -m gmae_jax.bench --train_step --vs_torch --preset=tiny --batch_size=32 \
 --model_override=img_size=64 --model_override=patch_size=8`.
@@ -56,13 +57,13 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker 
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size; --pipeline: transport batch.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps (per round with --vs_torch).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps per round.")
 _PROFILE_STEP = flags.DEFINE_bool("profile_step", False,
                                   "Where the train step's time goes: a jax.profiler trace joined with its HLO.")
 _PROFILE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--profile_step: compute dtype.")
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False,
                                "--train_step, --profile_step: JAX jit step vs the eager PyTorch mirror.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "--vs_torch: alternating timing rounds; the median counts.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--train_step: alternating timing rounds; the median counts.")
 _TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch, --profile_step: steps to time.")
 _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
                                      "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
@@ -80,7 +81,8 @@ _CHECKPOINT_SAVE = flags.DEFINE_bool(
 _MODEL_FLOPS = flags.DEFINE_bool(
     "model_flops", False, "Training GFLOP per image of every preset (matmuls and convolutions, from the jaxpr).")
 _MODEL_OVERRIDE = flags.DEFINE_multi_string(
-    "model_override", [], "--train_step: FIELD=VALUE on the preset's architecture, e.g. img_size=64.")
+    "model_override", [], "--train_step, --profile_step, --sparse_vs_dense: FIELD=VALUE on the preset's "
+    "architecture, e.g. img_size=64.")
 
 
 def write_full_hd_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
@@ -278,7 +280,8 @@ def main(argv: Sequence[str]) -> None:
             step_benchmark.run_vs_torch(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value, _ROUNDS.value,
                                         _TASKS.value, parse_overrides(_MODEL_OVERRIDE.value))
         else:
-            step_benchmark.run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value)
+            step_benchmark.run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value, _ROUNDS.value,
+                                              parse_overrides(_MODEL_OVERRIDE.value))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,26 @@ def test_side_by_side_trains_both_models_and_tabulates_the_ratio():
         assert f"| {row['task']} | {row['jax']:.1f} | {row['torch']:.1f} | **{row['ratio']:.2f}x** |" in table
 
 
+def test_float32_vs_bfloat16_times_both_steps_of_the_overridden_model(capsys, monkeypatch):
+    built = {}
+
+    def fake_runner(config, task, batch_size):  # the real one is the side by side's above
+        built[config.dtype] = (config, task, batch_size)
+        return step_benchmark.Runner(f"JAX jit ({config.dtype})", lambda: None, dict)
+
+    monkeypatch.setattr(step_benchmark, "jax_runner", fake_runner)
+    rates = step_benchmark.run_step_benchmark("micro", BATCH, num_steps=1, rounds=2,
+                                              overrides={"img_size": 16, "patch_size": 2})
+
+    assert set(built) == set(rates) == {"float32", "bfloat16"} and min(rates.values()) > 0
+    for config, task, batch_size in built.values():
+        assert (config.img_size, config.patch_size, task, batch_size) == (16, 2, "pretrain", BATCH)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("pretraining step, micro (16 px, patch 2, embed 32), batch 8; 8 x cpu (cpu); "
+                               "median of 2 alternating rounds of 1 steps")
+    assert f"x{rates['bfloat16'] / rates['float32']:.2f} vs float32" in lines[2]
+
+
 def test_a_pipeline_batch_is_what_the_input_workers_yield():
     batch = step_benchmark.pipeline_batch(64, 16, 10, seed=0)
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (64, 16, 16, 3)

@@ -174,22 +174,25 @@ def images_per_second(
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def pretrain_images_per_second(preset: str, dtype: str, batch_size: int, num_steps: int) -> float:
-    """Images/s of the JAX pretraining step alone after one warm-up (compile) step."""
-    runner = jax_runner(preset_architecture(preset, dtype), "pretrain", batch_size)
-    return images_per_second([runner], batch_size, num_steps, rounds=1, warmup_steps=1)[runner.name]
-
-
 def _device_line() -> str:
     device = jax.devices()[0]
     return f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()})"
 
 
-def run_step_benchmark(preset: str, batch_size: int, num_steps: int) -> dict[str, float]:
-    """float32 vs bfloat16 JAX pretraining steps; prints the ratio."""
-    results = {dtype: pretrain_images_per_second(preset, dtype, batch_size, num_steps)
+def _describe(preset: str, config: GMSTConfig, batch_size: int) -> str:
+    return (f"{preset} ({config.img_size} px, patch {config.patch_size}, embed {config.embed_dim}), "
+            f"batch {batch_size}")
+
+
+def run_step_benchmark(preset: str, batch_size: int, num_steps: int, rounds: int = 3,
+                       overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """float32 vs bfloat16 JAX pretraining steps in alternating rounds of one process; prints the ratio."""
+    runners = {dtype: jax_runner(preset_architecture(preset, dtype, overrides), "pretrain", batch_size)
                for dtype in ("float32", "bfloat16")}
-    print(f"pretraining step, preset {preset}, batch {batch_size}, {_device_line()}")
+    rates = images_per_second(list(runners.values()), batch_size, num_steps, rounds)
+    results = {dtype: rates[runner.name] for dtype, runner in runners.items()}
+    print(f"pretraining step, {_describe(preset, preset_architecture(preset, 'float32', overrides), batch_size)}; "
+          f"{_device_line()}; median of {rounds} alternating rounds of {num_steps} steps")
     for dtype, rate in results.items():
         print(f"  {dtype:9s} {rate:10.1f} img/s   x{rate / results['float32']:.2f} vs float32")
     return results
@@ -237,8 +240,7 @@ def run_vs_torch(
     load = os.getloadavg()[0]
     rows = [compare(jax_runner(config, task, batch_size), torch_runner(config, task, batch_size), task,
                     batch_size, num_steps, rounds) for task in tasks]
-    shape = f"{config.img_size} px, patch {config.patch_size}, embed {config.embed_dim}"
-    print(f"\n{preset} ({shape}), batch {batch_size}; JAX {jax.__version__} on {_device_line()}, "
+    print(f"\n{_describe(preset, config, batch_size)}; JAX {jax.__version__} on {_device_line()}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; median of {rounds} "
           f"alternating rounds of {num_steps} steps; load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
