@@ -271,8 +271,32 @@ def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
         prepare.prepare(prepare_config(tmp_path / "hagrid", seed=7), str(tmp_path / "out"))
     fx.write_image(tmp_path / "hagrid" / "hagrid_dataset" / "call" / "call-000-0.jpg", seed=3)
     (tmp_path / "hagrid" / "hagrid_dataset" / "call" / "call-001-0.jpg").unlink()  # one image fewer
-    with pytest.raises(class_folders.DataLayoutError, match=r"\(the same settings, but the images or annotations"):
+    with pytest.raises(class_folders.DataLayoutError, match=r"\(the same settings, but the images or annotations"
+                       r".* rewrite them here with --config.rebuild=True"):
         prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
+
+
+def test_rebuild_replaces_another_preparation_and_keeps_the_decode_checks(tmp_path):
+    tree, out = _tree(tmp_path / "hagrid"), tmp_path / "out"
+    first = prepare.prepare(prepare_config(tree.root, records_per_shard=4, class_folders=True), str(out))
+    checked = out / "checked.jsonl"
+    checks_before = len(checked.read_text().splitlines())
+    tree.image_path("call", "call-001-0").unlink()  # the images changed since (one fewer) ...
+    fx.write_image(tree.image_path("call", "call-000-0"), seed=3)  # ... and one was replaced
+
+    # ... and another recipe: other corpora, a shard size that renames every shard.
+    config = prepare_config(tree.root, records_per_shard=8, rebuild=True)
+    config.corpora = {"all": 1.0}
+    second = prepare.prepare(config, str(out))
+
+    assert sum(sum(counts.values()) for counts in second["counts"].values()) == NUM_USERS * len(CLASSES) - 1
+    on_disk = sorted(os.path.relpath(path, out) for path in out.rglob(f"*{records.SHARD_SUFFIX}"))
+    assert on_disk == second["shards"] and not set(on_disk) & set(first["shards"])
+    assert not (out / "pretrain").exists() and not (out / "class_folders").exists()
+    # Only the replaced image was decoded again; the plan is the new one (a plain rerun is accepted).
+    assert len(checked.read_text().splitlines()) == checks_before + 1
+    config.rebuild = False
+    assert prepare.prepare(config, str(out))["shards"] == second["shards"]
 
 
 def test_images_repaired_after_a_refused_prepare_are_checked_again(tmp_path):

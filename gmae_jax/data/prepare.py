@@ -224,9 +224,10 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(json.dumps(flat))  # as plan.json reads back (tuples as lists)
 
 
-def _check_same_plan(saved: dict[str, Any], plan: str, settings: dict[str, Any], out: epath.Path) -> None:
+def _check_same_plan(saved: dict[str, Any], plan: str, settings: dict[str, Any], out: epath.Path,
+                     rebuild: bool) -> None:
     """A workdir's shards are one preparation's: a rerun with other settings or data is refused, naming
-    what differs."""
+    what differs, unless `rebuild` asks for that preparation's output to be replaced."""
     if saved["plan"] == plan:
         return
     old = saved.get("settings")
@@ -236,8 +237,17 @@ def _check_same_plan(saved: dict[str, Any], plan: str, settings: dict[str, Any],
         changed = [f"{name}: {old.get(name)!r} -> {settings.get(name)!r}"
                    for name in sorted(set(old) | set(settings)) if old.get(name) != settings.get(name)]
         what = "; ".join(changed) if changed else "the same settings, but the images or annotations changed"
-    raise DataLayoutError(f"{out} holds shards of a different preparation ({what}); rerun with its settings, or "
-                          "use an empty --workdir (the decode checks in checked.jsonl can be copied there)")
+    if not rebuild:
+        raise DataLayoutError(f"{out} holds shards of a different preparation ({what}); rerun with its settings, "
+                              "rewrite them here with --config.rebuild=True (the decode checks are kept), or use "
+                              "an empty --workdir (the decode checks in checked.jsonl can be copied there)")
+    logging.warning("%s holds shards of a different preparation (%s): removing them to prepare anew "
+                    "(config.rebuild=True; the decode checks are kept)", out, what)
+    for child in out.iterdir():
+        if child.is_dir() and (child.name == "class_folders" or (child / sources.INDEX_FILE).exists()):
+            child.rmtree()
+    for name in (_MANIFEST, _PLAN):
+        (out / name).unlink(missing_ok=True)
 
 
 def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str], list]:
@@ -297,7 +307,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     settings = _settings(config)
     plan_file = out / _PLAN
     if plan_file.exists():
-        _check_same_plan(json.loads(plan_file.read_text()), plan, settings, out)
+        _check_same_plan(json.loads(plan_file.read_text()), plan, settings, out, config.rebuild)
     plan_file.write_text(json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
     todo = [t for t in tasks if not _written(t)]
     logging.info("%d of %d shards already written; writing %d",
