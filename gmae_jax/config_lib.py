@@ -150,6 +150,21 @@ def validate_augment(aug: schema.AugmentConfig) -> None:
           f"config.data.aug.hue={aug.hue} must be in [0, 0.5]: the hue shift in turns either way (0 = off)")
 
 
+def validate_data(data: schema.DataConfig) -> None:
+    """The numeric ranges of `config.data`, checked before a worker meets them on its first image."""
+    check(data.crop_scale_max >= 1.0,
+          f"config.data.crop_scale_max={data.crop_scale_max} must be >= 1: a hand crop's side is the gesture "
+          "box's times U(1, this)")
+    check(0.0 <= data.no_gesture_prob <= 1.0,
+          f"config.data.no_gesture_prob={data.no_gesture_prob} must be in [0, 1]: a chance")
+    check(0.0 < data.v1_val_fraction < 1.0,
+          f"config.data.v1_val_fraction={data.v1_val_fraction} must be in (0, 1): HaGRID v1's users held out "
+          "for 'val'")
+    check(data.max_bad_images >= 0, f"config.data.max_bad_images={data.max_bad_images} must be >= 0")
+    check(0.0 <= data.max_dropped_fraction <= 1.0,
+          f"config.data.max_dropped_fraction={data.max_dropped_fraction} must be in [0, 1]")
+
+
 def validate_training(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """The fields pretrain and finetune share. `check_data=False` skips the data folder, which the
     demo writes only when it runs."""
@@ -158,8 +173,12 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     optim = schema.read(schema.OptimConfig, config.optim, "config.optim")
     data = schema.read(schema.DataConfig, config.data, "config.data")
     check(loop.batch_size > 0, f"config.batch_size={loop.batch_size} must be positive")
+    check(loop.total_steps >= 0, f"config.total_steps={loop.total_steps} must be >= 0 (0 = from config.num_epochs)")
     check(loop.total_steps > 0 or loop.num_epochs > 0,
           "set config.total_steps or config.num_epochs to a positive number")
+    check(loop.keep_checkpoints >= 1,
+          f"config.keep_checkpoints={loop.keep_checkpoints} must be at least 1: the latest checkpoint is what a "
+          "rerun resumes from (the best one is kept besides)")
     for name in ("log_every", "checkpoint_every"):
         check(getattr(loop, name) >= 1, f"config.{name}={getattr(loop, name)} must be at least 1 (the run logs and "
               "saves at its last step anyway: a value above total_steps means only there)")
@@ -174,6 +193,11 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(optim.lr > 0, f"config.optim.lr={optim.lr} must be positive")
     check(0.0 < optim.layer_decay <= 1.0,
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")
+    check(0.0 <= optim.min_lr <= optim.lr,
+          f"config.optim.min_lr={optim.min_lr} must be in [0, config.optim.lr={optim.lr}]: where the cosine ends")
+    for name in ("warmup_steps", "weight_decay", "grad_clip"):
+        check(getattr(optim, name) >= 0, f"config.optim.{name}={getattr(optim, name)} must be >= 0 (0 = off)")
+    validate_data(data)
     validate_augment(data.aug)
     check_num_workers(data.num_workers, "data.num_workers")
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,

@@ -80,6 +80,16 @@ def test_valid_config_passes(pretrain_config):
     ("data.aug.saturation", -0.2, r"aug.saturation=-0.2 must be >= 0"),
     ("data.aug.hue", 0.6, r"aug.hue=0.6 must be in \[0, 0.5\]"),
     ("data.num_workers", -2, r"data.num_workers=-2 must be >= 0 \(0 = in this process\) or -1"),
+    ("total_steps", -3, r"config.total_steps=-3 must be >= 0 \(0 = from config.num_epochs\)"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be at least 1: the latest checkpoint is what"),
+    ("keep_checkpoints", -1, "config.keep_checkpoints=-1 must be at least 1"),
+    ("optim.warmup_steps", -5, r"config.optim.warmup_steps=-5 must be >= 0"),
+    ("optim.min_lr", 1.0, r"config.optim.min_lr=1.0 must be in \[0, config.optim.lr="),
+    ("data.crop_scale_max", 0.5, "config.data.crop_scale_max=0.5 must be >= 1"),
+    ("data.no_gesture_prob", 2.0, r"config.data.no_gesture_prob=2.0 must be in \[0, 1\]"),
+    ("data.v1_val_fraction", 0.0, r"config.data.v1_val_fraction=0.0 must be in \(0, 1\)"),
+    ("data.v1_val_fraction", 1.0, r"config.data.v1_val_fraction=1.0 must be in \(0, 1\)"),
+    ("data.max_bad_images", -1, "config.data.max_bad_images=-1 must be >= 0"),
 ])
 def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
     *sections, name = field.split(".")

@@ -37,6 +37,16 @@ def test_schedule_warms_up_linearly_then_decays_to_min_lr():
     assert float(schedule(50)) < float(schedule(20))
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about_and_ends_at_the_peak():
+    schedule = optim.learning_rate_schedule(optim_config(warmup_steps=1000), total_steps=4)
+    np.testing.assert_allclose(float(schedule(3)), 1e-3, rtol=1e-6)  # what the warning describes
+
+    message = optim.warmup_warning(1000, 4)
+    assert message.startswith("config.optim.warmup_steps=1000 is not shorter than the run's 4 steps")
+    assert "never decays" in message
+    assert optim.warmup_warning(4, 4) is not None and optim.warmup_warning(3, 4) is None
+
+
 def test_weight_decay_only_on_kernels():
     mask = optim.weight_decay_mask(PARAMS)
     assert mask["encoder"]["patch_embed"]["proj"]["kernel"] and mask["head"]["kernel"]

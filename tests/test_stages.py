@@ -54,6 +54,10 @@ def test_unknown_stage_is_a_config_error():
     ("predict", "view", "square", "config.view='square' must be one of"),
     ("finetune", "best_metric", "f2", "config.best_metric='f2' must be '' or one of"),
     ("prepare", "splits", {"train": 0.9, "val": 0.2}, "config.splits=.* must be positive fractions that sum to 1"),
+    ("prepare", "image_side", 0, "config.image_side=0 must be a positive number of pixels"),
+    ("prepare", "crop_size", 0, "config.crop_size=0 must be a positive number of pixels"),
+    ("prepare", "crop_scale_max", 0.5, "config.crop_scale_max=0.5 must be >= 1: a stored crop holds"),
+    ("prepare", "jpeg_quality", 0, r"config.jpeg_quality=0 must be in \[1, 100\]"),
 ])
 def test_each_stage_validates_its_own_fields(stage, field, value, message, tmp_path):
     config = load(stage, "runlocal" if stage == "finetune" else None)

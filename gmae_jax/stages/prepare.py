@@ -23,6 +23,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"config.{name}={fractions} must be positive fractions that sum to 1")
     config_lib.check(config.records_per_shard > 0,
                      f"config.records_per_shard={config.records_per_shard} must be positive")
+    for name in ("image_side", "crop_size"):
+        config_lib.check(config[name] > 0, f"config.{name}={config[name]} must be a positive number of pixels")
+    config_lib.check(config.crop_scale_max >= 1.0,
+                     f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
+                     "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
+    config_lib.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
 
 
 def check_local_workdir(workdir: str) -> None:

@@ -25,6 +25,16 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
     )
 
 
+def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
+    """A warm-up as long as the run is legal (the schedule clamps it) but rarely meant: the learning
+    rate then rises through the whole run, ends at its peak and never decays."""
+    if warmup_steps < total_steps:
+        return None
+    return (f"config.optim.warmup_steps={warmup_steps} is not shorter than the run's {total_steps} steps: the "
+            "learning rate rises through the whole run, ends at its peak and never decays; set "
+            "--config.optim.warmup_steps to a fraction of the run (e.g. 5-10 %)")
+
+
 def weight_decay_mask(params: PyTree) -> PyTree:
     """Decay only conv/linear kernels: not biases, norms, position embeddings, mask tokens or gammas."""
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)

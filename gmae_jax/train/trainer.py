@@ -21,7 +21,7 @@ from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import checkpoint, init_compile, resume_check, setup, sharding, steps, tasks
 from gmae_jax.train.init_from import load_pretrained_encoder
-from gmae_jax.train.optim import make_optimizer
+from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import Preempted, PreemptionWatch
 from gmae_jax.train.progress import MetricsWriter, Progress, check_finite
 from gmae_jax.train.summaries import Summaries, run_summary
@@ -171,9 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
 
     # --- Input pipeline -------------------------------------------------------------------------
     steps_total = total_steps(config, len(data.train))
-    warning = small_dataset_warning(config.batch_size, len(data.train))
-    if warning:
-        logging.warning(warning)
+    for warning in (small_dataset_warning(config.batch_size, len(data.train)),
+                    warmup_warning(config.optim.warmup_steps, steps_total)):
+        if warning:
+            logging.warning(warning)
     train_data = pipeline.make_train_dataset(
         data.train, image_size=model.config.img_size, global_batch_size=config.batch_size,
         seed=config.seed, aug=data_config.aug, num_workers=num_workers,
