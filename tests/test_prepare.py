@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -234,6 +235,37 @@ def test_prepare_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, 
     assert {p: os.stat(p).st_mtime_ns for p in first_mtimes} == first_mtimes
     assert checked == []  # every image was decode-checked before the kill
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_copied_workdir_is_the_same_preparation_and_its_damaged_shards_are_written_again(tmp_path, monkeypatch):
+    tree = _tree(tmp_path / "hagrid")
+    config = prepare_config(tree.root)
+    manifest = prepare.prepare(config, str(tmp_path / "out"))
+    out = tmp_path / "copy"
+    shutil.copytree(tmp_path / "out", out)
+    cut, gone = [out / name for name in manifest["shards"] if name.startswith("pretrain/train/")][:2]
+    cut.write_bytes(cut.read_bytes()[:1000])
+    gone.unlink()
+    index = out / "pretrain" / sources.INDEX_FILE
+    index.write_text(index.read_text()[:20])
+
+    with pytest.raises(class_folders.DataLayoutError, match=rf"{index} is damaged .*rerun the prepare stage"):
+        sources.open_sources(data_config(out / "pretrain"))
+    index.write_bytes((tmp_path / "out" / "pretrain" / sources.INDEX_FILE).read_bytes())
+    with pytest.raises(records.ShardError, match=rf"{cut} cannot be read \(.*\): rerun the prepare stage"):
+        sources.open_sources(data_config(out / "pretrain"))
+    with pytest.raises(class_folders.DataLayoutError, match=r"has no index.json: config.data.layout=prepared"):
+        sources.open_sources(data_config(out, layout="prepared"))
+
+    written = []
+    real_write = prepare._write_shard
+    monkeypatch.setattr(prepare, "_write_shard", lambda task: written.append(task.path) or real_write(task))
+    assert prepare.prepare(config, str(out))["shards"] == manifest["shards"]  # not another preparation
+
+    assert sorted(written) == sorted([str(cut), str(gone)])  # only the damaged ones
+    for name in manifest["shards"]:
+        assert (out / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    sources.open_sources(data_config(out / "pretrain"))
 
 
 def test_sigterm_stops_prepare_with_the_resume_hint_and_a_rerun_finishes(tmp_path, monkeypatch):

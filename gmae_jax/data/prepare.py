@@ -30,6 +30,7 @@ import ml_collections
 from PIL import Image
 import tqdm
 
+from gmae_jax import run_files
 from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.schema import DataConfig
@@ -120,9 +121,18 @@ def _write_shard(task: _ShardTask) -> str:
 
 
 def _written(task: _ShardTask) -> bool:
-    """The shard is there, and so are its class-folder copies if asked for (a rerun that adds
-    config.class_folders=True rewrites the shards, the same bytes, with their copies)."""
+    """The shard is there whole (it opens and holds its records), and so are its class-folder copies
+    if asked for (a rerun that adds config.class_folders=True rewrites the shards, the same bytes,
+    with their copies)."""
     if not epath.Path(task.path).exists():
+        return False
+    try:
+        count = records.count_records(task.path)
+    except records.ShardError as error:
+        logging.warning("writing %s again: %s", task.path, str(error).split(": rerun")[0])
+        return False
+    if count != len(task.records):
+        logging.warning("writing %s again: it holds %d records, not %d", task.path, count, len(task.records))
         return False
     return not task.folders_dir or all(
         (epath.Path(task.folders_dir) / record_filters.gesture_name(r) / f"{r.image_id}.jpg").exists()
@@ -302,13 +312,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             path = folder / f"{split}-{i:05d}-of-{count:05d}{records.SHARD_SUFFIX}"
             tasks.append(_ShardTask(str(path), chunk, store, folders_dir))
 
-    plan_items = [dataclasses.asdict(store)] + [[t.path, [r.path for r in t.records]] for t in tasks]
+    # Shards by their place in the workdir, so that a copied or moved workdir is the same preparation.
+    plan_items = [dataclasses.asdict(store)] + [[os.path.relpath(t.path, out), [r.path for r in t.records]]
+                                                for t in tasks]
     plan = hashlib.sha256(json.dumps(plan_items).encode()).hexdigest()
     settings = _settings(config)
     plan_file = out / _PLAN
     if plan_file.exists():
         _check_same_plan(json.loads(plan_file.read_text()), plan, settings, out, config.rebuild)
-    plan_file.write_text(json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
+    run_files.write_text(plan_file, json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
     todo = [t for t in tasks if not _written(t)]
     logging.info("%d of %d shards already written; writing %d",
                  len(tasks) - len(todo), len(tasks), len(todo))
@@ -329,8 +341,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 index["splits"][split] = {"shards": shards, "count": len(rs)}
                 manifest["counts"][f"{corpus}/{split}"] = dict(sorted(collections.Counter(
                     record_filters.gesture_name(r) for r in rs).items()))
-        (out / corpus / sources.INDEX_FILE).write_text(json.dumps(index, indent=1))
-    (out / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        run_files.write_text(out / corpus / sources.INDEX_FILE, json.dumps(index, indent=1))
+    run_files.write_text(out / _MANIFEST, json.dumps(manifest, indent=1))
     logging.info("prepared %s: %s; skipped %s", out,
                  {k: sum(v.values()) for k, v in manifest["counts"].items()},
                  {k: len(v) for k, v in manifest["skipped"].items()})

@@ -13,6 +13,7 @@ import struct
 from etils import epath
 import grain
 
+from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.hagrid import HagridRecord
 
 _MAGIC = b"GMR1"
@@ -22,6 +23,19 @@ SHARD_SUFFIX = ".array_record"
 
 class RecordFormatError(ValueError):
     """A blob is not a prepared record (wrong magic or truncated)."""
+
+
+class ShardError(DataLayoutError):
+    """A prepared shard is missing or does not open; the message names it and what to do."""
+
+
+def count_records(path: epath.PathLike) -> int:
+    """The records in one ArrayRecord shard; a missing or damaged shard is a ShardError naming it."""
+    try:
+        return len(grain.sources.ArrayRecordDataSource([str(path)]))
+    except RuntimeError as error:  # what array_record says of a missing, cut or foreign file
+        raise ShardError(f"{path} cannot be read ({error}): rerun the prepare stage that wrote it (the same "
+                         "command rewrites missing and damaged shards)") from None
 
 
 def encode(record: HagridRecord, image: bytes) -> bytes:
@@ -57,7 +71,12 @@ class ShardReader:
 
     def __init__(self, paths: Sequence[epath.PathLike]):
         self.paths = [str(p) for p in paths]
-        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        except RuntimeError:
+            for path in self.paths:
+                count_records(path)  # a ShardError naming the shard that does not open
+            raise
 
     def __len__(self) -> int:
         return len(self._source)

@@ -161,7 +161,16 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
 
 
 def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tuple[list[str], dict]:
-    index = json.loads((root / INDEX_FILE).read_text())
+    index_file = root / INDEX_FILE
+    if not index_file.exists():
+        raise DataLayoutError(f"{root} has no {INDEX_FILE}: config.data.layout=prepared reads a corpus the "
+                              "prepare stage wrote (its <workdir>/pretrain or <workdir>/finetune); for other "
+                              "data leave config.data.layout=auto")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as error:
+        raise DataLayoutError(f"{index_file} is damaged ({error}): rerun the prepare stage that wrote it (the same "
+                              "command writes it again)") from None
     if index["view"] == "hand_crop" and data.mode != "hand_crop":
         raise DataLayoutError(
             f"{root} holds hand crops; set --config.data.mode=hand_crop to train on them "
