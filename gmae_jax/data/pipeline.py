@@ -53,8 +53,8 @@ class _Loader:
         name = views.element_name(element)
         if name not in self._bad:
             self._bad.add(name)
-            logging.warning("Unreadable image %s (%d so far, config.data.max_bad_images=%d): %s",
-                            name, len(self._bad), self.source.max_bad_images, error)
+            logging.warning("Unreadable image replaced by the next one (%d so far, config.data.max_bad_images=%d): %s",
+                            len(self._bad), self.source.max_bad_images, error)
         if len(self._bad) > self.source.max_bad_images:
             raise BadImageBudgetError(
                 f"{len(self._bad)} unreadable images exceed config.data.max_bad_images="

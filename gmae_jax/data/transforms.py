@@ -39,15 +39,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_rgb(
-    path_or_bytes: str | epath.PathLike | bytes, draft_size: int | None = None
+    path_or_bytes: str | epath.PathLike | bytes, draft_size: int | None = None, name: str | None = None,
 ) -> Image.Image:
     """Decodes a file (any epath, e.g. gs://) or bytes to an upright RGB image.
 
     `draft_size` lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale while both sides
-    stay >= draft_size, which is most of the decode cost for full-HD photos.
+    stay >= draft_size, which is most of the decode cost for full-HD photos. `name` is what an
+    ImageDecodeError calls the image (default: the path, or "<bytes>").
     """
     is_bytes = isinstance(path_or_bytes, bytes)
-    name = "<bytes>" if is_bytes else str(path_or_bytes)
+    name = name or ("<bytes>" if is_bytes else str(path_or_bytes))
     try:
         data = path_or_bytes if is_bytes else epath.Path(path_or_bytes).read_bytes()
     except OSError as e:

@@ -56,11 +56,8 @@ def element_name(element: Element) -> str:
 
 def _decode(element: Element, draft_size: int) -> Image.Image:
     source = element.path if isinstance(element, Example) else (element[1] or element[0].path)
-    try:
-        return transforms.decode_rgb(source, draft_size=draft_size)
-    except transforms.ImageDecodeError as e:
-        # Bytes from a shard decode as "<bytes>"; name the record's original file instead.
-        raise transforms.ImageDecodeError(f"Cannot decode image {element_name(element)}: {e}") from e
+    # Bytes from a shard are named by the record's original file.
+    return transforms.decode_rgb(source, draft_size=draft_size, name=element_name(element))
 
 
 def _hand_crop(
