@@ -49,6 +49,13 @@ def test_upper_case_suffixes_are_images(tmp_path):
     assert len(scan_split(str(tmp_path), "train")) == 3
 
 
+def test_the_formats_predict_reads_are_training_images_too(tmp_path):
+    names = ["a.bmp", "b.webp", "c.gif", "d.tif", "e.TIFF", "f.jpg"]
+    _make_tree(tmp_path, [f"train/one/{name}" for name in [*names, "g.txt", "h.svg"]])
+
+    assert [e.path.rsplit("/", 1)[-1] for e in scan_split(str(tmp_path), "train")] == names
+
+
 def test_list_classes_ignores_hidden_entries_and_files(tmp_path):
     _make_tree(
         tmp_path, ["train/one/a.jpg", "train/.cache/a.jpg", "train/.DS_Store", "train/notes.txt"]

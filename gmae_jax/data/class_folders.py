@@ -9,7 +9,8 @@ import dataclasses
 from absl import logging
 from etils import epath
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+# What training, evaluation and predict read (torchvision's ImageFolder takes these too, and GIF).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 _EXPECTED_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
 
 

@@ -135,7 +135,8 @@ class ReadReport:
 
     def log(self, source: str) -> None:
         """One info line with the totals, one warning per reason with the first few names."""
-        logging.info("Read %d records from %s; %s", self.num_records, source, self.counts())
+        logging.info("Read %d records from %s; skipped or repaired entries: %s", self.num_records, source,
+                     ", ".join(f"{reason} {n}" for reason, n in self.counts().items()) or "none")
         for reason, names in (self.skipped | self.repaired).items():
             logging.warning("%s: %d x %s, e.g. %s", source, len(names), reason, names[:3])
         if self.dropped_images():

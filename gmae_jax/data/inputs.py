@@ -12,10 +12,6 @@ from etils import epath
 from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters
 from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
 
-# What a user may point predict at beyond the training formats: whatever PIL decodes that cameras,
-# browsers and scanners commonly write (a GIF's first frame).
-PREDICT_SUFFIXES = IMAGE_SUFFIXES | {".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Input:
@@ -89,8 +85,8 @@ def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
     for file in sorted(files):
         if any(part.startswith(".") for part in file.relative_to(root).parts) and file != root:
             skipped.append((str(file), "hidden file"))
-        elif file.suffix.lower() not in PREDICT_SUFFIXES:
-            skipped.append((str(file), f"not an image file ({', '.join(sorted(PREDICT_SUFFIXES))})"))
+        elif file.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((str(file), f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"))
         else:
             items.append(Input(str(file)))
     return items, sorted(skipped)
