@@ -58,9 +58,26 @@ def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offe
         resume_check.check(config, str(run_dir), ["fist", "palm"])
     message = str(refused.value)
     assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
-    assert "model.depth set the shapes of its saved weights" in message and "another --workdir" in message
+    assert "model.depth fix its saved weights (their shapes" in message and "another --workdir" in message
     assert "allow_changes" not in message
     assert not (run_dir / resume_check.HISTORY_FILE).exists()
+
+
+def test_a_classifiers_class_order_is_refused_under_any_policy_a_pretraining_runs_is_not(tmp_path):
+    finetune = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
+    trainer.write_run_files(finetune, str(tmp_path), ["fist", "palm"])
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    finetune.resume_policy = "allow_changes"
+    with pytest.raises(config_lib.ConfigError, match=r"classes \(classes.json\): \['fist', 'palm'\] -> "
+                       r"\['palm', 'fist'\]\); nothing was changed. classes \(classes.json\) fix its saved weights"):
+        resume_check.check(finetune, str(tmp_path), ["palm", "fist"])
+
+
+def test_a_pretraining_runs_classes_may_change_under_allow_changes(run_dir):
+    config = pretrain_config()
+    config.resume_policy = "allow_changes"
+    changes = resume_check.check(config, str(run_dir), ["fist", "palm", "peace"])
+    assert ("classes (classes.json)", ["fist", "palm"], ["fist", "palm", "peace"]) in changes
 
 
 @pytest.mark.parametrize("damage, state", [("", "is empty"), ('{"stage": "pre', "is not valid JSON")])

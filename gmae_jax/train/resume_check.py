@@ -83,17 +83,20 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
     old = flatten(run_files.read_json(folder / CONFIG_FILE))
     new = flatten(json.loads(config.to_json_best_effort()))
     binding, harmless = compare(old, new)
+    classes = f"classes ({CLASSES_FILE})"
     if (folder / CLASSES_FILE).exists():
         old_classes = list(run_files.read_json(folder / CLASSES_FILE))
         if old_classes != list(class_names):
-            binding.append((f"classes ({CLASSES_FILE})", old_classes, list(class_names)))
+            binding.append((classes, old_classes, list(class_names)))
     listed = "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in binding)
-    reshaping = [name for name, _, _ in binding if name in SHAPE_FIELDS]
-    if reshaping:
+    # A classifier's class order is what its saved outputs mean (a pretraining run's labels are unused).
+    fixed = [name for name, _, _ in binding
+             if name in SHAPE_FIELDS or (name == classes and config.get("stage") == "finetune")]
+    if fixed:
         raise ConfigError(
-            f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(reshaping)} "
-            "set the shapes of its saved weights, so no resume can continue it with the new values: start a new "
-            "run with another --workdir")
+            f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(fixed)} "
+            "fix its saved weights (their shapes, or what a classifier's outputs mean), so no resume can continue "
+            "it with the new values: start a new run with another --workdir")
     if binding and config.get("resume_policy", "check") == "check":
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
