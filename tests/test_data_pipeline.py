@@ -288,3 +288,11 @@ def test_a_batch_larger_than_the_training_set_repeats_images_and_the_trainer_say
                        "images twice or more (BatchNorm and the loss count them so); use a batch of at most 12, "
                        "or more data")
     assert trainer.small_dataset_warning(12, NUM_EXAMPLES) is None
+
+
+def test_a_run_with_no_steps_left_says_it_only_evaluates():
+    assert trainer.nothing_to_train_warning(80, 30) == (
+        "nothing to train: the run is at step 80, past this config's total of 30; evaluating it as it is "
+        "(raise --config.total_steps to train on)")
+    assert trainer.nothing_to_train_warning(30, 30).startswith("nothing to train: the run is at step 30;")
+    assert trainer.nothing_to_train_warning(29, 30) is None

@@ -52,6 +52,16 @@ def small_dataset_warning(batch_size: int, num_train_examples: int) -> str | Non
             f"at most {num_train_examples}, or more data")
 
 
+def nothing_to_train_warning(start_step: int, steps_total: int) -> str | None:
+    """A rerun of a finished run (or, under allow_changes, one shortened below its step) trains nothing;
+    it evaluates the run as it is, which should not look like a run that trained."""
+    if start_step < steps_total:
+        return None
+    past = "" if start_step == steps_total else f", past this config's total of {steps_total}"
+    return (f"nothing to train: the run is at step {start_step}{past}; evaluating it as it is (raise "
+            "--config.total_steps to train on)")
+
+
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -218,6 +228,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     eval_split = data_config.eval_split
     pictures: list[str] = []
     progress = Progress(steps_total, start, config.batch_size, num_workers, from_shards=data.train.prepared)
+    warning = nothing_to_train_warning(start, steps_total)
+    if warning:
+        logging.warning(warning)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
     preempted = False
