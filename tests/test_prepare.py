@@ -386,6 +386,15 @@ def test_prepare_refuses_its_own_output_naming_the_raw_tree(prepared, given):
         prepare.prepare(prepare_config(root), str(out.parent / "again"))
 
 
+def test_too_few_people_for_every_split_is_refused_before_any_shard(tmp_path):
+    tree = fx.make_tree(tmp_path / "hagrid", "v2", classes=CLASSES, num_users=3, images_per_user=1, splits=("train",))
+    out = tmp_path / "out"
+    with pytest.raises(class_folders.DataLayoutError, match=r"finetune/val, pretrain/val would hold no images: the 3 "
+                       r"people of .* are too few for config.corpora=\{'finetune': 0.3, 'pretrain': 0.7\}"):
+        prepare.prepare(prepare_config(tree.root), str(out))
+    assert not list(out.rglob(f"*{records.SHARD_SUFFIX}")) and not (out / "plan.json").exists()
+
+
 def test_prepare_needs_user_ids(tmp_path):
     fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
 

@@ -268,6 +268,12 @@ def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str
             part, dict(config.splits), config.seed + 1 + i, record_filters.gesture_name)
         parts |= {(corpus, s): [dataclasses.replace(r, split=s) for r in rs]
                   for s, rs in by_split.items()}
+    if empty := [f"{c}/{s}" for (c, s), rs in sorted(parts.items()) if not rs]:
+        users = len({r.user_id for r in recs})
+        raise DataLayoutError(
+            f"{', '.join(empty)} would hold no images: the {users} people of {config.data.root} are too few for "
+            f"config.corpora={dict(config.corpora)} and config.splits={dict(config.splits)} (every person stays "
+            "on one side); add images of more people, or give each side a larger fraction")
     splits.assert_user_disjoint({f"{c}/{s}": rs for (c, s), rs in parts.items()})
     return parts
 
