@@ -202,6 +202,11 @@ def test_hand_crop_shards_store_crops_and_need_hand_crop_mode(tmp_path):
         sources.open_sources(data_config(out / "pretrain"))
     _, train, _ = sources.open_sources(data_config(out / "pretrain", mode="hand_crop"))
     assert next(iter(_train(train)))["image"].shape == (4, SIZE, SIZE, 3)
+    # Training crops larger than the stored ones would run past them.
+    with pytest.raises(class_folders.DataLayoutError, match=r"stored at 2.0 x the gesture box, smaller than "
+                       r"training crops of up to config.data.crop_scale_max=3.0 x"):
+        sources.open_sources(data_config(out / "pretrain", mode="hand_crop", crop_scale_max=3.0))
+    sources.open_sources(data_config(out / "pretrain", mode="hand_crop", crop_scale_max=1.5))
 
 
 def test_prepare_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, monkeypatch):

@@ -339,7 +339,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "dropped_images": {k: dict(v) for k, v in report.dropped_images().items()},
                 "repaired": {k: len(v) for k, v in report.repaired.items()}}
     for corpus in sorted({c for c, _ in parts}):
-        index = {"class_names": class_names, "view": store.view, "splits": {}}
+        index = {"class_names": class_names, "view": store.view, "crop_scale_max": store.crop_scale_max,
+                 "splits": {}}
         for (c, split), rs in sorted(parts.items()):
             if c == corpus:
                 prefix = str(out / corpus / split) + os.sep

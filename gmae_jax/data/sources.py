@@ -175,6 +175,12 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
         raise DataLayoutError(
             f"{root} holds hand crops; set --config.data.mode=hand_crop to train on them "
             "(or prepare full frames with --config.view=full_frame).")
+    stored_scale = index.get("crop_scale_max", data.crop_scale_max)  # older indexes lack it
+    if index["view"] == "hand_crop" and data.crop_scale_max > stored_scale:
+        raise DataLayoutError(
+            f"{root} holds hand crops stored at {stored_scale} x the gesture box, smaller than training crops "
+            f"of up to config.data.crop_scale_max={data.crop_scale_max} x: set --config.data.crop_scale_max="
+            f"{stored_scale} (or less), or prepare with --config.crop_scale_max={data.crop_scale_max}")
     result = {}
     for split in wanted:
         if split not in index["splits"]:
