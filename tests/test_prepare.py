@@ -148,6 +148,9 @@ def test_prepared_layout_is_detected_with_its_class_list(shard_sources, prepared
     assert len(train) == sum(prepared[1]["counts"]["pretrain/train"].values())
     assert len(val) == sum(prepared[1]["counts"]["pretrain/val"].values())
     assert train.prepared and val.prepared  # so an input-bound run is not told to prepare its data
+    with pytest.raises(class_folders.DataLayoutError, match=r"config.data.classes='present' does not apply to "
+                       r".*: the prepare stage fixed its 34 classes \(call, .*; leave config.data.classes out"):
+        sources.open_sources(data_config(prepared[0] / "pretrain", classes="present"))
     assert not sources.Source(list(range(3))).prepared
 
 

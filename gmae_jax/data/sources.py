@@ -175,6 +175,12 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
         raise DataLayoutError(
             f"{root} holds hand crops; set --config.data.mode=hand_crop to train on them "
             "(or prepare full frames with --config.view=full_frame).")
+    if data.classes not in (DataConfig.classes, ",".join(index["class_names"])):
+        raise DataLayoutError(
+            f"config.data.classes={data.classes!r} does not apply to {root}: the prepare stage fixed its "
+            f"{len(index['class_names'])} classes ({', '.join(index['class_names'][:5])}"
+            f"{', ...' if len(index['class_names']) > 5 else ''}); leave config.data.classes out, or prepare "
+            f"with --config.data.classes={data.classes}")
     stored_scale = index.get("crop_scale_max", data.crop_scale_max)  # older indexes lack it
     if index["view"] == "hand_crop" and data.crop_scale_max > stored_scale:
         raise DataLayoutError(
