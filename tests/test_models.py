@@ -1,6 +1,7 @@
 """The Flax GMST model: shapes, masking, and that the encoder never sees masked content."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,7 @@ import pytest
 from gmae_jax.models import masking, modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig
-from gmae_jax.train import model_flops, step_benchmark
+from gmae_jax.train import model_flops, setup, step_benchmark, steps
 
 MICRO = GMSTConfig(**PRESETS["micro"])
 
@@ -87,6 +88,31 @@ def test_sample_mask_is_deterministic_for_a_key():
     c = masking.sample_mask(jax.random.key(8), 4, 64, 0.6)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_an_examples_evaluation_mask_depends_on_its_id_not_its_place_in_the_batch():
+    key = jax.random.key(1234)
+    a = np.asarray(masking.per_example_mask(key, jnp.array([3, 5, 9]), 64, 0.6))
+    b = np.asarray(masking.per_example_mask(key, jnp.array([9, 3]), 64, 0.6))
+    np.testing.assert_array_equal(a[[2, 0]], b)
+    np.testing.assert_array_equal(a.sum(axis=1), round(64 * 0.6))
+    assert len({tuple(row) for row in a}) == 3
+
+
+def test_the_pretraining_evaluation_error_does_not_depend_on_the_batch_size():
+    model = GMAE(MICRO)
+    images = jax.random.normal(jax.random.key(0), (8, MICRO.img_size, MICRO.img_size, 3))
+    variables = model.init(jax.random.key(1), images, masking.sample_mask(jax.random.key(2), 8, MICRO.num_patches, 0.6),
+                           train=False)
+    weights = setup.Weights(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"])
+    step = jax.jit(functools.partial(steps.pretrain_eval_step, model=model, mask_ratio=0.6, norm_pix_loss=True))
+
+    def error(batch_size: int) -> float:
+        sums = [step(weights, {"image": images[i:i + batch_size], "valid": jnp.ones(batch_size),
+                               "index": jnp.arange(i, i + batch_size)}) for i in range(0, 8, batch_size)]
+        return float(sum(s["loss_sum"] for s in sums) / sum(s["count"] for s in sums))
+
+    np.testing.assert_allclose([error(2), error(4)], error(8), rtol=1e-5)
 
 
 def test_patchify_round_trip_and_pixel_order():

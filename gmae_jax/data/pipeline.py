@@ -92,7 +92,9 @@ class _TrainLoad(_Loader):
 
 class _EvalLoad(_Loader):
     """Evaluation view of source[index]; valid=0 with a zero image past the end (padding) or for
-    an unreadable image, so it is left out of the metrics instead of counted twice."""
+    an unreadable image, so it is left out of the metrics instead of counted twice. `index` (the
+    example's place in the split) lets a per-example choice, such as its evaluation mask, be the
+    same whatever the batch size."""
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         result = None
@@ -103,8 +105,9 @@ class _EvalLoad(_Loader):
                 "image": np.zeros((self.view.image_size, self.view.image_size, 3), np.uint8),
                 "label": np.int32(0),
                 "valid": np.float32(0),
+                "index": np.int32(index),
             }
-        return {"image": result[0], "label": np.int32(result[1]), "valid": np.float32(1)}
+        return {"image": result[0], "label": np.int32(result[1]), "valid": np.float32(1), "index": np.int32(index)}
 
 
 def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -299,7 +302,7 @@ def make_eval_dataset(
     """One deterministic pass in equal-shape batches; padding rows have valid=0.
 
     Every process yields exactly `num_eval_batches(len(examples), global_batch_size)` batches
-    of {'image', 'label', 'valid'}, so multi-host evaluation stays in lockstep.
+    of {'image', 'label', 'valid', 'index'}, so multi-host evaluation stays in lockstep.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_count)
     source = sources.as_source(examples)

@@ -23,6 +23,14 @@ def sample_mask(rng: jax.Array, batch_size: int, num_patches: int, mask_ratio: f
     return ranks < num_masked(num_patches, mask_ratio)
 
 
+def per_example_mask(rng: jax.Array, example_ids: jax.Array, num_patches: int, mask_ratio: float) -> jax.Array:
+    """`sample_mask` with each row drawn from `rng` folded with its example's id: an example gets the
+    same mask in any batch, at any position (evaluation's masked-patch error then does not depend
+    on the batch size)."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_ids)
+    return jax.vmap(lambda key: sample_mask(key, 1, num_patches, mask_ratio)[0])(keys)
+
+
 def visible_ids(mask: jax.Array, count: int) -> jax.Array:
     """(B, L) mask -> (B, count) grid positions of the visible patches, ascending (row-major).
 

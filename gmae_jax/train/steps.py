@@ -15,7 +15,7 @@ from flax.training import train_state
 from gmae_jax.data import device_jitter
 from gmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gmae_jax.models import batch_axes
-from gmae_jax.models.masking import num_visible, sample_mask
+from gmae_jax.models.masking import num_visible, per_example_mask, sample_mask
 from gmae_jax.train import losses
 
 Batch = dict[str, jax.Array]
@@ -159,7 +159,7 @@ def pretrain_eval_step(
 ) -> Metrics:
     """Sums over one evaluation batch (padding excluded by `batch['valid']`): squared error, count."""
     images = standardize(batch["image"])
-    mask = sample_mask(jax.random.key(EVAL_MASK_SEED), images.shape[0], model.config.num_patches, mask_ratio)
+    mask = per_example_mask(jax.random.key(EVAL_MASK_SEED), batch["index"], model.config.num_patches, mask_ratio)
     pred = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, mask, train=False,
                        num_visible=num_visible(model.config.num_patches, mask_ratio))
     target = losses.reconstruction_targets(images, model.config.patch_size, norm_pix_loss)

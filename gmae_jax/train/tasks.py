@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 
 from gmae_jax import metrics, visualize
-from gmae_jax.models.masking import num_visible, sample_mask
+from gmae_jax.models.masking import num_visible, per_example_mask
 from gmae_jax.train import steps
 
 
@@ -49,8 +49,9 @@ def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
 
     def draw(state, batch, _, outdir) -> list[str]:
         images = np.asarray(steps.standardize(batch["image"][: config.num_reconstructions]))
-        mask = sample_mask(jax.random.key(steps.EVAL_MASK_SEED), images.shape[0],
-                           model.config.num_patches, config.mask_ratio)
+        # Each image with the mask its evaluation used.
+        mask = per_example_mask(jax.random.key(steps.EVAL_MASK_SEED), batch["index"][: config.num_reconstructions],
+                                model.config.num_patches, config.mask_ratio)
         pred = jax.jit(functools.partial(
             model.apply, train=False,
             num_visible=num_visible(model.config.num_patches, config.mask_ratio)))(
