@@ -297,6 +297,26 @@ def tree_of(folder: str) -> tuple[list[str], dict[str, bytes]]:
 
 
 @pytest.mark.slow
+def test_a_config_json_that_does_not_describe_the_checkpoints_is_one_line_and_moves_nothing(
+        straight_run, demo_root, tmp_path):
+    edited = str(tmp_path / "edited")
+    shutil.copytree(straight_run[0], edited)
+    saved = json.loads((tmp_path / "edited" / "config.json").read_text())
+    saved["model"]["depth"] = 1  # half the encoder the checkpoints hold
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(saved))
+    before = tree_of(edited)
+
+    mismatch = (r"checkpoint step 6 in .* does not hold the model its run's config.json describes "
+                r"\(batch_stats/encoder/blocks_1/\S+: \(\d+,\) saved, absent wanted; .*; and \d+ more\); was "
+                r"config.json edited, or copied from another run\? Put back the one the run wrote$")
+    with pytest.raises(checkpoint.SavedArraysMismatchError, match=mismatch):  # evaluate, predict, export
+        setup.restore_run(edited)
+    with pytest.raises(checkpoint.SavedArraysMismatchError, match=mismatch):  # resuming: not taken for damage
+        stages.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES, model__depth=1), edited)
+    assert tree_of(edited) == before  # no step set aside as damaged, nothing written
+
+
+@pytest.mark.slow
 def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(straight_run, tmp_path, caplog):
     workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
     os.mkdir(os.path.join(workdir, "checkpoints", "9"))  # a kill mid-save that left an empty step folder

@@ -30,6 +30,7 @@ from gmae_jax.schema import ConfigError
 BEST, LATEST = "best", "latest"
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
 DATA_ITEM = "data"  # a step's folder for the train iterator's state, one JSON file per process
+STATE_ITEM = "state"  # a step's folder for the train state's arrays
 T = TypeVar("T")
 
 
@@ -144,10 +145,41 @@ def save(
 ) -> None:
     """Asynchronous save; orbax writes to a temporary folder and renames, so a kill mid-save never
     leaves a checkpoint that looks complete. `metrics` (this step's evaluation) rank it for 'best'."""
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
     manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
+
+
+class SavedArraysMismatchError(ConfigError):
+    """A step's saved arrays are not the ones the model asks for: the run's config.json describes
+    another model (edited, or copied from another run). Not damage: no other step would do better."""
+
+
+def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'params/encoder/...' -> shape, for a train state, Weights or a checkpoint's metadata tree."""
+    def name(path) -> str:
+        return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_saved_arrays(manager: ocp.CheckpointManager, step: int, abstract: Any) -> None:
+    """Raises SavedArraysMismatchError when step's saved state lacks an array of `abstract`, has
+    another shape for one, or holds more under the same top-level fields (e.g. a deeper encoder):
+    orbax would restore a partial tree, or fail as if the step were damaged. Reads metadata only."""
+    saved_tree = ocp.PyTreeCheckpointer().metadata(epath.Path(manager.directory) / str(step) / STATE_ITEM)
+    saved, wanted = _array_shapes(saved_tree.item_metadata.tree), _array_shapes(abstract)
+    fields = {name.split("/")[0] for name in wanted}
+    saved = {name: shape for name, shape in saved.items() if name.split("/")[0] in fields}
+    if saved == wanted:
+        return
+    differences = [f"{name}: {saved.get(name, 'absent')} saved, {wanted.get(name, 'absent')} wanted"
+                   for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
+    more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
+    raise SavedArraysMismatchError(
+        f"checkpoint step {step} in {manager.directory} does not hold the model its run's config.json describes "
+        f"({'; '.join(differences[:3])}{more}); was config.json edited, or copied from another run? Put back the "
+        "one the run wrote")
 
 
 def restore(
@@ -159,7 +191,8 @@ def restore(
     """
     step = manager.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    check_saved_arrays(manager, step, abstract)
+    state = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
     if data_iterator is not None:
         data_iterator.set_state(iterator_state(epath.Path(manager.directory) / str(step)))
     return state
@@ -273,6 +306,8 @@ def try_everywhere(restore_one: Callable[[int], T], step: int) -> Attempt[T]:
     try:
         with quiet_abandoned_reads():
             result = restore_one(step)
+    except SavedArraysMismatchError:
+        raise  # the same in every process and for every step: not damage
     except Exception as failure:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
         error = failure
     why = why_not_everywhere(reason(error) if error else "")
@@ -340,6 +375,7 @@ def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> epath.Path:
 def restore_weights(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
     """Restores only the leaves of `abstract` (e.g. step, params, batch_stats: no optimiser state,
     no data iterator) from the saved train state, with the shardings `abstract` carries."""
+    check_saved_arrays(manager, step, abstract)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     item = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-    return manager.restore(step, args=ocp.args.Composite(state=item))["state"]
+    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: item}))[STATE_ITEM]
