@@ -408,8 +408,15 @@ def test_an_originals_classifier_needs_its_class_names_and_a_new_folder(tmp_path
     config.class_names = "fist,one,palm"
     stages.run(config, str(tmp_path / "out"))
     assert setup.load_class_names(str(tmp_path / "out")) == ["fist", "one", "palm"]
-    with pytest.raises(config_lib.ConfigError, match="already holds a run; import into a new folder"):
+    with pytest.raises(config_lib.ConfigError, match=r"already holds a run \(or its checkpoints\); import into a new"):
         stages.run(config, str(tmp_path / "out"))
+    # A folder left with checkpoints but no config.json (another run's, half deleted) is no place either:
+    # orbax would decline the import's step and the folder would mix two runs.
+    (tmp_path / "out" / "config.json").unlink()
+    before = sorted(str(p) for p in (tmp_path / "out").rglob("*"))
+    with pytest.raises(config_lib.ConfigError, match=r"already holds a run \(or its checkpoints\)"):
+        stages.run(config, str(tmp_path / "out"))
+    assert sorted(str(p) for p in (tmp_path / "out").rglob("*")) == before
 
 
 @pytest.mark.parametrize("stage", ["pretrain"])  # the classifier has no extras: tests/test_torch_parity.py

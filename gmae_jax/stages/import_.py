@@ -199,8 +199,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Writes the run folder into `workdir`; returns what was imported."""
     if jax.process_count() > 1:
         raise config_lib.ConfigError("the import stage runs in one process; drop the multi-process flags")
-    if (epath.Path(workdir) / setup.CONFIG_FILE).exists():
-        raise config_lib.ConfigError(f"--workdir={workdir} already holds a run; import into a new folder")
+    checkpoints = epath.Path(workdir) / setup.CHECKPOINTS
+    if (epath.Path(workdir) / setup.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
+                                     "a new folder")
     payload = read_pth(config.path)
     state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
@@ -217,8 +219,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
     trainer.write_run_files(written, workdir, class_names)
     try:
-        manager = checkpoint.make_manager(str(epath.Path(workdir) / setup.CHECKPOINTS), max_to_keep=1)
-        checkpoint.save(manager, step, weights, data_iterator=None)
+        manager = checkpoint.make_manager(str(checkpoints), max_to_keep=1)
+        if not checkpoint.save(manager, step, weights, data_iterator=None):
+            raise RuntimeError(f"orbax declined to save step {step} in {manager.directory}")
         manager.wait_until_finished()
         manager.close()
     except BaseException:

@@ -142,13 +142,14 @@ class _IteratorSnapshot:
 def save(
     manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
     metrics: Mapping[str, float] | None = None,
-) -> None:
+) -> bool:
     """Asynchronous save; orbax writes to a temporary folder and renames, so a kill mid-save never
-    leaves a checkpoint that looks complete. `metrics` (this step's evaluation) rank it for 'best'."""
+    leaves a checkpoint that looks complete. `metrics` (this step's evaluation) rank it for 'best'.
+    Returns whether orbax started the save (it declines a step not newer than the latest saved)."""
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-    manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
 
 
 class SavedArraysMismatchError(ConfigError):
