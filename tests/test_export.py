@@ -230,6 +230,13 @@ def test_import_of_our_safetensors_file_reads_its_config_and_classes(finetune, t
 
 
 @pytest.mark.slow
+def test_an_export_folder_where_a_run_is_wanted_says_to_import_it(pretrain):
+    _, out = pretrain
+    with pytest.raises(config_lib.ConfigError, match=rf"{out} is an export \(PyTorch weights\), not a run: import it "
+                       rf"first \(--config=configs/import.py --config.path={out}/model.pth"):
+        setup.restore_run(str(out))
+
+
 def test_imported_runs_feed_evaluate_and_init_from(finetune, pretrain, imported, data, tmp_path):
     # evaluate reads the imported classifier like any run, and scores what the trained run scores.
     metrics = run_stage("evaluate", tmp_path / "eval", checkpoint_dir=str(imported["finetune"]),

@@ -94,6 +94,15 @@ def test_restore_run_rebuilds_weights_without_optimiser_state(run_dir):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_a_classes_json_that_does_not_name_every_output_is_one_line(run_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(run_dir[0], workdir)
+    (workdir / "classes.json").write_text('["fist", "palm"]')
+    with pytest.raises(config_lib.ConfigError, match=rf"{workdir}/classes.json names 2 classes but the run's "
+                       rf"classifier has {len(CLASSES)} outputs"):
+        setup.restore_run(str(workdir))
+
+
 @pytest.mark.slow
 def test_best_checkpoint_is_kept_beside_the_latest(run_dir):
     workdir, _, _ = run_dir

@@ -26,6 +26,7 @@ from gmae_jax.models import fast_conv
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
 from gmae_jax.schema import ConfigError, LoopConfig, MeshConfig, read, read_flat
+from gmae_jax.torch_mirror import export_format
 from gmae_jax.train import checkpoint, sharding
 
 CONFIG_FILE = "config.json"
@@ -102,8 +103,20 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def load_class_names(workdir: str) -> list[str]:
     path = epath.Path(workdir) / CLASSES_FILE
     if not path.exists():
+        if any((epath.Path(workdir) / name).exists() for name in (export_format.MODEL_PTH, export_format.SAFETENSORS)):
+            raise ConfigError(f"{workdir} is an export (PyTorch weights), not a run: import it first "
+                              f"(--config=configs/import.py --config.path={workdir}/{export_format.MODEL_PTH} "
+                              "--workdir=NEW_RUN) and point at NEW_RUN")
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
     return list(run_files.read_json(path))
+
+
+def check_class_count(config: ml_collections.ConfigDict, class_names: list[str], workdir: str) -> None:
+    """A classifier's classes.json names each of its outputs; another count would mislabel them."""
+    if config.get("stage") == "finetune" and len(class_names) != config.num_classes:
+        raise ConfigError(f"{workdir}/{CLASSES_FILE} names {len(class_names)} classes but the run's classifier has "
+                          f"{config.num_classes} outputs (config.num_classes in its {CONFIG_FILE}); put back the "
+                          f"{CLASSES_FILE} the run wrote")
 
 
 def run_workdir(path: str) -> str:
@@ -169,6 +182,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
     workdir = run_workdir(workdir)
     config = load_run_config(workdir)
     class_names = load_class_names(workdir)
+    check_class_count(config, class_names, workdir)
     if which == checkpoint.BEST and not read_flat(LoopConfig, config).best_metric:
         how = ("was imported (one checkpoint, ranked by no evaluation)" if config.get("model", {}).get("preset") ==
                IMPORTED_PRESET else "was trained without config.best_metric")
