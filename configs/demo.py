@@ -12,7 +12,7 @@ from gmae_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    config_lib.parse_arg(arg)  # no variants: anything after ':' is an error
     config = ml_collections.ConfigDict()
     config.stage = "demo"
 

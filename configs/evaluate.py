@@ -10,9 +10,11 @@ or reconstructions (pretraining) as PNG. The training split is never opened.
 
 import ml_collections
 
+from gmae_jax import config_lib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    config_lib.parse_arg(arg)  # no variants: anything after ':' is an error
     config = ml_collections.ConfigDict()
     config.stage = "evaluate"
     config.checkpoint_dir = ""  # workdir of a pretrain or finetune run

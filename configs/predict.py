@@ -9,9 +9,11 @@ decode, with the reason). Classes come from CHECKPOINT_DIR/classes.json.
 
 import ml_collections
 
+from gmae_jax import config_lib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    config_lib.parse_arg(arg)  # no variants: anything after ':' is an error
     config = ml_collections.ConfigDict()
     config.stage = "predict"
     config.checkpoint_dir = ""  # workdir of a finetune run

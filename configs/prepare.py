@@ -9,12 +9,12 @@ every person on one side: pretrain / fine-tune 70 / 30 as the original, then tra
 
 import ml_collections
 
-from gmae_jax import schema
+from gmae_jax import config_lib, schema
 from gmae_jax.data.prepare import StoreView
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg  # no variants
+    config_lib.parse_arg(arg)  # no variants: anything after ':' is an error
     config = ml_collections.ConfigDict()
     config.stage = "prepare"
     config.seed = 0  # decides the user splits

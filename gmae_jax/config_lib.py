@@ -33,7 +33,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, sep, raw = item.partition("=")
         if key not in defaults:
-            raise ConfigError(f"unknown config variant '{key}'; known: {sorted(defaults)}")
+            known = f"known: {sorted(defaults)}" if defaults else "this config file takes none"
+            raise ConfigError(f"unknown config variant '{key}'; {known}")
         default = defaults[key]
         if not sep:
             values[key] = True

@@ -50,6 +50,13 @@ def test_unknown_variant_and_preset_are_errors():
         load("pretrain", "model=huge")
 
 
+@pytest.mark.parametrize("stage", ["demo", "evaluate", "export", "predict", "prepare"])
+def test_a_variant_given_to_a_config_without_variants_is_an_error(stage):
+    load(stage)
+    with pytest.raises(config_lib.ConfigError, match="unknown config variant 'model'; this config file takes none"):
+        load(stage, "model=small")
+
+
 @pytest.fixture
 def pretrain_config(tmp_path):
     config = load("pretrain", "runlocal")

@@ -1,6 +1,7 @@
 """Specification of the class-folder layout reader."""
 
 import logging
+import os
 
 import pytest
 
@@ -54,6 +55,12 @@ def test_the_formats_predict_reads_are_training_images_too(tmp_path):
     _make_tree(tmp_path, [f"train/one/{name}" for name in [*names, "g.txt", "h.svg"]])
 
     assert [e.path.rsplit("/", 1)[-1] for e in scan_split(str(tmp_path), "train")] == names
+
+
+def test_a_pipe_named_like_an_image_is_not_read(tmp_path):
+    _make_tree(tmp_path, ["train/one/a.jpg"])
+    os.mkfifo(tmp_path / "train" / "one" / "b.jpg")  # a loader reading it would wait forever
+    assert [e.path.rsplit("/", 1)[-1] for e in scan_split(str(tmp_path), "train")] == ["a.jpg"]
 
 
 def test_list_classes_ignores_hidden_entries_and_files(tmp_path):

@@ -175,12 +175,13 @@ def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_di
     os.symlink(".", inputs / "self")  # a loop: the folder inside itself
     (inputs / "empty.jpg").write_bytes(b"")
     (inputs / "junk.jpg").write_text("not an image")
+    os.mkfifo(inputs / "pipe.jpg")  # reading it would wait for a writer forever
     with open(os.path.join(os.fsencode(inputs), b"bad\xffname.jpg"), "wb") as f:  # not UTF-8
         f.write(image.read_bytes())
     config = load("predict")
     config.update(checkpoint_dir=workdir, inputs=str(inputs))
     out = tmp_path / "out"
-    assert stages.run(config, str(out)) == {"predicted": 3, "skipped": 3}
+    assert stages.run(config, str(out)) == {"predicted": 3, "skipped": 4}
 
     with open(out / "predictions.csv") as f:
         predicted = [row["file"] for row in csv.DictReader(f)]
@@ -191,6 +192,7 @@ def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_di
     assert skipped == {
         str(inputs / "empty.jpg"): f"unreadable: Cannot decode image {inputs / 'empty.jpg'}: the file is empty",
         str(inputs / "junk.jpg"): f"unreadable: Cannot decode image {inputs / 'junk.jpg'}: not an image PIL can read",
+        str(inputs / "pipe.jpg"): "not a regular file",
         str(inputs / "self"): f"the same folder as {inputs}, listed there",
     }
 
@@ -325,12 +327,19 @@ def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path):
     tree = fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=3, images_per_user=1)
     fx.write_image(tree.images_root / "like" / "unlisted.jpg")
     (tree.images_root / "call" / "notes.txt").write_text("x")
+    fx.inject_boxes(tree, "train", "call", "nobox", [], [])
+    fx.inject_boxes(tree, "train", "call", "zerobox", [[0.5, 0.5, 0, 0]], ["call"])
+    fx.inject_unknown_class_folder(tree)
     items, skipped = inputs.list_inputs(str(tmp_path))
     images = sorted(str(p) for p in tree.images_root.rglob("*.jpg"))
+    # Every image once: an input, or skipped with its reason.
     assert sorted([i.path for i in items] + [f for f, _ in skipped if f.endswith(".jpg")]) == images
     assert len(items) == 6 and all(i.box is not None and i.annotation in ("call", "like") for i in items)
     reasons = dict(skipped)
     assert reasons[str(tree.images_root / "like" / "unlisted.jpg")] == "unannotated"
+    assert reasons[str(tree.images_root / "call" / "nobox.jpg")] == "empty_bboxes"
+    assert reasons[str(tree.images_root / "call" / "zerobox.jpg")] == "empty_bboxes"
+    assert {reasons[name] for name in images if "/call/" not in name and "/like/" not in name} == {"unknown_class"}
     assert str(tree.images_root / "call" / "notes.txt") in reasons
     pixels = views.predict_view(items[0].path, "hand_crop", 32, items[0].box)
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0

@@ -5,6 +5,7 @@ Knows files and labels only; decoding and batching live in `transforms` and `pip
 
 from collections.abc import Sequence
 import dataclasses
+import os
 
 from absl import logging
 from etils import epath
@@ -24,6 +25,12 @@ class Example:
 
 class DataLayoutError(ValueError):
     """The folders on disk do not match the class-folder layout."""
+
+
+def is_regular_file(path: epath.Path) -> bool:
+    """A file whose bytes can be read to the end: not a folder, a pipe or device (a read would wait
+    forever), or a link to nothing. (epath's is_file() is true for a local pipe.)"""
+    return path.is_file() if "://" in str(path) else os.path.isfile(path)
 
 
 def _is_hidden(path: epath.Path) -> bool:
@@ -101,7 +108,7 @@ def scan_split(
         for entry in sorted(class_path.iterdir()):
             if _is_hidden(entry):
                 num_hidden += 1
-            elif entry.suffix.lower() not in IMAGE_SUFFIXES or entry.is_dir():
+            elif entry.suffix.lower() not in IMAGE_SUFFIXES or not is_regular_file(entry):
                 num_not_image += 1
             else:
                 examples.append(Example(path=str(entry), label=label))

@@ -10,7 +10,7 @@ import os
 from etils import epath
 
 from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters
-from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
+from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError, is_regular_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,20 +28,32 @@ def _is_hagrid(root: epath.Path) -> bool:
 
 
 def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]]:
+    """One input per annotated image; every other file of the tree's image folders is skipped with
+    the reason the annotation reader gave it (no usable box, unknown class folder, ...)."""
     if hagrid_layout.detect_layout(root) == "hagrid_v2":
-        found = [hagrid.read_hagrid_v2(root)]
+        found, images_root, not_images = [hagrid.read_hagrid_v2(root)], root / "hagrid_dataset", set()
     else:
         sets = [name for name in hagrid_layout.V1_ANNOTATION_SETS if (root / name).is_dir()]
-        found = [hagrid.read_hagrid_v1(root, name) for name in sets]
-    items, seen, skipped = [], set(), []
+        found, images_root, not_images = [hagrid.read_hagrid_v1(root, name) for name in sets], root, set(sets)
+    items, seen, reasons = [], set(), {}
     for records, report in found:
         for record in records:
             if record.path not in seen:  # v1 sets may share images
                 seen.add(record.path)
                 label = record_filters.gesture_name(record) or ""
                 items.append(Input(record.path, crops.gesture_box(record), label))
-        for reason in (hagrid.UNANNOTATED, hagrid.STRAY_FILE):
-            skipped += [(name, reason) for name in report.skipped.get(reason, []) if name not in seen]
+        for reason, names in report.skipped.items():
+            for name in names:  # a file or folder, or 'path: what was wrong'
+                reasons.setdefault(name.split(": ")[0], reason)
+    # Files outside the image folders that the reader named (e.g. stray files among the annotations).
+    skipped = [(name, reason) for name, reason in reasons.items()
+               if reason == hagrid.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
+    for folder in sorted(images_root.iterdir()):
+        if folder.name in not_images or not folder.is_dir():
+            continue
+        files, _ = _walk(folder, {_real(folder): str(folder)})
+        skipped += [(str(file), reasons.get(str(file)) or reasons.get(str(file.parent), "not annotated as a gesture"))
+                    for file in files if str(file) not in seen]
     return sorted(items, key=lambda i: i.path), sorted(set(skipped))
 
 
@@ -87,6 +99,8 @@ def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
             skipped.append((str(file), "hidden file"))
         elif file.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((str(file), f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+        elif file.exists() and not is_regular_file(file):
+            skipped.append((str(file), "not a regular file"))
         else:
             items.append(Input(str(file)))
     return items, sorted(skipped)
