@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from PIL import Image
 
 from gmae_jax import config_lib, stages
 from gmae_jax.data import synthetic, views
 from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.presets import PRESETS, GMSTConfig
-from gmae_jax.stages import export
+from gmae_jax.stages import export, import_
 from gmae_jax.torch_mirror import convert, export_format, modules as mirror
 from gmae_jax.train import checkpoint, init_from, setup, steps, trainer
 
@@ -301,6 +302,16 @@ class Pickled:
         return (os.system, ("echo pickled code ran",))
 
 
+def test_a_state_dict_saved_from_data_parallel_imports_without_its_module_prefix(tmp_path):
+    plain = import_.read_pth(str(classifier_file(tmp_path)))["model_state_dict"]
+    wrapped = {f"module.{name}": torch.from_numpy(value) for name, value in plain.items()}
+    torch.save(wrapped, tmp_path / "ddp.pth")  # a bare state_dict of a DistributedDataParallel model
+    read = import_.read_pth(str(tmp_path / "ddp.pth"))["model_state_dict"]
+    assert list(read) == list(plain)
+    for name, value in plain.items():
+        np.testing.assert_array_equal(read[name], value)
+
+
 @pytest.mark.parametrize("change,model,message", [
     (lambda sd: sd.pop("encoder.blocks.1.norm3.bias"), "micro", r"missing key 'encoder\.blocks\.1\.norm3\.bias'"),
     (lambda sd: sd.update(extra=torch.zeros(1)), "micro", r"extra key 'extra'"),
@@ -501,3 +512,14 @@ def test_pytorch_only_classify_of_no_images_is_a_value_error():
                                    config={"stage": "finetune", "preprocessing": export.preprocessing(32)})
     with pytest.raises(ValueError, match=r"classify\(\) needs at least one image"):
         model.classify([])
+
+
+def test_pytorch_only_classify_of_one_image_is_a_batch_of_one(tmp_path):
+    from gmae_jax.torch_mirror import exported
+
+    model = exported.ExportedModel(module=mirror.GMAEForClassification(micro(), 3).eval(),
+                                   config={"stage": "finetune", "preprocessing": export.preprocessing(32)})
+    Image.new("RGB", (40, 30), (200, 90, 10)).save(tmp_path / "hand.jpg")
+    one = model.classify(str(tmp_path / "hand.jpg"))  # a path, not its characters
+    assert one.shape == (1, 3)
+    torch.testing.assert_close(one, model.classify([tmp_path / "hand.jpg"]))

@@ -197,6 +197,20 @@ def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_di
     }
 
 
+def test_predict_of_inputs_none_of_which_reads_is_an_error_with_the_reasons_written(run_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "empty.jpg").write_bytes(b"")
+    (inputs / "junk.png").write_text("not an image")
+    config = load("predict")
+    config.update(checkpoint_dir=run_dir[0], inputs=str(inputs))
+    with pytest.raises(config_lib.ConfigError, match=rf"none of the 2 image file\(s\) in config.inputs={inputs} "
+                       rf"could be read; {tmp_path / 'out'}/skipped.csv says why for each"):
+        stages.run(config, str(tmp_path / "out"))
+    with open(tmp_path / "out" / "skipped.csv") as f:
+        assert [row["file"] for row in csv.DictReader(f)] == [str(inputs / "empty.jpg"), str(inputs / "junk.png")]
+
+
 @pytest.mark.slow
 def test_predict_writes_the_reason_of_a_skipped_file_whose_name_is_not_utf8(run_dir, tmp_path):
     workdir, root, _ = run_dir

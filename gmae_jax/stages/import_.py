@@ -52,6 +52,9 @@ def _check_distinct(names: list[str], source: str) -> None:
                                      f"({source})")
 
 
+_WRAPPED = "module."  # the prefix torch's DataParallel and DistributedDataParallel give every key
+
+
 def read_pth(path: str) -> dict[str, Any]:
     """The file's top-level dict, tensors as numpy (floating point as float32); never runs pickled code."""
     import torch  # the [torch] extra; checked in validate
@@ -79,6 +82,8 @@ def read_pth(path: str) -> dict[str, Any]:
             raise config_lib.ConfigError(f"config.path={path}: its '{key}' is not a state_dict (names to tensors)")
         # numpy has no bfloat16, and the model computes in float32: half-precision saves widen exactly.
         payload[key] = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in tensors.items()}
+        if payload[key] and all(k.startswith(_WRAPPED) for k in payload[key]):  # saved from (Distributed)DataParallel
+            payload[key] = {k[len(_WRAPPED):]: v for k, v in payload[key].items()}
     return payload
 
 

@@ -123,6 +123,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                              "top_k": [{"class": names[i], "prob": float(p[i])} for i in order]})
     skipped.sort()
     _write(epath.Path(workdir), rows, skipped, top_k)
+    if not rows:
+        raise config_lib.ConfigError(f"none of the {len(items)} image file(s) in config.inputs={config.inputs} could "
+                                     f"be read; {workdir}/skipped.csv says why for each")
     logging.info("[predict] %d files predicted, %d skipped (see %s/skipped.csv) with %s step %d",
                  len(rows), len(skipped), workdir, restored.workdir, restored.step)
     return {"predicted": len(rows), "skipped": len(skipped)}

@@ -74,13 +74,17 @@ class ExportedModel:
     def class_names(self) -> list[str]:
         return self.config["class_names"]
 
-    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """(N, 3, S, S) model inputs."""
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """(N, 3, S, S) model inputs; one image (a path, bytes or PIL image) is a batch of one."""
+        if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
+            images = [images]
         return torch.stack([preprocess(image, self.config["preprocessing"]) for image in images])
 
     @torch.no_grad()
-    def classify(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """Class probabilities (N, num_classes), in the order of `class_names`."""
+    def classify(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Class probabilities (N, num_classes), in the order of `class_names`; one image gives N = 1."""
+        if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
+            images = [images]
         if not len(images):
             raise ValueError("classify() needs at least one image")
         if not isinstance(self.module, modules.GMAEForClassification):
