@@ -36,13 +36,15 @@ def classification_metrics(matrix: np.ndarray, class_names: Sequence[str]) -> di
 
 def per_class_table(metrics: dict[str, float], class_names: Sequence[str]) -> str:
     """Per-class precision, recall, F1 and support as aligned text, with the averages below."""
-    width = max([len(name) for name in class_names] + [len("weighted avg")])
+    width = max([len(name) for name in class_names] + [len("top-5 accuracy")])
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
     for name in class_names:
         lines.append(f"{name:<{width}}  {metrics[f'precision/{name}']:9.3f}  {metrics[f'recall/{name}']:6.3f}  "
                      f"{metrics[f'f1/{name}']:5.3f}  {int(metrics[f'support/{name}']):7d}")
     total = int(sum(metrics[f"support/{name}"] for name in class_names))
     lines.append(f"{'accuracy':<{width}}  {'':9}  {'':6}  {metrics['accuracy']:5.3f}  {total:7d}")
+    if "top5_accuracy" in metrics:  # classifiers of more than 5 classes
+        lines.append(f"{'top-5 accuracy':<{width}}  {'':9}  {'':6}  {metrics['top5_accuracy']:5.3f}  {total:7d}")
     lines.append(f"{'macro avg':<{width}}  {'':9}  {'':6}  {metrics['macro_f1']:5.3f}  {total:7d}")
     lines.append(f"{'weighted avg':<{width}}  {'':9}  {'':6}  {metrics['weighted_f1']:5.3f}  {total:7d}")
     return "\n".join(lines)

@@ -38,3 +38,7 @@ def test_table_lists_every_class_and_the_averages():
     assert lines[1].split() == ["a", "0.714", "0.833", "0.769", "6"]
     assert lines[-3].split() == ["accuracy", "0.750", "16"]
     assert [line.split()[0] for line in lines[1:5]] == NAMES
+    assert not any(line.startswith("top-5") for line in lines)  # only where the metrics have it
+
+    with_top5 = metrics.per_class_table({**metrics.classification_metrics(MATRIX, NAMES), "top5_accuracy": 0.9375}, NAMES)
+    assert with_top5.splitlines()[-3].split() == ["top-5", "accuracy", "0.938", "16"]
