@@ -6,25 +6,35 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from etils import epath
 
 from gmae_jax.schema import ConfigError
 
 
-def write_text(path: epath.Path | str, text: str) -> None:
-    """`path.write_text(text)`, except that readers (and a rerun after a kill) see the old text or the
-    new one, never a partial file. The temporary name is per process: processes never share one."""
+def write_whole(path: epath.Path | str, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into `path`, except that readers (and a rerun after a kill) see the old file or the
+    new one, never a partial one: it goes to a temporary file beside it, which then replaces it. The
+    temporary name is per process: processes never share one."""
     path = epath.Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(text)
-    except OSError as error:  # e.g. a full disk: the file it was for is the one to name
+        with temporary.open("wb") as f:
+            write(f)
+    except BaseException as error:
         if temporary.exists():
             temporary.unlink()
-        raise OSError(error.errno, error.strerror, str(path)) from error
+        if isinstance(error, OSError):  # e.g. a full disk: the file it was for is the one to name
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     temporary.replace(path)
+
+
+def write_text(path: epath.Path | str, text: str) -> None:
+    """`path.write_text(text)`, written whole (`write_whole`)."""
+    write_whole(path, lambda f: f.write(text.encode()))
 
 
 def read_json(path: epath.Path | str) -> Any:

@@ -5,6 +5,7 @@ PyTorch-only path runs without JAX; import -> export is exact; bad files get one
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from etils import epath
 import safetensors.numpy
 import torch
 from PIL import Image
@@ -479,6 +481,27 @@ def test_overlapping_patches_export_to_the_mirror_layout_with_a_notice(tmp_path,
     model = mirror.GMAEForClassification(gmst, 2)
     model.load_state_dict(payload["model_state_dict"], strict=True)
     assert tuple(model.encoder.patch_embed.proj.weight.shape) == (32, 3, 8, 8)  # 2p: not the original's p
+
+
+def test_an_export_killed_while_it_writes_leaves_each_file_whole(pretrain, tmp_path, monkeypatch):
+    _, out = pretrain
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    payload = torch.load(folder / "model.pth", weights_only=True)
+    state = {k: v.numpy() for k, v in payload["model_state_dict"].items()}
+    extras = {k: v.numpy() for k, v in payload["extra_state_dict"].items()}
+
+    def killed_half_way(obj, f):
+        f.write(b"the first bytes of a model.pth")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export.write_export(epath.Path(folder), state, extras, {**payload["config"], "step": 99})
+    after = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert after["model.pth"] == before["model.pth"] and after["config.json"] == before["config.json"]
+    assert set(after) == set(before)  # no temporary file left behind
 
 
 def test_export_refuses_to_write_into_the_run_and_says_when_torch_is_missing(tmp_path, monkeypatch):

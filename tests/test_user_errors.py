@@ -142,10 +142,15 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_a_full_disk_or_a_forbidden_file_names_the_path_and_what_to_do(tmp_path, monkeypatch):
-    def disk_full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    local = type(epath.Path(tmp_path))  # the class epath picks for local paths
+    real_open = local.open
 
-    monkeypatch.setattr(epath.Path, "write_text", disk_full)
+    def disk_full(self, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(local, "open", disk_full)
     with pytest.raises(OSError) as raised:
         trainer.write_run_files(trainer.ml_collections.ConfigDict({"stage": "pretrain"}), str(tmp_path), ["a"])
     wrapped = RuntimeError("orbax: save failed")  # libraries wrap it; the chain is searched

@@ -19,7 +19,7 @@ import safetensors.numpy
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, run_files
 from gmae_jax.data import transforms, views
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.torch_mirror import convert, export_format
@@ -95,18 +95,16 @@ def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[
 
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2)
-    (folder / export_format.CONFIG_JSON).write_text(text)
-    # Bytes written through epath (not file names handed to torch / safetensors), so that a gs://
-    # --workdir works like a local one.
-    (folder / export_format.SAFETENSORS).write_bytes(
-        safetensors.numpy.save({**state, **extras}, metadata={"config": text}))
+    # Each file is written whole (a kill leaves the old one or the new one), through epath rather than
+    # file names handed to torch / safetensors, so that a gs:// --workdir works like a local one.
+    safetensors_bytes = safetensors.numpy.save({**state, **extras}, metadata={"config": text})
+    run_files.write_whole(folder / export_format.SAFETENSORS, lambda f: f.write(safetensors_bytes))
 
     def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
     def save(payload: dict[str, Any], name: str) -> None:
-        with (folder / name).open("wb") as f:
-            torch.save(payload, f)
+        run_files.write_whole(folder / name, lambda f: torch.save(payload, f))
 
     save({"model_state_dict": tensors(state), "extra_state_dict": tensors(extras), "config": config,
           "class_names": config["class_names"], "stage": config["stage"], "step": config["step"]},
@@ -114,6 +112,7 @@ def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[
     encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     save({"encoder_state_dict": tensors(encoder), "pos_embed": torch.from_numpy(np.array(state["pos_embed"])),
           "config": config}, export_format.ENCODER_PTH)
+    run_files.write_text(folder / export_format.CONFIG_JSON, text)  # last: the folder is complete once it is there
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
