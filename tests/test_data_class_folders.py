@@ -113,5 +113,23 @@ def test_split_without_class_folders_is_an_error(tmp_path):
 def test_class_mismatch_names_missing_and_extra_folders(tmp_path):
     _make_tree(tmp_path, ["val/fist/a.jpg", "val/rock/b.jpg"])
 
-    with pytest.raises(DataLayoutError, match=r"missing \['palm'\], unexpected \['rock'\]"):
-        scan_split(str(tmp_path), "val", class_names=["fist", "palm"])
+    with pytest.raises(DataLayoutError, match=r"missing \['palm'\], unexpected \['rock'\]. The labels know only "
+                       r"\['fist', 'palm'\]"):
+        scan_split(str(tmp_path), "val", class_names=["fist", "palm"], complete=False)
+    with pytest.raises(DataLayoutError, match=r"missing \['palm'\], unexpected \[\]. .*training needs images of each"):
+        scan_split(str(tmp_path), "val", class_names=["fist", "palm", "rock"])
+
+
+def test_an_evaluation_split_without_some_of_the_given_classes_has_no_examples_of_them(tmp_path, caplog):
+    _make_tree(tmp_path, ["val/fist/a.jpg", "val/one/readme.txt"])  # no palm folder, no image of one
+
+    with caplog.at_level(logging.WARNING):
+        examples = scan_split(str(tmp_path), "val", class_names=["fist", "one", "palm"], complete=False)
+
+    assert examples == [Example(str(tmp_path / "val/fist/a.jpg"), 0)]
+    assert "no folder for the classes ['palm']" in caplog.text and "one holds no images" in caplog.text
+    _make_tree(tmp_path / "none", ["val/one/readme.txt"])
+    with pytest.raises(DataLayoutError, match=r"holds no images of the classes \['one', 'palm'\]"):
+        scan_split(str(tmp_path / "none"), "val", class_names=["one", "palm"], complete=False)
+    with pytest.raises(DataLayoutError, match="one holds no images"):  # a training split needs every class
+        scan_split(str(tmp_path), "val", class_names=["fist", "one"])

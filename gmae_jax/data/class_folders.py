@@ -68,32 +68,39 @@ def list_classes(root: str, split: str) -> list[str]:
 
 
 def _check_class_names(
-    split_path: epath.Path, found: Sequence[str], expected: Sequence[str]
+    split_path: epath.Path, found: Sequence[str], expected: Sequence[str], complete: bool
 ) -> None:
+    """A folder of a class the labels do not know is an error, and so is a class without a folder in
+    a `complete` split (the training split); elsewhere (e.g. a validation set without one gesture)
+    that class only has no examples, which is said once."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
-    if missing or extra:
+    if extra or (missing and complete):
         raise DataLayoutError(
             f"Class folders in {split_path} do not match the expected classes: "
-            f"missing {missing}, unexpected {extra}. Every split needs the same "
-            "class folders so that labels mean the same thing."
+            f"missing {missing}, unexpected {extra}. The labels know only {list(expected)}"
+            + (", and training needs images of each." if complete else ": remove or rename the unexpected folders.")
         )
+    if missing:
+        logging.warning("%s has no folder for the classes %s: none of its examples are of them.", split_path, missing)
 
 
 def scan_split(
-    root: str, split: str, class_names: Sequence[str] | None = None
+    root: str, split: str, class_names: Sequence[str] | None = None, complete: bool = True,
 ) -> list[Example]:
     """All images of a split with labels, sorted by (label, file name) for reproducible runs.
 
     Labels index `class_names` when given (pass the train classes when scanning val so both
-    agree), else the sorted class folders. Hidden and non-image entries are skipped and counted.
+    agree), else the sorted class folders. Every class needs images in a `complete` split (one
+    trained on); elsewhere a class without a folder or images has no examples, with a warning.
+    Hidden and non-image entries are skipped and counted.
     """
     split_path = _split_dir(root, split)
     found = list_classes(root, split)
     if class_names is None:
         class_names = found
     else:
-        _check_class_names(split_path, found, class_names)
+        _check_class_names(split_path, found, class_names, complete)
     if not class_names:
         raise DataLayoutError(
             f"Split folder {split_path} has no class folders; expected the layout "
@@ -105,7 +112,7 @@ def scan_split(
     for label, name in enumerate(class_names):
         class_path = split_path / name
         num_images = 0
-        for entry in sorted(class_path.iterdir()):
+        for entry in sorted(class_path.iterdir()) if class_path.is_dir() else []:
             if _is_hidden(entry):
                 num_hidden += 1
             elif entry.suffix.lower() not in IMAGE_SUFFIXES or not is_regular_file(entry):
@@ -113,12 +120,17 @@ def scan_split(
             else:
                 examples.append(Example(path=str(entry), label=label))
                 num_images += 1
-        if not num_images:
+        if not num_images and not complete:
+            logging.warning("Class folder %s holds no images: none of the examples in %s are of it.",
+                            class_path, split_path)
+        elif not num_images:
             raise DataLayoutError(
                 f"Class folder {class_path} holds no images "
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the "
                 "folder from every split."
             )
+    if not examples:
+        raise DataLayoutError(f"{split_path} holds no images of the classes {list(class_names)}.")
     if num_hidden or num_not_image:
         logging.warning(
             "Skipped %d hidden and %d non-image entries in %s.",

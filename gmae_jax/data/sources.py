@@ -214,7 +214,9 @@ def _open(
             raise DataLayoutError(f"{root} holds class folders without hand boxes; "
                                   "config.data.mode=hand_crop needs a HaGRID layout.")
         names = list(class_names) if class_names else class_folders.list_classes(root, wanted[0])
-        parts: dict[str, Sequence] = {s: class_folders.scan_split(root, s, names) for s in wanted}
+        # Training needs images of every class; an evaluation split may lack some (it has none of them).
+        parts: dict[str, Sequence] = {s: class_folders.scan_split(root, s, names, complete=s == data.train_split)
+                                      for s in wanted}
         view = ViewConfig()  # the original G-MAE views
     else:
         if layout == "prepared":
