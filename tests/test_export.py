@@ -321,6 +321,8 @@ def test_a_state_dict_saved_from_data_parallel_imports_without_its_module_prefix
      r"key 'pos_embed' has shape \(1, 4, 32\) where the model has \(1, 64, 32\)"),
     (None, "tiny", r"missing key 'encoder\.blocks\.2\.[^']+' \(and \d+ more\) for a classifier with "
                    r"img_size=224, patch_size=16, embed_dim=128, depth=4"),
+    (lambda sd: sd["encoder.blocks.0.attn.in_proj_weight"].fill_(float("nan")), "micro",
+     r"tensor 'encoder\.blocks\.0\.attn\.in_proj_weight' holds NaN or infinite values"),
     (lambda sd: sd.update(code=Pickled()), "micro",
      r"does not load with torch.load\(weights_only=True\), which never runs pickled code: .*unsupported GLOBAL"),
 ])

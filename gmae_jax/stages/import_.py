@@ -138,6 +138,16 @@ def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind
             "configs/import.py:model=PRESET and --config.model.* to the sizes the file was trained with")
 
 
+def check_finite(state: dict[str, np.ndarray], path: str) -> None:
+    """Weights with NaN or infinity (a run that diverged) would import into a model that predicts nothing."""
+    broken = [name for name, value in state.items()
+              if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value))]
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise config_lib.ConfigError(f"config.path={path}: tensor '{broken[0]}'{more} holds NaN or infinite values; "
+                                     "import a checkpoint saved before the run diverged")
+
+
 def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, state: dict[str, np.ndarray]
                    ) -> GMSTConfig:
     """Our exports carry their model; an original file takes config.model, with the mask mode its
@@ -215,6 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_classes = int(state["classifier.1.weight"].shape[0]) if "classifier.1.weight" in state else None
     model = imported_model(payload, config, state)
     check_state_dict({k: tuple(v.shape) for k, v in state.items()}, model, kind, num_classes, config.path)
+    check_finite(state, config.path)
     class_names = _class_names(payload, config, num_classes, config.path)
     variables = convert.torch_to_flax_variables(state, model=kind, config=model)
     step = _step(payload, state)
