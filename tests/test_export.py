@@ -241,6 +241,10 @@ def test_an_export_folder_where_a_run_is_wanted_says_to_import_it(pretrain):
 
 
 def test_imported_runs_feed_evaluate_and_init_from(finetune, pretrain, imported, data, tmp_path):
+    # An imported run saw no data here: evaluating it asks for the images (none are guessed).
+    with pytest.raises(config_lib.ConfigError, match=r"the run names no data root \(it was imported\); pass "
+                       r"--config.data_root=FOLDER"):
+        run_stage("evaluate", tmp_path / "refused", checkpoint_dir=str(imported["finetune"]), num_workers=0)
     # evaluate reads the imported classifier like any run, and scores what the trained run scores.
     metrics = run_stage("evaluate", tmp_path / "eval", checkpoint_dir=str(imported["finetune"]),
                         data_root=str(data[0]), num_workers=0, batch_size=8)

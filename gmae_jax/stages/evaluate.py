@@ -27,11 +27,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> schema.DataConfig:
     """The run's data section with this stage's overrides (root, split, workers)."""
     data = schema.read(schema.DataConfig, run.config.data, "config.data")
-    if not config.data_root and not epath.Path(data.root).is_dir():
-        # Typical of a run trained on another machine, or imported from PyTorch.
+    if not config.data_root and not (data.root and epath.Path(data.root).is_dir()):
+        # Typical of a run trained on another machine, or imported from PyTorch (which has no data root).
+        where = (f"the run's data root {data.root} (its config.data.root) is not a folder here" if data.root else
+                 "the run names no data root (it was imported)")
         raise config_lib.ConfigError(
-            f"the run's data root {data.root} (its config.data.root) is not a folder here; pass "
-            "--config.data_root=FOLDER with the images to evaluate on (and --config.split=NAME if not its eval split)")
+            f"{where}; pass --config.data_root=FOLDER with the images to evaluate on (and --config.split=NAME if "
+            "not its eval split)")
     return dataclasses.replace(data, root=config.data_root or data.root, eval_split=config.split or data.eval_split,
                                num_workers=config.num_workers)
 

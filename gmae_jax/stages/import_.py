@@ -205,6 +205,7 @@ def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig,
     # The sizes are the file's (an export's own, or config.model's checked against the file).
     written.model = ml_collections.ConfigDict({"preset": setup.IMPORTED_PRESET, **dataclasses.asdict(model)})
     written.best_metric = ""  # no evaluation ranked this checkpoint: only 'latest' exists
+    written.data.root = ""  # it saw no data here: evaluating it asks for --config.data_root
     if num_classes is not None:
         written.num_classes = num_classes
     return written
