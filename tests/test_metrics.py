@@ -40,5 +40,6 @@ def test_table_lists_every_class_and_the_averages():
     assert [line.split()[0] for line in lines[1:5]] == NAMES
     assert not any(line.startswith("top-5") for line in lines)  # only where the metrics have it
 
-    with_top5 = metrics.per_class_table({**metrics.classification_metrics(MATRIX, NAMES), "top5_accuracy": 0.9375}, NAMES)
+    with_top5 = metrics.per_class_table(
+        {**metrics.classification_metrics(MATRIX, NAMES), "top5_accuracy": 0.9375}, NAMES)
     assert with_top5.splitlines()[-3].split() == ["top-5", "accuracy", "0.938", "16"]

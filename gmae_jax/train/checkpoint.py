@@ -193,7 +193,8 @@ def restore(
     step = manager.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
     check_saved_arrays(manager, step, abstract)
-    state = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
+    restore_args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+    state = manager.restore(step, args=restore_args)[STATE_ITEM]
     if data_iterator is not None:
         data_iterator.set_state(iterator_state(epath.Path(manager.directory) / str(step)))
     return state
