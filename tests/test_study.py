@@ -120,11 +120,27 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
     results = {r["workdir"]: open(os.path.join(r["workdir"], study.RESULT)).read() for r in runs}
     longer = config.copy_and_resolve_references()
     longer.finetune.total_steps = 4
+    longer.labels_per_class = (1, 2)  # the runs of 1 label, new, would come first
     with pytest.raises(config_lib.ConfigError, match=r"holds a finished fine-tune of another study setting "
                        r"\(total_steps: 3 -> 4\); nothing was changed"):
         stages.run(longer, workdir)
     assert {w: open(os.path.join(w, study.RESULT)).read() for w in results} == results
     assert os.listdir(checkpoints) == []
+    assert sorted(os.listdir(os.path.join(workdir, "runs"))) == ["pretrained_2_s7", "scratch_2_s7"]
+
+    # Only a pretraining run with a checkpoint can be init_from, and a repeated seed is refused.
+    from_runs = config.copy_and_resolve_references()
+    from_runs.update(pretrain_data="", init_from=runs[0]["workdir"])
+    with pytest.raises(config_lib.ConfigError, match=r"is a 'finetune' run; the study compares against a pretraining"):
+        stages.validate(from_runs)
+    from_runs.init_from = root
+    with pytest.raises(config_lib.ConfigError, match=r"config.json not found"):
+        stages.validate(from_runs)
+    from_runs.init_from = os.path.join(workdir, "pretrain")
+    stages.validate(from_runs)
+    from_runs.seeds = (7, 7)
+    with pytest.raises(config_lib.ConfigError, match=r"config.seeds=\(7, 7\) repeats a value; give each once"):
+        stages.validate(from_runs)
 
     # Each sub-run is held like a run of its own: one in use by another job stops the study.
     busy = next(r["workdir"] for r in runs if r["init"] == "pretrained")

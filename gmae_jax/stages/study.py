@@ -42,16 +42,33 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                      f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
                      "(0 = all labels), e.g. '(5,10,25,0)'")
     config_lib.check(len(config.seeds) > 0, "config.seeds is empty; give at least one, e.g. '(0,1,2)'")
+    for name in ("labels_per_class", "seeds"):  # a repeat would count one run twice in the mean
+        values = list(config[name])
+        config_lib.check(len(set(values)) == len(values),
+                         f"config.{name}={tuple(values)} repeats a value; give each once")
     config_lib.check(not config.finetune.get("init_from"),
                      "config.finetune.init_from is set by the study; use --config.init_from")
     if check_data:
         config_lib.check(not config.init_from or os.path.isdir(config.init_from),
                          f"config.init_from='{config.init_from}' does not exist; point it at a pretraining workdir")
+        if config.init_from:
+            _check_pretraining_run(config.init_from)
         config_lib.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),
                          f"config.pretrain_data='{config.pretrain_data}' does not exist; point it at the "
                          "unlabelled images")
     pretrain_stage.validate(pretrain_config(config), check_data=False)
     finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data)
+
+
+def _check_pretraining_run(folder: str) -> None:
+    """init_from must be a pretraining run with a checkpoint: a fine-tune's encoder has learned from
+    the labelled split the study measures, and a folder without weights would fail after the
+    scratch runs had trained."""
+    workdir = setup.run_workdir(folder)
+    stage = setup.load_run_config(workdir).stage
+    config_lib.check(stage == "pretrain", f"config.init_from={folder} is a '{stage}' run; the study compares "
+                     "against a pretraining run (a fine-tune's encoder has seen the labels it is scored on)")
+    config_lib.check(bool(setup.checkpoint_steps(workdir)), f"config.init_from={folder} has no checkpoint yet")
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -102,17 +119,25 @@ def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, wo
     return changes
 
 
-def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """The result of one fine-tune, read back when an earlier invocation finished the same one; one
-    finished with another recipe or from another pretraining step is refused, not reused."""
+def _finished(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+    """The result of the fine-tune in `workdir` if an earlier invocation finished the same one (None if
+    none finished); one finished with another recipe or from another pretraining step is refused."""
     result_path = epath.Path(workdir) / RESULT
-    if result_path.exists():
-        result = run_files.read_json(result_path)
-        changes = _changes_since(result, config, workdir)
-        if changes:
-            raise config_lib.ConfigError(
-                f"{workdir} holds a finished fine-tune of another study setting ({'; '.join(changes)}); nothing was "
-                "changed. Run the new study in another --workdir (or move this study's runs/ folder away)")
+    if not result_path.exists():
+        return None
+    result = run_files.read_json(result_path)
+    changes = _changes_since(result, config, workdir)
+    if changes:
+        raise config_lib.ConfigError(
+            f"{workdir} holds a finished fine-tune of another study setting ({'; '.join(changes)}); nothing was "
+            "changed. Run the new study in another --workdir (or move this study's runs/ folder away)")
+    return result
+
+
+def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """The result of one fine-tune: read back when finished already (`_finished`), else trained."""
+    result = _finished(config, workdir)
+    if result is not None:
         return result
     with workdir_lock.hold(workdir):  # each sub-run is a run folder of its own, held like one
         metrics = finetune_stage.run(config, workdir)
@@ -122,7 +147,7 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
               "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
               "workdir": workdir,
               "init_step": _latest_step(config.init_from) if config.init_from else None}
-    run_files.write_text(result_path, json.dumps(result, indent=1))
+    run_files.write_text(epath.Path(workdir) / RESULT, json.dumps(result, indent=1))
     return result
 
 
@@ -131,20 +156,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     num_classes = len(data.class_names)
     for per_class in config.labels_per_class:  # before the pretraining, which may take hours
         subsets.class_balanced_subset(data.train, data.class_names, per_class, seed=0)
-    if config.init_from:
-        pretrain_dir = config.init_from
-    else:
-        pretrain_dir = os.path.join(workdir, "pretrain")
+    pretrain_dir = config.init_from or os.path.join(workdir, "pretrain")
+    plan = [(finetune_config(config, init, per_class, seed, num_classes=num_classes, pretrain_dir=pretrain_dir),
+             os.path.join(workdir, "runs", run_name(init, per_class, seed)))
+            for per_class in config.labels_per_class for seed in config.seeds for init in inits(config)]
+    for run_config, run_dir in plan:  # a finished run of another recipe is refused before anything trains
+        _finished(run_config, run_dir)
+    if not config.init_from:
         with workdir_lock.hold(pretrain_dir):
             pretrain_stage.run(pretrain_config(config), pretrain_dir)
 
-    runs = []
-    for per_class in config.labels_per_class:
-        for seed in config.seeds:
-            for init in inits(config):
-                run_config = finetune_config(config, init, per_class, seed, num_classes=num_classes,
-                                             pretrain_dir=pretrain_dir)
-                runs.append(_fine_tune(run_config, os.path.join(workdir, "runs", run_name(init, per_class, seed))))
+    runs = [_fine_tune(run_config, run_dir) for run_config, run_dir in plan]
 
     chance = 1.0 / num_classes
     summary = label_efficiency.summarize(runs)
