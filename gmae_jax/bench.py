@@ -47,27 +47,33 @@ from gmae_jax import host_memory
 from gmae_jax.data import device_jitter, pipeline, prepare, records, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import HagridRecord
+from gmae_jax.models.presets import GMSTConfig
+from gmae_jax.schema import ConfigError
 
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Full-HD JPEGs to generate.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Full-HD JPEGs to generate.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.", lower_bound=1)
 _CROP_SCALE_MIN = flags.DEFINE_float("crop_scale_min", 0.35, "Smallest random-crop area (fine-tune default).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best one counts.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best one counts.", lower_bound=1)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker processes for the batch transport.")
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
-_PRESET = flags.DEFINE_string("preset", "small", "--train_step: model preset.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size; --pipeline: transport batch.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps per round.")
+_PRESET = flags.DEFINE_string("preset", "small", "--train_step, --profile_step, --sparse_vs_dense, --checkpoint_save: "
+                              "model preset.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size; --pipeline: transport batch.",
+                                   lower_bound=1)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps per round.", lower_bound=1)
 _PROFILE_STEP = flags.DEFINE_bool("profile_step", False,
                                   "Where the train step's time goes: a jax.profiler trace joined with its HLO.")
 _PROFILE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--profile_step: compute dtype.")
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False,
                                "--train_step, --profile_step: JAX jit step vs the eager PyTorch mirror.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "--train_step: alternating timing rounds; the median counts.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--train_step: alternating timing rounds; the median counts.",
+                               lower_bound=1)
 _TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch, --profile_step: steps to time.")
 _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
                                      "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
-_MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense: fraction of patches hidden.")
+_MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense, --model_flops: fraction of patches hidden.")
+flags.register_validator("mask_ratio", lambda ratio: 0.0 < ratio < 1.0, "--mask_ratio must be in (0, 1)")
 _SUITE = flags.DEFINE_enum("suite", None, ["device"],
                            "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), with the "
                            "eager PyTorch mirror on its first case if torch is installed.")
@@ -210,10 +216,13 @@ def run_transport_benchmark(image_size: int, batch_size: int, num_workers: int, 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     """['img_size=64', 'overlap_patches=True'] -> {'img_size': 64, 'overlap_patches': True}."""
     overrides: dict[str, object] = {}
+    known = sorted(field.name for field in dataclasses.fields(GMSTConfig))
     for item in items:
         field, sep, text = item.partition("=")
         if not sep:
             raise app.UsageError(f"--model_override={item!r}: expected FIELD=VALUE, e.g. img_size=64")
+        if field not in known:
+            raise app.UsageError(f"--model_override={item!r}: {field!r} is not an architecture field; known: {known}")
         try:
             overrides[field] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -232,6 +241,14 @@ def run_device_suite() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+    """The benchmark the flags choose; a bad preset or architecture is a usage error, not a traceback."""
+    try:
+        run_benchmarks(argv)
+    except ConfigError as error:
+        raise app.UsageError(str(error)) from None
+
+
+def run_benchmarks(argv: Sequence[str]) -> None:
     del argv
     if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value or _PROFILE_STEP.value
             or _MODEL_FLOPS.value or _CHECKPOINT_SAVE.value):

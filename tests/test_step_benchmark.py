@@ -1,12 +1,18 @@
 """The train-step benchmarks run (their numbers go to BENCHMARKS.md, never asserted as speed)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from absl import app
 
 from gmae_jax.bench import parse_overrides
 from gmae_jax.train import step_benchmark
 from gmae_jax.train.step_benchmark import compare, jax_runner, preset_architecture, markdown_table, torch_runner
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # one example per simulated device
 # Per side: a parameter that is not weight-decayed (it moves only if gradients reach it) and a kernel.
 WATCHED = {
@@ -78,6 +84,20 @@ def test_a_pipeline_batch_is_what_the_input_workers_yield():
 def test_model_overrides_parse_to_python_values():
     assert parse_overrides(["img_size=64", "overlap_patches=True", "mask_mode=original"]) == {
         "img_size": 64, "overlap_patches": True, "mask_mode": "original"}
+    with pytest.raises(app.UsageError, match=r"--model_override='bogus=1': 'bogus' is not an architecture field"):
+        parse_overrides(["bogus=1"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_step", "--batch_size=0"], "--batch_size"),
+    (["--sparse_vs_dense", "--mask_ratio=1.5"], "--mask_ratio must be in (0, 1)"),
+    (["--train_step", "--preset=nope", "--batch_size=8"], "unknown model preset 'nope'"),
+])
+def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
+    result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr
 
 
 @pytest.mark.parametrize("name, kind", [
