@@ -17,7 +17,9 @@ PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0
 
 cd "$(dirname "$0")/.."
 mkdir -p "$LOG_DIR"
-unset XLA_FLAGS  # a leftover --xla_force_host_platform_device_count would fight --num_cpu_devices
+# A leftover --xla_force_host_platform_device_count would fight --num_cpu_devices; other XLA flags stay.
+XLA_FLAGS="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')"
+export XLA_FLAGS
 export JAX_PLATFORMS=cpu
 
 run_process() {  # run_process RANK FLAGS..., in a background subshell that becomes the process

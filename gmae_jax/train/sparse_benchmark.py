@@ -79,7 +79,8 @@ def print_comparison(preset: str, batch_size: int, mask_ratio: float, num_steps:
     """`compare_mask_modes`, printed with ratios against the dense 'encoder' mode."""
     results = compare_mask_modes(preset, batch_size, mask_ratio, num_steps, rounds, **model_overrides)
     device = jax.devices()[0]
-    print(f"pretraining step, preset {preset} {model_overrides or ''}, batch {batch_size}, "
+    overrides = f" {model_overrides}" if model_overrides else ""
+    print(f"pretraining step, preset {preset}{overrides}, batch {batch_size}, "
           f"mask {mask_ratio}, {jax.device_count()} x {device.device_kind}")
     base = results["encoder"]
     for mode, r in results.items():
