@@ -250,10 +250,16 @@ def main(argv: Sequence[str]) -> None:
 
 def run_benchmarks(argv: Sequence[str]) -> None:
     del argv
-    if not (_PIPELINE.value or _TRAIN_STEP.value or _SUITE.value or _SPARSE_VS_DENSE.value or _PROFILE_STEP.value
-            or _MODEL_FLOPS.value or _CHECKPOINT_SAVE.value):
+    chosen = {name for name, value in (
+        ("--pipeline", _PIPELINE.value), ("--train_step", _TRAIN_STEP.value), ("--suite", _SUITE.value),
+        ("--sparse_vs_dense", _SPARSE_VS_DENSE.value), ("--profile_step", _PROFILE_STEP.value),
+        ("--model_flops", _MODEL_FLOPS.value), ("--checkpoint_save", _CHECKPOINT_SAVE.value)) if value}
+    if not chosen:
         raise app.UsageError("choose a benchmark: --pipeline, --train_step, --profile_step, --sparse_vs_dense, "
                              "--model_flops, --checkpoint_save or --suite=device")
+    if len(chosen) > 1 and chosen != {"--pipeline", "--train_step"}:  # only that pair runs one after the other
+        raise app.UsageError(f"choose one benchmark per run (got {', '.join(sorted(chosen))}); only --pipeline "
+                             "and --train_step go together")
     if _CHECKPOINT_SAVE.value:
         from gmae_jax.train import checkpoint_benchmark  # noqa: PLC0415 (model code only here)
 

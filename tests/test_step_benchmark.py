@@ -92,6 +92,7 @@ def test_model_overrides_parse_to_python_values():
     (["--train_step", "--batch_size=0"], "--batch_size"),
     (["--sparse_vs_dense", "--mask_ratio=1.5"], "--mask_ratio must be in (0, 1)"),
     (["--train_step", "--preset=nope", "--batch_size=8"], "unknown model preset 'nope'"),
+    (["--model_flops", "--train_step"], "choose one benchmark per run (got --model_flops, --train_step)"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,
