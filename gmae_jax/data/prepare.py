@@ -129,7 +129,7 @@ def _written(task: _ShardTask) -> bool:
     try:
         count = records.count_records(task.path)
     except records.ShardError as error:
-        logging.warning("writing %s again: %s", task.path, str(error).split(": rerun")[0])
+        logging.warning("writing %s again: it cannot be read (%s)", task.path, error.why)
         return False
     if count != len(task.records):
         logging.warning("writing %s again: it holds %d records, not %d", task.path, count, len(task.records))

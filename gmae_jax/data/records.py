@@ -26,7 +26,13 @@ class RecordFormatError(ValueError):
 
 
 class ShardError(DataLayoutError):
-    """A prepared shard is missing or does not open; the message names it and what to do."""
+    """A prepared shard is missing or does not open; the message names it and what to do, `why` is
+    array_record's reason alone."""
+
+    def __init__(self, path: epath.PathLike, why: str):
+        self.why = why
+        super().__init__(f"{path} cannot be read ({why}): rerun the prepare stage that wrote it (the same "
+                         "command rewrites missing and damaged shards)")
 
 
 def count_records(path: epath.PathLike) -> int:
@@ -34,8 +40,7 @@ def count_records(path: epath.PathLike) -> int:
     try:
         return len(grain.sources.ArrayRecordDataSource([str(path)]))
     except RuntimeError as error:  # what array_record says of a missing, cut or foreign file
-        raise ShardError(f"{path} cannot be read ({error}): rerun the prepare stage that wrote it (the same "
-                         "command rewrites missing and damaged shards)") from None
+        raise ShardError(path, str(error)) from None
 
 
 def encode(record: HagridRecord, image: bytes) -> bytes:

@@ -160,7 +160,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     plan = [(finetune_config(config, init, per_class, seed, num_classes=num_classes, pretrain_dir=pretrain_dir),
              os.path.join(workdir, "runs", run_name(init, per_class, seed)))
             for per_class in config.labels_per_class for seed in config.seeds for init in inits(config)]
-    for run_config, run_dir in plan:  # a finished run of another recipe is refused before anything trains
+    # A finished run of another recipe is refused before anything trains; `_fine_tune` checks each
+    # again after the pretraining, which may have moved the step the runs start from.
+    for run_config, run_dir in plan:
         _finished(run_config, run_dir)
     if not config.init_from:
         with workdir_lock.hold(pretrain_dir):

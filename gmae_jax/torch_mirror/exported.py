@@ -63,6 +63,11 @@ def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
+def _as_batch(images: ImageLike | Sequence[ImageLike]) -> Sequence[ImageLike]:
+    """One image as a batch of one (a path is a str, which would otherwise iterate by character)."""
+    return [images] if isinstance(images, (str, os.PathLike, bytes, Image.Image)) else images
+
+
 @dataclasses.dataclass
 class ExportedModel:
     """An exported model in eval mode, with its classes and preprocessing."""
@@ -76,15 +81,12 @@ class ExportedModel:
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """(N, 3, S, S) model inputs; one image (a path, bytes or PIL image) is a batch of one."""
-        if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
-            images = [images]
-        return torch.stack([preprocess(image, self.config["preprocessing"]) for image in images])
+        return torch.stack([preprocess(image, self.config["preprocessing"]) for image in _as_batch(images)])
 
     @torch.no_grad()
     def classify(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Class probabilities (N, num_classes), in the order of `class_names`; one image gives N = 1."""
-        if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
-            images = [images]
+        images = _as_batch(images)
         if not len(images):
             raise ValueError("classify() needs at least one image")
         if not isinstance(self.module, modules.GMAEForClassification):

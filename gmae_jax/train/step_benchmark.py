@@ -187,11 +187,11 @@ def _describe(preset: str, config: GMSTConfig, batch_size: int) -> str:
 def run_step_benchmark(preset: str, batch_size: int, num_steps: int, rounds: int = 3,
                        overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
     """float32 vs bfloat16 JAX pretraining steps in alternating rounds of one process; prints the ratio."""
-    runners = {dtype: jax_runner(preset_architecture(preset, dtype, overrides), "pretrain", batch_size)
-               for dtype in ("float32", "bfloat16")}
+    configs = {dtype: preset_architecture(preset, dtype, overrides) for dtype in ("float32", "bfloat16")}
+    runners = {dtype: jax_runner(config, "pretrain", batch_size) for dtype, config in configs.items()}
     rates = images_per_second(list(runners.values()), batch_size, num_steps, rounds)
     results = {dtype: rates[runner.name] for dtype, runner in runners.items()}
-    print(f"pretraining step, {_describe(preset, preset_architecture(preset, 'float32', overrides), batch_size)}; "
+    print(f"pretraining step, {_describe(preset, configs['float32'], batch_size)}; "
           f"{_device_line()}; median of {rounds} alternating rounds of {num_steps} steps")
     for dtype, rate in results.items():
         print(f"  {dtype:9s} {rate:10.1f} img/s   x{rate / results['float32']:.2f} vs float32")
