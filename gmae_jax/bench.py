@@ -91,6 +91,31 @@ _MODEL_OVERRIDE = flags.DEFINE_multi_string(
     "architecture, e.g. img_size=64.")
 
 
+# The benchmarks each tuning flag acts on: given to none of the chosen ones, it would be ignored silently.
+_FLAG_USERS = {
+    "num_images": {"--pipeline"}, "image_size": {"--pipeline"}, "crop_scale_min": {"--pipeline"},
+    "repeats": {"--pipeline"}, "num_workers": {"--pipeline"},
+    "preset": {"--train_step", "--profile_step", "--sparse_vs_dense", "--checkpoint_save"},
+    "batch_size": {"--train_step", "--profile_step", "--sparse_vs_dense", "--pipeline"},
+    "num_steps": {"--train_step", "--profile_step", "--sparse_vs_dense"},
+    "rounds": {"--train_step", "--sparse_vs_dense"},
+    "model_override": {"--train_step", "--profile_step", "--sparse_vs_dense"},
+    "dtype": {"--profile_step"}, "vs_torch": {"--train_step", "--profile_step"},
+    "tasks": {"--vs_torch", "--profile_step"}, "mask_ratio": {"--sparse_vs_dense", "--model_flops"},
+    "suite_presets": {"--suite"}, "suite_batch_sizes": {"--suite"}, "suite_img_size": {"--suite"},
+    "suite_budget_s": {"--suite"},
+}
+
+
+def refuse_unused_flags(chosen: set[str], present: Sequence[str]) -> None:
+    """A flag none of the chosen benchmarks reads is a usage error (a `--dtype=bfloat16` meant for
+    --profile_step would otherwise time float32 and say nothing)."""
+    for name in present:
+        users = _FLAG_USERS.get(name)
+        if users is not None and not users & chosen:
+            raise app.UsageError(f"--{name} applies to {', '.join(sorted(users))} only; it would be ignored here")
+
+
 def write_full_hd_jpegs(folder: str, count: int, seed: int = 0) -> list[str]:
     """Camera-like 1920x1080 JPEGs (smooth shading plus sensor noise, quality 95)."""
     rng = np.random.default_rng(seed)
@@ -260,6 +285,8 @@ def run_benchmarks(argv: Sequence[str]) -> None:
     if len(chosen) > 1 and chosen != {"--pipeline", "--train_step"}:  # only that pair runs one after the other
         raise app.UsageError(f"choose one benchmark per run (got {', '.join(sorted(chosen))}); only --pipeline "
                              "and --train_step go together")
+    present = [name for name in _FLAG_USERS if flags.FLAGS[name].present]
+    refuse_unused_flags(chosen | ({"--vs_torch"} if _VS_TORCH.value else set()), present)
     if _CHECKPOINT_SAVE.value:
         from gmae_jax.train import checkpoint_benchmark  # noqa: PLC0415 (model code only here)
 

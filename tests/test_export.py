@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from etils import epath
@@ -291,6 +292,26 @@ def test_import_of_the_originals_checkpoint_file(tmp_path):
     want = convert.torch_to_flax_variables(state_dict, model="pretrain")
     for got, expected in zip(jax.tree.leaves(restored.weights.params), jax.tree.leaves(want["params"])):
         np.testing.assert_array_equal(np.asarray(got), expected)
+
+    # Its pos_embed was trained after the encoder: a fine-tune from it keeps its own, as the original's does.
+    config = load("finetune", "runlocal")
+    config.update(num_classes=3, model=config_lib.model_section("micro"))
+    model, inputs = setup.build_model(config)
+    template = setup.abstract_weights(model, inputs, trainer.make_mesh(config))
+    state = init_from.load_pretrained_encoder(template, str(tmp_path / "run"))
+    assert state.params["pos_embed"] is template.params["pos_embed"]
+    for got, expected in zip(jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(want["params"]["encoder"])):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@pytest.mark.parametrize("asked, has_token, implied", [
+    ("encoder", False, "original"), ("sparse", False, "sparse"), ("encoder", True, "encoder"),
+    ("original", True, "encoder")])
+def test_an_original_files_mask_mode_comes_from_its_keys_or_the_sparse_mode_asked_for(asked, has_token, implied):
+    config = ml_collections.ConfigDict({"model": config_lib.model_section("micro")})
+    config.model.mask_mode = asked
+    state = {"encoder_mask_token": np.zeros((1, 1, 8))} if has_token else {}
+    assert import_.imported_model({}, config, state).mask_mode == implied
 
 
 def classifier_file(tmp_path, change=None):

@@ -1,6 +1,7 @@
 """Specification of the HaGRID readers, label rule, hand crops, letterboxing and user splits."""
 
 import collections
+import os
 import re
 
 import hagrid_fixtures as fx
@@ -326,6 +327,18 @@ def test_malformed_entry_is_skipped_and_named(tmp_path, boxes, labels):
 
     assert report.skipped.keys() == {hagrid.MALFORMED_ENTRY}
     assert report.skipped[hagrid.MALFORMED_ENTRY][0].startswith(str(path))
+
+
+def test_a_pipe_named_like_an_image_is_skipped_not_read(tmp_path):
+    tree = _v2(tmp_path, classes=("call",), num_users=1, images_per_user=2)
+    pipe = sorted((tree.images_root / "call").iterdir())[0]
+    pipe.unlink()
+    os.mkfifo(pipe)  # decoding it would wait forever
+
+    records, report = hagrid.read_hagrid_v2(tmp_path)
+
+    assert str(pipe) in report.skipped[hagrid.STRAY_FILE]
+    assert pipe.stem not in {r.image_id for r in records} and len(records) == 1
 
 
 def test_macos_metadata_files_are_skipped_and_named(tmp_path):

@@ -37,7 +37,7 @@ def test_norm_pix_targets_are_normalised_per_patch():
     normed = losses.reconstruction_targets(images, 4, norm_pix_loss=True)
     assert abs(float(plain.mean()) - 3.0) < 0.5
     np.testing.assert_allclose(normed.mean(axis=-1), 0.0, atol=1e-5)
-    np.testing.assert_allclose(normed.std(axis=-1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(normed.std(axis=-1, ddof=1), 1.0, atol=1e-3)  # MAE's unbiased variance (48 pixels)
 
 
 def test_label_smoothing_raises_the_loss_of_a_confident_correct_prediction():

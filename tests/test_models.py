@@ -75,10 +75,11 @@ def test_gmae_and_classifier_output_shapes(config):
     assert logits.shape == (3, 5)
 
 
-@pytest.mark.parametrize("num_patches,ratio", [(64, 0.6), (196, 0.75), (49, 0.5), (10, 0.25)])
-def test_sample_mask_hides_exact_count_per_example(num_patches, ratio):
+# Hidden counts as the original (MAE) keeps int(L * (1 - ratio)) patches: not round(L * ratio) (38, 24, 2).
+@pytest.mark.parametrize("num_patches,ratio,hidden", [(64, 0.6, 39), (196, 0.75, 147), (49, 0.5, 25), (10, 0.25, 3)])
+def test_sample_mask_hides_the_originals_exact_count_per_example(num_patches, ratio, hidden):
     mask = masking.sample_mask(jax.random.key(3), 16, num_patches, ratio)
-    np.testing.assert_array_equal(mask.sum(axis=1), round(num_patches * ratio))
+    np.testing.assert_array_equal(mask.sum(axis=1), hidden)
     assert len({tuple(row) for row in np.asarray(mask)}) > 1  # masks differ between examples
 
 
@@ -95,7 +96,7 @@ def test_an_examples_evaluation_mask_depends_on_its_id_not_its_place_in_the_batc
     a = np.asarray(masking.per_example_mask(key, jnp.array([3, 5, 9]), 64, 0.6))
     b = np.asarray(masking.per_example_mask(key, jnp.array([9, 3]), 64, 0.6))
     np.testing.assert_array_equal(a[[2, 0]], b)
-    np.testing.assert_array_equal(a.sum(axis=1), round(64 * 0.6))
+    np.testing.assert_array_equal(a.sum(axis=1), masking.num_masked(64, 0.6))
     assert len({tuple(row) for row in a}) == 3
 
 
@@ -199,3 +200,33 @@ def test_attention_with_dropout_is_flaxs_in_float32_and_keeps_bfloat16_probabili
     low = modules.attention_with_dropout(*(x.astype(jnp.bfloat16) for x in (q, k, v)), key, 0.1)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(low, np.float32), ours, rtol=0.05, atol=0.05)
+
+
+def test_initial_spreads_are_the_originals():
+    """pos_embed / mask tokens: PyTorch's trunc_normal_(std=.02), cut at +-2 absolute, so std 0.02
+    (Flax's default cut at 2 std gives 0.0176); layer scales N(1, 0.02); convs Kaiming normal, fan_out."""
+    config = GMSTConfig(**{**PRESETS["micro"], "embed_dim": 64, "decoder_embed_dim": 64, "img_size": 64})
+    model = GMAE(config)
+    images, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, config.num_patches), bool)
+    params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images, mask)["params"]
+    embeddings = np.concatenate([np.ravel(params[name]) for name in ("pos_embed", "decoder_pos_embed")])
+    assert abs(embeddings.std() / 0.02 - 1) < 0.03 and embeddings.size == 2 * 256 * 64
+    blocks = [params["encoder"][f"blocks_{i}"] for i in range(2)]
+    gammas = np.concatenate([np.ravel(block[f"gamma{j}"]) for block in blocks for j in (1, 2, 3)])
+    assert abs(gammas.mean() - 1) < 0.003 and abs(gammas.std() / 0.02 - 1) < 0.15
+    kernel = np.asarray(params["encoder"]["blocks_0"]["mscffn"]["dconv1"]["conv"]["kernel"])  # (3, 3, 64, 21)
+    fan_out = kernel.shape[0] * kernel.shape[1] * kernel.shape[3]
+    assert abs(kernel.std() / np.sqrt(2.0 / fan_out) - 1) < 0.05
+
+
+def test_batch_norm_variance_is_two_pass_on_offset_inputs():
+    """E[x^2] - E[x]^2 in float32 loses a variance of 0.0025 at a mean of 300 (x^2 ~ 9e4); PyTorch's
+    two-pass variance keeps it."""
+    x = 300.0 + 0.05 * jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+    layer = modules.ConvBNGELU(3, kernel_size=1)
+    variables = layer.init(jax.random.key(1), x, train=False)
+    identity = {"kernel": jnp.eye(3)[None, None], "bias": jnp.zeros(3)}  # the conv passes x through
+    variables = {**variables, "params": {**variables["params"], "conv": identity}}
+    _, updates = layer.apply(variables, x, train=True, mutable=["batch_stats"])
+    batch_var = (np.asarray(updates["batch_stats"]["bn"]["var"]) - 0.9) / 0.1  # momentum 0.9 from 1
+    np.testing.assert_allclose(batch_var, np.asarray(x, np.float64).var(axis=(0, 1, 2)), rtol=0.02)

@@ -17,6 +17,7 @@ from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.models.sparse import VisibleConv, VisibleGrid
 from gmae_jax.train import checkpoint, init_from, sharding, steps, trainer
+from gmae_jax.train import sparse_benchmark
 from gmae_jax.train.sparse_benchmark import encoder_flops
 
 # One encoder block keeps the jitted models quick to compile; blocks chain the same code path.
@@ -225,3 +226,11 @@ def test_sparse_encoder_costs_about_the_visible_fraction_of_the_dense_flops():
         flops[config.mask_mode] = encoder_flops(model, jit_init(model, images[:1], mask), images, 0.75)
     # 16 of 64 tokens visible: a quarter of the work, plus the dense patch embedding and gathers.
     assert flops["sparse"] < 0.4 * flops["encoder"], flops
+
+
+def test_the_sparse_vs_dense_benchmark_prints_each_mode_against_the_dense_one(capsys):
+    results = sparse_benchmark.print_comparison("micro", batch_size=8, mask_ratio=0.75, num_steps=1, rounds=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert "XLA's cost analysis" in lines[0] and "not --model_flops' matmul and convolution count" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == list(results) == ["encoder", "sparse"]
+    assert "(x1.00)" in lines[1] and results["sparse"]["step_flops"] < results["encoder"]["step_flops"]

@@ -1,6 +1,7 @@
 """The train-step benchmarks run (their numbers go to BENCHMARKS.md, never asserted as speed)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from absl import app
 
-from gmae_jax.bench import parse_overrides
+from gmae_jax.bench import parse_overrides, refuse_unused_flags
 from gmae_jax.train import step_benchmark
 from gmae_jax.train.step_benchmark import compare, jax_runner, preset_architecture, markdown_table, torch_runner
 
@@ -93,12 +94,29 @@ def test_model_overrides_parse_to_python_values():
     (["--sparse_vs_dense", "--mask_ratio=1.5"], "--mask_ratio must be in (0, 1)"),
     (["--train_step", "--preset=nope", "--batch_size=8"], "unknown model preset 'nope'"),
     (["--model_flops", "--train_step"], "choose one benchmark per run (got --model_flops, --train_step)"),
+    (["--model_flops", "--dtype=bfloat16"], "--dtype applies to --profile_step only"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("chosen, present, refused", [
+    ({"--train_step"}, ["dtype"], "--dtype applies to --profile_step only"),
+    ({"--sparse_vs_dense"}, ["vs_torch"], "--vs_torch applies to --profile_step, --train_step only"),
+    ({"--train_step"}, ["tasks"], "--tasks applies to --profile_step, --vs_torch only"),
+    ({"--pipeline", "--train_step"}, ["num_images", "rounds"], None),
+    ({"--train_step", "--vs_torch"}, ["tasks", "vs_torch"], None),
+    ({"--suite"}, ["suite_presets", "preset"], "--preset applies to"),
+])
+def test_a_flag_no_chosen_benchmark_reads_is_refused(chosen, present, refused):
+    if refused is None:
+        refuse_unused_flags(chosen, present)
+    else:
+        with pytest.raises(app.UsageError, match=re.escape(refused)):
+            refuse_unused_flags(chosen, present)
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -101,10 +101,10 @@ def test_classifier_logits_and_features_match_the_torch_mirror(size: str, overla
     assert relative_error(torch_features, features) < TOLERANCE
 
 
-# Each size meets both overlap settings and both mask modes (the full product doubles the run time).
+# Each size meets both overlap settings and every mask mode (the full product doubles the run time).
 @pytest.mark.parametrize("size, overlap, mask_mode", [
-    ("micro", False, "encoder"), ("micro", True, "original"),
-    ("small48", True, "encoder"), ("small48", False, "original"),
+    ("micro", False, "encoder"), ("micro", True, "original"), ("micro", True, "sparse"),
+    ("small48", True, "encoder"), ("small48", False, "original"), ("small48", False, "sparse"),
 ])
 def test_pretraining_reconstruction_matches_the_torch_mirror(
     size: str, overlap: bool, mask_mode: str
@@ -114,7 +114,8 @@ def test_pretraining_reconstruction_matches_the_torch_mirror(
     mask = np.array(sample_mask(jax.random.key(2), 2, c.num_patches, 0.5))
     model = GMAE(c)
     variables = random_variables(model, x, mask)
-    pred = jax.jit(functools.partial(model.apply, train=False))(variables, x, mask)
+    num_visible = c.num_patches // 2 if mask_mode == "sparse" else None
+    pred = jax.jit(functools.partial(model.apply, train=False, num_visible=num_visible))(variables, x, mask)
 
     torch_model = load(mirror.GMAE(c), flax_to_torch_state_dict(variables, model="pretrain", config=c))
     with torch.no_grad():
@@ -122,6 +123,29 @@ def test_pretraining_reconstruction_matches_the_torch_mirror(
 
     assert torch_pred.shape == (2, c.num_patches, c.patch_size**2 * c.in_channels)
     assert relative_error(torch_pred, pred) < TOLERANCE
+
+
+def test_original_mask_mode_is_the_originals_forward() -> None:
+    """The spec's order: the encoder on the whole image, `pos_embed` added to its output, then the
+    decoder's tokens with mask tokens at masked cells (the parity test above carries this to Flax)."""
+    c = config("micro", mask_mode="original")
+    torch.manual_seed(0)
+    model = mirror.GMAE(c).eval()
+    x, mask = to_nchw(images(c)), torch.from_numpy(np.array(sample_mask(jax.random.key(2), 2, c.num_patches, 0.5)))
+    with torch.no_grad():
+        latent = model.encoder(x) + model.pos_embed
+        tokens = torch.where(mask[..., None], model.mask_token, model.decoder_embed(latent)) + model.decoder_pos_embed
+        for block in model.decoder_blocks:
+            tokens = block(tokens, 8, 8)
+        expected = model.decoder_pred(model.decoder_norm(tokens))
+        np.testing.assert_array_equal(model(x, mask).numpy(), expected.numpy())
+
+
+def test_the_mirror_refuses_to_train_the_sparse_mode_it_computes_for_inference_only() -> None:
+    c = config("micro", mask_mode="sparse")
+    x, mask = to_nchw(images(c)), torch.zeros(2, c.num_patches, dtype=torch.bool)
+    with pytest.raises(NotImplementedError, match="eval mode only"):
+        mirror.GMAE(c).train()(x, mask)
 
 
 REFERENCE = GMSTConfig(**PRESETS["reference"], img_size=224, patch_size=16, overlap_patches=False,

@@ -317,6 +317,20 @@ def test_a_config_json_that_does_not_describe_the_checkpoints_is_one_line_and_mo
 
 
 @pytest.mark.slow
+def test_a_pretraining_run_restores_without_its_classes_json(straight_run, tmp_path):
+    copy = tmp_path / "copy"  # what someone copies to start fine-tunes from: config and checkpoints
+    shutil.copytree(straight_run[0], copy, ignore=shutil.ignore_patterns(setup.CLASSES_FILE))
+
+    restored = setup.restore_run(str(copy))
+
+    assert restored.step == 6 and restored.class_names == []
+    finetune = json.loads((copy / setup.CONFIG_FILE).read_text()) | {"stage": "finetune", "num_classes": 3}
+    (copy / setup.CONFIG_FILE).write_text(json.dumps(finetune))
+    with pytest.raises(config_lib.ConfigError, match="classes.json not found"):  # a classifier's names are needed
+        setup.restore_run(str(copy))
+
+
+@pytest.mark.slow
 def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(straight_run, tmp_path, caplog):
     workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
     os.mkdir(os.path.join(workdir, "checkpoints", "9"))  # a kill mid-save that left an empty step folder

@@ -4,6 +4,7 @@ Lists folders only (no JSON, no decoding): which layout a root holds, where its 
 are, and which class list `config.data.classes` means for it. Knows HaGRID and nothing about JAX.
 """
 
+import os
 from collections.abc import Sequence
 
 from absl import logging
@@ -49,8 +50,14 @@ def _image_folders(images_root: epath.Path, exclude: frozenset[str]) -> list[epa
 
 
 def is_image(entry: epath.Path) -> bool:
-    """A file with an image suffix that is not hidden (macOS leaves `._<id>.jpg` beside images)."""
-    return not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES
+    """A file with an image suffix that is not hidden (macOS leaves `._<id>.jpg` beside images).
+
+    A local entry must also be a regular file (a pipe named `x.jpg` would make its reader wait
+    forever); a bucket holds only objects, and a stat per image there would cost a request each.
+    """
+    if entry.name.startswith(".") or entry.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    return "://" in str(entry) or os.path.isfile(entry)
 
 
 def images_root_of(root: epath.PathLike, layout: str) -> tuple[epath.Path, frozenset[str]]:

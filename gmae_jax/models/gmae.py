@@ -3,11 +3,13 @@
 Differences from the original (by design, see README "How this differs from the original"):
 - masking happens *before* the encoder: masked pixels are zeroed (so overlapping windows of visible
   tokens cannot see them) and masked tokens are replaced by a learned `encoder_mask_token`;
-  `mask_mode='original'` keeps the original's leaky behaviour for comparison;
+  `mask_mode='original'` keeps the original's leaky behaviour for comparison, its `pos_embed`
+  added after the encoder as there;
 - `mask_mode='sparse'` masks the same way but runs the encoder on the visible tokens only (as
   SparK/ConvMAE do for conv + attention encoders; see `gmae_jax.models.sparse`), with the same
   parameters as the dense encoder;
-- `pos_embed` is added before the blocks in both stages, so it transfers to fine-tuning.
+- `pos_embed` is added before the blocks in both stages (except in 'original' mode), so it
+  transfers to fine-tuning.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class GMAE(nn.Module):
     ) -> jax.Array:
         """Encoder features (B, L, embed_dim) of the visible content only (in 'encoder' mode);
         in 'sparse' mode those of the visible tokens only, (B, num_visible, embed_dim), in the
-        ascending grid order of `masking.visible_ids`."""
+        ascending grid order of `masking.visible_ids`; in 'original' mode those of the whole image
+        without `pos_embed`, which the original adds after the encoder (`__call__`)."""
         if self.config.mask_mode == "sparse":
             return self._encode_visible(images, mask, self._visible_grid(mask, num_visible), train)
         hide = self.config.mask_mode == "encoder"
@@ -137,7 +140,8 @@ class GMAE(nn.Module):
         tokens, height, width = self.encoder.embed(images)
         if hide:
             tokens = jnp.where(mask[..., None], self.encoder_mask_token.astype(tokens.dtype), tokens)
-        tokens = tokens + self.pos_embed
+        if self.config.mask_mode != "original":
+            tokens = tokens + self.pos_embed
         return self.encoder.encode(tokens, height, width, train)
 
     def _visible_grid(self, mask: jax.Array, num_visible: int | None) -> VisibleGrid:
@@ -170,7 +174,10 @@ class GMAE(nn.Module):
             visible = self._visible_grid(mask, num_visible)
             x = visible.scatter(self.decoder_embed(self._encode_visible(images, mask, visible, train)))
         else:
-            x = self.decoder_embed(self.encode(images, mask, train))
+            latent = self.encode(images, mask, train)
+            if self.config.mask_mode == "original":
+                latent = latent + self.pos_embed
+            x = self.decoder_embed(latent)
         x = jnp.where(mask[..., None], self.mask_token.astype(x.dtype), x)
         x = x + self.decoder_pos_embed
         for block in self.decoder_blocks:

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 
 
 def num_masked(num_patches: int, mask_ratio: float) -> int:
-    """Exactly `round(L * mask_ratio)` patches are hidden in every example."""
-    return int(round(num_patches * mask_ratio))
+    """Patches hidden in every example: all but the original's (MAE's) `int(L * (1 - mask_ratio))` kept
+    ones (39 of 64 at 0.6, where rounding L * mask_ratio would hide 38)."""
+    return num_patches - int(num_patches * (1 - mask_ratio))
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:

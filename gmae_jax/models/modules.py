@@ -2,7 +2,7 @@
 
 Layouts are NHWC images and (B, N, C) tokens. Names of submodules follow the PyTorch `state_dict`
 keys so that `gmae_jax.torch_mirror.convert` is a mechanical rename + transpose. Numerics follow
-PyTorch: exact GELU, LayerNorm eps 1e-5 with two-pass variance, BatchNorm momentum 0.1 (Flax 0.9).
+PyTorch: exact GELU, LayerNorm and BatchNorm eps 1e-5 with two-pass variance, BatchNorm momentum 0.1 (Flax 0.9).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 xavier_uniform = nn.initializers.xavier_uniform()
 # PyTorch's default Conv/Linear init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-trunc_normal_002 = nn.initializers.truncated_normal(stddev=0.02)
+# PyTorch's trunc_normal_(std=.02) cuts at +-2 in absolute terms (100 std): in effect a normal of std
+# 0.02. Flax's default cut at +-2 std would give a spread of 0.0176.
+trunc_normal_002 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
 
 def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
@@ -106,6 +108,7 @@ class ConvBNGELU(nn.Module):
             )(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+            use_fast_variance=False,  # PyTorch's two-pass variance: E[x^2] - E[x]^2 cancels on offset inputs
             axis_name=batch_axes.batch_norm_axis(), name="bn",
         )(x)
         return gelu(x)

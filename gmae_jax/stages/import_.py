@@ -151,10 +151,14 @@ def check_finite(state: dict[str, np.ndarray], path: str) -> None:
 def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, state: dict[str, np.ndarray]
                    ) -> GMSTConfig:
     """Our exports carry their model; an original file takes config.model, with the mask mode its
-    keys imply (the original has no encoder mask token)."""
+    keys imply: 'encoder' only with an encoder mask token (the original has none), else 'original',
+    or 'sparse' where config.model asks for it (it has the original's tensors)."""
     if isinstance(payload.get("config"), dict) and "gmae_jax_model" in payload["config"]:
         return export_format.model_config(payload["config"])
-    mask_mode = "encoder" if "encoder_mask_token" in state else "original"
+    if "encoder_mask_token" in state:
+        mask_mode = "encoder"
+    else:
+        mask_mode = "sparse" if config.model.mask_mode == "sparse" else "original"
     return dataclasses.replace(gmst_config(config.model), mask_mode=mask_mode)
 
 

@@ -20,7 +20,7 @@ from gmae_jax import config_lib, label_efficiency, run_files, schema, workdir_lo
 from gmae_jax.data import sources, subsets
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
-from gmae_jax.train import resume_check, setup
+from gmae_jax.train import resume_check, setup, trainer
 
 RESULT = "result.json"  # written into a fine-tune's workdir when it has finished
 JSON, PNG = "label_efficiency.json", "label_efficiency.png"
@@ -101,9 +101,11 @@ def _latest_step(run_dir: str) -> int | None:
     return max(setup.checkpoint_steps(setup.run_workdir(run_dir)), default=None)
 
 
-def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, workdir: str,
+                   init_step: int | None = None) -> list[str]:
     """How the finished fine-tune in `workdir` differs from the one `config` asks for: its recipe
-    (any field but logging and worker counts; more steps too) or the pretraining step it started from."""
+    (any field but logging and worker counts; more steps too) or the pretraining step it started from,
+    or would start from: `init_step` where the study's pretraining has yet to run (else the latest)."""
     stored = epath.Path(workdir) / setup.CONFIG_FILE
     changes = []
     if stored.exists():
@@ -113,20 +115,21 @@ def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, wo
                    if name in resume_check.UPWARD_ONLY or (name, before, after) in binding]
     # (Results written before init_step was recorded are taken as they are.)
     if config.init_from and "init_step" in result:
-        latest = _latest_step(config.init_from)
+        latest = _latest_step(config.init_from) if init_step is None else init_step
         if result["init_step"] != latest:
             changes.append(f"pretraining step: {result['init_step']} -> {latest}")
     return changes
 
 
-def _finished(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+def _finished(config: ml_collections.ConfigDict, workdir: str, init_step: int | None = None
+              ) -> dict[str, Any] | None:
     """The result of the fine-tune in `workdir` if an earlier invocation finished the same one (None if
     none finished); one finished with another recipe or from another pretraining step is refused."""
     result_path = epath.Path(workdir) / RESULT
     if not result_path.exists():
         return None
     result = run_files.read_json(result_path)
-    changes = _changes_since(result, config, workdir)
+    changes = _changes_since(result, config, workdir, init_step)
     if changes:
         raise config_lib.ConfigError(
             f"{workdir} holds a finished fine-tune of another study setting ({'; '.join(changes)}); nothing was "
@@ -160,13 +163,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     plan = [(finetune_config(config, init, per_class, seed, num_classes=num_classes, pretrain_dir=pretrain_dir),
              os.path.join(workdir, "runs", run_name(init, per_class, seed)))
             for per_class in config.labels_per_class for seed in config.seeds for init in inits(config)]
-    # A finished run of another recipe is refused before anything trains; `_fine_tune` checks each
-    # again after the pretraining, which may have moved the step the runs start from.
+    # A finished run of another recipe, or from another pretraining step than the one the pretraining
+    # below ends at, is refused before anything trains (`_fine_tune` checks each again after it).
+    pretrain, pretrain_data, final_step = pretrain_config(config), None, None
+    if not config.init_from:
+        pretrain_data = sources.open_sources(schema.read(schema.DataConfig, pretrain.data, "config.pretrain_data"))
+        final_step = max(trainer.total_steps(pretrain, len(pretrain_data.train)), _latest_step(pretrain_dir) or 0)
     for run_config, run_dir in plan:
-        _finished(run_config, run_dir)
+        _finished(run_config, run_dir, final_step)
     if not config.init_from:
         with workdir_lock.hold(pretrain_dir):
-            pretrain_stage.run(pretrain_config(config), pretrain_dir)
+            pretrain_stage.run(pretrain, pretrain_dir, pretrain_data)
 
     runs = [_fine_tune(run_config, run_dir) for run_config, run_dir in plan]
 

@@ -3,7 +3,8 @@
 It exists to check that an exported checkpoint loads with `strict=True` into the original's layout and
 computes what the Flax model computes. Module tree, names and initialisation follow the original (see
 the project's notes on it); the forwards follow `gmae_jax.models.gmae`: masking happens before the
-encoder and `pos_embed` is added before the blocks. Layout is NCHW for images, (B, N, C) for tokens.
+encoder and `pos_embed` is added before the blocks (in `mask_mode='original'` the pretraining model
+computes the original's forward: no masking before the encoder, `pos_embed` after it). Layout is NCHW for images, (B, N, C) for tokens.
 
 This module and `exported.py` are the package's torch side (the optional `[torch]` extra); they
 import no JAX, so a deployment needs only torch, numpy and Pillow.
@@ -26,6 +27,11 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 def _image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, H*W, C) row-major tokens -> (B, C, H, W)."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+def _hide(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, H, W) with masked cells zero: what the sparse encoder's convolutions read there."""
+    return x if keep is None else x * keep
 
 
 def _conv_bn_gelu(in_channels: int, out_channels: int, kernel_size: int, dilation: int) -> nn.Sequential:
@@ -53,8 +59,8 @@ def _init_conv_bn_linear(module: nn.Module) -> None:
 
 
 def _trunc_normal_002(tensor: torch.Tensor) -> torch.Tensor:
-    """Truncated normal, std 0.02, cut at 2 std like the Flax side's `truncated_normal`."""
-    return nn.init.trunc_normal_(tensor, std=0.02, a=-0.04, b=0.04)
+    """The original's `trunc_normal_(std=.02)`: cut at +-2 absolute, i.e. in effect a normal of std 0.02."""
+    return nn.init.trunc_normal_(tensor, std=0.02)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -88,11 +94,14 @@ class MSDC(nn.Module):
         self.se_fc2 = nn.Linear(dim // 16, dim)
         _init_conv_bn_linear(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.fusion(torch.cat([self.conv1x1(x), self.dconv1(x), self.dconv2(x), self.dconv3(x)], 1))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """With `keep` (B, 1, H, W), 1 at visible cells: the sparse encoder's MSDC at those cells."""
+        h = _hide(x, keep)  # the 1x1 fusion reads its own cell only: no hiding needed before it
+        m = self.fusion(torch.cat([self.conv1x1(h), self.dconv1(h), self.dconv2(h), self.dconv3(h)], 1))
         pooled = torch.cat([m.mean(1, keepdim=True), m.amax(1, keepdim=True)], 1)
-        s = m * torch.sigmoid(self.sa_conv(pooled))
-        e = torch.sigmoid(self.se_fc2(F.gelu(self.se_fc1(s.mean((2, 3))))))
+        s = m * torch.sigmoid(self.sa_conv(_hide(pooled, keep)))
+        squeezed = s.mean((2, 3)) if keep is None else (s * keep).sum((2, 3)) / keep.sum((2, 3))
+        e = torch.sigmoid(self.se_fc2(F.gelu(self.se_fc1(squeezed))))
         return s * e[:, :, None, None] + x
 
 
@@ -110,7 +119,8 @@ class MSC_FFN(nn.Module):  # noqa: N801 -- the original's class name
         self.fc2 = nn.Linear(4 * hidden, out)
         _init_conv_bn_linear(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = _hide(x, keep)
         h = self.fusion(torch.cat([self.dconv1(x), self.dconv2(x), self.dconv3(x)], 1))
         return self.fc2(F.gelu(self.fc1(_tokens(h))))
 
@@ -130,11 +140,15 @@ class GMSTBlock(nn.Module):
         self.gamma2 = nn.Parameter(nn.init.normal_(torch.empty(dim), 1.0, 0.02))
         self.gamma3 = nn.Parameter(nn.init.normal_(torch.empty(dim), 1.0, 0.02))
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.gamma1 * _tokens(self.msdc(_image(x, height, width)))
+    def forward(self, x: torch.Tensor, height: int, width: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """With `keep` (B, 1, H, W), the sparse encoder's block computed densely: its outputs at visible
+        cells are the sparse ones (masked cells hold zero for the convolutions and are no keys of the
+        attention); at masked cells they mean nothing."""
+        x = x + self.gamma1 * _tokens(self.msdc(_image(x, height, width), keep))
         h = self.norm1(x)
-        x = x + self.gamma2 * self.attn(h, h, h, need_weights=False)[0]
-        return self.norm3(x + self.gamma3 * self.mscffn(_image(x, height, width)))
+        hidden = None if keep is None else keep.flatten(1) == 0
+        x = x + self.gamma2 * self.attn(h, h, h, key_padding_mask=hidden, need_weights=False)[0]
+        return self.norm3(x + self.gamma3 * self.mscffn(_image(x, height, width), keep))
 
 
 class GMSTEncoder(nn.Module):
@@ -153,9 +167,10 @@ class GMSTEncoder(nn.Module):
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         return self.patch_embed(images)
 
-    def encode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, height: int, width: int, keep: torch.Tensor | None = None
+               ) -> torch.Tensor:
         for block in self.blocks:
-            tokens = block(tokens, height, width)
+            tokens = block(tokens, height, width, keep)
         return self.norm(tokens)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -166,6 +181,9 @@ class GMAE(nn.Module):
     """Pretraining model; `forward(images, mask)` -> per-patch pixels (B, L, p*p*C), as Flax's GMAE.
 
     `encoder_mask_token` exists only with `mask_mode='encoder'` (gmae_jax's leak-free masking).
+    `mask_mode='sparse'` is computed densely: masked cells hold zero for every convolution and are no
+    attention keys, so visible tokens get the sparse encoder's outputs (eval mode only: its training
+    BatchNorm statistics, over visible cells, are not mirrored).
     """
 
     def __init__(self, config: GMSTConfig) -> None:
@@ -202,15 +220,25 @@ class GMAE(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = self.config
         grid = c.img_size // c.patch_size
-        hide = c.mask_mode == "encoder"
+        hide = c.mask_mode in ("encoder", "sparse")
+        if c.mask_mode == "sparse" and self.training:
+            raise NotImplementedError("the mirror computes mask_mode='sparse' in eval mode only (its training "
+                                      "BatchNorm statistics are those of the visible cells); call .eval() first")
         if hide:
             pixels = mask.reshape(-1, 1, grid, grid)
             pixels = pixels.repeat_interleave(c.patch_size, 2).repeat_interleave(c.patch_size, 3)
             images = images.masked_fill(pixels, 0.0)
         tokens, height, width = self.encoder.embed(images)
-        if hide:
+        if c.mask_mode == "encoder":
             tokens = torch.where(mask[..., None], self.encoder_mask_token, tokens)
-        x = self.decoder_embed(self.encoder.encode(tokens + self.pos_embed, height, width))
+        if c.mask_mode == "original":  # the original adds it after the encoder
+            latent = self.encoder.encode(tokens, height, width) + self.pos_embed
+        elif c.mask_mode == "sparse":
+            keep = (~mask).reshape(-1, 1, grid, grid).to(tokens.dtype)
+            latent = self.encoder.encode(tokens + self.pos_embed, height, width, keep)
+        else:
+            latent = self.encoder.encode(tokens + self.pos_embed, height, width)
+        x = self.decoder_embed(latent)
         x = torch.where(mask[..., None], self.mask_token, x) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x, grid, grid)

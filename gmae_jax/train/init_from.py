@@ -1,6 +1,7 @@
 """Starting a fine-tune from a pretraining run (or another fine-tune, e.g. one imported from
 PyTorch): its encoder, position embedding and BatchNorm statistics go into the classifier's freshly
-initialised state; the head stays fresh."""
+initialised state; the head stays fresh, and so does the position embedding after a pretraining run
+in the original's mask mode (which adds its own after the encoder)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
     """`state` with the encoder of the latest checkpoint of `pretrain_dir` (a pretrain or finetune
     workdir, or its checkpoints folder). Shapes must match: the same `config.model` in both runs
     (`model_config`, this run's, names the fields that differ). Both models add `pos_embed` before
-    the blocks, so it transfers from either."""
+    the blocks, so it transfers from either, except from a pretraining run in `mask_mode='original'`,
+    which adds it after the encoder: the classifier keeps its fresh one, as the original's does."""
     run = setup.restore_run(pretrain_dir, flag="--config.init_from")
     pretrained = run.weights
     source = {"encoder": pretrained.params["encoder"], "pos_embed": pretrained.params["pos_embed"],
@@ -58,6 +60,8 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
     # The pretraining run's mesh may not be this one's: re-place each array as the target is.
     placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), source, target)
     logging.info("loaded the pretrained encoder from %s (step %d)", run.workdir, run.step)
-    params = {**state.params, "encoder": placed["encoder"], "pos_embed": placed["pos_embed"]}
+    after_encoder = run.config.stage == "pretrain" and run.model.config.mask_mode == "original"
+    pos_embed = state.params["pos_embed"] if after_encoder else placed["pos_embed"]
+    params = {**state.params, "encoder": placed["encoder"], "pos_embed": pos_embed}
     batch_stats = {**state.batch_stats, "encoder": placed["batch_stats"]}
     return state.replace(params=params, batch_stats=batch_stats)

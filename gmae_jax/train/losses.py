@@ -10,11 +10,12 @@ from gmae_jax.models.masking import patchify
 
 
 def reconstruction_targets(images: jax.Array, patch_size: int, norm_pix_loss: bool) -> jax.Array:
-    """Patchified pixels (B, L, p*p*C); with `norm_pix_loss`, normalised per patch (MAE)."""
+    """Patchified pixels (B, L, p*p*C); with `norm_pix_loss`, normalised per patch as MAE does it
+    (torch's `.var()`: the unbiased variance)."""
     target = patchify(images, patch_size)
     if norm_pix_loss:
         mean = target.mean(axis=-1, keepdims=True)
-        var = target.var(axis=-1, keepdims=True)
+        var = target.var(axis=-1, ddof=1, keepdims=True)
         target = (target - mean) / jnp.sqrt(var + 1e-6)
     return target
 

@@ -100,13 +100,17 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def load_class_names(workdir: str) -> list[str]:
+def load_class_names(workdir: str, required: bool = True) -> list[str]:
+    """The run's classes.json; a pretraining run's may be missing (`required=False`: no names), since
+    its model has no outputs to name (a copy of config.json and checkpoints/ is enough to restore it)."""
     path = epath.Path(workdir) / CLASSES_FILE
     if not path.exists():
         if any((epath.Path(workdir) / name).exists() for name in (export_format.MODEL_PTH, export_format.SAFETENSORS)):
             raise ConfigError(f"{workdir} is an export (PyTorch weights), not a run: import it first "
                               f"(--config=configs/import.py --config.path={workdir}/{export_format.MODEL_PTH} "
                               "--workdir=NEW_RUN) and point at NEW_RUN")
+        if not required and (epath.Path(workdir) / CONFIG_FILE).exists():
+            return []
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
     return list(run_files.read_json(path))
 
@@ -181,7 +185,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
     the run folder only, whatever it finds. `flag` is the one that named the run, for the errors."""
     workdir = run_workdir(workdir)
     config = load_run_config(workdir)
-    class_names = load_class_names(workdir)
+    class_names = load_class_names(workdir, required=config.get("stage") == "finetune")
     check_class_count(config, class_names, workdir)
     if which == checkpoint.BEST and not read_flat(LoopConfig, config).best_metric:
         how = ("was imported (one checkpoint, ranked by no evaluation)" if config.get("model", {}).get("preset") ==

@@ -81,7 +81,8 @@ def print_comparison(preset: str, batch_size: int, mask_ratio: float, num_steps:
     device = jax.devices()[0]
     overrides = f" {model_overrides}" if model_overrides else ""
     print(f"pretraining step, preset {preset}{overrides}, batch {batch_size}, "
-          f"mask {mask_ratio}, {jax.device_count()} x {device.device_kind}")
+          f"mask {mask_ratio}, {jax.device_count()} x {device.device_kind}; GFLOP from XLA's cost analysis of "
+          "the compiled programs (every op, elementwise too: not --model_flops' matmul and convolution count)")
     base = results["encoder"]
     for mode, r in results.items():
         print(f"  {mode:8s} {r['img_per_sec']:8.1f} img/s (x{r['img_per_sec'] / base['img_per_sec']:.2f})"
