@@ -3,7 +3,7 @@
   python -m gmae_jax.main --config=configs/pretrain.py:model=small --workdir=/tmp/pretrain \
       --config.data.root=data/pretrain_dataset
 
-Variants after ':': model=<preset> (reference, base, small, tiny, micro; default small), runlocal (a few
+Variants after ':': model=<preset> (reference, base, small, tiny, mini, micro; default small), runlocal (a few
 steps; the micro model unless model= is given).
 Defaults follow the original recipe where it is sane: AdamW, wd 0.05, batch 64, 224 px, patch 16.
 Fields and defaults not set here: gmae_jax/schema.py.

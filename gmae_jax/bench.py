@@ -32,6 +32,7 @@ of both dtypes (float32: standardised on the host, as before; uint8: what the wo
 import ast
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +56,8 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Full-HD JPEGs to generate.
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.", lower_bound=1)
 _CROP_SCALE_MIN = flags.DEFINE_float("crop_scale_min", 0.35, "Smallest random-crop area (fine-tune default).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best one counts.", lower_bound=1)
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker processes for the batch transport.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker processes for the batch transport.",
+                                    lower_bound=0)
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step, --profile_step, --sparse_vs_dense, --checkpoint_save: "
                               "model preset.")
@@ -266,11 +268,12 @@ def run_device_suite() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """The benchmark the flags choose; a bad preset or architecture is a usage error, not a traceback."""
+    """The benchmark the flags choose; a bad choice of flags, preset or architecture is one line (absl
+    would print this module's whole docstring above a UsageError), not a traceback."""
     try:
         run_benchmarks(argv)
-    except ConfigError as error:
-        raise app.UsageError(str(error)) from None
+    except (ConfigError, app.UsageError) as error:
+        sys.exit(f"error: {error} (--helpshort lists the flags)")
 
 
 def run_benchmarks(argv: Sequence[str]) -> None:

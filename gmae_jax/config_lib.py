@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -166,6 +167,24 @@ def validate_data(data: schema.DataConfig) -> None:
           f"config.data.max_dropped_fraction={data.max_dropped_fraction} must be in [0, 1]")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:  # None there: an import that failed or was blocked
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def validate_wandb(wandb: schema.WandbConfig) -> None:
+    """Before the run folder is written: its files would otherwise be there when the logger fails."""
+    if not wandb.enabled:
+        return
+    check(wandb.mode in WANDB_MODES, f"config.wandb.mode='{wandb.mode}' must be one of {WANDB_MODES}")
+    check(_importable("wandb"), "config.wandb.enabled=True but the wandb package is not installed; pip install wandb "
+          "or set --config.wandb.enabled=False")
+
+
 def validate_training(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     """The fields pretrain and finetune share. `check_data=False` skips the data folder, which the
     demo writes only when it runs."""
@@ -201,6 +220,8 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     validate_data(data)
     validate_augment(data.aug)
     check_num_workers(data.num_workers, "data.num_workers")
+    if "wandb" in config:
+        validate_wandb(schema.read(schema.WandbConfig, config.wandb, "config.wandb"))
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
           f"config.data.root='{data.root}' does not exist; point --config.data.root at a folder "
           "laid out as <root>/{train,val}/<class>/*.jpg")

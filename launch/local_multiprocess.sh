@@ -4,7 +4,7 @@
 # does the same from Python). Any flags for gmae_jax.main follow:
 #
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local_multiprocess.sh \
-#       --config=configs/pretrain.py:runlocal --workdir=/tmp/gmae_mp --config.data.root=data/demo
+#       --config=configs/pretrain.py:runlocal --workdir=/tmp/gmae_mp --config.data.root=/tmp/gmae_demo/data/pretrain_dataset
 #
 # Process 0 logs to the terminal, the others to $LOG_DIR/process_<rank>.log.
 set -euo pipefail

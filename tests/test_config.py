@@ -124,6 +124,19 @@ def test_demo_config_validates_without_its_data():
     assert config.pretrain.model.preset == config.finetune.model.preset == "mini"
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("dataset.classes", ("fist", "wave"), r"config.dataset.classes=\('fist', 'wave'\): choose two or more distinct"),
+    ("dataset.classes", ("fist",), r"choose two or more distinct gestures the generator draws, from fist, one,"),
+    ("labels_per_class", 500, r"config.labels_per_class=500 but the demo draws config.dataset.finetune_train_per_"),
+])
+def test_demo_refuses_what_it_cannot_draw_before_drawing(field, value, message):
+    config = load("demo")
+    section, name = field.rsplit(".", 1) if "." in field else ("", field)
+    (config[section] if section else config)[name] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        stages.validate(config)
+
+
 def test_demo_refuses_an_unknown_framing_in_one_line():
     config = load("demo")
     config.dataset.framing = "closeup"

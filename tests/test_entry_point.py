@@ -1,6 +1,7 @@
 """The command line as a user runs it: `python -m gmae_jax.main --config=... --workdir=...`."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -63,6 +64,16 @@ def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_
     runs = json.loads((tmp_path / "label_efficiency.json").read_text())["runs"]
     assert {r["init"]: r["steps"] for r in runs} == {"pretrained": 4, "scratch": 4}
 
+    # Other images in the same workdir would be drawn under the finished runs, which would be reused.
+    marker = (tmp_path / "data/finetune_dataset/.complete").read_text()
+    again = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.dataset.framing=scene",
+                     "--config.dataset.pretrain_train_per_class=8", "--config.dataset.finetune_train_per_class=8",
+                     "--config.dataset.finetune_val_per_class=4", "--config.labels_per_class=3")
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert re.search(r"holds a demo trained on other images \(framing: 'hand_crop' -> 'scene'\); its runs would "
+                     r"be reused as finished\. Use another --workdir, or remove pretrain and runs", again.stderr)
+    assert (tmp_path / "data/finetune_dataset/.complete").read_text() == marker  # nothing redrawn
+
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
@@ -102,3 +113,13 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
     assert read and int(read.group(1)) >= 1, rerun.stderr[-3000:]
     history = [json.loads(line) for line in (workdir / "config.history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"]["total_steps"] == {"old": 100000, "new": saved + 2}
+
+
+@pytest.mark.parametrize("path, shown", [("/w/checkpoints/6/state/_CHECKPOINT_METADATA", False),
+                                         ("/w/checkpoints/6/_CHECKPOINT_METADATA", True)])
+def test_orbax_warns_of_a_missing_metadata_file_only_where_it_writes_one(path, shown):
+    from gmae_jax import main  # noqa: PLC0415 (defines absl flags)
+
+    record = logging.LogRecord("absl", logging.WARNING, "/site-packages/orbax/checkpoint/_src/metadata/checkpoint.py",
+                               203, "Metadata file does not exist: %s", (path,), None)
+    assert main._QuietLibraries().filter(record) is shown

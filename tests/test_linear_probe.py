@@ -10,6 +10,7 @@ import numpy as np
 from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAEClassifier
 from gmae_jax.models.presets import gmst_config
+from gmae_jax.stages import finetune
 from gmae_jax.train import sharding, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -43,3 +44,13 @@ def test_frozen_encoder_keeps_its_parameters_and_statistics_while_the_head_learn
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(after.params["head"]["kernel"], before.params["head"]["kernel"])
     assert losses[-1] < losses[0]
+
+
+def test_probing_an_encoder_nobody_trained_is_a_start_up_warning():
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
+    config.freeze_encoder = True
+    assert "without config.init_from: only the head trains" in finetune.frozen_random_encoder_warning(config)
+    config.init_from = "/runs/pretrain"
+    assert finetune.frozen_random_encoder_warning(config) is None
+    config.freeze_encoder, config.init_from = False, ""
+    assert finetune.frozen_random_encoder_warning(config) is None

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from gmae_jax import config_lib, schema
+from gmae_jax import config_lib, schema, stages, workdir_lock
 from gmae_jax.data import class_folders, crops, hagrid, hagrid_layout, pipeline, prepare, records, sources, splits
 
 flags.FLAGS.mark_as_parsed()
@@ -279,7 +279,6 @@ def test_a_copied_workdir_is_the_same_preparation_and_its_damaged_shards_are_wri
 def test_sigterm_stops_prepare_with_the_resume_hint_and_a_rerun_finishes(tmp_path, monkeypatch):
     import signal
 
-    from gmae_jax import stages
     from gmae_jax.train.preemption import Preempted
 
     _tree(tmp_path / "hagrid")
@@ -337,6 +336,21 @@ def test_rebuild_replaces_another_preparation_and_keeps_the_decode_checks(tmp_pa
     assert len(checked.read_text().splitlines()) == checks_before + 1
     config.rebuild = False
     assert prepare.prepare(config, str(out))["shards"] == second["shards"]
+
+
+def test_a_bucket_workdir_is_refused_before_its_lock_is_taken(tmp_path, monkeypatch):
+    monkeypatch.setattr(workdir_lock, "hold", lambda workdir: pytest.fail(f"{workdir} would be locked"))
+    with pytest.raises(schema.ConfigError, match=r"the prepare stage writes to a local folder"):
+        stages.run(prepare_config(tmp_path), "gs://no-such-bucket/prepared")
+
+
+def test_rebuild_with_the_same_folders_writes_every_shard(tmp_path):
+    tree, out = _tree(tmp_path / "hagrid"), tmp_path / "out"
+    prepare.prepare(prepare_config(tree.root), str(out))
+
+    bigger = prepare.prepare(prepare_config(tree.root, image_side=56, rebuild=True), str(out))
+
+    assert bigger["view"]["image_side"] == 56 and all((out / name).exists() for name in bigger["shards"])
 
 
 def test_images_repaired_after_a_refused_prepare_are_checked_again(tmp_path):

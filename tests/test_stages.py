@@ -335,6 +335,14 @@ def test_wandb_enabled_without_the_package_is_a_config_error(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(config_lib.ConfigError, match="config.wandb.enabled=True but the wandb package"):
         Summaries(str(tmp_path), schema.WandbConfig(enabled=True))
+    config = load("pretrain", "runlocal")
+    config.data.root, config.wandb.enabled = str(tmp_path), True
+    with pytest.raises(config_lib.ConfigError, match="config.wandb.enabled=True but the wandb package"):
+        stages.validate(config)  # before the run folder is written
+    monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+    config.wandb.mode = "bogus"
+    with pytest.raises(config_lib.ConfigError, match=r"config.wandb.mode='bogus' must be one of \('online'"):
+        stages.validate(config)
 
 
 def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path):

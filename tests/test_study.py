@@ -173,6 +173,15 @@ def test_each_study_run_gets_its_start_labels_and_seed_with_one_budget():
     assert study.run_name("linear_probe", 0, 2) == "linear_probe_all_s2"
 
 
+def test_every_fine_tune_of_a_study_gets_a_fixed_number_of_steps(labelled):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
+    config.update(pretrain_data=labelled[0])
+    config.data.root = labelled[0]
+    config.finetune.total_steps = 0  # epochs: more labels would mean more steps
+    with pytest.raises(config_lib.ConfigError, match=r"config.finetune.total_steps=0: the study gives every"):
+        stages.validate(config)
+
+
 def test_study_needs_exactly_one_source_of_pretrained_weights(labelled):
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
     config.data.root = labelled[0]

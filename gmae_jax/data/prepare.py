@@ -309,7 +309,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tasks = []
     for (corpus, split), rs in sorted(parts.items()):
         folder = out / corpus / split
-        folder.mkdir(parents=True, exist_ok=True)
         count = math.ceil(len(rs) / config.records_per_shard)
         folders = out / "class_folders" / f"{corpus}_dataset" / split
         folders_dir = str(folders) if config.class_folders else ""
@@ -328,6 +327,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _check_same_plan(json.loads(plan_file.read_text()), plan, settings, out, config.rebuild)
     run_files.write_text(plan_file, json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
     todo = [t for t in tasks if not _written(t)]
+    for folder in sorted({epath.Path(t.path).parent for t in todo}):  # after a rebuild removed the old ones
+        folder.mkdir(parents=True, exist_ok=True)
     logging.info("%d of %d shards already written; writing %d",
                  len(tasks) - len(todo), len(tasks), len(todo))
     for _ in _parallel(_write_shard, todo, num_workers, "shards"):

@@ -216,6 +216,26 @@ def write_demo_dataset(
     return counts
 
 
+def _demo_params(root: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`write_demo_dataset`'s arguments with their defaults, as the marker records them."""
+    bound = inspect.signature(write_demo_dataset).bind(root, **kwargs)
+    bound.apply_defaults()
+    params = {k: v for k, v in bound.arguments.items() if k != "root"}
+    params["classes"] = list(params["classes"])  # As JSON reads it back.
+    return {"format_version": _FORMAT_VERSION, **params}
+
+
+def demo_dataset_changes(root: str, **kwargs: Any) -> list[str]:
+    """How the demo dataset in `root` differs from what `ensure_demo_dataset(root, **kwargs)` would
+    draw ('name: old -> new'); empty where nothing complete is there yet or nothing differs."""
+    marker = epath.Path(root) / MARKER
+    if not marker.exists():
+        return []
+    old, new = json.loads(marker.read_text())["params"], _demo_params(root, kwargs)
+    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)]
+
+
 def ensure_demo_dataset(root: str, **kwargs: Any) -> dict[str, int]:
     """Writes the demo dataset unless `<root>/.complete` records the same parameters.
 
@@ -223,11 +243,8 @@ def ensure_demo_dataset(root: str, **kwargs: Any) -> dict[str, int]:
     that was killed part-way is redone; a change of parameters deletes the old splits first
     so no stale images stay behind.
     """
-    bound = inspect.signature(write_demo_dataset).bind(root, **kwargs)
-    bound.apply_defaults()
-    write_kwargs = {k: v for k, v in bound.arguments.items() if k != "root"}
-    write_kwargs["classes"] = list(write_kwargs["classes"])  # As JSON reads it back.
-    params = {"format_version": _FORMAT_VERSION, **write_kwargs}
+    params = _demo_params(root, kwargs)
+    write_kwargs = {k: v for k, v in params.items() if k != "format_version"}
     root_path = epath.Path(root)
     marker = root_path / MARKER
     if marker.exists():

@@ -1,5 +1,6 @@
 """The stages of `python -m gmae_jax.main --config=configs/<stage>.py`: one module per stage, each
-with `run(config, workdir)` and `validate(config)` for its own config. A stage's name is its
+with `run(config, workdir)` and `validate(config)` for its own config (and `check_workdir(workdir)`
+where it cannot write to every kind of folder). A stage's name is its
 module's name, or the module's `STAGE` where that name is a Python keyword (`import_` is 'import');
 this registry is the only list of them (main and validation both use it)."""
 
@@ -36,5 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Runs the stage `config.stage` names, writing its outputs under `workdir`, which it holds
     alone for the whole run (a second run there stops with one line naming this one)."""
     stage = get(config.stage)
+    if hasattr(stage, "check_workdir"):  # before the lock, which would be the first thing written there
+        stage.check_workdir(workdir)
     with workdir_lock.hold(workdir):
         return stage.run(config, workdir)

@@ -18,9 +18,18 @@ from gmae_jax.stages import study as study_stage
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """The two training configs; their data folders do not exist until the demo writes them."""
-    if config.dataset.framing not in synthetic.FRAMINGS:
-        raise config_lib.ConfigError(f"config.dataset.framing={config.dataset.framing!r}; choose from "
+    ds = config.dataset
+    if ds.framing not in synthetic.FRAMINGS:
+        raise config_lib.ConfigError(f"config.dataset.framing={ds.framing!r}; choose from "
                                      f"{', '.join(synthetic.FRAMINGS)}")
+    unknown = [name for name in ds.classes if name not in synthetic.DEMO_CLASSES]
+    config_lib.check(not unknown and len(set(ds.classes)) == len(ds.classes) >= 2,
+                     f"config.dataset.classes={tuple(ds.classes)}: choose two or more distinct gestures the "
+                     f"generator draws, from {', '.join(synthetic.DEMO_CLASSES)}")
+    config_lib.check(config.labels_per_class <= ds.finetune_train_per_class,
+                     f"config.labels_per_class={config.labels_per_class} but the demo draws "
+                     f"config.dataset.finetune_train_per_class={ds.finetune_train_per_class} labelled images per "
+                     "class; lower it, or raise the other")
     pretrain_stage.validate(config.pretrain, check_data=False)
     finetune_stage.validate(config.finetune, check_data=False)
     study_stage.validate(study_config(config, "<pretrain_dataset>", "<finetune_dataset>"), check_data=False)
@@ -40,16 +49,31 @@ def study_config(config: ml_collections.ConfigDict, pretrain_root: str,
         pretrain=config.pretrain.copy_and_resolve_references(), finetune=finetune))
 
 
+def _check_trained_on_the_same_data(workdir: str, datasets: dict[str, dict[str, Any]]) -> None:
+    """Other `config.dataset` settings would redraw the images under runs trained on the old ones,
+    which the study would then reuse as finished: refused before anything is redrawn."""
+    trained = [name for name in ("pretrain", "runs") if os.path.exists(os.path.join(workdir, name))]
+    changes = sorted({change for root, drawn in datasets.items()
+                      for change in synthetic.demo_dataset_changes(root, **drawn)})
+    if trained and changes:
+        raise config_lib.ConfigError(
+            f"{workdir} holds a demo trained on other images ({'; '.join(changes)}); its runs would be reused as "
+            f"finished. Use another --workdir, or remove {' and '.join(trained)} there to train anew")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ds = config.dataset
     data_root = os.path.join(workdir, "data")
     pretrain_root = os.path.join(data_root, "pretrain_dataset")
     finetune_root = os.path.join(data_root, "finetune_dataset")
     drawing = dict(image_size=ds.image_size, classes=ds.classes, framing=ds.framing)
-    synthetic.ensure_demo_dataset(pretrain_root, seed=0, train_per_class=ds.pretrain_train_per_class,
-                                  val_per_class=ds.pretrain_val_per_class, **drawing)
-    synthetic.ensure_demo_dataset(finetune_root, seed=1, train_per_class=ds.finetune_train_per_class,
-                                  val_per_class=ds.finetune_val_per_class, **drawing)
+    datasets = {pretrain_root: dict(seed=0, train_per_class=ds.pretrain_train_per_class,
+                                    val_per_class=ds.pretrain_val_per_class, **drawing),
+                finetune_root: dict(seed=1, train_per_class=ds.finetune_train_per_class,
+                                    val_per_class=ds.finetune_val_per_class, **drawing)}
+    _check_trained_on_the_same_data(workdir, datasets)
+    for root, drawn in datasets.items():
+        synthetic.ensure_demo_dataset(root, **drawn)
 
     report = study_stage.run(study_config(config, pretrain_root, finetune_root), workdir)
     accuracy = {row["init"]: row["accuracy_mean"] for row in report["summary"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
 from etils import epath
 
 from gmae_jax import config_lib, schema
@@ -52,5 +53,16 @@ def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
     return data._replace(train=train)
 
 
+def frozen_random_encoder_warning(config: ml_collections.ConfigDict) -> str | None:
+    """A linear probe of an encoder nobody trained is a baseline at best; more likely init_from was forgotten."""
+    if config.get("freeze_encoder") and not config.init_from:
+        return ("config.freeze_encoder=True without config.init_from: only the head trains, on a randomly "
+                "initialised encoder (a random-features baseline); set --config.init_from=PRETRAIN_RUN to probe "
+                "a pretrained one")
+    return None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    if warning := frozen_random_encoder_warning(config):
+        logging.warning("%s", warning)
     return trainer.train(config, workdir, open_data(config))

@@ -31,9 +31,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
 
 
-def check_local_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> None:
     """Shards are written by a local ArrayRecord writer and renamed into place, which object stores
-    cannot do: a gs:// workdir is refused before anything is written (the data may still be read there)."""
+    cannot do: a gs:// workdir is refused before anything is written, its lock included (the data
+    may still be read there)."""
     config_lib.check("://" not in workdir,
                      f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
                      "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
@@ -46,7 +47,7 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    check_local_workdir(workdir)
+    check_workdir(workdir)
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block
     # then terminates its workers, which would otherwise go on writing into a closed pipe.
     handles = threading.current_thread() is threading.main_thread()

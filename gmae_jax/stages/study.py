@@ -46,6 +46,10 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         values = list(config[name])
         config_lib.check(len(set(values)) == len(values),
                          f"config.{name}={tuple(values)} repeats a value; give each once")
+    config_lib.check(config.finetune.total_steps > 0,
+                     f"config.finetune.total_steps={config.finetune.total_steps}: the study gives every fine-tune "
+                     "the same fixed number of steps (epochs would give runs with more labels more steps); "
+                     "set it > 0, e.g. --config.finetune.total_steps=1000")
     config_lib.check(not config.finetune.get("init_from"),
                      "config.finetune.init_from is set by the study; use --config.init_from")
     if check_data:
