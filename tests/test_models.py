@@ -127,20 +127,27 @@ def test_patchify_round_trip_and_pixel_order():
 
 
 def _encode(config, images, mask, train=False):
+    """Encoder features; in training mode with the BatchNorm statistics the batch updated, and dropout."""
     model = GMAE(config)
     variables = model.init(jax.random.key(0), images, mask, train=False)
-    return model.apply(variables, images, mask, train=train, method=GMAE.encode)
+    if not train:
+        return model.apply(variables, images, mask, train=False, method=GMAE.encode)
+    return model.apply(variables, images, mask, train=True, method=GMAE.encode, rngs={"dropout": jax.random.key(3)},
+                       mutable=["batch_stats"])
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_encoder_never_sees_masked_pixels(overlap):
+@pytest.mark.parametrize("overlap, train", [(False, False), (True, False), (True, True)])
+def test_encoder_never_sees_masked_pixels(overlap, train):
     config = small_config(overlap_patches=overlap)
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     mask = masking.sample_mask(jax.random.key(1), 2, config.num_patches, 0.6)
     noise = 10.0 * jax.random.normal(jax.random.key(2), images.shape)
     altered = jnp.where(masking.mask_to_pixels(mask, config.patch_size), noise, images)
     assert not np.allclose(altered, images)
-    np.testing.assert_array_equal(_encode(config, images, mask), _encode(config, altered, mask))
+    # In training, BatchNorm's batch statistics (and what they write back) must not see them either.
+    for got, want in zip(jax.tree.leaves(_encode(config, images, mask, train)),
+                         jax.tree.leaves(_encode(config, altered, mask, train))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_original_mask_mode_leaks_masked_pixels():
