@@ -34,11 +34,11 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
 
 class _QuietLibraries(pylogging.Filter):
     """Keeps orbax's per-save INFO chatter out of the progress output. Warnings still pass, except
-    those about what is so by design: checkpoints saved between evaluations carry no metric, and
-    evaluate / predict open the checkpoints read-only, and orbax looks for a metadata file inside each
-    item of a step (`checkpoints/N/state/`) that it writes only for the step itself. JAX's INFO line about each platform it probed
-    and did not find ("Unable to initialize backend 'tpu'" on every GPU or CPU machine) goes too:
-    the next line says which platform the run uses."""
+    those about what is so by design: checkpoints saved between evaluations carry no metric,
+    evaluate / predict open the checkpoints read-only, and orbax looks for a metadata file inside
+    each item of a step (`checkpoints/N/state/`) that it writes only for the step itself. JAX's INFO
+    line about each platform it probed and did not find ("Unable to initialize backend 'tpu'" on
+    every GPU or CPU machine) goes too: the next line says which platform the run uses."""
 
     _EXPECTED = ("did not provide metrics", "read_only=True", "is read only")
     _NO_METADATA = "Metadata file does not exist:"

@@ -4,7 +4,8 @@ It exists to check that an exported checkpoint loads with `strict=True` into the
 computes what the Flax model computes. Module tree, names and initialisation follow the original (see
 the project's notes on it); the forwards follow `gmae_jax.models.gmae`: masking happens before the
 encoder and `pos_embed` is added before the blocks (in `mask_mode='original'` the pretraining model
-computes the original's forward: no masking before the encoder, `pos_embed` after it). Layout is NCHW for images, (B, N, C) for tokens.
+computes the original's forward: no masking before the encoder, `pos_embed` after it). Layout is
+NCHW for images, (B, N, C) for tokens.
 
 This module and `exported.py` are the package's torch side (the optional `[torch]` extra); they
 import no JAX, so a deployment needs only torch, numpy and Pillow.
