@@ -12,6 +12,7 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from gmae_jax.models import modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.masking import sample_mask
 from gmae_jax.models.presets import PRESETS, GMSTConfig
@@ -249,3 +250,23 @@ def test_converter_and_package_import_without_torch() -> None:
     code = ("import sys, gmae_jax, gmae_jax.models.gmae, gmae_jax.torch_mirror.convert; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_mode_batch_norm_matches_pytorchs():
+    """Batch statistics, PyTorch's momentum 0.1 (Flax 0.9) and the running averages of one training
+    step; `running_var` differs only by PyTorch's unbiased n / (n - 1) (README, "BatchNorm running_var")."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, (4, 8, 8, 6)).astype(np.float32)
+    layer = modules.ConvBNGELU(5, kernel_size=3, dilation=2)
+    variables = jax.jit(functools.partial(layer.init, train=False))(jax.random.key(0), x)
+    out, updates = layer.apply(variables, x, train=True, mutable=["batch_stats"])
+    torch_layer = mirror._conv_bn_gelu(6, 5, 3, 2).train()
+    with torch.no_grad():
+        conv = variables["params"]["conv"]
+        torch_layer[0].weight.copy_(torch.from_numpy(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)))  # HWIO->OIHW
+        torch_layer[0].bias.copy_(torch.from_numpy(np.asarray(conv["bias"])))
+        torch_out = torch_layer(to_nchw(x))
+    assert relative_error(torch_out.permute(0, 2, 3, 1), out) < TOLERANCE
+    stats, n = updates["batch_stats"]["bn"], 4 * 8 * 8
+    np.testing.assert_allclose(torch_layer[1].running_mean.numpy(), stats["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(torch_layer[1].running_var.numpy() - 0.9,
+                               (np.asarray(stats["var"]) - 0.9) * n / (n - 1), rtol=1e-4)
