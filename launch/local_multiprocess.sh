@@ -13,6 +13,7 @@ NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
 PYTHON="${PYTHON:-python}"
 LOG_DIR="${LOG_DIR:-/tmp/gmae_local_multiprocess}"
+STOP_GRACE_S="${STOP_GRACE_S:-10}"  # after SIGTERM, before SIGKILL, when the others are stopped
 PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 cd "$(dirname "$0")/.."
@@ -30,9 +31,21 @@ run_process() {  # run_process RANK FLAGS..., in a background subshell that beco
 }
 
 pids=()
-# A process that dies leaves the others waiting in a collective (JAX aborts them only after ~75 s):
-# the first failure takes the rest down, and so does this script's own exit.
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+# A process that dies leaves the others waiting in a collective (JAX aborts them only after ~75 s),
+# where SIGTERM (a preemption: save at the next step) never takes effect: the first failure, and this
+# script's own exit, stop the rest with SIGTERM and then SIGKILL, and wait until they are gone (on a
+# GPU host a leftover would hold its device's memory during the rerun).
+# shellcheck disable=SC2329  # invoked by the EXIT trap below
+stop_all() {
+  kill "${pids[@]}" 2>/dev/null || true
+  local deadline=$((SECONDS + STOP_GRACE_S))
+  while ((SECONDS < deadline)) && kill -0 "${pids[@]}" 2>/dev/null; do
+    sleep 0.2
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop_all EXIT
 for ((rank = 0; rank < NUM_PROCESSES; rank++)); do
   if ((rank == 0)); then
     run_process 0 "$@" &

@@ -94,10 +94,11 @@ def test_launch_script_passes_shellcheck(script):
 
 
 FAKE_PROCESS = """#!/usr/bin/env bash
-# Stands in for python -m gmae_jax.main: rank 1 exits with $RANK1_STATUS at once, rank 0 runs long.
+# Stands in for python -m gmae_jax.main: rank 1 exits with $RANK1_STATUS at once, rank 0 runs long
+# and, like a process stuck in a collective, does not stop on SIGTERM.
 case " $* " in
   *" --process_id=1 "*) exit "$RANK1_STATUS" ;;
-  *) exec sleep 60 ;;
+  *) trap '' TERM; exec sleep 60 ;;
 esac
 """
 
@@ -106,7 +107,8 @@ def test_local_launcher_stops_the_other_ranks_when_one_fails(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PROCESS)
     fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), "RANK1_STATUS": "3"}
+    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), "RANK1_STATUS": "3",
+           "STOP_GRACE_S": "2"}
     started = time.monotonic()
     result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
                             capture_output=True, text=True, timeout=30)

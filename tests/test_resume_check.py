@@ -27,14 +27,25 @@ def run_dir(tmp_path):
 
 def test_fields_are_binding_unless_listed_as_harmless():
     old = {"model.embed_dim": 32, "seed": 1, "data.root": "/a", "total_steps": 20, "log_every": 5,
-           "data.num_workers": 0, "mesh.data": -1, "num_epochs": 3.0, "model.conv_impl": "auto"}
+           "data.num_workers": 0, "mesh.data": -1, "num_epochs": 3.0, "model.conv_impl": "auto",
+           "grad_accum_steps": 1}
     new = {"model.embed_dim": 48, "seed": 2, "data.root": "/b", "total_steps": 30, "log_every": 1,
-           "data.num_workers": 4, "mesh.data": 4, "num_epochs": 2.0, "only_new": 1, "model.conv_impl": "matmul"}
+           "data.num_workers": 4, "mesh.data": 4, "num_epochs": 2.0, "only_new": 1, "model.conv_impl": "matmul",
+           "grad_accum_steps": 2}
     binding, harmless = resume_check.compare(old, new)
-    assert [name for name, _, _ in binding] == ["data.root", "model.embed_dim", "num_epochs", "seed"]
+    # Micro-batches normalise with their own BatchNorm statistics: accumulation changes the numbers.
+    assert [name for name, _, _ in binding] == ["data.root", "grad_accum_steps", "model.embed_dim", "num_epochs",
+                                                "seed"]
     assert [name for name, _, _ in harmless] == ["data.num_workers", "log_every", "mesh.data", "model.conv_impl",
                                                  "total_steps"]
     assert resume_check.compare({"total_steps": 30}, {"total_steps": 20})[0] == [("total_steps", 30, 20)]
+
+
+def test_checkpoints_without_their_config_json_are_not_resumed_blindly(run_dir):
+    (run_dir / "config.json").unlink()
+    with pytest.raises(config_lib.ConfigError, match=r"holds checkpoints \(steps 10\) but no config.json, so what"):
+        resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"])
+    assert not (run_dir / "config.json").exists()
 
 
 def test_binding_changes_are_refused_with_old_and_new_values_and_the_two_ways_out(run_dir):
@@ -121,6 +132,20 @@ def test_allow_changes_resumes_with_binding_changes_and_records_them(run_dir):
     records = [json.loads(line) for line in (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()]
     assert records[0]["changes"]["seed"] == {"old": 42, "new": 7}  # resume_policy itself is harmless
     assert records[0]["resume_policy"] == "allow_changes" and len(records) == 2  # appended
+
+
+def test_other_training_images_are_binding_and_a_new_planned_length_is_recorded(run_dir):
+    facts = {resume_check.TRAIN_IMAGES: 32, resume_check.PLANNED_STEPS: 20}
+    trainer.write_run_files(pretrain_config(), str(run_dir), ["fist", "palm"], facts=facts)
+    assert resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"], facts) == []
+    more = {resume_check.TRAIN_IMAGES: 48, resume_check.PLANNED_STEPS: 30}  # images added after a kill
+    with pytest.raises(config_lib.ConfigError, match=r"other settings \(data: training images: 32 -> 48\)"):
+        resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"], more)
+    config = pretrain_config()
+    old_batch = config.batch_size
+    config.batch_size, config.resume_policy = old_batch // 2, "allow_changes"  # an epoch budget: more steps
+    changes = resume_check.check(config, str(run_dir), ["fist", "palm"], {**facts, resume_check.PLANNED_STEPS: 40})
+    assert ("planned total steps", 20, 40) in changes and ("batch_size", old_batch, old_batch // 2) in changes
 
 
 def test_a_workdir_without_checkpoints_is_a_new_run(run_dir):

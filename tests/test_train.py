@@ -1,6 +1,7 @@
 """Training end to end on the demo data: loss goes down, fine-tuning starts from the pretrained
 encoder, a killed run resumes to exactly the straight run, divergence stops with a clear error."""
 
+import dataclasses
 import glob
 import json
 import logging
@@ -280,6 +281,10 @@ def damaged_copy(straight_dir: str, folder: str, steps: tuple[int, ...], how: st
     half their size or deleted (`how`), as a full disk or a kill mid-copy leaves them."""
     shutil.copytree(straight_dir, folder)
     for step in steps:
+        if how == "metadata":  # what says which arrays the step holds
+            for name in ("_METADATA", "manifest.ocdbt"):
+                os.remove(os.path.join(folder, "checkpoints", str(step), "state", name))
+            continue
         data_files = glob.glob(os.path.join(folder, "checkpoints", str(step), "state", "**", "d", "*"), recursive=True)
         assert data_files
         for path in data_files:
@@ -331,6 +336,30 @@ def test_a_pretraining_run_restores_without_its_classes_json(straight_run, tmp_p
 
 
 @pytest.mark.slow
+def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo_root, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "longer")
+    shutil.copytree(straight_run[0], workdir)
+    real = trainer.tasks.make_task
+
+    def failing_draw(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(trainer.tasks, "make_task", lambda *a: dataclasses.replace(real(*a), draw=failing_draw))
+    with pytest.raises(OSError, match="No space left"):
+        stages.run(stage_config("pretrain", demo_root, **{**RESUME_OVERRIDES, "total_steps": 7}), workdir)
+    assert setup.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train
+
+
+@pytest.mark.parametrize("name, kind", [("checkpoints", "file"), ("tensorboard", "file"), ("metrics.jsonl", "folder"),
+                                        ("config.json", "folder"), ("reconstructions.png", "folder")])
+def test_a_run_file_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_path, name, kind):
+    (tmp_path / name).mkdir() if kind == "folder" else (tmp_path / name).write_text("x")
+    what = "a folder, where the run keeps a file" if kind == "folder" else "no folder, where the run keeps a folder"
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"{tmp_path / name} is {what} of that name")):
+        trainer.check_run_folder_kinds(str(tmp_path))
+
+
+@pytest.mark.slow
 def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(straight_run, tmp_path, caplog):
     workdir = damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "truncate")
     os.mkdir(os.path.join(workdir, "checkpoints", "9"))  # a kill mid-save that left an empty step folder
@@ -357,6 +386,13 @@ def test_restore_run_latest_skips_a_damaged_newest_step_and_writes_nothing(strai
 def run_main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gmae_jax.main", *args], cwd=os.path.dirname(CONFIGS),
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_step_without_its_array_metadata_is_skipped_as_damaged_and_says_so(straight_run, tmp_path):
+    latest = setup.restore_run(damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "metadata"))
+    assert latest.step == 3 and [step for step, _ in latest.skipped] == [6]
+    assert "the metadata of its arrays (state/_METADATA, manifest.ocdbt) is missing" in latest.skipped[0][1]
 
 
 @pytest.mark.slow

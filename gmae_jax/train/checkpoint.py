@@ -169,6 +169,9 @@ def check_saved_arrays(manager: ocp.CheckpointManager, step: int, abstract: Any)
     another shape for one, or holds more under the same top-level fields (e.g. a deeper encoder):
     orbax would restore a partial tree, or fail as if the step were damaged. Reads metadata only."""
     saved_tree = ocp.PyTreeCheckpointer().metadata(epath.Path(manager.directory) / str(step) / STATE_ITEM)
+    if getattr(getattr(saved_tree, "item_metadata", None), "tree", None) is None:  # damage, not a mismatch
+        raise ValueError(f"the metadata of its arrays ({STATE_ITEM}/_METADATA, manifest.ocdbt) is missing or "
+                         "unreadable")
     saved, wanted = _array_shapes(saved_tree.item_metadata.tree), _array_shapes(abstract)
     fields = {name.split("/")[0] for name in wanted}
     saved = {name: shape for name, shape in saved.items() if name.split("/")[0] in fields}
@@ -260,7 +263,8 @@ def quiet_abandoned_reads() -> Iterator[None]:
             previous(unraisable)
 
     # asyncio's reports of them, with their tracebacks.
-    records = _DropRecords("Task exception was never retrieved", "Future exception was never retrieved")
+    records = _DropRecords("Task exception was never retrieved", "Future exception was never retrieved",
+                           "_GatheringFuture exception was never retrieved")
     sys.unraisablehook = hook
     pylogging.getLogger("asyncio").addFilter(records)
     try:

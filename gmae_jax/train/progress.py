@@ -18,12 +18,15 @@ from gmae_jax import run_files
 from gmae_jax.data import pipeline
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsWriter:
     """One JSON object per line in `metrics.jsonl`; only process 0 writes, so multi-host runs keep one
     file. The file is rewritten whole (cloud buckets cannot append), and a resumed run drops the
     records after its checkpoint, which it is about to produce again."""
 
-    def __init__(self, workdir: str, start_step: int = 0, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir: str, start_step: int = 0, filename: str = METRICS_FILE):
         self.path = epath.Path(workdir) / filename
         self.enabled = jax.process_index() == 0
         self.lines: list[str] = []

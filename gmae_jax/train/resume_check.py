@@ -22,15 +22,20 @@ from gmae_jax.schema import ConfigError
 from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps
 
 HISTORY_FILE = "config.history.jsonl"
+# What the config alone does not say about a run: the training images it read and the steps it
+# planned, so a resume notices images added or removed since (another shuffle, another epoch length).
+FACTS_FILE = "run.json"
+TRAIN_IMAGES, PLANNED_STEPS = "data: training images", "planned total steps"
 # 'check': a binding change stops the run; 'allow_changes': it is recorded and the run resumes.
 RESUME_POLICIES = ("check", "allow_changes")
 
 # Dotted field names (fnmatch patterns) that may change when a run resumes: logging, evaluation and
 # checkpoint cadence, worker counts, device layout, memory knobs and how convolutions are computed (a
-# checkpoint restores onto any mesh and backend), and the policy itself.
+# checkpoint restores onto any mesh and backend), and the policy itself. Not grad_accum_steps: each
+# micro-batch normalises with its own BatchNorm statistics and draws its own masks.
 HARMLESS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resume_policy",
-    "num_reconstructions", "step_impl", "grad_accum_steps", "data.num_workers", "data.max_bad_images",
+    "num_reconstructions", "step_impl", "data.num_workers", "data.max_bad_images",
     "mesh.*", "wandb.*", "model.remat", "model.conv_impl",
 )
 # Fields that set the shapes of the saved weights: no resume policy can continue a run across them.
@@ -72,17 +77,29 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], lis
     return binding, harmless
 
 
-def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str]) -> list[Change]:
-    """The differences between `config` and the run already in `workdir` (none for a new run).
+def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
+          facts: dict[str, int] | None = None) -> list[Change]:
+    """The differences between `config` (and the run `facts`: TRAIN_IMAGES, PLANNED_STEPS) and the run
+    already in `workdir` (none for a new run).
 
     Raises ConfigError, before anything is written, when a binding field differs and
-    `config.resume_policy` is 'check'."""
+    `config.resume_policy` is 'check'. Other training images are binding; another planned length
+    follows from changes listed beside it and is recorded with them."""
     folder = epath.Path(workdir)
-    if not (folder / CONFIG_FILE).exists() or not checkpoint_steps(folder):
+    saved = checkpoint_steps(folder)
+    if saved and not (folder / CONFIG_FILE).exists():  # written before the first checkpoint, so lost since
+        raise ConfigError(f"{workdir} holds checkpoints (steps {', '.join(map(str, saved))}) but no {CONFIG_FILE}, so "
+                          "what they were trained with is unknown and nothing can check this config against it; "
+                          f"put back the run's {CONFIG_FILE}, or start a new run with another --workdir")
+    if not saved:
         return []  # nothing to resume: a new run (metrics of a run that never saved are dropped)
     old = flatten(run_files.read_json(folder / CONFIG_FILE))
     new = flatten(json.loads(config.to_json_best_effort()))
     binding, harmless = compare(old, new)
+    old_facts = run_files.read_json(folder / FACTS_FILE) if (folder / FACTS_FILE).exists() else {}
+    for name, value in (facts or {}).items():
+        if name in old_facts and old_facts[name] != value:
+            (binding if name == TRAIN_IMAGES else harmless).append((name, old_facts[name], value))
     classes = f"classes ({CLASSES_FILE})"
     if (folder / CLASSES_FILE).exists():
         old_classes = list(run_files.read_json(folder / CLASSES_FILE))

@@ -20,6 +20,9 @@ from gmae_jax import metrics, visualize
 from gmae_jax.models.masking import num_visible, per_example_mask
 from gmae_jax.train import steps
 
+# The pictures each task draws into its workdir at the end of a run.
+RECONSTRUCTIONS = "reconstructions.png"
+CONFUSION_MATRIX, CONFUSION_MATRIX_JSON = "confusion_matrix.png", "confusion_matrix.json"
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -58,7 +61,7 @@ def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
             {"params": state.params, "batch_stats": state.batch_stats}, images, mask)
         rows = visualize.reconstruction_rows(
             images, np.asarray(mask), np.asarray(pred), model.config.patch_size, config.norm_pix_loss)
-        path = os.path.join(outdir, "reconstructions.png")
+        path = os.path.join(outdir, RECONSTRUCTIONS)
         visualize.save_reconstructions(rows, path)
         return [path]
 
@@ -84,9 +87,9 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
 
     def draw(state, batch, outputs, outdir) -> list[str]:
         matrix = visualize.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
-        path = os.path.join(outdir, "confusion_matrix.png")
+        path = os.path.join(outdir, CONFUSION_MATRIX)
         visualize.save_confusion_matrix(matrix, class_names, path)
-        (epath.Path(outdir) / "confusion_matrix.json").write_text(
+        (epath.Path(outdir) / CONFUSION_MATRIX_JSON).write_text(
             json.dumps({"classes": class_names, "matrix": matrix.tolist()}))
         return [path]
 

@@ -23,8 +23,8 @@ from gmae_jax.train import checkpoint, init_compile, resume_check, setup, shardi
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import Preempted, PreemptionWatch
-from gmae_jax.train.progress import MetricsWriter, Progress, check_finite
-from gmae_jax.train.summaries import Summaries, run_summary
+from gmae_jax.train.progress import METRICS_FILE, MetricsWriter, Progress, check_finite
+from gmae_jax.train.summaries import TENSORBOARD_DIR, Summaries, run_summary
 
 
 # What linear probing (config.freeze_encoder) keeps fixed: everything but the classifier head.
@@ -68,10 +68,31 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
     return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
+# What a training run keeps in its workdir, by kind. One of the other kind (a file where a folder
+# belongs) would fail only where it is first written, maybe hours in (a save into a file even hangs
+# orbax's background thread).
+RUN_FILES = (setup.CONFIG_FILE, setup.CLASSES_FILE, resume_check.HISTORY_FILE, resume_check.FACTS_FILE, METRICS_FILE,
+             tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON)
+RUN_FOLDERS = (setup.CHECKPOINTS, TENSORBOARD_DIR)
+
+
+def check_run_folder_kinds(workdir: str) -> None:
+    """One line naming a run file that is a folder, or a run folder that is a file, before anything runs."""
+    folder = epath.Path(workdir)
+    wrong = [(path, "a folder", "file") for path in (folder / name for name in RUN_FILES) if path.is_dir()]
+    wrong += [(path, "no folder", "folder") for path in (folder / name for name in RUN_FOLDERS)
+              if path.exists() and not path.is_dir()]
+    if wrong:
+        path, what, kept = wrong[0]
+        raise config_lib.ConfigError(f"{path} is {what}, where the run keeps a {kept} of that name; move it away "
+                                     "(or use another --workdir)")
+
+
 def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
-                    changes: list[resume_check.Change] = ()) -> None:
-    """The resolved config and the class order, so `setup.restore_run` can rebuild the run; `changes`
-    (from `resume_check.check`) go to config.history.jsonl."""
+                    changes: list[resume_check.Change] = (), facts: dict[str, int] | None = None) -> None:
+    """The resolved config and the class order, so `setup.restore_run` can rebuild the run, and the
+    run's `facts` for the next resume check; `changes` (from `resume_check.check`) go to
+    config.history.jsonl."""
     if jax.process_index() != 0:
         return
     folder = epath.Path(workdir)
@@ -80,6 +101,8 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names
         resume_check.record(workdir, list(changes), config.get("resume_policy", "check"))
     run_files.write_text(folder / setup.CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
     run_files.write_text(folder / setup.CLASSES_FILE, json.dumps(class_names, indent=1))
+    if facts:
+        run_files.write_text(folder / resume_check.FACTS_FILE, json.dumps(facts, indent=1, sort_keys=True))
 
 
 def create_state(
@@ -177,10 +200,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         logging.warning(warning)
 
     # --- Resume check: nothing in the workdir changes unless the run there is this one ------------
-    changes = resume_check.check(config, workdir, data.class_names)
+    steps_total = total_steps(config, len(data.train))
+    facts = {resume_check.TRAIN_IMAGES: len(data.train), resume_check.PLANNED_STEPS: steps_total}
+    check_run_folder_kinds(workdir)
+    changes = resume_check.check(config, workdir, data.class_names, facts)
 
     # --- Input pipeline -------------------------------------------------------------------------
-    steps_total = total_steps(config, len(data.train))
     for warning in (small_dataset_warning(config.batch_size, len(data.train)),
                     warmup_warning(config.optim.warmup_steps, steps_total)):
         if warning:
@@ -214,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     elif config.get("init_from"):
         state = load_pretrained_encoder(state, config.init_from, model.config)
     # Only now, with the state restored, may config.json describe this run's settings.
-    write_run_files(config, workdir, data.class_names, changes)
+    write_run_files(config, workdir, data.class_names, changes, facts)
 
     train_step = sharding.make_train_step(config.step_impl, task.loss_fn, mesh, state, config.grad_accum_steps)
     eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)
@@ -263,13 +288,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                              ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
                 writer.write({"step": step, "split": eval_split, **eval_metrics})
                 summaries.scalars(eval_split, step, eval_metrics)
-                if is_last and jax.process_index() == 0:
-                    pictures = task.draw(host_state(state), first, outputs, workdir)
-                    summaries.pictures(eval_split, step, pictures)
             if must_save:
                 with progress.not_training():
                     checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
                 last_saved = step
+            if evaluated and is_last:
+                manager.wait_until_finished()  # the last step on disk first (every process): a failed picture
+                if jax.process_index() == 0:  # loses no training
+                    pictures = task.draw(host_state(state), first, outputs, workdir)
+                    summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
     finally:
