@@ -262,8 +262,8 @@ def test_training_mode_batch_norm_matches_pytorchs():
     torch_layer = mirror._conv_bn_gelu(6, 5, 3, 2).train()
     with torch.no_grad():
         conv = variables["params"]["conv"]
-        torch_layer[0].weight.copy_(torch.from_numpy(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)))  # HWIO->OIHW
-        torch_layer[0].bias.copy_(torch.from_numpy(np.asarray(conv["bias"])))
+        torch_layer[0].weight.copy_(torch.tensor(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)))  # HWIO->OIHW
+        torch_layer[0].bias.copy_(torch.tensor(np.asarray(conv["bias"])))
         torch_out = torch_layer(to_nchw(x))
     assert relative_error(torch_out.permute(0, 2, 3, 1), out) < TOLERANCE
     stats, n = updates["batch_stats"]["bn"], 4 * 8 * 8
