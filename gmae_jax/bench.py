@@ -37,14 +37,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from array_record.python import array_record_module
 import grain
 import jax
 import numpy as np
 from PIL import Image
 
-from gmae_jax import host_memory
+from gmae_jax import host_memory, quiet_logs
 from gmae_jax.data import device_jitter, pipeline, prepare, records, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import HagridRecord
@@ -270,6 +270,7 @@ def run_device_suite() -> None:
 def main(argv: Sequence[str]) -> None:
     """The benchmark the flags choose; a bad choice of flags, preset or architecture is one line (absl
     would print this module's whole docstring above a UsageError), not a traceback."""
+    logging.get_absl_handler().addFilter(quiet_logs.QuietLibraries())
     try:
         run_benchmarks(argv)
     except (ConfigError, app.UsageError) as error:

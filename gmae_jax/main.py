@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
 
@@ -10,7 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import compile_cache, distributed, host_memory, stages, user_errors
+from gmae_jax import compile_cache, distributed, host_memory, quiet_logs, stages, user_errors
 from gmae_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
@@ -32,36 +31,12 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     f"folder or gs://...); default $JAX_COMPILATION_CACHE_DIR, else {compile_cache.DEFAULT_DIR}; "
     f"'{compile_cache.OFF}' turns it off.")
 
-class _QuietLibraries(pylogging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the progress output. Warnings still pass, except
-    those about what is so by design: checkpoints saved between evaluations carry no metric,
-    evaluate / predict open the checkpoints read-only, and orbax looks for a metadata file inside
-    each item of a step (`checkpoints/N/state/`) that it writes only for the step itself. JAX's INFO
-    line about each platform it probed and did not find ("Unable to initialize backend 'tpu'" on
-    every GPU or CPU machine) goes too: the next line says which platform the run uses."""
-
-    _EXPECTED = ("did not provide metrics", "read_only=True", "is read only")
-    _NO_METADATA = "Metadata file does not exist:"
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if "/fsspec/" in record.pathname or "/gcsfs/" in record.pathname:  # INFO per file opened on gs://
-            return record.levelno >= pylogging.WARNING
-        if record.pathname.endswith("xla_bridge.py") and record.levelno < pylogging.WARNING:
-            return not record.getMessage().startswith("Unable to initialize backend")
-        if "/orbax/" not in record.pathname:
-            return True
-        message = record.getMessage()
-        if message.startswith(self._NO_METADATA):
-            folder = os.path.dirname(message[len(self._NO_METADATA):].strip())
-            return not os.path.basename(os.path.dirname(folder)).isdigit()  # shown unless in an item of a step
-        return record.levelno >= pylogging.WARNING and not any(text in message for text in self._EXPECTED)
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     host_memory.keep_freed_memory()  # before JAX starts its threads (see gmae_jax/host_memory.py)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(quiet_logs.QuietLibraries())
     config = _CONFIG.value
     cache = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE_DIR.value, os.environ))
     try:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from gmae_jax import quiet_logs
 from gmae_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,8 +119,6 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
 @pytest.mark.parametrize("path, shown", [("/w/checkpoints/6/state/_CHECKPOINT_METADATA", False),
                                          ("/w/checkpoints/6/_CHECKPOINT_METADATA", True)])
 def test_orbax_warns_of_a_missing_metadata_file_only_where_it_writes_one(path, shown):
-    from gmae_jax import main  # noqa: PLC0415 (defines absl flags)
-
     record = logging.LogRecord("absl", logging.WARNING, "/site-packages/orbax/checkpoint/_src/metadata/checkpoint.py",
                                203, "Metadata file does not exist: %s", (path,), None)
-    assert main._QuietLibraries().filter(record) is shown
+    assert quiet_logs.QuietLibraries().filter(record) is shown
