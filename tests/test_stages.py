@@ -345,7 +345,9 @@ def test_wandb_enabled_without_the_package_is_a_config_error(tmp_path, monkeypat
         stages.validate(config)
 
 
-def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path):
+@pytest.mark.parametrize("folder", ["hagrid", "shoot: day 1"])  # a path may hold the report's ': ' itself
+def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path, folder):
+    tmp_path = tmp_path / folder
     tree = fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=3, images_per_user=1)
     fx.write_image(tree.images_root / "like" / "unlisted.jpg")
     (tree.images_root / "call" / "notes.txt").write_text("x")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from etils import epath
 
@@ -44,7 +45,8 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
                 items.append(Input(record.path, crops.gesture_box(record), label))
         for reason, names in report.skipped.items():
             for name in names:  # a file or folder, or 'path: what was wrong'
-                reasons.setdefault(name.split(": ")[0], reason)
+                for prefix in _names_of(name):
+                    reasons.setdefault(prefix, reason)
     # Files outside the image folders that the reader named (e.g. stray files among the annotations).
     skipped = [(name, reason) for name, reason in reasons.items()
                if reason == hagrid.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
@@ -55,6 +57,12 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
         skipped += [(str(file), reasons.get(str(file)) or reasons.get(str(file.parent), "not annotated as a gesture"))
                     for file in files if str(file) not in seen]
     return sorted(items, key=lambda i: i.path), sorted(set(skipped))
+
+
+def _names_of(name: str) -> list[str]:
+    """What a report's 'path: what was wrong' may name: the whole, and each part before a ': '
+    (a path may hold ': ' itself, so the first one is not necessarily where the path ends)."""
+    return [name] + [name[:match.start()] for match in re.finditer(": ", name)]
 
 
 def _real(folder: epath.Path) -> str:
