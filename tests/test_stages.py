@@ -365,6 +365,7 @@ def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path, f
     assert reasons[str(tree.images_root / "call" / "zerobox.jpg")] == "empty_bboxes"
     assert {reasons[name] for name in images if "/call/" not in name and "/like/" not in name} == {"unknown_class"}
     assert str(tree.images_root / "call" / "notes.txt") in reasons
+    assert all(os.path.exists(name) for name in reasons)  # no part of a name taken for a file
     pixels = views.predict_view(items[0].path, "hand_crop", 32, items[0].box)
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0
 

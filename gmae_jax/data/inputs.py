@@ -36,7 +36,7 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
     else:
         sets = [name for name in hagrid_layout.V1_ANNOTATION_SETS if (root / name).is_dir()]
         found, images_root, not_images = [hagrid.read_hagrid_v1(root, name) for name in sets], root, set(sets)
-    items, seen, reasons = [], set(), {}
+    items, seen, reasons, strays = [], set(), {}, []
     for records, report in found:
         for record in records:
             if record.path not in seen:  # v1 sets may share images
@@ -47,9 +47,11 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
             for name in names:  # a file or folder, or 'path: what was wrong'
                 for prefix in _names_of(name):
                     reasons.setdefault(prefix, reason)
-    # Files outside the image folders that the reader named (e.g. stray files among the annotations).
-    skipped = [(name, reason) for name, reason in reasons.items()
-               if reason == hagrid.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
+        strays += report.skipped.get(hagrid.STRAY_FILE, [])
+    # Files outside the image folders that the reader named (e.g. stray files among the annotations);
+    # the names themselves, not their prefixes, which are there only to look reasons up by.
+    skipped = [(name, hagrid.STRAY_FILE) for name in strays
+               if reasons[name] == hagrid.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
     for folder in sorted(images_root.iterdir()):
         if folder.name in not_images or not folder.is_dir():
             continue
