@@ -4,13 +4,12 @@ Lists folders only (no JSON, no decoding): which layout a root holds, where its 
 are, and which class list `config.data.classes` means for it. Knows HaGRID and nothing about JAX.
 """
 
-import os
 from collections.abc import Sequence
 
 from absl import logging
 from etils import epath
 
-from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError
+from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError, is_regular_file
 
 NO_GESTURE = "no_gesture"
 _V1_GESTURES = (
@@ -57,7 +56,7 @@ def is_image(entry: epath.Path) -> bool:
     """
     if entry.name.startswith(".") or entry.suffix.lower() not in IMAGE_SUFFIXES:
         return False
-    return "://" in str(entry) or os.path.isfile(entry)
+    return "://" in str(entry) or is_regular_file(entry)
 
 
 def images_root_of(root: epath.PathLike, layout: str) -> tuple[epath.Path, frozenset[str]]:

@@ -36,5 +36,6 @@ def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits | None = None) -> dict[str, float]:
     """Trains on `data`, or on config.data opened here (the study opens it first to know the run's length)."""
-    data = data or sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
+    if data is None:
+        data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
     return trainer.train(config, workdir, data)

@@ -24,6 +24,7 @@ from gmae_jax.train import steps
 RECONSTRUCTIONS = "reconstructions.png"
 CONFUSION_MATRIX, CONFUSION_MATRIX_JSON = "confusion_matrix.png", "confusion_matrix.json"
 
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str

@@ -78,14 +78,13 @@ RUN_FOLDERS = (setup.CHECKPOINTS, TENSORBOARD_DIR)
 
 def check_run_folder_kinds(workdir: str) -> None:
     """One line naming a run file that is a folder, or a run folder that is a file, before anything runs."""
-    folder = epath.Path(workdir)
-    wrong = [(path, "a folder", "file") for path in (folder / name for name in RUN_FILES) if path.is_dir()]
-    wrong += [(path, "no folder", "folder") for path in (folder / name for name in RUN_FOLDERS)
-              if path.exists() and not path.is_dir()]
-    if wrong:
-        path, what, kept = wrong[0]
-        raise config_lib.ConfigError(f"{path} is {what}, where the run keeps a {kept} of that name; move it away "
-                                     "(or use another --workdir)")
+    for name in RUN_FILES + RUN_FOLDERS:
+        path = epath.Path(workdir) / name
+        kept = "folder" if name in RUN_FOLDERS else "file"
+        if path.exists() and path.is_dir() != (kept == "folder"):
+            what = "no folder" if kept == "folder" else "a folder"
+            raise config_lib.ConfigError(f"{path} is {what}, where the run keeps a {kept} of that name; move it "
+                                         "away (or use another --workdir)")
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
