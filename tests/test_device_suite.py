@@ -47,7 +47,11 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     torch_line = lines[lines.index(rows[0]) + 1]
     assert torch_line.startswith("PyTorch mirror of that case (eager, torch "), torch_line
     torch_rate, ratio = re.search(r"batch 8: ([\d.]+) img/s; JAX / PyTorch \*\*([\d.]+)x\*\*", torch_line).groups()
-    assert float(ratio) == pytest.approx(float(cells[3]) / float(torch_rate), rel=0.01, abs=0.006)  # 2 decimals
+    # The ratio of the unrounded rates: within what rounding each printed rate to 0.1 (and it to 0.01) allows,
+    # which is wide where PyTorch's rate is small (its threads wait on each other on a busy machine).
+    jax_rate, torch_rate = float(cells[3]), float(torch_rate)
+    lowest, highest = (jax_rate - 0.05) / (torch_rate + 0.05), (jax_rate + 0.05) / (torch_rate - 0.05)
+    assert lowest - 0.005 <= float(ratio) <= highest + 0.005
     profile = "\n".join(lines[lines.index(rows[0]) + 2:-1])
     assert "where the time goes: micro pretrain float32 encoder depth=1, batch 8" in profile
     kinds = {cells[1].strip(): float(cells[3].strip(" %")) for cells in

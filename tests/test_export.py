@@ -2,6 +2,7 @@
 exactly, load with strict=True into the original-layout classes and compute what Flax computes; the
 PyTorch-only path runs without JAX; import -> export is exact; bad files get one-line errors."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -142,6 +143,8 @@ def test_pretrain_export_loads_strict_into_the_original_gmae_and_matches_flax(pr
     gmst = export_format.model_config(payload["config"])
     assert payload["stage"] == "pretrain" and gmst.mask_mode == "encoder"
     assert payload["config"]["pretraining"] == {"mask_ratio": 0.75, "norm_pix_loss": True}
+    # No classifier, so no classes (the pretraining data's folder names are not its outputs).
+    assert payload["class_names"] == payload["config"]["class_names"] == [] and payload["config"]["num_classes"] is None
     assert set(payload["extra_state_dict"]) == {"encoder_mask_token"}  # the original has no such tensor
     original = mirror.GMAE(export_format.original_layout(gmst)).eval()
     original.load_state_dict(payload["model_state_dict"], strict=True)
@@ -573,3 +576,21 @@ def test_pytorch_only_classify_of_one_image_is_a_batch_of_one(tmp_path):
     one = model.classify(str(tmp_path / "hand.jpg"))  # a path, not its characters
     assert one.shape == (1, 3)
     torch.testing.assert_close(one, model.classify([tmp_path / "hand.jpg"]))
+
+
+def test_model_fields_asked_for_on_the_import_of_our_export_are_named_when_not_applied(capsys):
+    exported = micro(mask_mode="sparse")
+    payload = {"config": {"gmae_jax_model": dataclasses.asdict(exported)}}
+
+    def notices(config):
+        assert import_.imported_model(payload, config, {}) == exported  # the export's model, whatever was asked
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+
+    assert notices(load("import")) == []  # the default asks for nothing
+    agreeing = load("import")
+    agreeing.model.mask_mode = "sparse"
+    assert notices(agreeing) == []
+    config = load("import", "model=small")
+    config.model.mask_mode = "original"
+    [notice] = notices(config)
+    assert "preset small" in notice and "mask_mode='original' (the export's: 'sparse')" in notice

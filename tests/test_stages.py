@@ -353,6 +353,7 @@ def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path, f
     (tree.images_root / "call" / "notes.txt").write_text("x")
     fx.inject_boxes(tree, "train", "call", "nobox", [], [])
     fx.inject_boxes(tree, "train", "call", "zerobox", [[0.5, 0.5, 0, 0]], ["call"])
+    fx.inject_boxes(tree, "train", "like", "odd", [[0.1, 0.1, 0.2, 0.2]], ["wave"])
     fx.inject_unknown_class_folder(tree)
     items, skipped = inputs.list_inputs(str(tmp_path))
     images = sorted(str(p) for p in tree.images_root.rglob("*.jpg"))
@@ -363,6 +364,7 @@ def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path, f
     assert reasons[str(tree.images_root / "like" / "unlisted.jpg")] == "unannotated"
     assert reasons[str(tree.images_root / "call" / "nobox.jpg")] == "empty_bboxes"
     assert reasons[str(tree.images_root / "call" / "zerobox.jpg")] == "empty_bboxes"
+    assert reasons[str(tree.images_root / "like" / "odd.jpg")] == "unknown_label (['wave'])"
     assert {reasons[name] for name in images if "/call/" not in name and "/like/" not in name} == {"unknown_class"}
     assert str(tree.images_root / "call" / "notes.txt") in reasons
     assert all(os.path.exists(name) for name in reasons)  # no part of a name taken for a file

@@ -78,7 +78,8 @@ class HagridRecord:
 
 @dataclasses.dataclass
 class ReadReport:
-    """What a reader kept, skipped and repaired: reason -> names of the files concerned.
+    """What a reader kept, skipped and repaired: reason -> names of the files concerned, and for some
+    names what was wrong with them (`details`), kept apart so that a name is always a whole path.
 
     `dropped` counts images (not files or folders): reason -> name -> (class, images), so that a
     skipped folder of 180 images weighs 180 and reading the same tree twice counts it once.
@@ -88,14 +89,21 @@ class ReadReport:
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     repaired: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     dropped: dict[str, dict[str, tuple[str, int]]] = dataclasses.field(default_factory=dict)
+    details: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def skip(self, reason: str, name: str) -> None:
+    def skip(self, reason: str, name: str, detail: str = "") -> None:
         self.skipped.setdefault(reason, []).append(name)
+        if detail:
+            self.details[name] = detail
 
-    def drop(self, reason: str, name: str, class_name: str, images: int = 1) -> None:
+    def drop(self, reason: str, name: str, class_name: str, images: int = 1, detail: str = "") -> None:
         """Skips `name`, which loses `images` images of `class_name`."""
-        self.skip(reason, name)
+        self.skip(reason, name, detail)
         self.dropped.setdefault(reason, {})[name] = (class_name, images)
+
+    def described(self, names: Sequence[str]) -> list[str]:
+        """'name: what was wrong' where that is known, else the name."""
+        return [f"{name}: {self.details[name]}" if name in self.details else name for name in names]
 
     def repair(self, reason: str, name: str) -> None:
         self.repaired.setdefault(reason, []).append(name)
@@ -107,6 +115,7 @@ class ReadReport:
             for reason, names in theirs.items():
                 seen = set(mine.get(reason, ()))
                 mine.setdefault(reason, []).extend(n for n in names if n not in seen)
+        self.details.update(other.details)
         for reason, names in other.dropped.items():
             self.dropped.setdefault(reason, {}).update(names)
 
@@ -138,7 +147,7 @@ class ReadReport:
         logging.info("Read %d records from %s; skipped or repaired entries: %s", self.num_records, source,
                      ", ".join(f"{reason} {n}" for reason, n in self.counts().items()) or "none")
         for reason, names in (self.skipped | self.repaired).items():
-            logging.warning("%s: %d x %s, e.g. %s", source, len(names), reason, names[:3])
+            logging.warning("%s: %d x %s, e.g. %s", source, len(names), reason, self.described(names[:3]))
         if self.dropped_images():
             logging.warning("%s: images dropped per reason (class counts): %s", source, self.describe_dropped())
 
@@ -246,7 +255,7 @@ def _make_record(
     class_names: Sequence[str], report: ReadReport,
 ) -> HagridRecord | None:  # fmt: skip
     name = str(path)
-    drop = lambda reason, what: report.drop(reason, what, class_folder)  # noqa: E731
+    drop = lambda reason, detail="": report.drop(reason, name, class_folder, detail=detail)  # noqa: E731
     try:
         raw_boxes = [_parse_box(b) for b in entry["bboxes"]]
         labels = tuple(entry["labels"])
@@ -257,17 +266,17 @@ def _make_record(
         if len(raw_boxes) != len(labels) or not all(isinstance(v, str) for v in (*labels, user_id)):
             raise ValueError("labels must be strings, one per box, and user_id a string")
     except (KeyError, TypeError, ValueError) as e:
-        drop(MALFORMED_ENTRY, f"{name}: {e!r}")
+        drop(MALFORMED_ENTRY, repr(e))
         return None
     # no_gesture marks a free hand in every HaGRID tree, whatever the gesture classes are.
     unknown = sorted({l for l in (*labels, united_label) if l is not None} - {*class_names, NO_GESTURE})
     if unknown:
-        drop(UNKNOWN_LABEL, f"{name}: {unknown}")
+        drop(UNKNOWN_LABEL, str(unknown))
         return None
     clipped = [_clip(b, name, report) for b in raw_boxes]
     kept = [(b, l) for b, l in zip(clipped, labels) if b is not None]
     if not kept:
-        drop(EMPTY_BBOXES, name)
+        drop(EMPTY_BBOXES)
         return None
     boxes, labels = (tuple(column) for column in zip(*kept))
     if united_box is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 from etils import epath
 
@@ -44,12 +43,11 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
                 label = record_filters.gesture_name(record) or ""
                 items.append(Input(record.path, crops.gesture_box(record), label))
         for reason, names in report.skipped.items():
-            for name in names:  # a file or folder, or 'path: what was wrong'
-                for prefix in _names_of(name):
-                    reasons.setdefault(prefix, reason)
+            for name in names:  # a file or folder
+                detail = report.details.get(name)
+                reasons.setdefault(name, f"{reason} ({detail})" if detail else reason)
         strays += report.skipped.get(hagrid.STRAY_FILE, [])
-    # Files outside the image folders that the reader named (e.g. stray files among the annotations);
-    # the names themselves, not their prefixes, which are there only to look reasons up by.
+    # Files outside the image folders that the reader named (e.g. stray files among the annotations).
     skipped = [(name, hagrid.STRAY_FILE) for name in strays
                if reasons[name] == hagrid.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
     for folder in sorted(images_root.iterdir()):
@@ -59,12 +57,6 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
         skipped += [(str(file), reasons.get(str(file)) or reasons.get(str(file.parent), "not annotated as a gesture"))
                     for file in files if str(file) not in seen]
     return sorted(items, key=lambda i: i.path), sorted(set(skipped))
-
-
-def _names_of(name: str) -> list[str]:
-    """What a report's 'path: what was wrong' may name: the whole, and each part before a ': '
-    (a path may hold ': ' itself, so the first one is not necessarily where the path ends)."""
-    return [name] + [name[:match.start()] for match in re.finditer(": ", name)]
 
 
 def _real(folder: epath.Path) -> str:

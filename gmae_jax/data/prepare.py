@@ -294,13 +294,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     kept = []
     for r in sorted(recs, key=lambda r: r.path):
         if checked[r.path][1]:
-            report.drop("undecodable", f"{r.path}: {checked[r.path][1]}", r.class_folder)
+            report.drop("undecodable", r.path, r.class_folder, detail=checked[r.path][1])
             continue
         original = first_of.setdefault(checked[r.path][0], r.path)
         if original == r.path:
             kept.append(r)
         else:
-            report.drop("duplicate", f"{r.path}: same bytes as {original}", r.class_folder)
+            report.drop("duplicate", r.path, r.class_folder, detail=f"same bytes as {original}")
     report.num_records = len(kept)
     report.check_dropped(max_dropped, root)
     skipped = report.skipped
@@ -336,7 +336,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     manifest = {"source": str(config.data.root), "view": dataclasses.asdict(store),
                 "class_names": class_names, "counts": {}, "shards": sorted(os.path.relpath(t.path, out) for t in tasks),
-                "skipped": {k: v for k, v in skipped.items() if v},
+                "skipped": {k: report.described(v) for k, v in skipped.items() if v},
                 "dropped_images": {k: dict(v) for k, v in report.dropped_images().items()},
                 "repaired": {k: len(v) for k, v in report.repaired.items()}}
     for corpus in sorted({c for c, _ in parts}):

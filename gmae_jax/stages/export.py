@@ -136,7 +136,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # import on a GPU should compute convolutions the GPU's way.
     configured = dataclasses.replace(model, conv_impl=restored.config.model.get("conv_impl", "auto"))
     written = export_format.export_config(
-        configured, stage=stage, step=restored.step, layout=layout, class_names=restored.class_names,
+        configured, stage=stage, step=restored.step, layout=layout,
+        class_names=restored.class_names if stage == "finetune" else [],  # a pretraining model has no classes
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
         norm_pix_loss=bool(restored.config.get("norm_pix_loss", False)) if stage == "pretrain" else None,
         preprocessing=preprocessing(model.img_size))

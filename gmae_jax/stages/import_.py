@@ -52,6 +52,7 @@ def _check_distinct(names: list[str], source: str) -> None:
                                      f"({source})")
 
 
+DEFAULT_PRESET = "reference"  # configs/import.py's: the original's own sizes
 _WRAPPED = "module."  # the prefix torch's DataParallel and DistributedDataParallel give every key
 
 
@@ -154,12 +155,29 @@ def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, s
     keys imply: 'encoder' only with an encoder mask token (the original has none), else 'original',
     or 'sparse' where config.model asks for it (it has the original's tensors)."""
     if isinstance(payload.get("config"), dict) and "gmae_jax_model" in payload["config"]:
-        return export_format.model_config(payload["config"])
+        exported = export_format.model_config(payload["config"])
+        _notice_model_not_applied(config.model, exported)
+        return exported
     if "encoder_mask_token" in state:
         mask_mode = "encoder"
     else:
         mask_mode = "sparse" if config.model.mask_mode == "sparse" else "original"
     return dataclasses.replace(gmst_config(config.model), mask_mode=mask_mode)
+
+
+def _notice_model_not_applied(asked: ml_collections.ConfigDict, exported: GMSTConfig) -> None:
+    """Names what of config.model the command line chose (a preset other than configs/import.py's,
+    `--config.model.*`) that our export's own model overrides, so that nobody believes it applied."""
+    preset = config_lib.model_section(asked.preset)
+    fields = [name for name in sorted(asked) if name != "preset"]
+    given = [name for name in fields if asked[name] != preset[name]]
+    ignored = [f"{name}={asked[name]!r} (the export's: {getattr(exported, name)!r})"
+               for name in given if asked[name] != getattr(exported, name)]
+    if asked.preset != DEFAULT_PRESET and any(preset[name] != getattr(exported, name) for name in fields):
+        ignored.insert(0, f"preset {asked.preset}")
+    if ignored:
+        print(f"notice: the export carries its model, so config.model is not applied: {'; '.join(ignored)}. "
+              "Set such fields on the stage that uses the imported run.", flush=True)
 
 
 def _class_names(payload: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int | None,
