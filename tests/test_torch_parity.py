@@ -142,11 +142,35 @@ def test_original_mask_mode_is_the_originals_forward() -> None:
         np.testing.assert_array_equal(model(x, mask).numpy(), expected.numpy())
 
 
-def test_the_mirror_refuses_to_train_the_sparse_mode_it_computes_for_inference_only() -> None:
-    c = config("micro", mask_mode="sparse")
-    x, mask = to_nchw(images(c)), torch.zeros(2, c.num_patches, dtype=torch.bool)
-    with pytest.raises(NotImplementedError, match="eval mode only"):
-        mirror.GMAE(c).train()(x, mask)
+def test_sparse_mode_in_training_matches_the_torch_mirror() -> None:
+    """Training mode: BatchNorm normalises over the visible cells only, in the sparse encoder's
+    BatchNorm and the mirror's, and both running averages move alike (PyTorch's n / (n - 1) aside)."""
+    c = config("micro", mask_mode="sparse", attention_dropout=0.0)
+    x = images(c, batch=4)
+    mask = np.array(sample_mask(jax.random.key(2), 4, c.num_patches, 0.5))
+    model = GMAE(c)
+    variables = random_variables(model, x, mask)
+    num_visible = c.num_patches // 2
+    apply = functools.partial(model.apply, train=True, num_visible=num_visible, mutable=["batch_stats"])
+    pred, updates = jax.jit(apply)(variables, x, mask)
+
+    torch_model = load(mirror.GMAE(c), flax_to_torch_state_dict(variables, model="pretrain", config=c)).train()
+    with torch.no_grad():
+        torch_pred = torch_model(to_nchw(x), torch.from_numpy(mask))
+    assert relative_error(torch_pred, pred) < TOLERANCE
+    # An encoder branch's statistics (over 4 x 32 visible cells) and a decoder one's (over all 4 x 64).
+    for flax_path, torch_name, n in ((("encoder", "blocks_0", "mscffn", "dconv2", "bn"), "encoder.blocks.0.mscffn.dconv2.1",
+                                      4 * num_visible),
+                                     (("decoder_blocks_0", "msdc", "fusion", "bn"), "decoder_blocks.0.msdc.fusion.1",
+                                      4 * c.num_patches)):
+        stats, before = updates["batch_stats"], variables["batch_stats"]
+        for key in flax_path:
+            stats, before = stats[key], before[key]
+        norm = torch_model.get_submodule(torch_name)
+        np.testing.assert_allclose(norm.running_mean.numpy(), stats["mean"], rtol=1e-4, atol=1e-5)
+        # Both moved 0.1 of the way from the same start: compare the steps, PyTorch's unbiased.
+        np.testing.assert_allclose(norm.running_var.numpy() - 0.9 * before["var"],
+                                   (np.asarray(stats["var"]) - 0.9 * before["var"]) * n / (n - 1), rtol=1e-4)
 
 
 REFERENCE = GMSTConfig(**PRESETS["reference"], img_size=224, patch_size=16, overlap_patches=False,

@@ -45,6 +45,30 @@ def _conv_bn_gelu(in_channels: int, out_channels: int, kernel_size: int, dilatio
     )
 
 
+def _branch(layers: nn.Sequential, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Conv -> BN -> GELU; with `keep` (the sparse encoder) in training, BatchNorm's statistics are
+    those of the visible cells, as the sparse encoder's BatchNorm sees only those."""
+    conv, norm, gelu = layers
+    if keep is None or not norm.training:
+        return layers(x)
+    return gelu(_visible_batch_norm(norm, conv(x), keep))
+
+
+def _visible_batch_norm(norm: nn.BatchNorm2d, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm2d over the cells where `keep` (B, 1, H, W) is 1, PyTorch's way: two-pass
+    biased variance to normalise, the unbiased one into `running_var`."""
+    count = keep.sum() * 1.0
+    mean = (x * keep).sum((0, 2, 3)) / count
+    centred = x - mean[:, None, None]
+    var = (centred.square() * keep).sum((0, 2, 3)) / count
+    with torch.no_grad():
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * count / (count - 1), norm.momentum)
+        norm.num_batches_tracked.add_(1)
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    return centred * scale[:, None, None] + norm.bias[:, None, None]
+
+
 def _init_conv_bn_linear(module: nn.Module) -> None:
     """MSDC's and MSC_FFN's own init: Kaiming-normal (fan_out) convs, unit BN, Xavier Linear."""
     for m in module.modules():
@@ -98,7 +122,8 @@ class MSDC(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """With `keep` (B, 1, H, W), 1 at visible cells: the sparse encoder's MSDC at those cells."""
         h = _hide(x, keep)  # the 1x1 fusion reads its own cell only: no hiding needed before it
-        m = self.fusion(torch.cat([self.conv1x1(h), self.dconv1(h), self.dconv2(h), self.dconv3(h)], 1))
+        branches = [_branch(layers, h, keep) for layers in (self.conv1x1, self.dconv1, self.dconv2, self.dconv3)]
+        m = _branch(self.fusion, torch.cat(branches, 1), keep)
         pooled = torch.cat([m.mean(1, keepdim=True), m.amax(1, keepdim=True)], 1)
         s = m * torch.sigmoid(self.sa_conv(_hide(pooled, keep)))
         squeezed = s.mean((2, 3)) if keep is None else (s * keep).sum((2, 3)) / keep.sum((2, 3))
@@ -122,7 +147,8 @@ class MSC_FFN(nn.Module):  # noqa: N801 -- the original's class name
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = _hide(x, keep)
-        h = self.fusion(torch.cat([self.dconv1(x), self.dconv2(x), self.dconv3(x)], 1))
+        h = _branch(self.fusion, torch.cat([_branch(b, x, keep) for b in (self.dconv1, self.dconv2, self.dconv3)], 1),
+                    keep)
         return self.fc2(F.gelu(self.fc1(_tokens(h))))
 
 
@@ -183,8 +209,8 @@ class GMAE(nn.Module):
 
     `encoder_mask_token` exists only with `mask_mode='encoder'` (gmae_jax's leak-free masking).
     `mask_mode='sparse'` is computed densely: masked cells hold zero for every convolution and are no
-    attention keys, so visible tokens get the sparse encoder's outputs (eval mode only: its training
-    BatchNorm statistics, over visible cells, are not mirrored).
+    attention keys, and training BatchNorm statistics are those of the visible cells, so visible tokens
+    get the sparse encoder's outputs.
     """
 
     def __init__(self, config: GMSTConfig) -> None:
@@ -222,9 +248,6 @@ class GMAE(nn.Module):
         c = self.config
         grid = c.img_size // c.patch_size
         hide = c.mask_mode in ("encoder", "sparse")
-        if c.mask_mode == "sparse" and self.training:
-            raise NotImplementedError("the mirror computes mask_mode='sparse' in eval mode only (its training "
-                                      "BatchNorm statistics are those of the visible cells); call .eval() first")
         if hide:
             pixels = mask.reshape(-1, 1, grid, grid)
             pixels = pixels.repeat_interleave(c.patch_size, 2).repeat_interleave(c.patch_size, 3)
