@@ -80,7 +80,7 @@ def test_train_batch_shapes_and_dtypes(examples):
     assert batch["image"].dtype == np.uint8  # standardised on the device, in the step
     assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
     # Drawn by the workers, applied in the step: (brightness, contrast, saturation, hue shift).
-    assert batch["color_jitter"].shape == (4, 4) and batch["color_jitter"].dtype == np.float32
+    assert batch["color_jitter"].shape == (4, 8) and batch["color_jitter"].dtype == np.float32
     assert len(np.unique(batch["color_jitter"][:, 0])) == 4
 
 

@@ -3,7 +3,7 @@
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 import pytest
 
 from gmae_jax.data import transforms
@@ -153,10 +153,22 @@ def test_random_resized_crop_falls_back_to_centre_crop():
 
     out = transforms.random_resized_crop(img, 8, np.random.default_rng(0), scale=(0.9, 1.0))
 
-    # The widest 4/3 box, centred: x from 43 to 56. The gradient steps 2.6 per column, so
-    # an off-centre box would differ by more than the 1 that resampling at the box edge adds.
+    # The widest 4/3 box, centred: x from 43 to 56.
     expected = img.crop((43, 0, 56, 10)).resize((8, 8), Image.Resampling.BILINEAR)
-    np.testing.assert_allclose(np.asarray(out, np.int16), np.asarray(expected, np.int16), atol=1)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_random_resized_crop_reads_nothing_outside_its_box_as_torchvision_does():
+    """torchvision's resized_crop cuts the box out, then resizes; PIL's resize(box=...) would blend the
+    pixels just outside the box into the border row and column."""
+    pixels = np.random.default_rng(0).integers(0, 200, (20, 22, 3), np.uint8)
+    pixels[:, [0, 21]] = 255  # outside the box the fallback picks: the centred 20 x 20, columns 1-20
+    img = Image.fromarray(pixels)
+
+    out = transforms.random_resized_crop(img, 8, np.random.default_rng(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(img.crop((1, 0, 21, 20)).resize((8, 8), Image.BILINEAR)))
+    assert not np.array_equal(np.asarray(out), np.asarray(img.resize((8, 8), Image.BILINEAR, box=(1, 0, 21, 20))))
 
 
 def test_horizontal_flip_mirrors_when_drawn():
@@ -194,10 +206,48 @@ def test_color_jitter_is_deterministic_for_a_seed_within_its_ranges_and_changes_
     assert not np.array_equal(np.asarray(out), np.asarray(_gradient()))
 
 
+def test_color_jitter_is_drawn_as_torchvisions_color_jitter_draws_it():
+    """torchvision's ColorJitter.get_params: a random order of the four first, then the factors; the
+    hue shift is np.int32(hue_factor * 255), i.e. truncated toward zero."""
+    seeds = range(300)
+    draws = np.stack([transforms.sample_color_jitter(np.random.default_rng(s), 0.4, 0.4, 0.4, 0.1) for s in seeds])
+    for seed, jitter in zip(seeds, draws):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(4)
+        factors = rng.uniform(0.6, 1.4, 3)
+        hue_factor = rng.uniform(-0.1, 0.1)
+        np.testing.assert_array_equal(jitter, np.float32([*factors, np.int32(hue_factor * 255), *order]))
+    assert len({tuple(row) for row in draws[:, 4:]}) == 24  # every order turns up
+
+
+def test_color_jitter_applies_the_four_in_the_drawn_order():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8))
+
+    def by_hand(order):
+        out = img
+        for op in order:
+            out = (ImageEnhance.Brightness(out).enhance(1.3) if op == 0 else ImageEnhance.Contrast(out).enhance(0.7)
+                   if op == 1 else ImageEnhance.Color(out).enhance(1.4) if op == 2 else _hue_shift(out, 20))
+        return np.asarray(out)
+
+    outputs = {}
+    for order in ((0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2)):
+        jitter = np.float32([1.3, 0.7, 1.4, 20, *order])
+        outputs[order] = np.asarray(transforms.apply_color_jitter(img, jitter))
+        np.testing.assert_array_equal(outputs[order], by_hand(order))
+    assert not np.array_equal(outputs[(0, 1, 2, 3)], outputs[(3, 2, 1, 0)])  # the order matters
+
+
+def _hue_shift(img, levels):
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(int) + levels) % 256
+    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+
+
 def test_hue_jitter_changes_colour_but_leaves_grey_alone():
     red = Image.new("RGB", (4, 4), (200, 30, 30))
     grey = Image.new("RGB", (4, 4), (90, 90, 90))
-    half_turn = np.array([1, 1, 1, 128], np.float32)
+    half_turn = np.array([1, 1, 1, 128, 0, 1, 2, 3], np.float32)
 
     red_out = np.asarray(transforms.apply_color_jitter(red, half_turn))
     grey_out = np.asarray(transforms.apply_color_jitter(grey, half_turn))

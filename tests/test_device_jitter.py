@@ -54,10 +54,20 @@ def test_hue_shift_matches_pil_but_for_rare_rounding_steps(images):
     assert np.mean(np.abs(device - _on_host(images, _jitters((0.4, 0.4, 0.4, 0)))) > 8) > 0.3  # hue moved
 
 
+def test_each_example_is_jittered_in_its_own_order(images):
+    jitters = _jitters((0.4, 0.4, 0.4, 0))
+    assert len({tuple(row) for row in jitters[:, 4:]}) > 6  # many orders in one batch
+
+    np.testing.assert_array_equal(np.asarray(_on_device(images, jitters)), _on_host(images, jitters))
+    in_one_order = jitters.copy()
+    in_one_order[:, 4:] = (3, 2, 1, 0)
+    assert not np.array_equal(np.asarray(_on_device(images, in_one_order)), _on_host(images, jitters))
+
+
 def test_identity_jitter_and_grey_pixels_under_a_hue_shift_are_untouched(images):
     identity = np.tile(transforms.IDENTITY_JITTER, (COUNT, 1))
     greys = np.repeat(images[..., :1], 3, axis=-1)
-    half_turn = np.tile(np.array([1, 1, 1, 128], np.float32), (COUNT, 1))
+    half_turn = np.tile(np.array([1, 1, 1, 128, 0, 1, 2, 3], np.float32), (COUNT, 1))
 
     np.testing.assert_array_equal(np.asarray(_on_device(images, identity)), images)
     np.testing.assert_array_equal(np.asarray(_on_device(greys, half_turn)), greys)

@@ -41,7 +41,7 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     assert lines[-1].startswith("total")
     # Every case times the step a training run runs: on uint8 batches with the workers' colour jitter.
     assert [(batch["image"].dtype, batch["color_jitter"].shape) for batch in timed_batches] == \
-        [(np.uint8, (8, 4))] * len(cases)
+        [(np.uint8, (8, 8))] * len(cases)
     # Right after the first row (a loan cut short keeps them): the eager PyTorch mirror of that case
     # with the ratio, then where that step spends its time.
     torch_line = lines[lines.index(rows[0]) + 1]

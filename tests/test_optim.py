@@ -69,6 +69,7 @@ def test_weight_decay_leaves_masked_leaves_untouched():
 def test_layer_ids_number_embedding_blocks_and_head():
     ids = optim.layer_ids(PARAMS, depth=2)
     assert ids["pos_embed"] == 0 and ids["encoder"]["patch_embed"]["proj"]["kernel"] == 0
+    assert ids["encoder_mask_token"] == 0  # it stands in for patch embeddings, as BEiT's mask token does
     assert ids["encoder"]["blocks_0"]["gamma1"] == 1 and ids["encoder"]["blocks_1"]["mscffn"]["fc1"]["bias"] == 2
     assert ids["encoder"]["norm"]["scale"] == 3 and ids["head"]["kernel"] == 3
 

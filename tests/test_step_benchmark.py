@@ -76,10 +76,11 @@ def test_a_pipeline_batch_is_what_the_input_workers_yield():
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (64, 16, 16, 3)
     assert batch["label"].dtype == np.int32 and 0 <= batch["label"].min() and batch["label"].max() < 10
     jitter = batch["color_jitter"]
-    assert jitter.dtype == np.float32 and jitter.shape == (64, 4)
-    factors, hue = jitter[:, :3], jitter[:, 3]  # the default strengths: 0.4 and 0.1 turns
+    assert jitter.dtype == np.float32 and jitter.shape == (64, 8)
+    factors, hue, order = jitter[:, :3], jitter[:, 3], jitter[:, 4:]  # the default strengths: 0.4 and 0.1 turns
     assert factors.min() >= 0.6 and factors.max() <= 1.4 and np.unique(factors).size > 100
-    assert np.all(hue == np.round(hue)) and np.abs(hue).max() <= 26 and np.unique(hue).size > 5
+    assert np.all(hue == np.round(hue)) and np.abs(hue).max() <= 25 and np.unique(hue).size > 5
+    assert (np.sort(order, axis=1) == np.arange(4)).all() and len({tuple(row) for row in order}) > 10
 
 
 def test_model_overrides_parse_to_python_values():

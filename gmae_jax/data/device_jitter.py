@@ -5,7 +5,7 @@ beside the uint8 pixels; the train step applies it here. Colour jitter was over 
 time per view (PIL's HSV round trip alone ~40 %), while on an accelerator it is a few fused
 elementwise passes over a batch the step reads anyway.
 
-Same steps, order and 8-bit quantisation as `transforms.apply_color_jitter` (PIL's ImageEnhance
+Same steps, per-example order and 8-bit quantisation as `transforms.apply_color_jitter` (PIL's ImageEnhance
 blends, which truncate, and its RGB <-> HSV conversion, which keeps H, S and V in 8 bits), in
 float32 where PIL mixes float and double: a value can differ from PIL's by a rounding step
 (measured in tests/test_device_jitter.py).
@@ -13,6 +13,8 @@ float32 where PIL mixes float and double: a value can differ from PIL's by a rou
 
 import jax
 import jax.numpy as jnp
+
+from gmae_jax.data import transforms
 
 # ITU-R 601-2 luma in PIL's 16-bit fixed point: L = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
 _LUMA_WEIGHTS = (19595, 38470, 7471)
@@ -30,13 +32,13 @@ def _blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Ar
     return jnp.floor(jnp.clip(degenerate + factor * (image - degenerate), 0.0, 255.0))
 
 
-def _contrast(rgb: jax.Array, factor: jax.Array) -> jax.Array:
-    """Blend with the rounded mean grey level of the whole image (ImageEnhance.Contrast)."""
-    luma = _luma(rgb).astype(jnp.int32)
+def _mean_grey(grey: jax.Array) -> jax.Array:
+    """(B, 1, 1) the rounded mean of each image's grey levels `grey` (B, H, W), ImageEnhance.Contrast's
+    degenerate."""
+    luma = grey.astype(jnp.int32)
     count = luma.shape[-1] * luma.shape[-2]
     total = jnp.sum(luma, axis=(-2, -1), keepdims=True)
-    mean = (2 * total + count) // (2 * count)  # int(mean + 0.5), exactly
-    return _blend(mean[..., None].astype(jnp.float32), rgb, factor)
+    return ((2 * total + count) // (2 * count)).astype(jnp.float32)  # int(mean + 0.5), exactly
 
 
 def _round_half_up(x: jax.Array) -> jax.Array:
@@ -80,13 +82,32 @@ def _shift_hue(rgb: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.where(shift == 0.0, rgb, shifted)
 
 
+def _enhance(rgb: jax.Array, op: jax.Array, factors: jax.Array) -> jax.Array:
+    """Per example, brightness (op 0), contrast (1) or saturation (2) with its factor of `factors`
+    (B, 3): each is ImageEnhance's blend with its own degenerate image (black, the mean grey, the
+    pixel's grey), so one blend does whichever an example needs."""
+    op = op.reshape(-1, 1, 1)
+    grey = _luma(rgb)
+    degenerate = jnp.where(op == 0, 0.0, jnp.where(op == 1, _mean_grey(grey), grey))
+    factor = jnp.take_along_axis(factors, op.reshape(-1, 1), axis=1).reshape(-1, 1, 1, 1)
+    return _blend(degenerate[..., None], rgb, factor)
+
+
 def color_jitter(images: jax.Array, jitter: jax.Array) -> jax.Array:
-    """uint8 (B, H, W, 3) and float32 (B, 4) rows of (brightness, contrast, saturation factors,
-    hue shift in levels of 256) -> uint8 (B, H, W, 3), in that order (identity: 1, 1, 1, 0)."""
-    factor = lambda j: jitter[:, j].reshape(-1, 1, 1, 1)  # noqa: E731
+    """uint8 (B, H, W, 3) and float32 (B, 8) rows of `transforms.sample_color_jitter` (brightness,
+    contrast, saturation factors, hue shift in levels of 256, then the order of the four) -> uint8
+    (B, H, W, 3), each example's four in its own order.
+
+    The hue's round trip through HSV is the costly one, so it runs once: the other three that come
+    before it in an example's order, then the hue, then the ones after it."""
+    order = jitter[:, 4:].astype(jnp.int32)
+    hue_at = jnp.argmax(order == transforms.HUE, axis=1).reshape(-1, 1, 1, 1)
+    # The three others in their order: the order without the hue (a stable sort moves it last).
+    others = jnp.take_along_axis(order, jnp.argsort(order == transforms.HUE, axis=1, stable=True)[:, :3], axis=1)
     rgb = images.astype(jnp.float32)
-    rgb = _blend(0.0, rgb, factor(0))
-    rgb = _contrast(rgb, factor(1))
-    rgb = _blend(_luma(rgb)[..., None], rgb, factor(2))
+    for slot in range(3):
+        rgb = jnp.where(slot < hue_at, _enhance(rgb, others[:, slot], jitter[:, :3]), rgb)
     rgb = _shift_hue(rgb, jitter[:, 3].reshape(-1, 1, 1, 1))
+    for slot in range(3):
+        rgb = jnp.where(slot >= hue_at, _enhance(rgb, others[:, slot], jitter[:, :3]), rgb)
     return rgb.astype(jnp.uint8)

@@ -200,7 +200,7 @@ def make_train_dataset(
     """Infinite, reshuffled-each-epoch augmented batches of this process's share.
 
     `examples` is a Source (any layout) or a list of class-folder Examples.
-    Yields {'image': uint8 (B, H, W, 3), 'label': int32 (B,), 'color_jitter': float32 (B, 4)} with
+    Yields {'image': uint8 (B, H, W, 3), 'label': int32 (B,), 'color_jitter': float32 (B, 8)} with
     B = global_batch_size // process_count; the train step applies the jitter on the device.
     """
     batch_size = _per_process_batch_size(global_batch_size, process_count)

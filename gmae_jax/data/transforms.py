@@ -99,7 +99,9 @@ def random_resized_crop(
         else:
             w, h = width, height
         top, left = (height - h) // 2, (width - w) // 2
-    return img.resize((size, size), _BILINEAR, box=(left, top, left + w, top + h))
+    # Cut first, as torchvision's resized_crop does: a resize with box= would blend pixels from just
+    # outside the box into the border row and column.
+    return img.crop((left, top, left + w, top + h)).resize((size, size), _BILINEAR)
 
 
 def horizontal_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
@@ -109,35 +111,43 @@ def horizontal_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) 
     return img
 
 
-IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
+# A view's colour jitter: brightness, contrast, saturation factors, hue shift in levels of 256, then
+# the order the four are applied in (0-3 in that same numbering), as torchvision's ColorJitter draws it.
+IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0], np.float32)
+HUE = 3  # the hue's number in the order
 
 
 def sample_color_jitter(
     rng: np.random.Generator, brightness: float, contrast: float, saturation: float, hue: float
 ) -> np.ndarray:
-    """One view's colour jitter as float32 (brightness, contrast, saturation factors in [1-x, 1+x],
-    hue shift in levels of 256 from [-hue, hue] turns); a strength of 0 draws nothing and leaves
-    that property alone. The train step applies it on the device (`device_jitter.color_jitter`)."""
+    """One view's colour jitter as float32, drawn as torchvision's ColorJitter draws it: a random order
+    of the four, brightness, contrast, saturation factors in [1-x, 1+x], and a hue shift of
+    `hue_factor * 255` levels of 256 truncated toward zero (hue_factor from [-hue, hue] turns), which is
+    how torchvision shifts PIL's 8-bit hue. Strengths of 0 draw nothing and leave that property alone.
+    The train step applies it on the device (`device_jitter.color_jitter`)."""
     jitter = IDENTITY_JITTER.copy()
+    if max(brightness, contrast, saturation, hue) <= 0:
+        return jitter
+    jitter[4:] = rng.permutation(4)
     for j, strength in enumerate((brightness, contrast, saturation)):
         if strength > 0:
             jitter[j] = rng.uniform(max(0.0, 1 - strength), 1 + strength)
     if hue > 0:
-        jitter[3] = round(rng.uniform(-hue, hue) * 255)
+        jitter[3] = int(rng.uniform(-hue, hue) * 255)  # int() truncates toward zero, as np.int32() does
     return jitter
 
 
 def apply_color_jitter(img: Image.Image, jitter: np.ndarray) -> Image.Image:
-    """`sample_color_jitter`'s jitter applied with PIL, as torchvision's ColorJitter does to a PIL
-    image: brightness, contrast, saturation, then the hue rotated in PIL's 8-bit HSV."""
+    """`sample_color_jitter`'s jitter applied with PIL in its drawn order, as torchvision's ColorJitter
+    does to a PIL image; the hue is rotated in PIL's 8-bit HSV."""
     enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-    for factor, enhancer in zip(jitter[:3], enhancers):
-        if factor != 1:
-            img = enhancer(img).enhance(float(factor))
-    if jitter[3] != 0:
-        hsv = np.array(img.convert("HSV"))
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(jitter[3])) % 256
-        img = Image.fromarray(hsv, "HSV").convert("RGB")
+    for op in jitter[4:].astype(int):
+        if op != HUE and jitter[op] != 1:
+            img = enhancers[op](img).enhance(float(jitter[op]))
+        elif op == HUE and jitter[HUE] != 0:
+            hsv = np.array(img.convert("HSV"))
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(jitter[HUE])) % 256
+            img = Image.fromarray(hsv, "HSV").convert("RGB")
     return img
 
 
@@ -146,8 +156,10 @@ def resize_center_crop(
 ) -> Image.Image:
     """Evaluation view: the central crop_fraction of the shorter side, resized to size x size.
 
-    One resize of the crop box equals resizing the shorter side to size / crop_fraction and
-    then centre-cropping, without resampling the discarded border.
+    One resize of the (fractional) crop box: what resizing the shorter side to size / crop_fraction and
+    then centre-cropping computes, without resampling the discarded border, and without the whole-pixel
+    rounding of torchvision's Resize + CenterCrop, whose crop may sit up to half a pixel away on
+    non-square images (about 1 level of 255 on average; square images are the same).
     """
     width, height = img.size
     side = min(width, height) * crop_fraction

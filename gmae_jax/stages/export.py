@@ -42,9 +42,11 @@ def preprocessing(image_size: int) -> dict[str, Any]:
     """What a PyTorch user applies to a photo: gmae_jax's evaluation view ('original')."""
     return {
         "image_size": image_size,
-        "resize": "crop the centred square of side crop_fraction x the shorter side, resize it to "
-                  "image_size x image_size (bilinear); = resize the shorter side to image_size / "
-                  "crop_fraction, then centre-crop image_size",
+        "resize": "crop the centred square of side crop_fraction x the shorter side (fractional, not rounded) "
+                  "and resize it to image_size x image_size, bilinear: PIL's img.resize((S, S), BILINEAR, "
+                  "box=(left, top, left + side, top + side)), as gmae_jax.torch_mirror.exported.preprocess does; "
+                  "torchvision's Resize(S / crop_fraction) + CenterCrop(S) rounds to whole pixels and is "
+                  "about 1 level of 255 away on non-square images",
         "crop_fraction": views.EVAL_CROP_FRACTION,
         "interpolation": "bilinear",
         "channel_order": "RGB",

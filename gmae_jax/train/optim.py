@@ -41,14 +41,15 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 
 
 def layer_ids(params: PyTree, depth: int) -> PyTree:
-    """0 for the patch embedding and position embedding, i+1 for encoder block i, depth+1 for the rest.
+    """0 for what the encoder's first block reads (patch embedding, position embedding, the encoder's
+    mask token), i+1 for encoder block i, depth+1 for the rest (the decoder's tokens among it).
 
-    The numbering BEiT-style layer-wise learning-rate decay uses for fine-tuning.
+    The numbering BEiT-style layer-wise learning-rate decay uses (BEiT puts its mask token at 0 too).
     """
 
     def layer_id(path, _) -> int:
         names = [p.key for p in path]
-        if names[0] == "pos_embed" or names[:2] == ["encoder", "patch_embed"]:
+        if names[0] in ("pos_embed", "encoder_mask_token") or names[:2] == ["encoder", "patch_embed"]:
             return 0
         if names[0] == "encoder":
             match = re.fullmatch(r"blocks_(\d+)", names[1])
