@@ -3,11 +3,21 @@ JAX fixes the device list of a process the first time it is asked for it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
+
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 class DistributedSetupError(ValueError):
     """Flags that cannot start a multi-process job; the message says which flag to change."""
+
+
+class ProcessesDisagreeError(ValueError):
+    """The processes of one job see different data (e.g. out-of-sync copies on each host)."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -57,3 +67,29 @@ def initialize(
     elif given:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
+
+
+def check_processes_agree(facts: dict[str, Any], what: str) -> None:
+    """Stops every process of the job, with one line naming what differs, when they disagree on
+    `facts` (image counts, class names, planned steps). Each process reads the data itself: hosts
+    with out-of-sync copies would train on different data, or, when their step or batch counts
+    differ, wait forever in a collective that the others never join. A collective: every process
+    calls it."""
+    if jax.process_count() == 1:
+        return
+    digests = [np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:8], np.int64)
+               for value in facts.values()]
+    gathered = np.asarray(multihost_utils.process_allgather(np.concatenate(digests)))  # (processes, facts)
+    differing = [name for column, name in enumerate(facts) if (gathered[:, column] != gathered[0, column]).any()]
+    if differing:
+        mine = "; ".join(f"{name}: {_short(facts[name])}" for name in differing)
+        others = sorted({int(p) for p in np.nonzero((gathered != gathered[jax.process_index()]).any(axis=1))[0]})
+        raise ProcessesDisagreeError(
+            f"the processes of this job see different {what}: {', '.join(differing)} differ (process "
+            f"{jax.process_index()} has {mine}; processes {others} have other values); give every process the "
+            "same data (the same files under config.data.root on every host)")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."

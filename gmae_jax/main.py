@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -56,8 +57,24 @@ def main(argv: list[str]) -> None:
         # change. Bugs, and everything under --debug, keep their traceback.
         line = user_errors.one_line(error)
         if line is None or _DEBUG.value or user_errors.debug_requested(sys.argv):
+            if jax.distributed.is_initialized():
+                _leave_the_job(traceback.format_exc())
             raise
+        if jax.distributed.is_initialized():
+            _leave_the_job(f"error: {line}\n")
         sys.exit(f"error: {line}")
+
+
+def _leave_the_job(message: str) -> None:
+    """Ends a process of a multi-process job that failed alone, at once, with status 1. A normal exit
+    runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes,
+    which are waiting in a collective for this one: the job would hang that long before the launcher
+    (or the cluster) could see a process fail and stop the rest."""
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    logging.flush()
+    os._exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

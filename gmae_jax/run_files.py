@@ -5,7 +5,7 @@ They are rewritten whole rather than appended to because object stores (gs://) c
 from __future__ import annotations
 
 import json
-import os
+import uuid
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -17,9 +17,9 @@ from gmae_jax.schema import ConfigError
 def write_whole(path: epath.Path | str, write: Callable[[BinaryIO], None]) -> None:
     """`write(file)` into `path`, except that readers (and a rerun after a kill) see the old file or the
     new one, never a partial one: it goes to a temporary file beside it, which then replaces it. The
-    temporary name is per process: processes never share one."""
+    temporary name is random: writers never share one (process ids repeat across hosts and containers)."""
     path = epath.Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.tmp")
     try:
         with temporary.open("wb") as f:
             write(f)

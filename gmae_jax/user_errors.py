@@ -19,7 +19,8 @@ from gmae_jax.schema import ConfigError
 
 # Errors whose message is already the one line a user needs.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, DataLayoutError, distributed.DistributedSetupError, BadImageBudgetError)
+    ConfigError, DataLayoutError, distributed.DistributedSetupError, distributed.ProcessesDisagreeError,
+    BadImageBudgetError)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = "No space left on device"

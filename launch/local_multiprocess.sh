@@ -31,7 +31,7 @@ run_process() {  # run_process RANK FLAGS..., in a background subshell that beco
 }
 
 pids=()
-# A process that dies leaves the others waiting in a collective (JAX aborts them only after ~75 s),
+# A process that dies leaves the others waiting in a collective (JAX aborts them only after ~100 s),
 # where SIGTERM (a preemption: save at the next step) never takes effect: the first failure, and this
 # script's own exit, stop the rest with SIGTERM and then SIGKILL, and wait until they are gone (on a
 # GPU host a leftover would hold its device's memory during the rerun).
@@ -46,6 +46,15 @@ stop_all() {
   wait 2>/dev/null || true
 }
 trap stop_all EXIT
+# SIGTERM to this script is a preemption of the whole job: each process saves the same step and exits
+# 75, and so does this script (a job script requeues on 75), instead of dying with 143 before them.
+terminated=0
+# shellcheck disable=SC2329  # invoked by the TERM trap below
+preempt_all() {
+  terminated=$((terminated + 1))
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+}
+trap preempt_all TERM
 for ((rank = 0; rank < NUM_PROCESSES; rank++)); do
   if ((rank == 0)); then
     run_process 0 "$@" &
@@ -56,9 +65,15 @@ for ((rank = 0; rank < NUM_PROCESSES; rank++)); do
 done
 
 status=0
-for ((left = NUM_PROCESSES; left > 0; left--)); do
+left=$NUM_PROCESSES
+while ((left > 0)); do
   code=0
+  interrupted_before=$terminated
   wait -n || code=$?
+  if ((terminated != interrupted_before && code > 128)); then
+    continue  # the TERM trap ended the wait, not a process: wait for them to save and exit
+  fi
+  left=$((left - 1))
   if ((code == 75)); then
     status=75  # preempted after a checkpoint: the others are saving the same step; rerun to resume
   elif ((code != 0)); then

@@ -118,6 +118,28 @@ def test_local_launcher_stops_the_other_ranks_when_one_fails(tmp_path):
     assert not survivors, "rank 0 was left running"
 
 
+PREEMPTIBLE_PROCESS = """#!/usr/bin/env bash
+# Stands in for python -m gmae_jax.main under preemption: on SIGTERM it saves (a second) and exits 75.
+sleep 60 &
+trap 'kill $!; sleep 1; exit 75' TERM
+wait
+"""
+
+
+def test_local_launcher_passes_a_preemption_on_and_exits_75_when_every_rank_saved(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(PREEMPTIBLE_PROCESS)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs")}
+    launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)  # the ranks are up
+    launcher.terminate()
+    _, stderr = launcher.communicate(timeout=30)
+    assert launcher.returncode == 75, stderr  # what a job script requeues on (not bash's 143)
+    assert "a process failed" not in stderr
+
+
 # --- Two processes train like one --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -163,7 +185,11 @@ def _launch(
             f"--config.data.root={data_root}", "--config.num_classes=4", "--config.total_steps=4",
             "--config.model.attention_dropout=0.0", "--config.model.depth=1",  # one block of each kind
             f"--num_cpu_devices={num_cpu_devices}", *extra]
-    # --num_cpu_devices decides the device count.
+    return _start(args, log_path)
+
+
+def _start(args: list[str], log_path: str) -> subprocess.Popen:
+    """`python -m gmae_jax.main ARGS` with CPU devices only (--num_cpu_devices decides how many)."""
     env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")))
     env["JAX_PLATFORMS"] = "cpu"
     # Logs go to files: a full pipe would stall one process and, through the collectives, both.
@@ -179,8 +205,10 @@ def runs(data_root, tmp_path_factory) -> dict[str, str]:
     single, multi = str(base / "single"), str(base / "multi")
     address = f"127.0.0.1:{_free_port()}"
     logs = {name: str(base / f"{name}.log") for name in ("single", "process_0", "process_1")}
-    procs = {"single": _launch(single, data_root, logs["single"], 8),
-             **_launch_two_processes(multi, data_root, logs, address)}
+    # FSDP over all 8 devices: each process holds half of every large parameter, so neither can read
+    # them whole without the other (the pictures at the end gather them on every process).
+    procs = {"single": _launch(single, data_root, logs["single"], 8, "--config.mesh.fsdp=8"),
+             **_launch_two_processes(multi, data_root, logs, address, "--config.mesh.fsdp=8")}
     _wait_for_all(procs, logs)
     return {"single": single, "multi": multi}
 
@@ -275,6 +303,63 @@ def test_two_processes_resume_a_run_and_so_does_one(runs, data_root, tmp_path):
         assert (two["step"], two["split"]) == (one["step"], one["split"])
         for key in ("loss", "accuracy"):
             np.testing.assert_allclose(one[key], two[key], rtol=1e-5, err_msg=f"step {one['step']} {key}")
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_a_run_whose_parameters_they_split(runs, tmp_path):
+    logs = {f"process_{rank}": str(tmp_path / f"process_{rank}.log") for rank in range(2)}
+    address = f"127.0.0.1:{_free_port()}"
+    procs = {name: _start(["--config=configs/evaluate.py", f"--workdir={tmp_path / 'eval'}",
+                           f"--config.checkpoint_dir={runs['multi']}", "--config.num_workers=0", "--num_cpu_devices=4",
+                           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={rank}"], log)
+             for rank, (name, log) in enumerate(logs.items())}
+    _wait_for_all(procs, logs)
+    with open(tmp_path / "eval" / "eval_metrics.json") as f:
+        evaluated = json.load(f)
+    assert evaluated["accuracy"] == pytest.approx(_metrics(runs["multi"])[-1]["accuracy"])
+    assert os.path.exists(tmp_path / "eval" / "confusion_matrix.png")
+
+
+# --- A process that fails ends the job ----------------------------------------------------------
+
+def test_processes_that_see_different_data_stop_with_one_line_before_training(data_root, tmp_path):
+    """Hosts with out-of-sync copies of the data: their step counts differ, so training on would end
+    in a collective that one of them never joins."""
+    fewer = tmp_path / "fewer"
+    shutil.copytree(data_root, fewer)
+    for image in sorted(fewer.glob("train/*/*.jpg"))[:4]:
+        image.unlink()
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    procs = [_launch(str(tmp_path / "run"), root, str(log), 4, f"--coordinator_address={address}",
+                     "--num_processes=2", f"--process_id={rank}")
+             for rank, (root, log) in enumerate(zip((data_root, str(fewer)), logs))]
+    for proc in procs:
+        proc.wait(timeout=240)
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        last = log.read_text().strip().splitlines()[-1]
+        assert proc.returncode == 1, last
+        assert last.startswith("error: the processes of this job see different data: training images differ"), last
+        assert f"process {rank} has training images: {32 - 4 * rank}; processes [{1 - rank}] have other" in last
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
+    """Not after JAX's distributed shutdown, which waits up to 5 minutes for processes that are
+    waiting in a collective for it: the launcher sees the failure and stops the others."""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    roots = (data_root, str(tmp_path / "no_such_folder"))
+    procs = [_launch(str(tmp_path / f"run_{rank}"), root, str(log), 4, f"--coordinator_address={address}",
+                     "--num_processes=2", f"--process_id={rank}") for rank, (root, log) in enumerate(zip(roots, logs))]
+    try:
+        procs[1].wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    last = logs[1].read_text().strip().splitlines()[-1]
+    assert procs[1].returncode == 1 and last.startswith("error: ") and "no_such_folder" in last, last
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------

@@ -118,7 +118,7 @@ def test_best_checkpoint_is_kept_beside_the_latest(run_dir):
 def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir, tmp_path, capsys):
     workdir, _, trained = run_dir
     config = load("evaluate")
-    config.update(checkpoint_dir=workdir, num_workers=0, batch_size=16)
+    config.update(checkpoint_dir=workdir, num_workers=0, batch_size=13)  # rounded up to 16 for the 8 devices
     result = stages.run(config, str(tmp_path))
     assert result["accuracy"] == pytest.approx(trained["accuracy"])
     assert result["checkpoint_step"] == 4
@@ -380,3 +380,17 @@ def test_readme_places_every_module_and_every_placed_file_exists():
     assert modules - {"__init__.py"} <= mentioned, "modules missing from the README's 'Where things live'"
     assert mentioned - {"__init__.py"} <= modules, "the README names files that do not exist"
     assert set(re.findall(r"(?m)^configs/ .*: (.*)$", block)[0].split(", ")) == set(stages.STAGES)
+
+
+@pytest.mark.parametrize("name", ["prepare", "predict", "export", "import", "demo"])
+def test_one_process_stages_refuse_a_multi_process_job_before_writing(name, tmp_path, monkeypatch):
+    """Every process of a job would write the same files (the prepare stage's shards collided)."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(config_lib.ConfigError, match=f"the {name} stage runs in one process; drop the multi-process"):
+        stages.run(load(name), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_stages_run_in_several_processes():
+    assert not any(getattr(stages.get(name), "ONE_PROCESS", False)
+                   for name in ("pretrain", "finetune", "evaluate", "study"))

@@ -3,6 +3,7 @@ tiny run (its JSON, table and plot)."""
 
 import json
 import os
+import types
 
 import ml_collections
 import numpy as np
@@ -116,6 +117,12 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
         os.rename(os.path.join(checkpoints, name), os.path.join(tmp_path, name))
     assert stages.run(config, workdir)["runs"] == report["runs"]
     assert os.listdir(checkpoints) == []
+    # The other processes of a multi-process study write nothing: process 0 writes the report.
+    os.remove(os.path.join(workdir, "label_efficiency.json"))
+    with pytest.MonkeyPatch.context() as patch:  # the study's view only: its runs stay one process's
+        patch.setattr(study, "jax", types.SimpleNamespace(process_index=lambda: 1))
+        assert stages.run(config, workdir)["runs"] == report["runs"]
+    assert not os.path.exists(os.path.join(workdir, "label_efficiency.json"))
 
     # Another recipe in the same workdir is refused before anything is trained or rewritten.
     results = {r["workdir"]: open(os.path.join(r["workdir"], study.RESULT)).read() for r in runs}

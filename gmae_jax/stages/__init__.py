@@ -2,13 +2,15 @@
 with `run(config, workdir)` and `validate(config)` for its own config (and `check_workdir(workdir)`
 where it cannot write to every kind of folder). A stage's name is its
 module's name, or the module's `STAGE` where that name is a Python keyword (`import_` is 'import');
-this registry is the only list of them (main and validation both use it)."""
+this registry is the only list of them (main and validation both use it). A stage that runs in one
+process says so with `ONE_PROCESS = True`."""
 
 from __future__ import annotations
 
 import types
 from typing import Any
 
+import jax
 import ml_collections
 
 from gmae_jax import workdir_lock
@@ -37,6 +39,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Runs the stage `config.stage` names, writing its outputs under `workdir`, which it holds
     alone for the whole run (a second run there stops with one line naming this one)."""
     stage = get(config.stage)
+    if getattr(stage, "ONE_PROCESS", False) and jax.process_count() > 1:
+        raise ConfigError(f"the {config.stage} stage runs in one process; drop the multi-process flags")
     if hasattr(stage, "check_workdir"):  # before the lock, which would be the first thing written there
         stage.check_workdir(workdir)
     with workdir_lock.hold(workdir):

@@ -15,6 +15,8 @@ from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
 from gmae_jax.stages import study as study_stage
 
+ONE_PROCESS = True  # a one-machine demo; processes would draw the same images
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """The two training configs; their data folders do not exist until the demo writes them."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import ml_collections
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, metrics as metrics_lib, schema
+from gmae_jax import config_lib, distributed, metrics as metrics_lib, schema
 from gmae_jax.data import sources
 from gmae_jax.train import setup, sharding, tasks, trainer
 from gmae_jax.train.summaries import Summaries
@@ -44,17 +45,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     data = eval_data(config, restored)
     examples = sources.open_split(data, data.eval_split, restored.class_names)
+    distributed.check_processes_agree({"evaluation images": len(examples)}, "data")
     task = tasks.make_task(restored.config, restored.model, restored.class_names)
     eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
+    # Whole rows per device (the last batch is padded, so the metrics do not depend on it).
+    batch_size = math.ceil(config.batch_size / restored.mesh.size) * restored.mesh.size
+    if batch_size != config.batch_size:
+        logging.info("evaluating in batches of %d: config.batch_size=%d rounded up to a multiple of the %d devices",
+                     batch_size, config.batch_size, restored.mesh.size)
     metrics, outputs, first = trainer.evaluate(
         task, eval_step, restored.weights, examples, image_size=restored.model.config.img_size,
-        batch_size=config.batch_size, num_workers=data.num_workers, mesh=restored.mesh)
+        batch_size=batch_size, num_workers=data.num_workers, mesh=restored.mesh)
     metrics["checkpoint_step"] = restored.step
 
+    weights = sharding.tree_to_host(restored.weights)  # every process: FSDP may split them over hosts
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         (epath.Path(workdir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        pictures = task.draw(jax.device_get(restored.weights), first, outputs, workdir)
+        pictures = task.draw(weights, first, outputs, workdir)
         summaries = Summaries(workdir)
         summaries.scalars(data.eval_split, restored.step, metrics)
         summaries.pictures(data.eval_split, restored.step, pictures)

@@ -26,6 +26,8 @@ from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
 from gmae_jax.train import checkpoint, setup, trainer
 
+ONE_PROCESS = True  # one file in, one run folder out
+
 STAGE = "import"  # `import` is a Python keyword, so the module is import_
 
 
@@ -235,8 +237,6 @@ def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Writes the run folder into `workdir`; returns what was imported."""
-    if jax.process_count() > 1:
-        raise config_lib.ConfigError("the import stage runs in one process; drop the multi-process flags")
     checkpoints = epath.Path(workdir) / setup.CHECKPOINTS
     if (epath.Path(workdir) / setup.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "

@@ -23,6 +23,8 @@ from gmae_jax import config_lib
 from gmae_jax.data import inputs, transforms, views
 from gmae_jax.train import setup, sharding, steps
 
+ONE_PROCESS = True  # on one host's devices
+
 VIEWS = ("auto", "original", "full_frame", "hand_crop")
 
 
@@ -79,8 +81,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     if stage != "finetune":
         raise config_lib.ConfigError(f"config.checkpoint_dir={config.checkpoint_dir} is a '{stage}' run; predict "
                                      "needs a finetune run (a classifier)")
-    if jax.process_count() > 1:
-        raise config_lib.ConfigError("the predict stage runs in one process; drop the multi-process flags")
     setup.check_outside_run(workdir, config.checkpoint_dir, "predict")
     items, skipped = inputs.list_inputs(config.inputs)
     if not items:

@@ -14,6 +14,8 @@ from gmae_jax import config_lib
 from gmae_jax.data import prepare
 from gmae_jax.train.preemption import Preempted
 
+ONE_PROCESS = True  # its own worker pool; processes would write the same shards
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(config.view in prepare.VIEWS, f"config.view='{config.view}' must be one of {prepare.VIEWS}")

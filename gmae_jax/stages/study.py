@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 from etils import epath
 
@@ -154,7 +155,8 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
               "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
               "workdir": workdir,
               "init_step": _latest_step(config.init_from) if config.init_from else None}
-    run_files.write_text(epath.Path(workdir) / RESULT, json.dumps(result, indent=1))
+    if jax.process_index() == 0:  # one writer per file on several hosts
+        run_files.write_text(epath.Path(workdir) / RESULT, json.dumps(result, indent=1))
     return result
 
 
@@ -186,7 +188,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report = {"classes": data.class_names, "chance": chance, "val_images": len(data.eval),
               "train_images": len(data.train), "pretrain": pretrain_dir,
               "finetune_steps": int(config.finetune.total_steps), "runs": runs, "summary": summary}
-    epath.Path(workdir, JSON).write_text(json.dumps(report, indent=1))
+    if jax.process_index() != 0:  # process 0 writes the report
+        return report
+    run_files.write_text(epath.Path(workdir, JSON), json.dumps(report, indent=1))
     label_efficiency.save_plot(summary, os.path.join(workdir, PNG), chance,
                                f"val accuracy on {len(data.eval)} images, {num_classes} classes "
                                f"(mean, min-max over {len(config.seeds)} seed(s))")

@@ -113,6 +113,17 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def tree_to_host(tree: Any) -> Any:
+    """Every array of `tree` whole, as numpy, on this process. Arrays split over several processes'
+    devices (FSDP across hosts) are gathered, a collective: every process must call it."""
+    def whole(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return jax.device_get(x)
+        return to_host(x)
+
+    return jax.tree.map(whole, tree)
+
+
 def _shardings_of(state: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, state)
 

@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, run_files, schema
+from gmae_jax import config_lib, distributed, run_files, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import checkpoint, init_compile, resume_check, setup, sharding, steps, tasks
@@ -132,9 +132,11 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def host_state(state: steps.TrainState) -> steps.TrainState:
-    """`state` with parameters and BatchNorm statistics copied to numpy, for work that process 0
-    does alone (pictures): a jit on arrays that span all hosts would wait for the other processes."""
-    return state.replace(params=jax.device_get(state.params), batch_stats=jax.device_get(state.batch_stats))
+    """`state` with parameters and BatchNorm statistics whole in numpy, for work that process 0 does
+    alone (pictures): a jit on arrays that span all hosts would wait for the other processes. Every
+    process calls it (parameters sharded over several processes are gathered)."""
+    return state.replace(params=sharding.tree_to_host(state.params),
+                         batch_stats=sharding.tree_to_host(state.batch_stats))
 
 
 def evaluate(
@@ -200,6 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
 
     # --- Resume check: nothing in the workdir changes unless the run there is this one ------------
     steps_total = total_steps(config, len(data.train))
+    distributed.check_processes_agree({"training images": len(data.train), "evaluation images": len(data.eval),
+                                       "classes": list(data.class_names), "planned steps": steps_total}, "data")
     facts = {resume_check.TRAIN_IMAGES: len(data.train), resume_check.PLANNED_STEPS: steps_total}
     check_run_folder_kinds(workdir)
     changes = resume_check.check(config, workdir, data.class_names, facts)
@@ -292,9 +296,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
                 last_saved = step
             if evaluated and is_last:
-                manager.wait_until_finished()  # the last step on disk first (every process): a failed picture
-                if jax.process_index() == 0:  # loses no training
-                    pictures = task.draw(host_state(state), first, outputs, workdir)
+                # The last step on disk first (every process): a failed picture loses no training.
+                manager.wait_until_finished()
+                drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
+                if jax.process_index() == 0:
+                    pictures = task.draw(drawn_from, first, outputs, workdir)
                     summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
