@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import traceback
@@ -56,24 +57,30 @@ def main(argv: list[str]) -> None:
         # A mistake in the config, the data, the job flags or the workdir: one line that says what to
         # change. Bugs, and everything under --debug, keep their traceback.
         line = user_errors.one_line(error)
+        in_a_job = jax.distributed.is_initialized() and jax.process_count() > 1
         if line is None or _DEBUG.value or user_errors.debug_requested(sys.argv):
-            if jax.distributed.is_initialized():
+            if in_a_job:
                 _leave_the_job(traceback.format_exc())
             raise
-        if jax.distributed.is_initialized():
+        if in_a_job:
             _leave_the_job(f"error: {line}\n")
         sys.exit(f"error: {line}")
 
 
 def _leave_the_job(message: str) -> None:
-    """Ends a process of a multi-process job that failed alone, at once, with status 1. A normal exit
-    runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes,
-    which are waiting in a collective for this one: the job would hang that long before the launcher
-    (or the cluster) could see a process fail and stop the rest."""
+    """Ends a process of a multi-process job that failed, at once, with status 1. A normal exit runs
+    JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
+    may wait in a collective for this one: the job would hang that long before the launcher (or the
+    cluster) could see a process fail and stop the rest. Errors that every process meets together
+    (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
     sys.stderr.write(message)
     sys.stderr.flush()
     sys.stdout.flush()
     logging.flush()
+    for worker in multiprocessing.active_children():  # grain's input workers: exiting so skips their hook
+        worker.terminate()
+    for worker in multiprocessing.active_children():
+        worker.join(timeout=5)
     os._exit(1)
 
 

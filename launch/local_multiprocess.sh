@@ -40,7 +40,7 @@ stop_all() {
   kill "${pids[@]}" 2>/dev/null || true
   local deadline=$((SECONDS + STOP_GRACE_S))
   while ((SECONDS < deadline)) && kill -0 "${pids[@]}" 2>/dev/null; do
-    sleep 0.2
+    sleep 0.2 || true
   done
   kill -KILL "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -48,10 +48,8 @@ stop_all() {
 trap stop_all EXIT
 # SIGTERM to this script is a preemption of the whole job: each process saves the same step and exits
 # 75, and so does this script (a job script requeues on 75), instead of dying with 143 before them.
-terminated=0
 # shellcheck disable=SC2329  # invoked by the TERM trap below
 preempt_all() {
-  terminated=$((terminated + 1))
   kill -TERM "${pids[@]}" 2>/dev/null || true
 }
 trap preempt_all TERM
@@ -64,22 +62,27 @@ for ((rank = 0; rank < NUM_PROCESSES; rank++)); do
   pids+=("$!")
 done
 
+# Each exit is read with `wait PID` once the process is gone (bash keeps its status): `wait -n` cannot
+# tell a process that died of the signal from the TERM trap interrupting the wait.
 status=0
-left=$NUM_PROCESSES
-while ((left > 0)); do
-  code=0
-  interrupted_before=$terminated
-  wait -n || code=$?
-  if ((terminated != interrupted_before && code > 128)); then
-    continue  # the TERM trap ended the wait, not a process: wait for them to save and exit
-  fi
-  left=$((left - 1))
-  if ((code == 75)); then
-    status=75  # preempted after a checkpoint: the others are saving the same step; rerun to resume
-  elif ((code != 0)); then
-    echo "a process failed (status $code); stopping the others. Logs: $LOG_DIR/process_<rank>.log" >&2
-    status=$code
-    break
-  fi
+running=("${pids[@]}")
+while ((${#running[@]} > 0)); do
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+      continue
+    fi
+    code=0
+    wait "$pid" || code=$?
+    if ((code == 75)); then
+      status=75  # preempted after a checkpoint: the others are saving the same step; rerun to resume
+    elif ((code != 0)); then
+      echo "a process failed (status $code); stopping the others. Logs: $LOG_DIR/process_<rank>.log" >&2
+      exit "$code"
+    fi
+  done
+  running=("${still[@]}")
+  sleep 0.2 || true  # a SIGTERM to the whole process group ends the sleep too
 done
 exit "$status"

@@ -218,12 +218,14 @@ def test_prepare_into_a_bucket_is_one_line_and_writes_nothing(bucket):
 
 
 def test_a_second_sigterm_stops_a_run_stuck_inside_a_step():
-    """A step blocked on storage never reaches the stop check of the first SIGTERM; the second stops it."""
+    """A step blocked on storage never reaches the stop check of the first SIGTERM; the second stops it
+    (one right after the first is the same SIGTERM delivered twice)."""
     code = ("import os, signal, time\n"
             "from gmae_jax.train.preemption import PreemptionWatch\n"
             "watch = PreemptionWatch(None)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
-            "time.sleep(0.5)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"  # the same preemption twice: a group kill and a launcher
+            "time.sleep(1.5)\n"
             "print('first', watch.received, flush=True)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "time.sleep(5)\n"

@@ -306,8 +306,8 @@ def test_unknown_box_label_is_skipped_and_named(tmp_path):
 
     assert report.skipped.keys() == {hagrid.UNKNOWN_LABEL} and len(records) == 3
     # The name is the image's whole path; what was wrong is kept apart, and joined for people.
-    assert report.skipped[hagrid.UNKNOWN_LABEL] == [str(path)] and report.details[str(path)] == "['wave']"
-    assert report.described([str(path)]) == [f"{path}: ['wave']"]
+    assert report.skipped[hagrid.UNKNOWN_LABEL] == [str(path)] and report.details[(hagrid.UNKNOWN_LABEL, str(path))] == "['wave']"
+    assert report.described(hagrid.UNKNOWN_LABEL, [str(path)]) == [f"{path}: ['wave']"]
 
 
 @pytest.mark.parametrize(
@@ -328,7 +328,7 @@ def test_malformed_entry_is_skipped_and_named(tmp_path, boxes, labels):
     _, report = hagrid.read_hagrid_v2(tmp_path)
 
     assert report.skipped.keys() == {hagrid.MALFORMED_ENTRY}
-    assert report.skipped[hagrid.MALFORMED_ENTRY] == [str(path)] and "Error(" in report.details[str(path)]
+    assert report.skipped[hagrid.MALFORMED_ENTRY] == [str(path)] and "Error(" in report.details[(hagrid.MALFORMED_ENTRY, str(path))]
 
 
 def test_a_pipe_named_like_an_image_is_skipped_not_read(tmp_path):
@@ -400,8 +400,10 @@ def test_an_image_annotated_in_two_splits_is_kept_in_the_first_only(tmp_path):
     val, val_report = hagrid.read_hagrid_v2(tmp_path, splits=["val"])
 
     assert [r.split for r in records if r.image_id == "call-000-0"] == ["train"]
-    assert report.skipped[hagrid.IN_TWO_SPLITS] == [
-        f"call-000-0 in {val_json} (kept in {tree.json_path('train', 'call')})"]
+    image = str(tree.images_root / "call" / "call-000-0.jpg")  # the name is the image's path
+    assert report.skipped[hagrid.IN_TWO_SPLITS] == [image]
+    assert report.described(hagrid.IN_TWO_SPLITS, [image]) == [
+        f"{image}: call-000-0 annotated again in {val_json} (kept in {tree.json_path('train', 'call')})"]
     assert "call-000-0" not in {r.image_id for r in val} and hagrid.IN_TWO_SPLITS in val_report.skipped
     assert len(records) == 12
 

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,6 +139,23 @@ def test_local_launcher_passes_a_preemption_on_and_exits_75_when_every_rank_save
     _, stderr = launcher.communicate(timeout=30)
     assert launcher.returncode == 75, stderr  # what a job script requeues on (not bash's 143)
     assert "a process failed" not in stderr
+
+
+def test_local_launcher_does_not_report_a_preemption_when_a_rank_died_without_saving(tmp_path):
+    """A scheduler signals the whole process group: rank 1 saves and exits 75, rank 0 (here) dies of
+    the signal. That is a failure, not a preemption to requeue."""
+    fake = tmp_path / "python"
+    fake.write_text(PREEMPTIBLE_PROCESS.replace('sleep 60 &', 'case " $* " in *" --process_id=0 "*) exec sleep 60 ;; esac\nsleep 60 &'))
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), "STOP_GRACE_S": "2"}
+    launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    time.sleep(2)
+    os.killpg(launcher.pid, signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=30)
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr
+    assert "a process failed (status 143)" in stderr
 
 
 # --- Two processes train like one --------------------------------------------------------------

@@ -469,6 +469,32 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint():
     progress.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
 
 
+def test_a_non_finite_loss_puts_the_checkpoint_it_names_on_disk_before_stopping(demo_root, tmp_path, monkeypatch):
+    """Every process of a job stops at the same step; the entry point then ends a multi-process job
+    at once, so the save in flight must be finished here, not by the interpreter's exit."""
+    events = []
+    make_manager = checkpoint.make_manager
+
+    def spied_manager(*args, **kwargs):
+        manager = make_manager(*args, **kwargs)
+        wait = manager.wait_until_finished
+        monkeypatch.setattr(manager, "wait_until_finished", lambda: events.append("wait") or wait())
+        return manager
+
+    def diverge(metrics, step, checkpoint_dir, last_saved):
+        if step == 2:
+            events.append("nan")
+            raise FloatingPointError(f"loss became non-finite at step 2; the last good checkpoint is step {last_saved}")
+
+    monkeypatch.setattr(checkpoint, "make_manager", spied_manager)
+    monkeypatch.setattr(trainer, "check_finite", diverge)
+    config = stage_config("pretrain", demo_root, total_steps=4, log_every=1, eval_every=0, checkpoint_every=1)
+    config.model.depth = 1
+    with pytest.raises(FloatingPointError, match="the last good checkpoint is step 1"):
+        pretrain_stage.run(config, str(tmp_path))
+    assert events[-2:] == ["nan", "wait"]
+
+
 @pytest.mark.slow
 def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstructions(pretrained, tmp_path, capsys):
     workdir, _, final = pretrained

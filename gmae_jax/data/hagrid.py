@@ -89,21 +89,22 @@ class ReadReport:
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     repaired: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     dropped: dict[str, dict[str, tuple[str, int]]] = dataclasses.field(default_factory=dict)
-    details: dict[str, str] = dataclasses.field(default_factory=dict)
+    details: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # (reason, name) -> detail
 
     def skip(self, reason: str, name: str, detail: str = "") -> None:
         self.skipped.setdefault(reason, []).append(name)
         if detail:
-            self.details[name] = detail
+            self.details[(reason, name)] = detail
 
     def drop(self, reason: str, name: str, class_name: str, images: int = 1, detail: str = "") -> None:
         """Skips `name`, which loses `images` images of `class_name`."""
         self.skip(reason, name, detail)
         self.dropped.setdefault(reason, {})[name] = (class_name, images)
 
-    def described(self, names: Sequence[str]) -> list[str]:
+    def described(self, reason: str, names: Sequence[str]) -> list[str]:
         """'name: what was wrong' where that is known, else the name."""
-        return [f"{name}: {self.details[name]}" if name in self.details else name for name in names]
+        return [f"{name}: {self.details[(reason, name)]}" if (reason, name) in self.details else name
+                for name in names]
 
     def repair(self, reason: str, name: str) -> None:
         self.repaired.setdefault(reason, []).append(name)
@@ -147,7 +148,7 @@ class ReadReport:
         logging.info("Read %d records from %s; skipped or repaired entries: %s", self.num_records, source,
                      ", ".join(f"{reason} {n}" for reason, n in self.counts().items()) or "none")
         for reason, names in (self.skipped | self.repaired).items():
-            logging.warning("%s: %d x %s, e.g. %s", source, len(names), reason, self.described(names[:3]))
+            logging.warning("%s: %d x %s, e.g. %s", source, len(names), reason, self.described(reason, names[:3]))
         if self.dropped_images():
             logging.warning("%s: images dropped per reason (class counts): %s", source, self.describe_dropped())
 
@@ -304,7 +305,8 @@ def _read(
                 key = (class_folder, image_id)
                 first = annotated.setdefault(key, path)
                 if first.parent != folder and {first.parent.name, folder.name} <= disjoint:
-                    report.drop(IN_TWO_SPLITS, f"{image_id} in {path} (kept in {first})", class_folder)
+                    report.drop(IN_TWO_SPLITS, str(images.get(key, path)), class_folder,
+                                detail=f"{image_id} annotated again in {path} (kept in {first})")
                     continue
                 if split is None:
                     continue

@@ -44,7 +44,7 @@ def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]
                 items.append(Input(record.path, crops.gesture_box(record), label))
         for reason, names in report.skipped.items():
             for name in names:  # a file or folder
-                detail = report.details.get(name)
+                detail = report.details.get((reason, name))
                 reasons.setdefault(name, f"{reason} ({detail})" if detail else reason)
         strays += report.skipped.get(hagrid.STRAY_FILE, [])
     # Files outside the image folders that the reader named (e.g. stray files among the annotations).

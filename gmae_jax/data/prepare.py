@@ -336,7 +336,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     manifest = {"source": str(config.data.root), "view": dataclasses.asdict(store),
                 "class_names": class_names, "counts": {}, "shards": sorted(os.path.relpath(t.path, out) for t in tasks),
-                "skipped": {k: report.described(v) for k, v in skipped.items() if v},
+                "skipped": {k: report.described(k, v) for k, v in skipped.items() if v},
                 "dropped_images": {k: dict(v) for k, v in report.dropped_images().items()},
                 "repaired": {k: len(v) for k, v in report.repaired.items()}}
     for corpus in sorted({c for c, _ in parts}):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,12 +28,19 @@ class PreemptionWatch:
     def __init__(self, manager: ocp.CheckpointManager):
         self.manager = manager
         self.received = False
+        self._first_at = 0.0
         self._previous = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
+    # A SIGTERM this soon after the first is the same preemption delivered twice (a scheduler that
+    # signals the whole process group, and a launcher that passes it on to its processes).
+    DUPLICATE_WITHIN_S = 1.0
+
     def _handle(self, signum: int, frame: object) -> None:
         del frame
+        if self.received and time.monotonic() - self._first_at < self.DUPLICATE_WITHIN_S:
+            return
         if self.received:
             # The step never ended (a stalled disk or bucket): a second SIGTERM stops now. Orbax renames a
             # checkpoint only once it is complete, so the last one on disk stays good.
@@ -43,6 +51,7 @@ class PreemptionWatch:
         logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping "
                         "(a second SIGTERM stops at once)")
         self.received = True
+        self._first_at = time.monotonic()
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:

@@ -161,15 +161,19 @@ def evaluate(
         outputs["valid"].append(sharding.to_host(batch["valid"]))
 
     first, pending = None, None
-    for host_batch in dataset:
-        first = host_batch if first is None else first
-        batch = sharding.global_batch(host_batch, mesh)
-        # Dispatched before the previous batch's results are read: the device computes while the
-        # host waits for them and loads the next batch.
-        dispatched = (eval_step(state, batch), batch)
-        if pending is not None:
-            collect(*pending)
-        pending = dispatched
+    batches = iter(dataset)
+    try:
+        for host_batch in batches:
+            first = host_batch if first is None else first
+            batch = sharding.global_batch(host_batch, mesh)
+            # Dispatched before the previous batch's results are read: the device computes while the
+            # host waits for them and loads the next batch.
+            dispatched = (eval_step(state, batch), batch)
+            if pending is not None:
+                collect(*pending)
+            pending = dispatched
+    finally:
+        batches.close()  # its workers stop now, also when an error ends the process without exit hooks
     if pending is not None:
         collect(*pending)
     stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
@@ -279,7 +283,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                          or (evaluated and bool(loop.best_metric)))
             if is_last or must_save or step % config.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(metrics, step, checkpoint_dir, last_saved)
+                try:
+                    check_finite(metrics, step, checkpoint_dir, last_saved)
+                except FloatingPointError:
+                    # Every process stops here (the metrics are global): the save it names goes to disk
+                    # first, also where the entry point ends a failed multi-process job at once.
+                    manager.wait_until_finished()
+                    raise
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
                 progress.log_line(task.name, step, metrics)
                 writer.write({"step": step, "split": "train", **metrics})
