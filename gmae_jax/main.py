@@ -60,11 +60,20 @@ def main(argv: list[str]) -> None:
         in_a_job = jax.distributed.is_initialized() and jax.process_count() > 1
         if line is None or _DEBUG.value or user_errors.debug_requested(sys.argv):
             if in_a_job:
-                _leave_the_job(traceback.format_exc())
+                _leave_the_job(traceback.format_exc() + unanswered_hint(error))
             raise
         if in_a_job:
             _leave_the_job(f"error: {line}\n")
         sys.exit(f"error: {line}")
+
+
+def unanswered_hint(error: BaseException) -> str:
+    """A line under a collective's timeout in a multi-process job: most often another process failed
+    first (and left at once), and its log holds the error to fix."""
+    if "DEADLINE_EXCEEDED" not in str(error):
+        return ""
+    return (f"note: process {jax.process_index()} waited in vain for another process of the job; if one failed "
+            "first, its log names the error to fix (launch/local_multiprocess.sh: $LOG_DIR/process_<rank>.log)\n")
 
 
 def _leave_the_job(message: str) -> None:

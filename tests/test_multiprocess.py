@@ -372,12 +372,17 @@ def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
                      "--num_processes=2", f"--process_id={rank}") for rank, (root, log) in enumerate(zip(roots, logs))]
     try:
         procs[1].wait(timeout=120)
+        # Process 0 waits for it in the first collective until JAX gives up (~30 s), then leaves too,
+        # pointing at the other processes' logs.
+        procs[0].wait(timeout=180)
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
     last = logs[1].read_text().strip().splitlines()[-1]
     assert procs[1].returncode == 1 and last.startswith("error: ") and "no_such_folder" in last, last
+    last = logs[0].read_text().strip().splitlines()[-1]
+    assert procs[0].returncode == 1 and last.startswith("note: process 0 waited in vain for another process"), last
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------
@@ -409,3 +414,10 @@ def test_processes_agree_on_the_restored_step(tmp_path):
     assert (step_0, step_1) == (2, 2)
     assert why_0 == "process 1 of 2 could not restore it"
     assert why_1 == "OSError: simulated read failure on process 1"
+
+
+def test_a_collective_that_times_out_points_at_the_other_processes_logs():
+    from gmae_jax import main
+    timed_out = RuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out")
+    assert main.unanswered_hint(timed_out).startswith("note: process 0 waited in vain for another process")
+    assert main.unanswered_hint(ValueError("a bug of ours")) == ""
