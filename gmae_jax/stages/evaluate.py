@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import jax
 import ml_collections
@@ -48,8 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     distributed.check_processes_agree({"evaluation images": len(examples)}, "data")
     task = tasks.make_task(restored.config, restored.model, restored.class_names)
     eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
-    # Whole rows per device (the last batch is padded, so the metrics do not depend on it).
-    batch_size = math.ceil(config.batch_size / restored.mesh.size) * restored.mesh.size
+    batch_size = sharding.whole_rows(config.batch_size, restored.mesh)  # the metrics do not depend on it
     if batch_size != config.batch_size:
         logging.info("evaluating in batches of %d: config.batch_size=%d rounded up to a multiple of the %d devices",
                      batch_size, config.batch_size, restored.mesh.size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import json
-import math
 
 import jax
 import ml_collections
@@ -92,7 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     names, image_size, mesh = restored.class_names, restored.model.config.img_size, restored.mesh
     top_k = min(config.top_k, len(names))
-    batch = math.ceil(config.batch_size / mesh.size) * mesh.size  # whole rows per device
+    batch = sharding.whole_rows(config.batch_size, mesh)
 
     @jax.jit
     def probabilities(weights: setup.Weights, images: jax.Array) -> jax.Array:

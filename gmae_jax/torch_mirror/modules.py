@@ -147,8 +147,8 @@ class MSC_FFN(nn.Module):  # noqa: N801 -- the original's class name
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = _hide(x, keep)
-        h = _branch(self.fusion, torch.cat([_branch(b, x, keep) for b in (self.dconv1, self.dconv2, self.dconv3)], 1),
-                    keep)
+        branches = [_branch(layers, x, keep) for layers in (self.dconv1, self.dconv2, self.dconv3)]
+        h = _branch(self.fusion, torch.cat(branches, 1), keep)
         return self.fc2(F.gelu(self.fc1(_tokens(h))))
 
 

@@ -113,6 +113,12 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def whole_rows(batch_size: int, mesh: Mesh) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's devices, so each gets whole rows (for
+    evaluation and prediction, whose last batch is padded anyway)."""
+    return math.ceil(batch_size / mesh.size) * mesh.size
+
+
 def tree_to_host(tree: Any) -> Any:
     """Every array of `tree` whole, as numpy, on this process. Arrays split over several processes'
     devices (FSDP across hosts) are gathered, a collective: every process must call it."""
