@@ -8,6 +8,12 @@ with `--vs_torch` also the PyTorch mirror's step by the same kinds of work, side
 orbax's replica-parallel slices (`train.checkpoint_benchmark`), e.g. on 8 simulated CPU devices:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gmae_jax.bench --checkpoint_save --preset=small`.
 
+`--suite=memory` compiles the device suite's cases for a GPU or TPU this machine need not have and prints
+XLA's memory plan per device and the largest batch that fits (`train.memory_plan`), e.g.
+`python -m gmae_jax.bench --suite=memory --plan_target=h100 --plan_devices=8 --plan_fsdp=8
+--suite_presets=reference` (needs `pip install -e '.[gpu-plan]'`, for TPUs `.[tpu]`; `--plan_target=cpu`
+plans for this machine's devices).
+
 `--model_flops` prints the training GFLOP per image of every preset (what MFU and cost estimates
 start from), counted from the step's jaxpr, e.g. `python -m gmae_jax.bench --model_flops --mask_ratio=0.75`.
 
@@ -76,9 +82,20 @@ _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
                                      "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
 _MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense, --model_flops: fraction of patches hidden.")
 flags.register_validator("mask_ratio", lambda ratio: 0.0 < ratio < 1.0, "--mask_ratio must be in (0, 1)")
-_SUITE = flags.DEFINE_enum("suite", None, ["device"],
+_SUITE = flags.DEFINE_enum("suite", None, ["device", "memory"],
                            "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), with the "
-                           "eager PyTorch mirror on its first case if torch is installed.")
+                           "eager PyTorch mirror on its first case if torch is installed. memory: the same "
+                           "cases' device memory as XLA plans it for --plan_target, and the largest batch that "
+                           "fits (gmae_jax/train/memory_plan.py; compiles, runs nothing).")
+PLAN_TARGETS = ["cpu", "h100", "h200", "v5e", "v6e", "v5p"]  # memory_plan.TARGETS (tested)
+_PLAN_TARGET = flags.DEFINE_enum("plan_target", "h100", PLAN_TARGETS,
+                                 "--suite=memory: devices to plan for (GPUs need JAX's CUDA plugin, "
+                                 "pip install -e '.[gpu-plan]'; TPUs libtpu, '.[tpu]'; no device).")
+_PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 1, "--suite=memory: devices of one host.", lower_bound=1)
+_PLAN_FSDP = flags.DEFINE_integer("plan_fsdp", 1, "--suite=memory: the mesh's fsdp axis (divides --plan_devices).",
+                                  lower_bound=1)
+_PLAN_CASES = flags.DEFINE_list("plan_cases", [], "--suite=memory: plan only these of the suite's cases, named as "
+                                "its table names them (e.g. 'small pretrain float32 encoder'); default all.")
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
 _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"],
                                        "--suite: starting batch per preset (halved until it fits).")
@@ -104,8 +121,10 @@ _FLAG_USERS = {
     "model_override": {"--train_step", "--profile_step", "--sparse_vs_dense"},
     "dtype": {"--profile_step"}, "vs_torch": {"--train_step", "--profile_step"},
     "tasks": {"--vs_torch", "--profile_step"}, "mask_ratio": {"--sparse_vs_dense", "--model_flops"},
-    "suite_presets": {"--suite"}, "suite_batch_sizes": {"--suite"}, "suite_img_size": {"--suite"},
-    "suite_budget_s": {"--suite"},
+    "suite_presets": {"--suite=device", "--suite=memory"}, "suite_batch_sizes": {"--suite=device", "--suite=memory"},
+    "suite_img_size": {"--suite=device", "--suite=memory"}, "suite_budget_s": {"--suite=device"},
+    "plan_target": {"--suite=memory"}, "plan_devices": {"--suite=memory"}, "plan_fsdp": {"--suite=memory"},
+    "plan_cases": {"--suite=memory"},
 }
 
 
@@ -267,6 +286,25 @@ def run_device_suite() -> None:
                             num_steps=10)
 
 
+def run_memory_plan() -> None:
+    """The device suite's cases as XLA plans them for `--plan_target`, printed row by row."""
+    from gmae_jax.train import device_suite, memory_plan  # noqa: PLC0415 (model code only here)
+
+    if _PLAN_DEVICES.value % _PLAN_FSDP.value:
+        raise app.UsageError(f"--plan_fsdp={_PLAN_FSDP.value} must divide --plan_devices={_PLAN_DEVICES.value}")
+    batch_sizes = device_suite.batch_sizes_for(_SUITE_PRESETS.value, [int(b) for b in _SUITE_BATCH_SIZES.value])
+    cases = [case for case in device_suite.default_cases(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes)
+             if not _PLAN_CASES.value or case.name in _PLAN_CASES.value]
+    unknown = sorted(set(_PLAN_CASES.value) - {case.name for case in cases})
+    if unknown:
+        raise app.UsageError(f"--plan_cases: {unknown} not among the suite's cases for these presets")
+    try:
+        for line in memory_plan.plan_table(cases, _PLAN_TARGET.value, _PLAN_DEVICES.value, _PLAN_FSDP.value):
+            print(line, flush=True)
+    except memory_plan.PlanUnavailableError as error:
+        raise app.UsageError(str(error)) from None
+
+
 def main(argv: Sequence[str]) -> None:
     """The benchmark the flags choose; a bad choice of flags, preset or architecture is one line (absl
     would print this module's whole docstring above a UsageError), not a traceback."""
@@ -280,12 +318,12 @@ def main(argv: Sequence[str]) -> None:
 def run_benchmarks(argv: Sequence[str]) -> None:
     del argv
     chosen = {name for name, value in (
-        ("--pipeline", _PIPELINE.value), ("--train_step", _TRAIN_STEP.value), ("--suite", _SUITE.value),
+        ("--pipeline", _PIPELINE.value), ("--train_step", _TRAIN_STEP.value), (f"--suite={_SUITE.value}", _SUITE.value),
         ("--sparse_vs_dense", _SPARSE_VS_DENSE.value), ("--profile_step", _PROFILE_STEP.value),
         ("--model_flops", _MODEL_FLOPS.value), ("--checkpoint_save", _CHECKPOINT_SAVE.value)) if value}
     if not chosen:
         raise app.UsageError("choose a benchmark: --pipeline, --train_step, --profile_step, --sparse_vs_dense, "
-                             "--model_flops, --checkpoint_save or --suite=device")
+                             "--model_flops, --checkpoint_save, --suite=device or --suite=memory")
     if len(chosen) > 1 and chosen != {"--pipeline", "--train_step"}:  # only that pair runs one after the other
         raise app.UsageError(f"choose one benchmark per run (got {', '.join(sorted(chosen))}); only --pipeline "
                              "and --train_step go together")
@@ -319,6 +357,9 @@ def run_benchmarks(argv: Sequence[str]) -> None:
         return
     if _SUITE.value == "device":
         run_device_suite()
+        return
+    if _SUITE.value == "memory":
+        run_memory_plan()
         return
     if _TRAIN_STEP.value:
         # Before JAX starts its threads: XLA:CPU's per-step buffers then reuse memory (see module).

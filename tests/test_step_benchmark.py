@@ -96,6 +96,8 @@ def test_model_overrides_parse_to_python_values():
     (["--train_step", "--preset=nope", "--batch_size=8"], "unknown model preset 'nope'"),
     (["--model_flops", "--train_step"], "choose one benchmark per run (got --model_flops, --train_step)"),
     (["--model_flops", "--dtype=bfloat16"], "--dtype applies to --profile_step only"),
+    (["--suite=memory", "--plan_devices=3", "--plan_fsdp=2"], "--plan_fsdp=2 must divide --plan_devices=3"),
+    (["--suite=memory", "--plan_target=cpu", "--plan_cases=nope"], "['nope'] not among the suite's cases"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,
@@ -110,7 +112,8 @@ def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     ({"--train_step"}, ["tasks"], "--tasks applies to --profile_step, --vs_torch only"),
     ({"--pipeline", "--train_step"}, ["num_images", "rounds"], None),
     ({"--train_step", "--vs_torch"}, ["tasks", "vs_torch"], None),
-    ({"--suite"}, ["suite_presets", "preset"], "--preset applies to"),
+    ({"--suite=device"}, ["suite_presets", "preset"], "--preset applies to"),
+    ({"--suite=device"}, ["plan_target"], "--plan_target applies to --suite=memory only"),
 ])
 def test_a_flag_no_chosen_benchmark_reads_is_refused(chosen, present, refused):
     if refused is None:

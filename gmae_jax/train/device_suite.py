@@ -102,7 +102,8 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _architecture(case: Case) -> GMSTConfig:
+def architecture(case: Case) -> GMSTConfig:
+    """The model a case trains (its preset with the case's size, dtype, masking, remat and conv_impl)."""
     depth = {} if case.depth is None else {"depth": case.depth}
     return gmst_config(config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
                                                 mask_mode=case.mask_mode, remat=case.remat,
@@ -112,7 +113,7 @@ def _architecture(case: Case) -> GMSTConfig:
 def flops_per_image(case: Case) -> float:
     """Model FLOPs per image of a case's step (`model_flops`): the same for any dtype, remat mode and
     conv_impl and linear in the batch, so traced once per architecture (seconds for `reference`)."""
-    counted = dataclasses.replace(_architecture(case), dtype="float32", remat="none", conv_impl="auto")
+    counted = dataclasses.replace(architecture(case), dtype="float32", remat="none", conv_impl="auto")
     return _flops_per_image(counted, case.stage)
 
 
@@ -131,7 +132,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
     _progress(f"{case.name}, batch {case.batch_size}: initialising")
-    bench = step_benchmark.build_train_step(_architecture(case), case.stage, case.batch_size,
+    bench = step_benchmark.build_train_step(architecture(case), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh,
                                             pipeline_inputs=True)
     state, batch, rng = bench.state, bench.batch, bench.rng
@@ -197,7 +198,7 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
     while True:
         _progress(f"PyTorch mirror of {case.name}, batch {batch_size}: timing")
         try:
-            _, step = train_step.make_step(_architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
+            _, step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
                                                mask_ratio=MASK_RATIO)
             step()  # warm-up: cuDNN / cuBLAS choices, allocator
             start = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -111,6 +112,28 @@ def create_state(
     """Initialises parameters and optimiser state directly with their shardings (no host copy).
 
     `frozen` names top-level parameter groups the optimiser must never change (linear probing)."""
+    init, schedule = _initialiser(model, init_inputs, config, steps_total, frozen)
+    rng = jax.random.key(config.seed)
+    state_sharding = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
+    return init_compile.compiled_initialiser(init, rng, state_sharding, mesh)(rng), schedule
+
+
+def abstract_state(
+    model: nn.Module, init_inputs: tuple[Any, ...], config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh, steps_total: int,
+) -> steps.TrainState:
+    """`create_state`'s shapes, dtypes and shardings without an array: what a step is compiled for
+    where the state would not fit on this machine or its devices are only described (`memory_plan`)."""
+    init, _ = _initialiser(model, init_inputs, config, steps_total)
+    shapes = jax.eval_shape(init, jax.random.key(config.seed))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, sharding.state_shardings(shapes, mesh))
+
+
+def _initialiser(
+    model: nn.Module, init_inputs: tuple[Any, ...], config: ml_collections.ConfigDict, steps_total: int,
+    frozen: tuple[str, ...] = (),
+) -> tuple[Callable[[jax.Array], steps.TrainState], optax.Schedule]:
     tx, schedule = make_optimizer(config.optim, steps_total, config.model.depth, frozen)
 
     def init(rng: jax.Array) -> steps.TrainState:
@@ -118,9 +141,7 @@ def create_state(
         return steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                        batch_stats=variables.get("batch_stats", {}))
 
-    rng = jax.random.key(config.seed)
-    state_sharding = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
-    return init_compile.compiled_initialiser(init, rng, state_sharding, mesh)(rng), schedule
+    return init, schedule
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:

@@ -1,0 +1,247 @@
+"""Device memory of a train step, planned by XLA's compiler for devices this machine need not have.
+
+A case of the device suite that does not fit costs a GPU loan a whole compile (a minute or more at
+224 px) before its batch is halved, and whether the 1.3 B `reference` model trains on one GPU, or on
+16 GB TPU chips, and what FSDP over eight leaves on each, are questions about memory, not speed. XLA
+compiles for devices it is only told of (deviceless ahead-of-time compilation:
+`jax.experimental.topologies`; for GPUs a target description and JAX's CUDA plugin,
+`pip install -e '.[gpu-plan]'`; for TPUs libtpu, `pip install -e '.[tpu]'`; no device or driver),
+and the compiled program's `memory_analysis` is the buffer plan the device would run:
+parameters, optimiser state and batch, plus every temporary (the activations kept for the backward
+pass among them). The plan grows linearly in the batch, so two compiles give the largest batch that
+fits and a third checks it.
+
+Nothing is allocated: the train state is abstract (`trainer.abstract_state`), so `reference`'s
+~21 GB of float32 weights and AdamW moments need not fit in this machine's memory either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from gmae_jax.models import fast_conv
+from gmae_jax.train import device_suite, sharding, step_benchmark, steps, trainer
+
+# Descriptions of GPUs for XLA's compiler (its GpuTargetConfig): what it would otherwise query from
+# the device. The figures are NVIDIA's published ones for the SXM parts (compute capability 9.0).
+_HOPPER = """
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A kind of device to plan for: how XLA is told of it, and its memory per device."""
+
+    platform: str  # 'cpu', 'cuda' or 'tpu'
+    memory_bytes: int | None = None  # None: this machine's host memory, no limit
+    gpu_config: str = ""  # XLA's GpuTargetConfig (GPUs)
+    tpu_host: str = ""  # the topology of one host (TPUs); plans use its first devices
+
+    @property
+    def extra(self) -> str:
+        return {"cuda": "gpu-plan", "tpu": "tpu"}.get(self.platform, "")
+
+
+TARGETS = {
+    "cpu": Target("cpu"),
+    "h100": Target("cuda", 81_559_830_528, _HOPPER.format(
+        name="NVIDIA H100 80GB HBM3", memory=81_559_830_528, bandwidth=3_352_320_000_000)),
+    "h200": Target("cuda", 150_754_820_096, _HOPPER.format(
+        name="NVIDIA H200", memory=150_754_820_096, bandwidth=4_800_000_000_000)),
+    # HBM per chip: 16 GiB (v5e), 32 GiB (v6e), 95 GiB (v5p); 8 chips a host (v5p: 4).
+    "v5e": Target("tpu", 16 * 2**30, tpu_host="v5e:2x4"),
+    "v6e": Target("tpu", 32 * 2**30, tpu_host="v6e:2x4"),
+    "v5p": Target("tpu", 95 * 2**30, tpu_host="v5p:2x2x1"),
+}
+# JAX's allocator takes this share of a GPU's memory at start-up (XLA_PYTHON_CLIENT_MEM_FRACTION);
+# a step has that much, not the whole device. TPUs give a program their whole memory.
+DEFAULT_GPU_MEM_FRACTION = 0.75
+# Plans leave this share of the allocator's memory free: fragmentation, what runs beside the step
+# (input batches in flight, checkpoint copies), and the plan's own error: `small`'s bf16 pretraining
+# step at batch 256 plans 14.5 GB for an H100 with cuDNN convolutions, where an H200 measured a peak
+# of 15.8 GB in use (BENCHMARKS.md, sessions 8 and 18).
+HEADROOM = 0.15
+# Where the search for the largest batch stops: past it a step's images/s no longer grows on any
+# accelerator this project targets, and compiles grow (a small model at 32 px would fit ~10^5).
+MAX_BATCH = 4096
+
+
+class PlanUnavailableError(RuntimeError):
+    """The target cannot be compiled for on this machine; the message says what to install."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """XLA's buffer plan for one device of a case's compiled train step."""
+
+    batch_size: int
+    state_bytes: int  # parameters, BatchNorm statistics and optimiser state held between steps
+    peak_bytes: int  # arguments + outputs not aliased to them + temporaries
+    compile_s: float
+
+
+def target_devices(target: str, num_devices: int) -> list[jax.Device]:
+    """`num_devices` devices of one host of `target`: this machine's own for 'cpu', else devices
+    described to the compiler (they can be compiled for, not run on)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    kind = TARGETS[target]
+    if kind.platform == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < num_devices:
+            raise ValueError(f"{num_devices} CPU devices wanted, {len(devices)} here "
+                             f"(XLA_FLAGS=--xla_force_host_platform_device_count={num_devices})")
+        return devices[:num_devices]
+    # Without it the CUDA plugin refuses to load where no CUDA runtime is installed. Read when JAX
+    # starts its backends, so this must run before the process's first computation (`bench` does).
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        if kind.platform == "cuda":
+            topology = topologies.get_topology_desc(platform="cuda", target_config=kind.gpu_config,
+                                                    topology=f"1x1x{num_devices}")
+        else:
+            topology = topologies.get_topology_desc(topology_name=kind.tpu_host, platform="tpu")
+    except (NotImplementedError, RuntimeError) as error:
+        raise PlanUnavailableError(
+            f"cannot compile for {target} on this machine ({str(error).splitlines()[0][:200]}); planning for "
+            f"{target} needs JAX's {kind.platform.upper()} plugin (no device or driver): "
+            f"pip install -e '.[{kind.extra}]'") from error
+    if len(topology.devices) < num_devices:
+        raise ValueError(f"one {target} host has {len(topology.devices)} devices; {num_devices} wanted")
+    return list(topology.devices)[:num_devices]
+
+
+def device_capacity(target: str) -> int | None:
+    """Bytes a step may plan for on one `target` device; None for this machine's CPU (no limit)."""
+    kind = TARGETS[target]
+    if kind.memory_bytes is None or kind.platform != "cuda":
+        return kind.memory_bytes
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_GPU_MEM_FRACTION))
+    return int(kind.memory_bytes * fraction)
+
+
+def plan(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> Plan:
+    """Compiles `case`'s train step (as the device suite runs it) for `devices` on a (data, fsdp) mesh
+    and reads its buffer plan; nothing runs and no array is made."""
+    platform = devices[0].platform
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), sharding.BATCH_AXES)
+    concrete = dataclasses.replace(case, conv_impl=fast_conv.resolve(case.conv_impl, _backend(platform)))
+    model, init_inputs, loss_fn, run = step_benchmark.model_and_loss(
+        device_suite.architecture(concrete), case.stage, mask_ratio=device_suite.MASK_RATIO,
+        num_classes=device_suite.NUM_CLASSES)
+    state = trainer.abstract_state(model, init_inputs, run, mesh, steps_total=1000)
+    batch_sharding = sharding.batch_sharding(mesh)
+    one_example = step_benchmark.pipeline_batch(1, case.img_size, device_suite.NUM_CLASSES)
+    batch = {key: jax.ShapeDtypeStruct((case.batch_size, *value.shape[1:]), value.dtype, sharding=batch_sharding)
+             for key, value in one_example.items()}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
+    start = time.perf_counter()
+    memory = step.lower(state, batch, rng).compile().memory_analysis()
+    compile_s = time.perf_counter() - start
+    state_bytes = sharding.bytes_per_device(state)
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+    return Plan(case.batch_size, state_bytes, peak, compile_s)
+
+
+def _backend(platform: str) -> str:
+    """The name `jax.default_backend()` would give on a machine with these devices."""
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def largest_batch(case: device_suite.Case, devices: Sequence[jax.Device], capacity: int, fsdp: int = 1,
+                  multiple: int = 16, max_batch: int = MAX_BATCH) -> tuple[Plan | None, list[Plan]]:
+    """The largest batch up to `max_batch` (a multiple of `multiple` and of the device count) whose
+    plan stays within `capacity` less `HEADROOM`, from the plans at the case's batch and twice it
+    (memory is linear in the batch), checked by compiling it. Returns (that plan or None if even the
+    smallest batch does not fit, every plan compiled)."""
+    step = math.lcm(multiple, len(devices))
+    limit = capacity * (1 - HEADROOM)
+    first = plan(case, devices, fsdp)
+    second = plan(dataclasses.replace(case, batch_size=2 * case.batch_size), devices, fsdp)
+    plans = [first, second]
+    per_image = (second.peak_bytes - first.peak_bytes) / case.batch_size
+    fixed = first.peak_bytes - per_image * case.batch_size
+    batch = int((limit - fixed) / per_image) if per_image > 0 else max_batch
+    batch = min(batch, max_batch) // step * step
+    while batch >= step:
+        known = next((p for p in plans if p.batch_size == batch), None)
+        checked = known or plan(dataclasses.replace(case, batch_size=batch), devices, fsdp)
+        if not known:
+            plans.append(checked)
+        if checked.peak_bytes <= limit:
+            return checked, plans
+        batch = int(batch * limit / checked.peak_bytes) // step * step  # the line was optimistic
+    return None, plans
+
+
+HEADER = ("| case | devices | batch | state GB / device | planned peak GB / device | GB per image | "
+          "largest batch within {limit} | its peak GB | compile s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int = 1,
+               fsdp: int = 1) -> Iterator[str]:
+    """Yields a markdown table: each case's plan at its batch and the largest batch that fits one
+    `target` device (GPU targets; on 'cpu' only the plan at the case's batch and twice it)."""
+    devices = target_devices(target, num_devices)
+    capacity = device_capacity(target)
+    limit = f"{capacity * (1 - HEADROOM) / 1e9:.0f} GB" if capacity else "n/a"
+    room = (f"limit: {100 * (1 - HEADROOM):.0f} % of the allocator's {capacity / 1e9:.0f} GB" if capacity
+            else "no limit (host memory)")
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    yield (f"{num_devices} x {devices[0].device_kind} ({target}, planned by XLA without running), mesh "
+           f"data={num_devices // fsdp} x fsdp={fsdp}, JAX {jax.__version__}, XLA_FLAGS={flags!r}; {room}")
+    yield HEADER.format(limit=limit)
+    for case in cases:
+        try:
+            if capacity:
+                best, plans = largest_batch(case, devices, capacity, fsdp)
+            else:
+                best, plans = None, [plan(case, devices, fsdp), plan(dataclasses.replace(
+                    case, batch_size=2 * case.batch_size), devices, fsdp)]
+        except Exception as error:  # one case XLA cannot compile must not cost the others
+            yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:160]} |"
+            continue
+        first, second = plans[0], plans[1]
+        per_image = (second.peak_bytes - first.peak_bytes) / case.batch_size
+        capped = "+" if best and best.batch_size == MAX_BATCH else ""  # more would fit
+        found = (f"{best.batch_size}{capped} | {best.peak_bytes / 1e9:.2f}" if best
+                 else "none fits | " if capacity else "n/a | n/a")
+        yield (f"| {case.name} | {num_devices} | {case.batch_size} | {first.state_bytes / 1e9:.2f} | "
+               f"{first.peak_bytes / 1e9:.2f} | {per_image / 1e9:.3f} | {found} | "
+               f"{sum(p.compile_s for p in plans) / len(plans):.0f} |")

@@ -1,0 +1,83 @@
+"""XLA's memory plan of the device suite's cases, compiled for devices without running on them (here
+this machine's CPUs; GPUs need JAX's CUDA plugin, see BENCHMARKS.md for their tables)."""
+
+import dataclasses
+import re
+
+import jax
+import pytest
+from jax.experimental import topologies
+
+from gmae_jax import bench
+from gmae_jax.train import device_suite, memory_plan, sharding, step_benchmark, trainer
+from gmae_jax.train.device_suite import Case
+
+CASE = Case(preset="micro", stage="pretrain", dtype="float32", batch_size=16, img_size=32, depth=1)
+
+
+@pytest.fixture(scope="module")
+def two_cpus():
+    return memory_plan.target_devices("cpu", 2)
+
+
+def test_the_abstract_state_is_the_state_a_run_creates(two_cpus):
+    mesh = sharding.make_mesh(devices=two_cpus)
+    model, init_inputs, _, run = step_benchmark.model_and_loss(device_suite.architecture(CASE), "pretrain")
+    real, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
+    abstract = trainer.abstract_state(model, init_inputs, run, mesh, 1000)
+    planned, made = (jax.tree.leaves_with_path(state) for state in (abstract, real))
+    assert [path for path, _ in planned] == [path for path, _ in made]
+    for (_, want), (_, got) in zip(planned, made):
+        assert (want.shape, want.dtype, want.sharding) == (got.shape, got.dtype, got.sharding)
+    assert sharding.bytes_per_device(abstract) == sharding.bytes_per_device(real) > 0
+
+
+def test_plans_grow_with_the_batch_and_give_the_largest_batch_that_fits(two_cpus):
+    # One test, so that every program compiled twice is a hit in the session's compilation cache.
+    at_16, at_32 = (memory_plan.plan(dataclasses.replace(CASE, batch_size=b), two_cpus) for b in (16, 32))
+    assert at_16.state_bytes == at_32.state_bytes > 0
+    assert at_32.peak_bytes > at_16.peak_bytes > at_16.state_bytes
+    assert memory_plan.plan(CASE, two_cpus, fsdp=2).state_bytes < at_16.state_bytes  # large arrays halved
+
+    per_image = (at_32.peak_bytes - at_16.peak_bytes) / 16
+    # Room for ~100 images: the answer is not one of the two batches the line is drawn through.
+    capacity = int((at_16.peak_bytes + 84 * per_image) / (1 - memory_plan.HEADROOM))
+    best, plans = memory_plan.largest_batch(CASE, two_cpus, capacity)
+    limit = capacity * (1 - memory_plan.HEADROOM)
+    assert best is not None and best.batch_size % 16 == 0 and best.batch_size > 32
+    assert best.peak_bytes <= limit and best in plans
+    beyond = memory_plan.plan(dataclasses.replace(CASE, batch_size=best.batch_size + 16), two_cpus)
+    assert beyond.peak_bytes > limit
+    nothing, _ = memory_plan.largest_batch(CASE, two_cpus, capacity=at_16.state_bytes)
+    assert nothing is None
+    capped, _ = memory_plan.largest_batch(CASE, two_cpus, capacity=10**12, max_batch=40)
+    assert capped.batch_size == 32  # the largest multiple of 16 up to the cap
+
+    lines = list(memory_plan.plan_table([CASE], "cpu", num_devices=2))
+    assert "no limit" in lines[0] and lines[1].startswith("| case |")
+    cells = lines[2].strip("| ").split(" | ")
+    assert cells[:3] == [CASE.name, "2", "16"]
+    assert float(cells[4]) == pytest.approx(at_16.peak_bytes / 1e9, abs=0.005)
+
+
+@pytest.mark.parametrize("target, extra", [("h100", "gpu-plan"), ("v5e", "tpu")])
+def test_targets_without_their_plugin_say_what_to_install(monkeypatch, target, extra):
+    def no_plugin(**kwargs):
+        raise NotImplementedError(f"topology not implemented for {kwargs['platform']}")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
+    with pytest.raises(memory_plan.PlanUnavailableError, match=re.escape(f"pip install -e '.[{extra}]'")):
+        memory_plan.target_devices(target, 1)
+
+
+def test_the_benchmark_offers_every_target():
+    assert bench.PLAN_TARGETS == list(memory_plan.TARGETS)
+
+
+def test_a_gpu_has_the_allocators_share_of_its_memory(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert memory_plan.device_capacity("h100") == int(81_559_830_528 * 0.75)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert memory_plan.device_capacity("h200") == int(150_754_820_096 * 0.9)
+    assert memory_plan.device_capacity("v5e") == 16 * 2**30  # TPUs: the whole chip
+    assert memory_plan.device_capacity("cpu") is None
