@@ -94,8 +94,9 @@ _PLAN_TARGET = flags.DEFINE_enum("plan_target", "h100", PLAN_TARGETS,
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 1, "--suite=memory: devices of one host.", lower_bound=1)
 _PLAN_FSDP = flags.DEFINE_integer("plan_fsdp", 1, "--suite=memory: the mesh's fsdp axis (divides --plan_devices).",
                                   lower_bound=1)
-_PLAN_CASES = flags.DEFINE_list("plan_cases", [], "--suite=memory: plan only these of the suite's cases, named as "
-                                "its table names them (e.g. 'small pretrain float32 encoder'); default all.")
+_PLAN_CASES = flags.DEFINE_list("plan_cases", [], "--suite=memory: the cases to plan, named as the suite's table "
+                                "names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'; batch from "
+                                "--suite_batch_sizes by preset); default: the suite's.")
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
 _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"],
                                        "--suite: starting batch per preset (halved until it fits).")
@@ -293,11 +294,15 @@ def run_memory_plan() -> None:
     if _PLAN_DEVICES.value % _PLAN_FSDP.value:
         raise app.UsageError(f"--plan_fsdp={_PLAN_FSDP.value} must divide --plan_devices={_PLAN_DEVICES.value}")
     batch_sizes = device_suite.batch_sizes_for(_SUITE_PRESETS.value, [int(b) for b in _SUITE_BATCH_SIZES.value])
-    cases = [case for case in device_suite.default_cases(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes)
-             if not _PLAN_CASES.value or case.name in _PLAN_CASES.value]
-    unknown = sorted(set(_PLAN_CASES.value) - {case.name for case in cases})
-    if unknown:
-        raise app.UsageError(f"--plan_cases: {unknown} not among the suite's cases for these presets")
+    cases = device_suite.default_cases(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes)
+    if _PLAN_CASES.value:
+        batch_of = dict(zip(_SUITE_PRESETS.value, batch_sizes))
+        try:
+            cases = [device_suite.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
+                                                 batch_size=batch_of.get(name.split()[0], batch_sizes[0]))
+                     for name in _PLAN_CASES.value]
+        except ValueError as error:
+            raise app.UsageError(f"--plan_cases: {error}") from None
     try:
         for line in memory_plan.plan_table(cases, _PLAN_TARGET.value, _PLAN_DEVICES.value, _PLAN_FSDP.value):
             print(line, flush=True)

@@ -162,3 +162,12 @@ def test_the_pytorch_mirror_halves_a_batch_it_cannot_fit(monkeypatch):
     monkeypatch.setattr(train_step, "make_step", fake_make_step)
     line = device_suite.pytorch_line(Case("micro", "pretrain", batch_size=8, img_size=32), 8, 100.0, num_steps=1)
     assert tried == [8, 4, 2] and ", batch 2: " in line and "JAX / PyTorch **" in line
+
+
+def test_a_case_is_found_again_from_its_name():
+    cases = device_suite.default_cases() + [Case("micro", "finetune", depth=1, conv_impl="matmul", batch_size=8)]
+    for case in cases:
+        assert Case.from_name(case.name, batch_size=case.batch_size, img_size=case.img_size) == case
+    for bad in ("small", "small train bfloat16", "small pretrain bfloat16 encoder remat", "small pretrain x y=1"):
+        with pytest.raises(ValueError, match="case name|none of|does not name"):
+            Case.from_name(bad)

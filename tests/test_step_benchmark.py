@@ -97,7 +97,8 @@ def test_model_overrides_parse_to_python_values():
     (["--model_flops", "--train_step"], "choose one benchmark per run (got --model_flops, --train_step)"),
     (["--model_flops", "--dtype=bfloat16"], "--dtype applies to --profile_step only"),
     (["--suite=memory", "--plan_devices=3", "--plan_fsdp=2"], "--plan_fsdp=2 must divide --plan_devices=3"),
-    (["--suite=memory", "--plan_target=cpu", "--plan_cases=nope"], "['nope'] not among the suite's cases"),
+    (["--suite=memory", "--plan_target=cpu", "--plan_cases=small pretrain bfloat16 remat=block"],
+     "did you mean 'small pretrain bfloat16 encoder remat=block'?"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,

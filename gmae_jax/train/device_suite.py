@@ -64,6 +64,28 @@ class Case:
         conv = f" conv={self.conv_impl}" if self.conv_impl != "auto" else ""
         return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}{depth}{conv}"
 
+    @classmethod
+    def from_name(cls, name: str, **fields: Any) -> Case:
+        """The case `name` names (`Case.name`'s words, e.g. 'reference pretrain bfloat16 encoder
+        remat=fine'), with `fields` (batch_size, img_size) added."""
+        words = name.split()
+        if len(words) < 3 or words[1] not in ("pretrain", "finetune"):
+            raise ValueError(f"{name!r} is not a case name such as 'small pretrain bfloat16 encoder remat=block'")
+        named: dict[str, Any] = dict(preset=words[0], stage=words[1], dtype=words[2])
+        rest = words[3:]
+        if words[1] == "pretrain" and rest and "=" not in rest[0]:
+            named["mask_mode"], rest = rest[0], rest[1:]
+        keys = {"remat": "remat", "depth": "depth", "conv": "conv_impl"}
+        for word in rest:
+            key, _, value = word.partition("=")
+            if key not in keys:
+                raise ValueError(f"{name!r}: {word!r} is none of {sorted(keys)}=...")
+            named[keys[key]] = int(value) if key == "depth" else value
+        case = cls(**named, **fields)
+        if case.name != " ".join(words):
+            raise ValueError(f"{name!r} does not name a case the same way; did you mean {case.name!r}?")
+        return case
+
 
 def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_size: int = 224,
                   batch_sizes: Sequence[int] = (256, 128, 64)) -> list[Case]:
