@@ -221,8 +221,8 @@ def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int
     devices = target_devices(target, num_devices)
     capacity = device_capacity(target)
     limit = f"{capacity * (1 - HEADROOM) / 1e9:.0f} GB" if capacity else "n/a"
-    room = (f"limit: {100 * (1 - HEADROOM):.0f} % of the allocator's {capacity / 1e9:.0f} GB" if capacity
-            else "no limit (host memory)")
+    room = (f"limit: {100 * (1 - HEADROOM):.0f} % of the {capacity / 1e9:.0f} GB a step may use per device"
+            if capacity else "no limit (host memory)")
     flags = os.environ.get("XLA_FLAGS", "").strip()
     yield (f"{num_devices} x {devices[0].device_kind} ({target}, planned by XLA without running), mesh "
            f"data={num_devices // fsdp} x fsdp={fsdp}, JAX {jax.__version__}, XLA_FLAGS={flags!r}; {room}")
