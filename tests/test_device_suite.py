@@ -33,6 +33,7 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     assert cells[0].strip() == "micro pretrain float32 encoder depth=1" and int(cells[1]) == 8
     assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
     assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
+    assert cells[8] == cells[5]  # planned GB; a CPU has no memory_stats, so its peak is the plan
     # Model FLOPs from the jaxpr.
     config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1)
     assert float(cells[6]) == pytest.approx(device_suite.flops_per_image(cases[0]) / 1e9, abs=0.005)

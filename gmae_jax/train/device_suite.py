@@ -178,8 +178,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         _progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
         profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
     stats = jax.devices()[0].memory_stats() or {}
-    planned = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
-        - memory.alias_size_in_bytes if memory else 0
+    planned = planned_peak_bytes(memory) if memory else 0
     del state, bench
     return {
         "batch": case.batch_size,
@@ -187,10 +186,18 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         "img_per_s": case.batch_size / seconds,
         "step_ms": seconds * 1e3,
         "peak_gb": stats.get("peak_bytes_in_use", planned) / 1e9,
+        "planned_gb": planned / 1e9,
         "flops_per_img": flops_per_image(case),
         "loss": float(metrics["loss"]),
         "profile": profile,
     }
+
+
+def planned_peak_bytes(memory: Any) -> int:
+    """A compiled step's device memory as XLA planned it (`memory_analysis()`): arguments, outputs
+    not aliased to them (the donated state is), temporaries."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
 
 
 def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
@@ -241,8 +248,10 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
             f"{rate:.1f} img/s; JAX / PyTorch **{jax_img_per_s / rate:.2f}x**")
 
 
-HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+# peak GB: in use at the step's peak as the device counts it; planned GB: XLA's plan of the step
+# alone, what `bench --suite=memory` predicts without the device (their ratio calibrates it).
+HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU | planned GB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(case: Case, result: dict[str, float], device: jax.Device, num_devices: int) -> str:
@@ -250,7 +259,8 @@ def format_row(case: Case, result: dict[str, float], device: jax.Device, num_dev
     flops = result["flops_per_img"]
     mfu = f"{100 * flops * result['img_per_s'] / (peak * num_devices):.1f} %" if peak and flops else "n/a"
     return (f"| {case.name} | {result['batch']} | {result['compile_s']:.1f} | {result['img_per_s']:.1f} | "
-            f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {flops / 1e9:.2f} | {mfu} |")
+            f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {flops / 1e9:.2f} | {mfu} | "
+            f"{result['planned_gb']:.2f} |")
 
 
 def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10,

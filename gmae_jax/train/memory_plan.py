@@ -173,9 +173,7 @@ def plan(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) 
     memory = step.lower(state, batch, rng).compile().memory_analysis()
     compile_s = time.perf_counter() - start
     state_bytes = sharding.bytes_per_device(state)
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
-    return Plan(case.batch_size, state_bytes, peak, compile_s)
+    return Plan(case.batch_size, state_bytes, device_suite.planned_peak_bytes(memory), compile_s)
 
 
 def _backend(platform: str) -> str:
