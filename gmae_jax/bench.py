@@ -95,11 +95,12 @@ _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 1, "--suite=memory: devices
 _PLAN_FSDP = flags.DEFINE_integer("plan_fsdp", 1, "--suite=memory: the mesh's fsdp axis (divides --plan_devices).",
                                   lower_bound=1)
 _PLAN_CASES = flags.DEFINE_list("plan_cases", [], "--suite=memory: the cases to plan, named as the suite's table "
-                                "names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'; batch from "
-                                "--suite_batch_sizes by preset); default: the suite's.")
+                                "names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'), instead of "
+                                "the suite's for --suite_presets.")
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
-_SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", ["256", "128", "64"],
-                                       "--suite: starting batch per preset (halved until it fits).")
+_SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", [],
+                                       "--suite: batch per preset, in --suite_presets' order, or one for all "
+                                       "(device: halved until it fits); default small 256, base 128, reference 64.")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
 _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0, "--suite: no new case starts after this.")
 _CHECKPOINT_SAVE = flags.DEFINE_bool(
@@ -277,12 +278,21 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
+def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
+    from gmae_jax.train import device_suite  # noqa: PLC0415 (model code only here)
+
+    try:
+        return device_suite.batch_sizes_for(presets, [int(b) for b in _SUITE_BATCH_SIZES.value])
+    except ValueError as error:
+        raise app.UsageError(f"--suite_batch_sizes: {error}") from None
+
+
 def run_device_suite() -> None:
     """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.pytorch_line`)."""
     host_memory.keep_freed_memory()
     from gmae_jax.train import device_suite  # noqa: PLC0415 (model code only here)
 
-    batch_sizes = device_suite.batch_sizes_for(_SUITE_PRESETS.value, [int(b) for b in _SUITE_BATCH_SIZES.value])
+    batch_sizes = _suite_batch_sizes(_SUITE_PRESETS.value)
     device_suite.main_suite(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes, _SUITE_BUDGET_S.value,
                             num_steps=10)
 
@@ -291,22 +301,32 @@ def run_memory_plan() -> None:
     """The device suite's cases as XLA plans them for `--plan_target`, printed row by row."""
     from gmae_jax.train import device_suite, memory_plan  # noqa: PLC0415 (model code only here)
 
+    # Before JAX starts its backends: lets JAX's CUDA plugin load on a machine without CUDA.
+    name, _, value = memory_plan.CUDA_CHECK_OFF.partition("=")
+    os.environ.setdefault(name, value)
+
     if _PLAN_DEVICES.value % _PLAN_FSDP.value:
         raise app.UsageError(f"--plan_fsdp={_PLAN_FSDP.value} must divide --plan_devices={_PLAN_DEVICES.value}")
-    batch_sizes = device_suite.batch_sizes_for(_SUITE_PRESETS.value, [int(b) for b in _SUITE_BATCH_SIZES.value])
-    cases = device_suite.default_cases(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes)
     if _PLAN_CASES.value:
-        batch_of = dict(zip(_SUITE_PRESETS.value, batch_sizes))
+        if len(_SUITE_BATCH_SIZES.value) > 1:
+            raise app.UsageError("with --plan_cases, --suite_batch_sizes takes one value (for every case) or none "
+                                 "(each preset's default)")
         try:
             cases = [device_suite.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
-                                                 batch_size=batch_of.get(name.split()[0], batch_sizes[0]))
+                                                 batch_size=_suite_batch_sizes(name.split()[:1])[0])
                      for name in _PLAN_CASES.value]
         except ValueError as error:
             raise app.UsageError(f"--plan_cases: {error}") from None
+    else:
+        presets = _SUITE_PRESETS.value
+        cases = device_suite.default_cases(presets, _SUITE_IMG_SIZE.value, _suite_batch_sizes(presets))
+    uneven = sorted({case.batch_size for case in cases if case.batch_size % _PLAN_DEVICES.value})
+    if uneven:
+        raise app.UsageError(f"batch sizes {uneven} do not split over --plan_devices={_PLAN_DEVICES.value}")
     try:
         for line in memory_plan.plan_table(cases, _PLAN_TARGET.value, _PLAN_DEVICES.value, _PLAN_FSDP.value):
             print(line, flush=True)
-    except memory_plan.PlanUnavailableError as error:
+    except memory_plan.PlanError as error:
         raise app.UsageError(str(error)) from None
 
 

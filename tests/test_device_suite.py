@@ -169,6 +169,23 @@ def test_a_case_is_found_again_from_its_name():
     cases = device_suite.default_cases() + [Case("micro", "finetune", depth=1, conv_impl="matmul", batch_size=8)]
     for case in cases:
         assert Case.from_name(case.name, batch_size=case.batch_size, img_size=case.img_size) == case
-    for bad in ("small", "small train bfloat16", "small pretrain bfloat16 encoder remat", "small pretrain x y=1"):
-        with pytest.raises(ValueError, match="case name|none of|does not name"):
+    for bad in ("small", "small train bfloat16", "small pretrain bfloat16 encoder remat", "small pretrain x y=1",
+                "nope pretrain float32 encoder", "small pretrain f16 encoder", "small pretrain float32 bogus",
+                "small finetune float32 remat=wat", "small finetune float32 conv=zzz", "small finetune float32 depth=x"):
+        with pytest.raises(ValueError, match="case name|none of|does not name|is not one of|whole number"):
             Case.from_name(bad)
+
+
+def test_each_preset_has_its_batch_unless_told():
+    assert device_suite.batch_sizes_for(["reference"], []) == [64]
+    assert device_suite.batch_sizes_for(["small", "base", "reference", "mini"], []) == [256, 128, 64, 128]
+    assert device_suite.batch_sizes_for(["small", "base"], [32]) == [32, 32]
+    with pytest.raises(ValueError, match="3 batch sizes for 2 presets"):
+        device_suite.batch_sizes_for(["small", "base"], [1, 2, 3])
+
+
+def test_a_peak_an_earlier_case_set_is_marked_as_a_bound():
+    result = {"batch": 8, "compile_s": 1.0, "img_per_s": 10.0, "step_ms": 800.0, "peak_gb": 12.0,
+              "flops_per_img": 1e9, "planned_gb": 3.0, "peak_is_earlier": True}
+    cells = device_suite.format_row(Case("micro", "pretrain"), result, jax.devices()[0], 1).strip("|").split("|")
+    assert cells[5].strip() == "<= 12.00" and cells[8].strip() == "3.00"

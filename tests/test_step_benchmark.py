@@ -97,6 +97,10 @@ def test_model_overrides_parse_to_python_values():
     (["--model_flops", "--train_step"], "choose one benchmark per run (got --model_flops, --train_step)"),
     (["--model_flops", "--dtype=bfloat16"], "--dtype applies to --profile_step only"),
     (["--suite=memory", "--plan_devices=3", "--plan_fsdp=2"], "--plan_fsdp=2 must divide --plan_devices=3"),
+    (["--suite=memory", "--plan_target=cpu", "--plan_devices=3"], "batch sizes [64, 128, 256] do not split"),
+    (["--suite=memory", "--plan_target=cpu", "--plan_devices=16", "--suite_batch_sizes=32"], "16 CPU devices"),
+    (["--suite=memory", "--suite_presets=small,base", "--suite_batch_sizes=1,2,3"], "3 batch sizes for 2 presets"),
+    (["--suite=memory", "--plan_cases=small finetune bfloat16", "--suite_batch_sizes=1,2"], "takes one value"),
     (["--suite=memory", "--plan_target=cpu", "--plan_cases=small pretrain bfloat16 remat=block"],
      "did you mean 'small pretrain bfloat16 encoder remat=block'?"),
 ])

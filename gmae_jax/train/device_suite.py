@@ -26,7 +26,7 @@ import jax
 
 from gmae_jax import config_lib
 from gmae_jax.models import fast_conv
-from gmae_jax.models.presets import MASK_MODES, GMSTConfig, gmst_config
+from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig, gmst_config
 from gmae_jax.train import model_flops, sharding, step_benchmark, step_profile
 
 NUM_CLASSES = 18
@@ -80,7 +80,14 @@ class Case:
             key, _, value = word.partition("=")
             if key not in keys:
                 raise ValueError(f"{name!r}: {word!r} is none of {sorted(keys)}=...")
-            named[keys[key]] = int(value) if key == "depth" else value
+            named[keys[key]] = int(value) if key == "depth" and value.isdigit() else value
+        choices = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "mask_mode": MASK_MODES,
+                   "remat": REMAT_MODES, "conv_impl": fast_conv.CONV_IMPLS}
+        for field, allowed in choices.items():
+            if field in named and named[field] not in allowed:
+                raise ValueError(f"{name!r}: {field} {named[field]!r} is not one of {allowed}")
+        if not isinstance(named.get("depth", 1), int):
+            raise ValueError(f"{name!r}: depth must be a whole number")
         case = cls(**named, **fields)
         if case.name != " ".join(words):
             raise ValueError(f"{name!r} does not name a case the same way; did you mean {case.name!r}?")
@@ -154,6 +161,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
     _progress(f"{case.name}, batch {case.batch_size}: initialising")
+    peak_before = _peak_bytes_in_use()
     bench = step_benchmark.build_train_step(architecture(case), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh,
                                             pipeline_inputs=True)
@@ -177,7 +185,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     if profile_steps:
         _progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
         profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
-    stats = jax.devices()[0].memory_stats() or {}
+    peak = _peak_bytes_in_use()
     planned = planned_peak_bytes(memory) if memory else 0
     del state, bench
     return {
@@ -185,12 +193,19 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         "compile_s": compile_s,
         "img_per_s": case.batch_size / seconds,
         "step_ms": seconds * 1e3,
-        "peak_gb": stats.get("peak_bytes_in_use", planned) / 1e9,
+        # The device's peak is the process's: a case below an earlier one's peak only knows it is lower.
+        "peak_gb": (planned if peak is None else peak) / 1e9,
+        "peak_is_earlier": peak is not None and peak_before is not None and peak <= peak_before,
         "planned_gb": planned / 1e9,
         "flops_per_img": flops_per_image(case),
         "loss": float(metrics["loss"]),
         "profile": profile,
     }
+
+
+def _peak_bytes_in_use() -> int | None:
+    """The most device memory in use since the process started (None where the device does not say)."""
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
 def planned_peak_bytes(memory: Any) -> int:
@@ -248,8 +263,9 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
             f"{rate:.1f} img/s; JAX / PyTorch **{jax_img_per_s / rate:.2f}x**")
 
 
-# peak GB: in use at the step's peak as the device counts it; planned GB: XLA's plan of the step
-# alone, what `bench --suite=memory` predicts without the device (their ratio calibrates it).
+# peak GB: the device's peak memory in use during the case ("<=" an earlier case's peak where it did
+# not rise above it); planned GB: XLA's plan of the step alone, what `bench --suite=memory` predicts
+# without the device (their ratio calibrates it).
 HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU | planned GB |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
@@ -259,7 +275,8 @@ def format_row(case: Case, result: dict[str, float], device: jax.Device, num_dev
     flops = result["flops_per_img"]
     mfu = f"{100 * flops * result['img_per_s'] / (peak * num_devices):.1f} %" if peak and flops else "n/a"
     return (f"| {case.name} | {result['batch']} | {result['compile_s']:.1f} | {result['img_per_s']:.1f} | "
-            f"{result['step_ms']:.1f} | {result['peak_gb']:.2f} | {flops / 1e9:.2f} | {mfu} | "
+            f"{result['step_ms']:.1f} | {'<= ' if result.get('peak_is_earlier') else ''}{result['peak_gb']:.2f} | "
+            f"{flops / 1e9:.2f} | {mfu} | "
             f"{result['planned_gb']:.2f} |")
 
 
@@ -308,7 +325,18 @@ def main_suite(presets: Sequence[str], img_size: int, batch_sizes: Sequence[int]
     return lines
 
 
+# Each preset's batch, one that fits an 80 GB H100 in every variant of the suite (BENCHMARKS.md,
+# session 18: planned without a GPU by `bench --suite=memory`).
+DEFAULT_BATCH_SIZES = {"small": 256, "base": 128, "reference": 64}
+
+
 def batch_sizes_for(presets: Sequence[str], requested: Sequence[int]) -> list[int]:
-    """One batch size per preset; a single value applies to all."""
-    sizes = list(requested) or [128]
-    return sizes * len(presets) if len(sizes) == 1 else sizes
+    """One batch size per preset: `requested` in the presets' order (a single value applies to all),
+    or by default each preset's `DEFAULT_BATCH_SIZES` (128 for the others)."""
+    sizes = list(requested) or [DEFAULT_BATCH_SIZES.get(preset, 128) for preset in presets]
+    if len(sizes) == 1:
+        return sizes * len(presets)
+    if len(sizes) != len(presets):
+        raise ValueError(f"{len(sizes)} batch sizes for {len(presets)} presets ({', '.join(presets)}): give one "
+                         "per preset, or one for all")
+    return sizes

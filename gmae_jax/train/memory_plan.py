@@ -12,7 +12,7 @@ pass among them). The plan grows linearly in the batch, so two compiles give the
 fits and a third checks it.
 
 Nothing is allocated: the train state is abstract (`trainer.abstract_state`), so `reference`'s
-~21 GB of float32 weights and AdamW moments need not fit in this machine's memory either.
+16 GB of float32 weights and AdamW moments need not fit in this machine's memory either.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import jax
-import numpy as np
+import ml_collections
 from jax.experimental import topologies
 
 from gmae_jax.models import fast_conv
@@ -77,10 +77,11 @@ class Target:
 
 TARGETS = {
     "cpu": Target("cpu"),
-    "h100": Target("cuda", 81_559_830_528, _HOPPER.format(
-        name="NVIDIA H100 80GB HBM3", memory=81_559_830_528, bandwidth=3_352_320_000_000)),
-    "h200": Target("cuda", 150_754_820_096, _HOPPER.format(
-        name="NVIDIA H200", memory=150_754_820_096, bandwidth=4_800_000_000_000)),
+    # Memory: the total nvidia-smi reports (81,559 and 143,771 MiB), which JAX's allocator takes its share of.
+    "h100": Target("cuda", 81_559 * 2**20, _HOPPER.format(
+        name="NVIDIA H100 80GB HBM3", memory=81_559 * 2**20, bandwidth=3_352_320_000_000)),
+    "h200": Target("cuda", 143_771 * 2**20, _HOPPER.format(
+        name="NVIDIA H200", memory=143_771 * 2**20, bandwidth=4_800_000_000_000)),
     # HBM per chip: 16 GiB (v5e), 32 GiB (v6e), 95 GiB (v5p); 8 chips a host (v5p: 4).
     "v5e": Target("tpu", 16 * 2**30, tpu_host="v5e:2x4"),
     "v6e": Target("tpu", 32 * 2**30, tpu_host="v6e:2x4"),
@@ -99,8 +100,9 @@ HEADROOM = 0.15
 MAX_BATCH = 4096
 
 
-class PlanUnavailableError(RuntimeError):
-    """The target cannot be compiled for on this machine; the message says what to install."""
+class PlanError(RuntimeError):
+    """The plan asked for cannot be made here (no plugin for the target, too few devices); the
+    message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,11 @@ class Plan:
     compile_s: float
 
 
+# JAX's CUDA plugin refuses to load where no CUDA runtime is installed unless this is set when JAX
+# starts its backends (before the process's first computation).
+CUDA_CHECK_OFF = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1"
+
+
 def target_devices(target: str, num_devices: int) -> list[jax.Device]:
     """`num_devices` devices of one host of `target`: this machine's own for 'cpu', else devices
     described to the compiler (they can be compiled for, not run on)."""
@@ -122,12 +129,9 @@ def target_devices(target: str, num_devices: int) -> list[jax.Device]:
     if kind.platform == "cpu":
         devices = jax.devices("cpu")
         if len(devices) < num_devices:
-            raise ValueError(f"{num_devices} CPU devices wanted, {len(devices)} here "
-                             f"(XLA_FLAGS=--xla_force_host_platform_device_count={num_devices})")
+            raise PlanError(f"{num_devices} CPU devices wanted, {len(devices)} here "
+                            f"(XLA_FLAGS=--xla_force_host_platform_device_count={num_devices})")
         return devices[:num_devices]
-    # Without it the CUDA plugin refuses to load where no CUDA runtime is installed. Read when JAX
-    # starts its backends, so this must run before the process's first computation (`bench` does).
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     try:
         if kind.platform == "cuda":
             topology = topologies.get_topology_desc(platform="cuda", target_config=kind.gpu_config,
@@ -135,12 +139,13 @@ def target_devices(target: str, num_devices: int) -> list[jax.Device]:
         else:
             topology = topologies.get_topology_desc(topology_name=kind.tpu_host, platform="tpu")
     except (NotImplementedError, RuntimeError) as error:
-        raise PlanUnavailableError(
+        raise PlanError(
             f"cannot compile for {target} on this machine ({str(error).splitlines()[0][:200]}); planning for "
             f"{target} needs JAX's {kind.platform.upper()} plugin (no device or driver): "
-            f"pip install -e '.[{kind.extra}]'") from error
+            f"pip install -e '.[{kind.extra}]'; without CUDA installed, also {CUDA_CHECK_OFF} before JAX "
+            "starts (bench --suite=memory sets it)") from error
     if len(topology.devices) < num_devices:
-        raise ValueError(f"one {target} host has {len(topology.devices)} devices; {num_devices} wanted")
+        raise PlanError(f"one {target} host has {len(topology.devices)} devices; {num_devices} wanted")
     return list(topology.devices)[:num_devices]
 
 
@@ -157,7 +162,7 @@ def plan(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) 
     """Compiles `case`'s train step (as the device suite runs it) for `devices` on a (data, fsdp) mesh
     and reads its buffer plan; nothing runs and no array is made."""
     platform = devices[0].platform
-    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), sharding.BATCH_AXES)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)), list(devices))
     concrete = dataclasses.replace(case, conv_impl=fast_conv.resolve(case.conv_impl, _backend(platform)))
     model, init_inputs, loss_fn, run = step_benchmark.model_and_loss(
         device_suite.architecture(concrete), case.stage, mask_ratio=device_suite.MASK_RATIO,
@@ -167,7 +172,7 @@ def plan(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) 
     one_example = step_benchmark.pipeline_batch(1, case.img_size, device_suite.NUM_CLASSES)
     batch = {key: jax.ShapeDtypeStruct((case.batch_size, *value.shape[1:]), value.dtype, sharding=batch_sharding)
              for key, value in one_example.items()}
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=sharding.replicated(mesh))
     step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
     start = time.perf_counter()
     memory = step.lower(state, batch, rng).compile().memory_analysis()
@@ -181,30 +186,41 @@ def _backend(platform: str) -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
+def batch_step(num_devices: int, multiple: int = 16) -> int:
+    """Batches the search tries are multiples of this: of `multiple` and of the devices."""
+    return math.lcm(multiple, num_devices)
+
+
+def per_image_bytes(smaller: Plan, larger: Plan) -> float:
+    """The slope of the plan's line through two batches."""
+    return (larger.peak_bytes - smaller.peak_bytes) / (larger.batch_size - smaller.batch_size)
+
+
 def largest_batch(case: device_suite.Case, devices: Sequence[jax.Device], capacity: int, fsdp: int = 1,
-                  multiple: int = 16, max_batch: int = MAX_BATCH) -> tuple[Plan | None, list[Plan]]:
-    """The largest batch up to `max_batch` (a multiple of `multiple` and of the device count) whose
-    plan stays within `capacity` less `HEADROOM`, from the plans at the case's batch and twice it
-    (memory is linear in the batch), checked by compiling it. Returns (that plan or None if even the
-    smallest batch does not fit, every plan compiled)."""
-    step = math.lcm(multiple, len(devices))
+                  max_batch: int = MAX_BATCH) -> tuple[Plan | None, list[Plan]]:
+    """The largest batch up to `max_batch` (a multiple of `batch_step`) that the plan's line predicts
+    within `capacity` less `HEADROOM`, checked by compiling it. Memory is linear in the batch, so
+    the line through the plans at the case's batch and twice it rarely misses; after a miss it is
+    drawn again through the two plans whose peaks lie nearest the limit. Returns (that plan, else
+    the largest planned batch that fits, or None if none does; every plan compiled)."""
+    step = batch_step(len(devices))
     limit = capacity * (1 - HEADROOM)
-    first = plan(case, devices, fsdp)
-    second = plan(dataclasses.replace(case, batch_size=2 * case.batch_size), devices, fsdp)
-    plans = [first, second]
-    per_image = (second.peak_bytes - first.peak_bytes) / case.batch_size
-    fixed = first.peak_bytes - per_image * case.batch_size
-    batch = int((limit - fixed) / per_image) if per_image > 0 else max_batch
-    batch = min(batch, max_batch) // step * step
-    while batch >= step:
-        known = next((p for p in plans if p.batch_size == batch), None)
-        checked = known or plan(dataclasses.replace(case, batch_size=batch), devices, fsdp)
-        if not known:
+    plans = [plan(dataclasses.replace(case, batch_size=b), devices, fsdp) for b in (case.batch_size, 2 * case.batch_size)]
+    tried: set[int] = set()
+    while True:
+        low, high = sorted(sorted(plans, key=lambda p: abs(p.peak_bytes - limit))[:2], key=lambda p: p.batch_size)
+        slope = per_image_bytes(low, high)
+        batch = int(low.batch_size + (limit - low.peak_bytes) / slope) if slope > 0 else max_batch
+        batch = min(batch, max_batch) // step * step
+        if batch < step or batch in tried:
+            return max((p for p in plans if p.peak_bytes <= limit), key=lambda p: p.batch_size, default=None), plans
+        tried.add(batch)
+        checked = next((p for p in plans if p.batch_size == batch), None)
+        if checked is None:
+            checked = plan(dataclasses.replace(case, batch_size=batch), devices, fsdp)
             plans.append(checked)
         if checked.peak_bytes <= limit:
             return checked, plans
-        batch = int(batch * limit / checked.peak_bytes) // step * step  # the line was optimistic
-    return None, plans
 
 
 HEADER = ("| case | devices | batch | state GB / device | planned peak GB / device | GB per image | "
@@ -236,8 +252,8 @@ def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int
             yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:160]} |"
             continue
         first, second = plans[0], plans[1]
-        per_image = (second.peak_bytes - first.peak_bytes) / case.batch_size
-        capped = "+" if best and best.batch_size == MAX_BATCH else ""  # more would fit
+        per_image = per_image_bytes(first, second)
+        capped = "+" if best and best.batch_size + batch_step(num_devices) > MAX_BATCH else ""  # more would fit
         found = (f"{best.batch_size}{capped} | {best.peak_bytes / 1e9:.2f}" if best
                  else "none fits | " if capacity else "n/a | n/a")
         yield (f"| {case.name} | {num_devices} | {case.batch_size} | {first.state_bytes / 1e9:.2f} | "

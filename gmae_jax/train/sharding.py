@@ -93,12 +93,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
 
 
 def bytes_per_device(tree: Any) -> int:
-    """Bytes that the largest share of `tree`'s sharded arrays (or abstract arrays with a sharding)
-    occupies on one device."""
+    """Bytes that the largest share of `tree`'s arrays (or abstract arrays) occupies on one device;
+    an abstract array without a sharding counts whole."""
     total = 0
     for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct) and leaf.sharding is not None:
-            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
+            shape = leaf.shape if leaf.sharding is None else leaf.sharding.shard_shape(leaf.shape)
+            total += math.prod(shape) * leaf.dtype.itemsize
     return total
 
 
