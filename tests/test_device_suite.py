@@ -142,6 +142,7 @@ def test_every_presets_headline_case_comes_first_and_mfu_uses_the_device_peak():
         <= {c.name for c in cases[3:]}
     assert len({c.name for c in cases}) == len(cases) == 16
     assert cases[-1].name == "small pretrain bfloat16 encoder conv=xla"  # cuDNN vs matmuls, if time is left
+    assert {c.preset: c.batch_size for c in cases} == device_suite.DEFAULT_BATCH_SIZES
     fake = dataclasses.make_dataclass("Device", ["device_kind"])("NVIDIA H100 80GB HBM3")
     assert device_suite.peak_flops(fake, "bfloat16") == pytest.approx(989e12)
 

@@ -95,13 +95,14 @@ class Case:
 
 
 def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_size: int = 224,
-                  batch_sizes: Sequence[int] = (256, 128, 64)) -> list[Case]:
+                  batch_sizes: Sequence[int] = ()) -> list[Case]:
     """The headline first, then the comparisons: the bf16 dense pretraining step of every preset
     (smallest first; compiles, not steps, eat a short loan, so `reference`'s MFU must not wait
     behind every variant of `small`), then per variant (sparse masking, fine-tuning, f32, remat per
-    block) every preset again. Without remat, as its bf16 steps fit an 80 GB H100 at batch 64 (planned:
-    44 GB pretraining, 32 GB fine-tuning; remat's recomputation would cost ~a quarter of its MFU,
-    BENCHMARKS.md session 18), `reference` runs float32 with remat per block (~2x the activations)."""
+    block) every preset again, at `batch_sizes_for(presets, batch_sizes)`. The bf16 cases run without
+    remat: `reference`'s fit an 80 GB H100 at batch 64 (planned: 44 GB pretraining, 32 GB
+    fine-tuning), and remat's recomputation would cost it ~a fifth of its step (BENCHMARKS.md, session
+    18); `reference` in float32 (~2x the activations) keeps remat per block."""
     def no_remat(preset: str) -> str:
         return "none"
 
@@ -116,8 +117,9 @@ def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_s
         variants.append((dict(stage="pretrain", mask_mode="sparse"), no_remat))
     variants += [(dict(stage="finetune"), no_remat), (dict(stage="pretrain", dtype="float32"), float32_remat),
                  (dict(stage="pretrain"), block_remat)]
+    sizes = batch_sizes_for(presets, batch_sizes)
     cases = [Case(preset=preset, batch_size=batch, img_size=img_size, remat=remat(preset), **fields)
-             for fields, remat in variants for preset, batch in zip(presets, batch_sizes)]
+             for fields, remat in variants for preset, batch in zip(presets, sizes)]
     # Last, where a loan leaves time: the first case with XLA's own convolutions (cuDNN on GPUs, whose
     # autotuning took ~290 s of a 368 s compile on an H200), against the matmuls `auto` picks there.
     return cases + [dataclasses.replace(cases[0], conv_impl="xla")]
