@@ -205,7 +205,8 @@ def largest_batch(case: device_suite.Case, devices: Sequence[jax.Device], capaci
     the largest planned batch that fits, or None if none does; every plan compiled)."""
     step = batch_step(len(devices))
     limit = capacity * (1 - HEADROOM)
-    plans = [plan(dataclasses.replace(case, batch_size=b), devices, fsdp) for b in (case.batch_size, 2 * case.batch_size)]
+    plans = [plan(dataclasses.replace(case, batch_size=b), devices, fsdp)
+             for b in (case.batch_size, 2 * case.batch_size)]
     tried: set[int] = set()
     while True:
         low, high = sorted(sorted(plans, key=lambda p: abs(p.peak_bytes - limit))[:2], key=lambda p: p.batch_size)
