@@ -139,11 +139,12 @@ def target_devices(target: str, num_devices: int) -> list[jax.Device]:
         else:
             topology = topologies.get_topology_desc(topology_name=kind.tpu_host, platform="tpu")
     except (NotImplementedError, RuntimeError) as error:
+        no_cuda = (f"; without CUDA installed, also {CUDA_CHECK_OFF} before JAX starts (bench --suite=memory "
+                   "sets it)") if kind.platform == "cuda" else ""
         raise PlanError(
             f"cannot compile for {target} on this machine ({str(error).splitlines()[0][:200]}); planning for "
             f"{target} needs JAX's {kind.platform.upper()} plugin (no device or driver): "
-            f"pip install -e '.[{kind.extra}]'; without CUDA installed, also {CUDA_CHECK_OFF} before JAX "
-            "starts (bench --suite=memory sets it)") from error
+            f"pip install -e '.[{kind.extra}]'{no_cuda}") from error
     if len(topology.devices) < num_devices:
         raise PlanError(f"one {target} host has {len(topology.devices)} devices; {num_devices} wanted")
     return list(topology.devices)[:num_devices]
