@@ -192,6 +192,12 @@ def batch_step(num_devices: int, multiple: int = 16) -> int:
     return math.lcm(multiple, num_devices)
 
 
+def line_plans(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> list[Plan]:
+    """The plans at the case's batch and twice it: the two points the batch line is drawn through."""
+    return [plan(dataclasses.replace(case, batch_size=b), devices, fsdp)
+            for b in (case.batch_size, 2 * case.batch_size)]
+
+
 def per_image_bytes(smaller: Plan, larger: Plan) -> float:
     """The slope of the plan's line through two batches."""
     return (larger.peak_bytes - smaller.peak_bytes) / (larger.batch_size - smaller.batch_size)
@@ -206,8 +212,7 @@ def largest_batch(case: device_suite.Case, devices: Sequence[jax.Device], capaci
     the largest planned batch that fits, or None if none does; every plan compiled)."""
     step = batch_step(len(devices))
     limit = capacity * (1 - HEADROOM)
-    plans = [plan(dataclasses.replace(case, batch_size=b), devices, fsdp)
-             for b in (case.batch_size, 2 * case.batch_size)]
+    plans = line_plans(case, devices, fsdp)
     tried: set[int] = set()
     while True:
         low, high = sorted(sorted(plans, key=lambda p: abs(p.peak_bytes - limit))[:2], key=lambda p: p.batch_size)
@@ -245,11 +250,8 @@ def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int
     yield HEADER.format(limit=limit)
     for case in cases:
         try:
-            if capacity:
-                best, plans = largest_batch(case, devices, capacity, fsdp)
-            else:
-                best, plans = None, [plan(case, devices, fsdp), plan(dataclasses.replace(
-                    case, batch_size=2 * case.batch_size), devices, fsdp)]
+            best, plans = largest_batch(case, devices, capacity, fsdp) if capacity else (
+                None, line_plans(case, devices, fsdp))
         except Exception as error:  # one case XLA cannot compile must not cost the others
             yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:160]} |"
             continue
