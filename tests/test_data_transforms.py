@@ -244,6 +244,19 @@ def _hue_shift(img, levels):
     return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
 
 
+def test_a_drawn_hue_shift_of_zero_still_quantises_through_hsv_and_no_hue_draws_none():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8))
+    drawn = (transforms.sample_color_jitter(np.random.default_rng(s), 0, 0, 0, 0.1) for s in range(500))
+    zero_shift = next(j for j in drawn if j[transforms.HUE] == 0)
+    no_hue = transforms.sample_color_jitter(np.random.default_rng(0), 0.4, 0, 0, 0)
+
+    out = np.asarray(transforms.apply_color_jitter(img, zero_shift))
+
+    np.testing.assert_array_equal(out, np.asarray(_hue_shift(img, 0)))
+    assert not np.array_equal(out, np.asarray(img))
+    assert np.isnan(no_hue[transforms.HUE])
+
+
 def test_hue_jitter_changes_colour_but_leaves_grey_alone():
     red = Image.new("RGB", (4, 4), (200, 30, 30))
     grey = Image.new("RGB", (4, 4), (90, 90, 90))

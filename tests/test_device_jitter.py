@@ -73,6 +73,18 @@ def test_identity_jitter_and_grey_pixels_under_a_hue_shift_are_untouched(images)
     np.testing.assert_array_equal(np.asarray(_on_device(greys, half_turn)), greys)
 
 
+def test_a_drawn_hue_shift_of_zero_still_takes_pils_round_trip(images):
+    """torchvision's adjust_hue converts to 8-bit HSV and back whatever the shift; only hue=None
+    (NaN here) skips it."""
+    zero_shift = np.tile(np.array([1, 1, 1, 0, 0, 1, 2, 3], np.float32), (COUNT, 1))
+
+    device, host = np.asarray(_on_device(images, zero_shift)).astype(int), _on_host(images, zero_shift).astype(int)
+
+    assert np.mean(host != images) > 0.05  # the round trip quantised many pixels
+    assert np.mean(device == host) > 0.99
+    assert np.abs(device - host).max() <= 8
+
+
 def test_the_train_step_applies_the_drawn_jitter_and_leaves_other_batches_alone(images):
     jitters = _jitters((0.4, 0.4, 0.4, 0))
 

@@ -76,10 +76,13 @@ def _hsv_to_rgb(hue: jax.Array, saturation: jax.Array, value: jax.Array) -> jax.
 
 
 def _shift_hue(rgb: jax.Array, shift: jax.Array) -> jax.Array:
-    """Rotate the 8-bit hue by `shift` levels (mod 256); a shift of 0 leaves the image untouched."""
+    """Rotate the 8-bit hue by `shift` levels (mod 256). A shift of 0 still quantises through HSV, as
+    PIL's round trip does; a NaN shift (`transforms.NO_HUE`) leaves the image untouched."""
+    no_hue = jnp.isnan(shift)
     hue, saturation, value = _rgb_to_hsv(rgb)
-    shifted = _hsv_to_rgb(jnp.mod(hue + shift[..., 0], 256.0), saturation, value)
-    return jnp.where(shift == 0.0, rgb, shifted)
+    levels = jnp.where(no_hue, 0.0, shift)  # no NaN is computed with (jax_debug_nans stays quiet)
+    shifted = _hsv_to_rgb(jnp.mod(hue + levels[..., 0], 256.0), saturation, value)
+    return jnp.where(no_hue, rgb, shifted)
 
 
 def _enhance(rgb: jax.Array, op: jax.Array, factors: jax.Array) -> jax.Array:

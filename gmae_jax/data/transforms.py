@@ -113,7 +113,10 @@ def horizontal_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) 
 
 # A view's colour jitter: brightness, contrast, saturation factors, hue shift in levels of 256, then
 # the order the four are applied in (0-3 in that same numbering), as torchvision's ColorJitter draws it.
-IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0], np.float32)
+# The hue shift is NaN where no hue jitter is drawn (torchvision's hue=None): a drawn shift of 0 still
+# takes PIL's HSV round trip, which quantises H and S, as torchvision's adjust_hue does.
+NO_HUE = np.nan
+IDENTITY_JITTER = np.array([1.0, 1.0, 1.0, NO_HUE, 0.0, 1.0, 2.0, 3.0], np.float32)
 HUE = 3  # the hue's number in the order
 
 
@@ -123,7 +126,8 @@ def sample_color_jitter(
     """One view's colour jitter as float32, drawn as torchvision's ColorJitter draws it: a random order
     of the four, brightness, contrast, saturation factors in [1-x, 1+x], and a hue shift of
     `hue_factor * 255` levels of 256 truncated toward zero (hue_factor from [-hue, hue] turns), which is
-    how torchvision shifts PIL's 8-bit hue. Strengths of 0 draw nothing and leave that property alone.
+    how torchvision shifts PIL's 8-bit hue. Strengths of 0 draw nothing and leave that property alone
+    (the hue's shift is then `NO_HUE`).
     The train step applies it on the device (`device_jitter.color_jitter`)."""
     jitter = IDENTITY_JITTER.copy()
     if max(brightness, contrast, saturation, hue) <= 0:
@@ -144,7 +148,7 @@ def apply_color_jitter(img: Image.Image, jitter: np.ndarray) -> Image.Image:
     for op in jitter[4:].astype(int):
         if op != HUE and jitter[op] != 1:
             img = enhancers[op](img).enhance(float(jitter[op]))
-        elif op == HUE and jitter[HUE] != 0:
+        elif op == HUE and not np.isnan(jitter[HUE]):
             hsv = np.array(img.convert("HSV"))
             hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(jitter[HUE])) % 256
             img = Image.fromarray(hsv, "HSV").convert("RGB")
