@@ -46,6 +46,26 @@ EVALUATOR = textwrap.dedent("""
 """)
 
 
+LEAVER = textwrap.dedent("""
+    import sys
+    import psutil
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    from gmae_jax import main
+    from gmae_jax.data import class_folders, pipeline
+
+    if __name__ == "__main__":
+        train = class_folders.scan_split(sys.argv[1], "train")
+        data = pipeline.make_train_dataset(train, image_size=32, global_batch_size=4, seed=0,
+                                           aug=pipeline.AugmentConfig(), num_workers=2)
+        iterator = iter(data)
+        for _ in range(4):  # both workers have handed on batches
+            next(iterator)
+        print(*[child.pid for child in psutil.Process().children(recursive=True)], flush=True)
+        main._leave_the_job("error: this process failed\\n")
+""")
+
+
 def _demo_data(tmp_path):
     synthetic.write_demo_dataset(str(tmp_path / "data"), image_size=32, train_per_class=4, val_per_class=1,
                                  classes=("fist", "palm"))
@@ -80,3 +100,21 @@ def test_sigkill_of_the_trainer_ends_its_grain_workers(tmp_path):
         assert not alive, [p.cmdline() for p in alive]
     finally:
         proc.kill()
+
+
+def test_a_process_leaving_a_failed_job_ends_its_grain_workers(tmp_path):
+    """`main._leave_the_job` skips Python's exit hooks (which would wait for the other processes), so it
+    ends the input workers itself. (The trainer closes its iterators as an error passes; this one is
+    left open, so the workers are still running when the process leaves.)"""
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+
+    done = subprocess.run([sys.executable, str(script), _demo_data(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: this process failed\n" in done.stderr
+    children = [psutil.Process(int(pid)) for pid in done.stdout.split() if psutil.pid_exists(int(pid))]
+    assert len(done.stdout.split()) >= 2  # the two workers (and multiprocessing's resource tracker)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
