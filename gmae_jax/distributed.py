@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the job's key-value store, as orbax reaches it
 from jax.experimental import multihost_utils
 
 
@@ -93,3 +96,44 @@ def check_processes_agree(facts: dict[str, Any], what: str) -> None:
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Where a failed process leaves its one-line error for the processes that then wait for it in vain.
+_FAILURES = "gmae_jax/failed/"
+_STORE_TIMEOUT_S = 10.0
+
+
+def report_failure(line: str) -> None:
+    """Leaves this process's error, one line, in the job's key-value store (kept by process 0's
+    coordination service) before it leaves the job, so that the others, whose next collective then
+    times out, can say what ended the job instead of printing their own timeout. Best effort."""
+    _with_store(lambda client: client.key_value_set(f"{_FAILURES}{jax.process_index()}", line))
+
+
+def failures_of_others() -> dict[int, str]:
+    """{process: its one-line error} of the other processes that have failed in this job ({} when
+    none has, or when the store cannot be reached, e.g. process 0 itself has gone)."""
+    found = _with_store(lambda client: client.key_value_dir_get(_FAILURES)) or []
+    failures = {int(key.rsplit("/", 1)[-1]): value for key, value in found}
+    failures.pop(jax.process_index(), None)
+    return dict(sorted(failures.items()))
+
+
+def _with_store(call: Callable[[Any], Any]) -> Any:
+    """`call(client)` on the job's coordination client, or None when there is none, it fails, or it
+    takes longer than _STORE_TIMEOUT_S (a failing process must not hang on a store that has gone)."""
+    client = jax_distributed.global_state.client
+    if client is None:
+        return None
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(call(client))
+        except Exception:  # noqa: BLE001 - the store is a courtesy; the error being reported matters
+            pass
+
+    thread = threading.Thread(target=run, name="job-key-value-store", daemon=True)
+    thread.start()
+    thread.join(_STORE_TIMEOUT_S)
+    return result[0] if result else None

@@ -57,8 +57,15 @@ def main(argv: list[str]) -> None:
         # A mistake in the config, the data, the job flags or the workdir: one line that says what to
         # change. Bugs, and everything under --debug, keep their traceback.
         line = user_errors.one_line(error)
+        debug = _DEBUG.value or user_errors.debug_requested(sys.argv)
         in_a_job = jax.distributed.is_initialized() and jax.process_count() > 1
-        if line is None or _DEBUG.value or user_errors.debug_requested(sys.argv):
+        if in_a_job and line is None and not debug:
+            others = distributed.failures_of_others()
+            if others:  # this process's error is their failure's echo (a collective that timed out)
+                _leave_the_job(f"error: {failed_first(others)}\n")
+        if in_a_job and not waited_in_vain(error):
+            distributed.report_failure(line or first_line(error))
+        if line is None or debug:
             if in_a_job:
                 _leave_the_job(traceback.format_exc() + unanswered_hint(error))
             raise
@@ -67,10 +74,29 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {line}")
 
 
+def waited_in_vain(error: BaseException) -> bool:
+    """A collective (or the key-value store behind it) that timed out: another process's failure, or
+    a hang, shows up in this process as this."""
+    return "DEADLINE_EXCEEDED" in str(error)
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: message`, its first line, short: what the other processes of a job print of a bug."""
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def failed_first(others: dict[int, str]) -> str:
+    """The line a process prints that stopped because others failed: theirs, named."""
+    (process, line), *more = others.items()
+    also = f" (and processes {sorted(p for p, _ in more)}; see their logs)" if more else ""
+    return (f"process {process} of this job failed, so process {jax.process_index()} stops too: {line}{also}")
+
+
 def unanswered_hint(error: BaseException) -> str:
-    """A line under a collective's timeout in a multi-process job: most often another process failed
-    first (and left at once), and its log holds the error to fix."""
-    if "DEADLINE_EXCEEDED" not in str(error):
+    """A line under a collective's timeout in a multi-process job that no failure was reported to:
+    another process may have died without a word (killed, out of memory), and its log may say why."""
+    if not waited_in_vain(error):
         return ""
     return (f"note: process {jax.process_index()} waited in vain for another process of the job; if one failed "
             "first, its log names the error to fix (launch/local_multiprocess.sh: $LOG_DIR/process_<rank>.log)\n")

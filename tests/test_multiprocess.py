@@ -373,7 +373,7 @@ def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
     try:
         procs[1].wait(timeout=120)
         # Process 0 waits for it in the first collective until JAX gives up (~30 s), then leaves too,
-        # pointing at the other processes' logs.
+        # with process 1's error, which process 1 left in the job's key-value store.
         procs[0].wait(timeout=180)
     finally:
         for proc in procs:
@@ -381,8 +381,10 @@ def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
             proc.wait()
     last = logs[1].read_text().strip().splitlines()[-1]
     assert procs[1].returncode == 1 and last.startswith("error: ") and "no_such_folder" in last, last
-    last = logs[0].read_text().strip().splitlines()[-1]
-    assert procs[0].returncode == 1 and last.startswith("note: process 0 waited in vain for another process"), last
+    last_0 = logs[0].read_text().strip().splitlines()[-1]
+    assert procs[0].returncode == 1, last_0
+    assert last_0 == f"error: process 1 of this job failed, so process 0 stops too: {last[len('error: '):]}", last_0
+    assert "Traceback" not in logs[0].read_text()
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------
@@ -421,3 +423,13 @@ def test_a_collective_that_times_out_points_at_the_other_processes_logs():
     timed_out = RuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out")
     assert main.unanswered_hint(timed_out).startswith("note: process 0 waited in vain for another process")
     assert main.unanswered_hint(ValueError("a bug of ours")) == ""
+
+
+def test_a_process_stopped_by_others_names_the_first_and_counts_the_rest():
+    from gmae_jax import main
+    line = main.failed_first({2: "config.data.root=/x has no images", 5: "OSError: disk full"})
+    assert line == ("process 2 of this job failed, so process 0 stops too: config.data.root=/x has no images "
+                    "(and processes [5]; see their logs)")
+    assert main.first_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert len(main.first_line(ValueError("x" * 1000))) == 300
+    assert main.waited_in_vain(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out"))
