@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax.data import synthetic
+from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.class_folders import scan_split
 
 CLASSES = ("fist", "palm", "like")
@@ -95,7 +96,8 @@ def test_ensure_reuses_a_complete_dataset(tmp_path, monkeypatch):
 
 
 def test_ensure_redoes_a_write_that_was_killed(tmp_path):
-    _write(tmp_path, train_per_class=1)  # Files but no marker: the write never finished.
+    _write(tmp_path, train_per_class=1)  # Files and the marker of a write under way: it never finished.
+    (tmp_path / synthetic.WRITING).write_text("{}")
     stale = tmp_path / "train/fist/00999.jpg"
     stale.write_bytes(b"half written")
 
@@ -103,9 +105,22 @@ def test_ensure_redoes_a_write_that_was_killed(tmp_path):
         str(tmp_path), image_size=32, train_per_class=2, val_per_class=1, classes=CLASSES
     )
 
-    assert (tmp_path / synthetic.MARKER).exists()
+    assert (tmp_path / synthetic.MARKER).exists() and not (tmp_path / synthetic.WRITING).exists()
     assert not stale.exists()
     assert len(_files(tmp_path)) == 9
+
+
+def test_ensure_refuses_split_folders_that_no_demo_wrote_and_keeps_them(tmp_path):
+    notes = tmp_path / "train" / "fist" / "NOTES.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("my own data")
+
+    with pytest.raises(DataLayoutError, match=f"{tmp_path / 'train'} holds files the demo did not write"):
+        synthetic.ensure_demo_dataset(str(tmp_path), image_size=32, train_per_class=2, val_per_class=1,
+                                      classes=CLASSES)
+
+    assert notes.read_text() == "my own data"
+    assert not (tmp_path / synthetic.MARKER).exists() and not (tmp_path / synthetic.WRITING).exists()
 
 
 def test_ensure_rewrites_when_parameters_change(tmp_path):

@@ -17,9 +17,12 @@ from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from gmae_jax.data.class_folders import DataLayoutError
+
 DEMO_CLASSES = ("fist", "one", "peace", "three", "four", "palm", "like", "rock")
 SPLITS = ("train", "val")
 MARKER = ".complete"
+WRITING = ".writing"  # there while a write is under way: a folder with it holds a killed write
 FRAMINGS = ("scene", "hand_crop")
 _FORMAT_VERSION = 1  # Bump when the drawing changes, so ensure_demo_dataset redraws.
 
@@ -239,22 +242,34 @@ def demo_dataset_changes(root: str, **kwargs: Any) -> list[str]:
 def ensure_demo_dataset(root: str, **kwargs: Any) -> dict[str, int]:
     """Writes the demo dataset unless `<root>/.complete` records the same parameters.
 
-    Takes `write_demo_dataset`'s keyword arguments. The marker is written last, so a write
-    that was killed part-way is redone; a change of parameters deletes the old splits first
-    so no stale images stay behind.
+    Takes `write_demo_dataset`'s keyword arguments. `.complete` is written last, so a write that
+    was killed part-way (`.writing` still there) is redone; a change of parameters deletes the old
+    splits first so no stale images stay behind. Split folders that no demo wrote (neither marker
+    there) are someone's data: refused, never deleted.
     """
     params = _demo_params(root, kwargs)
     write_kwargs = {k: v for k, v in params.items() if k != "format_version"}
     root_path = epath.Path(root)
-    marker = root_path / MARKER
+    marker, writing = root_path / MARKER, root_path / WRITING
     if marker.exists():
         recorded = json.loads(marker.read_text())
         if recorded["params"] == params:
             return recorded["counts"]
+    elif not writing.exists():
+        foreign = [str(root_path / split) for split in SPLITS
+                   if (root_path / split).exists() and any((root_path / split).iterdir())]
+        if foreign:
+            raise DataLayoutError(
+                f"{' and '.join(foreign)} {'hold' if len(foreign) > 1 else 'holds'} files the demo did not write, and the demo draws its images "
+                f"there ({root}): move them elsewhere, or give the demo another --workdir")
+    root_path.mkdir(parents=True, exist_ok=True)
+    writing.write_text(json.dumps(params))
+    if marker.exists():
         marker.unlink()
     for split in SPLITS:
         if (root_path / split).exists():
             (root_path / split).rmtree()
     counts = write_demo_dataset(root, **write_kwargs)
     marker.write_text(json.dumps({"params": params, "counts": counts}, indent=2))
+    writing.unlink()
     return counts
