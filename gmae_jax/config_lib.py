@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+import jax
 import ml_collections
 
 from gmae_jax import schema
@@ -110,7 +111,18 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_POSITIVE_MODEL_FIELDS = ("img_size", "patch_size", "embed_dim", "num_heads", "depth", "decoder_embed_dim",
+                          "decoder_num_heads", "mlp_ratio")
+
+
 def validate_model(model: ml_collections.ConfigDict) -> None:
+    for name in _POSITIVE_MODEL_FIELDS:
+        check(model[name] > 0, f"config.model.{name}={model[name]} must be positive")
+    check(model.decoder_depth >= 0, f"config.model.decoder_depth={model.decoder_depth} must be >= 0 "
+          "(0: the decoder is its embedding and prediction layers alone)")
+    check(model.in_channels == 3,
+          f"config.model.in_channels={model.in_channels}: the input pipeline hands on RGB images (greyscale and "
+          "other modes are converted), so keep 3")
     check(model.img_size % model.patch_size == 0,
           f"config.model.img_size={model.img_size} is not divisible by config.model.patch_size="
           f"{model.patch_size}; choose an image size that is a multiple of the patch size")
@@ -128,6 +140,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"config.model.mask_mode='{model.mask_mode}' is not one of {MASK_MODES}")
     check(model.dtype in ("float32", "bfloat16", "float16"),
           f"config.model.dtype='{model.dtype}' must be float32, bfloat16 or float16")
+    check(model.dtype != "float16" or jax.default_backend() != "cpu",
+          "config.model.dtype='float16' has no matmuls on CPU (XLA:CPU); use bfloat16 or float32 there")
     check(model.remat in REMAT_MODES, f"config.model.remat='{model.remat}' is not one of {REMAT_MODES}")
     check(model.conv_impl in CONV_IMPLS,
           f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")
@@ -162,6 +176,7 @@ def validate_data(data: schema.DataConfig) -> None:
     check(0.0 < data.v1_val_fraction < 1.0,
           f"config.data.v1_val_fraction={data.v1_val_fraction} must be in (0, 1): HaGRID v1's users held out "
           "for 'val'")
+    check(0 <= data.split_seed < 2**32, f"config.data.split_seed={data.split_seed} must be in [0, 2**32)")
     check(data.max_bad_images >= 0, f"config.data.max_bad_images={data.max_bad_images} must be >= 0")
     check(0.0 <= data.max_dropped_fraction <= 1.0,
           f"config.data.max_dropped_fraction={data.max_dropped_fraction} must be in [0, 1]")
@@ -192,6 +207,7 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     loop = schema.read_flat(schema.LoopConfig, config)
     optim = schema.read(schema.OptimConfig, config.optim, "config.optim")
     data = schema.read(schema.DataConfig, config.data, "config.data")
+    check(0 <= loop.seed < 2**32, f"config.seed={loop.seed} must be in [0, 2**32): the data order's seed")
     check(loop.batch_size > 0, f"config.batch_size={loop.batch_size} must be positive")
     check(loop.total_steps >= 0, f"config.total_steps={loop.total_steps} must be >= 0 (0 = from config.num_epochs)")
     check(loop.total_steps > 0 or loop.num_epochs > 0,
@@ -215,6 +231,9 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")
     check(0.0 <= optim.min_lr <= optim.lr,
           f"config.optim.min_lr={optim.min_lr} must be in [0, config.optim.lr={optim.lr}]: where the cosine ends")
+    for name in ("b1", "b2"):
+        check(0.0 <= getattr(optim, name) < 1.0,
+              f"config.optim.{name}={getattr(optim, name)} must be in [0, 1): AdamW's moment decay")
     for name in ("warmup_steps", "weight_decay", "grad_clip"):
         check(getattr(optim, name) >= 0, f"config.optim.{name}={getattr(optim, name)} must be >= 0 (0 = off)")
     validate_data(data)
@@ -223,5 +242,5 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     if "wandb" in config:
         validate_wandb(schema.read(schema.WandbConfig, config.wandb, "config.wandb"))
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
-          f"config.data.root='{data.root}' does not exist; point --config.data.root at a folder "
-          "laid out as <root>/{train,val}/<class>/*.jpg")
+          f"config.data.root='{data.root}' {'is a file' if os.path.exists(data.root) else 'does not exist'}; point "
+          "--config.data.root at a folder laid out as <root>/{train,val}/<class>/*.jpg")

@@ -97,6 +97,21 @@ def test_valid_config_passes(pretrain_config):
     ("data.v1_val_fraction", 0.0, r"config.data.v1_val_fraction=0.0 must be in \(0, 1\)"),
     ("data.v1_val_fraction", 1.0, r"config.data.v1_val_fraction=1.0 must be in \(0, 1\)"),
     ("data.max_bad_images", -1, "config.data.max_bad_images=-1 must be >= 0"),
+    ("model.patch_size", 0, "config.model.patch_size=0 must be positive"),
+    ("model.img_size", 0, "config.model.img_size=0 must be positive"),
+    ("model.num_heads", 0, "config.model.num_heads=0 must be positive"),
+    ("model.embed_dim", 0, "config.model.embed_dim=0 must be positive"),
+    ("model.decoder_embed_dim", 0, "config.model.decoder_embed_dim=0 must be positive"),
+    ("model.mlp_ratio", 0.0, "config.model.mlp_ratio=0.0 must be positive"),
+    ("model.depth", 0, "config.model.depth=0 must be positive"),
+    ("model.decoder_depth", -1, "config.model.decoder_depth=-1 must be >= 0"),
+    ("model.in_channels", 1, "config.model.in_channels=1: the input pipeline hands on RGB images"),
+    ("model.dtype", "float16", "config.model.dtype='float16' has no matmuls on CPU"),
+    ("seed", -1, r"config.seed=-1 must be in \[0, 2\*\*32\)"),
+    ("seed", 2**32, r"config.seed=4294967296 must be in \[0, 2\*\*32\)"),
+    ("data.split_seed", -1, r"config.data.split_seed=-1 must be in \[0, 2\*\*32\)"),
+    ("optim.b1", 1.0, r"config.optim.b1=1.0 must be in \[0, 1\): AdamW's moment decay"),
+    ("optim.b2", -0.1, r"config.optim.b2=-0.1 must be in \[0, 1\)"),
 ])
 def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
     *sections, name = field.split(".")
@@ -107,6 +122,13 @@ def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message
     with pytest.raises(config_lib.ConfigError, match=message) as error:
         stages.validate(pretrain_config)
     assert "\n" not in str(error.value)
+
+
+def test_a_data_root_that_is_a_file_is_named_as_one(pretrain_config, tmp_path):
+    pretrain_config.data.root = str(tmp_path / "image.jpg")
+    (tmp_path / "image.jpg").write_bytes(b"")
+    with pytest.raises(config_lib.ConfigError, match=f"data.root='{tmp_path / 'image.jpg'}' is a file; point"):
+        stages.validate(pretrain_config)
 
 
 def test_finetune_class_count_is_validated(tmp_path):
