@@ -481,7 +481,7 @@ def test_a_non_finite_loss_puts_the_checkpoint_it_names_on_disk_before_stopping(
         monkeypatch.setattr(manager, "wait_until_finished", lambda: events.append("wait") or wait())
         return manager
 
-    def diverge(metrics, step, checkpoint_dir, last_saved):
+    def diverge(metrics, step, checkpoint_dir, last_saved, dtype):
         if step == 2:
             events.append("nan")
             raise FloatingPointError(f"loss became non-finite at step 2; the last good checkpoint is step {last_saved}")

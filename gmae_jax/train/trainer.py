@@ -305,7 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             if is_last or must_save or step % config.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 try:
-                    check_finite(metrics, step, checkpoint_dir, last_saved)
+                    check_finite(metrics, step, checkpoint_dir, last_saved, config.model.dtype)
                 except FloatingPointError:
                     # Every process stops here (the metrics are global): the save it names goes to disk
                     # first, also where the entry point ends a failed multi-process job at once.
