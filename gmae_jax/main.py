@@ -17,6 +17,9 @@ from gmae_jax.train.preemption import Preempted
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and pictures.")
 flags.mark_flags_as_required(["config", "workdir"])
+# An empty --workdir (an unset $WORKDIR in a script) would be the current folder.
+flags.register_validator("workdir", lambda value: value is None or bool(value.strip()),
+                         message="--workdir is empty; name the run's folder, e.g. --workdir=runs/pretrain")
 # Multi-process JAX (see launch/README.md); without these flags one process uses all local devices.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0; with --num_processes and --process_id.")

@@ -86,8 +86,13 @@ def read_only_workdir(tmp_path, data_root):
         "choose a --workdir you can write to, or make that folder writable")
 
 
+def empty_workdir(tmp_path, data_root):  # e.g. --workdir=$WORKDIR with the variable unset: not the current folder
+    return [PRETRAIN, "--workdir=", f"--config.data.root={data_root}"], (
+        "flag --workdir=: --workdir is empty; name the run's folder, e.g. --workdir=runs/pretrain")
+
+
 CASES = [unknown_field, unknown_nested_field, unknown_preset, missing_config_file, init_from_missing,
-         read_only_workdir]
+         read_only_workdir, empty_workdir]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
