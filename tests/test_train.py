@@ -186,6 +186,19 @@ def test_evaluate_refuses_to_write_into_the_run_it_reads(pretrained, inside, nam
     assert files_of(workdir) == before
 
 
+def test_evaluate_refuses_to_write_into_another_run(pretrained, tmp_path):
+    workdir, _, _ = pretrained
+    other = tmp_path / "other_run"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
+    evaluate.checkpoint_dir = workdir
+    with pytest.raises(config_lib.ConfigError, match=r"holds a training run \(its checkpoints/ is there\); "
+                                                     "evaluate never writes into a run"):
+        evaluate_stage.run(evaluate, str(other))
+    assert files_of(str(other)) == {"config.json": b"{}"}
+
+
 def test_evaluate_of_a_run_whose_data_root_is_elsewhere_asks_for_data_root(pretrained, tmp_path):
     workdir, _, _ = pretrained
     moved = tmp_path / "from_another_machine"

@@ -145,6 +145,9 @@ def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
     if out == inside or out.startswith(inside + os.sep):
         raise ConfigError(f"--workdir={workdir} is inside the run it reads ({run}); {stage} never writes into a "
                           "run: choose another folder")
+    if (epath.Path(workdir) / CHECKPOINTS).is_dir():  # another run's (its config.json, pictures, TensorBoard)
+        raise ConfigError(f"--workdir={workdir} holds a training run (its {CHECKPOINTS}/ is there); {stage} never "
+                          "writes into a run: choose another folder")
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> Any:
