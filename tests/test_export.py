@@ -435,6 +435,26 @@ def test_a_pth_that_holds_no_state_dict_is_named_with_what_it_holds(write, messa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_classifier_without_its_head_weights_names_the_missing_key(tmp_path):
+    config = load("import", "model=micro")
+    config.update(path=str(classifier_file(tmp_path, lambda sd: sd.pop("classifier.1.weight"))),
+                  class_names="fist,one,palm")
+    with pytest.raises(config_lib.ConfigError, match=r"classifier.pth: missing key 'classifier.1.weight' \(the head"):
+        stages.run(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_safetensors_file_whose_config_metadata_is_no_json_says_so(tmp_path):
+    import safetensors.torch
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"pos_embed": torch.zeros(1, 2)}, str(path), metadata={"config": "{not json"})
+    config = load("import", "model=micro")
+    config.path = str(path)
+    with pytest.raises(config_lib.ConfigError, match=r"model.safetensors: its metadata's 'config' is not JSON"):
+        stages.run(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bfloat16_checkpoint_imports_widened_to_float32(tmp_path):
     torch.manual_seed(0)
     state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v

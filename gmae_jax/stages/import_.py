@@ -104,7 +104,11 @@ def _read_safetensors(path: str) -> dict[str, Any]:
         raise config_lib.ConfigError(f"config.path={path} is not a readable .safetensors file: {error}") from None
     if "config" not in metadata:
         return {"model_state_dict": tensors}
-    config = json.loads(metadata["config"])
+    try:
+        config = json.loads(metadata["config"])
+    except ValueError as error:
+        raise config_lib.ConfigError(f"config.path={path}: its metadata's 'config' is not JSON ({error}); a "
+                                     "damaged export: export the run again") from None
     return {"model_state_dict": tensors, "config": config, "class_names": config.get("class_names"),
             "step": config.get("step")}
 
@@ -246,6 +250,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
     stage = "finetune" if kind == "classifier" else "pretrain"
     num_classes = int(state["classifier.1.weight"].shape[0]) if "classifier.1.weight" in state else None
+    if kind == "classifier" and num_classes is None:
+        raise config_lib.ConfigError(f"config.path={config.path}: missing key 'classifier.1.weight' (the head's "
+                                     "weights, one row a class) where other classifier.* keys are there")
     model = imported_model(payload, config, state)
     check_state_dict({k: tuple(v.shape) for k, v in state.items()}, model, kind, num_classes, config.path)
     check_finite(state, config.path)
