@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gmae_jax import config_lib
-from gmae_jax.train import resume_check, trainer
+from gmae_jax.train import resume_check, setup, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -96,6 +96,19 @@ def test_a_damaged_config_json_is_a_one_line_error_naming_it(run_dir, damage, st
     (run_dir / "config.json").write_text(damage)
     with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'config.json'} {state}"):
         resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"])
+
+
+@pytest.mark.parametrize("content, what", [
+    ("[]", "holds a JSON list"), ("{}", "has no stage, model, seed"),
+    ('{"stage": "finetune", "model": {}, "seed": 1}', "has no num_classes"),
+    ('{"stage": "pretrain", "model": 3, "seed": 1}', "has no model section")])
+def test_a_config_json_that_is_no_runs_config_is_a_one_line_error_naming_it(run_dir, content, what):
+    """Valid JSON of another shape: it was an AttributeError, or ({}) a resume that compared nothing."""
+    (run_dir / "config.json").write_text(content)
+    for read in (lambda: resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"]),
+                 lambda: setup.load_run_config(str(run_dir))):
+        with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'config.json'} is no run's config \\(it {what}\\)"):
+            read()
 
 
 def test_run_files_are_replaced_whole_and_leave_no_temporary_file(run_dir):

@@ -19,7 +19,7 @@ from etils import epath
 
 from gmae_jax import run_files
 from gmae_jax.schema import ConfigError
-from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps
+from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps, read_run_config
 
 HISTORY_FILE = "config.history.jsonl"
 # What the config alone does not say about a run: the training images it read and the steps it
@@ -93,7 +93,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
                           f"put back the run's {CONFIG_FILE}, or start a new run with another --workdir")
     if not saved:
         return []  # nothing to resume: a new run (metrics of a run that never saved are dropped)
-    old = flatten(run_files.read_json(folder / CONFIG_FILE))
+    old = flatten(read_run_config(folder / CONFIG_FILE))
     new = flatten(json.loads(config.to_json_best_effort()))
     binding, harmless = compare(old, new)
     old_facts = run_files.read_json(folder / FACTS_FILE) if (folder / FACTS_FILE).exists() else {}

@@ -89,12 +89,28 @@ def validate_run_reference(config: ml_collections.ConfigDict, runs: str = "a pre
         raise ConfigError(f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
 
 
+def read_run_config(path: epath.Path) -> dict[str, Any]:
+    """A run's config.json as written: a JSON object with the fields every run has. Anything else
+    (edited by hand, another program's file) is a one-line error naming it, not an AttributeError
+    later, or a resume that compares nothing."""
+    values = run_files.read_json(path)
+    needed = ["stage", "model", "seed"] + (["num_classes"] if isinstance(values, dict)
+                                           and values.get("stage") == "finetune" else [])
+    missing = [name for name in needed if not isinstance(values, dict) or name not in values]
+    if missing or not isinstance(values.get("model"), dict):
+        what = f"has no {', '.join(missing)}" if isinstance(values, dict) and missing else (
+            "has no model section" if isinstance(values, dict) else f"holds a JSON {type(values).__name__}")
+        raise ConfigError(f"{path} is no run's config (it {what}): restore it from a copy, or move the run folder "
+                          "aside and start a new run")
+    return values
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a training run wrote to its workdir."""
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
-    config = ml_collections.ConfigDict(run_files.read_json(path))
+    config = ml_collections.ConfigDict(read_run_config(path))
     if config.get("stage") not in TRAINING_STAGES:
         raise ConfigError(f"{path} is a '{config.get('stage')}' run; expected one of {TRAINING_STAGES}")
     return config
