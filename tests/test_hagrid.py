@@ -331,6 +331,20 @@ def test_malformed_entry_is_skipped_and_named(tmp_path, boxes, labels):
     assert report.skipped[hagrid.MALFORMED_ENTRY] == [str(path)] and "Error(" in report.details[(hagrid.MALFORMED_ENTRY, str(path))]
 
 
+@pytest.mark.parametrize("united_label", [[["call"]], 5], ids=["nested_list", "number"])
+def test_an_odd_united_label_is_a_malformed_entry_not_a_crash(tmp_path, united_label):
+    tree = _v2(tmp_path, classes=("call",), num_users=1, images_per_user=1)
+    annotation = fx.entry(["call"], united=[0.1, 0.1, 0.5, 0.5])
+    annotation["united_label"] = united_label
+    path = tree.add("train", "call", "odd", annotation)
+
+    _, report = hagrid.read_hagrid_v2(tmp_path)
+
+    assert report.skipped.keys() == {hagrid.MALFORMED_ENTRY}
+    assert report.skipped[hagrid.MALFORMED_ENTRY] == [str(path)]
+    assert "united_label must be a string" in report.details[(hagrid.MALFORMED_ENTRY, str(path))]
+
+
 def test_a_pipe_named_like_an_image_is_skipped_not_read(tmp_path):
     tree = _v2(tmp_path, classes=("call",), num_users=1, images_per_user=2)
     pipe = sorted((tree.images_root / "call").iterdir())[0]

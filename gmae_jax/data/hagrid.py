@@ -266,6 +266,8 @@ def _make_record(
         united_box = None if united_box is None else _parse_box(united_box)
         if len(raw_boxes) != len(labels) or not all(isinstance(v, str) for v in (*labels, user_id)):
             raise ValueError("labels must be strings, one per box, and user_id a string")
+        if united_label is not None and not isinstance(united_label, str):
+            raise ValueError(f"united_label must be a string, got {united_label!r}")
     except (KeyError, TypeError, ValueError) as e:
         drop(MALFORMED_ENTRY, repr(e))
         return None
