@@ -55,7 +55,10 @@ def main(argv: list[str]) -> None:
         logging.info("%s", cache.summary())
     except Preempted as stop:
         print(stop, file=sys.stderr, flush=True)
-        sys.exit(Preempted.EXIT_STATUS)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead)
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(Preempted.INTERRUPTED_STATUS)
     except Exception as error:
         # A mistake in the config, the data, the job flags or the workdir: one line that says what to
         # change. Bugs, and everything under --debug, keep their traceback.

@@ -122,3 +122,30 @@ def test_orbax_warns_of_a_missing_metadata_file_only_where_it_writes_one(path, s
     record = logging.LogRecord("absl", logging.WARNING, "/site-packages/orbax/checkpoint/_src/metadata/checkpoint.py",
                                203, "Metadata file does not exist: %s", (path,), None)
     assert quiet_logs.QuietLibraries().filter(record) is shown
+
+
+def test_ctrl_c_saves_like_a_preemption_and_a_second_one_stops_at_once():
+    """One process: the first SIGINT asks for a checkpoint after this step (exit 130 after it, so nothing
+    requeues what a person stopped); a second, later one stops at once; input workers ignore it."""
+    code = ("import os, signal, time\n"
+            "from gmae_jax.data import pipeline\n"
+            "from gmae_jax.train.preemption import PreemptionWatch\n"
+            "watch = PreemptionWatch(None)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "stop = watch.stopped(7, '/w/checkpoints')\n"
+            "print(watch.received, stop.exit_status, stop, flush=True)\n"
+            "if os.fork() == 0:\n"
+            "    pipeline.exit_with_parent(os.getppid(), 0, 1)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    os._exit(3)\n"
+            "print('worker', os.waitstatus_to_exitcode(os.wait()[1]), flush=True)\n"
+            "time.sleep(1.5)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(5)\n"
+            "print('still running', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    assert result.stdout == ("True 130 interrupted: saved step 7 in /w/checkpoints; rerun the same command to resume "
+                             "from it\nworker 3\n"), result.stderr[-2000:]
+    assert result.returncode == -signal.SIGINT
+    assert "second Ctrl-C (SIGINT): stopping now" in result.stderr

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -128,6 +129,9 @@ def exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
     unlike Linux's parent-death signal, which also fires when the thread that started it exits.
     """
     del worker_index, worker_count
+    # A Ctrl-C in a terminal reaches the whole process group: the trainer saves and stops its workers;
+    # each worker's own KeyboardInterrupt would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -1,5 +1,6 @@
 """Checkpoint and stop when the scheduler sends SIGTERM (what preemptible TPU/GPU VMs, SLURM and
-Kubernetes send before killing a job), so a preempted run loses no steps."""
+Kubernetes send before killing a job), so a preempted run loses no steps; a Ctrl-C (SIGINT) of a
+run in one process does the same."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ class Preempted(Exception):
     # The entry point's exit status then: sysexits' EX_TEMPFAIL ("try again later"), so a scheduler
     # or wrapper script can requeue a preempted run and treat status 1 (an error) as final.
     EXIT_STATUS = 75
+    # After a Ctrl-C: a shell's status for SIGINT, so that nothing requeues what a person stopped.
+    INTERRUPTED_STATUS = 130
+
+    def __init__(self, message: str, exit_status: int = EXIT_STATUS):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+_WHAT = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
 
 class PreemptionWatch:
@@ -28,13 +38,14 @@ class PreemptionWatch:
     def __init__(self, manager: ocp.CheckpointManager):
         self.manager = manager
         self.received = False
+        self.interrupted = False  # by Ctrl-C, not by a scheduler
         self._first_at = 0.0
-        self._previous = None
+        self._previous: dict[int, object] = {}
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in _WHAT}
 
-    # A SIGTERM this soon after the first is the same preemption delivered twice (a scheduler that
-    # signals the whole process group, and a launcher that passes it on to its processes).
+    # A signal this soon after the first is the same stop delivered twice (a scheduler or a terminal
+    # that signals the whole process group, and a launcher that passes it on to its processes).
     DUPLICATE_WITHIN_S = 1.0
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -42,16 +53,24 @@ class PreemptionWatch:
         if self.received and time.monotonic() - self._first_at < self.DUPLICATE_WITHIN_S:
             return
         if self.received:
-            # The step never ended (a stalled disk or bucket): a second SIGTERM stops now. Orbax renames a
+            # The step never ended (a stalled disk or bucket): a second signal stops now. Orbax renames a
             # checkpoint only once it is complete, so the last one on disk stays good.
-            logging.warning("second SIGTERM: stopping now, without a checkpoint of this step")
+            logging.warning("second %s: stopping now, without a checkpoint of this step", _WHAT[signum])
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping "
-                        "(a second SIGTERM stops at once)")
+        logging.warning("%s received: saving a checkpoint after this step, then stopping (a second one stops "
+                        "at once)", _WHAT[signum])
         self.received = True
+        self.interrupted = signum == signal.SIGINT
         self._first_at = time.monotonic()
+
+    def stopped(self, saved_step: int | None, checkpoint_dir: str) -> Preempted:
+        """What the trainer raises once the stopping step is saved."""
+        resume = f"saved step {saved_step} in {checkpoint_dir}; rerun the same command to resume from it"
+        if self.interrupted:
+            return Preempted(f"interrupted: {resume}", Preempted.INTERRUPTED_STATUS)
+        return Preempted(f"preempted: {resume}")
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -59,6 +78,6 @@ class PreemptionWatch:
         return self.received
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

@@ -342,8 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     manager.wait_until_finished()
     if preempted:
         manager.close()
-        raise Preempted(f"preempted: saved step {last_saved} in {checkpoint_dir}; rerun the same command "
-                        "to resume from it")
+        raise watch.stopped(last_saved, checkpoint_dir)
     if not eval_metrics:  # the workdir already held a finished run
         eval_metrics, _, _ = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
     if jax.process_index() == 0:
