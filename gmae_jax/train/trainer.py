@@ -23,7 +23,7 @@ from gmae_jax.models import fast_conv
 from gmae_jax.train import checkpoint, init_compile, resume_check, setup, sharding, steps, tasks
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
-from gmae_jax.train.preemption import Preempted, PreemptionWatch
+from gmae_jax.train.preemption import PreemptionWatch
 from gmae_jax.train.progress import METRICS_FILE, MetricsWriter, Progress, check_finite
 from gmae_jax.train.summaries import TENSORBOARD_DIR, Summaries, run_summary
 
