@@ -111,6 +111,15 @@ def test_a_config_json_that_is_no_runs_config_is_a_one_line_error_naming_it(run_
             read()
 
 
+@pytest.mark.parametrize("content, what", [('["fist", "palm", "fist"]', "names fist more than once"),
+                                           ('{"fist": 0}', "is no list of class names"),
+                                           ('["fist", 3]', "is no list of class names")])
+def test_a_classes_json_that_names_no_classes_is_a_one_line_error_naming_it(run_dir, content, what):
+    (run_dir / "classes.json").write_text(content)
+    with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'classes.json'} {what}: put back"):
+        setup.load_class_names(str(run_dir))
+
+
 def test_run_files_are_replaced_whole_and_leave_no_temporary_file(run_dir):
     config = pretrain_config()
     config.total_steps = 40
