@@ -141,7 +141,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     check(model.dtype in ("float32", "bfloat16", "float16"),
           f"config.model.dtype='{model.dtype}' must be float32, bfloat16 or float16")
     check(model.dtype != "float16" or jax.default_backend() != "cpu",
-          "config.model.dtype='float16' has no matmuls on CPU (XLA:CPU); use bfloat16 or float32 there")
+          "config.model.dtype='float16' does not run on CPU (XLA:CPU has no float16 matmul that accumulates in "
+          "float32); use bfloat16 or float32 there")
     check(model.remat in REMAT_MODES, f"config.model.remat='{model.remat}' is not one of {REMAT_MODES}")
     check(model.conv_impl in CONV_IMPLS,
           f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")

@@ -106,7 +106,7 @@ def test_valid_config_passes(pretrain_config):
     ("model.depth", 0, "config.model.depth=0 must be positive"),
     ("model.decoder_depth", -1, "config.model.decoder_depth=-1 must be >= 0"),
     ("model.in_channels", 1, "config.model.in_channels=1: the input pipeline hands on RGB images"),
-    ("model.dtype", "float16", "config.model.dtype='float16' has no matmuls on CPU"),
+    ("model.dtype", "float16", "config.model.dtype='float16' does not run on CPU"),
     ("seed", -1, r"config.seed=-1 must be in \[0, 2\*\*32\)"),
     ("seed", 2**32, r"config.seed=4294967296 must be in \[0, 2\*\*32\)"),
     ("data.split_seed", -1, r"config.data.split_seed=-1 must be in \[0, 2\*\*32\)"),

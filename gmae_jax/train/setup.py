@@ -105,8 +105,17 @@ def read_run_config(path: epath.Path) -> dict[str, Any]:
     return values
 
 
+def refuse_an_export(workdir: str) -> None:
+    """An export folder (its own config.json beside PyTorch weights) where a run is wanted: say to import it."""
+    if any((epath.Path(workdir) / name).exists() for name in (export_format.MODEL_PTH, export_format.SAFETENSORS)):
+        raise ConfigError(f"{workdir} is an export (PyTorch weights), not a run: import it first "
+                          f"(--config=configs/import.py --config.path={workdir}/{export_format.MODEL_PTH} "
+                          "--workdir=NEW_RUN) and point at NEW_RUN")
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a training run wrote to its workdir."""
+    refuse_an_export(workdir)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
@@ -121,10 +130,7 @@ def load_class_names(workdir: str, required: bool = True) -> list[str]:
     its model has no outputs to name (a copy of config.json and checkpoints/ is enough to restore it)."""
     path = epath.Path(workdir) / CLASSES_FILE
     if not path.exists():
-        if any((epath.Path(workdir) / name).exists() for name in (export_format.MODEL_PTH, export_format.SAFETENSORS)):
-            raise ConfigError(f"{workdir} is an export (PyTorch weights), not a run: import it first "
-                              f"(--config=configs/import.py --config.path={workdir}/{export_format.MODEL_PTH} "
-                              "--workdir=NEW_RUN) and point at NEW_RUN")
+        refuse_an_export(workdir)
         if not required and (epath.Path(workdir) / CONFIG_FILE).exists():
             return []
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
