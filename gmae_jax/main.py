@@ -96,7 +96,7 @@ def failed_first(others: dict[int, str]) -> str:
     """The line a process prints that stopped because others failed: theirs, named."""
     (process, line), *more = others.items()
     also = f" (and processes {sorted(p for p, _ in more)}; see their logs)" if more else ""
-    return (f"process {process} of this job failed, so process {jax.process_index()} stops too: {line}{also}")
+    return f"process {process} of this job failed, so process {jax.process_index()} stops too: {line}{also}"
 
 
 def unanswered_hint(error: BaseException) -> str:

@@ -259,8 +259,9 @@ def ensure_demo_dataset(root: str, **kwargs: Any) -> dict[str, int]:
         foreign = [str(root_path / split) for split in SPLITS
                    if (root_path / split).exists() and any((root_path / split).iterdir())]
         if foreign:
+            verb = "hold" if len(foreign) > 1 else "holds"
             raise DataLayoutError(
-                f"{' and '.join(foreign)} {'hold' if len(foreign) > 1 else 'holds'} files the demo did not write, and the demo draws its images "
+                f"{' and '.join(foreign)} {verb} files the demo did not write, and the demo draws its images "
                 f"there ({root}): move them elsewhere, or give the demo another --workdir")
     root_path.mkdir(parents=True, exist_ok=True)
     writing.write_text(json.dumps(params))
