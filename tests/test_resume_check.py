@@ -107,7 +107,8 @@ def test_a_config_json_that_is_no_runs_config_is_a_one_line_error_naming_it(run_
     (run_dir / "config.json").write_text(content)
     for read in (lambda: resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"]),
                  lambda: setup.load_run_config(str(run_dir))):
-        with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'config.json'} is no run's config \\(it {what}\\)"):
+        expected = f"{run_dir / 'config.json'} is no run's config \\(it {what}\\)"
+        with pytest.raises(config_lib.ConfigError, match=expected):
             read()
 
 
