@@ -191,6 +191,40 @@ def test_shard_eval_labels_match_the_manifest(shard_sources, prepared):
     assert {c: labels.count(c) for c in set(labels)} == prepared[1]["counts"]["pretrain/val"]
 
 
+def test_a_damaged_record_in_a_shard_counts_as_an_unreadable_image_naming_its_shard(prepared, tmp_path):
+    """Flipped bytes inside a shard that still opens: array_record's chunk hash fails when the record is
+    read (maybe hours in); that is one more unreadable image, not a traceback."""
+    out, manifest, _ = prepared
+    copy = tmp_path / "pretrain"
+    shutil.copytree(out / "pretrain", copy)
+    index = json.loads((copy / sources.INDEX_FILE).read_text())
+    shard = copy / index["splits"]["val"]["shards"][0]
+    intact = shard.read_bytes()
+    for start in range(64, len(intact) // 2, 256):  # the first damage that hits a chunk's data, not a header
+        data = bytearray(intact)
+        data[start:start + 32] = bytes(b ^ 0xFF for b in data[start:start + 32])
+        shard.write_bytes(bytes(data))
+        try:
+            reader = records.ShardReader([shard])
+            for i in range(len(reader)):
+                reader[i]
+        except records.UnreadableRecordError:
+            break
+        except records.ShardError:  # a block header: the shard does not open (tested elsewhere)
+            pass
+    else:
+        pytest.fail("no damage of a record's chunk found")
+    total = sum(manifest["counts"]["pretrain/val"].values())
+
+    _, _, val = sources.open_sources(data_config(copy, max_bad_images=total))
+    batches = list(pipeline.make_eval_dataset(val, image_size=SIZE, global_batch_size=4, num_workers=0))
+    _, _, strict = sources.open_sources(data_config(copy, max_bad_images=0))
+
+    assert 0 < total - sum(int(b["valid"].sum()) for b in batches) < total
+    with pytest.raises(pipeline.BadImageBudgetError, match=rf"last: record \d+ of {shard} cannot be read \("):
+        list(pipeline.make_eval_dataset(strict, image_size=SIZE, global_batch_size=4, num_workers=0))
+
+
 def test_hand_crop_shards_store_crops_and_need_hand_crop_mode(tmp_path):
     _tree(tmp_path / "hagrid")
     out = tmp_path / "crops"

@@ -22,7 +22,7 @@ from absl import logging
 import grain
 import numpy as np
 
-from gmae_jax.data import sources, transforms, views
+from gmae_jax.data import records, sources, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.schema import AugmentConfig
 
@@ -50,8 +50,7 @@ class _Loader:
         self.source, self.view = source, view
         self._bad: set[str] = set()
 
-    def _count_bad(self, error: transforms.ImageDecodeError, element: views.Element) -> None:
-        name = views.element_name(element)
+    def _count_bad(self, error: transforms.ImageDecodeError, name: str) -> None:
         if name not in self._bad:
             self._bad.add(name)
             logging.warning("Unreadable image replaced by the next one (%d so far, config.data.max_bad_images=%d): %s",
@@ -66,20 +65,32 @@ class _Loader:
         """view_fn(source[index]), or of the next readable element if that one is unreadable."""
         n = len(self.source)
         for step in range(n):
-            element = self.source[(index + step) % n]
+            element = self._read((index + step) % n)
+            if element is None:
+                continue
             try:
                 return view_fn(element)
             except transforms.ImageDecodeError as e:
-                self._count_bad(e, element)
+                self._count_bad(e, views.element_name(element))
         raise BadImageBudgetError(f"None of the {n} images decodes; e.g. {self._bad and min(self._bad)}.")
 
     def skipping(self, index: int, view_fn: Callable[[views.Element], Any]) -> Any | None:
         """view_fn(source[index]), or None (counted) if it is unreadable."""
-        element = self.source[index]
+        element = self._read(index)
+        if element is None:
+            return None
         try:
             return view_fn(element)
         except transforms.ImageDecodeError as e:
-            self._count_bad(e, element)
+            self._count_bad(e, views.element_name(element))
+            return None
+
+    def _read(self, index: int) -> views.Element | None:
+        """source[index], or None (counted) where its record in a prepared shard does not read."""
+        try:
+            return self.source[index]
+        except records.UnreadableRecordError as e:
+            self._count_bad(e, e.name)
             return None
 
 

@@ -15,6 +15,7 @@ import grain
 
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.hagrid import HagridRecord
+from gmae_jax.data.transforms import ImageDecodeError
 
 _MAGIC = b"GMR1"
 _HEADER = struct.Struct("<4sI")
@@ -33,6 +34,16 @@ class ShardError(DataLayoutError):
         self.why = why
         super().__init__(f"{path} cannot be read ({why}): rerun the prepare stage that wrote it (the same "
                          "command rewrites missing and damaged shards)")
+
+
+class UnreadableRecordError(ImageDecodeError):
+    """A record inside a shard that opens does not read (a chunk whose hash does not match: flipped
+    bits on a disk or in a copy). Loaders count it as an unreadable image; `name` is the record's place."""
+
+    def __init__(self, name: str, why: str):
+        self.name = name
+        super().__init__(f"{name} cannot be read ({why}); delete that shard and rerun the prepare stage that "
+                         "wrote it (it writes missing shards again)")
 
 
 def count_records(path: epath.PathLike) -> int:
@@ -87,7 +98,21 @@ class ShardReader:
         return len(self._source)
 
     def __getitem__(self, index: int) -> tuple[HagridRecord, bytes]:
-        return decode(self._source[index])
+        try:
+            blob = self._source[index]
+        except RuntimeError as error:  # array_record's word for a damaged chunk
+            raise UnreadableRecordError(self._place(index), str(error).strip().splitlines()[0]) from None
+        return decode(blob)
+
+    def _place(self, index: int) -> str:
+        """'record I of SHARD' for a global index (only on an error: it opens every shard's footer)."""
+        first = 0
+        for path in self.paths:
+            count = count_records(path)
+            if index < first + count:
+                return f"record {index - first} of {path}"
+            first += count
+        return f"record {index} of {len(self.paths)} shards"
 
     def __repr__(self) -> str:
         return f"ShardReader({len(self.paths)} shards, first {self.paths[:1]})"
