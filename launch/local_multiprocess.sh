@@ -14,6 +14,16 @@ DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
 PYTHON="${PYTHON:-python}"
 LOG_DIR="${LOG_DIR:-/tmp/gmae_local_multiprocess}"
 STOP_GRACE_S="${STOP_GRACE_S:-10}"  # after SIGTERM, before SIGKILL, when the others are stopped
+check_count() {  # check_count NAME MINIMUM: a whole number, or stop before anything starts
+  local value="${!1}"
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || ((10#$value < $2)); then
+    echo "error: $1=$value must be a whole number of at least $2" >&2
+    exit 2
+  fi
+}
+check_count NUM_PROCESSES 1
+check_count DEVICES_PER_PROCESS 1
+check_count STOP_GRACE_S 0
 PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 cd "$(dirname "$0")/.."

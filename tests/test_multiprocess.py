@@ -119,6 +119,18 @@ def test_local_launcher_stops_the_other_ranks_when_one_fails(tmp_path):
     assert not survivors, "rank 0 was left running"
 
 
+@pytest.mark.parametrize("setting, value, minimum", [("NUM_PROCESSES", "0", 1), ("NUM_PROCESSES", "1.5", 1),
+                                                     ("DEVICES_PER_PROCESS", "abc", 1), ("STOP_GRACE_S", "-1", 0)])
+def test_local_launcher_refuses_a_count_that_is_no_whole_number_before_starting_anything(setting, value, minimum,
+                                                                                       tmp_path):
+    """It reported success without training for 0 and -1, and a bash error for 1.5."""
+    env = {**os.environ, "PYTHON": "false", "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), setting: value}
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {setting}={value} must be a whole number of at least {minimum}"
+
+
 PREEMPTIBLE_PROCESS = """#!/usr/bin/env bash
 # Stands in for python -m gmae_jax.main under preemption: on SIGTERM it saves (a second) and exits 75.
 sleep 60 &
