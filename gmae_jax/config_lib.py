@@ -148,6 +148,12 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")
 
 
+def check_seed(value: Any, field: str) -> None:
+    """A seed numpy and grain take: a whole number in [0, 2**32)."""
+    check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32,
+          f"config.{field}={value!r} must be a whole number in [0, 2**32)")
+
+
 def check_num_workers(value: int, field: str) -> None:
     """A grain worker count as the input pipeline takes it (`pipeline.worker_count`)."""
     check(value >= -1, f"config.{field}={value} must be >= 0 (0 = in this process) or -1 (a worker per core)")
@@ -177,7 +183,7 @@ def validate_data(data: schema.DataConfig) -> None:
     check(0.0 < data.v1_val_fraction < 1.0,
           f"config.data.v1_val_fraction={data.v1_val_fraction} must be in (0, 1): HaGRID v1's users held out "
           "for 'val'")
-    check(0 <= data.split_seed < 2**32, f"config.data.split_seed={data.split_seed} must be in [0, 2**32)")
+    check_seed(data.split_seed, "data.split_seed")
     check(data.max_bad_images >= 0, f"config.data.max_bad_images={data.max_bad_images} must be >= 0")
     check(0.0 <= data.max_dropped_fraction <= 1.0,
           f"config.data.max_dropped_fraction={data.max_dropped_fraction} must be in [0, 1]")
@@ -208,7 +214,7 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     loop = schema.read_flat(schema.LoopConfig, config)
     optim = schema.read(schema.OptimConfig, config.optim, "config.optim")
     data = schema.read(schema.DataConfig, config.data, "config.data")
-    check(0 <= loop.seed < 2**32, f"config.seed={loop.seed} must be in [0, 2**32): the data order's seed")
+    check_seed(loop.seed, "seed")
     check(loop.batch_size > 0, f"config.batch_size={loop.batch_size} must be positive")
     check(loop.total_steps >= 0, f"config.total_steps={loop.total_steps} must be >= 0 (0 = from config.num_epochs)")
     check(loop.total_steps > 0 or loop.num_epochs > 0,

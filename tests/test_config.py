@@ -107,9 +107,9 @@ def test_valid_config_passes(pretrain_config):
     ("model.decoder_depth", -1, "config.model.decoder_depth=-1 must be >= 0"),
     ("model.in_channels", 1, "config.model.in_channels=1: the input pipeline hands on RGB images"),
     ("model.dtype", "float16", "config.model.dtype='float16' does not run on CPU"),
-    ("seed", -1, r"config.seed=-1 must be in \[0, 2\*\*32\)"),
-    ("seed", 2**32, r"config.seed=4294967296 must be in \[0, 2\*\*32\)"),
-    ("data.split_seed", -1, r"config.data.split_seed=-1 must be in \[0, 2\*\*32\)"),
+    ("seed", -1, r"config.seed=-1 must be a whole number in \[0, 2\*\*32\)"),
+    ("seed", 2**32, r"config.seed=4294967296 must be a whole number in \[0, 2\*\*32\)"),
+    ("data.split_seed", -1, r"config.data.split_seed=-1 must be a whole number in \[0, 2\*\*32\)"),
     ("optim.b1", 1.0, r"config.optim.b1=1.0 must be in \[0, 1\): AdamW's moment decay"),
     ("optim.b2", -0.1, r"config.optim.b2=-0.1 must be in \[0, 1\)"),
 ])

@@ -350,6 +350,23 @@ def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
         prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
 
 
+def test_prepare_refuses_a_training_run_or_the_raw_tree_as_its_workdir_and_bad_seeds_and_workers(tmp_path):
+    _tree(tmp_path / "hagrid")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    config = prepare_config(tmp_path / "hagrid")
+
+    with pytest.raises(config_lib.ConfigError, match=r"holds a training run \(its checkpoints/ is there\)"):
+        stages.run(config, str(tmp_path / "run"))
+    with pytest.raises(config_lib.ConfigError, match=r"is inside the tree it prepares"):
+        stages.run(config, str(tmp_path / "hagrid" / "prepared"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+    assert not (tmp_path / "hagrid" / "prepared").exists()
+    for field, value, message in (("seed", -1, r"config.seed=-1 must be a whole number in \[0, 2\*\*32\)"),
+                                  ("num_workers", -1, r"config.num_workers=-1 must be >= 0")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            stages.validate(prepare_config(tmp_path / "hagrid", **{field: value}))
+
+
 def test_rebuild_replaces_another_preparation_and_keeps_the_decode_checks(tmp_path):
     tree, out = _tree(tmp_path / "hagrid"), tmp_path / "out"
     first = prepare.prepare(prepare_config(tree.root, records_per_shard=4, class_folders=True), str(out))

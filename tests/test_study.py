@@ -157,6 +157,12 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
     from_runs.seeds = (7, 7)
     with pytest.raises(config_lib.ConfigError, match=r"config.seeds=\(7, 7\) repeats a value; give each once"):
         stages.validate(from_runs)
+    from_runs.seeds = (0, -1)  # was a traceback after the whole pretraining
+    with pytest.raises(config_lib.ConfigError, match=r"config.seeds=\(0, -1\): each seed=-1 must be a whole number"):
+        stages.validate(from_runs)
+    from_runs.seeds, from_runs.labels_per_class = (0,), (2.5,)
+    with pytest.raises(config_lib.ConfigError, match=r"config.labels_per_class=\(2.5,\) must be whole numbers"):
+        stages.validate(from_runs)
 
     # Each sub-run is held like a run of its own: one in use by another job stops the study.
     busy = next(r["workdir"] for r in runs if r["init"] == "pretrained")

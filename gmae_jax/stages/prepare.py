@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from typing import Any
@@ -12,6 +13,7 @@ import ml_collections
 
 from gmae_jax import config_lib
 from gmae_jax.data import prepare
+from gmae_jax.train import setup
 from gmae_jax.train.preemption import Preempted
 
 ONE_PROCESS = True  # its own worker pool; processes would write the same shards
@@ -31,6 +33,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
                      "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
     config_lib.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
+    config_lib.check_seed(config.seed, "seed")
+    config_lib.check(config.num_workers >= 0, f"config.num_workers={config.num_workers} must be >= 0 (0 = a process "
+                     "per core)")
 
 
 def check_workdir(workdir: str) -> None:
@@ -41,6 +46,9 @@ def check_workdir(workdir: str) -> None:
                      f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
                      "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
                      "--config.data.root at gs://.../finetune (or .../pretrain)")
+    config_lib.check(not os.path.isdir(os.path.join(workdir, setup.CHECKPOINTS)),
+                     f"--workdir={workdir} holds a training run (its {setup.CHECKPOINTS}/ is there); prepare into a "
+                     "folder of its own")
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -50,6 +58,10 @@ def _stop(signum: int, frame: object) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
+    out, raw = os.path.realpath(workdir), os.path.realpath(config.data.root)
+    config_lib.check(not (out == raw or out.startswith(raw + os.sep)),
+                     f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
+                     "where its folders would mix with the images; prepare into a folder outside it")
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block
     # then terminates its workers, which would otherwise go on writing into a closed pipe.
     handles = threading.current_thread() is threading.main_thread()

@@ -42,7 +42,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_lib.check(len(config.labels_per_class) > 0 and all(n >= 0 for n in config.labels_per_class),
                      f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
                      "(0 = all labels), e.g. '(5,10,25,0)'")
+    config_lib.check(len(config.labels_per_class) > 0 and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in config.labels_per_class),
+        f"config.labels_per_class={tuple(config.labels_per_class)} must be whole numbers, e.g. '(5,10,25,0)'")
     config_lib.check(len(config.seeds) > 0, "config.seeds is empty; give at least one, e.g. '(0,1,2)'")
+    for seed in config.seeds:
+        config_lib.check_seed(seed, f"seeds={tuple(config.seeds)}: each seed")
     for name in ("labels_per_class", "seeds"):  # a repeat would count one run twice in the mean
         values = list(config[name])
         config_lib.check(len(set(values)) == len(values),
