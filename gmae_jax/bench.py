@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from gmae_jax import host_memory, quiet_logs
+from gmae_jax import config_lib, host_memory, quiet_logs
 from gmae_jax.data import pipeline_benchmark
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.schema import ConfigError
@@ -134,10 +134,27 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
         if field not in known:
             raise app.UsageError(f"--model_override={item!r}: {field!r} is not an architecture field; known: {known}")
         try:
-            overrides[field] = ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            overrides[field] = text  # a string such as mask_mode=original
+            value = text  # a string such as mask_mode=original
+        default = getattr(GMSTConfig(), field)
+        kind = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, kind):
+            kind_name = type(default).__name__
+            raise app.UsageError(f"--model_override={item!r}: {field} takes {'an' if kind_name[0] in 'aeiou' else 'a'} "
+                                 f"{kind_name}, e.g. {field}={default!r}")
+        overrides[field] = value
     return overrides
+
+
+def check_models(presets: Sequence[str], batch_sizes: Sequence[int], **overrides: object) -> None:
+    """Every preset and batch the chosen benchmark will build, checked before the first compile: on a
+    short accelerator loan a bad value would otherwise fill the table with failed rows."""
+    for batch_size in batch_sizes:
+        if batch_size < 1:
+            raise app.UsageError(f"batch size {batch_size} must be at least 1")
+    for preset in presets:
+        config_lib.validate_model(config_lib.model_section(preset, **overrides))
 
 
 def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
@@ -216,6 +233,16 @@ def run_benchmarks(argv: Sequence[str]) -> None:
                              "and --train_step go together")
     present = [name for name in _FLAG_USERS if flags.FLAGS[name].present]
     refuse_unused_flags(chosen | ({"--vs_torch"} if _VS_TORCH.value else set()), present)
+    if _SUITE.value == "device" or (_SUITE.value == "memory" and not _PLAN_CASES.value):
+        check_models(_SUITE_PRESETS.value, _suite_batch_sizes(_SUITE_PRESETS.value), img_size=_SUITE_IMG_SIZE.value)
+    elif chosen & {"--train_step", "--profile_step", "--sparse_vs_dense"}:
+        check_models([_PRESET.value], [_BATCH_SIZE.value], **parse_overrides(_MODEL_OVERRIDE.value))
+    if chosen & {"--profile_step"} or _VS_TORCH.value:
+        from gmae_jax.train.step_benchmark import TASKS  # noqa: PLC0415 (model code only here)
+
+        unknown = sorted(set(_TASKS.value) - set(TASKS))
+        if unknown:
+            raise app.UsageError(f"--tasks: {', '.join(unknown)} is not one of {', '.join(TASKS)}")
     if _CHECKPOINT_SAVE.value:
         from gmae_jax.train import checkpoint_benchmark  # noqa: PLC0415 (model code only here)
 

@@ -88,6 +88,11 @@ def test_model_overrides_parse_to_python_values():
         "img_size": 64, "overlap_patches": True, "mask_mode": "original"}
     with pytest.raises(app.UsageError, match=r"--model_override='bogus=1': 'bogus' is not an architecture field"):
         parse_overrides(["bogus=1"])
+    with pytest.raises(app.UsageError, match=r"--model_override='img_size=abc': img_size takes an int, e.g. img_size="):
+        parse_overrides(["img_size=abc"])
+    with pytest.raises(app.UsageError, match=r"overlap_patches takes a bool"):
+        parse_overrides(["overlap_patches=1"])
+    assert parse_overrides(["mlp_ratio=2"]) == {"mlp_ratio": 2}  # an int where a float goes
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -103,6 +108,12 @@ def test_model_overrides_parse_to_python_values():
     (["--suite=memory", "--plan_cases=small finetune bfloat16", "--suite_batch_sizes=1,2"], "takes one value"),
     (["--suite=memory", "--plan_target=cpu", "--plan_cases=small pretrain bfloat16 remat=block"],
      "did you mean 'small pretrain bfloat16 encoder remat=block'?"),
+    # Checked before the first compile: a loan's table would otherwise be rows of failures.
+    (["--suite=memory", "--plan_target=cpu", "--suite_presets=nope"], "unknown model preset 'nope'"),
+    (["--suite=device", "--suite_batch_sizes=0"], "batch size 0 must be at least 1"),
+    (["--suite=device", "--suite_img_size=30"], "img_size=30 is not divisible by config.model.patch_size=16"),
+    (["--train_step", "--vs_torch", "--tasks=nope", "--preset=micro"], "--tasks: nope is not one of pretrain"),
+    (["--train_step", "--preset=micro", "--model_override=depth=0"], "config.model.depth=0 must be positive"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,
