@@ -252,6 +252,9 @@ def test_predict_refuses_inputs_it_cannot_use_before_reading_the_run(run_dir, tm
     with pytest.raises(config_lib.ConfigError, match="is inside the run it reads .*; predict never writes into"):
         stages.run(config, os.path.join(workdir, "predictions"))
     assert not (tmp_path / "out").exists() and not os.path.exists(os.path.join(workdir, "predictions"))
+    (tmp_path / "taken" / "skipped.csv").mkdir(parents=True)  # failed after every image was predicted
+    with pytest.raises(config_lib.ConfigError, match=r"taken/skipped.csv is a folder, where predict writes a file"):
+        stages.run(config, str(tmp_path / "taken"))
 
 
 def test_predict_refuses_a_pretraining_run(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import io
 import json
 
 import jax
@@ -18,7 +19,7 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, run_files
 from gmae_jax.data import inputs, transforms, views
 from gmae_jax.train import setup, sharding, steps
 
@@ -56,22 +57,35 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+OUTPUTS = ("predictions.csv", "predictions.jsonl", "skipped.csv")
+
+
+def _check_outputs(workdir: str) -> None:
+    """Before the model loads: an output name taken by a folder would fail only after every image."""
+    for name in OUTPUTS:
+        path = epath.Path(workdir) / name
+        if path.is_dir():
+            raise config_lib.ConfigError(f"{path} is a folder, where predict writes a file of that name; move it "
+                                         "away (or use another --workdir)")
+
+
+def _csv(rows: list[list[str]]) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
+
+
 def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
+    """The three outputs, each written whole (a kill leaves the old file or the new one)."""
     workdir.mkdir(parents=True, exist_ok=True)
     rows = [{**row, "file": _printable(row["file"])} for row in rows]
     skipped = [(_printable(name), _printable(reason)) for name, reason in skipped]
     header = ["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
-    with (workdir / "predictions.csv").open("w") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for row in rows:
-            ranked = [value for entry in row["top_k"] for value in (entry["class"], f"{entry['prob']:.6f}")]
-            writer.writerow([row["file"], row["annotation"]] + ranked)
-    (workdir / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with (workdir / "skipped.csv").open("w") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "reason"])
-        writer.writerows(skipped)
+    table = [header] + [[row["file"], row["annotation"]] + [
+        value for entry in row["top_k"] for value in (entry["class"], f"{entry['prob']:.6f}")] for row in rows]
+    run_files.write_text(workdir / "predictions.csv", _csv(table))
+    run_files.write_text(workdir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    run_files.write_text(workdir / "skipped.csv", _csv([["file", "reason"], *skipped]))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
@@ -81,6 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
         raise config_lib.ConfigError(f"config.checkpoint_dir={config.checkpoint_dir} is a '{stage}' run; predict "
                                      "needs a finetune run (a classifier)")
     setup.check_outside_run(workdir, config.checkpoint_dir, "predict")
+    _check_outputs(workdir)
     items, skipped = inputs.list_inputs(config.inputs)
     if not items:
         raise config_lib.ConfigError(f"config.inputs={config.inputs} holds no image to predict ({len(skipped)} other "
