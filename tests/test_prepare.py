@@ -299,6 +299,11 @@ def test_a_copied_workdir_is_the_same_preparation_and_its_damaged_shards_are_wri
         sources.open_sources(data_config(out / "pretrain"))
     with pytest.raises(class_folders.DataLayoutError, match=r"has no index.json: config.data.layout=prepared"):
         sources.open_sources(data_config(out, layout="prepared"))
+    index.unlink()  # as a prepare killed before its last write leaves it: not class folders without classes
+    with pytest.raises(class_folders.DataLayoutError, match=rf"{out / 'pretrain'} holds shards of a prepare stage "
+                       rf"that did not finish \(no index.json\); rerun the same prepare command \(its --workdir is "
+                       rf"{out}\)"):
+        sources.open_sources(data_config(out / "pretrain"))
 
     written = []
     real_write = prepare._write_shard

@@ -142,6 +142,10 @@ def detect_layout(root: epath.PathLike) -> str:
         # hagrid_annotations/ has a train/ folder too: not class folders, the v2 tree one level up.
         raise DataLayoutError(f"{root} is a part of the HaGRID v2 tree in {root.parent}; point the root at "
                               f"{root.parent}.")
+    if any((root / split).is_dir() and any((root / split).glob("*.array_record")) for split in ("train", "val")):
+        # The prepare stage writes index.json last: shards without it are a preparation that did not finish.
+        raise DataLayoutError(f"{root} holds shards of a prepare stage that did not finish (no index.json); rerun "
+                              f"the same prepare command (its --workdir is {root.parent}): it goes on where it stopped")
     if (root / "train").is_dir():
         return "class_folders"
     raise UnknownLayoutError(
