@@ -299,6 +299,9 @@ def test_a_copied_workdir_is_the_same_preparation_and_its_damaged_shards_are_wri
         sources.open_sources(data_config(out / "pretrain"))
     with pytest.raises(class_folders.DataLayoutError, match=r"has no index.json: config.data.layout=prepared"):
         sources.open_sources(data_config(out, layout="prepared"))
+    index.write_text("[]")
+    with pytest.raises(class_folders.DataLayoutError, match=rf"{index} is damaged \(not a prepared corpus's index"):
+        sources.open_sources(data_config(out / "pretrain"))
     index.unlink()  # as a prepare killed before its last write leaves it: not class folders without classes
     with pytest.raises(class_folders.DataLayoutError, match=rf"{out / 'pretrain'} holds shards of a prepare stage "
                        rf"that did not finish \(no index.json\); rerun the same prepare command \(its --workdir is "
@@ -345,6 +348,11 @@ def test_sigterm_stops_prepare_with_the_resume_hint_and_a_rerun_finishes(tmp_pat
 def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
     _tree(tmp_path / "hagrid")
     prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
+    plan = (tmp_path / "out" / "plan.json").read_text()
+    (tmp_path / "out" / "plan.json").write_text("[1, 2]")
+    with pytest.raises(class_folders.DataLayoutError, match=r"plan.json is damaged \(no plan and settings\)"):
+        prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
+    (tmp_path / "out" / "plan.json").write_text(plan)
 
     with pytest.raises(class_folders.DataLayoutError, match=r"different preparation \(seed: 0 -> 7\); rerun with"):
         prepare.prepare(prepare_config(tmp_path / "hagrid", seed=7), str(tmp_path / "out"))

@@ -324,7 +324,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     settings = _settings(config)
     plan_file = out / _PLAN
     if plan_file.exists():
-        _check_same_plan(json.loads(plan_file.read_text()), plan, settings, out, config.rebuild)
+        recorded = run_files.read_json(plan_file)
+        if not (isinstance(recorded, dict) and {"plan", "settings"} <= set(recorded)):
+            raise DataLayoutError(f"{plan_file} is damaged (no plan and settings), so what this folder holds is "
+                                  "unknown: move it aside and prepare into a new one")
+        _check_same_plan(recorded, plan, settings, out, config.rebuild)
     run_files.write_text(plan_file, json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
     todo = [t for t in tasks if not _written(t)]
     for folder in sorted({epath.Path(t.path).parent for t in todo}):  # after a rebuild removed the old ones

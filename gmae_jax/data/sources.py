@@ -168,7 +168,9 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
                               "data leave config.data.layout=auto")
     try:
         index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as error:
+        if not (isinstance(index, dict) and {"view", "class_names", "splits"} <= set(index)):
+            raise ValueError("not a prepared corpus's index: it lacks view, class_names or splits")
+    except ValueError as error:
         raise DataLayoutError(f"{index_file} is damaged ({error}): rerun the prepare stage that wrote it (the same "
                               "command writes it again)") from None
     if index["view"] == "hand_crop" and data.mode != "hand_crop":
