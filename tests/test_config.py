@@ -150,11 +150,23 @@ def test_demo_config_validates_without_its_data():
     ("dataset.classes", ("fist", "wave"), r"config.dataset.classes=\('fist', 'wave'\): choose two or more distinct"),
     ("dataset.classes", ("fist",), r"choose two or more distinct gestures the generator draws, from fist, one,"),
     ("labels_per_class", 500, r"config.labels_per_class=500 but the demo draws config.dataset.finetune_train_per_"),
+    ("dataset.classes", ("fist,palm",), r"as a tuple: --config.dataset.classes=\"\('fist','palm'\)\""),
+    ("dataset.image_size", 0, r"config.dataset.image_size=0 must be a whole number of at least 1"),
+    ("dataset.pretrain_val_per_class", -3, r"config.dataset.pretrain_val_per_class=-3 must be a whole number"),
+    # Set by the demo (or the study inside it) for every run: a value given here was replaced without a word.
+    ("pretrain.data.root", "/my/images", r"config.pretrain.data.root='/my/images': the demo trains on the images it"),
+    ("finetune.freeze_encoder", True, r"config.finetune.freeze_encoder=True is set by the study for each of its "
+                                      r"runs; use --config.linear_probe"),
+    ("finetune.seed", 9, r"config.finetune.seed=9 is set by the study for each of its runs; use --config.seeds"),
+    ("finetune.labels_per_class", 3, r"config.finetune.labels_per_class=3 is set by the study .*--config.labels_per"),
 ])
 def test_demo_refuses_what_it_cannot_draw_before_drawing(field, value, message):
     config = load("demo")
-    section, name = field.rsplit(".", 1) if "." in field else ("", field)
-    (config[section] if section else config)[name] = value
+    *sections, name = field.split(".")
+    section = config
+    for part in sections:
+        section = section[part]
+    section[name] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         stages.validate(config)
 

@@ -27,7 +27,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = [name for name in ds.classes if name not in synthetic.DEMO_CLASSES]
     config_lib.check(not unknown and len(set(ds.classes)) == len(ds.classes) >= 2,
                      f"config.dataset.classes={tuple(ds.classes)}: choose two or more distinct gestures the "
-                     f"generator draws, from {', '.join(synthetic.DEMO_CLASSES)}")
+                     f"generator draws, from {', '.join(synthetic.DEMO_CLASSES)}, as a tuple: "
+                     "--config.dataset.classes=\"('fist','palm')\"")
+    for name in ("image_size", "pretrain_train_per_class", "pretrain_val_per_class", "finetune_train_per_class",
+                 "finetune_val_per_class"):
+        config_lib.check(isinstance(ds[name], int) and ds[name] >= 1,
+                         f"config.dataset.{name}={ds[name]!r} must be a whole number of at least 1")
+    for section in ("pretrain", "finetune"):
+        config_lib.check(not config[section].data.root,
+                         f"config.{section}.data.root={config[section].data.root!r}: the demo trains on the images it "
+                         f"draws into <workdir>/data; for images of your own use configs/study.py (or "
+                         f"configs/{section}.py)")
     config_lib.check(config.labels_per_class <= ds.finetune_train_per_class,
                      f"config.labels_per_class={config.labels_per_class} but the demo draws "
                      f"config.dataset.finetune_train_per_class={ds.finetune_train_per_class} labelled images per "

@@ -58,6 +58,15 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                      "set it > 0, e.g. --config.finetune.total_steps=1000")
     config_lib.check(not config.finetune.get("init_from"),
                      "config.finetune.init_from is set by the study; use --config.init_from")
+    # Fields each of the study's fine-tunes gets from the study itself: a value given for them would
+    # be replaced without a word.
+    for name, default, use in (("freeze_encoder", False, "--config.linear_probe"),
+                               ("labels_per_class", 0, "--config.labels_per_class"),
+                               ("subset_seed", 0, "--config.seeds"),
+                               ("seed", schema.LoopConfig.seed, "--config.seeds")):
+        value = config.finetune.get(name, default)
+        config_lib.check(value == default, f"config.finetune.{name}={value!r} is set by the study for each of its "
+                         f"runs; use {use}")
     if check_data:
         config_lib.check(not config.init_from or os.path.isdir(config.init_from),
                          f"config.init_from='{config.init_from}' does not exist; point it at a pretraining workdir")
