@@ -124,4 +124,8 @@ def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
     if missing:
         return f"cannot load the config file: {missing.group(0)}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    first = lines[0] if lines else type(error).__name__
+    config_file = next((item[len("--config="):].partition(":")[0] for item in argv if item.startswith("--config=")),
+                       None)
+    # A config file that loads but is no stage config (no get_config, or one that returns no ConfigDict).
+    return f"{first} (while reading --config={config_file})" if config_file and config_file not in first else first

@@ -317,6 +317,12 @@ def test_a_copied_workdir_is_the_same_preparation_and_its_damaged_shards_are_wri
     for name in manifest["shards"]:
         assert (out / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
     sources.open_sources(data_config(out / "pretrain"))
+    entry = json.loads(index.read_text())
+    entry["splits"]["train"]["count"] += 1  # as after a shard was swapped for another preparation's
+    index.write_text(json.dumps(entry))
+    with pytest.raises(class_folders.DataLayoutError, match=r"Split 'train' of .* holds \d+ records where the "
+                       r"prepare stage wrote \d+: its shards were replaced since"):
+        sources.open_sources(data_config(out / "pretrain"))
 
 
 def test_sigterm_stops_prepare_with_the_resume_hint_and_a_rerun_finishes(tmp_path, monkeypatch):

@@ -169,3 +169,9 @@ def test_a_full_disk_or_a_forbidden_file_names_the_path_and_what_to_do(tmp_path,
         "cannot access /w/metrics.jsonl (Permission denied); fix its permissions for this user, or choose another "
         "folder (--workdir, --config.data.root)")
     assert user_errors.one_line(KeyError("a bug")) is None  # bugs keep their traceback
+
+
+def test_a_config_file_that_loads_but_is_no_stage_config_is_named():
+    line = user_errors.flag_error_line(AttributeError("module 'config_config' has no attribute 'get_config'"),
+                                       ["main", "--config=my/config.py:runlocal", "--workdir=w"])
+    assert line == "module 'config_config' has no attribute 'get_config' (while reading --config=my/config.py)"

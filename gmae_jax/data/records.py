@@ -51,7 +51,7 @@ def count_records(path: epath.PathLike) -> int:
     try:
         return len(grain.sources.ArrayRecordDataSource([str(path)]))
     except RuntimeError as error:  # what array_record says of a missing, cut or foreign file
-        raise ShardError(path, str(error)) from None
+        raise ShardError(path, str(error).strip() or "cut short, or no ArrayRecord file") from None
 
 
 def encode(record: HagridRecord, image: bytes) -> bytes:

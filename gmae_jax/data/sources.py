@@ -198,6 +198,11 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
         if not shards:
             raise DataLayoutError(f"Split {split!r} of {root} holds no images.")
         result[split] = records.ShardReader(shards)
+        written = index["splits"][split].get("count")
+        if written is not None and len(result[split]) != written:
+            raise DataLayoutError(f"Split {split!r} of {root} holds {len(result[split])} records where the prepare "
+                                  f"stage wrote {written}: its shards were replaced since; rerun the prepare stage "
+                                  "that wrote them (or copy the corpus again)")
     return index["class_names"], result
 
 

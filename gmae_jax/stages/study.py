@@ -69,7 +69,9 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                          f"runs; use {use}")
     if check_data:
         config_lib.check(not config.init_from or os.path.isdir(config.init_from),
-                         f"config.init_from='{config.init_from}' does not exist; point it at a pretraining workdir")
+                         f"config.init_from='{config.init_from}' "
+                         f"{'is a file' if os.path.exists(config.init_from) else 'does not exist'}; point it at a "
+                         "pretraining workdir")
         if config.init_from:
             _check_pretraining_run(config.init_from)
         config_lib.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),
