@@ -15,8 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LOADER = textwrap.dedent("""
     import sys
+    import psutil
     from absl import flags
     flags.FLAGS.mark_as_parsed()
+    from gmae_jax import main
     from gmae_jax.data import class_folders, pipeline
 
     if __name__ == "__main__":
@@ -24,7 +26,11 @@ LOADER = textwrap.dedent("""
         data = pipeline.make_train_dataset(train, image_size=32, global_batch_size=4, seed=0,
                                            aug=pipeline.AugmentConfig(), num_workers=2)
         iterator = iter(data)
-        next(iterator)
+        for _ in range(4):  # both workers have handed on batches
+            next(iterator)
+        if sys.argv[2] == "leave":  # as a process of a failed multi-process job leaves it
+            print(*[child.pid for child in psutil.Process().children(recursive=True)], flush=True)
+            main._leave_the_job("error: this process failed\\n")
         print("ready", flush=True)
         while True:
             next(iterator)
@@ -43,26 +49,6 @@ EVALUATOR = textwrap.dedent("""
 
     if __name__ == "__main__":
         print("read", evaluate(class_folders.scan_split(sys.argv[1], "train")), flush=True)
-""")
-
-
-LEAVER = textwrap.dedent("""
-    import sys
-    import psutil
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    from gmae_jax import main
-    from gmae_jax.data import class_folders, pipeline
-
-    if __name__ == "__main__":
-        train = class_folders.scan_split(sys.argv[1], "train")
-        data = pipeline.make_train_dataset(train, image_size=32, global_batch_size=4, seed=0,
-                                           aug=pipeline.AugmentConfig(), num_workers=2)
-        iterator = iter(data)
-        for _ in range(4):  # both workers have handed on batches
-            next(iterator)
-        print(*[child.pid for child in psutil.Process().children(recursive=True)], flush=True)
-        main._leave_the_job("error: this process failed\\n")
 """)
 
 
@@ -88,7 +74,7 @@ def test_a_run_ending_after_its_last_batch_leaves_no_shared_memory(tmp_path):
 def test_sigkill_of_the_trainer_ends_its_grain_workers(tmp_path):
     script = tmp_path / "loader.py"
     script.write_text(LOADER)
-    proc = subprocess.Popen([sys.executable, str(script), _demo_data(tmp_path)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(script), _demo_data(tmp_path), "run"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
@@ -106,10 +92,10 @@ def test_a_process_leaving_a_failed_job_ends_its_grain_workers(tmp_path):
     """`main._leave_the_job` skips Python's exit hooks (which would wait for the other processes), so it
     ends the input workers itself. (The trainer closes its iterators as an error passes; this one is
     left open, so the workers are still running when the process leaves.)"""
-    script = tmp_path / "leaver.py"
-    script.write_text(LEAVER)
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
 
-    done = subprocess.run([sys.executable, str(script), _demo_data(tmp_path)], cwd=REPO,
+    done = subprocess.run([sys.executable, str(script), _demo_data(tmp_path), "leave"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 1, done.stderr[-3000:]
