@@ -131,6 +131,13 @@ def test_a_data_root_that_is_a_file_is_named_as_one(pretrain_config, tmp_path):
         stages.validate(pretrain_config)
 
 
+def test_another_stage_named_in_a_stages_config_is_one_line(pretrain_config):
+    pretrain_config.stage = "finetune"
+    with pytest.raises(config_lib.ConfigError, match=r"config.stage='finetune' but the config lacks that stage's "
+                                                     r"field .*num_classes.*; use configs/finetune.py rather than"):
+        stages.validate(pretrain_config)
+
+
 def test_finetune_class_count_is_validated(tmp_path):
     config = load("finetune", "runlocal")
     config.data.root = str(tmp_path)

@@ -32,7 +32,12 @@ def get(name: str) -> types.ModuleType:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first value of `config` that its stage cannot work with."""
-    get(config.stage).validate(config)
+    stage = get(config.stage)
+    try:
+        stage.validate(config)
+    except AttributeError as error:  # ml_collections' word for a field this config lacks
+        raise ConfigError(f"config.stage='{config.stage}' but the config lacks that stage's field {error}; use "
+                          f"configs/{config.stage}.py rather than another stage's config") from None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
