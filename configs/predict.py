@@ -19,8 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_dir = ""  # workdir of a finetune run
     config.checkpoint = "latest"  # 'latest', 'best' (by the run's config.best_metric) or a step
     config.inputs = ""  # an image file, a folder (searched recursively) or a HaGRID v1 / v2 tree
-    # 'auto': hand crops around the annotated gesture for a HaGRID tree, else 'original' (the
-    # centre crop class-folder runs evaluate on); or force 'full_frame' (letterbox) / 'hand_crop'.
+    # 'auto': the view the run was evaluated with (its run.json): 'original' (the centre crop of
+    # class-folder runs), 'full_frame' (letterbox) or 'hand_crop' (around the annotated gesture of a
+    # HaGRID tree); or force one of the three.
     config.view = "auto"
     config.top_k = 5
     config.batch_size = 64

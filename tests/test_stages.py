@@ -22,7 +22,7 @@ from PIL import Image
 import saved_weights
 from gmae_jax import config_lib, schema, stages
 from gmae_jax.data import inputs, synthetic, views
-from gmae_jax.train import setup
+from gmae_jax.train import resume_check, setup
 from gmae_jax.train.summaries import Summaries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,23 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path):
         assert sorted(entry["class"] for entry in line["top_k"]) == sorted(CLASSES)
         probs = [entry["prob"] for entry in line["top_k"]]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
+
+
+def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_path):
+    """A class-folder run evaluated on centre crops: 'auto' centre-crops a HaGRID tree's frames too
+    (it cut them to the gesture box, which the model never saw); 'hand_crop' still can be asked for."""
+    workdir, _, _ = run_dir
+    assert resume_check.recorded_view(workdir) == "original"
+    fx.make_tree(tmp_path / "hagrid", "v2", classes=("call", "like"), num_users=2, images_per_user=1)
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(tmp_path / "hagrid"), top_k=1)
+
+    def top_classes(view):
+        config.view = view
+        stages.run(config, str(tmp_path / view))
+        return [json.loads(line)["top_k"] for line in (tmp_path / view / "predictions.jsonl").read_text().splitlines()]
+
+    assert top_classes("auto") == top_classes("original") != top_classes("hand_crop")
 
 
 @pytest.mark.slow

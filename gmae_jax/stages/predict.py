@@ -21,7 +21,7 @@ from etils import epath
 
 from gmae_jax import config_lib, run_files
 from gmae_jax.data import inputs, transforms, views
-from gmae_jax.train import setup, sharding, steps
+from gmae_jax.train import resume_check, setup, sharding, steps
 
 ONE_PROCESS = True  # on one host's devices
 
@@ -37,9 +37,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
 
 
-def _view(config: ml_collections.ConfigDict, item: inputs.Input) -> str:
+def _view(config: ml_collections.ConfigDict, item: inputs.Input, trained: str | None) -> str:
+    """The view of one input: config.view, or ('auto') the one the run was evaluated with, so that a
+    photo looks as the model's images did (a hand crop needs the input's box: without one, the
+    centre crop); runs older than that record crop HaGRID inputs to their box."""
     if config.view != "auto":
         return config.view
+    if trained in ("original", "full_frame"):
+        return trained
     return "hand_crop" if item.box is not None else "original"
 
 
@@ -105,6 +110,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                                      f"{config.inputs} is not one; use --config.view=auto or original")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     names, image_size, mesh = restored.class_names, restored.model.config.img_size, restored.mesh
+    trained = resume_check.recorded_view(restored.workdir)
+    if config.view == "auto":
+        logging.info("view: %s", f"'{trained}', as the run was evaluated" if trained else
+                     "the run records no evaluation view (an older run): hand crops where inputs have boxes, "
+                     "else the centre crop; set --config.view to choose")
+        if trained == "hand_crop" and any(item.box is None for item in items):
+            logging.warning("the run was evaluated on hand crops, and %d input(s) have no gesture box: those are "
+                            "centre-cropped instead", sum(item.box is None for item in items))
     top_k = min(config.top_k, len(names))
     batch = sharding.whole_rows(config.batch_size, mesh)
 
@@ -116,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
 
     rows = []
     def load(item: inputs.Input) -> np.ndarray | str:
-        return _load(item, _view(config, item), image_size)
+        return _load(item, _view(config, item, trained), image_size)
 
     with concurrent.futures.ThreadPoolExecutor(max(config.num_workers, 1)) as pool, \
             tqdm.tqdm(total=len(items), desc="predict", unit=" images", mininterval=2.0) as bar:

@@ -26,6 +26,9 @@ HISTORY_FILE = "config.history.jsonl"
 # planned, so a resume notices images added or removed since (another shuffle, another epoch length).
 FACTS_FILE = "run.json"
 TRAIN_IMAGES, PLANNED_STEPS = "data: training images", "planned total steps"
+# How the run's images became pixels in evaluation ('original', 'full_frame' or 'hand_crop'): what
+# predict and an export must do to a photo for this model.
+VIEW = "data: evaluation view"
 # 'check': a binding change stops the run; 'allow_changes': it is recorded and the run resumes.
 RESUME_POLICIES = ("check", "allow_changes")
 
@@ -78,7 +81,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], lis
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
-          facts: dict[str, int] | None = None) -> list[Change]:
+          facts: dict[str, Any] | None = None) -> list[Change]:
     """The differences between `config` (and the run `facts`: TRAIN_IMAGES, PLANNED_STEPS) and the run
     already in `workdir` (none for a new run).
 
@@ -133,3 +136,10 @@ def record(workdir: str, changes: list[Change], policy: str) -> None:
     }, sort_keys=True)
     previous = path.read_text() if path.exists() else ""
     run_files.write_text(path, previous + line + "\n")
+
+
+def recorded_view(workdir: str) -> str | None:
+    """The evaluation view a run recorded in its run.json (None for runs older than the record)."""
+    path = epath.Path(workdir) / FACTS_FILE
+    facts = run_files.read_json(path) if path.exists() else {}
+    return facts.get(VIEW) if isinstance(facts, dict) else None

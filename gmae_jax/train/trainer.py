@@ -89,7 +89,7 @@ def check_run_folder_kinds(workdir: str) -> None:
 
 
 def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
-                    changes: list[resume_check.Change] = (), facts: dict[str, int] | None = None) -> None:
+                    changes: list[resume_check.Change] = (), facts: dict[str, Any] | None = None) -> None:
     """The resolved config and the class order, so `setup.restore_run` can rebuild the run, and the
     run's `facts` for the next resume check; `changes` (from `resume_check.check`) go to
     config.history.jsonl."""
@@ -229,7 +229,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     steps_total = total_steps(config, len(data.train))
     distributed.check_processes_agree({"training images": len(data.train), "evaluation images": len(data.eval),
                                        "classes": list(data.class_names), "planned steps": steps_total}, "data")
-    facts = {resume_check.TRAIN_IMAGES: len(data.train), resume_check.PLANNED_STEPS: steps_total}
+    facts = {resume_check.TRAIN_IMAGES: len(data.train), resume_check.PLANNED_STEPS: steps_total,
+             resume_check.VIEW: data.eval.view.mode}
     check_run_folder_kinds(workdir)
     changes = resume_check.check(config, workdir, data.class_names, facts)
 
