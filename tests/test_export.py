@@ -26,7 +26,7 @@ from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.stages import export, import_
 from gmae_jax.torch_mirror import convert, export_format, modules as mirror
-from gmae_jax.train import checkpoint, init_from, setup, steps, trainer
+from gmae_jax.train import checkpoint, init_from, resume_check, setup, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("fist", "one", "palm")
@@ -433,6 +433,33 @@ def test_a_pth_that_holds_no_state_dict_is_named_with_what_it_holds(write, messa
     with pytest.raises(config_lib.ConfigError, match=rf"^config.path={path}{message}"):
         stages.run(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("view", ["full_frame", "hand_crop"])
+def test_an_export_describes_and_applies_the_runs_evaluation_view_and_import_keeps_it(finetune, data, view,
+                                                                                      tmp_path):
+    """A HaGRID run evaluated on letterboxed frames (or hand crops) exported the centre-crop recipe, so a
+    PyTorch user fed it other pixels than it was trained on; and an import forgot the view."""
+    run_dir, _, _ = finetune
+    _, paths, _ = data
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    facts = json.loads((run / "run.json").read_text())
+    assert facts[resume_check.VIEW] == "original"  # a class-folder run
+    (run / "run.json").write_text(json.dumps({**facts, resume_check.VIEW: view}))
+
+    run_stage("export", tmp_path / "out", checkpoint_dir=str(run))
+    recipe = json.loads((tmp_path / "out" / "config.json").read_text())["preprocessing"]
+    run_stage("import", tmp_path / "imported", path=str(tmp_path / "out" / "model.pth"))
+
+    assert recipe["view"] == view
+    from gmae_jax.torch_mirror import exported
+    for path in paths[:3]:
+        seen_by_gmae_jax = steps.standardize(views.predict_view(path, view, 32, box=(0.0, 0.0, 1.0, 1.0)))
+        np.testing.assert_allclose(exported.preprocess(path, recipe).numpy().transpose(1, 2, 0),
+                                   np.asarray(seen_by_gmae_jax), atol=1e-5)
+    assert resume_check.recorded_view(str(tmp_path / "imported")) == view
+    assert (setup.load_run_config(str(tmp_path / "imported")).data.mode == "hand_crop") == (view == "hand_crop")
 
 
 def test_a_classifier_without_its_head_weights_names_the_missing_key(tmp_path):

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from gmae_jax.data import frames
 from gmae_jax.data.hagrid import Box, HagridRecord
 from gmae_jax.data.hagrid_layout import NO_GESTURE, TWO_HANDED
 from gmae_jax.data.transforms import IMAGENET_MEAN
@@ -57,13 +58,7 @@ def crop_square(
 
 def letterbox(img: Image.Image, out_size: int, fill: tuple[int, ...] = FILL) -> Image.Image:
     """Full-frame view: longest side resized to out_size, centred on a square of `fill`."""
-    width, height = img.size
-    s = out_size / max(width, height)
-    new_w, new_h = max(1, round(width * s)), max(1, round(height * s))
-    canvas = Image.new("RGB", (out_size, out_size), fill)
-    offset = ((out_size - new_w) // 2, (out_size - new_h) // 2)
-    canvas.paste(img.resize((new_w, new_h), _BILINEAR), offset)
-    return canvas
+    return frames.letterbox(img, out_size, fill)
 
 
 def sample_crop_scale(rng: np.random.Generator, low: float, high: float) -> float:

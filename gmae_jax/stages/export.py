@@ -20,10 +20,10 @@ from absl import logging
 from etils import epath
 
 from gmae_jax import config_lib, run_files
-from gmae_jax.data import transforms, views
+from gmae_jax.data import crops, transforms, views
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.torch_mirror import convert, export_format
-from gmae_jax.train import setup
+from gmae_jax.train import resume_check, setup
 
 ONE_PROCESS = True  # it reads the weights and writes files once
 
@@ -40,23 +40,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "pip install -e '.[torch]'")
 
 
-def preprocessing(image_size: int) -> dict[str, Any]:
-    """What a PyTorch user applies to a photo: gmae_jax's evaluation view ('original')."""
+def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:
+    """What a PyTorch user applies to a photo: the run's evaluation view (`view`, from its run.json)."""
+    resize = {
+        "original": "crop the centred square of side crop_fraction x the shorter side (fractional, not rounded) "
+                    "and resize it to image_size x image_size, bilinear: PIL's img.resize((S, S), BILINEAR, "
+                    "box=(left, top, left + side, top + side)), as gmae_jax.torch_mirror.exported.preprocess does; "
+                    "torchvision's Resize(S / crop_fraction) + CenterCrop(S) rounds to whole pixels and is "
+                    "about 1 level of 255 away on non-square images",
+        "full_frame": "letterbox: resize the longer side to image_size (the other rounded, bilinear) and centre "
+                      "the image on an image_size x image_size square of colour fill",
+        "hand_crop": "give it the square around the hand (the gesture box's longer side, centred on the box), "
+                     "resized to image_size x image_size, bilinear",
+    }[view]
     return {
         "image_size": image_size,
-        "resize": "crop the centred square of side crop_fraction x the shorter side (fractional, not rounded) "
-                  "and resize it to image_size x image_size, bilinear: PIL's img.resize((S, S), BILINEAR, "
-                  "box=(left, top, left + side, top + side)), as gmae_jax.torch_mirror.exported.preprocess does; "
-                  "torchvision's Resize(S / crop_fraction) + CenterCrop(S) rounds to whole pixels and is "
-                  "about 1 level of 255 away on non-square images",
+        "view": view,
+        "resize": resize,
+        "decode": "JPEGs decode at the smallest scale PIL's img.draft('RGB', (D, D)) allows, D = image_size / "
+                  "crop_fraction for 'original', image_size otherwise, as in training",
         "crop_fraction": views.EVAL_CROP_FRACTION,
+        "fill": list(crops.FILL),
         "interpolation": "bilinear",
         "channel_order": "RGB",
         "scale": "pixels / 255, then (x - mean) / std per channel",
         "mean": transforms.IMAGENET_MEAN.tolist(),
         "std": transforms.IMAGENET_STD.tolist(),
         "tensor_layout": "NCHW float32",
-        "note": "runs trained on HaGRID hand crops expect a square crop around the hand as input",
     }
 
 
@@ -132,6 +142,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   if not export_format.representable_in_original(model) else
                   "notice: exported in the mirror layout (config.layout=mirror)")
         print(notice, flush=True)
+    view = resume_check.recorded_view(restored.workdir)
+    if view is None:
+        print("notice: the run records no evaluation view (it is older than that record); the export describes "
+              "the centre crop of class-folder runs", flush=True)
     num_classes = int(restored.config.num_classes) if stage == "finetune" else None
     state, extras = split_state_dict(torch_state_dict(restored), model, stage, num_classes)
     # The run's conv_impl as configured ('auto'), not as resolved for the backend that exports it: an
@@ -142,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         class_names=restored.class_names if stage == "finetune" else [],  # a pretraining model has no classes
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
         norm_pix_loss=bool(restored.config.get("norm_pix_loss", False)) if stage == "pretrain" else None,
-        preprocessing=preprocessing(model.img_size))
+        preprocessing=preprocessing(model.img_size, view or "original"))
     write_export(epath.Path(workdir), state, extras, written)
     logging.info("[export] %d tensors in model_state_dict, extras %s", len(state), sorted(extras))
     print(f"exported {restored.workdir} step {restored.step} ({stage}, {layout} layout) to {workdir}: "

@@ -24,7 +24,7 @@ from etils import epath
 from gmae_jax import config_lib
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
-from gmae_jax.train import checkpoint, setup, trainer
+from gmae_jax.train import checkpoint, resume_check, setup, trainer
 
 ONE_PROCESS = True  # one file in, one run folder out
 
@@ -222,6 +222,14 @@ def _step(payload: dict[str, Any], state: dict[str, np.ndarray]) -> int:
     return counts[0] if counts else 0
 
 
+def _view(payload: dict[str, Any]) -> str | None:
+    """The evaluation view our export recorded (None for the original's files and older exports)."""
+    config = payload.get("config")
+    preprocessing = config.get("preprocessing") if isinstance(config, dict) else None
+    view = preprocessing.get("view") if isinstance(preprocessing, dict) else None
+    return view if view in ("original", "full_frame", "hand_crop") else None
+
+
 def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig, num_classes: int | None,
                pretraining: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
     """The training config the imported run is written as: the stage's own config with this model
@@ -263,7 +271,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
                             batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    trainer.write_run_files(written, workdir, class_names)
+    view = _view(payload)
+    if view is not None:  # how the exported run saw its evaluation images: predict and evaluate follow it
+        written.data.mode = "hand_crop" if view == "hand_crop" else written.data.mode
+    trainer.write_run_files(written, workdir, class_names, facts={resume_check.VIEW: view} if view else None)
     try:
         manager = checkpoint.make_manager(str(checkpoints), max_to_keep=1)
         if not checkpoint.save(manager, step, weights, data_iterator=None):

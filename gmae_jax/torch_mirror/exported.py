@@ -6,8 +6,9 @@ only: no JAX, so a deployment installs nothing else.
     probs = model.classify(["hand.jpg"])          # (N, num_classes) probabilities
     print(model.class_names[int(probs[0].argmax())])
 
-Preprocessing follows the folder's `config.json` and reproduces gmae_jax's evaluation view
-('original': the central crop of the shorter side, bilinear, ImageNet mean / std).
+Preprocessing follows the folder's `config.json` and reproduces the run's evaluation view ('original':
+the central crop of the shorter side; 'full_frame': the letterboxed frame; 'hand_crop': the image
+given, a square around the hand), bilinear, ImageNet mean / std.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from gmae_jax.data import wide_gray
+from gmae_jax.data import frames, wide_gray
 from gmae_jax.torch_mirror import export_format, modules
 
 ImageLike = str | os.PathLike | bytes | Image.Image
@@ -50,14 +51,22 @@ def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
 
 
 def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
-    """(3, S, S) float32: the central `crop_fraction` of the shorter side resized to S x S
-    (bilinear), scaled to [0, 1] and standardised with `mean` / `std`, channels RGB."""
+    """(3, S, S) float32 in the run's evaluation view (`preprocessing['view']`; exports before it was
+    recorded: 'original'): the central `crop_fraction` of the shorter side resized to S x S ('original'),
+    the letterboxed frame ('full_frame'), or the whole image, a square around the hand, resized to S x S
+    ('hand_crop'); bilinear, scaled to [0, 1] and standardised with `mean` / `std`, channels RGB."""
     size, fraction = preprocessing["image_size"], preprocessing["crop_fraction"]
-    img = _rgb(image, math.ceil(size / fraction))
-    width, height = img.size
-    side = min(width, height) * fraction
-    left, top = (width - side) / 2, (height - side) / 2
-    img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    view = preprocessing.get("view", "original")
+    if view == "full_frame":
+        img = frames.letterbox(_rgb(image, size), size, tuple(preprocessing["fill"]))
+    elif view == "hand_crop":
+        img = _rgb(image, size).resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        img = _rgb(image, math.ceil(size / fraction))
+        width, height = img.size
+        side = min(width, height) * fraction
+        left, top = (width - side) / 2, (height - side) / 2
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
     pixels = np.asarray(img, dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
