@@ -34,7 +34,7 @@ def reconstruction_rows(
     pred = np.asarray(pred)
     if norm_pix_loss:
         mean = target.mean(-1, keepdims=True)
-        std = np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+        std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)  # the loss's unbiased variance
         pred = pred * std + mean
     masked_patches = mask[..., None]
     masked_input = np.asarray(unpatchify(np.where(masked_patches, 0.0, target), patch_size))

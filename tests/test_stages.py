@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import textwrap
 import types
 
@@ -310,6 +311,22 @@ def test_tensorboard_files_hold_the_logged_scalars_and_pictures(run_dir):
     assert "recall/palm" in val and "macro_f1" in val
     step, picture = val["confusion_matrix"][-1]
     assert step == 4 and picture.size == Image.open(os.path.join(workdir, "confusion_matrix.png")).size
+
+
+def test_a_resumed_run_purges_what_a_crashed_attempt_logged_beyond_its_checkpoint(tmp_path):
+    """After a kill -9 at step 6 with step 3 saved, the rerun logs 4-6 again: TensorBoard must show them once."""
+    crashed = Summaries(str(tmp_path))
+    for step in range(1, 7):
+        crashed.scalars("train", step, {"loss": float(step)})
+    crashed.close()
+    time.sleep(1.1)  # event files are named by the second they start in; a rerun starts later than that
+    resumed = Summaries(str(tmp_path), resumed_at=3)
+    for step in range(4, 9):
+        resumed.scalars("train", step, {"loss": 10.0 + step})
+    resumed.close()
+
+    assert read_events(str(tmp_path / "tensorboard" / "train"))["loss"] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0), (7, 17.0), (8, 18.0)]
 
 
 def test_wandb_receives_scalars_when_enabled(tmp_path, monkeypatch):

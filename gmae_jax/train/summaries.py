@@ -51,9 +51,12 @@ class Summaries:
     """One TensorBoard writer per split (train, val, ...), so TensorBoard overlays them as runs."""
 
     def __init__(self, workdir: str, wandb: WandbConfig = WandbConfig(), run_config: dict | None = None,
-                 name: str = ""):
+                 name: str = "", resumed_at: int = 0):
+        """`resumed_at`: the step a resumed run restarts after; what an earlier attempt logged beyond it
+        (before a crash) is purged, so that TensorBoard shows each step once."""
         self.folder = os.path.join(workdir, TENSORBOARD_DIR)
         self.enabled = jax.process_index() == 0
+        self._purge_step = resumed_at + 1 if resumed_at > 0 else None
         self._writers: dict[str, Any] = {}
         self._wandb = None
         if self.enabled and wandb.enabled:
@@ -63,7 +66,7 @@ class Summaries:
 
     def _writer(self, split: str) -> Any:
         if split not in self._writers:
-            self._writers[split] = _summary_writer_class()(os.path.join(self.folder, split))
+            self._writers[split] = _summary_writer_class()(os.path.join(self.folder, split), purge_step=self._purge_step)
         return self._writers[split]
 
     def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:

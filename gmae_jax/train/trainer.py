@@ -278,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, start)
     summaries = Summaries(workdir, schema.read(schema.WandbConfig, config.get("wandb", {}), "config.wandb"),
-                          config.to_dict(), task.name)
+                          config.to_dict(), task.name, resumed_at=start)
     eval_split = data_config.eval_split
     pictures: list[str] = []
     progress = Progress(steps_total, start, config.batch_size, num_workers, from_shards=data.train.prepared)
