@@ -66,7 +66,8 @@ class Summaries:
 
     def _writer(self, split: str) -> Any:
         if split not in self._writers:
-            self._writers[split] = _summary_writer_class()(os.path.join(self.folder, split), purge_step=self._purge_step)
+            self._writers[split] = _summary_writer_class()(os.path.join(self.folder, split),
+                                                           purge_step=self._purge_step)
         return self._writers[split]
 
     def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:
