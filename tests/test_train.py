@@ -172,6 +172,8 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     assert result["checkpoint_step"] == 6
     assert os.path.exists(os.path.join(eval_dir, "confusion_matrix.png"))
     assert os.path.exists(os.path.join(eval_dir, "eval_metrics.json"))
+    for folder in (finetune_dir, eval_dir):  # the step of the weights each matrix counts
+        assert json.load(open(os.path.join(folder, "confusion_matrix.json")))["step"] == 6
 
 
 @pytest.mark.parametrize("inside", ["", "eval", os.path.join("checkpoints", "..", "eval")])

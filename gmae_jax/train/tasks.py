@@ -91,7 +91,7 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
         path = os.path.join(outdir, CONFUSION_MATRIX)
         visualize.save_confusion_matrix(matrix, class_names, path)
         (epath.Path(outdir) / CONFUSION_MATRIX_JSON).write_text(
-            json.dumps({"classes": class_names, "matrix": matrix.tolist()}))
+            json.dumps({"classes": class_names, "matrix": matrix.tolist(), "step": int(state.step)}))  # which weights
         return [path]
 
     return Task(
