@@ -348,6 +348,10 @@ def test_wandb_receives_scalars_when_enabled(tmp_path, monkeypatch):
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["config"] == {"seed": 1}
     assert calls[1:] == [("log", {"val/accuracy": 0.5}, 7), ("finish",)]
     assert read_events(str(tmp_path / "tensorboard" / "val"))["accuracy"] == [(7, 0.5)]
+    # A resume logs to the same W&B run: resume='allow' continues one only under its id.
+    Summaries(str(tmp_path), schema.WandbConfig(enabled=True, mode="offline"), {"seed": 1}, "run").close()
+    first_id, resumed_id = (call[1]["id"] for call in calls if call[0] == "init")
+    assert first_id == resumed_id == (tmp_path / "wandb_run_id.txt").read_text() and calls[0][1]["resume"] == "allow"
 
 
 def test_tensorboard_summaries_leave_torch_unloaded_and_importable(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from gmae_jax import run_files
 from gmae_jax.schema import ConfigError, WandbConfig
 
 TENSORBOARD_DIR = "tensorboard"
@@ -47,6 +49,20 @@ def _wandb_module() -> Any:
     return wandb
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(workdir: str) -> str:
+    """The W&B run this workdir logs to, the same after every resume: `resume='allow'` continues a W&B
+    run only when given its id (without one, each resume started a new W&B run)."""
+    path = epath.Path(workdir) / WANDB_RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    run_files.write_text(path, run_id)
+    return run_id
+
+
 class Summaries:
     """One TensorBoard writer per split (train, val, ...), so TensorBoard overlays them as runs."""
 
@@ -62,7 +78,7 @@ class Summaries:
         if self.enabled and wandb.enabled:
             self._wandb = _wandb_module().init(project=wandb.project, mode=wandb.mode, dir=workdir,
                                                name=name or os.path.basename(os.path.normpath(workdir)),
-                                               config=run_config, resume="allow")
+                                               config=run_config, id=wandb_run_id(workdir), resume="allow")
 
     def _writer(self, split: str) -> Any:
         if split not in self._writers:
