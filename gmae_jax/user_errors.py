@@ -128,4 +128,5 @@ def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
     config_file = next((item[len("--config="):].partition(":")[0] for item in argv if item.startswith("--config=")),
                        None)
     # A config file that loads but is no stage config (no get_config, or one that returns no ConfigDict).
-    return f"{first} (while reading --config={config_file})" if config_file and config_file not in first else first
+    no_config = any(isinstance(item, AttributeError) for item in _chain(error))
+    return f"{first} (while reading --config={config_file})" if no_config and config_file else first

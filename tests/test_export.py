@@ -550,8 +550,9 @@ def test_overlapping_patches_export_to_the_mirror_layout_with_a_notice(tmp_path,
         run_stage("export", tmp_path / "strict", checkpoint_dir=str(tmp_path / "run"), layout="original")
     assert "\n" not in str(error.value)
     written = run_stage("export", tmp_path / "out", checkpoint_dir=str(tmp_path / "run"))
-    notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
-    assert len(notice) == 1 and "mirror layout" in notice[0]
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+    # The other notice: a file of the original's imports with no evaluation view, so the export says which it describes.
+    assert len(notices) == 2 and "mirror layout" in notices[0] and "records no evaluation view" in notices[1]
     assert written["layout"] == "mirror"
     payload = load_pth(tmp_path / "out" / "model.pth")
     gmst = export_format.model_config(payload["config"])
