@@ -271,9 +271,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
                             batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    view = _view(payload)
-    if view is not None:  # how the exported run saw its evaluation images: predict and evaluate follow it
-        written.data.mode = "hand_crop" if view == "hand_crop" else written.data.mode
+    view = _view(payload)  # how the exported run saw its evaluation images: predict and evaluate follow it
+    if view == "hand_crop":
+        written.data.mode = "hand_crop"
     trainer.write_run_files(written, workdir, class_names, facts={resume_check.VIEW: view} if view else None)
     try:
         manager = checkpoint.make_manager(str(checkpoints), max_to_keep=1)
@@ -283,7 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         manager.close()
     except BaseException:
         # Without its checkpoint the folder is no run: a rerun of the same command must not find one.
-        for name in (setup.CONFIG_FILE, setup.CLASSES_FILE):
+        for name in (setup.CONFIG_FILE, setup.CLASSES_FILE, resume_check.FACTS_FILE):
             (epath.Path(workdir) / name).unlink(missing_ok=True)
         raise
     logging.info("[import] %s (%s, %d tensors) -> %s, step %d", config.path, stage, len(state), workdir, step)

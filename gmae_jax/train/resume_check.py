@@ -23,7 +23,8 @@ from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps, re
 
 HISTORY_FILE = "config.history.jsonl"
 # What the config alone does not say about a run: the training images it read and the steps it
-# planned, so a resume notices images added or removed since (another shuffle, another epoch length).
+# planned, so a resume notices images added or removed since (another shuffle, another epoch length),
+# and the view its evaluation images were seen in (the data's layout decides it, not the config alone).
 FACTS_FILE = "run.json"
 TRAIN_IMAGES, PLANNED_STEPS = "data: training images", "planned total steps"
 # How the run's images became pixels in evaluation ('original', 'full_frame' or 'hand_crop'): what
@@ -82,7 +83,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], lis
 
 def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
           facts: dict[str, Any] | None = None) -> list[Change]:
-    """The differences between `config` (and the run `facts`: TRAIN_IMAGES, PLANNED_STEPS) and the run
+    """The differences between `config` (and the run `facts`: TRAIN_IMAGES, PLANNED_STEPS, VIEW) and the run
     already in `workdir` (none for a new run).
 
     Raises ConfigError, before anything is written, when a binding field differs and
