@@ -148,6 +148,11 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
           f"config.model.conv_impl='{model.conv_impl}' is not one of {CONV_IMPLS}")
 
 
+def not_a_folder(path: str) -> str:
+    """Why `path`, given where a folder belongs, is none: 'is a file' or 'does not exist'."""
+    return "is a file" if os.path.exists(path) else "does not exist"
+
+
 def check_seed(value: Any, field: str) -> None:
     """A seed numpy and grain take: a whole number in [0, 2**32)."""
     check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32,
@@ -249,5 +254,5 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     if "wandb" in config:
         validate_wandb(schema.read(schema.WandbConfig, config.wandb, "config.wandb"))
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
-          f"config.data.root='{data.root}' {'is a file' if os.path.exists(data.root) else 'does not exist'}; point "
+          f"config.data.root='{data.root}' {not_a_folder(data.root)}; point "
           "--config.data.root at a folder laid out as <root>/{train,val}/<class>/*.jpg")

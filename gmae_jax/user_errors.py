@@ -78,17 +78,26 @@ def one_line(error: BaseException) -> str | None:
     return None
 
 
-def _config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
-    """The config `--config=FILE[:ARG]` builds, or None when that fails too."""
+def _config_flag(argv: Sequence[str]) -> tuple[str, str] | None:
+    """(FILE, ARG) of `--config=FILE[:ARG]` on the command line, or None."""
     for item in argv:
         if item.startswith("--config="):
             path, _, arg = item[len("--config="):].partition(":")
-            try:
-                name = os.path.splitext(os.path.basename(path))[0]
-                return config_lib.load_sibling_config(path, name, arg or None)
-            except Exception:  # noqa: BLE001 - the flag error itself is then the best we can say
-                return None
+            return path, arg
     return None
+
+
+def _config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+    """The config `--config=FILE[:ARG]` builds, or None when that fails too."""
+    flag = _config_flag(argv)
+    if flag is None:
+        return None
+    path, arg = flag
+    try:
+        name = os.path.splitext(os.path.basename(path))[0]
+        return config_lib.load_sibling_config(path, name, arg or None)
+    except Exception:  # noqa: BLE001 - the flag error itself is then the best we can say
+        return None
 
 
 def unknown_field(argv: Sequence[str]) -> str | None:
@@ -125,8 +134,7 @@ def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
         return f"cannot load the config file: {missing.group(0)}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
-    config_file = next((item[len("--config="):].partition(":")[0] for item in argv if item.startswith("--config=")),
-                       None)
+    flag = _config_flag(argv)
     # A config file that loads but is no stage config (no get_config, or one that returns no ConfigDict).
     no_config = any(isinstance(item, AttributeError) for item in _chain(error))
-    return f"{first} (while reading --config={config_file})" if no_config and config_file else first
+    return f"{first} (while reading --config={flag[0]})" if no_config and flag else first

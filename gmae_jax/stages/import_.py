@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from gmae_jax import config_lib
+from gmae_jax.data import views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
 from gmae_jax.train import checkpoint, resume_check, setup, trainer
@@ -227,7 +228,7 @@ def _view(payload: dict[str, Any]) -> str | None:
     config = payload.get("config")
     preprocessing = config.get("preprocessing") if isinstance(config, dict) else None
     view = preprocessing.get("view") if isinstance(preprocessing, dict) else None
-    return view if view in ("original", "full_frame", "hand_crop") else None
+    return view if view in views.VIEWS else None
 
 
 def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig, num_classes: int | None,

@@ -115,9 +115,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
         logging.info("view: %s", f"'{trained}', as the run was evaluated" if trained else
                      "the run records no evaluation view (an older run): hand crops where inputs have boxes, "
                      "else the centre crop; set --config.view to choose")
-        if trained == "hand_crop" and any(item.box is None for item in items):
+        unboxed = sum(item.box is None for item in items)
+        if trained == "hand_crop" and unboxed:
             logging.warning("the run was evaluated on hand crops, and %d input(s) have no gesture box: those are "
-                            "centre-cropped instead", sum(item.box is None for item in items))
+                            "centre-cropped instead", unboxed)
     top_k = min(config.top_k, len(names))
     batch = sharding.whole_rows(config.batch_size, mesh)
 

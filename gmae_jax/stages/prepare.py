@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 from typing import Any
@@ -46,9 +45,7 @@ def check_workdir(workdir: str) -> None:
                      f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
                      "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
                      "--config.data.root at gs://.../finetune (or .../pretrain)")
-    config_lib.check(not os.path.isdir(os.path.join(workdir, setup.CHECKPOINTS)),
-                     f"--workdir={workdir} holds a training run (its {setup.CHECKPOINTS}/ is there); prepare into a "
-                     "folder of its own")
+    setup.check_not_a_run(workdir, "the prepare stage")
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -58,8 +55,7 @@ def _stop(signum: int, frame: object) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
-    out, raw = os.path.realpath(workdir), os.path.realpath(config.data.root)
-    config_lib.check(not (out == raw or out.startswith(raw + os.sep)),
+    config_lib.check(not setup.is_inside(workdir, config.data.root),
                      f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
                      "where its folders would mix with the images; prepare into a folder outside it")
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block

@@ -42,9 +42,9 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_lib.check(len(config.labels_per_class) > 0 and all(n >= 0 for n in config.labels_per_class),
                      f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
                      "(0 = all labels), e.g. '(5,10,25,0)'")
-    config_lib.check(len(config.labels_per_class) > 0 and all(
-        isinstance(n, int) and not isinstance(n, bool) for n in config.labels_per_class),
-        f"config.labels_per_class={tuple(config.labels_per_class)} must be whole numbers, e.g. '(5,10,25,0)'")
+    config_lib.check(all(isinstance(n, int) and not isinstance(n, bool) for n in config.labels_per_class),
+                     f"config.labels_per_class={tuple(config.labels_per_class)} must be whole numbers, e.g. "
+                     "'(5,10,25,0)'")
     config_lib.check(len(config.seeds) > 0, "config.seeds is empty; give at least one, e.g. '(0,1,2)'")
     for seed in config.seeds:
         config_lib.check_seed(seed, f"seeds={tuple(config.seeds)}: each seed")
@@ -69,9 +69,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                          f"runs; use {use}")
     if check_data:
         config_lib.check(not config.init_from or os.path.isdir(config.init_from),
-                         f"config.init_from='{config.init_from}' "
-                         f"{'is a file' if os.path.exists(config.init_from) else 'does not exist'}; point it at a "
-                         "pretraining workdir")
+                         f"config.init_from='{config.init_from}' {config_lib.not_a_folder(config.init_from)}; point "
+                         "it at a pretraining workdir")
         if config.init_from:
             _check_pretraining_run(config.init_from)
         config_lib.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),

@@ -59,9 +59,9 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
             f"that run (its config.json is in {run.workdir})")
     # The pretraining run's mesh may not be this one's: re-place each array as the target is.
     placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), source, target)
-    logging.info("loaded the %s encoder from %s (step %d)%s", "pretrained" if run.config.stage == "pretrain"
-                 else "fine-tuned classifier's", run.workdir, run.step,
-                 "" if run.config.stage == "pretrain" else "; its classifier head is not loaded")
+    loaded = ("pretrained encoder" if run.config.stage == "pretrain" else
+              "fine-tuned classifier's encoder (its head is not loaded)")
+    logging.info("loaded the %s from %s (step %d)", loaded, run.workdir, run.step)
     after_encoder = run.config.stage == "pretrain" and run.model.config.mask_mode == "original"
     pos_embed = state.params["pos_embed"] if after_encoder else placed["pos_embed"]
     params = {**state.params, "encoder": placed["encoder"], "pos_embed": pos_embed}

@@ -164,17 +164,27 @@ def checkpoint_steps(workdir: str | epath.Path) -> list[int]:
     return sorted(int(child.name) for child in folder.iterdir() if child.name.isdigit()) if folder.is_dir() else []
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def check_not_a_run(workdir: str, stage: str) -> None:
+    """A stage that is no training run never writes into one (its config.json, pictures, TensorBoard)."""
+    if (epath.Path(workdir) / CHECKPOINTS).is_dir():
+        raise ConfigError(f"--workdir={workdir} holds a training run (its {CHECKPOINTS}/ is there); {stage} never "
+                          "writes into a run: choose another folder")
+
+
 def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
     """Stages that read a run (evaluate, predict, export) write their outputs elsewhere: in the run
     they would mix with its own files (its TensorBoard, its confusion matrix)."""
     run = run_workdir(run_path)
-    out, inside = os.path.realpath(workdir), os.path.realpath(run)
-    if out == inside or out.startswith(inside + os.sep):
+    if is_inside(workdir, run):
         raise ConfigError(f"--workdir={workdir} is inside the run it reads ({run}); {stage} never writes into a "
                           "run: choose another folder")
-    if (epath.Path(workdir) / CHECKPOINTS).is_dir():  # another run's (its config.json, pictures, TensorBoard)
-        raise ConfigError(f"--workdir={workdir} holds a training run (its {CHECKPOINTS}/ is there); {stage} never "
-                          "writes into a run: choose another folder")
+    check_not_a_run(workdir, stage)
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> Any:
