@@ -1,5 +1,7 @@
 """Losses: reconstruction error counts masked patches only; targets and smoothing as specified."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,3 +48,33 @@ def test_label_smoothing_raises_the_loss_of_a_confident_correct_prediction():
     sharp = losses.classification_loss(logits, labels, 3, 0.0)
     smooth = losses.classification_loss(logits, labels, 3, 0.1)
     assert float(sharp) < 1e-3 < float(smooth)
+
+
+def _fixed_logits_model(logits):
+    """A stand-in classifier whose output is `logits` whatever the images (steps only call apply)."""
+    def apply(variables, images, train, **kwargs):
+        return (logits, {"batch_stats": variables["batch_stats"]}) if "mutable" in kwargs else logits
+    return types.SimpleNamespace(apply=apply, num_classes=logits.shape[-1])
+
+
+def test_train_and_evaluation_report_the_same_two_losses_under_the_same_names():
+    from gmae_jax.train import steps
+
+    logits = jnp.array([[4.0, 0.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0]])
+    labels = jnp.array([0, 1, 0])
+    batch = {"image": jnp.zeros((3, 8, 8, 3)), "label": labels}
+    model = _fixed_logits_model(logits)
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    plain = -log_p[np.arange(3), np.asarray(labels)]
+    targets = np.full((3, 3), 0.1 / 3) + 0.9 * np.eye(3)[np.asarray(labels)]
+    smoothed = -(targets * log_p).sum(-1)
+
+    _, (train, _) = steps.classifier_loss({}, {}, batch, jax.random.key(0), model=model, label_smoothing=0.1)
+    np.testing.assert_allclose(float(train["loss"]), smoothed.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(train["cross_entropy"]), plain.mean(), rtol=1e-6)
+
+    state = types.SimpleNamespace(params={}, batch_stats={})
+    valid = jnp.array([1.0, 1.0, 0.0])  # the last row is padding
+    sums = steps.classification_eval_step(state, {**batch, "valid": valid}, model=model, label_smoothing=0.1)
+    np.testing.assert_allclose(float(sums["loss_sum"]), smoothed[:2].sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["cross_entropy_sum"]), plain[:2].sum(), rtol=1e-6)

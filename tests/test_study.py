@@ -107,6 +107,7 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
         assert bool(saved["init_from"]) == (r["init"] != "scratch")
         assert not saved["freeze_encoder"]
     assert written["chance"] == pytest.approx(1 / 3) and written["val_images"] == len(data.eval)
+    assert all(sum(r["val_class_counts"]) == len(data.eval) for r in runs)
     assert len(written["summary"]) == 2
     assert Image.open(os.path.join(workdir, "label_efficiency.png")).size == (640, 420)
 
@@ -219,3 +220,9 @@ def test_too_many_labels_per_class_stops_the_study_before_it_pretrains(labelled,
     with pytest.raises(config_lib.ConfigError, match="config.labels_per_class=7 but class 'fist' has only 6"):
         stages.run(config, str(tmp_path / "study"))
     assert not (tmp_path / "study" / "pretrain").exists()
+
+
+def test_chance_is_the_majority_class_rate_of_the_validation_split():
+    imbalanced = [{"val_class_counts": [6, 2, 2]}, {"val_class_counts": [6, 2, 2]}]
+    assert study.majority_rate(imbalanced, 3) == pytest.approx(0.6)
+    assert study.majority_rate([{"accuracy": 0.5}], 4) == pytest.approx(0.25)  # a result older than the counts

@@ -11,7 +11,7 @@ from gmae_jax.data import hagrid_layout, sources, subsets
 from gmae_jax.train import trainer
 
 # Evaluation metrics of a classifier that config.best_metric may name.
-METRICS = ("loss", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
+METRICS = ("loss", "cross_entropy", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
 # The one answer to one-class data, whether it comes from the config or from the data folder.
 ONE_CLASS = "a classifier needs two classes or more; add the images of a second class"
 

@@ -157,6 +157,14 @@ def _finished(config: ml_collections.ConfigDict, workdir: str, init_step: int | 
     return result
 
 
+def majority_rate(runs: list[dict[str, Any]], num_classes: int) -> float:
+    """Chance: the accuracy of always answering the validation split's most frequent class, which a
+    classifier that learned only the class balance reaches (1/K on a balanced split). Every run is
+    scored on the same split; results written before the counts were recorded give 1/K."""
+    counts = next((r["val_class_counts"] for r in runs if sum(r.get("val_class_counts") or ())), None)
+    return max(counts) / sum(counts) if counts else 1.0 / num_classes
+
+
 def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """The result of one fine-tune: read back when finished already (`_finished`), else trained."""
     result = _finished(config, workdir)
@@ -168,6 +176,7 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
               "labels_per_class": label_efficiency.labels_name(config.labels_per_class),
               "seed": int(config.seed), "steps": int(config.total_steps),
               "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
+              "val_class_counts": [int(v) for k, v in metrics.items() if k.startswith("support/")],
               "workdir": workdir,
               "init_step": _latest_step(config.init_from) if config.init_from else None}
     if jax.process_index() == 0:  # one writer per file on several hosts
@@ -198,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     runs = [_fine_tune(run_config, run_dir) for run_config, run_dir in plan]
 
-    chance = 1.0 / num_classes
+    chance = majority_rate(runs, num_classes)
     summary = label_efficiency.summarize(runs)
     report = {"classes": data.class_names, "chance": chance, "val_images": len(data.eval),
               "train_images": len(data.train), "pretrain": pretrain_dir,

@@ -81,7 +81,8 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
     def summarize(sums: dict[str, float], outputs: dict[str, np.ndarray]) -> dict[str, float]:
         count = max(sums["count"], 1.0)
         matrix = visualize.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
-        result = {"loss": sums["loss_sum"] / count, **metrics.classification_metrics(matrix, class_names)}
+        result = {"loss": sums["loss_sum"] / count, "cross_entropy": sums["cross_entropy_sum"] / count,
+                  **metrics.classification_metrics(matrix, class_names)}
         if "top5_correct" in sums:
             result["top5_accuracy"] = sums["top5_correct"] / count
         return result
@@ -98,7 +99,8 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
         name="finetune",
         loss_fn=functools.partial(steps.classifier_loss, model=model, label_smoothing=config.label_smoothing,
                                   freeze_encoder=config.freeze_encoder),
-        eval_step=functools.partial(steps.classification_eval_step, model=model),
+        eval_step=functools.partial(steps.classification_eval_step, model=model,
+                                    label_smoothing=config.label_smoothing),
         summarize=summarize,
         draw=draw,
     )
