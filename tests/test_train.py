@@ -109,6 +109,15 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
         init_from.load_pretrained_encoder(state, workdir)
 
 
+def test_a_finetune_whose_init_from_does_not_load_leaves_no_checkpoints_folder(pretrained, demo_root, tmp_path):
+    workdir, _, _ = pretrained
+    config = stage_config("finetune", demo_root, num_classes=4, total_steps=2, init_from=workdir)
+    config.model.depth = 3
+    with pytest.raises(config_lib.ConfigError, match="does not match config.model"):
+        finetune_stage.run(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")  # so the folder is no run that evaluate would refuse
+
+
 def test_runs_and_checkpoints_named_by_relative_paths(pretrained, demo_root, monkeypatch):
     """The README's commands name workdirs relative to where they run; orbax wants absolute paths."""
     workdir, _, _ = pretrained

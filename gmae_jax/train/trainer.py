@@ -256,6 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                  "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, config.batch_size,
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
     checkpoint_dir = os.path.join(workdir, setup.CHECKPOINTS)
+    new_checkpoint_dir = not epath.Path(checkpoint_dir).exists()
     manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
     state, last_saved, damaged = checkpoint.restore_last_good(manager, state, train_iter)
     if damaged:
@@ -266,7 +267,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     if last_saved is not None:
         logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
     elif config.get("init_from"):
-        state = load_pretrained_encoder(state, config.init_from, model.config)
+        try:
+            state = load_pretrained_encoder(state, config.init_from, model.config)
+        except Exception:
+            # The manager made an empty checkpoints/ that would mark the workdir as a run: take it back.
+            if new_checkpoint_dir and jax.process_index() == 0 and not any(epath.Path(checkpoint_dir).iterdir()):
+                epath.Path(checkpoint_dir).rmdir()
+            raise
     # Only now, with the state restored, may config.json describe this run's settings.
     write_run_files(config, workdir, data.class_names, changes, facts)
 
