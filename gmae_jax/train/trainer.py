@@ -320,9 +320,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     manager.wait_until_finished()
                     raise
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
-                progress.log_line(task.name, step, metrics)
-                writer.write({"step": step, "split": "train", **metrics})
-                summaries.scalars("train", step, metrics)
+                with progress.not_training():  # the first writes open files: not the next line's img/s
+                    progress.log_line(task.name, step, metrics)
+                    writer.write({"step": step, "split": "train", **metrics})
+                    summaries.scalars("train", step, metrics)
             if evaluated:
                 with progress.not_training():
                     eval_metrics, outputs, first = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
