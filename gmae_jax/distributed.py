@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax._src import distributed as jax_distributed  # the job's key-value store, as orbax reaches it
 from jax.experimental import multihost_utils
 
@@ -21,6 +22,9 @@ class DistributedSetupError(ValueError):
 
 class ProcessesDisagreeError(ValueError):
     """The processes of one job see different data (e.g. out-of-sync copies on each host)."""
+
+
+JOIN_TIMEOUT_S = 300  # jax.distributed.initialize's own default
 
 
 def _check(condition: bool, message: str) -> None:
@@ -35,12 +39,15 @@ def initialize(
     process_id: int | None = None,
     auto: bool = False,
     num_cpu_devices: int | None = None,
+    timeout_s: int = JOIN_TIMEOUT_S,
 ) -> None:
     """Starts multi-process JAX from explicit flags, from the environment (`auto`: Cloud TPU, SLURM),
     or not at all when nothing is given (one process sees all local devices).
 
     `num_cpu_devices` splits the host CPU into that many devices, which lets several processes on
-    one machine stand in for several hosts.
+    one machine stand in for several hosts. Joining waits up to `timeout_s` for every process; it
+    says so first, since a process that never starts (or an unreachable coordinator) is otherwise
+    silence, then JAX's abort.
     """
     explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
                 "--process_id": process_id}
@@ -62,14 +69,22 @@ def initialize(
                f"--num_processes={num_processes}")
     _check(num_cpu_devices is None or num_cpu_devices >= 1,
            f"--num_cpu_devices={num_cpu_devices} must be at least 1")
+    _check(timeout_s >= 1, f"--distributed_timeout={timeout_s} must be at least 1 (seconds)")
 
     if num_cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+    if not (auto or given):
+        return
+    who = (f"process {process_id} of {num_processes}: joining the job through {coordinator_address}" if given
+           else "joining the job the environment describes (Cloud TPU, SLURM)")
+    logging.info("%s; waiting up to %d s (--distributed_timeout) for every process to join: a process that "
+                 "never starts, or a coordinator that cannot be reached, ends this one then with JAX's "
+                 "DEADLINE_EXCEEDED", who, timeout_s)
     if auto:
-        jax.distributed.initialize()
-    elif given:
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+    else:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, initialization_timeout=timeout_s)
 
 
 def check_processes_agree(facts: dict[str, Any], what: str) -> None:

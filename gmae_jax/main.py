@@ -27,6 +27,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Rank of this process in [0, num_processes).")
 _DISTRIBUTED_AUTO = flags.DEFINE_bool(
     "distributed_auto", False, "Read the job layout from the environment (Cloud TPU pods, SLURM).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", distributed.JOIN_TIMEOUT_S, "Seconds to wait for every process of the job to join.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors too (or set GMAE_DEBUG=1).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Split the CPU into this many devices (several CPU processes on one machine).")
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> None:
     try:
         distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,
-                               num_cpu_devices=_NUM_CPU_DEVICES.value)
+                               num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())

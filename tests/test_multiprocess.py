@@ -36,6 +36,7 @@ CLASSES = ("fist", "one", "peace", "palm")
     (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), "must be HOST:PORT"),
     (dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
     (dict(num_cpu_devices=0), "--num_cpu_devices=0 must be at least 1"),
+    (dict(auto=True, timeout_s=0), "--distributed_timeout=0 must be at least 1"),
 ])
 def test_inconsistent_flags_are_a_clear_error(flags, message, monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not start"))
@@ -43,18 +44,21 @@ def test_inconsistent_flags_are_a_clear_error(flags, message, monkeypatch):
         distributed.initialize(**flags)
 
 
-def test_explicit_flags_reach_jax(monkeypatch):
+def test_explicit_flags_reach_jax_after_a_line_that_says_what_it_waits_for(monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
-    assert calls == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1))]
+    with caplog.at_level("INFO"):
+        distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1, timeout_s=60)
+    assert calls == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                               initialization_timeout=60))]
+    assert "process 1 of 2: joining the job through 10.0.0.1:1234; waiting up to 60 s" in caplog.text
 
 
 def test_auto_leaves_the_layout_to_jax(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     distributed.initialize(auto=True)
-    assert calls == [((), {})]
+    assert calls == [((), dict(initialization_timeout=distributed.JOIN_TIMEOUT_S))]
 
 
 def test_no_flags_stay_single_process(monkeypatch):
@@ -70,6 +74,20 @@ def test_flag_mistake_exits_with_one_line_error(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: --num_processes, --process_id given")
     assert "Traceback" not in result.stderr
+
+
+def test_a_process_whose_coordinator_never_answers_says_what_it_waits_for_and_stops(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "gmae_jax.main", "--config=configs/pretrain.py:runlocal", f"--workdir={tmp_path}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+         "--distributed_timeout=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"process 1 of 2: joining the job through 127.0.0.1:{port}; waiting up to 2 s" in result.stderr
+    assert "DEADLINE_EXCEEDED" in result.stderr and not os.listdir(tmp_path)
 
 
 # --- The launch scripts ------------------------------------------------------------------------
