@@ -25,7 +25,7 @@ from gmae_jax.train import resume_check, setup, sharding, steps
 
 ONE_PROCESS = True  # on one host's devices
 
-VIEWS = ("auto", "original", "full_frame", "hand_crop")
+VIEWS = ("auto",) + views.VIEWS  # auto: the view the run was evaluated on
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
