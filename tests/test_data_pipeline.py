@@ -297,3 +297,13 @@ def test_a_run_with_no_steps_left_says_it_only_evaluates():
         "(raise --config.total_steps to train on)")
     assert trainer.nothing_to_train_warning(30, 30).startswith("nothing to train: the run is at step 30;")
     assert trainer.nothing_to_train_warning(29, 30) is None
+
+
+def test_grain_s_error_for_a_dead_worker_becomes_one_that_names_the_cause():
+    with pytest.raises(pipeline.InputWorkerDiedError, match=r"^an input worker process ended with exit code 3\. "
+                       r"If memory ran out, use fewer workers \(--config.data.num_workers, now 2\)"):
+        with pipeline.naming_dead_workers(2):
+            raise RuntimeError("Worker process was terminated unexpectedly with exit code 3. Search the logs")
+    with pytest.raises(RuntimeError, match="^another failure$"):  # every other error passes unchanged
+        with pipeline.naming_dead_workers(2):
+            raise RuntimeError("another failure")

@@ -5,9 +5,11 @@ import dataclasses
 import glob
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +20,8 @@ import pytest
 from PIL import Image
 
 import saved_weights
-from gmae_jax import config_lib, stages, workdir_lock
-from gmae_jax.data import synthetic
+from gmae_jax import config_lib, stages, user_errors, workdir_lock
+from gmae_jax.data import pipeline, synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
@@ -564,3 +566,32 @@ def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns(
     assert trainer.accumulation_warning(1, "cpu", "xla") is None
     assert trainer.accumulation_warning(4, "gpu", "xla") is None
     assert trainer.accumulation_warning(4, "tpu", "xla") is None
+
+
+def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(demo_root, tmp_path):
+    """The out-of-memory killer's usual victim: a grain worker. The run saves the steps it finished
+    (the data iterator's state is a batch count) and names the cause; a rerun continues there."""
+    config = stage_config("pretrain", demo_root, total_steps=60, log_every=100, eval_every=0, checkpoint_every=100)
+    config.data.num_workers = 1
+    real, calls = sharding.global_batch, []
+
+    def kill_the_workers_at_the_third_batch(host_batch, mesh):
+        calls.append(1)
+        if len(calls) == 3:
+            for worker in multiprocessing.active_children():
+                if "spawn" in " ".join(open(f"/proc/{worker.pid}/cmdline").read().split("\0")):
+                    os.kill(worker.pid, signal.SIGKILL)
+        return real(host_batch, mesh)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sharding, "global_batch", kill_the_workers_at_the_third_batch)
+        with pytest.raises(pipeline.InputWorkerDiedError) as stopped:
+            pretrain_stage.run(config, str(tmp_path))
+    message = str(stopped.value)
+    saved = int(re.search(r"Steps up to (\d+) are saved in ", message).group(1))
+    assert message.startswith("an input worker process was killed by signal 9 (SIGKILL), most often the kernel's "
+                              "out-of-memory killer") and "--config.data.num_workers, now 1" in message
+    assert 3 <= saved == len(calls) < 60
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), 3, read_only=True)
+    assert manager.latest_step() == saved
+    assert user_errors.one_line(stopped.value) == message

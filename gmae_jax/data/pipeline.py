@@ -7,12 +7,14 @@ indices into the source, so an unreadable image can be replaced by the next one.
 """
 
 import atexit
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import functools
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -37,6 +39,34 @@ MAX_AUTO_WORKERS = 32  # ~870 views/s each from prepared shards at 224 px (BENCH
 
 class BadImageBudgetError(transforms.ImageDecodeError):
     """More unreadable images than config.data.max_bad_images; the message names the last one."""
+
+
+class InputWorkerDiedError(RuntimeError):
+    """An input worker process ended mid-run: killed (most often by the kernel's out-of-memory
+    killer) or crashed. The run's state is intact; the message says how the worker ended."""
+
+
+# grain's message for a worker that ended (process_prefetch), with its exit code: -N is signal N.
+_WORKER_ENDED = re.compile(r"[Ww]orker process was terminated unexpectedly with exit code (-?\d+)")
+
+
+@contextlib.contextmanager
+def naming_dead_workers(num_workers: int) -> Iterator[None]:
+    """Turns grain's error for a dead worker process into an InputWorkerDiedError that says what
+    ended it and what to change; every other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        match = _WORKER_ENDED.search(str(error))
+        if match is None or isinstance(error, InputWorkerDiedError):
+            raise
+        code = int(match.group(1))
+        how = f"ended with exit code {code}" if code >= 0 else f"was killed by signal {-code}"
+        if -code == signal.SIGKILL:
+            how += " (SIGKILL), most often the kernel's out-of-memory killer (`dmesg` says)"
+        raise InputWorkerDiedError(
+            f"an input worker process {how}. If memory ran out, use fewer workers "
+            f"(--config.data.num_workers, now {num_workers}) or a smaller batch") from error
 
 
 class _Loader:
@@ -267,7 +297,8 @@ class TrainBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
             self._iterator = iter(to_iter_dataset(self._batches[self._taken:], self._num_workers))
-        batch = next(self._iterator)
+        with naming_dead_workers(self._num_workers):
+            batch = next(self._iterator)
         self._taken += 1
         return batch
 

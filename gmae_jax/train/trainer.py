@@ -160,6 +160,26 @@ def host_state(state: steps.TrainState) -> steps.TrainState:
                          batch_stats=sharding.tree_to_host(state.batch_stats))
 
 
+def save_finished_steps(manager: Any, done: int, state: Any, train_iter: Any, last_saved: int | None,
+                        start: int) -> int | None:
+    """Saves the steps done so far when the run must stop early for a reason outside the state (a dead
+    input worker): the data iterator's state is a batch count, which a dead worker does not change, so
+    a rerun continues exactly. One process only: a save is a collective that the job's other
+    processes, which go on training, would never join. Returns the step now last saved."""
+    if jax.process_count() > 1 or done <= start or done == last_saved:
+        return last_saved
+    checkpoint.save(manager, done, state, train_iter, None)
+    manager.wait_until_finished()
+    return done
+
+
+def resume_point(checkpoint_dir: str, last_saved: int | None) -> str:
+    """Where a rerun of the same command starts."""
+    if last_saved is None:
+        return "No checkpoint was saved yet: rerunning the same command starts over"
+    return f"Steps up to {last_saved} are saved in {checkpoint_dir}: rerunning the same command resumes there"
+
+
 def evaluate(
     task: tasks.Task, eval_step, state, examples: sources.Source, *, image_size: int, batch_size: int,
     num_workers: int, mesh: jax.sharding.Mesh,
@@ -184,15 +204,16 @@ def evaluate(
     first, pending = None, None
     batches = iter(dataset)
     try:
-        for host_batch in batches:
-            first = host_batch if first is None else first
-            batch = sharding.global_batch(host_batch, mesh)
-            # Dispatched before the previous batch's results are read: the device computes while the
-            # host waits for them and loads the next batch.
-            dispatched = (eval_step(state, batch), batch)
-            if pending is not None:
-                collect(*pending)
-            pending = dispatched
+        with pipeline.naming_dead_workers(num_workers):
+            for host_batch in batches:
+                first = host_batch if first is None else first
+                batch = sharding.global_batch(host_batch, mesh)
+                # Dispatched before the previous batch's results are read: the device computes while the
+                # host waits for them and loads the next batch.
+                dispatched = (eval_step(state, batch), batch)
+                if pending is not None:
+                    collect(*pending)
+                pending = dispatched
     finally:
         batches.close()  # its workers stop now, also when an error ends the process without exit hooks
     if pending is not None:
@@ -294,12 +315,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         logging.warning(warning)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
-    preempted = False
+    preempted, finished = False, start
     try:
         for step in range(start + 1, steps_total + 1):
             with progress.waiting_for_input():
                 host_batch = next(train_iter)
             state, metrics = train_step(state, sharding.global_batch(host_batch, mesh), rng)
+            finished = step
             if step == start + 1:  # compiling it is most of its time: timed apart from the steady state
                 jax.block_until_ready(metrics)
                 logging.info("[%s] step %d (compiling the step included) took %.1f s", task.name, step,
@@ -344,6 +366,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
+    except pipeline.InputWorkerDiedError as error:  # in training's input or in an evaluation's
+        last_saved = save_finished_steps(manager, finished, state, train_iter, last_saved, start)
+        raise pipeline.InputWorkerDiedError(f"{error}. {resume_point(checkpoint_dir, last_saved)}") from error
     finally:
         train_iter.close()
         watch.close()
