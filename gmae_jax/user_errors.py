@@ -15,13 +15,14 @@ import ml_collections
 from gmae_jax import config_lib, distributed
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.pipeline import BadImageBudgetError, InputWorkerDiedError
+from gmae_jax.data.prepare import WorkerDiedError
 from gmae_jax.schema import ConfigError
 from gmae_jax.train.progress import TrainingDivergedError
 
 # Errors whose message is already the one line a user needs.
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataLayoutError, distributed.DistributedSetupError, distributed.ProcessesDisagreeError,
-    BadImageBudgetError, InputWorkerDiedError, TrainingDivergedError)
+    BadImageBudgetError, InputWorkerDiedError, WorkerDiedError, TrainingDivergedError)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = "No space left on device"

@@ -516,3 +516,28 @@ def test_prepare_then_finetune_on_hand_crop_shards_through_the_entry_point(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(prepared, hand_crop): 34 classes" in result.stderr
     assert "[finetune] step 2/2" in result.stderr and "accuracy" in result.stderr
+
+
+def test_a_killed_worker_stops_prepare_with_one_line_instead_of_waiting_forever():
+    """multiprocessing's Pool replaced a killed worker and waited forever for the item it held."""
+    import multiprocessing
+    import signal
+    import time
+
+    items = [0.3] * 40
+    before = {child.pid for child in multiprocessing.active_children()}
+    results = prepare._parallel(time.sleep, items, 2, "decode-check")
+    started = time.monotonic()
+    with pytest.raises(prepare.WorkerDiedError, match=r"^a worker process of the prepare stage died \(decode-check\)"
+                       r": most often the kernel's out-of-memory killer.*this run used 2\) if memory ran out$"):
+        for taken, _ in enumerate(results):
+            if taken == 0:
+                victim = next(c for c in multiprocessing.active_children() if c.pid not in before)
+                os.kill(victim.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 30  # the 40 items would take 6 s on 2 workers; forever before
+    time.sleep(0.5)
+    assert not [c for c in multiprocessing.active_children() if c.pid not in before]  # the other worker stopped too
+
+
+def test_parallel_items_all_come_back_from_the_workers():
+    assert sorted(prepare._parallel(abs, list(range(-20, 0)), 2, "shards")) == list(range(1, 21))

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -139,15 +140,52 @@ def _written(task: _ShardTask) -> bool:
         for r in task.records)
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker process of the stage died (killed, most often by the out-of-memory killer, or crashed)."""
+
+
 def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
-    """fn over items on `num_workers` processes (1: inline), in completion order, with a bar."""
-    bar = dict(total=len(items), desc=desc, unit=" items", mininterval=2.0)
+    """fn over items on `num_workers` processes (1: inline), in completion order, with a bar.
+
+    A process pool from concurrent.futures, not multiprocessing's: that one replaces a killed
+    worker and waits forever for the item it held; this one raises (BrokenProcessPool). At most
+    two items per worker are in flight, so a huge item list costs no memory of futures."""
+    bar = tqdm.tqdm(total=len(items), desc=desc, unit=" items", mininterval=2.0)
     if num_workers == 1 or len(items) <= 1:
-        yield from tqdm.tqdm(map(fn, items), **bar)
+        for item in items:
+            yield fn(item)
+            bar.update(1)
+        bar.close()
         return
+    ours_before = {child.pid for child in multiprocessing.active_children()}
     # spawn, not fork: the parent may hold JAX's threads, which a fork would copy mid-flight.
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        yield from tqdm.tqdm(pool.imap_unordered(fn, items, chunksize=1), **bar)
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    finished = False
+    try:
+        remaining = iter(items)
+        pending = {pool.submit(fn, item) for item in itertools.islice(remaining, 2 * num_workers)}
+        while pending:
+            done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                try:
+                    result = future.result()
+                except concurrent.futures.process.BrokenProcessPool as error:
+                    raise WorkerDiedError(
+                        f"a worker process of the prepare stage died ({desc}): most often the kernel's "
+                        f"out-of-memory killer (`dmesg` says). Every finished shard and decode check is kept: "
+                        f"rerun the same command to go on, with fewer --config.num_workers (this run used "
+                        f"{num_workers}) if memory ran out") from error
+                bar.update(1)
+                yield result
+            pending |= {pool.submit(fn, item) for item in itertools.islice(remaining, len(done))}
+        finished = True
+    finally:
+        bar.close()
+        pool.shutdown(wait=finished, cancel_futures=True)
+        if not finished:  # an error, SIGTERM, or a dead worker: the others stop now, not after their item
+            for child in multiprocessing.active_children():
+                if child.pid not in ours_before:
+                    child.terminate()
 
 
 def _refuse_own_output(root: epath.Path) -> None:
