@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
+import jax
 import ml_collections
 
 from gmae_jax import config_lib, distributed
@@ -52,6 +53,23 @@ def os_error_line(error: OSError) -> str:
             "folder (--workdir, --config.data.root)")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """XLA's status for a program that does not fit the device (at compile or run time, any backend)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def out_of_memory_line(error: BaseException) -> str:
+    """What did not fit (XLA's first line), and the settings that make a step fit, cheapest first."""
+    said = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    said = said if len(said) <= 240 else said[:237] + "..."
+    return (f"the device ran out of memory ({said}). To fit the step: --config.model.remat=block (recompute "
+            "each block's activations in the backward pass), --config.model.dtype=bfloat16, "
+            "--config.grad_accum_steps=K (the batch in K passes), --config.mesh.fsdp=N (parameters and "
+            "optimiser state split over N devices), or a smaller --config.batch_size; "
+            "`python -m gmae_jax.bench --suite=memory` plans a setting's memory without the device")
+
+
 def _from_text(text: str) -> str | None:
     """The message of a user error quoted in a formatted traceback (config_flags re-raises the
     config file's error with its traceback as the message; grain workers send theirs as text)."""
@@ -70,6 +88,8 @@ def one_line(error: BaseException) -> str | None:
             return _from_text(str(item)) or str(item).strip().splitlines()[0]
         if isinstance(item, OSError) and item.errno in _NOT_WRITABLE + _FULL:
             return os_error_line(item)
+        if isinstance(item, jax.errors.JaxRuntimeError) and is_out_of_memory(item):
+            return out_of_memory_line(item)
     text = "\n".join(str(item) for item in _chain(error))
     found = _from_text(text)
     if found:

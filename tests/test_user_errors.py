@@ -175,3 +175,19 @@ def test_a_config_file_that_loads_but_is_no_stage_config_is_named():
     line = user_errors.flag_error_line(AttributeError("module 'config_config' has no attribute 'get_config'"),
                                        ["main", "--config=my/config.py:runlocal", "--workdir=w"])
     assert line == "module 'config_config' has no attribute 'get_config' (while reading --config=my/config.py)"
+
+
+def test_a_program_that_does_not_fit_the_device_names_the_settings_that_make_it_fit():
+    import jax
+    import jax.numpy as jnp
+
+    with pytest.raises(jax.errors.JaxRuntimeError) as raised:  # 256 TiB: XLA's own RESOURCE_EXHAUSTED
+        jax.jit(lambda: jnp.ones((1 << 46,), jnp.float32))().block_until_ready()
+    wrapped = RuntimeError("the step failed")
+    wrapped.__cause__ = raised.value  # as a library that wraps it would raise it
+    line = user_errors.one_line(wrapped)
+    assert line.startswith("the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating ")
+    for lever in ("--config.model.remat=block", "--config.model.dtype=bfloat16", "--config.grad_accum_steps=K",
+                  "--config.mesh.fsdp=N", "--config.batch_size", "--suite=memory"):
+        assert lever in line
+    assert user_errors.one_line(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None  # a bug stays one

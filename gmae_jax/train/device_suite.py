@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, user_errors
 from gmae_jax.models import fast_conv
 from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig, gmst_config
 from gmae_jax.train import model_flops, sharding, step_benchmark, step_profile
@@ -133,11 +133,6 @@ def peak_flops(device: jax.Device, dtype: str) -> float | None:
     return None
 
 
-def _is_out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
 def architecture(case: Case) -> GMSTConfig:
     """The model a case trains (its preset with the case's size, dtype, masking, remat and conv_impl)."""
     depth = {} if case.depth is None else {"depth": case.depth}
@@ -228,7 +223,7 @@ def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile
         try:
             return measure(case, mesh, num_steps, profile_steps)
         except Exception as error:  # XLA reports OOM as a runtime error of its own type
-            if not _is_out_of_memory(error) or case.batch_size <= mesh.size:
+            if not user_errors.is_out_of_memory(error) or case.batch_size <= mesh.size:
                 raise
             case = dataclasses.replace(case, batch_size=case.batch_size // 2)
 
