@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at than numbers: reconstructions and a confusion matrix."""
+"""Pictures a person would rather look at than numbers: reconstructions, a confusion matrix, predictions."""
 
 from __future__ import annotations
 
@@ -91,3 +91,36 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
         image.paste(column, (margin + j * cell + cell // 3, 2))
     draw.text((4, height - 18), footer, fill="black", font=font)
     _save_png(image, path)
+
+
+def save_prediction_sheet(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]],
+                          correct: Sequence[bool | None], path: str, tile: int = 128, columns: int = 6) -> None:
+    """Each input as the classifier saw it (uint8 RGB, upscaled to `tile`), with caption lines below;
+    a green frame where the top class matches the input's annotation, red where it does not, none
+    where the input has no annotation."""
+    font = ImageFont.load_default()
+    line_height, pad = 12, 6
+    caption_height = line_height * max((len(lines) for lines in captions), default=1) + 4
+    columns = max(1, min(columns, len(images)))
+    rows = (len(images) + columns - 1) // columns
+    cell_w, cell_h = tile + 2 * pad, tile + 2 * pad + caption_height
+    sheet = Image.new("RGB", (columns * cell_w, max(rows, 1) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (pixels, lines, ok) in enumerate(zip(images, captions, correct)):
+        x, y = (k % columns) * cell_w + pad, (k // columns) * cell_h + pad
+        sheet.paste(Image.fromarray(np.asarray(pixels, np.uint8)).resize((tile, tile), Image.NEAREST), (x, y))
+        if ok is not None:
+            draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], outline=(0, 150, 0) if ok else (200, 0, 0),
+                           width=3)
+        for i, line in enumerate(lines):
+            draw.text((x, y + tile + 4 + i * line_height), _fit(draw, line, tile, font), fill="black", font=font)
+    _save_png(sheet, path)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:
+    """`text` cut (with '...') to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."

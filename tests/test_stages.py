@@ -163,6 +163,8 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path):
         assert sorted(entry["class"] for entry in line["top_k"]) == sorted(CLASSES)
         probs = [entry["prob"] for entry in line["top_k"]]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
+    # 8 inputs, 6 to a row of 128 px tiles with 6 px borders and two caption lines (no annotations)
+    assert Image.open(out / "predictions.png").size == (6 * 140, 2 * (140 + 2 * 12 + 4))
 
 
 def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_path):
@@ -180,6 +182,14 @@ def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_p
         return [json.loads(line)["top_k"] for line in (tmp_path / view / "predictions.jsonl").read_text().splitlines()]
 
     assert top_classes("auto") == top_classes("original") != top_classes("hand_crop")
+    # The sheet frames each input green where its top class is the annotated one, red where not.
+    sheet = np.asarray(Image.open(tmp_path / "auto" / "predictions.png").convert("RGB"))
+    rows = [json.loads(line) for line in (tmp_path / "auto" / "predictions.jsonl").read_text().splitlines()]
+    assert rows and all(row["annotation"] for row in rows)
+    for k, row in enumerate(rows):
+        corner = sheet[(k // 6) * (140 + 3 * 12 + 4) + 3, (k % 6) * 140 + 3]
+        right = row["top_k"][0]["class"] == row["annotation"]
+        assert tuple(corner) == ((0, 150, 0) if right else (200, 0, 0)), (k, row)
 
 
 @pytest.mark.slow

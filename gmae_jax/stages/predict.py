@@ -1,8 +1,10 @@
 """The predict stage: a fine-tuned classifier's top-k classes for images (configs/predict.py).
 
 Writes `predictions.csv` and `predictions.jsonl` (one row per input: file, annotated gesture if the
-input is a HaGRID tree, top-k classes with probabilities) and `skipped.csv` (file, reason) for
-every file that is not an image or does not decode; none of these stops the run.
+input is a HaGRID tree, top-k classes with probabilities), `predictions.png` (the first inputs as
+the classifier saw them, with their top class; framed green or red against an annotation) and
+`skipped.csv` (file, reason) for every file that is not an image or does not decode; none of these
+stops the run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import concurrent.futures
 import csv
 import io
 import json
+import os
 
 import jax
 import ml_collections
@@ -19,7 +22,7 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, run_files
+from gmae_jax import config_lib, run_files, visualize
 from gmae_jax.data import inputs, transforms, views
 from gmae_jax.train import resume_check, setup, sharding, steps
 
@@ -62,7 +65,8 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-OUTPUTS = ("predictions.csv", "predictions.jsonl", "skipped.csv")
+OUTPUTS = ("predictions.csv", "predictions.jsonl", "predictions.png", "skipped.csv")
+SHEET_SIZE = 36  # inputs drawn in predictions.png
 
 
 def _check_outputs(workdir: str) -> None:
@@ -78,6 +82,19 @@ def _csv(rows: list[list[str]]) -> str:
     text = io.StringIO()
     csv.writer(text).writerows(rows)
     return text.getvalue()
+
+
+def _draw(sheet: list[tuple[np.ndarray, dict]], path: str) -> None:
+    """The first inputs with file name, top class and probability, and the annotation where there is one."""
+    captions, correct = [], []
+    for _, row in sheet:
+        best = row["top_k"][0]
+        lines = [os.path.basename(row["file"]), f"{best['class']} {best['prob']:.2f}"]
+        if row["annotation"]:
+            lines.append(f"annotated: {row['annotation']}")
+        captions.append(lines)
+        correct.append(best["class"] == row["annotation"] if row["annotation"] else None)
+    visualize.save_prediction_sheet([pixels for pixels, _ in sheet], captions, correct, path)
 
 
 def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
@@ -128,7 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                                       steps.standardize(images), train=False)
         return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
-    rows = []
+    rows, sheet = [], []
+
     def load(item: inputs.Input) -> np.ndarray | str:
         return _load(item, _view(config, item, trained), image_size)
 
@@ -145,12 +163,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
             images = np.zeros((batch, image_size, image_size, 3), np.uint8)
             images[: len(good)] = np.stack([pixels for _, pixels in good])
             probs = np.asarray(probabilities(restored.weights, sharding.global_batch({"image": images}, mesh)["image"]))
-            for (item, _), p in zip(good, probs):
+            for (item, pixels), p in zip(good, probs):
                 order = np.argsort(-p, kind="stable")[:top_k]
                 rows.append({"file": item.path, "annotation": item.annotation,
                              "top_k": [{"class": names[i], "prob": float(p[i])} for i in order]})
+                if len(sheet) < SHEET_SIZE:
+                    sheet.append((pixels, rows[-1]))
     skipped.sort()
     _write(epath.Path(workdir), rows, skipped, top_k)
+    if sheet:
+        _draw(sheet, str(epath.Path(workdir) / "predictions.png"))
     if not rows:
         raise config_lib.ConfigError(f"none of the {len(items)} image file(s) in config.inputs={config.inputs} could "
                                      f"be read; {workdir}/skipped.csv says why for each")
