@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -115,6 +116,12 @@ def save_prediction_sheet(images: Sequence[np.ndarray], captions: Sequence[Seque
         for i, line in enumerate(lines):
             draw.text((x, y + tile + 4 + i * line_height), _fit(draw, line, tile, font), fill="black", font=font)
     _save_png(sheet, path)
+
+
+def file_label(path: str) -> str:
+    """A file as a caption names it: its folder and name (class folders repeat names like 00000.jpg)."""
+    folder, name = os.path.split(os.path.normpath(path))
+    return f"{os.path.basename(folder)}/{name}" if os.path.basename(folder) else name
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:

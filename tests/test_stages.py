@@ -133,6 +133,12 @@ def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir,
     # A label margin of 8 + 7 px per character of the longest name, 36 px cells, a 24 px caption.
     assert picture.height == 8 + 7 * 5 + 6 * 36 + 24 and picture.width >= 8 + 7 * 5 + 6 * 36 + 8
     assert len(np.unique(np.asarray(picture.convert("L")))) > 2  # not blank
+    # The misclassified images, each framed red with its true and predicted class (6 to a row).
+    matrix = np.asarray(json.loads((tmp_path / "confusion_matrix.json").read_text())["matrix"])
+    wrong = int(matrix.sum() - np.trace(matrix))
+    sheet = np.asarray(Image.open(tmp_path / "misclassified.png").convert("RGB"))
+    corners = [tuple(sheet[(k // 6) * (140 + 3 * 12 + 4) + 3, (k % 6) * 140 + 3]) for k in range(max(wrong, 1))]
+    assert corners == ([(200, 0, 0)] * wrong if wrong else [(255, 255, 255)])
 
 
 @pytest.mark.slow

@@ -152,6 +152,11 @@ class _EvalLoad(_Loader):
         return {"image": result[0], "label": np.int32(result[1]), "valid": np.float32(1), "index": np.int32(index)}
 
 
+def eval_example(source: sources.Source, image_size: int, index: int) -> dict[str, np.ndarray]:
+    """Example `index` of an evaluation split as evaluation saw it (image, label, valid), e.g. to draw it."""
+    return _EvalLoad(source, dataclasses.replace(source.view, image_size=image_size))(index)
+
+
 def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(

@@ -13,7 +13,6 @@ import concurrent.futures
 import csv
 import io
 import json
-import os
 
 import jax
 import ml_collections
@@ -89,7 +88,7 @@ def _draw(sheet: list[tuple[np.ndarray, dict]], path: str) -> None:
     captions, correct = [], []
     for _, row in sheet:
         best = row["top_k"][0]
-        lines = [os.path.basename(row["file"]), f"{best['class']} {best['prob']:.2f}"]
+        lines = [visualize.file_label(row["file"]), f"{best['class']} {best['prob']:.2f}"]
         if row["annotation"]:
             lines.append(f"annotated: {row['annotation']}")
         captions.append(lines)

@@ -190,7 +190,7 @@ def evaluate(
         examples, image_size=image_size, global_batch_size=batch_size, num_workers=num_workers,
         process_index=jax.process_index(), process_count=jax.process_count())
     sums: dict[str, float] = {}
-    outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": []}
+    outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": [], "index": []}
 
     def collect(results: dict[str, jax.Array], batch: dict[str, jax.Array]) -> None:
         for key, value in jax.device_get(results).items():
@@ -200,6 +200,7 @@ def evaluate(
                 outputs.setdefault(key, []).append(np.asarray(value))
         outputs["label"].append(sharding.to_host(batch["label"]))
         outputs["valid"].append(sharding.to_host(batch["valid"]))
+        outputs["index"].append(sharding.to_host(batch["index"]))  # each output's place in the split
 
     first, pending = None, None
     batches = iter(dataset)
