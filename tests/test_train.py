@@ -186,6 +186,7 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     assert os.path.exists(os.path.join(eval_dir, "eval_metrics.json"))
     for folder in (finetune_dir, eval_dir):  # the step of the weights each matrix counts
         assert json.load(open(os.path.join(folder, "confusion_matrix.json")))["step"] == 6
+        assert Image.open(os.path.join(folder, "misclassified.png")).width > 0  # the run's last evaluation too
 
 
 @pytest.mark.parametrize("inside", ["", "eval", os.path.join("checkpoints", "..", "eval")])

@@ -9,12 +9,11 @@ import json
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, distributed, metrics as metrics_lib, schema, visualize
-from gmae_jax.data import pipeline, sources, views
+from gmae_jax import config_lib, distributed, metrics as metrics_lib, schema
+from gmae_jax.data import sources
 from gmae_jax.train import setup, sharding, tasks, trainer
 from gmae_jax.train.summaries import Summaries
 
@@ -39,29 +38,6 @@ def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> sche
                                num_workers=config.num_workers)
 
 
-MISTAKES = "misclassified.png"
-MISTAKES_DRAWN = 36
-
-
-def draw_mistakes(examples: sources.Source, outputs: dict[str, np.ndarray], class_names: list[str],
-                  image_size: int, path: str) -> str:
-    """The first misclassified images of the split as the classifier saw them, with true and predicted
-    class: where the confusion matrix says how often, this says on what. All right: one tile says so."""
-    wrong = outputs["label"] != outputs["predictions"]
-    images, captions = [], []
-    for index, predicted in list(zip(outputs["index"][wrong], outputs["predictions"][wrong]))[:MISTAKES_DRAWN]:
-        example = pipeline.eval_example(examples, image_size, int(index))
-        images.append(example["image"])
-        captions.append([visualize.file_label(views.element_name(examples[int(index)])),
-                         f"true: {class_names[int(example['label'])]}", f"predicted: {class_names[int(predicted)]}"])
-    framed: list[bool | None] = [False] * len(images)
-    if not images:
-        images, framed = [np.full((image_size, image_size, 3), 255, np.uint8)], [None]
-        captions = [["none misclassified"]]
-    visualize.save_prediction_sheet(images, captions, framed, path)
-    return path
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Writes eval_metrics.json and the task's pictures to `workdir`; returns the metrics."""
     setup.check_outside_run(workdir, config.checkpoint_dir, "evaluate")
@@ -84,10 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         (epath.Path(workdir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        pictures = task.draw(weights, first, outputs, workdir)
-        if restored.config.stage == "finetune":
-            pictures.append(draw_mistakes(examples, outputs, restored.class_names, restored.model.config.img_size,
-                                          str(epath.Path(workdir) / MISTAKES)))
+        pictures = task.draw(weights, first, outputs, workdir, examples)
         summaries = Summaries(workdir)
         summaries.scalars(data.eval_split, restored.step, metrics)
         summaries.pictures(data.eval_split, restored.step, pictures)

@@ -363,7 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 manager.wait_until_finished()
                 drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
                 if jax.process_index() == 0:
-                    pictures = task.draw(drawn_from, first, outputs, workdir)
+                    pictures = task.draw(drawn_from, first, outputs, workdir, data.eval)
                     summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
