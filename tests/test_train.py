@@ -596,3 +596,22 @@ def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(d
     manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), 3, read_only=True)
     assert manager.latest_step() == saved
     assert user_errors.one_line(stopped.value) == message
+
+
+def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint_is_saved(demo_root, tmp_path, monkeypatch):
+    """Evaluation runs on BatchNorm's running averages, which can blow up while training's batch
+    statistics stay finite: the step's checkpoint would then be saved (and ranked by a NaN)."""
+    real = trainer.evaluate
+
+    def nan_at_step_4(task, eval_step, state, examples, **kwargs):
+        metrics, outputs, first = real(task, eval_step, state, examples, **kwargs)
+        return ({**metrics, "loss": float("nan")} if int(jax.device_get(state.step)) == 4 else metrics), outputs, first
+
+    monkeypatch.setattr(trainer, "evaluate", nan_at_step_4)
+    config = stage_config("pretrain", demo_root, total_steps=6, log_every=100, eval_every=2, checkpoint_every=100)
+    config.model.depth = 1
+    with pytest.raises(progress.TrainingDivergedError, match=r"^val/loss became non-finite at step 4; the last good "
+                       r"checkpoint is step 2 in "):
+        pretrain_stage.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # best_metric: every evaluated step saved
+    assert [r["step"] for r in read_metrics(str(tmp_path)) if r["split"] == "val"] == [2, 4]  # the NaN recorded

@@ -317,6 +317,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
     preempted, finished = False, start
+
+    def stop_if_not_finite(values: dict[str, float], step: int) -> None:
+        try:
+            check_finite(values, step, checkpoint_dir, last_saved, config.model.dtype)
+        except FloatingPointError:
+            # Every process stops here (the metrics are global): the save it names goes to disk
+            # first, also where the entry point ends a failed multi-process job at once.
+            manager.wait_until_finished()
+            raise
+
     try:
         for step in range(start + 1, steps_total + 1):
             with progress.waiting_for_input():
@@ -335,13 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                          or (evaluated and bool(loop.best_metric)))
             if is_last or must_save or step % config.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                try:
-                    check_finite(metrics, step, checkpoint_dir, last_saved, config.model.dtype)
-                except FloatingPointError:
-                    # Every process stops here (the metrics are global): the save it names goes to disk
-                    # first, also where the entry point ends a failed multi-process job at once.
-                    manager.wait_until_finished()
-                    raise
+                stop_if_not_finite(metrics, step)
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
                 with progress.not_training():  # the first writes open files: not the next line's img/s
                     progress.log_line(task.name, step, metrics)
@@ -354,6 +358,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                              ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
                 writer.write({"step": step, "split": eval_split, **eval_metrics})
                 summaries.scalars(eval_split, step, eval_metrics)
+                # e.g. BatchNorm's running averages gone to inf while the batch statistics stay finite:
+                # such a checkpoint must not be saved, nor ranked as the best by a NaN.
+                stop_if_not_finite({f"{eval_split}/{k}": v for k, v in eval_metrics.items()}, step)
             if must_save:
                 with progress.not_training():
                     checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
