@@ -120,8 +120,8 @@ def _leave_the_job(message: str) -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     logging.flush()
-    for worker in multiprocessing.active_children():  # grain's input workers: exiting so skips their hook
-        worker.terminate()
+    for worker in multiprocessing.active_children():  # grain's input workers (which ignore SIGTERM): exiting
+        worker.kill()  # so skips their hook
     for worker in multiprocessing.active_children():
         worker.join(timeout=5)
     os._exit(1)

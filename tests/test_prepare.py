@@ -534,6 +534,7 @@ def test_a_killed_worker_stops_prepare_with_one_line_instead_of_waiting_forever(
             if taken == 0:
                 victim = next(c for c in multiprocessing.active_children() if c.pid not in before)
                 os.kill(victim.pid, signal.SIGKILL)
+                time.sleep(1.0)  # the pool breaks while the consumer works (the next submit then fails)
     assert time.monotonic() - started < 30  # the 40 items would take 6 s on 2 workers; forever before
     time.sleep(0.5)
     assert not [c for c in multiprocessing.active_children() if c.pid not in before]  # the other worker stopped too

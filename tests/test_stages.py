@@ -238,11 +238,14 @@ def test_predict_of_inputs_none_of_which_reads_is_an_error_with_the_reasons_writ
     (inputs / "junk.png").write_text("not an image")
     config = load("predict")
     config.update(checkpoint_dir=run_dir[0], inputs=str(inputs))
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "predictions.png")  # an earlier run's sheet
     with pytest.raises(config_lib.ConfigError, match=rf"none of the 2 image file\(s\) in config.inputs={inputs} "
                        rf"could be read; {tmp_path / 'out'}/skipped.csv says why for each"):
         stages.run(config, str(tmp_path / "out"))
     with open(tmp_path / "out" / "skipped.csv") as f:
         assert [row["file"] for row in csv.DictReader(f)] == [str(inputs / "empty.jpg"), str(inputs / "junk.png")]
+    assert not (tmp_path / "out" / "predictions.png").exists()  # it described other inputs
 
 
 @pytest.mark.slow

@@ -615,3 +615,50 @@ def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint_is_saved(de
         pretrain_stage.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # best_metric: every evaluated step saved
     assert [r["step"] for r in read_metrics(str(tmp_path)) if r["split"] == "val"] == [2, 4]  # the NaN recorded
+
+
+def test_a_worker_lost_in_the_last_evaluation_leaves_that_step_for_the_rerun(demo_root, tmp_path, monkeypatch):
+    """Saved without its evaluation, the last step would make a rerun find the run finished and never
+    evaluate (or draw) it: the rerun redoes it instead."""
+    real = trainer.evaluate
+
+    def worker_dies_in_the_last_evaluation(task, eval_step, state, examples, **kwargs):
+        if int(jax.device_get(state.step)) == 4:
+            raise pipeline.InputWorkerDiedError("an input worker process was killed by signal 9")
+        return real(task, eval_step, state, examples, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", worker_dies_in_the_last_evaluation)
+    config = stage_config("pretrain", demo_root, total_steps=4, log_every=100, eval_every=2, checkpoint_every=100)
+    config.model.depth = 1
+    with pytest.raises(pipeline.InputWorkerDiedError, match=r"Steps up to 2 are saved in .*: rerunning the same "
+                       r"command resumes there$"):
+        pretrain_stage.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_sigterm_to_the_input_workers_too_is_a_preemption_not_a_dead_worker(demo_root, tmp_path, monkeypatch):
+    """SLURM signals every process of a job step, the input workers included: they ignore it, and the
+    trainer saves after its step and stops as preempted."""
+    from gmae_jax.train.preemption import Preempted
+
+    config = stage_config("pretrain", demo_root, total_steps=60, log_every=100, eval_every=0, checkpoint_every=100)
+    config.data.num_workers = 1
+    real, calls = sharding.global_batch, []
+
+    def sigterm_the_workers_then_the_trainer(host_batch, mesh):
+        calls.append(1)
+        if len(calls) == 3:  # the workers' SIGTERM first: batches 4-12 are read after it
+            workers = [w for w in multiprocessing.active_children()
+                       if "spawn" in " ".join(open(f"/proc/{w.pid}/cmdline").read().split("\0"))]
+            assert workers
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGTERM)
+            time.sleep(1.0)
+        if len(calls) == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(host_batch, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", sigterm_the_workers_then_the_trainer)
+    with pytest.raises(Preempted):
+        pretrain_stage.run(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12"]

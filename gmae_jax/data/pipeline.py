@@ -175,9 +175,12 @@ def exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
     unlike Linux's parent-death signal, which also fires when the thread that started it exits.
     """
     del worker_index, worker_count
-    # A Ctrl-C in a terminal reaches the whole process group: the trainer saves and stops its workers;
-    # each worker's own KeyboardInterrupt would only print a traceback.
+    # A Ctrl-C in a terminal, or a scheduler's SIGTERM (SLURM signals every process of the job), reaches
+    # the workers too: the trainer saves after its step and stops them. A worker's own KeyboardInterrupt
+    # would only print a traceback, and one killed by SIGTERM would end the run as a failed one (a dead
+    # worker) instead of a preempted one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -166,19 +166,21 @@ def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
         pending = {pool.submit(fn, item) for item in itertools.islice(remaining, 2 * num_workers)}
         while pending:
             done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            # The finished items first (their shards and checks are kept), then a broken pool's error.
+            broken = [f for f in done if isinstance(f.exception(), concurrent.futures.process.BrokenProcessPool)]
             for future in done:
-                try:
-                    result = future.result()
-                except concurrent.futures.process.BrokenProcessPool as error:
-                    raise WorkerDiedError(
-                        f"a worker process of the prepare stage died ({desc}): most often the kernel's "
-                        f"out-of-memory killer (`dmesg` says). Every finished shard and decode check is kept: "
-                        f"rerun the same command to go on, with fewer --config.num_workers (this run used "
-                        f"{num_workers}) if memory ran out") from error
-                bar.update(1)
-                yield result
+                if future not in broken:
+                    bar.update(1)
+                    yield future.result()
+            if broken:
+                raise broken[0].exception()
             pending |= {pool.submit(fn, item) for item in itertools.islice(remaining, len(done))}
         finished = True
+    except concurrent.futures.process.BrokenProcessPool as error:  # from a result or from submit
+        raise WorkerDiedError(
+            f"a worker process of the prepare stage died ({desc}): most often the kernel's out-of-memory killer "
+            f"(`dmesg` says). Every finished shard and decode check is kept: rerun the same command to go on, "
+            f"with fewer --config.num_workers (this run used {num_workers}) if memory ran out") from error
     finally:
         bar.close()
         pool.shutdown(wait=finished, cancel_futures=True)

@@ -172,6 +172,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     _write(epath.Path(workdir), rows, skipped, top_k)
     if sheet:
         _draw(sheet, str(epath.Path(workdir) / "predictions.png"))
+    else:  # no input decoded: an earlier run's sheet must not stand beside these files
+        (epath.Path(workdir) / "predictions.png").unlink(missing_ok=True)
     if not rows:
         raise config_lib.ConfigError(f"none of the {len(items)} image file(s) in config.inputs={config.inputs} could "
                                      f"be read; {workdir}/skipped.csv says why for each")

@@ -165,12 +165,14 @@ def save_finished_steps(manager: Any, done: int, state: Any, train_iter: Any, la
     """Saves the steps done so far when the run must stop early for a reason outside the state (a dead
     input worker): the data iterator's state is a batch count, which a dead worker does not change, so
     a rerun continues exactly. One process only: a save is a collective that the job's other
-    processes, which go on training, would never join. Returns the step now last saved."""
-    if jax.process_count() > 1 or done <= start or done == last_saved:
+    processes, which go on training, would never join. Returns the step now last saved, on disk."""
+    if jax.process_count() > 1:
         return last_saved
-    checkpoint.save(manager, done, state, train_iter, None)
-    manager.wait_until_finished()
-    return done
+    if start < done != last_saved:
+        checkpoint.save(manager, done, state, train_iter, None)
+        last_saved = done
+    manager.wait_until_finished()  # also an earlier save still in flight: the message names it as saved
+    return last_saved
 
 
 def resume_point(checkpoint_dir: str, last_saved: int | None) -> str:
@@ -375,7 +377,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             if preempted:
                 break
     except pipeline.InputWorkerDiedError as error:  # in training's input or in an evaluation's
-        last_saved = save_finished_steps(manager, finished, state, train_iter, last_saved, start)
+        # The last step's evaluation is the run's result: saved without it, a rerun would find the run
+        # finished and never evaluate it, so that step is not saved (a rerun redoes it, evaluation included).
+        done = finished if finished < steps_total else (start if last_saved is None else last_saved)
+        last_saved = save_finished_steps(manager, done, state, train_iter, last_saved, start)
         raise pipeline.InputWorkerDiedError(f"{error}. {resume_point(checkpoint_dir, last_saved)}") from error
     finally:
         train_iter.close()
