@@ -54,9 +54,10 @@ def os_error_line(error: OSError) -> str:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """XLA's status for a program that does not fit the device (at compile or run time, any backend)."""
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+    """XLA's status for a program that does not fit the device (at compile or run time, any backend);
+    not the other RESOURCE_EXHAUSTED statuses (e.g. a coordination message over gRPC's size limit)."""
+    text = str(error).lower()
+    return "out of memory" in text or ("resource_exhausted" in text and "memory" in text)
 
 
 def out_of_memory_line(error: BaseException) -> str:

@@ -191,3 +191,8 @@ def test_a_program_that_does_not_fit_the_device_names_the_settings_that_make_it_
                   "--config.mesh.fsdp=N", "--config.batch_size", "--suite=memory"):
         assert lever in line
     assert user_errors.one_line(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None  # a bug stays one
+    tpu = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                                     "memory space hbm. Used 20.5G of 15.48G hbm.")
+    assert user_errors.one_line(tpu).startswith("the device ran out of memory (RESOURCE_EXHAUSTED: XLA:TPU compile")
+    grpc = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Received message larger than max (5000000 vs. 4194304)")
+    assert user_errors.one_line(grpc) is None
