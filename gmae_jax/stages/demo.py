@@ -99,6 +99,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"labelled images per class (mean over seeds {tuple(config.seeds)}):\n" + "\n".join(lines) +
           f"\n  {'chance':<46} {report['chance']:.3f}\n"
           f"pretraining: {report['pretrain']} (metrics.jsonl, reconstructions.png, checkpoints/)\n"
-          f"fine-tuning: {runs['pretrained']} (metrics.jsonl, confusion_matrix.png); from scratch: "
+          f"fine-tuning: {runs['pretrained']} (metrics.jsonl, confusion_matrix.png, misclassified.png); from scratch: "
           f"{runs['scratch']}\n", flush=True)
     return report
