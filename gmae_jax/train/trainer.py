@@ -168,7 +168,7 @@ def save_finished_steps(manager: Any, done: int, state: Any, train_iter: Any, la
     processes, which go on training, would never join. Returns the step now last saved, on disk."""
     if jax.process_count() > 1:
         return last_saved
-    if start < done != last_saved:
+    if done > start and done != last_saved:  # steps beyond those on disk
         checkpoint.save(manager, done, state, train_iter, None)
         last_saved = done
     manager.wait_until_finished()  # also an earlier save still in flight: the message names it as saved
