@@ -2,6 +2,7 @@
 encoder, a killed run resumes to exactly the straight run, divergence stops with a clear error."""
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -598,18 +599,30 @@ def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(d
     assert user_errors.one_line(stopped.value) == message
 
 
+def evaluated_every_2_steps(demo_root, monkeypatch, total_steps, at_step_4):
+    """A one-block pretraining config evaluated every 2 steps whose evaluation at step 4 is
+    `at_step_4(the real evaluation)`."""
+    real = trainer.evaluate
+
+    def evaluate(task, eval_step, state, examples, **kwargs):
+        evaluation = functools.partial(real, task, eval_step, state, examples, **kwargs)
+        return at_step_4(evaluation) if int(jax.device_get(state.step)) == 4 else evaluation()
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    config = stage_config("pretrain", demo_root, total_steps=total_steps, log_every=100, eval_every=2,
+                          checkpoint_every=100)
+    config.model.depth = 1
+    return config
+
+
 def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint_is_saved(demo_root, tmp_path, monkeypatch):
     """Evaluation runs on BatchNorm's running averages, which can blow up while training's batch
     statistics stay finite: the step's checkpoint would then be saved (and ranked by a NaN)."""
-    real = trainer.evaluate
+    def nan_loss(evaluation):
+        metrics, outputs, first = evaluation()
+        return {**metrics, "loss": float("nan")}, outputs, first
 
-    def nan_at_step_4(task, eval_step, state, examples, **kwargs):
-        metrics, outputs, first = real(task, eval_step, state, examples, **kwargs)
-        return ({**metrics, "loss": float("nan")} if int(jax.device_get(state.step)) == 4 else metrics), outputs, first
-
-    monkeypatch.setattr(trainer, "evaluate", nan_at_step_4)
-    config = stage_config("pretrain", demo_root, total_steps=6, log_every=100, eval_every=2, checkpoint_every=100)
-    config.model.depth = 1
+    config = evaluated_every_2_steps(demo_root, monkeypatch, 6, nan_loss)
     with pytest.raises(progress.TrainingDivergedError, match=r"^val/loss became non-finite at step 4; the last good "
                        r"checkpoint is step 2 in "):
         pretrain_stage.run(config, str(tmp_path))
@@ -620,16 +633,10 @@ def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint_is_saved(de
 def test_a_worker_lost_in_the_last_evaluation_leaves_that_step_for_the_rerun(demo_root, tmp_path, monkeypatch):
     """Saved without its evaluation, the last step would make a rerun find the run finished and never
     evaluate (or draw) it: the rerun redoes it instead."""
-    real = trainer.evaluate
+    def worker_dies(evaluation):
+        raise pipeline.InputWorkerDiedError("an input worker process was killed by signal 9")
 
-    def worker_dies_in_the_last_evaluation(task, eval_step, state, examples, **kwargs):
-        if int(jax.device_get(state.step)) == 4:
-            raise pipeline.InputWorkerDiedError("an input worker process was killed by signal 9")
-        return real(task, eval_step, state, examples, **kwargs)
-
-    monkeypatch.setattr(trainer, "evaluate", worker_dies_in_the_last_evaluation)
-    config = stage_config("pretrain", demo_root, total_steps=4, log_every=100, eval_every=2, checkpoint_every=100)
-    config.model.depth = 1
+    config = evaluated_every_2_steps(demo_root, monkeypatch, 4, worker_dies)
     with pytest.raises(pipeline.InputWorkerDiedError, match=r"Steps up to 2 are saved in .*: rerunning the same "
                        r"command resumes there$"):
         pretrain_stage.run(config, str(tmp_path))
