@@ -669,3 +669,5 @@ def test_sigterm_to_the_input_workers_too_is_a_preemption_not_a_dead_worker(demo
     with pytest.raises(Preempted):
         pretrain_stage.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12"]
+    metrics = tmp_path / "metrics.jsonl"  # the lines of a straight run only: none before step 60 here
+    assert not metrics.exists() or not [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]

@@ -343,11 +343,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             preempted = watch.should_stop(step) and not is_last
             evaluated = is_last or bool(config.eval_every and step % config.eval_every == 0)
             # With a best_metric every evaluated step is saved: orbax then keeps it only if it is the best.
-            must_save = (is_last or preempted or step % config.checkpoint_every == 0
-                         or (evaluated and bool(loop.best_metric)))
-            if is_last or must_save or step % config.log_every == 0:
+            scheduled_save = (is_last or step % config.checkpoint_every == 0
+                              or (evaluated and bool(loop.best_metric)))
+            must_save = scheduled_save or preempted
+            if must_save or step % config.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stop_if_not_finite(metrics, step)
+                stop_if_not_finite(metrics, step)  # before any save: a NaN never overwrites a good checkpoint
+            # The lines a straight run writes: a resumed run's metrics.jsonl has none for its preemption's step.
+            if scheduled_save or step % config.log_every == 0:
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
                 with progress.not_training():  # the first writes open files: not the next line's img/s
                     progress.log_line(task.name, step, metrics)
