@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gmae_jax import compile_cache, distributed, host_memory, quiet_logs, stages, user_errors
+from gmae_jax.train import preemption
 from gmae_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
@@ -46,6 +47,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(quiet_logs.QuietLibraries())
     config = _CONFIG.value
     cache = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE_DIR.value, os.environ))
+    preemption.stop_as_preempted_outside_training()
     try:
         distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,

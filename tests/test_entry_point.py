@@ -149,3 +149,24 @@ def test_ctrl_c_saves_like_a_preemption_and_a_second_one_stops_at_once():
                              "from it\nworker 3\n"), result.stderr[-2000:]
     assert result.returncode == -signal.SIGINT
     assert "second Ctrl-C (SIGINT): stopping now" in result.stderr
+
+
+def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path):
+    """A scheduler may preempt a job while it still starts (compiling, restoring): exit 75 and one line,
+    as during training, so a job script requeues it, instead of death by the signal."""
+    data, workdir = tmp_path / "data", tmp_path / "run"
+    synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=8, val_per_class=2, classes=("fist", "palm"))
+    proc = subprocess.Popen([sys.executable, "-m", "gmae_jax.main", "--config=configs/pretrain.py:runlocal",
+                             f"--workdir={workdir}", f"--config.data.root={data}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # the trainer's first line: the mesh, before anything compiles
+        lines.append(line)
+        if "] mesh: " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    last = (lines + rest.splitlines())[-1].strip()
+    assert proc.returncode == 75, "".join(lines) + rest
+    assert last == "preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same command"
+    assert "Traceback" not in rest

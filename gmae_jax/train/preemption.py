@@ -14,8 +14,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is on disk; rerunning the command resumes from it."""
+class Preempted(BaseException):
+    """Raised after the preemption checkpoint is on disk; rerunning the command resumes from it.
+
+    A BaseException, as KeyboardInterrupt is: raised by a signal handler wherever the process is, it
+    must pass every `except Exception` on its way out (logging, for one, swallows errors raised while
+    it writes a line)."""
 
     # The entry point's exit status then: sysexits' EX_TEMPFAIL ("try again later"), so a scheduler
     # or wrapper script can requeue a preempted run and treat status 1 (an error) as final.
@@ -29,6 +33,21 @@ class Preempted(Exception):
 
 
 _WHAT = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+
+def stop_as_preempted_outside_training() -> None:
+    """Before the training loop watches for SIGTERM (start-up, compiling, restoring) and after it, a
+    SIGTERM stops the process as a preemption too (exit 75, one line), not by the signal (exit -15), so
+    a job script requeues it. Nothing is saved then, and nothing unsaved is lost. Several processes:
+    JAX's preemption service takes SIGTERM over once the job is joined."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _preempted_outside_training)
+
+
+def _preempted_outside_training(signum: int, frame: object) -> None:
+    del signum, frame
+    raise Preempted("preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the "
+                    "same command")
 
 
 class PreemptionWatch:
