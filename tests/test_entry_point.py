@@ -168,5 +168,6 @@ def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path):
     rest = proc.communicate(timeout=120)[1]
     last = (lines + rest.splitlines())[-1].strip()
     assert proc.returncode == 75, "".join(lines) + rest
-    assert last == "preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same command"
+    assert last == ("preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same "
+                    "command")
     assert "Traceback" not in rest
