@@ -5,6 +5,7 @@ They are rewritten whole rather than appended to because object stores (gs://) c
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -30,6 +31,20 @@ def write_whole(path: epath.Path | str, write: Callable[[BinaryIO], None]) -> No
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     temporary.replace(path)
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # write_whole's temporary names
+
+
+def remove_leftovers(folder: epath.Path | str) -> list[str]:
+    """Deletes the temporary files that writes cut short by a kill left in `folder` (the files they were
+    for are whole: the old or the new one). Only for the folder's one writer (a run holds its lock)."""
+    removed = []
+    for path in epath.Path(folder).glob(".*.tmp"):
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def write_text(path: epath.Path | str, text: str) -> None:

@@ -124,7 +124,10 @@ def test_a_classes_json_that_names_no_classes_is_a_one_line_error_naming_it(run_
 def test_run_files_are_replaced_whole_and_leave_no_temporary_file(run_dir):
     config = pretrain_config()
     config.total_steps = 40
+    (run_dir / ".metrics.jsonl.0123456789abcdef.tmp").write_text('{"step": 5')  # a kill -9 mid-write left it
+    (run_dir / ".keep.tmp").write_text("not ours")  # any other name stays
     trainer.write_run_files(config, str(run_dir), ["fist", "palm"])
+    (run_dir / ".keep.tmp").unlink()
     assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 40
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "classes.json", "config.json"]
 

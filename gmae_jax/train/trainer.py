@@ -97,6 +97,8 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names
         return
     folder = epath.Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
+    for name in run_files.remove_leftovers(folder):
+        logging.info("removed %s, left by a write that a kill cut short (the file it was for is whole)", name)
     if changes:
         resume_check.record(workdir, list(changes), config.get("resume_policy", "check"))
     run_files.write_text(folder / setup.CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
