@@ -92,8 +92,12 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
         section.model.depth = 1
     config.lock()  # as the entry point hands it over
     workdir = str(tmp_path / "study")
+    os.makedirs(workdir)
+    leftover = os.path.join(workdir, ".label_efficiency.json.0123456789abcdef.tmp")  # a kill mid-write left it
+    open(leftover, "w").write('{"runs": [')
     stages.validate(config)
     report = stages.run(config, workdir)
+    assert not os.path.exists(leftover)
 
     written = json.loads(open(os.path.join(workdir, "label_efficiency.json")).read())
     assert written == json.loads(json.dumps(report))

@@ -214,6 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               "finetune_steps": int(config.finetune.total_steps), "runs": runs, "summary": summary}
     if jax.process_index() != 0:  # process 0 writes the report
         return report
+    run_files.remove_leftovers(workdir)  # of a report write that a kill cut short
     run_files.write_text(epath.Path(workdir, JSON), json.dumps(report, indent=1))
     label_efficiency.save_plot(summary, os.path.join(workdir, PNG), chance,
                                f"val accuracy on {len(data.eval)} images, {num_classes} classes "
