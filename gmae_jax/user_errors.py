@@ -16,7 +16,7 @@ import ml_collections
 from gmae_jax import config_lib, distributed
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.pipeline import BadImageBudgetError, InputWorkerDiedError
-from gmae_jax.data.prepare import WorkerDiedError
+from gmae_jax.data.worker_pool import WorkerDiedError
 from gmae_jax.schema import ConfigError
 from gmae_jax.train.progress import TrainingDivergedError
 

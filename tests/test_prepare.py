@@ -15,7 +15,8 @@ from PIL import Image
 import pytest
 
 from gmae_jax import config_lib, schema, stages, workdir_lock
-from gmae_jax.data import class_folders, crops, hagrid, hagrid_layout, pipeline, prepare, records, sources, splits
+from gmae_jax.data import (class_folders, crops, hagrid, hagrid_layout, pipeline, prepare, records, sources, splits,
+                           worker_pool)
 
 flags.FLAGS.mark_as_parsed()
 
@@ -526,10 +527,10 @@ def test_a_killed_worker_stops_prepare_with_one_line_instead_of_waiting_forever(
 
     items = [0.3] * 40
     before = {child.pid for child in multiprocessing.active_children()}
-    results = prepare._parallel(time.sleep, items, 2, "decode-check")
+    results = worker_pool.unordered_map(time.sleep, items, 2, "decode-check")
     started = time.monotonic()
-    with pytest.raises(prepare.WorkerDiedError, match=r"^a worker process of the prepare stage died \(decode-check\)"
-                       r": most often the kernel's out-of-memory killer.*this run used 2\) if memory ran out$"):
+    with pytest.raises(worker_pool.WorkerDiedError, match=r"^a worker process of the prepare stage died "
+                       r"\(decode-check\): most often the kernel's out-of-memory killer.*this run used 2\) if memory ran out$"):
         for taken, _ in enumerate(results):
             if taken == 0:
                 victim = next(c for c in multiprocessing.active_children() if c.pid not in before)
@@ -541,4 +542,4 @@ def test_a_killed_worker_stops_prepare_with_one_line_instead_of_waiting_forever(
 
 
 def test_parallel_items_all_come_back_from_the_workers():
-    assert sorted(prepare._parallel(abs, list(range(-20, 0)), 2, "shards")) == list(range(1, 21))
+    assert sorted(worker_pool.unordered_map(abs, list(range(-20, 0)), 2, "shards")) == list(range(1, 21))

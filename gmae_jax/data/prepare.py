@@ -13,14 +13,11 @@ images unchanged since (same size and modification time).
 
 import collections
 import concurrent.futures
-from collections.abc import Iterable, Sequence
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 import math
-import multiprocessing
 import os
 from typing import Any
 
@@ -29,10 +26,10 @@ from array_record.python import array_record_module
 from etils import epath
 import ml_collections
 from PIL import Image
-import tqdm
 
 from gmae_jax import run_files
-from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms
+from gmae_jax.data import (crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms,
+                           worker_pool)
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.schema import DataConfig
 
@@ -140,56 +137,6 @@ def _written(task: _ShardTask) -> bool:
         for r in task.records)
 
 
-class WorkerDiedError(RuntimeError):
-    """A worker process of the stage died (killed, most often by the out-of-memory killer, or crashed)."""
-
-
-def _parallel(fn, items: Sequence, num_workers: int, desc: str) -> Iterable:
-    """fn over items on `num_workers` processes (1: inline), in completion order, with a bar.
-
-    A process pool from concurrent.futures, not multiprocessing's: that one replaces a killed
-    worker and waits forever for the item it held; this one raises (BrokenProcessPool). At most
-    two items per worker are in flight, so a huge item list costs no memory of futures."""
-    bar = tqdm.tqdm(total=len(items), desc=desc, unit=" items", mininterval=2.0)
-    if num_workers == 1 or len(items) <= 1:
-        for item in items:
-            yield fn(item)
-            bar.update(1)
-        bar.close()
-        return
-    ours_before = {child.pid for child in multiprocessing.active_children()}
-    # spawn, not fork: the parent may hold JAX's threads, which a fork would copy mid-flight.
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
-    finished = False
-    try:
-        remaining = iter(items)
-        pending = {pool.submit(fn, item) for item in itertools.islice(remaining, 2 * num_workers)}
-        while pending:
-            done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            # The finished items first (their shards and checks are kept), then a broken pool's error.
-            broken = [f for f in done if isinstance(f.exception(), concurrent.futures.process.BrokenProcessPool)]
-            for future in done:
-                if future not in broken:
-                    bar.update(1)
-                    yield future.result()
-            if broken:
-                raise broken[0].exception()
-            pending |= {pool.submit(fn, item) for item in itertools.islice(remaining, len(done))}
-        finished = True
-    except concurrent.futures.process.BrokenProcessPool as error:  # from a result or from submit
-        raise WorkerDiedError(
-            f"a worker process of the prepare stage died ({desc}): most often the kernel's out-of-memory killer "
-            f"(`dmesg` says). Every finished shard and decode check is kept: rerun the same command to go on, "
-            f"with fewer --config.num_workers (this run used {num_workers}) if memory ran out") from error
-    finally:
-        bar.close()
-        pool.shutdown(wait=finished, cancel_futures=True)
-        if not finished:  # an error, SIGTERM, or a dead worker: the others stop now, not after their item
-            for child in multiprocessing.active_children():
-                if child.pid not in ours_before:
-                    child.terminate()
-
-
 def _refuse_own_output(root: epath.Path) -> None:
     """The stage's output (a workdir, or one of its corpora) given as its input is refused, naming the
     raw tree it was prepared from where the manifest says."""
@@ -258,7 +205,7 @@ def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_worke
                 done.pop(path, None)
     todo = [path for path in paths if path not in done]
     with log.open("a") as f:
-        for path, digest, error in _parallel(_check, todo, num_workers, "decode-check"):
+        for path, digest, error in worker_pool.unordered_map(_check, todo, num_workers, "decode-check"):
             f.write(json.dumps([path, stamps[path], digest, error]) + "\n")
             done[path] = (digest, error)
     return done
@@ -375,7 +322,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
     logging.info("%d of %d shards already written; writing %d",
                  len(tasks) - len(todo), len(tasks), len(todo))
-    for _ in _parallel(_write_shard, todo, num_workers, "shards"):
+    for _ in worker_pool.unordered_map(_write_shard, todo, num_workers, "shards"):
         pass
 
     manifest = {"source": str(config.data.root), "view": dataclasses.asdict(store),

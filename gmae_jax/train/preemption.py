@@ -1,6 +1,7 @@
 """Checkpoint and stop when the scheduler sends SIGTERM (what preemptible TPU/GPU VMs, SLURM and
 Kubernetes send before killing a job), so a preempted run loses no steps; a Ctrl-C (SIGINT) of a
-run in one process does the same."""
+run in one process does the same. A run that must stop for a reason outside its state (a dead input
+worker) saves what it finished the same way (`save_finished_steps`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from gmae_jax.train import checkpoint
 
 
 class Preempted(BaseException):
@@ -100,3 +104,25 @@ class PreemptionWatch:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+def save_finished_steps(manager: Any, done: int, state: Any, train_iter: Any, last_saved: int | None,
+                        start: int) -> int | None:
+    """Saves the steps done so far when the run must stop early for a reason outside the state (a dead
+    input worker): the data iterator's state is a batch count, which a dead worker does not change, so
+    a rerun continues exactly. One process only: a save is a collective that the job's other
+    processes, which go on training, would never join. Returns the step now last saved, on disk."""
+    if jax.process_count() > 1:
+        return last_saved
+    if done > start and done != last_saved:  # steps beyond those on disk
+        checkpoint.save(manager, done, state, train_iter, None)
+        last_saved = done
+    manager.wait_until_finished()  # also an earlier save still in flight: the message names it as saved
+    return last_saved
+
+
+def resume_point(checkpoint_dir: str, last_saved: int | None) -> str:
+    """Where a rerun of the same command starts."""
+    if last_saved is None:
+        return "No checkpoint was saved yet: rerunning the same command starts over"
+    return f"Steps up to {last_saved} are saved in {checkpoint_dir}: rerunning the same command resumes there"

@@ -20,7 +20,7 @@ from etils import epath
 from gmae_jax import config_lib, distributed, run_files, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
-from gmae_jax.train import checkpoint, init_compile, resume_check, setup, sharding, steps, tasks
+from gmae_jax.train import checkpoint, init_compile, preemption, resume_check, setup, sharding, steps, tasks
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import PreemptionWatch
@@ -160,28 +160,6 @@ def host_state(state: steps.TrainState) -> steps.TrainState:
     process calls it (parameters sharded over several processes are gathered)."""
     return state.replace(params=sharding.tree_to_host(state.params),
                          batch_stats=sharding.tree_to_host(state.batch_stats))
-
-
-def save_finished_steps(manager: Any, done: int, state: Any, train_iter: Any, last_saved: int | None,
-                        start: int) -> int | None:
-    """Saves the steps done so far when the run must stop early for a reason outside the state (a dead
-    input worker): the data iterator's state is a batch count, which a dead worker does not change, so
-    a rerun continues exactly. One process only: a save is a collective that the job's other
-    processes, which go on training, would never join. Returns the step now last saved, on disk."""
-    if jax.process_count() > 1:
-        return last_saved
-    if done > start and done != last_saved:  # steps beyond those on disk
-        checkpoint.save(manager, done, state, train_iter, None)
-        last_saved = done
-    manager.wait_until_finished()  # also an earlier save still in flight: the message names it as saved
-    return last_saved
-
-
-def resume_point(checkpoint_dir: str, last_saved: int | None) -> str:
-    """Where a rerun of the same command starts."""
-    if last_saved is None:
-        return "No checkpoint was saved yet: rerunning the same command starts over"
-    return f"Steps up to {last_saved} are saved in {checkpoint_dir}: rerunning the same command resumes there"
 
 
 def evaluate(
@@ -385,8 +363,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         # The last step's evaluation is the run's result: saved without it, a rerun would find the run
         # finished and never evaluate it, so that step is not saved (a rerun redoes it, evaluation included).
         done = finished if finished < steps_total else (start if last_saved is None else last_saved)
-        last_saved = save_finished_steps(manager, done, state, train_iter, last_saved, start)
-        raise pipeline.InputWorkerDiedError(f"{error}. {resume_point(checkpoint_dir, last_saved)}") from error
+        last_saved = preemption.save_finished_steps(manager, done, state, train_iter, last_saved, start)
+        where = preemption.resume_point(checkpoint_dir, last_saved)
+        raise pipeline.InputWorkerDiedError(f"{error}. {where}") from error
     finally:
         train_iter.close()
         watch.close()
