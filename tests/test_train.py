@@ -570,6 +570,14 @@ def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns(
     assert trainer.accumulation_warning(4, "tpu", "xla") is None
 
 
+def input_workers() -> list:
+    """This process's grain worker processes (started by multiprocessing's spawn); at least one."""
+    workers = [child for child in multiprocessing.active_children()
+               if "spawn" in " ".join(open(f"/proc/{child.pid}/cmdline").read().split("\0"))]
+    assert workers
+    return workers
+
+
 def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(demo_root, tmp_path):
     """The out-of-memory killer's usual victim: a grain worker. The run saves the steps it finished
     (the data iterator's state is a batch count) and names the cause; a rerun continues there."""
@@ -580,9 +588,8 @@ def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(d
     def kill_the_workers_at_the_third_batch(host_batch, mesh):
         calls.append(1)
         if len(calls) == 3:
-            for worker in multiprocessing.active_children():
-                if "spawn" in " ".join(open(f"/proc/{worker.pid}/cmdline").read().split("\0")):
-                    os.kill(worker.pid, signal.SIGKILL)
+            for worker in input_workers():
+                os.kill(worker.pid, signal.SIGKILL)
         return real(host_batch, mesh)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -655,10 +662,7 @@ def test_sigterm_to_the_input_workers_too_is_a_preemption_not_a_dead_worker(demo
     def sigterm_the_workers_then_the_trainer(host_batch, mesh):
         calls.append(1)
         if len(calls) == 3:  # the workers' SIGTERM first: batches 4-12 are read after it
-            workers = [w for w in multiprocessing.active_children()
-                       if "spawn" in " ".join(open(f"/proc/{w.pid}/cmdline").read().split("\0"))]
-            assert workers
-            for worker in workers:
+            for worker in input_workers():
                 os.kill(worker.pid, signal.SIGTERM)
             time.sleep(1.0)
         if len(calls) == 12:
