@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+from gmae_jax import visualize
 
 ALL = "all"  # labels_per_class of a run on every labelled training image
 INIT_ORDER = ("scratch", "pretrained", "linear_probe")
@@ -121,5 +122,4 @@ def save_plot(summary: Sequence[dict[str, Any]], path: str, chance: float, title
     k = len(curves)
     draw.line([(legend_x, legend_y + 18 * k), (legend_x + 20, legend_y + 18 * k)], fill=(120, 120, 120))
     draw.text((legend_x + 26, legend_y - 6 + 18 * k), f"chance {chance:.2f}", fill="black", font=font)
-    with epath.Path(path).open("wb") as f:
-        image.save(f, format="PNG")
+    visualize.save_png(image, path)

@@ -9,14 +9,15 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
+from gmae_jax import run_files
 from gmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gmae_jax.models.masking import patchify, unpatchify
 
 
-def _save_png(image: Image.Image, path: str) -> None:
-    """Through epath, so a gs:// workdir works on TPU VMs."""
-    with epath.Path(path).open("wb") as f:
-        image.save(f, format="PNG")
+def save_png(image: Image.Image, path: str | epath.Path) -> None:
+    """Written whole (a kill mid-write leaves the old picture or the new one, never a cut one), through
+    epath, so a gs:// workdir works on TPU VMs."""
+    run_files.write_whole(path, lambda f: image.save(f, format="PNG"))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -55,7 +56,7 @@ def save_reconstructions(rows: np.ndarray, path: str, scale: int = 4) -> None:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = tiles[i, j]
     image = Image.fromarray(canvas)
-    _save_png(image.resize((image.width * scale, image.height * scale), Image.NEAREST), path)
+    save_png(image.resize((image.width * scale, image.height * scale), Image.NEAREST), path)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -91,7 +92,7 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
         column = column.rotate(90, expand=True)
         image.paste(column, (margin + j * cell + cell // 3, 2))
     draw.text((4, height - 18), footer, fill="black", font=font)
-    _save_png(image, path)
+    save_png(image, path)
 
 
 def save_prediction_sheet(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]],
@@ -115,7 +116,7 @@ def save_prediction_sheet(images: Sequence[np.ndarray], captions: Sequence[Seque
                            width=3)
         for i, line in enumerate(lines):
             draw.text((x, y + tile + 4 + i * line_height), _fit(draw, line, tile, font), fill="black", font=font)
-    _save_png(sheet, path)
+    save_png(sheet, path)
 
 
 def file_label(path: str) -> str:

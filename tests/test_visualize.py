@@ -1,6 +1,7 @@
 """Pictures: the confusion matrix counts and both images are written."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from gmae_jax import visualize
@@ -44,3 +45,19 @@ def test_a_perfect_norm_pix_prediction_draws_the_original_patches():
     perfect = np.asarray(losses.reconstruction_targets(images, 4, norm_pix_loss=True))
     rows = visualize.reconstruction_rows(images, mask, perfect, 4, norm_pix_loss=True)
     np.testing.assert_allclose(rows[:, 2], images, atol=1e-5)
+
+
+def test_a_picture_cut_off_mid_write_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    path = tmp_path / "confusion_matrix.png"
+    visualize.save_confusion_matrix(np.eye(2, dtype=int) * 5, ["a", "b"], str(path))
+    before = path.read_bytes()
+
+    def killed_mid_write(self, f, format=None, **params):
+        f.write(b"\x89PNG\r\n\x1a\n half a picture")
+        raise KeyboardInterrupt  # as a kill or Ctrl-C lands: mid-write
+
+    monkeypatch.setattr(Image.Image, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        visualize.save_confusion_matrix(np.eye(2, dtype=int) * 7, ["a", "b"], str(path))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["confusion_matrix.png"]  # no temporary file left
