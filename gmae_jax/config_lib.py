@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from gmae_jax import schema
+from gmae_jax.data.class_folders import EXPECTED_LAYOUT
 from gmae_jax.models.fast_conv import CONV_IMPLS
 from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig
 from gmae_jax.schema import ConfigError
@@ -21,9 +22,6 @@ from gmae_jax.train.resume_check import RESUME_POLICIES
 # ConfigError is defined with the defaults (gmae_jax.schema) so that every layer can raise it; it is
 # re-exported here, where the config files and stages look for it.
 STEP_IMPLS = ("jit", "shard_map")  # see gmae_jax.train.sharding.make_train_step
-
-__all__ = ["ConfigError", "check", "data_section", "load_sibling_config", "make_runlocal", "model_section",
-           "parse_arg", "training_config", "training_preset", "validate_model", "validate_training"]
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -255,4 +253,4 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
         validate_wandb(schema.read(schema.WandbConfig, config.wandb, "config.wandb"))
     check(not check_data or os.path.isdir(data.root) or "://" in data.root,
           f"config.data.root='{data.root}' {not_a_folder(data.root)}; point "
-          "--config.data.root at a folder laid out as <root>/{train,val}/<class>/*.jpg")
+          f"--config.data.root at a folder laid out as {EXPECTED_LAYOUT}")

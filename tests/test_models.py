@@ -11,7 +11,7 @@ import pytest
 
 from gmae_jax.models import masking, modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
-from gmae_jax.models.presets import PRESETS, GMSTConfig
+from gmae_jax.models.presets import PRESETS, GMSTConfig, ffn_hidden_dim
 from gmae_jax.train import model_flops, setup, step_benchmark, steps
 
 MICRO = GMSTConfig(**PRESETS["micro"])
@@ -40,7 +40,7 @@ def test_msdc_keeps_shape(dim, grid):
 
 @pytest.mark.parametrize("dim,mlp_ratio,hidden", [(768, 4.0, 3072), (512, 4.0, 2049), (32, 1.0, 33)])
 def test_ffn_hidden_rounds_up_to_multiple_of_three(dim, mlp_ratio, hidden):
-    assert modules.ffn_hidden_dim(dim, mlp_ratio) == hidden
+    assert ffn_hidden_dim(dim, mlp_ratio) == hidden
 
 
 @pytest.mark.parametrize("dim,heads,grid", [(32, 2, 4), (48, 3, 6)])
@@ -48,7 +48,7 @@ def test_mhsa_and_block_keep_token_shape(dim, heads, grid):
     x = jax.random.normal(jax.random.key(0), (2, grid * grid, dim))
     attn_out, _ = modules.MHSA(dim, heads).init_with_output(jax.random.key(1), x, train=False)
     assert attn_out.shape == x.shape
-    block = modules.GMSTBlock(dim, heads, modules.ffn_hidden_dim(dim, 2.0))
+    block = modules.GMSTBlock(dim, heads, ffn_hidden_dim(dim, 2.0))
     out, variables = block.init_with_output(jax.random.key(1), x, grid, grid, train=False)
     assert out.shape == x.shape
     assert "norm2" in variables["params"]  # defined-but-unused in the original; kept for export

@@ -543,3 +543,23 @@ def test_a_killed_worker_stops_prepare_with_one_line_instead_of_waiting_forever(
 
 def test_parallel_items_all_come_back_from_the_workers():
     assert sorted(worker_pool.unordered_map(abs, list(range(-20, 0)), 2, "shards")) == list(range(1, 21))
+
+
+def test_num_workers_0_starts_a_worker_per_core_the_process_may_use(tmp_path, monkeypatch):
+    """Under a CPU affinity (taskset, a SLURM or container CPU set) the machine's core count would
+    start more workers than there are cores to run them."""
+    root = tmp_path / "hagrid"
+    _tree(root)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    started = []
+    real_map = worker_pool.unordered_map
+
+    def counting_map(fn, items, num_workers, what):
+        started.append(num_workers)
+        return real_map(fn, items, num_workers, what)
+
+    monkeypatch.setattr(worker_pool, "unordered_map", counting_map)
+    prepare.prepare(prepare_config(root, num_workers=0), str(tmp_path / "out"))
+    assert started == [1, 1]  # the decode check's pool and the shard writers'
+

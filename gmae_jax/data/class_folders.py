@@ -12,7 +12,7 @@ from etils import epath
 
 # What training, evaluation and predict read (torchvision's ImageFolder takes these too, and GIF).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-_EXPECTED_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
+EXPECTED_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +42,13 @@ def _split_dir(root: str, split: str) -> epath.Path:
     if not root_path.is_dir():
         raise DataLayoutError(
             f"Dataset root {root_path} does not exist or is not a folder; "
-            f"expected the layout {_EXPECTED_LAYOUT}."
+            f"expected the layout {EXPECTED_LAYOUT}."
         )
     split_path = root_path / split
     if not split_path.is_dir():
         raise DataLayoutError(
             f"Split folder {split_path} is missing; expected the layout "
-            f"{_EXPECTED_LAYOUT}. Create it or point the root at the right folder."
+            f"{EXPECTED_LAYOUT}. Create it or point the root at the right folder."
         )
     return split_path
 
@@ -104,7 +104,7 @@ def scan_split(
     if not class_names:
         raise DataLayoutError(
             f"Split folder {split_path} has no class folders; expected the layout "
-            f"{_EXPECTED_LAYOUT}."
+            f"{EXPECTED_LAYOUT}."
         )
 
     examples = []

@@ -1,9 +1,28 @@
-"""The full-frame view's letterbox, with Pillow alone: the PyTorch-only inference path
-(`gmae_jax.torch_mirror.exported`) computes it as training and evaluation do."""
+"""Decoded images made RGB, and the full-frame view's letterbox, with Pillow alone: the PyTorch-only
+inference path (`gmae_jax.torch_mirror.exported`) computes them as training and evaluation do."""
 
 from __future__ import annotations
 
 from PIL import Image
+
+from gmae_jax.data import wide_gray
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as RGB: 16/32-bit grey scaled down (Pillow's convert clips it at 255),
+    transparent pixels composited on black (they carry no colour the model should see)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in wide_gray.MODES:
+        return wide_gray.to_rgb(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
 
 
 def letterbox(img: Image.Image, out_size: int, fill: tuple[int, ...]) -> Image.Image:

@@ -231,17 +231,23 @@ def _parse_box(value: Any) -> Box:
     return x, y, w, h
 
 
-def _clip(box: Box, name: str, report: ReadReport) -> Box | None:
-    """The box clipped to [0, 1]; None (reported) when nothing of it is left."""
+def clip_box(box: Box) -> Box | None:
+    """The part of a relative (x, y, w, h) box inside the image [0, 1]^2; None when nothing is left."""
     x, y, w, h = box
     x0, y0 = min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)
     x1, y1 = min(max(x + w, 0.0), 1.0), min(max(y + h, 0.0), 1.0)
-    if x1 <= x0 or y1 <= y0:
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+
+
+def _clip(box: Box, name: str, report: ReadReport) -> Box | None:
+    """`clip_box`, reporting a box dropped, or clipped by more than rounding."""
+    clipped = clip_box(box)
+    x, y, w, h = box
+    if clipped is None:
         report.repair(DROPPED_BOX, name)
-        return None
-    if min(x, y) < -_CLIP_TOLERANCE or max(x + w, y + h) > 1 + _CLIP_TOLERANCE:
+    elif min(x, y) < -_CLIP_TOLERANCE or max(x + w, y + h) > 1 + _CLIP_TOLERANCE:
         report.repair(CLIPPED_BOX, name)
-    return x0, y0, x1 - x0, y1 - y0
+    return clipped
 
 
 def _first(value: Any) -> Any:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from absl import logging
 from etils import epath
 
-from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError, is_regular_file
+from gmae_jax.data.class_folders import EXPECTED_LAYOUT, IMAGE_SUFFIXES, DataLayoutError, is_regular_file
 
 NO_GESTURE = "no_gesture"
 _V1_GESTURES = (
@@ -34,7 +34,6 @@ V2_SPLITS = ("train", "val", "test")
 V1_ANNOTATION_SETS = {"ann_train_val": "", "ann_test": "test", "ann_subsample": ""}
 V2_LAYOUT = "hagrid_dataset/<class>/<id>.jpg + hagrid_annotations/{train,val,test}/<class>.json"
 V1_LAYOUT = "{ann_train_val,ann_test,ann_subsample}/<class>.json + <images_dir>/<class>/<id>.jpg"
-_CLASS_FOLDERS_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
 # config.data.classes: the official list of the layout's HaGRID version, or the class folders found.
 OFFICIAL, PRESENT = "hagrid", "present"
 
@@ -150,5 +149,5 @@ def detect_layout(root: epath.PathLike) -> str:
         return "class_folders"
     raise UnknownLayoutError(
         f"Cannot tell the layout of {root}; expected one of: HaGRID v2 {V2_LAYOUT}; "
-        f"HaGRID v1 {V1_LAYOUT}; class folders {_CLASS_FOLDERS_LAYOUT}."
+        f"HaGRID v1 {V1_LAYOUT}; class folders {EXPECTED_LAYOUT}."
     )

@@ -153,7 +153,7 @@ class _EvalLoad(_Loader):
 
 
 def eval_example(source: sources.Source, image_size: int, index: int) -> dict[str, np.ndarray]:
-    """Example `index` of an evaluation split as evaluation saw it (image, label, valid), e.g. to draw it."""
+    """Example `index` of an evaluation split as evaluation saw it (image, label, valid, index), e.g. to draw it."""
     return _EvalLoad(source, dataclasses.replace(source.view, image_size=image_size))(index)
 
 

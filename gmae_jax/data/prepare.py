@@ -28,12 +28,12 @@ import ml_collections
 from PIL import Image
 
 from gmae_jax import run_files
-from gmae_jax.data import (crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms,
-                           worker_pool)
+from gmae_jax.data import (crops, hagrid, hagrid_layout, pipeline, record_filters, records, sources, splits,
+                           transforms, views, worker_pool)
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.schema import DataConfig
 
-VIEWS = ("full_frame", "hand_crop")
+VIEWS = views.HAGRID_VIEWS
 _CHECKED = "checked.jsonl"  # one line per decode-checked image: resuming skips them
 _PLAN = "plan.json"
 _MANIFEST = "manifest.json"
@@ -63,10 +63,9 @@ def _check(path: str) -> tuple[str, str | None, str | None]:
 
 
 def _relative_box(box: hagrid.Box, left: int, top: int, side: int, w: int, h: int) -> hagrid.Box | None:
-    x0, y0 = (box[0] * w - left) / side, (box[1] * h - top) / side
-    x1, y1 = x0 + box[2] * w / side, y0 + box[3] * h / side
-    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in (x0, y0, x1, y1))
-    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+    """A box of the w x h frame, relative to the crop of `side` pixels at (left, top)."""
+    return hagrid.clip_box(((box[0] * w - left) / side, (box[1] * h - top) / side, box[2] * w / side,
+                            box[3] * h / side))
 
 
 def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.HagridRecord, bytes]:
@@ -268,7 +267,7 @@ def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the stage; returns the manifest it writes (see the module docstring)."""
     out = epath.Path(workdir)
-    num_workers = config.num_workers or os.cpu_count() or 1
+    num_workers = config.num_workers or pipeline.usable_cores()  # 0: a worker per core it may use
     store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
                       config.jpeg_quality)
     root, max_dropped = str(config.data.root), config.data.max_dropped_fraction

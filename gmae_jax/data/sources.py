@@ -14,13 +14,13 @@ from typing import Any, NamedTuple
 from absl import logging
 from etils import epath
 
-from gmae_jax.data import class_folders, hagrid, hagrid_layout, record_filters, records, splits
+from gmae_jax.data import class_folders, hagrid, hagrid_layout, record_filters, records, splits, views
 from gmae_jax.data.class_folders import DataLayoutError, Example
 from gmae_jax.data.views import Element, ViewConfig
 from gmae_jax.schema import DataConfig
 
 LAYOUTS = ("auto", "class_folders", "hagrid_v1", "hagrid_v2", "prepared")
-MODES = ("full_frame", "hand_crop")
+MODES = views.HAGRID_VIEWS
 INDEX_FILE = "index.json"  # written by the prepare stage into each corpus folder
 
 

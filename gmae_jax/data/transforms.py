@@ -11,31 +11,16 @@ from etils import epath
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from gmae_jax.data import wide_gray
+from gmae_jax.data import frames
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 _BILINEAR = Image.Resampling.BILINEAR
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageDecodeError(ValueError):
     """An image file could not be decoded; the message names the file."""
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in wide_gray.MODES:
-        return wide_gray.to_rgb(img)
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
-        # Composite on black: transparent pixels carry no colour the model should see.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (0, 0, 0))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
 
 
 def decode_rgb(
@@ -60,7 +45,7 @@ def decode_rgb(
             if draft_size is not None:
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return frames.to_rgb(ImageOps.exif_transpose(img))
     except Image.UnidentifiedImageError as e:  # PIL's message ends in the repr of our BytesIO
         raise ImageDecodeError(f"Cannot decode image {name}: not an image PIL can read") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -18,7 +18,10 @@ from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import Box, HagridRecord
 from gmae_jax.data.record_filters import gesture_label
 
-VIEWS = ("original", "full_frame", "hand_crop")
+# The views of HaGRID's annotated frames (what the prepare stage stores and config.data.mode picks);
+# "original" is a class folder's image as it is.
+HAGRID_VIEWS = ("full_frame", "hand_crop")
+VIEWS = ("original",) + HAGRID_VIEWS
 EVAL_CROP_FRACTION = 0.875
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from gmae_jax.models import modules
 from gmae_jax.models.masking import hide_masked_pixels
-from gmae_jax.models.presets import GMSTConfig
+from gmae_jax.models.presets import GMSTConfig, ffn_hidden_dim
 from gmae_jax.models.sparse import VisibleGrid
 
 
@@ -72,7 +72,7 @@ def make_encoder(config: GMSTConfig) -> GMSTEncoder:
         embed_dim=config.embed_dim,
         depth=config.depth,
         num_heads=config.num_heads,
-        ffn_dim=modules.ffn_hidden_dim(config.embed_dim, config.mlp_ratio),
+        ffn_dim=ffn_hidden_dim(config.embed_dim, config.mlp_ratio),
         patch_size=config.patch_size,
         overlap=config.overlap_patches,
         attention_dropout=config.attention_dropout,
@@ -113,7 +113,7 @@ class GMAE(nn.Module):
             modules.gmst_block_class(c.remat)(
                 c.decoder_embed_dim,
                 c.decoder_num_heads,
-                modules.ffn_hidden_dim(c.decoder_embed_dim, c.mlp_ratio),
+                ffn_hidden_dim(c.decoder_embed_dim, c.mlp_ratio),
                 c.attention_dropout,
                 dtype,
                 c.conv_impl,

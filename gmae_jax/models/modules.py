@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gmae_jax.models import batch_axes, fast_conv
-# Plain arithmetic of the architecture, kept jax-free beside GMSTConfig for the PyTorch side.
-from gmae_jax.models.presets import ffn_hidden_dim, patch_embed_geometry  # noqa: F401
+from gmae_jax.models.presets import patch_embed_geometry
 from gmae_jax.models.sparse import VisibleConv, VisibleGrid
 
 Dtype = Any

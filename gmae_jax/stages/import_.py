@@ -49,7 +49,7 @@ def _given_class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 def _check_distinct(names: list[str], source: str) -> None:
     """Refuses repeated names: the run's classes.json would give two outputs one name."""
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = setup.repeated_names(names)
     if repeated:
         raise config_lib.ConfigError(f"class names must differ; {', '.join(repeated)} is given more than once "
                                      f"({source})")
@@ -126,8 +126,7 @@ def _reason(error: Exception) -> str:
 
 
 def _sizes(model: GMSTConfig) -> str:
-    names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-             "decoder_num_heads", "mlp_ratio", "overlap_patches", "mask_mode")
+    names = tuple(n for n in export_format.ORIGINAL_FIELDS if n != "in_channels") + ("mask_mode",)
     return ", ".join(f"{name}={getattr(model, name)}" for name in names)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from gmae_jax.data import frames, wide_gray
+from gmae_jax.data import frames
 from gmae_jax.torch_mirror import export_format, modules
 
 ImageLike = str | os.PathLike | bytes | Image.Image
@@ -37,17 +37,7 @@ def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.draft("RGB", (draft_size, draft_size))  # JPEG only: decode at a reduced scale
         image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode in wide_gray.MODES:  # which PIL's convert clips at 255
-        return wide_gray.to_rgb(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (0, 0, 0))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+    return frames.to_rgb(ImageOps.exif_transpose(image))
 
 
 def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:

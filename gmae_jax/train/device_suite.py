@@ -103,23 +103,17 @@ def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_s
     remat: `reference`'s fit an 80 GB H100 at batch 64 (planned: 44 GB pretraining, 32 GB
     fine-tuning), and remat's recomputation would cost it ~a fifth of its step (BENCHMARKS.md, session
     18); `reference` in float32 (~2x the activations) keeps remat per block."""
-    def no_remat(preset: str) -> str:
-        return "none"
-
-    def float32_remat(preset: str) -> str:
-        return "block" if preset == "reference" else "none"
-
-    def block_remat(preset: str) -> str:
-        return "block"
-
-    variants = [(dict(stage="pretrain"), no_remat)]
-    if "sparse" in MASK_MODES:
-        variants.append((dict(stage="pretrain", mask_mode="sparse"), no_remat))
-    variants += [(dict(stage="finetune"), no_remat), (dict(stage="pretrain", dtype="float32"), float32_remat),
-                 (dict(stage="pretrain"), block_remat)]
+    variants = [  # (the case's fields, config.model.remat for `reference`, for the other presets)
+        (dict(stage="pretrain"), "none", "none"),
+        (dict(stage="pretrain", mask_mode="sparse"), "none", "none"),
+        (dict(stage="finetune"), "none", "none"),
+        (dict(stage="pretrain", dtype="float32"), "block", "none"),
+        (dict(stage="pretrain"), "block", "block"),
+    ]
     sizes = batch_sizes_for(presets, batch_sizes)
-    cases = [Case(preset=preset, batch_size=batch, img_size=img_size, remat=remat(preset), **fields)
-             for fields, remat in variants for preset, batch in zip(presets, sizes)]
+    cases = [Case(preset=preset, batch_size=batch, img_size=img_size,
+                  remat=remat_reference if preset == "reference" else remat_others, **fields)
+             for fields, remat_reference, remat_others in variants for preset, batch in zip(presets, sizes)]
     # Last, where a loan leaves time: the first case with XLA's own convolutions (cuDNN on GPUs, whose
     # autotuning took ~290 s of a 368 s compile on an H200), against the matmuls `auto` picks there.
     return cases + [dataclasses.replace(cases[0], conv_impl="xla")]
@@ -282,7 +276,7 @@ def format_row(case: Case, result: dict[str, float], device: jax.Device, num_dev
             f"{result['planned_gb']:.2f} |")
 
 
-def run_suite(cases: Sequence[Case], budget_s: float = 450.0, num_steps: int = 10,
+def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
               profile_steps: int = 3) -> Iterator[str]:
     """Yields the table line by line (header first), the first case that ran followed by its profile
     (`profile_steps` traced steps; 0: none); stops starting cases after `budget_s`.

@@ -26,8 +26,8 @@ class MetricsWriter:
     file. The file is rewritten whole (cloud buckets cannot append), and a resumed run drops the
     records after its checkpoint, which it is about to produce again."""
 
-    def __init__(self, workdir: str, start_step: int = 0, filename: str = METRICS_FILE):
-        self.path = epath.Path(workdir) / filename
+    def __init__(self, workdir: str, start_step: int = 0):
+        self.path = epath.Path(workdir) / METRICS_FILE
         self.enabled = jax.process_index() == 0
         self.lines: list[str] = []
         if self.enabled and self.path.exists():

@@ -135,11 +135,16 @@ def load_class_names(workdir: str, required: bool = True) -> list[str]:
             return []
         raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
     names = run_files.read_json(path)
-    repeated = sorted({name for name in names if names.count(name) > 1}) if isinstance(names, list) else []
+    repeated = repeated_names(names) if isinstance(names, list) else []
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or repeated:
         what = f"names {', '.join(map(str, repeated))} more than once" if repeated else "is no list of class names"
         raise ConfigError(f"{path} {what}: put back the {CLASSES_FILE} the run wrote (one name an output, in order)")
     return names
+
+
+def repeated_names(names: list[str]) -> list[str]:
+    """The class names given more than once: two outputs of one name could not be told apart."""
+    return sorted({name for name in names if names.count(name) > 1})
 
 
 def check_class_count(config: ml_collections.ConfigDict, class_names: list[str], workdir: str) -> None:

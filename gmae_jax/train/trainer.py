@@ -266,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     if damaged:
         aside = checkpoint.set_aside(manager, [step for step, _ in damaged])
         logging.warning("resuming from step %d: the %d newer checkpoint(s) did not restore (%s) and were moved "
-                        "to %s", last_saved, len(damaged), "; ".join(f"step {s}: {why}" for s, why in damaged),
+                        "to %s", last_saved, len(damaged), checkpoint.describe(damaged),
                         aside)
     if last_saved is not None:
         logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
