@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gmae_jax import config_lib
-from gmae_jax.train import resume_check, setup, trainer
+from gmae_jax.train import resume_check, setup
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -20,7 +20,7 @@ def pretrain_config():
 @pytest.fixture
 def run_dir(tmp_path):
     """A workdir as a training run leaves it: config.json, classes.json and a checkpoint step."""
-    trainer.write_run_files(pretrain_config(), str(tmp_path), ["fist", "palm"])
+    resume_check.write_run_files(pretrain_config(), str(tmp_path), ["fist", "palm"])
     (tmp_path / "checkpoints" / "10").mkdir(parents=True)
     return tmp_path
 
@@ -76,7 +76,7 @@ def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offe
 
 def test_a_classifiers_class_order_is_refused_under_any_policy_a_pretraining_runs_is_not(tmp_path):
     finetune = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
-    trainer.write_run_files(finetune, str(tmp_path), ["fist", "palm"])
+    resume_check.write_run_files(finetune, str(tmp_path), ["fist", "palm"])
     (tmp_path / "checkpoints" / "10").mkdir(parents=True)
     finetune.resume_policy = "allow_changes"
     with pytest.raises(config_lib.ConfigError, match=r"classes \(classes.json\): \['fist', 'palm'\] -> "
@@ -126,7 +126,7 @@ def test_run_files_are_replaced_whole_and_leave_no_temporary_file(run_dir):
     config.total_steps = 40
     (run_dir / ".metrics.jsonl.0123456789abcdef.tmp").write_text('{"step": 5')  # a kill -9 mid-write left it
     (run_dir / ".keep.tmp").write_text("not ours")  # any other name stays
-    trainer.write_run_files(config, str(run_dir), ["fist", "palm"])
+    resume_check.write_run_files(config, str(run_dir), ["fist", "palm"])
     (run_dir / ".keep.tmp").unlink()
     assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 40
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "classes.json", "config.json"]
@@ -141,7 +141,7 @@ def test_harmless_changes_are_recorded_in_the_history(run_dir):
     config = pretrain_config()
     config.total_steps, config.log_every = 40, 1
     changes = resume_check.check(config, str(run_dir), ["fist", "palm"])
-    trainer.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
+    resume_check.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
     (line,) = (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()
     record = json.loads(line)
     assert record["changes"] == {"log_every": {"old": 5, "new": 1}, "total_steps": {"old": 20, "new": 40}}
@@ -153,8 +153,8 @@ def test_allow_changes_resumes_with_binding_changes_and_records_them(run_dir):
     config = pretrain_config()
     config.seed, config.resume_policy = 7, "allow_changes"
     changes = resume_check.check(config, str(run_dir), ["fist", "palm"])
-    trainer.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
-    trainer.write_run_files(config, str(run_dir), ["fist", "palm"], [("log_every", 5, 2)])
+    resume_check.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
+    resume_check.write_run_files(config, str(run_dir), ["fist", "palm"], [("log_every", 5, 2)])
     records = [json.loads(line) for line in (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()]
     assert records[0]["changes"]["seed"] == {"old": 42, "new": 7}  # resume_policy itself is harmless
     assert records[0]["resume_policy"] == "allow_changes" and len(records) == 2  # appended
@@ -162,7 +162,7 @@ def test_allow_changes_resumes_with_binding_changes_and_records_them(run_dir):
 
 def test_other_training_images_are_binding_and_a_new_planned_length_is_recorded(run_dir):
     facts = {resume_check.TRAIN_IMAGES: 32, resume_check.PLANNED_STEPS: 20}
-    trainer.write_run_files(pretrain_config(), str(run_dir), ["fist", "palm"], facts=facts)
+    resume_check.write_run_files(pretrain_config(), str(run_dir), ["fist", "palm"], facts=facts)
     assert resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"], facts) == []
     more = {resume_check.TRAIN_IMAGES: 48, resume_check.PLANNED_STEPS: 30}  # images added after a kill
     with pytest.raises(config_lib.ConfigError, match=r"other settings \(data: training images: 32 -> 48\)"):

@@ -16,7 +16,7 @@ from gmae_jax.models import masking, modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.models.sparse import VisibleConv, VisibleGrid
-from gmae_jax.train import checkpoint, init_from, sharding, steps, trainer
+from gmae_jax.train import checkpoint, init_from, resume_check, sharding, steps, trainer
 from gmae_jax.train import sparse_benchmark
 from gmae_jax.train.sparse_benchmark import encoder_flops
 
@@ -203,7 +203,7 @@ def test_sparse_pretraining_learns_and_its_encoder_loads_into_the_classifier(tmp
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2]), losses
 
-    trainer.write_run_files(run, str(tmp_path), [])  # what restore_run rebuilds the run from
+    resume_check.write_run_files(run, str(tmp_path), [])  # what restore_run rebuilds the run from
     manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), max_to_keep=1)
     checkpoint.save(manager, 10, state, None)
     manager.wait_until_finished()

@@ -26,7 +26,7 @@ from gmae_jax.data import pipeline, synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
-from gmae_jax.train import checkpoint, init_from, progress, setup, sharding, summaries, trainer
+from gmae_jax.train import checkpoint, evaluation, init_from, progress, setup, sharding, summaries, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -609,13 +609,13 @@ def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(d
 def evaluated_every_2_steps(demo_root, monkeypatch, total_steps, at_step_4):
     """A one-block pretraining config evaluated every 2 steps whose evaluation at step 4 is
     `at_step_4(the real evaluation)`."""
-    real = trainer.evaluate
+    real = evaluation.evaluate
 
     def evaluate(task, eval_step, state, examples, **kwargs):
         evaluation = functools.partial(real, task, eval_step, state, examples, **kwargs)
         return at_step_4(evaluation) if int(jax.device_get(state.step)) == 4 else evaluation()
 
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     config = stage_config("pretrain", demo_root, total_steps=total_steps, log_every=100, eval_every=2,
                           checkpoint_every=100)
     config.model.depth = 1

@@ -14,7 +14,7 @@ from etils import epath
 
 from gmae_jax import user_errors, workdir_lock
 from gmae_jax.data import synthetic
-from gmae_jax.train import trainer
+from gmae_jax.train import resume_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = "--config=configs/pretrain.py:runlocal"
@@ -39,7 +39,7 @@ def run_without_checkpoints(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("run")
     config = config_lib.load_sibling_config(os.path.join(REPO, "configs", "x.py"), "pretrain", "runlocal")
-    trainer.write_run_files(config, str(workdir), ["fist", "palm"])
+    resume_check.write_run_files(config, str(workdir), ["fist", "palm"])
     return workdir
 
 
@@ -157,7 +157,8 @@ def test_a_full_disk_or_a_forbidden_file_names_the_path_and_what_to_do(tmp_path,
 
     monkeypatch.setattr(local, "open", disk_full)
     with pytest.raises(OSError) as raised:
-        trainer.write_run_files(trainer.ml_collections.ConfigDict({"stage": "pretrain"}), str(tmp_path), ["a"])
+        run = resume_check.ml_collections.ConfigDict({"stage": "pretrain"})
+        resume_check.write_run_files(run, str(tmp_path), ["a"])
     wrapped = RuntimeError("orbax: save failed")  # libraries wrap it; the chain is searched
     wrapped.__cause__ = raised.value
     assert user_errors.one_line(wrapped) == (

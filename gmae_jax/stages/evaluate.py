@@ -14,7 +14,7 @@ from etils import epath
 
 from gmae_jax import config_lib, distributed, metrics as metrics_lib, schema
 from gmae_jax.data import sources
-from gmae_jax.train import setup, sharding, tasks, trainer
+from gmae_jax.train import evaluation, setup, sharding, tasks
 from gmae_jax.train.summaries import Summaries
 
 
@@ -51,7 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if batch_size != config.batch_size:
         logging.info("evaluating in batches of %d: config.batch_size=%d rounded up to a multiple of the %d devices",
                      batch_size, config.batch_size, restored.mesh.size)
-    metrics, outputs, first = trainer.evaluate(
+    metrics, outputs, first = evaluation.evaluate(
         task, eval_step, restored.weights, examples, image_size=restored.model.config.img_size,
         batch_size=batch_size, num_workers=data.num_workers, mesh=restored.mesh)
     metrics["checkpoint_step"] = restored.step

@@ -19,7 +19,7 @@ import safetensors.numpy
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, run_files
+from gmae_jax import config_lib, run_files, schema
 from gmae_jax.data import crops, transforms, views
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.torch_mirror import convert, export_format
@@ -98,7 +98,7 @@ def torch_state_dict(run: setup.RestoredRun) -> dict[str, np.ndarray]:
     forward passes (steps x gradient-accumulation steps), as PyTorch's would."""
     host = jax.device_get({"params": run.weights.params, "batch_stats": run.weights.batch_stats})
     state = convert.flax_to_torch_state_dict(host, model=CONVERTER_MODEL[run.config.stage], config=run.model.config)
-    forwards = np.asarray(run.step * int(run.config.get("grad_accum_steps", 1)), np.int64)
+    forwards = np.asarray(run.step * schema.read_flat(schema.LoopConfig, run.config).grad_accum_steps, np.int64)
     return {k: forwards.copy() if k.endswith(".num_batches_tracked") else v for k, v in state.items()}
 
 

@@ -25,7 +25,7 @@ from gmae_jax import config_lib
 from gmae_jax.data import views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
-from gmae_jax.train import checkpoint, resume_check, setup, trainer
+from gmae_jax.train import checkpoint, resume_check, setup
 
 ONE_PROCESS = True  # one file in, one run folder out
 
@@ -274,7 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     view = _view(payload)  # how the exported run saw its evaluation images: predict and evaluate follow it
     if view == "hand_crop":
         written.data.mode = "hand_crop"
-    trainer.write_run_files(written, workdir, class_names, facts={resume_check.VIEW: view} if view else None)
+    resume_check.write_run_files(written, workdir, class_names, facts={resume_check.VIEW: view} if view else None)
     try:
         manager = checkpoint.make_manager(str(checkpoints), max_to_keep=1)
         if not checkpoint.save(manager, step, weights, data_iterator=None):

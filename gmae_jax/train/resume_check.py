@@ -14,11 +14,13 @@ import fnmatch
 import json
 from typing import Any
 
+import jax
 import ml_collections
+from absl import logging
 from etils import epath
 
 from gmae_jax import run_files
-from gmae_jax.schema import ConfigError
+from gmae_jax.schema import ConfigError, LoopConfig, read_flat
 from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps, read_run_config
 
 HISTORY_FILE = "config.history.jsonl"
@@ -118,7 +120,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(fixed)} "
             "fix its saved weights (their shapes, or what a classifier's outputs mean), so no resume can continue "
             "it with the new values: start a new run with another --workdir")
-    if binding and config.get("resume_policy", "check") == "check":
+    if binding and read_flat(LoopConfig, config).resume_policy == "check":
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
             "with another --workdir, or continue this one with the new values with "
@@ -144,3 +146,22 @@ def recorded_view(workdir: str) -> str | None:
     path = epath.Path(workdir) / FACTS_FILE
     facts = run_files.read_json(path) if path.exists() else {}
     return facts.get(VIEW) if isinstance(facts, dict) else None
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
+                    changes: list[Change] = (), facts: dict[str, Any] | None = None) -> None:
+    """The resolved config and the class order, so `setup.restore_run` can rebuild the run, and the
+    run's `facts` for the next resume check; `changes` (from `check`) go to
+    config.history.jsonl."""
+    if jax.process_index() != 0:
+        return
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in run_files.remove_leftovers(folder):
+        logging.info("removed %s, left by a write that a kill cut short (the file it was for is whole)", name)
+    if changes:
+        record(workdir, list(changes), read_flat(LoopConfig, config).resume_policy)
+    run_files.write_text(folder / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
+    run_files.write_text(folder / CLASSES_FILE, json.dumps(class_names, indent=1))
+    if facts:
+        run_files.write_text(folder / FACTS_FILE, json.dumps(facts, indent=1, sort_keys=True))

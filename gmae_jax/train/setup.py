@@ -40,7 +40,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, tuple[jax
     """The model of a pretrain or finetune config, and example positional inputs for `init`;
     `conv_impl='auto'` resolved for this backend and the config's gradient accumulation."""
     gmst = gmst_config(config.model)
-    accumulating = config.get("grad_accum_steps", 1) > 1
+    accumulating = read_flat(LoopConfig, config).grad_accum_steps > 1
     gmst = dataclasses.replace(gmst, conv_impl=fast_conv.resolve(gmst.conv_impl, jax.default_backend(), accumulating))
     image = jnp.zeros((1, gmst.img_size, gmst.img_size, gmst.in_channels), jnp.float32)
     if config.stage == "pretrain":
@@ -218,9 +218,7 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
         return Weights(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables.get("batch_stats", {}))
 
-    shapes = jax.eval_shape(init)
-    shardings = sharding.state_shardings(shapes, mesh)  # the training state's layout
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return sharding.sharded_abstract_state(jax.eval_shape(init), mesh)  # the training state's layout
 
 
 def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--config.checkpoint_dir") -> RestoredRun:

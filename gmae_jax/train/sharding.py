@@ -92,6 +92,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), abstract_state)
 
 
+def sharded_abstract_state(abstract_state: Any, mesh: Mesh) -> Any:
+    """`abstract_state`'s shapes and dtypes with `state_shardings`: what a step compiles, or a
+    checkpoint restores, for without an array."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, state_shardings(abstract_state, mesh))
+
+
 def bytes_per_device(tree: Any) -> int:
     """Bytes that the largest share of `tree`'s arrays (or abstract arrays) occupies on one device;
     an abstract array without a sharding counts whole."""

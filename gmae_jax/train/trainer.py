@@ -3,7 +3,6 @@ state, checkpoint, loop. What differs between the stages comes from `tasks.make_
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -12,15 +11,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, distributed, run_files, schema
+from gmae_jax import config_lib, distributed, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
-from gmae_jax.train import checkpoint, init_compile, preemption, resume_check, setup, sharding, steps, tasks
+from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, setup, sharding, steps,
+                            tasks)
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import PreemptionWatch
@@ -88,25 +87,6 @@ def check_run_folder_kinds(workdir: str) -> None:
                                          "away (or use another --workdir)")
 
 
-def write_run_files(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
-                    changes: list[resume_check.Change] = (), facts: dict[str, Any] | None = None) -> None:
-    """The resolved config and the class order, so `setup.restore_run` can rebuild the run, and the
-    run's `facts` for the next resume check; `changes` (from `resume_check.check`) go to
-    config.history.jsonl."""
-    if jax.process_index() != 0:
-        return
-    folder = epath.Path(workdir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in run_files.remove_leftovers(folder):
-        logging.info("removed %s, left by a write that a kill cut short (the file it was for is whole)", name)
-    if changes:
-        resume_check.record(workdir, list(changes), config.get("resume_policy", "check"))
-    run_files.write_text(folder / setup.CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
-    run_files.write_text(folder / setup.CLASSES_FILE, json.dumps(class_names, indent=1))
-    if facts:
-        run_files.write_text(folder / resume_check.FACTS_FILE, json.dumps(facts, indent=1, sort_keys=True))
-
-
 def create_state(
     model: nn.Module, init_inputs: tuple[Any, ...], config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh, steps_total: int, frozen: tuple[str, ...] = (),
@@ -127,9 +107,7 @@ def abstract_state(
     """`create_state`'s shapes, dtypes and shardings without an array: what a step is compiled for
     where the state would not fit on this machine or its devices are only described (`memory_plan`)."""
     init, _ = _initialiser(model, init_inputs, config, steps_total)
-    shapes = jax.eval_shape(init, jax.random.key(config.seed))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, sharding.state_shardings(shapes, mesh))
+    return sharding.sharded_abstract_state(jax.eval_shape(init, jax.random.key(config.seed)), mesh)
 
 
 def _initialiser(
@@ -162,51 +140,6 @@ def host_state(state: steps.TrainState) -> steps.TrainState:
                          batch_stats=sharding.tree_to_host(state.batch_stats))
 
 
-def evaluate(
-    task: tasks.Task, eval_step, state, examples: sources.Source, *, image_size: int, batch_size: int,
-    num_workers: int, mesh: jax.sharding.Mesh,
-) -> tuple[dict[str, float], dict, dict]:
-    """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch).
-    `state` is a TrainState or `setup.Weights`."""
-    dataset = pipeline.make_eval_dataset(
-        examples, image_size=image_size, global_batch_size=batch_size, num_workers=num_workers,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    sums: dict[str, float] = {}
-    outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": [], "index": []}
-
-    def collect(results: dict[str, jax.Array], batch: dict[str, jax.Array]) -> None:
-        for key, value in jax.device_get(results).items():
-            if np.ndim(value) == 0:
-                sums[key] = sums.get(key, 0.0) + float(value)
-            else:
-                outputs.setdefault(key, []).append(np.asarray(value))
-        outputs["label"].append(sharding.to_host(batch["label"]))
-        outputs["valid"].append(sharding.to_host(batch["valid"]))
-        outputs["index"].append(sharding.to_host(batch["index"]))  # each output's place in the split
-
-    first, pending = None, None
-    batches = iter(dataset)
-    try:
-        with pipeline.naming_dead_workers(num_workers):
-            for host_batch in batches:
-                first = host_batch if first is None else first
-                batch = sharding.global_batch(host_batch, mesh)
-                # Dispatched before the previous batch's results are read: the device computes while the
-                # host waits for them and loads the next batch.
-                dispatched = (eval_step(state, batch), batch)
-                if pending is not None:
-                    collect(*pending)
-                pending = dispatched
-    finally:
-        batches.close()  # its workers stop now, also when an error ends the process without exit hooks
-    if pending is not None:
-        collect(*pending)
-    stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
-    keep = stacked.pop("valid") > 0
-    stacked = {k: v[keep] for k, v in stacked.items()}
-    return task.summarize(sums, stacked), stacked, first
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits) -> dict[str, float]:
     """Trains the model of `config.stage` on `data` to `config.total_steps` (resuming from `workdir`
     if it holds checkpoints) and returns the final evaluation metrics."""
@@ -215,17 +148,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     model, init_inputs = setup.build_model(config)
     task = tasks.make_task(config, model, data.class_names)
     num_workers = pipeline.worker_count(data_config.num_workers)
-    eval_args = dict(image_size=model.config.img_size, batch_size=config.batch_size, num_workers=num_workers)
+    eval_args = dict(image_size=model.config.img_size, batch_size=loop.batch_size, num_workers=num_workers)
     # --- Mesh -----------------------------------------------------------------------------------
     mesh = make_mesh(config)
-    per_step = mesh.size * config.grad_accum_steps
-    if config.batch_size % per_step:
+    per_step = mesh.size * loop.grad_accum_steps
+    if loop.batch_size % per_step:
         raise config_lib.ConfigError(
-            f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices x "
-            f"config.grad_accum_steps={config.grad_accum_steps}; use a multiple of {per_step}")
+            f"config.batch_size={loop.batch_size} is not divisible by the {mesh.size} devices x "
+            f"config.grad_accum_steps={loop.grad_accum_steps}; use a multiple of {per_step}")
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
-                 jax.devices()[0].platform, jax.process_count(), config.step_impl)
-    warning = accumulation_warning(config.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
+                 jax.devices()[0].platform, jax.process_count(), loop.step_impl)
+    warning = accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
     if warning:
         logging.warning(warning)
 
@@ -239,13 +172,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     changes = resume_check.check(config, workdir, data.class_names, facts)
 
     # --- Input pipeline -------------------------------------------------------------------------
-    for warning in (small_dataset_warning(config.batch_size, len(data.train)),
+    for warning in (small_dataset_warning(loop.batch_size, len(data.train)),
                     warmup_warning(config.optim.warmup_steps, steps_total)):
         if warning:
             logging.warning(warning)
     train_data = pipeline.make_train_dataset(
-        data.train, image_size=model.config.img_size, global_batch_size=config.batch_size,
-        seed=config.seed, aug=data_config.aug, num_workers=num_workers,
+        data.train, image_size=model.config.img_size, global_batch_size=loop.batch_size,
+        seed=loop.seed, aug=data_config.aug, num_workers=num_workers,
         process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(train_data)
     logging.info("input: %s", "in the trainer's process" if not num_workers else f"{num_workers} grain worker(s)"
@@ -257,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     state, schedule = create_state(model, init_inputs, config, mesh, steps_total, frozen)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("%s: %.2f M parameters, %d steps of %d images; per device: %.1f MB of parameters + "
-                 "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, config.batch_size,
+                 "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, loop.batch_size,
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
     checkpoint_dir = os.path.join(workdir, setup.CHECKPOINTS)
     new_checkpoint_dir = not epath.Path(checkpoint_dir).exists()
@@ -279,11 +212,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 epath.Path(checkpoint_dir).rmdir()
             raise
     # Only now, with the state restored, may config.json describe this run's settings.
-    write_run_files(config, workdir, data.class_names, changes, facts)
+    resume_check.write_run_files(config, workdir, data.class_names, changes, facts)
 
-    train_step = sharding.make_train_step(config.step_impl, task.loss_fn, mesh, state, config.grad_accum_steps)
+    train_step = sharding.make_train_step(loop.step_impl, task.loss_fn, mesh, state, loop.grad_accum_steps)
     eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)
-    rng = jax.random.key(config.seed + 1)
+    rng = jax.random.key(loop.seed + 1)
 
     # --- Train loop -----------------------------------------------------------------------------
     start = int(jax.device_get(state.step))
@@ -292,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                           config.to_dict(), task.name, resumed_at=start)
     eval_split = data_config.eval_split
     pictures: list[str] = []
-    progress = Progress(steps_total, start, config.batch_size, num_workers, from_shards=data.train.prepared)
+    progress = Progress(steps_total, start, loop.batch_size, num_workers, from_shards=data.train.prepared)
     warning = nothing_to_train_warning(start, steps_total)
     if warning:
         logging.warning(warning)
@@ -321,16 +254,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                              progress.first_step_done(step))
             is_last = step == steps_total
             preempted = watch.should_stop(step) and not is_last
-            evaluated = is_last or bool(config.eval_every and step % config.eval_every == 0)
+            evaluated = is_last or bool(loop.eval_every and step % loop.eval_every == 0)
             # With a best_metric every evaluated step is saved: orbax then keeps it only if it is the best.
-            scheduled_save = (is_last or step % config.checkpoint_every == 0
+            scheduled_save = (is_last or step % loop.checkpoint_every == 0
                               or (evaluated and bool(loop.best_metric)))
             must_save = scheduled_save or preempted
-            if must_save or step % config.log_every == 0:
+            if must_save or step % loop.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 stop_if_not_finite(metrics, step)  # before any save: a NaN never overwrites a good checkpoint
             # The lines a straight run writes: a resumed run's metrics.jsonl has none for its preemption's step.
-            if scheduled_save or step % config.log_every == 0:
+            if scheduled_save or step % loop.log_every == 0:
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
                 with progress.not_training():  # the first writes open files: not the next line's img/s
                     progress.log_line(task.name, step, metrics)
@@ -338,7 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     summaries.scalars("train", step, metrics)
             if evaluated:
                 with progress.not_training():
-                    eval_metrics, outputs, first = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+                    eval_metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh,
+                                                                       **eval_args)
                 logging.info("[%s] step %d eval: %s", task.name, step,
                              ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
                 writer.write({"step": step, "split": eval_split, **eval_metrics})
@@ -375,7 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         manager.close()
         raise watch.stopped(last_saved, checkpoint_dir)
     if not eval_metrics:  # the workdir already held a finished run
-        eval_metrics, _, _ = evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+        eval_metrics, _, _ = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
     if jax.process_index() == 0:
         print(run_summary(task.name, workdir, manager, loop.best_metric, pictures), flush=True)
     manager.close()

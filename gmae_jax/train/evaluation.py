@@ -1,0 +1,58 @@
+"""One pass over a run's evaluation split, batch by batch on the mesh: what training's evaluations and
+the evaluate stage compute."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from gmae_jax.data import pipeline, sources
+from gmae_jax.train import sharding, tasks
+
+
+def evaluate(
+    task: tasks.Task, eval_step: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]], state: Any,
+    examples: sources.Source, *, image_size: int, batch_size: int, num_workers: int, mesh: jax.sharding.Mesh,
+) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch).
+    `state` is a TrainState or `setup.Weights`."""
+    dataset = pipeline.make_eval_dataset(
+        examples, image_size=image_size, global_batch_size=batch_size, num_workers=num_workers,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    sums: dict[str, float] = {}
+    outputs: dict[str, list[np.ndarray]] = {"label": [], "valid": [], "index": []}
+
+    def collect(results: dict[str, jax.Array], batch: dict[str, jax.Array]) -> None:
+        for key, value in jax.device_get(results).items():
+            if np.ndim(value) == 0:
+                sums[key] = sums.get(key, 0.0) + float(value)
+            else:
+                outputs.setdefault(key, []).append(np.asarray(value))
+        outputs["label"].append(sharding.to_host(batch["label"]))
+        outputs["valid"].append(sharding.to_host(batch["valid"]))
+        outputs["index"].append(sharding.to_host(batch["index"]))  # each output's place in the split
+
+    first, pending = None, None
+    batches = iter(dataset)
+    try:
+        with pipeline.naming_dead_workers(num_workers):
+            for host_batch in batches:
+                first = host_batch if first is None else first
+                batch = sharding.global_batch(host_batch, mesh)
+                # Dispatched before the previous batch's results are read: the device computes while the
+                # host waits for them and loads the next batch.
+                dispatched = (eval_step(state, batch), batch)
+                if pending is not None:
+                    collect(*pending)
+                pending = dispatched
+    finally:
+        batches.close()  # its workers stop now, also when an error ends the process without exit hooks
+    if pending is not None:
+        collect(*pending)
+    stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
+    keep = stacked.pop("valid") > 0
+    stacked = {k: v[keep] for k, v in stacked.items()}
+    return task.summarize(sums, stacked), stacked, first
