@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 from typing import Any
@@ -12,10 +13,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from gmae_jax import schema
+from gmae_jax import host_resources, schema
 from gmae_jax.data.class_folders import EXPECTED_LAYOUT
 from gmae_jax.models.fast_conv import CONV_IMPLS
-from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig
+from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig, ffn_hidden_dim
 from gmae_jax.schema import ConfigError
 from gmae_jax.train.resume_check import RESUME_POLICIES
 
@@ -116,6 +117,12 @@ _POSITIVE_MODEL_FIELDS = ("img_size", "patch_size", "embed_dim", "num_heads", "d
 def validate_model(model: ml_collections.ConfigDict) -> None:
     for name in _POSITIVE_MODEL_FIELDS:
         check(model[name] > 0, f"config.model.{name}={model[name]} must be positive")
+    check(math.isfinite(model.mlp_ratio) and ffn_hidden_dim(min(model.embed_dim, model.decoder_embed_dim),
+                                                             model.mlp_ratio) >= 3,
+          f"config.model.mlp_ratio={model.mlp_ratio} must be finite and give MSC-FFN a hidden width of 3 or "
+          "more (its three dilated branches): width x ratio >= 1")
+    check(0.0 <= model.attention_dropout < 1.0,
+          f"config.model.attention_dropout={model.attention_dropout} must be in [0, 1): a probability (0 = off)")
     check(model.decoder_depth >= 0, f"config.model.decoder_depth={model.decoder_depth} must be >= 0 "
           "(0: the decoder is its embedding and prediction layers alone)")
     check(model.in_channels == 3,
@@ -157,9 +164,34 @@ def check_seed(value: Any, field: str) -> None:
           f"config.{field}={value!r} must be a whole number in [0, 2**32)")
 
 
+# A training step is counted in an int32 (the train state's `step`, orbax's step numbers).
+MAX_STEPS = 2**31
+# Worker processes per core that a worker count may ask for: more than one per core helps where the
+# workers wait on storage (a bucket), but each is a process with its own batches in memory.
+MAX_WORKERS_PER_CORE = 4
+
+
 def check_num_workers(value: int, field: str) -> None:
-    """A grain worker count as the input pipeline takes it (`pipeline.worker_count`)."""
+    """A worker count as the input pipeline (`pipeline.worker_count`) or the prepare stage takes it: -1,
+    0, or up to MAX_WORKERS_PER_CORE processes per core this process may use."""
     check(value >= -1, f"config.{field}={value} must be >= 0 (0 = in this process) or -1 (a worker per core)")
+    most = MAX_WORKERS_PER_CORE * host_resources.usable_cores()
+    check(value <= most, f"config.{field}={value} is more than {MAX_WORKERS_PER_CORE} worker processes per core "
+          f"(this process may use {most // MAX_WORKERS_PER_CORE}): use at most {most}, or -1 (a worker per core)")
+
+
+# Evaluation metrics where lower is better; the others (accuracies, F1 scores) are higher-better.
+LOWER_IS_BETTER = ("loss", "cross_entropy")
+
+
+def check_best_metric(loop: schema.LoopConfig, metrics: tuple[str, ...]) -> None:
+    """`config.best_metric` names a metric the run's evaluation reports, ranked the right way round."""
+    check(loop.best_metric in ("",) + metrics,
+          f"config.best_metric='{loop.best_metric}' must be '' or one of {metrics}")
+    right = "min" if loop.best_metric in LOWER_IS_BETTER else "max"
+    check(not loop.best_metric or loop.best_mode == right,
+          f"config.best_mode='{loop.best_mode}' would keep the checkpoint of the worst {loop.best_metric}; "
+          f"use --config.best_mode={right}")
 
 
 def validate_augment(aug: schema.AugmentConfig) -> None:
@@ -190,6 +222,9 @@ def validate_data(data: schema.DataConfig) -> None:
     check(data.max_bad_images >= 0, f"config.data.max_bad_images={data.max_bad_images} must be >= 0")
     check(0.0 <= data.max_dropped_fraction <= 1.0,
           f"config.data.max_dropped_fraction={data.max_dropped_fraction} must be in [0, 1]")
+    for name in ("train_split", "eval_split"):
+        check(bool(getattr(data, name).strip()), f"config.data.{name} is empty; name a split folder (e.g. "
+              f"--config.data.{name}={getattr(schema.DataConfig, name)})")
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -219,7 +254,9 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     data = schema.read(schema.DataConfig, config.data, "config.data")
     check_seed(loop.seed, "seed")
     check(loop.batch_size > 0, f"config.batch_size={loop.batch_size} must be positive")
-    check(loop.total_steps >= 0, f"config.total_steps={loop.total_steps} must be >= 0 (0 = from config.num_epochs)")
+    check(0 <= loop.total_steps < MAX_STEPS,
+          f"config.total_steps={loop.total_steps} must be in [0, 2**31) (0 = from config.num_epochs)")
+    check(math.isfinite(loop.num_epochs), f"config.num_epochs={loop.num_epochs} must be finite")
     check(loop.total_steps > 0 or loop.num_epochs > 0,
           "set config.total_steps or config.num_epochs to a positive number")
     check(loop.keep_checkpoints >= 1,
@@ -236,7 +273,8 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
           f"config.batch_size={loop.batch_size}")
     check(loop.resume_policy in RESUME_POLICIES,
           f"config.resume_policy='{loop.resume_policy}' must be one of {RESUME_POLICIES}")
-    check(optim.lr > 0, f"config.optim.lr={optim.lr} must be positive")
+    check(0 < optim.lr < math.inf, f"config.optim.lr={optim.lr} must be positive and finite")
+    check(math.isfinite(optim.weight_decay), f"config.optim.weight_decay={optim.weight_decay} must be finite")
     check(0.0 < optim.layer_decay <= 1.0,
           f"config.optim.layer_decay={optim.layer_decay} must be in (0, 1] (1 = off)")
     check(0.0 <= optim.min_lr <= optim.lr,

@@ -135,11 +135,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
         _ = _CONFIG.value.stage  # config_flags defers a config file that fails to load until first use
-        return remaining
     except Exception as error:
         if user_errors.debug_requested(argv):
             raise
         sys.exit(f"error: {user_errors.flag_error_line(error, argv)}")
+    renamed = user_errors.preset_override(argv)
+    if renamed:
+        sys.exit(f"error: {renamed}")
+    return remaining
 
 
 if __name__ == "__main__":

@@ -142,6 +142,19 @@ def unknown_field(argv: Sequence[str]) -> str | None:
     return None
 
 
+def preset_override(argv: Sequence[str]) -> str | None:
+    """A `--config...model.preset=X` only renames the model: its sizes are the config file's `:model=`
+    variant's (config_lib.model_section), so the run would train one model under another's name."""
+    for item in argv:
+        path, _, preset = item[len("--config."):].partition("=") if item.startswith("--config.") else ("", "", "")
+        if path == "model.preset" or path.endswith(".model.preset"):
+            file = (_config_flag(argv) or ("configs/<stage>.py", ""))[0]
+            return (f"--config.{path}={preset} would only rename the model: its sizes come with the config file's "
+                    f"variant; use --config={file}:model={preset or '<preset>'} (and --config.model.<field> to "
+                    "change one size)")
+    return None
+
+
 def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
     """One line for an error raised while parsing the command line (the config file runs then)."""
     line = one_line(error)  # config_flags hands the config file's own error back as traceback text

@@ -87,7 +87,20 @@ def test_valid_config_passes(pretrain_config):
     ("data.aug.saturation", -0.2, r"aug.saturation=-0.2 must be >= 0"),
     ("data.aug.hue", 0.6, r"aug.hue=0.6 must be in \[0, 0.5\]"),
     ("data.num_workers", -2, r"data.num_workers=-2 must be >= 0 \(0 = in this process\) or -1"),
-    ("total_steps", -3, r"config.total_steps=-3 must be >= 0 \(0 = from config.num_epochs\)"),
+    ("total_steps", -3, r"config.total_steps=-3 must be in \[0, 2\*\*31\) \(0 = from config.num_epochs\)"),
+    ("total_steps", 2**31, r"config.total_steps=2147483648 must be in \[0, 2\*\*31\)"),
+    ("num_epochs", float("inf"), "config.num_epochs=inf must be finite"),
+    ("optim.lr", float("inf"), "config.optim.lr=inf must be positive and finite"),
+    ("optim.weight_decay", float("inf"), "config.optim.weight_decay=inf must be finite"),
+    ("model.mlp_ratio", 0.01, "config.model.mlp_ratio=0.01 must be finite and give MSC-FFN a hidden width of 3"),
+    ("model.mlp_ratio", float("inf"), "config.model.mlp_ratio=inf must be finite"),
+    ("model.attention_dropout", 1.5, r"config.model.attention_dropout=1.5 must be in \[0, 1\): a probability"),
+    ("model.attention_dropout", float("nan"), r"config.model.attention_dropout=nan must be in \[0, 1\)"),
+    ("model.patch_size", 32, "patch_size=32 makes one patch: masking needs one patch hidden and one visible"),
+    ("num_reconstructions", 0, "config.num_reconstructions=0 must be at least 1"),
+    ("data.train_split", "", "config.data.train_split is empty; name a split folder"),
+    ("data.num_workers", 100000, "config.data.num_workers=100000 is more than 4 worker processes per core"),
+    ("best_mode", "max", "config.best_mode='max' would keep the checkpoint of the worst loss; use --config.best_mode="),
     ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be at least 1: the latest checkpoint is what"),
     ("keep_checkpoints", -1, "config.keep_checkpoints=-1 must be at least 1"),
     ("optim.warmup_steps", -5, r"config.optim.warmup_steps=-5 must be >= 0"),
@@ -160,6 +173,7 @@ def test_demo_config_validates_without_its_data():
     ("dataset.classes", ("fist,palm",), r"as a tuple: --config.dataset.classes=\"\('fist','palm'\)\""),
     ("dataset.image_size", 0, r"config.dataset.image_size=0 must be a whole number of at least 1"),
     ("dataset.pretrain_val_per_class", -3, r"config.dataset.pretrain_val_per_class=-3 must be a whole number"),
+    ("dataset.image_size", 100000, r"config.dataset.image_size=100000 must be at most 1024"),
     # Set by the demo (or the study inside it) for every run: a value given here was replaced without a word.
     ("pretrain.data.root", "/my/images", r"config.pretrain.data.root='/my/images': the demo trains on the images it"),
     ("finetune.freeze_encoder", True, r"config.finetune.freeze_encoder=True is set by the study for each of its "
@@ -182,4 +196,37 @@ def test_demo_refuses_an_unknown_framing_in_one_line():
     config = load("demo")
     config.dataset.framing = "closeup"
     with pytest.raises(config_lib.ConfigError, match="framing='closeup'; choose from scene, hand_crop"):
+        stages.validate(config)
+
+
+def test_a_classifier_is_ranked_by_metrics_its_evaluation_reports(tmp_path):
+    config = load("finetune", "runlocal")
+    config.update(num_classes=3, best_metric="top5_accuracy")
+    config.data.root = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match="top5_accuracy' needs more than 5 classes .*use accuracy"):
+        stages.validate(config)
+    config.update(best_metric="cross_entropy", best_mode="max")
+    with pytest.raises(config_lib.ConfigError, match="worst cross_entropy; use --config.best_mode=min"):
+        stages.validate(config)
+    config.update(best_metric="", subset_seed=-1)
+    with pytest.raises(config_lib.ConfigError, match=r"config.subset_seed=-1 must be a whole number"):
+        stages.validate(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("finetune.optim.lr", -1.0, r"^config.finetune.optim.lr=-1.0 must be positive"),
+    ("pretrain.mask_ratio", 2.0, r"^config.pretrain.mask_ratio=2.0 must be in \(0, 1\), e.g. --config.pretrain.mask"),
+    ("pretrain.data.aug.hue", 0.9, r"^config.pretrain.data.aug.hue=0.9 must be in"),
+    ("data.aug.hue", 0.9, r"^config.data.aug.hue=0.9 must be in"),  # the study's own labelled data
+])
+def test_the_study_names_its_recipes_fields_as_its_flags_do(field, value, message, tmp_path):
+    config = load("study", "runlocal")
+    config.update(pretrain_data=str(tmp_path))
+    config.data.root = str(tmp_path)
+    *sections, name = field.split(".")
+    section = config
+    for part in sections:
+        section = section[part]
+    section[name] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
         stages.validate(config)

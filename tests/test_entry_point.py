@@ -29,6 +29,12 @@ def test_bad_config_value_exits_with_one_line_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last == "error: config.mask_ratio=1.5 must be in (0, 1), e.g. --config.mask_ratio=0.6"
     assert "Traceback" not in result.stderr
+    renamed = run_main("--config=configs/pretrain.py:runlocal", f"--workdir={tmp_path / 'run'}",
+                       f"--config.data.root={tmp_path}", "--config.model.preset=small")
+    assert renamed.returncode == 1 and not (tmp_path / "run").exists()
+    assert renamed.stderr.strip().splitlines()[-1].startswith(
+        "error: --config.model.preset=small would only rename the model: its sizes come with the config file's "
+        "variant; use --config=configs/pretrain.py:model=small")
 
 
 def test_wrong_folder_layout_names_the_folder(tmp_path):

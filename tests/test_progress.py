@@ -72,7 +72,7 @@ def test_progress_reports_the_share_of_time_spent_waiting_for_input():
 
 
 def test_an_input_bound_run_says_once_what_to_change(caplog, monkeypatch):
-    monkeypatch.setattr(progress.pipeline, "usable_cores", lambda: 16)
+    monkeypatch.setattr(progress.host_resources, "usable_cores", lambda: 16)
     tracker = progress.Progress(total_steps=100, start_step=0, global_batch_size=32, num_workers=4)
     for step in (1, 2, 3):
         with tracker.waiting_for_input():
@@ -120,3 +120,10 @@ def test_a_cut_off_last_line_is_dropped_with_a_warning_naming_the_file(tmp_path,
     resumed.write({"step": 3, "loss": 3.0})
     assert read(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0}]
     assert f"{path} line 3 is not a whole metrics record" in caplog.text
+
+
+def test_an_eta_past_what_a_timedelta_holds_reads_in_years():
+    assert progress.format_duration(3661) == "1:01:01"
+    assert progress.format_duration(-5) == "0:00:00"
+    assert progress.format_duration(1e22) == "3.17e+14 years"  # 2**31 steps at ~10**13 s each, say
+    assert progress.format_duration(float("inf")) == "inf years"

@@ -55,8 +55,10 @@ def test_unknown_stage_is_a_config_error():
     ("predict", "view", "square", "config.view='square' must be one of"),
     ("finetune", "best_metric", "f2", "config.best_metric='f2' must be '' or one of"),
     ("prepare", "splits", {"train": 0.9, "val": 0.2}, "config.splits=.* must be positive fractions that sum to 1"),
-    ("prepare", "image_side", 0, "config.image_side=0 must be a positive number of pixels"),
-    ("prepare", "crop_size", 0, "config.crop_size=0 must be a positive number of pixels"),
+    ("prepare", "image_side", 0, r"config.image_side=0 must be at least 32 pixels \(the smallest model input"),
+    ("prepare", "crop_size", 1, "config.crop_size=1 must be at least 32 pixels"),
+    ("prepare", "num_workers", 100000, "config.num_workers=100000 is more than 4 worker processes per core"),
+    ("predict", "num_workers", -5, r"config.num_workers=-5 must be >= 0"),
     ("prepare", "crop_scale_max", 0.5, "config.crop_scale_max=0.5 must be >= 1: a stored crop holds"),
     ("prepare", "jpeg_quality", 0, r"config.jpeg_quality=0 must be in \[1, 100\]"),
 ])
@@ -66,6 +68,19 @@ def test_each_stage_validates_its_own_fields(stage, field, value, message, tmp_p
     if stage == "finetune":
         config.data.root = str(tmp_path)
     config[field] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        stages.validate(config)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("layout", "foo", r"config.data.layout='foo' must be one of \('auto', 'hagrid_v1', 'hagrid_v2'\)"),
+    ("root", "", "config.data.root is empty; set --config.data.root=a HaGRID tree"),
+    ("max_dropped_fraction", -1.0, r"config.data.max_dropped_fraction=-1.0 must be in \[0, 1\]"),
+    ("max_dropped_fraction", float("nan"), r"config.data.max_dropped_fraction=nan must be in \[0, 1\]"),
+])
+def test_the_prepare_stage_checks_its_data_section(field, value, message):
+    config = load("prepare")
+    config.data[field] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         stages.validate(config)
 

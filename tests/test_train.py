@@ -397,6 +397,15 @@ def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo
     assert setup.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train
 
 
+def test_a_batch_beyond_the_hosts_memory_stops_before_anything_is_written(demo_root, tmp_path):
+    """An extra zero or three in --config.batch_size allocated until the kernel killed the run."""
+    config = stage_config("pretrain", demo_root, batch_size=8 * 10**8)  # divisible by the 8 test devices
+    with pytest.raises(config_lib.ConfigError, match=r"config.batch_size=800000000: one batch of 32 px images needs "
+                                                     r"\d+ GiB of this host's memory, which has \d+ GiB"):
+        stages.run(config, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name, kind", [("checkpoints", "file"), ("tensorboard", "file"), ("metrics.jsonl", "folder"),
                                         ("config.json", "folder"), ("reconstructions.png", "folder")])
 def test_a_run_file_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_path, name, kind):

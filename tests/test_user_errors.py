@@ -197,3 +197,15 @@ def test_a_program_that_does_not_fit_the_device_names_the_settings_that_make_it_
     assert user_errors.one_line(tpu).startswith("the device ran out of memory (RESOURCE_EXHAUSTED: XLA:TPU compile")
     grpc = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Received message larger than max (5000000 vs. 4194304)")
     assert user_errors.one_line(grpc) is None
+
+
+def test_a_preset_given_as_a_field_is_refused_for_the_variant(monkeypatch):
+    """`--config.model.preset=tiny` changed the name in config.json and nothing else."""
+    argv = ["main", "--config=configs/pretrain.py:runlocal", "--workdir=/tmp/w", "--config.model.preset=tiny"]
+    assert user_errors.preset_override(argv) == (
+        "--config.model.preset=tiny would only rename the model: its sizes come with the config file's variant; "
+        "use --config=configs/pretrain.py:model=tiny (and --config.model.<field> to change one size)")
+    study = ["main", "--config=configs/study.py", "--config.finetune.model.preset=small"]
+    assert user_errors.preset_override(study).startswith("--config.finetune.model.preset=small would only rename")
+    assert user_errors.preset_override(["main", "--config=configs/pretrain.py:model=tiny",
+                                        "--config.model.embed_dim=64"]) is None

@@ -24,6 +24,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from gmae_jax import host_resources
 from gmae_jax.data import records, sources, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.schema import AugmentConfig
@@ -196,12 +197,7 @@ def worker_count(num_workers: int) -> int:
     trainer's thread). Batches are the same whatever the count, so 'auto' never changes a run's numbers."""
     if num_workers != AUTO_WORKERS:
         return num_workers
-    return max(1, min(usable_cores() - 1, MAX_AUTO_WORKERS))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one; all cores otherwise)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(host_resources.usable_cores() - 1, MAX_AUTO_WORKERS))
 
 
 @functools.cache

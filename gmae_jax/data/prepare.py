@@ -27,9 +27,9 @@ from etils import epath
 import ml_collections
 from PIL import Image
 
-from gmae_jax import run_files
-from gmae_jax.data import (crops, hagrid, hagrid_layout, pipeline, record_filters, records, sources, splits,
-                           transforms, views, worker_pool)
+from gmae_jax import host_resources, run_files
+from gmae_jax.data import (crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms, views,
+                           worker_pool)
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.schema import DataConfig
 
@@ -267,7 +267,7 @@ def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the stage; returns the manifest it writes (see the module docstring)."""
     out = epath.Path(workdir)
-    num_workers = config.num_workers or pipeline.usable_cores()  # 0: a worker per core it may use
+    num_workers = config.num_workers or host_resources.usable_cores()  # 0: a worker per core it may use
     store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
                       config.jpeg_quality)
     root, max_dropped = str(config.data.root), config.data.max_dropped_fraction

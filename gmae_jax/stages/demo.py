@@ -16,6 +16,7 @@ from gmae_jax.stages import pretrain as pretrain_stage
 from gmae_jax.stages import study as study_stage
 
 ONE_PROCESS = True  # a one-machine demo; processes would draw the same images
+MAX_IMAGE_SIZE = 1024
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -33,6 +34,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  "finetune_val_per_class"):
         config_lib.check(isinstance(ds[name], int) and ds[name] >= 1,
                          f"config.dataset.{name}={ds[name]!r} must be a whole number of at least 1")
+    config_lib.check(ds.image_size <= MAX_IMAGE_SIZE,
+                     f"config.dataset.image_size={ds.image_size} must be at most {MAX_IMAGE_SIZE}: the generator draws "
+                     "each image supersampled, at up to 4x that side, in memory")
     for section in ("pretrain", "finetune"):
         config_lib.check(not config[section].data.root,
                          f"config.{section}.data.root={config[section].data.root!r}: the demo trains on the images it "

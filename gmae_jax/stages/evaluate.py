@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, distributed, metrics as metrics_lib, schema
+from gmae_jax import config_lib, distributed, host_resources, metrics as metrics_lib, run_files, schema
 from gmae_jax.data import sources
 from gmae_jax.train import evaluation, setup, sharding, tasks
 from gmae_jax.train.summaries import Summaries
@@ -47,8 +47,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     distributed.check_processes_agree({"evaluation images": len(examples)}, "data")
     task = tasks.make_task(restored.config, restored.model, restored.class_names)
     eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
-    batch_size = sharding.whole_rows(config.batch_size, restored.mesh)  # the metrics do not depend on it
-    if batch_size != config.batch_size:
+    # The metrics do not depend on the batch (evaluation caps it at the split's size).
+    batch_size = sharding.whole_rows(min(config.batch_size, len(examples)), restored.mesh)
+    error = host_resources.batch_too_large("batch_size", batch_size, restored.model.config.img_size,
+                                           jax.process_count(), jax.default_backend() == "cpu")
+    if error:
+        raise config_lib.ConfigError(error)
+    if batch_size != config.batch_size and config.batch_size < len(examples):
         logging.info("evaluating in batches of %d: config.batch_size=%d rounded up to a multiple of the %d devices",
                      batch_size, config.batch_size, restored.mesh.size)
     metrics, outputs, first = evaluation.evaluate(
@@ -59,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     weights = sharding.tree_to_host(restored.weights)  # every process: FSDP may split them over hosts
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        run_files.write_text(epath.Path(workdir) / "eval_metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         pictures = task.draw(weights, first, outputs, workdir, examples)
         summaries = Summaries(workdir)
         summaries.scalars(data.eval_split, restored.step, metrics)

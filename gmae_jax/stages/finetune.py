@@ -30,10 +30,13 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                          f"set --config.num_classes={len(names)}")
     config_lib.check(0.0 <= config.label_smoothing < 1.0,
                      f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
-    config_lib.check(config.best_metric in ("",) + METRICS,
-                     f"config.best_metric='{config.best_metric}' must be '' or one of {METRICS}")
+    config_lib.check(config.best_metric != "top5_accuracy" or config.num_classes > 5,
+                     f"config.best_metric='top5_accuracy' needs more than 5 classes (config.num_classes="
+                     f"{config.num_classes}: every class is in the top 5); use accuracy")
+    config_lib.check_best_metric(schema.read_flat(schema.LoopConfig, config), METRICS)
     config_lib.check(config.get("labels_per_class", 0) >= 0,
                      f"config.labels_per_class={config.get('labels_per_class')} must be >= 0 (0 = all labels)")
+    config_lib.check_seed(config.get("subset_seed", 0), "subset_seed")
 
 
 def open_data(config: ml_collections.ConfigDict) -> sources.Splits:

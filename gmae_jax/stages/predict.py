@@ -37,6 +37,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(config.view in VIEWS, f"config.view='{config.view}' must be one of {VIEWS}")
     config_lib.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
     config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    config_lib.check_num_workers(config.num_workers, "num_workers")
 
 
 def _view(config: ml_collections.ConfigDict, item: inputs.Input, trained: str | None) -> str:

@@ -16,6 +16,8 @@ from gmae_jax.train import setup
 from gmae_jax.train.preemption import Preempted
 
 ONE_PROCESS = True  # its own worker pool; processes would write the same shards
+LAYOUTS = ("auto", "hagrid_v1", "hagrid_v2")  # what it reads: HaGRID's annotations name each image's person
+MIN_STORED_SIDE = 32
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -27,7 +29,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(config.records_per_shard > 0,
                      f"config.records_per_shard={config.records_per_shard} must be positive")
     for name in ("image_side", "crop_size"):
-        config_lib.check(config[name] > 0, f"config.{name}={config[name]} must be a positive number of pixels")
+        config_lib.check(config[name] >= MIN_STORED_SIDE,
+                         f"config.{name}={config[name]} must be at least {MIN_STORED_SIDE} pixels (the smallest "
+                         "model input, the micro preset's); store images at least as large as the model's input")
     config_lib.check(config.crop_scale_max >= 1.0,
                      f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
                      "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
@@ -35,6 +39,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_seed(config.seed, "seed")
     config_lib.check(config.num_workers >= 0, f"config.num_workers={config.num_workers} must be >= 0 (0 = a process "
                      "per core)")
+    config_lib.check_num_workers(config.num_workers, "num_workers")
+    config_lib.check(bool(config.data.root), "config.data.root is empty; set --config.data.root=a HaGRID tree")
+    config_lib.check(config.data.layout in LAYOUTS,
+                     f"config.data.layout='{config.data.layout}' must be one of {LAYOUTS}: the prepare stage splits "
+                     "HaGRID by person (user_id)")
+    config_lib.check(0.0 <= config.data.max_dropped_fraction <= 1.0,
+                     f"config.data.max_dropped_fraction={config.data.max_dropped_fraction} must be in [0, 1]")
 
 
 def check_workdir(workdir: str) -> None:

@@ -18,14 +18,19 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_lib.check(0.0 < config.mask_ratio < 1.0,
                      f"config.mask_ratio={config.mask_ratio} must be in (0, 1), e.g. --config.mask_ratio=0.6")
     check_mask_ratio(config.mask_ratio, config.model.img_size, config.model.patch_size)
-    config_lib.check(config.best_metric in ("",) + METRICS,
-                     f"config.best_metric='{config.best_metric}' must be '' or one of {METRICS}")
+    config_lib.check_best_metric(schema.read_flat(schema.LoopConfig, config), METRICS)
+    config_lib.check(config.num_reconstructions >= 1,
+                     f"config.num_reconstructions={config.num_reconstructions} must be at least 1: the evaluation "
+                     "images drawn in reconstructions.png (at most a batch)")
 
 
 def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
     """A ratio that hides no patch trains on a zero loss, one that hides every patch leaves the encoder
     nothing to see: both are refused for the model's actual patch count."""
     patches = (img_size // patch_size) ** 2
+    config_lib.check(patches >= 2,
+                     f"config.model.img_size={img_size} / patch_size={patch_size} makes one patch: masking needs "
+                     "one patch hidden and one visible; use a smaller config.model.patch_size")
     hidden = masking.num_masked(patches, mask_ratio)
     config_lib.check(0 < hidden < patches,
                      f"config.mask_ratio={mask_ratio} hides {hidden} of the model's {patches} patches "

@@ -9,8 +9,11 @@ pretrained encoder on seeded class-balanced label subsets, and report accuracy v
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -76,8 +79,31 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         config_lib.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),
                          f"config.pretrain_data='{config.pretrain_data}' does not exist; point it at the "
                          "unlabelled images")
-    pretrain_stage.validate(pretrain_config(config), check_data=False)
-    finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data)
+    with _fields_named_as_in_the_study("pretrain"):
+        pretrain_stage.validate(pretrain_config(config), check_data=False)
+    with _fields_named_as_in_the_study("finetune"):
+        finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data)
+
+
+@contextlib.contextmanager
+def _fields_named_as_in_the_study(recipe: str) -> Iterator[None]:
+    """A recipe's errors name its fields as the study's flags do: `config.optim.lr` of the fine-tune
+    recipe is `config.finetune.optim.lr`. The labelled data is the study's own `config.data`; the
+    pretraining data root is `config.pretrain_data`."""
+    data = {"pretrain": {"data.root": "pretrain_data", "data.": "pretrain.data."}, "finetune": {"data.": "data."}}
+
+    def study_field(match: re.Match) -> str:
+        dashes, field = match.group(1) or "", match.group(2)
+        for old, new in data[recipe].items():
+            if field.startswith(old):
+                return f"{dashes}config.{new}{field[len(old):]}"
+        return f"{dashes}config.{recipe}.{field}"
+
+    try:
+        yield
+    except config_lib.ConfigError as error:
+        named = re.sub(r"(?<![\w.])(--)?config\.(\w+(?:\.\w+)*)", study_field, str(error))
+        raise config_lib.ConfigError(named) from None
 
 
 def _check_pretraining_run(folder: str) -> None:

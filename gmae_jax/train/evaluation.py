@@ -19,6 +19,8 @@ def evaluate(
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch).
     `state` is a TrainState or `setup.Weights`."""
+    # The metrics do not depend on the batch: one larger than the split would hold only padding.
+    batch_size = min(batch_size, sharding.whole_rows(max(len(examples), 1), mesh))
     dataset = pipeline.make_eval_dataset(
         examples, image_size=image_size, global_batch_size=batch_size, num_workers=num_workers,
         process_index=jax.process_index(), process_count=jax.process_count())

@@ -14,8 +14,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from gmae_jax import run_files
-from gmae_jax.data import pipeline
+from gmae_jax import host_resources, run_files
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,7 +66,14 @@ def _readable_records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def format_duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+    """'1 day, 2:03:04'; an ETA past what a timedelta holds (a run of 2**31 slow steps) reads in years."""
+    seconds = max(seconds, 0.0)
+    if not seconds < _TIMEDELTA_DAYS * 86400:
+        return f"{seconds / (365.25 * 86400):.3g} years"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+_TIMEDELTA_DAYS = 999_999_999  # datetime.timedelta.max.days
 
 
 # Above this share of a log interval spent waiting for batches, the run says what to change (once).
@@ -163,7 +169,8 @@ class Progress:
         self.last_step, self.last_time, self.input_seconds, self.other_seconds = step, now, 0.0, 0.0
         self.intervals += 1
         if self.intervals > 1 and not self.advised:
-            advice = input_bound_advice(input_wait, self.num_workers, pipeline.usable_cores(), self.from_shards)
+            advice = input_bound_advice(input_wait, self.num_workers, host_resources.usable_cores(),
+                                        self.from_shards)
             if advice:
                 logging.warning(advice)
                 self.advised = True

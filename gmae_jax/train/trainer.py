@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, distributed, schema
+from gmae_jax import config_lib, distributed, host_resources, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, setup, sharding, steps,
@@ -63,9 +63,15 @@ def nothing_to_train_warning(start_step: int, steps_total: int) -> str | None:
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """config.total_steps, or the steps of config.num_epochs over the training images."""
     if config.total_steps > 0:
         return int(config.total_steps)
-    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+    steps = max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+    if steps >= config_lib.MAX_STEPS:
+        raise config_lib.ConfigError(
+            f"config.num_epochs={config.num_epochs} is {steps} steps of {config.batch_size} of the "
+            f"{num_train_examples} training images, more than a step count holds (2**31); use fewer epochs")
+    return steps
 
 
 # What a training run keeps in its workdir, by kind. One of the other kind (a file where a folder
@@ -156,6 +162,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         raise config_lib.ConfigError(
             f"config.batch_size={loop.batch_size} is not divisible by the {mesh.size} devices x "
             f"config.grad_accum_steps={loop.grad_accum_steps}; use a multiple of {per_step}")
+    error = host_resources.batch_too_large("batch_size", loop.batch_size, model.config.img_size, jax.process_count(),
+                                           jax.default_backend() == "cpu")
+    if error:
+        raise config_lib.ConfigError(error)
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), loop.step_impl)
     warning = accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
