@@ -42,7 +42,7 @@ class ViewConfig:
     crop_scale_max: float = DataConfig.crop_scale_max  # hand_crop: training scale ~ U(1, this)
     no_gesture_prob: float = DataConfig.no_gesture_prob  # hand_crop: free no_gesture hand instead
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in VIEWS:
             raise ValueError(f"view mode {self.mode!r} is not one of {VIEWS}.")
 

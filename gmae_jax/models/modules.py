@@ -34,13 +34,13 @@ def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
     """PyTorch's default bias init for Conv/Linear: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
 
-    def init(key, shape, dtype=jnp.float32):
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
 
 
-def layer_scale_init(key, shape, dtype=jnp.float32):
+def layer_scale_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
     """Layer-scale gammas start at N(1, 0.02) as in the original."""
     return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 

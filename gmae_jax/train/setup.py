@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
 
 from gmae_jax import run_files
@@ -192,7 +193,7 @@ def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
     check_not_a_run(workdir, stage)
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> Any:
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A read-only manager of the run's checkpoints that knows the run's best metric."""
     loop = read_flat(LoopConfig, config)
     return checkpoint.make_manager(str(epath.Path(workdir) / CHECKPOINTS), loop.keep_checkpoints,
@@ -250,7 +251,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
 
 
 def _restore_weights(
-    manager: Any, which: str, abstract: Weights, folder: str, flag: str,
+    manager: ocp.CheckpointManager, which: str, abstract: Weights, folder: str, flag: str,
 ) -> tuple[Weights, int, list[tuple[int, str]]]:
     """The weights of checkpoint `which`: for 'latest' the newest step that restores (a damaged
     newer one is skipped, and listed); a named step or 'best' must restore itself. Never writes."""
