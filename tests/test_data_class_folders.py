@@ -84,6 +84,24 @@ def test_hidden_and_non_image_files_are_skipped_and_counted(tmp_path, caplog):
     assert "Skipped 1 hidden and 2 non-image entries" in caplog.text
 
 
+def test_images_in_folders_inside_a_class_folder_are_named_not_read(tmp_path, caplog):
+    """They were counted as one 'non-image entry' each folder, their images not at all."""
+    _make_tree(tmp_path, ["train/one/a.jpg", "train/one/more/b.jpg", "train/one/more/c.jpg", "train/palm/d/e.jpg"])
+
+    with pytest.raises(DataLayoutError, match=r"palm holds no images .* \(images in the folders inside it, such as "
+                                              r".*train/palm/d, are not read: move them up\)\."):
+        scan_split(str(tmp_path), "train")
+    os.remove(tmp_path / "train" / "palm" / "d" / "e.jpg")
+    os.rmdir(tmp_path / "train" / "palm" / "d")
+    os.rmdir(tmp_path / "train" / "palm")
+    with caplog.at_level(logging.WARNING):
+        examples = scan_split(str(tmp_path), "train")
+    assert [e.path.rsplit("/", 1)[-1] for e in examples] == ["a.jpg"]
+    assert (f"Skipped 1 folder(s) inside class folders of {tmp_path / 'train'}, such as "
+            f"{tmp_path / 'train' / 'one' / 'more'}: a class's images are read from its own folder only") in caplog.text
+    assert "non-image" not in caplog.text
+
+
 def test_missing_root_error_gives_expected_layout(tmp_path):
     with pytest.raises(DataLayoutError, match=r"nowhere.*<root>/\{train,val\}/<class>/\*\.jpg"):
         scan_split(str(tmp_path / "nowhere"), "train")

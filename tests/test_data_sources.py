@@ -260,15 +260,17 @@ def test_unreadable_images_beyond_the_budget_stop_training_naming_the_file(tmp_p
         next(iter(_train(train, batch=len(train))))
 
 
-def test_unreadable_image_in_evaluation_is_left_out(tmp_path):
+def test_unreadable_image_in_evaluation_is_left_out(tmp_path, caplog):
     tree = fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=3, images_per_user=2)
-    fx.inject_truncated_jpeg(tree, "val", "like")
+    bad = fx.inject_truncated_jpeg(tree, "val", "like")
     _, _, val = sources.open_sources(data_config(tmp_path))
 
     batches = list(pipeline.make_eval_dataset(val, image_size=SIZE, global_batch_size=8,
                                               num_workers=0))
 
     assert np.concatenate([b["valid"] for b in batches]).sum() == len(val) - 1 == 4
+    assert (f"Unreadable image left out of the evaluation (1 so far, config.data.max_bad_images=100): Cannot "
+            f"decode image {bad}: ") in caplog.text
 
 
 @pytest.mark.slow
@@ -283,3 +285,14 @@ def test_pretraining_from_raw_hagrid_through_the_entry_point(v2_root, tmp_path):
     assert "(hagrid_v2, full_frame): 34 classes, 16 train / 16 val" in result.stderr
     assert "[pretrain] step 2/2" in result.stderr
     assert json.loads((tmp_path / "classes.json").read_text()) == list(V2)
+
+
+def test_a_person_in_two_splits_of_a_v2_tree_is_warned_of(tmp_path, caplog):
+    tree = fx.make_tree(tmp_path, "v2", classes=("call", "like"), num_users=2, images_per_user=1,
+                        splits=("train", "val"))
+    sources.open_sources(data_config(tmp_path))
+    assert "share people" not in caplog.text
+    tree.add("val", "call", "again", fx.entry(["call"], user_id="user000"))  # user000 trains
+    sources.open_sources(data_config(tmp_path))
+    assert ("User 'user000' is in both 'train' and 'val': a person seen in training must not be evaluated on. "
+            f"{tmp_path}'s splits share people") in caplog.text

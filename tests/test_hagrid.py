@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, splits, transforms
+from gmae_jax import schema
+from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.hagrid import HagridRecord
 from gmae_jax.train import steps
@@ -450,6 +451,24 @@ def test_json_that_is_not_an_object_is_an_error_naming_the_file(tmp_path):
     tree.json_path("val", "call").write_text("[1, 2]")
     with pytest.raises(hagrid.AnnotationError, match=r"val/call\.json holds a list"):
         hagrid.read_hagrid_v2(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe", "broken link"])
+def test_an_annotation_file_that_is_no_file_is_an_error_naming_it(tmp_path, kind):
+    """A pipe blocked the read forever; a folder or a broken link was a traceback."""
+    tree = _v2(tmp_path, classes=("call", "like"), num_users=1)
+    path = tree.json_path("train", "like")
+    path.unlink()
+    {"folder": path.mkdir, "pipe": lambda: os.mkfifo(path),
+     "broken link": lambda: path.symlink_to(tmp_path / "nowhere.json")}[kind]()
+    with pytest.raises(hagrid.AnnotationError, match=f"Annotation file {path} is no regular file"):
+        hagrid.read_hagrid_v2(tmp_path)
+
+
+def test_a_prepared_index_that_is_no_file_is_one_line(tmp_path):
+    (tmp_path / sources.INDEX_FILE).mkdir()
+    with pytest.raises(DataLayoutError, match=r"index.json is damaged \(it is no regular file"):
+        sources.open_sources(schema.DataConfig(root=str(tmp_path)))
 
 
 # ---- Hand crops and letterboxing ----

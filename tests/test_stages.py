@@ -420,6 +420,25 @@ def test_wandb_enabled_without_the_package_is_a_config_error(tmp_path, monkeypat
         stages.validate(config)
 
 
+def test_a_hagrid_tree_gives_inputs_of_the_runs_own_classes_too(run_dir, tmp_path, monkeypatch):
+    """A run fine-tuned with data.classes=present on gestures HaGRID does not name: predicting on such
+    a tree skipped every image of them as 'unknown_class'."""
+    tree = fx.make_tree(tmp_path / "hagrid", "v2", classes=("waving", "call"), num_users=3, images_per_user=1)
+    skipped = dict(inputs.list_inputs(str(tree.root))[1])
+    assert {skipped[str(p)] for p in (tree.images_root / "waving").glob("*.jpg")} == {"unknown_class"}
+    items, _ = inputs.list_inputs(str(tree.root), ["waving", "call"])
+    assert sorted(i.annotation for i in items) == ["call"] * 3 + ["waving"] * 3
+    # The predict stage lists its inputs with the run's classes.
+    asked = []
+    monkeypatch.setattr(inputs, "list_inputs", lambda path, classes=(): asked.append(classes) or ([], []))
+    workdir, _, _ = run_dir
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(tree.root))
+    with pytest.raises(config_lib.ConfigError, match="holds no image to predict"):
+        stages.run(config, str(tmp_path / "out"))
+    assert asked == [setup.load_class_names(workdir)]
+
+
 @pytest.mark.parametrize("folder", ["hagrid", "shoot: day 1"])  # a path may hold the report's ': ' itself
 def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path, folder):
     tmp_path = tmp_path / folder
@@ -469,3 +488,17 @@ def test_one_process_stages_refuse_a_multi_process_job_before_writing(name, tmp_
 def test_training_stages_run_in_several_processes():
     assert not any(getattr(stages.get(name), "ONE_PROCESS", False)
                    for name in ("pretrain", "finetune", "evaluate", "study"))
+
+
+def test_predictions_write_class_names_that_are_not_utf8(tmp_path):
+    """A run trained on class folders takes its class names from folder names, which may hold bytes
+    that are not UTF-8: predict wrote every prediction, then failed on its output files."""
+    from gmae_jax.stages import predict
+    odd = os.fsdecode(b"on\xffe")
+    row = {"file": str(tmp_path / "a.jpg"), "annotation": odd,
+           "top_k": [{"class": odd, "prob": 0.75}, {"class": "palm", "prob": 0.25}]}
+    predict._write(tmp_path, [row], [], top_k=2)
+    with open(tmp_path / "predictions.csv") as f:
+        assert list(csv.reader(f))[1] == [str(tmp_path / "a.jpg"), "on\\xffe", "on\\xffe", "0.750000", "palm",
+                                          "0.250000"]
+    assert json.loads((tmp_path / "predictions.jsonl").read_text())["top_k"][0]["class"] == "on\\xffe"

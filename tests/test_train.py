@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import hagrid_fixtures as fx
 import jax
 import numpy as np
 import pytest
@@ -684,3 +685,18 @@ def test_sigterm_to_the_input_workers_too_is_a_preemption_not_a_dead_worker(demo
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12"]
     metrics = tmp_path / "metrics.jsonl"  # the lines of a straight run only: none before step 60 here
     assert not metrics.exists() or not [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
+
+
+def test_finetune_refuses_classes_without_a_training_image(tmp_path):
+    """HaGRID data whose tree lacks a class the run names (a partial download, a typo in
+    data.classes) trained a classifier on outputs that never saw an image, without a word."""
+    tree = fx.make_tree(tmp_path / "hagrid", "v2", classes=("call", "like", "peace"), num_users=3,
+                        images_per_user=2, splits=("train", "val"))
+    config = stage_config("finetune", str(tree.root), num_classes=4)
+    config.data.update(classes="call,like,peace,rock", mode="full_frame")
+    with pytest.raises(config_lib.ConfigError, match=r"holds no image of 1 of the 4 classes \(rock\), which the "
+                                                     r"classifier could never learn: --config.data.classes=present"):
+        finetune_stage.open_data(config)
+    config.update(num_classes=3)
+    config.data.classes = "present"
+    assert finetune_stage.open_data(config).class_names == ["call", "like", "peace"]

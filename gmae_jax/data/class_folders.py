@@ -109,12 +109,15 @@ def scan_split(
 
     examples = []
     num_hidden = num_not_image = 0
+    folders: list[str] = []  # inside class folders: their images are not read
     for label, name in enumerate(class_names):
         class_path = split_path / name
         num_images = 0
         for entry in sorted(class_path.iterdir()) if class_path.is_dir() else []:
             if _is_hidden(entry):
                 num_hidden += 1
+            elif entry.is_dir():
+                folders.append(str(entry))
             elif entry.suffix.lower() not in IMAGE_SUFFIXES or not is_regular_file(entry):
                 num_not_image += 1
             else:
@@ -124,10 +127,13 @@ def scan_split(
             logging.warning("Class folder %s holds no images: none of the examples in %s are of it.",
                             class_path, split_path)
         elif not num_images:
+            inside = [folder for folder in folders if epath.Path(folder).parent == class_path]
             raise DataLayoutError(
                 f"Class folder {class_path} holds no images "
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the "
-                "folder from every split."
+                "folder from every split"
+                + (f" (images in the folders inside it, such as {inside[0]}, are not read: move them up)."
+                   if inside else ".")
             )
     if not examples:
         raise DataLayoutError(f"{split_path} holds no images of the classes {list(class_names)}.")
@@ -138,6 +144,10 @@ def scan_split(
             num_not_image,
             split_path,
         )
+    if folders:
+        logging.warning("Skipped %d folder(s) inside class folders of %s, such as %s: a class's images are read "
+                        "from its own folder only; move theirs up to count them.", len(folders), split_path,
+                        folders[0])
     logging.info(
         "Found %d images in %d classes in %s.", len(examples), len(class_names), split_path
     )

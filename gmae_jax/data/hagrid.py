@@ -15,7 +15,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from gmae_jax.data.class_folders import DataLayoutError
+from gmae_jax.data.class_folders import DataLayoutError, is_regular_file
 from gmae_jax.data.hagrid_layout import (HAGRID_V1_CLASSES, HAGRID_V2_CLASSES, NO_GESTURE, V1_ANNOTATION_SETS,
                                          V1_LAYOUT, V2_LAYOUT, V2_SPLITS, is_image)
 
@@ -170,8 +170,13 @@ class ReadReport:
 
 
 def _load_json(path: epath.Path) -> dict[str, Any]:
+    if not is_regular_file(path):  # a pipe would block the read forever
+        raise AnnotationError(f"Annotation file {path} is no regular file (a folder, a pipe or a link to nothing); "
+                              "put HaGRID's file back, or move it out of the annotation folder.")
     try:
         data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise AnnotationError(f"Annotation file {path} cannot be read ({e.strerror or e}).") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         # An error, not a skip: dropping the file would silently move its images out of the split.
         raise AnnotationError(f"Annotation file {path} is not valid JSON ({e}).") from e

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 from etils import epath
 
@@ -27,14 +28,18 @@ def _is_hagrid(root: epath.Path) -> bool:
         return False
 
 
-def _hagrid_inputs(root: epath.Path) -> tuple[list[Input], list[tuple[str, str]]]:
-    """One input per annotated image; every other file of the tree's image folders is skipped with
-    the reason the annotation reader gave it (no usable box, unknown class folder, ...)."""
+def _hagrid_inputs(root: epath.Path, classes: Sequence[str]) -> tuple[list[Input], list[tuple[str, str]]]:
+    """One input per annotated image of HaGRID's gestures or `classes`; every other file of the tree's
+    image folders is skipped with the reason the annotation reader gave it (no usable box, unknown
+    class folder, ...)."""
     if hagrid_layout.detect_layout(root) == "hagrid_v2":
-        found, images_root, not_images = [hagrid.read_hagrid_v2(root)], root / "hagrid_dataset", set()
+        found = [hagrid.read_hagrid_v2(root, class_names=_with(hagrid_layout.HAGRID_V2_CLASSES, classes))]
+        images_root, not_images = root / "hagrid_dataset", set()
     else:
         sets = [name for name in hagrid_layout.V1_ANNOTATION_SETS if (root / name).is_dir()]
-        found, images_root, not_images = [hagrid.read_hagrid_v1(root, name) for name in sets], root, set(sets)
+        known = _with(hagrid_layout.HAGRID_V1_CLASSES, classes)
+        found = [hagrid.read_hagrid_v1(root, name, class_names=known) for name in sets]
+        images_root, not_images = root, set(sets)
     items, seen, reasons, strays = [], set(), {}, []
     for records, report in found:
         for record in records:
@@ -84,13 +89,19 @@ def _walk(folder: epath.Path, listed: dict[str, str]) -> tuple[list[epath.Path],
     return files, repeats
 
 
-def list_inputs(path: str) -> tuple[list[Input], list[tuple[str, str]]]:
-    """(inputs, skipped files with the reason), both sorted by file name."""
+def _with(official: Sequence[str], classes: Sequence[str]) -> tuple[str, ...]:
+    return tuple(official) + tuple(name for name in classes if name not in official)
+
+
+def list_inputs(path: str, classes: Sequence[str] = ()) -> tuple[list[Input], list[tuple[str, str]]]:
+    """(inputs, skipped files with the reason), both sorted by file name. In a HaGRID tree the images
+    annotated with HaGRID's gestures or with one of `classes` (the run's: a run trained with
+    data.classes=present may know other names) are inputs."""
     root = epath.Path(path)
     if not root.exists():
         raise DataLayoutError(f"config.inputs={path} does not exist; give an image, a folder or a HaGRID tree")
     if root.is_dir() and _is_hagrid(root):
-        return _hagrid_inputs(root)
+        return _hagrid_inputs(root, classes)
     if root.is_file():
         files, skipped = [root], []
     else:

@@ -81,10 +81,13 @@ class _Loader:
         self.source, self.view = source, view
         self._bad: set[str] = set()
 
+    # What becomes of an unreadable image: training takes the next one instead, evaluation leaves it out.
+    _INSTEAD = "replaced by the next one"
+
     def _count_bad(self, error: transforms.ImageDecodeError, name: str) -> None:
         if name not in self._bad:
             self._bad.add(name)
-            logging.warning("Unreadable image replaced by the next one (%d so far, config.data.max_bad_images=%d): %s",
+            logging.warning("Unreadable image %s (%d so far, config.data.max_bad_images=%d): %s", self._INSTEAD,
                             len(self._bad), self.source.max_bad_images, error)
         if len(self._bad) > self.source.max_bad_images:
             raise BadImageBudgetError(
@@ -138,6 +141,8 @@ class _EvalLoad(_Loader):
     an unreadable image, so it is left out of the metrics instead of counted twice. `index` (the
     example's place in the split) lets a per-example choice, such as its evaluation mask, be the
     same whatever the batch size."""
+
+    _INSTEAD = "left out of the evaluation"
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         result = None

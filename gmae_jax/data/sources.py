@@ -157,7 +157,13 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
                  report.describe_dropped())
     report.check_dropped(data.max_dropped_fraction, root)
-    return names, _by_split(recs, layout, wanted, data)
+    by_split = _by_split(recs, layout, wanted, data)
+    try:
+        splits.assert_user_disjoint(by_split)
+    except splits.UserOverlapError as error:  # HaGRID's own splits never share a person; a tree edited since may
+        logging.warning("%s %s's splits share people, so the evaluation scores some people the model trained on; "
+                        "the prepare stage splits a tree by person", error, root)
+    return names, by_split
 
 
 def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tuple[list[str], dict]:
@@ -167,10 +173,12 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
                               "prepare stage wrote (its <workdir>/pretrain or <workdir>/finetune); for other "
                               "data leave config.data.layout=auto")
     try:
+        if not class_folders.is_regular_file(index_file):
+            raise ValueError("it is no regular file: a folder, a pipe or a link to nothing")
         index = json.loads(index_file.read_text())
         if not (isinstance(index, dict) and {"view", "class_names", "splits"} <= set(index)):
             raise ValueError("not a prepared corpus's index: it lacks view, class_names or splits")
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise DataLayoutError(f"{index_file} is damaged ({error}): rerun the prepare stage that wrote it (the same "
                               "command writes it again)") from None
     if index["view"] == "hand_crop" and data.mode != "hand_crop":

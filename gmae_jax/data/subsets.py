@@ -34,6 +34,15 @@ def labels_of(source: Source) -> np.ndarray:
     return np.asarray(labels, np.int64)
 
 
+def classes_without_images(source: Source, class_names: Sequence[str]) -> list[str]:
+    """The classes of which `source` holds no image. Prepared shards are not read for it (their labels
+    sit in the records): the prepare stage's manifest.json counts each class."""
+    if source.prepared:
+        return []
+    present = set(labels_of(source).tolist())
+    return [name for label, name in enumerate(class_names) if label not in present]
+
+
 def balanced_indices(labels: np.ndarray, class_names: Sequence[str], per_class: int, seed: int) -> np.ndarray:
     """`per_class` record indices of each class drawn without replacement with `seed`, sorted.
 

@@ -42,7 +42,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
 def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
     """The class folders / HaGRID splits of `config.data`, checked against `config.num_classes`;
     the training split cut to `config.labels_per_class` images per class when that is set."""
-    data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
+    data_config = schema.read(schema.DataConfig, config.data, "config.data")
+    data = sources.open_sources(data_config)
     if len(data.class_names) < 2:
         raise config_lib.ConfigError(
             f"the data in {config.data.root} has one class ({', '.join(data.class_names)}): {ONE_CLASS}")
@@ -51,6 +52,15 @@ def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
             f"config.num_classes={config.num_classes} but the data in {config.data.root} has "
             f"{len(data.class_names)} classes ({', '.join(data.class_names)}); set "
             f"--config.num_classes={len(data.class_names)}")
+    free_hands = data_config.mode == "hand_crop" and data_config.no_gesture_prob > 0  # crops of no_gesture
+    empty = [name for name in subsets.classes_without_images(data.train, data.class_names)
+             if not (free_hands and name == hagrid_layout.NO_GESTURE)]
+    if empty:
+        raise config_lib.ConfigError(
+            f"the training split in {config.data.root} holds no image of {len(empty)} of the "
+            f"{len(data.class_names)} classes ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), which "
+            "the classifier could never learn: --config.data.classes=present trains on the classes found, or "
+            "name the classes (--config.data.classes=a,b,...)")
     train = subsets.class_balanced_subset(data.train, data.class_names, config.get("labels_per_class", 0),
                                           config.get("subset_seed", 0))
     return data._replace(train=train)

@@ -60,7 +60,7 @@ def _load(item: inputs.Input, view: str, image_size: int) -> np.ndarray | str:
 
 
 def _printable(text: str) -> str:
-    """A file name, or a reason that quotes one, as text: bytes that are not UTF-8 (Python keeps them
+    """A file or class name, or a reason that quotes one, as text: bytes that are not UTF-8 (Python keeps them
     as surrogates, which no UTF-8 file or JSON takes) as \\xNN."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -100,7 +100,9 @@ def _draw(sheet: list[tuple[np.ndarray, dict]], path: str) -> None:
 def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
     """The three outputs, each written whole (a kill leaves the old file or the new one)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = [{**row, "file": _printable(row["file"])} for row in rows]
+    # Class names are folder names too (a run trained on class folders).
+    rows = [{**row, "file": _printable(row["file"]), "annotation": _printable(row["annotation"]),
+             "top_k": [{**entry, "class": _printable(entry["class"])} for entry in row["top_k"]]} for row in rows]
     skipped = [(_printable(name), _printable(reason)) for name, reason in skipped]
     header = ["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
     table = [header] + [[row["file"], row["annotation"]] + [
@@ -118,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                                      "needs a finetune run (a classifier)")
     setup.check_outside_run(workdir, config.checkpoint_dir, "predict")
     _check_outputs(workdir)
-    items, skipped = inputs.list_inputs(config.inputs)
+    items, skipped = inputs.list_inputs(config.inputs, setup.load_class_names(setup.run_workdir(config.checkpoint_dir)))
     if not items:
         raise config_lib.ConfigError(f"config.inputs={config.inputs} holds no image to predict ({len(skipped)} other "
                                      f"file(s)); give an image, a folder of images or a HaGRID tree")
