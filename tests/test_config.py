@@ -57,6 +57,14 @@ def test_a_variant_given_to_a_config_without_variants_is_an_error(stage):
         load(stage, "model=small")
 
 
+def set_field(config, field: str, value) -> None:
+    """config.a.b = value for field 'a.b'."""
+    *sections, name = field.split(".")
+    for part in sections:
+        config = config[part]
+    config[name] = value
+
+
 @pytest.fixture
 def pretrain_config(tmp_path):
     config = load("pretrain", "runlocal")
@@ -127,11 +135,7 @@ def test_valid_config_passes(pretrain_config):
     ("optim.b2", -0.1, r"config.optim.b2=-0.1 must be in \[0, 1\)"),
 ])
 def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
-    *sections, name = field.split(".")
-    section = pretrain_config
-    for part in sections:
-        section = section[part]
-    section[name] = value
+    set_field(pretrain_config, field, value)
     with pytest.raises(config_lib.ConfigError, match=message) as error:
         stages.validate(pretrain_config)
     assert "\n" not in str(error.value)
@@ -183,11 +187,7 @@ def test_demo_config_validates_without_its_data():
 ])
 def test_demo_refuses_what_it_cannot_draw_before_drawing(field, value, message):
     config = load("demo")
-    *sections, name = field.split(".")
-    section = config
-    for part in sections:
-        section = section[part]
-    section[name] = value
+    set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=message):
         stages.validate(config)
 
@@ -223,10 +223,6 @@ def test_the_study_names_its_recipes_fields_as_its_flags_do(field, value, messag
     config = load("study", "runlocal")
     config.update(pretrain_data=str(tmp_path))
     config.data.root = str(tmp_path)
-    *sections, name = field.split(".")
-    section = config
-    for part in sections:
-        section = section[part]
-    section[name] = value
+    set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=message):
         stages.validate(config)

@@ -33,9 +33,8 @@ def test_an_evaluation_batch_is_cut_to_the_split(monkeypatch):
 
     monkeypatch.setattr(pipeline, "make_eval_dataset", make_eval_dataset)
     mesh = sharding.make_mesh()
-    examples = sources.Source([object()] * 5)
-    for batch_size in (10**8, 3):
+    for batch_size, num_examples in ((10**8, 5), (2 * mesh.size, 40)):
         with pytest.raises(Asked):
-            evaluation.evaluate(None, None, None, examples, image_size=32, batch_size=batch_size, num_workers=0,
-                                mesh=mesh)
-    assert asked == [sharding.whole_rows(5, mesh), 3]
+            evaluation.evaluate(None, None, None, sources.Source([object()] * num_examples), image_size=32,
+                                batch_size=batch_size, num_workers=0, mesh=mesh)
+    assert asked == [sharding.whole_rows(5, mesh), 2 * mesh.size]

@@ -47,15 +47,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     distributed.check_processes_agree({"evaluation images": len(examples)}, "data")
     task = tasks.make_task(restored.config, restored.model, restored.class_names)
     eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
-    # The metrics do not depend on the batch (evaluation caps it at the split's size).
-    batch_size = sharding.whole_rows(min(config.batch_size, len(examples)), restored.mesh)
+    batch_size = evaluation.batch_size_for(config.batch_size, len(examples), restored.mesh)
     error = host_resources.batch_too_large("batch_size", batch_size, restored.model.config.img_size,
                                            jax.process_count(), jax.default_backend() == "cpu")
     if error:
         raise config_lib.ConfigError(error)
-    if batch_size != config.batch_size and config.batch_size < len(examples):
-        logging.info("evaluating in batches of %d: config.batch_size=%d rounded up to a multiple of the %d devices",
-                     batch_size, config.batch_size, restored.mesh.size)
+    if batch_size != config.batch_size:
+        logging.info("evaluating in batches of %d: config.batch_size=%d as whole rows for the %d devices, and at "
+                     "most the split's %d images", batch_size, config.batch_size, restored.mesh.size, len(examples))
     metrics, outputs, first = evaluation.evaluate(
         task, eval_step, restored.weights, examples, image_size=restored.model.config.img_size,
         batch_size=batch_size, num_workers=data.num_workers, mesh=restored.mesh)

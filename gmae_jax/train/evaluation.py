@@ -13,14 +13,19 @@ from gmae_jax.data import pipeline, sources
 from gmae_jax.train import sharding, tasks
 
 
+def batch_size_for(batch_size: int, num_examples: int, mesh: jax.sharding.Mesh) -> int:
+    """The batch an evaluation runs in: whole rows for every device, and no more than the split (the
+    metrics do not depend on the batch; beyond the split it would hold only padding)."""
+    return sharding.whole_rows(min(batch_size, max(num_examples, 1)), mesh)
+
+
 def evaluate(
     task: tasks.Task, eval_step: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]], state: Any,
     examples: sources.Source, *, image_size: int, batch_size: int, num_workers: int, mesh: jax.sharding.Mesh,
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch).
     `state` is a TrainState or `setup.Weights`."""
-    # The metrics do not depend on the batch: one larger than the split would hold only padding.
-    batch_size = min(batch_size, sharding.whole_rows(max(len(examples), 1), mesh))
+    batch_size = batch_size_for(batch_size, len(examples), mesh)
     dataset = pipeline.make_eval_dataset(
         examples, image_size=image_size, global_batch_size=batch_size, num_workers=num_workers,
         process_index=jax.process_index(), process_count=jax.process_count())
