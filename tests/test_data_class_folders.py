@@ -151,3 +151,22 @@ def test_an_evaluation_split_without_some_of_the_given_classes_has_no_examples_o
         scan_split(str(tmp_path / "none"), "val", class_names=["one", "palm"], complete=False)
     with pytest.raises(DataLayoutError, match="one holds no images"):  # a training split needs every class
         scan_split(str(tmp_path), "val", class_names=["fist", "one"])
+
+
+def test_loose_files_in_a_split_are_one_warning_not_one_each(tmp_path, caplog):
+    _make_tree(tmp_path, ["train/one/a.jpg"] + [f"train/loose{i:02d}.jpg" for i in range(50)])
+
+    with caplog.at_level(logging.WARNING):
+        assert list_classes(str(tmp_path), "train") == ["one"]
+    lines = [r.getMessage() for r in caplog.records if "Ignoring" in r.getMessage()]
+    assert lines == [f"Ignoring 50 file(s) in {tmp_path / 'train'}, such as loose00.jpg: not class folders (a "
+                     "class's images go in <split>/<class>/)."]
+
+
+def test_a_class_spelled_in_another_unicode_form_is_named_as_such(tmp_path):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"  # what prints as 'café' either way
+    _make_tree(tmp_path, [f"train/{nfc}/a.jpg", "train/one/b.jpg", f"val/{nfd}/c.jpg", "val/one/d.jpg"])
+
+    with pytest.raises(DataLayoutError, match=r"\['cafe\u0301'\] are the same names written in other Unicode "
+                                              r"forms \(NFC / NFD\); rename those folders\."):
+        scan_split(str(tmp_path), "val", class_names=[nfc, "one"], complete=False)

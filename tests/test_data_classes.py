@@ -164,3 +164,12 @@ def test_hand_crops_of_free_hands_need_no_gesture_among_the_classes(custom_root)
     with pytest.raises(DataLayoutError, match="config.data.no_gesture_prob=0.3 crops free hands as 'no_gesture', "
                        r"which is not among the classes \['wave', 'call'\]"):
         sources.open_sources(_data(custom_root, classes="wave,call", mode="hand_crop", no_gesture_prob=0.3))
+
+
+def test_a_run_evaluated_on_a_tree_with_other_gestures_scores_its_own(custom_root, caplog):
+    """A run of 2 gestures evaluated on a HaGRID tree of 5 stopped with advice for flags that the
+    evaluate stage does not have (data.classes, data.max_dropped_fraction)."""
+    val = sources.open_split(_data(custom_root), "val", ["call", "like"])
+    assert len(val) == 4 and {r.class_folder for r in val.records} == {"call", "like"}
+    assert f"{custom_root}: 18 images of gestures the run was not trained on are left out (unknown_class:" \
+        in caplog.text

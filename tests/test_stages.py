@@ -281,6 +281,24 @@ def test_predict_writes_the_reason_of_a_skipped_file_whose_name_is_not_utf8(run_
     assert skipped == [{"file": name, "reason": f"unreadable: Cannot decode image {name}: the file is empty"}]
 
 
+def test_a_folder_predict_cannot_list_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """It stopped the whole listing (as root, permissions are not enforced: the refusal is simulated)."""
+    for folder in ("a", "locked"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "hand.jpg").write_bytes(b"")
+    real_iterdir = type(inputs.epath.Path(tmp_path)).iterdir
+
+    def iterdir(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(type(inputs.epath.Path(tmp_path)), "iterdir", iterdir)
+    items, skipped = inputs.list_inputs(str(tmp_path))
+    assert [item.path for item in items] == [str(tmp_path / "a" / "hand.jpg")]
+    assert skipped == [(str(tmp_path / "locked"), "cannot list this folder (Permission denied)")]
+
+
 def test_a_link_beside_a_folder_lists_its_files_under_the_folders_own_name(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "hand.jpg").write_bytes(b"")

@@ -6,6 +6,7 @@ Knows files and labels only; decoding and batching live in `transforms` and `pip
 from collections.abc import Sequence
 import dataclasses
 import os
+import unicodedata
 
 from absl import logging
 from etils import epath
@@ -56,14 +57,14 @@ def _split_dir(root: str, split: str) -> epath.Path:
 def list_classes(root: str, split: str) -> list[str]:
     """Sorted class-folder names of a split; hidden entries and stray files are ignored."""
     split_path = _split_dir(root, split)
-    names = []
+    names, files = [], []
     for entry in split_path.iterdir():
         if _is_hidden(entry):
             continue
-        if entry.is_dir():
-            names.append(entry.name)
-        else:
-            logging.warning("Ignoring %s: not a class folder.", entry)
+        (names if entry.is_dir() else files).append(entry.name)
+    if files:  # one line, however many (a split of loose images has thousands)
+        logging.warning("Ignoring %d file(s) in %s, such as %s: not class folders (a class's images go in "
+                        "<split>/<class>/).", len(files), split_path, min(files))
     return sorted(names)
 
 
@@ -76,10 +77,17 @@ def _check_class_names(
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     if extra or (missing and complete):
+        # Names that print alike but differ in bytes: e.g. 'café' as one code point (macOS writes
+        # the accent as a second one), or copied between file systems that store names differently.
+        same = sorted({name for name in extra if unicodedata.normalize("NFC", name)
+                       in {unicodedata.normalize("NFC", m) for m in missing}})
+        hint = (f" {same} are the same names written in other Unicode forms (NFC / NFD); rename those folders."
+                if same else "")
         raise DataLayoutError(
             f"Class folders in {split_path} do not match the expected classes: "
             f"missing {missing}, unexpected {extra}. The labels know only {list(expected)}"
             + (", and training needs images of each." if complete else ": remove or rename the unexpected folders.")
+            + hint
         )
     if missing:
         logging.warning("%s has no folder for the classes %s: none of its examples are of them.", split_path, missing)

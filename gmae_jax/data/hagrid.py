@@ -152,21 +152,33 @@ class ReadReport:
         if self.dropped_images():
             logging.warning("%s: images dropped per reason (class counts): %s", source, self.describe_dropped())
 
-    def check_dropped(self, max_fraction: float, source: str) -> None:
-        """Stops (DataLayoutError, one line) when more than `max_fraction` of the images would be lost."""
-        lost = sum(sum(c.values()) for c in self.dropped_images().values())
+    def check_dropped(self, max_fraction: float, source: str, run_classes: Sequence[str] = ()) -> None:
+        """Stops (DataLayoutError, one line) when more than `max_fraction` of the images would be lost.
+
+        `run_classes`: the classes of a trained run that the data is read for (evaluate). Its images of
+        other gestures are not lost but not the run's to score: left out with a line that counts them."""
+        dropped = self.dropped_images()
+        if run_classes:
+            others = {reason: dropped.pop(reason) for reason in (UNKNOWN_CLASS, UNKNOWN_LABEL) if reason in dropped}
+            if others:
+                logging.warning("%s: %d images of gestures the run was not trained on are left out (%s)", source,
+                                sum(sum(c.values()) for c in others.values()),
+                                "; ".join(f"{reason}: {dict(counts)}" for reason, counts in others.items()))
+        lost = sum(sum(c.values()) for c in dropped.values())
         total = lost + self.num_records
         if not total or lost <= max_fraction * total:
             return
-        if UNKNOWN_CLASS in self.dropped_images():
+        if run_classes:
+            way_out = "fix the data, or give other data (--config.data_root)"
+        elif UNKNOWN_CLASS in dropped:
             way_out = ("set --config.data.classes=present to use the classes found in the tree "
-                       "(or list them: --config.data.classes=name1,name2,...)")
+                       "(or list them: --config.data.classes=name1,name2,...), or raise "
+                       "--config.data.max_dropped_fraction to accept the loss")
         else:
-            way_out = "fix the data"
+            way_out = "fix the data, or raise --config.data.max_dropped_fraction to accept the loss"
         raise DataLayoutError(
             f"{lost} of {total} images ({100 * lost / total:.1f}%) of {source} would be dropped, more than "
-            f"config.data.max_dropped_fraction={max_fraction}: {self.describe_dropped()}; {way_out}, or "
-            "raise --config.data.max_dropped_fraction to accept the loss.")
+            f"config.data.max_dropped_fraction={max_fraction}: {self.describe_dropped()}; {way_out}.")
 
 
 def _load_json(path: epath.Path) -> dict[str, Any]:

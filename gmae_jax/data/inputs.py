@@ -70,11 +70,14 @@ def _real(folder: epath.Path) -> str:
 
 
 def _walk(folder: epath.Path, listed: dict[str, str]) -> tuple[list[epath.Path], list[tuple[str, str]]]:
-    """(every file under `folder`, folders skipped as listed already). `listed` maps the real path of
-    each folder entered to the name it was entered by: each folder is entered once, so a link to a
-    folder above it (a loop) or beside it lists nothing twice; real folders go before links, so a
-    folder's files keep its own name where it can. (epath has no recursive glob on every backend.)"""
-    entries = sorted(folder.iterdir())
+    """(every file under `folder`, folders skipped: listed already, or unreadable). `listed` maps the
+    real path of each folder entered to the name it was entered by: each folder is entered once, so a
+    link to a folder above it (a loop) or beside it lists nothing twice; real folders go before links,
+    so a folder's files keep its own name where it can. (epath has no recursive glob on every backend.)"""
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError as error:  # one folder of many: the others are still worth predicting
+        return [], [(str(folder), f"cannot list this folder ({error.strerror})")]
     files = [entry for entry in entries if not entry.is_dir()]
     repeats = []
     for entry in sorted((e for e in entries if e.is_dir()), key=lambda e: (os.path.islink(e), e.name)):

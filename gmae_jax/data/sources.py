@@ -156,7 +156,7 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
                               f"{_pick_another_split(data, split, error.present)}.") from None
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
                  report.describe_dropped())
-    report.check_dropped(data.max_dropped_fraction, root)
+    report.check_dropped(data.max_dropped_fraction, root, run_classes=list(class_names or ()))
     by_split = _by_split(recs, layout, wanted, data)
     try:
         splits.assert_user_disjoint(by_split)
