@@ -342,6 +342,80 @@ def test_a_state_dict_saved_from_data_parallel_imports_without_its_module_prefix
         np.testing.assert_array_equal(read[name], value)
 
 
+@pytest.mark.parametrize("save", [
+    lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3},  # a training script's
+    lambda sd: {"state_dict": sd},
+    lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # saved from a torch.compile'd model
+    lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},  # ... inside DistributedDataParallel
+    lambda sd: {k: v.requires_grad_(v.is_floating_point()) for k, v in sd.items()},  # state_dict(keep_vars=True)
+])
+def test_state_dicts_as_training_scripts_save_them_import(save, tmp_path):
+    """Each was refused ('holds neither a state_dict ...'), blamed on the model's sizes, or a traceback."""
+    plain = import_.read_pth(str(classifier_file(tmp_path)))["model_state_dict"]
+    torch.save(save({name: torch.from_numpy(value.copy()) for name, value in plain.items()}), tmp_path / "saved.pth")
+    read = import_.read_pth(str(tmp_path / "saved.pth"))["model_state_dict"]
+    assert list(read) == list(plain)
+    for name, value in plain.items():
+        np.testing.assert_array_equal(read[name], value)
+
+
+def test_files_that_hold_no_state_dict_say_what_they_hold_and_what_to_save(tmp_path):
+    torch.manual_seed(0)
+    model = mirror.GMAEForClassification(micro(), 3)
+    torch.save(model, tmp_path / "module.pth")
+    with pytest.raises(config_lib.ConfigError, match=r"it holds a pickled gmae_jax\.torch_mirror\.modules\."
+                       r"GMAEForClassification, not only tensors; save the model's state_dict instead"):
+        import_.read_pth(str(tmp_path / "module.pth"))
+    torch.save({"encoder": model.encoder.state_dict(), "epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(config_lib.ConfigError, match=r"holds a dict of 'encoder', 'epoch', and no state_dict under "
+                       r"'model_state_dict', 'model', 'state_dict': save the model's state_dict"):
+        import_.read_pth(str(tmp_path / "other.pth"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda payload: payload["config"]["gmae_jax_model"].update(new_field=1),
+     r"its config's gmae_jax_model is not a model this version of gmae_jax reads \(TypeError: .*new_field"),
+    (lambda payload: payload["config"]["gmae_jax_model"].update(embed_dim="32"),
+     r"its config's gmae_jax_model is not a model this version of gmae_jax reads \(ValueError: embed_dim='32' is "
+     r"no int\)"),
+    (lambda payload: payload.update(step=2**40), r"records step 1099511627776, which no run reaches"),
+    (lambda payload: payload.update(class_names=["a", "b"]),
+     r"carries 2 class names for a head of 3 outputs: a damaged or edited export; export the run again"),
+])
+def test_an_export_with_damaged_fields_is_one_line(change, message, finetune, tmp_path):
+    """Each was a traceback (or contradictory advice); an export from a later version adding a model field
+    reads as the first."""
+    _, out, _ = finetune
+    payload = torch.load(out / "model.pth", weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / "model.pth")
+    config = load("import")
+    config.path = str(tmp_path / "model.pth")
+    with pytest.raises(config_lib.ConfigError, match=message) as error:
+        stages.run(config, str(tmp_path / "out"))
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_import_and_export_never_write_inside_a_run(finetune, tmp_path):
+    """Import wrote a run into another's checkpoints/ (which then passed for that run); export wrote over
+    the config.json of a run whose checkpoints/ had been moved away, as the README says to do when none
+    restores."""
+    run_dir, out, _ = finetune
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    config = load("import")
+    config.path = str(out / "model.pth")
+    with pytest.raises(config_lib.ConfigError, match=rf"--workdir={copy}/checkpoints/new is inside the training run "
+                       rf"{copy} \(its checkpoints/ is there\); import never writes into a run"):
+        stages.run(config, str(copy / "checkpoints" / "new"))
+    shutil.move(copy / "checkpoints", tmp_path / "moved_away")
+    before = (copy / "config.json").read_bytes()
+    with pytest.raises(config_lib.ConfigError, match=rf"--workdir={copy} holds a training run \(its config.json is "
+                       r"a finetune run's\); the export never writes into a run"):
+        run_stage("export", copy, checkpoint_dir=str(run_dir))
+    assert (copy / "config.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("change,model,message", [
     (lambda sd: sd.pop("encoder.blocks.1.norm3.bias"), "micro", r"missing key 'encoder\.blocks\.1\.norm3\.bias'"),
     (lambda sd: sd.update(extra=torch.zeros(1)), "micro", r"extra key 'extra'"),

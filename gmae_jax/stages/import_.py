@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
 import pickle
+import re
 from typing import Any
 
 import jax
@@ -56,7 +58,11 @@ def _check_distinct(names: list[str], source: str) -> None:
 
 
 DEFAULT_PRESET = "reference"  # configs/import.py's: the original's own sizes
-_WRAPPED = "module."  # the prefix torch's DataParallel and DistributedDataParallel give every key
+# Prefixes wrappers give every key: torch's DataParallel and DistributedDataParallel ("module."),
+# torch.compile ("_orig_mod."), in either order.
+_WRAPPED = ("module.", "_orig_mod.")
+# Where training scripts keep the model's state_dict in their checkpoint dict: the original's key first.
+_STATE_DICT_KEYS = ("model_state_dict", "model", "state_dict")
 
 
 def read_pth(path: str) -> dict[str, Any]:
@@ -70,25 +76,57 @@ def read_pth(path: str) -> dict[str, Any]:
     if path.endswith(".safetensors"):
         payload = _read_safetensors(path)
     else:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # the bytes through epath: torch.load opens local files only (a gs:// path would not load)
+            payload = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location="cpu", weights_only=True)
         except Exception as error:  # bytes that are no checkpoint fail with any error type
             raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
                                          f"which never runs pickled code: {_reason(error)}") from None
-    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+
+    def is_state_dict(value: Any) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if is_state_dict(payload):
         payload = {"model_state_dict": payload}  # a bare state_dict
+    elif isinstance(payload, dict) and "model_state_dict" not in payload:
+        key = next((k for k in _STATE_DICT_KEYS if is_state_dict(payload.get(k))), None)
+        if key is not None:  # a training script's checkpoint: {'model': state_dict, 'optimizer': ..., ...}
+            payload = {"model_state_dict": payload[key]}
     if not (isinstance(payload, dict) and "model_state_dict" in payload):
-        raise config_lib.ConfigError(f"config.path={path} holds neither a state_dict nor a dict with "
-                                     "'model_state_dict' (the original's checkpoints and our model.pth have one)")
+        found = f"a dict of {', '.join(map(repr, list(payload)[:8]))}" if isinstance(payload, dict) else (
+            f"a {type(payload).__name__}")
+        raise config_lib.ConfigError(
+            f"config.path={path} holds {found}, and no state_dict under {', '.join(map(repr, _STATE_DICT_KEYS))}: "
+            "save the model's state_dict (torch.save(model.state_dict(), path)); an export's encoder.pth is the "
+            "encoder alone, import its model.pth")
     for key in ("model_state_dict", "extra_state_dict"):
         tensors = payload.get(key, {})
         if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
             raise config_lib.ConfigError(f"config.path={path}: its '{key}' is not a state_dict (names to tensors)")
-        # numpy has no bfloat16, and the model computes in float32: half-precision saves widen exactly.
-        payload[key] = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in tensors.items()}
-        if payload[key] and all(k.startswith(_WRAPPED) for k in payload[key]):  # saved from (Distributed)DataParallel
-            payload[key] = {k[len(_WRAPPED):]: v for k, v in payload[key].items()}
+        payload[key] = {k: _as_numpy(v, k, path) for k, v in tensors.items()}
+        payload[key] = _unwrapped(payload[key])
     return payload
+
+
+def _as_numpy(tensor: Any, name: str, path: str) -> np.ndarray:
+    """A saved tensor as numpy: numpy has no bfloat16, and the model computes in float32, so
+    half-precision saves widen exactly; one saved with its autograd state (keep_vars=True) is detached."""
+    tensor = tensor.detach()
+    try:
+        return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    except (RuntimeError, TypeError, NotImplementedError) as error:  # meta, sparse, quantised tensors
+        raise config_lib.ConfigError(f"config.path={path}: tensor '{name}' holds no dense values to read "
+                                     f"({type(error).__name__}: {str(error).splitlines()[0]}); save the model's "
+                                     "state_dict from a model on the CPU") from None
+
+
+def _unwrapped(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keys without the prefixes wrappers gave all of them (`module._orig_mod.x` -> `x`)."""
+    while state:
+        prefix = next((p for p in _WRAPPED if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
@@ -120,6 +158,10 @@ def _reason(error: Exception) -> str:
     checkpoint, which their bare message does not say."""
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if pickled:  # torch's own advice (weights_only=False) is what this stage never does
+        return (f"it holds a pickled {pickled.group(1)}, not only tensors; save the model's state_dict instead "
+                "(torch.save(model.state_dict(), path))")
     if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and lines:
         return next((line for line in lines if not line.startswith(boilerplate)), lines[0])
     return f"it is no file torch.save wrote, or a damaged one ({': '.join([type(error).__name__] + lines[:1])})"
@@ -161,7 +203,12 @@ def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, s
     keys imply: 'encoder' only with an encoder mask token (the original has none), else 'original',
     or 'sparse' where config.model asks for it (it has the original's tensors)."""
     if isinstance(payload.get("config"), dict) and "gmae_jax_model" in payload["config"]:
-        exported = export_format.model_config(payload["config"])
+        try:
+            exported = _typed(export_format.model_config(payload["config"]))
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise config_lib.ConfigError(
+                f"config.path={config.path}: its config's gmae_jax_model is not a model this version of gmae_jax "
+                f"reads ({type(error).__name__}: {error}); export the run again with this version") from None
         _notice_model_not_applied(config.model, exported)
         return exported
     if "encoder_mask_token" in state:
@@ -169,6 +216,15 @@ def imported_model(payload: dict[str, Any], config: ml_collections.ConfigDict, s
     else:
         mask_mode = "sparse" if config.model.mask_mode == "sparse" else "original"
     return dataclasses.replace(gmst_config(config.model), mask_mode=mask_mode)
+
+
+def _typed(model: GMSTConfig) -> GMSTConfig:
+    """`model` if each field has its default's type (JSON writes a float like 4.0 as 4), else ValueError."""
+    for field in dataclasses.fields(model):
+        want, value = type(getattr(GMSTConfig(), field.name)), getattr(model, field.name)
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, (int, float) if want is float else want):
+            raise ValueError(f"{field.name}={value!r} is no {want.__name__}")
+    return model
 
 
 def _notice_model_not_applied(asked: ml_collections.ConfigDict, exported: GMSTConfig) -> None:
@@ -190,6 +246,9 @@ def _class_names(payload: dict[str, Any], config: ml_collections.ConfigDict, num
                  path: str) -> list[str]:
     given = _given_class_names(config)
     carried = list(payload.get("class_names") or [])
+    if carried and num_classes is not None and len(carried) != num_classes:
+        raise config_lib.ConfigError(f"config.path={path} carries {len(carried)} class names for a head of "
+                                     f"{num_classes} outputs: a damaged or edited export; export the run again")
     if carried and given and given != carried:
         raise config_lib.ConfigError(f"config.path={path} carries its class names ({','.join(carried)}); drop "
                                      "--config.class_names, which would contradict them")
@@ -214,10 +273,14 @@ def _pretraining(payload: dict[str, Any]) -> dict[str, Any] | None:
     return None if mask_ratio is None else {"mask_ratio": mask_ratio, "norm_pix_loss": False}
 
 
-def _step(payload: dict[str, Any], state: dict[str, np.ndarray]) -> int:
+def _step(payload: dict[str, Any], state: dict[str, np.ndarray], path: str) -> int:
     """Our export's step; for the original's files, the BatchNorm forward count (its best guess)."""
-    if isinstance(payload.get("step"), int):
-        return payload["step"]
+    step = payload.get("step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        if not 0 <= step < 2**31:
+            raise config_lib.ConfigError(f"config.path={path} records step {step}, which no run reaches (a step is "
+                                         "in [0, 2**31)): a damaged or edited export; export the run again")
+        return step
     counts = [int(v) for k, v in sorted(state.items()) if k.endswith(".num_batches_tracked")]
     return counts[0] if counts else 0
 
@@ -253,6 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if (epath.Path(workdir) / setup.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
                                      "a new folder")
+    setup.check_not_inside_a_run(workdir, "import")  # where it would pass for that run
     payload = read_pth(config.path)
     state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
@@ -266,7 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_finite(state, config.path)
     class_names = _class_names(payload, config, num_classes, config.path)
     variables = convert.torch_to_flax_variables(state, model=kind, config=model)
-    step = _step(payload, state)
+    step = _step(payload, state, config.path)
     written = run_config(config, stage, model, num_classes, _pretraining(payload))
 
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),

@@ -176,11 +176,37 @@ def is_inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
+def _run_evidence(folder: epath.Path) -> str | None:
+    """What marks `folder` as a training run's: its checkpoints/, or (checkpoints moved away, as a run
+    none of whose checkpoints restores is told to) the config.json a training stage wrote."""
+    if (folder / CHECKPOINTS).is_dir():
+        return f"its {CHECKPOINTS}/ is there"
+    try:
+        stage = read_run_config(folder / CONFIG_FILE).get("stage") if (folder / CONFIG_FILE).is_file() else None
+    except ConfigError:  # a damaged config.json: not evidence of a run
+        return None
+    return f"its {CONFIG_FILE} is a {stage} run's" if stage in TRAINING_STAGES else None
+
+
 def check_not_a_run(workdir: str, stage: str) -> None:
-    """A stage that is no training run never writes into one (its config.json, pictures, TensorBoard)."""
-    if (epath.Path(workdir) / CHECKPOINTS).is_dir():
-        raise ConfigError(f"--workdir={workdir} holds a training run (its {CHECKPOINTS}/ is there); {stage} never "
-                          "writes into a run: choose another folder")
+    """A stage that is no training run never writes into one (its config.json, pictures, TensorBoard),
+    nor into a folder inside one (where it would pass for the run: a checkpoints/ inside checkpoints/)."""
+    evidence = _run_evidence(epath.Path(workdir))
+    if evidence:
+        raise ConfigError(f"--workdir={workdir} holds a training run ({evidence}); {stage} never writes into a "
+                          "run: choose another folder")
+    check_not_inside_a_run(workdir, stage)
+
+
+def check_not_inside_a_run(workdir: str, stage: str) -> None:
+    """No folder above `workdir` is a training run's (local paths; a bucket has no folders to walk)."""
+    if "://" in workdir:
+        return
+    for folder in epath.Path(os.path.abspath(workdir)).parents:
+        evidence = _run_evidence(folder)
+        if evidence:
+            raise ConfigError(f"--workdir={workdir} is inside the training run {folder} ({evidence}); {stage} "
+                              "never writes into a run: choose a folder outside it")
 
 
 def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
