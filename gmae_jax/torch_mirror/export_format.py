@@ -76,5 +76,18 @@ def export_config(
 
 
 def model_config(config: dict[str, Any]) -> GMSTConfig:
-    """The `GMSTConfig` an export was written from (its `config.json` or `model.pth['config']`)."""
-    return GMSTConfig(**config["gmae_jax_model"])
+    """The `GMSTConfig` an export was written from (its `config.json` or `model.pth['config']`).
+    ValueError, naming the field, where it is not a model this version builds (an export of a later
+    version with a new field, or an edited one)."""
+    fields = config.get("gmae_jax_model") if isinstance(config, dict) else None
+    if not isinstance(fields, dict):
+        raise ValueError("its config has no gmae_jax_model section")
+    unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(GMSTConfig)})
+    if unknown:
+        raise ValueError(f"its model has field(s) this version does not know: {', '.join(unknown)}")
+    model = GMSTConfig(**fields)
+    for field in dataclasses.fields(model):  # JSON writes a float such as 4.0 as 4
+        want, value = type(getattr(GMSTConfig(), field.name)), getattr(model, field.name)
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, (int, float) if want is float else want):
+            raise ValueError(f"its model's {field.name}={value!r} is no {want.__name__}")
+    return model

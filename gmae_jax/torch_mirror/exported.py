@@ -97,7 +97,11 @@ def load(folder: str | os.PathLike) -> ExportedModel:
     """The model in `folder` (written by `configs/export.py`), weights loaded with `strict=True`."""
     checkpoint = torch.load(os.path.join(folder, export_format.MODEL_PTH), map_location="cpu", weights_only=True)
     config = checkpoint["config"]
-    gmst = export_format.model_config(config)
+    try:
+        gmst = export_format.model_config(config)
+    except ValueError as error:
+        raise ValueError(f"{os.path.join(folder, export_format.MODEL_PTH)}: {error}; export the run again with "
+                         "this version of gmae_jax") from None
     if config["stage"] == "finetune":
         module: torch.nn.Module = modules.GMAEForClassification(gmst, config["num_classes"])
     else:
