@@ -154,28 +154,25 @@ class ReadReport:
 
     def check_dropped(self, max_fraction: float, source: str, run_classes: Sequence[str] = ()) -> None:
         """Stops (DataLayoutError, one line) when more than `max_fraction` of the images would be lost.
-
-        `run_classes`: the classes of a trained run that the data is read for (evaluate). Its images of
-        other gestures are not lost but not the run's to score: left out with a line that counts them."""
+        Read for a trained run (`run_classes`, evaluate), images of other gestures are not lost but not
+        the run's to score: left out, counted in one line."""
         dropped = self.dropped_images()
-        if run_classes:
-            others = {reason: dropped.pop(reason) for reason in (UNKNOWN_CLASS, UNKNOWN_LABEL) if reason in dropped}
-            if others:
-                logging.warning("%s: %d images of gestures the run was not trained on are left out (%s)", source,
-                                sum(sum(c.values()) for c in others.values()),
-                                "; ".join(f"{reason}: {dict(counts)}" for reason, counts in others.items()))
+        others = {r: dropped.pop(r) for r in (UNKNOWN_CLASS, UNKNOWN_LABEL) if run_classes and r in dropped}
+        if others:
+            logging.warning("%s: %d images of gestures the run was not trained on are left out (%s)", source,
+                            sum(sum(c.values()) for c in others.values()),
+                            "; ".join(f"{r}: {dict(c)}" for r, c in others.items()))
         lost = sum(sum(c.values()) for c in dropped.values())
         total = lost + self.num_records
         if not total or lost <= max_fraction * total:
             return
-        if run_classes:
-            way_out = "fix the data, or give other data (--config.data_root)"
-        elif UNKNOWN_CLASS in dropped:
-            way_out = ("set --config.data.classes=present to use the classes found in the tree "
-                       "(or list them: --config.data.classes=name1,name2,...), or raise "
-                       "--config.data.max_dropped_fraction to accept the loss")
+        if UNKNOWN_CLASS in dropped:  # not where run_classes left them out above
+            way_out = ("set --config.data.classes=present to use the classes found in the tree (or list them: "
+                       "--config.data.classes=name1,name2,...), or raise --config.data.max_dropped_fraction to "
+                       "accept the loss")
         else:
-            way_out = "fix the data, or raise --config.data.max_dropped_fraction to accept the loss"
+            way_out = ("fix the data, or give other data (--config.data_root)" if run_classes else
+                       "fix the data, or raise --config.data.max_dropped_fraction to accept the loss")
         raise DataLayoutError(
             f"{lost} of {total} images ({100 * lost / total:.1f}%) of {source} would be dropped, more than "
             f"config.data.max_dropped_fraction={max_fraction}: {self.describe_dropped()}; {way_out}.")
