@@ -267,7 +267,7 @@ def _step(payload: dict[str, Any], state: dict[str, np.ndarray], path: str) -> i
     """Our export's step; for the original's files, the BatchNorm forward count (its best guess)."""
     step = payload.get("step")
     if isinstance(step, int) and not isinstance(step, bool):
-        if not 0 <= step < 2**31:
+        if not 0 <= step < config_lib.MAX_STEPS:
             raise config_lib.ConfigError(f"config.path={path} records step {step}, which no run reaches (a step is "
                                          "in [0, 2**31)): a damaged or edited export; export the run again")
         return step

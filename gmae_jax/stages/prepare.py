@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from gmae_jax import config_lib
+from gmae_jax import config_lib, schema
 from gmae_jax.data import prepare
 from gmae_jax.train import setup
 from gmae_jax.train.preemption import Preempted
@@ -44,8 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(config.data.layout in LAYOUTS,
                      f"config.data.layout='{config.data.layout}' must be one of {LAYOUTS}: the prepare stage splits "
                      "HaGRID by person (user_id)")
-    config_lib.check(0.0 <= config.data.max_dropped_fraction <= 1.0,
-                     f"config.data.max_dropped_fraction={config.data.max_dropped_fraction} must be in [0, 1]")
+    config_lib.validate_data(schema.read(schema.DataConfig, config.data, "config.data"))
 
 
 def check_workdir(workdir: str) -> None:

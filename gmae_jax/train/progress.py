@@ -68,12 +68,9 @@ def _readable_records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
 def format_duration(seconds: float) -> str:
     """'1 day, 2:03:04'; an ETA past what a timedelta holds (a run of 2**31 slow steps) reads in years."""
     seconds = max(seconds, 0.0)
-    if not seconds < _TIMEDELTA_DAYS * 86400:
+    if not seconds < datetime.timedelta.max.days * 86400:
         return f"{seconds / (365.25 * 86400):.3g} years"
     return str(datetime.timedelta(seconds=int(seconds)))
-
-
-_TIMEDELTA_DAYS = 999_999_999  # datetime.timedelta.max.days
 
 
 # Above this share of a log interval spent waiting for batches, the run says what to change (once).
