@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,44 @@ def failures_of_others() -> dict[int, str]:
     failures = {int(key.rsplit("/", 1)[-1]): value for key, value in found}
     failures.pop(jax.process_index(), None)
     return dict(sorted(failures.items()))
+
+
+# Where a failed process says it is leaving, the moment before it ends itself.
+_LEFT = "gmae_jax/left/"
+REPORT_GRACE_S = 10.0  # how long process 0 waits for the others to report the error it met (if they met it too)
+LEAVE_TIMEOUT_S = 60.0  # how long it waits for those that did to leave
+_POLL_S = 0.05
+_AFTER_THE_LAST_S = 0.5  # from the last one's word to its exit
+
+
+def leave_in_order() -> None:
+    """Called by a failed process of a job the moment before it ends itself. Process 0 keeps the job's
+    coordination service: a process still running when it goes aborts in JAX's C++ client (status -6
+    and a stack trace under its error line). Errors that every process meets at once (data that
+    differs between hosts, a NaN loss) would so end all but the fastest that way. So the others say
+    they are leaving and go; process 0 waits for those that fail too (they report their error first,
+    `report_failure`) and goes last. Processes that report nothing within REPORT_GRACE_S (e.g. waiting
+    in a collective for process 0) are not waited for."""
+    if jax.process_index() != 0:
+        _with_store(lambda client: client.key_value_set(f"{_LEFT}{jax.process_index()}", ""))
+        return
+    others = set(range(1, jax.process_count()))
+    start = time.monotonic()
+    while True:
+        waiting = others - _processes_under(_LEFT)
+        if not waiting:
+            time.sleep(_AFTER_THE_LAST_S)
+            return
+        elapsed = time.monotonic() - start
+        failing = waiting & _processes_under(_FAILURES)
+        if elapsed > LEAVE_TIMEOUT_S or (elapsed > REPORT_GRACE_S and not failing):
+            return
+        time.sleep(_POLL_S)
+
+
+def _processes_under(prefix: str) -> set[int]:
+    found = _with_store(lambda client: client.key_value_dir_get(prefix)) or []
+    return {int(key.rsplit("/", 1)[-1]) for key, _ in found}
 
 
 def _with_store(call: Callable[[Any], Any]) -> Any:

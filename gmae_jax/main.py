@@ -116,7 +116,8 @@ def _leave_the_job(message: str) -> None:
     """Ends a process of a multi-process job that failed, at once, with status 1. A normal exit runs
     JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
     may wait in a collective for this one: the job would hang that long before the launcher (or the
-    cluster) could see a process fail and stop the rest. Errors that every process meets together
+    cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
+    with it (`distributed.leave_in_order`). Errors that every process meets together
     (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
     sys.stderr.write(message)
     sys.stderr.flush()
@@ -126,6 +127,7 @@ def _leave_the_job(message: str) -> None:
         worker.kill()  # so skips their hook
     for worker in multiprocessing.active_children():
         worker.join(timeout=5)
+    distributed.leave_in_order()
     os._exit(1)
 
 

@@ -392,6 +392,60 @@ def test_processes_that_see_different_data_stop_with_one_line_before_training(da
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+_FAIL_TOGETHER = """
+import sys, time
+import jax
+from gmae_jax import distributed, main
+rank, address, fails, grace = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "yes", float(sys.argv[4])
+distributed.initialize(coordinator_address=address, num_processes=2, process_id=rank, num_cpu_devices=1, timeout_s=60)
+distributed.REPORT_GRACE_S = grace
+assert jax.process_count() == 2  # every process starts its backend together, as main does
+if rank == 1:
+    if not fails:
+        time.sleep(600)  # busy elsewhere, e.g. in a collective
+    time.sleep(3)  # slower than process 0 to reach the same error
+distributed.report_failure("the same error")
+main._leave_the_job("error: the same error\\n")
+"""
+
+
+def _fail_together(tmp_path, process_1_fails: bool, grace_s: float) -> list[subprocess.Popen]:
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
+    return [subprocess.Popen([sys.executable, "-c", _FAIL_TOGETHER, str(rank), address,
+                              "yes" if process_1_fails else "no", str(grace_s)],
+                             cwd=REPO, env=env, stdout=open(tmp_path / f"process_{rank}.log", "w"),
+                             stderr=subprocess.STDOUT) for rank in range(2)]
+
+
+def test_processes_that_fail_together_each_exit_with_their_line_whoever_is_last(tmp_path):
+    """Process 0 keeps the job's coordination service: leaving before a slower process that failed
+    too aborted that one in JAX's C++ client (status -6, a stack trace under its error line)."""
+    procs = _fail_together(tmp_path, process_1_fails=True, grace_s=10)
+    try:
+        for proc in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, proc in enumerate(procs):
+        log = (tmp_path / f"process_{rank}.log").read_text()
+        assert proc.returncode == 1, log
+        assert log.strip().splitlines()[-1] == "error: the same error", log
+
+
+def test_process_0_does_not_wait_for_a_process_that_reports_nothing(tmp_path):
+    procs = _fail_together(tmp_path, process_1_fails=False, grace_s=1)
+    try:
+        procs[0].wait(timeout=120)
+        assert procs[1].poll() is None  # still busy: process 0 did not wait for it to end
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert procs[0].returncode == 1, (tmp_path / "process_0.log").read_text()
+
+
 def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
     """Not after JAX's distributed shutdown, which waits up to 5 minutes for processes that are
     waiting in a collective for it: the launcher sees the failure and stops the others."""
