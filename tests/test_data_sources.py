@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -296,3 +297,22 @@ def test_a_person_in_two_splits_of_a_v2_tree_is_warned_of(tmp_path, caplog):
     sources.open_sources(data_config(tmp_path))
     assert ("User 'user000' is in both 'train' and 'val': a person seen in training must not be evaluated on. "
             f"{tmp_path}'s splits share people") in caplog.text
+
+
+@pytest.mark.parametrize("version, images", [("v2", "hagrid_dataset"), ("v1", "")])
+def test_class_folders_one_level_too_deep_are_found_and_named(tmp_path, version, images):
+    """An archive extracted into a folder of its own name: hagrid_dataset/hagrid_dataset/<class>/."""
+    root = tmp_path / version
+    fx.make_tree(root, version, classes=("call", "like"), num_users=6, images_per_user=1)
+    images_root = root / images
+    deeper = images_root / "extracted"
+    deeper.mkdir()
+    for folder in ("call", "like"):
+        (images_root / folder).rename(deeper / folder)
+    with pytest.raises(DataLayoutError, match=rf"holds no usable images\. Its class folders are one level deeper, "
+                       rf"in {deeper} \(.*\): move them up into {images_root}\.$"):
+        sources.open_sources(data_config(root))
+    for folder in ("call", "like"):
+        (deeper / folder).rename(images_root / folder)
+    shutil.rmtree(deeper)
+    assert len(sources.open_sources(data_config(root)).train) > 0

@@ -489,6 +489,19 @@ def test_too_few_people_for_every_split_is_refused_before_any_shard(tmp_path):
     assert not list(out.rglob(f"*{records.SHARD_SUFFIX}")) and not (out / "plan.json").exists()
 
 
+def test_a_tree_with_its_class_folders_one_level_too_deep_is_named_before_any_shard(tmp_path):
+    tree = fx.make_tree(tmp_path / "hagrid", "v2", classes=CLASSES, num_users=3, images_per_user=1)
+    images = tree.root / "hagrid_dataset"
+    images.rename(tmp_path / "moved")
+    images.mkdir()
+    (tmp_path / "moved").rename(images / "hagrid_dataset")
+    out = tmp_path / "out"
+    with pytest.raises(class_folders.DataLayoutError, match=rf"^{tree.root} \(hagrid_v2\) holds no usable images\. Its "
+                       rf"class folders are one level deeper, in {images / 'hagrid_dataset'} \(.*\): move them up"):
+        prepare.prepare(prepare_config(tree.root), str(out))
+    assert not out.exists()
+
+
 def test_prepare_needs_user_ids(tmp_path):
     fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
 

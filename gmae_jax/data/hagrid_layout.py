@@ -4,6 +4,7 @@ Lists folders only (no JSON, no decoding): which layout a root holds, where its 
 are, and which class list `config.data.classes` means for it. Knows HaGRID and nothing about JAX.
 """
 
+import itertools
 from collections.abc import Sequence
 
 from absl import logging
@@ -117,6 +118,30 @@ def v1_train_val_set(root: epath.PathLike) -> str:
         logging.warning("%s has ann_subsample but no ann_train_val: training on the subsample", root)
         return "ann_subsample"
     return "ann_train_val"
+
+
+def nested_class_folders(root: epath.PathLike, layout: str, max_folders: int = 64) -> epath.Path | None:
+    """The folder where a layout's class folders are instead, one level deeper (an archive extracted
+    into a folder of its own name: hagrid_dataset/hagrid_dataset/<class>/), or None."""
+    images_root, exclude = images_root_of(root, layout)
+    known = set(HAGRID_V2_CLASSES)  # v1's gestures are among them
+    for folder in itertools.islice(_image_folders(images_root, exclude), max_folders):
+        if folder.name not in known and any(child.name in known and child.is_dir()
+                                            for child in itertools.islice(folder.iterdir(), max_folders)):
+            return folder
+    return None
+
+
+def why_no_images(root: epath.PathLike, layout: str) -> str:
+    """A sentence to add where a HaGRID tree gave no usable image: where its class folders are, when
+    they are one level too deep, else where the reasons are ('' for other layouts)."""
+    if layout not in ("hagrid_v1", "hagrid_v2"):
+        return ""
+    nested = nested_class_folders(root, layout)
+    if nested is None:
+        return " The warnings above say what reading left out, and why."
+    return (f" Its class folders are one level deeper, in {nested} (an archive extracted into a folder of "
+            f"its own name?): move them up into {nested.parent}.")
 
 
 def is_part_of_a_v2_tree(root: epath.Path) -> bool:

@@ -166,7 +166,10 @@ def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecor
             test, test_report = hagrid.read_hagrid_v1(root, "ann_test", class_names=class_names)
             recs += test
             report.merge(test_report)
-    return record_filters.drop_unlabelled(recs, class_names, report), class_names, report
+    recs = record_filters.drop_unlabelled(recs, class_names, report)
+    if not recs:
+        raise DataLayoutError(f"{root} ({layout}) holds no usable images.{hagrid_layout.why_no_images(root, layout)}")
+    return recs, class_names, report
 
 
 def _stamp(path: str) -> list[int] | None:

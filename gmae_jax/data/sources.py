@@ -244,7 +244,8 @@ def _open(
                           crop_scale_max=data.crop_scale_max, no_gesture_prob=data.no_gesture_prob)
     for split, part in parts.items():
         if not len(part):
-            raise DataLayoutError(f"Split {split!r} of {root} ({layout}) holds no usable images.")
+            raise DataLayoutError(f"Split {split!r} of {root} ({layout}) holds no usable images."
+                                  f"{hagrid_layout.why_no_images(root, layout)}")
     logging.info("data %s (%s, %s): %d classes, %s images", root, layout, view.mode, len(names),
                  " / ".join(f"{len(parts[s])} {s}" for s in wanted))
     return list(names), {s: Source(parts[s], view, data.max_bad_images) for s in wanted}
