@@ -660,6 +660,31 @@ def test_a_worker_lost_in_the_last_evaluation_leaves_that_step_for_the_rerun(dem
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
+def test_a_worker_lost_in_an_intermediate_evaluation_is_evaluated_by_the_rerun_as_in_a_straight_run(
+        demo_root, tmp_path, monkeypatch):
+    """Its step is saved (training lost nothing) without its evaluation: the rerun evaluates it first,
+    writes its val row and saves it again with its metrics, which rank it for 'best'."""
+    def worker_dies(evaluation):
+        raise pipeline.InputWorkerDiedError("an input worker process was killed by signal 9")
+
+    config = evaluated_every_2_steps(demo_root, monkeypatch, 6, worker_dies)
+    with pytest.raises(pipeline.InputWorkerDiedError, match=r"Steps up to 4 are saved in "):
+        pretrain_stage.run(config, str(tmp_path / "resumed"))
+    assert 4 not in [r["step"] for r in read_metrics(str(tmp_path / "resumed")) if r["split"] == "val"]
+    monkeypatch.undo()  # the real evaluation from here on
+    pretrain_stage.run(config, str(tmp_path / "resumed"))
+    pretrain_stage.run(config, str(tmp_path / "straight"))
+    rows = {run: [r for r in read_metrics(str(tmp_path / run)) if r["split"] == "val"]
+            for run in ("resumed", "straight")}
+    assert [r["step"] for r in rows["resumed"]] == [r["step"] for r in rows["straight"]] == [2, 4, 6]
+    for resumed, straight in zip(rows["resumed"], rows["straight"]):
+        assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+    managers = {run: checkpoint.make_manager(str(tmp_path / run / "checkpoints"), 3, config.best_metric,
+                                             config.best_mode, read_only=True) for run in rows}
+    assert managers["resumed"].metrics(4) == pytest.approx(managers["straight"].metrics(4))
+    assert managers["resumed"].best_step() == managers["straight"].best_step()
+
+
 def test_sigterm_to_the_input_workers_too_is_a_preemption_not_a_dead_worker(demo_root, tmp_path, monkeypatch):
     """SLURM signals every process of a job step, the input workers included: they ignore it, and the
     trainer saves after its step and stops as preempted."""

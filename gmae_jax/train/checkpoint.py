@@ -152,6 +152,17 @@ def save(
     return manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
 
 
+def save_again_with_metrics(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
+                            metrics: Mapping[str, float]) -> None:
+    """Saves `step` (the latest on disk, restored into `state`) again, with the metrics its first save
+    lacked, so that 'best' ranks it. A kill in between costs the steps since the one before it, nothing
+    else: a rerun resumes from that one."""
+    manager.wait_until_finished()
+    manager.delete(step)
+    save(manager, step, state, data_iterator, metrics)
+    manager.wait_until_finished()
+
+
 class SavedArraysMismatchError(ConfigError):
     """A step's saved arrays are not the ones the model asks for: the run's config.json describes
     another model (edited, or copied from another run). Not damage: no other step would do better."""

@@ -33,6 +33,11 @@ class MetricsWriter:
             self.lines = [line for line, record in _readable_records(self.path)
                           if record["step"] <= start_step]
 
+    def has(self, step: int, split: str) -> bool:
+        """Whether the file holds a record of `split` at `step` (process 0 only knows)."""
+        return any((record := _metrics_record(line)) and record["step"] == step and record.get("split") == split
+                   for line in self.lines)
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -11,9 +11,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from gmae_jax import config_lib, distributed, host_resources, schema
 from gmae_jax.data import pipeline, sources
@@ -91,6 +93,14 @@ def check_run_folder_kinds(workdir: str) -> None:
             what = "no folder" if kept == "folder" else "a folder"
             raise config_lib.ConfigError(f"{path} is {what}, where the run keeps a {kept} of that name; move it "
                                          "away (or use another --workdir)")
+
+
+def evaluation_owed(eval_every: int, start: int, steps_total: int, writer: MetricsWriter, split: str) -> bool:
+    """A resumed step that a straight run evaluated, without its row in metrics.jsonl (process 0 reads
+    it; every process gets its answer, as the evaluation is a collective)."""
+    due = 0 < start < steps_total and bool(eval_every) and start % eval_every == 0
+    owed = due and jax.process_index() == 0 and not writer.has(start, split)
+    return due and bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
 
 
 def create_state(
@@ -243,6 +253,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     watch = PreemptionWatch(manager)
     preempted, finished = False, start
 
+    def evaluate_and_record(step: int) -> tuple[dict[str, float], Any, Any]:
+        with progress.not_training():
+            metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+        logging.info("[%s] step %d eval: %s", task.name, step,
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+        writer.write({"step": step, "split": eval_split, **metrics})
+        summaries.scalars(eval_split, step, metrics)
+        # e.g. BatchNorm's running averages gone to inf while the batch statistics stay finite:
+        # such a checkpoint must not be saved, nor ranked as the best by a NaN.
+        stop_if_not_finite({f"{eval_split}/{k}": v for k, v in metrics.items()}, step)
+        return metrics, outputs, first
+
     def stop_if_not_finite(values: dict[str, float], step: int) -> None:
         try:
             check_finite(values, step, checkpoint_dir, last_saved, config.model.dtype)
@@ -253,6 +275,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             raise
 
     try:
+        if evaluation_owed(loop.eval_every, start, steps_total, writer, eval_split):
+            # Saved when an input worker died during its evaluation: evaluated now, as a straight run did.
+            logging.info("step %d was saved without its evaluation (an input worker died during it): "
+                         "evaluating it first", start)
+            owed_metrics, _, _ = evaluate_and_record(start)
+            if loop.best_metric:  # ranked for 'best' by the metrics it is saved with
+                checkpoint.save_again_with_metrics(manager, start, state, train_iter, owed_metrics)
         for step in range(start + 1, steps_total + 1):
             with progress.waiting_for_input():
                 host_batch = next(train_iter)
@@ -280,16 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     writer.write({"step": step, "split": "train", **metrics})
                     summaries.scalars("train", step, metrics)
             if evaluated:
-                with progress.not_training():
-                    eval_metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh,
-                                                                       **eval_args)
-                logging.info("[%s] step %d eval: %s", task.name, step,
-                             ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if "/" not in k))
-                writer.write({"step": step, "split": eval_split, **eval_metrics})
-                summaries.scalars(eval_split, step, eval_metrics)
-                # e.g. BatchNorm's running averages gone to inf while the batch statistics stay finite:
-                # such a checkpoint must not be saved, nor ranked as the best by a NaN.
-                stop_if_not_finite({f"{eval_split}/{k}": v for k, v in eval_metrics.items()}, step)
+                eval_metrics, outputs, first = evaluate_and_record(step)
             if must_save:
                 with progress.not_training():
                     checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
