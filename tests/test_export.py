@@ -359,6 +359,20 @@ def test_state_dicts_as_training_scripts_save_them_import(save, tmp_path):
         np.testing.assert_array_equal(read[name], value)
 
 
+@pytest.mark.parametrize("kind", ["folder", "pipe", "broken link", "missing"])
+def test_a_path_that_is_no_file_is_named(kind, tmp_path):
+    path = tmp_path / "model.pth"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(path)
+    elif kind == "broken link":
+        path.symlink_to(tmp_path / "gone.pth")
+    with pytest.raises(config_lib.ConfigError, match=rf"^config.path={path} is not a file \(a folder, a pipe, a link "
+                       r"to nothing\?\); give a \.pth$"):
+        import_.read_pth(str(path))
+
+
 def test_files_that_hold_no_state_dict_say_what_they_hold_and_what_to_save(tmp_path):
     torch.manual_seed(0)
     model = mirror.GMAEForClassification(micro(), 3)

@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from gmae_jax import config_lib
-from gmae_jax.data import views
+from gmae_jax.data import class_folders, views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
 from gmae_jax.train import checkpoint, resume_check, setup
@@ -69,8 +69,9 @@ def read_pth(path: str) -> dict[str, Any]:
     """The file's top-level dict, tensors as numpy (floating point as float32); never runs pickled code."""
     import torch  # the [torch] extra; checked in validate
 
-    if not epath.Path(path).is_file():
-        raise config_lib.ConfigError(f"config.path={path} is not a file; give a .pth")
+    if not class_folders.is_regular_file(epath.Path(path)):  # a pipe would read as empty, or wait forever
+        raise config_lib.ConfigError(f"config.path={path} is not a file (a folder, a pipe, a link to nothing?); "
+                                     "give a .pth")
     if epath.Path(path).stat().length == 0:
         raise config_lib.ConfigError(f"config.path={path} is empty (0 bytes); give a .pth that was saved in full")
     if path.endswith(".safetensors"):
