@@ -7,7 +7,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -88,7 +88,32 @@ def initialize(
                                    process_id=process_id, initialization_timeout=timeout_s)
 
 
-def check_processes_agree(facts: dict[str, Any], what: str) -> None:
+# Settings that may differ between hosts: where each mounts the data, how many input workers its cores take.
+PER_HOST_SETTINGS = ("data.root", "data.num_workers", "num_workers")
+_SAME_DATA = "give every process the same data (the same files under config.data.root on every host)"
+
+
+def check_settings_agree(config: Mapping[str, Any]) -> None:
+    """Stops every process of the job, naming the setting, when they were started with different
+    configs (flags that differ between the hosts' command lines): a different batch size or learning
+    rate trains a wrong model without a word, a different checkpoint_every waits forever in a save
+    that the others never join. A collective: every process calls it."""
+    settings = {f"config.{name}": value for name, value in _flat(config).items() if name not in PER_HOST_SETTINGS}
+    check_processes_agree(settings, "settings", remedy="give every process the same --config flags (only "
+                          f"{', '.join(f'config.{name}' for name in PER_HOST_SETTINGS)} may differ between hosts)")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def check_processes_agree(facts: dict[str, Any], what: str, remedy: str = _SAME_DATA) -> None:
     """Stops every process of the job, with one line naming what differs, when they disagree on
     `facts` (image counts, class names, planned steps). Each process reads the data itself: hosts
     with out-of-sync copies would train on different data, or, when their step or batch counts
@@ -96,7 +121,7 @@ def check_processes_agree(facts: dict[str, Any], what: str) -> None:
     calls it."""
     if jax.process_count() == 1:
         return
-    digests = [np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:8], np.int64)
+    digests = [np.frombuffer(hashlib.sha256(_json(value).encode()).digest()[:8], np.int64)
                for value in facts.values()]
     gathered = np.asarray(multihost_utils.process_allgather(np.concatenate(digests)))  # (processes, facts)
     differing = [name for column, name in enumerate(facts) if (gathered[:, column] != gathered[0, column]).any()]
@@ -105,12 +130,15 @@ def check_processes_agree(facts: dict[str, Any], what: str) -> None:
         others = sorted({int(p) for p in np.nonzero((gathered != gathered[jax.process_index()]).any(axis=1))[0]})
         raise ProcessesDisagreeError(
             f"the processes of this job see different {what}: {', '.join(differing)} differ (process "
-            f"{jax.process_index()} has {mine}; processes {others} have other values); give every process the "
-            "same data (the same files under config.data.root on every host)")
+            f"{jax.process_index()} has {mine}; processes {others} have other values); {remedy}")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)
+    text = _json(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
+        distributed.check_settings_agree(config.to_dict())
         stages.run(config, _WORKDIR.value)
         logging.info("%s", cache.summary())
     except Preempted as stop:

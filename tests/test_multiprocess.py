@@ -392,6 +392,26 @@ def test_processes_that_see_different_data_stop_with_one_line_before_training(da
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_processes_started_with_different_settings_stop_with_one_line_naming_them(data_root, tmp_path):
+    """A batch size or learning rate that differs between the hosts' command lines trained a wrong
+    model without a word; a different checkpoint_every waited forever in a save the others never join."""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    own = (["--config.data.num_workers=0"], ["--config.batch_size=32", "--config.data.num_workers=1"])
+    procs = [_launch(str(tmp_path / "run"), data_root, str(log), 4, f"--coordinator_address={address}",
+                     "--num_processes=2", f"--process_id={rank}", *flags)
+             for rank, (log, flags) in enumerate(zip(logs, own))]
+    for proc in procs:
+        proc.wait(timeout=240)
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        last = log.read_text().strip().splitlines()[-1]
+        assert proc.returncode == 1, last
+        assert last.startswith(f"error: the processes of this job see different settings: config.batch_size "
+                               f"differ (process {rank} has config.batch_size: {(16, 32)[rank]}; processes [{1 - rank}] have "
+                               "other values); give every process the same --config flags (only config.data.root,"), last
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 _FAIL_TOGETHER = """
 import sys, time
 import jax
