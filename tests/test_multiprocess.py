@@ -406,9 +406,10 @@ def test_processes_started_with_different_settings_stop_with_one_line_naming_the
     for rank, (proc, log) in enumerate(zip(procs, logs)):
         last = log.read_text().strip().splitlines()[-1]
         assert proc.returncode == 1, last
-        assert last.startswith(f"error: the processes of this job see different settings: config.batch_size "
-                               f"differ (process {rank} has config.batch_size: {(16, 32)[rank]}; processes [{1 - rank}] have "
-                               "other values); give every process the same --config flags (only config.data.root,"), last
+        assert last.startswith(
+            f"error: the processes of this job see different settings: config.batch_size differ (process {rank} has "
+            f"config.batch_size: {(16, 32)[rank]}; processes [{1 - rank}] have other values); give every process "
+            "the same --config flags (only config.data.root,"), last
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
