@@ -166,6 +166,27 @@ def test_rerun_with_another_model_is_refused_before_anything_changes(pretrained,
     assert any(name.startswith("checkpoints" + os.sep) for name in after)
 
 
+def test_a_rerun_of_a_finished_run_logs_its_evaluation_and_draws_missing_pictures(pretrained, tmp_path, caplog,
+                                                                                 capsys):
+    """The rerun said it evaluated the run, then showed nothing; pictures lost since (a failed draw,
+    a deleted file) stayed lost."""
+    workdir, config, final = pretrained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    pictures = sorted(copy.glob("*.png"))
+    assert pictures
+    for picture in pictures:
+        picture.unlink()
+    metrics_before = (copy / "metrics.jsonl").read_text()
+    with caplog.at_level("INFO"):
+        again = pretrain_stage.run(config, str(copy))
+    assert again["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    assert re.search(rf"\[pretrain\] step 30 eval: loss {final['loss']:.4f}", caplog.text)
+    assert sorted(copy.glob("*.png")) == pictures
+    assert "pictures:" in capsys.readouterr().out
+    assert (copy / "metrics.jsonl").read_text() == metrics_before
+
+
 def test_finetune_rejects_wrong_num_classes(demo_root):
     with pytest.raises(config_lib.ConfigError, match="num_classes=18 but the data in .* has 4 classes"):
         finetune_stage.open_data(stage_config("finetune", demo_root, num_classes=18))

@@ -103,6 +103,11 @@ def evaluation_owed(eval_every: int, start: int, steps_total: int, writer: Metri
     return due and bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
 
 
+def log_evaluation(task_name: str, step: int, metrics: dict[str, float]) -> None:
+    logging.info("[%s] step %d eval: %s", task_name, step,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+
+
 def create_state(
     model: nn.Module, init_inputs: tuple[Any, ...], config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh, steps_total: int, frozen: tuple[str, ...] = (),
@@ -256,8 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     def evaluate_and_record(step: int) -> tuple[dict[str, float], Any, Any]:
         with progress.not_training():
             metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
-        logging.info("[%s] step %d eval: %s", task.name, step,
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
+        log_evaluation(task.name, step, metrics)
         writer.write({"step": step, "split": eval_split, **metrics})
         summaries.scalars(eval_split, step, metrics)
         # e.g. BatchNorm's running averages gone to inf while the batch statistics stay finite:
@@ -338,8 +342,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     if preempted:
         manager.close()
         raise watch.stopped(last_saved, checkpoint_dir)
-    if not eval_metrics:  # the workdir already held a finished run
-        eval_metrics, _, _ = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+    if not eval_metrics:  # the workdir already held a finished run: its evaluation and pictures again
+        eval_metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+        log_evaluation(task.name, start, eval_metrics)
+        drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
+        if jax.process_index() == 0:
+            pictures = task.draw(drawn_from, first, outputs, workdir, data.eval)
     if jax.process_index() == 0:
         print(run_summary(task.name, workdir, manager, loop.best_metric, pictures), flush=True)
     manager.close()
