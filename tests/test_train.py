@@ -187,6 +187,26 @@ def test_a_rerun_of_a_finished_run_logs_its_evaluation_and_draws_missing_picture
     assert (copy / "metrics.jsonl").read_text() == metrics_before
 
 
+def test_a_picture_that_cannot_be_written_is_a_warning_not_a_failed_run(pretrained, tmp_path, caplog, monkeypatch):
+    """Pictures come after the last checkpoint: a rerun draws them again. A full disk (or a folder put
+    in a picture's place during the run) failed the run with a traceback, and in a job took the other
+    processes down with it."""
+    from gmae_jax import visualize
+
+    def disk_full(image, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    workdir, config, final = pretrained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    monkeypatch.setattr(visualize, "save_png", disk_full)
+    with caplog.at_level("WARNING"):
+        again = pretrain_stage.run(config, str(copy))
+    assert again["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    assert re.search(r"could not write the run's pictures \(OSError: .*No space left on device.*\); rerunning the "
+                     r"same command draws them again", caplog.text)
+
+
 def test_finetune_rejects_wrong_num_classes(demo_root):
     with pytest.raises(config_lib.ConfigError, match="num_classes=18 but the data in .* has 4 classes"):
         finetune_stage.open_data(stage_config("finetune", demo_root, num_classes=18))

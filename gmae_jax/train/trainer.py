@@ -103,6 +103,18 @@ def evaluation_owed(eval_every: int, start: int, steps_total: int, writer: Metri
     return due and bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
 
 
+def draw(task: tasks.Task, state: steps.TrainState, first: Any, outputs: Any, workdir: str,
+         examples: sources.Source) -> list[str]:
+    """The run's pictures (their paths). They come after the last checkpoint and can be drawn again from
+    it, so one that cannot be written (a full disk, a folder in its place) is a warning, not a failed run."""
+    try:
+        return task.draw(state, first, outputs, workdir, examples)
+    except OSError as error:
+        logging.warning("could not write the run's pictures (%s: %s); rerunning the same command draws them again",
+                        type(error).__name__, error)
+        return []
+
+
 def log_evaluation(task_name: str, step: int, metrics: dict[str, float]) -> None:
     logging.info("[%s] step %d eval: %s", task_name, step,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
@@ -323,7 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 manager.wait_until_finished()
                 drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
                 if jax.process_index() == 0:
-                    pictures = task.draw(drawn_from, first, outputs, workdir, data.eval)
+                    pictures = draw(task, drawn_from, first, outputs, workdir, data.eval)
                     summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
@@ -347,7 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         log_evaluation(task.name, start, eval_metrics)
         drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
         if jax.process_index() == 0:
-            pictures = task.draw(drawn_from, first, outputs, workdir, data.eval)
+            pictures = draw(task, drawn_from, first, outputs, workdir, data.eval)
     if jax.process_index() == 0:
         print(run_summary(task.name, workdir, manager, loop.best_metric, pictures), flush=True)
     manager.close()
