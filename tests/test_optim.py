@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from gmae_jax.train import optim
 
@@ -45,6 +46,19 @@ def test_a_warmup_as_long_as_the_run_is_warned_about_and_ends_at_the_peak():
     assert message.startswith("config.optim.warmup_steps=1000 is not shorter than the run's 4 steps")
     assert "never decays" in message
     assert optim.warmup_warning(4, 4) is not None and optim.warmup_warning(3, 4) is None
+
+
+def test_no_warmup_is_optaxs_schedule_without_its_log_line(caplog):
+    """optax logs a line about a linear warm-up of 0 steps, a setting that is valid here."""
+    config = optim_config(warmup_steps=0)
+    caplog.set_level("INFO")
+    optax_own = optax.warmup_cosine_decay_schedule(0.0, config.lr, 0, 50, config.min_lr)
+    assert "transition_steps" in caplog.text  # what optax's own schedule prints
+    caplog.clear()
+    schedule = optim.learning_rate_schedule(config, total_steps=50)
+    assert not caplog.records
+    for step in range(53):
+        assert float(schedule(step)) == float(optax_own(step))
 
 
 def test_weight_decay_only_on_kernels():

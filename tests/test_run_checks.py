@@ -25,7 +25,7 @@ def test_a_mask_ratio_that_hides_no_patch_or_every_patch_is_refused(ratio, hidde
     config = load("pretrain")  # micro: 32 px / 4 px patches = 64 patches
     config.data.root, config.mask_ratio = str(tmp_path), ratio
     message = (f"config.mask_ratio={ratio} hides {hidden} of the model's 64 patches (config.model.img_size=32 / "
-               "patch_size=4); choose a ratio in [0.01562, 0.9844]")
+               "patch_size=4); choose a ratio in [0.0157, 0.9843]")
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         stages.validate(config)
 
@@ -33,7 +33,7 @@ def test_a_mask_ratio_that_hides_no_patch_or_every_patch_is_refused(ratio, hidde
 def test_the_bounds_of_the_mask_ratio_range_are_accepted(tmp_path):
     config = load("pretrain")
     config.data.root = str(tmp_path)
-    for ratio in (1 / 64, 63 / 64):
+    for ratio in (1 / 64, 63 / 64, 0.0157, 0.9843):  # exact, and as the message above prints them
         config.mask_ratio = ratio
         stages.validate(config)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from gmae_jax import config_lib, schema
@@ -35,8 +37,8 @@ def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
     config_lib.check(0 < hidden < patches,
                      f"config.mask_ratio={mask_ratio} hides {hidden} of the model's {patches} patches "
                      f"(config.model.img_size={img_size} / patch_size={patch_size}); choose a ratio in "
-                     f"[{1 / patches:.4g}, {(patches - 1) / patches:.4g}] so that at least one patch is hidden "
-                     "and one visible")
+                     f"[{math.ceil(1e4 / patches) / 1e4:g}, {math.floor(1e4 * (patches - 1) / patches) / 1e4:g}] "
+                     "so that at least one patch is hidden and one visible")  # bounds rounded inwards: both accepted
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits | None = None) -> dict[str, float]:

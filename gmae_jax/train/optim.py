@@ -16,6 +16,9 @@ PyTree = Any
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `optim.lr`, then cosine decay to `optim.min_lr` at `total_steps`."""
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    if not warmup:  # the cosine alone, as optax's warm-up schedule computes it after a warm-up of 0 steps
+        return optax.cosine_decay_schedule(init_value=optim.lr, decay_steps=max(total_steps, 1),
+                                           alpha=optim.min_lr / optim.lr if optim.lr else 0.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=optim.lr,
