@@ -157,7 +157,7 @@ def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir,
 
 
 @pytest.mark.slow
-def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path):
+def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path, caplog):
     workdir, root, _ = run_dir
     inputs = tmp_path / "inputs"
     shutil.copytree(root / "val", inputs)
@@ -166,7 +166,9 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path):
     config = load("predict")
     config.update(checkpoint_dir=workdir, inputs=str(inputs), top_k=len(CLASSES), batch_size=5)
     out = tmp_path / "out"
-    counts = stages.run(config, str(out))
+    with caplog.at_level("INFO"):
+        counts = stages.run(config, str(out))
+    assert f"; wrote {out}/predictions.csv, {out}/predictions.jsonl, {out}/predictions.png" in caplog.text
 
     files = sorted(str(p) for p in inputs.rglob("*") if p.is_file())
     with open(out / "predictions.csv") as f:

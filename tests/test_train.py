@@ -213,7 +213,7 @@ def test_finetune_rejects_wrong_num_classes(demo_root):
 
 
 @pytest.mark.slow
-def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained, demo_root, tmp_path):
+def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained, demo_root, tmp_path, caplog):
     workdir, _, _ = pretrained
     finetune_dir, eval_dir = str(tmp_path / "finetune"), str(tmp_path / "eval")
     config = stage_config("finetune", demo_root, num_classes=4, total_steps=6, eval_every=0,
@@ -222,7 +222,9 @@ def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained,
     assert 0.0 <= metrics["accuracy"] <= 1.0 and "recall/palm" in metrics and "macro_f1" in metrics
     evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
     evaluate.checkpoint_dir, evaluate.num_workers = finetune_dir, 0
-    result = evaluate_stage.run(evaluate, eval_dir)
+    with caplog.at_level("INFO"):
+        result = evaluate_stage.run(evaluate, eval_dir)
+    assert f"wrote {os.path.join(eval_dir, 'eval_metrics.json')}, " in caplog.text  # then the pictures
     assert result["accuracy"] == pytest.approx(metrics["accuracy"])
     assert result["checkpoint_step"] == 6
     assert os.path.exists(os.path.join(eval_dir, "confusion_matrix.png"))

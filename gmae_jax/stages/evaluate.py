@@ -69,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         summaries.scalars(data.eval_split, restored.step, metrics)
         summaries.pictures(data.eval_split, restored.step, pictures)
         summaries.close()
-        logging.info("wrote %s", ", ".join(pictures))
+        logging.info("wrote %s", ", ".join([str(epath.Path(workdir) / "eval_metrics.json"), *pictures]))
     logging.info("[evaluate] %s (step %d) on %s/%s: %s", restored.workdir, restored.step, data.root,
                  data.eval_split, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in metrics.items() if "/" not in k))

@@ -180,6 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     if not rows:
         raise config_lib.ConfigError(f"none of the {len(items)} image file(s) in config.inputs={config.inputs} could "
                                      f"be read; {workdir}/skipped.csv says why for each")
-    logging.info("[predict] %d files predicted, %d skipped (see %s/skipped.csv) with %s step %d",
-                 len(rows), len(skipped), workdir, restored.workdir, restored.step)
+    logging.info("[predict] %d files predicted, %d skipped (see %s/skipped.csv) with %s step %d; wrote %s",
+                 len(rows), len(skipped), workdir, restored.workdir, restored.step,
+                 ", ".join(f"{workdir}/{name}" for name in ("predictions.csv", "predictions.jsonl", "predictions.png")))
     return {"predicted": len(rows), "skipped": len(skipped)}
