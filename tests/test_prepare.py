@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax import config_lib, schema, stages, workdir_lock
+from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.data import (class_folders, crops, hagrid, hagrid_layout, pipeline, prepare, records, sources, splits,
                            worker_pool)
 
@@ -502,6 +504,30 @@ def test_a_tree_with_its_class_folders_one_level_too_deep_is_named_before_any_sh
     assert not out.exists()
 
 
+def test_classes_without_images_are_warned_of_by_prepare(tmp_path, caplog):
+    tree = fx.make_tree(tmp_path / "hagrid", "v2", classes=CLASSES, num_users=3, images_per_user=1, splits=("train",))
+    with caplog.at_level("WARNING"), pytest.raises(class_folders.DataLayoutError, match="too few"):
+        prepare.prepare(prepare_config(tree.root), str(tmp_path / "out"))
+    absent = len(hagrid_layout.HAGRID_V2_CLASSES) - len(CLASSES)
+    assert re.search(rf"{absent} of the {len(hagrid_layout.HAGRID_V2_CLASSES)} classes \(config.data.classes=hagrid\) "
+                     rf"have no image in {tree.root}: dislike, fist, four, mute, ok, \.\.\.\. A classifier "
+                     r"fine-tuned on these corpora could never learn them", caplog.text)
+
+
+def test_finetuning_on_a_prepared_corpus_refuses_classes_without_images_naming_the_way_out(prepared):
+    """The corpus's index counts its classes: the shards are not read for it."""
+    out, manifest, _ = prepared
+    index = json.loads((out / "finetune" / sources.INDEX_FILE).read_text())
+    assert index["splits"]["train"]["class_counts"] == manifest["counts"]["finetune/train"]
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
+    config.data.root, config.num_classes = str(out / "finetune"), len(index["class_names"])
+    absent = len(index["class_names"]) - len(CLASSES)
+    with pytest.raises(config_lib.ConfigError, match=rf"holds no image of {absent} of the {len(index['class_names'])} "
+                       r"classes \(dislike, fist, four, mute, ok, \.\.\.\), which the classifier could never learn: "
+                       r"prepare the corpus again with --config.data.classes=present"):
+        finetune_stage.open_data(config)
+
+
 def test_prepare_needs_user_ids(tmp_path):
     fx.write_image(tmp_path / "train" / "palm" / "a.jpg")
 
@@ -519,16 +545,17 @@ def test_prepare_then_finetune_on_hand_crop_shards_through_the_entry_point(tmp_p
     _tree(tmp_path / "hagrid")
     out = tmp_path / "prepared"
     prepared = _main("--config=configs/prepare.py", f"--workdir={out}", "--config.view=hand_crop",
-                     f"--config.data.root={tmp_path / 'hagrid'}", "--config.num_workers=1")
+                     f"--config.data.root={tmp_path / 'hagrid'}", "--config.num_workers=1",
+                     "--config.data.classes=present")  # the official 34 would leave 30 without an image
     assert prepared.returncode == 0, prepared.stderr[-3000:]
 
     result = _main("--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}",
                    f"--config.data.root={out / 'finetune'}", "--config.data.mode=hand_crop",
-                   "--config.num_classes=34", "--config.total_steps=2", "--config.model.img_size=32",
+                   f"--config.num_classes={len(CLASSES)}", "--config.total_steps=2", "--config.model.img_size=32",
                    "--config.model.depth=1")
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(prepared, hand_crop): 34 classes" in result.stderr
+    assert f"(prepared, hand_crop): {len(CLASSES)} classes" in result.stderr
     assert "[finetune] step 2/2" in result.stderr and "accuracy" in result.stderr
 
 

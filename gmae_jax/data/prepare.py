@@ -276,6 +276,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     root, max_dropped = str(config.data.root), config.data.max_dropped_fraction
     recs, class_names, report = _read(root, config.data.layout, config.data.classes)
     report.check_dropped(max_dropped, root)  # before hours of decoding, and before writing anything
+    present = {record_filters.gesture_name(r) for r in recs}
+    absent = [name for name in class_names if name not in present]
+    if absent:
+        logging.warning("%d of the %d classes (config.data.classes=%s) have no image in %s: %s%s. A classifier "
+                        "fine-tuned on these corpora could never learn them (fine-tuning refuses them); "
+                        "--config.data.classes=present prepares the classes found", len(absent), len(class_names),
+                        config.data.classes, root, ", ".join(absent[:5]), ", ..." if len(absent) > 5 else "")
     out.mkdir(parents=True, exist_ok=True)
 
     checked = _checked(recs, out, num_workers)
@@ -339,9 +346,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if c == corpus:
                 prefix = str(out / corpus / split) + os.sep
                 shards = [os.path.relpath(t.path, out / corpus) for t in tasks if t.path.startswith(prefix)]
-                index["splits"][split] = {"shards": shards, "count": len(rs)}
-                manifest["counts"][f"{corpus}/{split}"] = dict(sorted(collections.Counter(
-                    record_filters.gesture_name(r) for r in rs).items()))
+                per_class = dict(sorted(collections.Counter(record_filters.gesture_name(r) for r in rs).items()))
+                index["splits"][split] = {"shards": shards, "count": len(rs), "class_counts": per_class}
+                manifest["counts"][f"{corpus}/{split}"] = per_class
         run_files.write_text(out / corpus / sources.INDEX_FILE, json.dumps(index, indent=1))
     run_files.write_text(out / _MANIFEST, json.dumps(manifest, indent=1))
     logging.info("prepared %s: %s; skipped %s", out,

@@ -5,7 +5,7 @@ boxes relative to the stored image), JPEG bytes. One self-contained blob per Arr
 keeps random access a single read, and needs nothing beyond the standard library to parse.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import json
 import struct
@@ -85,8 +85,9 @@ class ShardReader:
     element looks the same whether it came from a file tree or from shards.
     """
 
-    def __init__(self, paths: Sequence[epath.PathLike]):
+    def __init__(self, paths: Sequence[epath.PathLike], class_counts: Mapping[str, int] | None = None):
         self.paths = [str(p) for p in paths]
+        self.class_counts = class_counts  # images per class, as the prepare stage counted them (None: not known)
         try:
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
         except RuntimeError:

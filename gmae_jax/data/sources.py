@@ -205,7 +205,7 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
         shards = [root / name for name in index["splits"][split]["shards"]]
         if not shards:
             raise DataLayoutError(f"Split {split!r} of {root} holds no images.")
-        result[split] = records.ShardReader(shards)
+        result[split] = records.ShardReader(shards, index["splits"][split].get("class_counts"))
         written = index["splits"][split].get("count")
         if written is not None and len(result[split]) != written:
             raise DataLayoutError(f"Split {split!r} of {root} holds {len(result[split])} records where the prepare "

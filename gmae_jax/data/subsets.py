@@ -36,9 +36,10 @@ def labels_of(source: Source) -> np.ndarray:
 
 def classes_without_images(source: Source, class_names: Sequence[str]) -> list[str]:
     """The classes of which `source` holds no image. Prepared shards are not read for it (their labels
-    sit in the records): the prepare stage's manifest.json counts each class."""
+    sit in the records): their index counts each class (one written before it did: none found)."""
     if source.prepared:
-        return []
+        counts = source.records.class_counts or {}
+        return [name for name in class_names if counts and not counts.get(name)]
     present = set(labels_of(source).tolist())
     return [name for label, name in enumerate(class_names) if label not in present]
 
@@ -52,6 +53,8 @@ def balanced_indices(labels: np.ndarray, class_names: Sequence[str], per_class: 
     chosen = []
     for label, name in enumerate(class_names):
         members = np.flatnonzero(labels == label)
+        if not len(members):
+            raise ConfigError(f"config.labels_per_class={per_class} but class '{name}' has no training image")
         if len(members) < per_class:
             raise ConfigError(
                 f"config.labels_per_class={per_class} but class '{name}' has only {len(members)} training "

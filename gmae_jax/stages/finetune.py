@@ -59,8 +59,7 @@ def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
         raise config_lib.ConfigError(
             f"the training split in {config.data.root} holds no image of {len(empty)} of the "
             f"{len(data.class_names)} classes ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), which "
-            "the classifier could never learn: --config.data.classes=present trains on the classes found, or "
-            "name the classes (--config.data.classes=a,b,...)")
+            f"the classifier could never learn: {_only_the_classes_found(data.train.prepared)}")
     train = subsets.class_balanced_subset(data.train, data.class_names, config.get("labels_per_class", 0),
                                           config.get("subset_seed", 0))
     return data._replace(train=train)
@@ -79,3 +78,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if warning := frozen_random_encoder_warning(config):
         logging.warning("%s", warning)
     return trainer.train(config, workdir, open_data(config))
+
+
+def _only_the_classes_found(prepared: bool) -> str:
+    if prepared:  # the prepare stage fixed the corpus's classes
+        return ("prepare the corpus again with --config.data.classes=present (the classes found) or "
+                "--config.data.classes=a,b,...")
+    return "--config.data.classes=present trains on the classes found, or name the classes (--config.data.classes=a,b,...)"
