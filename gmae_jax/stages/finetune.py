@@ -84,4 +84,5 @@ def _only_the_classes_found(prepared: bool) -> str:
     if prepared:  # the prepare stage fixed the corpus's classes
         return ("prepare the corpus again with --config.data.classes=present (the classes found) or "
                 "--config.data.classes=a,b,...")
-    return "--config.data.classes=present trains on the classes found, or name the classes (--config.data.classes=a,b,...)"
+    return ("--config.data.classes=present trains on the classes found, or name the classes "
+            "(--config.data.classes=a,b,...)")
