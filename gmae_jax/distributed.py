@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -78,14 +80,31 @@ def initialize(
         return
     who = (f"process {process_id} of {num_processes}: joining the job through {coordinator_address}" if given
            else "joining the job the environment describes (Cloud TPU, SLURM)")
-    logging.info("%s; waiting up to %d s (--distributed_timeout) for every process to join: a process that "
-                 "never starts, or a coordinator that cannot be reached, ends this one then with JAX's "
-                 "DEADLINE_EXCEEDED", who, timeout_s)
-    if auto:
-        jax.distributed.initialize(initialization_timeout=timeout_s)
-    else:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s)
+    logging.info("%s; waiting up to %d s (--distributed_timeout) for every process to join", who, timeout_s)
+    # JAX ends a join that times out with a C++ abort whose text blames a task that died: this line first.
+    deadline = threading.Timer(timeout_s, _never_joined, args=(who, timeout_s))
+    deadline.daemon = True
+    deadline.start()
+    try:
+        if auto:
+            jax.distributed.initialize(initialization_timeout=timeout_s + _JAX_GRACE_S)
+        else:
+            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                       process_id=process_id, initialization_timeout=timeout_s + _JAX_GRACE_S)
+    finally:
+        deadline.cancel()
+
+
+_JAX_GRACE_S = 10  # JAX's own deadline, after ours
+
+
+def _never_joined(who: str, timeout_s: int) -> None:
+    sys.stderr.write(
+        f"error: {who}: the job was not complete after {timeout_s} s (--distributed_timeout). Start every process "
+        "of the job, each with its own --process_id and the same --num_processes and --coordinator_address "
+        "(which must reach process 0); a process that stopped before joining says why in its log\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 # Settings that may differ between hosts: where each mounts the data, how many input workers its cores take.

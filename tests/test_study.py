@@ -230,3 +230,20 @@ def test_chance_is_the_majority_class_rate_of_the_validation_split():
     imbalanced = [{"val_class_counts": [6, 2, 2]}, {"val_class_counts": [6, 2, 2]}]
     assert study.majority_rate(imbalanced, 3) == pytest.approx(0.6)
     assert study.majority_rate([{"accuracy": 0.5}], 4) == pytest.approx(0.25)  # a result older than the counts
+
+
+def test_finished_runs_outside_this_invocations_grid_are_named_under_its_report(tmp_path):
+    """Each invocation writes the report of its own grid over the last one: runs of an earlier grid
+    (another labels_per_class) are still there, and the printout says so."""
+    runs = tmp_path / "runs"
+    for name, finished in (("scratch_100_s0", True), ("pretrained_100_s0", True), ("scratch_10_s0", True),
+                           ("pretrained_10_s0", False)):
+        (runs / name).mkdir(parents=True)
+        if finished:
+            (runs / name / study.RESULT).write_text("{}")
+    plan = [(None, str(runs / "scratch_100_s0")), (None, str(runs / "pretrained_100_s0"))]
+    assert study._left_out(str(tmp_path), plan) == (
+        f"\nnot in this report: 1 finished run(s) of earlier invocations in {runs} (scratch_10_s0); name their "
+        "labels_per_class and seeds too to report them together (they are reused, not trained again)")
+    assert study._left_out(str(tmp_path), plan + [(None, str(runs / "scratch_10_s0"))]) == ""
+    assert study._left_out(str(tmp_path / "fresh"), plan) == ""

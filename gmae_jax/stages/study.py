@@ -247,5 +247,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                f"(mean, min-max over {len(config.seeds)} seed(s))")
     print(f"\n=== label-efficiency study: validation accuracy, mean (min-max) over seeds; "
           f"chance {chance:.3f} ===\n{label_efficiency.table(summary)}\n"
-          f"{os.path.join(workdir, JSON)}, {os.path.join(workdir, PNG)}\n", flush=True)
+          f"{os.path.join(workdir, JSON)}, {os.path.join(workdir, PNG)}{_left_out(workdir, plan)}\n", flush=True)
     return report
+
+
+def _left_out(workdir: str, plan: list[tuple[Any, str]]) -> str:
+    """A line naming the finished fine-tunes in the workdir that this invocation's grid left out of the
+    report it wrote over the last one (e.g. another labels_per_class run before)."""
+    runs = epath.Path(workdir, "runs")
+    planned = {os.path.basename(run_dir) for _, run_dir in plan}
+    others = sorted(folder.name for folder in runs.iterdir() if folder.name not in planned
+                    and (folder / RESULT).exists()) if runs.is_dir() else []
+    if not others:
+        return ""
+    return (f"\nnot in this report: {len(others)} finished run(s) of earlier invocations in {runs} "
+            f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); name their labels_per_class and seeds "
+            "too to report them together (they are reused, not trained again)")
