@@ -123,7 +123,7 @@ FAKE_PROCESS = """#!/usr/bin/env bash
 # and, like a process stuck in a collective, does not stop on SIGTERM.
 case " $* " in
   *" --process_id=1 "*) exit "$RANK1_STATUS" ;;
-  *) trap '' TERM; exec sleep 60 ;;
+  *) trap '' TERM; exec -a "$FAKE_RANK0" sleep 60 ;;
 esac
 """
 
@@ -132,14 +132,15 @@ def test_local_launcher_stops_the_other_ranks_when_one_fails(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PROCESS)
     fake.chmod(0o755)
+    rank0 = f"fake-rank0-{os.getpid()}-{tmp_path.name}"  # found by name: other tests' fakes sleep too
     env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), "RANK1_STATUS": "3",
-           "STOP_GRACE_S": "2"}
+           "STOP_GRACE_S": "2", "FAKE_RANK0": rank0}
     started = time.monotonic()
     result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 3 and time.monotonic() - started < 20  # not rank 0's 60 s
     assert "a process failed (status 3); stopping the others" in result.stderr
-    survivors = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True).stdout.split()
+    survivors = subprocess.run(["pgrep", "-f", rank0], capture_output=True, text=True).stdout.split()
     assert not survivors, "rank 0 was left running"
 
 
