@@ -436,9 +436,8 @@ def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(trainer.tasks, "make_task", lambda *a: dataclasses.replace(real(*a), draw=failing_draw))
-    with pytest.raises(OSError, match="No space left"):
-        stages.run(stage_config("pretrain", demo_root, **{**RESUME_OVERRIDES, "total_steps": 7}), workdir)
-    assert setup.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train
+    stages.run(stage_config("pretrain", demo_root, **{**RESUME_OVERRIDES, "total_steps": 7}), workdir)  # a warning
+    assert setup.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train, and draws them
 
 
 def test_a_batch_beyond_the_hosts_memory_stops_before_anything_is_written(demo_root, tmp_path):
