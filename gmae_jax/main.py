@@ -61,7 +61,9 @@ def main(argv: list[str]) -> None:
     except Preempted as stop:
         print(stop, file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
-    except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead)
+    except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead), or in a job
+        if jax.distributed.is_initialized() and jax.process_count() > 1:
+            _leave_the_job("interrupted\n", Preempted.INTERRUPTED_STATUS)  # not through JAX's shutdown barrier
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(Preempted.INTERRUPTED_STATUS)
     except Exception as error:
@@ -113,8 +115,8 @@ def unanswered_hint(error: BaseException) -> str:
             "first, its log names the error to fix (launch/local_multiprocess.sh: $LOG_DIR/process_<rank>.log)\n")
 
 
-def _leave_the_job(message: str) -> None:
-    """Ends a process of a multi-process job that failed, at once, with status 1. A normal exit runs
+def _leave_the_job(message: str, status: int = 1) -> None:
+    """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`. A normal exit runs
     JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
     may wait in a collective for this one: the job would hang that long before the launcher (or the
     cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
@@ -129,7 +131,7 @@ def _leave_the_job(message: str) -> None:
     for worker in multiprocessing.active_children():
         worker.join(timeout=5)
     distributed.leave_in_order()
-    os._exit(1)
+    os._exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -420,6 +420,28 @@ def test_processes_started_with_different_settings_stop_with_one_line_naming_the
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_root, tmp_path):
+    """Not through JAX's shutdown, which waits up to 5 minutes for the other processes, which wait in
+    a collective for this one."""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = {f"process_{rank}": str(tmp_path / f"process_{rank}.log") for rank in range(2)}
+    procs = _launch_two_processes(str(tmp_path / "run"), data_root, logs, address, "--config.total_steps=100000")
+    try:
+        deadline = time.monotonic() + 240
+        while "(compiling the step included)" not in open(logs["process_0"]).read():
+            assert time.monotonic() < deadline and procs["process_0"].poll() is None, open(logs["process_0"]).read()
+            time.sleep(0.5)
+        procs["process_0"].send_signal(signal.SIGINT)
+        status = procs["process_0"].wait(timeout=90)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    log = open(logs["process_0"]).read()
+    assert status == 130, log[-3000:]
+    assert log.strip().splitlines()[-1] == "interrupted", log[-3000:]
+
+
 _FAIL_TOGETHER = """
 import sys, time
 import jax
