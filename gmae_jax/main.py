@@ -116,8 +116,8 @@ def unanswered_hint(error: BaseException) -> str:
 
 
 def _leave_the_job(message: str, status: int = 1) -> None:
-    """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`. A normal exit runs
-    JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
+    """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`.
+    A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
     may wait in a collective for this one: the job would hang that long before the launcher (or the
     cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
     with it (`distributed.leave_in_order`). Errors that every process meets together
