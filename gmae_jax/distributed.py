@@ -112,24 +112,15 @@ PER_HOST_SETTINGS = ("data.root", "data.num_workers", "num_workers")
 _SAME_DATA = "give every process the same data (the same files under config.data.root on every host)"
 
 
-def check_settings_agree(config: Mapping[str, Any]) -> None:
+def check_settings_agree(settings: Mapping[str, Any]) -> None:
     """Stops every process of the job, naming the setting, when they were started with different
     configs (flags that differ between the hosts' command lines): a different batch size or learning
     rate trains a wrong model without a word, a different checkpoint_every waits forever in a save
-    that the others never join. A collective: every process calls it."""
-    settings = {f"config.{name}": value for name, value in _flat(config).items() if name not in PER_HOST_SETTINGS}
-    check_processes_agree(settings, "settings", remedy="give every process the same --config flags (only "
+    that the others never join. `settings`: the config's dotted field names and values. A collective:
+    every process calls it."""
+    compared = {f"config.{name}": value for name, value in settings.items() if name not in PER_HOST_SETTINGS}
+    check_processes_agree(compared, "settings", remedy="give every process the same --config flags (only "
                           f"{', '.join(f'config.{name}' for name in PER_HOST_SETTINGS)} may differ between hosts)")
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
 
 
 def check_processes_agree(facts: dict[str, Any], what: str, remedy: str = _SAME_DATA) -> None:

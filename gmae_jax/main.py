@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gmae_jax import compile_cache, distributed, host_memory, quiet_logs, stages, user_errors
-from gmae_jax.train import preemption
+from gmae_jax.train import preemption, resume_check
 from gmae_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py).")
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
-        distributed.check_settings_agree(config.to_dict())
+        distributed.check_settings_agree(resume_check.flatten(config.to_dict()))
         stages.run(config, _WORKDIR.value)
         logging.info("%s", cache.summary())
     except Preempted as stop:
