@@ -19,6 +19,7 @@ import pytest
 import saved_weights
 from gmae_jax import distributed, schema
 from gmae_jax.data import class_folders, pipeline, synthetic
+from gmae_jax.train import setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
@@ -525,6 +526,56 @@ def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
     assert procs[0].returncode == 1, last_0
     assert last_0 == f"error: process 1 of this job failed, so process 0 stops too: {last[len('error: '):]}", last_0
     assert "Traceback" not in logs[0].read_text()
+
+
+_FAILING_SAVE = """
+import errno, sys
+import jax
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+rank_to_fail = int(sys.argv.pop(1))
+real = async_checkpointer._background_wait_for_commit_futures
+saves = []
+def failing(directory, commit_futures, *args, **kwargs):  # this rank's first save fails as on a full disk
+    saves.append(directory)
+    if jax.process_index() == rank_to_fail and len(saves) == 1:
+        for future in commit_futures:
+            future.result()
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return real(directory, commit_futures, *args, **kwargs)
+async_checkpointer._background_wait_for_commit_futures = failing
+from absl import app
+from gmae_jax import main
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_a_save_that_fails_on_one_process_stops_the_job_with_its_line(data_root, tmp_path):
+    """Orbax raises a failed background save only when the next save waits for it, and in a job that
+    wait never ended: the failed process skipped the barrier where the others waited for its save
+    (both hung for orbax's 20 minutes). Process 1 fails: the other learns it from the job's store."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
+    args = ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}",
+            "--config.num_classes=4", "--config.total_steps=6", "--config.checkpoint_every=2",
+            "--config.model.depth=1", "--num_cpu_devices=4", f"--coordinator_address={address}", "--num_processes=2"]
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING_SAVE, "1", *args, f"--process_id={rank}"],
+                              cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+             for rank, log in enumerate(logs)]
+    try:
+        for proc in procs:
+            proc.wait(timeout=240)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    line = _last_line(logs[1].read_text())
+    assert procs[1].returncode == 1, logs[1].read_text()[-3000:]
+    assert line.startswith("error: no space left on the device writing ") and "checkpoints/2" in line, line
+    line_0 = _last_line(logs[0].read_text())
+    assert procs[0].returncode == 1, logs[0].read_text()[-3000:]
+    assert line_0 == f"error: process 1 of this job failed, so process 0 stops too: {line[len('error: '):]}", line_0
+    assert setup.checkpoint_steps(tmp_path / "run") == []  # step 2 never completed; nothing looks as if it did
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------

@@ -22,6 +22,7 @@ from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, setup, sharding, steps,
                             tasks)
+from gmae_jax.train.failed_saves import FailedSaveWatch
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import PreemptionWatch
@@ -268,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         logging.warning(warning)
     eval_metrics: dict[str, float] = {}
     watch = PreemptionWatch(manager)
+    saves = FailedSaveWatch()
     preempted, finished = False, start
 
     def evaluate_and_record(step: int) -> tuple[dict[str, float], Any, Any]:
@@ -287,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         except FloatingPointError:
             # Every process stops here (the metrics are global): the save it names goes to disk
             # first, also where the entry point ends a failed multi-process job at once.
-            manager.wait_until_finished()
+            saves.wait(manager)
             raise
 
     try:
@@ -303,6 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 host_batch = next(train_iter)
             state, metrics = train_step(state, sharding.global_batch(host_batch, mesh), rng)
             finished = step
+            saves.after_step()  # a save that failed in the background
             if step == start + 1:  # compiling it is most of its time: timed apart from the steady state
                 jax.block_until_ready(metrics)
                 logging.info("[%s] step %d (compiling the step included) took %.1f s", task.name, step,
@@ -328,17 +331,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 eval_metrics, outputs, first = evaluate_and_record(step)
             if must_save:
                 with progress.not_training():
+                    saves.wait(manager)
                     checkpoint.save(manager, step, state, train_iter, eval_metrics if evaluated else None)
                 last_saved = step
             if evaluated and is_last:
                 # The last step on disk first (every process): a failed picture loses no training.
-                manager.wait_until_finished()
+                saves.wait(manager)
                 drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
                 if jax.process_index() == 0:
                     pictures = draw(task, drawn_from, first, outputs, workdir, data.eval)
                     summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
+        saves.wait(manager)
     except pipeline.InputWorkerDiedError as error:  # in training's input or in an evaluation's
         # The last step's evaluation is the run's result: saved without it, a rerun would find the run
         # finished and never evaluate it, so that step is not saved (a rerun redoes it, evaluation included).
@@ -349,8 +354,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     finally:
         train_iter.close()
         watch.close()
+        saves.close()
         summaries.close()
-    manager.wait_until_finished()
     if preempted:
         manager.close()
         raise watch.stopped(last_saved, checkpoint_dir)

@@ -1,0 +1,81 @@
+"""A checkpoint save that fails in orbax's background thread is raised by the watch, from orbax's log
+record of it, before any later save waits for it (in a job of several processes that wait never ends;
+tests/test_multiprocess.py runs such a job)."""
+
+import errno
+import logging as pylogging
+import time
+
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import pytest
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+from gmae_jax.train import checkpoint, setup
+from gmae_jax.train.failed_saves import FailedSaveWatch
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """The first save's writes end, then its commit fails as on a full disk."""
+    real = async_checkpointer._background_wait_for_commit_futures
+    saves = []
+
+    def failing(directory, commit_futures, *args, **kwargs):
+        saves.append(directory)
+        if len(saves) == 1:
+            for future in commit_futures:
+                future.result()
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return real(directory, commit_futures, *args, **kwargs)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", failing)
+
+
+def _save(manager: ocp.CheckpointManager, step: int) -> None:
+    manager.save(step, args=ocp.args.Composite(**{checkpoint.STATE_ITEM: ocp.args.StandardSave({"w": jnp.ones(4)})}))
+
+
+def test_a_save_that_fails_in_the_background_is_raised_at_the_next_step(full_disk, tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), max_to_keep=2)
+    watch = FailedSaveWatch()
+    try:
+        _save(manager, 2)
+        deadline = time.monotonic() + 60
+        while watch.failure is None and time.monotonic() < deadline:
+            watch.after_step()  # nothing to raise until the background thread fails
+            time.sleep(0.05)
+        with pytest.raises(OSError, match="No space left on device") as raised:
+            watch.after_step()
+        assert raised.value.errno == errno.ENOSPC and raised.value.filename.endswith("2")
+        with pytest.raises(OSError, match="No space left on device"):
+            watch.wait(manager)  # and again where the next save would wait for it
+    finally:
+        watch.close()
+    assert setup.checkpoint_steps(str(tmp_path)) == []  # on disk: nothing that looks complete
+
+
+def test_a_save_that_succeeds_raises_nothing_and_the_watch_leaves_no_handler(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), max_to_keep=2)
+    watch = FailedSaveWatch()
+    _save(manager, 2)
+    watch.wait(manager)
+    watch.after_step()
+    watch.close()
+    assert setup.checkpoint_steps(str(tmp_path)) == [2]
+    assert watch not in pylogging.getLogger("absl").handlers
+
+
+def test_other_error_records_are_not_taken_for_a_failed_save():
+    from absl import logging
+
+    watch = FailedSaveWatch()
+    try:
+        try:
+            raise ValueError("unrelated")
+        except ValueError:
+            logging.exception("a restore failed")
+        watch.after_step()
+    finally:
+        watch.close()
+    assert watch.failure is None
