@@ -3,6 +3,7 @@ JAX fixes the device list of a process the first time it is asked for it."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -173,9 +174,33 @@ def failures_of_others() -> dict[int, str]:
     return dict(sorted(failures.items()))
 
 
+WATCH_EVERY_S = 1.0  # how often each process of a job looks for another's failure
+OWN_LINE_GRACE_S = 2.0  # an error this process meets at the same moment (data that differs) is its better line
+
+
+def on_failure_of_another(leave: Callable[[dict[int, str]], None]) -> None:
+    """In a job of several processes, calls `leave(failures_of_others())` from a daemon thread as soon
+    as another process reports its failure (`report_failure`). Waiting for it in a collective, they
+    would learn of it only from JAX's abort ("another task died", a thread dump under it): when process
+    0 goes, or at JAX's heartbeat timeout (~100 s); a checkpoint save it never joins waits 20 minutes."""
+    if jax.process_count() == 1:
+        return
+    done = threading.Event()
+    atexit.register(done.set)  # before JAX's own exit hook, registered earlier, shuts the job's client down
+
+    def watch() -> None:
+        while not done.wait(WATCH_EVERY_S):
+            if failures_of_others():
+                time.sleep(OWN_LINE_GRACE_S)
+                leave(failures_of_others())
+                return
+
+    threading.Thread(target=watch, name="watch-other-processes", daemon=True).start()
+
+
 # Where a failed process says it is leaving, the moment before it ends itself.
 _LEFT = "gmae_jax/left/"
-REPORT_GRACE_S = 10.0  # how long process 0 waits for the others to report the error it met (if they met it too)
+REPORT_GRACE_S = 20.0  # how long process 0 waits for the others to report the error it met, or to relay it
 LEAVE_TIMEOUT_S = 60.0  # how long it waits for those that did to leave
 _POLL_S = 0.05
 _AFTER_THE_LAST_S = 0.5  # from the last one's word to its exit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import traceback
 
 import jax
@@ -55,6 +56,7 @@ def main(argv: list[str]) -> None:
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
+        distributed.on_failure_of_another(lambda others: _leave_the_job(f"error: {failed_first(others)}\n"))
         distributed.check_settings_agree(resume_check.flatten(config.to_dict()))
         stages.run(config, _WORKDIR.value)
         logging.info("%s", cache.summary())
@@ -115,6 +117,9 @@ def unanswered_hint(error: BaseException) -> str:
             "first, its log names the error to fix (launch/local_multiprocess.sh: $LOG_DIR/process_<rank>.log)\n")
 
 
+_LEAVING = threading.Lock()  # the main thread's error, or the watch for other processes' (one line, one exit)
+
+
 def _leave_the_job(message: str, status: int = 1) -> None:
     """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`.
     A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
@@ -122,6 +127,8 @@ def _leave_the_job(message: str, status: int = 1) -> None:
     cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
     with it (`distributed.leave_in_order`). Errors that every process meets together
     (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
+    if not _LEAVING.acquire(blocking=False):  # another thread of this process is leaving already: it exits
+        threading.Event().wait()
     sys.stderr.write(message)
     sys.stderr.flush()
     sys.stdout.flush()

@@ -43,10 +43,10 @@ def test_a_save_that_fails_in_the_background_is_raised_at_the_next_step(full_dis
         _save(manager, 2)
         deadline = time.monotonic() + 60
         while watch.failure is None and time.monotonic() < deadline:
-            watch.after_step()  # nothing to raise until the background thread fails
+            watch.raise_if_failed()  # nothing to raise until the background thread fails
             time.sleep(0.05)
         with pytest.raises(OSError, match="No space left on device") as raised:
-            watch.after_step()
+            watch.raise_if_failed()
         assert raised.value.errno == errno.ENOSPC and raised.value.filename.endswith("2")
         with pytest.raises(OSError, match="No space left on device"):
             watch.wait(manager)  # and again where the next save would wait for it
@@ -60,7 +60,7 @@ def test_a_save_that_succeeds_raises_nothing_and_the_watch_leaves_no_handler(tmp
     watch = FailedSaveWatch()
     _save(manager, 2)
     watch.wait(manager)
-    watch.after_step()
+    watch.raise_if_failed()
     watch.close()
     assert setup.checkpoint_steps(str(tmp_path)) == [2]
     assert watch not in pylogging.getLogger("absl").handlers
@@ -75,7 +75,7 @@ def test_other_error_records_are_not_taken_for_a_failed_save():
             raise ValueError("unrelated")
         except ValueError:
             logging.exception("a restore failed")
-        watch.after_step()
+        watch.raise_if_failed()
     finally:
         watch.close()
     assert watch.failure is None

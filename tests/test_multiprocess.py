@@ -552,7 +552,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 def test_a_save_that_fails_on_one_process_stops_the_job_with_its_line(data_root, tmp_path):
     """Orbax raises a failed background save only when the next save waits for it, and in a job that
     wait never ended: the failed process skipped the barrier where the others waited for its save
-    (both hung for orbax's 20 minutes). Process 1 fails: the other learns it from the job's store."""
+    (both hung for orbax's 20 minutes). Process 1 fails: the other learns of it from the job's store."""
     address = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
     args = ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}",
@@ -576,6 +576,51 @@ def test_a_save_that_fails_on_one_process_stops_the_job_with_its_line(data_root,
     assert procs[0].returncode == 1, logs[0].read_text()[-3000:]
     assert line_0 == f"error: process 1 of this job failed, so process 0 stops too: {line[len('error: '):]}", line_0
     assert setup.checkpoint_steps(tmp_path / "run") == []  # step 2 never completed; nothing looks as if it did
+
+
+_FAIL_AT_STEP_3 = """
+import sys
+import jax
+from gmae_jax.train import failed_saves
+rank_to_fail = int(sys.argv.pop(1))
+steps = []
+def raise_if_failed(self):  # called after every training step
+    steps.append(1)
+    if jax.process_index() == rank_to_fail and len(steps) == 3:
+        raise RuntimeError(f"a bug that only process {rank_to_fail} meets")
+failed_saves.FailedSaveWatch.raise_if_failed = raise_if_failed
+from absl import app
+from gmae_jax import main
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_a_process_that_fails_mid_training_stops_the_others_at_once_with_its_line(data_root, tmp_path):
+    """Process 0 fails while process 1 waits for it in the next step's collectives: process 1 used to
+    end in JAX's abort when process 0 (the job's coordination service) went ("another task died", a
+    thread dump), and on accelerators only after JAX's heartbeat timeout."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
+    args = ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}",
+            "--config.num_classes=4", "--config.total_steps=100", "--config.model.depth=1", "--num_cpu_devices=4",
+            f"--coordinator_address={address}", "--num_processes=2"]
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _FAIL_AT_STEP_3, "0", *args, f"--process_id={rank}"],
+                              cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+             for rank, log in enumerate(logs)]
+    try:
+        for proc in procs:
+            proc.wait(timeout=240)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    log_0, log_1 = (log.read_text() for log in logs)
+    assert procs[0].returncode == 1 and "RuntimeError: a bug that only process 0 meets" in log_0, log_0[-3000:]
+    assert procs[1].returncode == 1, log_1[-3000:]
+    assert _last_line(log_1) == ("error: process 0 of this job failed, so process 1 stops too: RuntimeError: a bug "
+                                 "that only process 0 meets"), log_1[-3000:]
+    assert "Fatal Python error" not in log_1 and "Traceback" not in log_1
 
 
 # --- Processes agree on the checkpoint they restore ----------------------------------------------

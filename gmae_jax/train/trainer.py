@@ -305,7 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 host_batch = next(train_iter)
             state, metrics = train_step(state, sharding.global_batch(host_batch, mesh), rng)
             finished = step
-            saves.after_step()  # a save that failed in the background
+            saves.raise_if_failed()  # a save that failed in the background
             if step == start + 1:  # compiling it is most of its time: timed apart from the steady state
                 jax.block_until_ready(metrics)
                 logging.info("[%s] step %d (compiling the step included) took %.1f s", task.name, step,
