@@ -175,7 +175,7 @@ def failures_of_others() -> dict[int, str]:
 
 
 WATCH_EVERY_S = 1.0  # how often each process of a job looks for another's failure
-OWN_LINE_GRACE_S = 2.0  # an error this process meets at the same moment (data that differs) is its better line
+OWN_LINE_GRACE_S = 5.0  # an error this process meets at the same moment (data that differs) is its better line
 
 
 def on_failure_of_another(leave: Callable[[dict[int, str]], None]) -> None:

@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead), or in a job
         if jax.distributed.is_initialized() and jax.process_count() > 1:
+            distributed.report_failure("interrupted (Ctrl-C)")  # so that the others stop too, with this line
             _leave_the_job("interrupted\n", Preempted.INTERRUPTED_STATUS)  # not through JAX's shutdown barrier
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(Preempted.INTERRUPTED_STATUS)

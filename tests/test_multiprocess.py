@@ -440,6 +440,7 @@ def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_r
             time.sleep(0.5)
         procs["process_0"].send_signal(signal.SIGINT)
         status = procs["process_0"].wait(timeout=90)
+        status_1 = procs["process_1"].wait(timeout=60)  # waiting for process 0 in a step, it learns from the store
     finally:
         for proc in procs.values():
             proc.kill()
@@ -447,6 +448,9 @@ def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_r
     log = open(logs["process_0"]).read()
     assert status == 130, log[-3000:]
     assert _last_line(log) == "interrupted", log[-3000:]
+    log_1 = open(logs["process_1"]).read()
+    assert status_1 == 1, log_1[-3000:]
+    assert _last_line(log_1) == "error: process 0 of this job failed, so process 1 stops too: interrupted (Ctrl-C)"
 
 
 _FAIL_TOGETHER = """
