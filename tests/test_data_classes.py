@@ -10,7 +10,7 @@ import hagrid_fixtures as fx
 import pytest
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data import hagrid, hagrid_layout, prepare, sources
+from gmae_jax.data import hagrid, hagrid_layout, prepare, read_report, sources
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.stages import finetune
 
@@ -62,7 +62,7 @@ def test_an_explicit_list_orders_the_labels_and_counts_the_rest(custom_root):
     assert names == ["wave", "call", "like", "no_gesture"]
     assert {r.class_folder for r in train.records} == {"wave", "call", "like", "no_gesture"}
     _, report = hagrid.read_hagrid_v2(custom_root, class_names=names)
-    assert {r: dict(c) for r, c in report.dropped_images().items()} == {hagrid.UNKNOWN_CLASS: {"point_left": 6}}
+    assert {r: dict(c) for r, c in report.dropped_images().items()} == {read_report.UNKNOWN_CLASS: {"point_left": 6}}
 
 
 def test_each_image_dropped_is_counted_once_under_its_reason_and_class(tmp_path):
@@ -76,8 +76,8 @@ def test_each_image_dropped_is_counted_once_under_its_reason_and_class(tmp_path)
 
     assert len(records) == 4
     assert {r: dict(c) for r, c in report.dropped_images().items()} == {
-        hagrid.UNKNOWN_CLASS: {"waving": 1}, hagrid.UNANNOTATED: {"like": 1},
-        hagrid.MISSING_IMAGE: {"call": 1}, hagrid.EMPTY_BBOXES: {"like": 1}}
+        read_report.UNKNOWN_CLASS: {"waving": 1}, read_report.UNANNOTATED: {"like": 1},
+        read_report.MISSING_IMAGE: {"call": 1}, read_report.EMPTY_BBOXES: {"like": 1}}
     assert "unannotated 1 (like 1)" in report.describe_dropped()
 
 
@@ -90,7 +90,7 @@ def test_annotations_of_gestures_not_downloaded_lose_no_image(tmp_path):
 
     assert names == list(hagrid_layout.HAGRID_V2_CLASSES) and len(train) == 2
     _, report = hagrid.read_hagrid_v2(tmp_path)
-    assert report.skipped == {hagrid.NO_IMAGE_FOLDER: [str(tree.json_path("train", "palm"))]}
+    assert report.skipped == {read_report.NO_IMAGE_FOLDER: [str(tree.json_path("train", "palm"))]}
     assert report.dropped_images() == {}
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax import schema
-from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters, sources, splits, transforms
+from gmae_jax.data import crops, hagrid, hagrid_layout, read_report, record_filters, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.hagrid import HagridRecord
 from gmae_jax.train import steps
@@ -114,7 +114,7 @@ def test_read_v2_selected_splits_do_not_report_other_splits_as_unannotated(tmp_p
     records, report = hagrid.read_hagrid_v2(tmp_path, splits=["val"])
 
     assert {r.split for r in records} == {"val"} and len(records) == 8
-    assert hagrid.UNANNOTATED not in report.skipped
+    assert read_report.UNANNOTATED not in report.skipped
 
 
 def test_read_v2_missing_split_folder_is_an_error(tmp_path):
@@ -202,7 +202,7 @@ def test_image_listed_but_missing_is_skipped_and_named(tmp_path):
 
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped == {hagrid.MISSING_IMAGE: [str(path)]} and len(records) == 24
+    assert report.skipped == {read_report.MISSING_IMAGE: [str(path)]} and len(records) == 24
 
 
 def test_image_without_annotation_is_skipped_and_named(tmp_path):
@@ -211,7 +211,7 @@ def test_image_without_annotation_is_skipped_and_named(tmp_path):
 
     records, report = hagrid.read_hagrid_v1(tmp_path)
 
-    assert report.skipped == {hagrid.UNANNOTATED: [str(path)]}
+    assert report.skipped == {read_report.UNANNOTATED: [str(path)]}
     assert str(path) not in {r.path for r in records}
 
 
@@ -254,7 +254,7 @@ def test_box_partly_outside_is_clipped_and_named(tmp_path):
 
     edge = next(r for r in records if r.image_id == "edge")
     assert np.allclose(edge.boxes, [(0.0, 0.8, 0.2, 0.2)])
-    assert report.repaired == {hagrid.CLIPPED_BOX: [str(path)]} and report.skipped == {}
+    assert report.repaired == {read_report.CLIPPED_BOX: [str(path)]} and report.skipped == {}
 
 
 def test_zero_area_box_is_dropped_with_its_label(tmp_path):
@@ -266,7 +266,7 @@ def test_zero_area_box_is_dropped_with_its_label(tmp_path):
 
     thin = next(r for r in records if r.image_id == "thin")
     assert thin.labels == ("call",) and np.allclose(thin.boxes, [(0.5, 0.5, 0.2, 0.2)])
-    assert report.repaired == {hagrid.DROPPED_BOX: [str(path), str(path)]}
+    assert report.repaired == {read_report.DROPPED_BOX: [str(path), str(path)]}
 
 
 @pytest.mark.parametrize("boxes", [[], [[0.3, 0.3, 0.2, 0.0]]], ids=["empty", "all_zero_area"])
@@ -276,7 +276,7 @@ def test_image_without_usable_boxes_is_skipped_and_named(tmp_path, boxes):
 
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped == {hagrid.EMPTY_BBOXES: [str(path)]}
+    assert report.skipped == {read_report.EMPTY_BBOXES: [str(path)]}
     assert "nobox" not in {r.image_id for r in records}
 
 
@@ -286,7 +286,7 @@ def test_unknown_class_folder_is_skipped_and_named(tmp_path):
 
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped == {hagrid.UNKNOWN_CLASS: [str(folder)]} and len(records) == 4
+    assert report.skipped == {read_report.UNKNOWN_CLASS: [str(folder)]} and len(records) == 4
 
 
 def test_annotation_file_of_an_unknown_class_is_skipped_and_named(tmp_path):
@@ -295,7 +295,7 @@ def test_annotation_file_of_an_unknown_class_is_skipped_and_named(tmp_path):
 
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped == {hagrid.UNKNOWN_CLASS: [str(tree.json_path("train", "waving"))]}
+    assert report.skipped == {read_report.UNKNOWN_CLASS: [str(tree.json_path("train", "waving"))]}
     assert len(records) == 1
 
 
@@ -305,10 +305,11 @@ def test_unknown_box_label_is_skipped_and_named(tmp_path):
 
     records, report = hagrid.read_hagrid_v1(tmp_path)
 
-    assert report.skipped.keys() == {hagrid.UNKNOWN_LABEL} and len(records) == 3
+    assert report.skipped.keys() == {read_report.UNKNOWN_LABEL} and len(records) == 3
     # The name is the image's whole path; what was wrong is kept apart, and joined for people.
-    assert report.skipped[hagrid.UNKNOWN_LABEL] == [str(path)] and report.details[(hagrid.UNKNOWN_LABEL, str(path))] == "['wave']"
-    assert report.described(hagrid.UNKNOWN_LABEL, [str(path)]) == [f"{path}: ['wave']"]
+    assert report.skipped[read_report.UNKNOWN_LABEL] == [str(path)]
+    assert report.details[(read_report.UNKNOWN_LABEL, str(path))] == "['wave']"
+    assert report.described(read_report.UNKNOWN_LABEL, [str(path)]) == [f"{path}: ['wave']"]
 
 
 @pytest.mark.parametrize(
@@ -328,8 +329,9 @@ def test_malformed_entry_is_skipped_and_named(tmp_path, boxes, labels):
 
     _, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped.keys() == {hagrid.MALFORMED_ENTRY}
-    assert report.skipped[hagrid.MALFORMED_ENTRY] == [str(path)] and "Error(" in report.details[(hagrid.MALFORMED_ENTRY, str(path))]
+    assert report.skipped.keys() == {read_report.MALFORMED_ENTRY}
+    assert report.skipped[read_report.MALFORMED_ENTRY] == [str(path)]
+    assert "Error(" in report.details[(read_report.MALFORMED_ENTRY, str(path))]
 
 
 @pytest.mark.parametrize("united_label", [[["call"]], 5], ids=["nested_list", "number"])
@@ -341,9 +343,9 @@ def test_an_odd_united_label_is_a_malformed_entry_not_a_crash(tmp_path, united_l
 
     _, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped.keys() == {hagrid.MALFORMED_ENTRY}
-    assert report.skipped[hagrid.MALFORMED_ENTRY] == [str(path)]
-    assert "united_label must be a string" in report.details[(hagrid.MALFORMED_ENTRY, str(path))]
+    assert report.skipped.keys() == {read_report.MALFORMED_ENTRY}
+    assert report.skipped[read_report.MALFORMED_ENTRY] == [str(path)]
+    assert "united_label must be a string" in report.details[(read_report.MALFORMED_ENTRY, str(path))]
 
 
 def test_a_pipe_named_like_an_image_is_skipped_not_read(tmp_path):
@@ -354,7 +356,7 @@ def test_a_pipe_named_like_an_image_is_skipped_not_read(tmp_path):
 
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert str(pipe) in report.skipped[hagrid.STRAY_FILE]
+    assert str(pipe) in report.skipped[read_report.STRAY_FILE]
     assert pipe.stem not in {r.image_id for r in records} and len(records) == 1
 
 
@@ -369,8 +371,8 @@ def test_macos_metadata_files_are_skipped_and_named(tmp_path):
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
     expected = sorted(map(str, [*in_class, top, in_annotations]))
-    assert sorted(report.skipped[hagrid.STRAY_FILE]) == expected
-    assert report.skipped.keys() == {hagrid.STRAY_FILE} and len(records) == 4
+    assert sorted(report.skipped[read_report.STRAY_FILE]) == expected
+    assert report.skipped.keys() == {read_report.STRAY_FILE} and len(records) == 4
 
 
 def test_empty_class_folder_is_skipped_and_named(tmp_path):
@@ -379,7 +381,7 @@ def test_empty_class_folder_is_skipped_and_named(tmp_path):
 
     _, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert report.skipped == {hagrid.EMPTY_CLASS_FOLDER: [str(folder)]}
+    assert report.skipped == {read_report.EMPTY_CLASS_FOLDER: [str(folder)]}
 
 
 def test_annotated_images_of_an_emptied_class_folder_count_as_missing(tmp_path):
@@ -389,7 +391,7 @@ def test_annotated_images_of_an_emptied_class_folder_count_as_missing(tmp_path):
 
     records, report = hagrid.read_hagrid_v2(tmp_path)
 
-    assert len(records) == 6 and report.dropped_images()[hagrid.MISSING_IMAGE] == {"like": 6}
+    assert len(records) == 6 and report.dropped_images()[read_report.MISSING_IMAGE] == {"like": 6}
     with pytest.raises(DataLayoutError, match=r"6 of 12 images .* missing_image 6"):
         report.check_dropped(0.05, str(tmp_path))
 
@@ -403,7 +405,7 @@ def test_classes_present_keeps_an_emptied_class_folder_that_is_annotated(tmp_pat
     names = hagrid_layout.resolve_classes("present", "hagrid_v2", tmp_path)
     _, report = hagrid.read_hagrid_v2(tmp_path, class_names=names)
 
-    assert names == ["call", "like"] and report.dropped_images()[hagrid.MISSING_IMAGE] == {"like": 6}
+    assert names == ["call", "like"] and report.dropped_images()[read_report.MISSING_IMAGE] == {"like": 6}
 
 
 def test_an_image_annotated_in_two_splits_is_kept_in_the_first_only(tmp_path):
@@ -416,10 +418,10 @@ def test_an_image_annotated_in_two_splits_is_kept_in_the_first_only(tmp_path):
 
     assert [r.split for r in records if r.image_id == "call-000-0"] == ["train"]
     image = str(tree.images_root / "call" / "call-000-0.jpg")  # the name is the image's path
-    assert report.skipped[hagrid.IN_TWO_SPLITS] == [image]
-    assert report.described(hagrid.IN_TWO_SPLITS, [image]) == [
+    assert report.skipped[read_report.IN_TWO_SPLITS] == [image]
+    assert report.described(read_report.IN_TWO_SPLITS, [image]) == [
         f"{image}: call-000-0 annotated again in {val_json} (kept in {tree.json_path('train', 'call')})"]
-    assert "call-000-0" not in {r.image_id for r in val} and hagrid.IN_TWO_SPLITS in val_report.skipped
+    assert "call-000-0" not in {r.image_id for r in val} and read_report.IN_TWO_SPLITS in val_report.skipped
     assert len(records) == 12
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from gmae_jax.data import crops, hagrid, hagrid_layout, record_filters
+from gmae_jax.data import crops, hagrid, hagrid_layout, read_report, record_filters
 from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError, is_regular_file
 
 
@@ -51,10 +51,10 @@ def _hagrid_inputs(root: epath.Path, classes: Sequence[str]) -> tuple[list[Input
             for name in names:  # a file or folder
                 detail = report.details.get((reason, name))
                 reasons.setdefault(name, f"{reason} ({detail})" if detail else reason)
-        strays += report.skipped.get(hagrid.STRAY_FILE, [])
+        strays += report.skipped.get(read_report.STRAY_FILE, [])
     # Files outside the image folders that the reader named (e.g. stray files among the annotations).
-    skipped = [(name, hagrid.STRAY_FILE) for name in strays
-               if reasons[name] == hagrid.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
+    skipped = [(name, read_report.STRAY_FILE) for name in strays
+               if reasons[name] == read_report.STRAY_FILE and name not in seen and not epath.Path(name).is_dir()]
     for folder in sorted(images_root.iterdir()):
         if folder.name in not_images or not folder.is_dir():
             continue

@@ -28,8 +28,8 @@ import ml_collections
 from PIL import Image
 
 from gmae_jax import host_resources, run_files
-from gmae_jax.data import (crops, hagrid, hagrid_layout, record_filters, records, sources, splits, transforms, views,
-                           worker_pool)
+from gmae_jax.data import (crops, hagrid, hagrid_layout, read_report, record_filters, records, sources, splits,
+                           transforms, views, worker_pool)
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.schema import DataConfig
 
@@ -150,7 +150,9 @@ def _refuse_own_output(root: epath.Path) -> None:
                           f"HaGRID tree they were prepared from{source}.")
 
 
-def _read(root: str, layout: str, classes: str) -> tuple[list[hagrid.HagridRecord], list[str], hagrid.ReadReport]:
+def _read(
+    root: str, layout: str, classes: str,
+) -> tuple[list[hagrid.HagridRecord], list[str], read_report.ReadReport]:
     """The labelled records of the whole tree, the class list (per config.data.classes), the report."""
     _refuse_own_output(epath.Path(root))
     layout = sources.detect_layout(root) if layout == "auto" else layout  # hints at a root one level off

@@ -6,7 +6,8 @@ bad-image budget, not here.)
 
 from collections.abc import Sequence
 
-from gmae_jax.data.hagrid import NO_GESTURE_LABEL, HagridRecord, ReadReport
+from gmae_jax.data.hagrid import HagridRecord
+from gmae_jax.data.read_report import NO_GESTURE_LABEL, ReadReport
 from gmae_jax.data.hagrid_layout import NO_GESTURE
 
 

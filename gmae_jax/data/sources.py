@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from absl import logging
 from etils import epath
 
-from gmae_jax.data import class_folders, hagrid, hagrid_layout, record_filters, records, splits, views
+from gmae_jax.data import class_folders, hagrid, hagrid_layout, read_report, record_filters, records, splits, views
 from gmae_jax.data.class_folders import DataLayoutError, Example
 from gmae_jax.data.views import Element, ViewConfig
 from gmae_jax.schema import DataConfig
@@ -105,15 +105,15 @@ def _pick_another_split(data: DataConfig, split: str, found: Sequence[str]) -> s
     return f"set {flag} to one of {sorted(found)}"
 
 
-def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
+def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, read_report.ReadReport]:
     recs, report = hagrid.read_hagrid_v2(root, splits=sorted(set(wanted)), class_names=names)
     return record_filters.drop_unlabelled(recs, names, report), report
 
 
-def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, hagrid.ReadReport]:
+def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, read_report.ReadReport]:
     """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (or ann_subsample alone), re-split by
     `_by_split`."""
-    recs, report = [], hagrid.ReadReport()
+    recs, report = [], read_report.ReadReport()
     if not set(wanted) <= {"train", "val", "test"}:
         raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
     for annotation_set, split in (("ann_test", "test"), (hagrid_layout.v1_train_val_set(root), "")):
