@@ -483,12 +483,7 @@ def test_processes_that_fail_together_each_exit_with_their_line_whoever_is_last(
     """Process 0 keeps the job's coordination service: leaving before a slower process that failed
     too aborted that one in JAX's C++ client (status -6, a stack trace under its error line)."""
     procs = _fail_together(tmp_path, process_1_fails=True, grace_s=10)
-    try:
-        for proc in procs:
-            proc.wait(timeout=120)
-    finally:
-        for proc in procs:
-            proc.kill()
+    _wait_then_kill(procs, 120)
     for rank, proc in enumerate(procs):
         log = (tmp_path / f"process_{rank}.log").read_text()
         assert proc.returncode == 1, log
@@ -532,14 +527,41 @@ def test_a_process_that_fails_alone_exits_at_once(data_root, tmp_path):
     assert "Traceback" not in logs[0].read_text()
 
 
-_FAILING_SAVE = """
-import errno, sys
-import jax
+def _job_with(patch: str, rank_to_fail: int, data_root: str, tmp_path, *extra: str) -> list[tuple[int, str]]:
+    """Two training processes, each running `patch` (Python that makes process `rank_to_fail` fail
+    somewhere) before the entry point; each one's exit status and log once both have ended."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
+    script = (f"import jax\nrank_to_fail = {rank_to_fail}\n{patch}\nfrom absl import app\nfrom gmae_jax import main\n"
+              "app.run(main.main, flags_parser=main.parse_flags)\n")
+    args = ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}",
+            "--config.num_classes=4", "--config.model.depth=1", "--num_cpu_devices=4",
+            f"--coordinator_address={address}", "--num_processes=2", *extra]
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args, f"--process_id={rank}"],
+                              cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+             for rank, log in enumerate(logs)]
+    _wait_then_kill(procs, 240)
+    return [(proc.returncode, log.read_text()) for proc, log in zip(procs, logs)]
+
+
+def _wait_then_kill(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Waits up to `timeout_s` for each (a test that times out fails), then kills what is left."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout_s)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+_FIRST_SAVE_FAILS = """
+import errno
 from orbax.checkpoint._src.checkpointers import async_checkpointer
-rank_to_fail = int(sys.argv.pop(1))
 real = async_checkpointer._background_wait_for_commit_futures
 saves = []
-def failing(directory, commit_futures, *args, **kwargs):  # this rank's first save fails as on a full disk
+def failing(directory, commit_futures, *args, **kwargs):  # the first save fails as on a full disk
     saves.append(directory)
     if jax.process_index() == rank_to_fail and len(saves) == 1:
         for future in commit_futures:
@@ -547,9 +569,6 @@ def failing(directory, commit_futures, *args, **kwargs):  # this rank's first sa
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
     return real(directory, commit_futures, *args, **kwargs)
 async_checkpointer._background_wait_for_commit_futures = failing
-from absl import app
-from gmae_jax import main
-app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
@@ -557,45 +576,24 @@ def test_a_save_that_fails_on_one_process_stops_the_job_with_its_line(data_root,
     """Orbax raises a failed background save only when the next save waits for it, and in a job that
     wait never ended: the failed process skipped the barrier where the others waited for its save
     (both hung for orbax's 20 minutes). Process 1 fails: the other learns of it from the job's store."""
-    address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
-    args = ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}",
-            "--config.num_classes=4", "--config.total_steps=6", "--config.checkpoint_every=2",
-            "--config.model.depth=1", "--num_cpu_devices=4", f"--coordinator_address={address}", "--num_processes=2"]
-    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _FAILING_SAVE, "1", *args, f"--process_id={rank}"],
-                              cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-             for rank, log in enumerate(logs)]
-    try:
-        for proc in procs:
-            proc.wait(timeout=240)
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    line = _last_line(logs[1].read_text())
-    assert procs[1].returncode == 1, logs[1].read_text()[-3000:]
+    (status_0, log_0), (status_1, log_1) = _job_with(_FIRST_SAVE_FAILS, 1, data_root, tmp_path,
+                                                     "--config.total_steps=6", "--config.checkpoint_every=2")
+    line = _last_line(log_1)
+    assert status_1 == 1, log_1[-3000:]
     assert line.startswith("error: no space left on the device writing ") and "checkpoints/2" in line, line
-    line_0 = _last_line(logs[0].read_text())
-    assert procs[0].returncode == 1, logs[0].read_text()[-3000:]
-    assert line_0 == f"error: process 1 of this job failed, so process 0 stops too: {line[len('error: '):]}", line_0
+    assert status_0 == 1, log_0[-3000:]
+    assert _last_line(log_0) == f"error: process 1 of this job failed, so process 0 stops too: {line[7:]}", log_0
     assert setup.checkpoint_steps(tmp_path / "run") == []  # step 2 never completed; nothing looks as if it did
 
 
-_FAIL_AT_STEP_3 = """
-import sys
-import jax
+_FAILS_AT_STEP_3 = """
 from gmae_jax.train import failed_saves
-rank_to_fail = int(sys.argv.pop(1))
 steps = []
 def raise_if_failed(self):  # called after every training step
     steps.append(1)
     if jax.process_index() == rank_to_fail and len(steps) == 3:
         raise RuntimeError(f"a bug that only process {rank_to_fail} meets")
 failed_saves.FailedSaveWatch.raise_if_failed = raise_if_failed
-from absl import app
-from gmae_jax import main
-app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
@@ -603,25 +601,10 @@ def test_a_process_that_fails_mid_training_stops_the_others_at_once_with_its_lin
     """Process 0 fails while process 1 waits for it in the next step's collectives: process 1 used to
     end in JAX's abort when process 0 (the job's coordination service) went ("another task died", a
     thread dump), and on accelerators only after JAX's heartbeat timeout."""
-    address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS=without_device_count(os.environ.get("XLA_FLAGS", "")), JAX_PLATFORMS="cpu")
-    args = ["--config=configs/finetune.py:runlocal", f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}",
-            "--config.num_classes=4", "--config.total_steps=100", "--config.model.depth=1", "--num_cpu_devices=4",
-            f"--coordinator_address={address}", "--num_processes=2"]
-    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _FAIL_AT_STEP_3, "0", *args, f"--process_id={rank}"],
-                              cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-             for rank, log in enumerate(logs)]
-    try:
-        for proc in procs:
-            proc.wait(timeout=240)
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    log_0, log_1 = (log.read_text() for log in logs)
-    assert procs[0].returncode == 1 and "RuntimeError: a bug that only process 0 meets" in log_0, log_0[-3000:]
-    assert procs[1].returncode == 1, log_1[-3000:]
+    (status_0, log_0), (status_1, log_1) = _job_with(_FAILS_AT_STEP_3, 0, data_root, tmp_path,
+                                                     "--config.total_steps=100")
+    assert status_0 == 1 and "RuntimeError: a bug that only process 0 meets" in log_0, log_0[-3000:]
+    assert status_1 == 1, log_1[-3000:]
     assert _last_line(log_1) == ("error: process 0 of this job failed, so process 1 stops too: RuntimeError: a bug "
                                  "that only process 0 meets"), log_1[-3000:]
     assert "Fatal Python error" not in log_1 and "Traceback" not in log_1
