@@ -190,12 +190,22 @@ def on_failure_of_another(leave: Callable[[dict[int, str]], None]) -> None:
 
     def watch() -> None:
         while not done.wait(WATCH_EVERY_S):
-            if failures_of_others():
+            seen = failures_of_others()
+            if seen:
                 time.sleep(OWN_LINE_GRACE_S)
-                leave(failures_of_others())
+                leave(failures_of_others() or seen)  # read again: more may have failed; or the store has gone
                 return
 
     threading.Thread(target=watch, name="watch-other-processes", daemon=True).start()
+
+
+def finish_together() -> None:
+    """Every process of a job waits here for the others at the end of its stage, while it still watches
+    for their failures (`on_failure_of_another`): what process 0 alone does last (the pictures, the
+    summary) could fail after the others had finished, leaving them in JAX's shutdown, which aborts
+    when process 0 goes. A collective: every process calls it."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("gmae_jax: every process finished its stage")
 
 
 # Where a failed process says it is leaving, the moment before it ends itself.

@@ -59,8 +59,10 @@ def main(argv: list[str]) -> None:
         distributed.on_failure_of_another(lambda others: _leave_the_job(f"error: {failed_first(others)}\n"))
         distributed.check_settings_agree(resume_check.flatten(config.to_dict()))
         stages.run(config, _WORKDIR.value)
+        distributed.finish_together()
         logging.info("%s", cache.summary())
     except Preempted as stop:
+        _only_this_thread_exits()
         print(stop, file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead), or in a job
@@ -121,6 +123,12 @@ def unanswered_hint(error: BaseException) -> str:
 _LEAVING = threading.Lock()  # the main thread's error, or the watch for other processes' (one line, one exit)
 
 
+def _only_this_thread_exits() -> None:
+    """Returns in the first thread of this process to end it; any later one waits here for that exit."""
+    if not _LEAVING.acquire(blocking=False):
+        threading.Event().wait()
+
+
 def _leave_the_job(message: str, status: int = 1) -> None:
     """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`.
     A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
@@ -128,8 +136,7 @@ def _leave_the_job(message: str, status: int = 1) -> None:
     cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
     with it (`distributed.leave_in_order`). Errors that every process meets together
     (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
-    if not _LEAVING.acquire(blocking=False):  # another thread of this process is leaving already: it exits
-        threading.Event().wait()
+    _only_this_thread_exits()
     sys.stderr.write(message)
     sys.stderr.flush()
     sys.stdout.flush()

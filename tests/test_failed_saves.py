@@ -9,6 +9,7 @@ import time
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
+from absl import logging as absl_logging
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 
 from gmae_jax.train import checkpoint, setup
@@ -79,3 +80,25 @@ def test_other_error_records_are_not_taken_for_a_failed_save():
     finally:
         watch.close()
     assert watch.failure is None
+
+
+def test_a_log_quieter_than_errors_still_shows_the_watch_a_failed_save(full_disk, tmp_path):
+    """--verbosity=-3 (fatal only) dropped orbax's error record before any handler saw it: a job then
+    waited for orbax's 20 minutes again. What the log shows stays as asked."""
+    logger, handler = pylogging.getLogger("absl"), absl_logging.get_absl_handler()
+    error = logger.makeRecord("absl", pylogging.ERROR, __file__, 1, "an error record", (), None)
+    before = logger.level
+    logger.setLevel(pylogging.CRITICAL)
+    try:
+        manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), max_to_keep=2)
+        watch = FailedSaveWatch()
+        assert not handler.filter(error)  # the log shows fatal records only, as before
+        _save(manager, 2)
+        deadline = time.monotonic() + 60
+        while watch.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watch.close()
+        assert isinstance(watch.failure, OSError) and watch.failure.errno == errno.ENOSPC
+        assert logger.level == pylogging.CRITICAL and handler.filter(error)  # all as it was
+    finally:
+        logger.setLevel(before)

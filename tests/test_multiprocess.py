@@ -610,6 +610,24 @@ def test_a_process_that_fails_mid_training_stops_the_others_at_once_with_its_lin
     assert "Fatal Python error" not in log_1 and "Traceback" not in log_1
 
 
+_DRAWING_FAILS = """
+from gmae_jax.train import trainer
+def draw(*args, **kwargs):  # process 0 alone draws, after the last step
+    raise RuntimeError("a bug in drawing")
+trainer.draw = draw
+"""
+
+
+def test_a_failure_of_process_0_after_the_others_finished_stops_them_with_its_line(data_root, tmp_path):
+    """Process 1 had finished and waited in JAX's shutdown, where process 0's exit aborted it (status
+    134, a thread dump): the processes now finish their stage together, still watching each other."""
+    (status_0, log_0), (status_1, log_1) = _job_with(_DRAWING_FAILS, 0, data_root, tmp_path, "--config.total_steps=2")
+    assert status_0 == 1 and "RuntimeError: a bug in drawing" in log_0, log_0[-3000:]
+    assert status_1 == 1, log_1[-3000:]
+    assert _last_line(log_1) == ("error: process 0 of this job failed, so process 1 stops too: RuntimeError: a bug "
+                                 "in drawing"), log_1[-3000:]
+
+
 # --- Processes agree on the checkpoint they restore ----------------------------------------------
 
 def test_processes_agree_on_the_restored_step(tmp_path):

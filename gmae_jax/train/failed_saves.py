@@ -4,7 +4,8 @@ and in a job of several processes that wait never ends: the failed process skips
 the others wait for its save, then waits at the next one itself, until orbax's 20-minute timeout
 (orbax 0.12). Orbax logs the failure the moment it happens, with the error attached; `FailedSaveWatch`
 takes it from that record, and the trainer raises it at the next step like any other error of this
-process (in a job the others then stop too: `distributed.on_failure_of_another`)."""
+process (in a job the others then stop too: `distributed.on_failure_of_another`, which also ends a
+process whose save failed only because another's did, before its own record is raised)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging as pylogging
 import time
 
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 # What orbax's background save thread logs, with the error attached, when a save fails.
 _BACKGROUND_FAILURE = "in background save thread"
@@ -24,7 +26,14 @@ class FailedSaveWatch(pylogging.Handler):
     def __init__(self) -> None:
         super().__init__(level=pylogging.ERROR)
         self.failure: BaseException | None = None
-        pylogging.getLogger("absl").addHandler(self)
+        self._logger = pylogging.getLogger("absl")
+        self._verbosity = self._logger.level
+        self._unshown: _Below | None = None
+        if not self._logger.isEnabledFor(pylogging.ERROR):  # e.g. --verbosity=-3: orbax's record would not be made
+            self._unshown = _Below(self._logger.getEffectiveLevel())
+            absl_logging.get_absl_handler().addFilter(self._unshown)  # what the log shows stays as asked
+            self._logger.setLevel(pylogging.ERROR)
+        self._logger.addHandler(self)
 
     def emit(self, record: pylogging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
@@ -46,5 +55,19 @@ class FailedSaveWatch(pylogging.Handler):
         manager.wait_until_finished()  # raises a failure the log did not show (another orbax)
 
     def close(self) -> None:
-        pylogging.getLogger("absl").removeHandler(self)
+        self._logger.removeHandler(self)
+        if self._unshown is not None:
+            self._logger.setLevel(self._verbosity)
+            absl_logging.get_absl_handler().removeFilter(self._unshown)
         super().close()
+
+
+class _Below(pylogging.Filter):
+    """Drops the records below `level`: those the log would not have shown."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= self.level
