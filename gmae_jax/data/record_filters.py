@@ -7,8 +7,8 @@ bad-image budget, not here.)
 from collections.abc import Sequence
 
 from gmae_jax.data.hagrid import HagridRecord
-from gmae_jax.data.read_report import NO_GESTURE_LABEL, ReadReport
 from gmae_jax.data.hagrid_layout import NO_GESTURE
+from gmae_jax.data.read_report import NO_GESTURE_LABEL, ReadReport
 
 
 def gesture_name(record: HagridRecord) -> str | None:

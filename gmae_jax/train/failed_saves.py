@@ -26,12 +26,10 @@ class FailedSaveWatch(pylogging.Handler):
     def __init__(self) -> None:
         super().__init__(level=pylogging.ERROR)
         self.failure: BaseException | None = None
-        self._logger = pylogging.getLogger("absl")
-        self._verbosity = self._logger.level
-        self._unshown: _Below | None = None
+        self._logger, self._shown = pylogging.getLogger("absl"), absl_logging.get_absl_handler()
+        self._levels = self._logger.level, self._shown.level
         if not self._logger.isEnabledFor(pylogging.ERROR):  # e.g. --verbosity=-3: orbax's record would not be made
-            self._unshown = _Below(self._logger.getEffectiveLevel())
-            absl_logging.get_absl_handler().addFilter(self._unshown)  # what the log shows stays as asked
+            self._shown.setLevel(self._logger.getEffectiveLevel())  # what the log shows stays as asked
             self._logger.setLevel(pylogging.ERROR)
         self._logger.addHandler(self)
 
@@ -56,18 +54,6 @@ class FailedSaveWatch(pylogging.Handler):
 
     def close(self) -> None:
         self._logger.removeHandler(self)
-        if self._unshown is not None:
-            self._logger.setLevel(self._verbosity)
-            absl_logging.get_absl_handler().removeFilter(self._unshown)
+        self._logger.setLevel(self._levels[0])
+        self._shown.setLevel(self._levels[1])
         super().close()
-
-
-class _Below(pylogging.Filter):
-    """Drops the records below `level`: those the log would not have shown."""
-
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= self.level
