@@ -79,7 +79,9 @@ def main(argv: list[str]) -> None:
         in_a_job = jax.distributed.is_initialized() and jax.process_count() > 1
         if in_a_job and line is None and not debug:
             others = distributed.failures_of_others()
-            if others:  # this process's error is their failure's echo (a collective that timed out)
+            if not others and waited_in_vain(error):  # a process gone without a word: process 0 says so soon
+                others = distributed.wait_for_failures_of_others(distributed.SILENT_AFTER_S + _VERDICT_GRACE_S)
+            if others:  # this process's error is their failure's echo (a collective that broke or timed out)
                 _leave_the_job(f"error: {failed_first(others)}\n")
         if in_a_job and not waited_in_vain(error):
             distributed.report_failure(line or first_line(error))
@@ -92,10 +94,16 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {line}")
 
 
+_VERDICT_GRACE_S = 10.0  # from a silent process's last word to the moment process 0 has reported it
+# How a collective (or the key-value store behind it) ends when another process has failed, hangs, or
+# has gone: timed out, or (Gloo, on CPU) its connection to the other process closed.
+_WAITED_IN_VAIN = ("DEADLINE_EXCEEDED", "Connection closed by peer", "Connection reset by peer")
+
+
 def waited_in_vain(error: BaseException) -> bool:
-    """A collective (or the key-value store behind it) that timed out: another process's failure, or
-    a hang, shows up in this process as this."""
-    return "DEADLINE_EXCEEDED" in str(error)
+    """A collective that timed out or lost its peer: another process's failure, or a hang, shows up
+    in this process as this."""
+    return any(sign in str(error) for sign in _WAITED_IN_VAIN)
 
 
 def first_line(error: BaseException) -> str:

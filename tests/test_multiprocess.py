@@ -628,6 +628,44 @@ def test_a_failure_of_process_0_after_the_others_finished_stops_them_with_its_li
                                  "in drawing"), log_1[-3000:]
 
 
+_KILLED = """
+import os, signal
+from gmae_jax import distributed
+from gmae_jax.train import evaluation, failed_saves
+distributed.SILENT_AFTER_S = 6.0  # not to wait the default 30 s here
+def die():  # as the out-of-memory killer does: not a word
+    if jax.process_index() == rank_to_fail:
+        os.kill(os.getpid(), signal.SIGKILL)
+steps = []
+def raise_if_failed(self):  # called after every training step
+    steps.append(1)
+    if len(steps) == 3 and where == "in training":
+        die()
+real_evaluate = evaluation.evaluate
+def evaluate(*args, **kwargs):
+    if where == "before evaluating":
+        die()
+    return real_evaluate(*args, **kwargs)
+failed_saves.FailedSaveWatch.raise_if_failed = raise_if_failed
+evaluation.evaluate = evaluate
+"""
+
+
+@pytest.mark.parametrize("where", ["in training", "before evaluating"])
+def test_a_process_killed_outright_stops_the_others_with_a_line_that_says_so(where, data_root, tmp_path):
+    """A process killed outright reports nothing: process 0 sees its count in the job's store stop.
+    In training, process 0 waited in the next step's collective (on accelerators until JAX's heartbeat
+    timeout, ~100 s, then JAX's abort); evaluating, Gloo's gather failed at once, and process 0 ended
+    with that traceback: it now waits for the verdict."""
+    patch = f"where = {where!r}\n{_KILLED}"
+    (status_0, log_0), (status_1, _) = _job_with(patch, 1, data_root, tmp_path, "--config.total_steps=100")
+    assert status_1 == -signal.SIGKILL
+    assert status_0 == 1, log_0[-3000:]
+    assert _last_line(log_0) == (f"error: process 1 of this job failed, so process 0 stops too: "
+                                 f"{distributed.silent_line(6.0)}"), log_0[-3000:]
+    assert "Traceback" not in log_0
+
+
 # --- Processes agree on the checkpoint they restore ----------------------------------------------
 
 def test_processes_agree_on_the_restored_step(tmp_path):
@@ -674,3 +712,20 @@ def test_a_process_stopped_by_others_names_the_first_and_counts_the_rest():
     assert main.first_line(ValueError("first\nsecond")) == "ValueError: first"
     assert len(main.first_line(ValueError("x" * 1000))) == 300
     assert main.waited_in_vain(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out"))
+    assert main.waited_in_vain(RuntimeError("UNKNOWN: Gloo AllGather failed: [...pair.cc:547] Connection closed by "
+                                            "peer [127.0.0.1]:22414"))
+
+
+def test_a_process_is_silent_once_its_count_has_not_moved_for_the_whole_time():
+    silence = distributed.Silence({1, 2}, now=0.0, after_s=5.0)
+    heard = [silence.observe({0: str(second), 1: str(second), 2: "1"}, now=float(second)) for second in range(1, 7)]
+    assert heard == [set()] * 5 + [{2}]  # process 2's count last moved at 1 s
+    never = distributed.Silence({1}, now=0.0, after_s=5.0)  # a process that never said a word
+    assert [never.observe({0: str(second)}, now=float(second)) for second in range(1, 6)] == [set()] * 4 + [{1}]
+
+
+def test_a_reader_that_could_not_look_judges_nobody_by_that_stretch():
+    silence = distributed.Silence({1}, now=0.0, after_s=5.0)
+    assert silence.observe({1: "1"}, now=1.0) == set()
+    # The store did not answer process 0 from 1 s to 9 s; process 1's count had not moved by then.
+    assert [silence.observe({1: "1"}, now=float(second)) for second in range(9, 15)] == [set()] * 5 + [{1}]
