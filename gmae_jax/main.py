@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import compile_cache, distributed, host_memory, quiet_logs, stages, user_errors
+from gmae_jax import compile_cache, distributed, host_memory, job_failures, quiet_logs, stages, user_errors
 from gmae_jax.train import preemption, resume_check
 from gmae_jax.train.preemption import Preempted
 
@@ -56,10 +56,10 @@ def main(argv: list[str]) -> None:
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
-        distributed.on_failure_of_another(lambda others: _leave_the_job(f"error: {failed_first(others)}\n"))
+        job_failures.on_failure_of_another(lambda others: _leave_the_job(f"error: {failed_first(others)}\n"))
         distributed.check_settings_agree(resume_check.flatten(config.to_dict()))
         stages.run(config, _WORKDIR.value)
-        distributed.finish_together()
+        job_failures.finish_together()
         logging.info("%s", cache.summary())
     except Preempted as stop:
         _only_this_thread_exits()
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead), or in a job
         if jax.distributed.is_initialized() and jax.process_count() > 1:
-            distributed.report_failure("interrupted (Ctrl-C)")  # so that the others stop too, with this line
+            job_failures.report_failure("interrupted (Ctrl-C)")  # so that the others stop too, with this line
             _leave_the_job("interrupted\n", Preempted.INTERRUPTED_STATUS)  # not through JAX's shutdown barrier
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(Preempted.INTERRUPTED_STATUS)
@@ -78,13 +78,13 @@ def main(argv: list[str]) -> None:
         debug = _DEBUG.value or user_errors.debug_requested(sys.argv)
         in_a_job = jax.distributed.is_initialized() and jax.process_count() > 1
         if in_a_job and line is None and not debug:
-            others = distributed.failures_of_others()
+            others = job_failures.failures_of_others()
             if not others and waited_in_vain(error):  # a process gone without a word: process 0 says so soon
-                others = distributed.wait_for_failures_of_others(distributed.SILENT_AFTER_S + _VERDICT_GRACE_S)
+                others = job_failures.wait_for_failures_of_others(job_failures.SILENT_AFTER_S + _VERDICT_GRACE_S)
             if others:  # this process's error is their failure's echo (a collective that broke or timed out)
                 _leave_the_job(f"error: {failed_first(others)}\n")
         if in_a_job and not waited_in_vain(error):
-            distributed.report_failure(line or first_line(error))
+            job_failures.report_failure(line or first_line(error))
         if line is None or debug:
             if in_a_job:
                 _leave_the_job(traceback.format_exc() + unanswered_hint(error))
@@ -142,7 +142,7 @@ def _leave_the_job(message: str, status: int = 1) -> None:
     A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
     may wait in a collective for this one: the job would hang that long before the launcher (or the
     cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
-    with it (`distributed.leave_in_order`). Errors that every process meets together
+    with it (`job_failures.leave_in_order`). Errors that every process meets together
     (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
     _only_this_thread_exits()
     sys.stderr.write(message)
@@ -153,7 +153,7 @@ def _leave_the_job(message: str, status: int = 1) -> None:
         worker.kill()  # so skips their hook
     for worker in multiprocessing.active_children():
         worker.join(timeout=5)
-    distributed.leave_in_order()
+    job_failures.leave_in_order()
     os._exit(status)
 
 

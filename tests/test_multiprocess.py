@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import saved_weights
-from gmae_jax import distributed, schema
+from gmae_jax import distributed, job_failures, schema
 from gmae_jax.data import class_folders, pipeline, synthetic
 from gmae_jax.train import setup
 
@@ -456,16 +456,16 @@ def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_r
 _FAIL_TOGETHER = """
 import sys, time
 import jax
-from gmae_jax import distributed, main
+from gmae_jax import distributed, job_failures, main
 rank, address, fails, grace = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "yes", float(sys.argv[4])
 distributed.initialize(coordinator_address=address, num_processes=2, process_id=rank, num_cpu_devices=1, timeout_s=60)
-distributed.REPORT_GRACE_S = grace
+job_failures.REPORT_GRACE_S = grace
 assert jax.process_count() == 2  # every process starts its backend together, as main does
 if rank == 1:
     if not fails:
         time.sleep(600)  # busy elsewhere, e.g. in a collective
     time.sleep(3)  # slower than process 0 to reach the same error
-distributed.report_failure("the same error")
+job_failures.report_failure("the same error")
 main._leave_the_job("error: the same error\\n")
 """
 
@@ -630,9 +630,9 @@ def test_a_failure_of_process_0_after_the_others_finished_stops_them_with_its_li
 
 _KILLED = """
 import os, signal
-from gmae_jax import distributed
+from gmae_jax import job_failures
 from gmae_jax.train import evaluation, failed_saves
-distributed.SILENT_AFTER_S = 6.0  # not to wait the default 30 s here
+job_failures.SILENT_AFTER_S = 6.0  # not to wait the default 30 s here
 def die():  # as the out-of-memory killer does: not a word
     if jax.process_index() == rank_to_fail:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -662,7 +662,7 @@ def test_a_process_killed_outright_stops_the_others_with_a_line_that_says_so(whe
     assert status_1 == -signal.SIGKILL
     assert status_0 == 1, log_0[-3000:]
     assert _last_line(log_0) == (f"error: process 1 of this job failed, so process 0 stops too: "
-                                 f"{distributed.silent_line(6.0)}"), log_0[-3000:]
+                                 f"{job_failures.silent_line(6.0)}"), log_0[-3000:]
     assert "Traceback" not in log_0
 
 
@@ -717,15 +717,15 @@ def test_a_process_stopped_by_others_names_the_first_and_counts_the_rest():
 
 
 def test_a_process_is_silent_once_its_count_has_not_moved_for_the_whole_time():
-    silence = distributed.Silence({1, 2}, now=0.0, after_s=5.0)
+    silence = job_failures.Silence({1, 2}, now=0.0, after_s=5.0)
     heard = [silence.observe({0: str(second), 1: str(second), 2: "1"}, now=float(second)) for second in range(1, 7)]
     assert heard == [set()] * 5 + [{2}]  # process 2's count last moved at 1 s
-    never = distributed.Silence({1}, now=0.0, after_s=5.0)  # a process that never said a word
+    never = job_failures.Silence({1}, now=0.0, after_s=5.0)  # a process that never said a word
     assert [never.observe({0: str(second)}, now=float(second)) for second in range(1, 6)] == [set()] * 4 + [{1}]
 
 
 def test_a_reader_that_could_not_look_judges_nobody_by_that_stretch():
-    silence = distributed.Silence({1}, now=0.0, after_s=5.0)
+    silence = job_failures.Silence({1}, now=0.0, after_s=5.0)
     assert silence.observe({1: "1"}, now=1.0) == set()
     # The store did not answer process 0 from 1 s to 9 s; process 1's count had not moved by then.
     assert [silence.observe({1: "1"}, now=float(second)) for second in range(9, 15)] == [set()] * 5 + [{1}]

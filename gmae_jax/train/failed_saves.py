@@ -4,7 +4,7 @@ and in a job of several processes that wait never ends: the failed process skips
 the others wait for its save, then waits at the next one itself, until orbax's 20-minute timeout
 (orbax 0.12). Orbax logs the failure the moment it happens, with the error attached; `FailedSaveWatch`
 takes it from that record, and the trainer raises it at the next step like any other error of this
-process (in a job the others then stop too: `distributed.on_failure_of_another`, which also ends a
+process (in a job the others then stop too: `job_failures.on_failure_of_another`, which also ends a
 process whose save failed only because another's did, before its own record is raised)."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class FailedSaveWatch(pylogging.Handler):
     def wait(self, manager: ocp.CheckpointManager) -> None:
         """`manager.wait_until_finished()`, which in a job never returns when a process's save failed:
         waits here instead and raises this process's failure. The other processes, waiting here for
-        the failed one, stop when it reports its error (`distributed.on_failure_of_another`)."""
+        the failed one, stop when it reports its error (`job_failures.on_failure_of_another`)."""
         while manager.is_saving_in_progress():
             self.raise_if_failed()
             time.sleep(_POLL_S)
