@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
-        job_failures.on_failure_of_another(lambda others: _leave_the_job(f"error: {failed_first(others)}\n"))
+        job_failures.on_failure_of_another(_stop_with)
         distributed.check_settings_agree(resume_check.flatten(config.to_dict()))
         stages.run(config, _WORKDIR.value)
         job_failures.finish_together()
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead), or in a job
         if jax.distributed.is_initialized() and jax.process_count() > 1:
-            job_failures.report_failure("interrupted (Ctrl-C)")  # so that the others stop too, with this line
+            job_failures.report_failure(INTERRUPTED)  # so that the others stop too, with this line
             _leave_the_job("interrupted\n", Preempted.INTERRUPTED_STATUS)  # not through JAX's shutdown barrier
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(Preempted.INTERRUPTED_STATUS)
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
             if not others and waited_in_vain(error):  # a process gone without a word: process 0 says so soon
                 others = job_failures.wait_for_failures_of_others(job_failures.SILENT_AFTER_S + _VERDICT_GRACE_S)
             if others:  # this process's error is their failure's echo (a collective that broke or timed out)
-                _leave_the_job(f"error: {failed_first(others)}\n")
+                _stop_with(others)
         if in_a_job and not waited_in_vain(error):
             job_failures.report_failure(line or first_line(error))
         if line is None or debug:
@@ -117,6 +117,26 @@ def failed_first(others: dict[int, str]) -> str:
     (process, line), *more = others.items()
     also = f" (and processes {sorted(p for p, _ in more)}; see their logs)" if more else ""
     return f"process {process} of this job failed, so process {jax.process_index()} stops too: {line}{also}"
+
+
+INTERRUPTED = "interrupted (Ctrl-C)"  # what an interrupted process of a job leaves for the others
+
+
+def stopped_by_others(others: dict[int, str]) -> tuple[str, int]:
+    """The last line and exit status of a process that stops because others failed (theirs, named;
+    status 1), or were all interrupted (status 130, as a Ctrl-C to the job's terminal reaches every
+    process: one blocked in a collective may learn of it from another first)."""
+    if all(line == INTERRUPTED for line in others.values()):
+        who = (f"process {next(iter(others))} of this job was" if len(others) == 1
+               else f"processes {', '.join(str(process) for process in others)} of this job were")
+        return (f"interrupted: {who} interrupted (Ctrl-C), so process {jax.process_index()} stops too",
+                Preempted.INTERRUPTED_STATUS)
+    return f"error: {failed_first(others)}", 1
+
+
+def _stop_with(others: dict[int, str]) -> None:
+    line, status = stopped_by_others(others)
+    _leave_the_job(line + "\n", status)
 
 
 def unanswered_hint(error: BaseException) -> str:

@@ -449,8 +449,8 @@ def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_r
     assert status == 130, log[-3000:]
     assert _last_line(log) == "interrupted", log[-3000:]
     log_1 = open(logs["process_1"]).read()
-    assert status_1 == 1, log_1[-3000:]
-    assert _last_line(log_1) == "error: process 0 of this job failed, so process 1 stops too: interrupted (Ctrl-C)"
+    assert status_1 == 130, log_1[-3000:]
+    assert _last_line(log_1) == "interrupted: process 0 of this job was interrupted (Ctrl-C), so process 1 stops too"
 
 
 _FAIL_TOGETHER = """
@@ -709,6 +709,11 @@ def test_a_process_stopped_by_others_names_the_first_and_counts_the_rest():
     line = main.failed_first({2: "config.data.root=/x has no images", 5: "OSError: disk full"})
     assert line == ("process 2 of this job failed, so process 0 stops too: config.data.root=/x has no images "
                     "(and processes [5]; see their logs)")
+    assert main.stopped_by_others({2: "OSError: disk full", 5: main.INTERRUPTED}) == (
+        "error: process 2 of this job failed, so process 0 stops too: OSError: disk full (and processes [5]; see "
+        "their logs)", 1)
+    assert main.stopped_by_others({1: main.INTERRUPTED, 3: main.INTERRUPTED}) == (
+        "interrupted: processes 1, 3 of this job were interrupted (Ctrl-C), so process 0 stops too", 130)
     assert main.first_line(ValueError("first\nsecond")) == "ValueError: first"
     assert len(main.first_line(ValueError("x" * 1000))) == 300
     assert main.waited_in_vain(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out"))
