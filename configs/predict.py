@@ -25,5 +25,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.view = "auto"
     config.top_k = 5
     config.batch_size = 64
-    config.num_workers = 4  # decoding threads
+    config.num_workers = 4  # decoding threads: -1 = one per core this process may use, 0 = this thread alone
     return config

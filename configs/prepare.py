@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.update(schema.fields_of(StoreView()))
 
     config.records_per_shard = 1000  # ~30-60 MB shards at 256 px
-    config.num_workers = 0  # processes for decoding and writing; 0 = one per core this process may use
+    config.num_workers = -1  # processes for decoding and writing: -1 = one per core this process may use, 0 = none
     config.class_folders = False  # also write class_folders/{pretrain,finetune}_dataset/<split>/<class>/
     # A workdir prepared from other settings or since-changed images is refused; True removes its
     # shards, indexes, manifest and class folders and prepares anew (the decode checks are kept).

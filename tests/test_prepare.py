@@ -384,7 +384,7 @@ def test_prepare_refuses_a_training_run_or_the_raw_tree_as_its_workdir_and_bad_s
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
     assert not (tmp_path / "hagrid" / "prepared").exists()
     for field, value, message in (("seed", -1, r"config.seed=-1 must be a whole number in \[0, 2\*\*32\)"),
-                                  ("num_workers", -1, r"config.num_workers=-1 must be >= 0")):
+                                  ("num_workers", -2, r"config.num_workers=-2 must be >= 0 \(0 = in this process\) or -1")):
         with pytest.raises(config_lib.ConfigError, match=message):
             stages.validate(prepare_config(tmp_path / "hagrid", **{field: value}))
 
@@ -585,7 +585,7 @@ def test_parallel_items_all_come_back_from_the_workers():
     assert sorted(worker_pool.unordered_map(abs, list(range(-20, 0)), 2, "shards")) == list(range(1, 21))
 
 
-def test_num_workers_0_starts_a_worker_per_core_the_process_may_use(tmp_path, monkeypatch):
+def test_num_workers_minus_1_starts_a_worker_per_core_the_process_may_use(tmp_path, monkeypatch):
     """Under a CPU affinity (taskset, a SLURM or container CPU set) the machine's core count would
     start more workers than there are cores to run them."""
     root = tmp_path / "hagrid"
@@ -600,6 +600,8 @@ def test_num_workers_0_starts_a_worker_per_core_the_process_may_use(tmp_path, mo
         return real_map(fn, items, num_workers, what)
 
     monkeypatch.setattr(worker_pool, "unordered_map", counting_map)
-    prepare.prepare(prepare_config(root, num_workers=0), str(tmp_path / "out"))
+    prepare.prepare(prepare_config(root, num_workers=-1), str(tmp_path / "out"))
     assert started == [1, 1]  # the decode check's pool and the shard writers'
+    # The input pipeline's meaning of 0, as in config.data.num_workers: no worker processes.
+    assert prepare.worker_processes(0) == 1 and prepare.worker_processes(3) == 3
 

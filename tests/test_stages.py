@@ -310,6 +310,12 @@ def test_a_link_beside_a_folder_lists_its_files_under_the_folders_own_name(tmp_p
     assert skipped == [(str(tmp_path / "a_link"), f"the same folder as {tmp_path / 'real'}, listed there")]
 
 
+def test_predict_counts_decoding_threads_as_the_input_pipeline_counts_workers(monkeypatch):
+    from gmae_jax.stages import predict
+    monkeypatch.setattr(predict.host_resources, "usable_cores", lambda: 6)
+    assert [predict.decoding_threads(n) for n in (-1, 0, 1, 3)] == [6, 1, 1, 3]  # -1 gave one thread
+
+
 def test_predict_refuses_inputs_it_cannot_use_before_reading_the_run(run_dir, tmp_path):
     workdir, root, _ = run_dir
     config = load("predict")

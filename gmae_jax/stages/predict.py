@@ -21,7 +21,7 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, run_files, visualize
+from gmae_jax import config_lib, host_resources, run_files, visualize
 from gmae_jax.data import inputs, transforms, views
 from gmae_jax.train import resume_check, setup, sharding, steps
 
@@ -38,6 +38,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
     config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
     config_lib.check_num_workers(config.num_workers, "num_workers")
+
+
+def decoding_threads(num_workers: int) -> int:
+    """config.num_workers as the input pipeline reads it: -1 one per core this process may use, 0 none
+    beside this thread (one thread decodes, as 1 does)."""
+    return host_resources.usable_cores() if num_workers == -1 else max(num_workers, 1)
 
 
 def _view(config: ml_collections.ConfigDict, item: inputs.Input, trained: str | None) -> str:
@@ -152,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     def load(item: inputs.Input) -> np.ndarray | str:
         return _load(item, _view(config, item, trained), image_size)
 
-    with concurrent.futures.ThreadPoolExecutor(max(config.num_workers, 1)) as pool, \
+    with concurrent.futures.ThreadPoolExecutor(decoding_threads(config.num_workers)) as pool, \
             tqdm.tqdm(total=len(items), desc="predict", unit=" images", mininterval=2.0) as bar:
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]

@@ -37,8 +37,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
     config_lib.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
     config_lib.check_seed(config.seed, "seed")
-    config_lib.check(config.num_workers >= 0, f"config.num_workers={config.num_workers} must be >= 0 (0 = a process "
-                     "per core)")
     config_lib.check_num_workers(config.num_workers, "num_workers")
     config_lib.check(bool(config.data.root), "config.data.root is empty; set --config.data.root=a HaGRID tree")
     config_lib.check(config.data.layout in LAYOUTS,
