@@ -56,3 +56,21 @@ def test_data_source_feeds_the_grain_pipeline_identically_for_0_and_2_workers(bu
     names = [record_filters.gesture_name(source[i][0]) for i in range(16)]
     expected = sorted(map(hagrid_layout.HAGRID_V2_CLASSES.index, names))
     assert sorted(zero[0]["label"]) == expected
+
+
+def test_a_v1_subsample_builds_with_the_user_split_training_makes(tmp_path):
+    """The builder read ann_train_val alone, and re-split it 80 / 20 with seed 0 of its own, while
+    training reads ann_subsample where only that was downloaded and splits per config.data."""
+    from gmae_jax.data import sources
+
+    root = tmp_path / "hagrid"
+    fx.make_tree(root, "v1", classes=("call", "like"), num_users=10, images_per_user=1, splits=("ann_subsample",))
+    builder = tfds_hagrid.HagridGmae(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    built = {s: {r.user_id for r in (tfds_hagrid.TfdsReader(str(tmp_path / "tfds"), s)[i][0]
+                                     for i in range(builder.info.splits[s].num_examples))} for s in ("train", "val")}
+    data = schema.DataConfig()
+    recs, _ = sources.hagrid.read_hagrid_v1(root, "ann_subsample")
+    expected = sources.hagrid_splits(recs, "hagrid_v1", ("train", "val"), data)
+    assert built == {s: {r.user_id for r in rs} for s, rs in expected.items()}
+    assert built["val"] and built["train"]

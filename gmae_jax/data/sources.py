@@ -112,7 +112,7 @@ def _hagrid_v2(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[
 
 def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[list, read_report.ReadReport]:
     """v1 'test' is ann_test; 'train' / 'val' are ann_train_val (or ann_subsample alone), re-split by
-    `_by_split`."""
+    `hagrid_splits`."""
     recs, report = [], read_report.ReadReport()
     if not set(wanted) <= {"train", "val", "test"}:
         raise DataLayoutError(f"HaGRID v1 splits are train, val and test; got {list(wanted)}.")
@@ -124,8 +124,9 @@ def _hagrid_v1(root: str, wanted: Sequence[str], names: Sequence[str]) -> tuple[
     return record_filters.drop_unlabelled(recs, names, report), report
 
 
-def _by_split(recs: list, layout: str, wanted: Sequence[str], data: DataConfig) -> dict[str, list]:
-    """v2 records carry their split; v1 train_val is re-split by user, as the authors do."""
+def hagrid_splits(recs: list, layout: str, wanted: Sequence[str], data: DataConfig) -> dict[str, list]:
+    """v2 records carry their split; v1 train_val is re-split by user, as the authors do (per
+    config.data.v1_val_fraction and split_seed: training and the TFDS builder split alike)."""
     if layout == "hagrid_v2":
         return {s: [r for r in recs if r.split == s] for s in wanted}
     result = {"test": [r for r in recs if r.split == "test"]}
@@ -157,7 +158,7 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
                  report.describe_dropped())
     report.check_dropped(data.max_dropped_fraction, root, run_classes=list(class_names or ()))
-    by_split = _by_split(recs, layout, wanted, data)
+    by_split = hagrid_splits(recs, layout, wanted, data)
     try:
         splits.assert_user_disjoint(by_split)
     except splits.UserOverlapError as error:  # HaGRID's own splits never share a person; a tree edited since may

@@ -2,9 +2,10 @@
 
   tfds build gmae_jax/data/tfds_hagrid.py --manual_dir=/data/hagrid --data_dir=~/tensorflow_datasets
 
-Splits are HaGRID's own (v2: the annotation folders; v1: ann_train_val re-split 80 / 20 by user,
-and ann_test). Images are stored pre-resized (shorter side 256) as the prepare stage does, with
-the record's boxes and labels as JSON, so `tfds_source` feeds the same grain pipeline.
+Splits are HaGRID's own (v2: the annotation folders; v1: ann_train_val, or ann_subsample alone,
+re-split by user as training splits it, and ann_test). Images are stored pre-resized (shorter side
+256) as the prepare stage does, with the record's boxes and labels as JSON, so `tfds_source` feeds
+the same grain pipeline.
 """
 
 from collections.abc import Iterator
@@ -14,8 +15,9 @@ import json
 from etils import epath
 import tensorflow_datasets as tfds
 
-from gmae_jax.data import hagrid, hagrid_layout, prepare, record_filters, splits, views
+from gmae_jax.data import hagrid, hagrid_layout, prepare, record_filters, sources, views
 from gmae_jax.data.sources import Source
+from gmae_jax.schema import DataConfig
 
 _STORE = prepare.StoreView(view="full_frame", image_side=256)
 
@@ -46,11 +48,10 @@ class HagridGmae(tfds.core.GeneratorBasedBuilder):
         root = epath.Path(dl_manager.manual_dir)
         if hagrid_layout.detect_layout(root) == "hagrid_v2":
             recs, _ = hagrid.read_hagrid_v2(root)
-            parts = {s: [r for r in recs if r.split == s] for s in hagrid_layout.V2_SPLITS}
-        else:
-            train_val, _ = hagrid.read_hagrid_v1(root, "ann_train_val")
-            parts = splits.split_by_user(train_val, {"train": 0.8, "val": 0.2}, seed=0,
-                                         stratify_by=record_filters.gesture_name)
+            parts = sources.hagrid_splits(recs, "hagrid_v2", hagrid_layout.V2_SPLITS, DataConfig())
+        else:  # ann_train_val (or ann_subsample alone) split by person as training splits it, and ann_test
+            train_val, _ = hagrid.read_hagrid_v1(root, hagrid_layout.v1_train_val_set(root))
+            parts = sources.hagrid_splits(train_val, "hagrid_v1", ("train", "val"), DataConfig())
             if (root / "ann_test").is_dir():
                 parts["test"] = hagrid.read_hagrid_v1(root, "ann_test")[0]
         classes = hagrid_layout.HAGRID_V2_CLASSES
