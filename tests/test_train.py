@@ -114,6 +114,19 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
         init_from.load_pretrained_encoder(state, workdir)
 
 
+def test_finetune_rejects_an_encoder_with_other_heads_though_its_shapes_fit(pretrained, demo_root):
+    """The weights loaded and were split into other heads than those they were trained with."""
+    workdir, _, _ = pretrained
+    config = stage_config("finetune", demo_root, num_classes=4, init_from=workdir)
+    trained_with = setup.restore_run(workdir).model.config.num_heads
+    config.model.num_heads = trained_with // 2
+    model, init_inputs = setup.build_model(config)
+    state, _ = trainer.create_state(model, init_inputs, config, sharding.make_mesh(), 10)
+    with pytest.raises(config_lib.ConfigError, match=rf"\(model.num_heads: {trained_with} there, {trained_with // 2} "
+                       r"here\); use the same --config.model.\* as that run"):
+        init_from.load_pretrained_encoder(state, workdir, model.config)
+
+
 def test_a_finetune_whose_init_from_does_not_load_leaves_no_checkpoints_folder(pretrained, demo_root, tmp_path):
     workdir, _, _ = pretrained
     config = stage_config("finetune", demo_root, num_classes=4, total_steps=2, init_from=workdir)

@@ -21,17 +21,21 @@ def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-# The architecture fields that decide the encoder's parameter shapes, named in a mismatch.
-_ENCODER_SHAPE_FIELDS = ("img_size", "in_channels", "patch_size", "overlap_patches", "embed_dim", "depth",
-                         "num_heads", "mlp_ratio")
+# The architecture fields that define the encoder: its parameter shapes, and how its attention splits
+# them into heads (other heads, same shapes: the weights would load and mean something else).
+_ENCODER_FIELDS = ("img_size", "in_channels", "patch_size", "overlap_patches", "embed_dim", "depth",
+                   "num_heads", "mlp_ratio")
+
+
+def _differing_fields(there: GMSTConfig, here: GMSTConfig | None) -> list[str]:
+    return [f"model.{name}: {getattr(there, name)} there, {getattr(here, name)} here"
+            for name in _ENCODER_FIELDS if here is not None and getattr(there, name) != getattr(here, name)]
 
 
 def _mismatch(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], there: GMSTConfig,
               here: GMSTConfig | None) -> str:
     """What differs, in config fields where they say it, else as the first differing parameters."""
-    fields = [f"model.{name}: {getattr(there, name)} there, {getattr(here, name)} here"
-              for name in _ENCODER_SHAPE_FIELDS if here is not None and getattr(there, name) != getattr(here, name)]
-    if fields:
+    if fields := _differing_fields(there, here):
         return "; ".join(fields)
     keys = [key for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
     shown = [f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} here" for key in keys[:3]]
@@ -52,7 +56,7 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
     target = {"encoder": state.params["encoder"], "pos_embed": state.params["pos_embed"],
               "batch_stats": state.batch_stats["encoder"]}
     have, want = _tree_shapes(source), _tree_shapes(target)
-    if have != want:
+    if have != want or _differing_fields(run.model.config, model_config):
         raise ConfigError(
             f"the pretrained encoder in {pretrain_dir} does not match config.model "
             f"({_mismatch(have, want, run.model.config, model_config)}); use the same --config.model.* as "
