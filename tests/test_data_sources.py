@@ -316,3 +316,13 @@ def test_class_folders_one_level_too_deep_are_found_and_named(tmp_path, version,
         (deeper / folder).rename(images_root / folder)
     shutil.rmtree(deeper)
     assert len(sources.open_sources(data_config(root)).train) > 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("layout", "hagridv2", r"^config.data.layout='hagridv2' must be one of \('auto', 'class_folders'"),
+    ("mode", "crop", r"^config.data.mode='crop' must be one of \('full_frame', 'hand_crop'\)$"),
+])
+def test_an_unknown_layout_or_mode_is_named_alone(tmp_path, field, value, message):
+    data = schema.DataConfig(root=str(tmp_path), **{field: value})
+    with pytest.raises(DataLayoutError, match=message):
+        sources.open_sources(data)

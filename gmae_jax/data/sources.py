@@ -221,9 +221,10 @@ def _open(
     """Class names and a Source per split in `wanted`; `class_names` (a run's classes.json) fixes
     the class-folder order, else it is the sorted folders of the first wanted split."""
     root, mode, layout = str(data.root), data.mode, data.layout
-    if layout not in LAYOUTS or mode not in MODES:
-        raise DataLayoutError(f"config.data.layout={layout!r} must be one of {LAYOUTS} and "
-                              f"config.data.mode={mode!r} one of {MODES}.")
+    if layout not in LAYOUTS:
+        raise DataLayoutError(f"config.data.layout={layout!r} must be one of {LAYOUTS}")
+    if mode not in MODES:
+        raise DataLayoutError(f"config.data.mode={mode!r} must be one of {MODES}")
     layout = detect_layout(root, wanted[0]) if layout == "auto" else layout
     if layout == "class_folders":
         if mode == "hand_crop":
