@@ -7,14 +7,21 @@ aborts them, with no word of why."""
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
+from absl import logging
 from jax._src import distributed as jax_distributed  # the job's key-value store, as orbax reaches it
 from jax.experimental import multihost_utils
+
+from gmae_jax.train.preemption import Preempted
 
 # Where a failed process leaves its one-line error for the processes that then wait for it in vain.
 _FAILURES = "gmae_jax/failed/"
@@ -194,3 +201,110 @@ def _with_store(call: Callable[[Any], Any]) -> Any:
     thread.start()
     thread.join(_STORE_TIMEOUT_S)
     return result[0] if result else None
+
+
+_VERDICT_GRACE_S = 10.0  # from a silent process's last word to the moment process 0 has reported it
+# How a collective (or the key-value store behind it) ends when another process has failed, hangs, or
+# has gone: timed out, or (Gloo, on CPU) its connection to the other process closed.
+_WAITED_IN_VAIN = ("DEADLINE_EXCEEDED", "Connection closed by peer", "Connection reset by peer")
+
+
+def waited_in_vain(error: BaseException) -> bool:
+    """A collective that timed out or lost its peer: another process's failure, or a hang, shows up
+    in this process as this."""
+    return any(sign in str(error) for sign in _WAITED_IN_VAIN)
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: message`, its first line, short: what the other processes of a job print of a bug."""
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def failed_first(others: dict[int, str]) -> str:
+    """The line a process prints that stopped because others failed: theirs, named."""
+    (process, line), *more = others.items()
+    also = f" (and processes {sorted(p for p, _ in more)}; see their logs)" if more else ""
+    return f"process {process} of this job failed, so process {jax.process_index()} stops too: {line}{also}"
+
+
+INTERRUPTED = "interrupted (Ctrl-C)"  # what an interrupted process of a job leaves for the others
+
+
+def stopped_by_others(others: dict[int, str]) -> tuple[str, int]:
+    """The last line and exit status of a process that stops because others failed (theirs, named;
+    status 1), or were all interrupted (status 130, as a Ctrl-C to the job's terminal reaches every
+    process: one blocked in a collective may learn of it from another first)."""
+    if all(line == INTERRUPTED for line in others.values()):
+        who = (f"process {next(iter(others))} of this job was" if len(others) == 1
+               else f"processes {', '.join(str(process) for process in others)} of this job were")
+        return (f"interrupted: {who} interrupted (Ctrl-C), so process {jax.process_index()} stops too",
+                Preempted.INTERRUPTED_STATUS)
+    return f"error: {failed_first(others)}", 1
+
+
+def stop_with(others: dict[int, str]) -> None:
+    """Leaves the job because of what `others` reported (`on_failure_of_another`'s `leave`)."""
+    line, status = stopped_by_others(others)
+    leave(line + "\n", status)
+
+
+def unanswered_hint(error: BaseException) -> str:
+    """A line under a collective's timeout in a multi-process job that no failure was reported to:
+    another process may have died without a word (killed, out of memory), and its log may say why."""
+    if not waited_in_vain(error):
+        return ""
+    return (f"note: process {jax.process_index()} waited in vain for another process of the job; if one failed "
+            "first, its log names the error to fix (launch/local_multiprocess.sh: $LOG_DIR/process_<rank>.log)\n")
+
+
+_LEAVING = threading.Lock()  # the main thread's error, or the watch for other processes' (one line, one exit)
+
+
+def only_this_thread_exits() -> None:
+    """Returns in the first thread of this process to end it; any later one waits here for that exit."""
+    if not _LEAVING.acquire(blocking=False):
+        threading.Event().wait()
+
+
+def leave(message: str, status: int = 1) -> NoReturn:
+    """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`.
+    A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
+    may wait in a collective for this one: the job would hang that long before the launcher (or the
+    cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
+    with it (`leave_in_order`). Errors that every process meets together
+    (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
+    only_this_thread_exits()
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    logging.flush()
+    for worker in multiprocessing.active_children():  # grain's input workers (which ignore SIGTERM): exiting
+        worker.kill()  # so skips their hook
+    for worker in multiprocessing.active_children():
+        worker.join(timeout=5)
+    leave_in_order()
+    os._exit(status)
+
+
+def in_a_job() -> bool:
+    """This process is one of several of a JAX job."""
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def leave_after(error: Exception, line: str | None, debug: bool) -> NoReturn:
+    """Ends this process of a job after `error` (handled now), with `line` (its one-line user error,
+    None for a bug: its traceback) for the others. An error that is the echo of another process's
+    failure (a collective that broke or timed out) gives way to that failure's line, which may take
+    until process 0 has found a silent process (SILENT_AFTER_S)."""
+    if line is None and not debug:
+        others = failures_of_others()
+        if not others and waited_in_vain(error):
+            others = wait_for_failures_of_others(SILENT_AFTER_S + _VERDICT_GRACE_S)
+        if others:
+            stop_with(others)
+    if not waited_in_vain(error):
+        report_failure(line or first_line(error))
+    if line is None or debug:
+        leave(traceback.format_exc() + unanswered_hint(error))
+    leave(f"error: {line}\n")

@@ -456,7 +456,7 @@ def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_r
 _FAIL_TOGETHER = """
 import sys, time
 import jax
-from gmae_jax import distributed, job_failures, main
+from gmae_jax import distributed, job_failures
 rank, address, fails, grace = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "yes", float(sys.argv[4])
 distributed.initialize(coordinator_address=address, num_processes=2, process_id=rank, num_cpu_devices=1, timeout_s=60)
 job_failures.REPORT_GRACE_S = grace
@@ -466,7 +466,7 @@ if rank == 1:
         time.sleep(600)  # busy elsewhere, e.g. in a collective
     time.sleep(3)  # slower than process 0 to reach the same error
 job_failures.report_failure("the same error")
-main._leave_the_job("error: the same error\\n")
+job_failures.leave("error: the same error\\n")
 """
 
 
@@ -698,26 +698,24 @@ def test_processes_agree_on_the_restored_step(tmp_path):
 
 
 def test_a_collective_that_times_out_points_at_the_other_processes_logs():
-    from gmae_jax import main
     timed_out = RuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out")
-    assert main.unanswered_hint(timed_out).startswith("note: process 0 waited in vain for another process")
-    assert main.unanswered_hint(ValueError("a bug of ours")) == ""
+    assert job_failures.unanswered_hint(timed_out).startswith("note: process 0 waited in vain for another process")
+    assert job_failures.unanswered_hint(ValueError("a bug of ours")) == ""
 
 
 def test_a_process_stopped_by_others_names_the_first_and_counts_the_rest():
-    from gmae_jax import main
-    line = main.failed_first({2: "config.data.root=/x has no images", 5: "OSError: disk full"})
+    line = job_failures.failed_first({2: "config.data.root=/x has no images", 5: "OSError: disk full"})
     assert line == ("process 2 of this job failed, so process 0 stops too: config.data.root=/x has no images "
                     "(and processes [5]; see their logs)")
-    assert main.stopped_by_others({2: "OSError: disk full", 5: main.INTERRUPTED}) == (
+    assert job_failures.stopped_by_others({2: "OSError: disk full", 5: job_failures.INTERRUPTED}) == (
         "error: process 2 of this job failed, so process 0 stops too: OSError: disk full (and processes [5]; see "
         "their logs)", 1)
-    assert main.stopped_by_others({1: main.INTERRUPTED, 3: main.INTERRUPTED}) == (
+    assert job_failures.stopped_by_others({1: job_failures.INTERRUPTED, 3: job_failures.INTERRUPTED}) == (
         "interrupted: processes 1, 3 of this job were interrupted (Ctrl-C), so process 0 stops too", 130)
-    assert main.first_line(ValueError("first\nsecond")) == "ValueError: first"
-    assert len(main.first_line(ValueError("x" * 1000))) == 300
-    assert main.waited_in_vain(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out"))
-    assert main.waited_in_vain(RuntimeError("UNKNOWN: Gloo AllGather failed: [...pair.cc:547] Connection closed by "
+    assert job_failures.first_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert len(job_failures.first_line(ValueError("x" * 1000))) == 300
+    assert job_failures.waited_in_vain(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out"))
+    assert job_failures.waited_in_vain(RuntimeError("UNKNOWN: Gloo AllGather failed: [...pair.cc:547] Connection closed by "
                                             "peer [127.0.0.1]:22414"))
 
 

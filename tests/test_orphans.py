@@ -18,7 +18,7 @@ LOADER = textwrap.dedent("""
     import psutil
     from absl import flags
     flags.FLAGS.mark_as_parsed()
-    from gmae_jax import main
+    from gmae_jax import job_failures
     from gmae_jax.data import class_folders, pipeline
 
     if __name__ == "__main__":
@@ -30,7 +30,7 @@ LOADER = textwrap.dedent("""
             next(iterator)
         if sys.argv[2] == "leave":  # as a process of a failed multi-process job leaves it
             print(*[child.pid for child in psutil.Process().children(recursive=True)], flush=True)
-            main._leave_the_job("error: this process failed\\n")
+            job_failures.leave("error: this process failed\\n")
         print("ready", flush=True)
         while True:
             next(iterator)
@@ -89,7 +89,7 @@ def test_sigkill_of_the_trainer_ends_its_grain_workers(tmp_path):
 
 
 def test_a_process_leaving_a_failed_job_ends_its_grain_workers(tmp_path):
-    """`main._leave_the_job` skips Python's exit hooks (which would wait for the other processes), so it
+    """`job_failures.leave` skips Python's exit hooks (which would wait for the other processes), so it
     ends the input workers itself. (The trainer closes its iterators as an error passes; this one is
     left open, so the workers are still running when the process leaves.)"""
     script = tmp_path / "loader.py"
