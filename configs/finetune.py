@@ -18,18 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         loop=schema.LoopConfig(num_epochs=100.0, best_metric="accuracy", best_mode="max"),
         optim=schema.OptimConfig(warmup_steps=500, weight_decay=0.01, layer_decay=0.75),
         data=config_lib.data_section("data/finetune_dataset"))
-    config.num_classes = 18  # HaGRID v1 gestures, as the original; must match the class folders
-    # Workdir (or its checkpoints folder) of a pretraining run (or a fine-tuned or imported one: its
-    # encoder and pos_embed); '' trains from scratch.
-    config.init_from = ""
-    config.label_smoothing = 0.1
-    # Linear probing: train only the head on a frozen encoder (the original froze it for good;
-    # here it is a choice, and the standard cheap measure of what pretraining learned).
-    config.freeze_encoder = False
-    # Few-label fine-tuning: train on this many images per class of the training split, drawn with
-    # subset_seed (gmae_jax/data/subsets.py); 0 = all of it. The validation split is always whole.
-    config.labels_per_class = 0
-    config.subset_seed = 0
+    # num_classes, init_from (a pretraining run), label_smoothing, freeze_encoder (linear probing),
+    # labels_per_class and subset_seed (few-label fine-tuning): schema.FinetuneConfig.
+    config.update(schema.fields_of(schema.FinetuneConfig()))
 
     if arg.runlocal:
         config_lib.make_runlocal(config)

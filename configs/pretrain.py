@@ -22,9 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                best_metric="loss", best_mode="min"),
         optim=schema.OptimConfig(warmup_steps=1000, weight_decay=0.05),
         data=config_lib.data_section("data/pretrain_dataset", crop_scale_min=0.2))
-    config.mask_ratio = 0.6  # The original's pretraining script; the paper finds 0.5-0.7 best.
-    config.norm_pix_loss = False  # The original predicts normalised pixels without per-patch norm.
-    config.num_reconstructions = 8  # images in reconstructions.png
+    config.update(schema.fields_of(schema.PretrainConfig()))  # mask_ratio, norm_pix_loss, num_reconstructions
 
     if arg.runlocal:
         config_lib.make_runlocal(config)

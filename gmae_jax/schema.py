@@ -117,6 +117,33 @@ class LoopConfig:
     resume_policy: str = "check"
 
 
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """The pretraining stage's own top-level fields (`configs/pretrain.py`)."""
+
+    mask_ratio: float = 0.6  # the original's pretraining script; the paper finds 0.5-0.7 best
+    norm_pix_loss: bool = False  # the original predicts pixels without per-patch normalisation
+    num_reconstructions: int = 8  # images in reconstructions.png
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The fine-tuning stage's own top-level fields (`configs/finetune.py`)."""
+
+    num_classes: int = 18  # HaGRID v1 gestures, as the original; must match the class folders
+    # Workdir (or its checkpoints folder) of a pretraining run (or a fine-tuned or imported one: its
+    # encoder and pos_embed); '' trains from scratch.
+    init_from: str = ""
+    label_smoothing: float = 0.1
+    # Linear probing: train only the head on a frozen encoder (the original froze it for good; here
+    # it is a choice, and the standard cheap measure of what pretraining learned).
+    freeze_encoder: bool = False
+    # Few-label fine-tuning: train on this many images per class of the training split, drawn with
+    # subset_seed (gmae_jax/data/subsets.py); 0 = all of it. The validation split is always whole.
+    labels_per_class: int = 0
+    subset_seed: int = 0
+
+
 Section = TypeVar("Section")
 
 

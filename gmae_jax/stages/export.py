@@ -150,12 +150,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, extras = split_state_dict(torch_state_dict(restored), model, stage, num_classes)
     # The run's conv_impl as configured ('auto'), not as resolved for the backend that exports it: an
     # import on a GPU should compute convolutions the GPU's way.
-    configured = dataclasses.replace(model, conv_impl=restored.config.model.get("conv_impl", "auto"))
+    configured = dataclasses.replace(model, conv_impl=restored.config.model.get("conv_impl", GMSTConfig.conv_impl))
     written = export_format.export_config(
         configured, stage=stage, step=restored.step, layout=layout,
         class_names=restored.class_names if stage == "finetune" else [],  # a pretraining model has no classes
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
-        norm_pix_loss=bool(restored.config.get("norm_pix_loss", False)) if stage == "pretrain" else None,
+        norm_pix_loss=schema.read_flat(schema.PretrainConfig, restored.config).norm_pix_loss
+        if stage == "pretrain" else None,
         preprocessing=preprocessing(model.img_size, view or "original"))
     write_export(epath.Path(workdir), state, extras, written)
     logging.info("[export] %d tensors in model_state_dict, extras %s", len(state), sorted(extras))

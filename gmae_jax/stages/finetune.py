@@ -34,9 +34,10 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                      f"config.best_metric='top5_accuracy' needs more than 5 classes (config.num_classes="
                      f"{config.num_classes}: every class is in the top 5); use accuracy")
     config_lib.check_best_metric(schema.read_flat(schema.LoopConfig, config), METRICS)
-    config_lib.check(config.get("labels_per_class", 0) >= 0,
-                     f"config.labels_per_class={config.get('labels_per_class')} must be >= 0 (0 = all labels)")
-    config_lib.check_seed(config.get("subset_seed", 0), "subset_seed")
+    finetune = schema.read_flat(schema.FinetuneConfig, config)
+    config_lib.check(finetune.labels_per_class >= 0,
+                     f"config.labels_per_class={finetune.labels_per_class} must be >= 0 (0 = all labels)")
+    config_lib.check_seed(finetune.subset_seed, "subset_seed")
 
 
 def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
@@ -60,14 +61,16 @@ def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
             f"the training split in {config.data.root} holds no image of {len(empty)} of the "
             f"{len(data.class_names)} classes ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), which "
             f"the classifier could never learn: {_only_the_classes_found(data.train.prepared)}")
-    train = subsets.class_balanced_subset(data.train, data.class_names, config.get("labels_per_class", 0),
-                                          config.get("subset_seed", 0))
+    finetune = schema.read_flat(schema.FinetuneConfig, config)
+    train = subsets.class_balanced_subset(data.train, data.class_names, finetune.labels_per_class,
+                                          finetune.subset_seed)
     return data._replace(train=train)
 
 
 def frozen_random_encoder_warning(config: ml_collections.ConfigDict) -> str | None:
     """A linear probe of an encoder nobody trained is a baseline at best; more likely init_from was forgotten."""
-    if config.get("freeze_encoder") and not config.init_from:
+    finetune = schema.read_flat(schema.FinetuneConfig, config)
+    if finetune.freeze_encoder and not finetune.init_from:
         return ("config.freeze_encoder=True without config.init_from: only the head trains, on a randomly "
                 "initialised encoder (a random-features baseline); set --config.init_from=PRETRAIN_RUN to probe "
                 "a pretrained one")

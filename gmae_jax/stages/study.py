@@ -59,15 +59,16 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                      f"config.finetune.total_steps={config.finetune.total_steps}: the study gives every fine-tune "
                      "the same fixed number of steps (epochs would give runs with more labels more steps); "
                      "set it > 0, e.g. --config.finetune.total_steps=1000")
-    config_lib.check(not config.finetune.get("init_from"),
-                     "config.finetune.init_from is set by the study; use --config.init_from")
+    given, loop = schema.read_flat(schema.FinetuneConfig, config.finetune), schema.read_flat(schema.LoopConfig,
+                                                                                            config.finetune)
+    config_lib.check(not given.init_from, "config.finetune.init_from is set by the study; use --config.init_from")
     # Fields each of the study's fine-tunes gets from the study itself: a value given for them would
     # be replaced without a word.
-    for name, default, use in (("freeze_encoder", False, "--config.linear_probe"),
-                               ("labels_per_class", 0, "--config.labels_per_class"),
-                               ("subset_seed", 0, "--config.seeds"),
-                               ("seed", schema.LoopConfig.seed, "--config.seeds")):
-        value = config.finetune.get(name, default)
+    for section, name, use in ((given, "freeze_encoder", "--config.linear_probe"),
+                               (given, "labels_per_class", "--config.labels_per_class"),
+                               (given, "subset_seed", "--config.seeds"),
+                               (loop, "seed", "--config.seeds")):
+        value, default = getattr(section, name), getattr(type(section), name)
         config_lib.check(value == default, f"config.finetune.{name}={value!r} is set by the study for each of its "
                          f"runs; use {use}")
     if check_data:
