@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from gmae_jax.schema import ConfigError
+
 
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity where the OS has one (taskset, a SLURM or
@@ -20,16 +22,16 @@ def physical_memory() -> int | None:
         return None
 
 
-def batch_too_large(field: str, batch_size: int, image_size: int, process_count: int, on_cpu: bool) -> str | None:
-    """Why one batch of `batch_size` images (split over `process_count` hosts) cannot fit in this host's
-    memory, or None. Its uint8 pixels are held on the host, and on CPU its float32 copy too (the
-    device is the host there). Caught here, an extra zero in `--config.batch_size` is one line instead
-    of an allocation that grows until the kernel kills the process."""
+def check_batch_fits(batch_size: int, image_size: int, process_count: int, on_cpu: bool) -> None:
+    """Stops with one line when one batch of `config.batch_size` images (split over `process_count` hosts)
+    cannot fit in this host's memory. Its uint8 pixels are held on the host, and on CPU its float32 copy
+    too (the device is the host there). Caught here, an extra zero in `--config.batch_size` is one line
+    instead of an allocation that grows until the kernel kills the process."""
     memory = physical_memory()
     bytes_per_image = image_size * image_size * 3 * (1 + 4 * on_cpu)
     needed = -(-batch_size // process_count) * bytes_per_image
     if memory is None or needed <= memory:
-        return None
-    return (f"config.{field}={batch_size}: one batch of {image_size} px images needs {needed / 2**30:.0f} GiB of "
+        return
+    raise ConfigError(f"config.batch_size={batch_size}: one batch of {image_size} px images needs {needed / 2**30:.0f} GiB of "
             f"this host's memory, which has {memory / 2**30:.0f} GiB; use a batch far below "
-            f"{memory // bytes_per_image * process_count}")
+                      f"{memory // bytes_per_image * process_count}")

@@ -9,14 +9,15 @@ from gmae_jax.train import evaluation, sharding
 
 def test_a_batch_beyond_the_hosts_memory_is_one_line(monkeypatch):
     monkeypatch.setattr(host_resources, "physical_memory", lambda: 24 * 2**30)
-    assert host_resources.batch_too_large("batch_size", 64, 224, 1, on_cpu=True) is None
-    line = host_resources.batch_too_large("batch_size", 10**8, 32, 1, on_cpu=True)
-    assert line == ("config.batch_size=100000000: one batch of 32 px images needs 1431 GiB of this host's memory, "
-                    "which has 24 GiB; use a batch far below 1677721")
+    host_resources.check_batch_fits(64, 224, 1, on_cpu=True)
+    with pytest.raises(host_resources.ConfigError) as refused:
+        host_resources.check_batch_fits(10**8, 32, 1, on_cpu=True)
+    assert str(refused.value) == ("config.batch_size=100000000: one batch of 32 px images needs 1431 GiB of this "
+                                  "host's memory, which has 24 GiB; use a batch far below 1677721")
     # Split over 4 hosts, each holds a quarter; off CPU the float copy is on the accelerator.
-    assert host_resources.batch_too_large("batch_size", 4 * 10**6, 32, 4, on_cpu=False) is None
+    host_resources.check_batch_fits(4 * 10**6, 32, 4, on_cpu=False)
     monkeypatch.setattr(host_resources, "physical_memory", lambda: None)
-    assert host_resources.batch_too_large("batch_size", 10**8, 32, 1, on_cpu=True) is None
+    host_resources.check_batch_fits(10**8, 32, 1, on_cpu=True)
 
 
 def test_an_evaluation_batch_is_cut_to_the_split(monkeypatch):

@@ -48,10 +48,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     task = tasks.make_task(restored.config, restored.model, restored.class_names)
     eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
     batch_size = evaluation.batch_size_for(config.batch_size, len(examples), restored.mesh)
-    error = host_resources.batch_too_large("batch_size", batch_size, restored.model.config.img_size,
-                                           jax.process_count(), jax.default_backend() == "cpu")
-    if error:
-        raise config_lib.ConfigError(error)
+    host_resources.check_batch_fits(batch_size, restored.model.config.img_size, jax.process_count(),
+                                    jax.default_backend() == "cpu")
     if batch_size != config.batch_size:
         logging.info("evaluating in batches of %d: config.batch_size=%d as whole rows for the %d devices, and at "
                      "most the split's %d images", batch_size, config.batch_size, restored.mesh.size, len(examples))

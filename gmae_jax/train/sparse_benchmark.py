@@ -26,10 +26,7 @@ MODES = ("encoder", "sparse")
 
 
 def _flops(compiled: Any) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+    return float(compiled.cost_analysis().get("flops", float("nan")))
 
 
 def encoder_flops(model: GMAE, variables: Any, images: Any, mask_ratio: float) -> float:

@@ -190,10 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         raise config_lib.ConfigError(
             f"config.batch_size={loop.batch_size} is not divisible by the {mesh.size} devices x "
             f"config.grad_accum_steps={loop.grad_accum_steps}; use a multiple of {per_step}")
-    error = host_resources.batch_too_large("batch_size", loop.batch_size, model.config.img_size, jax.process_count(),
-                                           jax.default_backend() == "cpu")
-    if error:
-        raise config_lib.ConfigError(error)
+    host_resources.check_batch_fits(loop.batch_size, model.config.img_size, jax.process_count(),
+                                    jax.default_backend() == "cpu")
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), loop.step_impl)
     warning = accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
