@@ -6,6 +6,8 @@
 Fields and defaults not set here: gmae_jax/schema.py.
 """
 
+import dataclasses
+
 import ml_collections
 
 from gmae_jax import config_lib, schema
@@ -20,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data=config_lib.data_section("data/finetune_dataset"))
     # num_classes, init_from (a pretraining run), label_smoothing, freeze_encoder (linear probing),
     # labels_per_class and subset_seed (few-label fine-tuning): schema.FinetuneConfig.
-    config.update(schema.fields_of(schema.FinetuneConfig()))
+    config.update(dataclasses.asdict(schema.FinetuneConfig()))
 
     if arg.runlocal:
         config_lib.make_runlocal(config)

@@ -7,6 +7,8 @@ Then train with --config.data.root=data/hagrid_prepared/pretrain (or .../finetun
 every person on one side: pretrain / fine-tune 70 / 30 as the original, then train / val in each.
 """
 
+import dataclasses
+
 import ml_collections
 
 from gmae_jax import config_lib, schema
@@ -36,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # every training crop (scale 1..crop_scale_max) fits inside (train with data.mode hand_crop).
     # view, image_side, crop_size, crop_scale_max (keep equal to the training
     # config.data.crop_scale_max), jpeg_quality: defaults in gmae_jax.data.prepare.StoreView.
-    config.update(schema.fields_of(StoreView()))
+    config.update(dataclasses.asdict(StoreView()))
 
     config.records_per_shard = 1000  # ~30-60 MB shards at 256 px
     config.num_workers = -1  # processes for decoding and writing: -1 = one per core this process may use, 0 = none

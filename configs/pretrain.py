@@ -9,6 +9,8 @@ Defaults follow the original recipe where it is sane: AdamW, wd 0.05, batch 64, 
 Fields and defaults not set here: gmae_jax/schema.py.
 """
 
+import dataclasses
+
 import ml_collections
 
 from gmae_jax import config_lib, schema
@@ -22,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                best_metric="loss", best_mode="min"),
         optim=schema.OptimConfig(warmup_steps=1000, weight_decay=0.05),
         data=config_lib.data_section("data/pretrain_dataset", crop_scale_min=0.2))
-    config.update(schema.fields_of(schema.PretrainConfig()))  # mask_ratio, norm_pix_loss, num_reconstructions
+    config.update(dataclasses.asdict(schema.PretrainConfig()))  # mask_ratio, norm_pix_loss, num_reconstructions
 
     if arg.runlocal:
         config_lib.make_runlocal(config)

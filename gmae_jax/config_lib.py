@@ -69,7 +69,7 @@ def training_config(stage: str, preset: str, loop: schema.LoopConfig, optim: sch
     config = ml_collections.ConfigDict()
     config.stage = stage
     config.model = model_section(preset)
-    config.update(schema.fields_of(loop))
+    config.update(dataclasses.asdict(loop))
     config.optim = schema.to_config_dict(optim)
     config.data = data
     config.mesh = schema.to_config_dict(schema.MeshConfig())

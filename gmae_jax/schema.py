@@ -149,16 +149,7 @@ Section = TypeVar("Section")
 
 def to_config_dict(section: Any) -> ml_collections.ConfigDict:
     """A dataclass instance as a (nested) ConfigDict, for the config files."""
-    values = {}
-    for field in dataclasses.fields(section):
-        value = getattr(section, field.name)
-        values[field.name] = to_config_dict(value) if dataclasses.is_dataclass(value) else value
-    return ml_collections.ConfigDict(values)
-
-
-def fields_of(section: Any) -> dict[str, Any]:
-    """The top-level fields of a dataclass instance, for `config.update(...)` of flat sections."""
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return ml_collections.ConfigDict(dataclasses.asdict(section))
 
 
 def read_flat(cls: type[Section], config: Any) -> Section:
