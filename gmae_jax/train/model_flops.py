@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.extend import core
 
 from gmae_jax.models.presets import GMSTConfig
-from gmae_jax.train import step_benchmark, steps
+from gmae_jax.train import setup, step_benchmark, steps
 
 
 def _dot_flops(eqn: core.JaxprEqn) -> float:
@@ -94,14 +94,12 @@ def gradients_jaxpr(config: GMSTConfig, task: str, batch_size: int, *, mask_rati
     shapes (nothing is initialised or compiled)."""
     model, init_inputs, loss_fn, _ = step_benchmark.model_and_loss(
         config, task, mask_ratio=mask_ratio, num_classes=num_classes)
-    variables = jax.eval_shape(functools.partial(model.init, train=False),
-                               {"params": jax.random.key(0), "dropout": jax.random.key(0)}, *init_inputs)
+    params, batch_stats = jax.eval_shape(functools.partial(setup.init_variables, model, init_inputs), jax.random.key(0))
     shape = (batch_size, config.img_size, config.img_size, config.in_channels)
     batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     gradients = functools.partial(steps.loss_gradients, loss_fn=loss_fn)
-    return jax.make_jaxpr(gradients)(variables["params"], variables.get("batch_stats", {}), batch,
-                                     jax.random.key(0)).jaxpr
+    return jax.make_jaxpr(gradients)(params, batch_stats, batch, jax.random.key(0)).jaxpr
 
 
 def flops_per_image(config: GMSTConfig, task: str, *, mask_ratio: float, num_classes: int) -> float:

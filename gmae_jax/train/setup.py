@@ -49,6 +49,13 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, tuple[jax
     return GMAEClassifier(gmst, config.num_classes), (image,)
 
 
+def init_variables(model: nn.Module, init_inputs: tuple[jax.Array, ...], rng: jax.Array) -> tuple[Any, Any]:
+    """A model's parameters and BatchNorm statistics as every run starts them: one key for parameters
+    and dropout, in inference mode (`init_inputs`: `build_model`'s)."""
+    variables = model.init({"params": rng, "dropout": rng}, *init_inputs, train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
 @flax.struct.dataclass
 class Weights:
     """What inference needs of a train state. Its fields are named as TrainState's, so the eval
@@ -240,10 +247,8 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
     """Shapes, dtypes and shardings of a model's weights, without allocating them."""
 
     def init() -> Weights:
-        variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, *init_inputs,
-                               train=False)
-        return Weights(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables.get("batch_stats", {}))
+        params, batch_stats = init_variables(model, init_inputs, jax.random.key(0))
+        return Weights(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats)
 
     return sharding.sharded_abstract_state(jax.eval_shape(init), mesh)  # the training state's layout
 

@@ -151,9 +151,8 @@ def _initialiser(
     tx, schedule = make_optimizer(config.optim, steps_total, config.model.depth, frozen)
 
     def init(rng: jax.Array) -> steps.TrainState:
-        variables = model.init({"params": rng, "dropout": rng}, *init_inputs, train=False)
-        return steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                       batch_stats=variables.get("batch_stats", {}))
+        params, batch_stats = setup.init_variables(model, init_inputs, rng)
+        return steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
 
     return init, schedule
 
