@@ -57,6 +57,16 @@ class HagridRecord:
     united_label: str | None = None
     split: str = ""  # 'train' / 'val' / 'test' from the annotation file, '' when not given
 
+    @classmethod
+    def from_json_dict(cls, fields: dict[str, Any]) -> "HagridRecord":
+        """A record from its `dataclasses.asdict` read back from JSON (lists where it holds tuples), as
+        prepared shards and the TFDS builder store it."""
+        def box(value: Any) -> Box | None:
+            return None if value is None else tuple(float(v) for v in value)
+
+        return cls(**{**fields, "boxes": tuple(box(b) for b in fields["boxes"]), "labels": tuple(fields["labels"]),
+                      "united_box": box(fields["united_box"])})
+
 
 def _load_json(path: epath.Path) -> dict[str, Any]:
     if not is_regular_file(path):  # a pipe would block the read forever

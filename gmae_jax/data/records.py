@@ -60,10 +60,6 @@ def encode(record: HagridRecord, image: bytes) -> bytes:
     return _HEADER.pack(_MAGIC, len(meta)) + meta + image
 
 
-def _box(value) -> tuple[float, float, float, float] | None:
-    return None if value is None else tuple(float(v) for v in value)
-
-
 def decode(blob: bytes) -> tuple[HagridRecord, bytes]:
     """(record, JPEG bytes) of a blob written by `encode`."""
     if len(blob) < _HEADER.size:
@@ -72,10 +68,7 @@ def decode(blob: bytes) -> tuple[HagridRecord, bytes]:
     if magic != _MAGIC or len(blob) < _HEADER.size + size:
         raise RecordFormatError("not a gmae_jax prepared record (bad magic or truncated)")
     meta = json.loads(blob[_HEADER.size : _HEADER.size + size])
-    meta["boxes"] = tuple(_box(b) for b in meta["boxes"])
-    meta["labels"] = tuple(meta["labels"])
-    meta["united_box"] = _box(meta["united_box"])
-    return HagridRecord(**meta), blob[_HEADER.size + size :]
+    return HagridRecord.from_json_dict(meta), blob[_HEADER.size + size :]
 
 
 class ShardReader:

@@ -83,11 +83,7 @@ class TfdsReader:
 
     def __getitem__(self, index: int) -> tuple[hagrid.HagridRecord, bytes]:
         example = self._source[index]
-        meta = json.loads(example["record"])
-        meta["boxes"] = tuple(tuple(b) for b in meta["boxes"])
-        meta["labels"] = tuple(meta["labels"])
-        meta["united_box"] = meta["united_box"] and tuple(meta["united_box"])
-        return hagrid.HagridRecord(**meta), example["image"]
+        return hagrid.HagridRecord.from_json_dict(json.loads(example["record"])), example["image"]
 
 
 def tfds_source(data_dir: str, split: str, mode: str = "full_frame") -> Source:
