@@ -13,6 +13,13 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
 
 
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (true class, predicted class)."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
 def classification_metrics(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """Metrics of a (true class, predicted class) count matrix, flat for metrics files and loggers:
     accuracy, macro_f1, weighted_f1, and precision/<class>, recall/<class>, f1/<class>,

@@ -59,13 +59,6 @@ def save_reconstructions(rows: np.ndarray, path: str, scale: int = 4) -> None:
     save_png(image.resize((image.width * scale, image.height * scale), Image.NEAREST), path)
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (true class, predicted class)."""
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
-
-
 def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str, cell: int = 36) -> None:
     """Row-normalised heat map with counts; rows are true classes, columns predictions."""
     font = ImageFont.load_default()

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gmae_jax import visualize
+from gmae_jax import metrics, visualize
 
 
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():
-    matrix = visualize.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    matrix = metrics.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
     np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
 
 

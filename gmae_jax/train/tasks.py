@@ -101,7 +101,7 @@ def draw_mistakes(examples: sources.Source, outputs: dict[str, np.ndarray], clas
 def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_names: list[str]) -> Task:
     def summarize(sums: dict[str, float], outputs: dict[str, np.ndarray]) -> dict[str, float]:
         count = max(sums["count"], 1.0)
-        matrix = visualize.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
+        matrix = metrics.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
         result = {"loss": sums["loss_sum"] / count, "cross_entropy": sums["cross_entropy_sum"] / count,
                   **metrics.classification_metrics(matrix, class_names)}
         if "top5_correct" in sums:
@@ -109,7 +109,7 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
         return result
 
     def draw(state, batch, outputs, outdir, examples) -> list[str]:
-        matrix = visualize.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
+        matrix = metrics.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
         path = os.path.join(outdir, CONFUSION_MATRIX)
         visualize.save_confusion_matrix(matrix, class_names, path)
         (epath.Path(outdir) / CONFUSION_MATRIX_JSON).write_text(
