@@ -110,7 +110,7 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
                        rf"use the same --config.model.\* as that run \(its config.json is in {workdir}\)"):
         init_from.load_pretrained_encoder(state, workdir, model.config)
     # Without this run's config, the first parameters that differ.
-    with pytest.raises(config_lib.ConfigError, match=r"\['blocks_2'\]\S*: absent there, \(\d+,?\d*\) here; "):
+    with pytest.raises(config_lib.ConfigError, match=r"/blocks_2/\S*: absent there, \(\d+,?\d*\) here; "):
         init_from.load_pretrained_encoder(state, workdir)
 
 

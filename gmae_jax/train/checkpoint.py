@@ -168,11 +168,21 @@ class SavedArraysMismatchError(ConfigError):
     another model (edited, or copied from another run). Not damage: no other step would do better."""
 
 
-def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'params/encoder/...' -> shape, for a train state, Weights or a checkpoint's metadata tree."""
     def name(path) -> str:
         return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
     return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_differences(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], have_is: str,
+                      want_is: str, shown: int = 3) -> str:
+    """The first `shown` arrays (of `array_shapes`) whose shapes differ or that one side lacks, named
+    `have_is` and `want_is` (e.g. 'saved' / 'wanted'), and how many more."""
+    differences = [f"{name}: {have.get(name, 'absent')} {have_is}, {want.get(name, 'absent')} {want_is}"
+                   for name in sorted(set(have) | set(want)) if have.get(name) != want.get(name)]
+    more = f"; and {len(differences) - shown} more" if len(differences) > shown else ""
+    return "; ".join(differences[:shown]) + more
 
 
 def check_saved_arrays(manager: ocp.CheckpointManager, step: int, abstract: Any) -> None:
@@ -183,17 +193,14 @@ def check_saved_arrays(manager: ocp.CheckpointManager, step: int, abstract: Any)
     if getattr(getattr(saved_tree, "item_metadata", None), "tree", None) is None:  # damage, not a mismatch
         raise ValueError(f"the metadata of its arrays ({STATE_ITEM}/_METADATA, manifest.ocdbt) is missing or "
                          "unreadable")
-    saved, wanted = _array_shapes(saved_tree.item_metadata.tree), _array_shapes(abstract)
+    saved, wanted = array_shapes(saved_tree.item_metadata.tree), array_shapes(abstract)
     fields = {name.split("/")[0] for name in wanted}
     saved = {name: shape for name, shape in saved.items() if name.split("/")[0] in fields}
     if saved == wanted:
         return
-    differences = [f"{name}: {saved.get(name, 'absent')} saved, {wanted.get(name, 'absent')} wanted"
-                   for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
-    more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
     raise SavedArraysMismatchError(
         f"checkpoint step {step} in {manager.directory} does not hold the model its run's config.json describes "
-        f"({'; '.join(differences[:3])}{more}); was config.json edited, or copied from another run? Put back the "
+        f"({shape_differences(saved, wanted, 'saved', 'wanted')}); was config.json edited, or copied from another run? Put back the "
         "one the run wrote")
 
 

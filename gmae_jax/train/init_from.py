@@ -5,20 +5,13 @@ in the original's mask mode (which adds its own after the encoder)."""
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.schema import ConfigError
-from gmae_jax.train import setup, steps
-
-
-def _tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+from gmae_jax.train import checkpoint, setup, steps
 
 
 # The architecture fields that define the encoder: its parameter shapes, and how its attention splits
@@ -37,9 +30,7 @@ def _mismatch(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]
     """What differs, in config fields where they say it, else as the first differing parameters."""
     if fields := _differing_fields(there, here):
         return "; ".join(fields)
-    keys = [key for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
-    shown = [f"{key}: {have.get(key, 'absent')} there, {want.get(key, 'absent')} here" for key in keys[:3]]
-    return "; ".join(shown) + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return checkpoint.shape_differences(have, want, "there", "here")
 
 
 def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
@@ -55,7 +46,7 @@ def load_pretrained_encoder(state: steps.TrainState, pretrain_dir: str,
               "batch_stats": pretrained.batch_stats["encoder"]}
     target = {"encoder": state.params["encoder"], "pos_embed": state.params["pos_embed"],
               "batch_stats": state.batch_stats["encoder"]}
-    have, want = _tree_shapes(source), _tree_shapes(target)
+    have, want = checkpoint.array_shapes(source), checkpoint.array_shapes(target)
     if have != want or _differing_fields(run.model.config, model_config):
         raise ConfigError(
             f"the pretrained encoder in {pretrain_dir} does not match config.model "
