@@ -24,7 +24,7 @@ import numpy as np
 from gmae_jax import config_lib, schema
 from gmae_jax.data import transforms
 from gmae_jax.models.presets import GMSTConfig, gmst_config
-from gmae_jax.train import setup, sharding, step_profile, steps, trainer
+from gmae_jax.train import setup, sharding, step_profile, steps, tasks, trainer
 
 TASKS = ("pretrain", "finetune")
 NUM_CLASSES = 10
@@ -71,17 +71,14 @@ def model_and_loss(
     config they come from (AdamW at a constant learning rate, no warm-up, clipping at 1)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip=1.0,
-        layer_decay=1.0))
-    run = ml_collections.ConfigDict(dict(stage=task, num_classes=num_classes, optim=optim,
-                                         model=dataclasses.asdict(config), seed=seed))
+    optim = schema.OptimConfig(min_lr=schema.OptimConfig.lr, warmup_steps=0)
+    stage = (schema.PretrainConfig(mask_ratio=mask_ratio) if task == "pretrain"
+             else schema.FinetuneConfig(num_classes=num_classes))
+    run = ml_collections.ConfigDict(dict(stage=task, optim=dataclasses.asdict(optim), model=dataclasses.asdict(config),
+                                         seed=seed, **dataclasses.asdict(stage)))
     model, init_inputs = setup.build_model(run)
-    if task == "pretrain":
-        loss_fn = functools.partial(steps.pretrain_loss, model=model, mask_ratio=mask_ratio, norm_pix_loss=False)
-    else:
-        loss_fn = functools.partial(steps.classifier_loss, model=model, label_smoothing=0.1)
-    return model, init_inputs, loss_fn, run
+    class_names = [f"class_{index}" for index in range(num_classes)]
+    return model, init_inputs, tasks.make_task(run, model, class_names).loss_fn, run
 
 
 def pipeline_batch(batch_size: int, img_size: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
