@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 import pytest
 
-from gmae_jax.data import transforms
+from gmae_jax.data import frames, transforms
 from gmae_jax.data.transforms import ImageDecodeError
 from gmae_jax.train import steps
 
@@ -274,7 +274,7 @@ def test_resize_center_crop_keeps_the_centre_only():
     pixels[:, :50] = pixels[:, -50:] = 0  # Outside the central 87.5 % of the shorter side.
     img = Image.fromarray(pixels)
 
-    out = np.asarray(transforms.resize_center_crop(img, 16))
+    out = np.asarray(frames.resize_center_crop(img, 16))
 
     assert out.shape == (16, 16, 3)
     assert (out == 128).all()

@@ -1,5 +1,6 @@
-"""Decoded images made RGB, and the full-frame view's letterbox, with Pillow alone: the PyTorch-only
-inference path (`gmae_jax.torch_mirror.exported`) computes them as training and evaluation do."""
+"""Decoded images made RGB, and the evaluation views' geometry (the centre crop, the full-frame
+letterbox), with Pillow alone: the PyTorch-only inference path (`gmae_jax.torch_mirror.exported`)
+computes them as training and evaluation do."""
 
 from __future__ import annotations
 
@@ -34,3 +35,17 @@ def letterbox(img: Image.Image, out_size: int, fill: tuple[int, ...]) -> Image.I
     offset = ((out_size - new_w) // 2, (out_size - new_h) // 2)
     canvas.paste(img.resize((new_w, new_h), Image.Resampling.BILINEAR), offset)
     return canvas
+
+
+def resize_center_crop(img: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
+    """Evaluation view: the central crop_fraction of the shorter side, resized to size x size.
+
+    One resize of the (fractional) crop box: what resizing the shorter side to size / crop_fraction and
+    then centre-cropping computes, without resampling the discarded border, and without the whole-pixel
+    rounding of torchvision's Resize + CenterCrop, whose crop may sit up to half a pixel away on
+    non-square images (about 1 level of 255 on average; square images are the same).
+    """
+    width, height = img.size
+    side = min(width, height) * crop_fraction
+    left, top = (width - side) / 2, (height - side) / 2
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))

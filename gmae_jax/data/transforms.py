@@ -140,22 +140,6 @@ def apply_color_jitter(img: Image.Image, jitter: np.ndarray) -> Image.Image:
     return img
 
 
-def resize_center_crop(
-    img: Image.Image, size: int, crop_fraction: float = 0.875
-) -> Image.Image:
-    """Evaluation view: the central crop_fraction of the shorter side, resized to size x size.
-
-    One resize of the (fractional) crop box: what resizing the shorter side to size / crop_fraction and
-    then centre-cropping computes, without resampling the discarded border, and without the whole-pixel
-    rounding of torchvision's Resize + CenterCrop, whose crop may sit up to half a pixel away on
-    non-square images (about 1 level of 255 on average; square images are the same).
-    """
-    width, height = img.size
-    side = min(width, height) * crop_fraction
-    left, top = (width - side) / 2, (height - side) / 2
-    return img.resize((size, size), _BILINEAR, box=(left, top, left + side, top + side))
-
-
 def pixels(img: Image.Image) -> np.ndarray:
     """uint8 HWC array: what the input pipeline hands on. Standardising (ImageNet statistics) happens
     on the device, in the step (`steps.standardize`): float32 pixels are 4x the bytes through the

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from gmae_jax.data import crops, transforms
+from gmae_jax.data import crops, frames, transforms
 from gmae_jax.schema import AugmentConfig, DataConfig
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import Box, HagridRecord
@@ -117,7 +117,7 @@ def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray
         label = _label(element, view)
     else:
         img = _decode(element, math.ceil(view.image_size / EVAL_CROP_FRACTION))
-        img = transforms.resize_center_crop(img, view.image_size, EVAL_CROP_FRACTION)
+        img = frames.resize_center_crop(img, view.image_size, EVAL_CROP_FRACTION)
         label = _label(element, view)
     return transforms.pixels(img), label
 
@@ -135,5 +135,5 @@ def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) 
         img = crops.letterbox(transforms.decode_rgb(path, draft_size=image_size), image_size)
     else:
         img = transforms.decode_rgb(path, draft_size=math.ceil(image_size / EVAL_CROP_FRACTION))
-        img = transforms.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
+        img = frames.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
     return transforms.pixels(img)

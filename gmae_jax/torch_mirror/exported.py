@@ -52,11 +52,7 @@ def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
     elif view == "hand_crop":
         img = _rgb(image, size).resize((size, size), Image.Resampling.BILINEAR)
     else:
-        img = _rgb(image, math.ceil(size / fraction))
-        width, height = img.size
-        side = min(width, height) * fraction
-        left, top = (width - side) / 2, (height - side) / 2
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        img = frames.resize_center_crop(_rgb(image, math.ceil(size / fraction)), size, fraction)
     pixels = np.asarray(img, dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
