@@ -209,6 +209,26 @@ def test_train_decode_error_names_the_file(examples, tmp_path):
         next(iter(_train([Example(str(bad), 0)] * 4)))
 
 
+def test_a_class_whose_every_image_is_unreadable_stops_training(examples, tmp_path):
+    """Each was replaced by an image of another class, and the run ended as if nothing were wrong (exit
+    0), its classifier never having seen that class."""
+    (tmp_path / "one").mkdir()
+    unreadable = []
+    for i in range(3):
+        (tmp_path / "one" / f"{i}.jpg").write_bytes(b"not an image")  # e.g. HEIC files named .jpg
+        unreadable.append(Example(str(tmp_path / "one" / f"{i}.jpg"), 1))
+    split = [Example(e.path, 0) for e in examples[:6]] + unreadable  # class folders list class by class
+    with pytest.raises(pipeline.BadImageBudgetError, match=r"^every training image of class 'one' \(3\) is unreadable, "
+                       r"so training would never see that class; last: .*\. Remove or re-save the files the "
+                       r"warnings name\n"):
+        list(itertools.islice(iter(_train(split, global_batch_size=3)), 3))  # one epoch
+    # A class with one readable image trains (on that image).
+    Image.new("RGB", (12, 16)).save(tmp_path / "one" / "3.png")
+    batches = list(itertools.islice(iter(_train(split + [Example(str(tmp_path / "one" / "3.png"), 1)],
+                                                global_batch_size=5)), 2))
+    assert 1 in np.concatenate([batch["label"] for batch in batches])
+
+
 def test_num_eval_batches_rounds_up():
     assert pipeline.num_eval_batches(8, 4) == 2
     assert pipeline.num_eval_batches(9, 4) == 3

@@ -94,6 +94,19 @@ def test_decode_composites_rgba_on_black(tmp_path):
     assert pixels[0, 1].tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("mode, colour", [("L", 200), ("RGB", (200, 200, 200)), ("RGB", (200, 100, 50))])
+def test_a_colour_a_png_names_transparent_is_black_in_every_mode(mode, colour, tmp_path):
+    """An RGB PNG's transparent colour (its tRNS chunk) kept its colour, a grey one's went black."""
+    image = Image.new(mode, (2, 1), colour)
+    image.putpixel((1, 0), 0 if mode == "L" else (1, 2, 3))
+    path = _save(image, tmp_path / "keyed.png", "PNG", transparency=colour)
+
+    pixels = np.asarray(transforms.decode_rgb(path))
+
+    assert pixels[0, 0].tolist() == [0, 0, 0]
+    assert pixels[0, 1].tolist() == ([0, 0, 0] if mode == "L" else [1, 2, 3])
+
+
 def test_decode_applies_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display.

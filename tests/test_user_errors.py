@@ -138,6 +138,8 @@ def test_exceeded_bad_image_budget_is_one_line(tmp_path, data_root):
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 1 unreadable images exceed config.data.max_bad_images=0; last: ")
+    # Class folders: the prepare stage, which refuses them, is no advice.
+    assert last.endswith(". Remove or re-save the files the warnings name, or raise the budget."), last
     assert broken.name in last and "Traceback" not in result.stderr
 
 

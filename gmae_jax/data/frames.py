@@ -14,7 +14,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode as RGB: 16/32-bit grey scaled down (Pillow's convert clips it at 255),
     transparent pixels composited on black (they carry no colour the model should see)."""
-    if img.mode == "RGB":
+    if img.mode == "RGB" and "transparency" not in img.info:  # an RGB PNG may name a transparent colour
         return img
     if img.mode in wide_gray.MODES:
         return wide_gray.to_rgb(img)

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from gmae_jax import host_resources
-from gmae_jax.data import records, sources, transforms, views
+from gmae_jax.data import records, sources, subsets, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.schema import AugmentConfig
 
@@ -80,6 +80,8 @@ class _Loader:
     def __init__(self, source: sources.Source, view: views.ViewConfig):
         self.source, self.view = source, view
         self._bad: set[str] = set()
+        self._bad_of_class: dict[int, set[str]] = {}
+        self._class_sizes: np.ndarray | None = None  # images per label, counted at the first unreadable one
 
     # What becomes of an unreadable image: training takes the next one instead, evaluation leaves it out.
     _INSTEAD = "replaced by the next one"
@@ -92,8 +94,33 @@ class _Loader:
         if len(self._bad) > self.source.max_bad_images:
             raise BadImageBudgetError(
                 f"{len(self._bad)} unreadable images exceed config.data.max_bad_images="
-                f"{self.source.max_bad_images}; last: {error}. Run the prepare stage to find "
-                "and drop them, or raise the budget.") from error
+                f"{self.source.max_bad_images}; last: {error}. {self._remedy()}, or raise the budget.") from error
+
+    def _remedy(self) -> str:
+        """What removes unreadable images from this kind of source."""
+        if self.source.prepared:
+            return "Delete the shard named and rerun the prepare stage"
+        if self.source.records and isinstance(self.source[0], Example):
+            return "Remove or re-save the files the warnings name"
+        return "Run the prepare stage to find and drop them"
+
+    def _count_bad_of_class(self, error: transforms.ImageDecodeError, element: views.Element) -> None:
+        """Stops training when every image of a class is unreadable: each would be replaced by an image
+        of another class, and the run would end as if nothing were wrong, never having seen that
+        class. (Consecutive images of a class sit together, so the replacements walk through it.)"""
+        if self.source.prepared:  # the prepare stage decoded every image of its shards
+            return
+        label = subsets.label_of(element, self.source.view.class_names)
+        bad = self._bad_of_class.setdefault(label, set())
+        bad.add(views.element_name(element))
+        if self._class_sizes is None:
+            self._class_sizes = np.bincount(subsets.labels_of(self.source))
+        if len(bad) >= self._class_sizes[label]:
+            name = (self.source.view.class_names[label] if self.source.view.class_names
+                    else os.path.basename(os.path.dirname(element.path)))  # a class folder's name
+            raise BadImageBudgetError(
+                f"every training image of class '{name}' ({len(bad)}) is unreadable, so training would never see "
+                f"that class; last: {error}. {self._remedy()}") from error
 
     def replacing(self, index: int, view_fn: Callable[[views.Element], Any]) -> Any:
         """view_fn(source[index]), or of the next readable element if that one is unreadable."""
@@ -106,6 +133,7 @@ class _Loader:
                 return view_fn(element)
             except transforms.ImageDecodeError as e:
                 self._count_bad(e, views.element_name(element))
+                self._count_bad_of_class(e, element)
         raise BadImageBudgetError(f"None of the {n} images decodes; e.g. {self._bad and min(self._bad)}.")
 
     def skipping(self, index: int, view_fn: Callable[[views.Element], Any]) -> Any | None:

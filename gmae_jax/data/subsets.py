@@ -19,19 +19,20 @@ from gmae_jax.data.sources import Source
 from gmae_jax.schema import ConfigError
 
 
+def label_of(element: views.Element, class_names: Sequence[str]) -> int:
+    """An element's integer label, without decoding its image: an Example's own, a (HagridRecord,
+    JPEG bytes or None) pair's by the view's class list."""
+    if isinstance(element, Example):
+        return element.label
+    label = gesture_label(element[0], class_names)
+    if label is None:
+        raise ValueError(f"{views.element_name(element)} has no gesture label in {class_names}.")
+    return label
+
+
 def labels_of(source: Source) -> np.ndarray:
     """The integer label of every record of `source`, without decoding any image."""
-    labels = []
-    for index in range(len(source)):
-        element = source[index]
-        if isinstance(element, Example):
-            labels.append(element.label)
-        else:  # a (HagridRecord, JPEG bytes or None) pair, labelled by the view's class list
-            label = gesture_label(element[0], source.view.class_names)
-            if label is None:
-                raise ValueError(f"{views.element_name(element)} has no gesture label in {source.view.class_names}.")
-            labels.append(label)
-    return np.asarray(labels, np.int64)
+    return np.asarray([label_of(source[index], source.view.class_names) for index in range(len(source))], np.int64)
 
 
 def classes_without_images(source: Source, class_names: Sequence[str]) -> list[str]:
