@@ -74,6 +74,17 @@ def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offe
     assert not (run_dir / resume_check.HISTORY_FILE).exists()
 
 
+@pytest.mark.parametrize("field", ["num_heads", "decoder_num_heads"])
+def test_other_attention_heads_are_refused_under_any_policy_though_the_shapes_fit(run_dir, field):
+    """Under allow_changes the run resumed, its attention weights split into other heads."""
+    config = pretrain_config()
+    config.resume_policy = "allow_changes"
+    config.model[field] = config.model[field] * 2
+    with pytest.raises(config_lib.ConfigError, match=rf"model.{field} fix its saved weights \(their shapes, their "
+                       r"attention heads"):
+        resume_check.check(config, str(run_dir), ["fist", "palm"])
+
+
 def test_a_classifiers_class_order_is_refused_under_any_policy_a_pretraining_runs_is_not(tmp_path):
     finetune = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
     resume_check.write_run_files(finetune, str(tmp_path), ["fist", "palm"])

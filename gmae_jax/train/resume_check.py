@@ -44,10 +44,12 @@ HARMLESS = (
     "num_reconstructions", "step_impl", "data.num_workers", "data.max_bad_images",
     "mesh.*", "wandb.*", "model.remat", "model.conv_impl",
 )
-# Fields that set the shapes of the saved weights: no resume policy can continue a run across them.
+# Fields that fix the saved weights, their shapes or how attention splits them into heads (other heads,
+# same shapes: the weights would load and mean something else): no resume policy can continue a run across them.
 SHAPE_FIELDS = (
     "stage", "num_classes", "model.img_size", "model.in_channels", "model.patch_size", "model.overlap_patches",
     "model.embed_dim", "model.depth", "model.decoder_embed_dim", "model.decoder_depth", "model.mlp_ratio",
+    "model.num_heads", "model.decoder_num_heads",
 )
 # Harmless only when they grow: a longer run continues the same one; a shorter one is another run.
 UPWARD_ONLY = ("total_steps", "num_epochs")
@@ -118,7 +120,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
     if fixed:
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(fixed)} "
-            "fix its saved weights (their shapes, or what a classifier's outputs mean), so no resume can continue "
+            "fix its saved weights (their shapes, their attention heads, or what a classifier's outputs mean), so no resume can continue "
             "it with the new values: start a new run with another --workdir")
     if binding and read_flat(LoopConfig, config).resume_policy == "check":
         raise ConfigError(
