@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 from etils import epath
@@ -63,3 +63,15 @@ def read_json(path: epath.Path | str) -> Any:
         state = "is empty" if not text.strip() else f"is not valid JSON ({error})"
         raise ConfigError(f"{path} {state}: restore it from a copy, or move the run folder aside and start "
                           "a new run") from None
+
+
+def check_kinds(workdir: str, files: Sequence[str], folders: Sequence[str] = (), keeper: str = "the run keeps") -> None:
+    """One line naming a file of `files` that is a folder in `workdir`, or one of `folders` that is a file,
+    before anything runs: one of the other kind would fail only where it is first written, maybe hours in
+    (a checkpoint save into a file even hangs orbax's background thread). `keeper`: who writes them."""
+    for name in (*files, *folders):
+        path = epath.Path(workdir) / name
+        folder = name in folders
+        if path.exists() and path.is_dir() != folder:
+            raise ConfigError(f"{path} is {'no folder' if folder else 'a folder'}, where {keeper} a "
+                              f"{'folder' if folder else 'file'} of that name; move it away (or use another --workdir)")

@@ -75,15 +75,6 @@ OUTPUTS = ("predictions.csv", "predictions.jsonl", "predictions.png", "skipped.c
 SHEET_SIZE = 36  # inputs drawn in predictions.png
 
 
-def _check_outputs(workdir: str) -> None:
-    """Before the model loads: an output name taken by a folder would fail only after every image."""
-    for name in OUTPUTS:
-        path = epath.Path(workdir) / name
-        if path.is_dir():
-            raise config_lib.ConfigError(f"{path} is a folder, where predict writes a file of that name; move it "
-                                         "away (or use another --workdir)")
-
-
 def _csv(rows: list[list[str]]) -> str:
     text = io.StringIO()
     csv.writer(text).writerows(rows)
@@ -125,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
         raise config_lib.ConfigError(f"config.checkpoint_dir={config.checkpoint_dir} is a '{stage}' run; predict "
                                      "needs a finetune run (a classifier)")
     setup.check_outside_run(workdir, config.checkpoint_dir, "predict")
-    _check_outputs(workdir)
+    run_files.check_kinds(workdir, OUTPUTS, keeper="predict writes")  # before the model loads and every image
     items, skipped = inputs.list_inputs(config.inputs, setup.load_class_names(setup.run_workdir(config.checkpoint_dir)))
     if not items:
         raise config_lib.ConfigError(f"config.inputs={config.inputs} holds no image to predict ({len(skipped)} other "

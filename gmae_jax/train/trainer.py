@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from gmae_jax import config_lib, distributed, host_resources, schema
+from gmae_jax import config_lib, distributed, host_resources, run_files, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, setup, sharding, steps,
@@ -77,9 +77,7 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
     return steps
 
 
-# What a training run keeps in its workdir, by kind. One of the other kind (a file where a folder
-# belongs) would fail only where it is first written, maybe hours in (a save into a file even hangs
-# orbax's background thread).
+# What a training run keeps in its workdir, by kind (run_files.check_kinds).
 RUN_FILES = (setup.CONFIG_FILE, setup.CLASSES_FILE, resume_check.HISTORY_FILE, resume_check.FACTS_FILE, METRICS_FILE,
              tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON)
 RUN_FOLDERS = (setup.CHECKPOINTS, TENSORBOARD_DIR)
@@ -87,13 +85,7 @@ RUN_FOLDERS = (setup.CHECKPOINTS, TENSORBOARD_DIR)
 
 def check_run_folder_kinds(workdir: str) -> None:
     """One line naming a run file that is a folder, or a run folder that is a file, before anything runs."""
-    for name in RUN_FILES + RUN_FOLDERS:
-        path = epath.Path(workdir) / name
-        kept = "folder" if name in RUN_FOLDERS else "file"
-        if path.exists() and path.is_dir() != (kept == "folder"):
-            what = "no folder" if kept == "folder" else "a folder"
-            raise config_lib.ConfigError(f"{path} is {what}, where the run keeps a {kept} of that name; move it "
-                                         "away (or use another --workdir)")
+    run_files.check_kinds(workdir, RUN_FILES, RUN_FOLDERS)
 
 
 def evaluation_owed(eval_every: int, start: int, steps_total: int, writer: MetricsWriter, split: str) -> bool:
