@@ -18,7 +18,7 @@ from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.pipeline import BadImageBudgetError, InputWorkerDiedError
 from gmae_jax.data.worker_pool import WorkerDiedError
 from gmae_jax.schema import ConfigError
-from gmae_jax.train.progress import TrainingDivergedError
+from gmae_jax.train.divergence import TrainingDivergedError
 
 # Errors whose message is already the one line a user needs.
 USER_ERRORS: tuple[type[Exception], ...] = (

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from gmae_jax import user_errors
-from gmae_jax.train import progress
+from gmae_jax.train import divergence, progress
 
 
 def read(path):
@@ -100,14 +100,14 @@ def test_a_run_reading_prepared_shards_is_not_told_to_prepare_them():
 
 def test_non_finite_metric_names_the_step_and_last_checkpoint():
     with pytest.raises(FloatingPointError, match="grad_norm became non-finite at step 9; no checkpoint") as error:
-        progress.check_finite({"grad_norm": float("inf")}, 9, "/w/checkpoints", None)
+        divergence.check_finite({"grad_norm": float("inf")}, 9, "/w/checkpoints", None)
     # The entry point prints it as one line, as a mistake in the settings; float32 is no remedy in float32.
     assert user_errors.one_line(error.value) == (
         "grad_norm became non-finite at step 9; no checkpoint was saved yet. To train on: lower --config.optim.lr "
         "or keep --config.optim.grad_clip > 0.")
     with pytest.raises(FloatingPointError, match=r"or use --config.model.dtype=float32 \(this run computes in "
                                                  r"bfloat16\)\.$"):
-        progress.check_finite({"loss": float("nan")}, 9, "/w/checkpoints", 5, "bfloat16")
+        divergence.check_finite({"loss": float("nan")}, 9, "/w/checkpoints", 5, "bfloat16")
 
 
 def test_a_cut_off_last_line_is_dropped_with_a_warning_naming_the_file(tmp_path, caplog):

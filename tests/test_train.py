@@ -27,7 +27,7 @@ from gmae_jax.data import pipeline, synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
-from gmae_jax.train import checkpoint, evaluation, init_from, progress, setup, sharding, summaries, trainer
+from gmae_jax.train import checkpoint, divergence, evaluation, init_from, progress, setup, sharding, summaries, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -577,8 +577,8 @@ def test_killed_run_with_a_cut_off_metrics_line_resumes_to_the_straight_run(stra
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint():
     with pytest.raises(FloatingPointError, match="loss became non-finite at step 7; the last good checkpoint is step 5"):
-        progress.check_finite({"loss": float("nan"), "lr": 0.1}, 7, "/w/checkpoints", 5)
-    progress.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
+        divergence.check_finite({"loss": float("nan"), "lr": 0.1}, 7, "/w/checkpoints", 5)
+    divergence.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
 
 
 def test_a_non_finite_loss_puts_the_checkpoint_it_names_on_disk_before_stopping(demo_root, tmp_path, monkeypatch):

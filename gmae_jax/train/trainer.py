@@ -26,7 +26,8 @@ from gmae_jax.train.failed_saves import FailedSaveWatch
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import PreemptionWatch
-from gmae_jax.train.progress import METRICS_FILE, MetricsWriter, Progress, check_finite
+from gmae_jax.train.divergence import check_finite
+from gmae_jax.train.progress import METRICS_FILE, MetricsWriter, Progress
 from gmae_jax.train.summaries import TENSORBOARD_DIR, Summaries, run_summary
 
 
