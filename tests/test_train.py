@@ -695,7 +695,7 @@ def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint_is_saved(de
         return {**metrics, "loss": float("nan")}, outputs, first
 
     config = evaluated_every_2_steps(demo_root, monkeypatch, 6, nan_loss)
-    with pytest.raises(progress.TrainingDivergedError, match=r"^val/loss became non-finite at step 4; the last good "
+    with pytest.raises(divergence.TrainingDivergedError, match=r"^val/loss became non-finite at step 4; the last good "
                        r"checkpoint is step 2 in "):
         pretrain_stage.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # best_metric: every evaluated step saved
