@@ -243,7 +243,7 @@ def stopped_by_others(others: dict[int, str]) -> tuple[str, int]:
     return f"error: {failed_first(others)}", 1
 
 
-def stop_with(others: dict[int, str]) -> None:
+def stop_with(others: dict[int, str]) -> NoReturn:
     """Leaves the job because of what `others` reported (`on_failure_of_another`'s `leave`)."""
     line, status = stopped_by_others(others)
     leave(line + "\n", status)
@@ -269,11 +269,11 @@ def only_this_thread_exits() -> None:
 
 def leave(message: str, status: int = 1) -> NoReturn:
     """Ends a process of a multi-process job that failed (or was interrupted), at once, with `status`.
-    A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other processes, which
-    may wait in a collective for this one: the job would hang that long before the launcher (or the
-    cluster) could see a process fail and stop the rest. Process 0 leaves last of those that fail
-    with it (`leave_in_order`). Errors that every process meets together
-    (a NaN loss) have waited for their checkpoint already (`trainer.train`)."""
+    A normal exit runs JAX's exit hook, whose distributed shutdown waits up to 5 minutes for the other
+    processes, which may wait in a collective for this one: the job would hang that long before the
+    launcher (or the cluster) could see a process fail and stop the rest. Process 0 leaves last of
+    those that fail with it (`leave_in_order`). Errors that every process meets together (a NaN loss)
+    have waited for their checkpoint already (`trainer.train`)."""
     only_this_thread_exits()
     sys.stderr.write(message)
     sys.stderr.flush()
