@@ -24,13 +24,13 @@ def write_whole(path: epath.Path | str, write: Callable[[BinaryIO], None]) -> No
     try:
         with temporary.open("wb") as f:
             write(f)
+        temporary.replace(path)
     except BaseException as error:
         if temporary.exists():
             temporary.unlink()
         if isinstance(error, OSError):  # e.g. a full disk: the file it was for is the one to name
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise
-    temporary.replace(path)
 
 
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # write_whole's temporary names

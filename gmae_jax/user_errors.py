@@ -48,7 +48,7 @@ def os_error_line(error: OSError) -> str:
     where = error.filename or "the workdir"
     if error.errno in _FULL:
         return (f"no space left on the device writing {where}; free space there (or use a --workdir on another "
-                "disk) and rerun the same command: it resumes from the last complete checkpoint")
+                "disk) and rerun the same command (a training run resumes from its last complete checkpoint)")
     return (f"cannot access {where} ({error.strerror}); fix its permissions for this user, or choose another "
             "folder (--workdir, --config.data.root)")
 

@@ -2,6 +2,7 @@
 run whose training images were deleted (they must never open the training split)."""
 
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -154,6 +155,42 @@ def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir,
     sheet = np.asarray(Image.open(tmp_path / "misclassified.png").convert("RGB"))
     corners = [tuple(sheet[(k // 6) * (140 + 3 * 12 + 4) + 3, (k % 6) * 140 + 3]) for k in range(max(wrong, 1))]
     assert corners == ([(200, 0, 0)] * wrong if wrong else [(255, 255, 255)])
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "predict"])
+def test_weights_that_give_non_finite_outputs_stop_with_one_line_naming_the_step(run_dir, tmp_path, monkeypatch,
+                                                                                 stage):
+    """Orbax checks no array's bytes: a checkpoint damaged inside its data restored, and evaluate and
+    predict reported NaN metrics and probabilities with status 0."""
+    workdir, root, _ = run_dir
+    real_restore = setup.restore_run
+
+    def damaged(*args, **kwargs):
+        restored = real_restore(*args, **kwargs)
+        params = jax.tree.map(lambda x: x * np.nan, restored.weights.params)
+        return dataclasses.replace(restored, weights=restored.weights.replace(params=params))
+
+    monkeypatch.setattr(setup, "restore_run", damaged)
+    config = load(stage)
+    config.update(checkpoint_dir=workdir)
+    config.update({"inputs": str(root / "val")} if stage == "predict" else {"num_workers": 0})
+    with pytest.raises(config_lib.ConfigError, match=rf"^checkpoint step 4 of {workdir} gives non-finite "
+                       r"(metrics|probabilities): its weights are damaged .*use another step "
+                       r"\(--config.checkpoint=N\)$"):
+        stages.run(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / ("eval_metrics.json" if stage == "evaluate" else "predictions.csv")).exists()
+
+
+@pytest.mark.parametrize("stage, output", [("evaluate", "eval_metrics.json"), ("export", "model.pth")])
+def test_an_output_name_taken_by_a_folder_is_one_line_before_anything_runs(run_dir, tmp_path, stage, output):
+    """It failed with a traceback after the work was done (evaluate) or half written (export)."""
+    (tmp_path / "out" / output).mkdir(parents=True)
+    config = load(stage)
+    config.update(checkpoint_dir=run_dir[0])
+    with pytest.raises(config_lib.ConfigError, match=rf"out/{output} is a folder, where (evaluate|the export) writes "
+                       "a file of that name"):
+        stages.run(config, str(tmp_path / "out"))
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [output]
 
 
 @pytest.mark.slow

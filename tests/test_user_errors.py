@@ -165,7 +165,7 @@ def test_a_full_disk_or_a_forbidden_file_names_the_path_and_what_to_do(tmp_path,
     wrapped.__cause__ = raised.value
     assert user_errors.one_line(wrapped) == (
         f"no space left on the device writing {tmp_path / 'config.json'}; free space there (or use a --workdir "
-        "on another disk) and rerun the same command: it resumes from the last complete checkpoint")
+        "on another disk) and rerun the same command (a training run resumes from its last complete checkpoint)")
     assert user_errors.one_line(ValueError("RESOURCE_EXHAUSTED: No space left on device")).startswith(
         "no space left on the device")
     assert user_errors.one_line(PermissionError(errno.EACCES, "Permission denied", "/w/metrics.jsonl")) == (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import ml_collections
@@ -15,7 +16,7 @@ from etils import epath
 from gmae_jax import config_lib, distributed, host_resources, metrics as metrics_lib, run_files, schema
 from gmae_jax.data import sources
 from gmae_jax.train import evaluation, setup, sharding, tasks
-from gmae_jax.train.summaries import Summaries
+from gmae_jax.train.summaries import TENSORBOARD_DIR, Summaries
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -38,9 +39,15 @@ def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> sche
                                num_workers=config.num_workers)
 
 
+# What evaluate writes into its workdir (whichever the task draws), by kind.
+OUTPUTS = ("eval_metrics.json", tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON,
+           tasks.MISTAKES)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Writes eval_metrics.json and the task's pictures to `workdir`; returns the metrics."""
     setup.check_outside_run(workdir, config.checkpoint_dir, "evaluate")
+    run_files.check_kinds(workdir, OUTPUTS, (TENSORBOARD_DIR,), keeper="evaluate writes")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     data = eval_data(config, restored)
     examples = sources.open_split(data, data.eval_split, restored.class_names)
@@ -56,6 +63,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     metrics, outputs, first = evaluation.evaluate(
         task, eval_step, restored.weights, examples, image_size=restored.model.config.img_size,
         batch_size=batch_size, num_workers=data.num_workers, mesh=restored.mesh)
+    setup.check_outputs_finite(all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), restored,
+                               "metrics")
     metrics["checkpoint_step"] = restored.step
 
     weights = sharding.tree_to_host(restored.weights)  # every process: FSDP may split them over hosts

@@ -108,6 +108,9 @@ def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[
     import torch  # the [torch] extra; checked in validate
 
     folder.mkdir(parents=True, exist_ok=True)
+    # config.json goes first and comes back last: a re-export cut short (a full disk) must not leave a
+    # folder that looks complete with files of two checkpoints.
+    (folder / export_format.CONFIG_JSON).unlink(missing_ok=True)
     text = json.dumps(config, indent=2)
     # Each file is written whole (a kill leaves the old one or the new one), through epath rather than
     # file names handed to torch / safetensors, so that a gs:// --workdir works like a local one.
@@ -133,6 +136,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Exports checkpoint `config.checkpoint` of `config.checkpoint_dir` into `workdir`; returns
     the written config."""
     setup.check_outside_run(workdir, config.checkpoint_dir, "the export")
+    run_files.check_kinds(workdir, (export_format.SAFETENSORS, export_format.MODEL_PTH, export_format.ENCODER_PTH,
+                                    export_format.CONFIG_JSON), keeper="the export writes")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     model, stage = restored.model.config, restored.config.stage
     layout = choose_layout(config.layout, model, restored.workdir)

@@ -162,6 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
             images = np.zeros((batch, image_size, image_size, 3), np.uint8)
             images[: len(good)] = np.stack([pixels for _, pixels in good])
             probs = np.asarray(probabilities(restored.weights, sharding.global_batch({"image": images}, mesh)["image"]))
+            setup.check_outputs_finite(bool(np.isfinite(probs[: len(good)]).all()), restored, "probabilities")
             for (item, pixels), p in zip(good, probs):
                 order = np.argsort(-p, kind="stable")[:top_k]
                 rows.append({"file": item.path, "annotation": item.annotation,

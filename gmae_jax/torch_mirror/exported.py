@@ -31,12 +31,14 @@ ImageLike = str | os.PathLike | bytes | Image.Image
 
 
 def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
-    """An upright RGB image; transparent pixels on black, as gmae_jax's decoder does."""
+    """An upright RGB image; transparent pixels on black, as gmae_jax's decoder does. A JPEG is decoded
+    at a reduced scale, as gmae_jax decodes it, also when given as an `Image.open` not yet loaded (an
+    image already decoded in full gives slightly other pixels)."""
     if not isinstance(image, Image.Image):
         data = image if isinstance(image, bytes) else open(image, "rb").read()
         image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (draft_size, draft_size))  # JPEG only: decode at a reduced scale
-        image.load()
+    image.draft("RGB", (draft_size, draft_size))  # JPEG only, before its pixels are read: no-op otherwise
+    image.load()
     return frames.to_rgb(ImageOps.exif_transpose(image))
 
 

@@ -253,6 +253,16 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
     return sharding.sharded_abstract_state(jax.eval_shape(init), mesh)  # the training state's layout
 
 
+def check_outputs_finite(finite: bool, restored: RestoredRun, what: str) -> None:
+    """Stops with one line where a restored run's weights give NaN or infinite `what`: orbax checks no
+    array's bytes, so a checkpoint damaged inside its data restores without a word (and evaluate,
+    predict reported NaN with status 0)."""
+    if not finite:
+        raise ConfigError(f"checkpoint step {restored.step} of {restored.workdir} gives non-finite {what}: its weights "
+                          "are damaged (or the run had diverged when it saved them); use another step "
+                          "(--config.checkpoint=N)")
+
+
 def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--config.checkpoint_dir") -> RestoredRun:
     """Rebuilds a pretrain or finetune run from `workdir` with the weights of checkpoint `which`
     ('latest': the newest step that restores, see `RestoredRun.skipped`, which process 0 also prints
