@@ -14,6 +14,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def pool_size(num_workers: int) -> int:
+    """A stage's `config.num_workers` as the size of its own pool (prepare's processes, predict's
+    decoding threads), read as the input pipeline reads it: -1 one per core this process may use
+    (nothing else runs beside the pool), 0 none beside this process (a pool of one does that)."""
+    return usable_cores() if num_workers == -1 else max(num_workers, 1)
+
+
 def physical_memory() -> int | None:
     """Bytes of memory this machine has (None where the OS does not say)."""
     try:
@@ -32,6 +39,6 @@ def check_batch_fits(batch_size: int, image_size: int, process_count: int, on_cp
     needed = -(-batch_size // process_count) * bytes_per_image
     if memory is None or needed <= memory:
         return
-    raise ConfigError(f"config.batch_size={batch_size}: one batch of {image_size} px images needs {needed / 2**30:.0f} GiB of "
-            f"this host's memory, which has {memory / 2**30:.0f} GiB; use a batch far below "
-                      f"{memory // bytes_per_image * process_count}")
+    raise ConfigError(f"config.batch_size={batch_size}: one batch of {image_size} px images needs "
+                      f"{needed / 2**30:.0f} GiB of this host's memory, which has {memory / 2**30:.0f} GiB; use a "
+                      f"batch far below {memory // bytes_per_image * process_count}")

@@ -715,8 +715,8 @@ def test_a_process_stopped_by_others_names_the_first_and_counts_the_rest():
     assert job_failures.first_line(ValueError("first\nsecond")) == "ValueError: first"
     assert len(job_failures.first_line(ValueError("x" * 1000))) == 300
     assert job_failures.waited_in_vain(RuntimeError("DEADLINE_EXCEEDED: Barrier timed out"))
-    assert job_failures.waited_in_vain(RuntimeError("UNKNOWN: Gloo AllGather failed: [...pair.cc:547] Connection closed by "
-                                            "peer [127.0.0.1]:22414"))
+    assert job_failures.waited_in_vain(RuntimeError("UNKNOWN: Gloo AllGather failed: [...pair.cc:547] Connection "
+                                                    "closed by peer [127.0.0.1]:22414"))
 
 
 def test_a_process_is_silent_once_its_count_has_not_moved_for_the_whole_time():

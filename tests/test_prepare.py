@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from gmae_jax import config_lib, schema, stages, workdir_lock
+from gmae_jax import config_lib, host_resources, schema, stages, workdir_lock
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.data import (class_folders, crops, hagrid, hagrid_layout, pipeline, prepare, records, sources, splits,
                            worker_pool)
@@ -384,7 +384,8 @@ def test_prepare_refuses_a_training_run_or_the_raw_tree_as_its_workdir_and_bad_s
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
     assert not (tmp_path / "hagrid" / "prepared").exists()
     for field, value, message in (("seed", -1, r"config.seed=-1 must be a whole number in \[0, 2\*\*32\)"),
-                                  ("num_workers", -2, r"config.num_workers=-2 must be >= 0 \(0 = in this process\) or -1")):
+                                  ("num_workers", -2, r"config.num_workers=-2 must be >= 0 \(0 = in this process\) "
+                                                      r"or -1")):
         with pytest.raises(config_lib.ConfigError, match=message):
             stages.validate(prepare_config(tmp_path / "hagrid", **{field: value}))
 
@@ -603,5 +604,5 @@ def test_num_workers_minus_1_starts_a_worker_per_core_the_process_may_use(tmp_pa
     prepare.prepare(prepare_config(root, num_workers=-1), str(tmp_path / "out"))
     assert started == [1, 1]  # the decode check's pool and the shard writers'
     # The input pipeline's meaning of 0, as in config.data.num_workers: no worker processes.
-    assert prepare.worker_processes(0) == 1 and prepare.worker_processes(3) == 3
+    assert host_resources.pool_size(0) == 1 and host_resources.pool_size(3) == 3
 

@@ -348,9 +348,9 @@ def test_a_link_beside_a_folder_lists_its_files_under_the_folders_own_name(tmp_p
 
 
 def test_predict_counts_decoding_threads_as_the_input_pipeline_counts_workers(monkeypatch):
-    from gmae_jax.stages import predict
-    monkeypatch.setattr(predict.host_resources, "usable_cores", lambda: 6)
-    assert [predict.decoding_threads(n) for n in (-1, 0, 1, 3)] == [6, 1, 1, 3]  # -1 gave one thread
+    from gmae_jax import host_resources
+    monkeypatch.setattr(host_resources, "usable_cores", lambda: 6)
+    assert [host_resources.pool_size(n) for n in (-1, 0, 1, 3)] == [6, 1, 1, 3]  # predict's -1 gave one thread
 
 
 def test_predict_refuses_inputs_it_cannot_use_before_reading_the_run(run_dir, tmp_path):

@@ -269,16 +269,10 @@ def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str
     return parts
 
 
-def worker_processes(num_workers: int) -> int:
-    """config.num_workers as the input pipeline reads it: -1 a process per core this process may use
-    (every one: nothing else runs beside the stage), 0 none (all in this process, as 1 worker does)."""
-    return host_resources.usable_cores() if num_workers == -1 else max(num_workers, 1)
-
-
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the stage; returns the manifest it writes (see the module docstring)."""
     out = epath.Path(workdir)
-    num_workers = worker_processes(config.num_workers)
+    num_workers = host_resources.pool_size(config.num_workers)
     store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
                       config.jpeg_quality)
     root, max_dropped = str(config.data.root), config.data.max_dropped_fraction

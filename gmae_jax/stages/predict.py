@@ -40,12 +40,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_lib.check_num_workers(config.num_workers, "num_workers")
 
 
-def decoding_threads(num_workers: int) -> int:
-    """config.num_workers as the input pipeline reads it: -1 one per core this process may use, 0 none
-    beside this thread (one thread decodes, as 1 does)."""
-    return host_resources.usable_cores() if num_workers == -1 else max(num_workers, 1)
-
-
 def _view(config: ml_collections.ConfigDict, item: inputs.Input, trained: str | None) -> str:
     """The view of one input: config.view, or ('auto') the one the run was evaluated with, so that a
     photo looks as the model's images did (a hand crop needs the input's box: without one, the
@@ -149,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     def load(item: inputs.Input) -> np.ndarray | str:
         return _load(item, _view(config, item, trained), image_size)
 
-    with concurrent.futures.ThreadPoolExecutor(decoding_threads(config.num_workers)) as pool, \
+    with concurrent.futures.ThreadPoolExecutor(host_resources.pool_size(config.num_workers)) as pool, \
             tqdm.tqdm(total=len(items), desc="predict", unit=" images", mininterval=2.0) as bar:
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]

@@ -59,8 +59,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                      f"config.finetune.total_steps={config.finetune.total_steps}: the study gives every fine-tune "
                      "the same fixed number of steps (epochs would give runs with more labels more steps); "
                      "set it > 0, e.g. --config.finetune.total_steps=1000")
-    given, loop = schema.read_flat(schema.FinetuneConfig, config.finetune), schema.read_flat(schema.LoopConfig,
-                                                                                            config.finetune)
+    given = schema.read_flat(schema.FinetuneConfig, config.finetune)
+    loop = schema.read_flat(schema.LoopConfig, config.finetune)
     config_lib.check(not given.init_from, "config.finetune.init_from is set by the study; use --config.init_from")
     # Fields each of the study's fine-tunes gets from the study itself: a value given for them would
     # be replaced without a word.

@@ -200,8 +200,8 @@ def check_saved_arrays(manager: ocp.CheckpointManager, step: int, abstract: Any)
         return
     raise SavedArraysMismatchError(
         f"checkpoint step {step} in {manager.directory} does not hold the model its run's config.json describes "
-        f"({shape_differences(saved, wanted, 'saved', 'wanted')}); was config.json edited, or copied from another run? Put back the "
-        "one the run wrote")
+        f"({shape_differences(saved, wanted, 'saved', 'wanted')}); was config.json edited, or copied from another "
+        "run? Put back the one the run wrote")
 
 
 def restore(

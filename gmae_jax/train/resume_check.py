@@ -45,7 +45,7 @@ HARMLESS = (
     "mesh.*", "wandb.*", "model.remat", "model.conv_impl",
 )
 # Fields that fix the saved weights, their shapes or how attention splits them into heads (other heads,
-# same shapes: the weights would load and mean something else): no resume policy can continue a run across them.
+# same shapes: the weights would load and mean something else): no resume policy continues a run across them.
 SHAPE_FIELDS = (
     "stage", "num_classes", "model.img_size", "model.in_channels", "model.patch_size", "model.overlap_patches",
     "model.embed_dim", "model.depth", "model.decoder_embed_dim", "model.decoder_depth", "model.mlp_ratio",
@@ -120,8 +120,8 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
     if fixed:
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(fixed)} "
-            "fix its saved weights (their shapes, their attention heads, or what a classifier's outputs mean), so no resume can continue "
-            "it with the new values: start a new run with another --workdir")
+            "fix its saved weights (their shapes, their attention heads, or what a classifier's outputs mean), so no "
+            "resume can continue it with the new values: start a new run with another --workdir")
     if binding and read_flat(LoopConfig, config).resume_policy == "check":
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
