@@ -7,7 +7,7 @@ import sys
 
 SCRIPT = """
 import asyncio, gc
-from gmae_jax.train import checkpoint
+from gmae_jax.train import orbax_noise
 
 async def failing_read():
     raise OSError("byte range not valid")
@@ -26,7 +26,7 @@ async def read_failing_when_collected():  # what orbax's _read_array_index_and_d
         raise Exception("Encountered error while reading array index: (slice(0, 8, 1),). See full TensorStore")
 
 try:
-    with checkpoint.quiet_abandoned_reads():
+    with orbax_noise.quiet_abandoned_reads():
         raise OSError("step 6 is damaged")
 except OSError:
     pass
@@ -60,20 +60,20 @@ def test_other_errors_still_print():
 
 
 def test_a_restore_that_succeeds_leaves_no_filter_behind():
-    script = ("import logging, sys, warnings\nfrom gmae_jax.train import checkpoint\n"
+    script = ("import logging, sys, warnings\nfrom gmae_jax.train import orbax_noise\n"
               "hook, filters = sys.unraisablehook, list(warnings.filters)\n"
-              "with checkpoint.quiet_abandoned_reads():\n    pass\n"
+              "with orbax_noise.quiet_abandoned_reads():\n    pass\n"
               "assert sys.unraisablehook is hook and warnings.filters == filters\n"
               "assert logging.getLogger('asyncio').filters == []\n")
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
 def test_filters_left_by_failed_restores_are_installed_once():
-    script = ("import logging, sys, warnings\nfrom gmae_jax.train import checkpoint\n"
-              "def fail():\n    try:\n        with checkpoint.quiet_abandoned_reads():\n"
+    script = ("import logging, sys, warnings\nfrom gmae_jax.train import orbax_noise\n"
+              "def fail():\n    try:\n        with orbax_noise.quiet_abandoned_reads():\n"
               "            raise OSError('damaged')\n    except OSError:\n        pass\n"
               "fail()\nhook, filters = sys.unraisablehook, list(warnings.filters)\n"
-              "fail()\nwith checkpoint.quiet_abandoned_reads():\n    pass\n"
+              "fail()\nwith orbax_noise.quiet_abandoned_reads():\n    pass\n"
               "assert sys.unraisablehook is hook and warnings.filters == filters\n"
               "assert len(logging.getLogger('asyncio').filters) == 1\n")
     subprocess.run([sys.executable, "-c", script], check=True)

@@ -4,16 +4,12 @@ given a metric, the step where that evaluation metric was best."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
-import logging as pylogging
 import operator
 import os
-import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import grain
@@ -26,6 +22,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from gmae_jax.schema import ConfigError
+from gmae_jax.train import orbax_noise
 
 BEST, LATEST = "best", "latest"
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
@@ -61,7 +58,7 @@ def make_manager(
         best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only,
         **(dict(save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=this_process, active_processes={this_process})) if read_only else {}))
-    with _without_log_record("Given directory is read only"):  # what we asked for, not a problem
+    with orbax_noise.without_log_record("Given directory is read only"):  # what we asked for, not a problem
         return ocp.CheckpointManager(_absolute(directory), options=options)
 
 
@@ -90,31 +87,8 @@ def use_replica_parallel_saving(enabled: bool) -> None:
     if not hasattr(handler, "_use_replica_parallel"):  # another orbax: leave its handler alone
         return
     handler._use_replica_parallel = enabled
-    with _without_log_record("Type handler registry type"):  # orbax warns of any override
+    with orbax_noise.without_log_record("Type handler registry type"):  # orbax warns of any override
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-
-
-class _DropRecords(pylogging.Filter):
-    """Log records whose message starts with one of `prefixes`."""
-
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-@contextlib.contextmanager
-def _without_log_record(prefix: str) -> Iterator[None]:
-    """absl's log records starting with `prefix` are dropped while the block runs."""
-    records = _DropRecords(prefix)
-    logger = pylogging.getLogger("absl")
-    logger.addFilter(records)
-    try:
-        yield
-    finally:
-        logger.removeFilter(records)
 
 
 def pick_step(manager: ocp.CheckpointManager, which: str) -> int | None:
@@ -249,54 +223,6 @@ def reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:400]}"
 
 
-_NEVER_AWAITED = r"coroutine .* was never awaited"
-
-
-_quiet_for_good = False  # set after the first failed restore: its filters then stay for the process
-
-
-@contextlib.contextmanager
-def quiet_abandoned_reads() -> Iterator[None]:
-    """Orbax runs a restore on a fresh event loop and closes it at the first array that fails; the
-    reads of the other arrays, still in flight in tensorstore, then end on the closed loop or are
-    collected unfinished, and Python prints a traceback for each (hundreds for one damaged step):
-    'RuntimeError: Event loop is closed' or orbax's 'Encountered error while reading array index' (an
-    unraisable error, as a coroutine is collected), asyncio's 'Task exception was never
-    retrieved' (its logger) and 'coroutine ... was never awaited' (a warning). The failure itself
-    is reported by the caller; everything else passes. After a failure the filters stay, once, for
-    the rest of the process: those reads may end after the caller has moved on (to an older step,
-    or a one-line error and exit)."""
-    global _quiet_for_good
-    if _quiet_for_good:
-        yield
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        # A read of another array that failed too, raised when its abandoned coroutine is collected.
-        failed_read = str(error).startswith("Encountered error while reading array index")
-        if not (closed_loop or failed_read):
-            previous(unraisable)
-
-    # asyncio's reports of them, with their tracebacks.
-    records = _DropRecords("Task exception was never retrieved", "Future exception was never retrieved",
-                           "_GatheringFuture exception was never retrieved")
-    sys.unraisablehook = hook
-    pylogging.getLogger("asyncio").addFilter(records)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)
-            yield
-    except BaseException:
-        warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)  # for the reads still in flight
-        _quiet_for_good = True
-        raise
-    sys.unraisablehook = previous
-    pylogging.getLogger("asyncio").removeFilter(records)
-
-
 def describe(failures: list[tuple[int, str]]) -> str:
     """'step 6: why; step 3: why', for one-line messages."""
     return "; ".join(f"step {step}: {why}" for step, why in failures)
@@ -328,7 +254,7 @@ def try_everywhere(restore_one: Callable[[int], T], step: int) -> Attempt[T]:
     """`restore_one(step)` with orbax's abandoned reads kept quiet, agreed between processes."""
     result, error = None, None
     try:
-        with quiet_abandoned_reads():
+        with orbax_noise.quiet_abandoned_reads():
             result = restore_one(step)
     except SavedArraysMismatchError:
         raise  # the same in every process and for every step: not damage
