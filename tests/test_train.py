@@ -382,9 +382,15 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_straig
 
 def damaged_copy(straight_dir: str, folder: str, steps: tuple[int, ...], how: str) -> str:
     """A copy of the straight run whose checkpoint `steps` have their array data files truncated to
-    half their size or deleted (`how`), as a full disk or a kill mid-copy leaves them."""
+    half their size or deleted (`how`), as a full disk or a kill mid-copy leaves them, or hold step 3's
+    arrays ('step 3'), which orbax restores as theirs."""
     shutil.copytree(straight_dir, folder)
     for step in steps:
+        if how == "step 3":
+            shutil.rmtree(os.path.join(folder, "checkpoints", str(step), "state"))
+            shutil.copytree(os.path.join(folder, "checkpoints", "3", "state"),
+                            os.path.join(folder, "checkpoints", str(step), "state"))
+            continue
         if how == "metadata":  # what says which arrays the step holds
             for name in ("_METADATA", "manifest.ocdbt"):
                 os.remove(os.path.join(folder, "checkpoints", str(step), "state", name))
@@ -505,6 +511,16 @@ def test_a_step_without_its_array_metadata_is_skipped_as_damaged_and_says_so(str
     latest = setup.restore_run(damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "metadata"))
     assert latest.step == 3 and [step for step, _ in latest.skipped] == [6]
     assert "the metadata of its arrays (state/_METADATA, manifest.ocdbt) is missing" in latest.skipped[0][1]
+
+
+@pytest.mark.slow
+def test_a_step_whose_array_data_changed_on_disk_is_skipped_as_damaged_and_names_them(straight_run, tmp_path):
+    """Orbax checks no array's bytes; each array's fingerprint, saved beside it, is checked at restore (a
+    flipped bit: tests/test_fingerprints.py)."""
+    latest = setup.restore_run(damaged_copy(straight_run[0], str(tmp_path / "run"), (6,), "step 3"))
+    assert latest.step == 3 and [step for step, _ in latest.skipped] == [6]
+    assert re.fullmatch(r"DamagedArraysError: the data of batch_stats/\S+; \S+; \S+; and \d+ more changed on disk "
+                        r"since the save", latest.skipped[0][1]), latest.skipped[0][1]
 
 
 @pytest.mark.slow

@@ -22,11 +22,12 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from gmae_jax.schema import ConfigError
-from gmae_jax.train import orbax_noise
+from gmae_jax.train import fingerprints, orbax_noise
 
 BEST, LATEST = "best", "latest"
 DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to restore, kept for a look
 DATA_ITEM = "data"  # a step's folder for the train iterator's state, one JSON file per process
+FINGERPRINTS_ITEM = "fingerprints"  # a step's folder for its arrays' fingerprints, checked at restore
 STATE_ITEM = "state"  # a step's folder for the train state's arrays
 T = TypeVar("T")
 
@@ -120,7 +121,7 @@ def save(
     """Asynchronous save; orbax writes to a temporary folder and renames, so a kill mid-save never
     leaves a checkpoint that looks complete. `metrics` (this step's evaluation) rank it for 'best'.
     Returns whether orbax started the save (it declines a step not newer than the latest saved)."""
-    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state), FINGERPRINTS_ITEM: ocp.args.JsonSave(fingerprints.of(state))}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
     return manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
@@ -144,9 +145,8 @@ class SavedArraysMismatchError(ConfigError):
 
 def array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'params/encoder/...' -> shape, for a train state, Weights or a checkpoint's metadata tree."""
-    def name(path) -> str:
-        return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
-    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {fingerprints.array_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def shape_differences(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], have_is: str,
@@ -189,7 +189,7 @@ def restore(
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
     check_saved_arrays(manager, step, abstract)
     restore_args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
-    state = manager.restore(step, args=restore_args)[STATE_ITEM]
+    state = check_fingerprints(manager, step, manager.restore(step, args=restore_args)[STATE_ITEM])
     if data_iterator is not None:
         data_iterator.set_state(iterator_state(epath.Path(manager.directory) / str(step)))
     return state
@@ -328,4 +328,24 @@ def restore_weights(manager: ocp.CheckpointManager, step: int, abstract: Any) ->
     check_saved_arrays(manager, step, abstract)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     item = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: item}))[STATE_ITEM]
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: item}))[STATE_ITEM]
+    return check_fingerprints(manager, step, restored)
+
+
+class DamagedArraysError(ValueError):
+    """A step's arrays restored with other values than were saved: their data changed on disk."""
+
+
+def check_fingerprints(manager: ocp.CheckpointManager, step: int, restored: Any) -> Any:
+    """`restored` (all or some of step's saved state), once its arrays' fingerprints are those saved
+    with them; raises DamagedArraysError otherwise. Steps saved before fingerprints were pass as they are."""
+    if not (epath.Path(manager.directory) / str(step) / FINGERPRINTS_ITEM).exists():
+        return restored
+    item = ocp.args.Composite(**{FINGERPRINTS_ITEM: ocp.args.JsonRestore()})
+    saved = manager.restore(step, args=item)[FINGERPRINTS_ITEM]
+    if not isinstance(saved, dict):
+        raise DamagedArraysError(f"{FINGERPRINTS_ITEM}/ holds no fingerprints")
+    if changed := fingerprints.differing(saved, fingerprints.of(restored)):
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise DamagedArraysError(f"the data of {'; '.join(changed[:3])}{more} changed on disk since the save")
+    return restored
