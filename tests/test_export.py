@@ -26,7 +26,7 @@ from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.stages import export, import_
 from gmae_jax.torch_mirror import convert, export_format, modules as mirror
-from gmae_jax.train import checkpoint, init_from, resume_check, setup, steps, trainer
+from gmae_jax.train import checkpoint, init_from, resume_check, run_folder, setup, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("fist", "one", "palm")
@@ -217,7 +217,7 @@ def test_import_then_export_is_an_exact_round_trip(stage, finetune, pretrain, im
     assert second["config"] == first["config"]  # the pretraining loss's settings and conv_impl included
     assert first["config"]["gmae_jax_model"]["conv_impl"] == "auto"  # as configured, not as resolved here
     if stage == "pretrain":  # evaluated as it was trained
-        run = setup.load_run_config(str(imported[stage]))
+        run = run_folder.load_run_config(str(imported[stage]))
         assert (run.mask_ratio, run.norm_pix_loss) == (0.75, True)
     with pytest.raises(config_lib.ConfigError, match=r"was imported \(one checkpoint, ranked by no evaluation\), so "
                        "it has no 'best' checkpoint; use --config.checkpoint=latest"):
@@ -560,7 +560,7 @@ def test_an_export_describes_and_applies_the_runs_evaluation_view_and_import_kee
         np.testing.assert_allclose(exported.preprocess(path, recipe).numpy().transpose(1, 2, 0),
                                    np.asarray(seen_by_gmae_jax), atol=1e-5)
     assert resume_check.recorded_view(str(tmp_path / "imported")) == view
-    assert (setup.load_run_config(str(tmp_path / "imported")).data.mode == "hand_crop") == (view == "hand_crop")
+    assert (run_folder.load_run_config(str(tmp_path / "imported")).data.mode == "hand_crop") == (view == "hand_crop")
 
 
 def test_a_classifier_without_its_head_weights_names_the_missing_key(tmp_path):
@@ -605,7 +605,7 @@ def test_an_originals_classifier_needs_its_class_names_and_a_new_folder(tmp_path
         stages.run(config, str(tmp_path / "out"))
     config.class_names = "fist,one,palm"
     stages.run(config, str(tmp_path / "out"))
-    assert setup.load_class_names(str(tmp_path / "out")) == ["fist", "one", "palm"]
+    assert run_folder.load_class_names(str(tmp_path / "out")) == ["fist", "one", "palm"]
     with pytest.raises(config_lib.ConfigError, match=r"already holds a run \(or its checkpoints\); import into a new"):
         stages.run(config, str(tmp_path / "out"))
     # A folder left with checkpoints but no config.json (another run's, half deleted) is no place either:

@@ -12,7 +12,7 @@ import pytest
 from absl import logging as absl_logging
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 
-from gmae_jax.train import checkpoint, setup
+from gmae_jax.train import checkpoint, run_folder
 from gmae_jax.train.failed_saves import FailedSaveWatch
 
 
@@ -53,7 +53,7 @@ def test_a_save_that_fails_in_the_background_is_raised_at_the_next_step(full_dis
             watch.wait(manager)  # and again where the next save would wait for it
     finally:
         watch.close()
-    assert setup.checkpoint_steps(str(tmp_path)) == []  # on disk: nothing that looks complete
+    assert run_folder.checkpoint_steps(str(tmp_path)) == []  # on disk: nothing that looks complete
 
 
 def test_a_save_that_succeeds_raises_nothing_and_the_watch_leaves_no_handler(tmp_path):
@@ -63,7 +63,7 @@ def test_a_save_that_succeeds_raises_nothing_and_the_watch_leaves_no_handler(tmp
     watch.wait(manager)
     watch.raise_if_failed()
     watch.close()
-    assert setup.checkpoint_steps(str(tmp_path)) == [2]
+    assert run_folder.checkpoint_steps(str(tmp_path)) == [2]
     assert watch not in pylogging.getLogger("absl").handlers
 
 

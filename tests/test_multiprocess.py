@@ -19,7 +19,7 @@ import pytest
 import saved_weights
 from gmae_jax import distributed, job_failures, schema
 from gmae_jax.data import class_folders, pipeline, synthetic
-from gmae_jax.train import setup
+from gmae_jax.train import run_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
@@ -583,7 +583,7 @@ def test_a_save_that_fails_on_one_process_stops_the_job_with_its_line(data_root,
     assert line.startswith("error: no space left on the device writing ") and "checkpoints/2" in line, line
     assert status_0 == 1, log_0[-3000:]
     assert _last_line(log_0) == f"error: process 1 of this job failed, so process 0 stops too: {line[7:]}", log_0
-    assert setup.checkpoint_steps(tmp_path / "run") == []  # step 2 never completed; nothing looks as if it did
+    assert run_folder.checkpoint_steps(tmp_path / "run") == []  # step 2 never completed; nothing looks as if it did
 
 
 _FAILS_AT_STEP_3 = """

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gmae_jax import config_lib
-from gmae_jax.train import resume_check, setup
+from gmae_jax.train import resume_check, run_folder
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -58,7 +58,7 @@ def test_binding_changes_are_refused_with_old_and_new_values_and_the_two_ways_ou
     assert "data.root: 'data/pretrain_dataset' -> '/other'; seed: 42 -> 7" in message
     assert "another --workdir" in message and "--config.resume_policy=allow_changes" in message
     assert {name: (run_dir / name).read_bytes() for name in before} == before
-    assert not (run_dir / resume_check.HISTORY_FILE).exists()
+    assert not (run_dir / run_folder.HISTORY_FILE).exists()
 
 
 @pytest.mark.parametrize("policy", resume_check.RESUME_POLICIES)
@@ -71,7 +71,7 @@ def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offe
     assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
     assert "model.depth fix its saved weights (their shapes" in message and "another --workdir" in message
     assert "allow_changes" not in message
-    assert not (run_dir / resume_check.HISTORY_FILE).exists()
+    assert not (run_dir / run_folder.HISTORY_FILE).exists()
 
 
 @pytest.mark.parametrize("field", ["num_heads", "decoder_num_heads"])
@@ -117,7 +117,7 @@ def test_a_config_json_that_is_no_runs_config_is_a_one_line_error_naming_it(run_
     """Valid JSON of another shape: it was an AttributeError, or ({}) a resume that compared nothing."""
     (run_dir / "config.json").write_text(content)
     for read in (lambda: resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"]),
-                 lambda: setup.load_run_config(str(run_dir))):
+                 lambda: run_folder.load_run_config(str(run_dir))):
         expected = f"{run_dir / 'config.json'} is no run's config \\(it {what}\\)"
         with pytest.raises(config_lib.ConfigError, match=expected):
             read()
@@ -129,7 +129,7 @@ def test_a_config_json_that_is_no_runs_config_is_a_one_line_error_naming_it(run_
 def test_a_classes_json_that_names_no_classes_is_a_one_line_error_naming_it(run_dir, content, what):
     (run_dir / "classes.json").write_text(content)
     with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'classes.json'} {what}: put back"):
-        setup.load_class_names(str(run_dir))
+        run_folder.load_class_names(str(run_dir))
 
 
 def test_run_files_are_replaced_whole_and_leave_no_temporary_file(run_dir):
@@ -153,7 +153,7 @@ def test_harmless_changes_are_recorded_in_the_history(run_dir):
     config.total_steps, config.log_every = 40, 1
     changes = resume_check.check(config, str(run_dir), ["fist", "palm"])
     resume_check.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
-    (line,) = (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()
+    (line,) = (run_dir / run_folder.HISTORY_FILE).read_text().splitlines()
     record = json.loads(line)
     assert record["changes"] == {"log_every": {"old": 5, "new": 1}, "total_steps": {"old": 20, "new": 40}}
     assert record["resume_policy"] == "check"
@@ -166,7 +166,7 @@ def test_allow_changes_resumes_with_binding_changes_and_records_them(run_dir):
     changes = resume_check.check(config, str(run_dir), ["fist", "palm"])
     resume_check.write_run_files(config, str(run_dir), ["fist", "palm"], changes)
     resume_check.write_run_files(config, str(run_dir), ["fist", "palm"], [("log_every", 5, 2)])
-    records = [json.loads(line) for line in (run_dir / resume_check.HISTORY_FILE).read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / run_folder.HISTORY_FILE).read_text().splitlines()]
     assert records[0]["changes"]["seed"] == {"old": 42, "new": 7}  # resume_policy itself is harmless
     assert records[0]["resume_policy"] == "allow_changes" and len(records) == 2  # appended
 

@@ -24,7 +24,7 @@ from PIL import Image
 import saved_weights
 from gmae_jax import config_lib, schema, stages
 from gmae_jax.data import inputs, synthetic, views
-from gmae_jax.train import resume_check, setup
+from gmae_jax.train import resume_check, run_folder, setup
 from gmae_jax.train.summaries import Summaries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_a_classes_json_that_does_not_name_every_output_is_one_line(run_dir, tmp
 @pytest.mark.slow
 def test_best_checkpoint_is_kept_beside_the_latest(run_dir):
     workdir, _, _ = run_dir
-    manager = setup.checkpoint_manager(workdir, setup.load_run_config(workdir))
+    manager = setup.checkpoint_manager(workdir, run_folder.load_run_config(workdir))
     best, latest = manager.best_step(), manager.latest_step()
     history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     accuracy = {r["step"]: r["accuracy"] for r in history if r["split"] == "val"}
@@ -499,7 +499,7 @@ def test_a_hagrid_tree_gives_inputs_of_the_runs_own_classes_too(run_dir, tmp_pat
     config.update(checkpoint_dir=workdir, inputs=str(tree.root))
     with pytest.raises(config_lib.ConfigError, match="holds no image to predict"):
         stages.run(config, str(tmp_path / "out"))
-    assert asked == [setup.load_class_names(workdir)]
+    assert asked == [run_folder.load_class_names(workdir)]
 
 
 @pytest.mark.parametrize("folder", ["hagrid", "shoot: day 1"])  # a path may hold the report's ': ' itself

@@ -13,7 +13,7 @@ from PIL import Image
 from gmae_jax import config_lib, label_efficiency, schema, stages, workdir_lock
 from gmae_jax.data import sources, subsets, synthetic
 from gmae_jax.stages import study
-from gmae_jax.train import setup
+from gmae_jax.train import run_folder
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CLASSES = ("fist", "one", "peace")
@@ -147,7 +147,7 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"pretrained_2_s7 holds a finished fine-tune of another study "
                        r"setting \(pretraining step: 3 -> 4\)"):
         stages.run(grown, workdir)
-    assert setup.checkpoint_steps(os.path.join(workdir, "pretrain")) == [3]
+    assert run_folder.checkpoint_steps(os.path.join(workdir, "pretrain")) == [3]
 
     # Only a pretraining run with a checkpoint can be init_from, and a repeated seed is refused.
     from_runs = config.copy_and_resolve_references()

@@ -27,7 +27,8 @@ from gmae_jax.data import pipeline, synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
-from gmae_jax.train import checkpoint, divergence, evaluation, init_from, progress, setup, sharding, summaries, trainer
+from gmae_jax.train import (checkpoint, divergence, evaluation, init_from, progress, run_folder, setup, sharding,
+                            summaries, trainer)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -338,7 +339,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_finishes_intact
     assert re.fullmatch(rf"workdir {re.escape(workdir)} is in use by a running job \(host \S+, PID {os.getpid()}, "
                         r"since [0-9-]+ [0-9:]+ UTC\); wait for it to finish or stop it, or choose another --workdir",
                         str(second)), str(second)
-    assert setup.load_run_config(workdir).optim.lr == 2e-3  # the first run's, not the second's
+    assert run_folder.load_run_config(workdir).optim.lr == 2e-3  # the first run's, not the second's
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 6]
     assert max(r["lr"] for r in records if r["split"] == "train") <= 2e-3 * (1 + 1e-6)  # none of the 5e-3 run
@@ -434,13 +435,13 @@ def test_a_config_json_that_does_not_describe_the_checkpoints_is_one_line_and_mo
 @pytest.mark.slow
 def test_a_pretraining_run_restores_without_its_classes_json(straight_run, tmp_path):
     copy = tmp_path / "copy"  # what someone copies to start fine-tunes from: config and checkpoints
-    shutil.copytree(straight_run[0], copy, ignore=shutil.ignore_patterns(setup.CLASSES_FILE))
+    shutil.copytree(straight_run[0], copy, ignore=shutil.ignore_patterns(run_folder.CLASSES_FILE))
 
     restored = setup.restore_run(str(copy))
 
     assert restored.step == 6 and restored.class_names == []
-    finetune = json.loads((copy / setup.CONFIG_FILE).read_text()) | {"stage": "finetune", "num_classes": 3}
-    (copy / setup.CONFIG_FILE).write_text(json.dumps(finetune))
+    finetune = json.loads((copy / run_folder.CONFIG_FILE).read_text()) | {"stage": "finetune", "num_classes": 3}
+    (copy / run_folder.CONFIG_FILE).write_text(json.dumps(finetune))
     with pytest.raises(config_lib.ConfigError, match="classes.json not found"):  # a classifier's names are needed
         setup.restore_run(str(copy))
 
@@ -456,7 +457,7 @@ def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo
 
     monkeypatch.setattr(trainer.tasks, "make_task", lambda *a: dataclasses.replace(real(*a), draw=failing_draw))
     stages.run(stage_config("pretrain", demo_root, **{**RESUME_OVERRIDES, "total_steps": 7}), workdir)  # a warning
-    assert setup.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train, and draws them
+    assert run_folder.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train, and draws them
 
 
 def test_a_batch_beyond_the_hosts_memory_stops_before_anything_is_written(demo_root, tmp_path):
@@ -469,7 +470,8 @@ def test_a_batch_beyond_the_hosts_memory_stops_before_anything_is_written(demo_r
 
 
 @pytest.mark.parametrize("name, kind", [("checkpoints", "file"), ("tensorboard", "file"), ("metrics.jsonl", "folder"),
-                                        ("config.json", "folder"), ("reconstructions.png", "folder")])
+                                        ("config.json", "folder"), ("reconstructions.png", "folder"),
+                                        ("misclassified.png", "folder"), ("damaged_checkpoints", "file")])
 def test_a_run_file_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_path, name, kind):
     (tmp_path / name).mkdir() if kind == "folder" else (tmp_path / name).write_text("x")
     what = "a folder, where the run keeps a file" if kind == "folder" else "no folder, where the run keeps a folder"

@@ -15,8 +15,8 @@ from etils import epath
 
 from gmae_jax import config_lib, distributed, host_resources, metrics as metrics_lib, run_files, schema
 from gmae_jax.data import sources
-from gmae_jax.train import evaluation, setup, sharding, tasks
-from gmae_jax.train.summaries import TENSORBOARD_DIR, Summaries
+from gmae_jax.train import evaluation, run_folder, setup, sharding, tasks
+from gmae_jax.train.summaries import Summaries
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -46,8 +46,8 @@ OUTPUTS = ("eval_metrics.json", tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, t
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Writes eval_metrics.json and the task's pictures to `workdir`; returns the metrics."""
-    setup.check_outside_run(workdir, config.checkpoint_dir, "evaluate")
-    run_files.check_kinds(workdir, OUTPUTS, (TENSORBOARD_DIR,), keeper="evaluate writes")
+    run_folder.check_outside_run(workdir, config.checkpoint_dir, "evaluate")
+    run_files.check_kinds(workdir, OUTPUTS, (run_folder.TENSORBOARD_DIR,), keeper="evaluate writes")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     data = eval_data(config, restored)
     examples = sources.open_split(data, data.eval_split, restored.class_names)

@@ -23,7 +23,7 @@ from gmae_jax import config_lib, run_files, schema
 from gmae_jax.data import crops, transforms, views
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.torch_mirror import convert, export_format
-from gmae_jax.train import resume_check, setup
+from gmae_jax.train import resume_check, run_folder, setup
 
 ONE_PROCESS = True  # it reads the weights and writes files once
 
@@ -135,7 +135,7 @@ def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Exports checkpoint `config.checkpoint` of `config.checkpoint_dir` into `workdir`; returns
     the written config."""
-    setup.check_outside_run(workdir, config.checkpoint_dir, "the export")
+    run_folder.check_outside_run(workdir, config.checkpoint_dir, "the export")
     run_files.check_kinds(workdir, (export_format.SAFETENSORS, export_format.MODEL_PTH, export_format.ENCODER_PTH,
                                     export_format.CONFIG_JSON), keeper="the export writes")
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))

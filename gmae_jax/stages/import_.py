@@ -27,7 +27,7 @@ from gmae_jax import config_lib
 from gmae_jax.data import class_folders, views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
-from gmae_jax.train import checkpoint, resume_check, setup
+from gmae_jax.train import checkpoint, resume_check, run_folder, setup
 
 ONE_PROCESS = True  # one file in, one run folder out
 
@@ -51,7 +51,7 @@ def _given_class_names(config: ml_collections.ConfigDict) -> list[str]:
 
 def _check_distinct(names: list[str], source: str) -> None:
     """Refuses repeated names: the run's classes.json would give two outputs one name."""
-    repeated = setup.repeated_names(names)
+    repeated = run_folder.repeated_names(names)
     if repeated:
         raise config_lib.ConfigError(f"class names must differ; {', '.join(repeated)} is given more than once "
                                      f"({source})")
@@ -303,11 +303,11 @@ def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Writes the run folder into `workdir`; returns what was imported."""
-    checkpoints = epath.Path(workdir) / setup.CHECKPOINTS
-    if (epath.Path(workdir) / setup.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    checkpoints = epath.Path(workdir) / run_folder.CHECKPOINTS
+    if (epath.Path(workdir) / run_folder.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
                                      "a new folder")
-    setup.check_not_inside_a_run(workdir, "import")  # where it would pass for that run
+    run_folder.check_not_inside_a_run(workdir, "import")  # where it would pass for that run
     payload = read_pth(config.path)
     state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
@@ -338,7 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         manager.close()
     except BaseException:
         # Without its checkpoint the folder is no run: a rerun of the same command must not find one.
-        for name in (setup.CONFIG_FILE, setup.CLASSES_FILE, resume_check.FACTS_FILE):
+        for name in (run_folder.CONFIG_FILE, run_folder.CLASSES_FILE, run_folder.FACTS_FILE):
             (epath.Path(workdir) / name).unlink(missing_ok=True)
         raise
     logging.info("[import] %s (%s, %d tensors) -> %s, step %d", config.path, stage, len(state), workdir, step)

@@ -23,7 +23,7 @@ from etils import epath
 
 from gmae_jax import config_lib, host_resources, run_files, visualize
 from gmae_jax.data import inputs, transforms, views
-from gmae_jax.train import resume_check, setup, sharding, steps
+from gmae_jax.train import resume_check, run_folder, setup, sharding, steps
 
 ONE_PROCESS = True  # on one host's devices
 
@@ -105,13 +105,14 @@ def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]]
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     """Predicts every input; returns counts of predicted and skipped files."""
-    stage = setup.load_run_config(setup.run_workdir(config.checkpoint_dir)).stage
+    stage = run_folder.load_run_config(run_folder.run_workdir(config.checkpoint_dir)).stage
     if stage != "finetune":
         raise config_lib.ConfigError(f"config.checkpoint_dir={config.checkpoint_dir} is a '{stage}' run; predict "
                                      "needs a finetune run (a classifier)")
-    setup.check_outside_run(workdir, config.checkpoint_dir, "predict")
+    run_folder.check_outside_run(workdir, config.checkpoint_dir, "predict")
     run_files.check_kinds(workdir, OUTPUTS, keeper="predict writes")  # before the model loads and every image
-    items, skipped = inputs.list_inputs(config.inputs, setup.load_class_names(setup.run_workdir(config.checkpoint_dir)))
+    class_names = run_folder.load_class_names(run_folder.run_workdir(config.checkpoint_dir))
+    items, skipped = inputs.list_inputs(config.inputs, class_names)
     if not items:
         raise config_lib.ConfigError(f"config.inputs={config.inputs} holds no image to predict ({len(skipped)} other "
                                      f"file(s)); give an image, a folder of images or a HaGRID tree")

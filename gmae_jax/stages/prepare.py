@@ -12,7 +12,7 @@ import ml_collections
 
 from gmae_jax import config_lib, schema
 from gmae_jax.data import prepare
-from gmae_jax.train import setup
+from gmae_jax.train import run_folder
 from gmae_jax.train.preemption import Preempted
 
 ONE_PROCESS = True  # its own worker pool; processes would write the same shards
@@ -53,7 +53,7 @@ def check_workdir(workdir: str) -> None:
                      f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
                      "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
                      "--config.data.root at gs://.../finetune (or .../pretrain)")
-    setup.check_not_a_run(workdir, "the prepare stage")
+    run_folder.check_not_a_run(workdir, "the prepare stage")
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -63,7 +63,7 @@ def _stop(signum: int, frame: object) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
-    config_lib.check(not setup.is_inside(workdir, config.data.root),
+    config_lib.check(not run_folder.is_inside(workdir, config.data.root),
                      f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
                      "where its folders would mix with the images; prepare into a folder outside it")
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block

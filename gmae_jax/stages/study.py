@@ -24,7 +24,7 @@ from gmae_jax import config_lib, label_efficiency, run_files, schema, workdir_lo
 from gmae_jax.data import sources, subsets
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
-from gmae_jax.train import resume_check, setup, trainer
+from gmae_jax.train import resume_check, run_folder, trainer
 
 RESULT = "result.json"  # written into a fine-tune's workdir when it has finished
 JSON, PNG = "label_efficiency.json", "label_efficiency.png"
@@ -111,11 +111,11 @@ def _check_pretraining_run(folder: str) -> None:
     """init_from must be a pretraining run with a checkpoint: a fine-tune's encoder has learned from
     the labelled split the study measures, and a folder without weights would fail after the
     scratch runs had trained."""
-    workdir = setup.run_workdir(folder)
-    stage = setup.load_run_config(workdir).stage
+    workdir = run_folder.run_workdir(folder)
+    stage = run_folder.load_run_config(workdir).stage
     config_lib.check(stage == "pretrain", f"config.init_from={folder} is a '{stage}' run; the study compares "
                      "against a pretraining run (a fine-tune's encoder has seen the labels it is scored on)")
-    config_lib.check(bool(setup.checkpoint_steps(workdir)), f"config.init_from={folder} has no checkpoint yet")
+    config_lib.check(bool(run_folder.checkpoint_steps(workdir)), f"config.init_from={folder} has no checkpoint yet")
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -145,7 +145,7 @@ def run_name(init: str, per_class: int, seed: int) -> str:
 
 def _latest_step(run_dir: str) -> int | None:
     """The newest checkpoint step of a run folder (what a fine-tune's init_from starts from)."""
-    return max(setup.checkpoint_steps(setup.run_workdir(run_dir)), default=None)
+    return max(run_folder.checkpoint_steps(run_folder.run_workdir(run_dir)), default=None)
 
 
 def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, workdir: str,
@@ -153,7 +153,7 @@ def _changes_since(result: dict[str, Any], config: ml_collections.ConfigDict, wo
     """How the finished fine-tune in `workdir` differs from the one `config` asks for: its recipe
     (any field but logging and worker counts; more steps too) or the pretraining step it started from,
     or would start from: `init_step` where the study's pretraining has yet to run (else the latest)."""
-    stored = epath.Path(workdir) / setup.CONFIG_FILE
+    stored = epath.Path(workdir) / run_folder.CONFIG_FILE
     changes = []
     if stored.exists():
         old = resume_check.flatten(run_files.read_json(stored))

@@ -14,9 +14,7 @@ from absl import logging
 from etils import epath
 
 from gmae_jax import host_resources, run_files
-
-
-METRICS_FILE = "metrics.jsonl"
+from gmae_jax.train.run_folder import METRICS_FILE
 
 
 class MetricsWriter:

@@ -21,13 +21,12 @@ from etils import epath
 
 from gmae_jax import run_files
 from gmae_jax.schema import ConfigError, LoopConfig, read_flat
-from gmae_jax.train.setup import CLASSES_FILE, CONFIG_FILE, checkpoint_steps, read_run_config
+from gmae_jax.train.run_folder import (CLASSES_FILE, CONFIG_FILE, FACTS_FILE, HISTORY_FILE, checkpoint_steps,
+                                       read_run_config)
 
-HISTORY_FILE = "config.history.jsonl"
-# What the config alone does not say about a run: the training images it read and the steps it
+# run.json holds what the config alone does not say about a run: the training images it read and the steps it
 # planned, so a resume notices images added or removed since (another shuffle, another epoch length),
 # and the view its evaluation images were seen in (the data's layout decides it, not the config alone).
-FACTS_FILE = "run.json"
 TRAIN_IMAGES, PLANNED_STEPS = "data: training images", "planned total steps"
 # How the run's images became pixels in evaluation ('original', 'full_frame' or 'hand_crop'): what
 # predict and an export must do to a photo for this model.

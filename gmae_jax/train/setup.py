@@ -1,4 +1,5 @@
-"""Build the model of a config, and rebuild a finished (or running) run from its workdir.
+"""Build the model of a config, and rebuild a finished (or running) run from its workdir (whose files
+`run_folder` knows).
 
 `restore_run(workdir)` is what every stage that uses trained weights starts from (evaluate,
 predict, export, a fine-tune's `init_from`): it reads the run's `config.json` and `classes.json`,
@@ -11,7 +12,6 @@ left where it is: these stages only read the run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -22,19 +22,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gmae_jax import run_files
 from gmae_jax.models import fast_conv
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
 from gmae_jax.schema import ConfigError, LoopConfig, MeshConfig, read, read_flat
-from gmae_jax.torch_mirror import export_format
-from gmae_jax.train import checkpoint, sharding
+from gmae_jax.train import checkpoint, run_folder, sharding
 
-CONFIG_FILE = "config.json"
-CLASSES_FILE = "classes.json"
-CHECKPOINTS = "checkpoints"
 IMPORTED_PRESET = "imported"  # config.model.preset of a run the import stage wrote
-TRAINING_STAGES = ("pretrain", "finetune")
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, tuple[jax.Array, ...]]:
@@ -85,8 +79,8 @@ class RestoredRun:
         if not self.skipped:
             return ""
         steps = [step for step, _ in self.skipped]
-        return (f"notice: used checkpoint step {self.step} of {self.workdir}/{CHECKPOINTS}: the newer step(s) "
-                f"{steps} could not be restored ({checkpoint.describe(list(self.skipped))})")
+        return (f"notice: used checkpoint step {self.step} of {self.workdir}/{run_folder.CHECKPOINTS}: the newer "
+                f"step(s) {steps} could not be restored ({checkpoint.describe(list(self.skipped))})")
 
 
 def validate_run_reference(config: ml_collections.ConfigDict, runs: str = "a pretrain or finetune run") -> None:
@@ -97,139 +91,10 @@ def validate_run_reference(config: ml_collections.ConfigDict, runs: str = "a pre
         raise ConfigError(f"config.checkpoint='{config.checkpoint}' must be 'latest', 'best' or a step number")
 
 
-def read_run_config(path: epath.Path) -> dict[str, Any]:
-    """A run's config.json as written: a JSON object with the fields every run has. Anything else
-    (edited by hand, another program's file) is a one-line error naming it, not an AttributeError
-    later, or a resume that compares nothing."""
-    values = run_files.read_json(path)
-    needed = ["stage", "model", "seed"] + (["num_classes"] if isinstance(values, dict)
-                                           and values.get("stage") == "finetune" else [])
-    missing = [name for name in needed if not isinstance(values, dict) or name not in values]
-    if missing or not isinstance(values.get("model"), dict):
-        what = f"has no {', '.join(missing)}" if isinstance(values, dict) and missing else (
-            "has no model section" if isinstance(values, dict) else f"holds a JSON {type(values).__name__}")
-        raise ConfigError(f"{path} is no run's config (it {what}): restore it from a copy, or move the run folder "
-                          "aside and start a new run")
-    return values
-
-
-def refuse_an_export(workdir: str) -> None:
-    """An export folder (its own config.json beside PyTorch weights) where a run is wanted: say to import it."""
-    if any((epath.Path(workdir) / name).exists() for name in (export_format.MODEL_PTH, export_format.SAFETENSORS)):
-        raise ConfigError(f"{workdir} is an export (PyTorch weights), not a run: import it first "
-                          f"(--config=configs/import.py --config.path={workdir}/{export_format.MODEL_PTH} "
-                          "--workdir=NEW_RUN) and point at NEW_RUN")
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a training run wrote to its workdir."""
-    refuse_an_export(workdir)
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
-    config = ml_collections.ConfigDict(read_run_config(path))
-    if config.get("stage") not in TRAINING_STAGES:
-        raise ConfigError(f"{path} is a '{config.get('stage')}' run; expected one of {TRAINING_STAGES}")
-    return config
-
-
-def load_class_names(workdir: str, required: bool = True) -> list[str]:
-    """The run's classes.json; a pretraining run's may be missing (`required=False`: no names), since
-    its model has no outputs to name (a copy of config.json and checkpoints/ is enough to restore it)."""
-    path = epath.Path(workdir) / CLASSES_FILE
-    if not path.exists():
-        refuse_an_export(workdir)
-        if not required and (epath.Path(workdir) / CONFIG_FILE).exists():
-            return []
-        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
-    names = run_files.read_json(path)
-    repeated = repeated_names(names) if isinstance(names, list) else []
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or repeated:
-        what = f"names {', '.join(map(str, repeated))} more than once" if repeated else "is no list of class names"
-        raise ConfigError(f"{path} {what}: put back the {CLASSES_FILE} the run wrote (one name an output, in order)")
-    return names
-
-
-def repeated_names(names: list[str]) -> list[str]:
-    """The class names given more than once: two outputs of one name could not be told apart."""
-    return sorted({name for name in names if names.count(name) > 1})
-
-
-def check_class_count(config: ml_collections.ConfigDict, class_names: list[str], workdir: str) -> None:
-    """A classifier's classes.json names each of its outputs; another count would mislabel them."""
-    if config.get("stage") == "finetune" and len(class_names) != config.num_classes:
-        raise ConfigError(f"{workdir}/{CLASSES_FILE} names {len(class_names)} classes but the run's classifier has "
-                          f"{config.num_classes} outputs (config.num_classes in its {CONFIG_FILE}); put back the "
-                          f"{CLASSES_FILE} the run wrote")
-
-
-def run_workdir(path: str) -> str:
-    """A run's workdir from either the workdir or its `checkpoints` folder (what init_from held)."""
-    path = str(path).rstrip("/")
-    if epath.Path(path).name == CHECKPOINTS and not (epath.Path(path) / CONFIG_FILE).exists():
-        return str(epath.Path(path).parent)
-    return path
-
-
-def checkpoint_steps(workdir: str | epath.Path) -> list[int]:
-    """The step folders in a run's checkpoints/ (a listing only: nothing is restored)."""
-    folder = epath.Path(workdir) / CHECKPOINTS
-    return sorted(int(child.name) for child in folder.iterdir() if child.name.isdigit()) if folder.is_dir() else []
-
-
-def is_inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or lies under it, links resolved."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
-
-
-def _run_evidence(folder: epath.Path) -> str | None:
-    """What marks `folder` as a training run's: its checkpoints/, or (checkpoints moved away, as a run
-    none of whose checkpoints restores is told to) the config.json a training stage wrote."""
-    if (folder / CHECKPOINTS).is_dir():
-        return f"its {CHECKPOINTS}/ is there"
-    try:
-        stage = read_run_config(folder / CONFIG_FILE).get("stage") if (folder / CONFIG_FILE).is_file() else None
-    except ConfigError:  # a damaged config.json: not evidence of a run
-        return None
-    return f"its {CONFIG_FILE} is a {stage} run's" if stage in TRAINING_STAGES else None
-
-
-def check_not_a_run(workdir: str, stage: str) -> None:
-    """A stage that is no training run never writes into one (its config.json, pictures, TensorBoard),
-    nor into a folder inside one (where it would pass for the run: a checkpoints/ inside checkpoints/)."""
-    evidence = _run_evidence(epath.Path(workdir))
-    if evidence:
-        raise ConfigError(f"--workdir={workdir} holds a training run ({evidence}); {stage} never writes into a "
-                          "run: choose another folder")
-    check_not_inside_a_run(workdir, stage)
-
-
-def check_not_inside_a_run(workdir: str, stage: str) -> None:
-    """No folder above `workdir` is a training run's (local paths; a bucket has no folders to walk)."""
-    if "://" in workdir:
-        return
-    for folder in epath.Path(os.path.abspath(workdir)).parents:
-        evidence = _run_evidence(folder)
-        if evidence:
-            raise ConfigError(f"--workdir={workdir} is inside the training run {folder} ({evidence}); {stage} "
-                              "never writes into a run: choose a folder outside it")
-
-
-def check_outside_run(workdir: str, run_path: str, stage: str) -> None:
-    """Stages that read a run (evaluate, predict, export) write their outputs elsewhere: in the run
-    they would mix with its own files (its TensorBoard, its confusion matrix)."""
-    run = run_workdir(run_path)
-    if is_inside(workdir, run):
-        raise ConfigError(f"--workdir={workdir} is inside the run it reads ({run}); {stage} never writes into a "
-                          "run: choose another folder")
-    check_not_a_run(workdir, stage)
-
-
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A read-only manager of the run's checkpoints that knows the run's best metric."""
     loop = read_flat(LoopConfig, config)
-    return checkpoint.make_manager(str(epath.Path(workdir) / CHECKPOINTS), loop.keep_checkpoints,
+    return checkpoint.make_manager(str(epath.Path(workdir) / run_folder.CHECKPOINTS), loop.keep_checkpoints,
                                    loop.best_metric, loop.best_mode, read_only=True)
 
 
@@ -268,10 +133,10 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
     ('latest': the newest step that restores, see `RestoredRun.skipped`, which process 0 also prints
     as one notice line; 'best' or a step number: that step, or a ConfigError saying why not). Reads
     the run folder only, whatever it finds. `flag` is the one that named the run, for the errors."""
-    workdir = run_workdir(workdir)
-    config = load_run_config(workdir)
-    class_names = load_class_names(workdir, required=config.get("stage") == "finetune")
-    check_class_count(config, class_names, workdir)
+    workdir = run_folder.run_workdir(workdir)
+    config = run_folder.load_run_config(workdir)
+    class_names = run_folder.load_class_names(workdir, required=config.get("stage") == "finetune")
+    run_folder.check_class_count(config, class_names, workdir)
     if which == checkpoint.BEST and not read_flat(LoopConfig, config).best_metric:
         how = ("was imported (one checkpoint, ranked by no evaluation)" if config.get("model", {}).get("preset") ==
                IMPORTED_PRESET else "was trained without config.best_metric")
@@ -281,7 +146,7 @@ def restore_run(workdir: str, which: str = checkpoint.LATEST, flag: str = "--con
     abstract = abstract_weights(model, init_inputs, mesh)
     manager = checkpoint_manager(workdir, config)
     try:
-        weights, step, skipped = _restore_weights(manager, which, abstract, f"{workdir}/{CHECKPOINTS}", flag)
+        weights, step, skipped = _restore_weights(manager, which, abstract, f"{workdir}/{run_folder.CHECKPOINTS}", flag)
     finally:
         manager.close()
     restored = RestoredRun(workdir=workdir, config=config, class_names=class_names, model=model, mesh=mesh,

@@ -18,8 +18,7 @@ from PIL import Image
 
 from gmae_jax import run_files
 from gmae_jax.schema import ConfigError, WandbConfig
-
-TENSORBOARD_DIR = "tensorboard"
+from gmae_jax.train.run_folder import TENSORBOARD_DIR
 
 
 def _summary_writer_class() -> type:

@@ -20,15 +20,15 @@ from jax.experimental import multihost_utils
 from gmae_jax import config_lib, distributed, host_resources, run_files, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
-from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, setup, sharding, steps,
-                            tasks)
+from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, run_folder, setup, sharding,
+                            steps, tasks)
 from gmae_jax.train.failed_saves import FailedSaveWatch
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
 from gmae_jax.train.preemption import PreemptionWatch
 from gmae_jax.train.divergence import check_finite
-from gmae_jax.train.progress import METRICS_FILE, MetricsWriter, Progress
-from gmae_jax.train.summaries import TENSORBOARD_DIR, Summaries, run_summary
+from gmae_jax.train.progress import MetricsWriter, Progress
+from gmae_jax.train.summaries import Summaries, run_summary
 
 
 # What linear probing (config.freeze_encoder) keeps fixed: everything but the classifier head.
@@ -79,9 +79,10 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
 
 
 # What a training run keeps in its workdir, by kind (run_files.check_kinds).
-RUN_FILES = (setup.CONFIG_FILE, setup.CLASSES_FILE, resume_check.HISTORY_FILE, resume_check.FACTS_FILE, METRICS_FILE,
-             tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON)
-RUN_FOLDERS = (setup.CHECKPOINTS, TENSORBOARD_DIR)
+RUN_FILES = (run_folder.CONFIG_FILE, run_folder.CLASSES_FILE, run_folder.HISTORY_FILE, run_folder.FACTS_FILE,
+             run_folder.METRICS_FILE, tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON,
+             tasks.MISTAKES)
+RUN_FOLDERS = (run_folder.CHECKPOINTS, run_folder.TENSORBOARD_DIR, checkpoint.DAMAGED)
 
 
 def check_run_folder_kinds(workdir: str) -> None:
@@ -220,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     logging.info("%s: %.2f M parameters, %d steps of %d images; per device: %.1f MB of parameters + "
                  "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, loop.batch_size,
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
-    checkpoint_dir = os.path.join(workdir, setup.CHECKPOINTS)
+    checkpoint_dir = os.path.join(workdir, run_folder.CHECKPOINTS)
     new_checkpoint_dir = not epath.Path(checkpoint_dir).exists()
     manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
     state, last_saved, damaged = checkpoint.restore_last_good(manager, state, train_iter)
