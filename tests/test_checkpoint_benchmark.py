@@ -5,7 +5,7 @@ import re
 import jax
 import orbax.checkpoint as ocp
 
-from gmae_jax.train import checkpoint_benchmark
+from gmae_jax.bench import checkpoint_benchmark
 
 
 def test_whole_array_saves_compile_nothing_and_the_process_keeps_its_setting():

@@ -270,7 +270,7 @@ def test_eval_processes_get_equal_batch_counts_covering_all_examples(examples):
 
 
 def test_transport_benchmark_moves_batches_of_both_dtypes_through_a_worker(capsys):
-    from gmae_jax.data import pipeline_benchmark  # noqa: PLC0415 (the benchmark module, only here)
+    from gmae_jax.bench import pipeline_benchmark  # noqa: PLC0415 (the benchmark module, only here)
 
     rates = pipeline_benchmark.run_transport_benchmark(image_size=16, batch_size=4, num_workers=1, num_batches=4,
                                                        repeats=1)
@@ -282,7 +282,7 @@ def test_transport_benchmark_moves_batches_of_both_dtypes_through_a_worker(capsy
 
 
 def test_view_benchmark_counts_the_colour_jitter_the_step_now_does(capsys):
-    from gmae_jax.data import pipeline_benchmark  # noqa: PLC0415 (the benchmark module, only here)
+    from gmae_jax.bench import pipeline_benchmark  # noqa: PLC0415 (the benchmark module, only here)
 
     rates = pipeline_benchmark.run_view_benchmark(num_images=2, image_size=32, crop_scale_min=0.35, repeats=1)
 

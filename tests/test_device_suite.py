@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from gmae_jax.train import device_suite, init_compile, model_flops, step_benchmark
-from gmae_jax.train.device_suite import Case
+from gmae_jax.bench import device_suite, model_flops, step_benchmark
+from gmae_jax.bench.device_suite import Case
+from gmae_jax.train import init_compile
 
 
 def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from gmae_jax.train import init_compile, sharding, step_benchmark, trainer
+from gmae_jax.bench import step_benchmark
+from gmae_jax.train import init_compile, sharding, trainer
 
 
 def create(task="pretrain", **fields):

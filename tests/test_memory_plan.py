@@ -8,9 +8,9 @@ import jax
 import pytest
 from jax.experimental import topologies
 
-from gmae_jax import bench
-from gmae_jax.train import device_suite, memory_plan, sharding, step_benchmark, trainer
-from gmae_jax.train.device_suite import Case
+from gmae_jax.bench import cli, device_suite, memory_plan, step_benchmark
+from gmae_jax.bench.device_suite import Case
+from gmae_jax.train import sharding, trainer
 
 CASE = Case(preset="micro", stage="pretrain", dtype="float32", batch_size=16, img_size=32, depth=1)
 
@@ -76,7 +76,7 @@ def test_targets_without_their_plugin_say_what_to_install(monkeypatch, target, e
 
 
 def test_the_benchmark_offers_every_target():
-    assert bench.PLAN_TARGETS == list(memory_plan.TARGETS)
+    assert cli.PLAN_TARGETS == list(memory_plan.TARGETS)
 
 
 def test_a_gpu_has_the_allocators_share_of_its_memory(monkeypatch):

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gmae_jax.train import model_flops, step_benchmark, steps
+from gmae_jax.bench import model_flops, step_benchmark
+from gmae_jax.train import steps
 
 
 def _gradient_flops(loss, *args) -> float:

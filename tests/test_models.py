@@ -12,7 +12,8 @@ import pytest
 from gmae_jax.models import masking, modules
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig, ffn_hidden_dim
-from gmae_jax.train import model_flops, setup, step_benchmark, steps
+from gmae_jax.bench import model_flops, step_benchmark
+from gmae_jax.train import setup, steps
 
 MICRO = GMSTConfig(**PRESETS["micro"])
 

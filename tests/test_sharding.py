@@ -15,7 +15,8 @@ from gmae_jax import config_lib
 from gmae_jax.data import pipeline
 from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import gmst_config
-from gmae_jax.train import checkpoint, sharding, step_benchmark, steps, trainer
+from gmae_jax.bench import step_benchmark
+from gmae_jax.train import checkpoint, sharding, steps, trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 # Small enough that most of the micro model's kernels are split, so parity covers real FSDP.

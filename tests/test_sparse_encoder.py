@@ -17,8 +17,8 @@ from gmae_jax.models.gmae import GMAE, GMAEClassifier
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.models.sparse import VisibleConv, VisibleGrid
 from gmae_jax.train import checkpoint, init_from, resume_check, sharding, steps, trainer
-from gmae_jax.train import sparse_benchmark
-from gmae_jax.train.sparse_benchmark import encoder_flops
+from gmae_jax.bench import sparse_benchmark
+from gmae_jax.bench.sparse_benchmark import encoder_flops
 
 # One encoder block keeps the jitted models quick to compile; blocks chain the same code path.
 MICRO = GMSTConfig(**{**PRESETS["micro"], "depth": 1})

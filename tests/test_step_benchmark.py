@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from absl import app
 
-from gmae_jax.bench import parse_overrides, refuse_unused_flags
-from gmae_jax.train import step_benchmark
-from gmae_jax.train.step_benchmark import compare, jax_runner, preset_architecture, markdown_table, torch_runner
+from gmae_jax.bench.cli import parse_overrides, refuse_unused_flags
+from gmae_jax.bench import step_benchmark
+from gmae_jax.bench.step_benchmark import compare, jax_runner, preset_architecture, markdown_table, torch_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # one example per simulated device
@@ -149,13 +149,13 @@ def test_a_flag_no_chosen_benchmark_reads_is_refused(chosen, present, refused):
     ("sm90_xmma_gemm_bf16bf16_bf16f32", None),  # a CUDA kernel: its aten op counts its time
 ])
 def test_pytorch_ops_fall_into_the_jax_profiles_kinds(name, kind):
-    from gmae_jax.torch_mirror import step_profile as torch_profile
+    from gmae_jax.bench import torch_step_profile as torch_profile
 
     assert torch_profile.aten_kind(name) == kind
 
 
 def test_the_pytorch_steps_time_by_kind_sits_beside_the_jax_profile():
-    from gmae_jax.train import step_benchmark, step_profile
+    from gmae_jax.bench import step_benchmark, step_profile
 
     config = preset_architecture("micro", "float32", {"depth": 1})
     theirs = step_benchmark.torch_kind_ms(config, "finetune", 4, num_steps=1)
@@ -169,7 +169,7 @@ def test_the_pytorch_steps_time_by_kind_sits_beside_the_jax_profile():
 
 
 def test_a_cpu_ratio_measured_on_busy_cores_comes_with_a_warning():
-    from gmae_jax.train.step_benchmark import busy_machine_warning
+    from gmae_jax.bench.step_benchmark import busy_machine_warning
 
     assert busy_machine_warning(0.3, 0.9, cores=2, on_cpu=True) is None
     warning = busy_machine_warning(0.4, 5.6, cores=2, on_cpu=True)

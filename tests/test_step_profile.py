@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gmae_jax.train import step_profile
+from gmae_jax.bench import step_profile
 
 # The shapes of XLA's text: a fused conv without metadata (its user names it), a cuDNN custom call
 # with a tuple result, a dot, a reduce and an elementwise fusion.

@@ -1,15 +1,16 @@
-"""Benchmarks: the input pipeline (`--pipeline`) and the training step (`--train_step`).
+"""The benchmarks' command line (`python -m gmae_jax.bench`): the input pipeline (`--pipeline`) and the
+training step (`--train_step`).
 
-`--profile_step` prints where the compiled step spends its time (`train.step_profile`): shares by kind
+`--profile_step` prints where the compiled step spends its time (`bench.step_profile`): shares by kind
 of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`;
 with `--vs_torch` also the PyTorch mirror's step by the same kinds of work, side by side.
 
 `--checkpoint_save` times saving `--preset`'s train state on all local devices, whole arrays against
-orbax's replica-parallel slices (`train.checkpoint_benchmark`), e.g. on 8 simulated CPU devices:
+orbax's replica-parallel slices (`bench.checkpoint_benchmark`), e.g. on 8 simulated CPU devices:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gmae_jax.bench --checkpoint_save --preset=small`.
 
 `--suite=memory` compiles the device suite's cases for a GPU or TPU this machine need not have and prints
-XLA's memory plan per device and the largest batch that fits (`train.memory_plan`), e.g.
+XLA's memory plan per device and the largest batch that fits (`bench.memory_plan`), e.g.
 `python -m gmae_jax.bench --suite=memory --plan_target=h100 --plan_devices=8 --plan_fsdp=8
 --suite_presets=reference` (needs `pip install -e '.[gpu-plan]'`, for TPUs `.[tpu]`; `--plan_target=cpu`
 plans for this machine's devices).
@@ -19,13 +20,13 @@ start from), counted from the step's jaxpr, e.g. `python -m gmae_jax.bench --mod
 
 `--train_step` alone compares float32 and bfloat16 JAX pretraining steps (alternating rounds, one
 process; `--model_override` as below); with `--vs_torch` it times
-the JAX jit step against the eager PyTorch mirror of the same model (see `train.step_benchmark`), e.g.
+the JAX jit step against the eager PyTorch mirror of the same model (see `bench.step_benchmark`), e.g.
 `python -m gmae_jax.bench --train_step --vs_torch --preset=tiny --batch_size=32 \
 --model_override=img_size=64 --model_override=patch_size=8`.
 
 Input pipeline on full-HD JPEGs, `python -m gmae_jax.bench --pipeline`: images/s of one worker for
 the original's views and ours, then batches from `--num_workers` grain workers to the trainer
-(`data.pipeline_benchmark`).
+(`bench.pipeline_benchmark`).
 """
 
 import ast
@@ -37,7 +38,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from gmae_jax import config_lib, host_memory, quiet_logs
-from gmae_jax.data import pipeline_benchmark
+from gmae_jax.bench import pipeline_benchmark
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.schema import ConfigError
 
@@ -67,10 +68,10 @@ _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
 _MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.6, "--sparse_vs_dense, --model_flops: fraction of patches hidden.")
 flags.register_validator("mask_ratio", lambda ratio: 0.0 < ratio < 1.0, "--mask_ratio must be in (0, 1)")
 _SUITE = flags.DEFINE_enum("suite", None, ["device", "memory"],
-                           "device: the one-call accelerator suite (gmae_jax/train/device_suite.py), with the "
+                           "device: the one-call accelerator suite (gmae_jax/bench/device_suite.py), with the "
                            "eager PyTorch mirror on its first case if torch is installed. memory: the same "
                            "cases' device memory as XLA plans it for --plan_target, and the largest batch that "
-                           "fits (gmae_jax/train/memory_plan.py; compiles, runs nothing).")
+                           "fits (gmae_jax/bench/memory_plan.py; compiles, runs nothing).")
 PLAN_TARGETS = ["cpu", "h100", "h200", "v5e", "v6e", "v5p"]  # memory_plan.TARGETS (tested)
 _PLAN_TARGET = flags.DEFINE_enum("plan_target", "h100", PLAN_TARGETS,
                                  "--suite=memory: devices to plan for (GPUs need JAX's CUDA plugin, "
@@ -158,7 +159,7 @@ def check_models(presets: Sequence[str], batch_sizes: Sequence[int], **overrides
 
 
 def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
-    from gmae_jax.train import device_suite  # noqa: PLC0415 (model code only here)
+    from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
     try:
         return device_suite.batch_sizes_for(presets, [int(b) for b in _SUITE_BATCH_SIZES.value])
@@ -169,7 +170,7 @@ def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
 def run_device_suite() -> None:
     """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.pytorch_line`)."""
     host_memory.keep_freed_memory()
-    from gmae_jax.train import device_suite  # noqa: PLC0415 (model code only here)
+    from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
     batch_sizes = _suite_batch_sizes(_SUITE_PRESETS.value)
     device_suite.main_suite(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes, _SUITE_BUDGET_S.value,
@@ -178,7 +179,7 @@ def run_device_suite() -> None:
 
 def run_memory_plan() -> None:
     """The device suite's cases as XLA plans them for `--plan_target`, printed row by row."""
-    from gmae_jax.train import device_suite, memory_plan  # noqa: PLC0415 (model code only here)
+    from gmae_jax.bench import device_suite, memory_plan  # noqa: PLC0415 (model code only here)
 
     # Before JAX starts its backends: lets JAX's CUDA plugin load on a machine without CUDA.
     name, _, value = memory_plan.CUDA_CHECK_OFF.partition("=")
@@ -238,33 +239,33 @@ def run_benchmarks(argv: Sequence[str]) -> None:
     elif chosen & {"--train_step", "--profile_step", "--sparse_vs_dense"}:
         check_models([_PRESET.value], [_BATCH_SIZE.value], **parse_overrides(_MODEL_OVERRIDE.value))
     if chosen & {"--profile_step"} or _VS_TORCH.value:
-        from gmae_jax.train.step_benchmark import TASKS  # noqa: PLC0415 (model code only here)
+        from gmae_jax.bench.step_benchmark import TASKS  # noqa: PLC0415 (model code only here)
 
         unknown = sorted(set(_TASKS.value) - set(TASKS))
         if unknown:
             raise app.UsageError(f"--tasks: {', '.join(unknown)} is not one of {', '.join(TASKS)}")
     if _CHECKPOINT_SAVE.value:
-        from gmae_jax.train import checkpoint_benchmark  # noqa: PLC0415 (model code only here)
+        from gmae_jax.bench import checkpoint_benchmark  # noqa: PLC0415 (model code only here)
 
         results = checkpoint_benchmark.save_seconds(_PRESET.value)
         print(checkpoint_benchmark.markdown_table(_PRESET.value, results))
         return
     if _MODEL_FLOPS.value:
         from gmae_jax.models.presets import PRESETS  # noqa: PLC0415 (model code only here)
-        from gmae_jax.train import model_flops  # noqa: PLC0415
+        from gmae_jax.bench import model_flops  # noqa: PLC0415
 
         print(model_flops.preset_table(PRESETS, _MASK_RATIO.value))
         return
     if _PROFILE_STEP.value:
         host_memory.keep_freed_memory()
-        from gmae_jax.train import step_benchmark  # noqa: PLC0415 (model code only here)
+        from gmae_jax.bench import step_benchmark  # noqa: PLC0415 (model code only here)
 
         step_benchmark.print_profile(_PRESET.value, _PROFILE_DTYPE.value, _TASKS.value, _BATCH_SIZE.value,
                                      _NUM_STEPS.value, parse_overrides(_MODEL_OVERRIDE.value), _VS_TORCH.value)
         return
     if _SPARSE_VS_DENSE.value:
         host_memory.keep_freed_memory()
-        from gmae_jax.train import sparse_benchmark  # noqa: PLC0415 (model code only here)
+        from gmae_jax.bench import sparse_benchmark  # noqa: PLC0415 (model code only here)
 
         sparse_benchmark.print_comparison(_PRESET.value, _BATCH_SIZE.value, _MASK_RATIO.value, _NUM_STEPS.value,
                                           _ROUNDS.value, **parse_overrides(_MODEL_OVERRIDE.value))
@@ -284,7 +285,7 @@ def run_benchmarks(argv: Sequence[str]) -> None:
         pipeline_benchmark.run_transport_benchmark(_IMAGE_SIZE.value, _BATCH_SIZE.value, _NUM_WORKERS.value)
     if _TRAIN_STEP.value:
         # Imported here: the pipeline benchmark needs no model code.
-        from gmae_jax.train import step_benchmark
+        from gmae_jax.bench import step_benchmark
 
         if _VS_TORCH.value:
             step_benchmark.run_vs_torch(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value, _ROUNDS.value,
@@ -293,6 +294,3 @@ def run_benchmarks(argv: Sequence[str]) -> None:
             step_benchmark.run_step_benchmark(_PRESET.value, _BATCH_SIZE.value, _NUM_STEPS.value, _ROUNDS.value,
                                               parse_overrides(_MODEL_OVERRIDE.value))
 
-
-if __name__ == "__main__":
-    app.run(main)

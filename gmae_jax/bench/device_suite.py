@@ -27,7 +27,8 @@ import jax
 from gmae_jax import config_lib, user_errors
 from gmae_jax.models import fast_conv
 from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig, gmst_config
-from gmae_jax.train import model_flops, sharding, step_benchmark, step_profile
+from gmae_jax.bench import model_flops, step_benchmark, step_profile
+from gmae_jax.train import sharding
 
 NUM_CLASSES = 18
 MASK_RATIO = 0.75

@@ -24,7 +24,8 @@ import numpy as np
 from gmae_jax import config_lib, schema
 from gmae_jax.data import transforms
 from gmae_jax.models.presets import GMSTConfig, gmst_config
-from gmae_jax.train import setup, sharding, step_profile, steps, tasks, trainer
+from gmae_jax.bench import step_profile
+from gmae_jax.train import setup, sharding, steps, tasks, trainer
 
 TASKS = ("pretrain", "finetune")
 NUM_CLASSES = 10
@@ -270,7 +271,7 @@ def print_profile(preset: str, dtype: str, tasks: Sequence[str], batch_size: int
 
 def torch_kind_ms(config: GMSTConfig, task: str, batch_size: int, num_steps: int) -> dict[str, float]:
     """The PyTorch mirror's step (same model, batch, optimiser) in ms per step by kind of work."""
-    from gmae_jax.torch_mirror import step_profile as torch_profile  # noqa: PLC0415 (torch only when asked for)
+    from gmae_jax.bench import torch_step_profile as torch_profile  # noqa: PLC0415 (torch only when asked for)
 
     runner = torch_runner(config, task, batch_size)
     for _ in range(2):

@@ -1,5 +1,5 @@
 """Where the eager PyTorch mirror's train step spends its time, in the same kinds of work as
-`gmae_jax.train.step_profile` uses for the JAX step, so the two can sit in one table
+`gmae_jax.bench.step_profile` uses for the JAX step, so the two can sit in one table
 (`python -m gmae_jax.bench --profile_step --vs_torch`). Self time of each aten op from
 `torch.profiler` (CPU time on CPU, kernel time on a CUDA device). Imports torch (the `[torch]` extra).
 """

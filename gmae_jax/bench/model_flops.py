@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax.extend import core
 
 from gmae_jax.models.presets import GMSTConfig
-from gmae_jax.train import setup, step_benchmark, steps
+from gmae_jax.bench import step_benchmark
+from gmae_jax.train import setup, steps
 
 
 def _dot_flops(eqn: core.JaxprEqn) -> float:

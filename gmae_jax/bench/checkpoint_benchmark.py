@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 import jax
 
-from gmae_jax.train import checkpoint, step_benchmark
+from gmae_jax.bench import step_benchmark
+from gmae_jax.train import checkpoint
 
 MODES = {"whole arrays": False, "replica-parallel": True}  # name -> orbax's use_replica_parallel
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

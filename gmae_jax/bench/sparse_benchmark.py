@@ -20,7 +20,7 @@ from gmae_jax import config_lib
 from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.models.presets import gmst_config
-from gmae_jax.train import step_benchmark
+from gmae_jax.bench import step_benchmark
 
 MODES = ("encoder", "sparse")
 

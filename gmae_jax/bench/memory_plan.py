@@ -29,7 +29,8 @@ import ml_collections
 from jax.experimental import topologies
 
 from gmae_jax.models import fast_conv
-from gmae_jax.train import device_suite, sharding, step_benchmark, steps, trainer
+from gmae_jax.bench import device_suite, step_benchmark
+from gmae_jax.train import sharding, steps, trainer
 
 # Descriptions of GPUs for XLA's compiler (its GpuTargetConfig): what it would otherwise query from
 # the device. The figures are NVIDIA's published ones for the SXM parts (compute capability 9.0).

@@ -1,0 +1,11 @@
+"""`python -m gmae_jax.bench`: the benchmarks' command line (`cli.py`). The guard keeps grain's worker
+processes, which import this module again, from running it."""
+
+from absl import app
+
+from gmae_jax.bench import cli
+
+__doc__ = cli.__doc__  # what absl's --help prints: the main module's docstring
+
+if __name__ == "__main__":
+    app.run(cli.main)
