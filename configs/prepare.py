@@ -12,7 +12,6 @@ import dataclasses
 import ml_collections
 
 from gmae_jax import config_lib, schema
-from gmae_jax.data.prepare import StoreView
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,8 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # hand_crop); 'hand_crop': crop_size squares around the gesture box at crop_scale_max, so
     # every training crop (scale 1..crop_scale_max) fits inside (train with data.mode hand_crop).
     # view, image_side, crop_size, crop_scale_max (keep equal to the training
-    # config.data.crop_scale_max), jpeg_quality: defaults in gmae_jax.data.prepare.StoreView.
-    config.update(dataclasses.asdict(StoreView()))
+    # config.data.crop_scale_max), jpeg_quality: defaults in gmae_jax.schema.StoreView.
+    config.update(dataclasses.asdict(schema.StoreView()))
 
     config.records_per_shard = 1000  # ~30-60 MB shards at 256 px
     config.num_workers = -1  # processes for decoding and writing: -1 = one per core this process may use, 0 = none

@@ -118,6 +118,18 @@ class LoopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StoreView:
+    """The prepare stage's fields: what a shard stores per image, a frame with shorter side `image_side`
+    or a `crop_size` square around the gesture box at `crop_scale_max` (every training crop fits inside)."""
+
+    view: str = "full_frame"
+    image_side: int = 256
+    crop_size: int = 320
+    crop_scale_max: float = DataConfig.crop_scale_max  # keep equal to training's config.data
+    jpeg_quality: int = 90
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """The pretraining stage's own top-level fields (`configs/pretrain.py`)."""
 

@@ -1,6 +1,9 @@
 """Configs: variants, overrides, and one clear error per bad value."""
 
+import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +14,20 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 def load(name: str, arg: str | None = None):
     return config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), name, arg)
+
+
+def test_every_config_file_is_data_that_loads_without_starting_jax():
+    """Configs are data: reading one (a launcher, a sweep tool, `--config.x` parsing) costs no JAX start-up."""
+    names = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(CONFIGS, "*.py")))
+    assert {"pretrain", "finetune", "prepare", "evaluate", "predict", "export", "import", "study", "demo"} <= set(names)
+    script = ("import os, sys\nfrom gmae_jax import config_lib\n"
+              f"for name in {names!r}:\n"
+              f"    config_lib.load_sibling_config(os.path.join({CONFIGS!r}, 'x.py'), name)\n"
+              "print(sorted(m for m in ('jax', 'flax', 'orbax', 'grain', 'torch') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(CONFIGS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_pretrain_defaults_follow_the_original_recipe():

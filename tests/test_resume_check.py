@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gmae_jax import config_lib
+from gmae_jax import config_checks, config_lib
 from gmae_jax.train import resume_check, run_folder
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -196,4 +196,4 @@ def test_an_unknown_resume_policy_is_a_config_error(tmp_path):
     config = pretrain_config()
     config.data.root, config.resume_policy = str(tmp_path), "force"
     with pytest.raises(config_lib.ConfigError, match="config.resume_policy='force' must be one of"):
-        config_lib.validate_training(config)
+        config_checks.validate_training(config)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from gmae_jax import config_lib, host_memory, quiet_logs
+from gmae_jax import config_checks, config_lib, host_memory, quiet_logs
 from gmae_jax.bench import pipeline_benchmark
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.schema import ConfigError
@@ -155,7 +155,7 @@ def check_models(presets: Sequence[str], batch_sizes: Sequence[int], **overrides
         if batch_size < 1:
             raise app.UsageError(f"batch size {batch_size} must be at least 1")
     for preset in presets:
-        config_lib.validate_model(config_lib.model_section(preset, **overrides))
+        config_checks.validate_model(config_lib.model_section(preset, **overrides))
 
 
 def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from gmae_jax import schema
 from gmae_jax.data import device_jitter, pipeline, prepare, records, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import HagridRecord
@@ -60,7 +61,7 @@ def _write_shard(paths: Sequence[str], shard: str) -> records.ShardReader:
     writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
     for path in paths:
         record = HagridRecord("x", path, "palm", "u", ((0.4, 0.4, 0.1, 0.2),), ("palm",))
-        writer.write(records.encode(*prepare.store_image(record, prepare.StoreView())))
+        writer.write(records.encode(*prepare.store_image(record, schema.StoreView())))
     writer.close()
     return records.ShardReader([shard])
 

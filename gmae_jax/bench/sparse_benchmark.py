@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from gmae_jax import config_lib
+from gmae_jax import config_checks, config_lib
 from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.masking import num_visible, sample_mask
 from gmae_jax.models.presets import gmst_config
@@ -43,7 +43,7 @@ def build_step(
 ) -> tuple[Callable[[], Any], float, float]:
     """(run one step, FLOPs of the compiled train step, FLOPs of the encoder's forward pass)."""
     fields = config_lib.model_section(preset, mask_mode=mask_mode, **model_overrides)
-    config_lib.validate_model(fields)
+    config_checks.validate_model(fields)
     bench = step_benchmark.build_train_step(gmst_config(fields), "pretrain", batch_size, mask_ratio=mask_ratio)
     step_flops = _flops(bench.step.lower(bench.state, bench.batch, bench.rng).compile())
     variables = {"params": bench.state.params, "batch_stats": bench.state.batch_stats}

@@ -31,25 +31,13 @@ from gmae_jax import host_resources, run_files
 from gmae_jax.data import (crops, hagrid, hagrid_layout, read_report, record_filters, records, sources, splits,
                            transforms, views, worker_pool)
 from gmae_jax.data.class_folders import DataLayoutError
-from gmae_jax.schema import DataConfig
+from gmae_jax.schema import StoreView
 
 VIEWS = views.HAGRID_VIEWS
 _CHECKED = "checked.jsonl"  # one line per decode-checked image: resuming skips them
 _PLAN = "plan.json"
 _MANIFEST = "manifest.json"
 _STAT_THREADS = 32  # stat calls in flight when comparing images with their cached checks
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreView:
-    """What a shard stores per image: a frame with shorter side `image_side`, or a `crop_size`
-    square around the gesture box at `crop_scale_max` (every training crop fits inside)."""
-
-    view: str = "full_frame"
-    image_side: int = 256
-    crop_size: int = 320
-    crop_scale_max: float = DataConfig.crop_scale_max  # keep equal to training's config.data
-    jpeg_quality: int = 90
 
 
 def _check(path: str) -> tuple[str, str | None, str | None]:

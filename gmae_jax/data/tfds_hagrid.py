@@ -15,11 +15,12 @@ import json
 from etils import epath
 import tensorflow_datasets as tfds
 
+from gmae_jax import schema
 from gmae_jax.data import hagrid, hagrid_layout, prepare, record_filters, sources, views
 from gmae_jax.data.sources import Source
 from gmae_jax.schema import DataConfig
 
-_STORE = prepare.StoreView(view="full_frame", image_side=256)
+_STORE = schema.StoreView(view="full_frame", image_side=256)
 
 
 class HagridGmae(tfds.core.GeneratorBasedBuilder):

@@ -13,7 +13,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, distributed, host_resources, metrics as metrics_lib, run_files, schema
+from gmae_jax import config_checks, config_lib, distributed, host_resources, metrics as metrics_lib, run_files, schema
 from gmae_jax.data import sources
 from gmae_jax.train import evaluation, run_folder, setup, sharding, tasks
 from gmae_jax.train.summaries import Summaries
@@ -21,8 +21,8 @@ from gmae_jax.train.summaries import Summaries
 
 def validate(config: ml_collections.ConfigDict) -> None:
     setup.validate_run_reference(config)
-    config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
-    config_lib.check_num_workers(config.num_workers, "num_workers")
+    config_checks.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    config_checks.check_num_workers(config.num_workers, "num_workers")
 
 
 def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> schema.DataConfig:

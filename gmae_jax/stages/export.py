@@ -19,7 +19,7 @@ import safetensors.numpy
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, run_files, schema
+from gmae_jax import config_checks, config_lib, run_files, schema
 from gmae_jax.data import crops, transforms, views
 from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.torch_mirror import convert, export_format
@@ -34,8 +34,8 @@ Value = TypeVar("Value")
 
 def validate(config: ml_collections.ConfigDict) -> None:
     setup.validate_run_reference(config)
-    config_lib.check(config.layout in LAYOUTS, f"config.layout='{config.layout}' must be one of {LAYOUTS}")
-    config_lib.check(importlib.util.find_spec("torch") is not None,
+    config_checks.check(config.layout in LAYOUTS, f"config.layout='{config.layout}' must be one of {LAYOUTS}")
+    config_checks.check(importlib.util.find_spec("torch") is not None,
                      "the export stage writes model.pth with PyTorch, which is not installed; "
                      "pip install -e '.[torch]'")
 

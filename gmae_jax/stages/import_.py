@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib
+from gmae_jax import config_checks, config_lib
 from gmae_jax.data import class_folders, views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format
@@ -35,12 +35,12 @@ STAGE = "import"  # `import` is a Python keyword, so the module is import_
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    config_lib.check(bool(config.path), "config.path is empty; set --config.path=a .pth file (the original's "
+    config_checks.check(bool(config.path), "config.path is empty; set --config.path=a .pth file (the original's "
                      "checkpoint or model.pth of an export)")
-    config_lib.check(importlib.util.find_spec("torch") is not None,
+    config_checks.check(importlib.util.find_spec("torch") is not None,
                      "the import stage reads .pth files with PyTorch, which is not installed; "
                      "pip install -e '.[torch]'")
-    config_lib.validate_model(config.model)
+    config_checks.validate_model(config.model)
     # Before the file is read: a checkpoint may take minutes to load.
     _check_distinct(_given_class_names(config), "--config.class_names")
 
@@ -268,7 +268,7 @@ def _step(payload: dict[str, Any], state: dict[str, np.ndarray], path: str) -> i
     """Our export's step; for the original's files, the BatchNorm forward count (its best guess)."""
     step = payload.get("step")
     if isinstance(step, int) and not isinstance(step, bool):
-        if not 0 <= step < config_lib.MAX_STEPS:
+        if not 0 <= step < config_checks.MAX_STEPS:
             raise config_lib.ConfigError(f"config.path={path} records step {step}, which no run reaches (a step is "
                                          "in [0, 2**31)): a damaged or edited export; export the run again")
         return step

@@ -21,7 +21,7 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_lib, host_resources, run_files, visualize
+from gmae_jax import config_checks, config_lib, host_resources, run_files, visualize
 from gmae_jax.data import inputs, transforms, views
 from gmae_jax.train import resume_check, run_folder, setup, sharding, steps
 
@@ -32,12 +32,12 @@ VIEWS = ("auto",) + views.VIEWS  # auto: the view the run was evaluated on
 
 def validate(config: ml_collections.ConfigDict) -> None:
     setup.validate_run_reference(config, runs="a finetune run")
-    config_lib.check(bool(config.inputs), "config.inputs is empty; set --config.inputs=an image, a folder or a "
+    config_checks.check(bool(config.inputs), "config.inputs is empty; set --config.inputs=an image, a folder or a "
                      "HaGRID tree")
-    config_lib.check(config.view in VIEWS, f"config.view='{config.view}' must be one of {VIEWS}")
-    config_lib.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
-    config_lib.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
-    config_lib.check_num_workers(config.num_workers, "num_workers")
+    config_checks.check(config.view in VIEWS, f"config.view='{config.view}' must be one of {VIEWS}")
+    config_checks.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
+    config_checks.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    config_checks.check_num_workers(config.num_workers, "num_workers")
 
 
 def _view(config: ml_collections.ConfigDict, item: inputs.Input, trained: str | None) -> str:

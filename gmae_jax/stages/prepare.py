@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from gmae_jax import config_lib, schema
+from gmae_jax import config_checks, schema
 from gmae_jax.data import prepare
 from gmae_jax.train import run_folder
 from gmae_jax.train.preemption import Preempted
@@ -21,35 +21,35 @@ MIN_STORED_SIDE = 32
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    config_lib.check(config.view in prepare.VIEWS, f"config.view='{config.view}' must be one of {prepare.VIEWS}")
+    config_checks.check(config.view in prepare.VIEWS, f"config.view='{config.view}' must be one of {prepare.VIEWS}")
     for name in ("corpora", "splits"):
         fractions = dict(config[name])
-        config_lib.check(all(f > 0 for f in fractions.values()) and math.isclose(sum(fractions.values()), 1.0),
+        config_checks.check(all(f > 0 for f in fractions.values()) and math.isclose(sum(fractions.values()), 1.0),
                          f"config.{name}={fractions} must be positive fractions that sum to 1")
-    config_lib.check(config.records_per_shard > 0,
+    config_checks.check(config.records_per_shard > 0,
                      f"config.records_per_shard={config.records_per_shard} must be positive")
     for name in ("image_side", "crop_size"):
-        config_lib.check(config[name] >= MIN_STORED_SIDE,
+        config_checks.check(config[name] >= MIN_STORED_SIDE,
                          f"config.{name}={config[name]} must be at least {MIN_STORED_SIDE} pixels (the smallest "
                          "model input, the micro preset's); store images at least as large as the model's input")
-    config_lib.check(config.crop_scale_max >= 1.0,
+    config_checks.check(config.crop_scale_max >= 1.0,
                      f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
                      "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
-    config_lib.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
-    config_lib.check_seed(config.seed, "seed")
-    config_lib.check_num_workers(config.num_workers, "num_workers")
-    config_lib.check(bool(config.data.root), "config.data.root is empty; set --config.data.root=a HaGRID tree")
-    config_lib.check(config.data.layout in LAYOUTS,
+    config_checks.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
+    config_checks.check_seed(config.seed, "seed")
+    config_checks.check_num_workers(config.num_workers, "num_workers")
+    config_checks.check(bool(config.data.root), "config.data.root is empty; set --config.data.root=a HaGRID tree")
+    config_checks.check(config.data.layout in LAYOUTS,
                      f"config.data.layout='{config.data.layout}' must be one of {LAYOUTS}: the prepare stage splits "
                      "HaGRID by person (user_id)")
-    config_lib.validate_data(schema.read(schema.DataConfig, config.data, "config.data"))
+    config_checks.validate_data(schema.read(schema.DataConfig, config.data, "config.data"))
 
 
 def check_workdir(workdir: str) -> None:
     """Shards are written by a local ArrayRecord writer and renamed into place, which object stores
     cannot do: a gs:// workdir is refused before anything is written, its lock included (the data
     may still be read there)."""
-    config_lib.check("://" not in workdir,
+    config_checks.check("://" not in workdir,
                      f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
                      "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
                      "--config.data.root at gs://.../finetune (or .../pretrain)")
@@ -63,7 +63,7 @@ def _stop(signum: int, frame: object) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
-    config_lib.check(not run_folder.is_inside(workdir, config.data.root),
+    config_checks.check(not run_folder.is_inside(workdir, config.data.root),
                      f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
                      "where its folders would mix with the images; prepare into a folder outside it")
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block

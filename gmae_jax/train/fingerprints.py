@@ -6,8 +6,8 @@ export then used without a word. Each fingerprint is two wrapping uint32 sums ov
 elements, of the element's bits times an odd weight of its index (which no single flipped bit leaves
 unchanged) and of a mix of its bits and index. Sums do not depend on the order of the elements, so the
 same array gives the same fingerprint however it is sharded: a checkpoint saved on one mesh checks on
-another. They are computed where the arrays live, one compiled program per set of devices, without
-gathering a sharded array anywhere."""
+another. Arrays on accelerators (or spread over processes) are summed where they live, without gathering
+a sharded one; arrays in this host's memory by NumPy."""
 
 from __future__ import annotations
 
@@ -61,9 +61,7 @@ def _device_words(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     size = x.dtype.itemsize
-    if size == 4:
-        return lax.bitcast_convert_type(x, jnp.uint32)
-    if size == 8:  # a trailing axis of two words
+    if size in (4, 8):  # 8 bytes: a trailing axis of two words
         return lax.bitcast_convert_type(x, jnp.uint32)
     return lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
 

@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from gmae_jax import config_lib, distributed, host_resources, run_files, schema
+from gmae_jax import config_checks, config_lib, distributed, host_resources, run_files, schema
 from gmae_jax.data import pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, run_folder, setup, sharding,
@@ -71,7 +71,7 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
     if config.total_steps > 0:
         return int(config.total_steps)
     steps = max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
-    if steps >= config_lib.MAX_STEPS:
+    if steps >= config_checks.MAX_STEPS:
         raise config_lib.ConfigError(
             f"config.num_epochs={config.num_epochs} is {steps} steps of {config.batch_size} of the "
             f"{num_train_examples} training images, more than a step count holds (2**31); use fewer epochs")
