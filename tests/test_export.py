@@ -25,7 +25,7 @@ from gmae_jax.data import synthetic, views
 from gmae_jax.models.gmae import GMAE
 from gmae_jax.models.presets import PRESETS, GMSTConfig
 from gmae_jax.stages import export, import_
-from gmae_jax.torch_mirror import convert, export_format, modules as mirror
+from gmae_jax.torch_mirror import convert, export_format, modules as mirror, weight_files
 from gmae_jax.train import checkpoint, init_from, resume_check, run_folder, setup, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,10 +333,10 @@ class Pickled:
 
 
 def test_a_state_dict_saved_from_data_parallel_imports_without_its_module_prefix(tmp_path):
-    plain = import_.read_pth(str(classifier_file(tmp_path)))["model_state_dict"]
+    plain = weight_files.read_pth(str(classifier_file(tmp_path)))["model_state_dict"]
     wrapped = {f"module.{name}": torch.from_numpy(value) for name, value in plain.items()}
     torch.save(wrapped, tmp_path / "ddp.pth")  # a bare state_dict of a DistributedDataParallel model
-    read = import_.read_pth(str(tmp_path / "ddp.pth"))["model_state_dict"]
+    read = weight_files.read_pth(str(tmp_path / "ddp.pth"))["model_state_dict"]
     assert list(read) == list(plain)
     for name, value in plain.items():
         np.testing.assert_array_equal(read[name], value)
@@ -351,9 +351,9 @@ def test_a_state_dict_saved_from_data_parallel_imports_without_its_module_prefix
 ])
 def test_state_dicts_as_training_scripts_save_them_import(save, tmp_path):
     """Each was refused ('holds neither a state_dict ...'), blamed on the model's sizes, or a traceback."""
-    plain = import_.read_pth(str(classifier_file(tmp_path)))["model_state_dict"]
+    plain = weight_files.read_pth(str(classifier_file(tmp_path)))["model_state_dict"]
     torch.save(save({name: torch.from_numpy(value.copy()) for name, value in plain.items()}), tmp_path / "saved.pth")
-    read = import_.read_pth(str(tmp_path / "saved.pth"))["model_state_dict"]
+    read = weight_files.read_pth(str(tmp_path / "saved.pth"))["model_state_dict"]
     assert list(read) == list(plain)
     for name, value in plain.items():
         np.testing.assert_array_equal(read[name], value)
@@ -370,7 +370,7 @@ def test_a_path_that_is_no_file_is_named(kind, tmp_path):
         path.symlink_to(tmp_path / "gone.pth")
     with pytest.raises(config_lib.ConfigError, match=rf"^config.path={path} is not a file \(a folder, a pipe, a link "
                        r"to nothing\?\); give a \.pth$"):
-        import_.read_pth(str(path))
+        weight_files.read_pth(str(path))
 
 
 def test_files_that_hold_no_state_dict_say_what_they_hold_and_what_to_save(tmp_path):
@@ -379,11 +379,11 @@ def test_files_that_hold_no_state_dict_say_what_they_hold_and_what_to_save(tmp_p
     torch.save(model, tmp_path / "module.pth")
     with pytest.raises(config_lib.ConfigError, match=r"it holds a pickled gmae_jax\.torch_mirror\.modules\."
                        r"GMAEForClassification, not only tensors; save the model's state_dict instead"):
-        import_.read_pth(str(tmp_path / "module.pth"))
+        weight_files.read_pth(str(tmp_path / "module.pth"))
     torch.save({"encoder": model.encoder.state_dict(), "epoch": 3}, tmp_path / "other.pth")
     with pytest.raises(config_lib.ConfigError, match=r"holds a dict of 'encoder', 'epoch', and no state_dict under "
                        r"'model_state_dict', 'model', 'state_dict': save the model's state_dict"):
-        import_.read_pth(str(tmp_path / "other.pth"))
+        weight_files.read_pth(str(tmp_path / "other.pth"))
 
 
 @pytest.mark.parametrize("change,message", [

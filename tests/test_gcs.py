@@ -32,8 +32,7 @@ import torch
 from gmae_jax import config_lib, schema, stages, user_errors, workdir_lock
 from gmae_jax.data import pipeline, prepare, sources, synthetic
 from gmae_jax.stages import export as export_stage
-from gmae_jax.stages import import_ as import_stage
-from gmae_jax.torch_mirror import export_format
+from gmae_jax.torch_mirror import export_format, weight_files
 from gmae_jax.train import setup
 
 flags.FLAGS.mark_as_parsed()
@@ -180,7 +179,7 @@ def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_exported(bucket, gs_d
         np.testing.assert_array_equal(tensor.numpy(), expected[name], err_msg=name)
     assert _files(bucket, workdir) == run_files  # the export wrote nothing into the run it read
     # The import stage reads a .pth in the bucket (torch.load alone opens local files only).
-    payload = import_stage.read_pth(f"gs://{BUCKET}/export/{export_format.MODEL_PTH}")
+    payload = weight_files.read_pth(f"gs://{BUCKET}/export/{export_format.MODEL_PTH}")
     assert payload["step"] == 20 and payload["class_names"] == list(CLASSES)
     for name, tensor in exported["model_state_dict"].items():
         np.testing.assert_array_equal(payload["model_state_dict"][name], tensor.numpy(), err_msg=name)

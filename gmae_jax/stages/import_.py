@@ -2,18 +2,15 @@
 folder, `config.json` + `classes.json` + an orbax checkpoint of the weights, which `restore_run`,
 the evaluate stage and a fine-tune's `init_from` read like any run (configs/import.py).
 
-The file is opened with `torch.load(weights_only=True)`, so it cannot execute code; a state dict
-that does not fit the model gets one line naming the first offending key and the expected sizes.
+The file is read by `torch_mirror.weight_files` (`torch.load(weights_only=True)`: it cannot execute
+code); a state dict that does not fit the model gets one line naming the first offending key and the
+expected sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
-import json
-import pickle
-import re
 from typing import Any
 
 import jax
@@ -24,9 +21,9 @@ from absl import logging
 from etils import epath
 
 from gmae_jax import config_checks, config_lib
-from gmae_jax.data import class_folders, views
+from gmae_jax.data import views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
-from gmae_jax.torch_mirror import convert, export_format
+from gmae_jax.torch_mirror import convert, export_format, weight_files
 from gmae_jax.train import checkpoint, resume_check, run_folder, setup
 
 ONE_PROCESS = True  # one file in, one run folder out
@@ -58,116 +55,6 @@ def _check_distinct(names: list[str], source: str) -> None:
 
 
 DEFAULT_PRESET = "reference"  # configs/import.py's: the original's own sizes
-# Prefixes wrappers give every key: torch's DataParallel and DistributedDataParallel ("module."),
-# torch.compile ("_orig_mod."), in either order.
-_WRAPPED = ("module.", "_orig_mod.")
-# Where training scripts keep the model's state_dict in their checkpoint dict: the original's key first.
-_STATE_DICT_KEYS = ("model_state_dict", "model", "state_dict")
-
-
-def read_pth(path: str) -> dict[str, Any]:
-    """The file's top-level dict, tensors as numpy (floating point as float32); never runs pickled code."""
-    import torch  # the [torch] extra; checked in validate
-
-    if not class_folders.is_regular_file(epath.Path(path)):  # a pipe would read as empty, or wait forever
-        raise config_lib.ConfigError(f"config.path={path} is not a file (a folder, a pipe, a link to nothing?); "
-                                     "give a .pth")
-    if epath.Path(path).stat().length == 0:
-        raise config_lib.ConfigError(f"config.path={path} is empty (0 bytes); give a .pth that was saved in full")
-    if path.endswith(".safetensors"):
-        payload = _read_safetensors(path)
-    else:
-        try:  # the bytes through epath: torch.load opens local files only (a gs:// path would not load)
-            payload = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location="cpu", weights_only=True)
-        except Exception as error:  # bytes that are no checkpoint fail with any error type
-            raise config_lib.ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
-                                         f"which never runs pickled code: {_reason(error)}") from None
-
-    def is_state_dict(value: Any) -> bool:
-        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-    if is_state_dict(payload):
-        payload = {"model_state_dict": payload}  # a bare state_dict
-    elif isinstance(payload, dict) and "model_state_dict" not in payload:
-        key = next((k for k in _STATE_DICT_KEYS if is_state_dict(payload.get(k))), None)
-        if key is not None:  # a training script's checkpoint: {'model': state_dict, 'optimizer': ..., ...}
-            payload = {"model_state_dict": payload[key]}
-    if not (isinstance(payload, dict) and "model_state_dict" in payload):
-        found = f"a dict of {', '.join(map(repr, list(payload)[:8]))}" if isinstance(payload, dict) else (
-            f"a {type(payload).__name__}")
-        raise config_lib.ConfigError(
-            f"config.path={path} holds {found}, and no state_dict under {', '.join(map(repr, _STATE_DICT_KEYS))}: "
-            "save the model's state_dict (torch.save(model.state_dict(), path)); an export's encoder.pth is the "
-            "encoder alone, import its model.pth")
-    for key in ("model_state_dict", "extra_state_dict"):
-        tensors = payload.get(key, {})
-        if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
-            raise config_lib.ConfigError(f"config.path={path}: its '{key}' is not a state_dict (names to tensors)")
-        payload[key] = {k: _as_numpy(v, k, path) for k, v in tensors.items()}
-        payload[key] = _unwrapped(payload[key])
-    return payload
-
-
-def _as_numpy(tensor: Any, name: str, path: str) -> np.ndarray:
-    """A saved tensor as numpy: numpy has no bfloat16, and the model computes in float32, so
-    half-precision saves widen exactly; one saved with its autograd state (keep_vars=True) is detached."""
-    tensor = tensor.detach()
-    try:
-        return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-    except (RuntimeError, TypeError, NotImplementedError) as error:  # meta, sparse, quantised tensors
-        raise config_lib.ConfigError(f"config.path={path}: tensor '{name}' holds no dense values to read "
-                                     f"({type(error).__name__}: {str(error).splitlines()[0]}); save the model's "
-                                     "state_dict from a model on the CPU") from None
-
-
-def _unwrapped(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keys without the prefixes wrappers gave all of them (`module._orig_mod.x` -> `x`)."""
-    while state:
-        prefix = next((p for p in _WRAPPED if all(k.startswith(p) for k in state)), None)
-        if prefix is None:
-            return state
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _read_safetensors(path: str) -> dict[str, Any]:
-    """Our export's model.safetensors as the payload of its model.pth: the tensors, and the config
-    its metadata carries (a safetensors file without it is read as a bare state_dict)."""
-    import safetensors.torch
-
-    data = epath.Path(path).read_bytes()
-    try:
-        tensors = safetensors.torch.load(data)  # not .numpy: numpy has no bfloat16
-        # The format: an 8-byte little-endian header length, then the JSON header with the metadata.
-        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
-    except Exception as error:  # any damage to the header or the data
-        raise config_lib.ConfigError(f"config.path={path} is not a readable .safetensors file: {error}") from None
-    if "config" not in metadata:
-        return {"model_state_dict": tensors}
-    try:
-        config = json.loads(metadata["config"])
-    except ValueError as error:
-        raise config_lib.ConfigError(f"config.path={path}: its metadata's 'config' is not JSON ({error}); a "
-                                     "damaged export: export the run again") from None
-    return {"model_state_dict": tensors, "config": config, "class_names": config.get("class_names"),
-            "step": config.get("step")}
-
-
-def _reason(error: Exception) -> str:
-    """The line of torch's refusal that says what was refused (it opens and closes with boilerplate).
-    Errors of other types (KeyError: 101 for a text file) come from unpickling bytes that are no
-    checkpoint, which their bare message does not say."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-    if pickled:  # torch's own advice (weights_only=False) is what this stage never does
-        return (f"it holds a pickled {pickled.group(1)}, not only tensors; save the model's state_dict instead "
-                "(torch.save(model.state_dict(), path))")
-    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and lines:
-        return next((line for line in lines if not line.startswith(boilerplate)), lines[0])
-    return f"it is no file torch.save wrote, or a damaged one ({': '.join([type(error).__name__] + lines[:1])})"
-
-
 def _sizes(model: GMSTConfig) -> str:
     names = tuple(n for n in export_format.ORIGINAL_FIELDS if n != "in_channels") + ("mask_mode",)
     return ", ".join(f"{name}={getattr(model, name)}" for name in names)
@@ -308,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
                                      "a new folder")
     run_folder.check_not_inside_a_run(workdir, "import")  # where it would pass for that run
-    payload = read_pth(config.path)
+    payload = weight_files.read_pth(config.path)
     state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
     stage = "finetune" if kind == "classifier" else "pretrain"
