@@ -90,7 +90,7 @@ MAX_WORKERS_PER_CORE = 4
 
 
 def check_num_workers(value: int, field: str) -> None:
-    """A worker count as the input pipeline (`pipeline.worker_count`) or the prepare stage takes it: -1,
+    """A worker count as the input pipeline (`input_workers.worker_count`) or the prepare stage takes it: -1,
     0, or up to MAX_WORKERS_PER_CORE processes per core this process may use."""
     check(value >= -1, f"config.{field}={value} must be >= 0 (0 = in this process) or -1 (a worker per core)")
     most = MAX_WORKERS_PER_CORE * host_resources.usable_cores()

@@ -15,7 +15,8 @@ import ml_collections
 
 from gmae_jax import config_lib, distributed
 from gmae_jax.data.class_folders import DataLayoutError
-from gmae_jax.data.pipeline import BadImageBudgetError, InputWorkerDiedError
+from gmae_jax.data.input_workers import InputWorkerDiedError
+from gmae_jax.data.pipeline import BadImageBudgetError
 from gmae_jax.data.worker_pool import WorkerDiedError
 from gmae_jax.schema import ConfigError
 from gmae_jax.train.divergence import TrainingDivergedError

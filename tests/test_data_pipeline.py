@@ -15,7 +15,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax import schema
-from gmae_jax.data import pipeline, transforms
+from gmae_jax.data import input_workers, pipeline, transforms
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.transforms import ImageDecodeError
 from gmae_jax.train import trainer
@@ -175,7 +175,7 @@ def test_states_of_grains_own_iterators_from_older_checkpoints_still_resume(exam
     batches = _train(examples).batches
     expected = _take(iter(_train(examples)), 5)[4:]
     for num_workers in (0, 2):  # grain's state: one position, or one per worker
-        old_iterator = iter(pipeline.to_iter_dataset(batches, num_workers))
+        old_iterator = iter(input_workers.to_iter_dataset(batches, num_workers))
         _take(old_iterator, 4)
         resumed = iter(_train(examples))
         resumed.set_state(json.dumps(old_iterator.get_state()).encode())  # bytes, as grain's handler passes them
@@ -292,12 +292,12 @@ def test_view_benchmark_counts_the_colour_jitter_the_step_now_does(capsys):
     assert re.search(r"leave colour jitter to the train step \([\d.]+ ms per image in XLA:CPU here\)", table)
 
 
-@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (16, 15), (208, pipeline.MAX_AUTO_WORKERS)])
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 1), (16, 15), (208, input_workers.MAX_AUTO_WORKERS)])
 def test_automatic_worker_count_leaves_a_core_to_the_trainer(monkeypatch, cores, expected):
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(cores)))
 
-    assert pipeline.worker_count(pipeline.AUTO_WORKERS) == expected
-    assert pipeline.worker_count(0) == 0 and pipeline.worker_count(3) == 3  # as configured
+    assert input_workers.worker_count(input_workers.AUTO_WORKERS) == expected
+    assert input_workers.worker_count(0) == 0 and input_workers.worker_count(3) == 3  # as configured
 
 
 def test_a_batch_larger_than_the_training_set_repeats_images_and_the_trainer_says_so(examples):
@@ -320,10 +320,10 @@ def test_a_run_with_no_steps_left_says_it_only_evaluates():
 
 
 def test_grain_s_error_for_a_dead_worker_becomes_one_that_names_the_cause():
-    with pytest.raises(pipeline.InputWorkerDiedError, match=r"^an input worker process ended with exit code 3\. "
+    with pytest.raises(input_workers.InputWorkerDiedError, match=r"^an input worker process ended with exit code 3\. "
                        r"If memory ran out, use fewer workers \(--config.data.num_workers, now 2\)"):
-        with pipeline.naming_dead_workers(2):
+        with input_workers.naming_dead_workers(2):
             raise RuntimeError("Worker process was terminated unexpectedly with exit code 3. Search the logs")
     with pytest.raises(RuntimeError, match="^another failure$"):  # every other error passes unchanged
-        with pipeline.naming_dead_workers(2):
+        with input_workers.naming_dead_workers(2):
             raise RuntimeError("another failure")

@@ -23,7 +23,7 @@ from PIL import Image
 
 import saved_weights
 from gmae_jax import config_lib, stages, user_errors, workdir_lock
-from gmae_jax.data import pipeline, synthetic
+from gmae_jax.data import input_workers, synthetic
 from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
@@ -653,7 +653,7 @@ def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns(
     assert trainer.accumulation_warning(4, "tpu", "xla") is None
 
 
-def input_workers() -> list:
+def running_input_workers() -> list:
     """This process's grain worker processes (started by multiprocessing's spawn); at least one."""
     workers = [child for child in multiprocessing.active_children()
                if "spawn" in " ".join(open(f"/proc/{child.pid}/cmdline").read().split("\0"))]
@@ -671,13 +671,13 @@ def test_a_killed_input_worker_stops_the_run_with_one_line_and_its_steps_saved(d
     def kill_the_workers_at_the_third_batch(host_batch, mesh):
         calls.append(1)
         if len(calls) == 3:
-            for worker in input_workers():
+            for worker in running_input_workers():
                 os.kill(worker.pid, signal.SIGKILL)
         return real(host_batch, mesh)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sharding, "global_batch", kill_the_workers_at_the_third_batch)
-        with pytest.raises(pipeline.InputWorkerDiedError) as stopped:
+        with pytest.raises(input_workers.InputWorkerDiedError) as stopped:
             pretrain_stage.run(config, str(tmp_path))
     message = str(stopped.value)
     saved = int(re.search(r"Steps up to (\d+) are saved in ", message).group(1))
@@ -724,10 +724,10 @@ def test_a_worker_lost_in_the_last_evaluation_leaves_that_step_for_the_rerun(dem
     """Saved without its evaluation, the last step would make a rerun find the run finished and never
     evaluate (or draw) it: the rerun redoes it instead."""
     def worker_dies(evaluation):
-        raise pipeline.InputWorkerDiedError("an input worker process was killed by signal 9")
+        raise input_workers.InputWorkerDiedError("an input worker process was killed by signal 9")
 
     config = evaluated_every_2_steps(demo_root, monkeypatch, 4, worker_dies)
-    with pytest.raises(pipeline.InputWorkerDiedError, match=r"Steps up to 2 are saved in .*: rerunning the same "
+    with pytest.raises(input_workers.InputWorkerDiedError, match=r"Steps up to 2 are saved in .*: rerunning the same "
                        r"command resumes there$"):
         pretrain_stage.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
@@ -738,10 +738,10 @@ def test_a_worker_lost_in_an_intermediate_evaluation_is_evaluated_by_the_rerun_a
     """Its step is saved (training lost nothing) without its evaluation: the rerun evaluates it first,
     writes its val row and saves it again with its metrics, which rank it for 'best'."""
     def worker_dies(evaluation):
-        raise pipeline.InputWorkerDiedError("an input worker process was killed by signal 9")
+        raise input_workers.InputWorkerDiedError("an input worker process was killed by signal 9")
 
     config = evaluated_every_2_steps(demo_root, monkeypatch, 6, worker_dies)
-    with pytest.raises(pipeline.InputWorkerDiedError, match=r"Steps up to 4 are saved in "):
+    with pytest.raises(input_workers.InputWorkerDiedError, match=r"Steps up to 4 are saved in "):
         pretrain_stage.run(config, str(tmp_path / "resumed"))
     assert 4 not in [r["step"] for r in read_metrics(str(tmp_path / "resumed")) if r["split"] == "val"]
     monkeypatch.undo()  # the real evaluation from here on
@@ -770,7 +770,7 @@ def test_sigterm_to_the_input_workers_too_is_a_preemption_not_a_dead_worker(demo
     def sigterm_the_workers_then_the_trainer(host_batch, mesh):
         calls.append(1)
         if len(calls) == 3:  # the workers' SIGTERM first: batches 4-12 are read after it
-            for worker in input_workers():
+            for worker in running_input_workers():
                 os.kill(worker.pid, signal.SIGTERM)
             time.sleep(1.0)
         if len(calls) == 12:

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from gmae_jax import schema
-from gmae_jax.data import device_jitter, pipeline, prepare, records, transforms, views
+from gmae_jax.data import device_jitter, input_workers, prepare, records, transforms, views
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.hagrid import HagridRecord
 
@@ -140,7 +140,7 @@ def run_transport_benchmark(image_size: int, batch_size: int, num_workers: int, 
     for _ in range(repeats):
         for dtype in rates:
             ds = grain.MapDataset.range(num_batches * batch_size).map(_ReadyView(image_size, dtype))
-            batches = iter(pipeline.to_iter_dataset(ds.batch(batch_size, drop_remainder=True), num_workers))
+            batches = iter(input_workers.to_iter_dataset(ds.batch(batch_size, drop_remainder=True), num_workers))
             next(batches)  # workers started and running
             start, count = time.perf_counter(), 0
             for batch in batches:

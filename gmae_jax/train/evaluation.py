@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gmae_jax.data import pipeline, sources
+from gmae_jax.data import input_workers, pipeline, sources
 from gmae_jax.train import sharding, tasks
 
 
@@ -45,7 +45,7 @@ def evaluate(
     first, pending = None, None
     batches = iter(dataset)
     try:
-        with pipeline.naming_dead_workers(num_workers):
+        with input_workers.naming_dead_workers(num_workers):
             for host_batch in batches:
                 first = host_batch if first is None else first
                 batch = sharding.global_batch(host_batch, mesh)

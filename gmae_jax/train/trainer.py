@@ -18,7 +18,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from gmae_jax import config_checks, config_lib, distributed, host_resources, run_files, schema
-from gmae_jax.data import pipeline, sources
+from gmae_jax.data import input_workers, pipeline, sources
 from gmae_jax.models import fast_conv
 from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, run_folder, setup, sharding,
                             steps, tasks)
@@ -174,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     data_config = schema.read(schema.DataConfig, config.data, "config.data")
     model, init_inputs = setup.build_model(config)
     task = tasks.make_task(config, model, data.class_names)
-    num_workers = pipeline.worker_count(data_config.num_workers)
+    num_workers = input_workers.worker_count(data_config.num_workers)
     eval_args = dict(image_size=model.config.img_size, batch_size=loop.batch_size, num_workers=num_workers)
     # --- Mesh -----------------------------------------------------------------------------------
     mesh = make_mesh(config)
@@ -212,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     train_iter = iter(train_data)
     logging.info("input: %s", "in the trainer's process" if not num_workers else f"{num_workers} grain worker(s)"
                  + (" (config.data.num_workers=-1: a core each, one left to the trainer)"
-                    if data_config.num_workers == pipeline.AUTO_WORKERS else ""))
+                    if data_config.num_workers == input_workers.AUTO_WORKERS else ""))
 
     # --- Model, optimiser and checkpoint --------------------------------------------------------
     frozen = FROZEN_BY_LINEAR_PROBING if config.stage == "finetune" and config.freeze_encoder else ()
@@ -335,13 +335,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             if preempted:
                 break
         saves.wait(manager)
-    except pipeline.InputWorkerDiedError as error:  # in training's input or in an evaluation's
+    except input_workers.InputWorkerDiedError as error:  # in training's input or in an evaluation's
         # The last step's evaluation is the run's result: saved without it, a rerun would find the run
         # finished and never evaluate it, so that step is not saved (a rerun redoes it, evaluation included).
         done = finished if finished < steps_total else (start if last_saved is None else last_saved)
         last_saved = preemption.save_finished_steps(manager, done, state, train_iter, last_saved, start)
         where = preemption.resume_point(checkpoint_dir, last_saved)
-        raise pipeline.InputWorkerDiedError(f"{error}. {where}") from error
+        raise input_workers.InputWorkerDiedError(f"{error}. {where}") from error
     finally:
         train_iter.close()
         watch.close()
