@@ -137,6 +137,7 @@ def test_ctrl_c_saves_like_a_preemption_and_a_second_one_stops_at_once():
             "from gmae_jax.data import input_workers\n"
             "from gmae_jax.train.preemption import PreemptionWatch\n"
             "watch = PreemptionWatch(None)\n"
+            "watch.first_step_done()\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"
             "stop = watch.stopped(7, '/w/checkpoints')\n"
             "print(watch.received, stop.exit_status, stop, flush=True)\n"
@@ -157,18 +158,41 @@ def test_ctrl_c_saves_like_a_preemption_and_a_second_one_stops_at_once():
     assert "second Ctrl-C (SIGINT): stopping now" in result.stderr
 
 
-def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path):
+def test_a_stop_before_the_first_step_is_done_stops_at_once_without_saving():
+    """The first step is mostly its compile, and nothing of it is unsaved: a SIGTERM or Ctrl-C then stops
+    at once (it used to wait for the compile, train the step and save it)."""
+    code = ("import os, signal, sys\n"
+            "from gmae_jax.train.preemption import Preempted, PreemptionWatch\n"
+            "for signum in (signal.SIGTERM, signal.SIGINT):\n"
+            "    watch = PreemptionWatch(None)\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signum)\n"
+            "        for _ in range(10**6): pass\n"
+            "        print('not stopped', flush=True)\n"
+            "    except Preempted as stop:\n"
+            "        print(stop.exit_status, stop, flush=True)\n"
+            "    watch.close()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == [
+        "75 preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same command",
+        "130 interrupted (Ctrl-C) before the first step was done: every checkpoint on disk stays; rerun the same "
+        "command"], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("when", ["] mesh: ", ": compiling the train step "])  # start-up; the first step
+def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path, when):
     """A scheduler may preempt a job while it still starts (compiling, restoring): exit 75 and one line,
-    as during training, so a job script requeues it, instead of death by the signal."""
+    as during training, so a job script requeues it, instead of death by the signal. During the first
+    step (its compile: minutes for a large model) too: it waited for the compile, trained and saved."""
     data, workdir = tmp_path / "data", tmp_path / "run"
     synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=8, val_per_class=2, classes=("fist", "palm"))
     proc = subprocess.Popen([sys.executable, "-m", "gmae_jax.main", "--config=configs/pretrain.py:runlocal",
-                             f"--workdir={workdir}", f"--config.data.root={data}"],
+                             f"--workdir={workdir}", f"--config.data.root={data}", "--compilation_cache_dir=none"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
-    for line in proc.stderr:  # the trainer's first line: the mesh, before anything compiles
+    for line in proc.stderr:  # the trainer's first line (the mesh), or the last before the first step
         lines.append(line)
-        if "] mesh: " in line:
+        if when in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.communicate(timeout=120)[1]
@@ -176,4 +200,5 @@ def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path):
     assert proc.returncode == 75, "".join(lines) + rest
     assert last == ("preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same "
                     "command")
-    assert "Traceback" not in rest
+    assert "Traceback" not in rest and "compiling the step included" not in rest
+    assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())

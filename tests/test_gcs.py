@@ -228,6 +228,7 @@ def test_a_second_sigterm_stops_a_run_stuck_inside_a_step():
     code = ("import os, signal, time\n"
             "from gmae_jax.train.preemption import PreemptionWatch\n"
             "watch = PreemptionWatch(None)\n"
+            "watch.first_step_done()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"  # the same preemption twice: a group kill and a launcher
             "time.sleep(1.5)\n"

@@ -48,10 +48,13 @@ def stop_as_preempted_outside_training() -> None:
         signal.signal(signal.SIGTERM, _preempted_outside_training)
 
 
+OUTSIDE_TRAINING = ("preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same "
+                    "command")
+
+
 def _preempted_outside_training(signum: int, frame: object) -> None:
     del signum, frame
-    raise Preempted("preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the "
-                    "same command")
+    raise Preempted(OUTSIDE_TRAINING)
 
 
 class PreemptionWatch:
@@ -62,6 +65,7 @@ class PreemptionWatch:
         self.manager = manager
         self.received = False
         self.interrupted = False  # by Ctrl-C, not by a scheduler
+        self.stepped = False  # a step of this run is done: from then on, a stop saves it first
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -73,6 +77,13 @@ class PreemptionWatch:
 
     def _handle(self, signum: int, frame: object) -> None:
         del frame
+        # Before this run's first step is done (mostly its compile: minutes for a large model on a GPU,
+        # past a scheduler's grace period) there is nothing to save: stop at once, as outside training.
+        if not self.stepped:
+            if signum == signal.SIGTERM:
+                raise Preempted(OUTSIDE_TRAINING)
+            raise Preempted("interrupted (Ctrl-C) before the first step was done: every checkpoint on disk stays; "
+                            "rerun the same command", Preempted.INTERRUPTED_STATUS)
         if self.received and time.monotonic() - self._first_at < self.DUPLICATE_WITHIN_S:
             return
         if self.received:
@@ -94,6 +105,10 @@ class PreemptionWatch:
         if self.interrupted:
             return Preempted(f"interrupted: {resume}", Preempted.INTERRUPTED_STATUS)
         return Preempted(f"preempted: {resume}")
+
+    def first_step_done(self) -> None:
+        """From now on a stop saves this run's steps first."""
+        self.stepped = True
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:

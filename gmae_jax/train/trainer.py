@@ -291,6 +291,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             owed_metrics, _, _ = evaluate_and_record(start)
             if loop.best_metric:  # ranked for 'best' by the metrics it is saved with
                 checkpoint.save_again_with_metrics(manager, start, state, train_iter, owed_metrics)
+        if start < steps_total:  # the first step's call compiles it: minutes for a large model on a GPU
+            logging.info("[%s] step %d: compiling the train step (%s)", task.name, start + 1,
+                         "a SIGTERM or Ctrl-C until it is done stops at once: nothing is unsaved yet")
         for step in range(start + 1, steps_total + 1):
             with progress.waiting_for_input():
                 host_batch = next(train_iter)
@@ -299,6 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             saves.raise_if_failed()  # a save that failed in the background
             if step == start + 1:  # compiling it is most of its time: timed apart from the steady state
                 jax.block_until_ready(metrics)
+                watch.first_step_done()
                 logging.info("[%s] step %d (compiling the step included) took %.1f s", task.name, step,
                              progress.first_step_done(step))
             is_last = step == steps_total
