@@ -152,6 +152,23 @@ def test_runs_and_checkpoints_named_by_relative_paths(pretrained, demo_root, mon
     assert os.path.isdir(os.path.join("relative", "checkpoints", "7"))
 
 
+def test_a_save_cut_short_by_a_kill_leaves_no_temporary_folder_after_the_next_save(tmp_path):
+    directory = tmp_path / "checkpoints"
+    manager = checkpoint.make_manager(str(directory), max_to_keep=3)
+    checkpoint.save(manager, 1, {"w": np.arange(3.0)}, None)
+    manager.wait_until_finished()
+    manager.close()
+    cut = directory / "2.orbax-checkpoint-tmp-1764328000"  # what a kill -9 during step 2's save leaves
+    (cut / checkpoint.STATE_ITEM).mkdir(parents=True)
+    (cut / checkpoint.STATE_ITEM / "d").write_bytes(b"partial array data")
+
+    rerun = checkpoint.make_manager(str(directory), max_to_keep=3)
+    checkpoint.save(rerun, 2, {"w": np.arange(3.0) + 1}, None)
+    rerun.wait_until_finished()
+    rerun.close()
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
 def files_of(folder):
     """Every file under `folder` with its bytes."""
     found = {}

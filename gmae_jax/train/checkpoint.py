@@ -57,6 +57,8 @@ def make_manager(
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only,
+        # A kill mid-save leaves a step's partial temporary folder (as large as a checkpoint): gone at the next save.
+        cleanup_tmp_directories=not read_only,
         **(dict(save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=this_process, active_processes={this_process})) if read_only else {}))
     with orbax_noise.without_log_record("Given directory is read only"):  # what we asked for, not a problem
