@@ -152,23 +152,6 @@ def test_runs_and_checkpoints_named_by_relative_paths(pretrained, demo_root, mon
     assert os.path.isdir(os.path.join("relative", "checkpoints", "7"))
 
 
-def test_a_save_cut_short_by_a_kill_leaves_no_temporary_folder_after_the_next_save(tmp_path):
-    directory = tmp_path / "checkpoints"
-    manager = checkpoint.make_manager(str(directory), max_to_keep=3)
-    checkpoint.save(manager, 1, {"w": np.arange(3.0)}, None)
-    manager.wait_until_finished()
-    manager.close()
-    cut = directory / "2.orbax-checkpoint-tmp-1764328000"  # what a kill -9 during step 2's save leaves
-    (cut / checkpoint.STATE_ITEM).mkdir(parents=True)
-    (cut / checkpoint.STATE_ITEM / "d").write_bytes(b"partial array data")
-
-    rerun = checkpoint.make_manager(str(directory), max_to_keep=3)
-    checkpoint.save(rerun, 2, {"w": np.arange(3.0) + 1}, None)
-    rerun.wait_until_finished()
-    rerun.close()
-    assert sorted(os.listdir(directory)) == ["1", "2"]
-
-
 def files_of(folder):
     """Every file under `folder` with its bytes."""
     found = {}
@@ -601,11 +584,20 @@ def test_killed_run_with_a_cut_off_metrics_line_resumes_to_the_straight_run(stra
     monkeypatch.setattr(sharding, "global_batch", dies_on_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
         pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
+    # A kill ends the save of step 3 with the process; in this one it goes on in the background: let it end.
+    deadline = time.monotonic() + 120
+    while not os.path.isdir(os.path.join(resumed_dir, "checkpoints", "3")) and time.monotonic() < deadline:
+        time.sleep(0.1)
     with open(os.path.join(resumed_dir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 5, "split": "tra')  # a kill in the middle of a metrics line
+    cut = os.path.join(resumed_dir, "checkpoints", "6.orbax-checkpoint-tmp-1764328000", "state")
+    os.makedirs(cut)  # and, had it been a kill -9 during a save, orbax's folder of the save cut short
+    with open(os.path.join(cut, "d"), "wb") as f:
+        f.write(b"partial array data")
     monkeypatch.setattr(sharding, "global_batch", real)
     pretrain_stage.run(stage_config("pretrain", demo_root, **overrides), resumed_dir)
 
+    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["3", "6"]  # the cut save removed
     assert_same_final_run(straight_dir, resumed_dir)  # the killed run's step-4 record was written again
     assert [r["step"] for r in read_metrics(resumed_dir)] == [1, 2, 3, 4, 5, 6, 6]
 

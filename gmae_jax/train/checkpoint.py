@@ -9,6 +9,7 @@ import functools
 import json
 import operator
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -29,6 +30,7 @@ DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps that failed to res
 DATA_ITEM = "data"  # a step's folder for the train iterator's state, one JSON file per process
 FINGERPRINTS_ITEM = "fingerprints"  # a step's folder for its arrays' fingerprints, checked at restore
 STATE_ITEM = "state"  # a step's folder for the train state's arrays
+_UNFINISHED_SAVE = re.compile(r"\d+\.orbax-checkpoint-tmp")  # a step's folder while orbax writes it
 T = TypeVar("T")
 
 
@@ -57,8 +59,6 @@ def make_manager(
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only,
-        # A kill mid-save leaves a step's partial temporary folder (as large as a checkpoint): gone at the next save.
-        cleanup_tmp_directories=not read_only,
         **(dict(save_interval_steps=0, multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=this_process, active_processes={this_process})) if read_only else {}))
     with orbax_noise.without_log_record("Given directory is read only"):  # what we asked for, not a problem
@@ -79,6 +79,20 @@ def _write_replicated_arrays_whole_in_a_single_process() -> None:
     rarely sets. Multi-process runs keep it: it spreads their writing."""
     if jax.process_count() == 1:
         use_replica_parallel_saving(False)
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Removes the temporary folders of saves that a kill cut short (`<step>.orbax-checkpoint-tmp*`, up to
+    a checkpoint's size each), which orbax leaves; returns their names. For a run's process 0, before
+    its first save (the workdir's lock keeps other runs out): orbax's own cleanup runs in the background,
+    where it deleted the first save's folder as it was written."""
+    folder = _absolute(directory)
+    if jax.process_index() != 0 or not folder.is_dir():
+        return []
+    unfinished = sorted(child.name for child in folder.iterdir() if _UNFINISHED_SAVE.match(child.name))
+    for name in unfinished:
+        (folder / name).rmtree()
+    return unfinished
 
 
 def use_replica_parallel_saving(enabled: bool) -> None:

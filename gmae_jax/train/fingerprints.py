@@ -37,22 +37,13 @@ def _mix(h, xp):
     return h ^ (h >> xp.uint32(16))
 
 
-def _sums(words, index, xp):
-    """The two wrapping sums over uint32 `words` and their uint32 flat `index` (same shape)."""
-    weighted = words * (index * xp.uint32(2) + xp.uint32(1))
-    mixed = _mix(words ^ _mix(index * xp.uint32(_GOLDEN), xp), xp)
-    return xp.stack([xp.sum(weighted, dtype=xp.uint32), xp.sum(mixed, dtype=xp.uint32)])
-
-
-def _flat_index(shape: tuple[int, ...], xp):
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     """Each element's row-major position (wrapping at 2**32), built from per-axis counters so that a
     sharded array is never reshaped (which would gather it)."""
-    index = xp.zeros(shape, xp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):
-        counter = (lax.broadcasted_iota(jnp.uint32, shape, axis) if xp is jnp
-                   else np.indices(shape, dtype=np.uint32)[axis])
-        index = index + counter * xp.uint32(stride % 2**32)
+        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
         stride *= shape[axis]
     return index
 
@@ -77,8 +68,12 @@ def _host_words(x: np.ndarray) -> np.ndarray:
 
 
 def _of_device_array(x: jax.Array) -> jax.Array:
+    """The two sums: of each element's bits times an odd weight of its index, and of a mix of both."""
     words = _device_words(x)
-    return _sums(words, _flat_index(words.shape, jnp), jnp)
+    index = _flat_index(words.shape)
+    weighted = words * (index * jnp.uint32(2) + jnp.uint32(1))
+    mixed = _mix(_mix(index * jnp.uint32(_GOLDEN), jnp) ^ words, jnp)
+    return jnp.stack([jnp.sum(weighted, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
 
 
 @functools.cache
@@ -102,9 +97,23 @@ def _on_host(leaf: Any) -> bool:
     return leaf.is_fully_addressable and all(device.platform == "cpu" for device in leaf.sharding.device_set)
 
 
+_HOST_CHUNK = 1 << 16  # elements: a chunk's temporaries stay in the cache (25 M floats: 0.11 s, whole 0.42 s)
+
+
 def _of_host_array(x: np.ndarray) -> np.ndarray:
-    words = np.atleast_1d(_host_words(x))  # a 0-d array's index is 0 either way
-    return _sums(words, _flat_index(words.shape, np), np)
+    """`_of_device_array`'s sums by NumPy, over the array in row-major order, a chunk at a time."""
+    words = _host_words(x).reshape(-1)  # row-major, as the device's flat index counts
+    sums = np.zeros(2, np.uint32)
+    for start in range(0, words.size, _HOST_CHUNK):
+        chunk = words[start:start + _HOST_CHUNK]
+        index = np.arange(start, start + chunk.size, dtype=np.uint64).astype(np.uint32)  # wraps at 2**32
+        weighted = index * np.uint32(2)
+        weighted += np.uint32(1)
+        weighted *= chunk
+        index *= np.uint32(_GOLDEN)
+        mixed = _mix(_mix(index, np) ^ chunk, np)
+        sums += np.array([weighted.sum(dtype=np.uint32), mixed.sum(dtype=np.uint32)], np.uint32)
+    return sums
 
 
 def _label(dtype: Any, sums: np.ndarray) -> str:

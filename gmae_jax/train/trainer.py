@@ -224,6 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     checkpoint_dir = os.path.join(workdir, run_folder.CHECKPOINTS)
     new_checkpoint_dir = not epath.Path(checkpoint_dir).exists()
     manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
+    for unfinished in checkpoint.remove_unfinished_saves(checkpoint_dir):
+        logging.info("removed %s/%s: a save that a kill cut short", checkpoint_dir, unfinished)
     state, last_saved, damaged = checkpoint.restore_last_good(manager, state, train_iter)
     if damaged:
         aside = checkpoint.set_aside(manager, [step for step, _ in damaged])
