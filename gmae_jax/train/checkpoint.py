@@ -274,6 +274,8 @@ def try_everywhere(restore_one: Callable[[int], T], step: int) -> Attempt[T]:
             result = restore_one(step)
     except SavedArraysMismatchError:
         raise  # the same in every process and for every step: not damage
+    except _AgreedFailure as failure:  # the processes already agreed on it (check_fingerprints)
+        return Attempt(None, str(failure), failure.__cause__ or failure)
     except Exception as failure:  # noqa: BLE001 - a damaged step on disk, whatever orbax raises for it
         error = failure
     why = why_not_everywhere(reason(error) if error else "")
@@ -352,15 +354,39 @@ class DamagedArraysError(ValueError):
     """A step's arrays restored with other values than were saved: their data changed on disk."""
 
 
+class _AgreedFailure(Exception):
+    """A step that did not restore on some process, already agreed between the processes."""
+
+
+def _saved_fingerprints(manager: ocp.CheckpointManager, step: int) -> dict[str, str] | None:
+    """What the step's save wrote beside its arrays; None for a step saved before fingerprints were."""
+    if not (epath.Path(manager.directory) / str(step) / FINGERPRINTS_ITEM).exists():
+        return None
+    saved = manager.restore(step, args=ocp.args.Composite(**{FINGERPRINTS_ITEM: ocp.args.JsonRestore()}))
+    if not isinstance(saved[FINGERPRINTS_ITEM], dict):
+        raise DamagedArraysError(f"{FINGERPRINTS_ITEM}/ holds no fingerprints")
+    return saved[FINGERPRINTS_ITEM]
+
+
 def check_fingerprints(manager: ocp.CheckpointManager, step: int, restored: Any) -> Any:
     """`restored` (all or some of step's saved state), once its arrays' fingerprints are those saved
-    with them; raises DamagedArraysError otherwise. Steps saved before fingerprints were pass as they are."""
-    if not (epath.Path(manager.directory) / str(step) / FINGERPRINTS_ITEM).exists():
+    with them; raises DamagedArraysError otherwise. Steps saved before fingerprints were pass as they are.
+
+    With several processes the sums of an array spread over them are collectives, which a process whose
+    read failed would never join: the processes first agree that each restored the step and read its
+    fingerprints (the same agreement `try_everywhere` makes for a process whose read failed)."""
+    saved, error = None, None
+    try:
+        saved = _saved_fingerprints(manager, step)
+    except Exception as failure:  # noqa: BLE001 - damaged or unreadable, as the arrays could be
+        error = failure
+    why = why_not_everywhere(reason(error) if error else "")
+    if why:
+        if error is not None and jax.process_count() == 1:
+            raise error
+        raise _AgreedFailure(why) from error
+    if saved is None:
         return restored
-    item = ocp.args.Composite(**{FINGERPRINTS_ITEM: ocp.args.JsonRestore()})
-    saved = manager.restore(step, args=item)[FINGERPRINTS_ITEM]
-    if not isinstance(saved, dict):
-        raise DamagedArraysError(f"{FINGERPRINTS_ITEM}/ holds no fingerprints")
     if changed := fingerprints.differing(saved, fingerprints.of(restored)):
         more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise DamagedArraysError(f"the data of {'; '.join(changed[:3])}{more} changed on disk since the save")
