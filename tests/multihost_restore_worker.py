@@ -1,8 +1,9 @@
 """One of two processes of `test_multiprocess.test_processes_agree_on_the_restored_step`.
 
-Both save steps 1 and 2 of a small replicated array and one split over the processes, then look for the newest step that restores
-through a read-only manager while process 1 cannot read step 2 (a flaky link to the bucket; the
-failure comes before orbax's read, so process 0 is still reading when process 1 gives up).
+Both save steps 1 and 2 of a small replicated array and one split over the processes, then look for
+the newest step that restores through a read-only manager while process 1 cannot read step 2 (a flaky
+link to the bucket; the failure comes before orbax's read, so process 0 is still reading when process
+1 gives up).
 Prints, as JSON, the step it restored, its value and the reasons given for the steps passed over.
 """
 

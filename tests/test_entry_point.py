@@ -179,7 +179,7 @@ def test_a_stop_before_the_first_step_is_done_stops_at_once_without_saving():
         "command"], result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("when", ["] mesh: ", ": compiling the train step "])  # start-up; the first step
+@pytest.mark.parametrize("when", ["] mesh: ", ": compiling the train step"])  # start-up; the first step
 def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path, when):
     """A scheduler may preempt a job while it still starts (compiling, restoring): exit 75 and one line,
     as during training, so a job script requeues it, instead of death by the signal. During the first

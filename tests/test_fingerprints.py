@@ -97,8 +97,8 @@ def test_a_bit_flipped_on_disk_inside_an_arrays_data_stops_its_restore_naming_th
         checkpoint.restore(manager, state, None, 1)
     weights_reader = checkpoint.make_manager(str(tmp_path / "checkpoints"), max_to_keep=3, read_only=True)
     with pytest.raises(checkpoint.DamagedArraysError, match="params/w"):  # what evaluate, predict, export use
-        checkpoint.restore_weights(weights_reader, 1, {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                                       state["params"])})
+        checkpoint.restore_weights(weights_reader, 1,
+                                   {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"])})
 
 
 def test_a_step_saved_before_fingerprints_restores_unchecked(tmp_path):

@@ -160,8 +160,8 @@ def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir,
 @pytest.mark.parametrize("stage", ["evaluate", "predict"])
 def test_weights_that_give_non_finite_outputs_stop_with_one_line_naming_the_step(run_dir, tmp_path, monkeypatch,
                                                                                  stage):
-    """Orbax checks no array's bytes: a checkpoint damaged inside its data restored, and evaluate and
-    predict reported NaN metrics and probabilities with status 0."""
+    """Weights giving NaN (a diverged run's, or damaged in a step saved before fingerprints) restored, and
+    evaluate and predict reported NaN metrics and probabilities with status 0."""
     workdir, root, _ = run_dir
     real_restore = setup.restore_run
 

@@ -27,25 +27,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                      f"{', '.join(synthetic.FRAMINGS)}")
     unknown = [name for name in ds.classes if name not in synthetic.DEMO_CLASSES]
     config_checks.check(not unknown and len(set(ds.classes)) == len(ds.classes) >= 2,
-                     f"config.dataset.classes={tuple(ds.classes)}: choose two or more distinct gestures the "
-                     f"generator draws, from {', '.join(synthetic.DEMO_CLASSES)}, as a tuple: "
-                     "--config.dataset.classes=\"('fist','palm')\"")
+                        f"config.dataset.classes={tuple(ds.classes)}: choose two or more distinct gestures the "
+                        f"generator draws, from {', '.join(synthetic.DEMO_CLASSES)}, as a tuple: "
+                        "--config.dataset.classes=\"('fist','palm')\"")
     for name in ("image_size", "pretrain_train_per_class", "pretrain_val_per_class", "finetune_train_per_class",
                  "finetune_val_per_class"):
         config_checks.check(isinstance(ds[name], int) and ds[name] >= 1,
-                         f"config.dataset.{name}={ds[name]!r} must be a whole number of at least 1")
+                            f"config.dataset.{name}={ds[name]!r} must be a whole number of at least 1")
     config_checks.check(ds.image_size <= MAX_IMAGE_SIZE,
-                     f"config.dataset.image_size={ds.image_size} must be at most {MAX_IMAGE_SIZE}: the generator draws "
-                     "each image supersampled, at up to 4x that side, in memory")
+                        f"config.dataset.image_size={ds.image_size} must be at most {MAX_IMAGE_SIZE}: the generator "
+                        "draws each image supersampled, at up to 4x that side, in memory")
     for section in ("pretrain", "finetune"):
         config_checks.check(not config[section].data.root,
-                         f"config.{section}.data.root={config[section].data.root!r}: the demo trains on the images it "
-                         f"draws into <workdir>/data; for images of your own use configs/study.py (or "
-                         f"configs/{section}.py)")
+                            f"config.{section}.data.root={config[section].data.root!r}: the demo trains on the images "
+                            f"it draws into <workdir>/data; for images of your own use configs/study.py (or "
+                            f"configs/{section}.py)")
     config_checks.check(config.labels_per_class <= ds.finetune_train_per_class,
-                     f"config.labels_per_class={config.labels_per_class} but the demo draws "
-                     f"config.dataset.finetune_train_per_class={ds.finetune_train_per_class} labelled images per "
-                     "class; lower it, or raise the other")
+                        f"config.labels_per_class={config.labels_per_class} but the demo draws "
+                        f"config.dataset.finetune_train_per_class={ds.finetune_train_per_class} labelled images per "
+                        "class; lower it, or raise the other")
     pretrain_stage.validate(config.pretrain, check_data=False)
     finetune_stage.validate(config.finetune, check_data=False)
     study_stage.validate(study_config(config, "<pretrain_dataset>", "<finetune_dataset>"), check_data=False)

@@ -36,8 +36,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     setup.validate_run_reference(config)
     config_checks.check(config.layout in LAYOUTS, f"config.layout='{config.layout}' must be one of {LAYOUTS}")
     config_checks.check(importlib.util.find_spec("torch") is not None,
-                     "the export stage writes model.pth with PyTorch, which is not installed; "
-                     "pip install -e '.[torch]'")
+                        "the export stage writes model.pth with PyTorch, which is not installed; "
+                        "pip install -e '.[torch]'")
 
 
 def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:

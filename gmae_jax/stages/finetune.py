@@ -20,23 +20,24 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_checks.validate_training(config, check_data)
     config_checks.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2: {ONE_CLASS}")
     config_checks.check(not check_data or not config.init_from or epath.Path(config.init_from).exists(),
-                     f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
-                     "pretraining run, or set --config.init_from='' to train from scratch")
+                        f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
+                        "pretraining run, or set --config.init_from='' to train from scratch")
     if config.data.classes not in (hagrid_layout.OFFICIAL, hagrid_layout.PRESENT):
         names = hagrid_layout.parse_class_list(config.data.classes)
-        config_checks.check(len(names) >= 2, f"config.data.classes={config.data.classes!r} names one class: {ONE_CLASS}")
+        config_checks.check(len(names) >= 2,
+                            f"config.data.classes={config.data.classes!r} names one class: {ONE_CLASS}")
         config_checks.check(len(names) == config.num_classes,
-                         f"config.num_classes={config.num_classes} but config.data.classes names {len(names)}; "
-                         f"set --config.num_classes={len(names)}")
+                            f"config.num_classes={config.num_classes} but config.data.classes names {len(names)}; "
+                            f"set --config.num_classes={len(names)}")
     config_checks.check(0.0 <= config.label_smoothing < 1.0,
-                     f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+                        f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     config_checks.check(config.best_metric != "top5_accuracy" or config.num_classes > 5,
-                     f"config.best_metric='top5_accuracy' needs more than 5 classes (config.num_classes="
-                     f"{config.num_classes}: every class is in the top 5); use accuracy")
+                        f"config.best_metric='top5_accuracy' needs more than 5 classes (config.num_classes="
+                        f"{config.num_classes}: every class is in the top 5); use accuracy")
     config_checks.check_best_metric(schema.read_flat(schema.LoopConfig, config), METRICS)
     finetune = schema.read_flat(schema.FinetuneConfig, config)
     config_checks.check(finetune.labels_per_class >= 0,
-                     f"config.labels_per_class={finetune.labels_per_class} must be >= 0 (0 = all labels)")
+                        f"config.labels_per_class={finetune.labels_per_class} must be >= 0 (0 = all labels)")
     config_checks.check_seed(finetune.subset_seed, "subset_seed")
 
 

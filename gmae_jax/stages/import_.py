@@ -33,10 +33,10 @@ STAGE = "import"  # `import` is a Python keyword, so the module is import_
 
 def validate(config: ml_collections.ConfigDict) -> None:
     config_checks.check(bool(config.path), "config.path is empty; set --config.path=a .pth file (the original's "
-                     "checkpoint or model.pth of an export)")
+                        "checkpoint or model.pth of an export)")
     config_checks.check(importlib.util.find_spec("torch") is not None,
-                     "the import stage reads .pth files with PyTorch, which is not installed; "
-                     "pip install -e '.[torch]'")
+                        "the import stage reads .pth files with PyTorch, which is not installed; "
+                        "pip install -e '.[torch]'")
     config_checks.validate_model(config.model)
     # Before the file is read: a checkpoint may take minutes to load.
     _check_distinct(_given_class_names(config), "--config.class_names")

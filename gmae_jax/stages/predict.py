@@ -33,7 +33,7 @@ VIEWS = ("auto",) + views.VIEWS  # auto: the view the run was evaluated on
 def validate(config: ml_collections.ConfigDict) -> None:
     setup.validate_run_reference(config, runs="a finetune run")
     config_checks.check(bool(config.inputs), "config.inputs is empty; set --config.inputs=an image, a folder or a "
-                     "HaGRID tree")
+                        "HaGRID tree")
     config_checks.check(config.view in VIEWS, f"config.view='{config.view}' must be one of {VIEWS}")
     config_checks.check(config.top_k >= 1, f"config.top_k={config.top_k} must be at least 1")
     config_checks.check(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")

@@ -25,23 +25,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("corpora", "splits"):
         fractions = dict(config[name])
         config_checks.check(all(f > 0 for f in fractions.values()) and math.isclose(sum(fractions.values()), 1.0),
-                         f"config.{name}={fractions} must be positive fractions that sum to 1")
+                            f"config.{name}={fractions} must be positive fractions that sum to 1")
     config_checks.check(config.records_per_shard > 0,
-                     f"config.records_per_shard={config.records_per_shard} must be positive")
+                        f"config.records_per_shard={config.records_per_shard} must be positive")
     for name in ("image_side", "crop_size"):
         config_checks.check(config[name] >= MIN_STORED_SIDE,
-                         f"config.{name}={config[name]} must be at least {MIN_STORED_SIDE} pixels (the smallest "
-                         "model input, the micro preset's); store images at least as large as the model's input")
+                            f"config.{name}={config[name]} must be at least {MIN_STORED_SIDE} pixels (the smallest "
+                            "model input, the micro preset's); store images at least as large as the model's input")
     config_checks.check(config.crop_scale_max >= 1.0,
-                     f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
-                     "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
-    config_checks.check(1 <= config.jpeg_quality <= 100, f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
+                        f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
+                        "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
+    config_checks.check(1 <= config.jpeg_quality <= 100,
+                        f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
     config_checks.check_seed(config.seed, "seed")
     config_checks.check_num_workers(config.num_workers, "num_workers")
     config_checks.check(bool(config.data.root), "config.data.root is empty; set --config.data.root=a HaGRID tree")
     config_checks.check(config.data.layout in LAYOUTS,
-                     f"config.data.layout='{config.data.layout}' must be one of {LAYOUTS}: the prepare stage splits "
-                     "HaGRID by person (user_id)")
+                        f"config.data.layout='{config.data.layout}' must be one of {LAYOUTS}: the prepare stage splits "
+                        "HaGRID by person (user_id)")
     config_checks.validate_data(schema.read(schema.DataConfig, config.data, "config.data"))
 
 
@@ -50,9 +51,9 @@ def check_workdir(workdir: str) -> None:
     cannot do: a gs:// workdir is refused before anything is written, its lock included (the data
     may still be read there)."""
     config_checks.check("://" not in workdir,
-                     f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
-                     "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
-                     "--config.data.root at gs://.../finetune (or .../pretrain)")
+                        f"--workdir={workdir}: the prepare stage writes to a local folder; prepare into one and "
+                        "copy it to the bucket (gcloud storage cp -r FOLDER gs://...), then point "
+                        "--config.data.root at gs://.../finetune (or .../pretrain)")
     run_folder.check_not_a_run(workdir, "the prepare stage")
 
 
@@ -64,8 +65,8 @@ def _stop(signum: int, frame: object) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_workdir(workdir)
     config_checks.check(not run_folder.is_inside(workdir, config.data.root),
-                     f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
-                     "where its folders would mix with the images; prepare into a folder outside it")
+                        f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
+                        "where its folders would mix with the images; prepare into a folder outside it")
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block
     # then terminates its workers, which would otherwise go on writing into a closed pipe.
     handles = threading.current_thread() is threading.main_thread()

@@ -18,12 +18,12 @@ METRICS = ("loss",)
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     config_checks.validate_training(config, check_data)
     config_checks.check(0.0 < config.mask_ratio < 1.0,
-                     f"config.mask_ratio={config.mask_ratio} must be in (0, 1), e.g. --config.mask_ratio=0.6")
+                        f"config.mask_ratio={config.mask_ratio} must be in (0, 1), e.g. --config.mask_ratio=0.6")
     check_mask_ratio(config.mask_ratio, config.model.img_size, config.model.patch_size)
     config_checks.check_best_metric(schema.read_flat(schema.LoopConfig, config), METRICS)
     config_checks.check(config.num_reconstructions >= 1,
-                     f"config.num_reconstructions={config.num_reconstructions} must be at least 1: the evaluation "
-                     "images drawn in reconstructions.png (at most a batch)")
+                        f"config.num_reconstructions={config.num_reconstructions} must be at least 1: the evaluation "
+                        "images drawn in reconstructions.png (at most a batch)")
 
 
 def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
@@ -31,14 +31,14 @@ def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
     nothing to see: both are refused for the model's actual patch count."""
     patches = (img_size // patch_size) ** 2
     config_checks.check(patches >= 2,
-                     f"config.model.img_size={img_size} / patch_size={patch_size} makes one patch: masking needs "
-                     "one patch hidden and one visible; use a smaller config.model.patch_size")
+                        f"config.model.img_size={img_size} / patch_size={patch_size} makes one patch: masking needs "
+                        "one patch hidden and one visible; use a smaller config.model.patch_size")
     hidden = masking.num_masked(patches, mask_ratio)
     config_checks.check(0 < hidden < patches,
-                     f"config.mask_ratio={mask_ratio} hides {hidden} of the model's {patches} patches "
-                     f"(config.model.img_size={img_size} / patch_size={patch_size}); choose a ratio in "
-                     f"[{math.ceil(1e4 / patches) / 1e4:g}, {math.floor(1e4 * (patches - 1) / patches) / 1e4:g}] "
-                     "so that at least one patch is hidden and one visible")  # bounds rounded inwards: both accepted
+                        f"config.mask_ratio={mask_ratio} hides {hidden} of the model's {patches} patches "
+                        f"(config.model.img_size={img_size} / patch_size={patch_size}); choose a ratio in "
+                        f"[{math.ceil(1e4 / patches) / 1e4:g}, {math.floor(1e4 * (patches - 1) / patches) / 1e4:g}] "
+                        "so that at least one patch is hidden and one visible")  # bounds rounded inwards: both accepted
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits | None = None) -> dict[str, float]:

@@ -39,26 +39,26 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     """The study's own fields and both recipes; `check_data=False` (the demo) skips the folders,
     which do not exist yet."""
     config_checks.check(bool(config.pretrain_data) != bool(config.init_from),
-                     "set exactly one of --config.pretrain_data=UNLABELLED_ROOT (pretrain here) and "
-                     f"--config.init_from=PRETRAIN_WORKDIR (got pretrain_data='{config.pretrain_data}', "
-                     f"init_from='{config.init_from}')")
+                        "set exactly one of --config.pretrain_data=UNLABELLED_ROOT (pretrain here) and "
+                        f"--config.init_from=PRETRAIN_WORKDIR (got pretrain_data='{config.pretrain_data}', "
+                        f"init_from='{config.init_from}')")
     config_checks.check(len(config.labels_per_class) > 0 and all(n >= 0 for n in config.labels_per_class),
-                     f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
-                     "(0 = all labels), e.g. '(5,10,25,0)'")
+                        f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
+                        "(0 = all labels), e.g. '(5,10,25,0)'")
     config_checks.check(all(isinstance(n, int) and not isinstance(n, bool) for n in config.labels_per_class),
-                     f"config.labels_per_class={tuple(config.labels_per_class)} must be whole numbers, e.g. "
-                     "'(5,10,25,0)'")
+                        f"config.labels_per_class={tuple(config.labels_per_class)} must be whole numbers, e.g. "
+                        "'(5,10,25,0)'")
     config_checks.check(len(config.seeds) > 0, "config.seeds is empty; give at least one, e.g. '(0,1,2)'")
     for seed in config.seeds:
         config_checks.check_seed(seed, f"seeds={tuple(config.seeds)}: each seed")
     for name in ("labels_per_class", "seeds"):  # a repeat would count one run twice in the mean
         values = list(config[name])
         config_checks.check(len(set(values)) == len(values),
-                         f"config.{name}={tuple(values)} repeats a value; give each once")
+                            f"config.{name}={tuple(values)} repeats a value; give each once")
     config_checks.check(config.finetune.total_steps > 0,
-                     f"config.finetune.total_steps={config.finetune.total_steps}: the study gives every fine-tune "
-                     "the same fixed number of steps (epochs would give runs with more labels more steps); "
-                     "set it > 0, e.g. --config.finetune.total_steps=1000")
+                        f"config.finetune.total_steps={config.finetune.total_steps}: the study gives every fine-tune "
+                        "the same fixed number of steps (epochs would give runs with more labels more steps); "
+                        "set it > 0, e.g. --config.finetune.total_steps=1000")
     given = schema.read_flat(schema.FinetuneConfig, config.finetune)
     loop = schema.read_flat(schema.LoopConfig, config.finetune)
     config_checks.check(not given.init_from, "config.finetune.init_from is set by the study; use --config.init_from")
@@ -70,16 +70,16 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                                (loop, "seed", "--config.seeds")):
         value, default = getattr(section, name), getattr(type(section), name)
         config_checks.check(value == default, f"config.finetune.{name}={value!r} is set by the study for each of its "
-                         f"runs; use {use}")
+                            f"runs; use {use}")
     if check_data:
         config_checks.check(not config.init_from or os.path.isdir(config.init_from),
-                         f"config.init_from='{config.init_from}' {config_checks.not_a_folder(config.init_from)}; point "
-                         "it at a pretraining workdir")
+                            f"config.init_from='{config.init_from}' {config_checks.not_a_folder(config.init_from)}; "
+                            "point it at a pretraining workdir")
         if config.init_from:
             _check_pretraining_run(config.init_from)
         config_checks.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),
-                         f"config.pretrain_data='{config.pretrain_data}' does not exist; point it at the "
-                         "unlabelled images")
+                            f"config.pretrain_data='{config.pretrain_data}' does not exist; point it at the "
+                            "unlabelled images")
     with _fields_named_as_in_the_study("pretrain"):
         pretrain_stage.validate(pretrain_config(config), check_data=False)
     with _fields_named_as_in_the_study("finetune"):
@@ -114,7 +114,7 @@ def _check_pretraining_run(folder: str) -> None:
     workdir = run_folder.run_workdir(folder)
     stage = run_folder.load_run_config(workdir).stage
     config_checks.check(stage == "pretrain", f"config.init_from={folder} is a '{stage}' run; the study compares "
-                     "against a pretraining run (a fine-tune's encoder has seen the labels it is scored on)")
+                        "against a pretraining run (a fine-tune's encoder has seen the labels it is scored on)")
     config_checks.check(bool(run_folder.checkpoint_steps(workdir)), f"config.init_from={folder} has no checkpoint yet")
 
 

@@ -119,9 +119,9 @@ def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh:
 
 
 def check_outputs_finite(finite: bool, restored: RestoredRun, what: str) -> None:
-    """Stops with one line where a restored run's weights give NaN or infinite `what`: orbax checks no
-    array's bytes, so a checkpoint damaged inside its data restores without a word (and evaluate,
-    predict reported NaN with status 0)."""
+    """Stops with one line where a restored run's weights give NaN or infinite `what` (evaluate and
+    predict reported NaN with status 0): weights of a run that had diverged, or damaged inside a step
+    saved before its arrays had fingerprints (`checkpoint.check_fingerprints` catches the others)."""
     if not finite:
         raise ConfigError(f"checkpoint step {restored.step} of {restored.workdir} gives non-finite {what}: its weights "
                           "are damaged (or the run had diverged when it saved them); use another step "

@@ -294,8 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             if loop.best_metric:  # ranked for 'best' by the metrics it is saved with
                 checkpoint.save_again_with_metrics(manager, start, state, train_iter, owed_metrics)
         if start < steps_total:  # the first step's call compiles it: minutes for a large model on a GPU
-            logging.info("[%s] step %d: compiling the train step (%s)", task.name, start + 1,
-                         "a SIGTERM or Ctrl-C until it is done stops at once: nothing is unsaved yet")
+            logging.info("[%s] step %d: compiling the train step", task.name, start + 1)
         for step in range(start + 1, steps_total + 1):
             with progress.waiting_for_input():
                 host_batch = next(train_iter)
