@@ -36,8 +36,9 @@ class DataConfig:
 
     root: str = ""
     # 'auto' detects from the folders under root; or force 'class_folders' (<root>/{train,val}/<class>),
-    # 'hagrid_v2', 'hagrid_v1' (train/val = ann_train_val re-split by user, test = ann_test) or
-    # 'prepared' (a corpus folder written by configs/prepare.py: <out>/pretrain or <out>/finetune).
+    # 'hagrid_v2', 'hagrid_v1' (train/val = ann_train_val re-split by user, test = ann_test),
+    # 'prepared' (a corpus folder written by configs/prepare.py: <out>/pretrain or <out>/finetune) or
+    # 'tfds' (a `tfds build` of gmae_jax/data/tfds_hagrid.py: root is its --data_dir).
     layout: str = "auto"
     # HaGRID only: 'full_frame' (letterboxed frame) or 'hand_crop' (square around the gesture box).
     mode: str = "full_frame"

@@ -56,6 +56,8 @@ class _Loader:
         """What removes unreadable images from this kind of source."""
         if self.source.prepared:
             return "Delete the shard named and rerun the prepare stage"
+        if self.source.decoded_once:
+            return f"Delete {self.source.records.data_dir}/{sources.TFDS_NAME} and build it again"  # a TFDS build
         if self.source.records and isinstance(self.source[0], Example):
             return "Remove or re-save the files the warnings name"
         return "Run the prepare stage to find and drop them"
@@ -64,7 +66,7 @@ class _Loader:
         """Stops training when every image of a class is unreadable: each would be replaced by an image
         of another class, and the run would end as if nothing were wrong, never having seen that
         class. (Consecutive images of a class sit together, so the replacements walk through it.)"""
-        if self.source.prepared:  # the prepare stage decoded every image of its shards
+        if self.source.decoded_once:  # the prepare stage or a TFDS build decoded every image
             return
         label = subsets.label_of(element, self.source.view.class_names)
         bad = self._bad_of_class.setdefault(label, set())

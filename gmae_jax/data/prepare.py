@@ -144,6 +144,9 @@ def _read(
     """The labelled records of the whole tree, the class list (per config.data.classes), the report."""
     _refuse_own_output(epath.Path(root))
     layout = sources.detect_layout(root) if layout == "auto" else layout  # hints at a root one level off
+    if layout == "tfds":
+        raise DataLayoutError(f"{root} holds a TFDS build of HaGRID, split by person and resized already: train on "
+                              f"it as it is (--config.data.root={root} in pretrain or finetune)")
     if layout not in ("hagrid_v1", "hagrid_v2"):
         raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
                               "and needs HaGRID v1 or v2 annotations (user_id).")

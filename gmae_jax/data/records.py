@@ -78,6 +78,8 @@ class ShardReader:
     element looks the same whether it came from a file tree or from shards.
     """
 
+    decoded_once = True  # the prepare stage decoded and resized every image (`sources.Source.decoded_once`)
+
     def __init__(self, paths: Sequence[epath.PathLike], class_counts: Mapping[str, int] | None = None):
         self.paths = [str(p) for p in paths]
         self.class_counts = class_counts  # images per class, as the prepare stage counted them (None: not known)

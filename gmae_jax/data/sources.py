@@ -1,4 +1,4 @@
-"""Where training records come from: class folders, raw HaGRID v1 / v2, or prepared shards.
+"""Where training records come from: class folders, raw HaGRID v1 / v2, prepared shards, or a TFDS build.
 
 `open_sources(data)` (a `schema.DataConfig`) detects (or takes) the layout under `config.data.root` and returns
 the class list and a `Source` per split. A Source is a random-access sequence of pipeline
@@ -19,9 +19,10 @@ from gmae_jax.data.class_folders import DataLayoutError, Example
 from gmae_jax.data.views import Element, ViewConfig
 from gmae_jax.schema import DataConfig
 
-LAYOUTS = ("auto", "class_folders", "hagrid_v1", "hagrid_v2", "prepared")
+LAYOUTS = ("auto", "class_folders", "hagrid_v1", "hagrid_v2", "prepared", "tfds")
 MODES = views.HAGRID_VIEWS
 INDEX_FILE = "index.json"  # written by the prepare stage into each corpus folder
+TFDS_NAME = "hagrid_gmae"  # the TFDS builder's dataset (`tfds_hagrid.HagridGmae`): <data_dir>/hagrid_gmae/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,12 @@ class Source:
         """Whether the records are the prepare stage's shards (decoded and resized once already)."""
         return isinstance(self.records, records.ShardReader)
 
+    @property
+    def decoded_once(self) -> bool:
+        """Whether every image was decoded and resized once already, by the prepare stage or a TFDS
+        build: its images are small, and its per-class counts come with it (`records.class_counts`)."""
+        return getattr(self.records, "decoded_once", False)
+
     def __getitem__(self, index: int) -> Element:
         item = self.records[index]
         return (item, None) if isinstance(item, hagrid.HagridRecord) else item
@@ -58,10 +65,17 @@ class Splits(NamedTuple):
 
 
 def detect_layout(root: epath.PathLike, split: str = "train") -> str:
-    """'prepared' when root holds a prepare-stage index, else what `hagrid_layout.detect_layout` says; a
-    root with only the `split` class folder (evaluating without the training images) is class folders."""
+    """'prepared' when root holds a prepare-stage index, 'tfds' a TFDS build of HaGRID, else what
+    `hagrid_layout.detect_layout` says; a root with only the `split` class folder (evaluating without the
+    training images) is class folders."""
     if (epath.Path(root) / INDEX_FILE).exists():
         return "prepared"
+    if (epath.Path(root) / TFDS_NAME).is_dir():
+        return "tfds"
+    for data_dir in (epath.Path(root).parent, epath.Path(root).parent.parent):  # root: the build or a version of it
+        if (data_dir / TFDS_NAME).is_dir() and TFDS_NAME in epath.Path(root).parts:
+            raise DataLayoutError(f"{root} is a part of the TFDS build in {data_dir}; point the root at its data_dir: "
+                                  f"--config.data.root={data_dir}")
     try:
         return hagrid_layout.detect_layout(root)
     except hagrid_layout.UnknownLayoutError as error:
@@ -81,7 +95,7 @@ def _nearby(root: epath.Path, max_folders: int = 64, max_shown: int = 3) -> str:
     for folder in [root.parent, *inside]:
         if hagrid_layout.is_part_of_a_v2_tree(folder):
             folder = folder.parent
-        elif not (folder / INDEX_FILE).exists():
+        elif not ((folder / INDEX_FILE).exists() or (folder / TFDS_NAME).is_dir()):
             try:
                 hagrid_layout.detect_layout(folder)
             except DataLayoutError:
@@ -137,17 +151,21 @@ def hagrid_splits(recs: list, layout: str, wanted: Sequence[str], data: DataConf
     return {s: result[s] for s in wanted}
 
 
+def _check_free_hands_have_a_class(data: DataConfig, names: Sequence[str]) -> None:
+    if data.mode == "hand_crop" and data.no_gesture_prob > 0 and hagrid_layout.NO_GESTURE not in names:
+        raise DataLayoutError(
+            f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as "
+            f"'{hagrid_layout.NO_GESTURE}', which is not among the classes {list(names)}; add it to "
+            "config.data.classes or set no_gesture_prob=0.")
+
+
 def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
             class_names: Sequence[str] | None) -> tuple[list[str], dict[str, list]]:
     """Class names (a run's, else per config.data.classes) and the records of each wanted split;
     stops with the counts when more than config.data.max_dropped_fraction of the images would be lost."""
     root = str(data.root)
     names = list(class_names) if class_names else hagrid_layout.resolve_classes(data.classes, layout, root)
-    if data.mode == "hand_crop" and data.no_gesture_prob > 0 and hagrid_layout.NO_GESTURE not in names:
-        raise DataLayoutError(
-            f"config.data.no_gesture_prob={data.no_gesture_prob} crops free hands as "
-            f"'{hagrid_layout.NO_GESTURE}', which is not among the classes {names}; add it to "
-            "config.data.classes or set no_gesture_prob=0.")
+    _check_free_hands_have_a_class(data, names)
     read = _hagrid_v2 if layout == "hagrid_v2" else _hagrid_v1
     try:
         recs, report = read(root, wanted, names)
@@ -215,6 +233,45 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
     return index["class_names"], result
 
 
+def _tfds(data: DataConfig, wanted: Sequence[str],
+          class_names: Sequence[str] | None) -> tuple[list[str], dict[str, Sequence]]:
+    """Class names (a run's, else per config.data.classes, from the build's class counts) and a reader
+    per wanted split of the TFDS build in data.root. A build is read whole: classes that leave some of
+    its images without a label are refused (the prepare stage writes a corpus of fewer classes)."""
+    root = str(data.root)
+    try:
+        from gmae_jax.data import tfds_hagrid  # tensorflow-datasets: the [tfds] extra
+    except ImportError as error:
+        raise DataLayoutError(f"{root} holds a TFDS build of HaGRID ({TFDS_NAME}/); reading it needs "
+                              f"tensorflow-datasets: pip install -e '.[tfds]' ({error})") from None
+    build = tfds_hagrid.read_build(root)
+    for split in wanted:
+        if split not in build.class_counts:
+            raise DataLayoutError(f"The TFDS build in {root} has no split {split!r}; "
+                                  f"{_pick_another_split(data, split, build.class_counts)}.")
+    found = {name for split in build.class_counts.values() for name in split}
+    if class_names:
+        names = list(class_names)
+    elif data.classes == hagrid_layout.PRESENT:
+        names = sorted(sorted(found), key=lambda name: name == hagrid_layout.NO_GESTURE)
+    elif data.classes == hagrid_layout.OFFICIAL:
+        names = hagrid_layout.resolve_classes(data.classes, build.layout, root)
+    else:
+        names = hagrid_layout.parse_class_list(data.classes)
+    _check_free_hands_have_a_class(data, names)
+    for split in wanted:
+        unlabelled = sorted(set(build.class_counts[split]) - set(names))
+        if unlabelled:
+            count = sum(build.class_counts[split][name] for name in unlabelled)
+            remedy = ("the run was not trained on them: evaluate it on data of its classes" if class_names else
+                      "a build is read whole: leave config.data.classes out (or set it to present), or prepare "
+                      "a corpus of these classes from the HaGRID tree (configs/prepare.py with "
+                      "--config.data.classes=...)")
+            raise DataLayoutError(f"Split {split!r} of the TFDS build in {root} holds {count} images of "
+                                  f"{', '.join(unlabelled)}, which are not among the classes {names}; {remedy}")
+    return names, {split: tfds_hagrid.TfdsReader(root, split, build.class_counts[split]) for split in wanted}
+
+
 def _open(
     data: DataConfig, wanted: Sequence[str], class_names: Sequence[str] | None,
 ) -> tuple[list[str], dict[str, Source]]:
@@ -238,6 +295,8 @@ def _open(
     else:
         if layout == "prepared":
             names, parts = _prepared(epath.Path(root), wanted, data)
+        elif layout == "tfds":
+            names, parts = _tfds(data, wanted, class_names)
         else:
             names, parts = _hagrid(data, layout, wanted, class_names)
         if class_names and list(class_names) != list(names):

@@ -36,9 +36,10 @@ def labels_of(source: Source) -> np.ndarray:
 
 
 def classes_without_images(source: Source, class_names: Sequence[str]) -> list[str]:
-    """The classes of which `source` holds no image. Prepared shards are not read for it (their labels
-    sit in the records): their index counts each class (one written before it did: none found)."""
-    if source.prepared:
+    """The classes of which `source` holds no image. Prepared shards and TFDS builds are not read for it
+    (their labels sit in the records): their index or metadata counts each class (a prepare-stage index
+    written before it did: none found)."""
+    if source.decoded_once:
         counts = source.records.class_counts or {}
         return [name for name in class_names if counts and not counts.get(name)]
     present = set(labels_of(source).tolist())

@@ -119,7 +119,7 @@ class Progress:
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.num_workers = num_workers
-        self.from_shards = from_shards  # the input: prepared shards (the advice then leaves them out)
+        self.from_shards = from_shards  # the input: images resized once (prepared shards or a TFDS build)
         self.last_step = start_step
         self.last_time = time.perf_counter()
         self.input_seconds = 0.0

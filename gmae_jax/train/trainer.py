@@ -256,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                           config.to_dict(), task.name, resumed_at=start)
     eval_split = data_config.eval_split
     pictures: list[str] = []
-    progress = Progress(steps_total, start, loop.batch_size, num_workers, from_shards=data.train.prepared)
+    progress = Progress(steps_total, start, loop.batch_size, num_workers, from_shards=data.train.decoded_once)
     warning = nothing_to_train_warning(start, steps_total)
     if warning:
         logging.warning(warning)
