@@ -229,7 +229,8 @@ def test_sparse_encoder_costs_about_the_visible_fraction_of_the_dense_flops():
 
 
 def test_the_sparse_vs_dense_benchmark_prints_each_mode_against_the_dense_one(capsys):
-    results = sparse_benchmark.print_comparison("micro", batch_size=8, mask_ratio=0.75, num_steps=1, rounds=1)
+    results = sparse_benchmark.print_comparison("micro", batch_size=8, mask_ratio=0.75, num_steps=1, rounds=1,
+                                                 depth=1)
     lines = capsys.readouterr().out.splitlines()
     assert "XLA's cost analysis" in lines[0] and "not --model_flops' matmul and convolution count" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == list(results) == ["encoder", "sparse"]

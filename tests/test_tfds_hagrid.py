@@ -10,8 +10,7 @@ from absl import flags
 import hagrid_fixtures as fx
 import numpy as np
 import pytest
-
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # the dev extra installs it: a missing one fails here, never skips
 
 from gmae_jax import config_lib, schema, stages  # noqa: E402
 from gmae_jax.data import hagrid_layout, pipeline, prepare, record_filters, sources, splits, subsets  # noqa: E402
