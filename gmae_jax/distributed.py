@@ -3,9 +3,11 @@ JAX fixes the device list of a process the first time it is asked for it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -68,6 +70,8 @@ def initialize(
         _check(0 <= process_id < num_processes,
                f"--process_id={process_id} must be in [0, {num_processes}) for "
                f"--num_processes={num_processes}")
+        if process_id == 0:
+            _check_port_free(int(port), coordinator_address)
     _check(num_cpu_devices is None or num_cpu_devices >= 1,
            f"--num_cpu_devices={num_cpu_devices} must be at least 1")
     _check(timeout_s >= 1, f"--distributed_timeout={timeout_s} must be at least 1 (seconds)")
@@ -94,6 +98,29 @@ def initialize(
 
 
 _JAX_GRACE_S = 10  # JAX's own deadline, after ours
+
+
+def _check_port_free(port: int, coordinator_address: str) -> None:
+    """Process 0 listens on the coordinator's port, on every interface of its host. JAX's service binds
+    it even where another job's coordinator listens already (gRPC shares ports), and that job then
+    aborts as this one's processes join it; another program there ends JAX with a traceback."""
+    for family, everywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a past job's closing connections are fine
+            try:
+                probe.bind((everywhere, port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    continue  # e.g. IPv6 without an address: the other family decides
+                raise DistributedSetupError(
+                    f"--coordinator_address={coordinator_address}: port {port} is in use on this host, where process "
+                    "0 listens (another job's coordinator?); give the job a free port, and stop this job's other "
+                    "processes meanwhile: joining that port, they would end the job that listens there") from None
+            return
 
 
 def _never_joined(who: str, timeout_s: int) -> None:
@@ -137,8 +164,8 @@ def check_processes_agree(facts: dict[str, Any], what: str, remedy: str = _SAME_
         mine = "; ".join(f"{name}: {_short(facts[name])}" for name in differing)
         others = sorted({int(p) for p in np.nonzero((gathered != gathered[jax.process_index()]).any(axis=1))[0]})
         raise ProcessesDisagreeError(
-            f"the processes of this job see different {what}: {', '.join(differing)} differ (process "
-            f"{jax.process_index()} has {mine}; processes {others} have other values); {remedy}")
+            f"the processes of this job see different {what}: {', '.join(differing)} not the same on every process "
+            f"(process {jax.process_index()} has {mine}; processes {others} have other values); {remedy}")
 
 
 def _json(value: Any) -> str:

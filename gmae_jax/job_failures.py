@@ -77,34 +77,47 @@ class Silence:
         return {process for process, (_, since) in self._heard.items() if now - since >= self._after_s}
 
 
-def on_failure_of_another(leave: Callable[[dict[int, str]], None]) -> None:
+def on_failure_of_another(leave: Callable[[dict[int, str]], None]) -> threading.Thread | None:
     """In a job of several processes, calls `leave(failures_of_others())` from a daemon thread as soon
     as another process reports its failure (`report_failure`). Waiting for it in a collective, they
     would learn of it only from JAX's abort ("another task died", a thread dump under it): when process
     0 goes, or at JAX's heartbeat timeout (~100 s); a checkpoint save it never joins waits 20 minutes.
     A process killed outright reports nothing: each process counts in the store every second, and
-    process 0 reports for one whose count stops for SILENT_AFTER_S, so that all stop with that line."""
+    process 0 reports for one whose count stops for SILENT_AFTER_S, so that all stop with that line.
+    Returns the watching thread (None in a single process), which ends at this process's exit."""
     if jax.process_count() == 1:
-        return
+        return None
     done = threading.Event()
     atexit.register(done.set)  # before JAX's own exit hook, registered earlier, shuts the job's client down
     me = jax.process_index()
     silence = Silence(set(range(1, jax.process_count())), time.monotonic(), SILENT_AFTER_S) if me == 0 else None
 
+    def look() -> dict[int, str]:
+        _with_store(lambda client: client.key_value_set(f"{_ALIVE}{me}", str(count), allow_overwrite=True))
+        seen = failures_of_others()
+        if not seen and silence is not None:
+            seen = _report_the_silent(silence)
+        return seen
+
     def watch() -> None:
-        count = 0
+        nonlocal count
         while not done.wait(WATCH_EVERY_S):
             count += 1
-            _with_store(lambda client: client.key_value_set(f"{_ALIVE}{me}", str(count), allow_overwrite=True))
-            seen = failures_of_others()
-            if not seen and silence is not None:
-                seen = _report_the_silent(silence)
+            try:
+                seen = look()
+            except Exception:
+                if done.is_set():  # JAX shut down under a round begun before the exit: nothing to watch for
+                    return
+                raise
             if seen:
                 time.sleep(OWN_LINE_GRACE_S)
                 leave(failures_of_others() or seen)  # read again: more may have failed; or the store has gone
                 return
 
-    threading.Thread(target=watch, name="watch-other-processes", daemon=True).start()
+    count = 0
+    thread = threading.Thread(target=watch, name="watch-other-processes", daemon=True)
+    thread.start()
+    return thread
 
 
 def _report_the_silent(silence: Silence) -> dict[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import jax
@@ -63,10 +64,13 @@ def main(argv: list[str]) -> None:
         print(stop, file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:  # a Ctrl-C outside training's loop (which saves and stops instead), or in a job
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the same Ctrl-C again (a launcher passing it on) changes nothing
+        line = ("interrupted (Ctrl-C): every checkpoint on disk stays; rerun the same command to resume from the "
+                "last one")
         if job_failures.in_a_job():
             job_failures.report_failure(job_failures.INTERRUPTED)  # so that the others stop too, with this line
-            job_failures.leave("interrupted\n", Preempted.INTERRUPTED_STATUS)  # not through JAX's shutdown barrier
-        print("interrupted", file=sys.stderr, flush=True)
+            job_failures.leave(line + "\n", Preempted.INTERRUPTED_STATUS)  # not through JAX's shutdown barrier
+        print(line, file=sys.stderr, flush=True)
         sys.exit(Preempted.INTERRUPTED_STATUS)
     except Exception as error:
         # A mistake in the config, the data, the job flags or the workdir: one line that says what to

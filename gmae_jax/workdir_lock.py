@@ -7,7 +7,9 @@ so a lock left by `kill -9` is simply taken over. Object stores (gs://) have no 
 lock is a lease file with the holder's host, PID and a timestamp that a thread refreshes; a lease
 that was not refreshed for `LEASE_SECONDS`, or whose PID is dead on this same host, is stale and taken
 over. (A lease is best effort: two runs starting within the same second can both read "free".)
-Only process 0 of a multi-process job takes the lock; the others learn its outcome from it.
+Only process 0 of a multi-process job takes the lock; the others learn its outcome from it, and
+check that they see its lock file: a workdir that is not the same storage for every process (a local
+folder on each host) fails at the first checkpoint save otherwise, hours into the run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -43,6 +46,10 @@ class WorkdirBusyError(ConfigError):
 
 class WorkdirNotWritableError(ConfigError):
     """The workdir (or its parent) cannot be created or written; the message says which path."""
+
+
+class WorkdirNotSharedError(ConfigError):
+    """Processes of one job that do not see the same workdir; the message names them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +157,7 @@ def _flock(workdir: epath.Path) -> Iterator[None]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, Holder.me().to_json().encode(), 0)
+        os.fsync(fd)  # on a shared file system, for the job's other hosts to read (`_check_every_process_sees`)
     except OSError as error:
         os.close(fd)
         raise _not_writable(workdir, error) from error
@@ -242,12 +250,45 @@ def _held(folder: epath.Path, kind: str) -> Iterator[None]:
                 stack.enter_context(_lock(folder, kind))
             except ConfigError as refused:
                 error = refused
-        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        mine = _holder_digest(folder) if error is None and jax.process_index() == 0 else 0
+        failed, digest = multihost_utils.broadcast_one_to_all(np.asarray([error is not None, mine], np.int32))
         if error is not None:
             raise error
         if int(failed):
             raise WorkdirBusyError(f"process 0 could not lock workdir {folder}; see its error")
+        _check_every_process_sees(folder, int(digest))
         yield
+
+
+SHARED_WAIT_S = 10.0  # how long a process looks for process 0's lock file (a shared file system's caches)
+
+
+def _holder_digest(folder: epath.Path) -> int:
+    """32 bits of who holds `folder` per its lock file (0: no readable lock file)."""
+    try:
+        holder = Holder.parse((folder / LOCK_FILE).read_text())
+    except OSError:
+        holder = None
+    if holder is None:
+        return 0
+    who = json.dumps([holder.host, holder.pid, holder.since])  # not the lease's refresh time, which moves
+    return int(np.frombuffer(hashlib.sha256(who.encode()).digest()[:4], np.int32)[0]) or 1
+
+
+def _check_every_process_sees(folder: epath.Path, expected: int) -> None:
+    """Stops every process of the job, naming those that do not see the lock file process 0 holds: each
+    process writes its part of every checkpoint into the workdir. A collective: every process calls it."""
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while _holder_digest(folder) != expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+    sees = np.asarray(multihost_utils.process_allgather(np.int32(_holder_digest(folder) == expected)))
+    blind = [int(process) for process in np.flatnonzero(sees.reshape(-1) == 0)]
+    if blind:
+        which = f"process {blind[0]} does" if len(blind) == 1 else f"processes {blind} do"
+        raise WorkdirNotSharedError(
+            f"workdir {folder} is not the same folder for every process of this job: {which} not see the lock file "
+            f"process 0 holds in it. Every process writes its part of each checkpoint there: give every process the "
+            "same --workdir, on storage that every host sees at that path (a shared file system or a gs:// bucket)")
 
 
 def read_holder(workdir: str) -> dict[str, Any] | None:

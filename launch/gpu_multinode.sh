@@ -11,7 +11,9 @@
 #
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu_multinode.sh --config=... --workdir=...
 #
-# The workdir must be storage that every node sees: all processes write one orbax checkpoint.
+# The workdir must be storage that every node sees: all processes write one orbax checkpoint (they
+# check that they see process 0's lock file in it before training). COORDINATOR's port must be free:
+# process 0 refuses one in use, but the other nodes' processes would join whatever job listens there.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"

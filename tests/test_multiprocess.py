@@ -5,11 +5,13 @@ eight devices while only process 0 writes metrics."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -53,6 +55,25 @@ def test_explicit_flags_reach_jax_after_a_line_that_says_what_it_waits_for(monke
     assert calls == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
                                initialization_timeout=60 + distributed._JAX_GRACE_S))]  # ours first
     assert "process 1 of 2: joining the job through 10.0.0.1:1234; waiting up to 60 s" in caplog.text
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["a program", "a coordinator (gRPC shares its port)"])
+def test_process_0_refuses_a_coordinator_port_in_use_before_joining(share, monkeypatch):
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not start"))
+    with socket.socket(socket.AF_INET6) as taken:
+        if share:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("::", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(distributed.DistributedSetupError, match=(
+                f"--coordinator_address=10.0.0.1:{port}: port {port} is in use on this host, where process 0 "
+                r"listens \(another job's coordinator\?\); give the job a free port")):
+            distributed.initialize(coordinator_address=f"10.0.0.1:{port}", num_processes=2, process_id=0)
+        calls = []
+        monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(k))
+        distributed.initialize(coordinator_address=f"10.0.0.1:{port}", num_processes=2, process_id=1)
+        assert calls  # the others only connect to it
 
 
 def test_auto_leaves_the_layout_to_jax(monkeypatch):
@@ -140,9 +161,67 @@ def test_local_launcher_stops_the_other_ranks_when_one_fails(tmp_path):
     result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 3 and time.monotonic() - started < 20  # not rank 0's 60 s
-    assert "a process failed (status 3); stopping the others" in result.stderr
+    assert f"process 1 failed (status 3); stopping the others. Logs: {tmp_path / 'logs'}/process_<rank>.log" in (
+        result.stderr)
     survivors = subprocess.run(["pgrep", "-f", rank0], capture_output=True, text=True).stdout.split()
     assert not survivors, "rank 0 was left running"
+
+
+def test_local_launcher_names_the_signal_that_killed_a_process_and_appends_to_its_log(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PROCESS.replace('exit "$RANK1_STATUS"', 'echo "rank 1 ran"; kill -KILL $$'))
+    fake.chmod(0o755)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "process_1.log").write_text("an earlier launch's line\n")
+    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs"), "STOP_GRACE_S": "1",
+           "FAKE_RANK0": f"fake-rank0-{os.getpid()}-{tmp_path.name}"}
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 137
+    assert ("process 1 failed (killed by SIGKILL, status 137: the out-of-memory killer? dmesg says); stopping the "
+            "others") in result.stderr
+    log = (tmp_path / "logs" / "process_1.log").read_text().splitlines()
+    assert log[0] == "an earlier launch's line" and log[2] == "rank 1 ran"  # a second job's launch truncated it
+    assert re.fullmatch(r"=== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: process 1 of 2, coordinator port 1 ===", log[1])
+
+
+def test_local_launcher_refuses_a_port_in_use_before_starting_anything(tmp_path):
+    """Processes that joined another job's coordinator made that job abort."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHON": "false", "PORT": str(port), "LOG_DIR": str(tmp_path / "logs")}
+        result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"],
+                                env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: PORT={port} is in use on this host (another job's coordinator?); give "
+                                     "this job a free PORT, or leave PORT unset to pick one")
+    assert not (tmp_path / "logs").exists()
+
+
+INTERRUPTIBLE_PROCESS = """#!/usr/bin/env bash
+# Stands in for python -m gmae_jax.main under Ctrl-C: exits 130 on SIGINT.
+sleep 60 &
+trap 'kill $!; exit 130' INT
+wait
+"""
+
+
+def test_local_launcher_passes_a_sigint_to_itself_on_and_exits_130(tmp_path):
+    """A SIGINT to the script alone (not the terminal's, which reaches every process) was ignored: the
+    job trained on to its end."""
+    fake = tmp_path / "python"
+    fake.write_text(INTERRUPTIBLE_PROCESS)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs")}
+    launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)  # the ranks are up
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=30)
+    assert launcher.returncode == 130, stderr
+    assert "failed" not in stderr
 
 
 @pytest.mark.parametrize("setting, value, minimum", [("NUM_PROCESSES", "0", 1), ("NUM_PROCESSES", "1.5", 1),
@@ -193,7 +272,7 @@ def test_local_launcher_does_not_report_a_preemption_when_a_rank_died_without_sa
     os.killpg(launcher.pid, signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=30)
     assert launcher.returncode == 128 + signal.SIGTERM, stderr
-    assert "a process failed (status 143)" in stderr
+    assert "process 0 failed (killed by SIGTERM, status 143); stopping the others" in stderr
 
 
 # --- Two processes train like one --------------------------------------------------------------
@@ -401,7 +480,8 @@ def test_processes_that_see_different_data_stop_with_one_line_before_training(da
     for rank, (proc, log) in enumerate(zip(procs, logs)):
         last = _last_line(log.read_text())
         assert proc.returncode == 1, last
-        assert last.startswith("error: the processes of this job see different data: training images differ"), last
+        assert last.startswith("error: the processes of this job see different data: training images not the same "
+                               "on every process"), last
         assert f"process {rank} has training images: {32 - 4 * rank}; processes [{1 - rank}] have other" in last
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
@@ -421,10 +501,29 @@ def test_processes_started_with_different_settings_stop_with_one_line_naming_the
         last = _last_line(log.read_text())
         assert proc.returncode == 1, last
         assert last.startswith(
-            f"error: the processes of this job see different settings: config.batch_size differ (process {rank} has "
-            f"config.batch_size: {(16, 32)[rank]}; processes [{1 - rank}] have other values); give every process "
-            "the same --config flags (only config.data.root,"), last
+            "error: the processes of this job see different settings: config.batch_size not the same on every process "
+            f"(process {rank} has config.batch_size: {(16, 32)[rank]}; processes [{1 - rank}] have other values); give "
+            "every process the same --config flags (only config.data.root,"), last
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_processes_whose_workdirs_differ_stop_with_one_line_before_training(data_root, tmp_path):
+    """A workdir on each host's own disk (or a --workdir that differs) trained until the first checkpoint
+    save, where process 1 failed on a file process 0 had written: hours of a real run."""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"process_{rank}.log" for rank in range(2)]
+    procs = [_launch(str(tmp_path / f"run{rank}"), data_root, str(log), 4, f"--coordinator_address={address}",
+                     "--num_processes=2", f"--process_id={rank}") for rank, log in enumerate(logs)]
+    for proc in procs:
+        proc.wait(timeout=240)
+    for rank, (proc, log) in enumerate(zip(procs, logs)):  # each names its own --workdir
+        last = _last_line(log.read_text())
+        assert proc.returncode == 1, last
+        assert last == (f"error: workdir {tmp_path / f'run{rank}'} is not the same folder for every process of this "
+                        "job: process 1 does not see the lock file process 0 holds in it. Every process writes its "
+                        "part of each checkpoint there: give every process the same --workdir, on storage that every "
+                        "host sees at that path (a shared file system or a gs:// bucket)"), last
+    assert not os.path.exists(tmp_path / "run0") and not os.path.exists(tmp_path / "run1")
 
 
 def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_root, tmp_path):
@@ -447,7 +546,8 @@ def test_a_ctrl_c_to_one_process_of_a_job_ends_it_at_once_with_status_130(data_r
             proc.wait()
     log = open(logs["process_0"]).read()
     assert status == 130, log[-3000:]
-    assert _last_line(log) == "interrupted", log[-3000:]
+    assert _last_line(log) == ("interrupted (Ctrl-C): every checkpoint on disk stays; rerun the same command to "
+                               "resume from the last one"), log[-3000:]
     log_1 = open(logs["process_1"]).read()
     assert status_1 == 130, log_1[-3000:]
     assert _last_line(log_1) == "interrupted: process 0 of this job was interrupted (Ctrl-C), so process 1 stops too"
@@ -732,3 +832,28 @@ def test_a_reader_that_could_not_look_judges_nobody_by_that_stretch():
     assert silence.observe({1: "1"}, now=1.0) == set()
     # The store did not answer process 0 from 1 s to 9 s; process 1's count had not moved by then.
     assert [silence.observe({1: "1"}, now=float(second)) for second in range(9, 15)] == [set()] * 5 + [{1}]
+
+
+@pytest.mark.parametrize("exiting", [True, False])
+def test_the_watch_ends_quietly_when_jax_shuts_down_under_it_and_only_then(exiting, monkeypatch):
+    """A round of the watch begun just before the exit called into JAX while it shut down and printed
+    a thread's traceback ("Unable to initialize backend 'cpu'") under a finished run."""
+    exit_hooks, raised = [], []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(job_failures.atexit, "register", exit_hooks.append)
+    monkeypatch.setattr(job_failures, "WATCH_EVERY_S", 0.01)
+    monkeypatch.setattr(job_failures, "_with_store", lambda call: None)
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+
+    def shut_down_under_it():
+        if exiting:
+            exit_hooks[0]()  # the exit begins while this round runs
+        raise RuntimeError("Unable to initialize backend 'cpu': ALREADY_EXISTS")
+
+    monkeypatch.setattr(job_failures, "failures_of_others", shut_down_under_it)
+    thread = job_failures.on_failure_of_another(lambda others: pytest.fail("no process failed"))
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    shut_down = "Unable to initialize backend 'cpu': ALREADY_EXISTS"
+    assert [str(error) for error in raised] == ([] if exiting else [shut_down])

@@ -86,9 +86,12 @@ def test_a_build_is_a_layout_whose_classes_come_from_its_metadata(built, monkeyp
     assert sorted(empty) == sorted(set(hagrid_layout.HAGRID_V2_CLASSES) - set(present))
 
 
+PART_OF_A_BUILD = r"is a part of the TFDS build in .*; point the root at its data_dir: --config.data.root="
+
+
 @pytest.mark.parametrize("where, data, message", [
-    ("hagrid_gmae", {}, r"is a part of the TFDS build in .*; point the root at its data_dir: --config.data.root="),
-    ("hagrid_gmae/1.1.0", {}, r"is a part of the TFDS build in .*; point the root at its data_dir: --config.data.root="),
+    ("hagrid_gmae", {}, PART_OF_A_BUILD),
+    ("hagrid_gmae/1.1.0", {}, PART_OF_A_BUILD),
     ("", {"classes": "call,like"}, r"Split 'train' of the TFDS build in .* holds 8 images of hand_heart, "
                                    r"no_gesture, which are not among the classes \['call', 'like'\]; a build is "
                                    r"read whole"),
