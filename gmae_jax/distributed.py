@@ -6,11 +6,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import contextlib
 import os
+import select
+import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -88,11 +91,12 @@ def initialize(
     deadline.daemon = True
     deadline.start()
     try:
-        if auto:
-            jax.distributed.initialize(initialization_timeout=timeout_s + _JAX_GRACE_S)
-        else:
-            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                       process_id=process_id, initialization_timeout=timeout_s + _JAX_GRACE_S)
+        with _stopping_on_signals_while_joining():
+            if auto:
+                jax.distributed.initialize(initialization_timeout=timeout_s + _JAX_GRACE_S)
+            else:
+                jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                           process_id=process_id, initialization_timeout=timeout_s + _JAX_GRACE_S)
     finally:
         deadline.cancel()
 
@@ -121,6 +125,49 @@ def _check_port_free(port: int, coordinator_address: str) -> None:
                     "0 listens (another job's coordinator?); give the job a free port, and stop this job's other "
                     "processes meanwhile: joining that port, they would end the job that listens there") from None
             return
+
+
+# How a process stopped while joining ends: as the entry point ends a preemption or a Ctrl-C outside
+# training (`train.preemption.Preempted`), nothing saved and nothing lost.
+_WHILE_JOINING = {signal.SIGTERM: ("preempted (SIGTERM)", 75), signal.SIGINT: ("interrupted (Ctrl-C)", 130)}
+
+
+@contextlib.contextmanager
+def _stopping_on_signals_while_joining() -> Iterator[None]:
+    """Python runs its signal handlers in the main thread, which JAX's join holds in C++ until every
+    process has joined or the timeout has passed: a SIGTERM (a scheduler's preemption) or Ctrl-C there
+    took effect only then, and the process exited 1 with the join's error. Python's C-level handler
+    still writes each signal's number to a wakeup file descriptor, which a thread watches."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end)
+
+    def watch() -> None:
+        while True:
+            select.select([read_end], [], [])
+            data = os.read(read_end, 64)
+            if not data:  # the join has ended
+                return
+            for signum in data:
+                if signum in _WHILE_JOINING:
+                    what, status = _WHILE_JOINING[signum]
+                    sys.stderr.write(f"{what} before the job was complete: nothing was saved or lost; rerun the "
+                                     "same command\n")
+                    sys.stderr.flush()
+                    os._exit(status)
+
+    watcher = threading.Thread(target=watch, name="signals-while-joining", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_end)
+        watcher.join()
+        os.close(read_end)
 
 
 def _never_joined(who: str, timeout_s: int) -> None:

@@ -118,6 +118,33 @@ def test_a_job_that_never_completes_stops_each_process_with_one_line(rank, tmp_p
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("signum, status, what", [(signal.SIGTERM, 75, "preempted (SIGTERM)"),
+                                                  (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_a_signal_while_waiting_for_the_job_to_be_complete_stops_at_once(signum, status, what, tmp_path):
+    """JAX's join holds the main thread, where Python runs its signal handlers: a scheduler's SIGTERM
+    took effect only after the timeout, and the process exited 1 (not the 75 a job script requeues on)."""
+    log = tmp_path / "log.txt"
+    proc = _start(["--config=configs/pretrain.py:runlocal", f"--workdir={tmp_path / 'w'}",
+                   f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", "--process_id=1",
+                   "--distributed_timeout=120"], str(log))
+    try:
+        deadline = time.monotonic() + 120
+        while "waiting up to 120 s" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        time.sleep(1)  # inside JAX's join
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == status, log.read_text()[-2000:]
+        assert time.monotonic() - sent < 10
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _last_line(log.read_text()) == (f"{what} before the job was complete: nothing was saved or lost; rerun the "
+                                           "same command")
+    assert not (tmp_path / "w").exists()
+
+
 # --- The launch scripts ------------------------------------------------------------------------
 
 def test_there_are_launch_scripts():
