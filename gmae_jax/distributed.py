@@ -3,10 +3,10 @@ JAX fixes the device list of a process the first time it is asked for it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
-import contextlib
 import os
 import select
 import signal
