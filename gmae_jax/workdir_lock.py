@@ -266,12 +266,12 @@ SHARED_WAIT_S = 10.0  # how long a process looks for process 0's lock file (a sh
 def _holder_digest(folder: epath.Path) -> int:
     """32 bits of who holds `folder` per its lock file (0: no readable lock file)."""
     try:
-        holder = Holder.parse((folder / LOCK_FILE).read_text())
+        holder = read_holder(str(folder))
     except OSError:
         holder = None
     if holder is None:
         return 0
-    who = json.dumps([holder.host, holder.pid, holder.since])  # not the lease's refresh time, which moves
+    who = json.dumps([holder["host"], holder["pid"], holder["since"]])  # not a lease's refresh time, which moves
     return int(np.frombuffer(hashlib.sha256(who.encode()).digest()[:4], np.int32)[0]) or 1
 
 
@@ -292,7 +292,7 @@ def _check_every_process_sees(folder: epath.Path, expected: int) -> None:
 
 
 def read_holder(workdir: str) -> dict[str, Any] | None:
-    """The holder recorded in a workdir's lock file (for messages and tests), or None."""
+    """The holder recorded in a workdir's lock file, or None."""
     path = epath.Path(workdir) / LOCK_FILE
     holder = Holder.parse(path.read_text()) if path.exists() else None
     return dataclasses.asdict(holder) if holder else None
