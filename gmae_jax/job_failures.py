@@ -55,8 +55,8 @@ SILENT_AFTER_S = 30.0  # a process not heard from for this long is gone (killed 
 def silent_line(after_s: float) -> str:
     """What the job learns of a process that went without a word."""
     return (f"no word from it for {after_s:.0f} s: it was killed outright (the out-of-memory killer? `dmesg` on its "
-            "host says), it hangs (stopped, or stuck in the kernel), or its host went down; rerun the job to resume from the "
-            "last checkpoint")
+            "host says), it hangs (stopped, or stuck in the kernel), or its host went down; rerun the job to resume "
+            "from the last checkpoint")
 
 
 class Silence:

@@ -69,7 +69,7 @@ def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offe
         resume_check.check(config, str(run_dir), ["fist", "palm"])
     message = str(refused.value)
     assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
-    assert "model.depth fix its saved weights (their shapes" in message and "another --workdir" in message
+    assert "model.depth fixes its saved weights (their shapes" in message and "another --workdir" in message
     assert "allow_changes" not in message
     assert not (run_dir / run_folder.HISTORY_FILE).exists()
 
@@ -80,7 +80,7 @@ def test_other_attention_heads_are_refused_under_any_policy_though_the_shapes_fi
     config = pretrain_config()
     config.resume_policy = "allow_changes"
     config.model[field] = config.model[field] * 2
-    with pytest.raises(config_lib.ConfigError, match=rf"model.{field} fix its saved weights \(their shapes, their "
+    with pytest.raises(config_lib.ConfigError, match=rf"model.{field} fixes its saved weights \(their shapes, their "
                        r"attention heads"):
         resume_check.check(config, str(run_dir), ["fist", "palm"])
 
@@ -91,7 +91,7 @@ def test_a_classifiers_class_order_is_refused_under_any_policy_a_pretraining_run
     (tmp_path / "checkpoints" / "10").mkdir(parents=True)
     finetune.resume_policy = "allow_changes"
     with pytest.raises(config_lib.ConfigError, match=r"classes \(classes.json\): \['fist', 'palm'\] -> "
-                       r"\['palm', 'fist'\]\); nothing was changed. classes \(classes.json\) fix its saved weights"):
+                       r"\['palm', 'fist'\]\); nothing was changed. classes \(classes.json\) fixes its saved weights"):
         resume_check.check(finetune, str(tmp_path), ["palm", "fist"])
 
 

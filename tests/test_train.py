@@ -172,7 +172,7 @@ def test_rerun_with_another_model_is_refused_before_anything_changes(pretrained,
         stages.run(changed, workdir)
     assert str(refused.value) == (
         f"{workdir} holds a run with other settings (model.embed_dim: 32 -> 48); nothing was changed. "
-        "model.embed_dim fix its saved weights (their shapes, their attention heads, or what a classifier's outputs "
+        "model.embed_dim fixes its saved weights (their shapes, their attention heads, or what a classifier's outputs "
         "mean), so no resume can continue it with the new values: "
         "start a new run with another --workdir")
     after = files_of(workdir)
@@ -244,10 +244,15 @@ def test_a_classifier_learns_its_training_images(demo_root, tmp_path):
 def test_finetune_then_evaluate_writes_accuracy_and_confusion_matrix(pretrained, demo_root, tmp_path, caplog):
     workdir, _, _ = pretrained
     finetune_dir, eval_dir = str(tmp_path / "finetune"), str(tmp_path / "eval")
+    shutil.copytree(workdir, tmp_path / "pretrain")
     config = stage_config("finetune", demo_root, num_classes=4, total_steps=6, eval_every=0,
-                          checkpoint_every=6, init_from=os.path.join(workdir, "checkpoints"))
+                          checkpoint_every=6, init_from=str(tmp_path / "pretrain" / "checkpoints"))
     metrics = finetune_stage.run(config, finetune_dir)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and "recall/palm" in metrics and "macro_f1" in metrics
+    # A rerun reads the run's own checkpoints, never init_from: the pretraining run may have gone since.
+    shutil.rmtree(tmp_path / "pretrain")
+    stages.validate(config)  # as the entry point does first
+    assert finetune_stage.run(config, finetune_dir)["accuracy"] == metrics["accuracy"]
     evaluate = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "evaluate")
     evaluate.checkpoint_dir, evaluate.num_workers = finetune_dir, 0
     with caplog.at_level("INFO"):
@@ -461,7 +466,8 @@ def test_a_pretraining_run_restores_without_its_classes_json(straight_run, tmp_p
 
 
 @pytest.mark.slow
-def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo_root, tmp_path, monkeypatch):
+def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo_root, tmp_path, monkeypatch,
+                                                              caplog):
     workdir = str(tmp_path / "longer")
     shutil.copytree(straight_run[0], workdir)
     real = trainer.tasks.make_task
@@ -470,8 +476,12 @@ def test_the_last_step_is_saved_before_the_pictures_are_drawn(straight_run, demo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(trainer.tasks, "make_task", lambda *a: dataclasses.replace(real(*a), draw=failing_draw))
-    stages.run(stage_config("pretrain", demo_root, **{**RESUME_OVERRIDES, "total_steps": 7}), workdir)  # a warning
+    with caplog.at_level("WARNING"):
+        stages.run(stage_config("pretrain", demo_root, **{**RESUME_OVERRIDES, "total_steps": 7}), workdir)  # a warning
     assert run_folder.checkpoint_steps(workdir)[-1] == 7  # a rerun has nothing left to train, and draws them
+    # Extended past its warm-up of 3 steps: the cosine decay from step 7 on is the 7-step run's.
+    assert ("the learning-rate schedule now decays over 7 steps instead of 6: steps 7 on follow it, steps up to 6 "
+            "followed the 6-step one") in caplog.text
 
 
 def test_a_batch_beyond_the_hosts_memory_stops_before_anything_is_written(demo_root, tmp_path):

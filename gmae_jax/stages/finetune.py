@@ -8,7 +8,7 @@ from etils import epath
 
 from gmae_jax import config_checks, config_lib, schema
 from gmae_jax.data import hagrid_layout, sources, subsets
-from gmae_jax.train import trainer
+from gmae_jax.train import run_folder, trainer
 
 # Evaluation metrics of a classifier that config.best_metric may name.
 METRICS = ("loss", "cross_entropy", "accuracy", "top5_accuracy", "macro_f1", "weighted_f1")
@@ -19,9 +19,6 @@ ONE_CLASS = "a classifier needs two classes or more; add the images of a second 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
     config_checks.validate_training(config, check_data)
     config_checks.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2: {ONE_CLASS}")
-    config_checks.check(not check_data or not config.init_from or epath.Path(config.init_from).exists(),
-                        f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
-                        "pretraining run, or set --config.init_from='' to train from scratch")
     if config.data.classes not in (hagrid_layout.OFFICIAL, hagrid_layout.PRESENT):
         names = hagrid_layout.parse_class_list(config.data.classes)
         config_checks.check(len(names) >= 2,
@@ -79,6 +76,12 @@ def frozen_random_encoder_warning(config: ml_collections.ConfigDict) -> str | No
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    # Read only by a run's first step: a resumed run restores its own checkpoints (the pretraining run
+    # may have been moved or deleted since).
+    config_checks.check(not config.init_from or epath.Path(config.init_from).exists()
+                        or bool(run_folder.checkpoint_steps(workdir)),
+                        f"config.init_from={config.init_from} does not exist; point it at the workdir of a "
+                        "pretraining run, or set --config.init_from='' to train from scratch")
     if warning := frozen_random_encoder_warning(config):
         logging.warning("%s", warning)
     return trainer.train(config, workdir, open_data(config))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -119,14 +120,29 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
     if fixed:
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(fixed)} "
-            "fix its saved weights (their shapes, their attention heads, or what a classifier's outputs mean), so no "
-            "resume can continue it with the new values: start a new run with another --workdir")
+            f"{'fixes' if len(fixed) == 1 else 'fix'} its saved weights (their shapes, their attention heads, or what "
+            "a classifier's outputs mean), so no resume can continue it with the new values: start a new run with "
+            "another --workdir")
     if binding and read_flat(LoopConfig, config).resume_policy == "check":
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
             "with another --workdir, or continue this one with the new values with "
             "--config.resume_policy=allow_changes")
     return binding + harmless
+
+
+def schedule_change_warning(changes: Sequence[Change], resumed_at: int,
+                            warmup_steps: int) -> str | None:
+    """A resume that plans another number of steps stretches (or cuts) the cosine decay: after the
+    warm-up, the rates from `resumed_at` on follow the new schedule, so the run is neither a straight run
+    of the old length nor one of the new (within the warm-up both schedules agree)."""
+    planned = [(old, new) for name, old, new in changes if name == PLANNED_STEPS]
+    if not planned or resumed_at <= warmup_steps:
+        return None
+    old, new = planned[0]
+    return (f"the learning-rate schedule now decays over {new} steps instead of {old}: steps {resumed_at + 1} on "
+            f"follow it, steps up to {resumed_at} followed the {old}-step one (a straight {new}-step run would have "
+            "had other rates there)")
 
 
 def record(workdir: str, changes: list[Change], policy: str) -> None:

@@ -234,6 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                         aside)
     if last_saved is not None:
         logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
+        if warning := resume_check.schedule_change_warning(changes, last_saved, config.optim.warmup_steps):
+            logging.warning(warning)
     elif config.get("init_from"):
         try:
             state = load_pretrained_encoder(state, config.init_from, model.config)
