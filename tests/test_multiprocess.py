@@ -227,30 +227,6 @@ def test_local_launcher_refuses_a_port_in_use_before_starting_anything(tmp_path)
     assert not (tmp_path / "logs").exists()
 
 
-INTERRUPTIBLE_PROCESS = """#!/usr/bin/env bash
-# Stands in for python -m gmae_jax.main under Ctrl-C: exits 130 on SIGINT.
-sleep 60 &
-trap 'kill $!; exit 130' INT
-wait
-"""
-
-
-def test_local_launcher_passes_a_sigint_to_itself_on_and_exits_130(tmp_path):
-    """A SIGINT to the script alone (not the terminal's, which reaches every process) was ignored: the
-    job trained on to its end."""
-    fake = tmp_path / "python"
-    fake.write_text(INTERRUPTIBLE_PROCESS)
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs")}
-    launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2)  # the ranks are up
-    launcher.send_signal(signal.SIGINT)
-    _, stderr = launcher.communicate(timeout=30)
-    assert launcher.returncode == 130, stderr
-    assert "failed" not in stderr
-
-
 @pytest.mark.parametrize("setting, value, minimum", [("NUM_PROCESSES", "0", 1), ("NUM_PROCESSES", "1.5", 1),
                                                      ("DEVICES_PER_PROCESS", "abc", 1), ("STOP_GRACE_S", "-1", 0)])
 def test_local_launcher_refuses_a_count_that_is_no_whole_number_before_starting_anything(setting, value, minimum,
@@ -271,18 +247,32 @@ wait
 """
 
 
-def test_local_launcher_passes_a_preemption_on_and_exits_75_when_every_rank_saved(tmp_path):
+INTERRUPTIBLE_PROCESS = """#!/usr/bin/env bash
+# Stands in for python -m gmae_jax.main under Ctrl-C: exits 130 on SIGINT.
+sleep 60 &
+trap 'kill $!; exit 130' INT
+wait
+"""
+
+
+@pytest.mark.parametrize("fake_process, signum, status", [
+    (PREEMPTIBLE_PROCESS, signal.SIGTERM, 75),  # what a job script requeues on (not bash's 143)
+    # A SIGINT to the script alone (not the terminal's, which reaches every process) was ignored: the job
+    # trained on to its end.
+    (INTERRUPTIBLE_PROCESS, signal.SIGINT, 130),
+], ids=["SIGTERM", "SIGINT"])
+def test_local_launcher_passes_a_signal_to_itself_on_to_every_rank(fake_process, signum, status, tmp_path):
     fake = tmp_path / "python"
-    fake.write_text(PREEMPTIBLE_PROCESS)
+    fake.write_text(fake_process)
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "PORT": "1", "LOG_DIR": str(tmp_path / "logs")}
     launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2)  # the ranks are up
-    launcher.terminate()
+    launcher.send_signal(signum)
     _, stderr = launcher.communicate(timeout=30)
-    assert launcher.returncode == 75, stderr  # what a job script requeues on (not bash's 143)
-    assert "a process failed" not in stderr
+    assert launcher.returncode == status, stderr
+    assert "failed" not in stderr
 
 
 def test_local_launcher_does_not_report_a_preemption_when_a_rank_died_without_saving(tmp_path):
