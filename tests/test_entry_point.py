@@ -7,12 +7,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from gmae_jax import quiet_logs
 from gmae_jax.data import synthetic
+from gmae_jax.train import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,3 +204,26 @@ def test_sigterm_before_training_begins_is_a_preemption_too(tmp_path, when):
                     "command")
     assert "Traceback" not in rest and "compiling the step included" not in rest
     assert not (workdir / "checkpoints").exists() or not list((workdir / "checkpoints").iterdir())
+
+
+def test_a_sigterm_whose_exception_was_swallowed_still_stops_the_run(monkeypatch):
+    """The handler's exception landed in JAX's garbage-collection callback, which Python reports and
+    ignores ("Exception ignored in: <function _xla_gc_callback ...>"): the run trained on to its end
+    (seen once in the suite). The training loop's watch sees the remembered signal."""
+    monkeypatch.setattr(preemption, "_sigterm_outside_training", threading.Event())
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        preemption._preempted_outside_training(signal.SIGTERM, None)
+    except preemption.Preempted:
+        pass  # swallowed, as a gc callback does
+    with pytest.raises(preemption.Preempted, match="preempted \\(SIGTERM\\) outside training's steps"):
+        preemption.PreemptionWatch(manager=None)
+    assert signal.getsignal(signal.SIGTERM) == before  # the watch put the previous handlers back
+    preemption._sigterm_outside_training.clear()
+    watch = preemption.PreemptionWatch(manager=None)  # before the first step, its own handler too
+    try:
+        with pytest.raises(preemption.Preempted):
+            watch._handle(signal.SIGTERM, None)
+        assert watch.should_stop(1)  # after the first step, if that exception was swallowed
+    finally:
+        watch.close()

@@ -52,8 +52,14 @@ OUTSIDE_TRAINING = ("preempted (SIGTERM) outside training's steps: every checkpo
                     "command")
 
 
+# A handler's exception is lost where Python swallows exceptions (a garbage-collection callback, e.g.
+# JAX's, or a __del__): a SIGTERM that arrived is also remembered, for the training loop to see.
+_sigterm_outside_training = threading.Event()
+
+
 def _preempted_outside_training(signum: int, frame: object) -> None:
     del signum, frame
+    _sigterm_outside_training.set()
     raise Preempted(OUTSIDE_TRAINING)
 
 
@@ -70,6 +76,9 @@ class PreemptionWatch:
         self._previous: dict[int, object] = {}
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._handle) for signum in _WHAT}
+            if _sigterm_outside_training.is_set():  # its exception was swallowed on the way (see above)
+                self.close()
+                raise Preempted(OUTSIDE_TRAINING)
 
     # A signal this soon after the first is the same stop delivered twice (a scheduler or a terminal
     # that signals the whole process group, and a launcher that passes it on to its processes).
@@ -80,6 +89,8 @@ class PreemptionWatch:
         # Before this run's first step is done (mostly its compile: minutes for a large model on a GPU,
         # past a scheduler's grace period) there is nothing to save: stop at once, as outside training.
         if not self.stepped:
+            # Also a stop after the first step, should this exception be swallowed (see above).
+            self.received, self.interrupted, self._first_at = True, signum == signal.SIGINT, time.monotonic()
             if signum == signal.SIGTERM:
                 raise Preempted(OUTSIDE_TRAINING)
             raise Preempted("interrupted (Ctrl-C) before the first step was done: every checkpoint on disk stays; "
