@@ -279,9 +279,9 @@ def _check_every_process_sees(folder: epath.Path, expected: int) -> None:
     """Stops every process of the job, naming those that do not see the lock file process 0 holds: each
     process writes its part of every checkpoint into the workdir. A collective: every process calls it."""
     deadline = time.monotonic() + SHARED_WAIT_S
-    while _holder_digest(folder) != expected and time.monotonic() < deadline:
+    while not (seen := _holder_digest(folder) == expected) and time.monotonic() < deadline:
         time.sleep(1.0)
-    sees = np.asarray(multihost_utils.process_allgather(np.int32(_holder_digest(folder) == expected)))
+    sees = np.asarray(multihost_utils.process_allgather(np.int32(seen)))
     blind = [int(process) for process in np.flatnonzero(sees.reshape(-1) == 0)]
     if blind:
         which = f"process {blind[0]} does" if len(blind) == 1 else f"processes {blind} do"

@@ -5,7 +5,7 @@ are, and which class list `config.data.classes` means for it. Knows HaGRID and n
 """
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from absl import logging
 from etils import epath
@@ -96,8 +96,13 @@ def resolve_classes(classes: str | Sequence[str], layout: str, root: epath.PathL
         # dropped-fraction guard then sees its images as missing.
         annotation_dirs = _annotation_dirs(root, layout)
         names |= {f.name for f in folders if any((d / f"{f.name}.json").is_file() for d in annotation_dirs)}
-        return sorted(sorted(names), key=lambda name: name == NO_GESTURE)
+        return in_label_order(names)
     return parse_class_list(classes)
+
+
+def in_label_order(names: Iterable[str]) -> list[str]:
+    """Class names as 'present' orders them: sorted, no_gesture last as in HaGRID's lists."""
+    return sorted(sorted(names), key=lambda name: name == NO_GESTURE)
 
 
 def parse_class_list(classes: str | Sequence[str]) -> list[str]:

@@ -253,7 +253,7 @@ def _tfds(data: DataConfig, wanted: Sequence[str],
     if class_names:
         names = list(class_names)
     elif data.classes == hagrid_layout.PRESENT:
-        names = sorted(sorted(found), key=lambda name: name == hagrid_layout.NO_GESTURE)
+        names = hagrid_layout.in_label_order(found)
     elif data.classes == hagrid_layout.OFFICIAL:
         names = hagrid_layout.resolve_classes(data.classes, build.layout, root)
     else:
