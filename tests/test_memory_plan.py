@@ -32,32 +32,55 @@ def test_the_abstract_state_is_the_state_a_run_creates(two_cpus):
     assert sharding.bytes_per_device(abstract) == sharding.bytes_per_device(real) > 0
 
 
-def test_plans_grow_with_the_batch_and_give_the_largest_batch_that_fits(two_cpus):
+def test_plans_grow_with_the_batch_and_sharding_halves_the_large_arrays(two_cpus):
     # One test, so that every program compiled twice is a hit in the session's compilation cache.
     at_16, at_32 = (memory_plan.plan(dataclasses.replace(CASE, batch_size=b), two_cpus) for b in (16, 32))
     assert at_16.state_bytes == at_32.state_bytes > 0
     assert at_32.peak_bytes > at_16.peak_bytes > at_16.state_bytes
     assert memory_plan.plan(CASE, two_cpus, fsdp=2).state_bytes < at_16.state_bytes  # large arrays halved
 
-    per_image = (at_32.peak_bytes - at_16.peak_bytes) / 16
-    # Room for ~100 images: the answer is not one of the two batches the line is drawn through.
-    capacity = int((at_16.peak_bytes + 84 * per_image) / (1 - memory_plan.HEADROOM))
-    best, plans = memory_plan.largest_batch(CASE, two_cpus, capacity)
-    limit = capacity * (1 - memory_plan.HEADROOM)
-    assert best is not None and best.batch_size % 16 == 0 and best.batch_size > 32
-    assert best.peak_bytes <= limit and best in plans
-    beyond = memory_plan.plan(dataclasses.replace(CASE, batch_size=best.batch_size + 16), two_cpus)
-    assert beyond.peak_bytes > limit
-    nothing, _ = memory_plan.largest_batch(CASE, two_cpus, capacity=at_16.state_bytes)
-    assert nothing is None
-    capped, _ = memory_plan.largest_batch(CASE, two_cpus, capacity=10**12, max_batch=40)
-    assert capped.batch_size == 32  # the largest multiple of 16 up to the cap
-
     lines = list(memory_plan.plan_table([CASE], "cpu", num_devices=2))
     assert "no limit" in lines[0] and lines[1].startswith("| case |")
     cells = lines[2].strip("| ").split(" | ")
     assert cells[:3] == [CASE.name, "2", "16"]
     assert float(cells[4]) == pytest.approx(at_16.peak_bytes / 1e9, abs=0.005)
+
+
+def planned_line(monkeypatch, per_image: int, bend_from: int | None = None) -> list[int]:
+    """Plans on a line of `per_image` bytes per image (3 times as steep from `bend_from` images on) in
+    place of compiled ones, so the search is checked on peaks known exactly; returns the batches planned."""
+    planned = []
+
+    def plan(case, devices, fsdp=1):
+        planned.append(case.batch_size)
+        steeper = 2 * per_image * max(case.batch_size - bend_from, 0) if bend_from else 0
+        return memory_plan.Plan(case.batch_size, 10**6, 10**6 + per_image * case.batch_size + steeper, 0.0)
+
+    monkeypatch.setattr(memory_plan, "plan", plan)
+    return planned
+
+
+@pytest.mark.parametrize("bend_from", [None, 64], ids=["line", "bends"])
+def test_the_largest_batch_that_fits_is_found_and_checked(monkeypatch, bend_from):
+    planned = planned_line(monkeypatch, per_image=1000, bend_from=bend_from)
+    # Room for 100 images on the line: the answer is not one of the two batches the line is drawn through.
+    capacity = int((10**6 + 100 * 1000) / (1 - memory_plan.HEADROOM)) + 1
+    best, plans = memory_plan.largest_batch(CASE, [None, None], capacity)
+    limit = capacity * (1 - memory_plan.HEADROOM)
+    # Multiples of 16 only: 96 on the line; where it bends, 96 misses and the line redrawn through
+    # the plans at 32 and 96 gives 64.
+    assert best.batch_size == (96 if bend_from is None else 64)
+    assert best.peak_bytes <= limit and best in plans
+    assert memory_plan.plan(dataclasses.replace(CASE, batch_size=best.batch_size + 16), [None, None]).peak_bytes > limit
+    assert planned[:2] == [16, 32] and len(planned) == (4 if bend_from is None else 5)  # the miss at 96 redrawn
+
+
+def test_no_batch_fits_below_the_state_and_the_search_stops_at_its_cap(monkeypatch):
+    planned_line(monkeypatch, per_image=1000)
+    nothing, plans = memory_plan.largest_batch(CASE, [None, None], capacity=10**6)
+    assert nothing is None and [p.batch_size for p in plans] == [16, 32]
+    capped, _ = memory_plan.largest_batch(CASE, [None, None], capacity=10**12, max_batch=40)
+    assert capped.batch_size == 32  # the largest multiple of 16 up to the cap
 
 
 @pytest.mark.parametrize("target, extra, error", [
