@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import jax
 from absl import logging
 
+from gmae_jax import paths
+
 DEFAULT_DIR = "~/.cache/gmae_jax/xla"
 OFF = "none"
 _HITS = "/jax/compilation_cache/cache_hits"
@@ -49,8 +51,8 @@ class CacheUse:
 def writable(directory: str) -> str | None:
     """None if `directory` (local) can be created and written, else why not. Buckets are not
     checked here: JAX warns and compiles as usual if a write there fails."""
-    if "://" in directory:
-        return None
+    if "://" in directory or paths.problem(directory):
+        return paths.problem(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory):

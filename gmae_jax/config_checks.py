@@ -3,10 +3,13 @@ what it takes) before anything compiles or reads data; the stages run them first
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+import re
 import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -26,6 +29,25 @@ def check(condition: bool, message: str) -> None:
     """Raises ConfigError(message) unless `condition`; every validator words its own message."""
     if not condition:
         raise ConfigError(message)
+
+
+@contextlib.contextmanager
+def fields_named_under(section: str, renamed: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Errors of a stage's config validated as a section of another (the demo's and the study's
+    recipes) name its fields as that config's flags do: `config.batch_size` -> `config.pretrain.batch_size`.
+    `renamed` maps a field prefix to where the outer config holds it instead (e.g. 'data.' -> 'data.')."""
+
+    def outer_field(match: re.Match) -> str:
+        dashes, field = match.group(1) or "", match.group(2)
+        for old, new in (renamed or {}).items():
+            if field.startswith(old):
+                return f"{dashes}config.{new}{field[len(old):]}"
+        return f"{dashes}config.{section}.{field}"
+
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(re.sub(r"(?<![\w.])(--)?config\.(\w+(?:\.\w+)*)", outer_field, str(error))) from None
 
 
 _POSITIVE_MODEL_FIELDS = ("img_size", "patch_size", "embed_dim", "num_heads", "depth", "decoder_embed_dim",
@@ -189,6 +211,10 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check(loop.grad_accum_steps >= 1 and loop.batch_size % loop.grad_accum_steps == 0,
           f"config.grad_accum_steps={loop.grad_accum_steps} must be a positive divisor of "
           f"config.batch_size={loop.batch_size}")
+    per_step = jax.device_count() * loop.grad_accum_steps  # each device's share of every micro-batch
+    check(loop.batch_size % per_step == 0,
+          f"config.batch_size={loop.batch_size} is not divisible by the {jax.device_count()} devices x "
+          f"config.grad_accum_steps={loop.grad_accum_steps}; use a multiple of {per_step}")
     check(loop.resume_policy in RESUME_POLICIES,
           f"config.resume_policy='{loop.resume_policy}' must be one of {RESUME_POLICIES}")
     check(0 < optim.lr < math.inf, f"config.optim.lr={optim.lr} must be positive and finite")

@@ -34,10 +34,24 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         if not sep:
             values[key] = True
         elif isinstance(default, bool):
-            values[key] = raw.lower() in ("1", "true", "yes")
+            values[key] = _boolean_variant(key, raw)
         else:
-            values[key] = type(default)(raw)
+            try:
+                values[key] = type(default)(raw)
+            except ValueError:
+                raise ConfigError(f"config variant {key}={raw!r} is not a {type(default).__name__}") from None
     return ml_collections.ConfigDict(values)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _boolean_variant(key: str, raw: str) -> bool:
+    """A typo (`runlocal=ture`) must not quietly mean False: that is the full run, not the smoke run."""
+    if raw.lower() in _TRUE + _FALSE:
+        return raw.lower() in _TRUE
+    raise ConfigError(f"config variant {key}={raw!r} is not true or false; write {key} alone for true, or "
+                      f"{key}=false")
 
 
 def model_section(preset: str, **overrides: Any) -> ml_collections.ConfigDict:

@@ -1,4 +1,11 @@
-"""Entry point: `python -m gmae_jax.main --config=configs/<stage>.py --workdir=DIR [--config.x=y]`."""
+"""Entry point: `python -m gmae_jax.main --config=configs/<stage>.py --workdir=DIR [--config.x=y]`.
+
+Stages (one config file each in configs/): demo (the embedded default: no download), prepare, pretrain,
+finetune, evaluate, predict, export, import, study. Variants follow the file name
+(`configs/pretrain.py:model=small,runlocal`); each file's docstring lists its own. Every field of a
+config can be set with --config.<field>=<value>; the fields, their defaults and what they do are in
+gmae_jax/schema.py, and README.md walks through each stage.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gmae_jax import compile_cache, distributed, host_memory, job_failures, quiet_logs, stages, user_errors
+from gmae_jax import compile_cache, distributed, host_memory, job_failures, paths, quiet_logs, stages, user_errors
 from gmae_jax.train import preemption, resume_check
 from gmae_jax.train.preemption import Preempted
 
@@ -51,12 +58,13 @@ def main(argv: list[str]) -> None:
         distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,
                                num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
+        workdir = paths.checked(config, _WORKDIR.value)
         stages.validate(config)
         logging.info("JAX %s on %s; process %d of %d", jax.__version__, jax.devices()[0].platform,
                      jax.process_index(), jax.process_count())
         job_failures.on_failure_of_another(job_failures.stop_with)
         distributed.check_settings_agree(resume_check.flatten(config.to_dict()))
-        stages.run(config, _WORKDIR.value)
+        stages.run(config, workdir)
         job_failures.finish_together()
         logging.info("%s", cache.summary())
     except Preempted as stop:

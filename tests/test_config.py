@@ -1,7 +1,9 @@
 """Configs: variants, overrides, and one clear error per bad value."""
 
+import ast
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +67,14 @@ def test_unknown_variant_and_preset_are_errors():
         load("pretrain", "modle=tiny")
     with pytest.raises(config_lib.ConfigError, match="unknown model preset 'huge'"):
         load("pretrain", "model=huge")
+
+
+@pytest.mark.parametrize("typed", ["runlocal=ture", "runlocal=2"])
+def test_a_boolean_variant_that_is_neither_true_nor_false_is_an_error(typed):
+    # Read as False, a typo would start the full run instead of the smoke run.
+    assert load("pretrain", "runlocal=off").total_steps == 0 and load("pretrain", "runlocal=on").total_steps == 20
+    with pytest.raises(config_lib.ConfigError, match=f"{typed.split('=')[1]}' is not true or false"):
+        load("pretrain", typed)
 
 
 @pytest.mark.parametrize("stage", ["demo", "evaluate", "export", "predict", "prepare"])
@@ -150,6 +160,8 @@ def test_valid_config_passes(pretrain_config):
     ("data.split_seed", -1, r"config.data.split_seed=-1 must be a whole number in \[0, 2\*\*32\)"),
     ("optim.b1", 1.0, r"config.optim.b1=1.0 must be in \[0, 1\): AdamW's moment decay"),
     ("optim.b2", -0.1, r"config.optim.b2=-0.1 must be in \[0, 1\)"),
+    ("batch_size", 12, "config.batch_size=12 is not divisible by the 8 devices x config.grad_accum_steps=1; use a "
+                       "multiple of 8"),
 ])
 def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message):
     set_field(pretrain_config, field, value)
@@ -163,6 +175,15 @@ def test_a_data_root_that_is_a_file_is_named_as_one(pretrain_config, tmp_path):
     (tmp_path / "image.jpg").write_bytes(b"")
     with pytest.raises(config_lib.ConfigError, match=f"data.root='{tmp_path / 'image.jpg'}' is a file; point"):
         stages.validate(pretrain_config)
+
+
+def test_the_entry_points_help_lists_every_stage_and_its_config_file():
+    with open(os.path.join(CONFIGS, "..", "gmae_jax", "main.py")) as f:  # what --help prints first
+        usage = ast.get_docstring(ast.parse(f.read()))
+    listed = re.search(r"Stages \(one config file each in configs/\): (.*?)\. Variants", usage, re.S).group(1)
+    assert sorted(re.sub(r" \(.*?\)", "", " ".join(listed.split())).split(", ")) == sorted(stages.STAGES)
+    for name in stages.STAGES:
+        assert os.path.isfile(os.path.join(CONFIGS, f"{name}.py")), name
 
 
 def test_another_stage_named_in_a_stages_config_is_one_line(pretrain_config):
@@ -201,6 +222,9 @@ def test_demo_config_validates_without_its_data():
                                       r"runs; use --config.linear_probe"),
     ("finetune.seed", 9, r"config.finetune.seed=9 is set by the study for each of its runs; use --config.seeds"),
     ("finetune.labels_per_class", 3, r"config.finetune.labels_per_class=3 is set by the study .*--config.labels_per"),
+    # Named as the demo's flags name it, before it draws its images.
+    ("pretrain.batch_size", 12, r"^config.pretrain.batch_size=12 is not divisible by the 8 devices x "
+                                r"config.pretrain.grad_accum_steps=1"),
 ])
 def test_demo_refuses_what_it_cannot_draw_before_drawing(field, value, message):
     config = load("demo")
@@ -235,6 +259,10 @@ def test_a_classifier_is_ranked_by_metrics_its_evaluation_reports(tmp_path):
     ("pretrain.mask_ratio", 2.0, r"^config.pretrain.mask_ratio=2.0 must be in \(0, 1\), e.g. --config.pretrain.mask"),
     ("pretrain.data.aug.hue", 0.9, r"^config.pretrain.data.aug.hue=0.9 must be in"),
     ("data.aug.hue", 0.9, r"^config.data.aug.hue=0.9 must be in"),  # the study's own labelled data
+    # Before the study pretrains, not when its first fine-tune starts.
+    ("finetune.batch_size", 12, r"^config.finetune.batch_size=12 is not divisible by the 8 devices x "
+                                r"config.finetune.grad_accum_steps=1"),
+    ("labels_per_class", ("abc",), r"^config.labels_per_class=\('abc',\) must be whole numbers, e.g. '\(5,10,25,0\)'"),
 ])
 def test_the_study_names_its_recipes_fields_as_its_flags_do(field, value, message, tmp_path):
     config = load("study", "runlocal")

@@ -197,3 +197,13 @@ def test_an_unknown_resume_policy_is_a_config_error(tmp_path):
     config.data.root, config.resume_policy = str(tmp_path), "force"
     with pytest.raises(config_lib.ConfigError, match="config.resume_policy='force' must be one of"):
         config_checks.validate_training(config)
+
+
+def test_a_changed_schedule_is_reported_only_where_a_step_follows_it():
+    longer = [(resume_check.PLANNED_STEPS, 6, 20)]
+    assert "decays over 20 steps instead of 6: steps 7 on" in resume_check.schedule_change_warning(longer, 6, 3)
+    assert resume_check.schedule_change_warning(longer, 3, 3) is None  # within the warm-up both agree
+    # Shortened below where the run stands (under allow_changes): no step trains on the new schedule.
+    shorter = [(resume_check.PLANNED_STEPS, 20, 5)]
+    assert resume_check.schedule_change_warning(shorter, 20, 3) is None
+    assert resume_check.schedule_change_warning(shorter, 5, 3) is None

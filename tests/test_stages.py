@@ -181,6 +181,26 @@ def test_weights_that_give_non_finite_outputs_stop_with_one_line_naming_the_step
     assert not (tmp_path / "out" / ("eval_metrics.json" if stage == "evaluate" else "predictions.csv")).exists()
 
 
+@pytest.mark.parametrize("stage", ["evaluate", "export", "predict"])
+def test_a_run_to_read_that_is_missing_or_a_file_is_named_as_such(tmp_path, stage):
+    (tmp_path / "a_file").write_text("")
+    config = load(stage)
+    config.update(inputs=str(tmp_path)) if stage == "predict" else None
+    for given, what in (("missing", "does not exist"), ("a_file", "is a file, not a run's workdir")):
+        config.checkpoint_dir = str(tmp_path / given)
+        with pytest.raises(config_lib.ConfigError, match=f"^{tmp_path / given} {what}: point at the workdir of a "):
+            stages.run(config, str(tmp_path / "out"))
+
+
+def test_a_finetune_whose_init_from_is_its_own_workdir_is_refused(tmp_path):
+    config = load("finetune", "runlocal")
+    for init_from in (tmp_path / "ft", tmp_path / "ft" / "checkpoints"):
+        config.init_from = str(init_from)
+        with pytest.raises(config_lib.ConfigError, match=rf"config.init_from={init_from} is this fine-tune's own "
+                           rf"--workdir={tmp_path / 'ft'}; point it at the workdir of a pretraining run"):
+            stages.run(config, str(tmp_path / "ft"))
+
+
 @pytest.mark.parametrize("stage, output", [("evaluate", "eval_metrics.json"), ("export", "model.pth")])
 def test_an_output_name_taken_by_a_folder_is_one_line_before_anything_runs(run_dir, tmp_path, stage, output):
     """It failed with a traceback after the work was done (evaluate) or half written (export)."""
@@ -283,6 +303,20 @@ def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_di
         str(inputs / "pipe.jpg"): "not a regular file",
         str(inputs / "self"): f"the same folder as {inputs}, listed there",
     }
+
+
+@pytest.mark.parametrize("inside", ["", "predictions"])
+def test_a_predict_workdir_inside_its_inputs_is_refused_before_anything_is_written(run_dir, tmp_path, inside):
+    """A second run there predicted the first one's predictions.png as a gesture image."""
+    inputs = tmp_path / "photos"
+    shutil.copytree(run_dir[1] / "val", inputs)
+    config = load("predict")
+    config.update(checkpoint_dir=run_dir[0], inputs=str(inputs))
+    workdir = inputs / inside if inside else inputs
+    with pytest.raises(config_lib.ConfigError, match=rf"--workdir={workdir} is inside config.inputs={inputs}: the next "
+                       "run would predict this one's picture as an input"):
+        stages.run(config, str(workdir))
+    assert not list(inputs.glob("predictions*")) and not list(inputs.glob(".*"))
 
 
 def test_predict_of_inputs_none_of_which_reads_is_an_error_with_the_reasons_written(run_dir, tmp_path):

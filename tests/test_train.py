@@ -227,14 +227,18 @@ def test_finetune_rejects_wrong_num_classes(demo_root):
 
 
 @pytest.mark.slow
-def test_a_classifier_learns_its_training_images(demo_root, tmp_path):
+def test_a_classifier_learns_its_training_images(demo_root, tmp_path, caplog):
     """Every other fine-tuning test checks plumbing (metrics written, resume = straight run): this one
     fails if the classifier does not learn, e.g. a head or a gradient that never reaches the weights.
     64 images without augmentation, scored on themselves after 30 steps: chance is 0.25."""
     config = stage_config("finetune", demo_root, num_classes=4, total_steps=30, eval_every=0, checkpoint_every=30,
                           optim__lr=5e-3, data__eval_split="train", data__num_workers=0)
     config.data.aug.update(crop_scale_min=1.0, hflip=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    metrics = finetune_stage.run(config, str(tmp_path))
+    with caplog.at_level("WARNING"):
+        metrics = finetune_stage.run(config, str(tmp_path))
+    # Wanted here; said, as it would be where it is not.
+    assert ("config.data.eval_split='train' is the training split: every evaluation, and the checkpoint kept as best "
+            "(by its accuracy), is scored on the images the model trains on") in caplog.text
     train = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
     assert train[-1]["loss"] < 0.85 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])
     assert metrics["accuracy"] >= 0.5, metrics["accuracy"]

@@ -91,8 +91,13 @@ def empty_workdir(tmp_path, data_root):  # e.g. --workdir=$WORKDIR with the vari
         "flag --workdir=: --workdir is empty; name the run's folder, e.g. --workdir=runs/pretrain")
 
 
+def bucket_with_one_slash(tmp_path, data_root):  # as a local path it would train into ./gs:/, then fail
+    return [PRETRAIN, "--workdir=gs:/bucket/run", f"--config.data.root={data_root}"], (
+        "--workdir='gs:/bucket/run' is not a bucket path: write gs://BUCKET/PATH (two slashes)")
+
+
 CASES = [unknown_field, unknown_nested_field, unknown_preset, missing_config_file, init_from_missing,
-         read_only_workdir, empty_workdir]
+         read_only_workdir, empty_workdir, bucket_with_one_slash]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
@@ -107,6 +112,7 @@ def test_user_mistake_is_one_line_without_traceback(case, tmp_path, data_root):
         assert expected.fullmatch(last.removeprefix("error: ")), last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "no_such_run").exists()  # nothing created where a run was to be read
+    assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
 def test_evaluate_of_a_run_without_checkpoints_creates_nothing_in_it(run_without_checkpoints, tmp_path):

@@ -46,8 +46,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"config.labels_per_class={config.labels_per_class} but the demo draws "
                         f"config.dataset.finetune_train_per_class={ds.finetune_train_per_class} labelled images per "
                         "class; lower it, or raise the other")
-    pretrain_stage.validate(config.pretrain, check_data=False)
-    finetune_stage.validate(config.finetune, check_data=False)
+    for section, stage in (("pretrain", pretrain_stage), ("finetune", finetune_stage)):
+        with config_checks.fields_named_under(section):
+            stage.validate(config[section], check_data=False)
     study_stage.validate(study_config(config, "<pretrain_dataset>", "<finetune_dataset>"), check_data=False)
 
 

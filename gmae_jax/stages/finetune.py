@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from absl import logging
 from etils import epath
@@ -76,6 +78,10 @@ def frozen_random_encoder_warning(config: ml_collections.ConfigDict) -> str | No
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    config_checks.check(not config.init_from or os.path.realpath(run_folder.run_workdir(config.init_from))
+                        != os.path.realpath(workdir),
+                        f"config.init_from={config.init_from} is this fine-tune's own --workdir={workdir}; point it "
+                        "at the workdir of a pretraining run")
     # Read only by a run's first step: a resumed run restores its own checkpoints (the pretraining run
     # may have been moved or deleted since).
     config_checks.check(not config.init_from or epath.Path(config.init_from).exists()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -42,11 +40,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
                         "set exactly one of --config.pretrain_data=UNLABELLED_ROOT (pretrain here) and "
                         f"--config.init_from=PRETRAIN_WORKDIR (got pretrain_data='{config.pretrain_data}', "
                         f"init_from='{config.init_from}')")
-    config_checks.check(len(config.labels_per_class) > 0 and all(n >= 0 for n in config.labels_per_class),
-                        f"config.labels_per_class={tuple(config.labels_per_class)} must be counts >= 0 "
-                        "(0 = all labels), e.g. '(5,10,25,0)'")
-    config_checks.check(all(isinstance(n, int) and not isinstance(n, bool) for n in config.labels_per_class),
-                        f"config.labels_per_class={tuple(config.labels_per_class)} must be whole numbers, e.g. "
+    counts = config.labels_per_class
+    config_checks.check(isinstance(counts, (tuple, list))
+                        and all(isinstance(n, int) and not isinstance(n, bool) for n in counts),
+                        f"config.labels_per_class={counts!r} must be whole numbers, e.g. '(5,10,25,0)'")
+    config_checks.check(len(counts) > 0 and all(n >= 0 for n in counts),
+                        f"config.labels_per_class={tuple(counts)} must be counts >= 0 (0 = all labels), e.g. "
                         "'(5,10,25,0)'")
     config_checks.check(len(config.seeds) > 0, "config.seeds is empty; give at least one, e.g. '(0,1,2)'")
     for seed in config.seeds:
@@ -86,25 +85,12 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data)
 
 
-@contextlib.contextmanager
-def _fields_named_as_in_the_study(recipe: str) -> Iterator[None]:
+def _fields_named_as_in_the_study(recipe: str) -> contextlib.AbstractContextManager[None]:
     """A recipe's errors name its fields as the study's flags do: `config.optim.lr` of the fine-tune
     recipe is `config.finetune.optim.lr`. The labelled data is the study's own `config.data`; the
     pretraining data root is `config.pretrain_data`."""
     data = {"pretrain": {"data.root": "pretrain_data", "data.": "pretrain.data."}, "finetune": {"data.": "data."}}
-
-    def study_field(match: re.Match) -> str:
-        dashes, field = match.group(1) or "", match.group(2)
-        for old, new in data[recipe].items():
-            if field.startswith(old):
-                return f"{dashes}config.{new}{field[len(old):]}"
-        return f"{dashes}config.{recipe}.{field}"
-
-    try:
-        yield
-    except config_lib.ConfigError as error:
-        named = re.sub(r"(?<![\w.])(--)?config\.(\w+(?:\.\w+)*)", study_field, str(error))
-        raise config_lib.ConfigError(named) from None
+    return config_checks.fields_named_under(recipe, data[recipe])
 
 
 def _check_pretraining_run(folder: str) -> None:

@@ -135,9 +135,10 @@ def schedule_change_warning(changes: Sequence[Change], resumed_at: int,
                             warmup_steps: int) -> str | None:
     """A resume that plans another number of steps stretches (or cuts) the cosine decay: after the
     warm-up, the rates from `resumed_at` on follow the new schedule, so the run is neither a straight run
-    of the old length nor one of the new (within the warm-up both schedules agree)."""
+    of the old length nor one of the new (within the warm-up both schedules agree). A run resumed at or
+    past its new end trains no step on it (`nothing_to_train_warning` says so)."""
     planned = [(old, new) for name, old, new in changes if name == PLANNED_STEPS]
-    if not planned or resumed_at <= warmup_steps:
+    if not planned or resumed_at <= warmup_steps or resumed_at >= planned[0][1]:
         return None
     old, new = planned[0]
     return (f"the learning-rate schedule now decays over {new} steps instead of {old}: steps {resumed_at + 1} on "

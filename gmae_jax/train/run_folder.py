@@ -48,8 +48,19 @@ def refuse_an_export(workdir: str) -> None:
                           "--workdir=NEW_RUN) and point at NEW_RUN")
 
 
+def _check_a_folder(workdir: str) -> None:
+    """A run's workdir that is missing or a file is named as such, not as a missing config.json in it."""
+    folder = epath.Path(workdir)
+    if not folder.exists():
+        raise ConfigError(f"{workdir} does not exist: point at the workdir of a pretrain or finetune run")
+    if not folder.is_dir():
+        raise ConfigError(f"{workdir} is a file, not a run's workdir: point at the workdir of a pretrain or "
+                          "finetune run")
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a training run wrote to its workdir."""
+    _check_a_folder(workdir)
     refuse_an_export(workdir)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
@@ -65,6 +76,7 @@ def load_class_names(workdir: str, required: bool = True) -> list[str]:
     its model has no outputs to name (a copy of config.json and checkpoints/ is enough to restore it)."""
     path = epath.Path(workdir) / CLASSES_FILE
     if not path.exists():
+        _check_a_folder(workdir)
         refuse_an_export(workdir)
         if not required and (epath.Path(workdir) / CONFIG_FILE).exists():
             return []

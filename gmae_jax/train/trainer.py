@@ -56,6 +56,17 @@ def small_dataset_warning(batch_size: int, num_train_examples: int) -> str | Non
             f"at most {num_train_examples}, or more data")
 
 
+def training_split_evaluated_warning(data: schema.DataConfig, best_metric: str) -> str | None:
+    """Evaluating on the training split is legal (does the model fit its images?) but, unasked, it
+    passes off a training score as a held-out one, and ranks the best checkpoint by it."""
+    if data.eval_split != data.train_split:
+        return None
+    best = ", and the checkpoint kept as best (by its " + best_metric + ")," if best_metric else ""
+    return (f"config.data.eval_split='{data.eval_split}' is the training split: every evaluation{best} is scored "
+            "on the images the model trains on, which says how well it fits them, not how well it generalises; "
+            f"name a held-out split for that (e.g. --config.data.eval_split={schema.DataConfig.eval_split})")
+
+
 def nothing_to_train_warning(start_step: int, steps_total: int) -> str | None:
     """A rerun of a finished run (or, under allow_changes, one shortened below its step) trains nothing;
     it evaluates the run as it is, which should not look like a run that trained."""
@@ -177,12 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     num_workers = input_workers.worker_count(data_config.num_workers)
     eval_args = dict(image_size=model.config.img_size, batch_size=loop.batch_size, num_workers=num_workers)
     # --- Mesh -----------------------------------------------------------------------------------
-    mesh = make_mesh(config)
-    per_step = mesh.size * loop.grad_accum_steps
-    if loop.batch_size % per_step:
-        raise config_lib.ConfigError(
-            f"config.batch_size={loop.batch_size} is not divisible by the {mesh.size} devices x "
-            f"config.grad_accum_steps={loop.grad_accum_steps}; use a multiple of {per_step}")
+    mesh = make_mesh(config)  # config_checks.validate_training saw the batch divide over its devices
     host_resources.check_batch_fits(loop.batch_size, model.config.img_size, jax.process_count(),
                                     jax.default_backend() == "cpu")
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
@@ -202,7 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
 
     # --- Input pipeline -------------------------------------------------------------------------
     for warning in (small_dataset_warning(loop.batch_size, len(data.train)),
-                    warmup_warning(config.optim.warmup_steps, steps_total)):
+                    warmup_warning(config.optim.warmup_steps, steps_total),
+                    training_split_evaluated_warning(data_config, loop.best_metric)):
         if warning:
             logging.warning(warning)
     train_data = pipeline.make_train_dataset(
