@@ -170,3 +170,19 @@ def test_a_class_spelled_in_another_unicode_form_is_named_as_such(tmp_path):
     with pytest.raises(DataLayoutError, match=r"\['cafe\u0301'\] are the same names written in other Unicode "
                                               r"forms \(NFC / NFD\); rename those folders\."):
         scan_split(str(tmp_path), "val", class_names=[nfc, "one"], complete=False)
+
+
+def test_a_class_list_given_for_class_folders_is_refused_not_ignored(tmp_path):
+    """It trained on every folder, the listed classes or not."""
+    from gmae_jax import schema
+    from gmae_jax.data import sources
+
+    _make_tree(tmp_path, ["train/palm/a.jpg", "train/fist/b.jpg", "val/palm/c.jpg", "val/fist/d.jpg"])
+    data = schema.DataConfig(root=str(tmp_path), classes="fist,onee")
+    with pytest.raises(DataLayoutError, match=f"config.data.classes='fist,onee' chooses classes of HaGRID layouts; "
+                                              f"{tmp_path} holds class folders, each folder under {tmp_path}/train"):
+        sources.open_sources(data)
+    names, _, _ = sources.open_sources(schema.DataConfig(root=str(tmp_path), classes="present"))
+    assert names == ["fist", "palm"]
+    # A run's own classes (evaluate) are its classes.json, whatever it was trained with.
+    assert len(sources.open_split(data, "val", ["fist", "palm"])) == 2

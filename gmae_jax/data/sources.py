@@ -287,6 +287,10 @@ def _open(
         if mode == "hand_crop":
             raise DataLayoutError(f"{root} holds class folders without hand boxes; "
                                   "config.data.mode=hand_crop needs a HaGRID layout.")
+        if not class_names and data.classes not in (hagrid_layout.OFFICIAL, hagrid_layout.PRESENT):
+            raise DataLayoutError(f"config.data.classes={data.classes!r} chooses classes of HaGRID layouts; {root} "
+                                  f"holds class folders, each folder under {root}/{wanted[0]} a class: leave "
+                                  "config.data.classes out, and move the folders of classes not to train on elsewhere")
         names = list(class_names) if class_names else class_folders.list_classes(root, wanted[0])
         # Training needs images of every class; an evaluation split may lack some (it has none of them).
         parts: dict[str, Sequence] = {s: class_folders.scan_split(root, s, names, complete=s == data.train_split)
