@@ -68,7 +68,7 @@ def out_of_memory_line(error: BaseException) -> str:
     return (f"the device ran out of memory ({said}). To fit the step: --config.model.remat=block (recompute "
             "each block's activations in the backward pass), --config.model.dtype=bfloat16, "
             "--config.grad_accum_steps=K (the batch in K passes), --config.mesh.fsdp=N (parameters and "
-            "optimiser state split over N devices), or a smaller --config.batch_size; "
+            "optimiser state split over N devices), or a smaller --config.batch_size or --config.model.img_size; "
             "`python -m gmae_jax.bench --suite=memory` plans a setting's memory without the device")
 
 

@@ -197,7 +197,7 @@ def test_a_program_that_does_not_fit_the_device_names_the_settings_that_make_it_
     line = user_errors.one_line(wrapped)
     assert line.startswith("the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating ")
     for lever in ("--config.model.remat=block", "--config.model.dtype=bfloat16", "--config.grad_accum_steps=K",
-                  "--config.mesh.fsdp=N", "--config.batch_size", "--suite=memory"):
+                  "--config.mesh.fsdp=N", "--config.batch_size", "--config.model.img_size", "--suite=memory"):
         assert lever in line
     assert user_errors.one_line(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None  # a bug stays one
     tpu = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
