@@ -14,7 +14,7 @@ from etils import epath
 
 from gmae_jax import user_errors, workdir_lock
 from gmae_jax.data import synthetic
-from gmae_jax.train import resume_check
+from gmae_jax.train import resume_check, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = "--config=configs/pretrain.py:runlocal"
@@ -147,6 +147,31 @@ def test_exceeded_bad_image_budget_is_one_line(tmp_path, data_root):
     # Class folders: the prepare stage, which refuses them, is no advice.
     assert last.endswith(". Remove or re-save the files the warnings name, or raise the budget."), last
     assert broken.name in last and "Traceback" not in result.stderr
+
+
+def test_an_evaluation_split_none_of_whose_images_decodes_stops_before_training(tmp_path):
+    """It scored every evaluation as loss 0.0 (pretraining: the best checkpoint, by its minimum) and exited 0."""
+    from gmae_jax import config_lib, stages
+    from gmae_jax.data import pipeline, sources
+    from gmae_jax.schema import DataConfig
+    from gmae_jax.train import evaluation
+
+    data = tmp_path / "data"
+    synthetic.write_demo_dataset(str(data), image_size=32, train_per_class=4, val_per_class=2, classes=("fist", "palm"))
+    for image in (data / "val").glob("*/*"):
+        image.write_text("version https://git-lfs.github.com/spec/v1")  # a pointer file, never fetched
+    config = config_lib.load_sibling_config(os.path.join(REPO, "configs", "x.py"), "pretrain", "runlocal")
+    config.data.root, config.batch_size = str(data), 8
+    message = ("none of the 4 evaluation images decodes (the warnings above name them), so an evaluation would score "
+               "nothing; Remove or re-save the files the warnings name, or point config.data.eval_split")
+    with pytest.raises(pipeline.BadImageBudgetError, match=re.escape(message)):
+        stages.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists() or not list((tmp_path / "w" / "checkpoints").iterdir())
+    # An evaluation that finds them so later (the files replaced mid-run, the evaluate stage) says the same.
+    _, _, val = sources.open_sources(DataConfig(root=str(data)))
+    with pytest.raises(pipeline.BadImageBudgetError, match="none of the 4 evaluation images decodes"):
+        evaluation.evaluate(None, lambda state, batch: {}, None, val, image_size=32, batch_size=8, num_workers=0,
+                            mesh=sharding.make_mesh())
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -144,6 +144,21 @@ class _EvalLoad(_Loader):
         return {"image": result[0], "label": np.int32(result[1]), "valid": np.float32(1), "index": np.int32(index)}
 
 
+def check_evaluable(source: sources.Source, image_size: int) -> None:
+    """Raises BadImageBudgetError if no image of an evaluation split decodes: every evaluation would
+    score nothing (loss and accuracy 0.0, a minimum loss then ranked as the best checkpoint). Run
+    before training, it stops at the first image that decodes, usually the split's first."""
+    load = _EvalLoad(source, dataclasses.replace(source.view, image_size=image_size))
+    if any(load(index)["valid"] for index in range(len(source))):
+        return
+    raise BadImageBudgetError(nothing_evaluable(len(source), load._remedy()))
+
+
+def nothing_evaluable(num_images: int, remedy: str) -> str:
+    return (f"none of the {num_images} evaluation images decodes (the warnings above name them), so an evaluation "
+            f"would score nothing; {remedy}, or point config.data.eval_split (or the data root) at readable images")
+
+
 def eval_example(source: sources.Source, image_size: int, index: int) -> dict[str, np.ndarray]:
     """Example `index` of an evaluation split as evaluation saw it (image, label, valid, index), e.g. to draw it."""
     return _EvalLoad(source, dataclasses.replace(source.view, image_size=image_size))(index)

@@ -61,5 +61,7 @@ def evaluate(
         collect(*pending)
     stacked = {k: np.concatenate(v) for k, v in outputs.items() if v}
     keep = stacked.pop("valid") > 0
+    if len(examples) and not keep.any():  # images that became unreadable since training checked them
+        raise pipeline.BadImageBudgetError(pipeline.nothing_evaluable(len(examples), "replace them"))
     stacked = {k: v[keep] for k, v in stacked.items()}
     return task.summarize(sums, stacked), stacked, first

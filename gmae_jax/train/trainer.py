@@ -191,6 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     mesh = make_mesh(config)  # config_checks.validate_training saw the batch divide over its devices
     host_resources.check_batch_fits(loop.batch_size, model.config.img_size, jax.process_count(),
                                     jax.default_backend() == "cpu")
+    pipeline.check_evaluable(data.eval, model.config.img_size)
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), loop.step_impl)
     warning = accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
