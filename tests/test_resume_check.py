@@ -69,7 +69,7 @@ def test_a_change_of_the_weights_shapes_is_refused_under_any_policy_without_offe
         resume_check.check(config, str(run_dir), ["fist", "palm"])
     message = str(refused.value)
     assert "model.depth: 2 -> 3; seed: 42 -> 7" in message
-    assert "model.depth fixes its saved weights (their shapes" in message and "another --workdir" in message
+    assert "model.depth fixes its saved state (its weights' shapes" in message and "another --workdir" in message
     assert "allow_changes" not in message
     assert not (run_dir / run_folder.HISTORY_FILE).exists()
 
@@ -80,9 +80,28 @@ def test_other_attention_heads_are_refused_under_any_policy_though_the_shapes_fi
     config = pretrain_config()
     config.resume_policy = "allow_changes"
     config.model[field] = config.model[field] * 2
-    with pytest.raises(config_lib.ConfigError, match=rf"model.{field} fixes its saved weights \(their shapes, their "
-                       r"attention heads"):
+    with pytest.raises(config_lib.ConfigError, match=rf"model.{field} fixes its saved state \(its weights' shapes, "
+                       r"their attention heads"):
         resume_check.check(config, str(run_dir), ["fist", "palm"])
+
+
+@pytest.mark.parametrize("field, value, refused", [
+    ("optim.grad_clip", 0.0, True), ("optim.grad_clip", 0.5, False),  # clipping off; another threshold
+    ("optim.layer_decay", 0.75, True),
+])
+def test_a_change_of_the_optimisers_layout_is_refused_under_any_policy(run_dir, field, value, refused):
+    """Under allow_changes the restore failed, asking whether config.json had been edited."""
+    config = pretrain_config()
+    config.resume_policy = "allow_changes"
+    section, name = field.split(".")
+    config[section][name] = value
+    if not refused:
+        assert resume_check.check(config, str(run_dir), ["fist", "palm"])[0][0] == field
+        return
+    with pytest.raises(config_lib.ConfigError, match=rf"{field} fixes its saved state \(.*or how its optimiser state "
+                       r"is laid out\)"):
+        resume_check.check(config, str(run_dir), ["fist", "palm"])
+    assert resume_check.changes_optimiser_layout("freeze_encoder", False, True)
 
 
 def test_a_classifiers_class_order_is_refused_under_any_policy_a_pretraining_runs_is_not(tmp_path):
@@ -91,7 +110,7 @@ def test_a_classifiers_class_order_is_refused_under_any_policy_a_pretraining_run
     (tmp_path / "checkpoints" / "10").mkdir(parents=True)
     finetune.resume_policy = "allow_changes"
     with pytest.raises(config_lib.ConfigError, match=r"classes \(classes.json\): \['fist', 'palm'\] -> "
-                       r"\['palm', 'fist'\]\); nothing was changed. classes \(classes.json\) fixes its saved weights"):
+                       r"\['palm', 'fist'\]\); nothing was changed. classes \(classes.json\) fixes its saved state"):
         resume_check.check(finetune, str(tmp_path), ["palm", "fist"])
 
 

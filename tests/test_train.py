@@ -172,8 +172,8 @@ def test_rerun_with_another_model_is_refused_before_anything_changes(pretrained,
         stages.run(changed, workdir)
     assert str(refused.value) == (
         f"{workdir} holds a run with other settings (model.embed_dim: 32 -> 48); nothing was changed. "
-        "model.embed_dim fixes its saved weights (their shapes, their attention heads, or what a classifier's outputs "
-        "mean), so no resume can continue it with the new values: "
+        "model.embed_dim fixes its saved state (its weights' shapes, their attention heads, what a classifier's "
+        "outputs mean, or how its optimiser state is laid out), so no resume can continue it with the new values: "
         "start a new run with another --workdir")
     after = files_of(workdir)
     assert after == before  # config.json, classes.json, every checkpoint file: byte-identical

@@ -54,6 +54,16 @@ SHAPE_FIELDS = (
 # Harmless only when they grow: a longer run continues the same one; a shorter one is another run.
 UPWARD_ONLY = ("total_steps", "num_epochs")
 
+
+def changes_optimiser_layout(name: str, old: Any, new: Any) -> bool:
+    """Whether a change gives the optimiser state another structure, which the saved one cannot restore
+    into: clipping on or off, layer-wise learning-rate decay on or off, a frozen encoder or not (optim.py)."""
+    if name == "optim.grad_clip":
+        return (old > 0) != (new > 0)
+    if name == "optim.layer_decay":
+        return (old < 1) != (new < 1)
+    return name == "freeze_encoder"
+
 Change = tuple[str, Any, Any]  # (dotted field, old value, new value)
 
 
@@ -115,14 +125,15 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
             binding.append((classes, old_classes, list(class_names)))
     listed = "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in binding)
     # A classifier's class order is what its saved outputs mean (a pretraining run's labels are unused).
-    fixed = [name for name, _, _ in binding
-             if name in SHAPE_FIELDS or (name == classes and config.get("stage") == "finetune")]
+    fixed = [name for name, old_value, new_value in binding
+             if name in SHAPE_FIELDS or (name == classes and config.get("stage") == "finetune")
+             or changes_optimiser_layout(name, old_value, new_value)]
     if fixed:
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. {', '.join(fixed)} "
-            f"{'fixes' if len(fixed) == 1 else 'fix'} its saved weights (their shapes, their attention heads, or what "
-            "a classifier's outputs mean), so no resume can continue it with the new values: start a new run with "
-            "another --workdir")
+            f"{'fixes' if len(fixed) == 1 else 'fix'} its saved state (its weights' shapes, their attention heads, "
+            "what a classifier's outputs mean, or how its optimiser state is laid out), so no resume can continue "
+            "it with the new values: start a new run with another --workdir")
     if binding and read_flat(LoopConfig, config).resume_policy == "check":
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); nothing was changed. Start a new run "
