@@ -633,6 +633,8 @@ def test_killed_run_with_a_cut_off_metrics_line_resumes_to_the_straight_run(stra
 def test_non_finite_loss_stops_with_the_last_good_checkpoint():
     with pytest.raises(FloatingPointError, match="loss became non-finite at step 7; the last good checkpoint is step 5"):
         divergence.check_finite({"loss": float("nan"), "lr": 0.1}, 7, "/w/checkpoints", 5)
+    with pytest.raises(FloatingPointError, match="a run already diverging there fails again from it at any rate"):
+        divergence.check_finite({"loss": float("inf")}, 7, "/w/checkpoints", 5)  # weights may be finite but huge
     divergence.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
 
 

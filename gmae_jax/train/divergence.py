@@ -15,8 +15,9 @@ def check_finite(metrics: dict[str, float], step: int, checkpoint_dir: str, last
     """Stops a diverged run before it can overwrite a good checkpoint with NaNs."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        where = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir} (a restart resumes "
-                 "from it)") if last_saved is not None else "no checkpoint was saved yet"
+        where = (f"the last good checkpoint is step {last_saved} in {checkpoint_dir} (a restart resumes from it; "
+                 "its values are finite, but a run already diverging there fails again from it at any rate: then "
+                 "start anew with another --workdir)") if last_saved is not None else "no checkpoint was saved yet"
         remedies = ["lower --config.optim.lr", "keep --config.optim.grad_clip > 0"]
         if dtype != "float32":
             remedies.append(f"use --config.model.dtype=float32 (this run computes in {dtype})")
