@@ -226,3 +226,15 @@ def test_a_changed_schedule_is_reported_only_where_a_step_follows_it():
     shorter = [(resume_check.PLANNED_STEPS, 20, 5)]
     assert resume_check.schedule_change_warning(shorter, 20, 3) is None
     assert resume_check.schedule_change_warning(shorter, 5, 3) is None
+
+
+def test_another_evaluation_split_resumes_with_a_warning_and_is_recorded(run_dir):
+    """A finished run rerun on a grown validation folder rewrote its confusion matrix without a word."""
+    facts = {resume_check.TRAIN_IMAGES: 32, resume_check.EVAL_IMAGES: 21}
+    resume_check.write_run_files(pretrain_config(), str(run_dir), ["fist", "palm"], facts=facts)
+    grown = {**facts, resume_check.EVAL_IMAGES: 30}
+    changes = resume_check.check(pretrain_config(), str(run_dir), ["fist", "palm"], grown)
+    assert changes == [(resume_check.EVAL_IMAGES, 21, 30)]  # not binding: the policy 'check' lets it resume
+    assert resume_check.evaluation_change_warning(changes).startswith(
+        "the evaluation split now holds 30 images, not the 21 this run was evaluated on so far")
+    assert resume_check.evaluation_change_warning([("log_every", 5, 2)]) is None

@@ -29,6 +29,9 @@ from gmae_jax.train.run_folder import (CLASSES_FILE, CONFIG_FILE, FACTS_FILE, HI
 # planned, so a resume notices images added or removed since (another shuffle, another epoch length),
 # and the view its evaluation images were seen in (the data's layout decides it, not the config alone).
 TRAIN_IMAGES, PLANNED_STEPS = "data: training images", "planned total steps"
+# Another evaluation split (images added, removed or replaced by the same count of others, which this
+# does not see) is no other run, but scores from then on do not compare with the earlier ones.
+EVAL_IMAGES = "data: evaluation images"
 # How the run's images became pixels in evaluation ('original', 'full_frame' or 'hand_crop'): what
 # predict and an export must do to a photo for this model.
 VIEW = "data: evaluation view"
@@ -97,8 +100,8 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], lis
 
 def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
           facts: dict[str, Any] | None = None) -> list[Change]:
-    """The differences between `config` (and the run `facts`: TRAIN_IMAGES, PLANNED_STEPS, VIEW) and the run
-    already in `workdir` (none for a new run).
+    """The differences between `config` (and the run `facts`: TRAIN_IMAGES, EVAL_IMAGES, PLANNED_STEPS,
+    VIEW) and the run already in `workdir` (none for a new run).
 
     Raises ConfigError, before anything is written, when a binding field differs and
     `config.resume_policy` is 'check'. Other training images are binding; another planned length
@@ -155,6 +158,17 @@ def schedule_change_warning(changes: Sequence[Change], resumed_at: int,
     return (f"the learning-rate schedule now decays over {new} steps instead of {old}: steps {resumed_at + 1} on "
             f"follow it, steps up to {resumed_at} followed the {old}-step one (a straight {new}-step run would have "
             "had other rates there)")
+
+
+def evaluation_change_warning(changes: Sequence[Change]) -> str | None:
+    """A resumed run evaluated on another number of images: its metrics.jsonl then mixes two splits."""
+    counts = [(old, new) for name, old, new in changes if name == EVAL_IMAGES]
+    if not counts:
+        return None
+    old, new = counts[0]
+    return (f"the evaluation split now holds {new} images, not the {old} this run was evaluated on so far: "
+            "evaluations from here on (and the best checkpoint's rank among them) do not compare with the earlier "
+            "ones in metrics.jsonl; config.history.jsonl records the change")
 
 
 def record(workdir: str, changes: list[Change], policy: str) -> None:

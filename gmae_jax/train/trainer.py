@@ -202,10 +202,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     steps_total = total_steps(config, len(data.train))
     distributed.check_processes_agree({"training images": len(data.train), "evaluation images": len(data.eval),
                                        "classes": list(data.class_names), "planned steps": steps_total}, "data")
-    facts = {resume_check.TRAIN_IMAGES: len(data.train), resume_check.PLANNED_STEPS: steps_total,
-             resume_check.VIEW: data.eval.view.mode}
+    facts = {resume_check.TRAIN_IMAGES: len(data.train), resume_check.EVAL_IMAGES: len(data.eval),
+             resume_check.PLANNED_STEPS: steps_total, resume_check.VIEW: data.eval.view.mode}
     check_run_folder_kinds(workdir)
     changes = resume_check.check(config, workdir, data.class_names, facts)
+    if warning := resume_check.evaluation_change_warning(changes):
+        logging.warning(warning)
 
     # --- Input pipeline -------------------------------------------------------------------------
     for warning in (small_dataset_warning(loop.batch_size, len(data.train)),
