@@ -156,6 +156,15 @@ def preset_override(argv: Sequence[str]) -> str | None:
     return None
 
 
+def section_given_a_value(path: str, value: str) -> str:
+    """`--config.model=small`: a section of fields takes no value of its own."""
+    line = (f"--config.{path}={value}: config.{path} is a section of fields, not a value; set one of its fields "
+            f"(--config.{path}.<field>=...)")
+    if path == "model":
+        line += f", or choose a model preset with the config's variant: --config=configs/<stage>.py:model={value}"
+    return line
+
+
 def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
     """One line for an error raised while parsing the command line (the config file runs then)."""
     line = one_line(error)  # config_flags hands the config file's own error back as traceback text
@@ -168,6 +177,9 @@ def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
     missing = re.search(r"\[Errno \d+\] .+", text)  # a config file that does not load
     if missing:
         return f"cannot load the config file: {missing.group(0)}"
+    section = re.search(r"flag --config\.([\w.]+)=(.*?): Failed to parse .* as a ConfigDict", text)
+    if section:
+        return section_given_a_value(*section.groups())
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
     flag = _config_flag(argv)

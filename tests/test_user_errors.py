@@ -91,13 +91,20 @@ def empty_workdir(tmp_path, data_root):  # e.g. --workdir=$WORKDIR with the vari
         "flag --workdir=: --workdir is empty; name the run's folder, e.g. --workdir=runs/pretrain")
 
 
+def a_section_given_a_value(tmp_path, data_root):  # the preset belongs in the variant
+    return [PRETRAIN, f"--workdir={tmp_path / 'w'}", "--config.model=small"], (
+        "--config.model=small: config.model is a section of fields, not a value; set one of its fields "
+        "(--config.model.<field>=...), or choose a model preset with the config's variant: "
+        "--config=configs/<stage>.py:model=small")
+
+
 def bucket_with_one_slash(tmp_path, data_root):  # as a local path it would train into ./gs:/, then fail
     return [PRETRAIN, "--workdir=gs:/bucket/run", f"--config.data.root={data_root}"], (
         "--workdir='gs:/bucket/run' is not a bucket path: write gs://BUCKET/PATH (two slashes)")
 
 
 CASES = [unknown_field, unknown_nested_field, unknown_preset, missing_config_file, init_from_missing,
-         read_only_workdir, empty_workdir, bucket_with_one_slash]
+         read_only_workdir, empty_workdir, bucket_with_one_slash, a_section_given_a_value]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
