@@ -192,6 +192,19 @@ def test_a_run_to_read_that_is_missing_or_a_file_is_named_as_such(tmp_path, stag
             stages.run(config, str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("stage, field", [("pretrain", "data.root"), ("evaluate", "data_root"),
+                                          ("study", "pretrain_data")])
+def test_a_workdir_inside_the_data_it_reads_is_refused_before_anything_is_written(tmp_path, stage, field):
+    """A pretraining workdir in <root>/train was read as a class folder ('holds no images')."""
+    config = load(stage)
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match=rf"--workdir={tmp_path}/train/run is inside config.{field}="
+                       rf"{tmp_path}, whose images the run reads"):
+        stages.run(config, str(tmp_path / "train" / "run"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_finetune_whose_init_from_is_its_own_workdir_is_refused(tmp_path):
     config = load("finetune", "runlocal")
     for init_from in (tmp_path / "ft", tmp_path / "ft" / "checkpoints"):

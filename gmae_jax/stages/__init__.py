@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from gmae_jax import workdir_lock
+from gmae_jax.train import run_folder
 from gmae_jax.schema import ConfigError
 from gmae_jax.stages import demo, evaluate, export, finetune, import_, predict, prepare, pretrain, study
 
@@ -46,7 +47,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     stage = get(config.stage)
     if getattr(stage, "ONE_PROCESS", False) and jax.process_count() > 1:
         raise ConfigError(f"the {config.stage} stage runs in one process; drop the multi-process flags")
+    _check_outside_data(config, workdir)
     if hasattr(stage, "check_workdir"):  # before the lock, which would be the first thing written there
         stage.check_workdir(workdir)
     with workdir_lock.hold(workdir):
         return stage.run(config, workdir)
+
+
+# The fields that name images a stage reads (training, evaluation, the study's unlabelled ones).
+DATA_FIELDS = ("data.root", "data_root", "pretrain_data")
+
+
+def _check_outside_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A workdir inside the data would be read as data: a class folder named like the run, its
+    pictures among the images (and, in a HaGRID tree, a layout no longer recognised)."""
+    for name in DATA_FIELDS:
+        section, _, field = name.rpartition(".")
+        holder = config.get(section) if section else config
+        root = holder.get(field) if holder is not None else None
+        if isinstance(root, str) and root and run_folder.is_inside(workdir, root):
+            raise ConfigError(f"--workdir={workdir} is inside config.{name}={root}, whose images the run reads: its "
+                              "files would mix with them; choose a --workdir outside the data")
