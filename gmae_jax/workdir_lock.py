@@ -107,6 +107,10 @@ def _busy(workdir: epath.Path, holder: Holder | None) -> WorkdirBusyError:
 
 
 def _not_writable(workdir: epath.Path, error: OSError) -> WorkdirNotWritableError:
+    if os.path.islink(workdir) and not os.path.exists(workdir):
+        return WorkdirNotWritableError(
+            f"workdir {workdir} is a link to {os.readlink(workdir)}, which does not exist; create that folder, or "
+            "choose another --workdir")
     return WorkdirNotWritableError(
         f"cannot write in workdir {workdir} ({error.strerror or error}); choose a --workdir you can write "
         "to, or make that folder writable")

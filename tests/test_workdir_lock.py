@@ -46,6 +46,16 @@ def test_a_workdir_that_is_a_file_is_refused_saying_so(tmp_path, kind):
     assert workdir.read_text() == "mine"
 
 
+def test_a_workdir_that_links_to_nothing_names_where_it_points(tmp_path):
+    """It said 'File exists' and to make the folder writable."""
+    os.symlink(tmp_path / "on_a_disk_not_mounted", tmp_path / "run")
+    with pytest.raises(workdir_lock.WorkdirNotWritableError, match=rf"workdir {tmp_path}/run is a link to "
+                       rf"{tmp_path}/on_a_disk_not_mounted, which does not exist; create that folder, or choose"):
+        with workdir_lock.hold(str(tmp_path / "run")):
+            pass
+    assert not (tmp_path / "on_a_disk_not_mounted").exists()
+
+
 @pytest.mark.parametrize("kind", ["flock", "lease"])
 def test_a_run_that_fails_before_writing_leaves_no_folder_it_created(tmp_path, kind):
     new, existing = tmp_path / "new", tmp_path / "existing"
