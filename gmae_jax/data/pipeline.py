@@ -149,8 +149,8 @@ def check_evaluable(source: sources.Source, image_size: int) -> None:
     score nothing (loss and accuracy 0.0, a minimum loss then ranked as the best checkpoint). Run
     before training, it stops at the first image that decodes, usually the split's first."""
     load = _EvalLoad(source, dataclasses.replace(source.view, image_size=image_size))
-    if any(load(index)["valid"] for index in range(len(source))):
-        return
+    if not len(source) or any(load(index)["valid"] for index in range(len(source))):
+        return  # (an empty split is the data layout's error, named where it is opened)
     raise BadImageBudgetError(nothing_evaluable(len(source), load._remedy()))
 
 

@@ -14,9 +14,9 @@ import jax
 import ml_collections
 
 from gmae_jax import workdir_lock
-from gmae_jax.train import run_folder
 from gmae_jax.schema import ConfigError
 from gmae_jax.stages import demo, evaluate, export, finetune, import_, predict, prepare, pretrain, study
+from gmae_jax.train import run_folder
 
 STAGES: dict[str, types.ModuleType] = {
     getattr(module, "STAGE", module.__name__.rsplit(".", 1)[-1]): module

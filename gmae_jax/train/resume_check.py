@@ -67,6 +67,7 @@ def changes_optimiser_layout(name: str, old: Any, new: Any) -> bool:
         return (old < 1) != (new < 1)
     return name == "freeze_encoder"
 
+
 Change = tuple[str, Any, Any]  # (dotted field, old value, new value)
 
 
