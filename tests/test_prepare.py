@@ -379,7 +379,8 @@ def test_prepare_refuses_a_training_run_or_the_raw_tree_as_its_workdir_and_bad_s
 
     with pytest.raises(config_lib.ConfigError, match=r"holds a training run \(its checkpoints/ is there\)"):
         stages.run(config, str(tmp_path / "run"))
-    with pytest.raises(config_lib.ConfigError, match=r"is inside the tree it prepares"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"/hagrid/prepared is inside config.data.root=.*/hagrid, whose images the run reads"):
         stages.run(config, str(tmp_path / "hagrid" / "prepared"))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
     assert not (tmp_path / "hagrid" / "prepared").exists()

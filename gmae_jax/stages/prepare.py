@@ -63,10 +63,7 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    check_workdir(workdir)
-    config_checks.check(not run_folder.is_inside(workdir, config.data.root),
-                        f"--workdir={workdir} is inside the tree it prepares (config.data.root={config.data.root}), "
-                        "where its folders would mix with the images; prepare into a folder outside it")
+    check_workdir(workdir)  # a workdir inside the tree it prepares: `stages.run` refuses it
     # SIGTERM (a scheduler, `kill`) as an exception in this process: leaving the worker pool's block
     # then terminates its workers, which would otherwise go on writing into a closed pipe.
     handles = threading.current_thread() is threading.main_thread()
