@@ -51,8 +51,9 @@ class CacheUse:
 def writable(directory: str) -> str | None:
     """None if `directory` (local) can be created and written, else why not. Buckets are not
     checked here: JAX warns and compiles as usual if a write there fails."""
-    if "://" in directory or paths.problem(directory):
-        return paths.problem(directory)
+    why = paths.problem(directory)
+    if why or "://" in directory:
+        return why
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory):

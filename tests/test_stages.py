@@ -185,7 +185,7 @@ def test_weights_that_give_non_finite_outputs_stop_with_one_line_naming_the_step
 def test_a_run_to_read_that_is_missing_or_a_file_is_named_as_such(tmp_path, stage):
     (tmp_path / "a_file").write_text("")
     config = load(stage)
-    config.update(inputs=str(tmp_path)) if stage == "predict" else None
+    config.update(inputs=str(tmp_path / "a_file")) if stage == "predict" else None
     for given, what in (("missing", "does not exist"), ("a_file", "is a file, not a run's workdir")):
         config.checkpoint_dir = str(tmp_path / given)
         with pytest.raises(config_lib.ConfigError, match=f"^{tmp_path / given} {what}: point at the workdir of a "):
@@ -326,8 +326,8 @@ def test_a_predict_workdir_inside_its_inputs_is_refused_before_anything_is_writt
     config = load("predict")
     config.update(checkpoint_dir=run_dir[0], inputs=str(inputs))
     workdir = inputs / inside if inside else inputs
-    with pytest.raises(config_lib.ConfigError, match=rf"--workdir={workdir} is inside config.inputs={inputs}: the next "
-                       "run would predict this one's picture as an input"):
+    with pytest.raises(config_lib.ConfigError, match=rf"--workdir={workdir} is inside config.inputs={inputs}, whose "
+                       "images the run reads: its files would mix with them"):
         stages.run(config, str(workdir))
     assert not list(inputs.glob("predictions*")) and not list(inputs.glob(".*"))
 
@@ -425,7 +425,7 @@ def test_predict_refuses_a_pretraining_run(tmp_path):
     (run / "config.json").write_text(load("pretrain", "runlocal").to_json())
     (run / "classes.json").write_text("[]")
     config = load("predict")
-    config.update(checkpoint_dir=str(run), inputs=str(tmp_path))
+    config.update(checkpoint_dir=str(run), inputs=str(run / "classes.json"))
     with pytest.raises(config_lib.ConfigError, match="is a 'pretrain' run; predict needs a finetune run"):
         stages.run(config, str(tmp_path / "out"))
 

@@ -54,13 +54,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
         return stage.run(config, workdir)
 
 
-# The fields that name images a stage reads (training, evaluation, the study's unlabelled ones).
-DATA_FIELDS = ("data.root", "data_root", "pretrain_data")
+# The fields that name images a stage reads (training, evaluation, the study's unlabelled ones, predict's).
+DATA_FIELDS = ("data.root", "data_root", "pretrain_data", "inputs")
 
 
 def _check_outside_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """A workdir inside the data would be read as data: a class folder named like the run, its
-    pictures among the images (and, in a HaGRID tree, a layout no longer recognised)."""
+    pictures among the images (predict's next run would predict them; in a HaGRID tree, a layout no
+    longer recognised)."""
     for name in DATA_FIELDS:
         section, _, field = name.rpartition(".")
         holder = config.get(section) if section else config

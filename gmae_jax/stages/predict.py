@@ -110,9 +110,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
         raise config_lib.ConfigError(f"config.checkpoint_dir={config.checkpoint_dir} is a '{stage}' run; predict "
                                      "needs a finetune run (a classifier)")
     run_folder.check_outside_run(workdir, config.checkpoint_dir, "predict")
-    if run_folder.is_inside(workdir, config.inputs):
-        raise config_lib.ConfigError(f"--workdir={workdir} is inside config.inputs={config.inputs}: the next run would "
-                                     "predict this one's picture as an input; choose a --workdir outside the inputs")
     run_files.check_kinds(workdir, OUTPUTS, keeper="predict writes")  # before the model loads and every image
     class_names = run_folder.load_class_names(run_folder.run_workdir(config.checkpoint_dir))
     items, skipped = inputs.list_inputs(config.inputs, class_names)
