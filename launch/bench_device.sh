@@ -9,6 +9,7 @@
 #   launch/bench_device.sh                      # all presets
 #   PRESETS=small,base launch/bench_device.sh   # a shorter loan
 #   XLA_DEFAULTS=1 launch/bench_device.sh       # XLA's own GPU flags (Triton GEMM fusions on)
+#   PROFILE_OPS=1 PRESETS=small launch/bench_device.sh  # CUDA graphs off: the profile names every op
 #
 # Compiles, not steps, decide what a short loan measures. On an H200, XLA's autotuner (cuDNN
 # convolution algorithms and Triton GEMM fusions; the split was not measured) took ~290 s of a 368 s
@@ -23,15 +24,22 @@ PYTHON="${PYTHON:-python}"
 PRESETS="${PRESETS:-small,base,reference}"
 BUDGET_S="${BUDGET_S:-420}"
 OUT_FILE="${OUT_FILE:-bench_device.md}"
-# XLA aborts on a flag it does not know: try the flag first, so that an XLA without it still runs
+# XLA aborts on a flag it does not know: try each flag first, so that an XLA without it still runs
 # the suite (with its own flags, which the table's first line then shows).
-CUBLAS_GEMMS="--xla_gpu_enable_triton_gemm=false"
-if [[ "${XLA_DEFAULTS:-0}" == 0 ]]; then
-  if XLA_FLAGS="${XLA_FLAGS:-} $CUBLAS_GEMMS" "$PYTHON" -c "import jax; jax.devices()" >/dev/null 2>&1; then
-    export XLA_FLAGS="${XLA_FLAGS:-} $CUBLAS_GEMMS"
+add_xla_flag() {
+  if XLA_FLAGS="${XLA_FLAGS:-} $1" "$PYTHON" -c "import jax; jax.devices()" >/dev/null 2>&1; then
+    export XLA_FLAGS="${XLA_FLAGS:-} $1"
   else
-    echo "note: this XLA does not take $CUBLAS_GEMMS; the suite runs with XLA's own flags" >&2
+    echo "note: this XLA does not take $1; the suite runs without it" >&2
   fi
+}
+if [[ "${XLA_DEFAULTS:-0}" == 0 ]]; then
+  add_xla_flag "--xla_gpu_enable_triton_gemm=false"
+fi
+# XLA:GPU runs a step as CUDA graphs, which a profile cannot break down by op (session 28's H200):
+# PROFILE_OPS=1 turns them off for a run whose point is the first case's per-op profile.
+if [[ "${PROFILE_OPS:-0}" == 1 ]]; then
+  add_xla_flag "--xla_gpu_enable_command_buffer="
 fi
 
 cd "$(dirname "$0")/.."

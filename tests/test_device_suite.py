@@ -117,6 +117,21 @@ def test_the_launcher_sends_gemms_to_cublas_unless_asked_or_unknown(tmp_path, xl
     assert "autotune_level" not in run.stdout  # autotuning off made session 8's H200 step 79x slower
 
 
+@pytest.mark.parametrize("reject", [None, "1"])
+def test_the_launcher_turns_cuda_graphs_off_for_a_per_op_profile(tmp_path, reject):
+    fake_python = tmp_path / "python"
+    fake_python.write_text(FAKE_PYTHON)
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md"), "PROFILE_OPS": "1"}
+    env.pop("XLA_FLAGS", None)
+    if reject:
+        env["REJECT"] = reject  # an XLA without the GEMM flag still gets the profiling one
+    launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
+    run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.rstrip().endswith(" --xla_gpu_enable_command_buffer="), run.stdout
+    assert ("--xla_gpu_enable_triton_gemm=false" in run.stdout) != bool(reject), run.stdout
+
+
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
     tried = []
 

@@ -114,17 +114,22 @@ def test_a_real_step_is_profiled_by_layer():
         .startswith(f"| {biggest} | {result.ops[biggest].kind} |")
 
 
-def test_the_xla_option_that_keeps_profiled_gpu_kernels_named_exists():
-    """The suite traces the executable it timed, relying on XLA:GPU running command buffers op by op
-    while profiling unless this option is on: a renamed or removed option would fail here."""
+def test_the_xla_option_that_turns_command_buffers_off_exists():
+    """The profile's advice for a step XLA:GPU ran as CUDA graphs names this option (an empty list):
+    a renamed or removed option would fail here, as a misspelt one does."""
     lowered = jax.jit(lambda x: (x @ x).sum()).lower(jnp.ones((8, 8)))
-    lowered.compile(compiler_options={"xla_enable_command_buffers_during_profiling": False})
-    with pytest.raises(Exception, match="xla_enable_command_buffers_during_profilin"):
-        lowered.compile(compiler_options={"xla_enable_command_buffers_during_profilin": False})
+    name, value = step_profile.NO_COMMAND_BUFFERS.removeprefix("--").split("=")
+    lowered.compile(compiler_options={name: value})
+    with pytest.raises(Exception, match="xla_gpu_enable_command_buffe"):
+        lowered.compile(compiler_options={name[:-1]: value})
 
 
 def test_ops_the_hlo_does_not_name_are_reported():
     result = step_profile.StepProfile({"dot.6": 2.0, "command_buffer.3": 5.0}, step_profile.parse_hlo(HLO), 8.0)
     assert dict(result.by("kind")) == {"other": 5.0, "matmul": 2.0}
-    assert "5.0 ms in traced ops the HLO does not name (counted as 'other'), e.g. command_buffer.3" in \
-        step_profile.markdown(result)
+    table = step_profile.markdown(result)
+    assert "5.0 ms in traced ops the HLO does not name (counted as 'other'), e.g. command_buffer.3" in table
+    # A step run as CUDA graphs (session 28's H200 profile was one `command_buffer_1`) says how to see its ops.
+    assert "5.0 ms ran as CUDA graphs" in table and "XLA_FLAGS=--xla_gpu_enable_command_buffer= " in table
+    unnamed = step_profile.StepProfile({"dot.6": 2.0, "fusion.99": 5.0}, step_profile.parse_hlo(HLO), 8.0)
+    assert "CUDA graphs" not in step_profile.markdown(unnamed)

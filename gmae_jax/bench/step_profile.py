@@ -33,6 +33,9 @@ _DATA_MOVEMENT = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", 
 # A while loop's or call's traced time spans the ops in its body, which are traced themselves.
 _CONTAINERS = {"while", "conditional", "call"}
 CONTAINER = "control flow (its body's ops count)"
+# XLA:GPU's CUDA graphs show in a trace under this name; the flag (an empty list) turns them off.
+COMMAND_BUFFER = "command_buffer"
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _CONTROL_FLOW = {"while", "body", "cond", "closed_call", "checkpoint", "remat", "rematted_computation"}
 _ELEMENTWISE_HINT = {"add", "multiply", "subtract", "divide", "exponential", "erf", "tanh", "maximum",
@@ -217,10 +220,11 @@ def profile_compiled(compiled: Any, state: Any, *args: Any, num_steps: int = 3) 
     """Runs a compiled `step(state, *args) -> (state, metrics)` twice untraced, then profiles
     `num_steps` steps. Returns the profile and the last state (the step donates its input).
 
-    The executable that was timed is the one traced: XLA:GPU replays a step's kernels as CUDA graphs
-    ("command buffers"), whose kernels would carry the graph's name instead of their HLO op's, but
-    while a profiler session is active it runs them op by op (XLA's
-    `--xla_enable_command_buffers_during_profiling`, false by default), so no second compile is needed."""
+    The executable that was timed is the one traced. XLA:GPU may replay the step's kernels as CUDA
+    graphs ("command buffers"), which the trace shows as one op (session 28's H200, JAX 0.11.2:
+    the whole step was `command_buffer_1`, although `--xla_enable_command_buffers_during_profiling`
+    is off by default); `markdown` then says how to get the per-op profile: a run with
+    `--xla_gpu_enable_command_buffer=` (`launch/bench_device.sh`: PROFILE_OPS=1)."""
     holder = {"state": state}
 
     def run_step() -> None:
@@ -248,6 +252,11 @@ def markdown(result: StepProfile, top_layers: int = 12, top_ops: int = 8) -> str
     if unknown:
         lines.append(f"{sum(ms for ms, _ in unknown):.1f} ms in traced ops the HLO does not name (counted as "
                      f"'other'), e.g. {', '.join(name for _, name in unknown[:3])}")
+    graphed = sum(ms for ms, name in unknown if name.startswith(COMMAND_BUFFER))
+    if graphed:
+        lines.append(f"{graphed:.1f} ms ran as CUDA graphs (XLA's command buffers), which a trace does not break "
+                     f"down by op: for the per-op profile run with XLA_FLAGS={NO_COMMAND_BUFFERS} "
+                     "(launch/bench_device.sh: PROFILE_OPS=1); the step may then run a little slower")
     lines.append("")
     for title, rows in (("kind of work", result.by("kind")), ("phase", result.by("phase")),
                         ("layer (block numbers merged)", result.by("layer")[:top_layers])):
