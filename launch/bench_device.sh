@@ -10,6 +10,7 @@
 #   PRESETS=small,base launch/bench_device.sh   # a shorter loan
 #   XLA_DEFAULTS=1 launch/bench_device.sh       # XLA's own GPU flags (Triton GEMM fusions on)
 #   PROFILE_OPS=1 PRESETS=small launch/bench_device.sh  # CUDA graphs off: the profile names every op
+#   CASES='small pretrain bfloat16 sparse,small finetune bfloat16' launch/bench_device.sh  # these cases only
 #
 # Compiles, not steps, decide what a short loan measures. On an H200, XLA's autotuner (cuDNN
 # convolution algorithms and Triton GEMM fusions; the split was not measured) took ~290 s of a 368 s
@@ -43,5 +44,5 @@ if [[ "${PROFILE_OPS:-0}" == 1 ]]; then
 fi
 
 cd "$(dirname "$0")/.."
-"$PYTHON" -m gmae_jax.bench --suite=device --suite_presets="$PRESETS" --suite_budget_s="$BUDGET_S" \
-  | tee "$OUT_FILE"
+"$PYTHON" -m gmae_jax.bench --suite=device --suite_presets="$PRESETS" --suite_cases="${CASES:-}" \
+  --suite_budget_s="$BUDGET_S" | tee "$OUT_FILE"

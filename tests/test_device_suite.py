@@ -97,6 +97,7 @@ if [ "$1" = "-c" ]; then
   exit 0
 fi
 echo "flags:$XLA_FLAGS"
+echo "args:$*"
 """
 
 
@@ -128,8 +129,23 @@ def test_the_launcher_turns_cuda_graphs_off_for_a_per_op_profile(tmp_path, rejec
         env["REJECT"] = reject  # an XLA without the GEMM flag still gets the profiling one
     launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
     run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.rstrip().endswith(" --xla_gpu_enable_command_buffer="), run.stdout
-    assert ("--xla_gpu_enable_triton_gemm=false" in run.stdout) != bool(reject), run.stdout
+    flags_line = run.stdout.splitlines()[0]
+    assert flags_line.endswith(" --xla_gpu_enable_command_buffer="), run.stdout
+    assert ("--xla_gpu_enable_triton_gemm=false" in flags_line) != bool(reject), run.stdout
+
+
+@pytest.mark.parametrize("cases", [None, "small finetune bfloat16,base pretrain bfloat16 sparse"])
+def test_the_launcher_measures_the_cases_named(tmp_path, cases):
+    fake_python = tmp_path / "python"
+    fake_python.write_text(FAKE_PYTHON)
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
+    env.pop("CASES", None)
+    if cases:
+        env["CASES"] = cases
+    launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
+    run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
+    assert f"--suite_cases={cases or ''} " in run.stdout.splitlines()[1], run.stdout
 
 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
@@ -156,8 +172,10 @@ def test_every_presets_headline_case_comes_first_and_mfu_uses_the_device_peak():
     assert {"small pretrain bfloat16 sparse", "base finetune bfloat16", "reference pretrain float32 encoder remat=block",
             "small pretrain bfloat16 encoder remat=block", "reference pretrain bfloat16 encoder remat=block"} \
         <= {c.name for c in cases[3:]}
-    assert len({c.name for c in cases}) == len(cases) == 16
-    assert cases[-1].name == "small pretrain bfloat16 encoder conv=xla"  # cuDNN vs matmuls, if time is left
+    assert len({c.name for c in cases}) == len(cases) == 17
+    # If time is left: tap sums and cuDNN against im2col matmuls.
+    assert [c.name for c in cases[-2:]] == ["small pretrain bfloat16 encoder conv=taps",
+                                            "small pretrain bfloat16 encoder conv=xla"]
     assert {c.preset: c.batch_size for c in cases} == device_suite.DEFAULT_BATCH_SIZES
     fake = dataclasses.make_dataclass("Device", ["device_kind"])("NVIDIA H100 80GB HBM3")
     assert device_suite.peak_flops(fake, "bfloat16") == pytest.approx(989e12)

@@ -182,7 +182,8 @@ def test_reference_preset_has_the_original_parameter_count():
 
 
 @pytest.mark.parametrize("task, mask_mode, conv_impl", [
-    ("pretrain", "encoder", "matmul"), ("pretrain", "sparse", "xla"), ("finetune", "encoder", "xla"),
+    ("pretrain", "encoder", "matmul"), ("pretrain", "encoder", "taps"), ("pretrain", "sparse", "xla"),
+    ("finetune", "encoder", "xla"),
 ])
 def test_bfloat16_compute_runs_every_matmul_and_convolution_in_bfloat16(task, mask_mode, conv_impl):
     """Forward and backward, attention dropout included: a float32 operand anywhere would run that

@@ -105,9 +105,15 @@ def test_model_overrides_parse_to_python_values():
     (["--suite=memory", "--plan_target=cpu", "--plan_devices=3"], "batch sizes [64, 128, 256] do not split"),
     (["--suite=memory", "--plan_target=cpu", "--plan_devices=16", "--suite_batch_sizes=32"], "16 CPU devices"),
     (["--suite=memory", "--suite_presets=small,base", "--suite_batch_sizes=1,2,3"], "3 batch sizes for 2 presets"),
-    (["--suite=memory", "--plan_cases=small finetune bfloat16", "--suite_batch_sizes=1,2"], "takes one value"),
-    (["--suite=memory", "--plan_target=cpu", "--plan_cases=small pretrain bfloat16 remat=block"],
+    (["--suite=memory", "--suite_cases=small finetune bfloat16", "--suite_batch_sizes=1,2"], "takes one value"),
+    (["--suite=memory", "--plan_target=cpu", "--suite_cases=small pretrain bfloat16 remat=block"],
      "did you mean 'small pretrain bfloat16 encoder remat=block'?"),
+    # A loan's chosen cases are checked before the first compile too.
+    (["--suite=device", "--suite_cases=small pretrain bfloat16 encoder,small pretrain bfloat16 conv=taps"],
+     "did you mean 'small pretrain bfloat16 encoder conv=taps'?"),
+    (["--suite=device", "--suite_cases=nope pretrain bfloat16 encoder"], "preset 'nope' is not one of"),
+    (["--suite=device", "--suite_cases=small pretrain bfloat16 encoder", "--suite_img_size=30"],
+     "img_size=30 is not divisible"),
     # Checked before the first compile: a loan's table would otherwise be rows of failures.
     (["--suite=memory", "--plan_target=cpu", "--suite_presets=nope"], "unknown model preset 'nope'"),
     (["--suite=device", "--suite_batch_sizes=0"], "batch size 0 must be at least 1"),

@@ -683,6 +683,7 @@ def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns(
     config.grad_accum_steps = 2
     assert setup.build_model(config)[0].config.conv_impl == "matmul"
     assert trainer.accumulation_warning(4, "cpu", "auto") is None
+    assert trainer.accumulation_warning(4, "cpu", "taps") is None  # no convolution left in the loop either
     # Chosen by hand, XLA's convolutions inside the loop get a warning that says what to do.
     message = trainer.accumulation_warning(4, "cpu", "xla")
     assert message.startswith("config.grad_accum_steps=4 on CPU") and "~6x slower" in message

@@ -34,6 +34,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -79,15 +80,15 @@ _PLAN_TARGET = flags.DEFINE_enum("plan_target", "h100", PLAN_TARGETS,
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 1, "--suite=memory: devices of one host.", lower_bound=1)
 _PLAN_FSDP = flags.DEFINE_integer("plan_fsdp", 1, "--suite=memory: the mesh's fsdp axis (divides --plan_devices).",
                                   lower_bound=1)
-_PLAN_CASES = flags.DEFINE_list("plan_cases", [], "--suite=memory: the cases to plan, named as the suite's table "
-                                "names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'), instead of "
-                                "the suite's for --suite_presets.")
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
 _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", [],
                                        "--suite: batch per preset, in --suite_presets' order, or one for all "
                                        "(device: halved until it fits); default small 256, base 128, reference 64.")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
 _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0, "--suite: no new case starts after this.")
+_SUITE_CASES = flags.DEFINE_list("suite_cases", [], "--suite: the cases to measure or plan, in this order, named as "
+                                 "the table names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'), "
+                                 "instead of every case of --suite_presets.")
 _CHECKPOINT_SAVE = flags.DEFINE_bool(
     "checkpoint_save", False, "Checkpoint save time of --preset's train state: whole arrays vs replica-parallel.")
 _MODEL_FLOPS = flags.DEFINE_bool(
@@ -111,7 +112,7 @@ _FLAG_USERS = {
     "suite_presets": {"--suite=device", "--suite=memory"}, "suite_batch_sizes": {"--suite=device", "--suite=memory"},
     "suite_img_size": {"--suite=device", "--suite=memory"}, "suite_budget_s": {"--suite=device"},
     "plan_target": {"--suite=memory"}, "plan_devices": {"--suite=memory"}, "plan_fsdp": {"--suite=memory"},
-    "plan_cases": {"--suite=memory"},
+    "suite_cases": {"--suite=device", "--suite=memory"},
 }
 
 
@@ -172,14 +173,31 @@ def run_device_suite() -> None:
     host_memory.keep_freed_memory()
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
-    batch_sizes = _suite_batch_sizes(_SUITE_PRESETS.value)
-    device_suite.main_suite(_SUITE_PRESETS.value, _SUITE_IMG_SIZE.value, batch_sizes, _SUITE_BUDGET_S.value,
-                            num_steps=10)
+    device_suite.main_suite(_suite_cases(), _SUITE_BUDGET_S.value, num_steps=10)
+
+
+def _suite_cases() -> list[Any]:
+    """The cases --suite_cases names (each at its preset's batch, or the one --suite_batch_sizes
+    gives), else every case of --suite_presets."""
+    from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
+
+    if not _SUITE_CASES.value:
+        presets = _SUITE_PRESETS.value
+        return device_suite.default_cases(presets, _SUITE_IMG_SIZE.value, _suite_batch_sizes(presets))
+    if len(_SUITE_BATCH_SIZES.value) > 1:
+        raise app.UsageError("with --suite_cases, --suite_batch_sizes takes one value (for every case) or none "
+                             "(each preset's default)")
+    try:
+        return [device_suite.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
+                                            batch_size=_suite_batch_sizes(name.split()[:1])[0])
+                for name in _SUITE_CASES.value]
+    except ValueError as error:
+        raise app.UsageError(f"--suite_cases: {error}") from None
 
 
 def run_memory_plan() -> None:
     """The device suite's cases as XLA plans them for `--plan_target`, printed row by row."""
-    from gmae_jax.bench import device_suite, memory_plan  # noqa: PLC0415 (model code only here)
+    from gmae_jax.bench import memory_plan  # noqa: PLC0415 (model code only here)
 
     # Before JAX starts its backends: lets JAX's CUDA plugin load on a machine without CUDA.
     name, _, value = memory_plan.CUDA_CHECK_OFF.partition("=")
@@ -187,19 +205,7 @@ def run_memory_plan() -> None:
 
     if _PLAN_DEVICES.value % _PLAN_FSDP.value:
         raise app.UsageError(f"--plan_fsdp={_PLAN_FSDP.value} must divide --plan_devices={_PLAN_DEVICES.value}")
-    if _PLAN_CASES.value:
-        if len(_SUITE_BATCH_SIZES.value) > 1:
-            raise app.UsageError("with --plan_cases, --suite_batch_sizes takes one value (for every case) or none "
-                                 "(each preset's default)")
-        try:
-            cases = [device_suite.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
-                                                 batch_size=_suite_batch_sizes(name.split()[:1])[0])
-                     for name in _PLAN_CASES.value]
-        except ValueError as error:
-            raise app.UsageError(f"--plan_cases: {error}") from None
-    else:
-        presets = _SUITE_PRESETS.value
-        cases = device_suite.default_cases(presets, _SUITE_IMG_SIZE.value, _suite_batch_sizes(presets))
+    cases = _suite_cases()
     uneven = sorted({case.batch_size for case in cases if case.batch_size % _PLAN_DEVICES.value})
     if uneven:
         raise app.UsageError(f"batch sizes {uneven} do not split over --plan_devices={_PLAN_DEVICES.value}")
@@ -234,8 +240,10 @@ def run_benchmarks(argv: Sequence[str]) -> None:
                              "and --train_step go together")
     present = [name for name in _FLAG_USERS if flags.FLAGS[name].present]
     refuse_unused_flags(chosen | ({"--vs_torch"} if _VS_TORCH.value else set()), present)
-    if _SUITE.value == "device" or (_SUITE.value == "memory" and not _PLAN_CASES.value):
-        check_models(_SUITE_PRESETS.value, _suite_batch_sizes(_SUITE_PRESETS.value), img_size=_SUITE_IMG_SIZE.value)
+    if _SUITE.value:
+        cases = _suite_cases()
+        check_models(list(dict.fromkeys(case.preset for case in cases)), [case.batch_size for case in cases],
+                     img_size=_SUITE_IMG_SIZE.value)
     elif chosen & {"--train_step", "--profile_step", "--sparse_vs_dense"}:
         check_models([_PRESET.value], [_BATCH_SIZE.value], **parse_overrides(_MODEL_OVERRIDE.value))
     if chosen & {"--profile_step"} or _VS_TORCH.value:

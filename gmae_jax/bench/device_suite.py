@@ -115,9 +115,10 @@ def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_s
     cases = [Case(preset=preset, batch_size=batch, img_size=img_size,
                   remat=remat_reference if preset == "reference" else remat_others, **fields)
              for fields, remat_reference, remat_others in variants for preset, batch in zip(presets, sizes)]
-    # Last, where a loan leaves time: the first case with XLA's own convolutions (cuDNN on GPUs, whose
-    # autotuning took ~290 s of a 368 s compile on an H200), against the matmuls `auto` picks there.
-    return cases + [dataclasses.replace(cases[0], conv_impl="xla")]
+    # Last, where a loan leaves time: the first case with tap sums (the candidate for `auto` on GPUs,
+    # not yet measured on one), then with XLA's own convolutions (cuDNN on GPUs, whose autotuning
+    # took ~290 s of a 368 s compile on an H200), against the im2col matmuls `auto` picks there.
+    return cases + [dataclasses.replace(cases[0], conv_impl=impl) for impl in ("taps", "xla")]
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
@@ -286,7 +287,7 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
     mesh = sharding.make_mesh()
     device = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "").strip()
-    windows = "matmuls" if fast_conv.windows_as_matmul("auto") else "XLA's convolutions"
+    windows = "matmuls" if fast_conv.resolve("auto", jax.default_backend()) == "matmul" else "XLA's convolutions"
     yield (f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}, "
            f"XLA_FLAGS={flags!r}, conv_impl=auto: window convolutions as {windows}")
     yield HEADER
@@ -313,10 +314,9 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
     yield f"total {time.perf_counter() - started:.0f} s"
 
 
-def main_suite(presets: Sequence[str], img_size: int, batch_sizes: Sequence[int], budget_s: float,
-               num_steps: int) -> list[str]:
+def main_suite(cases: Sequence[Case], budget_s: float, num_steps: int) -> list[str]:
     lines = []
-    for line in run_suite(default_cases(presets, img_size, batch_sizes), budget_s, num_steps):
+    for line in run_suite(cases, budget_s, num_steps):
         print(line, flush=True)
         lines.append(line)
     return lines

@@ -15,10 +15,18 @@ rebuilds them from the input in the backward one (slices only, no FLOPs), so mem
 a convolution. Parameters, shapes and numerics are nn.Conv's; grouped convolutions and input
 dilation go to `lax.conv_general_dilated` unchanged.
 
+A stride-1 window convolution can also be one matmul of the input into every tap's outputs
+(`x @ [W_tap0 | ... | W_tap8]`, C_in -> k*k*C_out) followed by a shifted sum of the taps: nothing
+k*k times the input is ever built, and G-MAE's window convolutions have few outputs (C/4, hidden/3),
+so the per-tap outputs are 2.25-3x the input where im2col rows are 9x; the backward pass keeps only
+the input. A roofline estimate of XLA's program for an H100 put `small`'s pretraining step ~15 %
+faster this way (BENCHMARKS.md, session 18); not yet measured on a GPU, so it is an option.
+
 Which convolutions become matmuls is `config.model.conv_impl` (`CONV_IMPLS`): 'matmul' all of them;
-'xla' only the 1x1 ones and the patch embedding, window convolutions staying XLA's (XLA:CPU's beat
-im2col 1.3-1.9x on the 3x3 ones, forward + backward; TPUs run convolutions natively); 'auto'
-(default) is 'matmul' on GPUs and in CPU gradient accumulation, 'xla' elsewhere (`resolve`).
+'taps' as 'matmul', stride-1 windows as tap sums; 'xla' only the 1x1 ones and the patch embedding,
+window convolutions staying XLA's (XLA:CPU's beat im2col 1.3-1.9x on the 3x3 ones, forward +
+backward, and tap sums too; TPUs run convolutions natively); 'auto' (default) is 'matmul' on GPUs
+and in CPU gradient accumulation, 'xla' elsewhere (`resolve`).
 """
 
 from __future__ import annotations
@@ -99,24 +107,49 @@ _matmul_conv_rebuilding_rows = jax.checkpoint(
     _matmul_conv, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(2, 3, 4, 5))
 
 
-CONV_IMPLS = ("auto", "matmul", "xla")
+def _tap_sum_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...],
+                  dilation: tuple[int, int], precision: Any) -> jax.Array:
+    """A stride-1 window convolution as one matmul into every tap's outputs, then their shifted sum:
+    out[y, x] = sum over taps (i, j) of (padded x @ W[i, j])[y + i*dh, x + j*dw]. The taps are added
+    in float32 (each is rounded to the compute dtype once, as a matmul's output is)."""
+    kh, kw, channels, features = kernel.shape
+    (dh, dw), (pad_h, pad_w) = dilation, padding
+    batch, height, width, _ = x.shape
+    every_tap = kernel.transpose(2, 0, 1, 3).reshape(channels, kh * kw * features)
+    per_tap = lax.dot_general(x, every_tap, (((3,), (0,)), ((), ())), precision=precision)
+    # Padding the per-tap outputs is padding the input: a zero input row gives zero outputs.
+    per_tap = jnp.pad(per_tap.reshape(batch, height, width, kh * kw, features),
+                      ((0, 0), pad_h, pad_w, (0, 0), (0, 0)))
+    out_h = height + sum(pad_h) - dh * (kh - 1)
+    out_w = width + sum(pad_w) - dw * (kw - 1)
+    total = sum(lax.slice(per_tap, (0, i * dh, j * dw, i * kw + j, 0),
+                          (batch, i * dh + out_h, j * dw + out_w, i * kw + j + 1, features))[:, :, :, 0]
+                .astype(jnp.float32)
+                for i in range(kh) for j in range(kw))
+    return total.astype(per_tap.dtype)
+
+
+CONV_IMPLS = ("auto", "matmul", "taps", "xla")
 
 
 def conv_general_dilated(
     lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
     dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
-    *, windows_as_matmul: bool = True,
+    *, windows: str = "matmul",
 ) -> jax.Array:
     """`lax.conv_general_dilated` with the signature `nn.Conv` calls, as a matmul where it can be:
-    always for 1x1 kernels and non-overlapping patches, for other windows if `windows_as_matmul`."""
+    always for 1x1 kernels and non-overlapping patches; other windows as `windows` says ('matmul':
+    im2col rows; 'taps': tap sums where the stride is 1, else rows; 'xla': XLA's convolution)."""
     explicit = _explicit_padding(padding)
     if (lhs.ndim == 4 and dimension_numbers == _channel_last(4) and feature_group_count == 1
             and explicit is not None and tuple(lhs_dilation or (1, 1)) == (1, 1)):
         kernel_hw, strides, dilation = rhs.shape[:2], tuple(window_strides), tuple(rhs_dilation or (1, 1))
         if _is_pointwise(kernel_hw, strides, explicit):
             return _matmul_conv(lhs, rhs, strides, explicit, dilation, precision)  # nothing to rebuild
-        if windows_as_matmul or _is_patchify(lhs.shape, kernel_hw, strides, explicit, dilation):
+        if windows == "taps" and strides == (1, 1):
+            return _tap_sum_conv(lhs, rhs, explicit, dilation, precision)
+        if windows != "xla" or _is_patchify(lhs.shape, kernel_hw, strides, explicit, dilation):
             return _matmul_conv_rebuilding_rows(lhs, rhs, strides, explicit, dilation, precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -135,11 +168,7 @@ def resolve(conv_impl: str, backend: str, accumulating: bool = False) -> str:
     return "matmul" if backend == "gpu" or (backend == "cpu" and accumulating) else "xla"
 
 
-def windows_as_matmul(conv_impl: str) -> bool:
-    """Whether `conv_impl` computes k x k windows as matmuls on the backend being traced for."""
-    return resolve(conv_impl, jax.default_backend()) == "matmul"
-
-
 def for_impl(conv_impl: str) -> Callable[..., jax.Array]:
-    """The `conv_general_dilated` that `nn.Conv` should call under `config.model.conv_impl`."""
-    return functools.partial(conv_general_dilated, windows_as_matmul=windows_as_matmul(conv_impl))
+    """The `conv_general_dilated` that `nn.Conv` should call under `config.model.conv_impl` on the
+    backend being traced for."""
+    return functools.partial(conv_general_dilated, windows=resolve(conv_impl, jax.default_backend()))

@@ -39,7 +39,7 @@ def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "
     """Gradient accumulation is for memory, and on CPU with XLA's convolutions it costs speed: XLA:CPU
     computes convolutions inside the micro-batch loop ~6x slower (BENCHMARKS.md, sessions 7-8), which
     `conv_impl='auto'` avoids by computing them as matmuls there; 'xla' chosen by hand does not."""
-    if backend != "cpu" or grad_accum_steps <= 1 or fast_conv.resolve(conv_impl, backend, accumulating=True) == "matmul":
+    if backend != "cpu" or grad_accum_steps <= 1 or fast_conv.resolve(conv_impl, backend, accumulating=True) != "xla":
         return None
     return (f"config.grad_accum_steps={grad_accum_steps} on CPU with config.model.conv_impl='{conv_impl}': "
             "XLA:CPU computes convolutions inside the micro-batch loop ~6x slower than outside one; "
