@@ -19,8 +19,9 @@ A stride-1 window convolution can also be one matmul of the input into every tap
 (`x @ [W_tap0 | ... | W_tap8]`, C_in -> k*k*C_out) followed by a shifted sum of the taps: nothing
 k*k times the input is ever built, and G-MAE's window convolutions have few outputs (C/4, hidden/3),
 so the per-tap outputs are 2.25-3x the input where im2col rows are 9x; the backward pass keeps only
-the input. A roofline estimate of XLA's program for an H100 put `small`'s pretraining step ~15 %
-faster this way (BENCHMARKS.md, session 18); not yet measured on a GPU, so it is an option.
+the input. A roofline estimate of XLA's program for an H100 puts `small`'s pretraining step ~10 %
+and `reference`'s ~3 % faster this way (BENCHMARKS.md, session 28); not yet measured on a GPU, so it
+is an option.
 
 Which convolutions become matmuls is `config.model.conv_impl` (`CONV_IMPLS`): 'matmul' all of them;
 'taps' as 'matmul', stride-1 windows as tap sums; 'xla' only the 1x1 ones and the patch embedding,
