@@ -11,6 +11,7 @@
 #   XLA_DEFAULTS=1 launch/bench_device.sh       # XLA's own GPU flags (Triton GEMM fusions on)
 #   PROFILE_OPS=1 PRESETS=small launch/bench_device.sh  # CUDA graphs off: the profile names every op
 #   CASES='small pretrain bfloat16 sparse,small finetune bfloat16' launch/bench_device.sh  # these cases only
+#   BATCH_SIZES=128 CASES='reference pretrain bfloat16 encoder' launch/bench_device.sh  # another batch
 #
 # Compiles, not steps, decide what a short loan measures. On an H200, XLA's autotuner (cuDNN
 # convolution algorithms and Triton GEMM fusions; the split was not measured) took ~290 s of a 368 s
@@ -45,4 +46,4 @@ fi
 
 cd "$(dirname "$0")/.."
 "$PYTHON" -m gmae_jax.bench --suite=device --suite_presets="$PRESETS" --suite_cases="${CASES:-}" \
-  --suite_budget_s="$BUDGET_S" | tee "$OUT_FILE"
+  --suite_batch_sizes="${BATCH_SIZES:-}" --suite_budget_s="$BUDGET_S" | tee "$OUT_FILE"

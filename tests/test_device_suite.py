@@ -134,18 +134,19 @@ def test_the_launcher_turns_cuda_graphs_off_for_a_per_op_profile(tmp_path, rejec
     assert ("--xla_gpu_enable_triton_gemm=false" in flags_line) != bool(reject), run.stdout
 
 
-@pytest.mark.parametrize("cases", [None, "small finetune bfloat16,base pretrain bfloat16 sparse"])
-def test_the_launcher_measures_the_cases_named(tmp_path, cases):
+@pytest.mark.parametrize("cases, batch_sizes", [(None, None), ("small finetune bfloat16,base pretrain bfloat16 sparse", "8")])
+def test_the_launcher_measures_the_cases_named(tmp_path, cases, batch_sizes):
     fake_python = tmp_path / "python"
     fake_python.write_text(FAKE_PYTHON)
     fake_python.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
     env.pop("CASES", None)
-    if cases:
-        env["CASES"] = cases
+    env.pop("BATCH_SIZES", None)
+    env.update({name: value for name, value in (("CASES", cases), ("BATCH_SIZES", batch_sizes)) if value})
     launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
     run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
-    assert f"--suite_cases={cases or ''} " in run.stdout.splitlines()[1], run.stdout
+    args = run.stdout.splitlines()[1]
+    assert f"--suite_cases={cases or ''} " in args and f"--suite_batch_sizes={batch_sizes or ''} " in args, args
 
 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
