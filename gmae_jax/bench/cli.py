@@ -168,12 +168,12 @@ def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
         raise app.UsageError(f"--suite_batch_sizes: {error}") from None
 
 
-def run_device_suite() -> None:
+def run_device_suite(cases: Sequence[Any]) -> None:
     """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.pytorch_line`)."""
     host_memory.keep_freed_memory()
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
-    device_suite.main_suite(_suite_cases(), _SUITE_BUDGET_S.value, num_steps=10)
+    device_suite.main_suite(cases, _SUITE_BUDGET_S.value, num_steps=10)
 
 
 def _suite_cases() -> list[Any]:
@@ -195,7 +195,7 @@ def _suite_cases() -> list[Any]:
         raise app.UsageError(f"--suite_cases: {error}") from None
 
 
-def run_memory_plan() -> None:
+def run_memory_plan(cases: Sequence[Any]) -> None:
     """The device suite's cases as XLA plans them for `--plan_target`, printed row by row."""
     from gmae_jax.bench import memory_plan  # noqa: PLC0415 (model code only here)
 
@@ -205,7 +205,6 @@ def run_memory_plan() -> None:
 
     if _PLAN_DEVICES.value % _PLAN_FSDP.value:
         raise app.UsageError(f"--plan_fsdp={_PLAN_FSDP.value} must divide --plan_devices={_PLAN_DEVICES.value}")
-    cases = _suite_cases()
     uneven = sorted({case.batch_size for case in cases if case.batch_size % _PLAN_DEVICES.value})
     if uneven:
         raise app.UsageError(f"batch sizes {uneven} do not split over --plan_devices={_PLAN_DEVICES.value}")
@@ -279,10 +278,10 @@ def run_benchmarks(argv: Sequence[str]) -> None:
                                           _ROUNDS.value, **parse_overrides(_MODEL_OVERRIDE.value))
         return
     if _SUITE.value == "device":
-        run_device_suite()
+        run_device_suite(cases)
         return
     if _SUITE.value == "memory":
-        run_memory_plan()
+        run_memory_plan(cases)
         return
     if _TRAIN_STEP.value:
         # Before JAX starts its threads: XLA:CPU's per-step buffers then reuse memory (see module).
