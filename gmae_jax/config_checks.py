@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging as absl_logging
 
 from gmae_jax import host_resources, schema
 from gmae_jax.data.class_folders import EXPECTED_LAYOUT
 from gmae_jax.models.fast_conv import CONV_IMPLS
 from gmae_jax.models.presets import MASK_MODES, REMAT_MODES, ffn_hidden_dim
 from gmae_jax.schema import ConfigError
+from gmae_jax.train.divergence import TrainingDivergedError
 from gmae_jax.train.resume_check import RESUME_POLICIES
 
 STEP_IMPLS = ("jit", "shard_map")  # see gmae_jax.train.sharding.make_train_step
@@ -31,11 +34,28 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class _RenameFields(logging.Filter):
+    """Rewrites the config fields a warning names (absl's records) with `rename`."""
+
+    def __init__(self, rename: Callable[[str], str]):
+        super().__init__()
+        self.rename = rename
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            message = record.getMessage()
+            renamed = self.rename(message)
+            if renamed != message:
+                record.msg, record.args = renamed, None
+        return True
+
+
 @contextlib.contextmanager
 def fields_named_under(section: str, renamed: Mapping[str, str] | None = None) -> Iterator[None]:
-    """Errors of a stage's config validated as a section of another (the demo's and the study's
-    recipes) name its fields as that config's flags do: `config.batch_size` -> `config.pretrain.batch_size`.
-    `renamed` maps a field prefix to where the outer config holds it instead (e.g. 'data.' -> 'data.')."""
+    """Errors and warnings of a stage's config validated or run as a section of another (the demo's and
+    the study's recipes) name its fields as that config's flags do: `config.batch_size` ->
+    `config.pretrain.batch_size`. `renamed` maps a field prefix to where the outer config holds it
+    instead (e.g. 'data.' -> 'data.')."""
 
     def outer_field(match: re.Match) -> str:
         dashes, field = match.group(1) or "", match.group(2)
@@ -44,10 +64,17 @@ def fields_named_under(section: str, renamed: Mapping[str, str] | None = None) -
                 return f"{dashes}config.{new}{field[len(old):]}"
         return f"{dashes}config.{section}.{field}"
 
+    def rename(text: str) -> str:
+        return re.sub(r"(?<![\w./])(--)?config\.(?!json\b|history\.jsonl\b)(\w+(?:\.\w+)*)", outer_field, text)
+
+    warnings = _RenameFields(rename)
+    absl_logging.get_absl_logger().addFilter(warnings)
     try:
         yield
-    except ConfigError as error:
-        raise ConfigError(re.sub(r"(?<![\w.])(--)?config\.(\w+(?:\.\w+)*)", outer_field, str(error))) from None
+    except (ConfigError, TrainingDivergedError) as error:
+        raise type(error)(rename(str(error))) from None
+    finally:
+        absl_logging.get_absl_logger().removeFilter(warnings)
 
 
 _POSITIVE_MODEL_FIELDS = ("img_size", "patch_size", "embed_dim", "num_heads", "depth", "decoder_embed_dim",

@@ -62,9 +62,11 @@ def table(summary: Sequence[dict[str, Any]], metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-def save_plot(summary: Sequence[dict[str, Any]], path: str, chance: float, title: str = "") -> None:
+def save_plot(summary: Sequence[dict[str, Any]], path: str, chance: float, title: str = "",
+              train_images: int | None = None) -> None:
     """Accuracy vs labels per class (equally spaced categories): each init's mean as a line and its
-    min-max over seeds as a translucent band, chance as a dashed line."""
+    min-max over seeds as a translucent band, chance as a dashed line. The axis says how many images
+    'all' is (`train_images`, the labelled training split)."""
     font = ImageFont.load_default()
     labels, inits = _order(summary)
     width, height, left, right, top, bottom = 640, 420, 60, 150, 30, 50
@@ -88,7 +90,10 @@ def save_plot(summary: Sequence[dict[str, Any]], path: str, chance: float, title
         draw.text((left - 34, y - 6), f"{tick:.1f}", fill="black", font=font)
     for i, per_class in enumerate(labels):
         draw.text((x_of(i) - 8, top + plot_h + 8), str(per_class), fill="black", font=font)
-    draw.text((left + plot_w // 2 - 50, height - 22), "labels per class", fill="black", font=font)
+    axis = "labels per class"
+    if ALL in labels and train_images is not None:
+        axis += f" (all: the {train_images} labelled training images)"
+    draw.text((left + plot_w // 2 - 3 * len(axis), height - 22), axis, fill="black", font=font)
     draw.text((8, 8), title or "validation accuracy (mean, min-max over seeds)", fill="black", font=font)
     for x in range(left, left + plot_w, 10):
         draw.line([(x, y_of(chance)), (x + 5, y_of(chance))], fill=(120, 120, 120))

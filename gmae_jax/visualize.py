@@ -45,27 +45,47 @@ def reconstruction_rows(
     return np.stack([images, masked_input, predicted, pasted], axis=1)
 
 
-def save_reconstructions(rows: np.ndarray, path: str, scale: int = 4) -> None:
-    """Writes a grid with one example per row and one column per picture of `reconstruction_rows`."""
+RECONSTRUCTION_COLUMNS = ("original", "masked input", "reconstruction", "visible pasted back")
+_TEXT_ROW = 16  # px: a line of PIL's default font with a margin
+
+
+def save_reconstructions(rows: np.ndarray, path: str, caption: str = "") -> None:
+    """Writes a grid with one example per row and one column per picture of `reconstruction_rows`,
+    each column named above it and `caption` (what the picture shows: step, mask ratio) below.
+    Small images are upscaled (up to 4x, to about 128-256 px) so that patches can be told apart."""
     n, cols, h, w, _ = rows.shape
     tiles = to_uint8(rows)
     pad = 2
-    canvas = np.full((n * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    grid = np.full((n * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for i in range(n):
         for j in range(cols):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y:y + h, x:x + w] = tiles[i, j]
-    image = Image.fromarray(canvas)
-    save_png(image.resize((image.width * scale, image.height * scale), Image.NEAREST), path)
+            grid[y:y + h, x:x + w] = tiles[i, j]
+    scale = max(1, min(4, 256 // max(h, w)))
+    grid_image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    caption_lines = _wrap(ImageDraw.Draw(grid_image), caption, grid_image.width - 8, font)
+    image = Image.new("RGB", (grid_image.width, grid_image.height + (1 + len(caption_lines)) * _TEXT_ROW), "white")
+    image.paste(grid_image, (0, _TEXT_ROW))
+    draw = ImageDraw.Draw(image)
+    column_width = (w + pad) * scale
+    for j, name in enumerate(RECONSTRUCTION_COLUMNS[:cols]):
+        draw.text((pad * scale + j * column_width, 2), _fit(draw, name, column_width - 4, font), fill="black",
+                  font=font)
+    for k, line in enumerate(caption_lines):
+        draw.text((pad * scale, _TEXT_ROW + grid_image.height + k * _TEXT_ROW + 2), line, fill="black", font=font)
+    save_png(image, path)
 
 
-def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str, cell: int = 36) -> None:
-    """Row-normalised heat map with counts; rows are true classes, columns predictions."""
+def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str, cell: int = 36,
+                          step: int | None = None) -> None:
+    """Row-normalised heat map with counts; rows are true classes, columns predictions; the footer
+    names the checkpoint `step` the counts are of."""
     font = ImageFont.load_default()
     n = len(class_names)
     margin = 8 + 7 * max(len(name) for name in class_names)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    footer = f"rows: true class, columns: predicted; accuracy {accuracy:.3f}"
+    footer = f"{'' if step is None else f'step {step}: '}rows: true class, columns: predicted; accuracy {accuracy:.3f}"
     width = max(margin + n * cell + 8, 8 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(footer, font=font)))
     height = margin + n * cell + 24
     image = Image.new("RGB", (width, height), "white")
@@ -89,20 +109,25 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
 
 
 def save_prediction_sheet(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]],
-                          correct: Sequence[bool | None], path: str, tile: int = 128, columns: int = 6) -> None:
+                          correct: Sequence[bool | None], path: str, tile: int = 128, columns: int = 6,
+                          title: str = "") -> None:
     """Each input as the classifier saw it (uint8 RGB, upscaled to `tile`), with caption lines below;
     a green frame where the top class matches the input's annotation, red where it does not, none
-    where the input has no annotation."""
+    where the input has no annotation. `title`, if any, in lines above the sheet."""
     font = ImageFont.load_default()
     line_height, pad = 12, 6
     caption_height = line_height * max((len(lines) for lines in captions), default=1) + 4
     columns = max(1, min(columns, len(images)))
     rows = (len(images) + columns - 1) // columns
     cell_w, cell_h = tile + 2 * pad, tile + 2 * pad + caption_height
-    sheet = Image.new("RGB", (columns * cell_w, max(rows, 1) * cell_h), "white")
+    title_lines = _wrap(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, columns * cell_w - 2 * pad, font)
+    top = len(title_lines) * _TEXT_ROW
+    sheet = Image.new("RGB", (columns * cell_w, top + max(rows, 1) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
+    for k, line in enumerate(title_lines):
+        draw.text((pad, k * _TEXT_ROW + 2), line, fill="black", font=font)
     for k, (pixels, lines, ok) in enumerate(zip(images, captions, correct)):
-        x, y = (k % columns) * cell_w + pad, (k // columns) * cell_h + pad
+        x, y = (k % columns) * cell_w + pad, top + (k // columns) * cell_h + pad
         sheet.paste(Image.fromarray(np.asarray(pixels, np.uint8)).resize((tile, tile), Image.NEAREST), (x, y))
         if ok is not None:
             draw.rectangle([x - 3, y - 3, x + tile + 2, y + tile + 2], outline=(0, 150, 0) if ok else (200, 0, 0),
@@ -116,6 +141,17 @@ def file_label(path: str) -> str:
     """A file as a caption names it: its folder and name (class folders repeat names like 00000.jpg)."""
     folder, name = os.path.split(os.path.normpath(path))
     return f"{os.path.basename(folder)}/{name}" if os.path.basename(folder) else name
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> list[str]:
+    """`text` in lines of whole words that fit `width` pixels (a word wider than that is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, word, width, font))
+    return lines
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:

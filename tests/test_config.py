@@ -2,6 +2,7 @@
 
 import ast
 import glob
+import logging
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from gmae_jax import config_lib, stages
+from gmae_jax import config_checks, config_lib, stages
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -271,3 +272,31 @@ def test_the_study_names_its_recipes_fields_as_its_flags_do(field, value, messag
     set_field(config, field, value)
     with pytest.raises(config_lib.ConfigError, match=message):
         stages.validate(config)
+
+
+def test_a_recipes_warnings_and_runtime_errors_name_the_outer_configs_flags():
+    """The study's and the demo's sub-runs warn and fail as that config's flags name the fields
+    (`--config.pretrain.total_steps`, the study's labelled `config.data`), not as the stage alone would."""
+    from absl import logging as absl_logging
+
+    from gmae_jax.train.divergence import TrainingDivergedError
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    keep = Keep()
+    absl_logging.get_absl_logger().addHandler(keep)
+    try:
+        with config_checks.fields_named_under("finetune", {"data.": "data."}):
+            absl_logging.warning("raise --config.total_steps; config.data.num_workers=%d; see run/config.json", 2)
+        absl_logging.warning("after: --config.total_steps")
+        with pytest.raises(TrainingDivergedError, match=r"^lower --config\.finetune\.optim\.lr$"):
+            with config_checks.fields_named_under("finetune"):
+                raise TrainingDivergedError("lower --config.optim.lr")
+    finally:
+        absl_logging.get_absl_logger().removeHandler(keep)
+    assert records == ["raise --config.finetune.total_steps; config.data.num_workers=2; see run/config.json",
+                       "after: --config.total_steps"]

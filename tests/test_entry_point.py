@@ -66,6 +66,10 @@ def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_
     assert "[pretrain] step 4/4" in result.stderr and "img/s" in result.stderr and "ETA" in result.stderr
     assert re.search(r"\[pretrain\] step 1 \(compiling the step included\) took [\d.]+ s", result.stderr)
     assert re.search(r"JAX \S+ on cpu", result.stderr) and "Unable to initialize backend" not in result.stderr
+    # 4 steps against the demo's 30-step warm-up: the warning names the demo's own flags.
+    for recipe in ("pretrain", "finetune"):
+        assert f"set --config.{recipe}.optim.warmup_steps to a fraction" in result.stderr
+    assert not re.search(r"(?<![\w.])config\.optim\.", result.stderr)
     for path in ("pretrain/reconstructions.png", "runs/pretrained_3_s0/confusion_matrix.png",
                  "runs/scratch_3_s0/metrics.jsonl", "pretrain/config.json", "runs/pretrained_3_s0/classes.json",
                  "label_efficiency.json", "label_efficiency.png", "data/finetune_dataset/.complete"):

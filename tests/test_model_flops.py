@@ -65,7 +65,8 @@ def test_a_models_count_agrees_with_xla_cpus_and_ignores_remat(task="pretrain"):
 
 
 def test_the_preset_table_lists_each_count():
-    table = model_flops.preset_table(["micro"], mask_ratio=0.75).splitlines()
+    title, blank, *table = model_flops.preset_table(["micro"], mask_ratio=0.75).splitlines()
+    assert title.startswith("Training GFLOP per image (forward + backward") and not blank  # the cells' unit
     assert table[0].startswith("| preset | image px | pretraining, dense")
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]
     config = step_benchmark.preset_architecture("micro", "float32")

@@ -133,13 +133,17 @@ def test_best_checkpoint_is_kept_beside_the_latest(run_dir):
 
 @pytest.mark.slow
 def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir, tmp_path, capsys):
-    workdir, _, trained = run_dir
+    workdir, root, trained = run_dir
     config = load("evaluate")
     config.update(checkpoint_dir=workdir, num_workers=0, batch_size=13)  # rounded up to 16 for the 8 devices
+    (tmp_path / "reconstructions.png").write_bytes(b"an earlier evaluation of a pretraining run")
     result = stages.run(config, str(tmp_path))
     assert result["accuracy"] == pytest.approx(trained["accuracy"])
     assert result["checkpoint_step"] == 4
     saved = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert saved["evaluated"] == {"checkpoint_dir": workdir, "data_root": str(root), "split": "val",
+                                  "images": 2 * len(CLASSES)}
+    assert not (tmp_path / "reconstructions.png").exists()  # it would pass for this checkpoint's
     for key in ("accuracy", "top5_accuracy", "macro_f1", "weighted_f1", "precision/palm", "recall/fist", "f1/one"):
         assert 0.0 <= saved[key] <= 1.0, key
     assert saved["top5_accuracy"] >= saved["accuracy"]
@@ -153,7 +157,8 @@ def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir,
     matrix = np.asarray(json.loads((tmp_path / "confusion_matrix.json").read_text())["matrix"])
     wrong = int(matrix.sum() - np.trace(matrix))
     sheet = np.asarray(Image.open(tmp_path / "misclassified.png").convert("RGB"))
-    corners = [tuple(sheet[(k // 6) * (140 + 3 * 12 + 4) + 3, (k % 6) * 140 + 3]) for k in range(max(wrong, 1))]
+    # Below a one-line title (16 px) that says how many of the split were misclassified, at which step.
+    corners = [tuple(sheet[16 + (k // 6) * (140 + 3 * 12 + 4) + 3, (k % 6) * 140 + 3]) for k in range(max(wrong, 1))]
     assert corners == ([(200, 0, 0)] * wrong if wrong else [(255, 255, 255)])
 
 
@@ -612,3 +617,18 @@ def test_predictions_write_class_names_that_are_not_utf8(tmp_path):
         assert list(csv.reader(f))[1] == [str(tmp_path / "a.jpg"), "on\\xffe", "on\\xffe", "0.750000", "palm",
                                           "0.250000"]
     assert json.loads((tmp_path / "predictions.jsonl").read_text())["top_k"][0]["class"] == "on\\xffe"
+
+
+def test_the_run_summary_says_which_step_its_pictures_show():
+    """Beside the best checkpoint's score, pictures of the final model must say they are not the best's."""
+    from gmae_jax.train.summaries import run_summary
+
+    manager = types.SimpleNamespace(best_step=lambda: 10, latest_step=lambda: 20, all_steps=lambda: [10, 20],
+                                    metrics=lambda step: {"accuracy": 0.5}, directory="run/checkpoints")
+    lines = run_summary("finetune", "run", manager, "accuracy", ["run/confusion_matrix.png"]).splitlines()
+    assert lines[1] == "best accuracy: 0.5000 at step 10"
+    assert lines[3] == ("pictures (the final model, step 20; the best checkpoint is step 10: configs/evaluate.py with "
+                        "--config.checkpoint=best draws its own): run/confusion_matrix.png")
+    manager.best_step = lambda: 20
+    assert "pictures (the final model, step 20): run/confusion_matrix.png" in run_summary(
+        "finetune", "run", manager, "accuracy", ["run/confusion_matrix.png"])

@@ -117,9 +117,11 @@ def test_model_overrides_parse_to_python_values():
     # Checked before the first compile: a loan's table would otherwise be rows of failures.
     (["--suite=memory", "--plan_target=cpu", "--suite_presets=nope"], "unknown model preset 'nope'"),
     (["--suite=device", "--suite_batch_sizes=0"], "batch size 0 must be at least 1"),
-    (["--suite=device", "--suite_img_size=30"], "img_size=30 is not divisible by config.model.patch_size=16"),
+    (["--suite=device", "--suite_img_size=30"],
+     "--suite_img_size (preset small): img_size=30 is not divisible by patch_size=16"),
     (["--train_step", "--vs_torch", "--tasks=nope", "--preset=micro"], "--tasks: nope is not one of pretrain"),
-    (["--train_step", "--preset=micro", "--model_override=depth=0"], "config.model.depth=0 must be positive"),
+    (["--train_step", "--preset=micro", "--model_override=depth=0"],
+     "--model_override (preset micro): depth=0 must be positive"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
     result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", *flags], cwd=REPO, capture_output=True,
@@ -143,6 +145,30 @@ def test_a_flag_no_chosen_benchmark_reads_is_refused(chosen, present, refused):
     else:
         with pytest.raises(app.UsageError, match=re.escape(refused)):
             refuse_unused_flags(chosen, present)
+
+
+def test_helpshort_lists_the_benchmarks_flags():
+    """Every bench error ends with "(--helpshort lists the flags)": the flags live in cli.py, not __main__."""
+    result = subprocess.run([sys.executable, "-m", "gmae_jax.bench", "--helpshort"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    for flag in ("--suite_cases", "--train_step", "--sparse_vs_dense", "--model_override"):
+        assert flag in result.stdout, result.stdout[-2000:]
+    assert "--suite=device" in result.stdout and "--sparse_vs_dense" in result.stdout.split("flags:")[0]
+
+
+def test_every_tuning_flags_help_names_the_benchmarks_that_read_it():
+    from absl import flags as absl_flags
+
+    from gmae_jax.bench import cli
+
+    for name, users in cli._FLAG_USERS.items():
+        help_text = absl_flags.FLAGS[name].help
+        suite_users = {user for user in users if user.startswith("--suite=")}
+        for user in users - suite_users:
+            assert user in help_text, (name, user, help_text)
+        if suite_users and not (len(suite_users) == 2 and "--suite:" in help_text):
+            for user in suite_users:
+                assert user in help_text, (name, user, help_text)
 
 
 @pytest.mark.parametrize("name, kind", [

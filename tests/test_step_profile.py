@@ -51,6 +51,9 @@ def test_hlo_ops_get_a_kind_a_phase_and_a_layer():
     assert ops["multiply.10"] == step_profile.HloOp("elementwise", "optimiser and other", "")
     assert ops["all-reduce.11"] == step_profile.HloOp("communication", "backward", "(several layers)")
     assert ops["while.12"].kind == step_profile.CONTAINER  # its body's ops are traced on their own
+    # The ops of no layer appear under one name in the phase and the layer tables.
+    profile = step_profile.StepProfile({"multiply.10": 2.0, "dot.6": 1.0}, ops, 3.0)
+    assert dict(profile.by("layer"))["optimiser and other"] == dict(profile.by("phase"))["optimiser and other"] == 2.0
 
 
 @pytest.mark.parametrize("op_name, layer", [

@@ -77,6 +77,10 @@ def test_summary_table_and_plot_from_runs(tmp_path):
     pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
     for colour in (label_efficiency._COLOURS["scratch"], label_efficiency._COLOURS["pretrained"]):
         assert (pixels == colour).all(axis=1).sum() > 50  # each curve is drawn
+    # The axis says how many images 'all' is: more words in its bottom strip.
+    label_efficiency.save_plot(summary, str(tmp_path / "counted.png"), chance=1 / 3, train_images=1234)
+    ink = [(np.asarray(Image.open(p).convert("L"))[-30:] < 100).sum() for p in (path, tmp_path / "counted.png")]
+    assert ink[1] > 2 * ink[0]
 
 
 @pytest.mark.slow
@@ -236,14 +240,19 @@ def test_finished_runs_outside_this_invocations_grid_are_named_under_its_report(
     """Each invocation writes the report of its own grid over the last one: runs of an earlier grid
     (another labels_per_class) are still there, and the printout says so."""
     runs = tmp_path / "runs"
-    for name, finished in (("scratch_100_s0", True), ("pretrained_100_s0", True), ("scratch_10_s0", True),
-                           ("pretrained_10_s0", False)):
+    for name, result in (("scratch_100_s0", {}), ("pretrained_100_s0", {}), ("scratch_10_s1", {"seed": 1}),
+                         ("scratch_all_s0", {"labels_per_class": "all"}), ("pretrained_10_s1", None)):
         (runs / name).mkdir(parents=True)
-        if finished:
-            (runs / name / study.RESULT).write_text("{}")
-    plan = [(None, str(runs / "scratch_100_s0")), (None, str(runs / "pretrained_100_s0"))]
-    assert study._left_out(str(tmp_path), plan) == (
-        f"\nnot in this report: 1 finished run(s) of earlier invocations in {runs} (scratch_10_s0); name their "
-        "labels_per_class and seeds too to report them together (they are reused, not trained again)")
-    assert study._left_out(str(tmp_path), plan + [(None, str(runs / "scratch_10_s0"))]) == ""
-    assert study._left_out(str(tmp_path / "fresh"), plan) == ""
+        if result is not None:  # finished
+            (runs / name / study.RESULT).write_text(json.dumps({"labels_per_class": 10, "seed": 0, **result}))
+    planned = ml_collections.ConfigDict(dict(labels_per_class=100, seed=0))
+    plan = [(planned, str(runs / "scratch_100_s0")), (planned, str(runs / "pretrained_100_s0"))]
+    assert study._left_out(str(tmp_path), plan, one_labels_per_class=False) == (
+        f"\nnot in this report: 2 finished run(s) of earlier invocations in {runs} (scratch_10_s1, scratch_all_s0); "
+        "--config.labels_per_class=10,100,0 --config.seeds=0,1 reports them together (finished runs are reused, "
+        "not trained again)")
+    # The demo names one labels_per_class: the study's config reports several.
+    assert "configs/study.py on the demo's data" in study._left_out(str(tmp_path), plan, one_labels_per_class=True)
+    done = plan + [(planned, str(runs / "scratch_10_s1")), (planned, str(runs / "scratch_all_s0"))]
+    assert study._left_out(str(tmp_path), done, one_labels_per_class=False) == ""
+    assert study._left_out(str(tmp_path / "fresh"), plan, one_labels_per_class=False) == ""

@@ -29,10 +29,21 @@ def test_reconstruction_rows_paste_visible_patches_back(tmp_path):
     np.testing.assert_array_equal(rows[:, 2], 0.0)  # every patch as predicted (zeros here)
     np.testing.assert_array_equal(rows[:, 3, :4, 4:], images[:, :4, 4:])  # patch 1 is visible
     np.testing.assert_array_equal(rows[:, 3, :4, :4], 0.0)  # patch 0 is masked: the prediction
-    visualize.save_reconstructions(rows, str(tmp_path / "r.png"))
-    picture = Image.open(tmp_path / "r.png")
-    assert picture.size == ((4 * 10 + 2) * 4, (2 * 10 + 2) * 4)
-    assert len(np.unique(np.asarray(picture.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
+    visualize.save_reconstructions(rows, str(tmp_path / "r.png"), "step 7; mask ratio 0.5")
+    picture = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    # 8 px images + 2 px gaps, x4 (small images are upscaled), a row of column names above, the caption below.
+    grid_height = (2 * 10 + 2) * 4
+    assert picture.shape == (16 + grid_height + 16, (4 * 10 + 2) * 4, 3)
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # not blank
+    for text_row in (picture[:16], picture[16 + grid_height:]):  # words drawn: dark pixels on white
+        assert (text_row.min(axis=2) < 100).sum() > 20
+
+
+def test_a_long_caption_wraps_and_large_images_are_not_upscaled(tmp_path):
+    rows = np.zeros((1, 4, 224, 224, 3), np.float32)
+    visualize.save_reconstructions(rows, str(tmp_path / "r.png"), "word " * 200)
+    width, height = Image.open(tmp_path / "r.png").size
+    assert width == 4 * 226 + 2 and height > 16 + 228 + 16 * 3
 
 
 def test_a_perfect_norm_pix_prediction_draws_the_original_patches():
@@ -61,3 +72,25 @@ def test_a_picture_cut_off_mid_write_leaves_the_old_one_whole(tmp_path, monkeypa
         visualize.save_confusion_matrix(np.eye(2, dtype=int) * 7, ["a", "b"], str(path))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["confusion_matrix.png"]  # no temporary file left
+
+
+def test_reconstructions_come_from_across_the_split_not_its_first_class():
+    from gmae_jax.train.tasks import spread_over
+
+    listed_by_class = np.arange(40)  # 4 classes of 10, in order, as class folders list them
+    picked = spread_over(np.random.default_rng(0).permutation(listed_by_class), 8)  # in any evaluated order
+    assert picked.tolist() == [0, 6, 11, 17, 22, 28, 33, 39] and len(set(picked // 10)) == 4
+    assert spread_over(np.array([5, 3]), 8).tolist() == [3, 5]  # fewer images than rows: each once
+
+
+def test_the_evaluation_pictures_say_which_step_they_show(tmp_path):
+    matrix = np.eye(2, dtype=int) * 5
+    visualize.save_confusion_matrix(matrix, ["a", "b"], str(tmp_path / "plain.png"))
+    visualize.save_confusion_matrix(matrix, ["a", "b"], str(tmp_path / "step.png"), step=123456)
+    assert Image.open(tmp_path / "step.png").width > Image.open(tmp_path / "plain.png").width  # a longer footer
+    tile = [np.zeros((8, 8, 3), np.uint8)]
+    visualize.save_prediction_sheet(tile, [["x"]], [False], str(tmp_path / "bare.png"))
+    visualize.save_prediction_sheet(tile, [["x"]], [False], str(tmp_path / "titled.png"), title="step 3: 1 of 1")
+    titled = np.asarray(Image.open(tmp_path / "titled.png").convert("L"))
+    assert titled.shape[0] == np.asarray(Image.open(tmp_path / "bare.png")).shape[0] + 16
+    assert (titled[:16] < 100).sum() > 10  # the title's words

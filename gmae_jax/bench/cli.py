@@ -1,6 +1,13 @@
 """The benchmarks' command line (`python -m gmae_jax.bench`): the input pipeline (`--pipeline`) and the
 training step (`--train_step`).
 
+`--suite=device` is the one-call accelerator benchmark (`bench.device_suite`, or `launch/bench_device.sh`):
+pretraining and fine-tuning img/s, compile seconds, peak memory and MFU of `small`, `base` and `reference`
+at 224 px as a markdown table, then the eager PyTorch mirror on its first case if torch is installed.
+
+`--sparse_vs_dense` times the pretraining step of `mask_mode='sparse'` against `'encoder'` in one process
+(`bench.sparse_benchmark`), e.g. `python -m gmae_jax.bench --sparse_vs_dense --preset=mini --mask_ratio=0.75`.
+
 `--profile_step` prints where the compiled step spends its time (`bench.step_profile`): shares by kind
 of work, by phase and by layer, e.g. `python -m gmae_jax.bench --profile_step --preset=mini --batch_size=64`;
 with `--vs_torch` also the PyTorch mirror's step by the same kinds of work, side by side.
@@ -32,6 +39,7 @@ the original's views and ours, then batches from `--num_workers` grain workers t
 import ast
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,25 +52,29 @@ from gmae_jax.models.presets import GMSTConfig
 from gmae_jax.schema import ConfigError
 
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Benchmark the input pipeline.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Full-HD JPEGs to generate.", lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.", lower_bound=1)
-_CROP_SCALE_MIN = flags.DEFINE_float("crop_scale_min", 0.35, "Smallest random-crop area (fine-tune default).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Passes over the images; the best one counts.", lower_bound=1)
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "--pipeline: full-HD JPEGs to generate.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "--pipeline: side of the square views cropped for the model.",
+                                  lower_bound=1)
+_CROP_SCALE_MIN = flags.DEFINE_float("crop_scale_min", 0.35,
+                                     "--pipeline: smallest random-crop area (fine-tune default).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "--pipeline: passes over the images; the best one counts.",
+                               lower_bound=1)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "--pipeline: grain worker processes for the batch transport.",
                                     lower_bound=0)
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Benchmark the pretraining step (float32 vs bfloat16).")
 _PRESET = flags.DEFINE_string("preset", "small", "--train_step, --profile_step, --sparse_vs_dense, --checkpoint_save: "
                               "model preset.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step: global batch size; --pipeline: transport batch.",
-                                   lower_bound=1)
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step: timed steps per round.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "--train_step, --profile_step, --sparse_vs_dense: global batch "
+                                   "size; --pipeline: transport batch.", lower_bound=1)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "--train_step, --profile_step, --sparse_vs_dense: timed steps "
+                                 "(per round where there are rounds).", lower_bound=1)
 _PROFILE_STEP = flags.DEFINE_bool("profile_step", False,
                                   "Where the train step's time goes: a jax.profiler trace joined with its HLO.")
 _PROFILE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--profile_step: compute dtype.")
 _VS_TORCH = flags.DEFINE_bool("vs_torch", False,
                                "--train_step, --profile_step: JAX jit step vs the eager PyTorch mirror.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "--train_step: alternating timing rounds; the median counts.",
-                               lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--train_step, --sparse_vs_dense: alternating timing rounds; "
+                              "the median counts.", lower_bound=1)
 _TASKS = flags.DEFINE_list("tasks", ["pretrain", "finetune"], "--vs_torch, --profile_step: steps to time.")
 _SPARSE_VS_DENSE = flags.DEFINE_bool("sparse_vs_dense", False,
                                      "Pretraining step of mask_mode='sparse' vs 'encoder', one process.")
@@ -85,7 +97,8 @@ _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", [],
                                        "--suite: batch per preset, in --suite_presets' order, or one for all "
                                        "(device: halved until it fits); default small 256, base 128, reference 64.")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
-_SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0, "--suite: no new case starts after this.")
+_SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0,
+                                     "--suite=device: no new case starts after this many seconds.")
 _SUITE_CASES = flags.DEFINE_list("suite_cases", [], "--suite: the cases to measure or plan, in this order, named as "
                                  "the table names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'), "
                                  "instead of every case of --suite_presets.")
@@ -149,14 +162,22 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
-def check_models(presets: Sequence[str], batch_sizes: Sequence[int], **overrides: object) -> None:
+def check_models(presets: Sequence[str], batch_sizes: Sequence[int], where: str, **overrides: object) -> None:
     """Every preset and batch the chosen benchmark will build, checked before the first compile: on a
-    short accelerator loan a bad value would otherwise fill the table with failed rows."""
+    short accelerator loan a bad value would otherwise fill the table with failed rows. Errors name the
+    architecture's fields as `where` (the flags that set them) does, not as a stage's config."""
     for batch_size in batch_sizes:
         if batch_size < 1:
             raise app.UsageError(f"batch size {batch_size} must be at least 1")
     for preset in presets:
-        config_checks.validate_model(config_lib.model_section(preset, **overrides))
+        try:
+            config_checks.validate_model(config_lib.model_section(preset, **overrides))
+        except ConfigError as error:
+            message = str(error)
+            if "config.model." not in message:  # e.g. an unknown preset
+                raise
+            raise app.UsageError(f"{where} (preset {preset}): {re.sub(r'(--)?config[.]model[.]', '', message)}"
+                                 ) from None
 
 
 def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
@@ -242,9 +263,10 @@ def run_benchmarks(argv: Sequence[str]) -> None:
     if _SUITE.value:
         cases = _suite_cases()
         check_models(list(dict.fromkeys(case.preset for case in cases)), [case.batch_size for case in cases],
-                     img_size=_SUITE_IMG_SIZE.value)
+                     "--suite_img_size", img_size=_SUITE_IMG_SIZE.value)
     elif chosen & {"--train_step", "--profile_step", "--sparse_vs_dense"}:
-        check_models([_PRESET.value], [_BATCH_SIZE.value], **parse_overrides(_MODEL_OVERRIDE.value))
+        check_models([_PRESET.value], [_BATCH_SIZE.value], "--model_override",
+                     **parse_overrides(_MODEL_OVERRIDE.value))
     if chosen & {"--profile_step"} or _VS_TORCH.value:
         from gmae_jax.bench.step_benchmark import TASKS  # noqa: PLC0415 (model code only here)
 

@@ -236,6 +236,13 @@ HEADER = ("| case | devices | batch | state GB / device | planned peak GB / devi
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
+def gigabytes(count: float, decimals: int = 2) -> str:
+    """Bytes as GB: `decimals` places from 1 GB up, three significant digits below (a small preset's
+    plan would otherwise read 0.00)."""
+    value = count / 1e9
+    return f"{value:.{decimals}f}" if value >= 1 or not value else f"{value:.3g}"
+
+
 def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int = 1,
                fsdp: int = 1) -> Iterator[str]:
     """Yields a markdown table: each case's plan at its batch and the largest batch that fits one
@@ -247,7 +254,8 @@ def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int
             if capacity else "no limit (host memory)")
     flags = os.environ.get("XLA_FLAGS", "").strip()
     yield (f"{num_devices} x {devices[0].device_kind} ({target}, planned by XLA without running), mesh "
-           f"data={num_devices // fsdp} x fsdp={fsdp}, JAX {jax.__version__}, XLA_FLAGS={flags!r}; {room}")
+           f"data={num_devices // fsdp} x fsdp={fsdp}, JAX {jax.__version__}, XLA_FLAGS={flags!r}; {room}; "
+           f"{len(cases)} case(s), each compiled {'several times' if capacity else 'twice'}")
     yield HEADER.format(limit=limit)
     for case in cases:
         try:
@@ -259,8 +267,8 @@ def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int
         first, second = plans[0], plans[1]
         per_image = per_image_bytes(first, second)
         capped = "+" if best and best.batch_size + batch_step(num_devices) > MAX_BATCH else ""  # more would fit
-        found = (f"{best.batch_size}{capped} | {best.peak_bytes / 1e9:.2f}" if best
-                 else "none fits | " if capacity else "n/a | n/a")
-        yield (f"| {case.name} | {num_devices} | {case.batch_size} | {first.state_bytes / 1e9:.2f} | "
-               f"{first.peak_bytes / 1e9:.2f} | {per_image / 1e9:.3f} | {found} | "
+        found = (f"{best.batch_size}{capped} | {gigabytes(best.peak_bytes)}" if best
+                 else "none fits | " if capacity else "no limit | -")
+        yield (f"| {case.name} | {num_devices} | {case.batch_size} | {gigabytes(first.state_bytes)} | "
+               f"{gigabytes(first.peak_bytes)} | {gigabytes(per_image, 3)} | {found} | "
                f"{sum(p.compile_s for p in plans) / len(plans):.0f} |")

@@ -112,7 +112,9 @@ def flops_per_image(config: GMSTConfig, task: str, *, mask_ratio: float, num_cla
 def preset_table(presets: Iterable[str], mask_ratio: float, num_classes: int = 18) -> str:
     """Markdown: training GFLOP per image of each preset at its own image size, for dense and sparse
     pretraining and for fine-tuning (`python -m gmae_jax.bench --model_flops`)."""
-    lines = [f"| preset | image px | pretraining, dense | pretraining, sparse at mask {mask_ratio:g} | fine-tuning |",
+    lines = ["Training GFLOP per image (forward + backward; matmuls and convolutions, 2 FLOPs a multiply-add):",
+             "",
+             f"| preset | image px | pretraining, dense | pretraining, sparse at mask {mask_ratio:g} | fine-tuning |",
              "|---|---:|---:|---:|---:|"]
     for preset in presets:
         config = step_benchmark.preset_architecture(preset, "float32")

@@ -67,7 +67,7 @@ class StepProfile:
         totals: collections.Counter[str] = collections.Counter()
         for name, ms in self.op_ms.items():
             op = self.ops.get(name, HloOp("other", PHASES[2], ""))
-            totals[getattr(op, field) or "(optimiser and other)"] += ms
+            totals[getattr(op, field) or PHASES[2]] += ms  # an op of no layer: named as its phase is
         return totals.most_common()
 
 

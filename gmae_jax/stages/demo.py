@@ -92,7 +92,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for root, drawn in datasets.items():
         synthetic.ensure_demo_dataset(root, **drawn)
 
-    report = study_stage.run(study_config(config, pretrain_root, finetune_root), workdir)
+    report = study_stage.run(study_config(config, pretrain_root, finetune_root), workdir,
+                             fields_named=config_checks.fields_named_under,  # config.pretrain.X, config.finetune.X
+                             one_labels_per_class=True)
     accuracy = {row["init"]: row["accuracy_mean"] for row in report["summary"]}
     described = {"pretrained": "fine-tuned from the pretrained encoder",
                  "scratch": "trained from scratch (same steps)",

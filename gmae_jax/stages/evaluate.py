@@ -39,9 +39,24 @@ def eval_data(config: ml_collections.ConfigDict, run: setup.RestoredRun) -> sche
                                num_workers=config.num_workers)
 
 
-# What evaluate writes into its workdir (whichever the task draws), by kind.
-OUTPUTS = ("eval_metrics.json", tasks.RECONSTRUCTIONS, tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON,
-           tasks.MISTAKES)
+# What evaluate writes into its workdir: the metrics, and the pictures of the evaluated run's kind.
+METRICS = "eval_metrics.json"
+PICTURES = {"pretrain": (tasks.RECONSTRUCTIONS,),
+            "finetune": (tasks.CONFUSION_MATRIX, tasks.CONFUSION_MATRIX_JSON, tasks.MISTAKES)}
+OUTPUTS = (METRICS, *(name for names in PICTURES.values() for name in names))
+
+
+def remove_other_kinds_pictures(workdir: str, stage: str) -> list[str]:
+    """An evaluation of the other kind of run into the same workdir left its pictures, which would now
+    sit beside these metrics as if they showed this checkpoint: removed (they are evaluate's own)."""
+    removed = []
+    for other, names in PICTURES.items():
+        for name in names if other != stage else ():
+            path = epath.Path(workdir) / name
+            if path.is_file():
+                path.unlink()
+                removed.append(str(path))
+    return removed
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -60,23 +75,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if batch_size != config.batch_size:
         logging.info("evaluating in batches of %d: config.batch_size=%d as whole rows for the %d devices, and at "
                      "most the split's %d images", batch_size, config.batch_size, restored.mesh.size, len(examples))
-    metrics, outputs, first = evaluation.evaluate(
+    metrics, outputs = evaluation.evaluate(
         task, eval_step, restored.weights, examples, image_size=restored.model.config.img_size,
         batch_size=batch_size, num_workers=data.num_workers, mesh=restored.mesh)
     setup.check_outputs_finite(all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), restored,
                                "metrics")
     metrics["checkpoint_step"] = restored.step
+    # What was evaluated, beside its scores: the file alone should say it.
+    evaluated = {"checkpoint_dir": restored.workdir, "data_root": data.root, "split": data.eval_split,
+                 "images": len(examples)}
+    if restored.config.stage == "pretrain":
+        evaluated["mask_ratio"] = float(restored.config.mask_ratio)
 
     weights = sharding.tree_to_host(restored.weights)  # every process: FSDP may split them over hosts
     if jax.process_index() == 0:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        run_files.write_text(epath.Path(workdir) / "eval_metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-        pictures = task.draw(weights, first, outputs, workdir, examples)
+        run_files.write_text(epath.Path(workdir) / METRICS,
+                             json.dumps({**metrics, "evaluated": evaluated}, indent=2, sort_keys=True))
+        pictures = task.draw(weights, outputs, workdir, examples)
+        for path in remove_other_kinds_pictures(workdir, restored.config.stage):
+            logging.info("removed %s: an earlier evaluation's picture of another kind of run", path)
         summaries = Summaries(workdir)
         summaries.scalars(data.eval_split, restored.step, metrics)
         summaries.pictures(data.eval_split, restored.step, pictures)
         summaries.close()
-        logging.info("wrote %s", ", ".join([str(epath.Path(workdir) / "eval_metrics.json"), *pictures]))
+        logging.info("wrote %s", ", ".join([str(epath.Path(workdir) / METRICS), *pictures]))
     logging.info("[evaluate] %s (step %d) on %s/%s: %s", restored.workdir, restored.step, data.root,
                  data.eval_split, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in metrics.items() if "/" not in k))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -178,12 +179,14 @@ def majority_rate(runs: list[dict[str, Any]], num_classes: int) -> float:
     return max(counts) / sum(counts) if counts else 1.0 / num_classes
 
 
-def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _fine_tune(config: ml_collections.ConfigDict, workdir: str,
+               fields_named: Callable[[str], contextlib.AbstractContextManager[None]]) -> dict[str, Any]:
     """The result of one fine-tune: read back when finished already (`_finished`), else trained."""
     result = _finished(config, workdir)
     if result is not None:
         return result
-    with workdir_lock.hold(workdir):  # each sub-run is a run folder of its own, held like one
+    # Each sub-run is a run folder of its own, held like one.
+    with workdir_lock.hold(workdir), fields_named("finetune"):
         metrics = finetune_stage.run(config, workdir)
     result = {"init": "linear_probe" if config.freeze_encoder else ("pretrained" if config.init_from else "scratch"),
               "labels_per_class": label_efficiency.labels_name(config.labels_per_class),
@@ -197,7 +200,13 @@ def _fine_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        fields_named: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+        one_labels_per_class: bool = False) -> dict[str, Any]:
+    """The study's runs and report. `fields_named(recipe)` names a recipe's fields in its warnings and
+    errors as the flags of the config the user gave do (the study's by default; the demo passes its own,
+    and `one_labels_per_class`: its config names one)."""
+    fields_named = fields_named or _fields_named_as_in_the_study
     data = sources.open_sources(schema.read(schema.DataConfig, config.data, "config.data"))
     num_classes = len(data.class_names)
     for per_class in config.labels_per_class:  # before the pretraining, which may take hours
@@ -215,10 +224,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for run_config, run_dir in plan:
         _finished(run_config, run_dir, final_step)
     if not config.init_from:
-        with workdir_lock.hold(pretrain_dir):
+        with workdir_lock.hold(pretrain_dir), fields_named("pretrain"):
             pretrain_stage.run(pretrain, pretrain_dir, pretrain_data)
 
-    runs = [_fine_tune(run_config, run_dir) for run_config, run_dir in plan]
+    runs = [_fine_tune(run_config, run_dir, fields_named) for run_config, run_dir in plan]
 
     chance = majority_rate(runs, num_classes)
     summary = label_efficiency.summarize(runs)
@@ -231,22 +240,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run_files.write_text(epath.Path(workdir, JSON), json.dumps(report, indent=1))
     label_efficiency.save_plot(summary, os.path.join(workdir, PNG), chance,
                                f"val accuracy on {len(data.eval)} images, {num_classes} classes "
-                               f"(mean, min-max over {len(config.seeds)} seed(s))")
+                               f"(mean, min-max over {len(config.seeds)} seed(s))", train_images=len(data.train))
     print(f"\n=== label-efficiency study: validation accuracy, mean (min-max) over seeds; "
           f"chance {chance:.3f} ===\n{label_efficiency.table(summary)}\n"
-          f"{os.path.join(workdir, JSON)}, {os.path.join(workdir, PNG)}{_left_out(workdir, plan)}\n", flush=True)
+          f"{os.path.join(workdir, JSON)}, {os.path.join(workdir, PNG)}"
+          f"{_left_out(workdir, plan, one_labels_per_class)}\n", flush=True)
     return report
 
 
-def _left_out(workdir: str, plan: list[tuple[Any, str]]) -> str:
+def _left_out(workdir: str, plan: list[tuple[Any, str]], one_labels_per_class: bool) -> str:
     """A line naming the finished fine-tunes in the workdir that this invocation's grid left out of the
-    report it wrote over the last one (e.g. another labels_per_class run before)."""
+    report it wrote over the last one (e.g. another labels_per_class run before), and the flags that
+    report them all together (the demo reports one labels_per_class: there, the study's config does)."""
     runs = epath.Path(workdir, "runs")
     planned = {os.path.basename(run_dir) for _, run_dir in plan}
     others = sorted(folder.name for folder in runs.iterdir() if folder.name not in planned
                     and (folder / RESULT).exists()) if runs.is_dir() else []
     if not others:
         return ""
+    if one_labels_per_class:
+        advice = ("the demo reports one labels_per_class; configs/study.py on the demo's data "
+                  f"(--config.pretrain_data={workdir}/data/pretrain_dataset --config.data.root="
+                  f"{workdir}/data/finetune_dataset) reports several together")
+    else:
+        results = [json.loads((runs / name / RESULT).read_text()) for name in others]
+        results += [{"labels_per_class": label_efficiency.labels_name(config.labels_per_class), "seed": config.seed}
+                    for config, _ in plan]
+        labels = sorted({r["labels_per_class"] for r in results},
+                        key=lambda v: (v == label_efficiency.ALL, 0 if v == label_efficiency.ALL else v))
+        seeds = sorted({int(r["seed"]) for r in results})
+        flag_labels = ",".join("0" if v == label_efficiency.ALL else str(v) for v in labels)
+        advice = (f"--config.labels_per_class={flag_labels} --config.seeds={','.join(map(str, seeds))} reports "
+                  "them together (finished runs are reused, not trained again)")
     return (f"\nnot in this report: {len(others)} finished run(s) of earlier invocations in {runs} "
-            f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); name their labels_per_class and seeds "
-            "too to report them together (they are reused, not trained again)")
+            f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); {advice}")

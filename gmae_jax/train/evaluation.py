@@ -22,8 +22,8 @@ def batch_size_for(batch_size: int, num_examples: int, mesh: jax.sharding.Mesh) 
 def evaluate(
     task: tasks.Task, eval_step: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]], state: Any,
     examples: sources.Source, *, image_size: int, batch_size: int, num_workers: int, mesh: jax.sharding.Mesh,
-) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """One pass over the evaluation split. Returns (metrics, per-example outputs, first host batch).
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """One pass over the evaluation split. Returns (metrics, per-example outputs of its valid examples).
     `state` is a TrainState or `setup.Weights`."""
     batch_size = batch_size_for(batch_size, len(examples), mesh)
     dataset = pipeline.make_eval_dataset(
@@ -42,12 +42,11 @@ def evaluate(
         outputs["valid"].append(sharding.to_host(batch["valid"]))
         outputs["index"].append(sharding.to_host(batch["index"]))  # each output's place in the split
 
-    first, pending = None, None
+    pending = None
     batches = iter(dataset)
     try:
         with input_workers.naming_dead_workers(num_workers):
             for host_batch in batches:
-                first = host_batch if first is None else first
                 batch = sharding.global_batch(host_batch, mesh)
                 # Dispatched before the previous batch's results are read: the device computes while the
                 # host waits for them and loads the next batch.
@@ -64,4 +63,4 @@ def evaluate(
     if len(examples) and not keep.any():  # images that became unreadable since training checked them
         raise pipeline.BadImageBudgetError(pipeline.nothing_evaluable(len(examples), "replace them"))
     stacked = {k: v[keep] for k, v in stacked.items()}
-    return task.summarize(sums, stacked), stacked, first
+    return task.summarize(sums, stacked), stacked

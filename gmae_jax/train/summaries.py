@@ -135,7 +135,11 @@ def run_summary(name: str, workdir: str, manager: Any, best_metric: str, picture
     lines.append(f"checkpoints: {manager.directory} (steps {sorted(manager.all_steps())}; "
                  f"evaluate/export with checkpoint=latest{' or best' if best is not None else ''})")
     if pictures:
-        lines.append(f"pictures: {', '.join(pictures)}")
+        final = manager.latest_step()
+        other = (f"; the best checkpoint is step {best}: configs/evaluate.py with --config.checkpoint=best draws "
+                 "its own"
+                 if best is not None and best != final else "")
+        lines.append(f"pictures (the final model, step {final}{other}): {', '.join(pictures)}")
     lines.append(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; "
                  f"TensorBoard: tensorboard --logdir {os.path.join(workdir, TENSORBOARD_DIR)}")
     return "\n".join(lines)

@@ -34,8 +34,8 @@ class Task:
     eval_step: Callable[[steps.TrainState, steps.Batch], steps.Metrics]
     # (summed eval metrics, per-example outputs) -> reported metrics
     summarize: Callable[[dict[str, float], dict[str, np.ndarray]], dict[str, float]]
-    # (weights, first eval batch, per-example outputs, output folder, the evaluated split) -> files written
-    draw: Callable[[steps.TrainState, dict[str, np.ndarray], dict[str, np.ndarray], str, sources.Source], list[str]]
+    # (weights, per-example outputs, output folder, the evaluated split) -> files written
+    draw: Callable[[steps.TrainState, dict[str, np.ndarray], str, sources.Source], list[str]]
 
 
 def make_task(config: ml_collections.ConfigDict, model: nn.Module, class_names: list[str]) -> Task:
@@ -47,17 +47,27 @@ def make_task(config: ml_collections.ConfigDict, model: nn.Module, class_names: 
 
 # --- Pretraining ---------------------------------------------------------------------------------
 
+def spread_over(indices: np.ndarray, count: int) -> np.ndarray:
+    """`count` of the evaluated examples' `indices`, evenly spaced over the split: a split listed class
+    by class (as folders and HaGRID's annotations are) then shows several classes, not its first one."""
+    ordered = np.sort(np.asarray(indices))
+    picks = np.unique(np.linspace(0, len(ordered) - 1, min(count, len(ordered))).round().astype(int))
+    return ordered[picks].astype(np.int32)
+
+
 def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
     mask_args = dict(mask_ratio=config.mask_ratio, norm_pix_loss=config.norm_pix_loss)
 
     def summarize(sums: dict[str, float], _: dict[str, np.ndarray]) -> dict[str, float]:
         return {"loss": sums["loss_sum"] / max(sums["count"], 1.0)}
 
-    def draw(state, batch, _, outdir, __) -> list[str]:
-        images = np.asarray(steps.standardize(batch["image"][: config.num_reconstructions]))
+    def draw(state, outputs, outdir, examples) -> list[str]:
+        indices = spread_over(outputs["index"], config.num_reconstructions)
+        pixels = [pipeline.eval_example(examples, model.config.img_size, int(index))["image"] for index in indices]
+        images = np.asarray(steps.standardize(np.stack(pixels)))
         # Each image with the mask its evaluation used.
-        mask = per_example_mask(jax.random.key(steps.EVAL_MASK_SEED), batch["index"][: config.num_reconstructions],
-                                model.config.num_patches, config.mask_ratio)
+        mask = per_example_mask(jax.random.key(steps.EVAL_MASK_SEED), indices, model.config.num_patches,
+                                config.mask_ratio)
         pred = jax.jit(functools.partial(
             model.apply, train=False,
             num_visible=num_visible(model.config.num_patches, config.mask_ratio)))(
@@ -65,7 +75,11 @@ def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
         rows = visualize.reconstruction_rows(
             images, np.asarray(mask), np.asarray(pred), model.config.patch_size, config.norm_pix_loss)
         path = os.path.join(outdir, RECONSTRUCTIONS)
-        visualize.save_reconstructions(rows, path)
+        hidden = model.config.num_patches - num_visible(model.config.num_patches, config.mask_ratio)
+        visualize.save_reconstructions(
+            rows, path, f"step {int(state.step)}; mask ratio {config.mask_ratio:g} ({hidden} of "
+                        f"{model.config.num_patches} patches hidden); {len(indices)} of the {len(examples)} "
+                        "evaluation images, spread over the split")
         return [path]
 
     return Task(
@@ -80,7 +94,7 @@ def pretrain_task(config: ml_collections.ConfigDict, model: nn.Module) -> Task:
 # --- Fine-tuning ---------------------------------------------------------------------------------
 
 def draw_mistakes(examples: sources.Source, outputs: dict[str, np.ndarray], class_names: list[str],
-                  image_size: int, path: str) -> str:
+                  image_size: int, path: str, step: int) -> str:
     """The first misclassified images of the split as the classifier saw them, with true and predicted
     class: where the confusion matrix says how often, this says on what. All right: one tile says so."""
     wrong = outputs["label"] != outputs["predictions"]
@@ -94,7 +108,9 @@ def draw_mistakes(examples: sources.Source, outputs: dict[str, np.ndarray], clas
     if not images:
         images, framed = [np.full((image_size, image_size, 3), 255, np.uint8)], [None]
         captions = [["none misclassified"]]
-    visualize.save_prediction_sheet(images, captions, framed, path)
+    shown = f" (the first {len(captions)} shown)" if int(wrong.sum()) > len(captions) else ""
+    visualize.save_prediction_sheet(images, captions, framed, path, title=(
+        f"step {step}: {int(wrong.sum())} of {len(wrong)} evaluation images misclassified{shown}"))
     return path
 
 
@@ -108,14 +124,14 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
             result["top5_accuracy"] = sums["top5_correct"] / count
         return result
 
-    def draw(state, batch, outputs, outdir, examples) -> list[str]:
+    def draw(state, outputs, outdir, examples) -> list[str]:
         matrix = metrics.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
         path = os.path.join(outdir, CONFUSION_MATRIX)
-        visualize.save_confusion_matrix(matrix, class_names, path)
+        visualize.save_confusion_matrix(matrix, class_names, path, step=int(state.step))
         (epath.Path(outdir) / CONFUSION_MATRIX_JSON).write_text(
             json.dumps({"classes": class_names, "matrix": matrix.tolist(), "step": int(state.step)}))  # which weights
         return [path, draw_mistakes(examples, outputs, class_names, model.config.img_size,
-                                    os.path.join(outdir, MISTAKES))]
+                                    os.path.join(outdir, MISTAKES), int(state.step))]
 
     return Task(
         name="finetune",

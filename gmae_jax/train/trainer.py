@@ -109,12 +109,12 @@ def evaluation_owed(eval_every: int, start: int, steps_total: int, writer: Metri
     return due and bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
 
 
-def draw(task: tasks.Task, state: steps.TrainState, first: Any, outputs: Any, workdir: str,
+def draw(task: tasks.Task, state: steps.TrainState, outputs: Any, workdir: str,
          examples: sources.Source) -> list[str]:
     """The run's pictures (their paths). They come after the last checkpoint and can be drawn again from
     it, so one that cannot be written (a full disk, a folder in its place) is a warning, not a failed run."""
     try:
-        return task.draw(state, first, outputs, workdir, examples)
+        return task.draw(state, outputs, workdir, examples)
     except OSError as error:
         logging.warning("could not write the run's pictures (%s: %s); rerunning the same command draws them again",
                         type(error).__name__, error)
@@ -277,16 +277,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     saves = FailedSaveWatch()
     preempted, finished = False, start
 
-    def evaluate_and_record(step: int) -> tuple[dict[str, float], Any, Any]:
+    def evaluate_and_record(step: int) -> tuple[dict[str, float], Any]:
         with progress.not_training():
-            metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+            metrics, outputs = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
         log_evaluation(task.name, step, metrics)
         writer.write({"step": step, "split": eval_split, **metrics})
         summaries.scalars(eval_split, step, metrics)
         # e.g. BatchNorm's running averages gone to inf while the batch statistics stay finite:
         # such a checkpoint must not be saved, nor ranked as the best by a NaN.
         stop_if_not_finite({f"{eval_split}/{k}": v for k, v in metrics.items()}, step)
-        return metrics, outputs, first
+        return metrics, outputs
 
     def stop_if_not_finite(values: dict[str, float], step: int) -> None:
         try:
@@ -302,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             # Saved when an input worker died during its evaluation: evaluated now, as a straight run did.
             logging.info("step %d was saved without its evaluation (an input worker died during it): "
                          "evaluating it first", start)
-            owed_metrics, _, _ = evaluate_and_record(start)
+            owed_metrics, _ = evaluate_and_record(start)
             if loop.best_metric:  # ranked for 'best' by the metrics it is saved with
                 checkpoint.save_again_with_metrics(manager, start, state, train_iter, owed_metrics)
         if start < steps_total:  # the first step's call compiles it: minutes for a large model on a GPU
@@ -336,7 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                     writer.write({"step": step, "split": "train", **metrics})
                     summaries.scalars("train", step, metrics)
             if evaluated:
-                eval_metrics, outputs, first = evaluate_and_record(step)
+                eval_metrics, outputs = evaluate_and_record(step)
             if must_save:
                 with progress.not_training():
                     saves.wait(manager)
@@ -347,7 +347,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                 saves.wait(manager)
                 drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
                 if jax.process_index() == 0:
-                    pictures = draw(task, drawn_from, first, outputs, workdir, data.eval)
+                    pictures = draw(task, drawn_from, outputs, workdir, data.eval)
                     summaries.pictures(eval_split, step, pictures)
             if preempted:
                 break
@@ -368,11 +368,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         manager.close()
         raise watch.stopped(last_saved, checkpoint_dir)
     if not eval_metrics:  # the workdir already held a finished run: its evaluation and pictures again
-        eval_metrics, outputs, first = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
+        eval_metrics, outputs = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
         log_evaluation(task.name, start, eval_metrics)
         drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
         if jax.process_index() == 0:
-            pictures = draw(task, drawn_from, first, outputs, workdir, data.eval)
+            pictures = draw(task, drawn_from, outputs, workdir, data.eval)
     if jax.process_index() == 0:
         print(run_summary(task.name, workdir, manager, loop.best_metric, pictures), flush=True)
     manager.close()
