@@ -101,17 +101,26 @@ echo "args:$*"
 """
 
 
-@pytest.mark.parametrize("xla_defaults, reject, flag_expected", [(None, None, True), ("1", None, False),
-                                                                 (None, "1", False)])
-def test_the_launcher_sends_gemms_to_cublas_unless_asked_or_unknown(tmp_path, xla_defaults, reject, flag_expected):
+LAUNCHER_ENV = ("XLA_FLAGS", "XLA_DEFAULTS", "REJECT", "PROFILE_OPS", "CASES", "BATCH_SIZES", "PRESETS", "BUDGET_S")
+
+
+def run_launcher(tmp_path, **env: str | None) -> subprocess.CompletedProcess:
+    """launch/bench_device.sh with FAKE_PYTHON as its python, the environment's launcher settings
+    cleared and `env`'s set (a None leaves one unset)."""
     fake_python = tmp_path / "python"
     fake_python.write_text(FAKE_PYTHON)
     fake_python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
-    env.pop("XLA_FLAGS", None)
-    env.update({name: value for name, value in (("XLA_DEFAULTS", xla_defaults), ("REJECT", reject)) if value})
+    environment = {name: value for name, value in os.environ.items() if name not in LAUNCHER_ENV}
+    environment.update(PYTHON=str(fake_python), OUT_FILE=str(tmp_path / "table.md"))
+    environment.update({name: value for name, value in env.items() if value is not None})
     launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
-    run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
+    return subprocess.run(["bash", launcher], env=environment, capture_output=True, text=True, check=True)
+
+
+@pytest.mark.parametrize("xla_defaults, reject, flag_expected", [(None, None, True), ("1", None, False),
+                                                                 (None, "1", False)])
+def test_the_launcher_sends_gemms_to_cublas_unless_asked_or_unknown(tmp_path, xla_defaults, reject, flag_expected):
+    run = run_launcher(tmp_path, XLA_DEFAULTS=xla_defaults, REJECT=reject)
     assert run.stdout.startswith("flags:"), run.stdout  # the suite ran either way
     assert ("--xla_gpu_enable_triton_gemm=false" in run.stdout) == flag_expected, run.stdout
     assert ("does not take" in run.stderr) == bool(reject), run.stderr
@@ -120,32 +129,17 @@ def test_the_launcher_sends_gemms_to_cublas_unless_asked_or_unknown(tmp_path, xl
 
 @pytest.mark.parametrize("reject", [None, "1"])
 def test_the_launcher_turns_cuda_graphs_off_for_a_per_op_profile(tmp_path, reject):
-    fake_python = tmp_path / "python"
-    fake_python.write_text(FAKE_PYTHON)
-    fake_python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md"), "PROFILE_OPS": "1"}
-    env.pop("XLA_FLAGS", None)
-    if reject:
-        env["REJECT"] = reject  # an XLA without the GEMM flag still gets the profiling one
-    launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
-    run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
+    # An XLA without the GEMM flag (REJECT) still gets the profiling one.
+    run = run_launcher(tmp_path, PROFILE_OPS="1", REJECT=reject)
     flags_line = run.stdout.splitlines()[0]
     assert flags_line.endswith(" --xla_gpu_enable_command_buffer="), run.stdout
     assert ("--xla_gpu_enable_triton_gemm=false" in flags_line) != bool(reject), run.stdout
 
 
-@pytest.mark.parametrize("cases, batch_sizes", [(None, None), ("small finetune bfloat16,base pretrain bfloat16 sparse", "8")])
+@pytest.mark.parametrize("cases, batch_sizes", [(None, None),
+                                                ("small finetune bfloat16,base pretrain bfloat16 sparse", "8")])
 def test_the_launcher_measures_the_cases_named(tmp_path, cases, batch_sizes):
-    fake_python = tmp_path / "python"
-    fake_python.write_text(FAKE_PYTHON)
-    fake_python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake_python), "OUT_FILE": str(tmp_path / "table.md")}
-    env.pop("CASES", None)
-    env.pop("BATCH_SIZES", None)
-    env.update({name: value for name, value in (("CASES", cases), ("BATCH_SIZES", batch_sizes)) if value})
-    launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "bench_device.sh")
-    run = subprocess.run(["bash", launcher], env=env, capture_output=True, text=True, check=True)
-    args = run.stdout.splitlines()[1]
+    args = run_launcher(tmp_path, CASES=cases, BATCH_SIZES=batch_sizes).stdout.splitlines()[1]
     assert f"--suite_cases={cases or ''} " in args and f"--suite_batch_sizes={batch_sizes or ''} " in args, args
 
 
