@@ -12,6 +12,7 @@
 #   PROFILE_OPS=1 PRESETS=small launch/bench_device.sh  # CUDA graphs off: the profile names every op
 #   CASES='small pretrain bfloat16 sparse,small finetune bfloat16' launch/bench_device.sh  # these cases only
 #   BATCH_SIZES=128 CASES='reference pretrain bfloat16 encoder' launch/bench_device.sh  # another batch
+#   BATCH_SIZES=max CASES='reference pretrain bfloat16 encoder' launch/bench_device.sh  # and the largest that fits
 #
 # Compiles, not steps, decide what a short loan measures. On an H200, XLA's autotuner (cuDNN
 # convolution algorithms and Triton GEMM fusions; the split was not measured) took ~290 s of a 368 s

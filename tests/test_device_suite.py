@@ -26,6 +26,7 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
                         lambda *args, **kwargs: timed_batches.append((bench := build(*args, **kwargs)).batch) or bench)
     # One case (each costs two compiles); the other variants' names and FLOPs are checked below.
     cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1)]
+    monkeypatch.setattr(device_suite, "_device_capacity", lambda: 2 * 10**9)  # a CPU states no limit
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
     assert lines[1] == device_suite.HEADER
     rows = [line for line in lines if line.startswith("| micro")]
@@ -35,6 +36,7 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     assert float(cells[3]) > 0 and float(cells[6]) > 0  # img/s, GFLOPs per image
     assert cells[7].strip() == "n/a"  # no peak FLOP/s known for a CPU
     assert cells[8] == cells[5]  # planned GB; a CPU has no memory_stats, so its peak is the plan
+    assert int(cells[9]) > 8 and int(cells[9]) % 8 == 0  # the batch that would fit 2 GB, in rows of 8 devices
     # Model FLOPs from the jaxpr.
     config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1)
     assert float(cells[6]) == pytest.approx(device_suite.flops_per_image(cases[0]) / 1e9, abs=0.005)
@@ -211,6 +213,34 @@ def test_each_preset_has_its_batch_unless_told():
     assert device_suite.batch_sizes_for(["small", "base"], [32]) == [32, 32]
     with pytest.raises(ValueError, match="3 batch sizes for 2 presets"):
         device_suite.batch_sizes_for(["small", "base"], [1, 2, 3])
+
+
+def test_the_batch_that_fits_is_read_off_the_plans_line():
+    # 10 GB of state, 2 GB more at batch 64 (31.25 MB per image): 85 % of 80 GB leaves 58 GB for images.
+    assert device_suite.batch_that_fits(64, 12 * 10**9, 10 * 10**9, 80 * 10**9, 8) == 1856
+    assert device_suite.batch_that_fits(64, 12 * 10**9, 10 * 10**9, 80 * 10**9, 48) == 1824
+    assert device_suite.batch_that_fits(64, 12 * 10**9, 10 * 10**9, 11 * 10**9, 8) == 0  # not even the state
+    assert device_suite.grown_batch(64, 1856) == 1024 and device_suite.grown_batch(64, 127) is None
+    assert device_suite.grown_batch(256, 10**6) == device_suite.MAX_BATCH and device_suite.grown_batch(8, None) is None
+
+
+def test_with_grow_a_case_is_measured_again_at_the_largest_batch_that_fits(monkeypatch):
+    measured = []
+
+    def fake_measure(case, mesh, num_steps, profile_steps=0):
+        measured.append(case.batch_size)
+        return {"batch": case.batch_size, "compile_s": 1.0, "img_per_s": 10.0 * case.batch_size, "step_ms": 100.0,
+                "peak_gb": 1.0, "flops_per_img": 1e9, "planned_gb": 1.0, "fits_batch": 100, "profile": None}
+
+    monkeypatch.setattr(device_suite, "measure", fake_measure)
+    cases = [Case("micro", "pretrain", batch_size=8, img_size=32), Case("micro", "finetune", batch_size=64)]
+    rows = [line for line in device_suite.run_suite(cases, budget_s=600, num_steps=1, grow=True)
+            if line.startswith("| micro")]
+    assert measured == [8, 64, 64] and [row.split("|")[2].strip() for row in rows] == ["8", "64", "64"]
+    assert rows[0].endswith("| 100 |")  # the estimate the next row grew to
+    measured.clear()
+    list(device_suite.run_suite(cases, budget_s=600, num_steps=1))  # without grow: each case once
+    assert measured == [8, 64]
 
 
 def test_a_peak_an_earlier_case_set_is_marked_as_a_bound():

@@ -117,6 +117,9 @@ def test_model_overrides_parse_to_python_values():
     # Checked before the first compile: a loan's table would otherwise be rows of failures.
     (["--suite=memory", "--plan_target=cpu", "--suite_presets=nope"], "unknown model preset 'nope'"),
     (["--suite=device", "--suite_batch_sizes=0"], "batch size 0 must be at least 1"),
+    (["--suite=device", "--suite_batch_sizes=8,max"], "--suite_batch_sizes=max stands alone"),
+    (["--suite=device", "--suite_batch_sizes=big"], "--suite_batch_sizes=big: give whole numbers, or max alone"),
+    (["--suite=memory", "--suite_batch_sizes=max"], "--suite_batch_sizes=max is --suite=device's"),
     (["--suite=device", "--suite_img_size=30"],
      "--suite_img_size (preset small): img_size=30 is not divisible by patch_size=16"),
     (["--train_step", "--vs_torch", "--tasks=nope", "--preset=micro"], "--tasks: nope is not one of pretrain"),

@@ -93,9 +93,12 @@ _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 1, "--suite=memory: devices
 _PLAN_FSDP = flags.DEFINE_integer("plan_fsdp", 1, "--suite=memory: the mesh's fsdp axis (divides --plan_devices).",
                                   lower_bound=1)
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
+GROW = "max"  # --suite_batch_sizes=max
 _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", [],
                                        "--suite: batch per preset, in --suite_presets' order, or one for all "
-                                       "(device: halved until it fits); default small 256, base 128, reference 64.")
+                                       "(device: halved until it fits); default small 256, base 128, reference 64. "
+                                       "--suite=device: 'max' also measures each case at the largest power-of-two "
+                                       "multiple of its default batch that its memory plan says fits.")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
 _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0,
                                      "--suite=device: no new case starts after this many seconds.")
@@ -180,11 +183,25 @@ def check_models(presets: Sequence[str], batch_sizes: Sequence[int], where: str,
                                  ) from None
 
 
+def _grow_batches() -> bool:
+    """--suite_batch_sizes=max: each case at its default batch, then at the largest that fits."""
+    if _SUITE_BATCH_SIZES.value != [GROW] and GROW in _SUITE_BATCH_SIZES.value:
+        raise app.UsageError(f"--suite_batch_sizes={GROW} stands alone (each case's default batch, then the "
+                             "largest that fits)")
+    if _SUITE_BATCH_SIZES.value == [GROW] and _SUITE.value != "device":
+        raise app.UsageError(f"--suite_batch_sizes={GROW} is --suite=device's; --suite=memory finds the largest "
+                             "batch that fits for every case anyway")
+    return _SUITE_BATCH_SIZES.value == [GROW]
+
+
 def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
+    requested = [] if _grow_batches() else _SUITE_BATCH_SIZES.value
+    if not all(b.isdigit() for b in requested):
+        raise app.UsageError(f"--suite_batch_sizes={','.join(requested)}: give whole numbers, or {GROW} alone")
     try:
-        return device_suite.batch_sizes_for(presets, [int(b) for b in _SUITE_BATCH_SIZES.value])
+        return device_suite.batch_sizes_for(presets, [int(b) for b in requested])
     except ValueError as error:
         raise app.UsageError(f"--suite_batch_sizes: {error}") from None
 
@@ -194,7 +211,7 @@ def run_device_suite(cases: Sequence[Any]) -> None:
     host_memory.keep_freed_memory()
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
-    device_suite.main_suite(cases, _SUITE_BUDGET_S.value, num_steps=10)
+    device_suite.main_suite(cases, _SUITE_BUDGET_S.value, num_steps=10, grow=_grow_batches())
 
 
 def _suite_cases() -> list[Any]:

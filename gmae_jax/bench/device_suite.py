@@ -7,7 +7,9 @@ time budget are listed as skipped. Per case: compile seconds, images/s of the fu
 jitter the step applies on the device), peak device memory, model FLOPs per image (matmuls and convolutions of
 the forward and backward pass, counted from the step's jaxpr by `model_flops`: XLA:GPU's cost
 analysis counted about half of them on an H200) and MFU against the device's peak. A batch that
-does not fit is halved and retried. Right after the first case's row, where its step spends its
+does not fit is halved and retried; each row estimates the largest batch that would fit from the
+step's memory plan (`batch_that_fits`), and with `grow` the suite also measures the case there (one
+more compile per case: `--suite_batch_sizes=max`). Right after the first case's row, where its step spends its
 time (`step_profile`: a trace of 3 steps), so that a loan cut short still says what to change.
 """
 
@@ -32,6 +34,10 @@ from gmae_jax.train import sharding
 
 NUM_CLASSES = 18
 MASK_RATIO = 0.75
+# Share of the allocator's memory a batch estimate leaves free: fragmentation, batches in flight, the
+# plan's own error (`memory_plan` plans with the same margin).
+HEADROOM = 0.15
+MAX_BATCH = 4096  # where growing a batch stops: img/s no longer rises on any accelerator targeted
 # Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on NVIDIA by default).
 PEAK_FLOPS = {
     "H200": {"bfloat16": 989e12, "float32": 494e12},
@@ -185,6 +191,9 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
     peak = _peak_bytes_in_use()
     planned = planned_peak_bytes(memory) if memory else 0
+    capacity = _device_capacity()
+    fits = (batch_that_fits(case.batch_size, planned, memory.argument_size_in_bytes, capacity, mesh.size)
+            if memory and capacity else None)
     del state, bench
     return {
         "batch": case.batch_size,
@@ -195,6 +204,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
         "peak_gb": (planned if peak is None else peak) / 1e9,
         "peak_is_earlier": peak is not None and peak_before is not None and peak <= peak_before,
         "planned_gb": planned / 1e9,
+        "fits_batch": fits,
         "flops_per_img": flops_per_image(case),
         "loss": float(metrics["loss"]),
         "profile": profile,
@@ -204,6 +214,29 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
 def _peak_bytes_in_use() -> int | None:
     """The most device memory in use since the process started (None where the device does not say)."""
     return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def _device_capacity() -> int | None:
+    """Bytes the allocator may hand out on one device (None where the device does not say: CPUs)."""
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def batch_that_fits(batch: int, planned_bytes: int, fixed_bytes: int, capacity: int, multiple: int) -> int:
+    """The largest batch (a multiple of `multiple`) whose memory, on the line from `fixed_bytes` (the
+    step's arguments: parameters, optimiser state) through `planned_bytes` at `batch`, stays within
+    `capacity` less `HEADROOM`. Conservative: gradients and other fixed temporaries count as
+    per-image here, so a real step fits at least this batch (give or take the plan's own error)."""
+    per_image = max(planned_bytes - fixed_bytes, 1) / batch
+    images = (capacity * (1 - HEADROOM) - fixed_bytes) / per_image
+    return max(int(images) // multiple * multiple, 0)
+
+
+def grown_batch(batch: int, fits: int | None) -> int | None:
+    """The case's batch doubled while it stays within `fits` and `MAX_BATCH`; None if not even once."""
+    grown = batch
+    while fits and 2 * grown <= min(fits, MAX_BATCH):
+        grown *= 2
+    return grown if grown > batch else None
 
 
 def planned_peak_bytes(memory: Any) -> int:
@@ -264,8 +297,10 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
 # peak GB: the device's peak memory in use during the case ("<=" an earlier case's peak where it did
 # not rise above it); planned GB: XLA's plan of the step alone, what `bench --suite=memory` predicts
 # without the device (their ratio calibrates it).
-HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU | planned GB |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+# fits ~batch: the largest batch the plan's line says fits the device (`batch_that_fits`; n/a where the
+# device states no limit, as CPUs do).
+HEADER = ("| case | batch | compile s | img/s | step ms | peak GB | GFLOPs/img | MFU | planned GB | fits ~batch |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(case: Case, result: dict[str, float], device: jax.Device, num_devices: int) -> str:
@@ -275,13 +310,15 @@ def format_row(case: Case, result: dict[str, float], device: jax.Device, num_dev
     return (f"| {case.name} | {result['batch']} | {result['compile_s']:.1f} | {result['img_per_s']:.1f} | "
             f"{result['step_ms']:.1f} | {'<= ' if result.get('peak_is_earlier') else ''}{result['peak_gb']:.2f} | "
             f"{flops / 1e9:.2f} | {mfu} | "
-            f"{result['planned_gb']:.2f} |")
+            f"{result['planned_gb']:.2f} | {result.get('fits_batch') or 'n/a'} |")
 
 
 def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
-              profile_steps: int = 3) -> Iterator[str]:
+              profile_steps: int = 3, grow: bool = False) -> Iterator[str]:
     """Yields the table line by line (header first), the first case that ran followed by its profile
-    (`profile_steps` traced steps; 0: none); stops starting cases after `budget_s`.
+    (`profile_steps` traced steps; 0: none); stops starting cases after `budget_s`. With `grow`, a
+    case whose row says a batch at least twice its own fits is measured again at the largest such
+    power-of-two multiple (`grown_batch`), in the next row.
     """
     started = time.perf_counter()
     mesh = sharding.make_mesh()
@@ -303,6 +340,14 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
             yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} |"
             continue
         yield format_row(case, result, device, mesh.size)
+        larger = grown_batch(result["batch"], result.get("fits_batch")) if grow else None
+        if larger and time.perf_counter() - started <= budget_s:
+            grown = dataclasses.replace(case, batch_size=larger)
+            try:
+                yield format_row(grown, measure_fitting(grown, mesh, num_steps), device, mesh.size)
+            except Exception as error:  # the row at the case's own batch stands
+                yield f"| {case.name} | failed at batch {larger}: {type(error).__name__}: " \
+                      f"{str(error).splitlines()[0][:120]} |"
         if result["profile"] is not None:
             profiled = True
             yield pytorch_line(case, result["batch"], result["img_per_s"], num_steps)
@@ -314,9 +359,9 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
     yield f"total {time.perf_counter() - started:.0f} s"
 
 
-def main_suite(cases: Sequence[Case], budget_s: float, num_steps: int) -> list[str]:
+def main_suite(cases: Sequence[Case], budget_s: float, num_steps: int, grow: bool = False) -> list[str]:
     lines = []
-    for line in run_suite(cases, budget_s, num_steps):
+    for line in run_suite(cases, budget_s, num_steps, grow=grow):
         print(line, flush=True)
         lines.append(line)
     return lines

@@ -94,11 +94,11 @@ DEFAULT_GPU_MEM_FRACTION = 0.75
 # Plans leave this share of the allocator's memory free: fragmentation, what runs beside the step
 # (input batches in flight, checkpoint copies), and the plan's own error: `small`'s bf16 pretraining
 # step at batch 256 plans 14.5 GB for an H100 with cuDNN convolutions, where an H200 measured a peak
-# of 15.8 GB in use (BENCHMARKS.md, sessions 8 and 18).
-HEADROOM = 0.15
+# of 15.8 GB in use (BENCHMARKS.md, sessions 8 and 18). The device suite's estimates keep the same.
+HEADROOM = device_suite.HEADROOM
 # Where the search for the largest batch stops: past it a step's images/s no longer grows on any
 # accelerator this project targets, and compiles grow (a small model at 32 px would fit ~10^5).
-MAX_BATCH = 4096
+MAX_BATCH = device_suite.MAX_BATCH
 
 
 class PlanError(RuntimeError):
