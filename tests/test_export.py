@@ -214,7 +214,8 @@ def test_import_then_export_is_an_exact_round_trip(stage, finetune, pretrain, im
         for key, value in first[part].items():
             assert torch.equal(second[part][key], value), key
     assert (second["class_names"], second["stage"], second["step"]) == (first["class_names"], stage, 1)
-    assert second["config"] == first["config"]  # the pretraining loss's settings and conv_impl included
+    # The pretraining loss's settings and conv_impl included; the run exported is the imported one.
+    assert second["config"] == {**first["config"], "run": os.path.abspath(imported[stage])}
     assert first["config"]["gmae_jax_model"]["conv_impl"] == "auto"  # as configured, not as resolved here
     if stage == "pretrain":  # evaluated as it was trained
         run = run_folder.load_run_config(str(imported[stage]))
@@ -683,6 +684,31 @@ def test_an_export_cut_short_leaves_each_file_whole_and_no_config_json(pretrain,
     after = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert after["model.pth"] == before["model.pth"]
     assert set(after) == set(before) - {"config.json"}  # no temporary file left behind; visibly incomplete
+
+
+def test_an_export_replaces_only_an_exports_files(finetune, pretrain, tmp_path, capsys):
+    """A folder of someone else's config.json / model.safetensors was overwritten without a word; an
+    export of another run is replaced with a notice; a re-export cut short (no config.json) may go on."""
+    foreign = tmp_path / "hf"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
+    (foreign / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(foreign)
+    with pytest.raises(config_lib.ConfigError, match=r"holds config.json, model.safetensors, which no gmae_jax "
+                                                     r"export wrote; the export would overwrite them"):
+        run_stage("export", foreign, checkpoint_dir=str(pretrain[0]))
+    assert snapshot(foreign) == before
+    finetune_export = tmp_path / "finetune_export"
+    shutil.copytree(finetune[1], finetune_export)
+    assert json.loads((finetune_export / "config.json").read_text())["run"] == os.path.abspath(finetune[0])
+    assert export.check_replaceable(str(finetune_export), str(finetune[0])) is None  # the same run again
+    assert export.check_replaceable(str(finetune_export), str(pretrain[0])) == (
+        f"notice: replacing the export of {os.path.abspath(finetune[0])} step 1 in {finetune_export}")
+    (finetune_export / "config.json").unlink()  # as a re-export cut short leaves it: the safetensors says whose
+    assert "replacing the export of" in export.check_replaceable(str(finetune_export), str(pretrain[0]))
+    (finetune_export / "model.safetensors").unlink()  # model.pth alone: nothing says it is an export's
+    with pytest.raises(config_lib.ConfigError, match="holds model.pth, encoder.pth, which no gmae_jax export"):
+        export.check_replaceable(str(finetune_export), str(pretrain[0]))
 
 
 def test_export_refuses_to_write_into_the_run_and_says_when_torch_is_missing(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from typing import Any, TypeVar
 
 import jax
@@ -102,6 +103,47 @@ def torch_state_dict(run: setup.RestoredRun) -> dict[str, np.ndarray]:
     return {k: forwards.copy() if k.endswith(".num_batches_tracked") else v for k, v in state.items()}
 
 
+EXPORT_FILES = (export_format.CONFIG_JSON, export_format.SAFETENSORS, export_format.MODEL_PTH,
+                export_format.ENCODER_PTH)
+
+
+def _earlier_export(folder: epath.Path) -> dict[str, Any] | None:
+    """The config of the export `folder` holds: its config.json, or, where a re-export was cut short
+    before config.json came back, the copy in model.safetensors' metadata. None if neither is ours."""
+    try:
+        if (folder / export_format.CONFIG_JSON).exists():
+            config = json.loads((folder / export_format.CONFIG_JSON).read_text())
+        else:
+            with (folder / export_format.SAFETENSORS).open("rb") as f:  # the 8-byte header length, the header
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            config = json.loads((header.get("__metadata__") or {}).get("config", "null"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return config if export_format.is_export_config(config) else None
+
+
+def _absolute(path: str) -> str:
+    """A run's folder as an export records it: absolute, so that it names one folder wherever it is read."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def check_replaceable(folder: str, run_dir: str) -> str | None:
+    """The export replaces only files an export wrote: a folder holding a config.json or model.* of
+    something else (a Hugging Face model, a training script's weights) is refused before anything is
+    read. Returns a notice when it replaces the export of another run."""
+    present = [name for name in EXPORT_FILES if (epath.Path(folder) / name).exists()]
+    if not present:
+        return None
+    earlier = _earlier_export(epath.Path(folder))
+    if earlier is None:
+        raise config_lib.ConfigError(
+            f"--workdir={folder} holds {', '.join(present)}, which no gmae_jax export wrote; the export would "
+            "overwrite them: export into another --workdir (or move those files away)")
+    if earlier.get("run") and earlier["run"] != _absolute(run_dir):
+        return f"notice: replacing the export of {earlier['run']} step {earlier.get('step')} in {folder}"
+    return None
+
+
 def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[str, np.ndarray],
                  config: dict[str, Any]) -> None:
     """Writes model.pth, model.safetensors, encoder.pth and config.json into `folder`."""
@@ -138,8 +180,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run_folder.check_outside_run(workdir, config.checkpoint_dir, "the export")
     run_files.check_kinds(workdir, (export_format.SAFETENSORS, export_format.MODEL_PTH, export_format.ENCODER_PTH,
                                     export_format.CONFIG_JSON), keeper="the export writes")
+    replacing = check_replaceable(workdir, run_folder.run_workdir(config.checkpoint_dir))
     restored = setup.restore_run(config.checkpoint_dir, str(config.checkpoint))
     model, stage = restored.model.config, restored.config.stage
+    if replacing:
+        print(replacing, flush=True)
     layout = choose_layout(config.layout, model, restored.workdir)
     if layout == export_format.MIRROR:
         notice = ("notice: overlap_patches=True has no equivalent in the original's modules; exported in the "
@@ -162,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         num_classes=num_classes, mask_ratio=float(restored.config.mask_ratio) if stage == "pretrain" else None,
         norm_pix_loss=schema.read_flat(schema.PretrainConfig, restored.config).norm_pix_loss
         if stage == "pretrain" else None,
-        preprocessing=preprocessing(model.img_size, view or "original"))
+        preprocessing=preprocessing(model.img_size, view or "original"), run=_absolute(restored.workdir))
     write_export(epath.Path(workdir), state, extras, written)
     logging.info("[export] %d tensors in model_state_dict, extras %s", len(state), sorted(extras))
     print(f"exported {restored.workdir} step {restored.step} ({stage}, {layout} layout) to {workdir}: "

@@ -9,8 +9,9 @@ A folder written by `configs/export.py`:
   original's strict `load_state_dict` never sees a key it lacks.
 - `model.safetensors`: every tensor of both dicts, with `config.json`'s content as metadata.
 - `encoder.pth`: `{'encoder_state_dict', 'pos_embed', 'config'}`, the encoder alone.
-- `config.json`: the architecture under the original's config names, the classes in output order,
-  the preprocessing a PyTorch user applies, and the full gmae_jax model config.
+- `config.json`: the run folder and step exported, the architecture under the original's config
+  names, the classes in output order, the preprocessing a PyTorch user applies, and the full gmae_jax
+  model config.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ ORIGINAL_FIELDS = ("in_channels", "img_size", "patch_size", "embed_dim", "depth"
 ORIGINAL_UNUSED = {"dilation_rates": [1, 3, 5], "ffn_kernel_sizes": [3, 5, 7]}
 
 
+def is_export_config(config: Any) -> bool:
+    """Whether `config` (a parsed config.json, or model.safetensors' metadata) is one an export wrote."""
+    return isinstance(config, dict) and isinstance(config.get("gmae_jax_model"), dict)
+
+
 def original_layout(config: GMSTConfig) -> GMSTConfig:
     """The same model as the original's module tree holds it: no `encoder_mask_token`."""
     return dataclasses.replace(config, mask_mode="original")
@@ -52,7 +58,7 @@ def representable_in_original(config: GMSTConfig) -> bool:
 def export_config(
     model: GMSTConfig, *, stage: str, step: int, layout: str, class_names: Sequence[str],
     num_classes: int | None, mask_ratio: float | None, preprocessing: dict[str, Any],
-    norm_pix_loss: bool | None = None,
+    norm_pix_loss: bool | None = None, run: str = "",
 ) -> dict[str, Any]:
     """The content of `config.json` (and of `model.pth['config']`): JSON types only. A pretraining
     model also carries its loss's settings (`pretraining`), so that an import evaluates it as trained."""
@@ -69,6 +75,7 @@ def export_config(
         "model_class": MODEL_CLASSES[stage],
         "layout": layout,
         "step": step,
+        "run": run,  # the run folder exported, beside its step
         "pretraining": None if mask_ratio is None else {"mask_ratio": mask_ratio, "norm_pix_loss": bool(norm_pix_loss)},
         # What gmae_jax (and its PyTorch mirror) rebuilds the model from.
         "gmae_jax_model": dataclasses.asdict(model),
