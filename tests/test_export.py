@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,24 @@ def test_import_then_export_is_an_exact_round_trip(stage, finetune, pretrain, im
     with pytest.raises(config_lib.ConfigError, match=r"was imported \(one checkpoint, ranked by no evaluation\), so "
                        "it has no 'best' checkpoint; use --config.checkpoint=latest"):
         setup.restore_run(str(imported[stage]), "best")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_training_in_an_imported_run_says_to_fine_tune_from_it(stage, imported):
+    """A resume of an imported run (no optimiser state) was refused for its recipe (made-up defaults),
+    then, with resume_policy=allow_changes, for its checkpoint: neither hint led anywhere."""
+    config = load(stage, "runlocal")
+    config.resume_policy = "allow_changes"
+    run = str(imported[stage])
+    before = snapshot(run)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            f"{run} holds a run the import stage wrote: weights only, with no optimiser state or data position to "
+            f"resume, so no training continues it; fine-tune from it")) as error:
+        resume_check.check(config, run, list(CLASSES))
+    assert f"with configs/finetune.py --config.init_from={run} and a new --workdir" in str(error.value)
+    assert ("the classifier head starts anew" in str(error.value)) == (stage == "finetune")
+    assert snapshot(run) == before
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ from etils import epath
 
 from gmae_jax import run_files
 from gmae_jax.schema import ConfigError, LoopConfig, read_flat
-from gmae_jax.train.run_folder import (CLASSES_FILE, CONFIG_FILE, FACTS_FILE, HISTORY_FILE, checkpoint_steps,
-                                       read_run_config)
+from gmae_jax.train.run_folder import (CLASSES_FILE, CONFIG_FILE, FACTS_FILE, HISTORY_FILE, IMPORTED_PRESET,
+                                       checkpoint_steps, read_run_config)
 
 # run.json holds what the config alone does not say about a run: the training images it read and the steps it
 # planned, so a resume notices images added or removed since (another shuffle, another epoch length),
@@ -99,6 +99,15 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[Change], lis
     return binding, harmless
 
 
+def imported_run_error(workdir: str, stage: str | None) -> str:
+    """An imported run holds weights only (no optimiser state, no data position, no recipe): no
+    training resumes it, whatever its config says; a new run starts from its encoder instead."""
+    head = " (the encoder; the classifier head starts anew)" if stage == "finetune" else ""
+    return (f"{workdir} holds a run the import stage wrote: weights only, with no optimiser state or data position "
+            f"to resume, so no training continues it; fine-tune from it{head} with configs/finetune.py "
+            f"--config.init_from={workdir} and a new --workdir (evaluate and predict read it as it is)")
+
+
 def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
           facts: dict[str, Any] | None = None) -> list[Change]:
     """The differences between `config` (and the run `facts`: TRAIN_IMAGES, EVAL_IMAGES, PLANNED_STEPS,
@@ -116,6 +125,8 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
     if not saved:
         return []  # nothing to resume: a new run (metrics of a run that never saved are dropped)
     old = flatten(read_run_config(folder / CONFIG_FILE))
+    if old.get("model.preset") == IMPORTED_PRESET:
+        raise ConfigError(imported_run_error(workdir, old.get("stage")))
     new = flatten(json.loads(config.to_json_best_effort()))
     binding, harmless = compare(old, new)
     old_facts = run_files.read_json(folder / FACTS_FILE) if (folder / FACTS_FILE).exists() else {}

@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"  # one JSON line per log or evaluation point
 CHECKPOINTS = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 TRAINING_STAGES = ("pretrain", "finetune")
+IMPORTED_PRESET = "imported"  # config.model.preset of a run the import stage wrote
 
 
 def read_run_config(path: epath.Path) -> dict[str, Any]:

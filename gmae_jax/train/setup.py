@@ -28,7 +28,7 @@ from gmae_jax.models.presets import gmst_config
 from gmae_jax.schema import ConfigError, LoopConfig, MeshConfig, read, read_flat
 from gmae_jax.train import checkpoint, run_folder, sharding
 
-IMPORTED_PRESET = "imported"  # config.model.preset of a run the import stage wrote
+IMPORTED_PRESET = run_folder.IMPORTED_PRESET  # config.model.preset of a run the import stage wrote
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, tuple[jax.Array, ...]]:
