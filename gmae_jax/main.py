@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     cache = compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE_DIR.value, os.environ))
     preemption.stop_as_preempted_outside_training()
     try:
+        stages.check_process_count(config, _NUM_PROCESSES.value or 1)  # before the processes join each other
         distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, auto=_DISTRIBUTED_AUTO.value,
                                num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)

@@ -19,17 +19,25 @@ set -euo pipefail
 PYTHON="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
 
+fail() {  # one line naming the setting, before anything starts
+  echo "error: $*" >&2
+  exit 2
+}
 if [[ -n "${NODE_RANK:-}" ]]; then
-  distributed=(
-    --coordinator_address="${COORDINATOR:?set COORDINATOR=HOST:PORT of node 0}"
-    --num_processes="${NUM_NODES:?set NUM_NODES}"
-    --process_id="$NODE_RANK"
-  )
+  if ! [[ "${NUM_NODES:-}" =~ ^[0-9]+$ ]] || ((10#$NUM_NODES < 1)); then
+    fail "NUM_NODES=${NUM_NODES:-} must be the number of nodes in the job (a whole number of at least 1)"
+  fi
+  if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || ((10#$NODE_RANK >= 10#$NUM_NODES)); then
+    fail "NODE_RANK=$NODE_RANK must be this node's rank, 0 to $((10#$NUM_NODES - 1)) (0 on the COORDINATOR's node)"
+  fi
+  if ! [[ "${COORDINATOR:-}" =~ ^[^:]+:[0-9]+$ ]]; then
+    fail "COORDINATOR=${COORDINATOR:-} must be HOST:PORT of node 0, e.g. COORDINATOR=10.0.0.1:1234"
+  fi
+  distributed=(--coordinator_address="$COORDINATOR" --num_processes="$NUM_NODES" --process_id="$NODE_RANK")
 elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
   distributed=(--distributed_auto)
 else
-  echo "set NODE_RANK, NUM_NODES and COORDINATOR, or start this script with srun" >&2
-  exit 2
+  fail "set NODE_RANK, NUM_NODES and COORDINATOR (HOST:PORT of node 0), or start this script with srun"
 fi
 
 exec "$PYTHON" -m gmae_jax.main "${distributed[@]}" "$@"

@@ -24,6 +24,10 @@ check_count() {  # check_count NAME MINIMUM: a whole number, or stop before anyt
 check_count NUM_PROCESSES 1
 check_count DEVICES_PER_PROCESS 1
 check_count STOP_GRACE_S 0
+if [[ -n "${PORT:-}" ]] && ! { [[ "$PORT" =~ ^[0-9]+$ ]] && ((10#$PORT >= 1 && 10#$PORT <= 65535)); }; then
+  echo "error: PORT=$PORT must be a TCP port, 1-65535 (or leave PORT unset to pick a free one)" >&2
+  exit 2
+fi
 if [[ -n "${PORT:-}" ]] && timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT" 2>/dev/null; then
   # A job whose processes join another job's coordinator makes that job abort ("a different incarnation").
   echo "error: PORT=$PORT is in use on this host (another job's coordinator?); give this job a free PORT, or leave" \

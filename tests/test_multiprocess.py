@@ -239,6 +239,54 @@ def test_local_launcher_refuses_a_count_that_is_no_whole_number_before_starting_
     assert result.stderr.strip() == f"error: {setting}={value} must be a whole number of at least {minimum}"
 
 
+def test_local_launcher_refuses_a_port_that_is_no_port(tmp_path):
+    """PORT=abc reached gmae_jax.main as --coordinator_address='127.0.0.1:abc', a flag the user never typed."""
+    env = {**os.environ, "PYTHON": "false", "PORT": "abc", "LOG_DIR": str(tmp_path / "logs")}
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and not (tmp_path / "logs").exists()
+    assert result.stderr.strip() == "error: PORT=abc must be a TCP port, 1-65535 (or leave PORT unset to pick a free one)"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "error: set NODE_RANK, NUM_NODES and COORDINATOR (HOST:PORT of node 0), or start this script with srun"),
+    ({"NODE_RANK": "0", "NUM_NODES": "two"}, "error: NUM_NODES=two must be the number of nodes in the job"),
+    ({"NODE_RANK": "2", "NUM_NODES": "2"}, "error: NODE_RANK=2 must be this node's rank, 0 to 1"),
+    ({"NODE_RANK": "0", "NUM_NODES": "2", "COORDINATOR": "localhost"},
+     "error: COORDINATOR=localhost must be HOST:PORT of node 0"),
+    ({"NODE_RANK": "1", "NUM_NODES": "2", "COORDINATOR": "10.0.0.1:1234"},
+     "-m gmae_jax.main --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=1 --config=x"),
+])
+def test_gpu_launcher_names_the_setting_it_cannot_use(settings, message):
+    """A bad COORDINATOR or NUM_NODES came back from gmae_jax.main as a flag the user never typed."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("NODE_RANK", "NUM_NODES", "COORDINATOR", "SLURM_JOB_ID")}
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_multinode.sh"), "--config=x"],
+                            env={**env, **settings, "PYTHON": "echo"}, capture_output=True, text=True, timeout=30)
+    assert (result.stderr if result.returncode else result.stdout).strip().startswith(message)
+    assert result.returncode == (0 if message.startswith("-m") else 2)
+
+
+def test_tpu_launcher_needs_its_project_and_buckets_and_installs_the_tested_versions(tmp_path):
+    fake_gcloud = tmp_path / "gcloud"
+    fake_gcloud.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {tmp_path / "calls"}\n')
+    fake_gcloud.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PROJECT": "p",
+           "WORKDIR": "gs://b/run"}
+    env.pop("DATA_ROOT", None)
+    script = os.path.join(REPO, "launch", "tpu_pod.sh")
+    missing = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: set DATA_ROOT (")
+    assert not (tmp_path / "calls").exists()  # refused before the upload
+    result = subprocess.run(["bash", script, "--config.total_steps=5"], env={**env, "DATA_ROOT": "gs://b/data"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    upload, ssh = (tmp_path / "calls").read_text().split("compute tpus tpu-vm ")[1:]  # the command spans lines
+    assert upload.startswith("scp ") and "--project=p" in upload and ssh.startswith("ssh ")
+    assert '-c "$HOME/gmae_jax/requirements.lock" -e "$HOME/gmae_jax[tpu,gcs]"' in ssh  # the versions CI tested
+    assert "--workdir=gs://b/run --config.data.root=gs://b/data --config.total_steps=5" in ssh
+
+
 PREEMPTIBLE_PROCESS = """#!/usr/bin/env bash
 # Stands in for python -m gmae_jax.main under preemption: on SIGTERM it saves (a second) and exits 75.
 sleep 60 &

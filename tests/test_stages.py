@@ -595,8 +595,21 @@ def test_readme_places_every_module_and_every_placed_file_exists():
 def test_one_process_stages_refuse_a_multi_process_job_before_writing(name, tmp_path, monkeypatch):
     """Every process of a job would write the same files (the prepare stage's shards collided)."""
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(config_lib.ConfigError, match=f"the {name} stage runs in one process; drop the multi-process"):
+    with pytest.raises(config_lib.ConfigError, match=f"the {name} stage runs in one process: run python -m "
+                       "gmae_jax.main without --coordinator_address"):
         stages.run(load(name), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_one_process_stage_is_refused_before_the_job_forms(tmp_path):
+    """Its processes joined the job (waiting for each other) only to be refused once it had formed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gmae_jax.main", "--config=configs/predict.py", f"--workdir={tmp_path / 'out'}",
+         "--coordinator_address=127.0.0.1:9", "--num_processes=2", "--process_id=1", "--distributed_timeout=300"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)  # rank 0 never comes: a join would wait 300 s
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the predict stage runs in one process: run "
+                                                              "python -m gmae_jax.main without")
     assert not (tmp_path / "out").exists()
 
 

@@ -41,12 +41,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"configs/{config.stage}.py rather than another stage's config") from None
 
 
+def check_process_count(config: ml_collections.ConfigDict, num_processes: int) -> None:
+    """A one-process stage (predict, export, ...) in a job of several: refused before the processes
+    join each other when the flags say so, else once they have (--distributed_auto)."""
+    if getattr(get(config.stage), "ONE_PROCESS", False) and num_processes > 1:
+        raise ConfigError(f"the {config.stage} stage runs in one process: run python -m gmae_jax.main without "
+                          "--coordinator_address, --num_processes, --process_id and --distributed_auto (a "
+                          "multi-process launcher such as launch/local_multiprocess.sh adds them)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Runs the stage `config.stage` names, writing its outputs under `workdir`, which it holds
     alone for the whole run (a second run there stops with one line naming this one)."""
-    stage = get(config.stage)
-    if getattr(stage, "ONE_PROCESS", False) and jax.process_count() > 1:
-        raise ConfigError(f"the {config.stage} stage runs in one process; drop the multi-process flags")
+    check_process_count(config, jax.process_count())
     _check_outside_data(config, workdir)
     if hasattr(stage, "check_workdir"):  # before the lock, which would be the first thing written there
         stage.check_workdir(workdir)
