@@ -388,8 +388,9 @@ def test_a_path_that_is_no_file_is_named(kind, tmp_path):
         os.mkfifo(path)
     elif kind == "broken link":
         path.symlink_to(tmp_path / "gone.pth")
-    with pytest.raises(config_lib.ConfigError, match=rf"^config.path={path} is not a file \(a folder, a pipe, a link "
-                       r"to nothing\?\); give a \.pth$"):
+    message = (rf"^config.path={path} does not exist; give the \.pth \(or \.safetensors\) to import$" if kind == "missing"
+               else rf"^config.path={path} is not a file \(a folder, a pipe, a link to nothing\?\); give a \.pth$")
+    with pytest.raises(config_lib.ConfigError, match=message):
         weight_files.read_pth(str(path))
 
 
@@ -472,6 +473,9 @@ def test_import_and_export_never_write_inside_a_run(finetune, tmp_path):
                    r"img_size=224, patch_size=16, embed_dim=128, depth=4"),
     (lambda sd: sd["encoder.blocks.0.attn.in_proj_weight"].fill_(float("nan")), "micro",
      r"tensor 'encoder\.blocks\.0\.attn\.in_proj_weight' holds NaN or infinite values"),
+    (lambda sd: [sd.clear(), sd.update(a=torch.zeros(2), b=torch.ones(3))], "micro",  # not a G-MAE at all
+     r"config.path=\S+: none of its 2 tensors \(a, b\) is one of G-MAE's \(e.g. '[^']+'\); give a checkpoint "
+     r"of the original G-MAE code or of a gmae_jax export$"),
     (lambda sd: sd.update(code=Pickled()), "micro",
      r"does not load with torch.load\(weights_only=True\), which never runs pickled code: .*unsupported GLOBAL"),
 ])

@@ -53,6 +53,7 @@ def check_process_count(config: ml_collections.ConfigDict, num_processes: int) -
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Runs the stage `config.stage` names, writing its outputs under `workdir`, which it holds
     alone for the whole run (a second run there stops with one line naming this one)."""
+    stage = get(config.stage)
     check_process_count(config, jax.process_count())
     _check_outside_data(config, workdir)
     if hasattr(stage, "check_workdir"):  # before the lock, which would be the first thing written there

@@ -68,6 +68,11 @@ def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind
                 + [f"extra key '{k}'" for k in sorted(set(shapes) - set(expected))]
                 + [f"key '{k}' has shape {shapes[k]} where the model has {expected[k]}"
                    for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]])
+    if problems and not set(shapes) & set(expected):  # no other size: another model altogether
+        raise config_lib.ConfigError(
+            f"config.path={path}: none of its {len(shapes)} tensors ({', '.join(sorted(shapes)[:3])}"
+            f"{', ...' if len(shapes) > 3 else ''}) is one of G-MAE's (e.g. '{sorted(expected)[0]}'); give a "
+            "checkpoint of the original G-MAE code or of a gmae_jax export")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise config_lib.ConfigError(

@@ -6,6 +6,7 @@ the import stage reads; needs the `[torch]` extra."""
 from __future__ import annotations
 
 import io
+import os
 import json
 import pickle
 import re
@@ -28,6 +29,8 @@ def read_pth(path: str) -> dict[str, Any]:
     """The file's top-level dict, tensors as numpy (floating point as float32); never runs pickled code."""
     import torch  # the [torch] extra; checked in validate
 
+    if not epath.Path(path).exists() and not os.path.islink(path):
+        raise ConfigError(f"config.path={path} does not exist; give the .pth (or .safetensors) to import")
     if not class_folders.is_regular_file(epath.Path(path)):  # a pipe would read as empty, or wait forever
         raise ConfigError(f"config.path={path} is not a file (a folder, a pipe, a link to nothing?); "
                           "give a .pth")
