@@ -779,6 +779,15 @@ def test_pytorch_only_classify_of_no_images_is_a_value_error():
         model.classify([])
 
 
+def test_pytorch_only_preprocessing_names_a_file_that_is_no_image(tmp_path):
+    """PIL's error named a BytesIO object: in a batch, which file failed was anyone's guess."""
+    from gmae_jax.torch_mirror import exported
+
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(exported.Image.UnidentifiedImageError, match=f"cannot identify an image in {tmp_path}/notes.jpg$"):
+        exported.preprocess(str(tmp_path / "notes.jpg"), export.preprocessing(32))
+
+
 def test_pytorch_only_classify_of_one_image_is_a_batch_of_one(tmp_path):
     from gmae_jax.torch_mirror import exported
 

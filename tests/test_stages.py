@@ -261,8 +261,14 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path, cap
         assert sorted(entry["class"] for entry in line["top_k"]) == sorted(CLASSES)
         probs = [entry["prob"] for entry in line["top_k"]]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5) and probs == sorted(probs, reverse=True)
-    # 8 inputs, 6 to a row of 128 px tiles with 6 px borders and two caption lines (no annotations)
-    assert Image.open(out / "predictions.png").size == (6 * 140, 2 * (140 + 2 * 12 + 4))
+    # Class folders annotate their images, as they do for training: the summary says how many agree.
+    assert {row["annotation"] for row in rows} == set(CLASSES)
+    assert all(row["annotation"] == os.path.basename(os.path.dirname(row["file"])) for row in rows)
+    agree = sum(row["class_1"] == row["annotation"] for row in rows)
+    assert f"; the top class is the annotated one for {agree} of {len(rows)}; 2 skipped ({out}/skipped.csv" in \
+        caplog.text
+    # 12 inputs, 6 to a row of 128 px tiles with 6 px borders and three caption lines (with the annotation)
+    assert Image.open(out / "predictions.png").size == (6 * 140, 2 * (140 + 3 * 12 + 4))
 
 
 def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_path):

@@ -99,7 +99,8 @@ def _with(official: Sequence[str], classes: Sequence[str]) -> tuple[str, ...]:
 def list_inputs(path: str, classes: Sequence[str] = ()) -> tuple[list[Input], list[tuple[str, str]]]:
     """(inputs, skipped files with the reason), both sorted by file name. In a HaGRID tree the images
     annotated with HaGRID's gestures or with one of `classes` (the run's: a run trained with
-    data.classes=present may know other names) are inputs."""
+    data.classes=present may know other names) are inputs. Elsewhere an image in a folder named as one
+    of `classes` is annotated with it, as class folders are for training."""
     root = epath.Path(path)
     if not root.exists():
         raise DataLayoutError(f"config.inputs={path} does not exist; give an image, a folder or a HaGRID tree")
@@ -118,5 +119,5 @@ def list_inputs(path: str, classes: Sequence[str] = ()) -> tuple[list[Input], li
         elif file.exists() and not is_regular_file(file):
             skipped.append((str(file), "not a regular file"))
         else:
-            items.append(Input(str(file)))
+            items.append(Input(str(file), annotation=file.parent.name if file.parent.name in classes else ""))
     return items, sorted(skipped)

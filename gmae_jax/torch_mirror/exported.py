@@ -36,7 +36,11 @@ def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
     image already decoded in full gives slightly other pixels)."""
     if not isinstance(image, Image.Image):
         data = image if isinstance(image, bytes) else open(image, "rb").read()
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.UnidentifiedImageError:  # its message names a BytesIO: the caller's file, by name
+            what = "these bytes" if isinstance(image, bytes) else os.fspath(image)
+            raise Image.UnidentifiedImageError(f"cannot identify an image in {what}") from None
     image.draft("RGB", (draft_size, draft_size))  # JPEG only, before its pixels are read: no-op otherwise
     image.load()
     return frames.to_rgb(ImageOps.exif_transpose(image))
