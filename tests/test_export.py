@@ -388,8 +388,9 @@ def test_a_path_that_is_no_file_is_named(kind, tmp_path):
         os.mkfifo(path)
     elif kind == "broken link":
         path.symlink_to(tmp_path / "gone.pth")
-    message = (rf"^config.path={path} does not exist; give the \.pth \(or \.safetensors\) to import$" if kind == "missing"
-               else rf"^config.path={path} is not a file \(a folder, a pipe, a link to nothing\?\); give a \.pth$")
+    message = (rf"^config.path={path} does not exist; give the \.pth \(or \.safetensors\) to import$"
+               if kind == "missing" else
+               rf"^config.path={path} is not a file \(a folder, a pipe, a link to nothing\?\); give a \.pth$")
     with pytest.raises(config_lib.ConfigError, match=message):
         weight_files.read_pth(str(path))
 
@@ -784,7 +785,8 @@ def test_pytorch_only_preprocessing_names_a_file_that_is_no_image(tmp_path):
     from gmae_jax.torch_mirror import exported
 
     (tmp_path / "notes.jpg").write_text("not an image")
-    with pytest.raises(exported.Image.UnidentifiedImageError, match=f"cannot identify an image in {tmp_path}/notes.jpg$"):
+    with pytest.raises(exported.Image.UnidentifiedImageError,
+                       match=f"cannot identify an image in {tmp_path}/notes.jpg$"):
         exported.preprocess(str(tmp_path / "notes.jpg"), export.preprocessing(32))
 
 

@@ -245,7 +245,8 @@ def test_local_launcher_refuses_a_port_that_is_no_port(tmp_path):
     result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and not (tmp_path / "logs").exists()
-    assert result.stderr.strip() == "error: PORT=abc must be a TCP port, 1-65535 (or leave PORT unset to pick a free one)"
+    assert result.stderr.strip() == ("error: PORT=abc must be a TCP port, 1-65535 (or leave PORT unset to pick a "
+                                     "free one)")
 
 
 @pytest.mark.parametrize("settings, message", [
