@@ -519,6 +519,16 @@ def test_an_import_whose_checkpoint_fails_leaves_no_run_and_can_be_rerun(tmp_pat
     assert setup.restore_run(str(tmp_path / "out")).class_names == ["fist", "one", "palm"]
 
 
+def test_a_model_size_the_import_cannot_build_says_where_the_other_sizes_come_from():
+    """'num_heads=12 does not divide embed_dim=64': the 12 was the default preset's, never given."""
+    config = load("import")
+    config.update(path="model.pth")
+    config.model.embed_dim = 64
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.num_heads=12 does not divide config.model."
+                       r"embed_dim=64.*configs/import.py:model=PRESET's sizes, reference by default"):
+        stages.validate(config)
+
+
 def test_repeated_class_names_are_refused(tmp_path):
     config = load("import", "model=micro")
     config.update(path=str(classifier_file(tmp_path)), class_names="fist,fist,palm")

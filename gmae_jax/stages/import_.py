@@ -37,7 +37,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config_checks.check(importlib.util.find_spec("torch") is not None,
                         "the import stage reads .pth files with PyTorch, which is not installed; "
                         "pip install -e '.[torch]'")
-    config_checks.validate_model(config.model)
+    try:
+        config_checks.validate_model(config.model)
+    except config_lib.ConfigError as error:
+        raise config_lib.ConfigError(
+            f"{error} (config.model is configs/import.py:model=PRESET's sizes, {DEFAULT_PRESET} by default, with "
+            "each --config.model.* on top; it describes the original's checkpoints only: an export's file carries "
+            "its own model)") from None
     # Before the file is read: a checkpoint may take minutes to load.
     _check_distinct(_given_class_names(config), "--config.class_names")
 
