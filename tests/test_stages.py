@@ -257,6 +257,7 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path, cap
     assert skipped[str(inputs / "palm" / "broken.jpg")].startswith("unreadable")
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["file"] for line in lines] == predicted
+    assert {(line["run"], line["step"]) for line in lines} == {(workdir, 4)}  # the weights that predicted them
     for line in lines:
         assert sorted(entry["class"] for entry in line["top_k"]) == sorted(CLASSES)
         probs = [entry["prob"] for entry in line["top_k"]]
@@ -631,7 +632,7 @@ def test_predictions_write_class_names_that_are_not_utf8(tmp_path):
     odd = os.fsdecode(b"on\xffe")
     row = {"file": str(tmp_path / "a.jpg"), "annotation": odd,
            "top_k": [{"class": odd, "prob": 0.75}, {"class": "palm", "prob": 0.25}]}
-    predict._write(tmp_path, [row], [], top_k=2)
+    predict._write(tmp_path, [row], [], top_k=2, checkpoint={"run": "r", "step": 1})
     with open(tmp_path / "predictions.csv") as f:
         assert list(csv.reader(f))[1] == [str(tmp_path / "a.jpg"), "on\\xffe", "on\\xffe", "0.750000", "palm",
                                           "0.250000"]

@@ -13,6 +13,7 @@ import concurrent.futures
 import csv
 import io
 import json
+from typing import Any
 
 import jax
 import ml_collections
@@ -88,8 +89,10 @@ def _draw(sheet: list[tuple[np.ndarray, dict]], path: str) -> None:
     visualize.save_prediction_sheet([pixels for pixels, _ in sheet], captions, correct, path)
 
 
-def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int) -> None:
-    """The three outputs, each written whole (a kill leaves the old file or the new one)."""
+def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int,
+           checkpoint: dict[str, Any]) -> None:
+    """The three outputs, each written whole (a kill leaves the old file or the new one); each JSON line
+    also names the `checkpoint` (run folder and step) that predicted it."""
     workdir.mkdir(parents=True, exist_ok=True)
     # Class names are folder names too (a run trained on class folders).
     rows = [{**row, "file": _printable(row["file"]), "annotation": _printable(row["annotation"]),
@@ -99,7 +102,8 @@ def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]]
     table = [header] + [[row["file"], row["annotation"]] + [
         value for entry in row["top_k"] for value in (entry["class"], f"{entry['prob']:.6f}")] for row in rows]
     run_files.write_text(workdir / "predictions.csv", _csv(table))
-    run_files.write_text(workdir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    run_files.write_text(workdir / "predictions.jsonl", "".join(json.dumps({**row, **checkpoint}) + "\n"
+                                                                for row in rows))
     run_files.write_text(workdir / "skipped.csv", _csv([["file", "reason"], *skipped]))
 
 
@@ -165,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                 if len(sheet) < SHEET_SIZE:
                     sheet.append((pixels, rows[-1]))
     skipped.sort()
-    _write(epath.Path(workdir), rows, skipped, top_k)
+    _write(epath.Path(workdir), rows, skipped, top_k, {"run": restored.workdir, "step": restored.step})
     if sheet:
         _draw(sheet, str(epath.Path(workdir) / "predictions.png"))
     else:  # no input decoded: an earlier run's sheet must not stand beside these files
