@@ -84,7 +84,7 @@ def test_summary_table_and_plot_from_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
+def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path, capsys):
     root, data = labelled
     pretrain_root = str(tmp_path / "unlabelled")
     synthetic.write_demo_dataset(pretrain_root, image_size=32, train_per_class=4, val_per_class=1, classes=CLASSES)
@@ -102,6 +102,8 @@ def test_tiny_study_end_to_end_writes_every_run_and_resumes(labelled, tmp_path):
     stages.validate(config)
     report = stages.run(config, workdir)
     assert not os.path.exists(leftover)
+    # The budgets stand beside the numbers: a smoke-sized study must not read like a real one.
+    assert "; pretraining 3 steps, each fine-tune 3 ===" in capsys.readouterr().out
 
     written = json.loads(open(os.path.join(workdir, "label_efficiency.json")).read())
     assert written == json.loads(json.dumps(report))

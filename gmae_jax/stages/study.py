@@ -241,8 +241,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     label_efficiency.save_plot(summary, os.path.join(workdir, PNG), chance,
                                f"val accuracy on {len(data.eval)} images, {num_classes} classes "
                                f"(mean, min-max over {len(config.seeds)} seed(s))", train_images=len(data.train))
+    # The budgets beside the numbers: a smoke-sized study (runlocal) reads like a real one otherwise.
+    pretrained = _latest_step(pretrain_dir)
     print(f"\n=== label-efficiency study: validation accuracy, mean (min-max) over seeds; "
-          f"chance {chance:.3f} ===\n{label_efficiency.table(summary)}\n"
+          f"chance {chance:.3f}; pretraining {pretrained if pretrained is not None else 'no'} steps, each "
+          f"fine-tune {int(config.finetune.total_steps)} ===\n{label_efficiency.table(summary)}\n"
           f"{os.path.join(workdir, JSON)}, {os.path.join(workdir, PNG)}"
           f"{_left_out(workdir, plan, one_labels_per_class)}\n", flush=True)
     return report
