@@ -2,6 +2,7 @@
 exactly, load with strict=True into the original-layout classes and compute what Flax computes; the
 PyTorch-only path runs without JAX; import -> export is exact; bad files get one-line errors."""
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -365,6 +366,7 @@ def test_a_state_dict_saved_from_data_parallel_imports_without_its_module_prefix
 @pytest.mark.parametrize("save", [
     lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3},  # a training script's
     lambda sd: {"state_dict": sd},
+    lambda sd: {"model": sd, "args": argparse.Namespace(lr=1e-3, epochs=3)},  # a script's arguments beside it
     lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # saved from a torch.compile'd model
     lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},  # ... inside DistributedDataParallel
     lambda sd: {k: v.requires_grad_(v.is_floating_point()) for k, v in sd.items()},  # state_dict(keep_vars=True)

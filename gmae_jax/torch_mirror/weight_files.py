@@ -5,6 +5,7 @@ the import stage reads; needs the `[torch]` extra."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import json
@@ -40,7 +41,11 @@ def read_pth(path: str) -> dict[str, Any]:
         payload = _read_safetensors(path)
     else:
         try:  # the bytes through epath: torch.load opens local files only (a gs:// path would not load)
-            payload = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location="cpu", weights_only=True)
+            # Training scripts often save their argparse arguments beside the weights: a plain record
+            # of values, allowed; any other pickled object is still refused.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                payload = torch.load(io.BytesIO(epath.Path(path).read_bytes()), map_location="cpu",
+                                     weights_only=True)
         except Exception as error:  # bytes that are no checkpoint fail with any error type
             raise ConfigError(f"config.path={path} does not load with torch.load(weights_only=True), "
                               f"which never runs pickled code: {_reason(error)}") from None
