@@ -255,6 +255,12 @@ def test_finished_runs_outside_this_invocations_grid_are_named_under_its_report(
         "not trained again)")
     # The demo names one labels_per_class: the study's config reports several.
     assert "configs/study.py on the demo's data" in study._left_out(str(tmp_path), plan, one_labels_per_class=True)
+    # A result written by another version (or damaged) is still named; the flags leave it out, nothing fails.
+    (runs / "scratch_5_s0").mkdir()
+    (runs / "scratch_5_s0" / study.RESULT).write_text('{"seed": ')
+    assert study._left_out(str(tmp_path), plan, one_labels_per_class=False).startswith(
+        "\nnot in this report: 3 finished run(s)")
+    (runs / "scratch_5_s0" / study.RESULT).unlink()
     done = plan + [(planned, str(runs / "scratch_10_s1")), (planned, str(runs / "scratch_all_s0"))]
     assert study._left_out(str(tmp_path), done, one_labels_per_class=False) == ""
     assert study._left_out(str(tmp_path / "fresh"), plan, one_labels_per_class=False) == ""

@@ -266,9 +266,14 @@ def _left_out(workdir: str, plan: list[tuple[Any, str]], one_labels_per_class: b
                   f"(--config.pretrain_data={workdir}/data/pretrain_dataset --config.data.root="
                   f"{workdir}/data/finetune_dataset) reports several together")
     else:
-        results = [json.loads((runs / name / RESULT).read_text()) for name in others]
-        results += [{"labels_per_class": label_efficiency.labels_name(config.labels_per_class), "seed": config.seed}
-                    for config, _ in plan]
+        results = [{"labels_per_class": label_efficiency.labels_name(config.labels_per_class), "seed": config.seed}
+                   for config, _ in plan]
+        for name in others:  # a result this version cannot read names no labels or seed: the hint skips it
+            try:
+                result = json.loads((runs / name / RESULT).read_text())
+                results.append({"labels_per_class": result["labels_per_class"], "seed": int(result["seed"])})
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
         labels = sorted({r["labels_per_class"] for r in results},
                         key=lambda v: (v == label_efficiency.ALL, 0 if v == label_efficiency.ALL else v))
         seeds = sorted({int(r["seed"]) for r in results})
