@@ -114,9 +114,8 @@ def _earlier_export(folder: epath.Path) -> dict[str, Any] | None:
         if (folder / export_format.CONFIG_JSON).exists():
             config = json.loads((folder / export_format.CONFIG_JSON).read_text())
         else:
-            with (folder / export_format.SAFETENSORS).open("rb") as f:  # the 8-byte header length, the header
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            config = json.loads((header.get("__metadata__") or {}).get("config", "null"))
+            with (folder / export_format.SAFETENSORS).open("rb") as f:
+                config = json.loads(export_format.safetensors_metadata(f).get("config", "null"))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return config if export_format.is_export_config(config) else None

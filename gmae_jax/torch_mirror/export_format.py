@@ -17,8 +17,9 @@ A folder written by `configs/export.py`:
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from gmae_jax.models.presets import GMSTConfig
 
@@ -37,6 +38,12 @@ ORIGINAL_FIELDS = ("in_channels", "img_size", "patch_size", "embed_dim", "depth"
 # Present in the original's config but unused by its modules (they hard-code 3x3, dilations 1-3);
 # written so that its `BaseConfig(**fields)` takes the section as it is.
 ORIGINAL_UNUSED = {"dilation_rates": [1, 3, 5], "ffn_kernel_sizes": [3, 5, 7]}
+
+
+def safetensors_metadata(f: BinaryIO) -> dict[str, str]:
+    """The metadata of the .safetensors file open in `f`, read from its header alone (the format: an
+    8-byte little-endian header length, then the JSON header): an export keeps its config there."""
+    return json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__") or {}
 
 
 def is_export_config(config: Any) -> bool:

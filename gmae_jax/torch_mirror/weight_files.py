@@ -18,6 +18,7 @@ from etils import epath
 
 from gmae_jax.data import class_folders
 from gmae_jax.schema import ConfigError
+from gmae_jax.torch_mirror import export_format
 
 # Prefixes wrappers give every key: torch's DataParallel and DistributedDataParallel ("module."),
 # torch.compile ("_orig_mod."), in either order.
@@ -105,8 +106,7 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     data = epath.Path(path).read_bytes()
     try:
         tensors = safetensors.torch.load(data)  # not .numpy: numpy has no bfloat16
-        # The format: an 8-byte little-endian header length, then the JSON header with the metadata.
-        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        metadata = export_format.safetensors_metadata(io.BytesIO(data))
     except Exception as error:  # any damage to the header or the data
         raise ConfigError(f"config.path={path} is not a readable .safetensors file: {error}") from None
     if "config" not in metadata:
