@@ -1,4 +1,5 @@
-"""Fine-tunes the pretrained encoder as a gesture classifier (all layers train; nothing is frozen).
+"""Fine-tunes the pretrained encoder as a gesture classifier (every layer trains, with layer-wise lr decay;
+--config.freeze_encoder=True trains the head alone: a linear probe).
 
   python -m gmae_jax.main --config=configs/finetune.py:model=small --workdir=/tmp/finetune \
       --config.data.root=data/finetune_dataset --config.init_from=/tmp/pretrain

@@ -3,8 +3,8 @@
   python -m gmae_jax.main --config=configs/predict.py --workdir=/tmp/predict \
       --config.checkpoint_dir=/tmp/finetune --config.inputs=photos/
 
-Writes predictions.csv, predictions.jsonl and skipped.csv (files that are not images or do not
-decode, with the reason). Classes come from CHECKPOINT_DIR/classes.json.
+Writes predictions.csv, predictions.jsonl, predictions.png (the first inputs as the classifier saw them,
+with their top class) and skipped.csv (files that are not images or do not decode, with the reason). Classes come from CHECKPOINT_DIR/classes.json.
 """
 
 import ml_collections

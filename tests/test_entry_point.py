@@ -50,8 +50,8 @@ def test_wrong_folder_layout_names_the_folder(tmp_path):
 
 @pytest.mark.slow
 def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_path):
-    result = run_main(
-        "--config=configs/demo.py", f"--workdir={tmp_path}",
+    result = run_main(  # the runlocal variant, smaller still
+        "--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
         "--config.dataset.pretrain_train_per_class=8", "--config.dataset.finetune_train_per_class=8",
         "--config.dataset.finetune_val_per_class=4", "--config.labels_per_class=3", "--config.pretrain.total_steps=4",
         "--config.finetune.total_steps=4", "--config.pretrain.batch_size=16", "--config.finetune.batch_size=16",
@@ -79,7 +79,7 @@ def test_demo_command_pretrains_then_prints_pretrained_and_scratch_accuracy(tmp_
 
     # Other images in the same workdir would be drawn under the finished runs, which would be reused.
     marker = (tmp_path / "data/finetune_dataset/.complete").read_text()
-    again = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.dataset.framing=scene",
+    again = run_main("--config=configs/demo.py:runlocal", f"--workdir={tmp_path}", "--config.dataset.framing=scene",
                      "--config.dataset.pretrain_train_per_class=8", "--config.dataset.finetune_train_per_class=8",
                      "--config.dataset.finetune_val_per_class=4", "--config.labels_per_class=3")
     assert again.returncode == 1 and "Traceback" not in again.stderr

@@ -258,6 +258,7 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path, cap
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["file"] for line in lines] == predicted
     assert {(line["run"], line["step"]) for line in lines} == {(workdir, 4)}  # the weights that predicted them
+    assert {(row["run"], row["step"]) for row in rows} == {(workdir, "4")}
     for line in lines:
         assert sorted(entry["class"] for entry in line["top_k"]) == sorted(CLASSES)
         probs = [entry["prob"] for entry in line["top_k"]]
@@ -635,7 +636,7 @@ def test_predictions_write_class_names_that_are_not_utf8(tmp_path):
     predict._write(tmp_path, [row], [], top_k=2, checkpoint={"run": "r", "step": 1})
     with open(tmp_path / "predictions.csv") as f:
         assert list(csv.reader(f))[1] == [str(tmp_path / "a.jpg"), "on\\xffe", "on\\xffe", "0.750000", "palm",
-                                          "0.250000"]
+                                          "0.250000", "r", "1"]
     assert json.loads((tmp_path / "predictions.jsonl").read_text())["top_k"][0]["class"] == "on\\xffe"
 
 

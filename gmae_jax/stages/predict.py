@@ -1,7 +1,8 @@
 """The predict stage: a fine-tuned classifier's top-k classes for images (configs/predict.py).
 
 Writes `predictions.csv` and `predictions.jsonl` (one row per input: file, annotated gesture if the
-input is a HaGRID tree, top-k classes with probabilities), `predictions.png` (the first inputs as
+input is a HaGRID tree or a folder named as a class, top-k classes with probabilities, the run and
+checkpoint step that predicted it), `predictions.png` (the first inputs as
 the classifier saw them, with their top class; framed green or red against an annotation) and
 `skipped.csv` (file, reason) for every file that is not an image or does not decode; none of these
 stops the run.
@@ -91,16 +92,18 @@ def _draw(sheet: list[tuple[np.ndarray, dict]], path: str) -> None:
 
 def _write(workdir: epath.Path, rows: list[dict], skipped: list[tuple[str, str]], top_k: int,
            checkpoint: dict[str, Any]) -> None:
-    """The three outputs, each written whole (a kill leaves the old file or the new one); each JSON line
-    also names the `checkpoint` (run folder and step) that predicted it."""
+    """The three outputs, each written whole (a kill leaves the old file or the new one); each row and JSON
+    line also names the `checkpoint` (run folder and step) that predicted it: a file alone says which."""
     workdir.mkdir(parents=True, exist_ok=True)
     # Class names are folder names too (a run trained on class folders).
     rows = [{**row, "file": _printable(row["file"]), "annotation": _printable(row["annotation"]),
              "top_k": [{**entry, "class": _printable(entry["class"])} for entry in row["top_k"]]} for row in rows]
     skipped = [(_printable(name), _printable(reason)) for name, reason in skipped]
-    header = ["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
+    header = (["file", "annotation"] + [f"{name}_{i}" for i in range(1, top_k + 1) for name in ("class", "prob")]
+              + ["run", "step"])
     table = [header] + [[row["file"], row["annotation"]] + [
-        value for entry in row["top_k"] for value in (entry["class"], f"{entry['prob']:.6f}")] for row in rows]
+        value for entry in row["top_k"] for value in (entry["class"], f"{entry['prob']:.6f}")]
+        + [_printable(str(checkpoint["run"])), str(checkpoint["step"])] for row in rows]
     run_files.write_text(workdir / "predictions.csv", _csv(table))
     run_files.write_text(workdir / "predictions.jsonl", "".join(json.dumps({**row, **checkpoint}) + "\n"
                                                                 for row in rows))
