@@ -4,7 +4,8 @@
       --config.checkpoint_dir=/tmp/finetune --config.inputs=photos/
 
 Writes predictions.csv, predictions.jsonl, predictions.png (the first inputs as the classifier saw them,
-with their top class) and skipped.csv (files that are not images or do not decode, with the reason). Classes come from CHECKPOINT_DIR/classes.json.
+with their top class) and skipped.csv (files that are not images or do not decode, with the reason).
+Classes come from CHECKPOINT_DIR/classes.json.
 """
 
 import ml_collections

@@ -78,11 +78,24 @@ def test_a_boolean_variant_that_is_neither_true_nor_false_is_an_error(typed):
         load("pretrain", typed)
 
 
-@pytest.mark.parametrize("stage", ["demo", "evaluate", "export", "predict", "prepare"])
+@pytest.mark.parametrize("stage", ["evaluate", "export", "predict", "prepare"])
 def test_a_variant_given_to_a_config_without_variants_is_an_error(stage):
     load(stage)
     with pytest.raises(config_lib.ConfigError, match="unknown config variant 'model'; this config file takes none"):
         load(stage, "model=small")
+
+
+def test_the_demos_runlocal_shrinks_data_model_and_steps_but_keeps_its_recipe():
+    demo, quick = load("demo"), load("demo", "runlocal")
+    assert quick.labels_per_class <= quick.dataset.finetune_train_per_class
+    assert quick.dataset.pretrain_train_per_class < demo.dataset.pretrain_train_per_class
+    for recipe in ("pretrain", "finetune"):
+        assert quick[recipe].model.preset == "micro" and quick[recipe].model.embed_dim == 32
+        assert quick[recipe].total_steps == 20 < demo[recipe].total_steps
+    assert quick.pretrain.model.mask_mode == demo.pretrain.model.mask_mode == "sparse"
+    assert quick.finetune.best_metric == "" and quick.pretrain.mask_ratio == demo.pretrain.mask_ratio
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config variant 'model'; known: \['runlocal'\]"):
+        load("demo", "model=small")
 
 
 def set_field(config, field: str, value) -> None:

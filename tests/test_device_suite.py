@@ -243,6 +243,32 @@ def test_with_grow_a_case_is_measured_again_at_the_largest_batch_that_fits(monke
     assert measured == [8, 64]
 
 
+def test_a_failed_case_is_a_row_and_the_next_case_still_runs(monkeypatch):
+    """Out of memory at the grown batch keeps the case's own row; an error without a message (a bare
+    MemoryError) is a row too, not the end of the loan's table. The grown batch is not halved back to the
+    case's own: that row is in the table already."""
+    tried = []
+
+    def fake_measure(case, mesh, num_steps, profile_steps=0):
+        tried.append((case.stage, case.batch_size))
+        if case.stage == "finetune":
+            raise MemoryError()
+        if case.batch_size > 8:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GB\nmore detail")
+        return {"batch": case.batch_size, "compile_s": 1.0, "img_per_s": 80.0, "step_ms": 100.0, "peak_gb": 1.0,
+                "flops_per_img": 1e9, "planned_gb": 1.0, "fits_batch": 16, "profile": None}
+
+    monkeypatch.setattr(device_suite, "measure", fake_measure)
+    cases = [Case("micro", "finetune", batch_size=8), Case("micro", "pretrain", batch_size=8, img_size=32)]
+    rows = [line for line in device_suite.run_suite(cases, budget_s=600, num_steps=1, grow=True)
+            if line.startswith("| micro")]
+    assert rows[0] == "| micro finetune bfloat16 | failed: MemoryError:  |"
+    assert rows[1].startswith("| micro pretrain bfloat16 encoder | 8 |")
+    assert rows[2] == ("| micro pretrain bfloat16 encoder | failed at batch 16: RuntimeError: RESOURCE_EXHAUSTED: "
+                       "Out of memory while trying to allocate 9 GB |")
+    assert tried == [("finetune", 8), ("pretrain", 8), ("pretrain", 16)]
+
+
 def test_a_peak_an_earlier_case_set_is_marked_as_a_bound():
     result = {"batch": 8, "compile_s": 1.0, "img_per_s": 10.0, "step_ms": 800.0, "peak_gb": 12.0,
               "flops_per_img": 1e9, "planned_gb": 3.0, "peak_is_earlier": True}

@@ -407,6 +407,14 @@ def test_a_link_beside_a_folder_lists_its_files_under_the_folders_own_name(tmp_p
     assert skipped == [(str(tmp_path / "a_link"), f"the same folder as {tmp_path / 'real'}, listed there")]
 
 
+def test_a_link_to_nothing_is_skipped_naming_where_it_points(tmp_path):
+    (tmp_path / "hand.jpg").write_bytes(b"")
+    os.symlink("moved/palm.jpg", tmp_path / "palm.jpg")
+    items, skipped = inputs.list_inputs(str(tmp_path))
+    assert [item.path for item in items] == [str(tmp_path / "hand.jpg")]
+    assert skipped == [(str(tmp_path / "palm.jpg"), "a link to moved/palm.jpg, which does not exist")]
+
+
 def test_predict_counts_decoding_threads_as_the_input_pipeline_counts_workers(monkeypatch):
     from gmae_jax import host_resources
     monkeypatch.setattr(host_resources, "usable_cores", lambda: 6)

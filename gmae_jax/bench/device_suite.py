@@ -246,13 +246,15 @@ def planned_peak_bytes(memory: Any) -> int:
             + memory.temp_size_in_bytes)
 
 
-def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
-    """`measure` at the case's batch, halving it while the device runs out of memory."""
+def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0,
+                    smallest: int = 0) -> dict[str, Any]:
+    """`measure` at the case's batch, halving it while the device runs out of memory, down to `smallest`
+    (at least a row per device)."""
     while True:
         try:
             return measure(case, mesh, num_steps, profile_steps)
         except Exception as error:  # XLA reports OOM as a runtime error of its own type
-            if not user_errors.is_out_of_memory(error) or case.batch_size <= mesh.size:
+            if not user_errors.is_out_of_memory(error) or case.batch_size // 2 < max(smallest, mesh.size):
                 raise
             case = dataclasses.replace(case, batch_size=case.batch_size // 2)
 
@@ -313,6 +315,12 @@ def format_row(case: Case, result: dict[str, float], device: jax.Device, num_dev
             f"{result['planned_gb']:.2f} | {result.get('fits_batch') or 'n/a'} |")
 
 
+def failed_row(case: Case, error: Exception, where: str = "") -> str:
+    """A case that failed, as a table row: the error's first line, so the loan's other rows stand."""
+    first_line = (str(error).splitlines() or [""])[0][:120]
+    return f"| {case.name} | failed{where}: {type(error).__name__}: {first_line} |"
+
+
 def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
               profile_steps: int = 3, grow: bool = False) -> Iterator[str]:
     """Yields the table line by line (header first), the first case that ran followed by its profile
@@ -337,17 +345,18 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
         try:
             result = measure_fitting(case, mesh, num_steps, 0 if profiled else profile_steps)
         except Exception as error:  # one broken case must not cost the rest of the loan
-            yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:120]} |"
+            yield failed_row(case, error)
             continue
         yield format_row(case, result, device, mesh.size)
         larger = grown_batch(result["batch"], result.get("fits_batch")) if grow else None
         if larger and time.perf_counter() - started <= budget_s:
             grown = dataclasses.replace(case, batch_size=larger)
             try:
-                yield format_row(grown, measure_fitting(grown, mesh, num_steps), device, mesh.size)
+                # Halving stops above the case's own batch: that row is already in the table.
+                grown_result = measure_fitting(grown, mesh, num_steps, smallest=2 * result["batch"])
+                yield format_row(grown, grown_result, device, mesh.size)
             except Exception as error:  # the row at the case's own batch stands
-                yield f"| {case.name} | failed at batch {larger}: {type(error).__name__}: " \
-                      f"{str(error).splitlines()[0][:120]} |"
+                yield failed_row(case, error, f" at batch {larger}")
         if result["profile"] is not None:
             profiled = True
             yield pytorch_line(case, result["batch"], result["img_per_s"], num_steps)

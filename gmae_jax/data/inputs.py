@@ -116,6 +116,8 @@ def list_inputs(path: str, classes: Sequence[str] = ()) -> tuple[list[Input], li
             skipped.append((str(file), "hidden file"))
         elif file.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((str(file), f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+        elif not file.exists() and os.path.islink(file):  # decoding it would only say "no such file"
+            skipped.append((str(file), f"a link to {os.readlink(file)}, which does not exist"))
         elif file.exists() and not is_regular_file(file):
             skipped.append((str(file), "not a regular file"))
         else:
