@@ -215,6 +215,35 @@ def test_image_without_annotation_is_skipped_and_named(tmp_path):
     assert str(path) not in {r.path for r in records}
 
 
+def test_images_of_a_missing_annotation_file_are_unannotated_naming_that_file(tmp_path):
+    """'unannotated 12 (like 12)' alone sends a user looking at the images, not at the absent JSON."""
+    _v2(tmp_path, num_users=3)  # user 0 in train, 1 in val, 2 in test
+    missing = tmp_path / "hagrid_annotations" / "train" / "like.json"
+    missing.unlink()
+    records, report = hagrid.read_hagrid_v2(tmp_path)
+    names = report.skipped[read_report.UNANNOTATED]
+    assert len(names) == 2 and all("/like/" in name for name in names)
+    assert report.described(read_report.UNANNOTATED, names[:1]) == [f"{names[0]}: {missing} does not exist"]
+    with pytest.raises(DataLayoutError, match=rf"\(e\.g\. unannotated: .*like.*: {re.escape(str(missing))} does not "
+                       r"exist"):
+        report.check_dropped(0.0, str(tmp_path))
+
+
+def test_gestures_left_out_of_a_written_class_list_are_a_choice_not_a_loss(tmp_path, caplog):
+    """Half the tree's folders left out on purpose (and counted over every split, where the kept images
+    are those of the splits read) stopped the run as 'dropped'."""
+    _v2(tmp_path, classes=("call", "like", "peace", "palm"), num_users=3)
+    chosen = "call,like,no_gesture"
+    _, report = hagrid.read_hagrid_v2(tmp_path, ["train", "val"], class_names=chosen.split(","))
+    with pytest.raises(DataLayoutError, match=r"unknown_class 12 \(.*\) \(e\.g\. unknown_class: "):
+        report.check_dropped(0.05, str(tmp_path))  # the official list's reading: other folders are a loss
+    with caplog.at_level("WARNING"):
+        report.check_dropped(0.05, str(tmp_path), chosen_classes=hagrid_layout.is_class_list(chosen))
+    assert re.search(r"12 images of gestures outside config.data.classes are left out \(unknown_class: "
+                     r"\{'palm': 6, 'peace': 6\}\)", caplog.text)
+    assert not hagrid_layout.is_class_list("hagrid") and not hagrid_layout.is_class_list("present")
+
+
 def test_truncated_jpeg_is_kept_by_the_reader_and_its_decode_names_the_file(tmp_path):
     tree = _v2(tmp_path, num_users=1, images_per_user=1)
     path = fx.inject_truncated_jpeg(tree, "train", "like")

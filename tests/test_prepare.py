@@ -434,7 +434,8 @@ def test_images_repaired_after_a_refused_prepare_are_checked_again(tmp_path):
     bad = fx.inject_truncated_jpeg(tree, "train", "like")
     out, config = tmp_path / "out", prepare_config(tree.root)
     config.data.max_dropped_fraction = 0.0
-    with pytest.raises(class_folders.DataLayoutError, match="undecodable 1"):
+    with pytest.raises(class_folders.DataLayoutError, match=rf"undecodable 1 \(like 1\) \(e\.g\. undecodable: "
+                       rf"{re.escape(str(bad))}: "):  # the file to fix, not a count alone
         prepare.prepare(config, str(out))
 
     fx.write_image(bad)  # what the error asks for: fix the data, rerun the same command
@@ -526,7 +527,8 @@ def test_finetuning_on_a_prepared_corpus_refuses_classes_without_images_naming_t
     absent = len(index["class_names"]) - len(CLASSES)
     with pytest.raises(config_lib.ConfigError, match=rf"holds no image of {absent} of the {len(index['class_names'])} "
                        r"classes \(dislike, fist, four, mute, ok, \.\.\.\), which the classifier could never learn: "
-                       r"prepare the corpus again with --config.data.classes=present"):
+                       rf"prepare the corpus again with --config.data.classes={','.join(CLASSES)} \(the "
+                       r"classes with images here\)"):
         finetune_stage.open_data(config)
 
 
@@ -607,3 +609,25 @@ def test_num_workers_minus_1_starts_a_worker_per_core_the_process_may_use(tmp_pa
     # The input pipeline's meaning of 0, as in config.data.num_workers: no worker processes.
     assert host_resources.pool_size(0) == 1 and host_resources.pool_size(3) == 3
 
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_hagrids_official_test_split_stays_out_of_the_corpora_unless_asked(tmp_path, version, caplog):
+    """Its people trained on, a score on HaGRID's test split would not be comparable with published ones."""
+    classes = [name for name in CLASSES if name in (hagrid_layout.HAGRID_V2_CLASSES if version == "v2"
+                                                    else hagrid_layout.HAGRID_V1_CLASSES)]
+    tree = fx.make_tree(tmp_path / "hagrid", version, classes=classes, num_users=36, images_per_user=1)
+    splits_of = ("train", "val", "test") if version == "v2" else ("ann_train_val", "ann_test")  # user k: k % len
+    test_users = {f"user{k:03d}" for k in range(36) if splits_of[k % len(splits_of)].endswith("test")}
+    config = prepare_config(tree.root, num_workers=0, splits={"train": 0.8, "val": 0.2})  # v1: 18 people left
+    with caplog.at_level("INFO"):
+        manifest = prepare.prepare(config, str(tmp_path / "out"))
+    assert "(HaGRID's official test split) is kept out of the corpora" in caplog.text
+    kept = sum(sum(counts.values()) for counts in manifest["counts"].values())
+    assert kept == (36 - len(test_users)) * len(classes)
+    stored = [r for rs in _read_back(tmp_path / "out").values() for r in rs]
+    assert len(stored) == kept and not {r.user_id for r in stored} & test_users
+
+    config.include_official_test = True
+    manifest = prepare.prepare(config, str(tmp_path / "with_test"))
+    assert sum(sum(counts.values()) for counts in manifest["counts"].values()) == 36 * len(classes)

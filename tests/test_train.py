@@ -835,8 +835,18 @@ def test_finetune_refuses_classes_without_a_training_image(tmp_path):
     config = stage_config("finetune", str(tree.root), num_classes=4)
     config.data.update(classes="call,like,peace,rock", mode="full_frame")
     with pytest.raises(config_lib.ConfigError, match=r"holds no image of 1 of the 4 classes \(rock\), which the "
-                                                     r"classifier could never learn: --config.data.classes=present"):
+                                                     r"classifier could never learn: --config.data.classes=present "
+                                                     r"trains on the classes found, or name those with images: "
+                                                     r"--config.data.classes=call,like,peace$"):
         finetune_stage.open_data(config)
     config.update(num_classes=3)
     config.data.classes = "present"
     assert finetune_stage.open_data(config).class_names == ["call", "like", "peace"]
+    # A class folder whose images no annotation file lists: 'present' finds the class, not its images.
+    (tree.root / "hagrid_dataset" / "rock").mkdir()
+    shutil.copy(next((tree.root / "hagrid_dataset" / "call").iterdir()), tree.root / "hagrid_dataset" / "rock")
+    config.update(num_classes=4)
+    config.data.update(classes="present", max_dropped_fraction=1.0)
+    with pytest.raises(config_lib.ConfigError, match=r"\(rock\), which the classifier could never learn: name the "
+                                                     r"classes with images, --config.data.classes=call,like,peace "):
+        finetune_stage.open_data(config)

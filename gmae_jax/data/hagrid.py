@@ -228,8 +228,13 @@ def _read(
                 args = (image_id, images[key], class_folder, split, class_names, report)
                 if record := _make_record(entry, *args):
                     records.append(record)
+    lacking: dict[str, str] = {}  # class -> the annotation files it lacks: a count alone would not say why
     for key in sorted(images.keys() - annotated):
-        report.drop(UNANNOTATED, str(images[key]), key[0])
+        if key[0] not in lacking:
+            absent = [str(folder / f"{key[0]}.json") for folder in annotation_dirs
+                      if not (folder / f"{key[0]}.json").is_file()]
+            lacking[key[0]] = f"{' and '.join(absent)} {'does' if len(absent) == 1 else 'do'} not exist" if absent else ""
+        report.drop(UNANNOTATED, str(images[key]), key[0], detail=lacking[key[0]])
     report.num_records = len(records)
     return records, report
 

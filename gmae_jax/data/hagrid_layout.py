@@ -100,6 +100,12 @@ def resolve_classes(classes: str | Sequence[str], layout: str, root: epath.PathL
     return parse_class_list(classes)
 
 
+def is_class_list(classes: str | Sequence[str]) -> bool:
+    """Whether `config.data.classes` names the classes itself (not 'hagrid' or 'present'): then the
+    gestures it leaves out are the user's choice, not images lost."""
+    return not (isinstance(classes, str) and classes in (OFFICIAL, PRESENT))
+
+
 def in_label_order(names: Iterable[str]) -> list[str]:
     """Class names as 'present' orders them: sorted, no_gesture last as in HaGRID's lists."""
     return sorted(sorted(names), key=lambda name: name == NO_GESTURE)

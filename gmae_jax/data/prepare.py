@@ -6,6 +6,7 @@
 Writes `<workdir>/{pretrain,finetune}/<split>/*.array_record` with an `index.json` per corpus
 (what `config.data.layout='prepared'` reads), `<workdir>/manifest.json` (counts per class and
 split, the class list, every skipped file and why) and optionally the original's class folders.
+HaGRID's official test split stays out of the corpora (config.include_official_test).
 Every step that decodes runs on all cores; a killed run resumes without redoing finished
 shards (each is written under a temporary name and renamed when complete) or the checks of
 images unchanged since (same size and modification time).
@@ -138,10 +139,18 @@ def _refuse_own_output(root: epath.Path) -> None:
                           f"HaGRID tree they were prepared from{source}.")
 
 
+def _official_test(root: str, layout: str) -> str | None:
+    """The annotation folder of HaGRID's official test split in `root`, if it has one."""
+    folder = epath.Path(root) / ("hagrid_annotations/test" if layout == "hagrid_v2" else "ann_test")
+    return str(folder) if folder.is_dir() else None
+
+
 def _read(
-    root: str, layout: str, classes: str,
+    root: str, layout: str, classes: str, official_test: bool = False,
 ) -> tuple[list[hagrid.HagridRecord], list[str], read_report.ReadReport]:
-    """The labelled records of the whole tree, the class list (per config.data.classes), the report."""
+    """The labelled records of the tree, the class list (per config.data.classes), the report. HaGRID's
+    official test split is left out unless `official_test`: its people must not be trained on, so that
+    runs prepared here can be scored on it like published results."""
     _refuse_own_output(epath.Path(root))
     layout = sources.detect_layout(root) if layout == "auto" else layout  # hints at a root one level off
     if layout == "tfds":
@@ -151,11 +160,23 @@ def _read(
         raise DataLayoutError(f"{root} is laid out as {layout}; the prepare stage splits by person "
                               "and needs HaGRID v1 or v2 annotations (user_id).")
     class_names = hagrid_layout.resolve_classes(classes, layout, root)
+    test_folder = _official_test(root, layout)
+    if test_folder and not official_test:
+        logging.info("%s (HaGRID's official test split) is kept out of the corpora, so that runs prepared here can "
+                     "be scored on it: configs/evaluate.py --config.data_root=%s --config.split=test "
+                     "(--config.include_official_test=True prepares it too)", test_folder, root)
     if layout == "hagrid_v2":
-        recs, report = hagrid.read_hagrid_v2(root, class_names=class_names)
+        ann_root = epath.Path(root) / "hagrid_annotations"
+        splits_read = None if official_test else [s for s in hagrid_layout.V2_SPLITS
+                                                  if s != "test" and (ann_root / s).is_dir()]
+        if splits_read == []:
+            raise DataLayoutError(f"{ann_root} annotates HaGRID's official test split only, which the prepare stage "
+                                  "keeps out of the corpora; add the train / val annotations, or prepare the test "
+                                  "split with --config.include_official_test=True")
+        recs, report = hagrid.read_hagrid_v2(root, splits_read, class_names=class_names)
     else:
         recs, report = hagrid.read_hagrid_v1(root, hagrid_layout.v1_train_val_set(root), class_names=class_names)
-        if (epath.Path(root) / "ann_test").is_dir():
+        if test_folder and official_test:
             test, test_report = hagrid.read_hagrid_v1(root, "ann_test", class_names=class_names)
             recs += test
             report.merge(test_report)
@@ -209,6 +230,7 @@ def _checked(records_: list[hagrid.HagridRecord], workdir: epath.Path, num_worke
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that decide what the shards hold (not how many workers write them)."""
     flat = {"seed": config.seed, "records_per_shard": config.records_per_shard,
+            "include_official_test": config.include_official_test,
             **{f"data.{k}": v for k, v in config.data.to_dict().items()},
             **{f"corpora.{k}": v for k, v in config.corpora.to_dict().items()},
             **{f"splits.{k}": v for k, v in config.splits.to_dict().items()},
@@ -255,7 +277,8 @@ def _split(recs: list, config: ml_collections.ConfigDict) -> dict[tuple[str, str
         raise DataLayoutError(
             f"{', '.join(empty)} would hold no images: the {users} people of {config.data.root} are too few for "
             f"config.corpora={dict(config.corpora)} and config.splits={dict(config.splits)} (every person stays "
-            "on one side); add images of more people, or give each side a larger fraction")
+            "on one side); add images of more people, or give each side a larger fraction, e.g. "
+            "--config.splits=\"{'train': 0.8, 'val': 0.2}\"")
     splits.assert_user_disjoint({f"{c}/{s}": rs for (c, s), rs in parts.items()})
     return parts
 
@@ -267,15 +290,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     store = StoreView(config.view, config.image_side, config.crop_size, config.crop_scale_max,
                       config.jpeg_quality)
     root, max_dropped = str(config.data.root), config.data.max_dropped_fraction
-    recs, class_names, report = _read(root, config.data.layout, config.data.classes)
-    report.check_dropped(max_dropped, root)  # before hours of decoding, and before writing anything
+    recs, class_names, report = _read(root, config.data.layout, config.data.classes, config.include_official_test)
+    chosen = hagrid_layout.is_class_list(config.data.classes)
+    report.check_dropped(max_dropped, root, chosen_classes=chosen)  # before hours of decoding and any writing
     present = {record_filters.gesture_name(r) for r in recs}
     absent = [name for name in class_names if name not in present]
     if absent:
+        # `present` counts every class folder, annotated or not: then only the list itself is a way out.
+        way_out = (f"--config.data.classes={','.join(n for n in class_names if n not in absent)} prepares the "
+                   "classes with images" if config.data.classes == hagrid_layout.PRESENT else
+                   "--config.data.classes=present prepares the classes found")
         logging.warning("%d of the %d classes (config.data.classes=%s) have no image in %s: %s%s. A classifier "
-                        "fine-tuned on these corpora could never learn them (fine-tuning refuses them); "
-                        "--config.data.classes=present prepares the classes found", len(absent), len(class_names),
-                        config.data.classes, root, ", ".join(absent[:5]), ", ..." if len(absent) > 5 else "")
+                        "fine-tuned on these corpora could never learn them (fine-tuning refuses them); %s",
+                        len(absent), len(class_names), config.data.classes, root, ", ".join(absent[:5]),
+                        ", ..." if len(absent) > 5 else "", way_out)
     out.mkdir(parents=True, exist_ok=True)
 
     checked = _checked(recs, out, num_workers)
@@ -291,7 +319,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         else:
             report.drop("duplicate", r.path, r.class_folder, detail=f"same bytes as {original}")
     report.num_records = len(kept)
-    report.check_dropped(max_dropped, root)
+    report.check_dropped(max_dropped, root, chosen_classes=chosen)
     skipped = report.skipped
 
     parts = _split(kept, config)
@@ -344,7 +372,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 manifest["counts"][f"{corpus}/{split}"] = per_class
         run_files.write_text(out / corpus / sources.INDEX_FILE, json.dumps(index, indent=1))
     run_files.write_text(out / _MANIFEST, json.dumps(manifest, indent=1))
-    logging.info("prepared %s: %s; skipped %s", out,
+    logging.info("prepared %s: %s; skipped %s%s", out,
                  {k: sum(v.values()) for k, v in manifest["counts"].items()},
-                 {k: len(v) for k, v in manifest["skipped"].items()})
+                 {k: len(v) for k, v in manifest["skipped"].items()},
+                 f" (each file and why: {out / _MANIFEST}, 'skipped')" if manifest["skipped"] else "")
     return manifest

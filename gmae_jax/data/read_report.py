@@ -2,7 +2,7 @@
 drop loses per class, the log lines, and the budget check that stops a run losing too many."""
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 import dataclasses
 
 from absl import logging
@@ -88,10 +88,19 @@ class ReadReport:
                 result[reason] = per_class
         return dict(sorted(result.items(), key=lambda item: -sum(item[1].values())))
 
-    def describe_dropped(self, max_classes: int = 5) -> str:
-        """'unknown_class 1251 (wave 180, ...), unannotated 3 (call 3)': images per reason and class."""
+    def examples(self, reasons: Iterable[str], per_reason: int = 2) -> str:
+        """The first files dropped for each of `reasons`, with what was wrong where known: a count alone
+        does not say which file to fix."""
+        return "; ".join(f"{reason}: {', '.join(self.described(reason, sorted(self.dropped[reason])[:per_reason]))}"
+                         for reason in reasons)
+
+    def describe_dropped(self, leave_out: Iterable[str] = (), max_classes: int = 5) -> str:
+        """'unknown_class 1251 (wave 180, ...), unannotated 3 (call 3)': images per reason and class
+        (but `leave_out`'s)."""
         parts = []
         for reason, per_class in self.dropped_images().items():
+            if reason in leave_out:
+                continue
             shown = ", ".join(f"{name} {n}" for name, n in per_class.most_common(max_classes))
             more = f", +{len(per_class) - max_classes} more classes" if len(per_class) > max_classes else ""
             parts.append(f"{reason} {sum(per_class.values())} ({shown}{more})")
@@ -106,15 +115,20 @@ class ReadReport:
         if self.dropped_images():
             logging.warning("%s: images dropped per reason (class counts): %s", source, self.describe_dropped())
 
-    def check_dropped(self, max_fraction: float, source: str, run_classes: Sequence[str] = ()) -> None:
+    def check_dropped(self, max_fraction: float, source: str, run_classes: Sequence[str] = (),
+                      chosen_classes: bool = False) -> None:
         """Stops (DataLayoutError, one line) when more than `max_fraction` of the images would be lost.
         Read for a trained run (`run_classes`, evaluate), images of other gestures are not lost but not
-        the run's to score: left out, counted in one line."""
+        the run's to score: left out, counted in one line. So are those of gestures left out of a class
+        list the user wrote (`chosen_classes`): a choice, not a loss (and an image folder of another
+        gesture counts the images of every split, the kept ones only those of the splits read)."""
         dropped = self.dropped_images()
-        others = {r: dropped.pop(r) for r in (UNKNOWN_CLASS, UNKNOWN_LABEL) if run_classes and r in dropped}
+        others = {r: dropped.pop(r) for r in (UNKNOWN_CLASS, UNKNOWN_LABEL)
+                  if (run_classes or chosen_classes) and r in dropped}
         if others:
-            logging.warning("%s: %d images of gestures the run was not trained on are left out (%s)", source,
-                            sum(sum(c.values()) for c in others.values()),
+            whose = "the run was not trained on" if run_classes else "outside config.data.classes"
+            logging.warning("%s: %d images of gestures %s are left out (%s)", source,
+                            sum(sum(c.values()) for c in others.values()), whose,
                             "; ".join(f"{r}: {dict(c)}" for r, c in others.items()))
         lost = sum(sum(c.values()) for c in dropped.values())
         total = lost + self.num_records
@@ -129,4 +143,5 @@ class ReadReport:
                        "fix the data, or raise --config.data.max_dropped_fraction to accept the loss")
         raise DataLayoutError(
             f"{lost} of {total} images ({100 * lost / total:.1f}%) of {source} would be dropped, more than "
-            f"config.data.max_dropped_fraction={max_fraction}: {self.describe_dropped()}; {way_out}.")
+            f"config.data.max_dropped_fraction={max_fraction}: {self.describe_dropped(set(others))} "
+            f"(e.g. {self.examples(list(dropped)[:3])}); {way_out}.")

@@ -175,7 +175,8 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
                               f"{_pick_another_split(data, split, error.present)}.") from None
     logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
                  report.describe_dropped())
-    report.check_dropped(data.max_dropped_fraction, root, run_classes=list(class_names or ()))
+    report.check_dropped(data.max_dropped_fraction, root, run_classes=list(class_names or ()),
+                         chosen_classes=hagrid_layout.is_class_list(data.classes))
     by_split = hagrid_splits(recs, layout, wanted, data)
     try:
         splits.assert_user_disjoint(by_split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 
 import ml_collections
@@ -60,7 +61,8 @@ def open_data(config: ml_collections.ConfigDict) -> sources.Splits:
         raise config_lib.ConfigError(
             f"the training split in {config.data.root} holds no image of {len(empty)} of the "
             f"{len(data.class_names)} classes ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}), which "
-            f"the classifier could never learn: {_only_the_classes_found(data.train.prepared)}")
+            f"the classifier could never learn: "
+            f"{_only_the_classes_found(data.train.prepared, data_config.classes, data.class_names, empty)}")
     finetune = schema.read_flat(schema.FinetuneConfig, config)
     train = subsets.class_balanced_subset(data.train, data.class_names, finetune.labels_per_class,
                                           finetune.subset_seed)
@@ -93,9 +95,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return trainer.train(config, workdir, open_data(config))
 
 
-def _only_the_classes_found(prepared: bool) -> str:
+def _only_the_classes_found(prepared: bool, classes: str, names: Sequence[str], empty: Sequence[str]) -> str:
+    """The flag that trains on the classes with images, spelled out: `present` alone would loop where a
+    class folder holds images that no annotation file lists (its class is found, its images are not)."""
+    listed = f"--config.data.classes={','.join(name for name in names if name not in empty)}"
     if prepared:  # the prepare stage fixed the corpus's classes
-        return ("prepare the corpus again with --config.data.classes=present (the classes found) or "
-                "--config.data.classes=a,b,...")
-    return ("--config.data.classes=present trains on the classes found, or name the classes "
-            "(--config.data.classes=a,b,...)")
+        return f"prepare the corpus again with {listed} (the classes with images here)"
+    if classes == hagrid_layout.PRESENT:
+        return f"name the classes with images, {listed} (present counts every class folder, annotated or not)"
+    return f"--config.data.classes=present trains on the classes found, or name those with images: {listed}"
