@@ -407,6 +407,27 @@ def test_a_link_beside_a_folder_lists_its_files_under_the_folders_own_name(tmp_p
     assert skipped == [(str(tmp_path / "a_link"), f"the same folder as {tmp_path / 'real'}, listed there")]
 
 
+@pytest.mark.parametrize("where", ["images", "class", "above"])
+def test_a_folder_one_level_off_a_hagrid_tree_is_read_with_a_warning_naming_the_tree(tmp_path, where, caplog):
+    """Read as a plain folder, a hand-crop run's inputs were all centre-cropped without a word."""
+    import hagrid_fixtures as fx
+    tree = fx.make_tree(tmp_path / "hagrid", "v2", classes=("call", "like"), num_users=2, images_per_user=1)
+    inputs_path = {"images": tree.root / "hagrid_dataset", "class": tree.root / "hagrid_dataset" / "call",
+                   "above": tmp_path}[where]
+    with caplog.at_level("WARNING"):
+        items, _ = inputs.list_inputs(str(inputs_path), ["call", "like"])
+    assert items and all(item.box is None for item in items)
+    assert (f"config.inputs={inputs_path} is {'one level above' if where == 'above' else 'in'} the HaGRID tree "
+            f"{tree.root}; read as a plain folder") in caplog.text
+    assert f"--config.inputs={tree.root} reads them with theirs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        call = tree.root / "hagrid_dataset" / "call"
+        inputs.list_inputs(str(call / os.listdir(call)[0]))
+        inputs.list_inputs(str(tree.root))
+    assert "HaGRID tree" not in caplog.text  # one image, or the tree itself
+
+
 def test_a_link_to_nothing_is_skipped_naming_where_it_points(tmp_path):
     (tmp_path / "hand.jpg").write_bytes(b"")
     os.symlink("moved/palm.jpg", tmp_path / "palm.jpg")

@@ -233,7 +233,8 @@ def _read(
         if key[0] not in lacking:
             absent = [str(folder / f"{key[0]}.json") for folder in annotation_dirs
                       if not (folder / f"{key[0]}.json").is_file()]
-            lacking[key[0]] = f"{' and '.join(absent)} {'does' if len(absent) == 1 else 'do'} not exist" if absent else ""
+            verb = "does" if len(absent) == 1 else "do"
+            lacking[key[0]] = f"{' and '.join(absent)} {verb} not exist" if absent else ""
         report.drop(UNANNOTATED, str(images[key]), key[0], detail=lacking[key[0]])
     report.num_records = len(records)
     return records, report
