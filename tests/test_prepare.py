@@ -367,8 +367,8 @@ def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
         prepare.prepare(prepare_config(tmp_path / "hagrid", seed=7), str(tmp_path / "out"))
     fx.write_image(tmp_path / "hagrid" / "hagrid_dataset" / "call" / "call-000-0.jpg", seed=3)
     (tmp_path / "hagrid" / "hagrid_dataset" / "call" / "call-001-0.jpg").unlink()  # one image fewer
-    with pytest.raises(class_folders.DataLayoutError, match=r"\(the same settings, but the images or annotations"
-                       r".* rewrite them here with --config.rebuild=True"):
+    with pytest.raises(class_folders.DataLayoutError, match=r"\(the same settings, but the images or annotations "
+                       r"changed since\); rewrite them here with --config.rebuild=True"):  # its settings: these
         prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
 
 

@@ -250,10 +250,12 @@ def _check_same_plan(saved: dict[str, Any], plan: str, settings: dict[str, Any],
     else:
         changed = [f"{name}: {old.get(name)!r} -> {settings.get(name)!r}"
                    for name in sorted(set(old) | set(settings)) if old.get(name) != settings.get(name)]
-        what = "; ".join(changed) if changed else "the same settings, but the images or annotations changed"
+        what = "; ".join(changed) if changed else "the same settings, but the images or annotations changed since"
     if not rebuild:
-        raise DataLayoutError(f"{out} holds shards of a different preparation ({what}); rerun with its settings, "
-                              "rewrite them here with --config.rebuild=True (the decode checks are kept), or use "
+        # Where only the data changed, its old settings would not bring back the old shards.
+        same_settings = "" if old is not None and not changed else "rerun with its settings, "
+        raise DataLayoutError(f"{out} holds shards of a different preparation ({what}); {same_settings}rewrite them "
+                              "here with --config.rebuild=True (the decode checks are kept), or use "
                               "an empty --workdir (the decode checks in checked.jsonl can be copied there)")
     logging.warning("%s holds shards of a different preparation (%s): removing them to prepare anew "
                     "(config.rebuild=True; the decode checks are kept)", out, what)

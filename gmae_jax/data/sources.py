@@ -173,8 +173,8 @@ def _hagrid(data: DataConfig, layout: str, wanted: Sequence[str],
         split = next(s for s in wanted if s in error.missing)
         raise DataLayoutError(f"{error.ann_root} has no {split}/ annotation folder; add it, or "
                               f"{_pick_another_split(data, split, error.present)}.") from None
-    logging.info("%s: %d images kept in %d classes; dropped: %s", root, report.num_records, len(names),
-                 report.describe_dropped())
+    logging.info("%s: %d images kept, of %d of the %d classes; dropped: %s", root, report.num_records,
+                 len({record_filters.gesture_name(r) for r in recs}), len(names), report.describe_dropped())
     report.check_dropped(data.max_dropped_fraction, root, run_classes=list(class_names or ()),
                          chosen_classes=hagrid_layout.is_class_list(data.classes))
     by_split = hagrid_splits(recs, layout, wanted, data)

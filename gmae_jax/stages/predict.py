@@ -180,11 +180,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     if not rows:
         raise config_lib.ConfigError(f"none of the {len(items)} image file(s) in config.inputs={config.inputs} could "
                                      f"be read; {workdir}/skipped.csv says why for each")
-    annotated = [row for row in rows if row["annotation"]]
+    # Inputs annotated with a gesture the run does not know cannot agree: counted apart.
+    annotated = [row for row in rows if row["annotation"] in names]
+    unknown = sum(bool(row["annotation"]) and row["annotation"] not in names for row in rows)
     agree = sum(row["top_k"][0]["class"] == row["annotation"] for row in annotated)
-    logging.info("[predict] %d file(s) predicted with %s step %d%s%s; wrote %s", len(rows), restored.workdir,
+    logging.info("[predict] %d file(s) predicted with %s step %d%s%s%s; wrote %s", len(rows), restored.workdir,
                  restored.step,
                  f"; the top class is the annotated one for {agree} of {len(annotated)}" if annotated else "",
+                 f" ({unknown} annotated with gestures the run was not trained on)" if unknown else "",
                  f"; {len(skipped)} skipped ({workdir}/skipped.csv says why)" if skipped else "",
                  ", ".join(f"{workdir}/{name}" for name in ("predictions.csv", "predictions.jsonl", "predictions.png")))
     return {"predicted": len(rows), "skipped": len(skipped)}
