@@ -631,3 +631,14 @@ def test_hagrids_official_test_split_stays_out_of_the_corpora_unless_asked(tmp_p
     config.include_official_test = True
     manifest = prepare.prepare(config, str(tmp_path / "with_test"))
     assert sum(sum(counts.values()) for counts in manifest["counts"].values()) == 36 * len(classes)
+
+
+def test_a_duplicate_annotated_as_another_gesture_names_both_labels(tmp_path):
+    """The same photo under two gestures: one annotation is wrong, and the drop must say so."""
+    tree = _tree(tmp_path / "hagrid")
+    original = tree.image_path("call", "call-000-0")
+    copy = tree.add("train", "like", "zz-copy", fx.entry(["like"], user_id="user000"))
+    copy.write_bytes(original.read_bytes())
+    manifest = prepare.prepare(prepare_config(tree.root, num_workers=0), str(tmp_path / "out"))
+    assert manifest["skipped"]["duplicate"] == [f"{copy}: same bytes as {original}; annotated ['call'] there and "
+                                                "['like'] here"]

@@ -309,17 +309,19 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     checked = _checked(recs, out, num_workers)
-    first_of: dict[str, str] = {}
+    first_of: dict[str, hagrid.HagridRecord] = {}
     kept = []
     for r in sorted(recs, key=lambda r: r.path):
         if checked[r.path][1]:
             report.drop("undecodable", r.path, r.class_folder, detail=checked[r.path][1])
             continue
-        original = first_of.setdefault(checked[r.path][0], r.path)
-        if original == r.path:
+        original = first_of.setdefault(checked[r.path][0], r)
+        if original is r:
             kept.append(r)
-        else:
-            report.drop("duplicate", r.path, r.class_folder, detail=f"same bytes as {original}")
+        else:  # one image annotated twice with other gestures: one of them is wrong, and it is not ours to say
+            conflict = (f"; annotated {list(original.labels)} there and {list(r.labels)} here"
+                        if original.labels != r.labels else "")
+            report.drop("duplicate", r.path, r.class_folder, detail=f"same bytes as {original.path}{conflict}")
     report.num_records = len(kept)
     report.check_dropped(max_dropped, root, chosen_classes=chosen)
     skipped = report.skipped
