@@ -44,14 +44,14 @@ def test_present_reads_every_image_of_a_custom_tree(custom_root):
 
 
 def test_default_refuses_a_custom_tree_with_the_images_lost_per_reason_and_class(custom_root):
-    # train + val keep 12 HaGRID-named images; the two unknown folders hold 6 images each.
+    # train + val keep 12 HaGRID-named images; the two unknown folders hold 6 images each, 4 in train + val.
     with pytest.raises(DataLayoutError) as error:
         sources.open_sources(_data(custom_root))
 
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"12 of 24 images (50.0%) of {custom_root} would be dropped")
-    assert "unknown_class 12 (" in message and "point_left 6" in message and "wave 6" in message
+    assert message.startswith(f"8 of 20 images (40.0%) of {custom_root} would be dropped")
+    assert "unknown_class 8 (" in message and "point_left 4" in message and "wave 4" in message
     assert "--config.data.classes=present" in message
 
 
@@ -157,7 +157,7 @@ def test_the_entry_point_refuses_a_custom_tree_in_one_line(custom_root, tmp_path
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 12 of 24 images (50.0%)") and "--config.data.classes=present" in last
+    assert last.startswith("error: 8 of 20 images (40.0%)") and "--config.data.classes=present" in last
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -172,5 +172,5 @@ def test_a_run_evaluated_on_a_tree_with_other_gestures_scores_its_own(custom_roo
     evaluate stage does not have (data.classes, data.max_dropped_fraction)."""
     val = sources.open_split(_data(custom_root), "val", ["call", "like"])
     assert len(val) == 4 and {r.class_folder for r in val.records} == {"call", "like"}
-    assert f"{custom_root}: 18 images of gestures the run was not trained on are left out (unknown_class:" \
+    assert f"{custom_root}: 6 images of gestures the run was not trained on are left out (unknown_class:" \
         in caplog.text

@@ -228,6 +228,7 @@ def _read(
                 args = (image_id, images[key], class_folder, split, class_names, report)
                 if record := _make_record(entry, *args):
                     records.append(record)
+    _count_unknown_classes_of_splits_read(annotation_dirs, report)
     lacking: dict[str, str] = {}  # class -> the annotation files it lacks: a count alone would not say why
     for key in sorted(images.keys() - annotated):
         if key[0] not in lacking:
@@ -238,6 +239,22 @@ def _read(
         report.drop(UNANNOTATED, str(images[key]), key[0], detail=lacking[key[0]])
     report.num_records = len(records)
     return records, report
+
+
+def _count_unknown_classes_of_splits_read(annotation_dirs: dict[epath.Path, str | None], report: ReadReport) -> None:
+    """An image folder of a gesture outside the class list counts all its images as dropped, where the
+    kept images are those of the splits read: those its annotation files give to splits not read are
+    taken off, so that the dropped fraction compares like with like."""
+    for folder, (class_folder, images) in report.dropped.get(UNKNOWN_CLASS, {}).items():
+        others = [d / f"{class_folder}.json" for d, split in annotation_dirs.items()
+                  if split is None and (d / f"{class_folder}.json").is_file()]
+        try:
+            ids = {image_id for path in others for image_id in _load_json(path)}
+        except AnnotationError:  # a file of a class not read is not ours to judge: the count stays whole
+            continue
+        if ids:
+            elsewhere = sum(is_image(f) and f.stem in ids for f in epath.Path(folder).iterdir())
+            report.dropped[UNKNOWN_CLASS][folder] = (class_folder, images - elsewhere)
 
 
 def read_hagrid_v2(

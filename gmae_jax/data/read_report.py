@@ -120,8 +120,7 @@ class ReadReport:
         """Stops (DataLayoutError, one line) when more than `max_fraction` of the images would be lost.
         Read for a trained run (`run_classes`, evaluate), images of other gestures are not lost but not
         the run's to score: left out, counted in one line. So are those of gestures left out of a class
-        list the user wrote (`chosen_classes`): a choice, not a loss (and an image folder of another
-        gesture counts the images of every split, the kept ones only those of the splits read)."""
+        list the user wrote (`chosen_classes`): a choice, not a loss."""
         dropped = self.dropped_images()
         others = {r: dropped.pop(r) for r in (UNKNOWN_CLASS, UNKNOWN_LABEL)
                   if (run_classes or chosen_classes) and r in dropped}
