@@ -685,3 +685,9 @@ def test_the_run_summary_says_which_step_its_pictures_show():
     manager.best_step = lambda: 20
     assert "pictures (the final model, step 20): run/confusion_matrix.png" in run_summary(
         "finetune", "run", manager, "accuracy", ["run/confusion_matrix.png"])
+    # A rerun of a finished run evaluates it again, on the data as it is now: said beside training's best.
+    lines = run_summary("finetune", "run", manager, "accuracy", [], again={"loss": 1.0, "accuracy": 0.5556})
+    assert lines.splitlines()[1:3] == [
+        "best accuracy: 0.5000 at step 20",
+        "evaluated again by this rerun (the run was finished): accuracy 0.5556 at step 20; metrics.jsonl and the best "
+        "checkpoint keep training's evaluations"]

@@ -197,9 +197,12 @@ def test_a_rerun_of_a_finished_run_logs_its_evaluation_and_draws_missing_picture
     with caplog.at_level("INFO"):
         again = pretrain_stage.run(config, str(copy))
     assert again["loss"] == pytest.approx(final["loss"], rel=1e-5)
-    assert re.search(rf"\[pretrain\] step 30 eval: loss {final['loss']:.4f}", caplog.text)
+    assert re.search(rf"\[pretrain\] step 30 eval \(the finished run evaluated again\): loss {final['loss']:.4f}",
+                     caplog.text)
     assert sorted(copy.glob("*.png")) == pictures
-    assert "pictures (the final model, step 30" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pictures (the final model, step 30" in out
+    assert f"evaluated again by this rerun (the run was finished): loss {final['loss']:.4f} at step 30" in out
     assert (copy / "metrics.jsonl").read_text() == metrics_before
 
 

@@ -124,14 +124,20 @@ class Summaries:
         logging.info("TensorBoard: tensorboard --logdir %s", self.folder)
 
 
-def run_summary(name: str, workdir: str, manager: Any, best_metric: str, pictures: list[str]) -> str:
-    """What a person wants at the end of a run: the best evaluation and where everything is."""
+def run_summary(name: str, workdir: str, manager: Any, best_metric: str, pictures: list[str],
+                again: dict[str, float] | None = None) -> str:
+    """What a person wants at the end of a run: the best evaluation and where everything is. `again`: a
+    finished run's final model evaluated once more by a rerun, beside (not instead of) training's scores."""
     lines = [f"=== {name} finished: {workdir} ==="]
     best = manager.best_step() if best_metric else None
     if best is not None:
         value = (manager.metrics(best) or {}).get(best_metric)
         lines.append(f"best {best_metric}: {value:.4f} at step {best}" if value is not None else
                      f"best {best_metric}: step {best}")
+    if again:
+        metric = best_metric if best_metric in again else next(iter(again))
+        lines.append(f"evaluated again by this rerun (the run was finished): {metric} {again[metric]:.4f} at step "
+                     f"{manager.latest_step()}; metrics.jsonl and the best checkpoint keep training's evaluations")
     lines.append(f"checkpoints: {manager.directory} (steps {sorted(manager.all_steps())}; "
                  f"evaluate/export with checkpoint=latest{' or best' if best is not None else ''})")
     if pictures:

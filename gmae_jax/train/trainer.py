@@ -121,8 +121,8 @@ def draw(task: tasks.Task, state: steps.TrainState, outputs: Any, workdir: str,
         return []
 
 
-def log_evaluation(task_name: str, step: int, metrics: dict[str, float]) -> None:
-    logging.info("[%s] step %d eval: %s", task_name, step,
+def log_evaluation(task_name: str, step: int, metrics: dict[str, float], what: str = "") -> None:
+    logging.info("[%s] step %d eval%s: %s", task_name, step, f" ({what})" if what else "",
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k))
 
 
@@ -367,13 +367,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     if preempted:
         manager.close()
         raise watch.stopped(last_saved, checkpoint_dir)
+    again = None
     if not eval_metrics:  # the workdir already held a finished run: its evaluation and pictures again
         eval_metrics, outputs = evaluation.evaluate(task, eval_step, state, data.eval, mesh=mesh, **eval_args)
-        log_evaluation(task.name, start, eval_metrics)
+        again = eval_metrics
+        log_evaluation(task.name, start, eval_metrics, "the finished run evaluated again")
         drawn_from = host_state(state)  # every process: FSDP may split the parameters over hosts
         if jax.process_index() == 0:
             pictures = draw(task, drawn_from, outputs, workdir, data.eval)
     if jax.process_index() == 0:
-        print(run_summary(task.name, workdir, manager, loop.best_metric, pictures), flush=True)
+        print(run_summary(task.name, workdir, manager, loop.best_metric, pictures, again), flush=True)
     manager.close()
     return eval_metrics
