@@ -142,12 +142,22 @@ def test_evaluate_without_the_training_split_reports_classifier_metrics(run_dir,
     assert result["checkpoint_step"] == 4
     saved = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert saved["evaluated"] == {"checkpoint_dir": workdir, "data_root": str(root), "split": "val",
-                                  "images": 2 * len(CLASSES)}
+                                  "images": 2 * len(CLASSES), "unreadable": 0}
     assert not (tmp_path / "reconstructions.png").exists()  # it would pass for this checkpoint's
     for key in ("accuracy", "top5_accuracy", "macro_f1", "weighted_f1", "precision/palm", "recall/fist", "f1/one"):
         assert 0.0 <= saved[key] <= 1.0, key
     assert saved["top5_accuracy"] >= saved["accuracy"]
     table = capsys.readouterr().out
+    # An image that no longer reads is left out of the metrics, and so of the count they were measured on.
+    copy = tmp_path / "data"
+    shutil.copytree(os.path.join(root, "val"), copy / "val")
+    broken = next((copy / "val" / "palm").iterdir())
+    broken.write_bytes(b"\xff\xd8 cut short")
+    config.update(data_root=str(copy))
+    stages.run(config, str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again" / "eval_metrics.json").read_text())
+    assert (again["evaluated"]["images"], again["evaluated"]["unreadable"]) == (2 * len(CLASSES) - 1, 1)
+    assert sum(again[f"support/{name}"] for name in CLASSES) == 2 * len(CLASSES) - 1
     assert all(name in table for name in CLASSES) and "weighted avg" in table
     picture = Image.open(tmp_path / "confusion_matrix.png")
     # A label margin of 8 + 7 px per character of the longest name, 36 px cells, a 24 px caption.

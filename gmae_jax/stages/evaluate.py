@@ -82,8 +82,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                "metrics")
     metrics["checkpoint_step"] = restored.step
     # What was evaluated, beside its scores: the file alone should say it.
+    scored = len(outputs["index"])  # unreadable images are left out of the metrics
     evaluated = {"checkpoint_dir": restored.workdir, "data_root": data.root, "split": data.eval_split,
-                 "images": len(examples)}
+                 "images": scored, "unreadable": len(examples) - scored}
     if restored.config.stage == "pretrain":
         evaluated["mask_ratio"] = float(restored.config.mask_ratio)
 
