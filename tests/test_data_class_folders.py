@@ -84,6 +84,18 @@ def test_hidden_and_non_image_files_are_skipped_and_counted(tmp_path, caplog):
     assert "Skipped 1 hidden and 2 non-image entries" in caplog.text
 
 
+def test_phone_photos_in_formats_pillow_cannot_read_are_named_apart_from_stray_files(tmp_path, caplog):
+    """20 iPhone photos of one class vanished as 'non-image entries', the class balance changed unseen."""
+    _make_tree(tmp_path, ["train/one/a.jpg", "train/one/b.jfif", "train/palm/c.jpg", "train/palm/IMG_1.HEIC",
+                          "train/palm/IMG_2.heic", "train/palm/notes.txt"])
+    with caplog.at_level(logging.WARNING):
+        examples = scan_split(str(tmp_path), "train")
+    assert [e.path.rsplit("/", 1)[-1] for e in examples] == ["a.jpg", "b.jfif", "c.jpg"]  # .jfif: a JPEG
+    assert (f"Skipped 2 images in {tmp_path / 'train'} in formats this installation cannot read (palm 2; e.g. "
+            f"{tmp_path / 'train' / 'palm' / 'IMG_1.HEIC'}): convert them to JPEG or PNG") in caplog.text
+    assert "Skipped 0 hidden and 1 non-image entries" in caplog.text
+
+
 def test_images_in_folders_inside_a_class_folder_are_named_not_read(tmp_path, caplog):
     """They were counted as one 'non-image entry' each folder, their images not at all."""
     _make_tree(tmp_path, ["train/one/a.jpg", "train/one/more/b.jpg", "train/one/more/c.jpg", "train/palm/d/e.jpg"])

@@ -12,7 +12,10 @@ from absl import logging
 from etils import epath
 
 # What training, evaluation and predict read (torchvision's ImageFolder takes these too, and GIF).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+# Photos in formats Pillow does not decode without a plugin (phones' HEIC, AVIF): images a user meant to
+# train on, named apart from stray files.
+UNREADABLE_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl"})
 EXPECTED_LAYOUT = "<root>/{train,val}/<class>/*.jpg"
 
 
@@ -117,6 +120,7 @@ def scan_split(
 
     examples = []
     num_hidden = num_not_image = 0
+    other_formats: dict[str, list[str]] = {}  # class -> photos in a format Pillow cannot read
     folders: list[str] = []  # inside class folders: their images are not read
     for label, name in enumerate(class_names):
         class_path = split_path / name
@@ -126,6 +130,8 @@ def scan_split(
                 num_hidden += 1
             elif entry.is_dir():
                 folders.append(str(entry))
+            elif entry.suffix.lower() in UNREADABLE_IMAGE_SUFFIXES:
+                other_formats.setdefault(name, []).append(str(entry))
             elif entry.suffix.lower() not in IMAGE_SUFFIXES or not is_regular_file(entry):
                 num_not_image += 1
             else:
@@ -145,6 +151,11 @@ def scan_split(
             )
     if not examples:
         raise DataLayoutError(f"{split_path} holds no images of the classes {list(class_names)}.")
+    if other_formats:
+        names = [path for paths in other_formats.values() for path in paths]
+        logging.warning("Skipped %d images in %s in formats this installation cannot read (%s; e.g. %s): convert "
+                        "them to JPEG or PNG to train on them", len(names), split_path,
+                        ", ".join(f"{name} {len(paths)}" for name, paths in other_formats.items()), names[0])
     if num_hidden or num_not_image:
         logging.warning(
             "Skipped %d hidden and %d non-image entries in %s.",
