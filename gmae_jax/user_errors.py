@@ -123,6 +123,33 @@ def _config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
         return None
 
 
+def _field_paths(node: ml_collections.ConfigDict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every field's path under `node`, sections included."""
+    paths = []
+    for key in node.keys():
+        paths.append((*prefix, key))
+        if isinstance(node[key], ml_collections.ConfigDict):
+            paths += _field_paths(node[key], (*prefix, key))
+    return paths
+
+
+def _closest_fields(config: ml_collections.ConfigDict, parts: list[str], i: int,
+                    known: list[str]) -> list[tuple[str, ...]]:
+    """Paths to suggest for `parts` where `parts[i]` names no field: that name in another section first
+    (`--config.patch_size`: model.patch_size; a near sibling would be batch_size, another setting), then a
+    near sibling, then a near name anywhere."""
+    rest = tuple(parts[i + 1:])
+    everywhere = _field_paths(config)
+    same_name = sorted((path for path in everywhere if path[-1] == parts[i]), key=len)
+    if same_name:
+        return [path + rest for path in same_name[:2]]
+    if close := difflib.get_close_matches(parts[i], known, n=1):
+        return [(*parts[:i], close[0], *rest)]
+    names = sorted({path[-1] for path in everywhere})
+    return [path + rest for name in difflib.get_close_matches(parts[i], names, n=1)
+            for path in sorted((p for p in everywhere if p[-1] == name), key=len)[:2]]
+
+
 def unknown_field(argv: Sequence[str]) -> str | None:
     """For the first `--config.a.b=v` that names no field: which part, and the closest field."""
     config = _config_from_argv(argv)
@@ -133,11 +160,13 @@ def unknown_field(argv: Sequence[str]) -> str | None:
             continue
         path = item[len("--config."):].partition("=")[0]
         node, walked = config, "config"
-        for part in path.split("."):
+        parts = path.split(".")
+        for i, part in enumerate(parts):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                close = difflib.get_close_matches(part, known, n=1)
-                hint = f"did you mean --config.{path.replace(part, close[0], 1)}?" if close else f"fields: {known}"
+                closest = _closest_fields(config, parts, i, known)
+                hint = ("did you mean " + " or ".join("--config." + ".".join(p) for p in closest) + "?" if closest
+                        else f"fields: {known}")
                 return f"--config.{path}: {walked} has no field '{part}'; {hint}"
             node, walked = node[part], f"{walked}.{part}"
     return None

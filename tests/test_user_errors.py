@@ -103,6 +103,25 @@ def bucket_with_one_slash(tmp_path, data_root):  # as a local path it would trai
         "--workdir='gs:/bucket/run' is not a bucket path: write gs://BUCKET/PATH (two slashes)")
 
 
+@pytest.mark.parametrize("flag, hint", [
+    ("--config.patch_size=8", "did you mean --config.model.patch_size?"),  # not the sibling batch_size
+    ("--config.lr=1e-3", "did you mean --config.optim.lr?"),
+    ("--config.img_size=30", "did you mean --config.model.img_size?"),
+    ("--config.optim.lrr=1", "did you mean --config.optim.lr?"),
+    ("--config.modle.embed_dim=3", "did you mean --config.model.embed_dim?"),
+    ("--config.data.mask_ratio=0.5", "did you mean --config.mask_ratio?"),
+    ("--config.zzzz=1", "fields: ["),
+])
+def test_a_field_named_in_the_wrong_section_is_pointed_to_where_it_is(flag, hint):
+    line = user_errors.unknown_field([PRETRAIN, flag])
+    assert line.startswith(f"{flag.partition('=')[0]}: config") and hint in line, line
+
+
+def test_a_field_of_both_recipes_names_both():
+    line = user_errors.unknown_field(["--config=configs/demo.py", "--config.model.depth=1"])
+    assert line.endswith("did you mean --config.finetune.model.depth or --config.pretrain.model.depth?"), line
+
+
 CASES = [unknown_field, unknown_nested_field, unknown_preset, missing_config_file, init_from_missing,
          read_only_workdir, empty_workdir, bucket_with_one_slash, a_section_given_a_value]
 
