@@ -763,6 +763,8 @@ def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint_is_saved(de
         pretrain_stage.run(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # best_metric: every evaluated step saved
     assert [r["step"] for r in read_metrics(str(tmp_path)) if r["split"] == "val"] == [2, 4]  # the NaN recorded
+    last = (tmp_path / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))["loss"] is None
 
 
 def test_a_worker_lost_in_the_last_evaluation_leaves_that_step_for_the_rerun(demo_root, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,9 +37,12 @@ class MetricsWriter:
                    for line in self.lines)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Non-finite values (a diverged run's last line) as null: Python writes NaN, which is not JSON
+        and which jq, JavaScript and strict readers refuse."""
         if not self.enabled:
             return
-        self.lines.append(json.dumps(record, sort_keys=True))
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.lines.append(json.dumps(record, sort_keys=True, allow_nan=False))
         run_files.write_text(self.path, "\n".join(self.lines) + "\n")
 
 
