@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -63,7 +64,7 @@ def save_reconstructions(rows: np.ndarray, path: str, caption: str = "") -> None
             grid[y:y + h, x:x + w] = tiles[i, j]
     scale = max(1, min(4, 256 // max(h, w)))
     grid_image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    font = ImageFont.load_default()
+    font = _font()
     caption_lines = _wrap(ImageDraw.Draw(grid_image), caption, grid_image.width - 8, font)
     image = Image.new("RGB", (grid_image.width, grid_image.height + (1 + len(caption_lines)) * _TEXT_ROW), "white")
     image.paste(grid_image, (0, _TEXT_ROW))
@@ -81,7 +82,7 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
                           step: int | None = None) -> None:
     """Row-normalised heat map with counts; rows are true classes, columns predictions; the footer
     names the checkpoint `step` the counts are of."""
-    font = ImageFont.load_default()
+    font = _font()
     n = len(class_names)
     margin = 8 + 7 * max(len(name) for name in class_names)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
@@ -114,7 +115,7 @@ def save_prediction_sheet(images: Sequence[np.ndarray], captions: Sequence[Seque
     """Each input as the classifier saw it (uint8 RGB, upscaled to `tile`), with caption lines below;
     a green frame where the top class matches the input's annotation, red where it does not, none
     where the input has no annotation. `title`, if any, in lines above the sheet."""
-    font = ImageFont.load_default()
+    font = _font()
     line_height, pad = 12, 6
     caption_height = line_height * max((len(lines) for lines in captions), default=1) + 4
     columns = max(1, min(columns, len(images)))
@@ -141,6 +142,16 @@ def file_label(path: str) -> str:
     """A file as a caption names it: its folder and name (class folders repeat names like 00000.jpg)."""
     folder, name = os.path.split(os.path.normpath(path))
     return f"{os.path.basename(folder)}/{name}" if os.path.basename(folder) else name
+
+
+@functools.cache
+def _font() -> ImageFont.ImageFont:
+    """DejaVu Sans where the system has it, so that class names in any script (folder names: Cyrillic,
+    CJK, emoji) are drawn, not boxes; else PIL's default font (Latin only) at the same size."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 10)
+    except OSError:
+        return ImageFont.load_default()
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> list[str]:

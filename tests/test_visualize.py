@@ -94,3 +94,11 @@ def test_the_evaluation_pictures_say_which_step_they_show(tmp_path):
     titled = np.asarray(Image.open(tmp_path / "titled.png").convert("L"))
     assert titled.shape[0] == np.asarray(Image.open(tmp_path / "bare.png")).shape[0] + 16
     assert (titled[:16] < 100).sum() > 10  # the title's words
+
+
+def test_class_names_in_other_scripts_are_drawn_not_boxes():
+    """Class names are folder names: 'ладонь' printed as six missing-glyph boxes in every picture."""
+    font = visualize._font()
+    missing = np.asarray(font.getmask("\ue000"))  # a private-use code point: no font draws it
+    for letter in ("л", "ж", "ψ"):
+        assert not np.array_equal(np.asarray(font.getmask(letter)), missing), letter
