@@ -158,6 +158,7 @@ def test_an_evaluation_split_without_some_of_the_given_classes_has_no_examples_o
 
     assert examples == [Example(str(tmp_path / "val/fist/a.jpg"), 0)]
     assert "no folder for the classes ['palm']" in caplog.text and "one holds no images" in caplog.text
+    assert "palm holds no images" not in caplog.text  # a folder that is not there: said once, above
     _make_tree(tmp_path / "none", ["val/one/readme.txt"])
     with pytest.raises(DataLayoutError, match=r"holds no images of the classes \['one', 'palm'\]"):
         scan_split(str(tmp_path / "none"), "val", class_names=["one", "palm"], complete=False)

@@ -138,8 +138,9 @@ def scan_split(
                 examples.append(Example(path=str(entry), label=label))
                 num_images += 1
         if not num_images and not complete:
-            logging.warning("Class folder %s holds no images: none of the examples in %s are of it.",
-                            class_path, split_path)
+            if class_path.is_dir():  # a missing folder was warned of above
+                logging.warning("Class folder %s holds no images: none of the examples in %s are of it.",
+                                class_path, split_path)
         elif not num_images:
             inside = [folder for folder in folders if epath.Path(folder).parent == class_path]
             raise DataLayoutError(
