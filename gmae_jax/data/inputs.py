@@ -5,14 +5,13 @@ v1 / v2 tree (one hand crop per annotated image). Every file under the input bec
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections.abc import Sequence
 
 from absl import logging
 from etils import epath
 
-from gmae_jax.data import crops, hagrid, hagrid_layout, read_report, record_filters
+from gmae_jax.data import crops, hagrid, hagrid_layout, read_report, record_filters, sources
 from gmae_jax.data.class_folders import IMAGE_SUFFIXES, DataLayoutError, is_regular_file
 
 
@@ -28,18 +27,6 @@ def _is_hagrid(root: epath.Path) -> bool:
         return hagrid_layout.detect_layout(root) in ("hagrid_v1", "hagrid_v2")
     except DataLayoutError:
         return False
-
-
-def hagrid_tree_nearby(root: epath.Path, max_folders: int = 64) -> epath.Path | None:
-    """The HaGRID tree that folder `root` is a part of (its image or annotation folder, one of their class
-    folders) or holds one level down: read as a plain folder, its images lose their annotations."""
-    for candidate in (root.parent, root.parent.parent):
-        if candidate != root and _is_hagrid(candidate):
-            return candidate
-    for child in itertools.islice(sorted(root.iterdir()), max_folders):
-        if child.is_dir() and _is_hagrid(child):
-            return child
-    return None
 
 
 def _hagrid_inputs(root: epath.Path, classes: Sequence[str]) -> tuple[list[Input], list[tuple[str, str]]]:
@@ -123,7 +110,8 @@ def list_inputs(path: str, classes: Sequence[str] = ()) -> tuple[list[Input], li
     if root.is_file():
         files, skipped = [root], []
     else:
-        if tree := hagrid_tree_nearby(root):
+        # A HaGRID tree that `root` is a part of or holds: read as a plain folder, its images lose their annotations.
+        if tree := next((folder for folder in sources.layouts_nearby(root) if _is_hagrid(folder)), None):
             logging.warning("config.inputs=%s is %s the HaGRID tree %s; read as a plain folder, its images have no "
                             "annotations (no gesture box to crop around, no true class to compare with): "
                             "--config.inputs=%s reads them with theirs", path,

@@ -85,10 +85,10 @@ def detect_layout(root: epath.PathLike, split: str = "train") -> str:
             f"{error} Or shards of the prepare stage (<root>/{INDEX_FILE}).{_nearby(epath.Path(root))}") from None
 
 
-def _nearby(root: epath.Path, max_folders: int = 64, max_shown: int = 3) -> str:
-    """' Did you mean ...?' naming the folders one level off `root` that have a layout: the one
-    above it, its grandparent when that is a v2 tree (root: a class folder of hagrid_dataset/), or
-    ones inside it (root: a prepare workdir instead of its corpora, a folder of datasets)."""
+def layouts_nearby(root: epath.Path, max_folders: int = 64) -> list[epath.Path]:
+    """The folders one level off `root` that have a layout: the one above it, its grandparent when that
+    is a v2 tree (root: a class folder of hagrid_dataset/), or ones inside it (root: a prepare workdir
+    instead of its corpora, a folder of datasets)."""
     inside = sorted(child for child in itertools.islice(root.iterdir(), max_folders)
                     if child.is_dir() and not child.name.startswith("."))
     found = []
@@ -102,6 +102,12 @@ def _nearby(root: epath.Path, max_folders: int = 64, max_shown: int = 3) -> str:
                 continue
         if folder != root and folder not in found:
             found.append(folder)
+    return found
+
+
+def _nearby(root: epath.Path, max_shown: int = 3) -> str:
+    """' Did you mean ...?' naming the folders one level off `root` that have a layout (`layouts_nearby`)."""
+    found = layouts_nearby(root)
     if not found:
         return ""
     shown = [str(folder) for folder in found[:max_shown]]
