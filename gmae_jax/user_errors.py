@@ -140,14 +140,16 @@ def _closest_fields(config: ml_collections.ConfigDict, parts: list[str], i: int,
     near sibling, then a near name anywhere."""
     rest = tuple(parts[i + 1:])
     everywhere = _field_paths(config)
-    same_name = sorted((path for path in everywhere if path[-1] == parts[i]), key=len)
-    if same_name:
-        return [path + rest for path in same_name[:2]]
+
+    def fields_named(name: str) -> list[tuple[str, ...]]:  # the two shallowest
+        return [path + rest for path in sorted((p for p in everywhere if p[-1] == name), key=len)[:2]]
+
+    if same_name := fields_named(parts[i]):
+        return same_name
     if close := difflib.get_close_matches(parts[i], known, n=1):
         return [(*parts[:i], close[0], *rest)]
     names = sorted({path[-1] for path in everywhere})
-    return [path + rest for name in difflib.get_close_matches(parts[i], names, n=1)
-            for path in sorted((p for p in everywhere if p[-1] == name), key=len)[:2]]
+    return [path for name in difflib.get_close_matches(parts[i], names, n=1) for path in fields_named(name)]
 
 
 def unknown_field(argv: Sequence[str]) -> str | None:
