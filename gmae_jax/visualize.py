@@ -146,8 +146,9 @@ def file_label(path: str) -> str:
 
 @functools.cache
 def _font() -> ImageFont.ImageFont:
-    """DejaVu Sans where the system has it, so that class names in any script (folder names: Cyrillic,
-    CJK, emoji) are drawn, not boxes; else PIL's default font (Latin only) at the same size."""
+    """DejaVu Sans where the system has it, so that class names (folder names) in Cyrillic, Greek and other
+    scripts it covers are drawn, not boxes (it has no CJK); else PIL's default font (Latin only) at the same
+    size."""
     try:
         return ImageFont.truetype("DejaVuSans.ttf", 10)
     except OSError:
