@@ -66,7 +66,7 @@ def data(tmp_path_factory):
     synthetic.write_demo_dataset(str(root), image_size=48, train_per_class=4, val_per_class=2, classes=CLASSES)
     paths = sorted(str(p) for p in (root / "val").rglob("*.jpg"))
     # The evaluation view the Flax side sees: what a PyTorch user's preprocessing must reproduce.
-    images = np.asarray(steps.standardize(np.stack([views.predict_view(p, "original", 32) for p in paths])))
+    images = np.asarray(steps.standardize(np.stack([views.predict_view(p, "original", 32).pixels for p in paths])))
     return root, paths, images
 
 
@@ -593,7 +593,7 @@ def test_an_export_describes_and_applies_the_runs_evaluation_view_and_import_kee
     assert recipe["view"] == view
     from gmae_jax.torch_mirror import exported
     for path in paths[:3]:
-        seen_by_gmae_jax = steps.standardize(views.predict_view(path, view, 32, box=(0.0, 0.0, 1.0, 1.0)))
+        seen_by_gmae_jax = steps.standardize(views.predict_view(path, view, 32, box=(0.0, 0.0, 1.0, 1.0)).pixels)
         np.testing.assert_allclose(exported.preprocess(path, recipe).numpy().transpose(1, 2, 0),
                                    np.asarray(seen_by_gmae_jax), atol=1e-5)
     assert resume_check.recorded_view(str(tmp_path / "imported")) == view

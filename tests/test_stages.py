@@ -312,6 +312,27 @@ def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_p
         assert tuple(corner) == ((0, 150, 0) if right else (200, 0, 0)), (k, row)
 
 
+def test_predict_warns_of_inputs_centre_cropped_for_a_hand_crop_run_and_of_tiny_ones(run_dir, tmp_path, caplog,
+                                                                                    monkeypatch):
+    """Both counted among the inputs predicted: a file that does not decode was neither cropped nor enlarged."""
+    workdir, root, _ = run_dir
+    monkeypatch.setattr(resume_check, "recorded_view", lambda _: "hand_crop")  # a run evaluated on hand crops
+    inputs_dir = tmp_path / "inputs"
+    inputs_dir.mkdir()
+    shutil.copy(next((root / "val" / CLASSES[0]).iterdir()), inputs_dir / "photo.jpg")  # 32 px: the model's size
+    Image.new("RGB", (3, 2), (200, 150, 120)).save(inputs_dir / "thumbnail.png")
+    (inputs_dir / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(inputs_dir))
+    with caplog.at_level("WARNING"):
+        assert stages.run(config, str(tmp_path / "out")) == {"predicted": 2, "skipped": 1}
+    assert ("the run was evaluated on hand crops, and 2 input(s) have no gesture box: those were centre-cropped "
+            "instead") in caplog.text
+    enlargement = 32 / (2 * views.EVAL_CROP_FRACTION)
+    assert (f"1 input(s) are so small that the model saw them enlarged more than 4x (e.g. {inputs_dir}/thumbnail.png, "
+            f"3x2 px, {enlargement:.0f}x for the model's 32 px)") in caplog.text
+
+
 @pytest.mark.slow
 def test_predict_lists_odd_folder_entries_once_each_and_writes_every_name(run_dir, tmp_path):
     workdir, root, _ = run_dir
@@ -627,7 +648,7 @@ def test_a_hagrid_tree_gives_one_hand_crop_input_per_annotated_image(tmp_path, f
     assert {reasons[name] for name in images if "/call/" not in name and "/like/" not in name} == {"unknown_class"}
     assert str(tree.images_root / "call" / "notes.txt") in reasons
     assert all(os.path.exists(name) for name in reasons)  # no part of a name taken for a file
-    pixels = views.predict_view(items[0].path, "hand_crop", 32, items[0].box)
+    pixels = views.predict_view(items[0].path, "hand_crop", 32, items[0].box).pixels
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0
 
 

@@ -123,17 +123,30 @@ def eval_view(element: Element, view: ViewConfig, seed: int) -> tuple[np.ndarray
 
 
 
-def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class PredictView:
+    """One input as the classifier sees it, and how much its view enlarged the image: a photo far
+    smaller than the model's input (a thumbnail, a 1x1 pixel) is blown up into a blur."""
+
+    pixels: np.ndarray
+    enlargement: float  # model pixels per source pixel of the region shown (1.0: shown at its own size)
+    source_size: tuple[int, int]  # (width, height) as decoded: the file's own size wherever it is enlarged
+
+
+def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) -> PredictView:
     """uint8 pixels of one image file as evaluation sees it, without a label (for prediction):
-    'original' (centre crop), 'full_frame' (letterbox) or 'hand_crop' (the square around `box`)."""
+    'original' (centre crop), 'full_frame' (letterbox) or 'hand_crop' (the square around `box`).
+    JPEG drafts never decode the region shown below `image_size`, so the enlargement they report
+    above 1 is the file's own."""
     if mode == "hand_crop":
         draft = math.ceil(image_size / max(max(box[2], box[3]) * crops.EVAL_CROP_SCALE, 1e-3))
         img = transforms.decode_rgb(path, draft_size=draft)
         left, top, side = crops.hand_crop_box(box, *img.size, crops.EVAL_CROP_SCALE)
-        img = crops.crop_square(img, left, top, side, image_size)
+        shown, out = side, crops.crop_square(img, left, top, side, image_size)
     elif mode == "full_frame":
-        img = crops.letterbox(transforms.decode_rgb(path, draft_size=image_size), image_size)
+        img = transforms.decode_rgb(path, draft_size=image_size)
+        shown, out = max(img.size), crops.letterbox(img, image_size)
     else:
         img = transforms.decode_rgb(path, draft_size=math.ceil(image_size / EVAL_CROP_FRACTION))
-        img = frames.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
-    return transforms.pixels(img)
+        shown, out = min(img.size) * EVAL_CROP_FRACTION, frames.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
+    return PredictView(transforms.pixels(out), image_size / shown, img.size)

@@ -53,8 +53,8 @@ def _view(config: ml_collections.ConfigDict, item: inputs.Input, trained: str | 
     return "hand_crop" if item.box is not None else "original"
 
 
-def _load(item: inputs.Input, view: str, image_size: int) -> np.ndarray | str:
-    """Pixels of one input, or why it cannot be read."""
+def _load(item: inputs.Input, view: str, image_size: int) -> views.PredictView | str:
+    """One input as the classifier sees it, or why it cannot be read."""
     try:
         return views.predict_view(item.path, view, image_size, item.box)
     except transforms.ImageDecodeError as error:
@@ -69,6 +69,8 @@ def _printable(text: str) -> str:
 
 OUTPUTS = ("predictions.csv", "predictions.jsonl", "predictions.png", "skipped.csv")
 SHEET_SIZE = 36  # inputs drawn in predictions.png
+# Inputs the view enlarges more than this: a prediction on a blur of a few source pixels means little.
+MAX_ENLARGEMENT = 4.0
 
 
 def _csv(rows: list[list[str]]) -> str:
@@ -133,10 +135,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
         logging.info("view: %s", f"'{trained}', as the run was evaluated" if trained else
                      "the run records no evaluation view (an older run): hand crops where inputs have boxes, "
                      "else the centre crop; set --config.view to choose")
-        unboxed = sum(item.box is None for item in items)
-        if trained == "hand_crop" and unboxed:
-            logging.warning("the run was evaluated on hand crops, and %d input(s) have no gesture box: those are "
-                            "centre-cropped instead", unboxed)
     top_k = min(config.top_k, len(names))
     batch = sharding.whole_rows(config.batch_size, mesh)
 
@@ -146,7 +144,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                                       steps.standardize(images), train=False)
         return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
-    rows, sheet = [], []
+    rows, sheet, enlarged = [], [], []
+    centre_cropped = 0  # inputs without a gesture box, predicted by a run evaluated on hand crops
 
     def load(item: inputs.Input) -> np.ndarray | str:
         return _load(item, _view(config, item, trained), image_size)
@@ -156,21 +155,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
             loaded = list(pool.map(load, chunk))
-            good = [(item, pixels) for item, pixels in zip(chunk, loaded) if not isinstance(pixels, str)]
-            skipped += [(item.path, pixels) for item, pixels in zip(chunk, loaded) if isinstance(pixels, str)]
+            good = [(item, seen) for item, seen in zip(chunk, loaded) if not isinstance(seen, str)]
+            skipped += [(item.path, seen) for item, seen in zip(chunk, loaded) if isinstance(seen, str)]
+            enlarged += [(item.path, seen) for item, seen in good if seen.enlargement > MAX_ENLARGEMENT]
             bar.update(len(chunk))
             if not good:
                 continue
             images = np.zeros((batch, image_size, image_size, 3), np.uint8)
-            images[: len(good)] = np.stack([pixels for _, pixels in good])
+            images[: len(good)] = np.stack([seen.pixels for _, seen in good])
             probs = np.asarray(probabilities(restored.weights, sharding.global_batch({"image": images}, mesh)["image"]))
             setup.check_outputs_finite(bool(np.isfinite(probs[: len(good)]).all()), restored, "probabilities")
-            for (item, pixels), p in zip(good, probs):
+            for (item, seen), p in zip(good, probs):
                 order = np.argsort(-p, kind="stable")[:top_k]
                 rows.append({"file": item.path, "annotation": item.annotation,
                              "top_k": [{"class": names[i], "prob": float(p[i])} for i in order]})
+                centre_cropped += config.view == "auto" and trained == "hand_crop" and item.box is None
                 if len(sheet) < SHEET_SIZE:
-                    sheet.append((pixels, rows[-1]))
+                    sheet.append((seen.pixels, rows[-1]))
     skipped.sort()
     _write(epath.Path(workdir), rows, skipped, top_k, {"run": restored.workdir, "step": restored.step})
     if sheet:
@@ -180,6 +181,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
     if not rows:
         raise config_lib.ConfigError(f"none of the {len(items)} image file(s) in config.inputs={config.inputs} could "
                                      f"be read; {workdir}/skipped.csv says why for each")
+    if centre_cropped:
+        logging.warning("the run was evaluated on hand crops, and %d input(s) have no gesture box: those were "
+                        "centre-cropped instead", centre_cropped)
+    if enlarged:
+        path, seen = enlarged[0]
+        logging.warning("%d input(s) are so small that the model saw them enlarged more than %gx (e.g. %s, %dx%d "
+                        "px, %.0fx for the model's %d px): predictions on a few source pixels mean little",
+                        len(enlarged), MAX_ENLARGEMENT, _printable(path), *seen.source_size, seen.enlargement,
+                        image_size)
     # Inputs annotated with a gesture the run does not know cannot agree: counted apart.
     annotated = [row for row in rows if row["annotation"] in names]
     unknown = sum(bool(row["annotation"]) and row["annotation"] not in names for row in rows)
