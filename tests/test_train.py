@@ -641,6 +641,12 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint():
     with pytest.raises(FloatingPointError, match="a run already diverging there fails again from it at any rate"):
         divergence.check_finite({"loss": float("inf")}, 7, "/w/checkpoints", 5)  # weights may be finite but huge
     divergence.check_finite({"loss": 1.0}, 7, "/w/checkpoints", 5)
+    # Training reads its metrics at log and save steps only: it says where the divergence may lie.
+    with pytest.raises(FloatingPointError, match=r"^loss became non-finite at one of steps 6-10 \(read at step 10\); "
+                                                 "the last good checkpoint is step 5"):
+        divergence.check_finite({"loss": float("nan")}, 10, "/w/checkpoints", 5, last_read=5)
+    with pytest.raises(FloatingPointError, match=r"^loss became non-finite at step 10; "):
+        divergence.check_finite({"loss": float("nan")}, 10, "/w/checkpoints", 5, last_read=9)
 
 
 def test_a_non_finite_loss_puts_the_checkpoint_it_names_on_disk_before_stopping(demo_root, tmp_path, monkeypatch):
@@ -655,18 +661,21 @@ def test_a_non_finite_loss_puts_the_checkpoint_it_names_on_disk_before_stopping(
         monkeypatch.setattr(manager, "wait_until_finished", lambda: events.append("wait") or wait())
         return manager
 
-    def diverge(metrics, step, checkpoint_dir, last_saved, dtype):
-        if step == 2:
+    def diverge(metrics, step, checkpoint_dir, last_saved, dtype, last_read):
+        reads.append((step, last_read))
+        if step == 4:
             events.append("nan")
-            raise FloatingPointError(f"loss became non-finite at step 2; the last good checkpoint is step {last_saved}")
+            raise FloatingPointError(f"loss became non-finite at step 4; the last good checkpoint is step {last_saved}")
 
     monkeypatch.setattr(checkpoint, "make_manager", spied_manager)
     monkeypatch.setattr(trainer, "check_finite", diverge)
-    config = stage_config("pretrain", demo_root, total_steps=4, log_every=1, eval_every=0, checkpoint_every=1)
+    reads = []
+    config = stage_config("pretrain", demo_root, total_steps=4, log_every=2, eval_every=0, checkpoint_every=2)
     config.model.depth = 1
-    with pytest.raises(FloatingPointError, match="the last good checkpoint is step 1"):
+    with pytest.raises(FloatingPointError, match="the last good checkpoint is step 2"):
         pretrain_stage.run(config, str(tmp_path))
     assert events[-2:] == ["nan", "wait"]
+    assert reads == [(2, 0), (4, 2)]  # read every other step: each names the step read before
 
 
 @pytest.mark.slow

@@ -276,6 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     watch = PreemptionWatch(manager)
     saves = FailedSaveWatch()
     preempted, finished = False, start
+    last_read = start  # the step whose training metrics were last read finite (a run saves finite steps only)
 
     def evaluate_and_record(step: int) -> tuple[dict[str, float], Any]:
         with progress.not_training():
@@ -288,9 +289,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         stop_if_not_finite({f"{eval_split}/{k}": v for k, v in metrics.items()}, step)
         return metrics, outputs
 
-    def stop_if_not_finite(values: dict[str, float], step: int) -> None:
+    def stop_if_not_finite(values: dict[str, float], step: int, last_read: int | None = None) -> None:
         try:
-            check_finite(values, step, checkpoint_dir, last_saved, config.model.dtype)
+            check_finite(values, step, checkpoint_dir, last_saved, config.model.dtype, last_read)
         except FloatingPointError:
             # Every process stops here (the metrics are global): the save it names goes to disk
             # first, also where the entry point ends a failed multi-process job at once.
@@ -327,7 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
             must_save = scheduled_save or preempted
             if must_save or step % loop.log_every == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stop_if_not_finite(metrics, step)  # before any save: a NaN never overwrites a good checkpoint
+                stop_if_not_finite(metrics, step, last_read)  # before any save: a NaN never overwrites a good one
+                last_read = step
             # The lines a straight run writes: a resumed run's metrics.jsonl has none for its preemption's step.
             if scheduled_save or step % loop.log_every == 0:
                 metrics.update(lr=float(schedule(step - 1)), **progress.update(step))
