@@ -88,7 +88,8 @@ def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
     assert any(line.startswith("skipped") and line.count("micro pretrain") == 2 for line in lines)
     # The numbers say how they were made.
     assert "XLA_FLAGS='--xla_gpu_enable_triton_gemm=false'" in lines[0]
-    assert lines[0].endswith("conv_impl=auto: window convolutions as XLA's convolutions")  # on CPU
+    assert lines[0].endswith("conv_impl=auto: window convolutions as XLA's convolutions; MFU n/a (peak of this device "
+                             "unknown)")  # on CPU
 
 
 # A fake python that prints the XLA_FLAGS the suite would run with; with `reject`, it fails like an
@@ -174,8 +175,22 @@ def test_every_presets_headline_case_comes_first_and_mfu_uses_the_device_peak():
     assert [c.name for c in cases[-2:]] == ["small pretrain bfloat16 encoder conv=taps",
                                             "small pretrain bfloat16 encoder conv=xla"]
     assert {c.preset: c.batch_size for c in cases} == device_suite.DEFAULT_BATCH_SIZES
-    fake = dataclasses.make_dataclass("Device", ["device_kind"])("NVIDIA H100 80GB HBM3")
-    assert device_suite.peak_flops(fake, "bfloat16") == pytest.approx(989e12)
+
+@pytest.mark.parametrize("kind, bfloat16, float32", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 494e12), ("NVIDIA H200", 989e12, 494e12), ("NVIDIA GH200 480GB", 989e12, 494e12),
+    ("NVIDIA H100 PCIe", 756e12, 378e12), ("NVIDIA H100 NVL", 835e12, 418e12), ("NVIDIA H200 NVL", 835e12, 418e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 156e12), ("NVIDIA L40S", 362e12, 183e12), ("NVIDIA L40", 181e12, 90e12),
+    ("NVIDIA L4", 121e12, 60e12), ("TPU v5 lite", 197e12, 197e12), ("TPU v5", 459e12, 459e12),
+    ("TPU v5p", 459e12, 459e12), ("TPU v6 lite", 918e12, 918e12), ("TPU v4", 275e12, 275e12),
+    ("NVIDIA B200", None, None), ("cpu", None, None)])
+def test_mfu_is_computed_against_the_peak_of_that_very_card(kind, bfloat16, float32):
+    """By the first pattern that matches: 'TPU v5' (a v5p) once took v5e's peak, an L40S an L4's."""
+    device = dataclasses.make_dataclass("Device", ["device_kind"])(kind)
+    assert (device_suite.peak_flops(device, "bfloat16"), device_suite.peak_flops(device, "float32")) == (bfloat16,
+                                                                                                        float32)
+    assert device_suite.peaks_line(device) == (f"MFU against bfloat16 {bfloat16 / 1e12:.0f} / float32 "
+                                               f"{float32 / 1e12:.0f} TFLOP/s per device" if bfloat16 else
+                                               "MFU n/a (peak of this device unknown)")
 
 
 def test_the_pytorch_mirror_halves_a_batch_it_cannot_fit(monkeypatch):
@@ -193,7 +208,24 @@ def test_the_pytorch_mirror_halves_a_batch_it_cannot_fit(monkeypatch):
 
     monkeypatch.setattr(train_step, "make_step", fake_make_step)
     line = device_suite.pytorch_line(Case("micro", "pretrain", batch_size=8, img_size=32), 8, 100.0, num_steps=1)
-    assert tried == [8, 4, 2] and ", batch 2: " in line and "JAX / PyTorch **" in line
+    assert tried == [8, 4, 2] and ", batch 2: " in line
+    # Eager PyTorch at a quarter of JAX's batch is another measurement: no ratio.
+    assert line.endswith("; no ratio: JAX ran at batch 8, and PyTorch fit only 2 beside it") and "**" not in line
+
+
+def test_the_pytorch_ratio_is_per_device_and_names_what_is_not_like_for_like(monkeypatch):
+    from gmae_jax.torch_mirror import train_step
+
+    seen = []
+    monkeypatch.setattr(train_step, "make_step", lambda config, task, batch_size, **kwargs: (
+        seen.append(kwargs["bfloat16"]), (None, lambda: 0.0))[1])
+    monkeypatch.setattr(device_suite.time, "perf_counter", iter([0.0, 1.0]).__next__)  # 8 images in 1 s
+    line = device_suite.pytorch_line(Case("micro", "pretrain", "float32", "sparse", batch_size=8, img_size=32), 8,
+                                     64.0, num_steps=1, num_devices=4)
+    assert seen == [False]  # a float32 case: no bf16 autocast on a GPU either
+    assert "(eager, torch " in line and ", one CPU), batch 8: 8.0 img/s" in line
+    assert line.endswith("; JAX / PyTorch **2.00x** (JAX per device, of 4), not like for like: the mirror computes "
+                         "sparse masking densely")
 
 
 def test_a_case_is_found_again_from_its_name():

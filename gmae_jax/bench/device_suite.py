@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -38,17 +39,26 @@ MASK_RATIO = 0.75
 # plan's own error (`memory_plan` plans with the same margin).
 HEADROOM = 0.15
 MAX_BATCH = 4096  # where growing a batch stops: img/s no longer rises on any accelerator targeted
-# Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on NVIDIA by default).
-PEAK_FLOPS = {
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "H100": {"bfloat16": 989e12, "float32": 494e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
-    "L4": {"bfloat16": 121e12, "float32": 60e12},
-    "TPU v6": {"bfloat16": 918e12, "float32": 918e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v5": {"bfloat16": 197e12, "float32": 197e12},  # v5e / v5 lite
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-}
+# Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on NVIDIA by default), by a
+# pattern of the device kind: the first that matches counts, so PCIe and NVL cards come before the SXM
+# part of the same name, and L40S before L40 before L4. JAX names a v5p chip "TPU v5" and a v5e "TPU v5
+# lite" (likewise v6e "TPU v6 lite").
+PEAK_FLOPS = (
+    (r"H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    (r"H[12]00 NVL", {"bfloat16": 835e12, "float32": 418e12}),
+    (r"H200|H100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM, and GH200's H100 / H200
+    (r"A100", {"bfloat16": 312e12, "float32": 156e12}),
+    (r"L40S", {"bfloat16": 362e12, "float32": 183e12}),
+    (r"L40\b", {"bfloat16": 181e12, "float32": 90e12}),
+    (r"L4\b", {"bfloat16": 121e12, "float32": 60e12}),
+    (r"TPU v6( lite|e)", {"bfloat16": 918e12, "float32": 918e12}),
+    (r"TPU v5( lite|e)", {"bfloat16": 197e12, "float32": 197e12}),
+    (r"TPU v5p?$", {"bfloat16": 459e12, "float32": 459e12}),
+    (r"TPU v4$", {"bfloat16": 275e12, "float32": 275e12}),
+)
+# Steps run before timing: XLA:GPU runs a step's command buffer op by op the first time and records its
+# CUDA graph the second, so timing from the third leaves both out (PyTorch gets as many).
+WARMUP_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +138,18 @@ def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_s
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
-    kind = device.device_kind
-    for name, peaks in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
+    """MFU's denominator: the chip's dense peak for `dtype` (None for a kind not in `PEAK_FLOPS`)."""
+    for pattern, peaks in PEAK_FLOPS:
+        if re.search(pattern, device.device_kind.strip(), re.IGNORECASE):
             return peaks[dtype]
     return None
+
+
+def peaks_line(device: jax.Device) -> str:
+    """The peaks MFU is computed against, for the table's first line (a reader checks the card)."""
+    peaks = [f"{dtype} {peak / 1e12:.0f}" for dtype in ("bfloat16", "float32")
+             if (peak := peak_flops(device, dtype))]
+    return f"MFU against {' / '.join(peaks)} TFLOP/s per device" if peaks else "MFU n/a (peak of this device unknown)"
 
 
 def architecture(case: Case) -> GMSTConfig:
@@ -178,7 +195,8 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     compile_s = time.perf_counter() - start
     _progress(f"{case.name}, batch {case.batch_size}: XLA compiled in {compile_s - lower_s:.1f} s; timing")
     memory = compiled.memory_analysis()
-    state, metrics = compiled(state, batch, rng)  # warm-up
+    for _ in range(WARMUP_STEPS):
+        state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(num_steps):
@@ -259,25 +277,30 @@ def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile
             case = dataclasses.replace(case, batch_size=case.batch_size // 2)
 
 
-def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: int) -> str:
+def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: int, num_devices: int = 1) -> str:
     """The eager PyTorch mirror (`torch_mirror.train_step`: the original's layout, AdamW, bf16
-    autocast on a GPU) on the case's model and batch of float images (the original jitters and
-    standardises in its workers; the JAX step does both on the device, so the ratio is if anything
-    unfair to JAX), and JAX's img/s over it: the issue's ratio,
-    measured right after the first row so that a short loan has it. A batch PyTorch cannot fit
-    (JAX holds most of the device's memory) is halved."""
+    autocast on a GPU for a bf16 case) on the case's model and batch of float images (the original
+    jitters and standardises in its workers; the JAX step does both on the device, so the ratio is if
+    anything unfair to JAX), and JAX's img/s over it: the issue's ratio, measured right after the
+    first row so that a short loan has it. A batch PyTorch cannot fit (JAX holds most of the device's
+    memory) is halved, and then no ratio is printed: eager PyTorch at a smaller batch is another
+    measurement. The mirror runs on one device: with more, JAX's img/s per device is compared."""
     if importlib.util.find_spec("torch") is None:
         return "PyTorch mirror: torch is not installed (pip install -e '.[torch]')"
     import torch  # noqa: PLC0415 (optional extra)
 
     from gmae_jax.torch_mirror import train_step  # noqa: PLC0415
 
+    bfloat16 = case.dtype == "bfloat16"
+    asked = batch_size
     while True:
         _progress(f"PyTorch mirror of {case.name}, batch {batch_size}: timing")
+        model = step = None
         try:
-            _, step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
-                                               mask_ratio=MASK_RATIO)
-            step()  # warm-up: cuDNN / cuBLAS choices, allocator
+            model, step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
+                                               mask_ratio=MASK_RATIO, bfloat16=bfloat16)
+            for _ in range(WARMUP_STEPS):  # cuDNN / cuBLAS choices, allocator
+                step()
             start = time.perf_counter()
             for _ in range(num_steps):
                 step()  # returns the loss as a float: waits for the device
@@ -288,12 +311,21 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
                 return "PyTorch mirror: out of memory at batch 1"
             batch_size //= 2
         finally:
-            step = None  # frees the model and its optimiser state before a retry or the next case
+            model = step = None  # frees the model and its optimiser state before a retry or the next case
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    autocast = ", bf16 autocast" if torch.cuda.is_available() and case.dtype == "bfloat16" else ""
-    return (f"PyTorch mirror of that case (eager{autocast}, torch {torch.__version__}), batch {batch_size}: "
-            f"{rate:.1f} img/s; JAX / PyTorch **{jax_img_per_s / rate:.2f}x**")
+    on = f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    autocast = ", bf16 autocast" if torch.cuda.is_available() and bfloat16 else ""
+    line = (f"PyTorch mirror of that case (eager{autocast}, torch {torch.__version__}, one {on}), batch {batch_size}: "
+            f"{rate:.1f} img/s")
+    if batch_size != asked:
+        return f"{line}; no ratio: JAX ran at batch {asked}, and PyTorch fit only {batch_size} beside it"
+    per_device = jax_img_per_s / num_devices
+    ratio = f"JAX / PyTorch **{per_device / rate:.2f}x**" + (f" (JAX per device, of {num_devices})"
+                                                            if num_devices > 1 else "")
+    if case.mask_mode != "encoder":  # the mirror's encoder computes every token, as the original's does
+        ratio += f", not like for like: the mirror computes {case.mask_mode} masking densely"
+    return f"{line}; {ratio}"
 
 
 # peak GB: the device's peak memory in use during the case ("<=" an earlier case's peak where it did
@@ -334,7 +366,7 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
     flags = os.environ.get("XLA_FLAGS", "").strip()
     windows = "matmuls" if fast_conv.resolve("auto", jax.default_backend()) == "matmul" else "XLA's convolutions"
     yield (f"{mesh.size} x {device.device_kind} ({device.platform}), JAX {jax.__version__}, "
-           f"XLA_FLAGS={flags!r}, conv_impl=auto: window convolutions as {windows}")
+           f"XLA_FLAGS={flags!r}, conv_impl=auto: window convolutions as {windows}; {peaks_line(device)}")
     yield HEADER
     skipped = []
     profiled = False
@@ -359,7 +391,9 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
                 yield failed_row(case, error, f" at batch {larger}")
         if result["profile"] is not None:
             profiled = True
-            yield pytorch_line(case, result["batch"], result["img_per_s"], num_steps)
+            # Simulated CPU devices share the cores the mirror runs on: per device only on accelerators.
+            chips = mesh.size if device.platform != "cpu" else 1
+            yield pytorch_line(case, result["batch"], result["img_per_s"], num_steps, chips)
             yield f"\nwhere the time goes: {case.name}, batch {result['batch']}, {profile_steps} traced steps\n"
             yield step_profile.markdown(result["profile"])
             yield "\n" + HEADER

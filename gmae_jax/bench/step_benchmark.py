@@ -145,8 +145,8 @@ def torch_runner(config: GMSTConfig, task: str, batch_size: int, seed: int = 0) 
     from gmae_jax.torch_mirror import train_step  # noqa: PLC0415 (torch only when asked for)
 
     model, step = train_step.make_step(config, task, batch_size, num_classes=NUM_CLASSES,
-                                       mask_ratio=MASK_RATIO, seed=seed)
-    autocast = " + bf16 autocast" if next(model.parameters()).is_cuda else ""
+                                       mask_ratio=MASK_RATIO, seed=seed, bfloat16=config.dtype == "bfloat16")
+    autocast = " + bf16 autocast" if next(model.parameters()).is_cuda and config.dtype == "bfloat16" else ""
 
     def params() -> dict[str, np.ndarray]:
         return {name: p.detach().float().cpu().numpy().copy() for name, p in model.named_parameters()}

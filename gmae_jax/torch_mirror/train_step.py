@@ -47,10 +47,11 @@ def _device() -> torch.device:
 
 def make_step(
     config: GMSTConfig, task: str, batch_size: int, *, num_classes: int = 10, mask_ratio: float = 0.6,
-    lr: float = 1e-4, weight_decay: float = 0.05, grad_clip: float = 1.0, seed: int = 0,
+    lr: float = 1e-4, weight_decay: float = 0.05, grad_clip: float = 1.0, seed: int = 0, bfloat16: bool = True,
 ) -> tuple[torch.nn.Module, Step]:
     """(model, step) for `task` 'pretrain' or 'finetune' on a fixed random batch; `step()` runs one
-    optimiser step and returns the loss (which waits for the device)."""
+    optimiser step and returns the loss (which waits for the device). On a GPU, `bfloat16` computes
+    under bf16 autocast (float32 weights, as the JAX step's bf16 compute); CPUs compute in float32."""
     device = _device()
     torch.manual_seed(seed)
     if task == "pretrain":
@@ -65,7 +66,7 @@ def make_step(
     shape = (batch_size, config.in_channels, config.img_size, config.img_size)
     images = torch.from_numpy(rng.normal(size=shape).astype(np.float32)).to(device)
     labels = torch.from_numpy(rng.integers(0, num_classes, batch_size)).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bfloat16)
 
     def loss() -> torch.Tensor:
         if task == "finetune":
