@@ -118,11 +118,33 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
     assert sharding.fsdp_spec((512, 512), 1) == jax.sharding.PartitionSpec()
 
 
+def test_arrays_fsdp_leaves_whole_are_a_warning_with_the_fsdp_that_holds_least():
+    """G-MAE's MSC-FFN sizes (2 x width + 1 and multiples: 513 x 2052 in `small`) have no dimension that 8
+    divides: fsdp=8 kept them whole on every device, and fsdp=4 would have held a third as much."""
+    params = {"fc1": jax.ShapeDtypeStruct((513, 2052), np.float32), "proj": jax.ShapeDtypeStruct((512, 512), np.float32)}
+    state = {"params": params, "adam_mu": params}
+    assert sharding.fsdp_kept_whole_warning(state, params, 8, 8) == (
+        "config.mesh.fsdp=8 splits only arrays with a dimension divisible by 8: 8.0 MB of parameters and optimiser "
+        "state stay whole on every device (2 array(s), e.g. params fc1 (513, 2052)), 8.3 MB a device in all; "
+        "--config.mesh.fsdp=4 would hold 2.5 MB a device")
+    assert sharding.fsdp_kept_whole_warning(state, params, 4, 8) is None  # 2052 and 512 divide by 4
+    assert sharding.fsdp_kept_whole_warning(state, params, 1, 8) is None  # no FSDP asked for
+    odd = {"fusion": jax.ShapeDtypeStruct((1, 1, 513, 513), np.float32), "proj": params["proj"]}
+    warning = sharding.fsdp_kept_whole_warning(odd, odd, 2, 2)  # no fsdp holds less: nothing to suggest
+    assert warning.startswith("config.mesh.fsdp=2 splits only arrays with a dimension divisible by 2: 1.0 MB of "
+                              "parameters and optimiser state stay whole on every device (1 array(s), e.g. params "
+                              "fusion (1, 1, 513, 513)), 1.5 MB a device in all") and "would hold" not in warning
+
+
 @pytest.mark.parametrize("data, fsdp, message", [
     (3, -1, "config.mesh.data=3 does not divide the 8 devices of this job"),
     (-1, 3, "config.mesh.fsdp=3 does not divide the 8 devices of this job"),
     (2, 2, "must equal the 8 devices"),
-    (-1, -1, "cannot both be -1"),
+    (-1, -1, r"config.mesh.fsdp=-1 fills the devices, and so does config.mesh.data \(its default, -1\): set it, "
+             r"e.g. --config.mesh.data=1 for FSDP over all 8 devices"),
+    (0, 8, r"config.mesh.data=0 must be a positive number of devices, or -1 to fill the rest"),
+    (-2, -1, r"config.mesh.data=-2 must be a positive number of devices, or -1 to fill the rest"),
+    (8, 0, r"config.mesh.fsdp=0 must be a positive number of devices, or -1 to fill the rest"),
 ])
 def test_mesh_shapes_that_do_not_fit_are_clear_errors(data, fsdp, message):
     with pytest.raises(sharding.MeshError, match=message):

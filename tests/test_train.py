@@ -690,6 +690,15 @@ def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstru
     assert Image.open(tmp_path / "reconstructions.png").width == (4 * 34 + 2) * 4
 
 
+def test_settings_that_do_less_than_they_suggest_are_warned_of():
+    shard_map_fsdp, sparse_finetune = trainer.step_layout_warnings("finetune", "shard_map", 2, "sparse")
+    assert shard_map_fsdp.startswith("config.step_impl=shard_map with config.mesh.fsdp=2: the step gathers the whole "
+                                     "parameters and gradients on every device")
+    assert sparse_finetune.startswith("config.model.mask_mode=sparse applies to pretraining only")
+    assert trainer.step_layout_warnings("pretrain", "shard_map", 1, "sparse") == []
+    assert trainer.step_layout_warnings("finetune", "jit", 8, "encoder") == []
+
+
 def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns():
     # XLA:CPU's convolutions are ~6x slower inside the micro-batch loop: 'auto' makes them matmuls there.
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")

@@ -46,6 +46,21 @@ def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "
             "set config.model.conv_impl=auto (convolutions as matmuls, as fast in the loop)")
 
 
+def step_layout_warnings(stage: str, step_impl: str, fsdp_size: int, mask_mode: str) -> list[str]:
+    """Settings that are legal but do less than they suggest: shard_map's step takes the parameters
+    whole (`in_specs=P()`) and returns whole gradients, so FSDP then splits only the stored state; a
+    fine-tune's encoder sees every token, so the sparse masked encoder is pretraining's alone."""
+    warnings = []
+    if step_impl == "shard_map" and fsdp_size > 1:
+        warnings.append(f"config.step_impl=shard_map with config.mesh.fsdp={fsdp_size}: the step gathers the whole "
+                        "parameters and gradients on every device, so FSDP splits only the state kept between steps "
+                        "and the step needs data parallelism's memory; config.step_impl=jit splits the step too")
+    if stage == "finetune" and mask_mode == "sparse":
+        warnings.append("config.model.mask_mode=sparse applies to pretraining only: a fine-tune masks nothing, and its "
+                        "encoder computes every token")
+    return warnings
+
+
 def small_dataset_warning(batch_size: int, num_train_examples: int) -> str | None:
     """A batch larger than the training set is legal (epochs run back to back) but rarely meant: each
     batch then repeats images, and BatchNorm's statistics and the loss count them as often."""
@@ -194,9 +209,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     pipeline.check_evaluable(data.eval, model.config.img_size)
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), loop.step_impl)
-    warning = accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl)
-    if warning:
-        logging.warning(warning)
+    for warning in [accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl),
+                    *step_layout_warnings(config.stage, loop.step_impl, mesh.shape[sharding.FSDP_AXIS],
+                                          config.model.mask_mode)]:
+        if warning:
+            logging.warning(warning)
 
     # --- Resume check: nothing in the workdir changes unless the run there is this one ------------
     steps_total = total_steps(config, len(data.train))
@@ -231,6 +248,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     logging.info("%s: %.2f M parameters, %d steps of %d images; per device: %.1f MB of parameters + "
                  "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, loop.batch_size,
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
+    kept_whole = sharding.fsdp_kept_whole_warning(state, state.params, mesh.shape[sharding.FSDP_AXIS], mesh.size)
+    if kept_whole:
+        logging.warning(kept_whole)
     checkpoint_dir = os.path.join(workdir, run_folder.CHECKPOINTS)
     new_checkpoint_dir = not epath.Path(checkpoint_dir).exists()
     manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
