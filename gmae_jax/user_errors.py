@@ -152,8 +152,30 @@ def _closest_fields(config: ml_collections.ConfigDict, parts: list[str], i: int,
     return [path for name in difflib.get_close_matches(parts[i], names, n=1) for path in fields_named(name)]
 
 
+# The configs of single stages (the demo's and the study's nest theirs under sections).
+STAGE_CONFIGS = ("pretrain", "finetune", "evaluate", "predict", "prepare", "export", "import")
+
+
+def _stages_with_field(argv: Sequence[str], path: str) -> list[str]:
+    """The stages' configs beside `--config`'s file that have the field `path`: a pretraining setting
+    given to a fine-tune (`--config.mask_ratio`) is that, not a typo of a near name."""
+    own, _ = _config_flag(argv)
+    folder, own_name = os.path.dirname(own), os.path.splitext(os.path.basename(own))[0]
+    found = []
+    for name in STAGE_CONFIGS:
+        if name == own_name or not os.path.isfile(os.path.join(folder, f"{name}.py")):
+            continue
+        node = config_lib.load_sibling_config(own, name)
+        for part in path.split("."):
+            node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
+        if node is not None:
+            found.append(name)
+    return found
+
+
 def unknown_field(argv: Sequence[str]) -> str | None:
-    """For the first `--config.a.b=v` that names no field: which part, and the closest field."""
+    """For the first `--config.a.b=v` that names no field: which part, and the closest field (or the
+    training stage whose setting it is)."""
     config = _config_from_argv(argv)
     if config is None:
         return None
@@ -166,6 +188,11 @@ def unknown_field(argv: Sequence[str]) -> str | None:
         for i, part in enumerate(parts):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                named_here = any(p[-1] == part for p in _field_paths(config))  # then only misplaced here
+                if not named_here and (stages := _stages_with_field(argv, path)):
+                    own = os.path.splitext(os.path.basename(_config_flag(argv)[0]))[0]
+                    return (f"--config.{path}: {walked} has no field '{part}'; it is a setting of "
+                            f"{' and '.join(f'configs/{name}.py' for name in stages)}, not of configs/{own}.py")
                 closest = _closest_fields(config, parts, i, known)
                 hint = ("did you mean " + " or ".join("--config." + ".".join(p) for p in closest) + "?" if closest
                         else f"fields: {known}")

@@ -117,6 +117,16 @@ def test_a_field_named_in_the_wrong_section_is_pointed_to_where_it_is(flag, hint
     assert line.startswith(f"{flag.partition('=')[0]}: config") and hint in line, line
 
 
+@pytest.mark.parametrize("config, flag, stages", [
+    ("finetune", "--config.mask_ratio=0.5", "configs/pretrain.py"),  # was: did you mean --config.model.mlp_ratio?
+    ("pretrain", "--config.label_smoothing=0.1", "configs/finetune.py"),
+    ("evaluate", "--config.top_k=3", "configs/predict.py"),
+])
+def test_another_stages_setting_is_named_as_such_not_as_a_typo(config, flag, stages):
+    line = user_errors.unknown_field([f"--config=configs/{config}.py", flag])
+    assert line.endswith(f"; it is a setting of {stages}, not of configs/{config}.py"), line
+
+
 def test_a_field_of_both_recipes_names_both():
     line = user_errors.unknown_field(["--config=configs/demo.py", "--config.model.depth=1"])
     assert line.endswith("did you mean --config.finetune.model.depth or --config.pretrain.model.depth?"), line
