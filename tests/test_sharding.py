@@ -121,7 +121,8 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
 def test_arrays_fsdp_leaves_whole_are_a_warning_with_the_fsdp_that_holds_least():
     """G-MAE's MSC-FFN sizes (2 x width + 1 and multiples: 513 x 2052 in `small`) have no dimension that 8
     divides: fsdp=8 kept them whole on every device, and fsdp=4 would have held a third as much."""
-    params = {"fc1": jax.ShapeDtypeStruct((513, 2052), np.float32), "proj": jax.ShapeDtypeStruct((512, 512), np.float32)}
+    params = {"fc1": jax.ShapeDtypeStruct((513, 2052), np.float32),
+              "proj": jax.ShapeDtypeStruct((512, 512), np.float32)}
     state = {"params": params, "adam_mu": params}
     assert sharding.fsdp_kept_whole_warning(state, params, 8, 8) == (
         "config.mesh.fsdp=8 splits only arrays with a dimension divisible by 8: 8.0 MB of parameters and optimiser "

@@ -295,10 +295,11 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
     asked = batch_size
     while True:
         _progress(f"PyTorch mirror of {case.name}, batch {batch_size}: timing")
-        model = step = None
+        step = None
         try:
-            model, step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
-                                               mask_ratio=MASK_RATIO, bfloat16=bfloat16)
+            # The step alone holds the model (its closure): dropping it frees model and optimiser state.
+            step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
+                                        mask_ratio=MASK_RATIO, bfloat16=bfloat16)[1]
             for _ in range(WARMUP_STEPS):  # cuDNN / cuBLAS choices, allocator
                 step()
             start = time.perf_counter()
@@ -311,7 +312,7 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
                 return "PyTorch mirror: out of memory at batch 1"
             batch_size //= 2
         finally:
-            model = step = None  # frees the model and its optimiser state before a retry or the next case
+            step = None  # frees the model and its optimiser state before a retry or the next case
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     on = f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
