@@ -4,9 +4,11 @@
 # peak memory, FLOPs per image and MFU (bf16 pretraining of every preset first, then the variants),
 # as a markdown table for BENCHMARKS.md; right after the first case's row, the eager PyTorch mirror on
 # that case (JAX / PyTorch ratio) and where its step spends its time.
-# No case starts after BUDGET_S seconds (420), but one started before runs to its end (2-4 minutes
-# of compile each on an H200, session 28), so give the call ~5 minutes more than BUDGET_S. The
-# table also goes to $OUT_FILE.
+# No case starts that is expected to end after BUDGET_S seconds (420): a small / base / reference
+# case takes at least ~130 / 175 / 225 s on an H200 (session 28's compiles), or what the preset's
+# last case took in this call; the first case always runs. The PyTorch mirror and the profile after
+# the first case, and a case slower than expected, come on top: give the call ~2 minutes more than
+# BUDGET_S. The table also goes to $OUT_FILE.
 #
 #   launch/bench_device.sh                      # all presets
 #   PRESETS=small,base launch/bench_device.sh   # a shorter loan

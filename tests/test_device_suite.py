@@ -92,6 +92,28 @@ def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
                              "unknown)")  # on CPU
 
 
+def test_a_case_that_would_end_past_the_budget_is_not_started(monkeypatch):
+    """The call's time limit would cut it off mid-compile: minutes of a loan for no row."""
+    clock = [0.0]
+    monkeypatch.setattr(device_suite.time, "perf_counter", lambda: clock[0])
+
+    def measure(case, mesh, num_steps, profile_steps=0, smallest=0):
+        clock[0] += 300.0  # each case takes 5 minutes
+        return {"batch": case.batch_size, "compile_s": 200.0, "img_per_s": 10.0, "step_ms": 800.0, "peak_gb": 1.0,
+                "planned_gb": 1.0, "flops_per_img": 1e9, "fits_batch": None, "profile": None}
+
+    monkeypatch.setattr(device_suite, "measure_fitting", measure)
+    monkeypatch.setattr(device_suite, "CASE_SECONDS", {"mini": 250.0})
+    cases = [Case("micro", "pretrain", batch_size=8, img_size=32), Case("micro", "finetune", batch_size=8, img_size=32),
+             Case("mini", "pretrain", batch_size=8, img_size=32)]
+    lines = list(device_suite.run_suite(cases, budget_s=700, num_steps=1))
+    # The second micro case is expected to take what the first took (300 s: ends at 600); mini's 250 s would end
+    # at 850.
+    assert [line.split(" |")[0] for line in lines if line.startswith("| mi")] == ["| micro pretrain bfloat16 encoder",
+                                                                                 "| micro finetune bfloat16"]
+    assert "skipped (would end past the 700 s budget): mini pretrain bfloat16 encoder" in lines
+
+
 # A fake python that prints the XLA_FLAGS the suite would run with; with `reject`, it fails like an
 # XLA that does not know the flag when the launcher tries it.
 FAKE_PYTHON = """#!/bin/sh

@@ -118,7 +118,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path):
     assert refused.returncode == 1 and "total_steps: 100000 -> " in refused.stderr.strip().splitlines()[-1]
     rerun = run_main(*shorter, "--config.resume_policy=allow_changes")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from step {saved}" in rerun.stderr
+    resumed = re.search(rf"resumed from step {saved} in {re.escape(str(workdir))}/checkpoints with changed settings "
+                        r"\((.*); recorded in config.history.jsonl\)", rerun.stderr)
+    assert resumed and f"total_steps: 100000 -> {saved + 2}" in resumed.group(1), rerun.stderr[-3000:]
     # The entry point's compilation cache (here the test session's, from $JAX_COMPILATION_CACHE_DIR)
     # hands the rerun what the first run compiled.
     cache = os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -108,6 +108,11 @@ def imported_run_error(workdir: str, stage: str | None) -> str:
             f"--config.init_from={workdir} and a new --workdir (evaluate and predict read it as it is)")
 
 
+def listing(changes: Sequence[Change]) -> str:
+    """`name: old -> new; ...`, as the errors and the resume line spell changes."""
+    return "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in changes)
+
+
 def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str],
           facts: dict[str, Any] | None = None) -> list[Change]:
     """The differences between `config` (and the run `facts`: TRAIN_IMAGES, EVAL_IMAGES, PLANNED_STEPS,
@@ -138,7 +143,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, class_names: list[str
         old_classes = list(run_files.read_json(folder / CLASSES_FILE))
         if old_classes != list(class_names):
             binding.append((classes, old_classes, list(class_names)))
-    listed = "; ".join(f"{name}: {old_value!r} -> {new_value!r}" for name, old_value, new_value in binding)
+    listed = listing(binding)
     # A classifier's class order is what its saved outputs mean (a pretraining run's labels are unused).
     fixed = [name for name, old_value, new_value in binding
              if name in SHAPE_FIELDS or (name == classes and config.get("stage") == "finetune")

@@ -263,7 +263,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
                         "to %s", last_saved, len(damaged), checkpoint.describe(damaged),
                         aside)
     if last_saved is not None:
-        logging.info("resumed from step %d in %s", last_saved, checkpoint_dir)
+        logging.info("resumed from step %d in %s%s", last_saved, checkpoint_dir,
+                     f" with changed settings ({resume_check.listing(changes)}; recorded in "
+                     f"{run_folder.HISTORY_FILE})" if changes else "")
         if warning := resume_check.schedule_change_warning(changes, last_saved, config.optim.warmup_steps):
             logging.warning(warning)
     elif config.get("init_from"):
