@@ -101,7 +101,8 @@ _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", [],
                                        "multiple of its default batch that its memory plan says fits.")
 _SUITE_IMG_SIZE = flags.DEFINE_integer("suite_img_size", 224, "--suite: image size.")
 _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0,
-                                     "--suite=device: no new case starts after this many seconds.")
+                                     "--suite=device: no case starts that is expected to end after this many "
+                                     "seconds (the first case always runs).")
 _SUITE_CASES = flags.DEFINE_list("suite_cases", [], "--suite: the cases to measure or plan, in this order, named as "
                                  "the table names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'), "
                                  "instead of every case of --suite_presets.")
