@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,9 @@ CASE_SECONDS = {"small": 130.0, "base": 175.0, "reference": 225.0}
 # Steps run before timing: XLA:GPU runs a step's command buffer op by op the first time and records its
 # CUDA graph the second, so timing from the third leaves both out (PyTorch gets as many).
 WARMUP_STEPS = 2
+# Windows of `num_steps` timed steps: the median counts (a GPU shared with nothing still varies a few per
+# cent between windows; seconds against a case's minutes of compile).
+TIMED_WINDOWS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +207,14 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / num_steps
+    windows = []
+    for _ in range(TIMED_WINDOWS):
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready(metrics)
+        windows.append((time.perf_counter() - start) / num_steps)
+    seconds = statistics.median(windows)
     profile = None
     if profile_steps:
         _progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
@@ -307,10 +314,13 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
                                         mask_ratio=MASK_RATIO, bfloat16=bfloat16)[1]
             for _ in range(WARMUP_STEPS):  # cuDNN / cuBLAS choices, allocator
                 step()
-            start = time.perf_counter()
-            for _ in range(num_steps):
-                step()  # returns the loss as a float: waits for the device
-            rate = batch_size * num_steps / (time.perf_counter() - start)
+            windows = []
+            for _ in range(TIMED_WINDOWS):
+                start = time.perf_counter()
+                for _ in range(num_steps):
+                    step()  # returns the loss as a float: waits for the device
+                windows.append(time.perf_counter() - start)
+            rate = batch_size * num_steps / statistics.median(windows)
             break
         except torch.OutOfMemoryError:
             if batch_size <= 1:
