@@ -208,7 +208,7 @@ def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
 
 
 def run_device_suite(cases: Sequence[Any]) -> None:
-    """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.pytorch_line`)."""
+    """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.mirror_line`)."""
     host_memory.keep_freed_memory()
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 

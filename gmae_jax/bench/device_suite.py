@@ -1,7 +1,7 @@
 """The one-call accelerator benchmark: `python -m gmae_jax.bench --suite=device`.
 
 Built for a short loan of a GPU or TPU: the headline cases run first (`default_cases`), every row
-is printed the moment it is measured (a cut-off run still leaves numbers), and cases that would start after the
+is printed the moment it is measured (a cut-off run still leaves numbers), and cases that would end after the
 time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
 (forward, backward, AdamW) on batches as the input pipeline yields them (uint8, with the colour
 jitter the step applies on the device), peak device memory, model FLOPs per image (matmuls and convolutions of
@@ -9,7 +9,8 @@ the forward and backward pass, counted from the step's jaxpr by `model_flops`: X
 analysis counted about half of them on an H200) and MFU against the device's peak. A batch that
 does not fit is halved and retried; each row estimates the largest batch that would fit from the
 step's memory plan (`batch_that_fits`), and with `grow` the suite also measures the case there (one
-more compile per case: `--suite_batch_sizes=max`). Right after the first case's row, where its step spends its
+more compile per case: `--suite_batch_sizes=max`). Right after the first case's row, the eager PyTorch
+mirror's img/s on it (timed before JAX starts on the device) and the ratio, and where the step spends its
 time (`step_profile`: a trace of 3 steps), so that a loan cut short still says what to change.
 """
 
@@ -289,22 +290,31 @@ def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile
             case = dataclasses.replace(case, batch_size=case.batch_size // 2)
 
 
-def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: int, num_devices: int = 1) -> str:
-    """The eager PyTorch mirror (`torch_mirror.train_step`: the original's layout, AdamW, bf16
-    autocast on a GPU for a bf16 case) on the case's model and batch of float images (the original
-    jitters and standardises in its workers; the JAX step does both on the device, so the ratio is if
-    anything unfair to JAX), and JAX's img/s over it: the issue's ratio, measured right after the
-    first row so that a short loan has it. A batch PyTorch cannot fit (JAX holds most of the device's
-    memory) is halved, and then no ratio is printed: eager PyTorch at a smaller batch is another
-    measurement. The mirror runs on one device: with more, JAX's img/s per device is compared."""
+@dataclasses.dataclass(frozen=True)
+class MirrorRun:
+    """The eager PyTorch mirror timed on a case: its img/s at `batch`, or None with the reason in `text`."""
+
+    case: Case
+    batch: int
+    img_per_s: float | None
+    text: str
+
+
+def time_mirror(case: Case, num_steps: int) -> MirrorRun:
+    """The eager PyTorch mirror (`torch_mirror.train_step`: the original's layout, AdamW, bf16 autocast
+    on a GPU for a bf16 case) on the case's model and batch of float images (the original jitters and
+    standardises in its workers; the JAX step does both on the device, so the ratio is if anything
+    unfair to JAX). The suite times it before JAX starts on the device: JAX then holds 75 % of a GPU's
+    memory for good, and the mirror beside it had to halve its batch (a `reference` case always). A
+    batch that does not fit the device alone is halved too, and then gets no ratio."""
     if importlib.util.find_spec("torch") is None:
-        return "PyTorch mirror: torch is not installed (pip install -e '.[torch]')"
+        return MirrorRun(case, case.batch_size, None, "PyTorch mirror: torch is not installed (pip install -e "
+                                                       "'.[torch]')")
     import torch  # noqa: PLC0415 (optional extra)
 
     from gmae_jax.torch_mirror import train_step  # noqa: PLC0415
 
-    bfloat16 = case.dtype == "bfloat16"
-    asked = batch_size
+    bfloat16, batch_size = case.dtype == "bfloat16", case.batch_size
     while True:
         _progress(f"PyTorch mirror of {case.name}, batch {batch_size}: timing")
         step = None
@@ -324,24 +334,32 @@ def pytorch_line(case: Case, batch_size: int, jax_img_per_s: float, num_steps: i
             break
         except torch.OutOfMemoryError:
             if batch_size <= 1:
-                return "PyTorch mirror: out of memory at batch 1"
+                return MirrorRun(case, batch_size, None, "PyTorch mirror: out of memory at batch 1")
             batch_size //= 2
         finally:
-            step = None  # frees the model and its optimiser state before a retry or the next case
+            step = None  # frees the model and its optimiser state before a retry, and for JAX
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     on = f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
     autocast = ", bf16 autocast" if torch.cuda.is_available() and bfloat16 else ""
-    line = (f"PyTorch mirror of that case (eager{autocast}, torch {torch.__version__}, one {on}), batch {batch_size}: "
-            f"{rate:.1f} img/s")
-    if batch_size != asked:
-        return f"{line}; no ratio: JAX ran at batch {asked}, and PyTorch fit only {batch_size} beside it"
-    per_device = jax_img_per_s / num_devices
-    ratio = f"JAX / PyTorch **{per_device / rate:.2f}x**" + (f" (JAX per device, of {num_devices})"
-                                                            if num_devices > 1 else "")
-    if case.mask_mode != "encoder":  # the mirror's encoder computes every token, as the original's does
-        ratio += f", not like for like: the mirror computes {case.mask_mode} masking densely"
-    return f"{line}; {ratio}"
+    return MirrorRun(case, batch_size, rate, f"PyTorch mirror of {case.name} (eager{autocast}, torch "
+                                             f"{torch.__version__}, one {on}), batch {batch_size}: {rate:.1f} img/s")
+
+
+def mirror_line(mirror: MirrorRun, jax_result: dict[str, Any] | None, num_devices: int = 1) -> str:
+    """The mirror's line with JAX's img/s over it (the issue's ratio) where the two are like for like:
+    the same batch (else no ratio), per device (the mirror runs on one), and dense masking named."""
+    if mirror.img_per_s is None:
+        return mirror.text
+    if jax_result is None:
+        return f"{mirror.text}; no ratio: the JAX case failed"
+    if jax_result["batch"] != mirror.batch:
+        return f"{mirror.text}; no ratio: JAX ran at batch {jax_result['batch']}"
+    ratio = (f"JAX / PyTorch **{jax_result['img_per_s'] / num_devices / mirror.img_per_s:.2f}x**"
+             + (f" (JAX per device, of {num_devices})" if num_devices > 1 else ""))
+    if mirror.case.mask_mode != "encoder":  # the mirror's encoder computes every token, as the original's does
+        ratio += f", not like for like: the mirror computes {mirror.case.mask_mode} masking densely"
+    return f"{mirror.text}; {ratio}"
 
 
 # peak GB: the device's peak memory in use during the case ("<=" an earlier case's peak where it did
@@ -370,14 +388,16 @@ def failed_row(case: Case, error: Exception, where: str = "") -> str:
 
 
 def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
-              profile_steps: int = 3, grow: bool = False) -> Iterator[str]:
-    """Yields the table line by line (header first), the first case that ran followed by its profile
-    (`profile_steps` traced steps; 0: none). No case starts that is expected to end after `budget_s`
+              profile_steps: int = 3, grow: bool = False, with_mirror: bool = True) -> Iterator[str]:
+    """Yields the table line by line (header first): the first case's row followed by the eager
+    PyTorch mirror's line on it (timed first, `time_mirror`), and the first case that ran by its
+    profile (`profile_steps` traced steps; 0: none). No case starts that is expected to end after `budget_s`
     (`CASE_SECONDS`, or what the preset's last case took), the first excepted. With `grow`, a case whose
     row says a batch at least twice its own fits is measured again at the largest such power-of-two
     multiple (`grown_batch`), in the next row.
     """
     started = time.perf_counter()
+    mirror = time_mirror(cases[0], num_steps) if cases and with_mirror else None  # before JAX takes the device
     mesh = sharding.make_mesh()
     device = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "").strip()
@@ -408,8 +428,13 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
             result = timed(case, profile_steps=0 if profiled else profile_steps)
         except Exception as error:  # one broken case must not cost the rest of the loan
             yield failed_row(case, error)
+            if index == 0 and mirror:
+                yield mirror_line(mirror, None)
             continue
         yield format_row(case, result, device, mesh.size)
+        if index == 0 and mirror:
+            # Simulated CPU devices share the cores the mirror ran on: per device only on accelerators.
+            yield mirror_line(mirror, result, mesh.size if device.platform != "cpu" else 1)
         larger = grown_batch(result["batch"], result.get("fits_batch")) if grow else None
         if larger and ends_in_budget(case.preset, first=False):
             grown = dataclasses.replace(case, batch_size=larger)
@@ -423,9 +448,6 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
             skipped.append(f"{case.name} at batch {larger}")
         if result["profile"] is not None:
             profiled = True
-            # Simulated CPU devices share the cores the mirror runs on: per device only on accelerators.
-            chips = mesh.size if device.platform != "cpu" else 1
-            yield pytorch_line(case, result["batch"], result["img_per_s"], num_steps, chips)
             yield f"\nwhere the time goes: {case.name}, batch {result['batch']}, {profile_steps} traced steps\n"
             yield step_profile.markdown(result["profile"])
             yield "\n" + HEADER
