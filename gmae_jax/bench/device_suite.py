@@ -322,15 +322,10 @@ def time_mirror(case: Case, num_steps: int) -> MirrorRun:
             # The step alone holds the model (its closure): dropping it frees model and optimiser state.
             step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
                                         mask_ratio=MASK_RATIO, bfloat16=bfloat16)[1]
-            for _ in range(WARMUP_STEPS):  # cuDNN / cuBLAS choices, allocator
-                step()
-            windows = []
-            for _ in range(TIMED_WINDOWS):
-                start = time.perf_counter()
-                for _ in range(num_steps):
-                    step()  # returns the loss as a float: waits for the device
-                windows.append(time.perf_counter() - start)
-            rate = batch_size * num_steps / statistics.median(windows)
+            # Its step returns the loss as a float, so each step waits for the device.
+            runner = step_benchmark.Runner("PyTorch mirror", step, lambda: {})
+            rate = step_benchmark.images_per_second([runner], batch_size, num_steps, rounds=TIMED_WINDOWS,
+                                                    warmup_steps=WARMUP_STEPS)[runner.name]
             break
         except torch.OutOfMemoryError:
             if batch_size <= 1:
