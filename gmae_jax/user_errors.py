@@ -156,21 +156,14 @@ def _closest_fields(config: ml_collections.ConfigDict, parts: list[str], i: int,
 STAGE_CONFIGS = ("pretrain", "finetune", "evaluate", "predict", "prepare", "export", "import")
 
 
-def _stages_with_field(argv: Sequence[str], path: str) -> list[str]:
-    """The stages' configs beside `--config`'s file that have the field `path`: a pretraining setting
+def _stages_with_field(config_file: str, path: str) -> list[str]:
+    """The stages' configs beside `config_file` that have the field `path`: a pretraining setting
     given to a fine-tune (`--config.mask_ratio`) is that, not a typo of a near name."""
-    own, _ = _config_flag(argv)
-    folder, own_name = os.path.dirname(own), os.path.splitext(os.path.basename(own))[0]
-    found = []
-    for name in STAGE_CONFIGS:
-        if name == own_name or not os.path.isfile(os.path.join(folder, f"{name}.py")):
-            continue
-        node = config_lib.load_sibling_config(own, name)
-        for part in path.split("."):
-            node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
-        if node is not None:
-            found.append(name)
-    return found
+    folder, own = os.path.dirname(config_file), os.path.splitext(os.path.basename(config_file))[0]
+    wanted = tuple(path.split("."))
+    return [name for name in STAGE_CONFIGS
+            if name != own and os.path.isfile(os.path.join(folder, f"{name}.py"))
+            and wanted in _field_paths(config_lib.load_sibling_config(config_file, name))]
 
 
 def unknown_field(argv: Sequence[str]) -> str | None:
@@ -189,8 +182,9 @@ def unknown_field(argv: Sequence[str]) -> str | None:
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 named_here = any(p[-1] == part for p in _field_paths(config))  # then only misplaced here
-                if not named_here and (stages := _stages_with_field(argv, path)):
-                    own = os.path.splitext(os.path.basename(_config_flag(argv)[0]))[0]
+                config_file = _config_flag(argv)[0]
+                if not named_here and (stages := _stages_with_field(config_file, path)):
+                    own = os.path.splitext(os.path.basename(config_file))[0]
                     return (f"--config.{path}: {walked} has no field '{part}'; it is a setting of "
                             f"{' and '.join(f'configs/{name}.py' for name in stages)}, not of configs/{own}.py")
                 closest = _closest_fields(config, parts, i, known)
