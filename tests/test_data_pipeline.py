@@ -18,7 +18,7 @@ from gmae_jax import schema
 from gmae_jax.data import input_workers, pipeline, transforms
 from gmae_jax.data.class_folders import Example
 from gmae_jax.data.transforms import ImageDecodeError
-from gmae_jax.train import trainer
+from gmae_jax.train import start_warnings
 
 # grain's worker processes read absl flags; outside absl.app.run nobody parses them.
 flags.FLAGS.mark_as_parsed()
@@ -304,19 +304,19 @@ def test_a_batch_larger_than_the_training_set_repeats_images_and_the_trainer_say
     batch = next(iter(_train(examples, global_batch_size=16)))
     labels = list(batch["label"])
     assert len(labels) == 16 and sorted(set(labels)) == list(range(NUM_EXAMPLES))  # 4 images twice
-    message = trainer.small_dataset_warning(16, NUM_EXAMPLES)
+    message = start_warnings.small_dataset_warning(16, NUM_EXAMPLES)
     assert message == ("config.batch_size=16 is larger than the 12 training images: each batch holds some "
                        "images twice or more (BatchNorm and the loss count them so); use a batch of at most 12, "
                        "or more data")
-    assert trainer.small_dataset_warning(12, NUM_EXAMPLES) is None
+    assert start_warnings.small_dataset_warning(12, NUM_EXAMPLES) is None
 
 
 def test_a_run_with_no_steps_left_says_it_only_evaluates():
-    assert trainer.nothing_to_train_warning(80, 30) == (
+    assert start_warnings.nothing_to_train_warning(80, 30) == (
         "nothing to train: the run is at step 80, past this config's total of 30; evaluating it as it is "
         "(raise --config.total_steps to train on)")
-    assert trainer.nothing_to_train_warning(30, 30).startswith("nothing to train: the run is at step 30;")
-    assert trainer.nothing_to_train_warning(29, 30) is None
+    assert start_warnings.nothing_to_train_warning(30, 30).startswith("nothing to train: the run is at step 30;")
+    assert start_warnings.nothing_to_train_warning(29, 30) is None
 
 
 def test_grain_s_error_for_a_dead_worker_becomes_one_that_names_the_cause():

@@ -28,7 +28,7 @@ from gmae_jax.stages import evaluate as evaluate_stage
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
 from gmae_jax.train import (checkpoint, divergence, evaluation, init_from, progress, run_folder, setup, sharding,
-                            summaries, trainer)
+                            start_warnings, summaries, trainer)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -691,12 +691,12 @@ def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstru
 
 
 def test_settings_that_do_less_than_they_suggest_are_warned_of():
-    shard_map_fsdp, sparse_finetune = trainer.step_layout_warnings("finetune", "shard_map", 2, "sparse")
+    shard_map_fsdp, sparse_finetune = start_warnings.step_layout_warnings("finetune", "shard_map", 2, "sparse")
     assert shard_map_fsdp.startswith("config.step_impl=shard_map with config.mesh.fsdp=2: the step gathers the whole "
                                      "parameters and gradients on every device")
     assert sparse_finetune.startswith("config.model.mask_mode=sparse applies to pretraining only")
-    assert trainer.step_layout_warnings("pretrain", "shard_map", 1, "sparse") == []
-    assert trainer.step_layout_warnings("finetune", "jit", 8, "encoder") == []
+    assert start_warnings.step_layout_warnings("pretrain", "shard_map", 1, "sparse") == []
+    assert start_warnings.step_layout_warnings("finetune", "jit", 8, "encoder") == []
 
 
 def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns():
@@ -705,15 +705,15 @@ def test_gradient_accumulation_on_cpu_computes_convolutions_as_matmuls_or_warns(
     assert setup.build_model(config)[0].config.conv_impl == "xla"
     config.grad_accum_steps = 2
     assert setup.build_model(config)[0].config.conv_impl == "matmul"
-    assert trainer.accumulation_warning(4, "cpu", "auto") is None
-    assert trainer.accumulation_warning(4, "cpu", "taps") is None  # no convolution left in the loop either
+    assert start_warnings.accumulation_warning(4, "cpu", "auto") is None
+    assert start_warnings.accumulation_warning(4, "cpu", "taps") is None  # no convolution left in the loop either
     # Chosen by hand, XLA's convolutions inside the loop get a warning that says what to do.
-    message = trainer.accumulation_warning(4, "cpu", "xla")
+    message = start_warnings.accumulation_warning(4, "cpu", "xla")
     assert message.startswith("config.grad_accum_steps=4 on CPU") and "~6x slower" in message
     assert "conv_impl=auto" in message
-    assert trainer.accumulation_warning(1, "cpu", "xla") is None
-    assert trainer.accumulation_warning(4, "gpu", "xla") is None
-    assert trainer.accumulation_warning(4, "tpu", "xla") is None
+    assert start_warnings.accumulation_warning(1, "cpu", "xla") is None
+    assert start_warnings.accumulation_warning(4, "gpu", "xla") is None
+    assert start_warnings.accumulation_warning(4, "tpu", "xla") is None
 
 
 def running_input_workers() -> list:

@@ -19,9 +19,8 @@ from jax.experimental import multihost_utils
 
 from gmae_jax import config_checks, config_lib, distributed, host_resources, run_files, schema
 from gmae_jax.data import input_workers, pipeline, sources
-from gmae_jax.models import fast_conv
 from gmae_jax.train import (checkpoint, evaluation, init_compile, preemption, resume_check, run_folder, setup, sharding,
-                            steps, tasks)
+                            start_warnings, steps, tasks)
 from gmae_jax.train.failed_saves import FailedSaveWatch
 from gmae_jax.train.init_from import load_pretrained_encoder
 from gmae_jax.train.optim import make_optimizer, warmup_warning
@@ -33,63 +32,6 @@ from gmae_jax.train.summaries import Summaries, run_summary
 
 # What linear probing (config.freeze_encoder) keeps fixed: everything but the classifier head.
 FROZEN_BY_LINEAR_PROBING = ("encoder", "pos_embed")
-
-
-def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "auto") -> str | None:
-    """Gradient accumulation is for memory, and on CPU with XLA's convolutions it costs speed: XLA:CPU
-    computes convolutions inside the micro-batch loop ~6x slower (BENCHMARKS.md, sessions 7-8), which
-    `conv_impl='auto'` avoids by computing them as matmuls there; 'xla' chosen by hand does not."""
-    if backend != "cpu" or grad_accum_steps <= 1 or fast_conv.resolve(conv_impl, backend, accumulating=True) != "xla":
-        return None
-    return (f"config.grad_accum_steps={grad_accum_steps} on CPU with config.model.conv_impl='{conv_impl}': "
-            "XLA:CPU computes convolutions inside the micro-batch loop ~6x slower than outside one; "
-            "set config.model.conv_impl=auto (convolutions as matmuls, as fast in the loop)")
-
-
-def step_layout_warnings(stage: str, step_impl: str, fsdp_size: int, mask_mode: str) -> list[str]:
-    """Settings that are legal but do less than they suggest: shard_map's step takes the parameters
-    whole (`in_specs=P()`) and returns whole gradients, so FSDP then splits only the stored state; a
-    fine-tune's encoder sees every token, so the sparse masked encoder is pretraining's alone."""
-    warnings = []
-    if step_impl == "shard_map" and fsdp_size > 1:
-        warnings.append(f"config.step_impl=shard_map with config.mesh.fsdp={fsdp_size}: the step gathers the whole "
-                        "parameters and gradients on every device, so FSDP splits only the state kept between steps "
-                        "and the step needs data parallelism's memory; config.step_impl=jit splits the step too")
-    if stage == "finetune" and mask_mode == "sparse":
-        warnings.append("config.model.mask_mode=sparse applies to pretraining only: a fine-tune masks nothing, and its "
-                        "encoder computes every token")
-    return warnings
-
-
-def small_dataset_warning(batch_size: int, num_train_examples: int) -> str | None:
-    """A batch larger than the training set is legal (epochs run back to back) but rarely meant: each
-    batch then repeats images, and BatchNorm's statistics and the loss count them as often."""
-    if batch_size <= num_train_examples:
-        return None
-    return (f"config.batch_size={batch_size} is larger than the {num_train_examples} training images: each "
-            "batch holds some images twice or more (BatchNorm and the loss count them so); use a batch of "
-            f"at most {num_train_examples}, or more data")
-
-
-def training_split_evaluated_warning(data: schema.DataConfig, best_metric: str) -> str | None:
-    """Evaluating on the training split is legal (does the model fit its images?) but, unasked, it
-    passes off a training score as a held-out one, and ranks the best checkpoint by it."""
-    if data.eval_split != data.train_split:
-        return None
-    best = ", and the checkpoint kept as best (by its " + best_metric + ")," if best_metric else ""
-    return (f"config.data.eval_split='{data.eval_split}' is the training split: every evaluation{best} is scored "
-            "on the images the model trains on, which says how well it fits them, not how well it generalises; "
-            f"name a held-out split for that (e.g. --config.data.eval_split={schema.DataConfig.eval_split})")
-
-
-def nothing_to_train_warning(start_step: int, steps_total: int) -> str | None:
-    """A rerun of a finished run (or, under allow_changes, one shortened below its step) trains nothing;
-    it evaluates the run as it is, which should not look like a run that trained."""
-    if start_step < steps_total:
-        return None
-    past = "" if start_step == steps_total else f", past this config's total of {steps_total}"
-    return (f"nothing to train: the run is at step {start_step}{past}; evaluating it as it is (raise "
-            "--config.total_steps to train on)")
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -209,9 +151,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     pipeline.check_evaluable(data.eval, model.config.img_size)
     logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), loop.step_impl)
-    for warning in [accumulation_warning(loop.grad_accum_steps, jax.default_backend(), config.model.conv_impl),
-                    *step_layout_warnings(config.stage, loop.step_impl, mesh.shape[sharding.FSDP_AXIS],
-                                          config.model.mask_mode)]:
+    for warning in [start_warnings.accumulation_warning(loop.grad_accum_steps, jax.default_backend(),
+                                                        config.model.conv_impl),
+                    *start_warnings.step_layout_warnings(config.stage, loop.step_impl,
+                                                         mesh.shape[sharding.FSDP_AXIS], config.model.mask_mode)]:
         if warning:
             logging.warning(warning)
 
@@ -227,9 +170,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
         logging.warning(warning)
 
     # --- Input pipeline -------------------------------------------------------------------------
-    for warning in (small_dataset_warning(loop.batch_size, len(data.train)),
+    for warning in (start_warnings.small_dataset_warning(loop.batch_size, len(data.train)),
                     warmup_warning(config.optim.warmup_steps, steps_total),
-                    training_split_evaluated_warning(data_config, loop.best_metric)):
+                    start_warnings.training_split_evaluated_warning(data_config, loop.best_metric)):
         if warning:
             logging.warning(warning)
     train_data = pipeline.make_train_dataset(
@@ -291,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     eval_split = data_config.eval_split
     pictures: list[str] = []
     progress = Progress(steps_total, start, loop.batch_size, num_workers, from_shards=data.train.decoded_once)
-    warning = nothing_to_train_warning(start, steps_total)
+    warning = start_warnings.nothing_to_train_warning(start, steps_total)
     if warning:
         logging.warning(warning)
     eval_metrics: dict[str, float] = {}
