@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from gmae_jax.bench import device_suite, model_flops, step_benchmark
-from gmae_jax.bench.device_suite import Case
+from gmae_jax.bench import device_suite, model_flops, step_benchmark, suite_cases, suite_mirror
+from gmae_jax.bench.suite_cases import Case
 from gmae_jax.train import init_compile
 
 
@@ -28,7 +28,7 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1)]
     monkeypatch.setattr(device_suite, "_device_capacity", lambda: 2 * 10**9)  # a CPU states no limit
     order = []
-    for name, module in (("time_mirror", device_suite), ("make_mesh", device_suite.sharding)):
+    for name, module in (("time_mirror", suite_mirror), ("make_mesh", device_suite.sharding)):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: order.append(name) or real(*a, **k))
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1))
@@ -44,9 +44,9 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     assert int(cells[9]) > 8 and int(cells[9]) % 8 == 0  # the batch that would fit 2 GB, in rows of 8 devices
     # Model FLOPs from the jaxpr.
     config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1)
-    assert float(cells[6]) == pytest.approx(device_suite.flops_per_image(cases[0]) / 1e9, abs=0.005)
-    assert device_suite.flops_per_image(cases[0]) == model_flops.train_step_flops(
-        config, "pretrain", 4, mask_ratio=device_suite.MASK_RATIO, num_classes=device_suite.NUM_CLASSES) / 4
+    assert float(cells[6]) == pytest.approx(suite_cases.flops_per_image(cases[0]) / 1e9, abs=0.005)
+    assert suite_cases.flops_per_image(cases[0]) == model_flops.train_step_flops(
+        config, "pretrain", 4, mask_ratio=suite_cases.MASK_RATIO, num_classes=suite_cases.NUM_CLASSES) / 4
     assert lines[-1].startswith("total")
     # Every case times the step a training run runs: on uint8 batches with the workers' colour jitter.
     assert [(batch["image"].dtype, batch["color_jitter"].shape) for batch in timed_batches] == \
@@ -82,8 +82,8 @@ def test_a_variants_row_names_it_and_its_flops_leave_recomputation_out():
     case = Case("micro", "finetune", remat="block", batch_size=8, img_size=32, depth=1, conv_impl="matmul")
     assert case.name == "micro finetune bfloat16 remat=block depth=1 conv=matmul"
     config = dataclasses.replace(step_benchmark.preset_architecture("micro", "float32"), depth=1, remat="block")
-    assert device_suite.flops_per_image(case) == model_flops.train_step_flops(
-        config, "finetune", 4, mask_ratio=device_suite.MASK_RATIO, num_classes=device_suite.NUM_CLASSES) / 4
+    assert suite_cases.flops_per_image(case) == model_flops.train_step_flops(
+        config, "finetune", 4, mask_ratio=suite_cases.MASK_RATIO, num_classes=suite_cases.NUM_CLASSES) / 4
 
 
 def test_cases_after_the_budget_are_listed_as_skipped(monkeypatch):
@@ -189,7 +189,7 @@ def test_a_batch_that_does_not_fit_is_halved(monkeypatch):
 
 
 def test_every_presets_headline_case_comes_first_and_mfu_uses_the_device_peak():
-    cases = device_suite.default_cases()
+    cases = suite_cases.default_cases()
     # A short loan still measures reference's bf16 pretraining MFU: the bf16 dense pretraining step of
     # every preset, smallest first, before any variant.
     assert [c.name for c in cases[:3]] == ["small pretrain bfloat16 encoder", "base pretrain bfloat16 encoder",
@@ -201,7 +201,7 @@ def test_every_presets_headline_case_comes_first_and_mfu_uses_the_device_peak():
     # If time is left: tap sums and cuDNN against im2col matmuls.
     assert [c.name for c in cases[-2:]] == ["small pretrain bfloat16 encoder conv=taps",
                                             "small pretrain bfloat16 encoder conv=xla"]
-    assert {c.preset: c.batch_size for c in cases} == device_suite.DEFAULT_BATCH_SIZES
+    assert {c.preset: c.batch_size for c in cases} == suite_cases.DEFAULT_BATCH_SIZES
 
 @pytest.mark.parametrize("kind, bfloat16, float32", [
     ("NVIDIA H100 80GB HBM3", 989e12, 494e12), ("NVIDIA H200", 989e12, 494e12), ("NVIDIA GH200 480GB", 989e12, 494e12),
@@ -234,12 +234,12 @@ def test_the_pytorch_mirror_halves_a_batch_it_cannot_fit(monkeypatch):
         return None, lambda: 0.0
 
     monkeypatch.setattr(train_step, "make_step", fake_make_step)
-    mirror = device_suite.time_mirror(Case("micro", "pretrain", batch_size=8, img_size=32), num_steps=1)
-    line = device_suite.mirror_line(mirror, {"batch": 8, "img_per_s": 100.0})
+    mirror = suite_mirror.time_mirror(Case("micro", "pretrain", batch_size=8, img_size=32), num_steps=1)
+    line = suite_mirror.mirror_line(mirror, {"batch": 8, "img_per_s": 100.0})
     assert tried == [8, 4, 2] and ", batch 2: " in line
     # Eager PyTorch at a quarter of JAX's batch is another measurement: no ratio.
     assert line.endswith("; no ratio: JAX ran at batch 8") and "**" not in line
-    assert device_suite.mirror_line(mirror, None).endswith("; no ratio: the JAX case failed")
+    assert suite_mirror.mirror_line(mirror, None).endswith("; no ratio: the JAX case failed")
 
 
 def test_the_pytorch_ratio_is_per_device_and_names_what_is_not_like_for_like(monkeypatch):
@@ -249,9 +249,9 @@ def test_the_pytorch_ratio_is_per_device_and_names_what_is_not_like_for_like(mon
     monkeypatch.setattr(train_step, "make_step", lambda config, task, batch_size, **kwargs: (
         seen.append(kwargs["bfloat16"]), (None, lambda: 0.0))[1])
     # Three windows of 1, 2 and 1 s for 8 images: the median counts.
-    monkeypatch.setattr(device_suite.time, "perf_counter", iter([0.0, 1.0, 1.0, 3.0, 3.0, 4.0]).__next__)
-    mirror = device_suite.time_mirror(Case("micro", "pretrain", "float32", "sparse", batch_size=8, img_size=32), 1)
-    line = device_suite.mirror_line(mirror, {"batch": 8, "img_per_s": 64.0}, num_devices=4)
+    monkeypatch.setattr(step_benchmark.time, "perf_counter", iter([0.0, 1.0, 1.0, 3.0, 3.0, 4.0]).__next__)
+    mirror = suite_mirror.time_mirror(Case("micro", "pretrain", "float32", "sparse", batch_size=8, img_size=32), 1)
+    line = suite_mirror.mirror_line(mirror, {"batch": 8, "img_per_s": 64.0}, num_devices=4)
     assert seen == [False]  # a float32 case: no bf16 autocast on a GPU either
     assert line.startswith("PyTorch mirror of micro pretrain float32 sparse (eager, torch ")
     assert ", one CPU), batch 8: 8.0 img/s" in line
@@ -260,7 +260,7 @@ def test_the_pytorch_ratio_is_per_device_and_names_what_is_not_like_for_like(mon
 
 
 def test_a_case_is_found_again_from_its_name():
-    cases = device_suite.default_cases() + [Case("micro", "finetune", depth=1, conv_impl="matmul", batch_size=8)]
+    cases = suite_cases.default_cases() + [Case("micro", "finetune", depth=1, conv_impl="matmul", batch_size=8)]
     for case in cases:
         assert Case.from_name(case.name, batch_size=case.batch_size, img_size=case.img_size) == case
     for bad in ("small", "small train bfloat16", "small pretrain bfloat16 encoder remat", "small pretrain x y=1",
@@ -271,11 +271,11 @@ def test_a_case_is_found_again_from_its_name():
 
 
 def test_each_preset_has_its_batch_unless_told():
-    assert device_suite.batch_sizes_for(["reference"], []) == [64]
-    assert device_suite.batch_sizes_for(["small", "base", "reference", "mini"], []) == [256, 128, 64, 128]
-    assert device_suite.batch_sizes_for(["small", "base"], [32]) == [32, 32]
+    assert suite_cases.batch_sizes_for(["reference"], []) == [64]
+    assert suite_cases.batch_sizes_for(["small", "base", "reference", "mini"], []) == [256, 128, 64, 128]
+    assert suite_cases.batch_sizes_for(["small", "base"], [32]) == [32, 32]
     with pytest.raises(ValueError, match="3 batch sizes for 2 presets"):
-        device_suite.batch_sizes_for(["small", "base"], [1, 2, 3])
+        suite_cases.batch_sizes_for(["small", "base"], [1, 2, 3])
 
 
 def test_the_batch_that_fits_is_read_off_the_plans_line():
@@ -324,7 +324,7 @@ def test_a_failed_case_is_a_row_and_the_next_case_still_runs(monkeypatch):
     monkeypatch.setattr(device_suite, "measure", fake_measure)
     cases = [Case("micro", "finetune", batch_size=8), Case("micro", "pretrain", batch_size=8, img_size=32)]
     # The mirror of a 224 px case would take minutes on CPU: a stand-in, as it had been timed.
-    monkeypatch.setattr(device_suite, "time_mirror", lambda case, num_steps: device_suite.MirrorRun(
+    monkeypatch.setattr(suite_mirror, "time_mirror", lambda case, num_steps: suite_mirror.MirrorRun(
         case, case.batch_size, 50.0, "PyTorch mirror of micro finetune bfloat16 (...), batch 8: 50.0 img/s"))
     lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1, grow=True))
     rows = [line for line in lines if line.startswith("| micro")]

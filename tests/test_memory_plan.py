@@ -8,8 +8,8 @@ import jax
 import pytest
 from jax.experimental import topologies
 
-from gmae_jax.bench import cli, device_suite, memory_plan, step_benchmark
-from gmae_jax.bench.device_suite import Case
+from gmae_jax.bench import cli, memory_plan, step_benchmark, suite_cases
+from gmae_jax.bench.suite_cases import Case
 from gmae_jax.train import sharding, trainer
 
 CASE = Case(preset="micro", stage="pretrain", dtype="float32", batch_size=16, img_size=32, depth=1)
@@ -22,7 +22,7 @@ def two_cpus():
 
 def test_the_abstract_state_is_the_state_a_run_creates(two_cpus):
     mesh = sharding.make_mesh(devices=two_cpus)
-    model, init_inputs, _, run = step_benchmark.model_and_loss(device_suite.architecture(CASE), "pretrain")
+    model, init_inputs, _, run = step_benchmark.model_and_loss(suite_cases.architecture(CASE), "pretrain")
     real, _ = trainer.create_state(model, init_inputs, run, mesh, 1000)
     abstract = trainer.abstract_state(model, init_inputs, run, mesh, 1000)
     planned, made = (jax.tree.leaves_with_path(state) for state in (abstract, real))

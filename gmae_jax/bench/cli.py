@@ -196,19 +196,19 @@ def _grow_batches() -> bool:
 
 
 def _suite_batch_sizes(presets: Sequence[str]) -> list[int]:
-    from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
+    from gmae_jax.bench import suite_cases  # noqa: PLC0415 (model code only here)
 
     requested = [] if _grow_batches() else _SUITE_BATCH_SIZES.value
     if not all(b.isdigit() for b in requested):
         raise app.UsageError(f"--suite_batch_sizes={','.join(requested)}: give whole numbers, or {GROW} alone")
     try:
-        return device_suite.batch_sizes_for(presets, [int(b) for b in requested])
+        return suite_cases.batch_sizes_for(presets, [int(b) for b in requested])
     except ValueError as error:
         raise app.UsageError(f"--suite_batch_sizes: {error}") from None
 
 
 def run_device_suite(cases: Sequence[Any]) -> None:
-    """The device table; the eager PyTorch mirror's line follows its first row (`device_suite.mirror_line`)."""
+    """The device table; the eager PyTorch mirror's line follows its first row (`suite_mirror.mirror_line`)."""
     host_memory.keep_freed_memory()
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
@@ -218,16 +218,16 @@ def run_device_suite(cases: Sequence[Any]) -> None:
 def _suite_cases() -> list[Any]:
     """The cases --suite_cases names (each at its preset's batch, or the one --suite_batch_sizes
     gives), else every case of --suite_presets."""
-    from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
+    from gmae_jax.bench import suite_cases  # noqa: PLC0415 (model code only here)
 
     if not _SUITE_CASES.value:
         presets = _SUITE_PRESETS.value
-        return device_suite.default_cases(presets, _SUITE_IMG_SIZE.value, _suite_batch_sizes(presets))
+        return suite_cases.default_cases(presets, _SUITE_IMG_SIZE.value, _suite_batch_sizes(presets))
     if len(_SUITE_BATCH_SIZES.value) > 1:
         raise app.UsageError("with --suite_cases, --suite_batch_sizes takes one value (for every case) or none "
                              "(each preset's default)")
     try:
-        return [device_suite.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
+        return [suite_cases.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
                                             batch_size=_suite_batch_sizes(name.split()[:1])[0])
                 for name in _SUITE_CASES.value]
     except ValueError as error:

@@ -17,26 +17,22 @@ time (`step_profile`: a trace of 3 steps), so that a loan cut short still says w
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import os
 import re
 import statistics
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
-from gmae_jax import config_lib, user_errors
+from gmae_jax import user_errors
 from gmae_jax.models import fast_conv
-from gmae_jax.models.presets import MASK_MODES, PRESETS, REMAT_MODES, GMSTConfig, gmst_config
-from gmae_jax.bench import model_flops, step_benchmark, step_profile
+from gmae_jax.bench import step_benchmark, step_profile, suite_mirror
+from gmae_jax.bench.suite_cases import (MASK_RATIO, NUM_CLASSES, TIMED_WINDOWS, WARMUP_STEPS, Case, architecture,
+                                        flops_per_image, progress)
 from gmae_jax.train import sharding
 
-NUM_CLASSES = 18
-MASK_RATIO = 0.75
 # Share of the allocator's memory a batch estimate leaves free: fragmentation, batches in flight, the
 # plan's own error (`memory_plan` plans with the same margin).
 HEADROOM = 0.15
@@ -63,88 +59,6 @@ PEAK_FLOPS = (
 # within the budget is not started, as the call's time limit would cut it off mid-compile. Once a
 # preset's case has run, its own time counts instead.
 CASE_SECONDS = {"small": 130.0, "base": 175.0, "reference": 225.0}
-# Steps run before timing: XLA:GPU runs a step's command buffer op by op the first time and records its
-# CUDA graph the second, so timing from the third leaves both out (PyTorch gets as many).
-WARMUP_STEPS = 2
-# Windows of `num_steps` timed steps: the median counts (a GPU shared with nothing still varies a few per
-# cent between windows; seconds against a case's minutes of compile).
-TIMED_WINDOWS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    preset: str
-    stage: str  # 'pretrain' or 'finetune'
-    dtype: str = "bfloat16"
-    mask_mode: str = "encoder"
-    remat: str = "none"
-    batch_size: int = 128
-    img_size: int = 224
-    depth: int | None = None  # encoder blocks; None: the preset's (tests use fewer)
-    conv_impl: str = "auto"  # fast_conv.CONV_IMPLS
-
-    @property
-    def name(self) -> str:
-        mask = f" {self.mask_mode}" if self.stage == "pretrain" else ""
-        remat = f" remat={self.remat}" if self.remat != "none" else ""
-        depth = f" depth={self.depth}" if self.depth is not None else ""
-        conv = f" conv={self.conv_impl}" if self.conv_impl != "auto" else ""
-        return f"{self.preset} {self.stage} {self.dtype}{mask}{remat}{depth}{conv}"
-
-    @classmethod
-    def from_name(cls, name: str, **fields: Any) -> Case:
-        """The case `name` names (`Case.name`'s words, e.g. 'reference pretrain bfloat16 encoder
-        remat=fine'), with `fields` (batch_size, img_size) added."""
-        words = name.split()
-        if len(words) < 3 or words[1] not in ("pretrain", "finetune"):
-            raise ValueError(f"{name!r} is not a case name such as 'small pretrain bfloat16 encoder remat=block'")
-        named: dict[str, Any] = dict(preset=words[0], stage=words[1], dtype=words[2])
-        rest = words[3:]
-        if words[1] == "pretrain" and rest and "=" not in rest[0]:
-            named["mask_mode"], rest = rest[0], rest[1:]
-        keys = {"remat": "remat", "depth": "depth", "conv": "conv_impl"}
-        for word in rest:
-            key, _, value = word.partition("=")
-            if key not in keys:
-                raise ValueError(f"{name!r}: {word!r} is none of {sorted(keys)}=...")
-            named[keys[key]] = int(value) if key == "depth" and value.isdigit() else value
-        choices = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "mask_mode": MASK_MODES,
-                   "remat": REMAT_MODES, "conv_impl": fast_conv.CONV_IMPLS}
-        for field, allowed in choices.items():
-            if field in named and named[field] not in allowed:
-                raise ValueError(f"{name!r}: {field} {named[field]!r} is not one of {allowed}")
-        if not isinstance(named.get("depth", 1), int):
-            raise ValueError(f"{name!r}: depth must be a whole number")
-        case = cls(**named, **fields)
-        if case.name != " ".join(words):
-            raise ValueError(f"{name!r} does not name a case the same way; did you mean {case.name!r}?")
-        return case
-
-
-def default_cases(presets: Sequence[str] = ("small", "base", "reference"), img_size: int = 224,
-                  batch_sizes: Sequence[int] = ()) -> list[Case]:
-    """The headline first, then the comparisons: the bf16 dense pretraining step of every preset
-    (smallest first; compiles, not steps, eat a short loan, so `reference`'s MFU must not wait
-    behind every variant of `small`), then per variant (sparse masking, fine-tuning, f32, remat per
-    block) every preset again, at `batch_sizes_for(presets, batch_sizes)`. The bf16 cases run without
-    remat: `reference`'s fit an 80 GB H100 at batch 64 (planned: 44 GB pretraining, 32 GB
-    fine-tuning), and remat's recomputation would cost it ~a fifth of its step (BENCHMARKS.md, session
-    18); `reference` in float32 (~2x the activations) keeps remat per block."""
-    variants = [  # (the case's fields, config.model.remat for `reference`, for the other presets)
-        (dict(stage="pretrain"), "none", "none"),
-        (dict(stage="pretrain", mask_mode="sparse"), "none", "none"),
-        (dict(stage="finetune"), "none", "none"),
-        (dict(stage="pretrain", dtype="float32"), "block", "none"),
-        (dict(stage="pretrain"), "block", "block"),
-    ]
-    sizes = batch_sizes_for(presets, batch_sizes)
-    cases = [Case(preset=preset, batch_size=batch, img_size=img_size,
-                  remat=remat_reference if preset == "reference" else remat_others, **fields)
-             for fields, remat_reference, remat_others in variants for preset, batch in zip(presets, sizes)]
-    # Last, where a loan leaves time: the first case with tap sums (the candidate for `auto` on GPUs,
-    # not yet measured on one), then with XLA's own convolutions (cuDNN on GPUs, whose autotuning
-    # took ~290 s of a 368 s compile on an H200), against the im2col matmuls `auto` picks there.
-    return cases + [dataclasses.replace(cases[0], conv_impl=impl) for impl in ("taps", "xla")]
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
@@ -162,36 +76,10 @@ def peaks_line(device: jax.Device) -> str:
     return f"MFU against {' / '.join(peaks)} TFLOP/s per device" if peaks else "MFU n/a (peak of this device unknown)"
 
 
-def architecture(case: Case) -> GMSTConfig:
-    """The model a case trains (its preset with the case's size, dtype, masking, remat and conv_impl)."""
-    depth = {} if case.depth is None else {"depth": case.depth}
-    return gmst_config(config_lib.model_section(case.preset, img_size=case.img_size, dtype=case.dtype,
-                                                mask_mode=case.mask_mode, remat=case.remat,
-                                                conv_impl=case.conv_impl, **depth))
-
-
-def flops_per_image(case: Case) -> float:
-    """Model FLOPs per image of a case's step (`model_flops`): the same for any dtype, remat mode and
-    conv_impl and linear in the batch, so traced once per architecture (seconds for `reference`)."""
-    counted = dataclasses.replace(architecture(case), dtype="float32", remat="none", conv_impl="auto")
-    return _flops_per_image(counted, case.stage)
-
-
-@functools.lru_cache(maxsize=None)
-def _flops_per_image(architecture: GMSTConfig, stage: str) -> float:
-    return model_flops.flops_per_image(architecture, stage, mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES)
-
-
-def _progress(message: str) -> None:
-    """A timestamped line on stderr: where a call cut off by its time limit stopped (a compile that
-    never ends looks like silence in the table)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
     also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
-    _progress(f"{case.name}, batch {case.batch_size}: initialising")
+    progress(f"{case.name}, batch {case.batch_size}: initialising")
     peak_before = _peak_bytes_in_use()
     bench = step_benchmark.build_train_step(architecture(case), case.stage, case.batch_size,
                                             mask_ratio=MASK_RATIO, num_classes=NUM_CLASSES, mesh=mesh,
@@ -200,10 +88,10 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     start = time.perf_counter()
     lowered = bench.step.lower(state, batch, rng)
     lower_s = time.perf_counter() - start
-    _progress(f"{case.name}, batch {case.batch_size}: traced and lowered in {lower_s:.1f} s; compiling")
+    progress(f"{case.name}, batch {case.batch_size}: traced and lowered in {lower_s:.1f} s; compiling")
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    _progress(f"{case.name}, batch {case.batch_size}: XLA compiled in {compile_s - lower_s:.1f} s; timing")
+    progress(f"{case.name}, batch {case.batch_size}: XLA compiled in {compile_s - lower_s:.1f} s; timing")
     memory = compiled.memory_analysis()
     for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, batch, rng)
@@ -218,7 +106,7 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     seconds = statistics.median(windows)
     profile = None
     if profile_steps:
-        _progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
+        progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
         profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
     peak = _peak_bytes_in_use()
     planned = planned_peak_bytes(memory) if memory else 0
@@ -290,73 +178,6 @@ def measure_fitting(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile
             case = dataclasses.replace(case, batch_size=case.batch_size // 2)
 
 
-@dataclasses.dataclass(frozen=True)
-class MirrorRun:
-    """The eager PyTorch mirror timed on a case: its img/s at `batch`, or None with the reason in `text`."""
-
-    case: Case
-    batch: int
-    img_per_s: float | None
-    text: str
-
-
-def time_mirror(case: Case, num_steps: int) -> MirrorRun:
-    """The eager PyTorch mirror (`torch_mirror.train_step`: the original's layout, AdamW, bf16 autocast
-    on a GPU for a bf16 case) on the case's model and batch of float images (the original jitters and
-    standardises in its workers; the JAX step does both on the device, so the ratio is if anything
-    unfair to JAX). The suite times it before JAX starts on the device: JAX then holds 75 % of a GPU's
-    memory for good, and the mirror beside it had to halve its batch (a `reference` case always). A
-    batch that does not fit the device alone is halved too, and then gets no ratio."""
-    if importlib.util.find_spec("torch") is None:
-        return MirrorRun(case, case.batch_size, None, "PyTorch mirror: torch is not installed (pip install -e "
-                                                       "'.[torch]')")
-    import torch  # noqa: PLC0415 (optional extra)
-
-    from gmae_jax.torch_mirror import train_step  # noqa: PLC0415
-
-    bfloat16, batch_size = case.dtype == "bfloat16", case.batch_size
-    while True:
-        _progress(f"PyTorch mirror of {case.name}, batch {batch_size}: timing")
-        step = None
-        try:
-            # The step alone holds the model (its closure): dropping it frees model and optimiser state.
-            step = train_step.make_step(architecture(case), case.stage, batch_size, num_classes=NUM_CLASSES,
-                                        mask_ratio=MASK_RATIO, bfloat16=bfloat16)[1]
-            # Its step returns the loss as a float, so each step waits for the device.
-            runner = step_benchmark.Runner("PyTorch mirror", step, lambda: {})
-            rate = step_benchmark.images_per_second([runner], batch_size, num_steps, rounds=TIMED_WINDOWS,
-                                                    warmup_steps=WARMUP_STEPS)[runner.name]
-            break
-        except torch.OutOfMemoryError:
-            if batch_size <= 1:
-                return MirrorRun(case, batch_size, None, "PyTorch mirror: out of memory at batch 1")
-            batch_size //= 2
-        finally:
-            step = None  # frees the model and its optimiser state before a retry, and for JAX
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    on = f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
-    autocast = ", bf16 autocast" if torch.cuda.is_available() and bfloat16 else ""
-    return MirrorRun(case, batch_size, rate, f"PyTorch mirror of {case.name} (eager{autocast}, torch "
-                                             f"{torch.__version__}, one {on}), batch {batch_size}: {rate:.1f} img/s")
-
-
-def mirror_line(mirror: MirrorRun, jax_result: dict[str, Any] | None, num_devices: int = 1) -> str:
-    """The mirror's line with JAX's img/s over it (the issue's ratio) where the two are like for like:
-    the same batch (else no ratio), per device (the mirror runs on one), and dense masking named."""
-    if mirror.img_per_s is None:
-        return mirror.text
-    if jax_result is None:
-        return f"{mirror.text}; no ratio: the JAX case failed"
-    if jax_result["batch"] != mirror.batch:
-        return f"{mirror.text}; no ratio: JAX ran at batch {jax_result['batch']}"
-    ratio = (f"JAX / PyTorch **{jax_result['img_per_s'] / num_devices / mirror.img_per_s:.2f}x**"
-             + (f" (JAX per device, of {num_devices})" if num_devices > 1 else ""))
-    if mirror.case.mask_mode != "encoder":  # the mirror's encoder computes every token, as the original's does
-        ratio += f", not like for like: the mirror computes {mirror.case.mask_mode} masking densely"
-    return f"{mirror.text}; {ratio}"
-
-
 # peak GB: the device's peak memory in use during the case ("<=" an earlier case's peak where it did
 # not rise above it); planned GB: XLA's plan of the step alone, what `bench --suite=memory` predicts
 # without the device (their ratio calibrates it).
@@ -392,7 +213,8 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
     multiple (`grown_batch`), in the next row.
     """
     started = time.perf_counter()
-    mirror = time_mirror(cases[0], num_steps) if cases and with_mirror else None  # before JAX takes the device
+    # Before JAX takes the device.
+    mirror = suite_mirror.time_mirror(cases[0], num_steps) if cases and with_mirror else None
     mesh = sharding.make_mesh()
     device = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "").strip()
@@ -424,12 +246,12 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
         except Exception as error:  # one broken case must not cost the rest of the loan
             yield failed_row(case, error)
             if index == 0 and mirror:
-                yield mirror_line(mirror, None)
+                yield suite_mirror.mirror_line(mirror, None)
             continue
         yield format_row(case, result, device, mesh.size)
         if index == 0 and mirror:
             # Simulated CPU devices share the cores the mirror ran on: per device only on accelerators.
-            yield mirror_line(mirror, result, mesh.size if device.platform != "cpu" else 1)
+            yield suite_mirror.mirror_line(mirror, result, mesh.size if device.platform != "cpu" else 1)
         larger = grown_batch(result["batch"], result.get("fits_batch")) if grow else None
         if larger and ends_in_budget(case.preset, first=False):
             grown = dataclasses.replace(case, batch_size=larger)
@@ -457,20 +279,3 @@ def main_suite(cases: Sequence[Case], budget_s: float, num_steps: int, grow: boo
         print(line, flush=True)
         lines.append(line)
     return lines
-
-
-# Each preset's batch, one that fits an 80 GB H100 in every variant of the suite (BENCHMARKS.md,
-# session 18: planned without a GPU by `bench --suite=memory`).
-DEFAULT_BATCH_SIZES = {"small": 256, "base": 128, "reference": 64}
-
-
-def batch_sizes_for(presets: Sequence[str], requested: Sequence[int]) -> list[int]:
-    """One batch size per preset: `requested` in the presets' order (a single value applies to all),
-    or by default each preset's `DEFAULT_BATCH_SIZES` (128 for the others)."""
-    sizes = list(requested) or [DEFAULT_BATCH_SIZES.get(preset, 128) for preset in presets]
-    if len(sizes) == 1:
-        return sizes * len(presets)
-    if len(sizes) != len(presets):
-        raise ValueError(f"{len(sizes)} batch sizes for {len(presets)} presets ({', '.join(presets)}): give one "
-                         "per preset, or one for all")
-    return sizes

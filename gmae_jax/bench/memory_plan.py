@@ -29,7 +29,7 @@ import ml_collections
 from jax.experimental import topologies
 
 from gmae_jax.models import fast_conv
-from gmae_jax.bench import device_suite, step_benchmark
+from gmae_jax.bench import device_suite, step_benchmark, suite_cases
 from gmae_jax.train import sharding, steps, trainer
 
 # Descriptions of GPUs for XLA's compiler (its GpuTargetConfig): what it would otherwise query from
@@ -160,18 +160,18 @@ def device_capacity(target: str) -> int | None:
     return int(kind.memory_bytes * fraction)
 
 
-def plan(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> Plan:
+def plan(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> Plan:
     """Compiles `case`'s train step (as the device suite runs it) for `devices` on a (data, fsdp) mesh
     and reads its buffer plan; nothing runs and no array is made."""
     platform = devices[0].platform
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)), list(devices))
     concrete = dataclasses.replace(case, conv_impl=fast_conv.resolve(case.conv_impl, _backend(platform)))
     model, init_inputs, loss_fn, run = step_benchmark.model_and_loss(
-        device_suite.architecture(concrete), case.stage, mask_ratio=device_suite.MASK_RATIO,
-        num_classes=device_suite.NUM_CLASSES)
+        suite_cases.architecture(concrete), case.stage, mask_ratio=suite_cases.MASK_RATIO,
+        num_classes=suite_cases.NUM_CLASSES)
     state = trainer.abstract_state(model, init_inputs, run, mesh, steps_total=1000)
     batch_sharding = sharding.batch_sharding(mesh)
-    one_example = step_benchmark.pipeline_batch(1, case.img_size, device_suite.NUM_CLASSES)
+    one_example = step_benchmark.pipeline_batch(1, case.img_size, suite_cases.NUM_CLASSES)
     batch = {key: jax.ShapeDtypeStruct((case.batch_size, *value.shape[1:]), value.dtype, sharding=batch_sharding)
              for key, value in one_example.items()}
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=sharding.replicated(mesh))
@@ -193,7 +193,7 @@ def batch_step(num_devices: int, multiple: int = 16) -> int:
     return math.lcm(multiple, num_devices)
 
 
-def line_plans(case: device_suite.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> list[Plan]:
+def line_plans(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> list[Plan]:
     """The plans at the case's batch and twice it: the two points the batch line is drawn through."""
     return [plan(dataclasses.replace(case, batch_size=b), devices, fsdp)
             for b in (case.batch_size, 2 * case.batch_size)]
@@ -204,7 +204,7 @@ def per_image_bytes(smaller: Plan, larger: Plan) -> float:
     return (larger.peak_bytes - smaller.peak_bytes) / (larger.batch_size - smaller.batch_size)
 
 
-def largest_batch(case: device_suite.Case, devices: Sequence[jax.Device], capacity: int, fsdp: int = 1,
+def largest_batch(case: suite_cases.Case, devices: Sequence[jax.Device], capacity: int, fsdp: int = 1,
                   max_batch: int = MAX_BATCH) -> tuple[Plan | None, list[Plan]]:
     """The largest batch up to `max_batch` (a multiple of `batch_step`) that the plan's line predicts
     within `capacity` less `HEADROOM`, checked by compiling it. Memory is linear in the batch, so
@@ -243,7 +243,7 @@ def gigabytes(count: float, decimals: int = 2) -> str:
     return f"{value:.{decimals}f}" if value >= 1 or not value else f"{value:.3g}"
 
 
-def plan_table(cases: Sequence[device_suite.Case], target: str, num_devices: int = 1,
+def plan_table(cases: Sequence[suite_cases.Case], target: str, num_devices: int = 1,
                fsdp: int = 1) -> Iterator[str]:
     """Yields a markdown table: each case's plan at its batch and the largest batch that fits one
     `target` device (GPU targets; on 'cpu' only the plan at the case's batch and twice it)."""
