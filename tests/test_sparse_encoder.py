@@ -235,3 +235,11 @@ def test_the_sparse_vs_dense_benchmark_prints_each_mode_against_the_dense_one(ca
     assert "XLA's cost analysis" in lines[0] and "not --model_flops' matmul and convolution count" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == list(results) == ["encoder", "sparse"]
     assert "(x1.00)" in lines[1] and results["sparse"]["step_flops"] < results["encoder"]["step_flops"]
+
+
+def test_the_sparse_vs_dense_rounds_alternate_which_mode_runs_first(monkeypatch):
+    order = []
+    monkeypatch.setattr(sparse_benchmark, "build_step", lambda preset, mode, *args, **kwargs: (
+        lambda: order.append(mode) or jnp.zeros(()), 1.0, 1.0))
+    sparse_benchmark.compare_mask_modes("micro", batch_size=8, mask_ratio=0.75, num_steps=1, rounds=3)
+    assert order == ["encoder", "sparse", "sparse", "encoder", "encoder", "sparse"]

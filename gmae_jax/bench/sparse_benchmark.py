@@ -56,11 +56,13 @@ def compare_mask_modes(
     preset: str, batch_size: int, mask_ratio: float, num_steps: int, rounds: int,
     modes: Sequence[str] = MODES, **model_overrides: Any,
 ) -> dict[str, dict[str, float]]:
-    """Per mode: median images/s over `rounds` interleaved rounds of `num_steps` steps, and FLOPs."""
+    """Per mode: median images/s over `rounds` interleaved rounds of `num_steps` steps, and FLOPs.
+    Every other round runs the modes in reverse order (ABBA), so neither always runs first after the
+    other's work (caches, clocks)."""
     built = {mode: build_step(preset, mode, batch_size, mask_ratio, **model_overrides) for mode in modes}
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(rounds):
-        for mode in modes:
+    for round_index in range(rounds):
+        for mode in (modes if round_index % 2 == 0 else modes[::-1]):
             run_step = built[mode][0]
             start = time.perf_counter()
             for _ in range(num_steps):
