@@ -167,7 +167,9 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.Imag
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:
-    """`text` cut (with '...') to fit `width` pixels."""
+    """`text` on one line, cut (with '...') to fit `width` pixels; control characters escaped (a file
+    name may hold a newline, which PIL cannot measure on one line)."""
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:

@@ -521,6 +521,21 @@ def test_an_import_whose_checkpoint_fails_leaves_no_run_and_can_be_rerun(tmp_pat
     assert setup.restore_run(str(tmp_path / "out")).class_names == ["fist", "one", "palm"]
 
 
+@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("classes.json", "folder")])
+def test_an_import_into_a_folder_with_a_run_file_of_the_other_kind_is_one_line_before_anything(tmp_path, name, make):
+    """A `checkpoints` file would fail only at the save (orbax then waits minutes on its own thread)."""
+    config = load("import", "model=micro")
+    config.update(path=str(classifier_file(tmp_path)), class_names="fist,one,palm")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if make == "folder" else (out / name).touch()
+    kind = "a folder" if make == "folder" else "no folder"
+    with pytest.raises(config_lib.ConfigError, match=rf"{out / name} is {kind}, where the import writes a .* of "
+                       "that name; move it away"):
+        stages.run(config, str(out))
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_a_model_size_the_import_cannot_build_says_where_the_other_sizes_come_from():
     """'num_heads=12 does not divide embed_dim=64': the 12 was the default preset's, never given."""
     config = load("import")

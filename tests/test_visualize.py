@@ -102,3 +102,15 @@ def test_class_names_in_other_scripts_are_drawn_not_boxes():
     missing = np.asarray(font.getmask("\ue000"))  # a private-use code point: no font draws it
     for letter in ("л", "ж", "ψ"):
         assert not np.array_equal(np.asarray(font.getmask(letter)), missing), letter
+
+
+def test_a_caption_line_with_a_newline_is_drawn_escaped(tmp_path):
+    """File names may hold control characters; a caption line is one line (PIL cannot measure more)."""
+    image = np.full((8, 8, 3), 128, np.uint8)
+    name = visualize.file_label("/data/val/fist/new\nline.jpg")
+    visualize.save_prediction_sheet([image, image], [[name, "fist 0.90"], ["tab\there.jpg", "one 0.5"]],
+                                    [True, None], str(tmp_path / "sheet.png"), title="a\nb")
+    assert Image.open(tmp_path / "sheet.png").width > 0
+    font = visualize._font()
+    draw = visualize.ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert visualize._fit(draw, name, 1000, font) == "fist/new\\nline.jpg"

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from gmae_jax import config_checks, config_lib
+from gmae_jax import config_checks, config_lib, run_files
 from gmae_jax.data import views
 from gmae_jax.models.presets import GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format, weight_files
@@ -206,6 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
                                      "a new folder")
     run_folder.check_not_inside_a_run(workdir, "import")  # where it would pass for that run
+    run_files.check_kinds(workdir, (run_folder.CONFIG_FILE, run_folder.CLASSES_FILE, run_folder.FACTS_FILE),
+                          (run_folder.CHECKPOINTS,), keeper="the import writes")
     payload = weight_files.read_pth(config.path)
     state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
