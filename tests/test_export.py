@@ -164,6 +164,12 @@ def test_pretrain_export_loads_strict_into_the_original_gmae_and_matches_flax(pr
 
     # With the extras, the mirror's encoder-masking GMAE holds the whole pretraining model.
     mirror.GMAE(gmst).load_state_dict({**payload["model_state_dict"], **payload["extra_state_dict"]}, strict=True)
+    # model.safetensors names its extras: without them, the original's strict load takes the rest.
+    with open(out / "model.safetensors", "rb") as f:
+        extra_keys = json.loads(export_format.safetensors_metadata(f)["extra_keys"])
+    assert extra_keys == ["encoder_mask_token"]
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    original.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if k not in extra_keys}, strict=True)
 
 
 PYTORCH_ONLY = textwrap.dedent("""
@@ -301,7 +307,7 @@ def micro(**overrides) -> GMSTConfig:
     return GMSTConfig(**{**PRESETS["micro"], **overrides})
 
 
-def test_import_of_the_originals_checkpoint_file(tmp_path):
+def test_import_of_the_originals_checkpoint_file(tmp_path, capsys):
     """A checkpoint as the original's training script saves it (optimizer state and all)."""
     torch.manual_seed(0)
     original = mirror.GMAE(micro(mask_mode="original"))
@@ -316,6 +322,17 @@ def test_import_of_the_originals_checkpoint_file(tmp_path):
     want = convert.torch_to_flax_variables(state_dict, model="pretrain")
     for got, expected in zip(jax.tree.leaves(restored.weights.params), jax.tree.leaves(want["params"])):
         np.testing.assert_array_equal(np.asarray(got), expected)
+
+    # Its export names why it describes the centre crop: the file it came from named no view.
+    run_stage("export", tmp_path / "exported", checkpoint_dir=str(tmp_path / "run"))
+    notice = "notice: the run records no evaluation view (the file it was imported from named none)"
+    assert notice in capsys.readouterr().out
+    # A pretraining model has no classes to name.
+    with pytest.raises(config_lib.ConfigError, match=r"best_model.pth is a pretraining model \(no classifier head\): "
+                       r"it has no classes; drop --config.class_names"):
+        run_stage("import", tmp_path / "named", path=str(path), model=config_lib.model_section("micro"),
+                  class_names="a,b")
+    assert not (tmp_path / "named").exists()
 
     # Its pos_embed was trained after the encoder: a fine-tune from it keeps its own, as the original's does.
     config = load("finetune", "runlocal")
@@ -606,6 +623,9 @@ def test_an_export_describes_and_applies_the_runs_evaluation_view_and_import_kee
     run_stage("import", tmp_path / "imported", path=str(tmp_path / "out" / "model.pth"))
 
     assert recipe["view"] == view
+    # What the decode does beyond PIL's convert('RGB') is named, for a user who writes their own loader.
+    assert "ImageOps.exif_transpose" in recipe["decode"]
+    assert all(rule in recipe["to_rgb"] for rule in ("composited on black", "value >> 8", "x 255"))
     from gmae_jax.torch_mirror import exported
     for path in paths[:3]:
         seen_by_gmae_jax = steps.standardize(views.predict_view(path, view, 32, box=(0.0, 0.0, 1.0, 1.0)).pixels)

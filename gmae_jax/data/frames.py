@@ -42,8 +42,9 @@ def resize_center_crop(img: Image.Image, size: int, crop_fraction: float = 0.875
 
     One resize of the (fractional) crop box: what resizing the shorter side to size / crop_fraction and
     then centre-cropping computes, without resampling the discarded border, and without the whole-pixel
-    rounding of torchvision's Resize + CenterCrop, whose crop may sit up to half a pixel away on
-    non-square images (about 1 level of 255 on average; square images are the same).
+    rounding of torchvision's Resize(int(size / crop_fraction)) + CenterCrop(size). That crops the same
+    box only where size / crop_fraction is whole (224 at 0.875: square images the same, non-square ones
+    about 1 level of 255 away); elsewhere (32 px: Resize(36) keeps 32/36 of the side) another box.
     """
     width, height = img.size
     side = min(width, height) * crop_fraction

@@ -47,8 +47,9 @@ def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:
         "original": "crop the centred square of side crop_fraction x the shorter side (fractional, not rounded) "
                     "and resize it to image_size x image_size, bilinear: PIL's img.resize((S, S), BILINEAR, "
                     "box=(left, top, left + side, top + side)), as gmae_jax.torch_mirror.exported.preprocess does; "
-                    "torchvision's Resize(S / crop_fraction) + CenterCrop(S) rounds to whole pixels and is "
-                    "about 1 level of 255 away on non-square images",
+                    "torchvision's Resize(int(S / crop_fraction)) + CenterCrop(S) crops the same box only where "
+                    "S / crop_fraction is a whole number (S = 224 at 0.875; then about 1 level of 255 away on "
+                    "non-square images, from its whole-pixel rounding): at other sizes, e.g. 32, use the box",
         "full_frame": "letterbox: resize the longer side to image_size (the other rounded, bilinear) and centre "
                       "the image on an image_size x image_size square of colour fill",
         "hand_crop": "give it the square around the hand (the gesture box's longer side, centred on the box), "
@@ -59,7 +60,12 @@ def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:
         "view": view,
         "resize": resize,
         "decode": "JPEGs decode at the smallest scale PIL's img.draft('RGB', (D, D)) allows, D = image_size / "
-                  "crop_fraction for 'original', image_size otherwise, as in training",
+                  "crop_fraction for 'original', image_size otherwise, as in training; then the image is turned "
+                  "upright by its EXIF orientation (PIL's ImageOps.exif_transpose)",
+        "to_rgb": "RGB stays; transparent pixels (an alpha channel, or a palette's or PNG's transparent colour) "
+                  "are composited on black; greyscale of more than 8 bits becomes 8 bits (integer modes: value "
+                  ">> 8; float: x 255 where no value exceeds 1, else as is, clipped to 0-255); any other mode "
+                  "through PIL's convert('RGB'); gmae_jax.torch_mirror.exported.preprocess does all of this",
         "crop_fraction": views.EVAL_CROP_FRACTION,
         "fill": list(crops.FILL),
         "interpolation": "bilinear",
@@ -155,7 +161,9 @@ def write_export(folder: epath.Path, state: dict[str, np.ndarray], extras: dict[
     text = json.dumps(config, indent=2)
     # Each file is written whole (a kill leaves the old one or the new one), through epath rather than
     # file names handed to torch / safetensors, so that a gs:// --workdir works like a local one.
-    safetensors_bytes = safetensors.numpy.save({**state, **extras}, metadata={"config": text})
+    # Which of its tensors the original's modules lack (a strict load_state_dict leaves them out).
+    metadata = {"config": text, export_format.EXTRA_KEYS: json.dumps(sorted(extras))}
+    safetensors_bytes = safetensors.numpy.save({**state, **extras}, metadata=metadata)
     run_files.write_whole(folder / export_format.SAFETENSORS, lambda f: f.write(safetensors_bytes))
 
     def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -193,8 +201,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(notice, flush=True)
     view = resume_check.recorded_view(restored.workdir)
     if view is None:
-        print("notice: the run records no evaluation view (it is older than that record); the export describes "
-              "the centre crop of class-folder runs", flush=True)
+        why = ("the file it was imported from named none" if restored.config.model.preset == setup.IMPORTED_PRESET
+               else "it is older than that record")
+        print(f"notice: the run records no evaluation view ({why}); the export describes the centre crop of "
+              "class-folder runs", flush=True)
     num_classes = int(restored.config.num_classes) if stage == "finetune" else None
     state, extras = split_state_dict(torch_state_dict(restored), model, stage, num_classes)
     # The run's conv_impl as configured ('auto'), not as resolved for the backend that exports it: an

@@ -134,6 +134,9 @@ def _notice_model_not_applied(asked: ml_collections.ConfigDict, exported: GMSTCo
 def _class_names(payload: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int | None,
                  path: str) -> list[str]:
     given = _given_class_names(config)
+    if num_classes is None and given:
+        raise config_lib.ConfigError(f"config.path={path} is a pretraining model (no classifier head): it has no "
+                                     "classes; drop --config.class_names")
     carried = list(payload.get("class_names") or [])
     if carried and num_classes is not None and len(carried) != num_classes:
         raise config_lib.ConfigError(f"config.path={path} carries {len(carried)} class names for a head of "

@@ -7,7 +7,9 @@ A folder written by `configs/export.py`:
   `model_state_dict` has exactly the keys of the original's `GMAEForClassification` / `GMAE`;
   `extra_state_dict` holds what gmae_jax adds (the pretraining model's `encoder_mask_token`), so the
   original's strict `load_state_dict` never sees a key it lacks.
-- `model.safetensors`: every tensor of both dicts, with `config.json`'s content as metadata.
+- `model.safetensors`: every tensor of both dicts, with `config.json`'s content as metadata ('config')
+  and the keys of `extra_state_dict` as a JSON list ('extra_keys'): drop those for the original's strict
+  `load_state_dict`.
 - `encoder.pth`: `{'encoder_state_dict', 'pos_embed', 'config'}`, the encoder alone.
 - `config.json`: the run folder and step exported, the architecture under the original's config
   names, the classes in output order, the preprocessing a PyTorch user applies, and the full gmae_jax
@@ -27,6 +29,7 @@ MODEL_PTH = "model.pth"
 SAFETENSORS = "model.safetensors"
 ENCODER_PTH = "encoder.pth"
 CONFIG_JSON = "config.json"
+EXTRA_KEYS = "extra_keys"  # model.safetensors' metadata: the tensors of extra_state_dict
 
 # 'original': the original's own modules hold the weights. 'mirror': only the mirror's classes in
 # gmae_jax/torch_mirror/modules.py do (same key names; today: an overlapping patch kernel of 2p).

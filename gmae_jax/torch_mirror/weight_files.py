@@ -116,8 +116,10 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(f"config.path={path}: its metadata's 'config' is not JSON ({error}); a "
                           "damaged export: export the run again") from None
-    return {"model_state_dict": tensors, "config": config, "class_names": config.get("class_names"),
-            "step": config.get("step")}
+    extra_keys = set(json.loads(metadata.get(export_format.EXTRA_KEYS, "[]")))
+    return {"model_state_dict": {k: v for k, v in tensors.items() if k not in extra_keys},
+            "extra_state_dict": {k: v for k, v in tensors.items() if k in extra_keys}, "config": config,
+            "class_names": config.get("class_names"), "step": config.get("step")}
 
 
 def _reason(error: Exception) -> str:
