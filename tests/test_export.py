@@ -847,6 +847,18 @@ def test_pytorch_only_classify_of_one_image_is_a_batch_of_one(tmp_path):
     assert one.shape == (1, 3)
     torch.testing.assert_close(one, model.classify([tmp_path / "hand.jpg"]))
 
+    # Run a few at a time, on the module's dtype (here double): the same probabilities, in float32.
+    for colour in ((10, 200, 30), (90, 90, 250)):
+        Image.new("RGB", (32, 48), colour).save(tmp_path / f"{colour[0]}.png")
+    paths = (str(tmp_path / name) for name in ("hand.jpg", "10.png", "90.png"))  # any iterable
+    whole = model.classify(paths)
+    torch.testing.assert_close(model.classify([tmp_path / "hand.jpg", tmp_path / "10.png", tmp_path / "90.png"],
+                                              batch_size=2), whole)
+    model.module.double()
+    in_double = model.classify([tmp_path / "hand.jpg", tmp_path / "10.png", tmp_path / "90.png"], batch_size=1)
+    assert in_double.dtype == torch.float32
+    torch.testing.assert_close(in_double, whole, rtol=1e-5, atol=1e-6)
+
 
 def test_model_fields_asked_for_on_the_import_of_our_export_are_named_when_not_applied(capsys):
     exported = micro(mask_mode="sparse")

@@ -66,7 +66,7 @@ def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
 
 def _as_batch(images: ImageLike | Sequence[ImageLike]) -> Sequence[ImageLike]:
     """One image as a batch of one (a path is a str, which would otherwise iterate by character)."""
-    return [images] if isinstance(images, (str, os.PathLike, bytes, Image.Image)) else images
+    return [images] if isinstance(images, (str, os.PathLike, bytes, Image.Image)) else list(images)
 
 
 @dataclasses.dataclass
@@ -85,14 +85,24 @@ class ExportedModel:
         return torch.stack([preprocess(image, self.config["preprocessing"]) for image in _as_batch(images)])
 
     @torch.no_grad()
-    def classify(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """Class probabilities (N, num_classes), in the order of `class_names`; one image gives N = 1."""
+    def classify(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities (N, num_classes) on the CPU, in the order of `class_names`; one image gives
+        N = 1. Images are decoded and run `batch_size` at a time, on the module's device and in its
+        dtype (after `model.module.cuda()` or `.half()`), so a folder of photos never sits in memory whole."""
         images = _as_batch(images)
         if not len(images):
             raise ValueError("classify() needs at least one image")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
         if not isinstance(self.module, modules.GMAEForClassification):
             raise TypeError(f"this export is a {self.config['stage']} model; only a fine-tuned one classifies")
-        return torch.softmax(self.module(self.preprocess(images)), dim=-1)
+        weights = next(self.module.parameters())
+        probabilities = []
+        for start in range(0, len(images), batch_size):
+            inputs = self.preprocess(images[start:start + batch_size]).to(weights.device, weights.dtype)
+            logits = self.module(inputs).float()  # softmax in float32 whatever the module's dtype
+            probabilities.append(torch.softmax(logits, dim=-1).cpu())
+        return torch.cat(probabilities)
 
 
 def load(folder: str | os.PathLike) -> ExportedModel:
