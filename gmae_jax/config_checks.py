@@ -212,9 +212,9 @@ def validate_wandb(wandb: schema.WandbConfig) -> None:
           "or set --config.wandb.enabled=False")
 
 
-def validate_training(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
-    """The fields pretrain and finetune share. `check_data=False` skips the data folder, which the
-    demo writes only when it runs."""
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """The values pretrain and finetune share (the data folder is `check_data_root`'s, which the stages
+    check after every value: a bad value is named even where the data is not there yet)."""
     validate_model(config.model)
     loop = schema.read_flat(schema.LoopConfig, config)
     optim = schema.read(schema.OptimConfig, config.optim, "config.optim")
@@ -260,6 +260,10 @@ def validate_training(config: ml_collections.ConfigDict, check_data: bool = True
     check_num_workers(data.num_workers, "data.num_workers")
     if "wandb" in config:
         validate_wandb(schema.read(schema.WandbConfig, config.wandb, "config.wandb"))
-    check(not check_data or os.path.isdir(data.root) or "://" in data.root,
-          f"config.data.root='{data.root}' {not_a_folder(data.root)}; point "
-          f"--config.data.root at a folder laid out as {EXPECTED_LAYOUT}")
+
+
+def check_data_root(root: str) -> None:
+    """A training run's data folder exists (a bucket is read, not checked, here)."""
+    check(os.path.isdir(root) or "://" in root,
+          f"config.data.root='{root}' {not_a_folder(root)}; point --config.data.root at a folder laid out as "
+          f"{EXPECTED_LAYOUT}")

@@ -184,6 +184,18 @@ def test_bad_values_raise_one_line_errors(pretrain_config, field, value, message
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("stage, field, value, message", [
+    ("pretrain", "mask_ratio", 1.5, r"config.mask_ratio=1.5 must be in \(0, 1\)"),
+    ("finetune", "label_smoothing", 1.0, r"config.label_smoothing=1.0 must be in \[0, 1\)"),
+])
+def test_a_bad_value_is_named_before_a_data_root_that_is_not_there_yet(stage, field, value, message):
+    config = load(stage, "runlocal")
+    config.data.root = "/no/such/folder"
+    set_field(config, field, value)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        stages.validate(config)
+
+
 def test_a_data_root_that_is_a_file_is_named_as_one(pretrain_config, tmp_path):
     pretrain_config.data.root = str(tmp_path / "image.jpg")
     (tmp_path / "image.jpg").write_bytes(b"")

@@ -166,6 +166,16 @@ def test_a_split_the_corpus_lacks_names_the_flag_and_the_splits_there(prepared):
         sources.open_sources(data_config(out / "pretrain", eval_split="test"))
 
 
+def test_evaluating_a_run_of_other_classes_on_a_corpus_names_the_ways_out(prepared):
+    """A corpus keeps the class list it was built with; a run of other classes is pointed to the tree."""
+    out, _, _ = prepared
+    with pytest.raises(class_folders.DataLayoutError, match=r"\(prepared\) has the classes \['call', .*, not the run's "
+                       r"\['call', 'fist'\]: a prepared set keeps the class list .* Evaluate on the HaGRID tree it "
+                       r"was built from \(--config.data_root=THAT_TREE --config.split=val or test.*or build it again "
+                       r"with --config.data.classes set to the run's classes"):
+        sources.open_split(data_config(out / "pretrain"), "val", ["call", "fist"])
+
+
 def test_shard_batches_identical_for_0_and_2_workers(shard_sources):
     _, train, _ = shard_sources
 

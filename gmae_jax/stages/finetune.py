@@ -20,7 +20,7 @@ ONE_CLASS = "a classifier needs two classes or more; add the images of a second 
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
-    config_checks.validate_training(config, check_data)
+    config_checks.validate_training(config)
     config_checks.check(config.num_classes >= 2, f"config.num_classes={config.num_classes} must be at least 2: {ONE_CLASS}")
     if config.data.classes not in (hagrid_layout.OFFICIAL, hagrid_layout.PRESENT):
         names = hagrid_layout.parse_class_list(config.data.classes)
@@ -39,6 +39,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_checks.check(finetune.labels_per_class >= 0,
                         f"config.labels_per_class={finetune.labels_per_class} must be >= 0 (0 = all labels)")
     config_checks.check_seed(finetune.subset_seed, "subset_seed")
+    if check_data:  # the demo writes its data only when it runs
+        config_checks.check_data_root(config.data.root)
 
 
 def open_data(config: ml_collections.ConfigDict) -> sources.Splits:

@@ -16,7 +16,7 @@ METRICS = ("loss",)
 
 
 def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None:
-    config_checks.validate_training(config, check_data)
+    config_checks.validate_training(config)
     config_checks.check(0.0 < config.mask_ratio < 1.0,
                         f"config.mask_ratio={config.mask_ratio} must be in (0, 1), e.g. --config.mask_ratio=0.6")
     check_mask_ratio(config.mask_ratio, config.model.img_size, config.model.patch_size)
@@ -24,6 +24,8 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     config_checks.check(config.num_reconstructions >= 1,
                         f"config.num_reconstructions={config.num_reconstructions} must be at least 1: the evaluation "
                         "images drawn in reconstructions.png (at most a batch)")
+    if check_data:  # the demo writes its data only when it runs
+        config_checks.check_data_root(config.data.root)
 
 
 def check_mask_ratio(mask_ratio: float, img_size: int, patch_size: int) -> None:
