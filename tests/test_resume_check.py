@@ -4,6 +4,7 @@ refused rerun of a real run is tested in test_train.py.)"""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -238,3 +239,17 @@ def test_another_evaluation_split_resumes_with_a_warning_and_is_recorded(run_dir
     assert resume_check.evaluation_change_warning(changes).startswith(
         "the evaluation split now holds 30 images, not the 21 this run was evaluated on so far")
     assert resume_check.evaluation_change_warning([("log_every", 5, 2)]) is None
+
+
+def test_a_demo_or_study_folder_given_for_a_run_names_the_runs_it_holds(tmp_path):
+    for run in ("pretrain", "runs/pretrained_3_s0", "runs/scratch_3_s0"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text("{}")
+    (tmp_path / "runs" / "label_efficiency.json").write_text("{}")  # no run
+    with pytest.raises(config_lib.ConfigError, match=re.escape(
+            f"{tmp_path}/config.json not found: point at the workdir of a pretrain or finetune run; it holds runs: "
+            f"did you mean {tmp_path}/pretrain or {tmp_path}/runs/pretrained_3_s0 or {tmp_path}/runs/scratch_3_s0?")):
+        run_folder.load_run_config(str(tmp_path))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(config_lib.ConfigError, match=r"not found: point at the workdir of a pretrain or finetune run$"):
+        run_folder.load_run_config(str(tmp_path / "elsewhere"))

@@ -65,11 +65,24 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     refuse_an_export(workdir)
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
-        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
+        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run"
+                          + _runs_inside(workdir))
     config = ml_collections.ConfigDict(read_run_config(path))
     if config.get("stage") not in TRAINING_STAGES:
         raise ConfigError(f"{path} is a '{config.get('stage')}' run; expected one of {TRAINING_STAGES}")
     return config
+
+
+def _runs_inside(workdir: str, most: int = 3) -> str:
+    """'; did you mean ...' with the runs a demo or study workdir holds (its pretrain/ and runs/*/), the
+    folder a user points at first; '' where there are none."""
+    folder = epath.Path(workdir)
+    candidates = [folder / "pretrain", *sorted((folder / "runs").glob("*"))] if folder.is_dir() else []
+    runs = [str(c) for c in candidates if (c / CONFIG_FILE).exists()]
+    if not runs:
+        return ""
+    more = f" (and {len(runs) - most} more under {folder / 'runs'})" if len(runs) > most else ""
+    return f"; it holds runs: did you mean {' or '.join(runs[:most])}{more}?"
 
 
 def load_class_names(workdir: str, required: bool = True) -> list[str]:
@@ -81,7 +94,8 @@ def load_class_names(workdir: str, required: bool = True) -> list[str]:
         refuse_an_export(workdir)
         if not required and (epath.Path(workdir) / CONFIG_FILE).exists():
             return []
-        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run")
+        raise ConfigError(f"{path} not found: point at the workdir of a pretrain or finetune run"
+                          + _runs_inside(workdir))
     names = run_files.read_json(path)
     repeated = repeated_names(names) if isinstance(names, list) else []
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or repeated:
