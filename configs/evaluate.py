@@ -4,8 +4,9 @@
       --config.checkpoint_dir=/tmp/finetune [--config.checkpoint=best]
 
 The model and data settings are read from CHECKPOINT_DIR/config.json; override the data with
---config.data_root / --config.split. Writes eval_metrics.json, and a confusion matrix (classifier)
-or reconstructions (pretraining) as PNG. The training split is never opened.
+--config.data_root / --config.split. Writes eval_metrics.json, and for a classifier
+confusion_matrix.png / .json and misclassified.png, for a pretraining run reconstructions.png. The
+training split is never opened.
 """
 
 import ml_collections

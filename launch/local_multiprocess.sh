@@ -14,6 +14,11 @@ NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
 PYTHON="${PYTHON:-python}"
 STOP_GRACE_S="${STOP_GRACE_S:-10}"  # after SIGTERM, before SIGKILL, when the others are stopped
+if ! command -v "$PYTHON" >/dev/null; then
+  echo "error: PYTHON=$PYTHON is not a program here; set PYTHON to the environment's interpreter, e.g." \
+    "PYTHON=.venv/bin/python" >&2
+  exit 2
+fi
 check_count() {  # check_count NAME MINIMUM: a whole number, or stop before anything starts
   local value="${!1}"
   if ! [[ "$value" =~ ^[0-9]+$ ]] || ((10#$value < $2)); then

@@ -239,6 +239,15 @@ def test_local_launcher_refuses_a_count_that_is_no_whole_number_before_starting_
     assert result.stderr.strip() == f"error: {setting}={value} must be a whole number of at least {minimum}"
 
 
+def test_local_launcher_without_its_python_says_which_setting_names_it(tmp_path):
+    env = {**os.environ, "PYTHON": str(tmp_path / "no_python"), "LOG_DIR": str(tmp_path / "logs")}
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config=x"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and not (tmp_path / "logs").exists()
+    assert result.stderr.strip() == (f"error: PYTHON={tmp_path / 'no_python'} is not a program here; set PYTHON to "
+                                     "the environment's interpreter, e.g. PYTHON=.venv/bin/python")
+
+
 def test_local_launcher_refuses_a_port_that_is_no_port(tmp_path):
     """PORT=abc reached gmae_jax.main as --coordinator_address='127.0.0.1:abc', a flag the user never typed."""
     env = {**os.environ, "PYTHON": "false", "PORT": "abc", "LOG_DIR": str(tmp_path / "logs")}

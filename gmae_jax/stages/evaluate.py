@@ -101,8 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         summaries.pictures(data.eval_split, restored.step, pictures)
         summaries.close()
         logging.info("wrote %s", ", ".join([str(epath.Path(workdir) / METRICS), *pictures]))
-    logging.info("[evaluate] %s (step %d) on %s/%s: %s", restored.workdir, restored.step, data.root,
-                 data.eval_split, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+    logging.info("[evaluate] %s (step %d) on split '%s' of %s: %s", restored.workdir, restored.step,
+                 data.eval_split, data.root, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in metrics.items() if "/" not in k))
     if jax.process_index() == 0:
         if restored.config.stage == "finetune":
