@@ -837,6 +837,20 @@ def test_pytorch_only_preprocessing_names_a_file_that_is_no_image(tmp_path):
         exported.preprocess(str(tmp_path / "notes.jpg"), export.preprocessing(32))
 
 
+def test_pytorch_only_hand_crop_of_an_image_that_is_not_square_squares_it_as_gmae_jax_squares_a_box(tmp_path):
+    """The image given is the hand's box: squared around it (padded), as training squares a box, not squashed."""
+    from gmae_jax.torch_mirror import exported
+
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    recipe = export.preprocessing(32, "hand_crop")
+    seen_by_gmae_jax = steps.standardize(views.predict_view(str(tmp_path / "wide.png"), "hand_crop", 32,
+                                                            box=(0.0, 0.0, 1.0, 1.0)).pixels)
+    got = exported.preprocess(str(tmp_path / "wide.png"), recipe).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(got, np.asarray(seen_by_gmae_jax), atol=1e-5)
+    np.testing.assert_allclose(got[0], got[0, :1].repeat(32, axis=0), atol=1e-6)  # a padded top row, one colour
+
+
 def test_pytorch_only_classify_of_one_image_is_a_batch_of_one(tmp_path):
     from gmae_jax.torch_mirror import exported
 

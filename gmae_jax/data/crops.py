@@ -10,50 +10,20 @@ import numpy as np
 from PIL import Image
 
 from gmae_jax.data import frames
+from gmae_jax.data.frames import hand_crop_box  # noqa: F401 (the crops' geometry, shared with the PyTorch-only path)
 from gmae_jax.data.hagrid import Box, HagridRecord
 from gmae_jax.data.hagrid_layout import NO_GESTURE, TWO_HANDED
 from gmae_jax.data.transforms import IMAGENET_MEAN
 
 FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
 EVAL_CROP_SCALE = 1.0  # evaluation crops are exactly the (squared) box
-_BILINEAR = Image.Resampling.BILINEAR
-
-
-def hand_crop_box(box: Box, image_w: int, image_h: int, scale: float) -> tuple[int, int, int]:
-    """(left, top, side) in pixels of the square of side max(w, h) * scale centred on the box.
-
-    Rounded outwards, so the square always contains the box; it may leave the image
-    (`crop_square` pads).
-    """
-    x, y, w, h = box[0] * image_w, box[1] * image_h, box[2] * image_w, box[3] * image_h
-    half = max(w, h) * scale / 2
-    cx, cy = x + w / 2, y + h / 2
-    left, top = int(np.floor(cx - half)), int(np.floor(cy - half))
-    side = max(int(np.ceil(cx + half)) - left, int(np.ceil(cy + half)) - top, 1)
-    return left, top, side
 
 
 def crop_square(
     img: Image.Image, left: int, top: int, side: int, out_size: int, fill: tuple[int, ...] = FILL
 ) -> Image.Image:
-    """The square (left, top, side) resized to out_size, padded with `fill` outside the image.
-
-    Only the part inside the image is resampled, straight to its place in the output, so a
-    crop twice the image size costs no more than one the image size.
-    """
-    canvas = Image.new("RGB", (out_size, out_size), fill)
-    width, height = img.size
-    x0, y0 = max(left, 0), max(top, 0)
-    x1, y1 = min(left + side, width), min(top + side, height)
-    if x1 <= x0 or y1 <= y0:
-        return canvas
-    s = out_size / side
-    dx0, dy0 = round((x0 - left) * s), round((y0 - top) * s)
-    dx1, dy1 = round((x1 - left) * s), round((y1 - top) * s)
-    if dx1 > dx0 and dy1 > dy0:
-        part = img.resize((dx1 - dx0, dy1 - dy0), _BILINEAR, box=(x0, y0, x1, y1))
-        canvas.paste(part, (dx0, dy0))
-    return canvas
+    """`frames.crop_square`, padded with the ImageNet mean colour by default."""
+    return frames.crop_square(img, left, top, side, out_size, fill)
 
 
 def letterbox(img: Image.Image, out_size: int, fill: tuple[int, ...] = FILL) -> Image.Image:

@@ -53,7 +53,8 @@ def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:
         "full_frame": "letterbox: resize the longer side to image_size (the other rounded, bilinear) and centre "
                       "the image on an image_size x image_size square of colour fill",
         "hand_crop": "give it the square around the hand (the gesture box's longer side, centred on the box), "
-                     "resized to image_size x image_size, bilinear",
+                     "resized to image_size x image_size, bilinear; an image that is not square is taken as the "
+                     "box and squared around it (its longer side, centred, the rest filled with fill)",
     }[view]
     return {
         "image_size": image_size,

@@ -8,7 +8,7 @@ only: no JAX, so a deployment installs nothing else.
 
 Preprocessing follows the folder's `config.json` and reproduces the run's evaluation view ('original':
 the central crop of the shorter side; 'full_frame': the letterboxed frame; 'hand_crop': the image
-given, a square around the hand), bilinear, ImageNet mean / std.
+given as the hand's box, squared around it), bilinear, ImageNet mean / std.
 """
 
 from __future__ import annotations
@@ -49,14 +49,17 @@ def _rgb(image: ImageLike, draft_size: int) -> Image.Image:
 def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
     """(3, S, S) float32 in the run's evaluation view (`preprocessing['view']`; exports before it was
     recorded: 'original'): the central `crop_fraction` of the shorter side resized to S x S ('original'),
-    the letterboxed frame ('full_frame'), or the whole image, a square around the hand, resized to S x S
-    ('hand_crop'); bilinear, scaled to [0, 1] and standardised with `mean` / `std`, channels RGB."""
+    the letterboxed frame ('full_frame'), or the whole image as the hand's box, squared around it (the
+    longer side, centred, padded with `fill`) and resized to S x S ('hand_crop'); bilinear, scaled to
+    [0, 1] and standardised with `mean` / `std`, channels RGB."""
     size, fraction = preprocessing["image_size"], preprocessing["crop_fraction"]
     view = preprocessing.get("view", "original")
     if view == "full_frame":
         img = frames.letterbox(_rgb(image, size), size, tuple(preprocessing["fill"]))
-    elif view == "hand_crop":
-        img = _rgb(image, size).resize((size, size), Image.Resampling.BILINEAR)
+    elif view == "hand_crop":  # the image is the hand's box: squared around it as gmae_jax squares a box
+        img = _rgb(image, size)
+        img = frames.crop_square(img, *frames.hand_crop_box((0.0, 0.0, 1.0, 1.0), *img.size, 1.0), size,
+                                 tuple(preprocessing["fill"]))
     else:
         img = frames.resize_center_crop(_rgb(image, math.ceil(size / fraction)), size, fraction)
     pixels = np.asarray(img, dtype=np.float32) / 255.0
