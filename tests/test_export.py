@@ -121,6 +121,8 @@ def test_finetune_export_loads_strict_into_the_original_classifier_and_matches_f
     assert config == payload["config"] and config["layout"] == "original"
     assert config["model"]["embed_dim"] == PRESETS["micro"]["embed_dim"] and config["num_classes"] == 3
     assert config["preprocessing"]["image_size"] == 32 and config["preprocessing"]["channel_order"] == "RGB"
+    assert config["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and config["preprocessing"]["std"] == [
+        0.229, 0.224, 0.225]
 
     gmst = export_format.original_layout(export_format.model_config(config))
     model = mirror.GMAEForClassification(gmst, len(CLASSES)).eval()

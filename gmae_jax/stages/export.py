@@ -72,8 +72,9 @@ def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:
         "interpolation": "bilinear",
         "channel_order": "RGB",
         "scale": "pixels / 255, then (x - mean) / std per channel",
-        "mean": transforms.IMAGENET_MEAN.tolist(),
-        "std": transforms.IMAGENET_STD.tolist(),
+        # As written in the recipe (0.485, not float32's 0.48500001430511475): the same float32 once read.
+        "mean": [round(float(m), 6) for m in transforms.IMAGENET_MEAN],
+        "std": [round(float(s), 6) for s in transforms.IMAGENET_STD],
         "tensor_layout": "NCHW float32",
     }
 
