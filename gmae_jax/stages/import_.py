@@ -22,7 +22,7 @@ from etils import epath
 
 from gmae_jax import config_checks, config_lib, run_files
 from gmae_jax.data import views
-from gmae_jax.models.presets import GMSTConfig, gmst_config
+from gmae_jax.models.presets import PRESETS, GMSTConfig, gmst_config
 from gmae_jax.torch_mirror import convert, export_format, weight_files
 from gmae_jax.train import checkpoint, resume_check, run_folder, setup
 
@@ -81,9 +81,12 @@ def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind
             "checkpoint of the original G-MAE code or of a gmae_jax export")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise config_lib.ConfigError(
-            f"config.path={path}: {problems[0]}{more} for a {kind} with {_sizes(model)}; set "
-            "configs/import.py:model=PRESET and --config.model.* to the sizes the file was trained with")
+        fitting = [name for name, sizes in PRESETS.items() if convert.expected_state_dict_shapes(
+            dataclasses.replace(model, **sizes), model=kind, num_classes=num_classes) == shapes]
+        remedy = (f"its tensors fit the {fitting[0]} preset: configs/import.py:model={fitting[0]}" if fitting else
+                  "set configs/import.py:model=PRESET and --config.model.* to the sizes the file was trained with")
+        raise config_lib.ConfigError(f"config.path={path}: {problems[0]}{more} for a {kind} with {_sizes(model)}; "
+                                     f"{remedy}")
 
 
 def check_finite(state: dict[str, np.ndarray], path: str) -> None:
