@@ -382,6 +382,22 @@ def test_prepare_refuses_a_workdir_of_another_preparation(tmp_path):
         prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
 
 
+def test_a_rerun_with_another_class_list_keeps_the_shards_and_says_the_lists_changed(tmp_path, caplog):
+    _tree(tmp_path / "hagrid")
+    prepare.prepare(prepare_config(tmp_path / "hagrid"), str(tmp_path / "out"))
+    assert not [r for r in caplog.records if "class list changed" in r.getMessage()]
+    present = prepare_config(tmp_path / "hagrid")
+    present.data.classes = "present"
+    prepare.prepare(present, str(tmp_path / "out"))
+    changed = [r.getMessage() for r in caplog.records if "class list changed" in r.getMessage()]
+    assert len(changed) == 1 and changed[0].startswith(
+        f"the class list changed (config.data.classes=present): {len(hagrid_layout.HAGRID_V2_CLASSES)} -> "
+        f"{len(CLASSES)} classes (")
+    assert "runs trained on the earlier list no longer evaluate on these corpora" in changed[0]
+    index = json.loads((tmp_path / "out" / "pretrain" / "index.json").read_text())
+    assert index["class_names"] == sorted(CLASSES)
+
+
 def test_prepare_refuses_a_training_run_or_the_raw_tree_as_its_workdir_and_bad_seeds_and_workers(tmp_path):
     _tree(tmp_path / "hagrid")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

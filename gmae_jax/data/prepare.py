@@ -351,6 +351,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                   "unknown: move it aside and prepare into a new one")
         _check_same_plan(recorded, plan, settings, out, config.rebuild)
     run_files.write_text(plan_file, json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
+    earlier = run_files.read_json(out / _MANIFEST).get("class_names") if (out / _MANIFEST).exists() else None
+    if earlier is not None and earlier != class_names:  # the same images: the shards stay, the lists change
+        logging.warning("the class list changed (config.data.classes=%s): %d -> %d classes (%s); index.json is "
+                        "rewritten, so runs trained on the earlier list no longer evaluate on these corpora",
+                        config.data.classes, len(earlier), len(class_names), ", ".join(class_names[:6])
+                        + (", ..." if len(class_names) > 6 else ""))
     todo = [t for t in tasks if not _written(t)]
     for folder in sorted({epath.Path(t.path).parent for t in todo}):  # after a rebuild removed the old ones
         folder.mkdir(parents=True, exist_ok=True)
