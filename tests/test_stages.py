@@ -312,22 +312,26 @@ def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_p
         assert tuple(corner) == ((0, 150, 0) if right else (200, 0, 0)), (k, row)
 
 
-def test_predict_warns_of_inputs_centre_cropped_for_a_hand_crop_run_and_of_tiny_ones(run_dir, tmp_path, caplog,
-                                                                                    monkeypatch):
-    """Both counted among the inputs predicted: a file that does not decode was neither cropped nor enlarged."""
+def test_predict_warns_of_centre_crops_for_a_hand_crop_run_of_tiny_inputs_and_of_flat_ones(run_dir, tmp_path,
+                                                                                         caplog, monkeypatch):
+    """Each counted among the inputs predicted: a file that does not decode was neither cropped nor enlarged."""
     workdir, root, _ = run_dir
     monkeypatch.setattr(resume_check, "recorded_view", lambda _: "hand_crop")  # a run evaluated on hand crops
     inputs_dir = tmp_path / "inputs"
     inputs_dir.mkdir()
     shutil.copy(next((root / "val" / CLASSES[0]).iterdir()), inputs_dir / "photo.jpg")  # 32 px: the model's size
     Image.new("RGB", (3, 2), (200, 150, 120)).save(inputs_dir / "thumbnail.png")
+    Image.new("RGB", (400, 40), (90, 150, 120)).save(inputs_dir / "strip.png")  # its centre crop: 8 % of it
     (inputs_dir / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     config = load("predict")
     config.update(checkpoint_dir=workdir, inputs=str(inputs_dir))
     with caplog.at_level("WARNING"):
-        assert stages.run(config, str(tmp_path / "out")) == {"predicted": 2, "skipped": 1}
-    assert ("the run was evaluated on hand crops, and 2 input(s) have no gesture box: those were centre-cropped "
+        assert stages.run(config, str(tmp_path / "out")) == {"predicted": 3, "skipped": 1}
+    assert ("the run was evaluated on hand crops, and 3 input(s) have no gesture box: those were centre-cropped "
             "instead") in caplog.text
+    assert (f"1 input(s) are far from square: the model saw only their centre crop (e.g. {inputs_dir}/strip.png, "
+            "400x40 px: 8 % of it); a hand off-centre is not in it: crop such images around the hand first"
+            ) in caplog.text
     enlargement = 32 / (2 * views.EVAL_CROP_FRACTION)
     assert (f"1 input(s) are so small that the model saw them enlarged more than 4x (e.g. {inputs_dir}/thumbnail.png, "
             f"3x2 px, {enlargement:.0f}x for the model's 32 px)") in caplog.text

@@ -25,6 +25,12 @@ VIEWS = ("original",) + HAGRID_VIEWS
 EVAL_CROP_FRACTION = 0.875
 
 
+def centre_crop_share(width: int, height: int) -> float:
+    """The share of an image's area the centre crop ('original' view) shows: 0.77 for a square, 0.43 for
+    16:9, 0.02 for a 40:1 strip, whose hand may well lie outside it."""
+    return (min(width, height) * EVAL_CROP_FRACTION) ** 2 / max(width * height, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
     """Everything a view needs besides the record; picklable for grain workers. The augmentation

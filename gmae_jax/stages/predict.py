@@ -71,6 +71,7 @@ OUTPUTS = ("predictions.csv", "predictions.jsonl", "predictions.png", "skipped.c
 SHEET_SIZE = 36  # inputs drawn in predictions.png
 # Inputs the view enlarges more than this: a prediction on a blur of a few source pixels means little.
 MAX_ENLARGEMENT = 4.0
+MIN_CENTRE_CROP_SHARE = 0.25  # a centre crop that shows less of the image than this is warned of (~3:1 and flatter)
 
 
 def _csv(rows: list[list[str]]) -> str:
@@ -144,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                                       steps.standardize(images), train=False)
         return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
-    rows, sheet, enlarged = [], [], []
+    rows, sheet, enlarged, cropped_away = [], [], [], []
     centre_cropped = 0  # inputs without a gesture box, predicted by a run evaluated on hand crops
 
     def load(item: inputs.Input) -> np.ndarray | str:
@@ -158,6 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
             good = [(item, seen) for item, seen in zip(chunk, loaded) if not isinstance(seen, str)]
             skipped += [(item.path, seen) for item, seen in zip(chunk, loaded) if isinstance(seen, str)]
             enlarged += [(item.path, seen) for item, seen in good if seen.enlargement > MAX_ENLARGEMENT]
+            cropped_away += [(item.path, seen) for item, seen in good if _view(config, item, trained) == "original"
+                             and views.centre_crop_share(*seen.source_size) < MIN_CENTRE_CROP_SHARE]
             bar.update(len(chunk))
             if not good:
                 continue
@@ -190,6 +193,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                         "px, %.0fx for the model's %d px): predictions on a few source pixels mean little",
                         len(enlarged), MAX_ENLARGEMENT, _printable(path), *seen.source_size, seen.enlargement,
                         image_size)
+    if cropped_away:
+        path, seen = cropped_away[0]
+        logging.warning("%d input(s) are far from square: the model saw only their centre crop (e.g. %s, %dx%d px: "
+                        "%.0f %% of it); a hand off-centre is not in it: crop such images around the hand first",
+                        len(cropped_away), _printable(path), *seen.source_size,
+                        100 * views.centre_crop_share(*seen.source_size))
     # Inputs annotated with a gesture the run does not know cannot agree: counted apart.
     annotated = [row for row in rows if row["annotation"] in names]
     unknown = sum(bool(row["annotation"]) and row["annotation"] not in names for row in rows)
