@@ -596,6 +596,10 @@ def test_repeated_class_names_carried_by_the_file_name_the_file(tmp_path):
     (lambda path: path.write_text("these are notes\n"),  # torch.load fails with a bare IndexError or KeyError
      r" does not load with .*: it is no file torch.save wrote, or a damaged one \(\w+Error: "),
     (lambda path: path.write_bytes(b""), r" is empty \(0 bytes\)"),
+    (lambda path: [torch.save({"model_state_dict": {"a": torch.zeros(1000)}}, path),
+                   path.write_bytes(path.read_bytes()[:2000])],  # a copy cut short
+     r" does not load with .*: the file is cut short or damaged \(no zip directory at its end\); copy or download "
+     r"it again, or save it again$"),
     (lambda path: torch.save({"model_state_dict": {"pos_embed": [0.0, 1.0]}}, path),
      r": its 'model_state_dict' is not a state_dict \(names to tensors\)"),
 ])

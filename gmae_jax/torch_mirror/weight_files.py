@@ -132,6 +132,12 @@ def _reason(error: Exception) -> str:
     if pickled:  # torch's own advice (weights_only=False) is what this stage never does
         return (f"it holds a pickled {pickled.group(1)}, not only tensors; save the model's state_dict instead "
                 "(torch.save(model.state_dict(), path))")
-    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and lines:
-        return next((line for line in lines if not line.startswith(boilerplate)), lines[0])
-    return f"it is no file torch.save wrote, or a damaged one ({': '.join([type(error).__name__] + lines[:1])})"
+    if "failed finding central directory" in str(error) or "failed reading zip archive" in str(error):
+        return ("the file is cut short or damaged (no zip directory at its end); copy or download it again, or "
+                "save it again")
+    first = next((line for line in lines if not line.startswith(boilerplate)), lines[0]) if lines else ""
+    # An opcode the unpickler does not know: bytes of something else (a text file named .pth).
+    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and first and "Unsupported operand" not in first:
+        return first
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return f"it is no file torch.save wrote, or a damaged one ({detail})"
