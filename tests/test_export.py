@@ -582,6 +582,18 @@ def test_repeated_class_names_are_refused_before_the_file_is_read(tmp_path):
         stages.validate(config)
 
 
+def test_an_export_whose_view_is_none_of_ours_is_named_not_dropped(tmp_path):
+    path = tmp_path / "classifier.pth"
+    state_dict = mirror.GMAEForClassification(micro(), 3).state_dict()
+    torch.save({"model_state_dict": state_dict, "config": {"preprocessing": {"view": "weird"}}}, path)
+    config = load("import", "model=micro")
+    config.update(path=str(path), class_names="fist,one,palm")
+    with pytest.raises(config_lib.ConfigError, match=r"classifier.pth: its preprocessing names the view 'weird', none "
+                       r"of \('original', .*an edited or damaged export; export the run again$"):
+        stages.run(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_class_names_carried_by_the_file_name_the_file(tmp_path):
     path = tmp_path / "classifier.pth"
     state_dict = mirror.GMAEForClassification(micro(), 3).state_dict()

@@ -180,12 +180,16 @@ def _step(payload: dict[str, Any], state: dict[str, np.ndarray], path: str) -> i
     return counts[0] if counts else 0
 
 
-def _view(payload: dict[str, Any]) -> str | None:
-    """The evaluation view our export recorded (None for the original's files and older exports)."""
+def _view(payload: dict[str, Any], path: str) -> str | None:
+    """The evaluation view our export recorded (None for the original's files and older exports); one
+    that is none of ours is an edited or damaged export, named rather than dropped."""
     config = payload.get("config")
     preprocessing = config.get("preprocessing") if isinstance(config, dict) else None
     view = preprocessing.get("view") if isinstance(preprocessing, dict) else None
-    return view if view in views.VIEWS else None
+    if view is not None and view not in views.VIEWS:
+        raise config_lib.ConfigError(f"config.path={path}: its preprocessing names the view {view!r}, none of "
+                                     f"{views.VIEWS}: an edited or damaged export; export the run again")
+    return view
 
 
 def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig, num_classes: int | None,
@@ -232,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
                             batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    view = _view(payload)  # how the exported run saw its evaluation images: predict and evaluate follow it
+    view = _view(payload, config.path)  # how the exported run saw its evaluation images: predict and evaluate follow it
     if view == "hand_crop":
         written.data.mode = "hand_crop"
     resume_check.write_run_files(written, workdir, class_names, facts={resume_check.VIEW: view} if view else None)
