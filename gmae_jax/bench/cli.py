@@ -228,7 +228,7 @@ def _suite_cases() -> list[Any]:
                              "(each preset's default)")
     try:
         return [suite_cases.Case.from_name(name, img_size=_SUITE_IMG_SIZE.value,
-                                            batch_size=_suite_batch_sizes(name.split()[:1])[0])
+                                           batch_size=_suite_batch_sizes(name.split()[:1])[0])
                 for name in _SUITE_CASES.value]
     except ValueError as error:
         raise app.UsageError(f"--suite_cases: {error}") from None
