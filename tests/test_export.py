@@ -542,7 +542,8 @@ def test_an_import_whose_checkpoint_fails_leaves_no_run_and_can_be_rerun(tmp_pat
     assert setup.restore_run(str(tmp_path / "out")).class_names == ["fist", "one", "palm"]
 
 
-@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("classes.json", "folder")])
+@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("classes.json", "folder"),
+                                        ("config.json", "folder")])
 def test_an_import_into_a_folder_with_a_run_file_of_the_other_kind_is_one_line_before_anything(tmp_path, name, make):
     """A `checkpoints` file would fail only at the save (orbax then waits minutes on its own thread)."""
     config = load("import", "model=micro")
@@ -555,6 +556,23 @@ def test_an_import_into_a_folder_with_a_run_file_of_the_other_kind_is_one_line_b
                        "that name; move it away"):
         stages.run(config, str(out))
     assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("file_preset, asked, depth, remedy", [
+    ("tiny", "micro", None, "its tensors fit the tiny preset: configs/import.py:model=tiny$"),
+    ("micro", "micro", 3, r"its tensors fit the micro preset as it is: drop the --config.model.\* sizes given$"),
+])
+def test_an_import_of_the_wrong_size_names_the_preset_its_tensors_fit(file_preset, asked, depth, remedy, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "classifier.pth"
+    torch.save({"model_state_dict": mirror.GMAEForClassification(
+        GMSTConfig(**{**dataclasses.asdict(GMSTConfig()), **PRESETS[file_preset]}), 3).state_dict()}, path)
+    config = load("import", f"model={asked}")
+    config.update(path=str(path), class_names="fist,one,palm")
+    if depth:
+        config.model.depth = depth
+    with pytest.raises(config_lib.ConfigError, match=remedy):
+        stages.run(config, str(tmp_path / "out"))
 
 
 def test_a_model_size_the_import_cannot_build_says_where_the_other_sizes_come_from():
@@ -582,6 +600,16 @@ def test_repeated_class_names_are_refused_before_the_file_is_read(tmp_path):
         stages.validate(config)
 
 
+@pytest.mark.parametrize("extra_keys", ["not json", '"encoder_mask_token"', "[1, 2]"])
+def test_a_safetensors_whose_extra_keys_are_damaged_is_one_line(extra_keys, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors.numpy.save({"pos_embed": np.zeros((1, 4, 8), np.float32)},
+                                            metadata={"config": "{}", "extra_keys": extra_keys}))
+    with pytest.raises(config_lib.ConfigError, match=r"model.safetensors: its metadata's 'extra_keys' is not a JSON "
+                       r"list of tensor names; a damaged export: export the run again$"):
+        weight_files.read_pth(str(path))
+
+
 def test_an_export_whose_view_is_none_of_ours_is_named_not_dropped(tmp_path):
     path = tmp_path / "classifier.pth"
     state_dict = mirror.GMAEForClassification(micro(), 3).state_dict()
@@ -589,7 +617,8 @@ def test_an_export_whose_view_is_none_of_ours_is_named_not_dropped(tmp_path):
     config = load("import", "model=micro")
     config.update(path=str(path), class_names="fist,one,palm")
     with pytest.raises(config_lib.ConfigError, match=r"classifier.pth: its preprocessing names the view 'weird', none "
-                       r"of \('original', .*an edited or damaged export; export the run again$"):
+                       r"of \('original', .*an export edited, damaged or from a newer gmae_jax; export the run again with "
+                       r"this version$"):
         stages.run(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

@@ -330,7 +330,7 @@ def test_predict_warns_of_centre_crops_for_a_hand_crop_run_of_tiny_inputs_and_of
     assert ("the run was evaluated on hand crops, and 3 input(s) have no gesture box: those were centre-cropped "
             "instead") in caplog.text
     assert (f"1 input(s) are far from square: the model saw only their centre crop (e.g. {inputs_dir}/strip.png, "
-            "400x40 px: 8 % of it); a hand off-centre is not in it: crop such images around the hand first"
+            "10.0:1: 8 % of it); a hand off-centre is not in it: crop such images around the hand first"
             ) in caplog.text
     enlargement = 32 / (2 * views.EVAL_CROP_FRACTION)
     assert (f"1 input(s) are so small that the model saw them enlarged more than 4x (e.g. {inputs_dir}/thumbnail.png, "

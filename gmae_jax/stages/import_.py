@@ -67,8 +67,9 @@ def _sizes(model: GMSTConfig) -> str:
 
 
 def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind: str, num_classes: int | None,
-                     path: str) -> None:
-    """One line naming the first missing, extra or mis-shaped key, and the sizes expected."""
+                     path: str, asked_preset: str = "") -> None:
+    """One line naming the first missing, extra or mis-shaped key, the sizes expected, and the preset
+    whose sizes the file's tensors fit, if one does (`asked_preset`: the one configs/import.py was given)."""
     expected = convert.expected_state_dict_shapes(model, model=kind, num_classes=num_classes)
     problems = ([f"missing key '{k}'" for k in sorted(set(expected) - set(shapes))]
                 + [f"extra key '{k}'" for k in sorted(set(shapes) - set(expected))]
@@ -81,10 +82,15 @@ def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind
             "checkpoint of the original G-MAE code or of a gmae_jax export")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        fitting = [name for name, sizes in PRESETS.items() if convert.expected_state_dict_shapes(
-            dataclasses.replace(model, **sizes), model=kind, num_classes=num_classes) == shapes]
-        remedy = (f"its tensors fit the {fitting[0]} preset: configs/import.py:model={fitting[0]}" if fitting else
-                  "set configs/import.py:model=PRESET and --config.model.* to the sizes the file was trained with")
+        fitting = [name for name in PRESETS if convert.expected_state_dict_shapes(
+            dataclasses.replace(gmst_config(config_lib.model_section(name)), mask_mode=model.mask_mode), model=kind,
+            num_classes=num_classes) == shapes]
+        if fitting and asked_preset == fitting[0]:
+            remedy = f"its tensors fit the {fitting[0]} preset as it is: drop the --config.model.* sizes given"
+        elif fitting:
+            remedy = f"its tensors fit the {fitting[0]} preset: configs/import.py:model={fitting[0]}"
+        else:
+            remedy = "set configs/import.py:model=PRESET and --config.model.* to the sizes the file was trained with"
         raise config_lib.ConfigError(f"config.path={path}: {problems[0]}{more} for a {kind} with {_sizes(model)}; "
                                      f"{remedy}")
 
@@ -182,13 +188,14 @@ def _step(payload: dict[str, Any], state: dict[str, np.ndarray], path: str) -> i
 
 def _view(payload: dict[str, Any], path: str) -> str | None:
     """The evaluation view our export recorded (None for the original's files and older exports); one
-    that is none of ours is an edited or damaged export, named rather than dropped."""
+    that is none of ours (an edited or damaged export, or a newer version's) is named rather than dropped."""
     config = payload.get("config")
     preprocessing = config.get("preprocessing") if isinstance(config, dict) else None
     view = preprocessing.get("view") if isinstance(preprocessing, dict) else None
     if view is not None and view not in views.VIEWS:
         raise config_lib.ConfigError(f"config.path={path}: its preprocessing names the view {view!r}, none of "
-                                     f"{views.VIEWS}: an edited or damaged export; export the run again")
+                                     f"{views.VIEWS}: an export edited, damaged or from a newer gmae_jax; export "
+                                     "the run again with this version")
     return view
 
 
@@ -212,13 +219,14 @@ def run_config(config: ml_collections.ConfigDict, stage: str, model: GMSTConfig,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Writes the run folder into `workdir`; returns what was imported."""
     checkpoints = epath.Path(workdir) / run_folder.CHECKPOINTS
+    run_files.check_kinds(workdir, (run_folder.CONFIG_FILE, run_folder.CLASSES_FILE, run_folder.FACTS_FILE),
+                          (run_folder.CHECKPOINTS,), keeper="the import writes")
     if (epath.Path(workdir) / run_folder.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
                                      "a new folder")
     run_folder.check_not_inside_a_run(workdir, "import")  # where it would pass for that run
-    run_files.check_kinds(workdir, (run_folder.CONFIG_FILE, run_folder.CLASSES_FILE, run_folder.FACTS_FILE),
-                          (run_folder.CHECKPOINTS,), keeper="the import writes")
     payload = weight_files.read_pth(config.path)
+    view = _view(payload, config.path)  # how the exported run saw its evaluation images: predict and evaluate follow it
     state = {**payload["model_state_dict"], **payload.get("extra_state_dict", {})}
     kind = "classifier" if any(k.startswith("classifier.") for k in state) else "pretrain"
     stage = "finetune" if kind == "classifier" else "pretrain"
@@ -227,7 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise config_lib.ConfigError(f"config.path={config.path}: missing key 'classifier.1.weight' (the head's "
                                      "weights, one row a class) where other classifier.* keys are there")
     model = imported_model(payload, config, state)
-    check_state_dict({k: tuple(v.shape) for k, v in state.items()}, model, kind, num_classes, config.path)
+    check_state_dict({k: tuple(v.shape) for k, v in state.items()}, model, kind, num_classes, config.path,
+                     config.model.get("preset", ""))
     check_finite(state, config.path)
     class_names = _class_names(payload, config, num_classes, config.path)
     variables = convert.torch_to_flax_variables(state, model=kind, config=model)
@@ -236,7 +245,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     weights = setup.Weights(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
                             batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    view = _view(payload, config.path)  # how the exported run saw its evaluation images: predict and evaluate follow it
     if view == "hand_crop":
         written.data.mode = "hand_crop"
     resume_check.write_run_files(written, workdir, class_names, facts={resume_check.VIEW: view} if view else None)

@@ -195,10 +195,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                         image_size)
     if cropped_away:
         path, seen = cropped_away[0]
-        logging.warning("%d input(s) are far from square: the model saw only their centre crop (e.g. %s, %dx%d px: "
+        width, height = seen.source_size  # as decoded (a JPEG draft keeps the shape)
+        logging.warning("%d input(s) are far from square: the model saw only their centre crop (e.g. %s, %.1f:1: "
                         "%.0f %% of it); a hand off-centre is not in it: crop such images around the hand first",
-                        len(cropped_away), _printable(path), *seen.source_size,
-                        100 * views.centre_crop_share(*seen.source_size))
+                        len(cropped_away), _printable(path), max(width, height) / max(min(width, height), 1),
+                        100 * views.centre_crop_share(width, height))
     # Inputs annotated with a gesture the run does not know cannot agree: counted apart.
     annotated = [row for row in rows if row["annotation"] in names]
     unknown = sum(bool(row["annotation"]) and row["annotation"] not in names for row in rows)

@@ -116,7 +116,14 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     except ValueError as error:
         raise ConfigError(f"config.path={path}: its metadata's 'config' is not JSON ({error}); a "
                           "damaged export: export the run again") from None
-    extra_keys = set(json.loads(metadata.get(export_format.EXTRA_KEYS, "[]")))
+    try:
+        extra_keys = json.loads(metadata.get(export_format.EXTRA_KEYS, "[]"))
+    except ValueError:
+        extra_keys = None
+    if not (isinstance(extra_keys, list) and all(isinstance(key, str) for key in extra_keys)):
+        raise ConfigError(f"config.path={path}: its metadata's '{export_format.EXTRA_KEYS}' is not a JSON list of "
+                          "tensor names; a damaged export: export the run again")
+    extra_keys = set(extra_keys)
     return {"model_state_dict": {k: v for k, v in tensors.items() if k not in extra_keys},
             "extra_state_dict": {k: v for k, v in tensors.items() if k in extra_keys}, "config": config,
             "class_names": config.get("class_names"), "step": config.get("step")}
