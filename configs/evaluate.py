@@ -5,8 +5,8 @@
 
 The model and data settings are read from CHECKPOINT_DIR/config.json; override the data with
 --config.data_root / --config.split. Writes eval_metrics.json, and for a classifier
-confusion_matrix.png / .json and misclassified.png, for a pretraining run reconstructions.png. The
-training split is never opened.
+confusion_matrix.png / .json and misclassified.png, for a pretraining run reconstructions.png, and
+the same to tensorboard/. The training split is never opened.
 """
 
 import ml_collections

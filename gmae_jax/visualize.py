@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -158,7 +159,7 @@ def _font() -> ImageFont.ImageFont:
 def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> list[str]:
     """`text` in lines of whole words that fit `width` pixels (a word wider than that is cut)."""
     lines: list[str] = []
-    for word in text.split():
+    for word in _one_line(text).split():
         if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
@@ -166,10 +167,16 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.Imag
     return lines
 
 
+def _one_line(text: str) -> str:
+    """`text` with control characters (a file name may hold a newline, which PIL cannot measure on one
+    line) and line separators escaped; other scripts' joiners and spaces stay."""
+    return "".join(repr(char)[1:-1] if unicodedata.category(char) == "Cc" or char in "\u2028\u2029" else char
+                   for char in text)
+
+
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.ImageFont) -> str:
-    """`text` on one line, cut (with '...') to fit `width` pixels; control characters escaped (a file
-    name may hold a newline, which PIL cannot measure on one line)."""
-    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    """`text` on one line (`_one_line`), cut (with '...') to fit `width` pixels."""
+    text = _one_line(text)
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:

@@ -617,8 +617,8 @@ def test_an_export_whose_view_is_none_of_ours_is_named_not_dropped(tmp_path):
     config = load("import", "model=micro")
     config.update(path=str(path), class_names="fist,one,palm")
     with pytest.raises(config_lib.ConfigError, match=r"classifier.pth: its preprocessing names the view 'weird', none "
-                       r"of \('original', .*an export edited, damaged or from a newer gmae_jax; export the run again with "
-                       r"this version$"):
+                       r"of \('original', .*an export edited, damaged or from a newer gmae_jax; export the run "
+                       r"again with this version$"):
         stages.run(config, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

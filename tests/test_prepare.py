@@ -171,8 +171,9 @@ def test_evaluating_a_run_of_other_classes_on_a_corpus_names_the_ways_out(prepar
     out, _, _ = prepared
     with pytest.raises(class_folders.DataLayoutError, match=r"\(prepared\) has the classes \['call', .*, not the run's "
                        r"\['call', 'fist'\]: a prepared set keeps the class list .* Evaluate on the HaGRID tree it "
-                       r"was built from \(--config.data_root=THAT_TREE --config.split=val or test.*or build it again "
-                       r"with --config.data.classes set to the run's classes"):
+                       r"was built from \(--config.data_root=THAT_TREE --config.split=val or test.*or prepare it again "
+                       r"with --config.data.classes set to the run's classes, in their order \(with "
+                       r"--config.rebuild=True, or into a new --workdir\)"):
         sources.open_split(data_config(out / "pretrain"), "val", ["call", "fist"])
 
 
@@ -388,7 +389,8 @@ def test_a_rerun_with_another_class_list_keeps_the_shards_and_says_the_lists_cha
     assert not [r for r in caplog.records if "class list changed" in r.getMessage()]
     present = prepare_config(tmp_path / "hagrid")
     present.data.classes = "present"
-    prepare.prepare(present, str(tmp_path / "out"))
+    with caplog.at_level("INFO"):
+        prepare.prepare(present, str(tmp_path / "out"))
     changed = [r.getMessage() for r in caplog.records if "class list changed" in r.getMessage()]
     assert len(changed) == 1 and changed[0].startswith(
         f"the class list changed (config.data.classes=present): {len(hagrid_layout.HAGRID_V2_CLASSES)} -> "
@@ -396,6 +398,8 @@ def test_a_rerun_with_another_class_list_keeps_the_shards_and_says_the_lists_cha
     assert "runs trained on the earlier list no longer evaluate on these corpora" in changed[0]
     index = json.loads((tmp_path / "out" / "pretrain" / "index.json").read_text())
     assert index["class_names"] == sorted(CLASSES)
+    written = [r.getMessage() for r in caplog.records if "shards already written" in r.getMessage()]
+    assert written[-1].endswith("; writing 0")  # the same images: every shard kept
 
 
 def test_prepare_refuses_a_training_run_or_the_raw_tree_as_its_workdir_and_bad_seeds_and_workers(tmp_path):

@@ -206,6 +206,18 @@ def test_every_fine_tune_of_a_study_gets_a_fixed_number_of_steps(labelled):
         stages.validate(config)
 
 
+def test_a_bad_recipe_value_is_named_before_folders_that_are_not_there_yet(tmp_path):
+    config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
+    config.update(pretrain_data=str(tmp_path / "not_yet"))
+    config.data.root = str(tmp_path / "nor_this")
+    config.pretrain.mask_ratio = 1.5
+    with pytest.raises(config_lib.ConfigError, match=r"config.pretrain.mask_ratio=1.5 must be in \(0, 1\)"):
+        stages.validate(config)
+    config.pretrain.mask_ratio = 0.6
+    with pytest.raises(config_lib.ConfigError, match=r"config.pretrain_data='\S+/not_yet' does not exist"):
+        stages.validate(config)
+
+
 def test_study_needs_exactly_one_source_of_pretrained_weights(labelled):
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "study", "runlocal")
     config.data.root = labelled[0]

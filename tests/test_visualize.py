@@ -114,3 +114,7 @@ def test_a_caption_line_with_a_newline_is_drawn_escaped(tmp_path):
     font = visualize._font()
     draw = visualize.ImageDraw.Draw(Image.new("RGB", (1, 1)))
     assert visualize._fit(draw, name, 1000, font) == "fist/new\\nline.jpg"
+    # Every word of a wrapped caption, not only a line's first; other scripts' joiners are no control characters.
+    assert visualize._wrap(draw, "title a\x07b c\x00d", 1000, font) == ["title a\\x07b c\\x00d"]
+    assert visualize._fit(draw, "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", 1000, font) == (
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")

@@ -1,6 +1,6 @@
 """The one-call accelerator benchmark: `python -m gmae_jax.bench --suite=device`.
 
-Built for a short loan of a GPU or TPU: the headline cases run first (`default_cases`), every row
+Built for a short loan of a GPU or TPU: the headline cases run first (`suite_cases.default_cases`), every row
 is printed the moment it is measured (a cut-off run still leaves numbers), and cases that would end after the
 time budget are listed as skipped. Per case: compile seconds, images/s of the full train step
 (forward, backward, AdamW) on batches as the input pipeline yields them (uint8, with the colour
@@ -206,7 +206,7 @@ def failed_row(case: Case, error: Exception, where: str = "") -> str:
 def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
               profile_steps: int = 3, grow: bool = False, with_mirror: bool = True) -> Iterator[str]:
     """Yields the table line by line (header first): the first case's row followed by the eager
-    PyTorch mirror's line on it (timed first, `time_mirror`), and the first case that ran by its
+    PyTorch mirror's line on it (timed first, `suite_mirror.time_mirror`), and the first case that ran by its
     profile (`profile_steps` traced steps; 0: none). No case starts that is expected to end after `budget_s`
     (`CASE_SECONDS`, or what the preset's last case took), the first excepted. With `grow`, a case whose
     row says a batch at least twice its own fits is measured again at the largest such power-of-two

@@ -58,7 +58,7 @@ def compare_mask_modes(
 ) -> dict[str, dict[str, float]]:
     """Per mode: median images/s over `rounds` interleaved rounds of `num_steps` steps, and FLOPs.
     Every other round runs the modes in reverse order (ABBA), so neither always runs first after the
-    other's work (caches, clocks)."""
+    other's work (caches, clocks); balanced for an even number of rounds."""
     built = {mode: build_step(preset, mode, batch_size, mask_ratio, **model_overrides) for mode in modes}
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_index in range(rounds):

@@ -351,7 +351,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                   "unknown: move it aside and prepare into a new one")
         _check_same_plan(recorded, plan, settings, out, config.rebuild)
     run_files.write_text(plan_file, json.dumps({"plan": plan, "settings": settings}, indent=1, sort_keys=True))
-    earlier = run_files.read_json(out / _MANIFEST).get("class_names") if (out / _MANIFEST).exists() else None
+    manifest_then = run_files.read_json(out / _MANIFEST) if (out / _MANIFEST).exists() else None
+    earlier = manifest_then.get("class_names") if isinstance(manifest_then, dict) else None  # damaged: rewritten
     if earlier is not None and earlier != class_names:  # the same images: the shards stay, the lists change
         logging.warning("the class list changed (config.data.classes=%s): %d -> %d classes (%s); index.json is "
                         "rewritten, so runs trained on the earlier list no longer evaluate on these corpora",

@@ -315,8 +315,8 @@ def _open(
                 f"{root} ({layout}) has the classes {names}, not the run's {list(class_names)}: a {layout} set keeps "
                 "the class list (and label order) it was built with. Evaluate on the HaGRID tree it was built from "
                 "(--config.data_root=THAT_TREE --config.split=val or test: images of gestures the run has no class "
-                "for are left out there), or build it again with --config.data.classes set to the run's classes, "
-                "in their order")
+                "for are left out there), or prepare it again with --config.data.classes set to the run's classes, "
+                "in their order (with --config.rebuild=True, or into a new --workdir)")
         view = ViewConfig(mode=mode, class_names=tuple(names),
                           crop_scale_max=data.crop_scale_max, no_gesture_prob=data.no_gesture_prob)
     for split, part in parts.items():

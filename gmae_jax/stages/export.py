@@ -54,7 +54,8 @@ def preprocessing(image_size: int, view: str = "original") -> dict[str, Any]:
                       "the image on an image_size x image_size square of colour fill",
         "hand_crop": "give it the square around the hand (the gesture box's longer side, centred on the box), "
                      "resized to image_size x image_size, bilinear; an image that is not square is taken as the "
-                     "box and squared around it (its longer side, centred, the rest filled with fill)",
+                     "box and squared around it (its longer side, centred, the rest filled with fill). gmae_jax's "
+                     "predict stage, given a photo without a gesture box, centre-crops it instead (and says so)",
     }[view]
     return {
         "image_size": image_size,

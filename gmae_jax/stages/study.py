@@ -71,19 +71,21 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
         value, default = getattr(section, name), getattr(type(section), name)
         config_checks.check(value == default, f"config.finetune.{name}={value!r} is set by the study for each of its "
                             f"runs; use {use}")
-    if check_data:
+    with _fields_named_as_in_the_study("pretrain"):
+        pretrain_stage.validate(pretrain_config(config), check_data=False)
+    with _fields_named_as_in_the_study("finetune"):
+        finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data=False)
+    if check_data:  # after every value, as the stages do: a bad one is named even before the data is there
         config_checks.check(not config.init_from or os.path.isdir(config.init_from),
                             f"config.init_from='{config.init_from}' {config_checks.not_a_folder(config.init_from)}; "
                             "point it at a pretraining workdir")
         if config.init_from:
             _check_pretraining_run(config.init_from)
-        config_checks.check(not config.pretrain_data or os.path.isdir(config.pretrain_data),
+        config_checks.check(not config.pretrain_data or os.path.isdir(config.pretrain_data)
+                            or "://" in config.pretrain_data,
                             f"config.pretrain_data='{config.pretrain_data}' does not exist; point it at the "
                             "unlabelled images")
-    with _fields_named_as_in_the_study("pretrain"):
-        pretrain_stage.validate(pretrain_config(config), check_data=False)
-    with _fields_named_as_in_the_study("finetune"):
-        finetune_stage.validate(finetune_config(config, "pretrained", 0, 0, num_classes=2), check_data)
+        config_checks.check_data_root(config.data.root)
 
 
 def _fields_named_as_in_the_study(recipe: str) -> contextlib.AbstractContextManager[None]:

@@ -17,7 +17,7 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,7 @@ def preprocess(image: ImageLike, preprocessing: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def _as_batch(images: ImageLike | Sequence[ImageLike]) -> Sequence[ImageLike]:
+def _as_batch(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     """One image as a batch of one (a path is a str, which would otherwise iterate by character)."""
     return [images] if isinstance(images, (str, os.PathLike, bytes, Image.Image)) else list(images)
 
@@ -88,7 +88,7 @@ class ExportedModel:
         return torch.stack([preprocess(image, self.config["preprocessing"]) for image in _as_batch(images)])
 
     @torch.no_grad()
-    def classify(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
+    def classify(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> torch.Tensor:
         """Class probabilities (N, num_classes) on the CPU, in the order of `class_names`; one image gives
         N = 1. Images are decoded and run `batch_size` at a time, on the module's device and in its
         dtype (after `model.module.cuda()` or `.half()`), so a folder of photos never sits in memory whole."""
