@@ -14,6 +14,7 @@ from gmae_jax.data import synthetic
 from gmae_jax.stages import finetune as finetune_stage
 from gmae_jax.stages import pretrain as pretrain_stage
 from gmae_jax.stages import study as study_stage
+from gmae_jax.train import run_folder
 
 ONE_PROCESS = True  # a one-machine demo; processes would draw the same images
 MAX_IMAGE_SIZE = 1024
@@ -69,7 +70,8 @@ def study_config(config: ml_collections.ConfigDict, pretrain_root: str,
 def _check_trained_on_the_same_data(workdir: str, datasets: dict[str, dict[str, Any]]) -> None:
     """Other `config.dataset` settings would redraw the images under runs trained on the old ones,
     which the study would then reuse as finished: refused before anything is redrawn."""
-    trained = [name for name in ("pretrain", "runs") if os.path.exists(os.path.join(workdir, name))]
+    trained = [name for name in (run_folder.STUDY_PRETRAIN_DIR, run_folder.STUDY_RUNS_DIR)
+               if os.path.exists(os.path.join(workdir, name))]
     changes = sorted({change for root, drawn in datasets.items()
                       for change in synthetic.demo_dataset_changes(root, **drawn)})
     if trained and changes:

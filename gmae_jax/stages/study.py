@@ -213,9 +213,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     num_classes = len(data.class_names)
     for per_class in config.labels_per_class:  # before the pretraining, which may take hours
         subsets.class_balanced_subset(data.train, data.class_names, per_class, seed=0)
-    pretrain_dir = config.init_from or os.path.join(workdir, "pretrain")
+    pretrain_dir = config.init_from or os.path.join(workdir, run_folder.STUDY_PRETRAIN_DIR)
     plan = [(finetune_config(config, init, per_class, seed, num_classes=num_classes, pretrain_dir=pretrain_dir),
-             os.path.join(workdir, "runs", run_name(init, per_class, seed)))
+             os.path.join(workdir, run_folder.STUDY_RUNS_DIR, run_name(init, per_class, seed)))
             for per_class in config.labels_per_class for seed in config.seeds for init in inits(config)]
     # A finished run of another recipe, or from another pretraining step than the one the pretraining
     # below ends at, is refused before anything trains (`_fine_tune` checks each again after it).
@@ -257,7 +257,7 @@ def _left_out(workdir: str, plan: list[tuple[Any, str]], one_labels_per_class: b
     """A line naming the finished fine-tunes in the workdir that this invocation's grid left out of the
     report it wrote over the last one (e.g. another labels_per_class run before), and the flags that
     report them all together (the demo reports one labels_per_class: there, the study's config does)."""
-    runs = epath.Path(workdir, "runs")
+    runs = epath.Path(workdir, run_folder.STUDY_RUNS_DIR)
     planned = {os.path.basename(run_dir) for _, run_dir in plan}
     others = sorted(folder.name for folder in runs.iterdir() if folder.name not in planned
                     and (folder / RESULT).exists()) if runs.is_dir() else []

@@ -23,6 +23,9 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 TRAINING_STAGES = ("pretrain", "finetune")
 IMPORTED_PRESET = "imported"  # config.model.preset of a run the import stage wrote
+# Inside a study's (and the demo's) workdir: its pretraining run, and a folder of its fine-tunes.
+STUDY_PRETRAIN_DIR = "pretrain"
+STUDY_RUNS_DIR = "runs"
 
 
 def read_run_config(path: epath.Path) -> dict[str, Any]:
@@ -77,11 +80,12 @@ def _runs_inside(workdir: str, most: int = 3) -> str:
     """'; did you mean ...' with the runs a demo or study workdir holds (its pretrain/ and runs/*/), the
     folder a user points at first; '' where there are none."""
     folder = epath.Path(workdir)
-    candidates = [folder / "pretrain", *sorted((folder / "runs").glob("*"))] if folder.is_dir() else []
+    candidates = ([folder / STUDY_PRETRAIN_DIR, *sorted((folder / STUDY_RUNS_DIR).glob("*"))] if folder.is_dir()
+                  else [])
     runs = [str(c) for c in candidates if (c / CONFIG_FILE).exists()]
     if not runs:
         return ""
-    more = f" (and {len(runs) - most} more under {folder / 'runs'})" if len(runs) > most else ""
+    more = f" (and {len(runs) - most} more under {folder / STUDY_RUNS_DIR})" if len(runs) > most else ""
     return f"; it holds runs: did you mean {' or '.join(runs[:most])}{more}?"
 
 
