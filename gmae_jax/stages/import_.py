@@ -82,9 +82,13 @@ def check_state_dict(shapes: dict[str, tuple[int, ...]], model: GMSTConfig, kind
             "checkpoint of the original G-MAE code or of a gmae_jax export")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        fitting = [name for name in PRESETS if convert.expected_state_dict_shapes(
-            dataclasses.replace(gmst_config(config_lib.model_section(name)), mask_mode=model.mask_mode), model=kind,
-            num_classes=num_classes) == shapes]
+        # Each candidate's shapes cost a trace of its model (~1 s for `reference`): only presets of the file's
+        # width (pos_embed's last dimension) are traced.
+        width = (shapes.get("pos_embed") or (None,))[-1]
+        fitting = [name for name, sizes in PRESETS.items()
+                   if width in (None, sizes["embed_dim"]) and convert.expected_state_dict_shapes(
+                       dataclasses.replace(gmst_config(config_lib.model_section(name)), mask_mode=model.mask_mode),
+                       model=kind, num_classes=num_classes) == shapes]
         if fitting and asked_preset == fitting[0]:
             remedy = f"its tensors fit the {fitting[0]} preset as it is: drop the --config.model.* sizes given"
         elif fitting:
