@@ -77,8 +77,17 @@ def expected_state_dict_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """PyTorch `state_dict` names and shapes of `model` at `config`, from abstract shapes only.
 
-    Uses `jax.eval_shape` of the Flax init, so even the 1.3 B `reference` costs no memory.
+    Uses `jax.eval_shape` of the Flax init, so even the 1.3 B `reference` costs no memory; kept per
+    process, as an export or import asks for the same model's shapes several times (each a trace of
+    the whole initialiser: seconds for the large presets).
     """
+    return dict(_state_dict_shapes(config, model, num_classes))
+
+
+@functools.lru_cache(maxsize=16)
+def _state_dict_shapes(
+    config: GMSTConfig, model: Model, num_classes: int | None
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
     abstract = _abstract_variables(config, model, num_classes)
     shapes: dict[str, tuple[int, ...]] = {}
     for collection in ("params", "batch_stats"):
@@ -87,7 +96,7 @@ def expected_state_dict_shapes(
             shapes[_torch_key(path)] = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
             if path[-1] == "mean":
                 shapes[_torch_key(path[:-1] + ("num_batches_tracked",))] = ()
-    return shapes
+    return tuple(shapes.items())
 
 
 def _abstract_variables(config: GMSTConfig, model: Model, num_classes: int | None) -> dict[str, Any]:

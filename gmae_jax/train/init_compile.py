@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.extend
 from absl import logging
 
 _THREEFRY_KERNEL_FLAG = "jax_threefry_gpu_kernel_lowering"
@@ -56,24 +57,35 @@ def compile_options(platform: str) -> dict[str, Any]:
     return {"xla_backend_optimization_level": 0} if platform == "cpu" else {}
 
 
-def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_shardings: Any,
+def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, shardings_of: Callable[[Any], Any],
                          mesh: jax.sharding.Mesh) -> Any:
-    """`jax.jit(init, out_shardings=...)` compiled for `rng`, reusing the executable of an identical
-    program (same lowered text, same devices) compiled earlier in this process.
+    """`jax.jit(init, out_shardings=shardings_of(init's output shapes))` compiled for `rng`, reusing the
+    executable of an identical program (same lowered text, same devices) compiled earlier in this process.
+
+    `init` is traced once: the shardings come from that trace's output shapes and the compiled program
+    replays its jaxpr (tracing the model's initialiser is ~0.5 s for `micro`, and every run starts with it).
 
     The arrays come from the cached executable, the pytree around them from this call's `init`: an
     executable returns the output structure it was traced with, static fields included (a
     TrainState's `tx` and `apply_fn`), and the program's text does not show them (an optimiser's
     learning-rate schedule leaves AdamW's initial state unchanged). Returning the first caller's
     structure gave a second run in one process the first run's optimiser."""
-    jitted = jax.jit(init, out_shardings=out_shardings)
     with threefry_as_gpu_kernel():
-        lowered = jitted.lower(rng)
+        traced = jax.jit(init).trace(rng)
+    out_shardings = jax.tree.leaves(shardings_of(traced.out_info))
+    replay_jaxpr = jax.extend.core.jaxpr_as_fun(traced.jaxpr)
+
+    def initialise_parameters(key: jax.Array) -> list[jax.Array]:  # the name XLA and its logs show
+        return replay_jaxpr(key)
+
+    replay = jax.jit(initialise_parameters, out_shardings=out_shardings)
+    with threefry_as_gpu_kernel():
+        lowered = replay.lower(rng)
     text = lowered.as_text()
     key = (hashlib.sha256(text.encode()).hexdigest(), tuple(int(d.id) for d in mesh.devices.flat))
     if key in _compiled:
         _compiled.move_to_end(key)
-        return _with_structure(_compiled[key], lowered.out_tree)
+        return _with_structure(_compiled[key], traced.out_tree)
     options = compile_options(mesh.devices.flat[0].platform)
     try:
         executable = lowered.compile(compiler_options=options)
@@ -83,11 +95,11 @@ def compiled_initialiser(init: Callable[[jax.Array], Any], rng: jax.Array, out_s
         # e.g. a GPU plugin without the kernel: XLA's own threefry then
         logging.warning("the parameter initialiser did not compile with threefry as a GPU kernel (%s: %s); "
                         "compiling it with XLA's threefry", type(error).__name__, str(error).splitlines()[0][:200])
-        executable = jitted.lower(rng).compile(compiler_options=options)
+        executable = replay.lower(rng).compile(compiler_options=options)
     _compiled[key] = executable
     while len(_compiled) > _CACHE_SIZE:
         _compiled.popitem(last=False)
-    return _with_structure(executable, lowered.out_tree)
+    return _with_structure(executable, traced.out_tree)
 
 
 def _with_structure(executable: Any, out_tree: Any) -> Callable[..., Any]:

@@ -12,6 +12,7 @@ left where it is: these stages only read the run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -109,13 +110,22 @@ def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def abstract_weights(model: nn.Module, init_inputs: tuple[jax.Array, ...], mesh: jax.sharding.Mesh) -> Weights:
-    """Shapes, dtypes and shardings of a model's weights, without allocating them."""
+    """Shapes, dtypes and shardings of a model's weights, without allocating them (kept per process:
+    each is a trace of the whole initialiser, and a process restores the same model again and again,
+    e.g. evaluate then predict, or init_from then the fine-tune's checkpoints)."""
+    inputs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in init_inputs)
+    return _abstract_weights(model, inputs, mesh)
 
-    def init() -> Weights:
+
+@functools.lru_cache(maxsize=8)
+def _abstract_weights(model: nn.Module, inputs: tuple[tuple[tuple[int, ...], Any], ...],
+                      mesh: jax.sharding.Mesh) -> Weights:
+    def init(*init_inputs: jax.Array) -> Weights:
         params, batch_stats = init_variables(model, init_inputs, jax.random.key(0))
         return Weights(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats)
 
-    return sharding.sharded_abstract_state(jax.eval_shape(init), mesh)  # the training state's layout
+    abstract_inputs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in inputs]
+    return sharding.sharded_abstract_state(jax.eval_shape(init, *abstract_inputs), mesh)  # the training state's layout
 
 
 def check_outputs_finite(finite: bool, restored: RestoredRun, what: str) -> None:

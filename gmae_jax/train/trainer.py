@@ -3,6 +3,7 @@ state, checkpoint, loop. What differs between the stages comes from `tasks.make_
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -92,8 +93,8 @@ def create_state(
     `frozen` names top-level parameter groups the optimiser must never change (linear probing)."""
     init, schedule = _initialiser(model, init_inputs, config, steps_total, frozen)
     rng = jax.random.key(config.seed)
-    state_sharding = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
-    return init_compile.compiled_initialiser(init, rng, state_sharding, mesh)(rng), schedule
+    shardings_of = functools.partial(sharding.state_shardings, mesh=mesh)
+    return init_compile.compiled_initialiser(init, rng, shardings_of, mesh)(rng), schedule
 
 
 def abstract_state(
