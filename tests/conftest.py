@@ -31,3 +31,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker more than the cores. Many tests spend their time waiting on entry-point
+    subprocesses (multi-process jobs, preemption, the demo), which leaves a core idle with one worker
+    per core: 3 workers ran the suite in 932 s where 2 took 1034 s on the 2-core VM (pyproject.toml)."""
+    return (os.cpu_count() or 1) + 1
