@@ -79,7 +79,7 @@ def _hand_crop(
     # draft size keeps the crop at full output resolution.
     draft = math.ceil(view.image_size / max(max(box[2], box[3]) * scale, 1e-3))
     img = _decode(element, draft)
-    left, top, side = crops.hand_crop_box(box, *img.size, scale)
+    left, top, side = frames.hand_crop_box(box, *img.size, scale)
     return crops.crop_square(img, left, top, side, view.image_size), view.class_names.index(name)
 
 
@@ -137,6 +137,7 @@ class PredictView:
     pixels: np.ndarray
     enlargement: float  # model pixels per source pixel of the region shown (1.0: shown at its own size)
     source_size: tuple[int, int]  # (width, height) as decoded: the file's own size wherever it is enlarged
+    mode: str  # the view it was seen in
 
 
 def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) -> PredictView:
@@ -147,7 +148,7 @@ def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) 
     if mode == "hand_crop":
         draft = math.ceil(image_size / max(max(box[2], box[3]) * crops.EVAL_CROP_SCALE, 1e-3))
         img = transforms.decode_rgb(path, draft_size=draft)
-        left, top, side = crops.hand_crop_box(box, *img.size, crops.EVAL_CROP_SCALE)
+        left, top, side = frames.hand_crop_box(box, *img.size, crops.EVAL_CROP_SCALE)
         shown, out = side, crops.crop_square(img, left, top, side, image_size)
     elif mode == "full_frame":
         img = transforms.decode_rgb(path, draft_size=image_size)
@@ -155,4 +156,4 @@ def predict_view(path: str, mode: str, image_size: int, box: Box | None = None) 
     else:
         img = transforms.decode_rgb(path, draft_size=math.ceil(image_size / EVAL_CROP_FRACTION))
         shown, out = min(img.size) * EVAL_CROP_FRACTION, frames.resize_center_crop(img, image_size, EVAL_CROP_FRACTION)
-    return PredictView(transforms.pixels(out), image_size / shown, img.size)
+    return PredictView(transforms.pixels(out), image_size / shown, img.size, mode)

@@ -159,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
             good = [(item, seen) for item, seen in zip(chunk, loaded) if not isinstance(seen, str)]
             skipped += [(item.path, seen) for item, seen in zip(chunk, loaded) if isinstance(seen, str)]
             enlarged += [(item.path, seen) for item, seen in good if seen.enlargement > MAX_ENLARGEMENT]
-            cropped_away += [(item.path, seen) for item, seen in good if _view(config, item, trained) == "original"
+            cropped_away += [(item.path, seen) for item, seen in good if seen.mode == "original"
                              and views.centre_crop_share(*seen.source_size) < MIN_CENTRE_CROP_SHARE]
             bar.update(len(chunk))
             if not good:
