@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 from gmae_jax import schema
-from gmae_jax.data import crops, hagrid, hagrid_layout, read_report, record_filters, sources, splits, transforms
+from gmae_jax.data import crops, frames, hagrid, hagrid_layout, read_report, record_filters, sources, splits, transforms
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.data.hagrid import HagridRecord
 from gmae_jax.train import steps
@@ -520,7 +520,7 @@ def test_a_prepared_index_that_is_no_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("scale", [1.0, 1.37, 2.0])
 def test_hand_crop_is_a_square_containing_the_box(box, scale):
     width, height = 192, 108
-    left, top, side = crops.hand_crop_box(box, width, height, scale)
+    left, top, side = frames.hand_crop_box(box, width, height, scale)
 
     x, y, w, h = box[0] * width, box[1] * height, box[2] * width, box[3] * height
     assert left <= x and top <= y and left + side >= x + w and top + side >= y + h
@@ -539,7 +539,7 @@ def test_crop_of_the_box_shows_the_box():
     img = Image.new("RGB", (192, 108), (0, 0, 0))
     img.paste((255, 0, 0), (40, 30, 80, 70))  # a 40x40 red "hand"
 
-    square = crops.hand_crop_box((40 / 192, 30 / 108, 40 / 192, 40 / 108), 192, 108, 1.0)
+    square = frames.hand_crop_box((40 / 192, 30 / 108, 40 / 192, 40 / 108), 192, 108, 1.0)
 
     out = np.asarray(crops.crop_square(img, *square, 32))
 
@@ -561,7 +561,7 @@ def test_hand_crop_at_the_border_is_padded_where_it_leaves_the_image():
     img = Image.new("RGB", (192, 108), (0, 0, 255))
     box = (0.85, 0.9, 0.15, 0.1)  # touches the right and bottom edges
 
-    square = crops.hand_crop_box(box, 192, 108, 2.0)
+    square = frames.hand_crop_box(box, 192, 108, 2.0)
     out = np.asarray(crops.crop_square(img, *square, 64))
 
     assert square[0] + square[2] > 192 and square[1] + square[2] > 108

@@ -10,7 +10,6 @@ import numpy as np
 from PIL import Image
 
 from gmae_jax.data import frames
-from gmae_jax.data.frames import hand_crop_box  # noqa: F401 (the crops' geometry, shared with the PyTorch-only path)
 from gmae_jax.data.hagrid import Box, HagridRecord
 from gmae_jax.data.hagrid_layout import NO_GESTURE, TWO_HANDED
 from gmae_jax.data.transforms import IMAGENET_MEAN

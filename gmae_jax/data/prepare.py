@@ -29,7 +29,7 @@ import ml_collections
 from PIL import Image
 
 from gmae_jax import host_resources, run_files
-from gmae_jax.data import (crops, hagrid, hagrid_layout, read_report, record_filters, records, sources, splits,
+from gmae_jax.data import (crops, frames, hagrid, hagrid_layout, read_report, record_filters, records, sources, splits,
                            transforms, views, worker_pool)
 from gmae_jax.data.class_folders import DataLayoutError
 from gmae_jax.schema import StoreView
@@ -69,7 +69,7 @@ def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.H
         box = crops.gesture_box(record)
         draft = math.ceil(store.crop_size / (max(box[2], box[3]) * store.crop_scale_max))
         full = transforms.decode_rgb(record.path, draft_size=draft)
-        left, top, side = crops.hand_crop_box(box, *full.size, store.crop_scale_max)
+        left, top, side = frames.hand_crop_box(box, *full.size, store.crop_scale_max)
         img = crops.crop_square(full, left, top, side, store.crop_size)
         moved = [(_relative_box(b, left, top, side, *full.size), l)
                  for b, l in zip(record.boxes, record.labels)]
