@@ -38,6 +38,7 @@ def stage_config(stage: str, root: str, **overrides):
     config.data.root = root
     config.batch_size = 32
     config.optim.update(lr=2e-3, warmup_steps=3)
+    config.model.depth = 1  # one block of each kind: every code path, a fifth less to compile
     for key, value in overrides.items():
         section, _, name = key.rpartition("__")
         (config[section] if section else config)[name] = value
@@ -109,11 +110,11 @@ def test_finetune_rejects_an_encoder_of_another_size(pretrained, demo_root):
     config.model.depth = 3
     model, init_inputs = setup.build_model(config)
     state, _ = trainer.create_state(model, init_inputs, config, sharding.make_mesh(), 10)
-    with pytest.raises(config_lib.ConfigError, match=r"does not match config.model \(model.depth: 2 there, 3 here\); "
+    with pytest.raises(config_lib.ConfigError, match=r"does not match config.model \(model.depth: 1 there, 3 here\); "
                        rf"use the same --config.model.\* as that run \(its config.json is in {workdir}\)"):
         init_from.load_pretrained_encoder(state, workdir, model.config)
     # Without this run's config, the first parameters that differ.
-    with pytest.raises(config_lib.ConfigError, match=r"/blocks_2/\S*: absent there, \(\d+,?\d*\) here; "):
+    with pytest.raises(config_lib.ConfigError, match=r"/blocks_1/\S*: absent there, \(\d+,?\d*\) here; "):
         init_from.load_pretrained_encoder(state, workdir)
 
 
@@ -446,17 +447,17 @@ def test_a_config_json_that_does_not_describe_the_checkpoints_is_one_line_and_mo
     edited = str(tmp_path / "edited")
     shutil.copytree(straight_run[0], edited)
     saved = json.loads((tmp_path / "edited" / "config.json").read_text())
-    saved["model"]["depth"] = 1  # half the encoder the checkpoints hold
+    saved["model"]["depth"] = 2  # twice the encoder the checkpoints hold
     (tmp_path / "edited" / "config.json").write_text(json.dumps(saved))
     before = tree_of(edited)
 
     mismatch = (r"checkpoint step 6 in .* does not hold the model its run's config.json describes "
-                r"\(batch_stats/encoder/blocks_1/\S+: \(\d+,\) saved, absent wanted; .*; and \d+ more\); was "
+                r"\(batch_stats/encoder/blocks_1/\S+: absent saved, \(\d+,\) wanted; .*; and \d+ more\); was "
                 r"config.json edited, or copied from another run\? Put back the one the run wrote$")
     with pytest.raises(checkpoint.SavedArraysMismatchError, match=mismatch):  # evaluate, predict, export
         setup.restore_run(edited)
     with pytest.raises(checkpoint.SavedArraysMismatchError, match=mismatch):  # resuming: not taken for damage
-        stages.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES, model__depth=1), edited)
+        stages.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES, model__depth=2), edited)
     assert tree_of(edited) == before  # no step set aside as damaged, nothing written
 
 
@@ -671,7 +672,6 @@ def test_a_non_finite_loss_puts_the_checkpoint_it_names_on_disk_before_stopping(
     monkeypatch.setattr(trainer, "check_finite", diverge)
     reads = []
     config = stage_config("pretrain", demo_root, total_steps=4, log_every=2, eval_every=0, checkpoint_every=2)
-    config.model.depth = 1
     with pytest.raises(FloatingPointError, match="the last good checkpoint is step 2"):
         pretrain_stage.run(config, str(tmp_path))
     assert events[-2:] == ["nan", "wait"]
@@ -764,7 +764,6 @@ def evaluated_every_2_steps(demo_root, monkeypatch, total_steps, at_step_4):
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     config = stage_config("pretrain", demo_root, total_steps=total_steps, log_every=100, eval_every=2,
                           checkpoint_every=100)
-    config.model.depth = 1
     return config
 
 
