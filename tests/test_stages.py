@@ -94,6 +94,7 @@ def run_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("finetune"))
     config = load("finetune", "runlocal")
     config.update(num_classes=len(CLASSES), total_steps=4, eval_every=2, checkpoint_every=2, keep_checkpoints=1)
+    config.model.depth = 1  # one block of each kind: the run folder is the point, not the model
     config.data.root = str(root)
     metrics = stages.run(config, workdir)
     shutil.rmtree(root / "train")

@@ -134,6 +134,7 @@ def test_a_finetune_trains_and_evaluates_on_a_build(built, tmp_path):
     _, data_dir = built
     config = config_lib.load_sibling_config(os.path.join(CONFIGS, "x.py"), "finetune", "runlocal")
     config.update(num_classes=4, batch_size=8, total_steps=2, eval_every=2, checkpoint_every=2)
+    config.model.depth = 1  # one block of each kind: the build is the point, not the model
     config.optim.warmup_steps = 1
     config.data.update(root=data_dir, classes="present", mode="hand_crop", num_workers=0)
     metrics = stages.run(config, str(tmp_path))
