@@ -9,6 +9,7 @@ from unittest import mock
 import numpy as np
 import pytest
 from absl import app
+from absl import flags as absl_flags
 
 from gmae_jax.bench.cli import parse_overrides, refuse_unused_flags
 from gmae_jax.bench import step_benchmark
@@ -128,24 +129,26 @@ def test_model_overrides_parse_to_python_values():
      "--model_override (preset micro): depth=0 must be positive"),
 ])
 def test_bad_benchmark_flags_are_usage_errors_not_tracebacks(flags, message):
-    """In this process (a subprocess each cost ~6 s of imports): parsed as `python -m gmae_jax.bench`
-    parses them, then `cli.main`, which turns every refusal into the one `error: ...` line of sys.exit
+    """In this process (a subprocess each cost ~6 s of imports): the flags are parsed as given (only
+    they: a whole parse would also reset absl's logging flags for the tests after), then `cli.main`
+    turns every refusal into the one `error: ...` line of sys.exit
     (test_a_bad_benchmark_flag_is_one_line_from_the_command_line runs the command itself)."""
-    from absl import flags as absl_flags
+    from absl import logging as absl_logging
     from absl.testing import flagsaver
 
     from gmae_jax.bench import cli
 
-    # os.environ too: the memory plan sets a CUDA switch before its checks.
-    with flagsaver.flagsaver(), mock.patch.dict(os.environ):
-        absl_flags.FLAGS.unparse_flags()
-        try:
-            absl_flags.FLAGS(["gmae_jax.bench", *flags])
-        except absl_flags.Error as error:  # absl's own validators: printed as "FATAL Flags parsing error"
-            assert message in str(error)
-            return
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main([])
+    given = dict((flag.removeprefix("--").split("=", 1) + ["true"])[:2] for flag in flags)
+    handler = absl_logging.get_absl_handler()
+    try:
+        # os.environ too: the memory plan sets a CUDA switch before its checks; main filters absl's log.
+        with flagsaver.as_parsed(**given), mock.patch.dict(os.environ), \
+                mock.patch.object(handler, "filters", list(handler.filters)):
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main([])
+    except absl_flags.IllegalFlagValueError as error:  # absl's own bounds: "FATAL Flags parsing error"
+        assert message in str(error)
+        return
     line = str(exit_info.value.code)
     assert line.startswith("error: ") and "\n" not in line and message in line, line
     assert line.endswith("(--helpshort lists the flags)")
