@@ -486,6 +486,84 @@ def test_import_and_export_never_write_inside_a_run(finetune, tmp_path):
     assert (copy / "config.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("view", ["full_frame", "hand_crop"])
+def test_an_export_describes_and_applies_the_runs_evaluation_view_and_import_keeps_it(finetune, data, view,
+                                                                                      tmp_path):
+    """A HaGRID run evaluated on letterboxed frames (or hand crops) exported the centre-crop recipe, so a
+    PyTorch user fed it other pixels than it was trained on; and an import forgot the view."""
+    run_dir, _, _ = finetune
+    _, paths, _ = data
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    facts = json.loads((run / "run.json").read_text())
+    assert facts[resume_check.VIEW] == "original"  # a class-folder run
+    (run / "run.json").write_text(json.dumps({**facts, resume_check.VIEW: view}))
+
+    run_stage("export", tmp_path / "out", checkpoint_dir=str(run))
+    recipe = json.loads((tmp_path / "out" / "config.json").read_text())["preprocessing"]
+    run_stage("import", tmp_path / "imported", path=str(tmp_path / "out" / "model.pth"))
+
+    assert recipe["view"] == view
+    # What the decode does beyond PIL's convert('RGB') is named, for a user who writes their own loader.
+    assert "ImageOps.exif_transpose" in recipe["decode"]
+    assert all(rule in recipe["to_rgb"] for rule in ("composited on black", "value >> 8", "x 255"))
+    from gmae_jax.torch_mirror import exported
+    for path in paths[:3]:
+        seen_by_gmae_jax = steps.standardize(views.predict_view(path, view, 32, box=(0.0, 0.0, 1.0, 1.0)).pixels)
+        np.testing.assert_allclose(exported.preprocess(path, recipe).numpy().transpose(1, 2, 0),
+                                   np.asarray(seen_by_gmae_jax), atol=1e-5)
+    assert resume_check.recorded_view(str(tmp_path / "imported")) == view
+    assert (run_folder.load_run_config(str(tmp_path / "imported")).data.mode == "hand_crop") == (view == "hand_crop")
+
+
+def test_an_export_cut_short_leaves_each_file_whole_and_no_config_json(pretrain, tmp_path, monkeypatch):
+    """A re-export of another step cut short (a kill, a full disk) left model.safetensors of the new
+    step beside model.pth and config.json of the old one: a folder that looked complete."""
+    _, out = pretrain
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    payload = torch.load(folder / "model.pth", weights_only=True)
+    state = {k: v.numpy() for k, v in payload["model_state_dict"].items()}
+    extras = {k: v.numpy() for k, v in payload["extra_state_dict"].items()}
+
+    def killed_half_way(obj, f):
+        f.write(b"the first bytes of a model.pth")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        export.write_export(epath.Path(folder), state, extras, {**payload["config"], "step": 99})
+    after = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert after["model.pth"] == before["model.pth"]
+    assert set(after) == set(before) - {"config.json"}  # no temporary file left behind; visibly incomplete
+
+
+def test_an_export_replaces_only_an_exports_files(finetune, pretrain, tmp_path, capsys):
+    """A folder of someone else's config.json / model.safetensors was overwritten without a word; an
+    export of another run is replaced with a notice; a re-export cut short (no config.json) may go on."""
+    foreign = tmp_path / "hf"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
+    (foreign / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(foreign)
+    with pytest.raises(config_lib.ConfigError, match=r"holds config.json, model.safetensors, which no gmae_jax "
+                                                     r"export wrote; the export would overwrite them"):
+        run_stage("export", foreign, checkpoint_dir=str(pretrain[0]))
+    assert snapshot(foreign) == before
+    finetune_export = tmp_path / "finetune_export"
+    shutil.copytree(finetune[1], finetune_export)
+    assert json.loads((finetune_export / "config.json").read_text())["run"] == os.path.abspath(finetune[0])
+    assert export.check_replaceable(str(finetune_export), str(finetune[0])) is None  # the same run again
+    assert export.check_replaceable(str(finetune_export), str(pretrain[0])) == (
+        f"notice: replacing the export of {os.path.abspath(finetune[0])} step 1 in {finetune_export}")
+    (finetune_export / "config.json").unlink()  # as a re-export cut short leaves it: the safetensors says whose
+    assert "replacing the export of" in export.check_replaceable(str(finetune_export), str(pretrain[0]))
+    (finetune_export / "model.safetensors").unlink()  # model.pth alone: nothing says it is an export's
+    with pytest.raises(config_lib.ConfigError, match="holds model.pth, encoder.pth, which no gmae_jax export"):
+        export.check_replaceable(str(finetune_export), str(pretrain[0]))
+
+
 @pytest.mark.parametrize("change,model,message", [
     (lambda sd: sd.pop("encoder.blocks.1.norm3.bias"), "micro", r"missing key 'encoder\.blocks\.1\.norm3\.bias'"),
     (lambda sd: sd.update(extra=torch.zeros(1)), "micro", r"extra key 'extra'"),
@@ -654,36 +732,6 @@ def test_a_pth_that_holds_no_state_dict_is_named_with_what_it_holds(write, messa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("view", ["full_frame", "hand_crop"])
-def test_an_export_describes_and_applies_the_runs_evaluation_view_and_import_keeps_it(finetune, data, view,
-                                                                                      tmp_path):
-    """A HaGRID run evaluated on letterboxed frames (or hand crops) exported the centre-crop recipe, so a
-    PyTorch user fed it other pixels than it was trained on; and an import forgot the view."""
-    run_dir, _, _ = finetune
-    _, paths, _ = data
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    facts = json.loads((run / "run.json").read_text())
-    assert facts[resume_check.VIEW] == "original"  # a class-folder run
-    (run / "run.json").write_text(json.dumps({**facts, resume_check.VIEW: view}))
-
-    run_stage("export", tmp_path / "out", checkpoint_dir=str(run))
-    recipe = json.loads((tmp_path / "out" / "config.json").read_text())["preprocessing"]
-    run_stage("import", tmp_path / "imported", path=str(tmp_path / "out" / "model.pth"))
-
-    assert recipe["view"] == view
-    # What the decode does beyond PIL's convert('RGB') is named, for a user who writes their own loader.
-    assert "ImageOps.exif_transpose" in recipe["decode"]
-    assert all(rule in recipe["to_rgb"] for rule in ("composited on black", "value >> 8", "x 255"))
-    from gmae_jax.torch_mirror import exported
-    for path in paths[:3]:
-        seen_by_gmae_jax = steps.standardize(views.predict_view(path, view, 32, box=(0.0, 0.0, 1.0, 1.0)).pixels)
-        np.testing.assert_allclose(exported.preprocess(path, recipe).numpy().transpose(1, 2, 0),
-                                   np.asarray(seen_by_gmae_jax), atol=1e-5)
-    assert resume_check.recorded_view(str(tmp_path / "imported")) == view
-    assert (run_folder.load_run_config(str(tmp_path / "imported")).data.mode == "hand_crop") == (view == "hand_crop")
-
-
 def test_a_classifier_without_its_head_weights_names_the_missing_key(tmp_path):
     config = load("import", "model=micro")
     config.update(path=str(classifier_file(tmp_path, lambda sd: sd.pop("classifier.1.weight"))),
@@ -781,54 +829,6 @@ def test_overlapping_patches_export_to_the_mirror_layout_with_a_notice(tmp_path,
     model = mirror.GMAEForClassification(gmst, 2)
     model.load_state_dict(payload["model_state_dict"], strict=True)
     assert tuple(model.encoder.patch_embed.proj.weight.shape) == (32, 3, 8, 8)  # 2p: not the original's p
-
-
-def test_an_export_cut_short_leaves_each_file_whole_and_no_config_json(pretrain, tmp_path, monkeypatch):
-    """A re-export of another step cut short (a kill, a full disk) left model.safetensors of the new
-    step beside model.pth and config.json of the old one: a folder that looked complete."""
-    _, out = pretrain
-    folder = tmp_path / "export"
-    shutil.copytree(out, folder)
-    before = {path.name: path.read_bytes() for path in folder.iterdir()}
-    payload = torch.load(folder / "model.pth", weights_only=True)
-    state = {k: v.numpy() for k, v in payload["model_state_dict"].items()}
-    extras = {k: v.numpy() for k, v in payload["extra_state_dict"].items()}
-
-    def killed_half_way(obj, f):
-        f.write(b"the first bytes of a model.pth")
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(torch, "save", killed_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        export.write_export(epath.Path(folder), state, extras, {**payload["config"], "step": 99})
-    after = {path.name: path.read_bytes() for path in folder.iterdir()}
-    assert after["model.pth"] == before["model.pth"]
-    assert set(after) == set(before) - {"config.json"}  # no temporary file left behind; visibly incomplete
-
-
-def test_an_export_replaces_only_an_exports_files(finetune, pretrain, tmp_path, capsys):
-    """A folder of someone else's config.json / model.safetensors was overwritten without a word; an
-    export of another run is replaced with a notice; a re-export cut short (no config.json) may go on."""
-    foreign = tmp_path / "hf"
-    foreign.mkdir()
-    (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
-    (foreign / "model.safetensors").write_bytes(b"weights")
-    before = snapshot(foreign)
-    with pytest.raises(config_lib.ConfigError, match=r"holds config.json, model.safetensors, which no gmae_jax "
-                                                     r"export wrote; the export would overwrite them"):
-        run_stage("export", foreign, checkpoint_dir=str(pretrain[0]))
-    assert snapshot(foreign) == before
-    finetune_export = tmp_path / "finetune_export"
-    shutil.copytree(finetune[1], finetune_export)
-    assert json.loads((finetune_export / "config.json").read_text())["run"] == os.path.abspath(finetune[0])
-    assert export.check_replaceable(str(finetune_export), str(finetune[0])) is None  # the same run again
-    assert export.check_replaceable(str(finetune_export), str(pretrain[0])) == (
-        f"notice: replacing the export of {os.path.abspath(finetune[0])} step 1 in {finetune_export}")
-    (finetune_export / "config.json").unlink()  # as a re-export cut short leaves it: the safetensors says whose
-    assert "replacing the export of" in export.check_replaceable(str(finetune_export), str(pretrain[0]))
-    (finetune_export / "model.safetensors").unlink()  # model.pth alone: nothing says it is an export's
-    with pytest.raises(config_lib.ConfigError, match="holds model.pth, encoder.pth, which no gmae_jax export"):
-        export.check_replaceable(str(finetune_export), str(pretrain[0]))
 
 
 def test_export_refuses_to_write_into_the_run_and_says_when_torch_is_missing(tmp_path, monkeypatch):
