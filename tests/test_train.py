@@ -460,6 +460,16 @@ def test_a_config_json_that_does_not_describe_the_checkpoints_is_one_line_and_mo
         stages.run(stage_config("pretrain", demo_root, **RESUME_OVERRIDES, model__depth=2), edited)
     assert tree_of(edited) == before  # no step set aside as damaged, nothing written
 
+    # The other way round, a step holding more than the model described (a deeper encoder): orbax
+    # would restore the part asked for without a word.
+    params = dict(setup.restore_run(straight_run[0]).weights.params)
+    params["encoder"] = {name: group for name, group in params["encoder"].items() if name != "blocks_0"}
+    manager = checkpoint.make_manager(os.path.join(straight_run[0], "checkpoints"), max_to_keep=1, read_only=True)
+    with pytest.raises(checkpoint.SavedArraysMismatchError,
+                       match=r"\(params/encoder/blocks_0/\S+: \(\d+,?\s?\d*\) saved, absent wanted; "):
+        checkpoint.check_saved_arrays(manager, 6, {"params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)})
+
 
 @pytest.mark.slow
 def test_a_pretraining_run_restores_without_its_classes_json(straight_run, tmp_path):
