@@ -110,31 +110,65 @@ def test_fsdp_splits_large_parameters_and_their_optimizer_state(monkeypatch):
     assert sharding.bytes_per_device(state.params) < 0.5 * replicated_bytes
 
 
-def test_fsdp_spec_picks_the_largest_divisible_dimension():
-    assert sharding.fsdp_spec((3, 3, 64, 96), 4) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
-    assert sharding.fsdp_spec((3, 3, 64, 90), 4) == jax.sharding.PartitionSpec(None, None, "fsdp")
-    assert sharding.fsdp_spec((65, 3, 3, 65), 4) == jax.sharding.PartitionSpec()  # nothing divides
-    assert sharding.fsdp_spec((8,), 4) == jax.sharding.PartitionSpec()  # too small to split
-    assert sharding.fsdp_spec((512, 512), 1) == jax.sharding.PartitionSpec()
+def test_fsdp_on_one_device_of_eight_splits_odd_widths_as_far_as_they_divide(monkeypatch):
+    """fsdp=8 is laid out as three axes of 2, so the micro model's fc1 (33 x 132: no dimension divides
+    by 8) is split four ways instead of kept whole, and its AdamW moments with it."""
+    monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
+    config, model, init_inputs, _ = stage_setup("finetune")
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8)))
+    assert dict(mesh.shape) == {"data": 1, "fsdp_0": 2, "fsdp_1": 2, "fsdp_2": 2}
+    assert sharding.describe(mesh) == "data=1 x fsdp=8 (axes fsdp_0=2 x fsdp_1=2 x fsdp_2=2)"
+    state, _ = trainer.create_state(model, init_inputs, config, mesh, steps_total=10)
+    fc1 = state.params["encoder"]["blocks_0"]["mscffn"]["fc1"]["kernel"]
+    assert fc1.shape == (33, 132)
+    assert {shard.data.shape for shard in fc1.addressable_shards} == {(33, 33)}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == fc1.shape]
+    assert len(moments) >= 2 and all(x.sharding == fc1.sharding for x in moments)
+    fc2 = state.params["encoder"]["blocks_0"]["mscffn"]["fc2"]["kernel"]  # 8 divides its 32 outputs: 8 ways
+    assert fc2.shape == (132, 32) and {shard.data.shape for shard in fc2.addressable_shards} == {(132, 4)}
 
 
-def test_arrays_fsdp_leaves_whole_are_a_warning_with_the_fsdp_that_holds_least():
+def test_fsdp_spec_picks_the_largest_divisible_dimension_then_the_factors_that_divide():
+    P = jax.sharding.PartitionSpec
+    assert sharding.fsdp_spec((3, 3, 64, 96), 4) == P(None, None, None, ("fsdp_0", "fsdp_1"))
+    assert sharding.fsdp_spec((3, 3, 64, 90), 4) == P(None, None, ("fsdp_0", "fsdp_1"))
+    assert sharding.fsdp_spec((3, 3, 64, 90), 2) == P(None, None, None, "fsdp")  # a prime: one axis
+    assert sharding.fsdp_spec((65, 3, 3, 65), 4) == P()  # nothing divides
+    assert sharding.fsdp_spec((8,), 4) == P()  # too small to split
+    assert sharding.fsdp_spec((512, 512), 1) == P()
+    # 8 divides neither 513 nor 2052 = 4 x 513: four of the eight ways, replicated over the third axis.
+    assert sharding.fsdp_spec((513, 2052), 8) == P(None, ("fsdp_0", "fsdp_1"))
+    assert sharding.split_ways(P(None, ("fsdp_0", "fsdp_1")), 8) == 4
+    # 12 = 2 x 2 x 3 divides neither dimension of (6, 1000): 1000 takes 2 x 2, 6 takes the 3.
+    assert sharding.fsdp_spec((6, 1000), 12) == P("fsdp_2", ("fsdp_0", "fsdp_1"))
+    assert sharding.split_ways(sharding.fsdp_spec((6, 1000), 12), 12) == 12
+    assert sharding.fsdp_axes(12) == {"fsdp_0": 2, "fsdp_1": 2, "fsdp_2": 3}
+    assert sharding.fsdp_axes(7) == {"fsdp": 7} and sharding.fsdp_axes(1) == {"fsdp": 1}
+
+
+def test_arrays_fsdp_splits_less_are_a_warning_with_the_fsdp_that_holds_least():
     """G-MAE's MSC-FFN sizes (2 x width + 1 and multiples: 513 x 2052 in `small`) have no dimension that 8
-    divides: fsdp=8 kept them whole on every device, and fsdp=4 would have held a third as much."""
+    divides; fsdp=8 splits them four ways, and where no divisor does better the warning suggests none."""
     params = {"fc1": jax.ShapeDtypeStruct((513, 2052), np.float32),
               "proj": jax.ShapeDtypeStruct((512, 512), np.float32)}
     state = {"params": params, "adam_mu": params}
-    assert sharding.fsdp_kept_whole_warning(state, params, 8, 8) == (
-        "config.mesh.fsdp=8 splits only arrays with a dimension divisible by 8: 8.0 MB of parameters and optimiser "
-        "state stay whole on every device (2 array(s), e.g. params fc1 (513, 2052)), 8.3 MB a device in all; "
-        "--config.mesh.fsdp=4 would hold 2.5 MB a device")
-    assert sharding.fsdp_kept_whole_warning(state, params, 4, 8) is None  # 2052 and 512 divide by 4
-    assert sharding.fsdp_kept_whole_warning(state, params, 1, 8) is None  # no FSDP asked for
+    assert sharding.fsdp_split_less_warning(state, params, 8, 8) == (
+        "config.mesh.fsdp=8 splits an array only as far as its dimensions divide: 2.0 MB a device of parameters "
+        "and optimiser state are split fewer than 8 ways (2 array(s), e.g. params fc1 (513, 2052): 4 ways), "
+        "2.3 MB a device in all")
+    assert sharding.fsdp_split_less_warning(state, params, 4, 8) is None  # 2052 and 512 divide by 4
+    assert sharding.fsdp_split_less_warning(state, params, 1, 8) is None  # no FSDP asked for
+    # 3 divides 2052 only: fsdp=3 of 6 devices keeps the 512 x 512s whole; fsdp=6 splits everything 2 ways or more.
+    warning = sharding.fsdp_split_less_warning(state, params, 3, 6)
+    assert warning == (
+        "config.mesh.fsdp=3 splits an array only as far as its dimensions divide: 2.0 MB a device of parameters "
+        "and optimiser state are split fewer than 3 ways (2 array(s), e.g. params proj (512, 512): whole), "
+        "4.7 MB a device in all; --config.mesh.fsdp=6 would hold 2.3 MB a device")
     odd = {"fusion": jax.ShapeDtypeStruct((1, 1, 513, 513), np.float32), "proj": params["proj"]}
-    warning = sharding.fsdp_kept_whole_warning(odd, odd, 2, 2)  # no fsdp holds less: nothing to suggest
-    assert warning.startswith("config.mesh.fsdp=2 splits only arrays with a dimension divisible by 2: 1.0 MB of "
-                              "parameters and optimiser state stay whole on every device (1 array(s), e.g. params "
-                              "fusion (1, 1, 513, 513)), 1.5 MB a device in all") and "would hold" not in warning
+    warning = sharding.fsdp_split_less_warning(odd, odd, 2, 2)  # no fsdp holds less: nothing to suggest
+    assert warning == ("config.mesh.fsdp=2 splits an array only as far as its dimensions divide: 1.0 MB a device "
+                       "of parameters and optimiser state are split fewer than 2 ways (1 array(s), e.g. params "
+                       "fusion (1, 1, 513, 513): whole), 1.5 MB a device in all")
 
 
 @pytest.mark.parametrize("data, fsdp, message", [

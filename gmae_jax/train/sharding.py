@@ -1,12 +1,20 @@
 """Device mesh and shardings, declared here and nowhere else.
 
-A 2-D `(data, fsdp)` mesh over all devices of all processes. The batch is split over both axes;
-every large array of the train state (parameters and their AdamW moments alike) is split along
-`fsdp` on its largest divisible dimension, small ones are replicated (the FSDP rule big_vision
-and MaxText use, inferred from shapes so that no module has to name its axes). With `fsdp=1` this
-is plain data parallelism. The pure steps in `gmae_jax.train.steps` know nothing of this; they
-run under `jax.jit` with these shardings (XLA inserts the all-gathers and reduce-scatters), or
-under `shard_map` with explicit collectives (`shard_map_train_step`).
+A `(data, fsdp)` mesh over all devices of all processes. The batch is split over every axis;
+every large array of the train state (parameters and their AdamW moments alike) is split `fsdp`
+ways on its largest divisible dimension, small ones are replicated (the FSDP rule big_vision and
+MaxText use, inferred from shapes so that no module has to name its axes). With `fsdp=1` this is
+plain data parallelism.
+
+G-MAE's widths are odd (MSC-FFN's 2 x width + 1 and its multiples: `reference`'s 2049 x 8196), so
+`fsdp=8` divides none of such an array's dimensions. The `fsdp` axis is therefore laid out as one
+mesh axis per prime factor (8 -> `fsdp_0, fsdp_1, fsdp_2`, each of 2; a prime `fsdp` stays one axis
+named `fsdp`), and an array that the whole axis cannot split is split by as many of its factors as
+its dimensions divide (8196 = 4 x 2049: four ways), replicated over the rest.
+
+The pure steps in `gmae_jax.train.steps` know nothing of this; they run under `jax.jit` with these
+shardings (XLA inserts the all-gathers and reduce-scatters), or under `shard_map` with explicit
+collectives (`shard_map_train_step`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ from gmae_jax.train import steps
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 # Arrays smaller than this stay replicated: splitting them saves little memory and costs a collective.
 MIN_FSDP_SIZE = 2**12
 
@@ -57,11 +64,38 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     return data, fsdp
 
 
+def prime_factors(n: int) -> tuple[int, ...]:
+    """`n`'s prime factors, smallest first, with repeats (8 -> 2, 2, 2); none for 1."""
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return tuple(factors)
+
+
+def fsdp_axes(fsdp_size: int) -> dict[str, int]:
+    """The mesh axes that make up `fsdp`, name -> size: one per prime factor, or one `fsdp` axis where
+    there is at most one factor (the whole axis, or plain data parallelism at 1)."""
+    factors = prime_factors(fsdp_size)
+    if len(factors) <= 1:
+        return {FSDP_AXIS: fsdp_size}
+    return {f"{FSDP_AXIS}_{i}": factor for i, factor in enumerate(factors)}
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    """How many ways the mesh's FSDP axes split an array that all of them divide."""
+    return mesh.size // mesh.shape[DATA_AXIS]
+
+
 def make_mesh(mesh: ml_collections.ConfigDict | None = None, devices: list[jax.Device] | None = None) -> Mesh:
-    """The `(data, fsdp)` mesh of `config.mesh` (default: all devices on `data`), Auto axes.
+    """The `(data, fsdp)` mesh of `config.mesh` (default: all devices on `data`), Auto axes, with
+    `fsdp` laid out as its factors' axes (`fsdp_axes`).
 
     Devices are laid out by `mesh_utils`, so on TPU slices and GPU hosts the `fsdp` axis (the one
-    with the most traffic) runs over the fastest links; on CPU it is the process-major order.
+    with the most traffic) runs over the fastest links; on CPU it is the process-major order. Its
+    factors' axes split it row-major, so the devices of each factor's group stay neighbours.
     """
     devices = jax.devices() if devices is None else devices
     data, fsdp = mesh_shape(mesh.data if mesh else -1, mesh.fsdp if mesh else 1, len(devices))
@@ -69,31 +103,72 @@ def make_mesh(mesh: ml_collections.ConfigDict | None = None, devices: list[jax.D
         grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
     except (AssertionError, NotImplementedError, ValueError):  # topologies mesh_utils cannot map
         grid = np.asarray(devices).reshape(data, fsdp)
-    return Mesh(grid, BATCH_AXES)
+    axes = fsdp_axes(fsdp)
+    return Mesh(grid.reshape(data, *axes.values()), (DATA_AXIS, *axes))
+
+
+def describe(mesh: Mesh) -> str:
+    """'data=2 x fsdp=4 (axes fsdp_0=2 x fsdp_1=2)': the config's two numbers, and the axes behind them."""
+    text = f"{DATA_AXIS}={mesh.shape[DATA_AXIS]} x {FSDP_AXIS}={fsdp_size(mesh)}"
+    factors = [name for name in mesh.axis_names if name != DATA_AXIS]
+    if factors != [FSDP_AXIS]:
+        text += " (axes " + " x ".join(f"{name}={mesh.shape[name]}" for name in factors) + ")"
+    return text
+
+
+def batch_axes_of(mesh: Mesh) -> tuple[str, ...]:
+    """The axes the batch is split over: all of them, `data` first."""
+    return tuple(mesh.axis_names)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, P(batch_axes_of(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def _entry(names: list[str]) -> str | tuple[str, ...] | None:
+    return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-    """Split the largest dimension that `fsdp_size` divides; replicate small or indivisible arrays."""
+    """Split the largest dimension that `fsdp_size` divides; where none does, split the largest
+    dimensions by as many of its factors' axes as they divide (largest dimension first); replicate
+    small arrays."""
+    axes = fsdp_axes(fsdp_size)
     if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
         return P()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    by_size = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for dim in by_size:
         if shape[dim] % fsdp_size == 0:
-            return P(*([None] * dim), FSDP_AXIS)
-    return P()
+            return P(*([None] * dim), _entry(list(axes)))
+    unused, split = dict(axes), [[] for _ in shape]
+    for dim in by_size:
+        ways = 1
+        for name, size in list(unused.items()):
+            if shape[dim] % (ways * size) == 0:
+                split[dim].append(name)
+                ways *= size
+                del unused[name]
+    entries = [_entry(names) for names in split]
+    while entries and entries[-1] is None:  # P(None, 'x'), not P(None, 'x', None): one spelling per layout
+        entries.pop()
+    return P(*entries)
+
+
+def split_ways(spec: P, fsdp_size: int) -> int:
+    """How many shards `fsdp_spec` cut an array into (1: replicated)."""
+    sizes = fsdp_axes(fsdp_size)
+    names = [name for entry in spec if entry is not None for name in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(sizes[name] for name in names)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     """Shardings for every array of a (possibly abstract) train state, by the FSDP rule."""
-    fsdp_size = mesh.shape[FSDP_AXIS]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), abstract_state)
+    size = fsdp_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)), abstract_state)
 
 
 def sharded_abstract_state(abstract_state: Any, mesh: Mesh) -> Any:
@@ -115,31 +190,41 @@ def bytes_per_device(tree: Any) -> int:
 
 
 def _bytes_at(tree: Any, fsdp_size: int) -> float:
-    """Bytes of `tree`'s arrays on one device if the FSDP rule split them `fsdp_size` ways."""
-    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
-               / (fsdp_size if fsdp_spec(np.shape(x), fsdp_size) != P() else 1) for x in jax.tree.leaves(tree))
+    """Bytes of `tree`'s arrays on one device if the FSDP rule split them for `fsdp_size`."""
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize / split_ways(fsdp_spec(np.shape(x), fsdp_size),
+                                                                             fsdp_size)
+               for x in jax.tree.leaves(tree))
 
 
-def fsdp_kept_whole_warning(state: Any, params: Any, fsdp_size: int, num_devices: int) -> str | None:
-    """A start-up warning where the FSDP rule leaves much of the state whole on every device: an array is
-    split only along a dimension that `fsdp_size` divides, and G-MAE's MSC-FFN sizes (2 x width + 1,
-    its multiples) often have none (`small`'s fc1 kernels are 513 x 2052: no split by 8, 4 ways). Says
-    which `fsdp` among the divisors of `num_devices` holds the least per device, where another does."""
+def _split_less(x: Any, fsdp_size: int) -> bool:
+    """A large array that the FSDP rule splits fewer than `fsdp_size` ways."""
+    shape = np.shape(x)
+    return math.prod(shape) >= MIN_FSDP_SIZE and split_ways(fsdp_spec(shape, fsdp_size), fsdp_size) < fsdp_size
+
+
+def fsdp_split_less_warning(state: Any, params: Any, fsdp_size: int, num_devices: int) -> str | None:
+    """A start-up warning where arrays that the FSDP rule splits fewer than `fsdp` ways are a tenth of
+    the state a device holds or more: an array is split only as far as its dimensions divide, and G-MAE's
+    MSC-FFN sizes (2 x width + 1, its multiples) often leave little (`small`'s fc1 kernels are 513 x 2052:
+    four ways at fsdp=8, not at all at fsdp=3). Says which `fsdp` among the divisors of `num_devices`
+    holds the least per device, where another does."""
     if fsdp_size == 1:
         return None
-    whole = [x for x in jax.tree.leaves(state)
-             if math.prod(np.shape(x)) >= MIN_FSDP_SIZE and fsdp_spec(np.shape(x), fsdp_size) == P()]
-    whole_bytes, total = _bytes_at(whole, 1), _bytes_at(state, fsdp_size)
-    if whole_bytes < 0.1 * total:
+    less = [x for x in jax.tree.leaves(state) if _split_less(x, fsdp_size)]
+    less_bytes, total = _bytes_at(less, fsdp_size), _bytes_at(state, fsdp_size)
+    if less_bytes < 0.1 * total:
         return None
     named = sorted(((jax.tree_util.keystr(path, simple=True, separator="."), np.shape(x))
-                    for path, x in jax.tree.leaves_with_path(params)
-                    if math.prod(np.shape(x)) >= MIN_FSDP_SIZE and fsdp_spec(np.shape(x), fsdp_size) == P()),
+                    for path, x in jax.tree.leaves_with_path(params) if _split_less(x, fsdp_size)),
                    key=lambda item: -math.prod(item[1]))  # the largest first
-    example = (f", e.g. params {named[0][0]} {named[0][1]}" if named else "")
-    message = (f"config.mesh.fsdp={fsdp_size} splits only arrays with a dimension divisible by {fsdp_size}: "
-               f"{whole_bytes / 2**20:.1f} MB of parameters and optimiser state stay whole on every device "
-               f"({len(whole)} array(s){example}), {total / 2**20:.1f} MB a device in all")
+    example = ""
+    if named:
+        name, shape = named[0]
+        ways = split_ways(fsdp_spec(shape, fsdp_size), fsdp_size)
+        example = f", e.g. params {name} {shape}: " + ("whole" if ways == 1 else f"{ways} ways")
+    message = (f"config.mesh.fsdp={fsdp_size} splits an array only as far as its dimensions divide: "
+               f"{less_bytes / 2**20:.1f} MB a device of parameters and optimiser state are split fewer than "
+               f"{fsdp_size} ways ({len(less)} array(s){example}), {total / 2**20:.1f} MB a device in all")
     best = min((d for d in range(1, num_devices + 1) if num_devices % d == 0), key=lambda d: (_bytes_at(state, d), d))
     if _bytes_at(state, best) < 0.95 * total:
         message += f"; --config.mesh.fsdp={best} would hold {_bytes_at(state, best) / 2**20:.1f} MB a device"
@@ -202,12 +287,13 @@ def shard_map_train_step(loss_fn: steps.LossFn, mesh: Mesh, state: Any, accum_st
     """
 
     def local_gradients(params, batch_stats, batch, rng):
-        with batch_axes.batch_split_over(BATCH_AXES):
+        with batch_axes.batch_split_over(split_over):
             grads, metrics, batch_stats = steps.loss_gradients(
                 params, batch_stats, batch, rng, loss_fn=loss_fn, accum_steps=accum_steps)
-        return jax.lax.pmean((grads, metrics, batch_stats), BATCH_AXES)
+        return jax.lax.pmean((grads, metrics, batch_stats), split_over)
 
-    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), P(), P(BATCH_AXES), P()),
+    split_over = batch_axes_of(mesh)
+    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), P(), P(split_over), P()),
                               out_specs=P(), check_vma=False)
 
     def step(state, batch, rng):

@@ -150,12 +150,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     host_resources.check_batch_fits(loop.batch_size, model.config.img_size, jax.process_count(),
                                     jax.default_backend() == "cpu")
     pipeline.check_evaluable(data.eval, model.config.img_size)
-    logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", dict(mesh.shape), mesh.size,
+    logging.info("mesh: %s = %d devices (%s), %d process(es); %s step", sharding.describe(mesh), mesh.size,
                  jax.devices()[0].platform, jax.process_count(), loop.step_impl)
     for warning in [start_warnings.accumulation_warning(loop.grad_accum_steps, jax.default_backend(),
                                                         config.model.conv_impl),
                     *start_warnings.step_layout_warnings(config.stage, loop.step_impl,
-                                                         mesh.shape[sharding.FSDP_AXIS], config.model.mask_mode)]:
+                                                         sharding.fsdp_size(mesh), config.model.mask_mode)]:
         if warning:
             logging.warning(warning)
 
@@ -192,9 +192,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     logging.info("%s: %.2f M parameters, %d steps of %d images; per device: %.1f MB of parameters + "
                  "%.1f MB of optimiser state", task.name, num_params / 1e6, steps_total, loop.batch_size,
                  sharding.bytes_per_device(state.params) / 2**20, sharding.bytes_per_device(state.opt_state) / 2**20)
-    kept_whole = sharding.fsdp_kept_whole_warning(state, state.params, mesh.shape[sharding.FSDP_AXIS], mesh.size)
-    if kept_whole:
-        logging.warning(kept_whole)
+    split_less = sharding.fsdp_split_less_warning(state, state.params, sharding.fsdp_size(mesh), mesh.size)
+    if split_less:
+        logging.warning(split_less)
     checkpoint_dir = os.path.join(workdir, run_folder.CHECKPOINTS)
     new_checkpoint_dir = not epath.Path(checkpoint_dir).exists()
     manager = checkpoint.make_manager(checkpoint_dir, loop.keep_checkpoints, loop.best_metric, loop.best_mode)
