@@ -923,6 +923,37 @@ def test_pytorch_only_classify_of_one_image_is_a_batch_of_one(tmp_path):
     torch.testing.assert_close(in_double, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_pytorch_only_classify_decodes_ahead_in_threads_to_the_same_probabilities(tmp_path):
+    """The next batch is decoded in a thread pool while the model runs: the same numbers, in the same
+    order, as decoding in the caller's thread; a file that is no image is still named, and the batches
+    after its batch are not decoded."""
+    from gmae_jax.torch_mirror import exported
+
+    model = exported.ExportedModel(module=mirror.GMAEForClassification(micro(), 3).eval(),
+                                   config={"stage": "finetune", "preprocessing": export.preprocessing(32)})
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    in_caller = model.classify(paths, batch_size=2, decode_threads=0)
+    in_threads = model.classify(paths, batch_size=2, decode_threads=3)
+    torch.testing.assert_close(in_threads, in_caller, rtol=0, atol=0)
+    assert len({tuple(row.tolist()) for row in in_caller}) == 5  # five different images, in their order
+
+    (tmp_path / "notes.jpg").write_text("not an image")
+    decoded = []
+    original = exported.preprocess
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exported, "preprocess", lambda image, recipe: decoded.append(image) or original(image, recipe))
+        with pytest.raises(exported.Image.UnidentifiedImageError,
+                           match=f"cannot identify an image in {tmp_path}/notes.jpg$"):
+            model.classify([paths[0], str(tmp_path / "notes.jpg"), *paths], batch_size=2, decode_threads=2)
+    assert len(decoded) == 2  # the first batch only: the next is submitted once this one is decoded
+    with pytest.raises(ValueError, match=r"decode_threads=-1 must be 0 \(no threads\) or more"):
+        model.classify(paths, decode_threads=-1)
+
+
 def test_model_fields_asked_for_on_the_import_of_our_export_are_named_when_not_applied(capsys):
     exported = micro(mask_mode="sparse")
     payload = {"config": {"gmae_jax_model": dataclasses.asdict(exported)}}

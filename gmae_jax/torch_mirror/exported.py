@@ -13,6 +13,7 @@ given as the hand's box, squared around it), bilinear, ImageNet mean / std.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import math
@@ -88,24 +89,62 @@ class ExportedModel:
         return torch.stack([preprocess(image, self.config["preprocessing"]) for image in _as_batch(images)])
 
     @torch.no_grad()
-    def classify(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> torch.Tensor:
+    def classify(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64,
+                 decode_threads: int | None = None) -> torch.Tensor:
         """Class probabilities (N, num_classes) on the CPU, in the order of `class_names`; one image gives
         N = 1. Images are decoded and run `batch_size` at a time, on the module's device and in its
-        dtype (after `model.module.cuda()` or `.half()`), so a folder of photos never sits in memory whole."""
+        dtype (after `model.module.cuda()` or `.half()`), so a folder of photos never sits in memory whole.
+        The next batch is decoded by `decode_threads` threads (default: one per core, at most 8; 0: in
+        the caller's thread, one after the other) while the model runs the current one: Pillow decodes
+        and resizes without holding the GIL."""
         images = _as_batch(images)
         if not len(images):
             raise ValueError("classify() needs at least one image")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if decode_threads is not None and decode_threads < 0:
+            raise ValueError(f"decode_threads={decode_threads} must be 0 (no threads) or more")
         if not isinstance(self.module, modules.GMAEForClassification):
             raise TypeError(f"this export is a {self.config['stage']} model; only a fine-tuned one classifies")
         weights = next(self.module.parameters())
+        threads = min(8, os.cpu_count() or 1) if decode_threads is None else decode_threads
+        batches = [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
         probabilities = []
-        for start in range(0, len(images), batch_size):
-            inputs = self.preprocess(images[start:start + batch_size]).to(weights.device, weights.dtype)
-            logits = self.module(inputs).float()  # softmax in float32 whatever the module's dtype
-            probabilities.append(torch.softmax(logits, dim=-1).cpu())
+        with _Decoder(threads, self.config["preprocessing"]) as decoder:
+            upcoming = decoder.submit(batches[0])
+            for index in range(len(batches)):
+                pixels = decoder.result(upcoming)
+                if index + 1 < len(batches):  # decoded while the model runs this batch
+                    upcoming = decoder.submit(batches[index + 1])
+                logits = self.module(pixels.to(weights.device, weights.dtype)).float()  # softmax in float32
+                probabilities.append(torch.softmax(logits, dim=-1).cpu())
         return torch.cat(probabilities)
+
+
+class _Decoder:
+    """Preprocesses batches of images in a thread pool (or, with no threads, when their result is asked
+    for); on an error the batches not yet started are dropped."""
+
+    def __init__(self, threads: int, preprocessing: dict[str, Any]):
+        self._preprocessing = preprocessing
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "classify-decode") if threads else None
+
+    def submit(self, images: Sequence[ImageLike]) -> list[Any]:
+        if self._pool is None:
+            return list(images)
+        return [self._pool.submit(preprocess, image, self._preprocessing) for image in images]
+
+    def result(self, submitted: list[Any]) -> torch.Tensor:
+        if self._pool is None:
+            return torch.stack([preprocess(image, self._preprocessing) for image in submitted])
+        return torch.stack([future.result() for future in submitted])
+
+    def __enter__(self) -> _Decoder:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load(folder: str | os.PathLike) -> ExportedModel:
