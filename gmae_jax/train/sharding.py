@@ -206,7 +206,7 @@ def fsdp_split_less_warning(state: Any, params: Any, fsdp_size: int, num_devices
     """A start-up warning where arrays that the FSDP rule splits fewer than `fsdp` ways are a tenth of
     the state a device holds or more: an array is split only as far as its dimensions divide, and G-MAE's
     MSC-FFN sizes (2 x width + 1, its multiples) often leave little (`small`'s fc1 kernels are 513 x 2052:
-    four ways at fsdp=8, not at all at fsdp=3). Says which `fsdp` among the divisors of `num_devices`
+    four ways at fsdp=8, as 2052 = 4 x 513). Says which `fsdp` among the divisors of `num_devices`
     holds the least per device, where another does."""
     if fsdp_size == 1:
         return None
