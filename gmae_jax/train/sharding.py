@@ -191,9 +191,8 @@ def bytes_per_device(tree: Any) -> int:
 
 def _bytes_at(tree: Any, fsdp_size: int) -> float:
     """Bytes of `tree`'s arrays on one device if the FSDP rule split them for `fsdp_size`."""
-    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize / split_ways(fsdp_spec(np.shape(x), fsdp_size),
-                                                                             fsdp_size)
-               for x in jax.tree.leaves(tree))
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+               / split_ways(fsdp_spec(np.shape(x), fsdp_size), fsdp_size) for x in jax.tree.leaves(tree))
 
 
 def _split_less(x: Any, fsdp_size: int) -> bool:
