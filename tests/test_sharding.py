@@ -139,9 +139,12 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension_then_the_factors_that_d
     # 8 divides neither 513 nor 2052 = 4 x 513: four of the eight ways, replicated over the third axis.
     assert sharding.fsdp_spec((513, 2052), 8) == P(None, ("fsdp_0", "fsdp_1"))
     assert sharding.split_ways(P(None, ("fsdp_0", "fsdp_1")), 8) == 4
-    # 12 = 2 x 2 x 3 divides neither dimension of (6, 1000): 1000 takes 2 x 2, 6 takes the 3.
-    assert sharding.fsdp_spec((6, 1000), 12) == P("fsdp_2", ("fsdp_0", "fsdp_1"))
-    assert sharding.split_ways(sharding.fsdp_spec((6, 1000), 12), 12) == 12
+    # 12 = 2 x 2 x 3 divides neither dimension of (6, 1000): 6 takes 2 x 3 (1000 would take 2 x 2).
+    assert sharding.fsdp_spec((6, 1000), 12) == P(("fsdp_0", "fsdp_2"))
+    assert sharding.split_ways(sharding.fsdp_spec((6, 1000), 12), 12) == 6
+    # One dimension only, the output features of equals: split on its input features too, a kernel made
+    # XLA replicate the activation it multiplies.
+    assert sharding.fsdp_spec((1, 1, 258, 258), 8) == P(None, None, None, "fsdp_0")
     assert sharding.fsdp_axes(12) == {"fsdp_0": 2, "fsdp_1": 2, "fsdp_2": 3}
     assert sharding.fsdp_axes(7) == {"fsdp": 7} and sharding.fsdp_axes(1) == {"fsdp": 1}
 

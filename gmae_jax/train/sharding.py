@@ -9,8 +9,8 @@ plain data parallelism.
 G-MAE's widths are odd (MSC-FFN's 2 x width + 1 and its multiples: `reference`'s 2049 x 8196), so
 `fsdp=8` divides none of such an array's dimensions. The `fsdp` axis is therefore laid out as one
 mesh axis per prime factor (8 -> `fsdp_0, fsdp_1, fsdp_2`, each of 2; a prime `fsdp` stays one axis
-named `fsdp`), and an array that the whole axis cannot split is split by as many of its factors as
-its dimensions divide (8196 = 4 x 2049: four ways), replicated over the rest.
+named `fsdp`), and an array that the whole axis cannot split is split on the dimension that the
+most of its factors divide (8196 = 4 x 2049: four ways), replicated over the rest.
 
 The pure steps in `gmae_jax.train.steps` know nothing of this; they run under `jax.jit` with these
 shardings (XLA inserts the all-gathers and reduce-scatters), or under `shard_map` with explicit
@@ -133,29 +133,30 @@ def _entry(names: list[str]) -> str | tuple[str, ...] | None:
     return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
+def _dividing_factors(size: int, axes: dict[str, int]) -> list[str]:
+    """The factor axes that split a dimension of `size` together, taken greedily in order."""
+    names, ways = [], 1
+    for name, factor in axes.items():
+        if size % (ways * factor) == 0:
+            names.append(name)
+            ways *= factor
+    return names
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-    """Split the largest dimension that `fsdp_size` divides; where none does, split the largest
-    dimensions by as many of its factors' axes as they divide (largest dimension first); replicate
-    small arrays."""
+    """Split the largest dimension that `fsdp_size` divides; where none does, the one dimension that
+    the most of its factors' axes divide (the last of equals: a kernel's output features); replicate
+    small arrays. One dimension only: a kernel split on its input and output features both made XLA's
+    partitioner replicate the activation it multiplies (BENCHMARKS.md, "FSDP of G-MAE's odd widths")."""
     axes = fsdp_axes(fsdp_size)
     if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
         return P()
-    by_size = sorted(range(len(shape)), key=lambda d: -shape[d])
-    for dim in by_size:
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % fsdp_size == 0:
             return P(*([None] * dim), _entry(list(axes)))
-    unused, split = dict(axes), [[] for _ in shape]
-    for dim in by_size:
-        ways = 1
-        for name, size in list(unused.items()):
-            if shape[dim] % (ways * size) == 0:
-                split[dim].append(name)
-                ways *= size
-                del unused[name]
-    entries = [_entry(names) for names in split]
-    while entries and entries[-1] is None:  # P(None, 'x'), not P(None, 'x', None): one spelling per layout
-        entries.pop()
-    return P(*entries)
+    splits = [_dividing_factors(size, axes) for size in shape]
+    dim = max(range(len(shape)), key=lambda d: (math.prod(axes[name] for name in splits[d]), d))
+    return P(*([None] * dim), _entry(splits[dim])) if splits[dim] else P()
 
 
 def split_ways(spec: P, fsdp_size: int) -> int:
