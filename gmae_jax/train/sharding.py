@@ -148,9 +148,9 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
     the most of its factors' axes divide (the last of equals: a kernel's output features); replicate
     small arrays. One dimension only: a kernel split on its input and output features both made XLA's
     partitioner replicate the activation it multiplies (BENCHMARKS.md, "FSDP of G-MAE's odd widths")."""
-    axes = fsdp_axes(fsdp_size)
     if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
         return P()
+    axes = fsdp_axes(fsdp_size)
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % fsdp_size == 0:
             return P(*([None] * dim), _entry(list(axes)))
@@ -190,16 +190,20 @@ def bytes_per_device(tree: Any) -> int:
     return total
 
 
+def _ways(shape: tuple[int, ...], fsdp_size: int) -> int:
+    """How many shards the FSDP rule cuts an array of `shape` into for `fsdp_size`."""
+    return split_ways(fsdp_spec(shape, fsdp_size), fsdp_size)
+
+
 def _bytes_at(tree: Any, fsdp_size: int) -> float:
     """Bytes of `tree`'s arrays on one device if the FSDP rule split them for `fsdp_size`."""
-    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
-               / split_ways(fsdp_spec(np.shape(x), fsdp_size), fsdp_size) for x in jax.tree.leaves(tree))
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize / _ways(np.shape(x), fsdp_size)
+               for x in jax.tree.leaves(tree))
 
 
 def _split_less(x: Any, fsdp_size: int) -> bool:
     """A large array that the FSDP rule splits fewer than `fsdp_size` ways."""
-    shape = np.shape(x)
-    return math.prod(shape) >= MIN_FSDP_SIZE and split_ways(fsdp_spec(shape, fsdp_size), fsdp_size) < fsdp_size
+    return math.prod(np.shape(x)) >= MIN_FSDP_SIZE and _ways(np.shape(x), fsdp_size) < fsdp_size
 
 
 def fsdp_split_less_warning(state: Any, params: Any, fsdp_size: int, num_devices: int) -> str | None:
@@ -220,14 +224,14 @@ def fsdp_split_less_warning(state: Any, params: Any, fsdp_size: int, num_devices
     example = ""
     if named:
         name, shape = named[0]
-        ways = split_ways(fsdp_spec(shape, fsdp_size), fsdp_size)
+        ways = _ways(shape, fsdp_size)
         example = f", e.g. params {name} {shape}: " + ("whole" if ways == 1 else f"{ways} ways")
     message = (f"config.mesh.fsdp={fsdp_size} splits an array only as far as its dimensions divide: "
                f"{less_bytes / 2**20:.1f} MB a device of parameters and optimiser state are split fewer than "
                f"{fsdp_size} ways ({len(less)} array(s){example}), {total / 2**20:.1f} MB a device in all")
-    best = min((d for d in range(1, num_devices + 1) if num_devices % d == 0), key=lambda d: (_bytes_at(state, d), d))
-    if _bytes_at(state, best) < 0.95 * total:
-        message += f"; --config.mesh.fsdp={best} would hold {_bytes_at(state, best) / 2**20:.1f} MB a device"
+    best_bytes, best = min((_bytes_at(state, d), d) for d in range(1, num_devices + 1) if num_devices % d == 0)
+    if best_bytes < 0.95 * total:
+        message += f"; --config.mesh.fsdp={best} would hold {best_bytes / 2**20:.1f} MB a device"
     return message
 
 
