@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -46,6 +47,24 @@ def stop_as_preempted_outside_training() -> None:
     JAX's preemption service takes SIGTERM over once the job is joined."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _preempted_outside_training)
+        quiet_lost_preemptions()
+
+
+def quiet_lost_preemptions() -> None:
+    """Python reports an exception it swallows (in a garbage-collection callback, e.g. JAX's, or a
+    __del__) with a traceback on stderr. A lost `Preempted` is remembered (`_sigterm_outside_training`)
+    and its one line is printed where the process stops, so its report is left out; every other
+    exception goes to the hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "passes_on_all_but_preemptions", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Preempted):
+            previous(unraisable)
+
+    hook.passes_on_all_but_preemptions = True
+    sys.unraisablehook = hook
 
 
 OUTSIDE_TRAINING = ("preempted (SIGTERM) outside training's steps: every checkpoint on disk stays; rerun the same "
