@@ -3,6 +3,7 @@ arrays really are split, and checkpoints move between meshes."""
 
 import functools
 import os
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -62,11 +63,21 @@ def run_steps(stage, mesh_shape=(1, 1), impl="jit", accum_steps=1, num_batches=3
                               jax.devices()[: data * fsdp])
     state, _ = trainer.create_state(model, init_inputs, config, mesh, steps_total=10)
     step = sharding.make_train_step(impl, loss_fn or default_loss, mesh, state, accum_steps)
-    losses = []
+    losses, grad_norms = [], []
     for batch in batches(num_batches, config.model.img_size, repeat=repeat):
         state, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.key(0))
         losses.append(float(metrics["loss"]))
-    return jax.device_get(state.params), jax.device_get(state.batch_stats), losses, state
+        grad_norms.append(float(metrics["grad_norm"]))
+    return Trained(jax.device_get(state.params), jax.device_get(state.batch_stats), losses, state, grad_norms)
+
+
+class Trained(NamedTuple):
+    params: Any
+    batch_stats: Any
+    losses: list[float]
+    state: Any
+    # AdamW moves parameters the same for gradients off by a constant factor; their norm does not.
+    grad_norms: list[float]
 
 
 @functools.cache
@@ -86,9 +97,10 @@ def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
 def test_every_mesh_and_step_trains_like_one_device(stage, mesh_shape, impl, monkeypatch):
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
-    params, batch_stats, losses, _ = run_steps(stage, mesh_shape, impl)
-    want_params, want_stats, want_losses, _ = one_device(stage)
+    params, batch_stats, losses, _, grad_norms = run_steps(stage, mesh_shape, impl)
+    want_params, want_stats, want_losses, _, want_grad_norms = one_device(stage)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
+    np.testing.assert_allclose(grad_norms, want_grad_norms, rtol=1e-4)
     assert want_losses[0] != want_losses[-1]  # it actually trained
     assert_trees_close(params, want_params)
     assert_trees_close(batch_stats, want_stats)
@@ -126,6 +138,23 @@ def test_fsdp_on_one_device_of_eight_splits_odd_widths_as_far_as_they_divide(mon
     assert len(moments) >= 2 and all(x.sharding == fc1.sharding for x in moments)
     fc2 = state.params["encoder"]["blocks_0"]["mscffn"]["fc2"]["kernel"]  # 8 divides its 32 outputs: 8 ways
     assert fc2.shape == (132, 32) and {shard.data.shape for shard in fc2.addressable_shards} == {(132, 4)}
+
+
+def test_shard_map_step_gathers_split_parameters_and_reduce_scatters_their_gradients(monkeypatch):
+    """Under FSDP the shard_map step takes each device's shards, not the whole parameters: its program
+    all-gathers every split parameter once and reduce-scatters its gradient (whole gradients never
+    leave a device); parity with one device is test_every_mesh_and_step_trains_like_one_device."""
+    monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
+    config, model, init_inputs, loss_fn = stage_setup("pretrain")
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8)))
+    state, _ = trainer.create_state(model, init_inputs, config, mesh, steps_total=10)
+    split = [x for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated]
+    assert len(split) >= 10
+    step = sharding.make_train_step("shard_map", loss_fn, mesh, state)
+    batch = sharding.global_batch(batches(1, config.model.img_size)[0], mesh)
+    program = step.lower(state, batch, jax.random.key(0)).as_text()
+    assert program.count("stablehlo.all_gather") == len(split)
+    assert program.count("stablehlo.reduce_scatter") == len(split)
 
 
 def test_fsdp_spec_picks_the_largest_divisible_dimension_then_the_factors_that_divide():
@@ -191,7 +220,7 @@ def test_mesh_shapes_that_do_not_fit_are_clear_errors(data, fsdp, message):
 
 def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path, monkeypatch):
     monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
-    *_, saved = run_steps("finetune", (8, 1), num_batches=1)
+    saved = run_steps("finetune", (8, 1), num_batches=1).state
     manager = checkpoint.make_manager(str(tmp_path), 2)
     batches = grain.MapDataset.range(40).batch(4)
     iterator = pipeline.TrainBatches(batches, num_workers=0)
@@ -224,19 +253,19 @@ def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("remat", ["block", "fine"])
 def test_remat_gives_the_same_numbers(remat):
-    params, batch_stats, losses, _ = run_steps("pretrain", remat=remat)
-    want_params, want_stats, want_losses, _ = one_device("pretrain")
+    params, batch_stats, losses, *_ = run_steps("pretrain", remat=remat)
+    want_params, want_stats, want_losses, *_ = one_device("pretrain")
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     assert_trees_close(params, want_params)
     assert_trees_close(batch_stats, want_stats)
 
 
 def test_bfloat16_compute_trains_with_float32_parameters():
-    params, batch_stats, losses, state = run_steps("pretrain", num_batches=3, dtype="bfloat16")
+    params, batch_stats, losses, state, _ = run_steps("pretrain", num_batches=3, dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {np.dtype("float32")}
     assert {x.dtype for x in jax.tree.leaves(batch_stats)} == {np.dtype("float32")}
-    _, _, float32_losses, _ = one_device("pretrain")
+    float32_losses = one_device("pretrain").losses
     np.testing.assert_allclose(losses, float32_losses, rtol=0.05)  # the same steps, coarser numbers
     assert losses[0] != losses[-1]
 
@@ -249,22 +278,28 @@ def running_average_loss(params, batch_stats, batch, rng, *, model):
     return loss, ({"loss": loss}, batch_stats)
 
 
-@pytest.mark.parametrize("impl", ["jit", "shard_map"])
-def test_accumulated_micro_batches_equal_one_large_batch(impl):
+@pytest.mark.parametrize("impl, mesh_shape, accumulating_mesh_shape, accum_steps", [
+    ("jit", (8, 1), (2, 1), 4),
+    ("shard_map", (4, 2), (1, 2), 4),  # FSDP: each micro-batch gathers the parameters again
+])
+def test_accumulated_micro_batches_equal_one_large_batch(impl, mesh_shape, accumulating_mesh_shape, accum_steps,
+                                                         monkeypatch):
+    monkeypatch.setattr(sharding, "MIN_FSDP_SIZE", SMALL_FSDP_SIZE)
     _, model, _, _ = stage_setup("finetune")
     loss_fn = functools.partial(running_average_loss, model=model)
     # The default small learning rate (see run_steps): at 1e-3 the float noise of a near-zero gradient
     # (summed in another order by the micro-batches) flipped one bias's AdamW step.
-    params, _, losses, _ = run_steps("finetune", (8, 1), impl, loss_fn=loss_fn, repeat=True)
-    accumulated, _, accumulated_losses, _ = run_steps("finetune", (2, 1), impl, accum_steps=4, loss_fn=loss_fn,
-                                                      repeat=True)
+    params, _, losses, _, grad_norms = run_steps("finetune", mesh_shape, impl, loss_fn=loss_fn, repeat=True)
+    accumulated, _, accumulated_losses, _, accumulated_grad_norms = run_steps(
+        "finetune", accumulating_mesh_shape, impl, accum_steps=accum_steps, loss_fn=loss_fn, repeat=True)
     np.testing.assert_allclose(accumulated_losses, losses, rtol=1e-5)
+    np.testing.assert_allclose(accumulated_grad_norms, grad_norms, rtol=1e-4)
     assert losses[-1] < losses[0]
     assert_trees_close(accumulated, params)
 
 
 def test_accumulation_trains_the_pretraining_model():
-    _, _, losses, state = run_steps("pretrain", (2, 1), accum_steps=4, num_batches=3, repeat=True, lr=2e-3)
+    _, _, losses, state, _ = run_steps("pretrain", (2, 1), accum_steps=4, num_batches=3, repeat=True, lr=2e-3)
     assert int(state.step) == 3 and losses[-1] < losses[0]
 
 

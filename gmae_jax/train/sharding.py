@@ -162,8 +162,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
 def split_ways(spec: P, fsdp_size: int) -> int:
     """How many shards `fsdp_spec` cut an array into (1: replicated)."""
     sizes = fsdp_axes(fsdp_size)
-    names = [name for entry in spec if entry is not None for name in ((entry,) if isinstance(entry, str) else entry)]
-    return math.prod(sizes[name] for name in names)
+    return math.prod(sizes[name] for name in _axes_of(spec))
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
@@ -282,30 +281,56 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state: Any) -> Callable:
 def shard_map_train_step(loss_fn: steps.LossFn, mesh: Mesh, state: Any, accum_steps: int = 1) -> Callable:
     """The same optimiser step with the gradient computed under `shard_map` with explicit collectives.
 
-    Each device differentiates the mean loss of its own rows; `pmean` over the batch axes turns
-    that into the global-batch gradient. BatchNorm averages its statistics over the same axes
+    Each device takes its own shards of the parameters (their FSDP layout, as stored) and its own
+    rows of the batch, `all_gather`s the parameters whole inside the loss and differentiates the mean
+    loss of its rows. The gradient of an `all_gather` is a `psum_scatter`, so each device gets back
+    the sum of every device's gradient for its own shard, never the whole gradient; a sum over the
+    axes a parameter is not split on and the division by the device count make it the global-batch
+    mean (replicated parameters: a `pmean`). BatchNorm averages its statistics over the batch axes
     (`batch_axes.batch_split_over`), so normalisation and running averages are global-batch ones,
-    as under jit. `check_vma=False` keeps the gradients of the replicated parameters local (with
-    it on, JAX would already sum them over devices and the pmean would count them twice). The
-    optimiser update runs outside, on the state's own shardings.
+    as under jit. `check_vma=False` keeps gradients local until these explicit collectives (with it
+    on, JAX would already sum the replicated parameters' over devices, counting them twice). The
+    optimiser update runs outside, on the shards where they lie.
     """
+    split_over = batch_axes_of(mesh)
+    param_specs = jax.tree.map(lambda x: x.sharding.spec, state.params)
 
-    def local_gradients(params, batch_stats, batch, rng):
+    def whole_loss(param_shards, *args):
+        return loss_fn(jax.tree.map(_gather_whole, param_shards, param_specs), *args)
+
+    def global_mean(grad, spec):
+        unsplit = tuple(axis for axis in mesh.axis_names if axis not in _axes_of(spec))
+        return (jax.lax.psum(grad, unsplit) if unsplit else grad) / mesh.size
+
+    def local_gradients(param_shards, batch_stats, batch, rng):
         with batch_axes.batch_split_over(split_over):
             grads, metrics, batch_stats = steps.loss_gradients(
-                params, batch_stats, batch, rng, loss_fn=loss_fn, accum_steps=accum_steps)
-        return jax.lax.pmean((grads, metrics, batch_stats), split_over)
+                param_shards, batch_stats, batch, rng, loss_fn=whole_loss, accum_steps=accum_steps)
+        return jax.tree.map(global_mean, grads, param_specs), jax.lax.pmean((metrics, batch_stats), split_over)
 
-    split_over = batch_axes_of(mesh)
-    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(P(), P(), P(split_over), P()),
-                              out_specs=P(), check_vma=False)
+    gradients = jax.shard_map(local_gradients, mesh=mesh, in_specs=(param_specs, P(), P(split_over), P()),
+                              out_specs=(param_specs, P()), check_vma=False)
 
     def step(state, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
-        grads, metrics, batch_stats = gradients(state.params, state.batch_stats, batch, step_rng)
+        grads, (metrics, batch_stats) = gradients(state.params, state.batch_stats, batch, step_rng)
         return steps.apply_gradients(state, grads, metrics, batch_stats)
 
     return jit_train_step(step, mesh, state)
+
+
+def _axes_of(spec: P) -> tuple[str, ...]:
+    """The mesh axes a `PartitionSpec` splits over, major first."""
+    entries = [(entry,) if isinstance(entry, str) else entry for entry in spec if entry is not None]
+    return tuple(name for entry in entries for name in entry)
+
+
+def _gather_whole(shard: jax.Array, spec: P) -> jax.Array:
+    """Inside `shard_map`: the whole array from this device's shard of it, laid out by `spec`."""
+    for dim, entry in enumerate(spec):
+        if entry is not None:
+            shard = jax.lax.all_gather(shard, entry, axis=dim, tiled=True)
+    return shard
 
 
 def make_train_step(impl: str, loss_fn: steps.LossFn, mesh: Mesh, state: Any, accum_steps: int = 1) -> Callable:

@@ -19,14 +19,16 @@ def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "
 
 
 def step_layout_warnings(stage: str, step_impl: str, fsdp_size: int, mask_mode: str) -> list[str]:
-    """Settings that are legal but do less than they suggest: shard_map's step takes the parameters
-    whole (`in_specs=P()`) and returns whole gradients, so FSDP then splits only the stored state; a
-    fine-tune's encoder sees every token, so the sparse masked encoder is pretraining's alone."""
+    """Settings that are legal but do less than they suggest: shard_map's step gathers every parameter
+    at the top of the loss, so under FSDP each device holds them all whole during the step (jit's
+    partitioner gathers each where it is used); a fine-tune's encoder sees every token, so the sparse
+    masked encoder is pretraining's alone."""
     warnings = []
     if step_impl == "shard_map" and fsdp_size > 1:
-        warnings.append(f"config.step_impl=shard_map with config.mesh.fsdp={fsdp_size}: the step gathers the whole "
-                        "parameters and gradients on every device, so FSDP splits only the state kept between steps "
-                        "and the step needs data parallelism's memory; config.step_impl=jit splits the step too")
+        warnings.append(f"config.step_impl=shard_map with config.mesh.fsdp={fsdp_size}: the step gathers every "
+                        "parameter whole at the top of the loss, so each device holds all of them at once during the "
+                        "step (gradients and optimiser state stay split); config.step_impl=jit gathers each "
+                        "parameter where it is used (half the planned memory for `small`, BENCHMARKS.md)")
     if stage == "finetune" and mask_mode == "sparse":
         warnings.append("config.model.mask_mode=sparse applies to pretraining only: a fine-tune masks nothing, and its "
                         "encoder computes every token")
