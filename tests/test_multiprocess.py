@@ -501,17 +501,23 @@ def test_two_processes_reach_the_single_process_parameters(runs):
 def test_two_processes_resume_a_run_and_so_does_one(runs, data_root, tmp_path):
     """Each process restores the train state and its own data iterator through its own reader; one
     process with all 8 devices continues the same two-process run to the same numbers (the
-    iterator's position does not depend on the process count)."""
+    iterator's position does not depend on the process count). The two processes go on with the
+    shard_map step over FSDP (parameters gathered, gradients reduce-scattered across processes), the
+    one process with the jit step and data parallelism: the same numbers either way."""
     resumed, alone = str(tmp_path / "resumed"), str(tmp_path / "alone")
     shutil.copytree(runs["multi"], resumed)
     shutil.copytree(runs["multi"], alone)
     logs = {name: str(tmp_path / f"{name}.log") for name in ("process_0", "process_1", "alone")}
-    procs = _launch_two_processes(resumed, data_root, logs, f"127.0.0.1:{_free_port()}", "--config.total_steps=6")
+    procs = _launch_two_processes(resumed, data_root, logs, f"127.0.0.1:{_free_port()}", "--config.total_steps=6",
+                                  "--config.step_impl=shard_map", "--config.mesh.fsdp=8")
     procs["alone"] = _launch(alone, data_root, logs["alone"], 8, "--config.total_steps=6")
     _wait_for_all(procs, logs)
-    for log in logs.values():
+    for name, log in logs.items():
         with open(log) as f:
-            assert "resumed from step 4" in f.read()
+            text = f.read()
+        assert "resumed from step 4" in text
+        assert ("data=1 x fsdp=8 (axes fsdp_0=2 x fsdp_1=2 x fsdp_2=2) = 8 devices (cpu), 2 process(es); shard_map step"
+                if name != "alone" else "data=8 x fsdp=1 = 8 devices (cpu), 1 process(es); jit step") in text
     rows = _metrics(resumed)
     assert rows[:2] == _metrics(runs["multi"]) and rows[-1]["step"] == 6
     assert saved_weights.restore_params(os.path.join(resumed, "checkpoints"))["step"] == 6
