@@ -90,20 +90,24 @@ def _replicated_on(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | N
     return None
 
 
+def _on_cpu(leaf: jax.Array) -> bool:
+    return all(device.platform == "cpu" for device in leaf.sharding.device_set)
+
+
 def _across_cpu_processes(leaf: jax.Array) -> bool:
     """An array on CPU devices of several processes: its sums are collectives over Gloo, and XLA:CPU
     runs programs whose inputs are ready in any order, not in the order they were dispatched. Two
     such programs in flight at once can each wait in its collective for a device of the other
     process that runs the other program first: a resumed two-process FSDP job hung there (before its
     first step). GPUs run a device's programs in dispatch order."""
-    return not leaf.is_fully_addressable and all(device.platform == "cpu" for device in leaf.sharding.device_set)
+    return not leaf.is_fully_addressable and _on_cpu(leaf)
 
 
 def _on_host(leaf: Any) -> bool:
     """NumPy values and whole arrays in this host's memory are summed by NumPy: no compile, no copy."""
     if not isinstance(leaf, jax.Array):
         return True
-    return leaf.is_fully_addressable and all(device.platform == "cpu" for device in leaf.sharding.device_set)
+    return leaf.is_fully_addressable and _on_cpu(leaf)
 
 
 _HOST_CHUNK = 1 << 16  # elements: a chunk's temporaries stay in the cache (25 M floats: 0.11 s, whole 0.42 s)
@@ -138,11 +142,11 @@ def of(tree: Any) -> dict[str, str]:
         if _on_host(leaf):
             leaf = np.asarray(leaf)
             fingerprints[array_name(path)] = _label(leaf.dtype, _of_host_array(leaf))
-        elif _across_cpu_processes(leaf):  # one at a time: see _across_cpu_processes
-            sums = _compiled(_replicated_on(leaf.sharding))(leaf)
-            fingerprints[array_name(path)] = _label(leaf.dtype, np.asarray(sums))
         else:  # dispatched one after another; read back together
-            on_device[array_name(path)] = (leaf.dtype, _compiled(_replicated_on(leaf.sharding))(leaf))
+            sums = _compiled(_replicated_on(leaf.sharding))(leaf)
+            if _across_cpu_processes(leaf):  # read before the next is dispatched: see _across_cpu_processes
+                sums = np.asarray(sums)
+            on_device[array_name(path)] = (leaf.dtype, sums)
     fingerprints.update({name: _label(dtype, np.asarray(sums)) for name, (dtype, sums) in on_device.items()})
     return dict(sorted(fingerprints.items()))
 

@@ -159,6 +159,12 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
     return P(*([None] * dim), _entry(splits[dim])) if splits[dim] else P()
 
 
+def _axes_of(spec: P) -> tuple[str, ...]:
+    """The mesh axes a `PartitionSpec` splits over, major first."""
+    entries = [(entry,) if isinstance(entry, str) else entry for entry in spec if entry is not None]
+    return tuple(name for entry in entries for name in entry)
+
+
 def split_ways(spec: P, fsdp_size: int) -> int:
     """How many shards `fsdp_spec` cut an array into (1: replicated)."""
     sizes = fsdp_axes(fsdp_size)
@@ -317,12 +323,6 @@ def shard_map_train_step(loss_fn: steps.LossFn, mesh: Mesh, state: Any, accum_st
         return steps.apply_gradients(state, grads, metrics, batch_stats)
 
     return jit_train_step(step, mesh, state)
-
-
-def _axes_of(spec: P) -> tuple[str, ...]:
-    """The mesh axes a `PartitionSpec` splits over, major first."""
-    entries = [(entry,) if isinstance(entry, str) else entry for entry in spec if entry is not None]
-    return tuple(name for entry in entries for name in entry)
 
 
 def _gather_whole(shard: jax.Array, spec: P) -> jax.Array:
