@@ -206,8 +206,8 @@ def test_an_evaluation_split_none_of_whose_images_decodes_stops_before_training(
     # An evaluation that finds them so later (the files replaced mid-run, the evaluate stage) says the same.
     _, _, val = sources.open_sources(DataConfig(root=str(data)))
     with pytest.raises(pipeline.BadImageBudgetError, match="none of the 4 evaluation images decodes"):
-        evaluation.evaluate(None, lambda state, batch: {}, None, val, image_size=32, batch_size=8, num_workers=0,
-                            mesh=sharding.make_mesh())
+        evaluation.evaluate(None, lambda state, batch: {k: batch[k] for k in evaluation.EXAMPLE_COLUMNS}, None, val,
+                            image_size=32, batch_size=8, num_workers=0, mesh=sharding.make_mesh())
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     examples = sources.open_split(data, data.eval_split, restored.class_names)
     distributed.check_processes_agree({"evaluation images": len(examples)}, "data")
     task = tasks.make_task(restored.config, restored.model, restored.class_names)
-    eval_step = sharding.jit_eval_step(task.eval_step, restored.mesh, restored.weights)
+    eval_step = evaluation.compile_eval_step(task, restored.mesh, restored.weights)
     batch_size = evaluation.batch_size_for(config.batch_size, len(examples), restored.mesh)
     host_resources.check_batch_fits(batch_size, restored.model.config.img_size, jax.process_count(),
                                     jax.default_backend() == "cpu")

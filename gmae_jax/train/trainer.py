@@ -224,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: sources.Splits)
     resume_check.write_run_files(config, workdir, data.class_names, changes, facts)
 
     train_step = sharding.make_train_step(loop.step_impl, task.loss_fn, mesh, state, loop.grad_accum_steps)
-    eval_step = sharding.jit_eval_step(task.eval_step, mesh, state)
+    eval_step = evaluation.compile_eval_step(task, mesh, state)
     rng = jax.random.key(loop.seed + 1)
 
     # --- Train loop -----------------------------------------------------------------------------
