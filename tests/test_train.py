@@ -706,8 +706,8 @@ def test_evaluate_a_pretraining_run_reports_masked_patch_mse_and_draws_reconstru
 
 def test_settings_that_do_less_than_they_suggest_are_warned_of():
     shard_map_fsdp, sparse_finetune = start_warnings.step_layout_warnings("finetune", "shard_map", 2, "sparse")
-    assert shard_map_fsdp.startswith("config.step_impl=shard_map with config.mesh.fsdp=2: the step gathers every "
-                                     "parameter whole at the top of the loss")
+    assert shard_map_fsdp.startswith("config.step_impl=shard_map with config.mesh.fsdp=2: the step gathers the "
+                                     "parameters whole to use them")
     assert sparse_finetune.startswith("config.model.mask_mode=sparse applies to pretraining only")
     assert start_warnings.step_layout_warnings("pretrain", "shard_map", 1, "sparse") == []
     assert start_warnings.step_layout_warnings("finetune", "jit", 8, "encoder") == []

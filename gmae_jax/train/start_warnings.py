@@ -19,16 +19,17 @@ def accumulation_warning(grad_accum_steps: int, backend: str, conv_impl: str = "
 
 
 def step_layout_warnings(stage: str, step_impl: str, fsdp_size: int, mask_mode: str) -> list[str]:
-    """Settings that are legal but do less than they suggest: shard_map's step gathers every parameter
-    at the top of the loss, so under FSDP each device holds them all whole during the step (jit's
-    partitioner gathers each where it is used); a fine-tune's encoder sees every token, so the sparse
-    masked encoder is pretraining's alone."""
+    """Settings that are legal but do less than they suggest: under FSDP shard_map's step gathers the
+    weights, where jit's partitioner may move activations instead, which needs far less memory where the
+    parameters outweigh a device's activations (BENCHMARKS.md, session 37); a fine-tune's encoder sees
+    every token, so the sparse masked encoder is pretraining's alone."""
     warnings = []
     if step_impl == "shard_map" and fsdp_size > 1:
-        warnings.append(f"config.step_impl=shard_map with config.mesh.fsdp={fsdp_size}: the step gathers every "
-                        "parameter whole at the top of the loss, so each device holds all of them at once during the "
-                        "step (gradients and optimiser state stay split); config.step_impl=jit gathers each "
-                        "parameter where it is used (half the planned memory for `small`, BENCHMARKS.md)")
+        warnings.append(f"config.step_impl=shard_map with config.mesh.fsdp={fsdp_size}: the step gathers the "
+                        "parameters whole to use them, where config.step_impl=jit may move activations instead; "
+                        "where the parameters outweigh a device's activations (few, small images a device) jit "
+                        "plans far less memory (`small` @ 64 px, one image a device: 140 vs 257 MiB), at a "
+                        "training batch the two are within 6 % (BENCHMARKS.md)")
     if stage == "finetune" and mask_mode == "sparse":
         warnings.append("config.model.mask_mode=sparse applies to pretraining only: a fine-tune masks nothing, and its "
                         "encoder computes every token")
