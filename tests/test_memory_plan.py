@@ -106,6 +106,12 @@ def test_targets_without_their_plugin_say_what_to_install(monkeypatch, target, e
         memory_plan.target_devices("cpu", 9)
 
 
+def test_gpu_plans_compile_with_cublas_gemms_and_no_autotuning_unless_the_flags_say_otherwise():
+    assert memory_plan.with_gpu_plan_flags("") == "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
+    assert memory_plan.with_gpu_plan_flags(" --xla_gpu_autotune_level=4  --xla_dump_to=/tmp/d") == (
+        "--xla_gpu_autotune_level=4 --xla_dump_to=/tmp/d --xla_gpu_enable_triton_gemm=false")
+
+
 def test_the_benchmark_offers_every_target():
     assert cli.PLAN_TARGETS == list(memory_plan.TARGETS)
 

@@ -247,6 +247,8 @@ def run_memory_plan(cases: Sequence[Any]) -> None:
     uneven = sorted({case.batch_size for case in cases if case.batch_size % _PLAN_DEVICES.value})
     if uneven:
         raise app.UsageError(f"batch sizes {uneven} do not split over --plan_devices={_PLAN_DEVICES.value}")
+    if memory_plan.TARGETS[_PLAN_TARGET.value].platform == "cuda":  # also before JAX starts its backends
+        os.environ["XLA_FLAGS"] = memory_plan.with_gpu_plan_flags(os.environ.get("XLA_FLAGS", ""))
     try:
         for line in memory_plan.plan_table(cases, _PLAN_TARGET.value, _PLAN_DEVICES.value, _PLAN_FSDP.value):
             print(line, flush=True)

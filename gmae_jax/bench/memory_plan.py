@@ -119,6 +119,19 @@ class Plan:
 # JAX's CUDA plugin refuses to load where no CUDA runtime is installed unless this is set when JAX
 # starts its backends (before the process's first computation).
 CUDA_CHECK_OFF = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1"
+# XLA:GPU flags a plan is compiled with where XLA_FLAGS names neither (also set before JAX starts): GEMMs
+# on cuBLAS, as `launch/bench_device.sh` runs them, and no autotuning, which needs a device. Without
+# them XLA's Triton tiling failed to compile `small`'s GEMMs for an H100 (JAX 0.10.2: "Couldn't find
+# output tile sizes"; FSDP's also with Triton GEMMs off); `small`'s plan is the same with or without
+# the autotuner's level (BENCHMARKS.md, session 37).
+GPU_PLAN_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_autotune_level=0")
+
+
+def with_gpu_plan_flags(xla_flags: str) -> str:
+    """`xla_flags` with each of `GPU_PLAN_FLAGS` whose flag it does not set already."""
+    named = {flag.split("=")[0] for flag in xla_flags.split()}
+    missing = [flag for flag in GPU_PLAN_FLAGS if flag.split("=")[0] not in named]
+    return " ".join([*xla_flags.split(), *missing])
 
 
 def target_devices(target: str, num_devices: int) -> list[jax.Device]:
