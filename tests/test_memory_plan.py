@@ -37,9 +37,14 @@ def test_plans_grow_with_the_batch_and_sharding_halves_the_large_arrays(two_cpus
     at_16, at_32 = (memory_plan.plan(dataclasses.replace(CASE, batch_size=b), two_cpus) for b in (16, 32))
     assert at_16.state_bytes == at_32.state_bytes > 0
     assert at_32.peak_bytes > at_16.peak_bytes > at_16.state_bytes
-    assert memory_plan.plan(CASE, two_cpus, fsdp=2).state_bytes < at_16.state_bytes  # large arrays halved
+    split = memory_plan.plan(CASE, two_cpus, fsdp=2)
+    assert split.state_bytes < at_16.state_bytes  # large arrays halved
+    # The shard_map step holds the same state, and gathers the parameters for itself (bench --plan_step_impl).
+    split_by_shard_map = memory_plan.plan(CASE, two_cpus, fsdp=2, step_impl="shard_map")
+    assert split_by_shard_map.state_bytes == split.state_bytes < split_by_shard_map.peak_bytes != split.peak_bytes
 
     lines = list(memory_plan.plan_table([CASE], "cpu", num_devices=2))
+    assert "fsdp=1, step_impl=jit, JAX" in lines[0]
     assert "no limit" in lines[0] and lines[0].endswith("; 1 case(s), each compiled twice")
     assert lines[1].startswith("| case |")
     cells = lines[2].strip("| ").split(" | ")
@@ -59,7 +64,7 @@ def planned_line(monkeypatch, per_image: int, bend_from: int | None = None) -> l
     place of compiled ones, so the search is checked on peaks known exactly; returns the batches planned."""
     planned = []
 
-    def plan(case, devices, fsdp=1):
+    def plan(case, devices, fsdp=1, step_impl="jit"):
         planned.append(case.batch_size)
         steeper = 2 * per_image * max(case.batch_size - bend_from, 0) if bend_from else 0
         return memory_plan.Plan(case.batch_size, 10**6, 10**6 + per_image * case.batch_size + steeper, 0.0)

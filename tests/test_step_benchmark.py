@@ -172,6 +172,7 @@ def test_a_bad_benchmark_flag_is_one_line_from_the_command_line():
     ({"--train_step", "--vs_torch"}, ["tasks", "vs_torch"], None),
     ({"--suite=device"}, ["suite_presets", "preset"], "--preset applies to"),
     ({"--suite=device"}, ["plan_target"], "--plan_target applies to --suite=memory only"),
+    ({"--suite=device"}, ["plan_step_impl"], "--plan_step_impl applies to --suite=memory only"),
 ])
 def test_a_flag_no_chosen_benchmark_reads_is_refused(chosen, present, refused):
     if refused is None:

@@ -92,6 +92,8 @@ _PLAN_TARGET = flags.DEFINE_enum("plan_target", "h100", PLAN_TARGETS,
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 1, "--suite=memory: devices of one host.", lower_bound=1)
 _PLAN_FSDP = flags.DEFINE_integer("plan_fsdp", 1, "--suite=memory: the mesh's fsdp axis (divides --plan_devices).",
                                   lower_bound=1)
+_PLAN_STEP_IMPL = flags.DEFINE_enum("plan_step_impl", "jit", ["jit", "shard_map"],
+                                    "--suite=memory: the train step planned, as config.step_impl.")
 _SUITE_PRESETS = flags.DEFINE_list("suite_presets", ["small", "base", "reference"], "--suite: presets, cheapest first.")
 GROW = "max"  # --suite_batch_sizes=max
 _SUITE_BATCH_SIZES = flags.DEFINE_list("suite_batch_sizes", [],
@@ -129,6 +131,7 @@ _FLAG_USERS = {
     "suite_presets": {"--suite=device", "--suite=memory"}, "suite_batch_sizes": {"--suite=device", "--suite=memory"},
     "suite_img_size": {"--suite=device", "--suite=memory"}, "suite_budget_s": {"--suite=device"},
     "plan_target": {"--suite=memory"}, "plan_devices": {"--suite=memory"}, "plan_fsdp": {"--suite=memory"},
+    "plan_step_impl": {"--suite=memory"},
     "suite_cases": {"--suite=device", "--suite=memory"},
 }
 
@@ -250,7 +253,8 @@ def run_memory_plan(cases: Sequence[Any]) -> None:
     if memory_plan.TARGETS[_PLAN_TARGET.value].platform == "cuda":  # also before JAX starts its backends
         os.environ["XLA_FLAGS"] = memory_plan.with_gpu_plan_flags(os.environ.get("XLA_FLAGS", ""))
     try:
-        for line in memory_plan.plan_table(cases, _PLAN_TARGET.value, _PLAN_DEVICES.value, _PLAN_FSDP.value):
+        for line in memory_plan.plan_table(cases, _PLAN_TARGET.value, _PLAN_DEVICES.value, _PLAN_FSDP.value,
+                                           _PLAN_STEP_IMPL.value):
             print(line, flush=True)
     except memory_plan.PlanError as error:
         raise app.UsageError(str(error)) from None

@@ -18,7 +18,6 @@ Nothing is allocated: the train state is abstract (`trainer.abstract_state`), so
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from jax.experimental import topologies
 
 from gmae_jax.models import fast_conv
 from gmae_jax.bench import device_suite, step_benchmark, suite_cases
-from gmae_jax.train import sharding, steps, trainer
+from gmae_jax.train import sharding, trainer
 
 # Descriptions of GPUs for XLA's compiler (its GpuTargetConfig): what it would otherwise query from
 # the device. The figures are NVIDIA's published ones for the SXM parts (compute capability 9.0).
@@ -173,9 +172,10 @@ def device_capacity(target: str) -> int | None:
     return int(kind.memory_bytes * fraction)
 
 
-def plan(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> Plan:
-    """Compiles `case`'s train step (as the device suite runs it) for `devices` on a (data, fsdp) mesh
-    and reads its buffer plan; nothing runs and no array is made."""
+def plan(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1, step_impl: str = "jit") -> Plan:
+    """Compiles `case`'s train step (as the device suite runs it, or as `config.step_impl=step_impl`
+    does) for `devices` on a (data, fsdp) mesh and reads its buffer plan; nothing runs and no array is
+    made."""
     platform = devices[0].platform
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)), list(devices))
     concrete = dataclasses.replace(case, conv_impl=fast_conv.resolve(case.conv_impl, _backend(platform)))
@@ -188,7 +188,7 @@ def plan(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1) -
     batch = {key: jax.ShapeDtypeStruct((case.batch_size, *value.shape[1:]), value.dtype, sharding=batch_sharding)
              for key, value in one_example.items()}
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=sharding.replicated(mesh))
-    step = sharding.jit_train_step(functools.partial(steps.train_step, loss_fn=loss_fn), mesh, state)
+    step = sharding.make_train_step(step_impl, loss_fn, mesh, state)
     start = time.perf_counter()
     memory = step.lower(state, batch, rng).compile().memory_analysis()
     compile_s = time.perf_counter() - start
@@ -206,9 +206,10 @@ def batch_step(num_devices: int, multiple: int = 16) -> int:
     return math.lcm(multiple, num_devices)
 
 
-def line_plans(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1) -> list[Plan]:
+def line_plans(case: suite_cases.Case, devices: Sequence[jax.Device], fsdp: int = 1,
+               step_impl: str = "jit") -> list[Plan]:
     """The plans at the case's batch and twice it: the two points the batch line is drawn through."""
-    return [plan(dataclasses.replace(case, batch_size=b), devices, fsdp)
+    return [plan(dataclasses.replace(case, batch_size=b), devices, fsdp, step_impl)
             for b in (case.batch_size, 2 * case.batch_size)]
 
 
@@ -218,7 +219,7 @@ def per_image_bytes(smaller: Plan, larger: Plan) -> float:
 
 
 def largest_batch(case: suite_cases.Case, devices: Sequence[jax.Device], capacity: int, fsdp: int = 1,
-                  max_batch: int = MAX_BATCH) -> tuple[Plan | None, list[Plan]]:
+                  max_batch: int = MAX_BATCH, step_impl: str = "jit") -> tuple[Plan | None, list[Plan]]:
     """The largest batch up to `max_batch` (a multiple of `batch_step`) that the plan's line predicts
     within `capacity` less `HEADROOM`, checked by compiling it. Memory is linear in the batch, so
     the line through the plans at the case's batch and twice it rarely misses; after a miss it is
@@ -226,7 +227,7 @@ def largest_batch(case: suite_cases.Case, devices: Sequence[jax.Device], capacit
     the largest planned batch that fits, or None if none does; every plan compiled)."""
     step = batch_step(len(devices))
     limit = capacity * (1 - HEADROOM)
-    plans = line_plans(case, devices, fsdp)
+    plans = line_plans(case, devices, fsdp, step_impl)
     tried: set[int] = set()
     while True:
         low, high = sorted(sorted(plans, key=lambda p: abs(p.peak_bytes - limit))[:2], key=lambda p: p.batch_size)
@@ -238,7 +239,7 @@ def largest_batch(case: suite_cases.Case, devices: Sequence[jax.Device], capacit
         tried.add(batch)
         checked = next((p for p in plans if p.batch_size == batch), None)
         if checked is None:
-            checked = plan(dataclasses.replace(case, batch_size=batch), devices, fsdp)
+            checked = plan(dataclasses.replace(case, batch_size=batch), devices, fsdp, step_impl)
             plans.append(checked)
         if checked.peak_bytes <= limit:
             return checked, plans
@@ -257,7 +258,7 @@ def gigabytes(count: float, decimals: int = 2) -> str:
 
 
 def plan_table(cases: Sequence[suite_cases.Case], target: str, num_devices: int = 1,
-               fsdp: int = 1) -> Iterator[str]:
+               fsdp: int = 1, step_impl: str = "jit") -> Iterator[str]:
     """Yields a markdown table: each case's plan at its batch and the largest batch that fits one
     `target` device (GPU targets; on 'cpu' only the plan at the case's batch and twice it)."""
     devices = target_devices(target, num_devices)
@@ -267,13 +268,16 @@ def plan_table(cases: Sequence[suite_cases.Case], target: str, num_devices: int 
             if capacity else "no limit (host memory)")
     flags = os.environ.get("XLA_FLAGS", "").strip()
     yield (f"{num_devices} x {devices[0].device_kind} ({target}, planned by XLA without running), mesh "
-           f"data={num_devices // fsdp} x fsdp={fsdp}, JAX {jax.__version__}, XLA_FLAGS={flags!r}; {room}; "
-           f"{len(cases)} case(s), each compiled {'several times' if capacity else 'twice'}")
+           f"data={num_devices // fsdp} x fsdp={fsdp}, step_impl={step_impl}, JAX {jax.__version__}, "
+           f"XLA_FLAGS={flags!r}; {room}; {len(cases)} case(s), each compiled "
+           f"{'several times' if capacity else 'twice'}")
     yield HEADER.format(limit=limit)
     for case in cases:
         try:
-            best, plans = largest_batch(case, devices, capacity, fsdp) if capacity else (
-                None, line_plans(case, devices, fsdp))
+            if capacity:
+                best, plans = largest_batch(case, devices, capacity, fsdp, step_impl=step_impl)
+            else:
+                best, plans = None, line_plans(case, devices, fsdp, step_impl)
         except Exception as error:  # one case XLA cannot compile must not cost the others
             yield f"| {case.name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:160]} |"
             continue

@@ -29,7 +29,8 @@ def step_layout_warnings(stage: str, step_impl: str, fsdp_size: int, mask_mode: 
                         "parameters whole to use them, where config.step_impl=jit may move activations instead; "
                         "where the parameters outweigh a device's activations (few, small images a device) jit "
                         "plans far less memory (`small` @ 64 px, one image a device: 140 vs 257 MiB), at a "
-                        "training batch the two are within 6 % (BENCHMARKS.md)")
+                        "training batch the two are within 6 % (BENCHMARKS.md; plan yours with python -m "
+                        "gmae_jax.bench --suite=memory --plan_step_impl=shard_map)")
     if stage == "finetune" and mask_mode == "sparse":
         warnings.append("config.model.mask_mode=sparse applies to pretraining only: a fine-tune masks nothing, and its "
                         "encoder computes every token")
