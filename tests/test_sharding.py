@@ -80,7 +80,6 @@ def run_steps(stage, mesh_shape=(1, 1), impl="jit", accum_steps=1, num_batches=3
     return Trained(jax.device_get(state.params), jax.device_get(state.batch_stats), losses, state, grad_norms)
 
 
-
 @functools.cache
 def one_device(stage):
     return run_steps(stage)
