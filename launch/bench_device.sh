@@ -17,6 +17,7 @@
 #   CASES='small pretrain bfloat16 sparse,small finetune bfloat16' launch/bench_device.sh  # these cases only
 #   BATCH_SIZES=128 CASES='reference pretrain bfloat16 encoder' launch/bench_device.sh  # another batch
 #   BATCH_SIZES=max CASES='reference pretrain bfloat16 encoder' launch/bench_device.sh  # and the largest that fits
+#   NO_MIRROR=1 launch/bench_device.sh          # no PyTorch mirror (a minute or more; where its number is known)
 #
 # Compiles, not steps, decide what a short loan measures. On an H200, XLA's autotuner (cuDNN
 # convolution algorithms and Triton GEMM fusions; the split was not measured) took ~290 s of a 368 s
@@ -32,9 +33,10 @@ PRESETS="${PRESETS:-small,base,reference}"
 BUDGET_S="${BUDGET_S:-420}"
 OUT_FILE="${OUT_FILE:-bench_device.md}"
 # XLA aborts on a flag it does not know: try each flag first, so that an XLA without it still runs
-# the suite (with its own flags, which the table's first line then shows).
+# the suite (with its own flags, which the table's first line then shows). XLA reads every flag, GPU
+# ones too, whichever backend starts: the CPU's, seconds sooner than the GPU's.
 add_xla_flag() {
-  if XLA_FLAGS="${XLA_FLAGS:-} $1" "$PYTHON" -c "import jax; jax.devices()" >/dev/null 2>&1; then
+  if XLA_FLAGS="${XLA_FLAGS:-} $1" JAX_PLATFORMS=cpu "$PYTHON" -c "import jax; jax.devices()" >/dev/null 2>&1; then
     export XLA_FLAGS="${XLA_FLAGS:-} $1"
   else
     echo "note: this XLA does not take $1; the suite runs without it" >&2
@@ -50,5 +52,9 @@ if [[ "${PROFILE_OPS:-0}" == 1 ]]; then
 fi
 
 cd "$(dirname "$0")/.."
+MIRROR=--suite_mirror
+if [[ "${NO_MIRROR:-0}" == 1 ]]; then
+  MIRROR=--nosuite_mirror
+fi
 "$PYTHON" -m gmae_jax.bench --suite=device --suite_presets="$PRESETS" --suite_cases="${CASES:-}" \
-  --suite_batch_sizes="${BATCH_SIZES:-}" --suite_budget_s="$BUDGET_S" | tee "$OUT_FILE"
+  --suite_batch_sizes="${BATCH_SIZES:-}" --suite_budget_s="$BUDGET_S" "$MIRROR" | tee "$OUT_FILE"

@@ -64,11 +64,16 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     profile = "\n".join(lines[lines.index(rows[0]) + 2:-1])
     assert "where the time goes: micro pretrain float32 encoder depth=1, batch 8" in profile
     kinds = {cells[1].strip(): float(cells[3].strip(" %")) for cells in
-             (line.split("|") for line in profile.splitlines()) if len(cells) == 5 and "%" in cells[3]
+             (line.split("|") for line in profile.splitlines()) if len(cells) == 7 and "%" in cells[3]
              and cells[1].strip() in ("matmul", "convolution", "elementwise", "reduction")}
     assert kinds["matmul"] > 0 and kinds["convolution"] > 0, profile
     assert "| encoder/blocks/" in profile, profile  # layers by name
     assert "| communication |" in profile  # 8 simulated devices: gradient and BatchNorm all-reduces
+    # What the trace alone cannot say: the step's untraced time (the row's) and the rate of its matmuls
+    # and convolutions, from the row's model FLOPs (per device; no peak known for a CPU).
+    assert f"ms traced step ({cells[4].strip()} ms untraced)" in profile, profile
+    per_device = suite_cases.flops_per_image(cases[0]) * 8 / jax.device_count()
+    assert f"matmuls and convolutions: the model's {per_device / 1e12:.3g} TFLOP per step and device in " in profile
     # Per case its initialiser and its step: the profile traces the step that was timed.
     assert len(compiles) == 2 * len(cases)
     # Progress on stderr says where a call that ran out of time stopped, compile split from lowering.
@@ -76,6 +81,21 @@ def test_suite_prints_a_markdown_row_per_case(monkeypatch, capsys):
     assert re.search(r"\] micro pretrain float32 encoder depth=1, batch 8: traced and lowered in [\d.]+ s; compiling\n"
                      r"\[[\d:]+\] micro pretrain float32 encoder depth=1, batch 8: XLA compiled in [\d.]+ s; timing",
                      progress), progress
+
+
+def test_a_profile_that_fails_costs_the_row_nothing(monkeypatch):
+    """The per-op profile path runs on a GPU only when a loan asks for it: an error there (an OOM-like one
+    too, which must not halve the batch and compile again) leaves the measured row and says why."""
+    def no_trace(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while exporting the trace\nmore")
+
+    monkeypatch.setattr(device_suite.step_profile, "profile_compiled", no_trace)
+    cases = [Case("micro", "pretrain", dtype="float32", batch_size=8, img_size=32, depth=1)]
+    lines = list(device_suite.run_suite(cases, budget_s=600, num_steps=1, with_mirror=False))
+    rows = [line for line in lines if line.startswith("| micro")]
+    assert len(rows) == 1 and "failed" not in rows[0] and rows[0].split(" | ")[1] == "8", lines
+    assert lines[lines.index(rows[0]) + 1] == "PyTorch mirror: not timed in this call (--nosuite_mirror)"
+    assert ("no profile: RuntimeError: RESOURCE_EXHAUSTED: out of memory while exporting the trace" in lines), lines
 
 
 def test_a_variants_row_names_it_and_its_flops_leave_recomputation_out():
@@ -123,15 +143,18 @@ def test_a_case_that_would_end_past_the_budget_is_not_started(monkeypatch):
 # XLA that does not know the flag when the launcher tries it.
 FAKE_PYTHON = """#!/bin/sh
 if [ "$1" = "-c" ]; then
+  [ "$JAX_PLATFORMS" = cpu ] || exit 1  # the flags are tried on the CPU backend: no GPU start-up per flag
   case "$XLA_FLAGS" in *triton_gemm*) [ -n "$REJECT" ] && exit 1 ;; esac
   exit 0
 fi
 echo "flags:$XLA_FLAGS"
 echo "args:$*"
+echo "platforms:$JAX_PLATFORMS"
 """
 
 
-LAUNCHER_ENV = ("XLA_FLAGS", "XLA_DEFAULTS", "REJECT", "PROFILE_OPS", "CASES", "BATCH_SIZES", "PRESETS", "BUDGET_S")
+LAUNCHER_ENV = ("XLA_FLAGS", "XLA_DEFAULTS", "REJECT", "PROFILE_OPS", "CASES", "BATCH_SIZES", "PRESETS", "BUDGET_S",
+                "NO_MIRROR", "JAX_PLATFORMS")
 
 
 def run_launcher(tmp_path, **env: str | None) -> subprocess.CompletedProcess:
@@ -171,6 +194,13 @@ def test_the_launcher_turns_cuda_graphs_off_for_a_per_op_profile(tmp_path, rejec
 def test_the_launcher_measures_the_cases_named(tmp_path, cases, batch_sizes):
     args = run_launcher(tmp_path, CASES=cases, BATCH_SIZES=batch_sizes).stdout.splitlines()[1]
     assert f"--suite_cases={cases or ''} " in args and f"--suite_batch_sizes={batch_sizes or ''} " in args, args
+
+
+@pytest.mark.parametrize("no_mirror, flag", [(None, "--suite_mirror"), ("1", "--nosuite_mirror")])
+def test_the_launcher_leaves_the_mirror_out_when_asked(tmp_path, no_mirror, flag):
+    run = run_launcher(tmp_path, NO_MIRROR=no_mirror)
+    assert run.stdout.splitlines()[1].endswith(f" {flag}"), run.stdout
+    assert run.stdout.splitlines()[2] == "platforms:"  # the suite itself runs on the accelerator
 
 
 def test_a_batch_that_does_not_fit_is_halved(monkeypatch):

@@ -173,6 +173,7 @@ def test_a_bad_benchmark_flag_is_one_line_from_the_command_line():
     ({"--suite=device"}, ["suite_presets", "preset"], "--preset applies to"),
     ({"--suite=device"}, ["plan_target"], "--plan_target applies to --suite=memory only"),
     ({"--suite=device"}, ["plan_step_impl"], "--plan_step_impl applies to --suite=memory only"),
+    ({"--suite=memory"}, ["suite_mirror"], "--suite_mirror applies to --suite=device only"),
 ])
 def test_a_flag_no_chosen_benchmark_reads_is_refused(chosen, present, refused):
     if refused is None:

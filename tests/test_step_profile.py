@@ -40,20 +40,37 @@ ENTRY %main.9 (p0: f32[8,4,4,3], p1: f32[3,3,3,5], p2: f32[8,5], p3: f32[5,5]) -
 """
 
 
+def grouped(op: step_profile.HloOp) -> tuple[str, str, str]:
+    return op.kind, op.phase, op.layer
+
+
 def test_hlo_ops_get_a_kind_a_phase_and_a_layer():
     ops = step_profile.parse_hlo(HLO)
-    assert ops["ynn_fusion.3"] == step_profile.HloOp("convolution", "backward", "encoder/blocks/msdc/dconv2/conv")
-    assert ops["cudnn-conv.5"] == step_profile.HloOp("convolution", "forward", "decoder_blocks/msdc/dconv1/conv")
-    assert ops["dot.6"] == step_profile.HloOp("matmul", "forward", "encoder/blocks/mscffn/fc1")
+    assert grouped(ops["ynn_fusion.3"]) == ("convolution", "backward", "encoder/blocks/msdc/dconv2/conv")
+    assert grouped(ops["cudnn-conv.5"]) == ("convolution", "forward", "decoder_blocks/msdc/dconv1/conv")
+    assert grouped(ops["dot.6"]) == ("matmul", "forward", "encoder/blocks/mscffn/fc1")
     assert ops["reduce.8"].kind == "reduction" and ops["reduce.8"].layer == "encoder/norm"
-    assert ops["loop_fusion.9"] == step_profile.HloOp("elementwise", "forward", "encoder/blocks/mscffn")
+    assert grouped(ops["loop_fusion.9"]) == ("elementwise", "forward", "encoder/blocks/mscffn")
     assert ops["copy_fusion.4"].kind == "data movement"
-    assert ops["multiply.10"] == step_profile.HloOp("elementwise", "optimiser and other", "")
-    assert ops["all-reduce.11"] == step_profile.HloOp("communication", "backward", "(several layers)")
+    assert grouped(ops["multiply.10"]) == ("elementwise", "optimiser and other", "")
+    assert grouped(ops["all-reduce.11"]) == ("communication", "backward", "(several layers)")
     assert ops["while.12"].kind == step_profile.CONTAINER  # its body's ops are traced on their own
     # The ops of no layer appear under one name in the phase and the layer tables.
     profile = step_profile.StepProfile({"multiply.10": 2.0, "dot.6": 1.0}, ops, 3.0)
     assert dict(profile.by("layer"))["optimiser and other"] == dict(profile.by("phase"))["optimiser and other"] == 2.0
+
+
+def test_each_op_knows_its_result_and_the_bytes_it_reads_and_writes():
+    ops = step_profile.parse_hlo(HLO)
+    image, kernel, small, square = 8 * 4 * 4 * 3 * 4, 3 * 3 * 3 * 5 * 4, 8 * 5 * 4, 5 * 5 * 4
+    assert (ops["dot.6"].shape, ops["dot.6"].bytes) == ("f32[8,5]", small + small + square)
+    # A library call's byte workspace is scratch, not data.
+    assert (ops["cudnn-conv.5"].shape, ops["cudnn-conv.5"].bytes) == ("f32[8,4,4,5]", 8 * 4 * 4 * 5 * 4 + image + kernel)
+    assert (ops["all-reduce.11"].shape, ops["all-reduce.11"].bytes) == ("(f32[8,5], f32[5,5])", 2 * (small + square))
+    assert step_profile.array_bytes("(bf16[8,4]{1,0}, pred[3]{0}, s32[])") == 64 + 3 + 4
+    profile = step_profile.StepProfile({"dot.6": 1.0, "cudnn-conv.5": 2.0, "loop_fusion.9": 0.5}, ops, 4.0)
+    assert profile.gigabytes("matmul") == ops["dot.6"].bytes / 1e9
+    assert profile.gigabytes("convolution") == ops["cudnn-conv.5"].bytes / 1e9  # ynn_fusion.3 did not run
 
 
 @pytest.mark.parametrize("op_name, layer", [
@@ -88,6 +105,22 @@ def test_device_events_are_preferred_and_other_modules_ignored():
     assert step_profile.op_times_ms(cpu_devices, "jit_train_step", num_steps=1) == {"dot.6": 1.0}
 
 
+def test_a_gpus_kernels_count_once_and_the_time_any_of_them_ran_is_their_union():
+    """A GPU's kernels are on its stream lines; should the trace also hold a line that repeats them
+    (a derived "XLA Ops" timeline), they must not count twice."""
+    names = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+             {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+             {"ph": "M", "pid": 2, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    kernels = [dict(_event(2, "dot.6", 3000), tid=7, ts=0), dict(_event(2, "dot.6", 1000), tid=7, ts=2000),
+               dict(_event(2, "add.1", 1000), tid=7, ts=5000)]
+    repeated = [dict(_event(2, "dot.6", 4000), tid=9, ts=0)]
+    events = step_profile.step_events(names + kernels + repeated, "jit_train_step")
+    assert events == kernels
+    assert step_profile.op_times_ms(names + kernels + repeated, "jit_train_step", num_steps=1) == {"dot.6": 4.0,
+                                                                                                  "add.1": 1.0}
+    assert step_profile.busy_ms(events) == 4.0  # 0-3 and 2-3 ms overlap, then 5-6 ms
+
+
 def test_a_real_step_is_profiled_by_layer():
     class Net(nn.Module):
         @nn.compact
@@ -110,11 +143,23 @@ def test_a_real_step_is_profiled_by_layer():
     kinds = dict(result.by("kind"))
     assert kinds["convolution"] > 0 and kinds["matmul"] > 0, kinds
     assert {phase for phase, _ in result.by("phase")} >= {"forward", "backward"}
-    table = step_profile.markdown(result)
+    assert 0 < result.busy_ms <= result.step_ms and result.ops_per_step >= len(result.op_ms)
+    table = step_profile.markdown(result, untraced_step_ms=1.5, model_flops=2e9, peak_flops=4e12)
     assert "| convolution |" in table and "| stem |" in table and result.step_ms > 0
     biggest = max(result.op_ms, key=result.op_ms.get)  # the single op table starts with it
-    assert table.split("| HLO op | kind | phase | layer | ms per step | share |\n|---|---|---|---|---:|---:|\n")[1] \
-        .startswith(f"| {biggest} | {result.ops[biggest].kind} |")
+    op = result.ops[biggest]
+    assert table.split(step_profile.OPS_HEADER + "\n")[1].startswith(
+        f"| {biggest} | {op.kind} | {op.phase} | {op.layer or '-'} | {op.shape} | ")
+    assert "ms traced step (1.5 ms untraced)" in table
+    assert f"{result.ops_per_step:.0f} ops (GPU: kernels) per step; at least one of them running" in table
+    # The matmuls' and convolutions' rate: the model's FLOPs over their ops' time, against the peak.
+    kinds = dict(result.by("kind"))
+    rate = 2e9 / ((kinds["matmul"] + kinds["convolution"]) / 1e3)
+    assert (f"matmuls and convolutions: the model's 0.002 TFLOP per step and device in "
+            f"{kinds['matmul'] + kinds['convolution']:.1f} ms of their ops, {rate / 1e12:.3g} TFLOP/s, "
+            f"{100 * rate / 4e12:.0f} % of the 4 TFLOP/s peak") in table
+    matmul_row = next(line for line in table.splitlines() if line.startswith("| matmul |")).strip(" |").split(" | ")
+    assert float(matmul_row[3]) == pytest.approx(result.gigabytes("matmul"), abs=0.005) and float(matmul_row[4]) > 0
 
 
 def test_the_xla_option_that_turns_command_buffers_off_exists():

@@ -108,6 +108,9 @@ _SUITE_BUDGET_S = flags.DEFINE_float("suite_budget_s", 420.0,
 _SUITE_CASES = flags.DEFINE_list("suite_cases", [], "--suite: the cases to measure or plan, in this order, named as "
                                  "the table names them (e.g. 'reference pretrain bfloat16 encoder remat=fine'), "
                                  "instead of every case of --suite_presets.")
+_SUITE_MIRROR = flags.DEFINE_bool("suite_mirror", True,
+                                  "--suite=device: time the eager PyTorch mirror on the first case (if torch is "
+                                  "installed); --nosuite_mirror where its number is known and the loan is short.")
 _CHECKPOINT_SAVE = flags.DEFINE_bool(
     "checkpoint_save", False, "Checkpoint save time of --preset's train state: whole arrays vs replica-parallel.")
 _MODEL_FLOPS = flags.DEFINE_bool(
@@ -130,6 +133,7 @@ _FLAG_USERS = {
     "tasks": {"--vs_torch", "--profile_step"}, "mask_ratio": {"--sparse_vs_dense", "--model_flops"},
     "suite_presets": {"--suite=device", "--suite=memory"}, "suite_batch_sizes": {"--suite=device", "--suite=memory"},
     "suite_img_size": {"--suite=device", "--suite=memory"}, "suite_budget_s": {"--suite=device"},
+    "suite_mirror": {"--suite=device"},
     "plan_target": {"--suite=memory"}, "plan_devices": {"--suite=memory"}, "plan_fsdp": {"--suite=memory"},
     "plan_step_impl": {"--suite=memory"},
     "suite_cases": {"--suite=device", "--suite=memory"},
@@ -215,7 +219,8 @@ def run_device_suite(cases: Sequence[Any]) -> None:
     host_memory.keep_freed_memory()
     from gmae_jax.bench import device_suite  # noqa: PLC0415 (model code only here)
 
-    device_suite.main_suite(cases, _SUITE_BUDGET_S.value, num_steps=10, grow=_grow_batches())
+    device_suite.main_suite(cases, _SUITE_BUDGET_S.value, num_steps=10, grow=_grow_batches(),
+                            with_mirror=_SUITE_MIRROR.value)
 
 
 def _suite_cases() -> list[Any]:

@@ -78,7 +78,8 @@ def peaks_line(device: jax.Device) -> str:
 
 def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: int = 0) -> dict[str, Any]:
     """Compile and time one case at its batch size; raises on out-of-memory. With `profile_steps`,
-    also traces that many more steps: `result['profile']` is their `step_profile.StepProfile`."""
+    also traces that many more steps: `result['profile']` is their `step_profile.StepProfile` (or a
+    line saying why there is none: a profile that fails costs the row nothing)."""
     progress(f"{case.name}, batch {case.batch_size}: initialising")
     peak_before = _peak_bytes_in_use()
     bench = step_benchmark.build_train_step(architecture(case), case.stage, case.batch_size,
@@ -107,7 +108,10 @@ def measure(case: Case, mesh: jax.sharding.Mesh, num_steps: int, profile_steps: 
     profile = None
     if profile_steps:
         progress(f"{case.name}, batch {case.batch_size}: tracing {profile_steps} steps for the profile")
-        profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
+        try:
+            profile, state = step_profile.profile_compiled(compiled, state, batch, rng, num_steps=profile_steps)
+        except Exception as error:  # the case's row stands without it (and a failed trace is no OOM to halve for)
+            profile = f"no profile: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
     peak = _peak_bytes_in_use()
     planned = planned_peak_bytes(memory) if memory else 0
     capacity = _device_capacity()
@@ -249,6 +253,8 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
                 yield suite_mirror.mirror_line(mirror, None)
             continue
         yield format_row(case, result, device, mesh.size)
+        if index == 0 and not with_mirror:
+            yield "PyTorch mirror: not timed in this call (--nosuite_mirror)"
         if index == 0 and mirror:
             # Simulated CPU devices share the cores the mirror ran on: per device only on accelerators.
             yield suite_mirror.mirror_line(mirror, result, mesh.size if device.platform != "cpu" else 1)
@@ -263,19 +269,25 @@ def run_suite(cases: Sequence[Case], budget_s: float, num_steps: int = 10,
                 yield failed_row(case, error, f" at batch {larger}")
         elif larger:
             skipped.append(f"{case.name} at batch {larger}")
-        if result["profile"] is not None:
+        if isinstance(result["profile"], str):
+            profiled = True  # once: another case's trace would most likely fail the same way
+            yield result["profile"]
+        elif result["profile"] is not None:
             profiled = True
             yield f"\nwhere the time goes: {case.name}, batch {result['batch']}, {profile_steps} traced steps\n"
-            yield step_profile.markdown(result["profile"])
+            yield step_profile.markdown(result["profile"], untraced_step_ms=result["step_ms"],
+                                        model_flops=result["flops_per_img"] * result["batch"] / mesh.size,
+                                        peak_flops=peak_flops(device, case.dtype))
             yield "\n" + HEADER
     if skipped:
         yield f"skipped (would end past the {budget_s:.0f} s budget): {', '.join(skipped)}"
     yield f"total {time.perf_counter() - started:.0f} s"
 
 
-def main_suite(cases: Sequence[Case], budget_s: float, num_steps: int, grow: bool = False) -> list[str]:
+def main_suite(cases: Sequence[Case], budget_s: float, num_steps: int, grow: bool = False,
+               with_mirror: bool = True) -> list[str]:
     lines = []
-    for line in run_suite(cases, budget_s, num_steps, grow=grow):
+    for line in run_suite(cases, budget_s, num_steps, grow=grow, with_mirror=with_mirror):
         print(line, flush=True)
         lines.append(line)
     return lines

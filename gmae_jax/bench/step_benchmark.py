@@ -254,16 +254,20 @@ def print_profile(preset: str, dtype: str, tasks: Sequence[str], batch_size: int
                   ) -> dict[str, step_profile.StepProfile]:
     """Where each task's compiled step spends its time (`step_profile`), printed as markdown; with
     `vs_torch`, also the eager PyTorch mirror's step by the same kinds of work, side by side."""
+    from gmae_jax.bench import model_flops  # noqa: PLC0415 (it imports this module)
+
     config = preset_architecture(preset, dtype, overrides)
     results = {}
     for task in tasks:
         bench = build_train_step(config, task, batch_size)
         results[task] = step_profile.profile_train_step(bench.step, bench.state, bench.batch, bench.rng,
                                                         num_steps=num_steps)
+        flops = model_flops.train_step_flops(config, task, batch_size, mask_ratio=MASK_RATIO,
+                                             num_classes=NUM_CLASSES) / jax.device_count()
         print(f"\n{task} step, {preset} ({config.img_size} px, patch {config.patch_size}, embed "
               f"{config.embed_dim}), {dtype}, batch {batch_size}; JAX {jax.__version__} on {_device_line()}; "
               f"{num_steps} traced steps; load average {os.getloadavg()[0]:.1f}\n")
-        print(step_profile.markdown(results[task]))
+        print(step_profile.markdown(results[task], model_flops=flops))
         if vs_torch:
             print(f"\n{kinds_vs_torch_table(results[task], torch_kind_ms(config, task, batch_size, num_steps))}")
     return results
