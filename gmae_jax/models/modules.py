@@ -189,19 +189,40 @@ class MSDC(nn.Module):
         return s * jnp.expand_dims(e, spatial_axes) + x
 
 
+@jax.custom_vjp
+def attention_logits(query: jax.Array, key: jax.Array) -> jax.Array:
+    """(B, L, heads, head_dim) queries and keys -> (B, heads, L, L) float32 logits, accumulated and
+    kept in float32 whatever the inputs' dtype, as `jax.nn.dot_product_attention` and fused attention
+    kernels keep them (rounded to bfloat16 they carried ~2x its error into the softmax). The
+    gradients stay matmuls in the inputs' dtype (autodiff would make them float32 matmuls)."""
+    return jnp.einsum("...qhd,...khd->...hqk", query, key, preferred_element_type=jnp.float32)
+
+
+def _attention_logits_forward(query: jax.Array, key: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return attention_logits(query, key), (query, key)
+
+
+def _attention_logits_backward(saved: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    query, key = saved
+    grad = grad.astype(query.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", grad, key), jnp.einsum("...hqk,...qhd->...khd", grad, query)
+
+
+attention_logits.defvjp(_attention_logits_forward, _attention_logits_backward)
+
+
 def attention_with_dropout(query: jax.Array, key: jax.Array, value: jax.Array, dropout_rng: jax.Array,
                            rate: float) -> jax.Array:
     """Attention with dropout on the probabilities, (B, L, heads, head_dim) in and out.
 
-    Flax's `nn.dot_product_attention` with a float32 softmax, except that the probabilities go back
-    to the compute dtype after it (Flax keeps them float32, which in a bfloat16 step made the
-    probabilities-times-values matmul and both its gradients float32 matmuls). The softmax stays
-    float32; in float32 the numbers and the dropout mask are Flax's.
+    Flax's `nn.dot_product_attention` with float32 logits and softmax, except that the probabilities
+    go back to the compute dtype after it (Flax keeps them float32, which in a bfloat16 step made the
+    probabilities-times-values matmul and both its gradients float32 matmuls); in float32 the numbers
+    and the dropout mask are Flax's.
     """
     dtype = query.dtype
     query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
-    logits = jnp.einsum("...qhd,...khd->...hqk", query, key)
-    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    probs = jax.nn.softmax(attention_logits(query, key))
     keep = jax.random.bernoulli(dropout_rng, 1.0 - rate, probs.shape)
     probs = probs * (keep.astype(jnp.float32) / (1.0 - rate))
     return jnp.einsum("...hqk,...khd->...qhd", probs.astype(dtype), value)
