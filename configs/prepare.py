@@ -38,9 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (configs/evaluate.py --config.data_root=RAW_TREE --config.split=test); True splits it in too.
     config.include_official_test = False
 
-    # 'full_frame': frames with shorter side image_side (train with data.mode full_frame or
-    # hand_crop); 'hand_crop': crop_size squares around the gesture box at crop_scale_max, so
-    # every training crop (scale 1..crop_scale_max) fits inside (train with data.mode hand_crop).
+    # 'full_frame': frames with shorter side image_side (train with data.mode full_frame; hand_crop
+    # works too, but a HaGRID hand is ~1/7 of a 256 px frame's side, so its crops are enlarged ~6x);
+    # 'hand_crop': crop_size squares around the gesture box at crop_scale_max, so every training crop
+    # (scale 1..crop_scale_max) fits inside (train with data.mode hand_crop); of the free (no_gesture)
+    # hands, those a square holds whole stay annotated, so no_gesture_prob draws from fewer of them
+    # than on the raw tree.
     # view, image_side, crop_size, crop_scale_max (keep equal to the training
     # config.data.crop_scale_max), jpeg_quality: defaults in gmae_jax.schema.StoreView.
     config.update(dataclasses.asdict(schema.StoreView()))

@@ -261,6 +261,35 @@ def test_hand_crop_shards_store_crops_and_need_hand_crop_mode(tmp_path):
     sources.open_sources(data_config(out / "pretrain", mode="hand_crop", crop_scale_max=1.5))
 
 
+def test_a_hand_crop_keeps_the_free_hands_it_holds_whole(tmp_path):
+    """A free hand the stored crop cuts would train a no_gesture crop of a fragment of a hand; one
+    outside it cannot be kept at all (session 38's audit: on prepared corpora both went on silently)."""
+    path = tmp_path / "frame.jpg"
+    fx.write_image(path, size=(400, 400))
+    gesture = (0.4, 0.4, 0.2, 0.2)  # the stored crop, at 2 x the box: (0.3, 0.3) to (0.7, 0.7)
+    whole, cut, far = (0.32, 0.32, 0.05, 0.05), (0.65, 0.45, 0.1, 0.1), (0.85, 0.85, 0.1, 0.1)
+    record = hagrid.HagridRecord("frame", str(path), "call", "user0", (gesture, whole, cut, far),
+                                 ("call", "no_gesture", "no_gesture", "no_gesture"))
+    stored, _ = prepare.store_image(record, schema.StoreView(view="hand_crop", crop_size=40, crop_scale_max=2.0))
+    assert stored.labels == ("call", "no_gesture")
+    assert stored.boxes[0] == pytest.approx((0.25, 0.25, 0.5, 0.5), abs=0.01)
+    assert stored.boxes[1] == pytest.approx((0.05, 0.05, 0.125, 0.125), abs=0.01)
+
+
+def test_a_prepared_hand_crop_corpus_without_no_gesture_refuses_free_hand_crops(tmp_path):
+    """As a raw tree does: the crops of free hands would have no class to go to (it was a ValueError
+    inside the input workers, naming nothing)."""
+    _tree(tmp_path / "hagrid")
+    out = tmp_path / "crops"
+    config = prepare_config(tmp_path / "hagrid", view="hand_crop")
+    config.data.classes = "call,like"
+    prepare.prepare(config, str(out))
+    with pytest.raises(class_folders.DataLayoutError, match=r"config.data.no_gesture_prob=0.3 crops free hands as "
+                       r"'no_gesture', which is not among the classes \['call', 'like'\]"):
+        sources.open_sources(data_config(out / "finetune", mode="hand_crop", no_gesture_prob=0.3))
+    sources.open_sources(data_config(out / "finetune", mode="hand_crop"))
+
+
 def test_prepare_resumes_after_a_kill_without_redoing_finished_shards(tmp_path, monkeypatch):
     _tree(tmp_path / "hagrid")
     out = tmp_path / "out"

@@ -57,6 +57,12 @@ def _relative_box(box: hagrid.Box, left: int, top: int, side: int, w: int, h: in
                             box[3] * h / side))
 
 
+def _inside(box: hagrid.Box, left: int, top: int, side: int, w: int, h: int) -> bool:
+    """Whether a box of the w x h frame lies whole inside the crop of `side` pixels at (left, top)."""
+    x, y, bw, bh = box[0] * w - left, box[1] * h - top, box[2] * w, box[3] * h
+    return x >= 0 and y >= 0 and x + bw <= side and y + bh <= side
+
+
 def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.HagridRecord, bytes]:
     """The record (boxes relative to the stored image) and the JPEG bytes a shard keeps for it."""
     if store.view == "full_frame":
@@ -71,9 +77,10 @@ def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.H
         full = transforms.decode_rgb(record.path, draft_size=draft)
         left, top, side = frames.hand_crop_box(box, *full.size, store.crop_scale_max)
         img = crops.crop_square(full, left, top, side, store.crop_size)
-        moved = [(_relative_box(b, left, top, side, *full.size), l)
+        moved = [(_relative_box(b, left, top, side, *full.size), l, _inside(b, left, top, side, *full.size))
                  for b, l in zip(record.boxes, record.labels)]
-        kept = [(b, l) for b, l in moved if b is not None]
+        # A free hand the crop cuts would be trained as a no_gesture crop of a fragment of a hand.
+        kept = [(b, l) for b, l, inside in moved if b is not None and (inside or l != hagrid_layout.NO_GESTURE)]
         united = record.united_box and _relative_box(record.united_box, left, top, side, *full.size)
         boxes, labels = (tuple(c) for c in zip(*kept))  # the gesture box is inside: never empty
         record = dataclasses.replace(record, boxes=boxes, labels=labels, united_box=united)

@@ -211,6 +211,7 @@ def _prepared(root: epath.Path, wanted: Sequence[str], data: DataConfig) -> tupl
         raise DataLayoutError(
             f"{root} holds hand crops; set --config.data.mode=hand_crop to train on them "
             "(or prepare full frames with --config.view=full_frame).")
+    _check_free_hands_have_a_class(data, index["class_names"])
     if data.classes not in (DataConfig.classes, ",".join(index["class_names"])):
         raise DataLayoutError(
             f"config.data.classes={data.classes!r} does not apply to {root}: the prepare stage fixed its "
