@@ -400,6 +400,26 @@ def test_state_dicts_as_training_scripts_save_them_import(save, tmp_path):
         np.testing.assert_array_equal(read[name], value)
 
 
+def test_a_training_checkpoint_is_read_without_its_optimiser_state_in_memory(tmp_path):
+    """The original's checkpoints carry AdamW's state, twice the weights: an import maps the file and
+    reads the weights alone (it read the whole file into memory and unpickled a second copy: ~31 GB for
+    `reference`'s 15.6 GB file)."""
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model_state_dict": {"w": torch.ones(4)},
+                "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(64 * 2**20)}}}}, path)  # 256 MB
+    code = ("import os, sys, torch\n"  # torch's own import is not the file's
+            "from gmae_jax.torch_mirror import weight_files\n"
+            "def resident_mb():\n"
+            "    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGESIZE') >> 20\n"
+            "before = resident_mb()\n"
+            "payload = weight_files.read_pth(sys.argv[1])\n"  # held, as the import holds it while converting
+            "print(payload['model_state_dict']['w'].tolist(), resident_mb() - before)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    weights, grown_mb = result.stdout.split("] ")
+    assert weights == "[1.0, 1.0, 1.0, 1.0" and int(grown_mb) < 100, result.stdout + result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kind", ["folder", "pipe", "broken link", "missing"])
 def test_a_path_that_is_no_file_is_named(kind, tmp_path):
     path = tmp_path / "model.pth"
@@ -537,6 +557,11 @@ def test_an_export_cut_short_leaves_each_file_whole_and_no_config_json(pretrain,
     after = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert after["model.pth"] == before["model.pth"]
     assert set(after) == set(before) - {"config.json"}  # no temporary file left behind; visibly incomplete
+    # ... and PyTorch-only loading refuses it, rather than hand back the older export's model.pth.
+    from gmae_jax.torch_mirror import exported
+
+    with pytest.raises(FileNotFoundError, match=r"config.json is missing: the export into .* did not finish"):
+        exported.load(folder)
 
 
 def test_an_export_replaces_only_an_exports_files(finetune, pretrain, tmp_path, capsys):
@@ -618,6 +643,15 @@ def test_an_import_whose_checkpoint_fails_leaves_no_run_and_can_be_rerun(tmp_pat
     monkeypatch.undo()
     stages.run(config, str(tmp_path / "out"))  # the same command, once there is space
     assert setup.restore_run(str(tmp_path / "out")).class_names == ["fist", "one", "palm"]
+    # Killed outright (SIGKILL: no cleanup) while saving, an import leaves its run files and an unfinished
+    # step: the rerun says what that folder is and what to do, not that it holds a run.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tmp_path / "out" / "config.json", killed)
+    (killed / "checkpoints" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    with pytest.raises(config_lib.ConfigError, match=r"holds a run's files but no saved checkpoint, as an import \(or "
+                       r"a run\) killed before its first save leaves them: there are no weights in it; remove the folder"):
+        stages.run(config, str(killed))
 
 
 @pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("classes.json", "folder"),

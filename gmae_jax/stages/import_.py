@@ -225,7 +225,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpoints = epath.Path(workdir) / run_folder.CHECKPOINTS
     run_files.check_kinds(workdir, (run_folder.CONFIG_FILE, run_folder.CLASSES_FILE, run_folder.FACTS_FILE),
                           (run_folder.CHECKPOINTS,), keeper="the import writes")
-    if (epath.Path(workdir) / run_folder.CONFIG_FILE).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    holds_config = (epath.Path(workdir) / run_folder.CONFIG_FILE).exists()
+    if holds_config and not run_folder.checkpoint_steps(workdir):
+        # An import killed outright (no cleanup runs) writes the run files, then dies saving the checkpoint.
+        raise config_lib.ConfigError(f"--workdir={workdir} holds a run's files but no saved checkpoint, as an import "
+                                     "(or a run) killed before its first save leaves them: there are no weights in "
+                                     "it; remove the folder and import again, or import into a new folder")
+    if holds_config or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         raise config_lib.ConfigError(f"--workdir={workdir} already holds a run (or its checkpoints); import into "
                                      "a new folder")
     run_folder.check_not_inside_a_run(workdir, "import")  # where it would pass for that run

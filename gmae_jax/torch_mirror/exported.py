@@ -149,6 +149,10 @@ class _Decoder:
 
 def load(folder: str | os.PathLike) -> ExportedModel:
     """The model in `folder` (written by `configs/export.py`), weights loaded with `strict=True`."""
+    finished = os.path.join(folder, export_format.CONFIG_JSON)
+    if not os.path.isfile(finished):  # the export writes it last: model.pth may be an older export's
+        raise FileNotFoundError(f"{finished} is missing: the export into {folder} did not finish (or the folder "
+                                "holds no export), so its model.pth may be another step's; run the export again")
     checkpoint = torch.load(os.path.join(folder, export_format.MODEL_PTH), map_location="cpu", weights_only=True)
     config = checkpoint["config"]
     try:

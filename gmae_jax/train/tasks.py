@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from gmae_jax import metrics, visualize
+from gmae_jax import metrics, run_files, visualize
 from gmae_jax.data import pipeline, sources, views
 from gmae_jax.models.masking import num_visible, per_example_mask
 from gmae_jax.train import steps
@@ -128,8 +128,8 @@ def finetune_task(config: ml_collections.ConfigDict, model: nn.Module, class_nam
         matrix = metrics.confusion_matrix(outputs["label"], outputs["predictions"], len(class_names))
         path = os.path.join(outdir, CONFUSION_MATRIX)
         visualize.save_confusion_matrix(matrix, class_names, path, step=int(state.step))
-        (epath.Path(outdir) / CONFUSION_MATRIX_JSON).write_text(
-            json.dumps({"classes": class_names, "matrix": matrix.tolist(), "step": int(state.step)}))  # which weights
+        run_files.write_text(epath.Path(outdir) / CONFUSION_MATRIX_JSON,  # whole: beside a finished evaluation
+                             json.dumps({"classes": class_names, "matrix": matrix.tolist(), "step": int(state.step)}))
         return [path, draw_mistakes(examples, outputs, class_names, model.config.img_size,
                                     os.path.join(outdir, MISTAKES), int(state.step))]
 
