@@ -5,6 +5,7 @@ holds; user ids are in the file names (`<class>-<user>-<i>.jpg`).
 """
 
 import itertools
+import logging
 import json
 import os
 import re
@@ -93,6 +94,29 @@ def test_a_v1_tree_of_the_subsample_alone_trains_on_it(tmp_path):
     _, train, val = sources.open_sources(data_config(tmp_path))
     assert len(train.records) + len(val.records) == 20
     splits.assert_user_disjoint({"train": train.records, "val": val.records})
+
+
+def test_a_v1_subsample_beside_every_annotation_archive_trains_on_the_subsample(tmp_path, caplog):
+    """All annotation archives with the subsample's images: ann_train_val found most of its images
+    missing and stopped the run, with no setting to read ann_subsample instead (session 38's audit)."""
+    tree = fx.make_tree(tmp_path, "v1", classes=("call", "like"), num_users=10, images_per_user=1,
+                        splits=("ann_subsample",))
+    for cls in ("call", "like"):  # the full set annotates these images and 30 more of each class
+        full = dict(tree.annotations[("ann_subsample", cls)])
+        full.update({f"{cls}-other-{i}": fx.entry([cls], user_id=f"user{100 + i:03d}", version="v1")
+                     for i in range(30)})
+        tree.annotations[("ann_train_val", cls)] = full
+        tree.write_json("ann_train_val", cls)
+    with caplog.at_level(logging.WARNING):
+        _, train, val = sources.open_sources(data_config(tmp_path))
+    assert len(train.records) + len(val.records) == 20
+    assert "holds HaGRID's subsample" in caplog.text
+    # With the full set's images on disk, ann_train_val it is.
+    for cls in ("call", "like"):
+        for i in range(30):
+            fx.write_image(tmp_path / cls / f"{cls}-other-{i}.jpg")
+    _, train, val = sources.open_sources(data_config(tmp_path))
+    assert len(train.records) + len(val.records) == 80
 
 
 def test_forced_layout_that_does_not_match_names_the_folder(v2_root):

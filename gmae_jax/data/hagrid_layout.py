@@ -5,6 +5,7 @@ are, and which class list `config.data.classes` means for it. Knows HaGRID and n
 """
 
 import itertools
+import json
 from collections.abc import Iterable, Sequence
 
 from absl import logging
@@ -123,12 +124,34 @@ def parse_class_list(classes: str | Sequence[str]) -> list[str]:
 
 def v1_train_val_set(root: epath.PathLike) -> str:
     """The v1 annotation set that training reads: ann_train_val, or where only HaGRID's
-    100-images-per-class sample was downloaded, ann_subsample (logged)."""
+    100-images-per-class sample was downloaded, ann_subsample (logged), also beside every annotation
+    archive (ann_train_val would then find most of its images missing and stop the run)."""
     root = epath.Path(root)
-    if not (root / "ann_train_val").is_dir() and (root / "ann_subsample").is_dir():
+    if not (root / "ann_subsample").is_dir():
+        return "ann_train_val"
+    if not (root / "ann_train_val").is_dir():
         logging.warning("%s has ann_subsample but no ann_train_val: training on the subsample", root)
         return "ann_subsample"
+    if _holds_the_subsample_only(root):
+        logging.warning("%s holds HaGRID's subsample (its class folders no more images than ann_subsample "
+                        "annotates): training on the subsample, not ann_train_val", root)
+        return "ann_subsample"
     return "ann_train_val"
+
+
+def _holds_the_subsample_only(root: epath.Path) -> bool:
+    """Whether the first class ann_subsample annotates that has a folder holds no more images than the
+    subsample has of it (a full download holds hundreds of times more)."""
+    for annotations in sorted((root / "ann_subsample").glob("*.json")):
+        folder = root / annotations.stem
+        if folder.is_dir():
+            try:
+                annotated = len(json.loads(annotations.read_text()))
+            except (ValueError, OSError):
+                return False  # reading it names the file
+            on_disk = sum(1 for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+            return 0 < on_disk <= annotated
+    return False
 
 
 def nested_class_folders(root: epath.PathLike, layout: str, max_folders: int = 64) -> epath.Path | None:
