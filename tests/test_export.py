@@ -649,8 +649,9 @@ def test_an_import_whose_checkpoint_fails_leaves_no_run_and_can_be_rerun(tmp_pat
     killed.mkdir()
     shutil.copy(tmp_path / "out" / "config.json", killed)
     (killed / "checkpoints" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
-    with pytest.raises(config_lib.ConfigError, match=r"holds a run's files but no saved checkpoint, as an import \(or "
-                       r"a run\) killed before its first save leaves them: there are no weights in it; remove the folder"):
+    with pytest.raises(config_lib.ConfigError, match=r"holds a run's files but no saved checkpoint, as an import "
+                       r"\(or a run\) killed before its first save leaves them: there are no weights in it; "
+                       r"remove the folder"):
         stages.run(config, str(killed))
 
 

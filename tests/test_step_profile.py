@@ -65,7 +65,8 @@ def test_each_op_knows_its_result_and_the_bytes_it_reads_and_writes():
     image, kernel, small, square = 8 * 4 * 4 * 3 * 4, 3 * 3 * 3 * 5 * 4, 8 * 5 * 4, 5 * 5 * 4
     assert (ops["dot.6"].shape, ops["dot.6"].bytes) == ("f32[8,5]", small + small + square)
     # A library call's byte workspace is scratch, not data.
-    assert (ops["cudnn-conv.5"].shape, ops["cudnn-conv.5"].bytes) == ("f32[8,4,4,5]", 8 * 4 * 4 * 5 * 4 + image + kernel)
+    conv_result = 8 * 4 * 4 * 5 * 4
+    assert (ops["cudnn-conv.5"].shape, ops["cudnn-conv.5"].bytes) == ("f32[8,4,4,5]", conv_result + image + kernel)
     assert (ops["all-reduce.11"].shape, ops["all-reduce.11"].bytes) == ("(f32[8,5], f32[5,5])", 2 * (small + square))
     assert step_profile.array_bytes("(bf16[8,4]{1,0}, pred[3]{0}, s32[])") == 64 + 3 + 4
     profile = step_profile.StepProfile({"dot.6": 1.0, "cudnn-conv.5": 2.0, "loop_fusion.9": 0.5}, ops, 4.0)
