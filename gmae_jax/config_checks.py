@@ -169,17 +169,18 @@ def validate_augment(aug: schema.AugmentConfig) -> None:
           "of the image area (1 = no random crop)")
     for name in ("brightness", "contrast", "saturation"):
         strength = getattr(aug, name)
-        check(strength >= 0.0,
-              f"config.data.aug.{name}={strength} must be >= 0: factors are drawn from [1 - x, 1 + x] (0 = off)")
+        check(0.0 <= strength < math.inf,
+              f"config.data.aug.{name}={strength} must be >= 0 and finite: factors are drawn from [1 - x, 1 + x] "
+              "(0 = off)")
     check(0.0 <= aug.hue <= 0.5,
           f"config.data.aug.hue={aug.hue} must be in [0, 0.5]: the hue shift in turns either way (0 = off)")
 
 
 def validate_data(data: schema.DataConfig) -> None:
     """The numeric ranges of `config.data`, checked before a worker meets them on its first image."""
-    check(data.crop_scale_max >= 1.0,
-          f"config.data.crop_scale_max={data.crop_scale_max} must be >= 1: a hand crop's side is the gesture "
-          "box's times U(1, this)")
+    check(1.0 <= data.crop_scale_max < math.inf,
+          f"config.data.crop_scale_max={data.crop_scale_max} must be >= 1 and finite: a hand crop's side is the "
+          "gesture box's times U(1, this)")
     check(0.0 <= data.no_gesture_prob <= 1.0,
           f"config.data.no_gesture_prob={data.no_gesture_prob} must be in [0, 1]: a chance")
     check(0.0 < data.v1_val_fraction < 1.0,

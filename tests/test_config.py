@@ -155,6 +155,8 @@ def test_valid_config_passes(pretrain_config):
     ("optim.warmup_steps", -5, r"config.optim.warmup_steps=-5 must be >= 0"),
     ("optim.min_lr", 1.0, r"config.optim.min_lr=1.0 must be in \[0, config.optim.lr="),
     ("data.crop_scale_max", 0.5, "config.data.crop_scale_max=0.5 must be >= 1"),
+    ("data.crop_scale_max", float("inf"), "config.data.crop_scale_max=inf must be >= 1 and finite"),
+    ("data.aug.brightness", float("inf"), "config.data.aug.brightness=inf must be >= 0 and finite"),
     ("data.no_gesture_prob", 2.0, r"config.data.no_gesture_prob=2.0 must be in \[0, 1\]"),
     ("data.v1_val_fraction", 0.0, r"config.data.v1_val_fraction=0.0 must be in \(0, 1\)"),
     ("data.v1_val_fraction", 1.0, r"config.data.v1_val_fraction=1.0 must be in \(0, 1\)"),

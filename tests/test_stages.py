@@ -60,7 +60,8 @@ def test_unknown_stage_is_a_config_error():
     ("prepare", "crop_size", 1, "config.crop_size=1 must be at least 32 pixels"),
     ("prepare", "num_workers", 100000, "config.num_workers=100000 is more than 4 worker processes per core"),
     ("predict", "num_workers", -5, r"config.num_workers=-5 must be >= 0"),
-    ("prepare", "crop_scale_max", 0.5, "config.crop_scale_max=0.5 must be >= 1: a stored crop holds"),
+    ("prepare", "crop_scale_max", 0.5, "config.crop_scale_max=0.5 must be >= 1 and finite: a stored crop holds"),
+    ("prepare", "crop_scale_max", float("inf"), "config.crop_scale_max=inf must be >= 1 and finite"),
     ("prepare", "jpeg_quality", 0, r"config.jpeg_quality=0 must be in \[1, 100\]"),
 ])
 def test_each_stage_validates_its_own_fields(stage, field, value, message, tmp_path):
@@ -282,6 +283,16 @@ def test_predict_lists_every_file_once_with_probabilities(run_dir, tmp_path, cap
         caplog.text
     # 12 inputs, 6 to a row of 128 px tiles with 6 px borders and three caption lines (with the annotation)
     assert Image.open(out / "predictions.png").size == (6 * 140, 2 * (140 + 3 * 12 + 4))
+
+
+def test_predict_in_a_batch_far_larger_than_its_inputs_runs_them_in_one_of_their_size(run_dir, tmp_path):
+    """It allocated the whole batch (a numpy MemoryError at 2**40; at a large ordinary batch, 224 px,
+    the out-of-memory killer): evaluate's rule, whole rows of the devices and no more than the inputs."""
+    workdir, root, _ = run_dir
+    config = load("predict")
+    config.update(checkpoint_dir=workdir, inputs=str(root / "val" / "palm"), batch_size=2**40)
+    counts = stages.run(config, str(tmp_path / "out"))
+    assert counts == {"predicted": len(list((root / "val" / "palm").iterdir())), "skipped": 0}
 
 
 def test_predict_sees_inputs_as_the_run_saw_its_evaluation_images(run_dir, tmp_path, caplog):

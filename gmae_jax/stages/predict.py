@@ -25,7 +25,7 @@ from etils import epath
 
 from gmae_jax import config_checks, config_lib, host_resources, run_files, visualize
 from gmae_jax.data import inputs, transforms, views
-from gmae_jax.train import resume_check, run_folder, setup, sharding, steps
+from gmae_jax.train import evaluation, resume_check, run_folder, setup, sharding, steps
 
 ONE_PROCESS = True  # on one host's devices
 
@@ -137,7 +137,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
                      "the run records no evaluation view (an older run): hand crops where inputs have boxes, "
                      "else the centre crop; set --config.view to choose")
     top_k = min(config.top_k, len(names))
-    batch = sharding.whole_rows(config.batch_size, mesh)
+    # Whole rows for every device, no more than the inputs (beyond them a batch holds only padding),
+    # and one that fits the host's memory (checked before the first batch is made).
+    batch = evaluation.batch_size_for(config.batch_size, len(items), mesh)
+    host_resources.check_batch_fits(batch, image_size, jax.process_count(), jax.default_backend() == "cpu")
 
     @jax.jit
     def probabilities(weights: setup.Weights, images: jax.Array) -> jax.Array:

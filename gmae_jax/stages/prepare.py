@@ -32,9 +32,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config_checks.check(config[name] >= MIN_STORED_SIDE,
                             f"config.{name}={config[name]} must be at least {MIN_STORED_SIDE} pixels (the smallest "
                             "model input, the micro preset's); store images at least as large as the model's input")
-    config_checks.check(config.crop_scale_max >= 1.0,
-                        f"config.crop_scale_max={config.crop_scale_max} must be >= 1: a stored crop holds the gesture "
-                        "box at this scale, so that every training crop (box x U(1, config.data.crop_scale_max)) fits")
+    config_checks.check(1.0 <= config.crop_scale_max < math.inf,
+                        f"config.crop_scale_max={config.crop_scale_max} must be >= 1 and finite: a stored crop holds "
+                        "the gesture box at this scale, so that every training crop (box x U(1, "
+                        "config.data.crop_scale_max)) fits")
     config_checks.check(1 <= config.jpeg_quality <= 100,
                         f"config.jpeg_quality={config.jpeg_quality} must be in [1, 100]")
     config_checks.check_seed(config.seed, "seed")
