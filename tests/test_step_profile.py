@@ -95,15 +95,15 @@ def test_device_events_are_preferred_and_other_modules_ignored():
              {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
     events = names + [_event(1, "dot.6", 9000), _event(2, "dot.6", 3000), _event(2, "dot.6", 1000),
                       _event(2, "other.1", 5000, module="jit_make_batch"), {"ph": "X", "pid": 2, "name": "x", "dur": 7}]
-    assert step_profile.op_times_ms(events, "jit_train_step", num_steps=2) == {"dot.6": 2.0}
+    assert step_profile.ms_per_op(step_profile.step_events(events, "jit_train_step"), 2) == {"dot.6": 2.0}
     host_only = names[:1] + [_event(1, "dot.6", 9000)]
-    assert step_profile.op_times_ms(host_only, "jit_train_step", num_steps=3) == {"dot.6": 3.0}
+    assert step_profile.ms_per_op(step_profile.step_events(host_only, "jit_train_step"), 3) == {"dot.6": 3.0}
     # Several devices run every op: one device's time counts (the first GPU, or CPU device 0 of 8).
     two_gpus = names + [{"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/device:GPU:1"}},
                         _event(2, "dot.6", 3000), _event(3, "dot.6", 8000)]
-    assert step_profile.op_times_ms(two_gpus, "jit_train_step", num_steps=1) == {"dot.6": 3.0}
+    assert step_profile.ms_per_op(step_profile.step_events(two_gpus, "jit_train_step"), 1) == {"dot.6": 3.0}
     cpu_devices = names[:1] + [_event(1, "dot.6", 1000 * (i + 1), device_ordinal=str(i)) for i in range(10)]
-    assert step_profile.op_times_ms(cpu_devices, "jit_train_step", num_steps=1) == {"dot.6": 1.0}
+    assert step_profile.ms_per_op(step_profile.step_events(cpu_devices, "jit_train_step"), 1) == {"dot.6": 1.0}
 
 
 def test_a_gpus_kernels_count_once_and_the_time_any_of_them_ran_is_their_union():
@@ -117,8 +117,7 @@ def test_a_gpus_kernels_count_once_and_the_time_any_of_them_ran_is_their_union()
     repeated = [dict(_event(2, "dot.6", 4000), tid=9, ts=0)]
     events = step_profile.step_events(names + kernels + repeated, "jit_train_step")
     assert events == kernels
-    assert step_profile.op_times_ms(names + kernels + repeated, "jit_train_step", num_steps=1) == {"dot.6": 4.0,
-                                                                                                  "add.1": 1.0}
+    assert step_profile.ms_per_op(events, num_steps=1) == {"dot.6": 4.0, "add.1": 1.0}
     assert step_profile.busy_ms(events) == 4.0  # 0-3 and 2-3 ms overlap, then 5-6 ms
 
 

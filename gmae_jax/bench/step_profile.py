@@ -237,13 +237,8 @@ def step_events(trace_events: Sequence[Mapping], module: str) -> list[Mapping]:
     return events
 
 
-def op_times_ms(trace_events: Sequence[Mapping], module: str, num_steps: int) -> dict[str, float]:
-    """Milliseconds per step of each HLO op of `module` on one device (`step_events`), from a
-    Chrome-format trace."""
-    return _ms_per_op(step_events(trace_events, module), num_steps)
-
-
-def _ms_per_op(events: Sequence[Mapping], num_steps: int) -> dict[str, float]:
+def ms_per_op(events: Sequence[Mapping], num_steps: int) -> dict[str, float]:
+    """Milliseconds per step of each HLO op of `step_events`' events (`num_steps` steps of them)."""
     times: collections.Counter[str] = collections.Counter()
     for event in events:
         times[event["args"]["hlo_op"]] += event["dur"] / 1e3 / num_steps
@@ -280,7 +275,7 @@ def profile(run_step: Callable[[], object], hlo_text: str, num_steps: int = 3) -
     # A loop's or call's own event spans its body's ops, which are traced themselves.
     events = [e for e in step_events(events, _module_name(hlo_text))
               if e["args"]["hlo_op"] not in ops or ops[e["args"]["hlo_op"]].kind != CONTAINER]
-    return StepProfile(_ms_per_op(events, num_steps), ops, step_ms, len(events) / num_steps,
+    return StepProfile(ms_per_op(events, num_steps), ops, step_ms, len(events) / num_steps,
                        busy_ms(events) / num_steps)
 
 

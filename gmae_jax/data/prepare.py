@@ -51,16 +51,16 @@ def _check(path: str) -> tuple[str, str | None, str | None]:
     return path, hashlib.sha256(data).hexdigest(), None
 
 
-def _relative_box(box: hagrid.Box, left: int, top: int, side: int, w: int, h: int) -> hagrid.Box | None:
-    """A box of the w x h frame, relative to the crop of `side` pixels at (left, top)."""
-    return hagrid.clip_box(((box[0] * w - left) / side, (box[1] * h - top) / side, box[2] * w / side,
-                            box[3] * h / side))
+def _relative_box(box: hagrid.Box, left: int, top: int, side: int, w: int, h: int) -> hagrid.Box:
+    """A box of the w x h frame, relative to the crop of `side` pixels at (left, top) (it may reach
+    outside the crop's [0, 1]^2)."""
+    return ((box[0] * w - left) / side, (box[1] * h - top) / side, box[2] * w / side, box[3] * h / side)
 
 
-def _inside(box: hagrid.Box, left: int, top: int, side: int, w: int, h: int) -> bool:
-    """Whether a box of the w x h frame lies whole inside the crop of `side` pixels at (left, top)."""
-    x, y, bw, bh = box[0] * w - left, box[1] * h - top, box[2] * w, box[3] * h
-    return x >= 0 and y >= 0 and x + bw <= side and y + bh <= side
+def _whole_inside(box: hagrid.Box) -> bool:
+    """Whether a relative box lies whole inside [0, 1]^2."""
+    x, y, w, h = box
+    return x >= 0 and y >= 0 and x + w <= 1 and y + h <= 1
 
 
 def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.HagridRecord, bytes]:
@@ -77,11 +77,11 @@ def store_image(record: hagrid.HagridRecord, store: StoreView) -> tuple[hagrid.H
         full = transforms.decode_rgb(record.path, draft_size=draft)
         left, top, side = frames.hand_crop_box(box, *full.size, store.crop_scale_max)
         img = crops.crop_square(full, left, top, side, store.crop_size)
-        moved = [(_relative_box(b, left, top, side, *full.size), l, _inside(b, left, top, side, *full.size))
-                 for b, l in zip(record.boxes, record.labels)]
+        moved = [(_relative_box(b, left, top, side, *full.size), l) for b, l in zip(record.boxes, record.labels)]
         # A free hand the crop cuts would be trained as a no_gesture crop of a fragment of a hand.
-        kept = [(b, l) for b, l, inside in moved if b is not None and (inside or l != hagrid_layout.NO_GESTURE)]
-        united = record.united_box and _relative_box(record.united_box, left, top, side, *full.size)
+        clipped = [(hagrid.clip_box(b), l) for b, l in moved if l != hagrid_layout.NO_GESTURE or _whole_inside(b)]
+        kept = [(b, l) for b, l in clipped if b is not None]
+        united = record.united_box and hagrid.clip_box(_relative_box(record.united_box, left, top, side, *full.size))
         boxes, labels = (tuple(c) for c in zip(*kept))  # the gesture box is inside: never empty
         record = dataclasses.replace(record, boxes=boxes, labels=labels, united_box=united)
     out = io.BytesIO()
